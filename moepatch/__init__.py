@@ -1,0 +1,44 @@
+"""moepatch: a config-driven patching layer over HuggingFace transformers MoE models.
+
+Public API::
+
+    handle = moepatch.apply(model)          # reads model.config.moepatch
+    with moepatch.RoutingRecorder(model) as recorder: ...
+    handle.remove()                          # the model is exactly as before
+"""
+
+from moepatch.compat import check_versions as _check_versions
+
+_check_versions()
+
+from moepatch._version import __version__  # noqa: E402
+from moepatch.adapter import MoELayer  # noqa: E402
+from moepatch.adapter import MoEModel  # noqa: E402
+from moepatch.adapter import describe  # noqa: E402
+from moepatch.config import MoePatchConfig  # noqa: E402
+from moepatch.config import RoutingStatsConfig  # noqa: E402
+from moepatch.config import write_config  # noqa: E402
+from moepatch.errors import MoePatchWarning  # noqa: E402
+from moepatch.errors import UnsupportedModelError  # noqa: E402
+from moepatch.patch import PatchHandle  # noqa: E402
+from moepatch.patch import apply  # noqa: E402
+from moepatch.patch import get_handle  # noqa: E402
+from moepatch.patch import patched  # noqa: E402
+from moepatch.recorder import RoutingRecorder  # noqa: E402
+
+__all__ = [
+    "MoELayer",
+    "MoEModel",
+    "MoePatchConfig",
+    "MoePatchWarning",
+    "PatchHandle",
+    "RoutingRecorder",
+    "RoutingStatsConfig",
+    "UnsupportedModelError",
+    "__version__",
+    "apply",
+    "describe",
+    "get_handle",
+    "patched",
+    "write_config",
+]

@@ -1,0 +1,201 @@
+"""Resolve a model instance into the parts features work on: its family, MoE layers, routers and experts.
+
+:func:`describe` is the only code that walks a model's module tree; every feature receives the resulting
+:class:`MoEModel` and never looks for ``mlp`` or ``gate`` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from moepatch import registry
+from moepatch.errors import UnsupportedModelError
+from moepatch.spec import FamilySpec
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One sparse MoE block of a model."""
+
+    index: int
+    """Absolute decoder-layer index."""
+    name: str
+    """Qualified name of the block inside the model given to :func:`describe` (``model.layers.3.mlp``)."""
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """The MoE structure of one model instance, as seen through its :class:`~moepatch.spec.FamilySpec`."""
+
+    family: FamilySpec
+    root: nn.Module
+    """The model as given (a PEFT wrapper stays the root, so parameter names match the user's optimizer)."""
+    decoder: nn.Module
+    """The module owning the layer list; its forward receives ``attention_mask``."""
+    num_layers: int
+    layers: tuple[MoELayer, ...]
+    dense_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    renormalize: bool
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [layer.index for layer in self.layers]
+
+    def layer(self, index: int) -> MoELayer:
+        """The MoE layer with absolute index ``index`` (callers validate the index first)."""
+        for layer in self.layers:
+            if layer.index == index:
+                return layer
+        raise KeyError(index)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Peel PEFT-style wrappers (``get_base_model``) and return the transformers model."""
+    seen = set()
+    while hasattr(model, "get_base_model") and id(model) not in seen:
+        seen.add(id(model))
+        inner = model.get_base_model()
+        if inner is model:
+            break
+        model = inner
+    return model
+
+
+def _decoder_of(model: nn.Module, spec: FamilySpec) -> nn.Module | None:
+    base = getattr(model, "base_model", model)
+    for candidate in (base, model):
+        if isinstance(getattr(candidate, spec.layers_attr, None), nn.ModuleList):
+            return candidate
+    return None
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: bool) -> MoEModel | str:
+    """Build the :class:`MoEModel` for ``spec`` or return why ``model`` does not fit it."""
+    decoder = _decoder_of(model, spec)
+    if decoder is None:
+        return f"no `{spec.layers_attr}` module list on the base model"
+    prefix = {id(module): name for name, module in root.named_modules()}
+    layer_list = getattr(decoder, spec.layers_attr)
+    moe_layers, dense = [], []
+    for index, decoder_layer in enumerate(layer_list):
+        block = getattr(decoder_layer, spec.block_attr, None)
+        if block is None or not spec.is_sparse_block(block):
+            dense.append(index)
+            continue
+        router = getattr(block, spec.router_attr, None)
+        experts = getattr(block, spec.experts_attr, None)
+        if not isinstance(router, nn.Module) or not isinstance(experts, nn.Module):
+            return f"layer {index}: sparse block has no `{spec.router_attr}` router or `{spec.experts_attr}` experts"
+        moe_layers.append(MoELayer(index, prefix.get(id(block), f"layers.{index}"), block, router, experts))
+    if not moe_layers:
+        return f"no sparse MoE block ({', '.join(spec.block_classes) or 'top-k router block'}) in any layer"
+
+    def router_int(layer: MoELayer, attr: str) -> int | str:
+        value = getattr(layer.router, attr, None)
+        return value if isinstance(value, int) else f"layer {layer.index}: router has no integer `{attr}`"
+
+    first = moe_layers[0]
+    num_experts, top_k = router_int(first, spec.num_experts_attr), router_int(first, spec.top_k_attr)
+    for value in (num_experts, top_k):
+        if isinstance(value, str):
+            return value
+    renormalize = spec.routing.renormalizes(first.router)
+    for layer in moe_layers:
+        if (router_int(layer, spec.num_experts_attr), router_int(layer, spec.top_k_attr)) != (num_experts, top_k):
+            return f"layer {layer.index}: expert count or top-k differs from layer {first.index}"
+        if spec.routing.renormalizes(layer.router) != renormalize:
+            return f"layer {layer.index}: renormalisation differs from layer {first.index}"
+        problem = spec.check_router(layer.router, top_k=top_k) if verify else None
+        if problem is not None:
+            return f"layer {layer.index}: {problem}"
+    return MoEModel(
+        family=spec,
+        root=root,
+        decoder=decoder,
+        num_layers=len(layer_list),
+        layers=tuple(moe_layers),
+        dense_layers=tuple(dense),
+        num_experts=num_experts,
+        top_k=top_k,
+        renormalize=renormalize,
+    )
+
+
+def describe(model: nn.Module, family: str | None = None, *, verify: bool = True) -> MoEModel:
+    """Resolve ``model`` into its MoE structure.
+
+    Args:
+        model (`nn.Module`): a transformers MoE model (a ``*ForCausalLM``, its base model, or a PEFT wrapper).
+        family (`str`, *optional*): force a family by name instead of choosing it from ``config.model_type``.
+        verify (`bool`, *optional*, defaults to `True`): let families that probe their routers do so; ``False``
+            only for structure-only views (``moepatch inspect`` on a meta-device skeleton).
+
+    Raises:
+        UnsupportedModelError: no family fits; the message names the model class, its ``model_type``, why each
+            candidate family was rejected, and the supported families.
+        ValueError: ``family`` names no registered family.
+    """
+    inner = _unwrap(model)
+    model_type = _model_type(inner)
+    if family is not None:
+        candidates = [registry.get_family(family)]
+    else:
+        claimed = registry.family_for_model_type(model_type)
+        candidates = [claimed] if claimed is not None else registry.fallback_families()
+    reasons = []
+    for spec in candidates:
+        result = _try_family(inner, model, spec, verify)
+        if isinstance(result, MoEModel):
+            return result
+        reasons.append(f"{spec.name}: {result}")
+    from moepatch import __version__
+
+    raise UnsupportedModelError(
+        f"moepatch {__version__} cannot patch {type(inner).__name__} (model_type={model_type!r}): "
+        + ("; ".join(reasons) or "no family fits")
+        + f". Supported families: {registry.supported_summary()}."
+    )
+
+
+def resolve_layer_indices(model: MoEModel, layers: list[int] | None, field: str) -> list[int]:
+    """Turn user layer indices (negative = from the last decoder layer) into sorted absolute MoE-layer indices.
+
+    Raises:
+        ValueError: naming ``field``, the offending entry and the model's MoE layers, when an index is not an
+            integer, is out of range, is repeated, or points at a dense layer.
+    """
+    if layers is None:
+        return model.moe_layer_indices
+    moe = set(model.moe_layer_indices)
+    resolved, problems = [], []
+    for position, index in enumerate(layers):
+        where = f"{field}[{position}]"
+        if not isinstance(index, int) or isinstance(index, bool):
+            problems.append(f"{where}: expected an integer layer index, got {index!r}")
+            continue
+        absolute = index + model.num_layers if index < 0 else index
+        if not 0 <= absolute < model.num_layers:
+            problems.append(
+                f"{where}: layer {index} does not exist (the model has {model.num_layers} decoder layers)"
+            )
+        elif absolute not in moe:
+            problems.append(f"{where}: layer {index} is a dense layer; MoE layers are {sorted(moe)}")
+        elif absolute in resolved:
+            problems.append(f"{where}: layer {index} is listed twice")
+        else:
+            resolved.append(absolute)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return sorted(resolved)

@@ -1,0 +1,209 @@
+"""The ``"moepatch"`` block of a model's config.json, as validated dataclasses.
+
+All moepatch fields live under one top-level key so that transformers 5's strict configs carry them through
+``save_pretrained`` / ``from_pretrained`` untouched (an undeclared *top-level* attribute survives as a plain dict;
+see tests/test_config.py)::
+
+    {"moepatch": {"freeze_gate": "router", "routing_stats": {"layers": [-1]}}}
+
+Loading is forward compatible: keys this version does not know (written by a newer moepatch) are ignored with a
+:class:`~moepatch.errors.MoePatchWarning`; wrong types or values raise ``ValueError`` naming every bad field.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import fields
+from typing import Any
+
+from moepatch.errors import MoePatchWarning
+
+CONFIG_KEY = "moepatch"
+FREEZE_MODES = ("router", "gate_substring")
+
+
+class _Problems:
+    """Collects every problem of one config so a user fixes them all in one go."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.messages.append(f"{path}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise ValueError("invalid moepatch config: " + "; ".join(self.messages))
+
+
+def _warn_unknown(data: dict[str, Any], known: set[str], path: str) -> None:
+    for key in data:
+        if key not in known:
+            warnings.warn(
+                f"{path}.{key}: unknown key, ignored (written by a newer moepatch? upgrade to use it)",
+                MoePatchWarning,
+                stacklevel=4,
+            )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class RoutingStatsConfig:
+    """Record routing statistics (hard top-k counts and router probability sums per layer and expert)."""
+
+    enabled: bool = field(default=True, metadata={"help": "Record while the patch is applied."})
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder-layer indices to record (negative counts from the last layer); null = every MoE layer."
+        },
+    )
+
+    @classmethod
+    def parse(cls, data: Any, path: str, problems: _Problems) -> RoutingStatsConfig | None:
+        if data is None or data is False:
+            return None
+        if data is True:
+            return cls()
+        if not isinstance(data, dict):
+            problems.add(path, f"expected an object, true or false, got {type(data).__name__} {data!r}")
+            return None
+        _warn_unknown(data, {f.name for f in fields(cls)}, path)
+        result = cls()
+        enabled = data.get("enabled", True)
+        if not isinstance(enabled, bool):
+            problems.add(f"{path}.enabled", f"expected true or false, got {enabled!r}")
+        else:
+            result.enabled = enabled
+        layers = data.get("layers")
+        if layers is not None:
+            if not isinstance(layers, list):
+                problems.add(f"{path}.layers", f"expected a list of layer indices or null, got {layers!r}")
+            elif not layers:
+                problems.add(f"{path}.layers", "empty list (use null for every MoE layer)")
+            else:
+                good = True
+                for position, index in enumerate(layers):
+                    if not _is_int(index):
+                        problems.add(f"{path}.layers[{position}]", f"expected an integer layer index, got {index!r}")
+                        good = False
+                if good and len(set(layers)) != len(layers):
+                    duplicates = sorted({i for i in layers if layers.count(i) > 1})
+                    problems.add(f"{path}.layers", f"duplicate layer indices {duplicates}")
+                if good:
+                    result.layers = list(layers)
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "layers": None if self.layers is None else list(self.layers)}
+
+
+@dataclass
+class MoePatchConfig:
+    """Everything moepatch does to a model, as read from ``config.json["moepatch"]``."""
+
+    family: str | None = field(
+        default=None, metadata={"help": "Force a model family by name instead of choosing it from model_type."}
+    )
+    freeze_gate: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Freeze routing parameters: 'router' (true) freezes the top-k routers' weights; 'gate_substring' "
+                "freezes every parameter whose name contains 'gate' (seed-001 rule); false/null freezes nothing."
+            )
+        },
+    )
+    routing_stats: RoutingStatsConfig | None = field(
+        default=None, metadata={"help": "Record routing statistics while applied (see RoutingRecorder)."}
+    )
+    moepatch_version: str | None = field(
+        default=None, metadata={"help": "Version of moepatch that wrote this block (stamped by to_dict)."}
+    )
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = CONFIG_KEY) -> MoePatchConfig:
+        """Validate and build a config; ``ValueError`` names every bad field, unknown keys warn."""
+        if data is None:
+            return cls()
+        if isinstance(data, MoePatchConfig):
+            return data
+        problems = _Problems()
+        if not isinstance(data, dict):
+            problems.add(path, f"expected an object (a JSON dict), got {type(data).__name__} {data!r}")
+            problems.raise_if_any()
+        _warn_unknown(data, {f.name for f in fields(cls)}, path)
+        result = cls()
+
+        family = data.get("family")
+        if family is not None:
+            if not isinstance(family, str):
+                problems.add(f"{path}.family", f"expected a family name, got {family!r}")
+            else:
+                from moepatch import registry
+
+                try:
+                    registry.get_family(family)
+                    result.family = family
+                except ValueError as error:
+                    problems.add(f"{path}.family", str(error).split(": ", 1)[1])
+
+        freeze = data.get("freeze_gate")
+        if freeze is True:
+            result.freeze_gate = "router"
+        elif freeze in FREEZE_MODES:
+            result.freeze_gate = freeze
+        elif freeze is not None and freeze is not False:
+            problems.add(f"{path}.freeze_gate", f"expected true, false, 'router' or 'gate_substring', got {freeze!r}")
+
+        result.routing_stats = RoutingStatsConfig.parse(data.get("routing_stats"), f"{path}.routing_stats", problems)
+
+        version = data.get("moepatch_version")
+        if version is not None and not isinstance(version, str):
+            problems.add(f"{path}.moepatch_version", f"expected a version string, got {version!r}")
+        else:
+            result.moepatch_version = version
+        problems.raise_if_any()
+        return result
+
+    @classmethod
+    def from_model(cls, model_or_config: Any) -> MoePatchConfig:
+        """Read the block from a model (``model.config.moepatch``) or a config object / dict."""
+        config = getattr(model_or_config, "config", model_or_config)
+        data = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
+        return cls.from_dict(data)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no feature is enabled (applying it changes nothing)."""
+        return self.freeze_gate is None and (self.routing_stats is None or not self.routing_stats.enabled)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON block, stamped with this moepatch version; ``from_dict(to_dict())`` round-trips."""
+        from moepatch import __version__
+
+        data: dict[str, Any] = {}
+        if self.family is not None:
+            data["family"] = self.family
+        if self.freeze_gate is not None:
+            data["freeze_gate"] = self.freeze_gate
+        if self.routing_stats is not None:
+            data["routing_stats"] = self.routing_stats.to_dict()
+        data["moepatch_version"] = __version__
+        return data
+
+    def same_features(self, other: MoePatchConfig) -> bool:
+        """Equal apart from the version stamp (what idempotent ``apply`` compares)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return mine == theirs
+
+
+def write_config(model_or_config: Any, config: MoePatchConfig | dict[str, Any]) -> None:
+    """Store ``config`` as ``<config>.moepatch`` so ``save_pretrained`` writes it into config.json."""
+    target = getattr(model_or_config, "config", model_or_config)
+    setattr(target, CONFIG_KEY, MoePatchConfig.from_dict(config).to_dict())

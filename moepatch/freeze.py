@@ -1,0 +1,53 @@
+"""Gate freezing (seed 001, ``freeze_gate``).
+
+Two rules, because "freeze the gate" means two different things in the literature:
+
+``"router"`` (``freeze_gate: true``)
+    Every parameter of every top-k router (``mlp.gate.weight`` in Qwen2-MoE, Mixtral, Qwen3-MoE, OLMoE).  Shared
+    expert gates (Qwen2-MoE ``shared_expert_gate``) are *not* routers and stay trainable.
+``"gate_substring"``
+    The official Dynamic-Data-Mixing rule: every parameter whose qualified name contains ``"gate"``.  On the
+    transformers 5 fused layout this includes ``mlp.experts.gate_up_proj``, i.e. the experts' gate **and up**
+    projections (one tensor), plus Qwen2-MoE's ``shared_expert.gate_proj`` and ``shared_expert_gate`` and the
+    ``gate_proj`` of dense MLP layers.  Each family file lists what it touches (``gate_substring_note``).
+
+Frozen means ``requires_grad=False``: the parameter gets no ``.grad``, an optimizer built afterwards from
+``requires_grad`` parameters (HF Trainer, DeepSpeed) does not hold it, and it stays unchanged by optimizer steps.
+Apply freezing *before* ``deepspeed.initialize`` / FSDP wrapping so the engine sees the final trainable set.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moepatch.adapter import MoEModel
+from moepatch.undo import UndoLog
+
+
+def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Parameter]]:
+    """The ``(qualified name, parameter)`` pairs that ``mode`` freezes, names relative to ``model.root``.
+
+    Raises:
+        ValueError: ``mode`` is unknown, or the rule matches no parameter (freezing nothing is always a mistake).
+    """
+    named = list(model.root.named_parameters())
+    if mode == "router":
+        router_ids = {id(p) for layer in model.layers for p in layer.router.parameters()}
+        chosen = [(name, p) for name, p in named if id(p) in router_ids]
+    elif mode == "gate_substring":
+        chosen = [(name, p) for name, p in named if "gate" in name]
+    else:
+        raise ValueError(f"moepatch.freeze_gate: unknown mode {mode!r}; expected 'router' or 'gate_substring'")
+    if not chosen:
+        raise ValueError(
+            f"moepatch.freeze_gate: rule {mode!r} matches no parameter of {type(model.root).__name__} "
+            f"(family {model.family.name}); nothing would be frozen"
+        )
+    return chosen
+
+
+def freeze(parameters: list[tuple[str, nn.Parameter]], undo: UndoLog) -> list[str]:
+    """Set ``requires_grad=False`` on ``parameters`` (recorded in ``undo``); return their names."""
+    for _, parameter in parameters:
+        undo.set_requires_grad(parameter, False)
+    return [name for name, _ in parameters]

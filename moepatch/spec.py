@@ -1,0 +1,107 @@
+"""Declarative description of an MoE model family: the adapter interface every moepatch feature is written against.
+
+A family file in ``model_patches/`` says *where* things are (the decoder's layer list, the sparse block inside a
+layer, the router and the experts inside the block), *which classes* mark a sparse block, and *how the router
+routes* (probabilities over all experts, top-k, whether the k weights are renormalised, their dtype).  Features in
+``moepatch/`` (gate freezing, routing statistics, routing overrides such as C2R) never name a family: they read a
+:class:`FamilySpec` through :func:`moepatch.adapter.describe`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Literal
+
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterOutput:
+    """Positions of the three routing results in the router module's output tuple.
+
+    transformers 5 routers (``Qwen2MoeTopKRouter``, ``MixtralTopKRouter``, ...) return
+    ``(router_logits [N, E], top_k_weights [N, k], top_k_index [N, k])``; this is the router → experts hand-off
+    that moepatch reads (statistics) and rewrites (routing overrides).
+    """
+
+    logits: int = 0
+    weights: int = 1
+    indices: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingRule:
+    """How a router turns logits into the k expert weights.
+
+    The rule is always: probabilities = softmax over all ``E`` experts in float32; choose ``k`` experts (the
+    selection step, which :mod:`moepatch.routing` lets a feature replace); weights = the chosen probabilities,
+    divided by their sum when ``renormalize`` holds; cast to ``weights_dtype``.
+    """
+
+    renormalize: bool | str = False
+    """``True`` / ``False``, or the name of a boolean router attribute (``"norm_topk_prob"``) read per instance."""
+
+    weights_dtype: Literal["logits", "float32"] = "logits"
+    """``"logits"``: weights cast back to the logits' dtype (Qwen2-MoE); ``"float32"``: kept in float32 (Mixtral)."""
+
+    def renormalizes(self, router: nn.Module) -> bool:
+        """Whether ``router`` renormalises its top-k weights."""
+        if isinstance(self.renormalize, str):
+            return bool(getattr(router, self.renormalize))
+        return self.renormalize
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilySpec:
+    """Where the MoE parts of one model family live and how its router behaves.
+
+    Paths are attribute names: ``decoder.<layers_attr>[i].<block_attr>`` is layer ``i``'s MLP, a sparse MoE block
+    when its class (or one of its base classes) is named in ``block_classes``; inside it ``<router_attr>`` is the
+    router and ``<experts_attr>`` the routed experts.  The decoder is the model's ``base_model`` (the module that
+    receives ``attention_mask``).
+    """
+
+    name: str
+    """Family name, used in ``moepatch.family`` and in messages."""
+
+    model_types: tuple[str, ...]
+    """``config.model_type`` values this family claims (exact match)."""
+
+    block_classes: tuple[str, ...]
+    """Exact class names of the sparse MoE block, matched against the block's MRO."""
+
+    routing: RoutingRule
+    """Routing semantics of the family's router."""
+
+    layers_attr: str = "layers"
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    router_output: RouterOutput = field(default_factory=RouterOutput)
+    num_experts_attr: str = "num_experts"
+    """Router attribute holding ``E``."""
+    top_k_attr: str = "top_k"
+    """Router attribute holding ``k``."""
+    hidden_dim_attr: str = "hidden_dim"
+    """Router attribute holding the hidden size (the router flattens its input to ``[-1, hidden_dim]``)."""
+    shared_expert_attrs: tuple[str, ...] = ()
+    """Block attributes of always-on shared experts and their gates (never routed, never counted)."""
+    gate_substring_note: str = ""
+    """What the seed-001 ``freeze_gate="gate_substring"`` rule freezes in this family, for docs and ``inspect``."""
+
+    def is_sparse_block(self, module: nn.Module) -> bool:
+        """True when ``module`` is this family's sparse block (exact class-name match through the MRO)."""
+        names = {cls.__name__ for cls in type(module).__mro__}
+        return any(name in names for name in self.block_classes)
+
+    def claims(self, model_type: str | None) -> bool:
+        """True when this family is registered for ``model_type``."""
+        return model_type in self.model_types
+
+    def check_router(self, router: nn.Module, *, top_k: int) -> str | None:
+        """Return why ``router`` does not follow :attr:`routing`, or ``None``.
+
+        Named families trust their declaration (their routers are tested against it); the generic family probes.
+        """
+        return None

@@ -1,0 +1,174 @@
+"""The embedded default: tiny, real transformers MoE checkpoints built offline.
+
+There is no model hub here (nor in many clusters' compute nodes), so tests, the demo and the benchmarks build
+their models in code from the real transformers config classes, with a byte-level BPE tokenizer trained on an
+embedded corpus, and save them with ``save_pretrained`` — the same files a hub checkpoint has, so the real loading
+code (``AutoModelForCausalLM.from_pretrained``) is exercised.
+
+Example:
+    ```python
+    from moepatch import tiny
+    path = tiny.save_tiny_checkpoint("/tmp/tiny-qwen", "qwen2_moe", moepatch={"freeze_gate": True})
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ```
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers import MixtralConfig
+from transformers import OlmoeConfig
+from transformers import PretrainedConfig
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerFast
+from transformers import Qwen2MoeConfig
+from transformers import Qwen3MoeConfig
+
+from moepatch.config import CONFIG_KEY
+from moepatch.config import MoePatchConfig
+
+TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe")
+"""Families the factory builds (model_type values)."""
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+CORPUS = (
+    "Mixture-of-experts language models route every token to a few experts chosen by a learned router.",
+    "The router scores all experts, keeps the top k, and mixes their outputs with the routing weights.",
+    "Collaboration-constrained routing limits which experts may be combined for one token.",
+    "Freezing the gate keeps the routing decisions fixed while the experts are fine-tuned.",
+    "Dynamic data mixing reweights the training datasets from the routing statistics of a probe set.",
+    "Low-rank adapters can serve as light experts: many small matrices instead of one large one.",
+    "A padding token carries no information and must not be counted in routing statistics.",
+    "Researchers fine-tune Qwen, Mixtral, LLaMA-MoE and MoLM checkpoints with DeepSpeed on many GPUs.",
+    "Expert parallelism places experts on different devices and sends tokens across the network.",
+    "Small models built in code let every test run on a laptop without downloading any weights.",
+    "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and symbols + - * / = ( ) [ ] { } < > are tokens too.",
+)
+
+DEMO_TEXTS = (
+    "The router keeps the top k experts for every token.",
+    "Freezing the gate keeps routing fixed.",
+    "Padding tokens are not counted.",
+    "Mixture-of-experts models are sparse: each token activates only a few experts, so compute stays small.",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer
+    from tokenizers import decoders
+    from tokenizers import models
+    from tokenizers import pre_tokenizers
+    from tokenizers import trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on :data:`CORPUS` (pad ``<pad>``=0, bos ``<s>``, eos ``</s>``)."""
+    from tokenizers import Tokenizer
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
+
+
+def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **overrides: Any) -> PretrainedConfig:
+    """A tiny config of the real transformers class for ``family`` (hidden 32, 8 experts, top-2).
+
+    Qwen2-MoE has 4 layers with layer 1 dense (``mlp_only_layers=[1]``) so dense-layer handling is exercised.
+    """
+    if vocab_size is None:
+        vocab_size = len(tiny_tokenizer())
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2_moe":
+        config = Qwen2MoeConfig(
+            **common,
+            num_hidden_layers=4,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+        )
+    elif family == "mixtral":
+        config = MixtralConfig(**common, num_hidden_layers=3, intermediate_size=16, num_local_experts=8,
+                               num_experts_per_tok=2)
+    elif family == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, num_hidden_layers=3, head_dim=8, intermediate_size=48,
+                                moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
+    elif family == "olmoe":
+        config = OlmoeConfig(**common, num_hidden_layers=3, intermediate_size=16, num_experts=8,
+                             num_experts_per_tok=2, norm_topk_prob=False)
+    else:
+        raise ValueError(f"tiny_config: unknown family {family!r}; choose from {TINY_FAMILIES}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(
+    family: str = "qwen2_moe", *, seed: int = 0, moepatch: MoePatchConfig | dict | None = None, **overrides: Any
+) -> PreTrainedModel:
+    """A randomly initialised tiny ``*ForCausalLM`` (float32, eval mode), deterministic for a given ``seed``.
+
+    ``moepatch`` (optional) is stored as ``config.moepatch``; the model is *not* patched.
+    """
+    config = tiny_config(family, **overrides)
+    if moepatch is not None:
+        setattr(config, CONFIG_KEY, MoePatchConfig.from_dict(moepatch).to_dict())
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def save_tiny_checkpoint(
+    path: str | Path, family: str = "qwen2_moe", *, seed: int = 0, moepatch: MoePatchConfig | dict | None = None
+) -> Path:
+    """Build :func:`tiny_model` and save it with its tokenizer (``save_pretrained``) into ``path``."""
+    path = Path(path)
+    model = tiny_model(family, seed=seed, moepatch=moepatch)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def demo_batch(tokenizer: PreTrainedTokenizerFast | None = None, texts: tuple[str, ...] = DEMO_TEXTS) -> dict:
+    """A right-padded batch of :data:`DEMO_TEXTS` (``input_ids``, ``attention_mask``), with real padding."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    return dict(tokenizer(list(texts), return_tensors="pt", padding=True))
