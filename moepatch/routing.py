@@ -121,8 +121,9 @@ def override_selection(
 def probe_router(router: nn.Module, *, top_k: int, hidden_dim: int, tokens: int = 16) -> str | None:
     """Check that ``router`` follows the softmax → top-k contract; return a problem description or ``None``.
 
-    Runs the router on a few random tokens (no gradient, the router is not changed) and compares with
-    :func:`route` under both renormalisation choices.  Used to admit routers of families moepatch has no file for.
+    Runs the router class's own ``forward`` on a few random tokens (no gradient, no hooks, ignoring any instance
+    override such as a routing patch) and compares with :func:`route`, renormalised iff ``norm_topk_prob``.  Used to
+    admit routers of families moepatch has no file for.
     """
     weight = getattr(router, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
@@ -133,7 +134,7 @@ def probe_router(router: nn.Module, *, top_k: int, hidden_dim: int, tokens: int 
     hidden = torch.randn(tokens, hidden_dim, generator=generator).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         try:
-            output = router(hidden)
+            output = type(router).forward(router, hidden)
         except Exception as error:  # a router with another signature is simply not this contract
             return f"router forward failed on [tokens, hidden] input: {error!r}"
         if not (isinstance(output, tuple) and len(output) == 3):

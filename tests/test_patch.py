@@ -1,0 +1,154 @@
+"""moepatch.apply / PatchHandle: exactness, idempotence, exact undo, instance scope, unsupported models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import logits_of
+from transformers import AutoModelForCausalLM
+from transformers import GptOssConfig
+from transformers import LlamaConfig
+
+import moepatch
+from moepatch import tiny
+
+ALL_FEATURES = {"freeze_gate": "gate_substring", "routing_stats": {"layers": None}}
+
+
+def _state(model: torch.nn.Module) -> dict:
+    """Everything apply may touch: instance attributes of every module, requires_grad flags, hooks, config block."""
+    return {
+        "dicts": {name: set(m.__dict__) for name, m in model.named_modules()},
+        "forwards": {name: m.__dict__.get("forward") for name, m in model.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "hooks": {
+            name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()
+        },
+        "config": copy.deepcopy(getattr(model.config, "moepatch", None)),
+    }
+
+
+def test_empty_config_is_bit_identical_and_patches_nothing(model, batch):
+    before_logits, before = logits_of(model, batch), _state(model)
+    handle = moepatch.apply(model, {})
+    assert handle.is_empty and handle.moe_model is not None
+    assert torch.equal(logits_of(model, batch), before_logits)
+    state = _state(model)
+    assert state["forwards"] == before["forwards"] and state["hooks"] == before["hooks"]
+    assert state["requires_grad"] == before["requires_grad"]
+
+
+def test_all_features_keep_outputs_bit_identical(model, batch):
+    reference = logits_of(model, batch)
+    handle = moepatch.apply(model, ALL_FEATURES)
+    assert handle.frozen_parameters and handle.recorder is not None
+    assert torch.equal(logits_of(model, batch), reference)
+
+
+def test_apply_twice_is_apply_once(model, batch):
+    first = moepatch.apply(model, ALL_FEATURES)
+    after_first = _state(model)
+    second = moepatch.apply(model, copy.deepcopy(ALL_FEATURES))
+    assert second is first
+    assert _state(model) == after_first
+    logits_of(model, batch)
+    assert first.recorder.tokens.tolist() == [int(batch["attention_mask"].sum())] * len(first.recorder.layers)
+
+
+def test_remove_restores_model_exactly(model, batch):
+    reference, before = logits_of(model, batch), _state(model)
+    handle = moepatch.apply(model, ALL_FEATURES)
+    assert _state(model) != before
+    handle.remove()
+    assert _state(model) == before
+    assert "_moepatch_handle" not in model.__dict__
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(logits_of(model, batch), reference)
+    handle.remove()  # idempotent
+    assert _state(model) == before
+
+
+def test_patches_the_instance_never_the_class(family, batch):
+    model, twin = tiny.tiny_model(family, seed=0), tiny.tiny_model(family, seed=0)
+    router_cls = type(moepatch.describe(model).layers[0].router)
+    class_forward = router_cls.__dict__["forward"]
+    handle = moepatch.apply(model, ALL_FEATURES)
+    assert router_cls.__dict__["forward"] is class_forward
+    assert all(p.requires_grad for p in twin.parameters())
+    assert all(not m._forward_hooks for m in twin.modules())
+    assert moepatch.get_handle(twin) is None and moepatch.get_handle(model) is handle
+
+
+def test_new_config_replaces_previous_patch(model):
+    moepatch.apply(model, {"freeze_gate": "gate_substring"})
+    handle = moepatch.apply(model, {"freeze_gate": "router"})
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(handle.frozen_parameters)
+    assert all(name.endswith("mlp.gate.weight") for name in frozen)
+
+
+def test_explicit_config_is_written_to_model_config_and_restored(model):
+    assert getattr(model.config, "moepatch", None) is None
+    handle = moepatch.apply(model, {"freeze_gate": True})
+    assert model.config.moepatch["freeze_gate"] == "router"
+    handle.remove()
+    assert getattr(model.config, "moepatch", None) is None
+
+
+def test_reads_config_from_model_config(family):
+    model = tiny.tiny_model(family, moepatch={"freeze_gate": True})
+    handle = moepatch.apply(model)
+    assert handle.config.freeze_gate == "router" and handle.frozen_parameters
+
+
+def test_patched_context_manager(model):
+    with moepatch.patched(model, {"freeze_gate": True}) as handle:
+        assert handle.active and not all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def _llama() -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _gpt_oss() -> torch.nn.Module:
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                          num_experts_per_tok=2)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt_oss], ids=["dense-llama", "gpt-oss"])
+def test_unsupported_model_strict_raises_with_class_and_families(build):
+    model = build()
+    with pytest.raises(moepatch.UnsupportedModelError) as error:
+        moepatch.apply(model, {"freeze_gate": True})
+    message = str(error.value)
+    assert type(model).__name__ in message and "qwen2_moe" in message and "mixtral" in message
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_model_non_strict_warns_and_returns_empty_handle():
+    model = _llama()
+    reference = [p.clone() for p in model.parameters()]
+    with pytest.warns(moepatch.MoePatchWarning, match="not supported"):
+        handle = moepatch.apply(model, {"freeze_gate": True}, strict=False)
+    assert handle.is_empty and handle.moe_model is None
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))
+
+
+def test_peft_wrapped_model_is_patched_through_the_wrapper(batch):
+    peft = pytest.importorskip("peft")
+    model = tiny.tiny_model("qwen2_moe")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    handle = moepatch.apply(wrapped, {"freeze_gate": "router", "routing_stats": True})
+    assert all(name.startswith("base_model.model.") for name in handle.frozen_parameters)
+    assert all(not p.requires_grad for n, p in wrapped.named_parameters() if n in handle.frozen_parameters)
+    with torch.no_grad():
+        wrapped(**batch)
+    assert int(handle.recorder.tokens[0]) == int(batch["attention_mask"].sum())
