@@ -1,0 +1,85 @@
+"""The moepatch command: inspect, demo, env (run as a real subprocess)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+from transformers import LlamaConfig
+
+from moepatch import tiny
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moepatch.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_is_declared():
+    scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("moepatch") == "moepatch.cli:main"
+
+
+def test_inspect_reports_structure_and_config(tmp_path: Path):
+    path = tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe", moepatch={"freeze_gate": True, "routing_stats": True})
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "family:     qwen2_moe" in out
+    assert "MoE layers [0, 2, 3]; dense layers [1]" in out
+    assert "8 routed, top-2" in out and "renormalised: no" in out
+    assert "freeze_gate='router': 3 parameters" in out and "config: OK" in out
+
+
+def test_inspect_generic_family(tmp_path: Path):
+    path = tiny.save_tiny_checkpoint(tmp_path, "olmoe")
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "family:     generic_topk" in result.stdout and "no feature enabled" in result.stdout
+
+
+def test_inspect_lists_what_is_wrong(tmp_path: Path):
+    path = tiny.save_tiny_checkpoint(tmp_path, "mixtral")
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["moepatch"] = {"freeze_gate": "maybe", "routing_stats": {"layers": [5]}, "future_key": 1}
+    config_file.write_text(json.dumps(config))
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1
+    assert "moepatch.freeze_gate" in result.stdout
+    assert "warning: moepatch.future_key: unknown key" in result.stdout
+    config["moepatch"] = {"routing_stats": {"layers": [5]}}
+    config_file.write_text(json.dumps(config))
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1
+    assert "moepatch.routing_stats.layers[0]: layer 5 does not exist" in result.stdout
+
+
+def test_inspect_unsupported_model(tmp_path: Path):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    result = run_cli("inspect", str(tmp_path))
+    assert result.returncode == 2 and "cannot patch LlamaForCausalLM" in result.stdout
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_demo_runs_and_prints_statistics(tmp_path: Path, family: str):
+    result = run_cli("demo", "--family", family, "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    batch = tiny.demo_batch()
+    real_tokens = int(batch["attention_mask"].sum())
+    assert f"{real_tokens} tokens" in result.stdout and "padding tokens excluded" in result.stdout
+    stats = json.loads((tmp_path / "routing_stats.json").read_text())
+    assert stats["tokens"] == [real_tokens] * len(stats["layers"])
+    assert all(sum(row) == real_tokens * 2 for row in stats["counts"])
+    assert (tmp_path / "routing_counts.png").stat().st_size > 1000
+
+
+def test_env_report():
+    result = run_cli("env")
+    assert result.returncode == 0 and "transformers: 5." in result.stdout

@@ -1,0 +1,109 @@
+"""Family registry and the adapter view: declared facts match the real transformers modules."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import model_patches
+from moepatch import registry
+from moepatch import tiny
+from moepatch.adapter import describe
+from moepatch.errors import UnsupportedModelError
+from moepatch.spec import FamilySpec
+from moepatch.spec import RoutingRule
+
+EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk"}
+
+
+def test_every_family_module_is_registered_and_tested():
+    families = registry.families()
+    modules = {name for name in dir(model_patches) if isinstance(getattr(model_patches, name), types.ModuleType)}
+    assert modules == {"qwen2_moe", "mixtral", "generic_topk"}
+    assert set(families) == {"qwen2_moe", "mixtral", "generic_topk"}
+    assert set(EXPECTED_FAMILY.values()) == set(families)  # each family has a tiny model in the test matrix
+
+
+def test_view_matches_the_config(family):
+    model = tiny.tiny_model(family)
+    moe = describe(model)
+    config = model.config
+    assert moe.family.name == EXPECTED_FAMILY[family]
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    assert (moe.num_experts, moe.top_k) == (experts, config.num_experts_per_tok)
+    expected_renorm = {"qwen2_moe": False, "mixtral": True, "qwen3_moe": True, "olmoe": False}[family]
+    assert moe.renormalize == expected_renorm
+    dense = list(getattr(config, "mlp_only_layers", []) or [])
+    assert list(moe.dense_layers) == dense
+    assert moe.moe_layer_indices == [i for i in range(config.num_hidden_layers) if i not in dense]
+    for layer in moe.layers:
+        assert layer.name == f"model.layers.{layer.index}.mlp"
+        assert layer.router is model.model.layers[layer.index].mlp.gate
+        assert layer.experts is model.model.layers[layer.index].mlp.experts
+
+
+def test_block_class_match_is_exact_through_the_mro():
+    spec = registry.get_family("qwen2_moe")
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    class WrappedBlock(Qwen2MoeSparseMoeBlock):  # a quantised / wrapped subclass still matches
+        pass
+
+    class Qwen2MoeSparseMoeBlockV2(nn.Module):  # a similar name does not
+        pass
+
+    config = tiny.tiny_config("qwen2_moe")
+    assert spec.is_sparse_block(WrappedBlock(config))
+    assert not spec.is_sparse_block(Qwen2MoeSparseMoeBlockV2())
+
+
+def test_model_type_scopes_named_families():
+    model = tiny.tiny_model("qwen2_moe")
+    with pytest.raises(UnsupportedModelError, match="mixtral: no sparse MoE block"):
+        describe(model, family="mixtral")
+
+
+def _swap_router_class(model, layer, forward):
+    router = model.model.layers[layer].mlp.gate
+    router.__class__ = type("OtherRuleRouter", (type(router),), {"forward": forward})
+
+
+def _softmax_over_k(self, hidden_states):  # GPT-OSS rule: top-k of logits, then softmax over the k
+    logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    values, index = torch.topk(logits, self.top_k, dim=-1)
+    return logits, torch.softmax(values, dim=-1), index
+
+
+def _sigmoid_scores(self, hidden_states):  # DeepSeek-style sigmoid scoring
+    logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    values, index = torch.topk(torch.sigmoid(logits), self.top_k, dim=-1)
+    return logits, values, index
+
+
+@pytest.mark.parametrize("forward", [_softmax_over_k, _sigmoid_scores], ids=["softmax-over-k", "sigmoid"])
+def test_generic_family_rejects_a_router_with_another_rule(forward):
+    """An OLMoE-shaped model (no renormalisation) whose layer-1 router follows another rule is refused."""
+    model = tiny.tiny_model("olmoe")
+    describe(model)  # accepted as is
+    _swap_router_class(model, 1, forward)
+    with pytest.raises(UnsupportedModelError, match="layer 1: router's expert weights differ"):
+        describe(model)
+
+
+def test_generic_probe_accepts_softmax_over_k_when_renormalising():
+    """With norm_topk_prob=True, softmax over the top-k logits *is* the renormalised top-k probabilities."""
+    model = tiny.tiny_model("qwen3_moe")
+    _swap_router_class(model, 1, _softmax_over_k)
+    assert describe(model).renormalize
+
+
+def test_register_refuses_duplicates():
+    spec = FamilySpec(name="qwen2_moe", model_types=("x",), block_classes=("X",), routing=RoutingRule())
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(spec)
+    clash = FamilySpec(name="other", model_types=("mixtral",), block_classes=("X",), routing=RoutingRule())
+    with pytest.raises(ValueError, match="claimed by both"):
+        registry.register(clash)

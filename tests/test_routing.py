@@ -1,0 +1,64 @@
+"""The routing patch point: vanilla selection reproduces every family's router bit for bit; overrides are undone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import logits_of
+
+from moepatch import tiny
+from moepatch.adapter import describe
+from moepatch.routing import override_selection
+from moepatch.routing import select_topk
+from moepatch.undo import UndoLog
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vanilla_selection_is_bit_identical_to_the_family_router(family, batch, dtype):
+    model = tiny.tiny_model(family).to(dtype)
+    moe = describe(model)
+    hidden = torch.randn(37, model.config.hidden_size, dtype=dtype)
+    originals = [layer.router(hidden) for layer in moe.layers]
+    reference_logits = logits_of(model, batch)
+
+    undo = UndoLog()
+    patched = override_selection(moe, lambda layer: select_topk, None, undo)
+    assert patched == [f"{layer.name}.gate" for layer in moe.layers]
+    assert all("forward" in layer.router.__dict__ for layer in moe.layers)
+    for layer, original in zip(moe.layers, originals):
+        for got, want in zip(layer.router(hidden), original):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(logits_of(model, batch), reference_logits)
+
+    undo.undo()
+    assert all("forward" not in layer.router.__dict__ for layer in moe.layers)
+
+
+def test_selection_override_changes_routing_only_where_asked(batch):
+    model = tiny.tiny_model("mixtral")
+    moe = describe(model)
+    reference = logits_of(model, batch)
+    seen_layers = []
+
+    def factory(layer):
+        seen_layers.append(layer.index)
+
+        def lowest_k(probs, k):  # deliberately different: the k least likely experts
+            values, index = torch.topk(-probs, k, dim=-1)
+            return -values, index
+
+        return lowest_k
+
+    undo = UndoLog()
+    override_selection(moe, factory, [2], undo)
+    assert seen_layers == [2]
+    hidden = torch.randn(5, model.config.hidden_size)
+    _, weights, index = moe.layer(2).router(hidden)
+    probs = torch.softmax(torch.nn.functional.linear(hidden, moe.layer(2).router.weight), dim=-1)
+    expected_index = torch.topk(-probs, 2, dim=-1).indices
+    assert torch.equal(index, expected_index)
+    chosen = probs.gather(1, expected_index)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))  # Mixtral renormalises
+    assert not torch.equal(logits_of(model, batch), reference)
+    undo.undo()
+    assert torch.equal(logits_of(model, batch), reference)
