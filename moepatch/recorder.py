@@ -4,20 +4,20 @@ The recorder hooks the *output* of each selected router, i.e. the experts the mo
 routing override of :mod:`moepatch.routing`), and the attention mask of the same model call (a pre-hook on the
 decoder captures it, so the user never passes it twice).  Padding tokens are excluded.
 
-Cost and memory: per router call, one float32 softmax ``[N, E]`` and two scatter/sum reductions into small
-accumulators that live on the router's device; no host synchronisation, no tensor of the step (activations, graph,
-mask) is kept after the model call returns.  Forwards re-run by activation checkpointing inside backward are not
-counted twice.
+Cost and memory: a router hook only keeps references to the (detached) router logits and chosen experts of the
+current model call; when the call returns, one batched pass over all recorded layers (one softmax, one scatter-add
+of the choices, one mask-weighted matmul giving counts and probability sums together) updates one small float64
+accumulator on the model's device and every reference is dropped.  No host synchronisation, no tensor of the step (activations, graph, mask)
+survives the model call.  Forwards re-run by activation checkpointing inside backward are not counted twice.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections.abc import Sequence
 from typing import Any
-
-import inspect
 
 import torch
 from torch import nn
@@ -29,28 +29,12 @@ from moepatch.compat import current_backward_task_id
 from moepatch.errors import MoePatchWarning
 
 
+_FLUSH_ELEMENTS = 1 << 24
+"""Largest ``layers × tokens × experts`` block processed at once (128 MiB of float64)."""
+
+
 def _accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-class _LayerStats:
-    """Accumulators of one MoE layer, on the device of the router outputs."""
-
-    def __init__(self, num_experts: int, device: torch.device) -> None:
-        # One extra column catches the "no expert" sentinel index E that transformers' eager experts accept.
-        self.counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-        self.prob_sums = torch.zeros(num_experts, dtype=_accumulator_dtype(device), device=device)
-        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
-
-    def to(self, device: torch.device) -> None:
-        self.counts = self.counts.to(device)
-        self.prob_sums = self.prob_sums.to(device=device, dtype=_accumulator_dtype(device))
-        self.tokens = self.tokens.to(device)
-
-    def zero_(self) -> None:
-        self.counts.zero_()
-        self.prob_sums.zero_()
-        self.tokens.zero_()
 
 
 class RoutingRecorder:
@@ -76,15 +60,19 @@ class RoutingRecorder:
         )
         self.num_experts = self.model.num_experts
         self.top_k = self.model.top_k
-        self._stats = [
-            _LayerStats(self.num_experts, _device_of(self.model.layer(i).router)) for i in self.layers
-        ]
+        device = _device_of(self.model.layer(self.layers[0]).router)
+        # One accumulator per recorded layer: columns [0, E] are hard counts (column E catches the "no expert"
+        # sentinel index E that transformers' eager experts accept), columns E+1.. are probability sums.  float64
+        # counts are exact up to 2**53; tokens are derived (every kept token fills exactly k slots).
+        self._acc = torch.zeros(len(self.layers), 2 * self.num_experts + 1, dtype=_accumulator_dtype(device),
+                                device=device)
+        self._all_slots = list(range(len(self.layers)))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._in_call = False
         self._mask: torch.Tensor | None = None
-        self._keep_cache: dict[tuple[int, torch.device], torch.Tensor | None] = {}
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._warned: set[str] = set()
-        mask_position = _argument_position(self.model.decoder.forward, "attention_mask")
-        self._mask_position = mask_position
+        self._mask_position = _argument_position(self.model.decoder.forward, "attention_mask")
 
     # ------------------------------------------------------------------ activation
     @property
@@ -96,8 +84,8 @@ class RoutingRecorder:
         if self.active:
             return self
         decoder = self.model.decoder
-        self._handles.append(decoder.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-        self._handles.append(decoder.register_forward_hook(self._release_mask, always_call=True))
+        self._handles.append(decoder.register_forward_pre_hook(self._begin_call, with_kwargs=True))
+        self._handles.append(decoder.register_forward_hook(self._end_call, always_call=True))
         for slot, index in enumerate(self.layers):
             router = self.model.layer(index).router
             self._handles.append(router.register_forward_hook(self._make_router_hook(slot)))
@@ -108,7 +96,7 @@ class RoutingRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._release_mask()
+        self._end_call()
 
     def __enter__(self) -> RoutingRecorder:
         return self.start()
@@ -117,47 +105,23 @@ class RoutingRecorder:
         self.stop()
 
     # ------------------------------------------------------------------ hooks
-    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _begin_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_position is not None and len(args) > self._mask_position:
             mask = args[self._mask_position]
         self._mask = mask if isinstance(mask, torch.Tensor) else None
-        self._keep_cache.clear()
+        self._pending.clear()
+        self._in_call = True
 
-    def _release_mask(self, *unused: object) -> None:
-        self._mask = None
-        self._keep_cache.clear()
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, MoePatchWarning, stacklevel=3)
-
-    def _keep_mask(self, tokens: int, device: torch.device) -> torch.Tensor | None:
-        """``[tokens]`` int64 0/1 mask of non-padding tokens for a router call, or ``None`` (keep all)."""
-        key = (tokens, device)
-        if key in self._keep_cache:
-            return self._keep_cache[key]
-        mask, keep = self._mask, None
-        if mask is not None:
-            if mask.dim() != 2:
-                self._warn_once(
-                    "mask-dim",
-                    f"RoutingRecorder: attention_mask of shape {tuple(mask.shape)} is not [batch, seq]; "
-                    "padding cannot be excluded, every token is counted",
-                )
-            elif tokens % mask.shape[0] or mask.shape[1] < tokens // mask.shape[0]:
-                self._warn_once(
-                    "mask-shape",
-                    f"RoutingRecorder: {tokens} routed tokens do not align with attention_mask "
-                    f"{tuple(mask.shape)}; every token is counted",
-                )
-            else:
-                seq = tokens // mask.shape[0]
-                # During cached generation the mask covers past + current tokens: the current ones are the last.
-                keep = (mask[:, mask.shape[1] - seq :] != 0).reshape(-1).to(device=device, dtype=torch.int64)
-        self._keep_cache[key] = keep
-        return keep
+    def _end_call(self, *unused: object) -> None:
+        """Account every router output of the model call in one batched pass, then drop all references."""
+        try:
+            if self._pending:
+                self._flush()
+        finally:
+            self._pending.clear()
+            self._mask = None
+            self._in_call = False
 
     def _make_router_hook(self, slot: int):
         layout = self.model.family.router_output
@@ -165,51 +129,94 @@ class RoutingRecorder:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_backward_task_id() != -1:
                 return  # activation checkpointing re-running the forward inside backward
-            with torch.no_grad():
-                logits = output[layout.logits].detach()
-                indices = output[layout.indices].detach()
-                self._accumulate(slot, logits.reshape(-1, logits.shape[-1]), indices.reshape(indices.shape[0], -1))
+            logits = output[layout.logits].detach()
+            indices = output[layout.indices].detach()
+            self._pending.append((slot, logits.reshape(-1, logits.shape[-1]), indices.reshape(indices.shape[0], -1)))
+            if not self._in_call:  # router called outside a model call: no mask, account right away
+                self._end_call()
 
         return hook
 
-    def _accumulate(self, slot: int, logits: torch.Tensor, indices: torch.Tensor) -> None:
-        stats = self._stats[slot]
-        device = indices.device
-        if stats.counts.device != device:
-            stats.to(device)
-        tokens = indices.shape[0]
-        keep = self._keep_mask(tokens, device)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
-        if keep is None:
-            stats.counts.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices).reshape(-1))
-            stats.prob_sums += probs.sum(dim=0, dtype=stats.prob_sums.dtype)
-            stats.tokens += tokens
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, MoePatchWarning, stacklevel=4)
+
+    def _keep_mask(self, tokens: int) -> torch.Tensor | None:
+        """``[tokens]`` 0/1 mask of non-padding tokens for this call's router outputs, or ``None`` (keep all)."""
+        mask = self._mask
+        if mask is None:
+            return None
+        if mask.dim() != 2:
+            self._warn_once(
+                "mask-dim",
+                f"RoutingRecorder: attention_mask of shape {tuple(mask.shape)} is not [batch, seq]; "
+                "padding cannot be excluded, every token is counted",
+            )
+            return None
+        if tokens % mask.shape[0] or mask.shape[1] < tokens // mask.shape[0]:
+            self._warn_once(
+                "mask-shape",
+                f"RoutingRecorder: {tokens} routed tokens do not align with attention_mask {tuple(mask.shape)}; "
+                "every token is counted",
+            )
+            return None
+        seq = tokens // mask.shape[0]
+        # During cached generation the mask covers past + current tokens: the current ones are the last.
+        return (mask[:, mask.shape[1] - seq :] != 0).reshape(-1)
+
+    def _flush(self) -> None:
+        records = self._pending
+        if len({record[2].shape[0] for record in records}) > 1:  # layers routed different token counts: split
+            for record in records:
+                self._flush_group([record])
         else:
-            per_slot = keep.unsqueeze(1).expand_as(indices)  # [N, k]
-            stats.counts.scatter_add_(0, indices.reshape(-1), per_slot.reshape(-1))
-            stats.prob_sums += (probs * keep.unsqueeze(1)).sum(dim=0, dtype=stats.prob_sums.dtype)
-            stats.tokens += keep.sum()
+            budget = max(1, _FLUSH_ELEMENTS // max(1, records[0][1].numel()))  # bound the transient memory
+            for start in range(0, len(records), budget):
+                self._flush_group(records[start : start + budget])
+
+    def _flush_group(self, records: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Add the statistics of router outputs that routed the same ``N`` tokens."""
+        acc = self._acc
+        device, dtype = acc.device, acc.dtype
+        with torch.no_grad():
+            logits = torch.stack([r[1] for r in records]).to(device)  # [P, N, E]
+            indices = torch.stack([r[2] for r in records]).to(device)  # [P, N, k]
+            probs = torch.softmax(logits, dim=-1, dtype=dtype)  # [P, N, E]
+            hard = torch.zeros(*indices.shape[:2], self.num_experts + 1, dtype=dtype, device=device)
+            hard.scatter_add_(2, indices, torch.ones((), dtype=dtype, device=device).expand(indices.shape))
+            features = torch.cat([hard, probs], dim=2)  # [P, N, 2E+1]
+            keep = self._keep_mask(indices.shape[1])
+            if keep is None:
+                sums = features.sum(dim=1)  # [P, 2E+1]
+            else:
+                sums = torch.matmul(keep.to(device=device, dtype=dtype), features)  # [P, 2E+1]
+            slots = [r[0] for r in records]
+            if slots == self._all_slots:
+                acc += sums
+            else:
+                acc.index_add_(0, torch.tensor(slots, device=device), sums)
 
     # ------------------------------------------------------------------ results
     @property
     def counts(self) -> torch.Tensor:
         """int64 ``[len(layers), E]``: how often each expert was chosen (top-k slots) over non-padding tokens."""
-        return torch.stack([s.counts[: self.num_experts].cpu() for s in self._stats])
+        return self._acc[:, : self.num_experts].cpu().round().to(torch.int64)
 
     @property
     def prob_sums(self) -> torch.Tensor:
         """float ``[len(layers), E]``: sum over non-padding tokens of each expert's router probability."""
-        return torch.stack([s.prob_sums.cpu() for s in self._stats])
+        return self._acc[:, self.num_experts + 1 :].cpu()
 
     @property
     def tokens(self) -> torch.Tensor:
         """int64 ``[len(layers)]``: non-padding tokens seen per layer."""
-        return torch.stack([s.tokens.cpu() for s in self._stats])
+        slots = self._acc[:, : self.num_experts + 1].cpu().sum(dim=1).round().to(torch.int64)
+        return slots // self.top_k
 
     def reset(self) -> None:
         """Zero every accumulator (hooks stay as they are)."""
-        for stats in self._stats:
-            stats.zero_()
+        self._acc.zero_()
 
     def all_reduce(self, group: Any = None) -> RoutingRecorder:
         """Sum the statistics over the ranks of ``group`` when ``torch.distributed`` is initialised.
@@ -223,15 +230,9 @@ class RoutingRecorder:
         device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        counts = torch.stack([torch.cat([s.counts.to(device), s.tokens.to(device).reshape(1)]) for s in self._stats])
-        sums = torch.stack([s.prob_sums.to(device=device, dtype=torch.float64) for s in self._stats])
-        dist.all_reduce(counts, group=group)
-        dist.all_reduce(sums, group=group)
-        for slot, stats in enumerate(self._stats):
-            target = stats.counts.device
-            stats.counts.copy_(counts[slot, :-1].to(target))
-            stats.tokens.copy_(counts[slot, -1].to(target))
-            stats.prob_sums.copy_(sums[slot].to(target))
+        reduced = self._acc.to(device=device, dtype=torch.float64)
+        dist.all_reduce(reduced, group=group)
+        self._acc.copy_(reduced)
         return self
 
     def to_dict(self) -> dict[str, Any]:

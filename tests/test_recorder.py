@@ -66,10 +66,8 @@ def test_training_mode_accumulates_without_keeping_graph(model, batch):
             out.loss.backward()
     keep = batch["attention_mask"].reshape(-1).bool()
     _check_against_reference(model, recorder, captured, [keep, keep])
-    for stats in recorder._stats:
-        for tensor in (stats.counts, stats.prob_sums, stats.tokens):
-            assert tensor.grad_fn is None and not tensor.requires_grad
-    assert recorder._mask is None and not recorder._keep_cache  # nothing of the step is retained
+    assert recorder._acc.grad_fn is None and not recorder._acc.requires_grad
+    assert recorder._mask is None and not recorder._pending  # nothing of the step is retained
 
 
 def test_gradient_checkpointing_recompute_is_not_counted_twice(batch):
