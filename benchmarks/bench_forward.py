@@ -1,7 +1,8 @@
 """Forward time of the unpatched model vs the patched one (gate freezing + routing statistics on every MoE layer).
 
 Both are measured side by side in one run, on the same model instance, in interleaved rounds (a few forwards
-unpatched; apply, a few forwards, remove; alternating which goes first) so drifts of the machine hit both equally.  Prints the median times and their ratio per model:
+unpatched; apply, a few forwards, remove; alternating which goes first) so drifts of the machine hit both equally.
+Prints the median times and their ratio per model:
 
 * ``tiny``: the embedded-default tiny Qwen2-MoE (hidden 32, 8 experts, top-2) — worst case for relative overhead;
 * ``qwen1.5-moe-2l``: Qwen1.5-MoE-A2.7B layer sizes (hidden 2048, 60 experts, top-4, expert width 1408, shared

@@ -4,6 +4,6 @@ Importing this package registers every family with :mod:`moepatch.registry`.  To
 calls ``register(FamilySpec(...))`` and import it here; the features in ``moepatch/`` need no change.
 """
 
-from model_patches import generic_topk  # noqa: F401  (registers the fallback last among equals)
+from model_patches import generic_topk  # noqa: F401  (fallback for model types no family claims)
 from model_patches import mixtral  # noqa: F401
 from model_patches import qwen2_moe  # noqa: F401

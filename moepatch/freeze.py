@@ -14,6 +14,11 @@ Two rules, because "freeze the gate" means two different things in the literatur
 Frozen means ``requires_grad=False``: the parameter gets no ``.grad``, an optimizer built afterwards from
 ``requires_grad`` parameters (HF Trainer, DeepSpeed) does not hold it, and it stays unchanged by optimizer steps.
 Apply freezing *before* ``deepspeed.initialize`` / FSDP wrapping so the engine sees the final trainable set.
+
+Interaction with the load-balancing loss: freezing changes no loss.  If the model computes its auxiliary loss
+(transformers adds ``router_aux_loss_coef * load_balancing_loss`` only with ``output_router_logits=True`` and labels),
+its gradient still flows through the router logits into the hidden states, i.e. into attention, experts and
+embeddings of earlier layers; only the frozen weights themselves stop moving (seed 001 relies on this).
 """
 
 from __future__ import annotations

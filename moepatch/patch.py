@@ -196,7 +196,9 @@ def apply(
 
 
 @contextmanager
-def patched(model: nn.Module, config: MoePatchConfig | dict[str, Any] | None = None, *, strict: bool = True) -> Iterator[PatchHandle]:
+def patched(
+    model: nn.Module, config: MoePatchConfig | dict[str, Any] | None = None, *, strict: bool = True
+) -> Iterator[PatchHandle]:
     """``with moepatch.patched(model, cfg) as handle:`` — apply on entry, remove on exit."""
     handle = apply(model, config, strict=strict)
     try:

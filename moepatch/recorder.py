@@ -7,8 +7,9 @@ decoder captures it, so the user never passes it twice).  Padding tokens are exc
 Cost and memory: a router hook only keeps references to the (detached) router logits and chosen experts of the
 current model call; when the call returns, one batched pass over all recorded layers (one softmax, one scatter-add
 of the choices, one mask-weighted matmul giving counts and probability sums together) updates one small float64
-accumulator on the model's device and every reference is dropped.  No host synchronisation, no tensor of the step (activations, graph, mask)
-survives the model call.  Forwards re-run by activation checkpointing inside backward are not counted twice.
+accumulator on the model's device and every reference is dropped.  No host synchronisation, no tensor of the step
+(activations, graph, mask) survives the model call.  Forwards re-run by activation checkpointing inside backward are
+not counted twice.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from moepatch.adapter import describe
 from moepatch.adapter import resolve_layer_indices
 from moepatch.compat import current_backward_task_id
 from moepatch.errors import MoePatchWarning
-
 
 _FLUSH_ELEMENTS = 1 << 24
 """Largest ``layers × tokens × experts`` block processed at once (128 MiB of float64)."""
@@ -83,6 +83,7 @@ class RoutingRecorder:
         """Install the hooks (idempotent)."""
         if self.active:
             return self
+        self._acc = self._acc.to(_device_of(self.model.layer(self.layers[0]).router))  # follow a moved model
         decoder = self.model.decoder
         self._handles.append(decoder.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         self._handles.append(decoder.register_forward_hook(self._end_call, always_call=True))
@@ -166,22 +167,21 @@ class RoutingRecorder:
         return (mask[:, mask.shape[1] - seq :] != 0).reshape(-1)
 
     def _flush(self) -> None:
-        records = self._pending
-        if len({record[2].shape[0] for record in records}) > 1:  # layers routed different token counts: split
-            for record in records:
-                self._flush_group([record])
-        else:
+        groups: dict[tuple[int, torch.device], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for record in self._pending:  # normally one group; several with device_map or odd routers
+            groups.setdefault((record[2].shape[0], record[2].device), []).append(record)
+        for records in groups.values():
             budget = max(1, _FLUSH_ELEMENTS // max(1, records[0][1].numel()))  # bound the transient memory
             for start in range(0, len(records), budget):
                 self._flush_group(records[start : start + budget])
 
     def _flush_group(self, records: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Add the statistics of router outputs that routed the same ``N`` tokens."""
+        """Add the statistics of router outputs that routed the same ``N`` tokens on the same device."""
         acc = self._acc
-        device, dtype = acc.device, acc.dtype
+        device, dtype = records[0][2].device, acc.dtype
         with torch.no_grad():
-            logits = torch.stack([r[1] for r in records]).to(device)  # [P, N, E]
-            indices = torch.stack([r[2] for r in records]).to(device)  # [P, N, k]
+            logits = torch.stack([r[1] for r in records])  # [P, N, E]
+            indices = torch.stack([r[2] for r in records])  # [P, N, k]
             probs = torch.softmax(logits, dim=-1, dtype=dtype)  # [P, N, E]
             hard = torch.zeros(*indices.shape[:2], self.num_experts + 1, dtype=dtype, device=device)
             hard.scatter_add_(2, indices, torch.ones((), dtype=dtype, device=device).expand(indices.shape))
@@ -191,11 +191,12 @@ class RoutingRecorder:
                 sums = features.sum(dim=1)  # [P, 2E+1]
             else:
                 sums = torch.matmul(keep.to(device=device, dtype=dtype), features)  # [P, 2E+1]
+            sums = sums.to(acc.device)
             slots = [r[0] for r in records]
             if slots == self._all_slots:
                 acc += sums
             else:
-                acc.index_add_(0, torch.tensor(slots, device=device), sums)
+                acc.index_add_(0, torch.tensor(slots, device=acc.device), sums)
 
     # ------------------------------------------------------------------ results
     @property

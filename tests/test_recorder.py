@@ -162,3 +162,15 @@ def test_apply_with_routing_stats_records_selected_layers(batch):
     assert int(handle.recorder.tokens[0]) == int(batch["attention_mask"].sum())
     handle.remove()
     assert not handle.recorder.active
+
+
+def test_router_called_outside_a_model_call_is_counted_unmasked():
+    model = tiny.tiny_model("mixtral")
+    moe = describe(model)
+    hidden = torch.randn(11, model.config.hidden_size)
+    with moepatch.RoutingRecorder(model) as recorder, torch.no_grad():
+        moe.layer(1).router(hidden)
+    counts, sums = reference_counts(hidden, moe.layer(1).router.weight, 2, None)
+    assert recorder.tokens.tolist() == [0, 11, 0]
+    assert torch.equal(recorder.counts[1], counts) and int(recorder.counts[[0, 2]].sum()) == 0
+    torch.testing.assert_close(recorder.prob_sums[1], sums, atol=1e-5, rtol=0)
