@@ -35,6 +35,8 @@ class MoEModel:
     family: FamilySpec
     root: nn.Module
     """The model as given (a PEFT wrapper stays the root, so parameter names match the user's optimizer)."""
+    inner: nn.Module
+    """The transformers model inside any wrapper (the ``*ForCausalLM`` that computes the losses)."""
     decoder: nn.Module
     """The module owning the layer list; its forward receives ``attention_mask``."""
     num_layers: int
@@ -123,6 +125,7 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
     return MoEModel(
         family=spec,
         root=root,
+        inner=model,
         decoder=decoder,
         num_layers=len(layer_list),
         layers=tuple(moe_layers),

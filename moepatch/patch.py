@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -23,7 +24,11 @@ from torch import nn
 from moepatch.adapter import MoEModel
 from moepatch.adapter import describe
 from moepatch.adapter import resolve_layer_indices
+from moepatch.c2r import C2RPlan
+from moepatch.c2r import install_c2r
+from moepatch.c2r import plan_c2r
 from moepatch.config import CONFIG_KEY
+from moepatch.config import C2RConfig
 from moepatch.config import MoePatchConfig
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UnsupportedModelError
@@ -47,6 +52,7 @@ class PatchHandle:
             unsupported model under ``strict=False``).
         frozen_parameters: qualified names of the parameters frozen by ``freeze_gate``.
         recorder: the :class:`~moepatch.recorder.RoutingRecorder` started by ``routing_stats`` (or ``None``).
+        c2r_routers: qualified names of the routers whose selection C2R constrains.
     """
 
     def __init__(self, model: nn.Module, config: MoePatchConfig, moe_model: MoEModel | None) -> None:
@@ -55,6 +61,7 @@ class PatchHandle:
         self.moe_model = moe_model
         self.frozen_parameters: list[str] = []
         self.recorder: RoutingRecorder | None = None
+        self.c2r_routers: list[str] = []
         self._undo = UndoLog()
         self._active = True
 
@@ -66,7 +73,7 @@ class PatchHandle:
     @property
     def is_empty(self) -> bool:
         """True when this handle changed nothing in the model's behaviour."""
-        return not self.frozen_parameters and self.recorder is None
+        return not self.frozen_parameters and self.recorder is None and not self.c2r_routers
 
     def remove(self) -> None:
         """Undo every change of this apply, newest first; the model is exactly as before. Idempotent."""
@@ -85,7 +92,7 @@ class PatchHandle:
         family = self.moe_model.family.name if self.moe_model else None
         return (
             f"PatchHandle(family={family!r}, active={self._active}, frozen={len(self.frozen_parameters)}, "
-            f"routing_stats={self.recorder is not None})"
+            f"routing_stats={self.recorder is not None}, c2r_layers={len(self.c2r_routers)})"
         )
 
 
@@ -95,11 +102,19 @@ class PatchPlan:
 
     to_freeze: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     stats_layers: list[int] | None = None
+    c2r: C2RPlan | None = None
+
+
+def _checkpoint_dir(model: nn.Module) -> Path | None:
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
 
 
 def plan_patch(moe_model: MoEModel, config: MoePatchConfig) -> PatchPlan:
     """Validate ``config`` against ``moe_model`` and return the plan; ``ValueError`` naming the field otherwise."""
     plan = PatchPlan()
+    if config.c2r is not None:
+        plan.c2r = plan_c2r(moe_model, config.c2r, _checkpoint_dir(moe_model.inner))
     if config.freeze_gate:
         plan.to_freeze = parameters_to_freeze(moe_model, config.freeze_gate)
     if config.routing_stats is not None and config.routing_stats.enabled:
@@ -118,7 +133,10 @@ def get_handle(model: nn.Module) -> PatchHandle | None:
 def _resolve_config(model: nn.Module, config: MoePatchConfig | dict[str, Any] | None) -> MoePatchConfig:
     if config is None:
         return MoePatchConfig.from_model(model)
-    return MoePatchConfig.from_dict(config)
+    resolved = MoePatchConfig.from_dict(config)
+    if resolved.c2r is None:  # an official C2R checkpoint keeps its routing whatever else is asked
+        resolved.c2r = C2RConfig.from_official(getattr(model, "config", {}))
+    return resolved
 
 
 def apply(
@@ -179,15 +197,18 @@ def apply(
         undo.set_attribute(model.config, CONFIG_KEY, cfg.to_dict())
     if plan.to_freeze:
         handle.frozen_parameters = freeze(plan.to_freeze, undo)
+    if plan.c2r is not None:
+        handle.c2r_routers = install_c2r(moe_model, plan.c2r, undo)
     if plan.stats_layers is not None:
         handle.recorder = RoutingRecorder(model, plan.stats_layers).start()
         undo.add_callback(handle.recorder.stop)
     undo.set_attribute(model, _HANDLE_ATTRIBUTE, handle)
     logger.info(
-        "moepatch: %s (%s), %d MoE layers; froze %d parameters (%s); routing statistics on layers %s",
+        "moepatch: %s (%s), %d MoE layers; C2R on %d routers; froze %d parameters (%s); routing statistics on %s",
         type(model).__name__,
         moe_model.family.name,
         len(moe_model.layers),
+        len(handle.c2r_routers),
         len(handle.frozen_parameters),
         cfg.freeze_gate,
         plan.stats_layers,

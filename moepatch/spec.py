@@ -85,6 +85,9 @@ class FamilySpec:
     """Router attribute holding ``k``."""
     hidden_dim_attr: str = "hidden_dim"
     """Router attribute holding the hidden size (the router flattens its input to ``[-1, hidden_dim]``)."""
+    aux_loss_coef_attr: str | None = "router_aux_loss_coef"
+    """Attribute of the causal-LM model holding the load-balancing coefficient, when the family's causal LM adds
+    transformers' ``load_balancing_loss_func`` (vanilla top-k recomputed from ``router_logits``) to its loss."""
     shared_expert_attrs: tuple[str, ...] = ()
     """Block attributes of always-on shared experts and their gates (never routed, never counted)."""
     gate_substring_note: str = ""

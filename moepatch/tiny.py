@@ -114,31 +114,23 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    if family == "qwen2_moe":
-        config = Qwen2MoeConfig(
-            **common,
-            num_hidden_layers=4,
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=32,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=False,
-            mlp_only_layers=[1],
-        )
-    elif family == "mixtral":
-        config = MixtralConfig(**common, num_hidden_layers=3, intermediate_size=16, num_local_experts=8,
-                               num_experts_per_tok=2)
-    elif family == "qwen3_moe":
-        config = Qwen3MoeConfig(**common, num_hidden_layers=3, head_dim=8, intermediate_size=48,
-                                moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
-    elif family == "olmoe":
-        config = OlmoeConfig(**common, num_hidden_layers=3, intermediate_size=16, num_experts=8,
-                             num_experts_per_tok=2, norm_topk_prob=False)
-    else:
+    per_family: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+        "qwen2_moe": (Qwen2MoeConfig, dict(num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=16,
+                                           shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                           norm_topk_prob=False, mlp_only_layers=[1])),
+        "mixtral": (MixtralConfig, dict(num_hidden_layers=3, intermediate_size=16, num_local_experts=8,
+                                        num_experts_per_tok=2)),
+        "qwen3_moe": (Qwen3MoeConfig, dict(num_hidden_layers=3, head_dim=8, intermediate_size=48,
+                                           moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                                           norm_topk_prob=True)),
+        "olmoe": (OlmoeConfig, dict(num_hidden_layers=3, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                                    norm_topk_prob=False)),
+    }
+    if family not in per_family:
         raise ValueError(f"tiny_config: unknown family {family!r}; choose from {TINY_FAMILIES}")
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config_class, sizes = per_family[family]
+    # overrides go to the constructor so that derived fields (layer_types, ...) follow them
+    config = config_class(**{**common, **sizes, **overrides})
     return config
 
 

@@ -44,6 +44,18 @@ class UndoLog:
         parameter.requires_grad_(flag)
         self._steps.append(lambda: parameter.requires_grad_(previous))
 
+    def add_buffer(self, module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        """Register a non-persistent buffer (moves with ``.to()``, never saved); undo unregisters it."""
+        if name in module._buffers or hasattr(module, name):
+            raise ValueError(f"{type(module).__name__} already has an attribute {name!r}")
+        module.register_buffer(name, tensor, persistent=False)
+
+        def undo() -> None:
+            module._buffers.pop(name, None)
+            module._non_persistent_buffers_set.discard(name)
+
+        self._steps.append(undo)
+
     def add_hook(self, handle: RemovableHandle) -> None:
         """Take ownership of a hook handle; undo removes the hook."""
         self._steps.append(handle.remove)

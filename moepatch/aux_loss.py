@@ -1,0 +1,135 @@
+"""Load-balancing loss on the experts actually chosen.
+
+transformers' MoE causal LMs (Qwen2-MoE, Mixtral, Qwen3-MoE, OLMoE, ... v5.24) add
+``router_aux_loss_coef * load_balancing_loss_func(router_logits, E, k, attention_mask)`` to the loss when
+``output_router_logits`` is on, and that function **recomputes vanilla top-k from the logits**.  Under a routing
+override (C2R) the experts that really receive the tokens differ, so the "fraction of tokens per expert" term is
+wrong.  :func:`install_actual_choice_aux_loss` wraps the causal LM's ``forward`` on the instance: the original forward
+runs with ``output_router_logits=False`` (so transformers computes no loss term and records no logits), router hooks
+collect each layer's ``(router_logits, top_k_index)``, and the same Switch-Transformer formula is evaluated with the
+real choices; ``loss``, ``aux_loss`` and ``router_logits`` of the output are filled exactly where transformers puts
+them.  With vanilla routing the result equals transformers' value (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moepatch.adapter import MoEModel
+from moepatch.undo import UndoLog
+
+
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
+    selected_experts: Sequence[torch.Tensor],
+    num_experts: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch-Transformer balance loss ``E · Σ_e f_e · P_e`` over all layers, with ``f`` from the given choices.
+
+    Args:
+        router_logits (`Sequence[torch.Tensor]`): per MoE layer, ``[N, E]`` router logits (gradients flow through).
+        selected_experts (`Sequence[torch.Tensor]`): per MoE layer, ``[N, k]`` experts that received each token.
+        num_experts (`int`): ``E``.
+        attention_mask (`torch.Tensor`, *optional*): ``[batch, seq]``; padding tokens are excluded.
+
+    Returns:
+        `torch.Tensor`: the scalar loss, computed in the same order of operations as transformers 5.24's
+        ``load_balancing_loss_func`` so that vanilla choices reproduce its value.
+    """
+    device = router_logits[0].device
+    # histc avoids bincount's host sync; CPU/MPS need floats, CUDA integers for determinism (as transformers does).
+    histc_dtype = torch.float32 if device.type in ("cpu", "mps") else torch.int32
+    tokens_per_expert_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    router_prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    total_rows: torch.Tensor | float = 0.0
+    flat_mask = None
+    if attention_mask is not None:
+        flat_mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    for logits, chosen in zip(router_logits, selected_experts):
+        routing_weights = torch.nn.functional.softmax(logits.to(device), dim=-1)  # [N, E]
+        chosen = chosen.to(device)  # [N, k]
+        if flat_mask is None:
+            tokens_per_expert_sum = tokens_per_expert_sum + torch.histc(
+                chosen.reshape(-1).to(histc_dtype), bins=num_experts, min=0, max=num_experts
+            )
+            router_prob_sum = router_prob_sum + routing_weights.float().sum(dim=0)
+            total_rows = total_rows + routing_weights.shape[0]
+        else:
+            tokens_per_expert_sum = tokens_per_expert_sum + torch.zeros(
+                num_experts, dtype=torch.float32, device=device
+            ).scatter_add_(0, chosen.reshape(-1), flat_mask.repeat_interleave(chosen.shape[-1]))
+            router_prob_sum = router_prob_sum + (routing_weights.float() * flat_mask.unsqueeze(-1)).sum(dim=0)
+            total_rows = total_rows + flat_mask.sum()
+    tokens_per_expert = tokens_per_expert_sum / total_rows
+    router_prob_per_expert = router_prob_sum / total_rows
+    return torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts
+
+
+def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """All call arguments by name (the ``**kwargs`` of the signature flattened in)."""
+    bound = signature.bind_partial(*args, **kwargs)
+    flat: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
+    """Wrap the causal LM's ``forward`` (instance only) so its balance loss uses the chosen experts.
+
+    Returns ``False`` (and changes nothing) when the model computes no balance loss (no
+    ``family.aux_loss_coef_attr`` on it, e.g. a bare base model).
+    """
+    coef_attr = model.family.aux_loss_coef_attr
+    causal_lm = model.inner
+    if coef_attr is None or not hasattr(causal_lm, coef_attr):
+        return False
+    original = causal_lm.forward
+    signature = inspect.signature(original)
+    routers = [layer.router for layer in model.layers]
+    layout = model.family.router_output
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        arguments = _arguments(signature, args, kwargs)
+        wanted = arguments.get("output_router_logits")
+        if wanted is None:
+            wanted = getattr(self.config, "output_router_logits", False)
+        if not wanted:
+            return original(*args, **kwargs)
+        return_dict = arguments.pop("return_dict", None)
+        arguments["output_router_logits"] = False
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def capture(module: nn.Module, inputs: tuple, output: Any) -> None:
+            captured.append((output[layout.logits], output[layout.indices]))
+
+        handles = [router.register_forward_hook(capture) for router in routers]
+        try:
+            outputs = original(**arguments, return_dict=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not captured:
+            return outputs if return_dict is not False else outputs.to_tuple()
+        logits = tuple(c[0] for c in captured)
+        aux = load_balancing_loss(logits, [c[1] for c in captured], model.num_experts, arguments.get("attention_mask"))
+        loss = outputs.get("loss")
+        if loss is not None:
+            loss = loss + getattr(self, coef_attr) * aux.to(loss.device)
+        # a new output object keeps the fields in transformers' order (matters for return_dict=False tuples)
+        outputs = dataclasses.replace(outputs, loss=loss, aux_loss=aux, router_logits=logits)
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    undo.set_attribute(causal_lm, "forward", types.MethodType(forward, causal_lm))
+    return True

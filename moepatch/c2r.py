@@ -1,0 +1,186 @@
+"""C2R routing: the top-1 expert is chosen freely, the other k-1 among the first ``top_t`` entries of its list.
+
+Faithful to the official Qwen rule (c2r.md §4.1) for every family with a softmax → top-k router, written once
+against the routing patch point (:mod:`moepatch.routing`): only the selection step changes, so each family keeps its
+own weight semantics (Qwen2-MoE: global softmax probabilities, renormalised only when ``norm_topk_prob``; Mixtral:
+renormalised over the k chosen).  The official code's defects are fixed here:
+
+* ``top_t = E`` (the official duplicate-expert bug) and every other ``top_t`` outside ``k-1 .. E-1`` are refused;
+* malformed lists (shape, out-of-range ids, duplicates, the expert itself before the cut, layer-count mismatch)
+  raise ``ValueError`` naming layer and expert — nothing is silently accepted;
+* the list becomes a per-layer ``[E, T]`` buffer once, at patch time (not a host→device copy per forward);
+* no side-channel attributes on modules (statistics come from :class:`~moepatch.recorder.RoutingRecorder`);
+* the load-balancing loss counts the experts actually chosen (:mod:`moepatch.aux_loss`).
+
+``top_t = E - 1`` reproduces vanilla top-k exactly (tested bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moepatch.adapter import MoEModel
+from moepatch.aux_loss import install_actual_choice_aux_loss
+from moepatch.config import C2RConfig
+from moepatch.routing import ExpertSelector
+from moepatch.routing import override_selection
+from moepatch.undo import UndoLog
+
+CANDIDATES_BUFFER = "c2r_candidates"
+
+
+def constrained_topk(probs: torch.Tensor, k: int, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C2R selection on router probabilities.
+
+    Args:
+        probs (`torch.Tensor` of shape `[N, E]`): router probabilities.
+        k (`int`): experts per token.
+        candidates (`torch.Tensor` of shape `[E, T]`): row ``e`` = the experts that may join top-1 expert ``e``.
+
+    Returns:
+        `(values [N, k], indices [N, k])`: the top-1 expert first, then the k-1 most probable eligible
+        collaborators in descending probability (the official code leaves them unsorted; the order does not change
+        the output).
+    """
+    top1 = probs.argmax(dim=-1, keepdim=True)  # [N, 1]
+    allowed = candidates[top1.squeeze(1)]  # [N, T]
+    allowed_probs = probs.gather(1, allowed)  # [N, T]
+    rest_values, rest_position = torch.topk(allowed_probs, k - 1, dim=-1)  # [N, k-1]
+    rest = allowed.gather(1, rest_position)  # [N, k-1]
+    values = torch.cat([probs.gather(1, top1), rest_values], dim=1)  # [N, k]
+    indices = torch.cat([top1, rest], dim=1)  # [N, k]
+    return values, indices
+
+
+@dataclass
+class C2RPlan:
+    """Validated C2R tables for one model, ready to install."""
+
+    top_t: int
+    tables: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Absolute MoE-layer index → ``[E, T]`` int64 candidate table."""
+    vanilla_layers: list[int] = field(default_factory=list)
+    """MoE layers whose list entry is ``null``: they keep vanilla routing."""
+    aux_loss: str = "actual"
+
+
+def _load_list_file(config: C2RConfig, base_dir: Path | None) -> list:
+    path = Path(config.path)
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    where = f"{config.field_prefix}path"
+    if not path.exists():
+        raise ValueError(f"{where}: file {str(path)!r} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: {path} is not JSON ({error})") from None
+    listed = data.get("collaborative_list") if isinstance(data, dict) else data
+    if not isinstance(listed, list):
+        raise ValueError(f"{where}: {path} holds no 'collaborative_list' list")
+    return listed
+
+
+def _check_top_t(top_t: int, num_experts: int, top_k: int, name: str) -> None:
+    if top_t == num_experts:
+        raise ValueError(
+            f"{name}: top_t = {top_t} = number of experts would let the top-1 expert be chosen again (the official "
+            f"code's duplicate-expert bug); use at most E-1 = {num_experts - 1}, which equals vanilla top-k"
+        )
+    low = max(1, top_k - 1)
+    if not low <= top_t <= num_experts - 1:
+        raise ValueError(f"{name}: top_t must be in [{low}, {num_experts - 1}] for top-{top_k} of {num_experts} "
+                         f"experts, got {top_t}")
+
+
+def _layer_table(entry: Any, layer: int, num_experts: int, top_t: int, name: str) -> torch.Tensor:
+    """Validate one MoE layer's ``[E][E]`` (or ``[E][T]``) ranking; return the ``[E, T]`` candidates."""
+    where = f"{name}[{layer}]"
+    if not isinstance(entry, list) or len(entry) != num_experts:
+        got = f"{len(entry)} rows" if isinstance(entry, list) else repr(type(entry).__name__)
+        raise ValueError(f"{where}: expected {num_experts} rows (one per expert), got {got}")
+    width = None
+    for expert, row in enumerate(entry):
+        if not isinstance(row, list) or len(row) not in (num_experts, top_t):
+            got = f"length {len(row)}" if isinstance(row, list) else type(row).__name__
+            raise ValueError(f"{where}[{expert}]: expected a ranking of all {num_experts} experts (or its first "
+                             f"top_t = {top_t}), got {got}")
+        if width is not None and len(row) != width:
+            raise ValueError(f"{where}[{expert}]: rows of one layer must have the same length ({width})")
+        width = len(row)
+        for position, value in enumerate(row):
+            if type(value) is not int:
+                raise ValueError(f"{where}[{expert}][{position}]: expected an expert id, got {value!r}")
+    table = torch.tensor(entry, dtype=torch.int64)  # [E, width]
+    bad = (table < 0) | (table >= num_experts)
+    if bad.any():
+        expert, position = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{where}[{expert}][{position}]: expert id {int(table[expert, position])} is out of range "
+                         f"[0, {num_experts})")
+    ordered = table.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if repeated.any():
+        expert = int(repeated.nonzero()[0])
+        row = ordered[expert]
+        duplicate = int(row[1:][row[1:] == row[:-1]][0])
+        raise ValueError(f"{where}[{expert}]: expert {duplicate} appears more than once")
+    candidates = table[:, :top_t]
+    own = (candidates == torch.arange(num_experts).unsqueeze(1)).any(dim=1)
+    if own.any():
+        expert = int(own.nonzero()[0])
+        position = int((candidates[expert] == expert).nonzero()[0])
+        raise ValueError(f"{where}[{expert}]: lists expert {expert} itself at position {position}, before the "
+                         f"top_t = {top_t} cut (an expert cannot collaborate with itself)")
+    return candidates.contiguous()
+
+
+def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -> C2RPlan:
+    """Validate ``config`` against ``model`` and build the per-layer candidate tables (no model change).
+
+    The list is indexed by **absolute decoder layer**: it must have one entry per decoder layer; entries of dense
+    layers are ignored; a ``null`` entry for a MoE layer keeps that layer's vanilla routing.
+
+    Raises:
+        ValueError: naming the field, the layer and the expert of the first problem.
+    """
+    prefix = config.field_prefix
+    _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t")
+    listed = config.collaborative_list if config.path is None else _load_list_file(config, base_dir)
+    name = f"{prefix}collaborative_list"
+    if len(listed) != model.num_layers:
+        raise ValueError(f"{name}: has {len(listed)} layer entries but the model has {model.num_layers} decoder "
+                         f"layers (the list is indexed by absolute layer; give dense layers any entry or null)")
+    plan = C2RPlan(top_t=config.top_t, aux_loss=config.aux_loss)
+    for layer in model.moe_layer_indices:
+        entry = listed[layer]
+        if entry is None:
+            plan.vanilla_layers.append(layer)
+        else:
+            plan.tables[layer] = _layer_table(entry, layer, model.num_experts, config.top_t, name)
+    return plan
+
+
+def _selector_for(router: nn.Module) -> ExpertSelector:
+    def select(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return constrained_topk(probs, k, getattr(router, CANDIDATES_BUFFER))
+
+    return select
+
+
+def install_c2r(model: MoEModel, plan: C2RPlan, undo: UndoLog) -> list[str]:
+    """Attach the candidate buffers, override the selection of the planned layers and fix the aux loss."""
+    for index, table in plan.tables.items():
+        router = model.layer(index).router
+        device = next((p.device for p in router.parameters()), torch.device("cpu"))
+        undo.add_buffer(router, CANDIDATES_BUFFER, table.to(device))
+    patched = override_selection(model, lambda layer: _selector_for(layer.router), sorted(plan.tables), undo)
+    if plan.aux_loss == "actual" and plan.tables:
+        install_actual_choice_aux_loss(model, undo)
+    return patched
