@@ -138,6 +138,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    import moepatch
+    from moepatch import tiny
+    from moepatch.c2r import plan_c2r
+    from moepatch.config import C2RConfig
+    from moepatch.profiling import corpus_batches
+    from moepatch.profiling import default_top_t
+    from moepatch.profiling import profile_coactivation
+    from moepatch.profiling import read_corpus
+    from moepatch.profiling import write_c2r_fields
+
+    checkpoint = Path(args.model_path)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+    handle = moepatch.apply(model)  # a checkpoint that already routes under C2R is profiled as it routes
+    documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
+    batches = corpus_batches(tokenizer, documents, batch_size=args.batch_size, max_length=args.max_length,
+                             seed=args.seed)
+    profile = profile_coactivation(model, batches, max_tokens=args.max_tokens)
+    moe = handle.moe_model
+    top_t = args.top_t if args.top_t is not None else default_top_t(moe.num_experts, moe.top_k)
+    ranking = profile.collaborative_list()
+    plan_c2r(moe, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate before writing
+    output = Path(args.output) if args.output else checkpoint / "c2r_profile"
+    output.mkdir(parents=True, exist_ok=True)
+    matrices = profile.save(output / "coactivation.safetensors")
+    routing = "C2R" if handle.c2r_routers else "vanilla"
+    print(f"profiled {profile.tokens} non-padding tokens ({routing} routing), MoE layers {profile.layers}, "
+          f"top-{profile.top_k} of {profile.num_experts} experts")
+    print(f"matrices: {matrices}")
+    plot_layers = [profile.layers[i] for i in args.plot_layers]
+    try:
+        from moepatch.plots import plot_coactivation
+
+        print(f"heatmap:  {plot_coactivation(profile, plot_layers, output / 'coactivation.png')}")
+    except ImportError:
+        print("heatmap:  skipped (pip install matplotlib)")
+    if args.write_config:
+        path = write_c2r_fields(checkpoint, top_t, ranking)
+        print(f"config:   wrote top_t={top_t} and collaborative_list [{profile.num_layers}][{profile.num_experts}]"
+              f"[{profile.num_experts}] into {path}")
+    handle.remove()
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as metadata
     import platform
@@ -168,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", help="folder for the checkpoint, statistics and plot (default: a temp folder)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    profile = sub.add_parser("profile", help="C2R profiling: co-activation matrices and the official config fields")
+    profile.add_argument("model_path", help="checkpoint folder (its config.json receives top_t and collaborative_list)")
+    profile.add_argument("--data", nargs="+", help="plain-text (one document per line) or .jsonl files; "
+                                                  "default: the embedded demo corpus")
+    profile.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    profile.add_argument("--max-tokens", type=int, help="stop after this many non-padding tokens")
+    profile.add_argument("--seed", type=int, default=0, help="seed of the document order")
+    profile.add_argument("--top-t", type=int, help="T written to config.json (default E/2)")
+    profile.add_argument("--batch-size", type=int, default=4)
+    profile.add_argument("--max-length", type=int, default=512, help="tokens per document (truncation)")
+    profile.add_argument("--output", help="folder for matrices and plots (default MODEL_PATH/c2r_profile)")
+    profile.add_argument("--plot-layers", type=int, nargs="+", default=[0, -1],
+                         help="positions among the MoE layers to draw (default first and last)")
+    profile.add_argument("--no-write-config", dest="write_config", action="store_false",
+                         help="do not write top_t / collaborative_list into config.json")
+    profile.add_argument("--trust-remote-code", action="store_true")
+    profile.set_defaults(func=cmd_profile)
     env = sub.add_parser("env", help="versions of moepatch and its ecosystem, for bug reports")
     env.set_defaults(func=cmd_env)
     return parser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moepatch.profiling import CoactivationProfile
 from moepatch.recorder import RoutingRecorder
 
 
@@ -26,5 +27,29 @@ def plot_routing_counts(recorder: RoutingRecorder, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_coactivation(profile: CoactivationProfile, layers: list[int], path: str | Path) -> Path:
+    """Heatmaps of the co-activation matrices of ``layers`` (absolute indices), one panel per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False)
+    for axis, layer in zip(axes[0], layers):
+        matrix = profile.matrices[profile.layers.index(layer)].double().clone()
+        matrix.fill_diagonal_(float("nan"))  # the diagonal counts single experts, not pairs
+        image = axis.imshow(matrix.numpy(), cmap="magma")
+        axis.set_title(f"layer {layer}: co-activation")
+        axis.set_xlabel("expert")
+        axis.set_ylabel("expert")
+        figure.colorbar(image, ax=axis, fraction=0.046, label="tokens")
+    figure.suptitle(f"{profile.tokens} tokens, top-{profile.top_k} of {profile.num_experts} experts")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -44,6 +44,9 @@ class RoutingRecorder:
         model (`nn.Module`): a supported MoE model (patched or not; PEFT wrappers are fine).
         layers (`Sequence[int]`, *optional*): decoder-layer indices to record (negative counts from the last
             layer); default every MoE layer.  A dense or missing layer raises ``ValueError``.
+        coactivation (`bool`, *optional*, defaults to `False`): also accumulate the ``[E, E]`` co-activation matrix
+            per layer (C2R profiling): entry ``[i, j]`` counts the non-padding tokens whose chosen experts include
+            both ``i`` and ``j``; the diagonal counts the tokens that chose ``i``.
 
     Example:
         ```python
@@ -53,7 +56,7 @@ class RoutingRecorder:
         ```
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, *, coactivation: bool = False) -> None:
         self.model: MoEModel = describe(model)
         self.layers: list[int] = resolve_layer_indices(
             self.model, None if layers is None else list(layers), "layers"
@@ -67,6 +70,10 @@ class RoutingRecorder:
         self._acc = torch.zeros(len(self.layers), 2 * self.num_experts + 1, dtype=_accumulator_dtype(device),
                                 device=device)
         self._all_slots = list(range(len(self.layers)))
+        width = self.num_experts + 1
+        self._co = (
+            torch.zeros(len(self.layers), width, width, dtype=self._acc.dtype, device=device) if coactivation else None
+        )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._in_call = False
         self._mask: torch.Tensor | None = None
@@ -83,7 +90,9 @@ class RoutingRecorder:
         """Install the hooks (idempotent)."""
         if self.active:
             return self
-        self._acc = self._acc.to(_device_of(self.model.layer(self.layers[0]).router))  # follow a moved model
+        device = _device_of(self.model.layer(self.layers[0]).router)  # follow a model moved since __init__
+        self._acc = self._acc.to(device)
+        self._co = None if self._co is None else self._co.to(device)
         decoder = self.model.decoder
         self._handles.append(decoder.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         self._handles.append(decoder.register_forward_hook(self._end_call, always_call=True))
@@ -187,16 +196,24 @@ class RoutingRecorder:
             hard.scatter_add_(2, indices, torch.ones((), dtype=dtype, device=device).expand(indices.shape))
             features = torch.cat([hard, probs], dim=2)  # [P, N, 2E+1]
             keep = self._keep_mask(indices.shape[1])
+            if keep is not None:
+                keep = keep.to(device=device, dtype=dtype)
             if keep is None:
                 sums = features.sum(dim=1)  # [P, 2E+1]
             else:
-                sums = torch.matmul(keep.to(device=device, dtype=dtype), features)  # [P, 2E+1]
-            sums = sums.to(acc.device)
+                sums = torch.matmul(keep, features)  # [P, 2E+1]
             slots = [r[0] for r in records]
-            if slots == self._all_slots:
-                acc += sums
-            else:
-                acc.index_add_(0, torch.tensor(slots, device=acc.device), sums)
+            self._add(acc, slots, sums)
+            if self._co is not None:
+                kept_hard = hard if keep is None else hard * keep.view(1, -1, 1)
+                self._add(self._co, slots, torch.bmm(hard.transpose(1, 2), kept_hard))  # [P, E+1, E+1]
+
+    def _add(self, accumulator: torch.Tensor, slots: list[int], values: torch.Tensor) -> None:
+        values = values.to(accumulator.device)
+        if slots == self._all_slots:
+            accumulator += values
+        else:
+            accumulator.index_add_(0, torch.tensor(slots, device=accumulator.device), values)
 
     # ------------------------------------------------------------------ results
     @property
@@ -215,9 +232,18 @@ class RoutingRecorder:
         slots = self._acc[:, : self.num_experts + 1].cpu().sum(dim=1).round().to(torch.int64)
         return slots // self.top_k
 
+    @property
+    def coactivation(self) -> torch.Tensor:
+        """int64 ``[len(layers), E, E]`` co-activation counts (needs ``coactivation=True``)."""
+        if self._co is None:
+            raise ValueError("RoutingRecorder(coactivation=True) is needed for co-activation matrices")
+        return self._co[:, : self.num_experts, : self.num_experts].cpu().round().to(torch.int64)
+
     def reset(self) -> None:
         """Zero every accumulator (hooks stay as they are)."""
         self._acc.zero_()
+        if self._co is not None:
+            self._co.zero_()
 
     def all_reduce(self, group: Any = None) -> RoutingRecorder:
         """Sum the statistics over the ranks of ``group`` when ``torch.distributed`` is initialised.
@@ -231,16 +257,18 @@ class RoutingRecorder:
         device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        reduced = self._acc.to(device=device, dtype=torch.float64)
-        dist.all_reduce(reduced, group=group)
-        self._acc.copy_(reduced)
+        for accumulator in (self._acc, self._co):
+            if accumulator is not None:
+                reduced = accumulator.to(device=device, dtype=torch.float64)
+                dist.all_reduce(reduced, group=group)
+                accumulator.copy_(reduced)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable statistics."""
         from moepatch import __version__
 
-        return {
+        data = {
             "moepatch_version": __version__,
             "family": self.model.family.name,
             "layers": list(self.layers),
@@ -250,6 +278,9 @@ class RoutingRecorder:
             "counts": self.counts.tolist(),
             "prob_sums": self.prob_sums.tolist(),
         }
+        if self._co is not None:
+            data["coactivation"] = self.coactivation.tolist()
+        return data
 
     def to_json(self, **kwargs: Any) -> str:
         """``json.dumps(self.to_dict())``."""
