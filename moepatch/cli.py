@@ -186,6 +186,79 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
+    """Profile a checkpoint under vanilla routing and, when it has C2R fields, under C2R (choices kept)."""
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    import moepatch
+    from moepatch import tiny
+    from moepatch.profiling import corpus_batches
+    from moepatch.profiling import profile_coactivation
+    from moepatch.profiling import read_corpus
+
+    model = AutoModelForCausalLM.from_pretrained(args.source, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.source, trust_remote_code=args.trust_remote_code)
+    documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
+    profiles = {}
+    for routing, config in (("vanilla", {"c2r": False}), ("c2r", None)):
+        with moepatch.patched(model, config) as handle:
+            if routing == "c2r" and not handle.c2r_routers:
+                continue
+            batches = corpus_batches(tokenizer, documents, batch_size=args.batch_size, max_length=args.max_length,
+                                     seed=args.seed)
+            profiles[routing] = profile_coactivation(model, batches, max_tokens=args.max_tokens, keep_choices=True,
+                                                     progress=not args.json)
+    return profiles
+
+
+def cmd_place(args: argparse.Namespace) -> int:
+    from moepatch.collaboration_io import load_matrices
+    from moepatch.permute import write_permuted_checkpoint
+    from moepatch.placement import expert_permutation
+    from moepatch.placement import format_report
+    from moepatch.placement import placement_report
+
+    source = Path(args.source)
+    reports: dict[str, dict[str, Any]] = {}
+    if source.is_dir():
+        for routing, profile in _profile_for_placement(args).items():
+            report = placement_report(
+                profile.matrices, args.ep_size, top_k=profile.top_k, seed=args.seed,
+                indices={slot: profile.choices[layer] for slot, layer in enumerate(profile.layers)},
+            )
+            for row in report["layers"]:  # positions → absolute decoder-layer indices
+                row["layer"] = profile.layers[row["layer"]]
+            reports[routing] = report
+    else:
+        if args.write_permuted:
+            raise SystemExit("--write-permuted needs a checkpoint folder as SOURCE, not a matrix file")
+        for name, matrices in load_matrices(source).items():
+            reports[name] = placement_report(matrices, args.ep_size, top_k=args.top_k, seed=args.seed)
+    result: dict[str, Any] = {"source": str(source), "ep_size": args.ep_size, "reports": reports}
+    if args.write_permuted:
+        chosen = reports.get("c2r") or reports["vanilla"]
+        permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
+        written = write_permuted_checkpoint(
+            source, permutations, args.write_permuted, trust_remote_code=args.trust_remote_code
+        )
+        result["permuted_checkpoint"] = str(written)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    for name, report in reports.items():
+        print(f"== {name}: expert placement over {args.ep_size} devices ==")
+        print(format_report(report))
+        before, after = report["mean_contiguous_copies_per_token"], report["mean_planned_copies_per_token"]
+        if before is not None and after is not None:
+            print(f"copies per token: contiguous {before:.4f} -> planned {after:.4f} "
+                  f"({(before - after) / before * 100:.1f}% less all-to-all volume)")
+        print()
+    if "permuted_checkpoint" in result:
+        print(f"permuted checkpoint (contiguous sharding = planned groups): {result['permuted_checkpoint']}")
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as metadata
     import platform
@@ -233,6 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not write top_t / collaborative_list into config.json")
     profile.add_argument("--trust-remote-code", action="store_true")
     profile.set_defaults(func=cmd_profile)
+    place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token report")
+    place.add_argument("source", help="a matrix file (JSON / safetensors / official .pkl) or a checkpoint folder")
+    place.add_argument("--ep-size", type=int, required=True, help="expert-parallel degree D (devices per layer)")
+    place.add_argument("--json", action="store_true", help="print the report as JSON")
+    place.add_argument("--seed", type=int, default=0)
+    place.add_argument("--top-k", type=int, default=2, help="experts per token of a matrix file's model")
+    place.add_argument("--write-permuted", metavar="DIR",
+                       help="write a checkpoint whose experts are renumbered so contiguous sharding = planned groups")
+    place.add_argument("--data", nargs="+", help="corpus for profiling a checkpoint (default: embedded)")
+    place.add_argument("--text-field", default="text")
+    place.add_argument("--max-tokens", type=int)
+    place.add_argument("--batch-size", type=int, default=4)
+    place.add_argument("--max-length", type=int, default=512)
+    place.add_argument("--trust-remote-code", action="store_true")
+    place.set_defaults(func=cmd_place)
     env = sub.add_parser("env", help="versions of moepatch and its ecosystem, for bug reports")
     env.set_defaults(func=cmd_env)
     return parser

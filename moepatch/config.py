@@ -211,6 +211,10 @@ class MoePatchConfig:
         default=None, metadata={"help": "Record routing statistics while applied (see RoutingRecorder)."}
     )
     c2r: C2RConfig | None = field(default=None, metadata={"help": "Collaboration-constrained routing (C2RConfig)."})
+    c2r_off: bool = field(
+        default=False,
+        metadata={"help": "Set by \"c2r\": false: vanilla routing even if official C2R fields are in config.json."},
+    )
     moepatch_version: str | None = field(
         default=None, metadata={"help": "Version of moepatch that wrote this block (stamped by to_dict)."}
     )
@@ -251,7 +255,10 @@ class MoePatchConfig:
             problems.add(f"{path}.freeze_gate", f"expected true, false, 'router' or 'gate_substring', got {freeze!r}")
 
         result.routing_stats = RoutingStatsConfig.parse(data.get("routing_stats"), f"{path}.routing_stats", problems)
-        result.c2r = C2RConfig.parse(data.get("c2r"), f"{path}.c2r", problems)
+        if data.get("c2r") is False:
+            result.c2r_off = True
+        else:
+            result.c2r = C2RConfig.parse(data.get("c2r"), f"{path}.c2r", problems)
 
         version = data.get("moepatch_version")
         if version is not None and not isinstance(version, str):
@@ -271,9 +278,13 @@ class MoePatchConfig:
         config = getattr(model_or_config, "config", model_or_config)
         data = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
         result = cls.from_dict(data)
-        if result.c2r is None:
-            result.c2r = C2RConfig.from_official(config)
+        result.add_official_c2r(config)
         return result
+
+    def add_official_c2r(self, model_config: Any) -> None:
+        """Adopt the official top-level C2R fields of ``model_config`` unless this block has its own or says off."""
+        if self.c2r is None and not self.c2r_off:
+            self.c2r = C2RConfig.from_official(model_config)
 
     @property
     def is_empty(self) -> bool:
@@ -297,6 +308,8 @@ class MoePatchConfig:
             data["routing_stats"] = self.routing_stats.to_dict()
         if self.c2r is not None and self.c2r.source != "official":  # official fields stay at the top level
             data["c2r"] = self.c2r.to_dict()
+        elif self.c2r_off:
+            data["c2r"] = False
         data["moepatch_version"] = __version__
         return data
 

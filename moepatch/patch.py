@@ -28,7 +28,6 @@ from moepatch.c2r import C2RPlan
 from moepatch.c2r import install_c2r
 from moepatch.c2r import plan_c2r
 from moepatch.config import CONFIG_KEY
-from moepatch.config import C2RConfig
 from moepatch.config import MoePatchConfig
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UnsupportedModelError
@@ -134,8 +133,7 @@ def _resolve_config(model: nn.Module, config: MoePatchConfig | dict[str, Any] | 
     if config is None:
         return MoePatchConfig.from_model(model)
     resolved = MoePatchConfig.from_dict(config)
-    if resolved.c2r is None:  # an official C2R checkpoint keeps its routing whatever else is asked
-        resolved.c2r = C2RConfig.from_official(getattr(model, "config", {}))
+    resolved.add_official_c2r(getattr(model, "config", {}))  # an official C2R checkpoint keeps its routing
     return resolved
 
 

@@ -41,6 +41,8 @@ class CoactivationProfile:
     matrices: torch.Tensor
     """int64 ``[len(layers), E, E]``; ``[i, j]`` = tokens whose chosen experts include ``i`` and ``j``; diagonal =
     tokens that chose ``i``."""
+    choices: dict[int, torch.Tensor] | None = None
+    """With ``keep_choices``: absolute layer → ``[N, k]`` chosen experts per token (exact copies-per-token)."""
 
     def collaborative_list(self) -> list[list[list[int]] | None]:
         """The official ``[num_layers][E][E]`` field (``null`` for dense layers)."""
@@ -140,6 +142,7 @@ def profile_coactivation(
     layers: list[int] | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    keep_choices: bool = False,
 ) -> CoactivationProfile:
     """Run ``model`` over ``batches`` (no gradient) and count expert co-activations per MoE layer.
 
@@ -149,8 +152,9 @@ def profile_coactivation(
         layers (`list[int]`, *optional*): layers to profile; default every MoE layer.
         max_tokens (`int`, *optional*): stop once this many non-padding tokens have been profiled.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar of tokens.
+        keep_choices (`bool`, *optional*, defaults to `False`): also keep every token's chosen experts.
     """
-    recorder = RoutingRecorder(model, layers, coactivation=True)
+    recorder = RoutingRecorder(model, layers, coactivation=True, keep_choices=keep_choices)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -175,6 +179,7 @@ def profile_coactivation(
         top_k=recorder.top_k,
         tokens=int(recorder.tokens[0]),
         matrices=recorder.coactivation,
+        choices=recorder.choices if keep_choices else None,
     )
 
 

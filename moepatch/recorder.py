@@ -47,6 +47,8 @@ class RoutingRecorder:
         coactivation (`bool`, *optional*, defaults to `False`): also accumulate the ``[E, E]`` co-activation matrix
             per layer (C2R profiling): entry ``[i, j]`` counts the non-padding tokens whose chosen experts include
             both ``i`` and ``j``; the diagonal counts the tokens that chose ``i``.
+        keep_choices (`bool`, *optional*, defaults to `False`): also keep every non-padding token's chosen experts
+            (on the CPU, ``N × k`` integers per layer: opt-in, for placement studies that need exact k-sets).
 
     Example:
         ```python
@@ -56,7 +58,10 @@ class RoutingRecorder:
         ```
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, *, coactivation: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Sequence[int] | None = None, *, coactivation: bool = False,
+        keep_choices: bool = False,
+    ) -> None:
         self.model: MoEModel = describe(model)
         self.layers: list[int] = resolve_layer_indices(
             self.model, None if layers is None else list(layers), "layers"
@@ -74,6 +79,7 @@ class RoutingRecorder:
         self._co = (
             torch.zeros(len(self.layers), width, width, dtype=self._acc.dtype, device=device) if coactivation else None
         )
+        self._choices: list[list[torch.Tensor]] | None = [[] for _ in self.layers] if keep_choices else None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._in_call = False
         self._mask: torch.Tensor | None = None
@@ -207,6 +213,10 @@ class RoutingRecorder:
             if self._co is not None:
                 kept_hard = hard if keep is None else hard * keep.view(1, -1, 1)
                 self._add(self._co, slots, torch.bmm(hard.transpose(1, 2), kept_hard))  # [P, E+1, E+1]
+            if self._choices is not None:
+                kept = indices if keep is None else indices[:, keep.bool()]
+                for slot, chosen in zip(slots, kept.cpu()):
+                    self._choices[slot].append(chosen)
 
     def _add(self, accumulator: torch.Tensor, slots: list[int], values: torch.Tensor) -> None:
         values = values.to(accumulator.device)
@@ -239,11 +249,24 @@ class RoutingRecorder:
             raise ValueError("RoutingRecorder(coactivation=True) is needed for co-activation matrices")
         return self._co[:, : self.num_experts, : self.num_experts].cpu().round().to(torch.int64)
 
+    @property
+    def choices(self) -> dict[int, torch.Tensor]:
+        """Absolute layer → int64 ``[N, k]`` chosen experts of every non-padding token (needs ``keep_choices``)."""
+        if self._choices is None:
+            raise ValueError("RoutingRecorder(keep_choices=True) is needed to keep the chosen experts")
+        return {
+            layer: torch.cat(kept) if kept else torch.zeros(0, self.top_k, dtype=torch.int64)
+            for layer, kept in zip(self.layers, self._choices)
+        }
+
     def reset(self) -> None:
         """Zero every accumulator (hooks stay as they are)."""
         self._acc.zero_()
         if self._co is not None:
             self._co.zero_()
+        if self._choices is not None:
+            for kept in self._choices:
+                kept.clear()
 
     def all_reduce(self, group: Any = None) -> RoutingRecorder:
         """Sum the statistics over the ranks of ``group`` when ``torch.distributed`` is initialised.

@@ -322,3 +322,14 @@ def test_tuple_outputs_and_no_router_logits_pass_through(batch):
         with_aux = model(**batch, output_router_logits=True)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == len(with_aux.to_tuple())
     assert torch.equal(as_tuple[0], with_aux.aux_loss) and torch.equal(as_tuple[1], plain.logits)
+
+
+def test_c2r_false_switches_official_fields_off(batch):
+    model = tiny.tiny_model("qwen2_moe")
+    reference = logits_of(model, batch)
+    model.config.top_t, model.config.collaborative_list = 1, random_list(4, 8, 0)
+    on = moepatch.apply(model)
+    assert on.c2r_routers and not torch.equal(logits_of(model, batch), reference)
+    off = moepatch.apply(model, {"c2r": False})
+    assert not off.c2r_routers and torch.equal(logits_of(model, batch), reference)
+    assert model.config.moepatch["c2r"] is False
