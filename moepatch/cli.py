@@ -49,6 +49,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             cfg = MoePatchConfig.from_dict(raw)
+            cfg.add_official_c2r(config)
         except ValueError as error:
             cfg = None
             problems.append(str(error))
@@ -70,7 +71,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"router:     {moe.layers[0].name}.{spec.router_attr} ({type(moe.layers[0].router).__name__}); "
           f"experts: {moe.layers[0].name}.{spec.experts_attr} ({type(moe.layers[0].experts).__name__})")
     print(f"gate_substring freezes: {spec.gate_substring_note}")
-    print(f"moepatch block ({CONFIG_KEY!r} in config.json): {json.dumps(raw) if raw is not None else 'absent'}")
+    shown = raw
+    if isinstance(raw, dict) and isinstance(raw.get("c2r"), dict) and "collaborative_list" in raw["c2r"]:
+        shown = {**raw, "c2r": {**raw["c2r"], "collaborative_list": "[...]"}}
+    print(f"moepatch block ({CONFIG_KEY!r} in config.json): {json.dumps(shown) if raw is not None else 'absent'}")
     if cfg is not None:
         try:
             plan = plan_patch(moe, cfg)
@@ -78,6 +82,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"  freeze_gate={cfg.freeze_gate!r}: {len(plan.to_freeze)} parameters")
             if plan.stats_layers is not None:
                 print(f"  routing_stats: layers {plan.stats_layers}")
+            if plan.c2r is not None:
+                where = "official top-level fields" if cfg.c2r.source == "official" else f"{CONFIG_KEY}.c2r"
+                print(f"  c2r ({where}): top_t={plan.c2r.top_t} on MoE layers {sorted(plan.c2r.tables)}"
+                      + (f"; vanilla on {plan.c2r.vanilla_layers}" if plan.c2r.vanilla_layers else "")
+                      + f"; load-balancing loss on the {plan.c2r.aux_loss} choice")
         except ValueError as error:
             problems.append(str(error))
     for note in notes:
@@ -89,51 +98,102 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _statistics_table(recorder: Any) -> None:
+    """Per layer: share of top-k choices per expert (%) and mean router probability (%)."""
+    counts, prob_sums, tokens = recorder.counts, recorder.prob_sums, recorder.tokens
+    headers = ["layer", "tokens"] + [f"e{e}" for e in range(recorder.num_experts)]
+    rows = []
+    for slot, layer in enumerate(recorder.layers):
+        share = counts[slot].double() / counts[slot].sum().clamp(min=1) * 100
+        mean_prob = prob_sums[slot] / tokens[slot].clamp(min=1) * 100
+        rows.append([layer, int(tokens[slot])] + [f"{v:.1f}" for v in share.tolist()])
+        rows.append(["", "p(mean)"] + [f"{v:.1f}" for v in mean_prob.tolist()])
+    _print_table(headers, rows)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
     import moepatch
     from moepatch import tiny
+    from moepatch.placement import placement_report
+    from moepatch.profiling import corpus_batches
+    from moepatch.profiling import profile_coactivation
+    from moepatch.profiling import write_c2r_fields
 
     output = Path(args.output or tempfile.mkdtemp(prefix="moepatch-demo-"))
+    output.mkdir(parents=True, exist_ok=True)
     block = {"freeze_gate": "router", "routing_stats": {"layers": None}}
     checkpoint = tiny.save_tiny_checkpoint(output / "checkpoint", args.family, seed=args.seed, moepatch=block)
-    print(f"[1/4] built a tiny {args.family} checkpoint with config.json['moepatch'] = {json.dumps(block)}")
+    print(f"[1/6] built a tiny {args.family} checkpoint with config.json['moepatch'] = {json.dumps(block)}")
     print(f"      -> {checkpoint}")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    handle = moepatch.apply(model)
+
+    def load() -> tuple[Any, Any]:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        return model, moepatch.apply(model)  # everything comes from config.json
+
+    model, handle = load()
     moe = handle.moe_model
-    print(f"[2/4] loaded with AutoModelForCausalLM and applied: family {moe.family.name}, MoE layers "
+    print(f"[2/6] loaded with AutoModelForCausalLM and applied: family {moe.family.name}, MoE layers "
           f"{moe.moe_layer_indices}, {moe.num_experts} experts, top-{moe.top_k}; froze "
           f"{len(handle.frozen_parameters)} router parameters")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     batch = tiny.demo_batch(tokenizer)
     padding = int((batch["attention_mask"] == 0).sum())
-    with torch.no_grad():
+    with moepatch.RoutingRecorder(model, keep_choices=True) as choices_before, torch.no_grad():
         model(**batch)
-    recorder = handle.recorder
-    print(f"[3/4] ran a batch of {batch['input_ids'].shape[0]} texts ({int(batch['attention_mask'].sum())} tokens, "
-          f"{padding} padding tokens excluded)")
-    print("[4/4] routing statistics: share of top-k choices per expert (%), mean router probability (%)")
-    counts, prob_sums, tokens = recorder.counts, recorder.prob_sums, recorder.tokens
-    headers = ["layer", "tokens"] + [f"e{e}" for e in range(moe.num_experts)]
+    before = handle.recorder
+    print(f"[3/6] vanilla routing on a batch of {batch['input_ids'].shape[0]} texts "
+          f"({int(batch['attention_mask'].sum())} tokens, {padding} padding tokens excluded): share of top-k choices "
+          "per expert (%), mean router probability (%)")
+    _statistics_table(before)
+    (output / "routing_stats.vanilla.json").write_text(before.to_json(indent=1))
+
+    documents = list(tiny.CORPUS + tiny.DEMO_TEXTS)
+    vanilla_profile = profile_coactivation(model, corpus_batches(tokenizer, documents, seed=args.seed), progress=False)
+    top_t = args.top_t
+    write_c2r_fields(checkpoint, top_t, vanilla_profile.collaborative_list())
+    vanilla_profile.save(output / "coactivation.vanilla.safetensors")
+    print(f"[4/6] profiled {vanilla_profile.tokens} tokens of the embedded corpus: co-activation matrices -> "
+          f"{output / 'coactivation.vanilla.safetensors'}; wrote top_t={top_t} and collaborative_list into "
+          f"{checkpoint / 'config.json'}")
+    handle.remove()
+
+    model, handle = load()  # the official C2R fields now in config.json switch C2R on
+    with moepatch.RoutingRecorder(model, keep_choices=True) as choices_after, torch.no_grad():
+        model(**batch)
+    after = handle.recorder
+    same = [
+        (torch.sort(choices_before.choices[layer], dim=1).values == torch.sort(choices_after.choices[layer], dim=1)
+         .values).all(dim=1).double().mean().item() * 100
+        for layer in after.layers
+    ]
+    print(f"[5/6] reloaded: C2R on {len(handle.c2r_routers)} routers (top_t={top_t}); tokens whose experts are "
+          f"unchanged per layer: {', '.join(f'{v:.0f}%' for v in same)}")
+    _statistics_table(after)
+    (output / "routing_stats.c2r.json").write_text(after.to_json(indent=1))
+
+    c2r_profile = profile_coactivation(model, corpus_batches(tokenizer, documents, seed=args.seed), progress=False)
+    print(f"[6/6] expert placement over {args.ep_size} devices (copies per token: distinct devices per token)")
     rows = []
-    for slot, layer in enumerate(recorder.layers):
-        share = counts[slot].double() / counts[slot].sum().clamp(min=1) * 100
-        mean_prob = prob_sums[slot] / tokens[slot].clamp(min=1) * 100
-        rows.append([layer, int(tokens[slot])] + [f"{s:.1f}" for s in share.tolist()])
-        rows.append(["", "p(mean)"] + [f"{p:.1f}" for p in mean_prob.tolist()])
-    _print_table(headers, rows)
-    stats_path = output / "routing_stats.json"
-    stats_path.write_text(recorder.to_json(indent=1))
-    print(f"statistics: {stats_path}")
+    for name, profile in (("vanilla", vanilla_profile), ("C2R", c2r_profile)):
+        report = placement_report(profile.matrices, args.ep_size, top_k=profile.top_k, seed=args.seed)
+        contiguous, planned = report["mean_contiguous_copies_per_token"], report["mean_planned_copies_per_token"]
+        rows.append([name, f"{contiguous:.3f}", f"{planned:.3f}", f"{(contiguous - planned) / contiguous * 100:.1f}%"])
+    _print_table(["routing", "contiguous", "planned", "saved"], rows)
     try:
+        from moepatch.plots import plot_coactivation
         from moepatch.plots import plot_routing_counts
 
-        print(f"heatmap:    {plot_routing_counts(recorder, output / 'routing_counts.png')}")
+        plot_routing_counts(after, output / "routing_counts.c2r.png")
+        plot_routing_counts(before, output / "routing_counts.vanilla.png")
+        plot_coactivation(vanilla_profile, [vanilla_profile.layers[0], vanilla_profile.layers[-1]],
+                          output / "coactivation.vanilla.png")
+        print(f"pictures:   {output}/routing_counts.{{vanilla,c2r}}.png, coactivation.vanilla.png")
     except ImportError:
-        print("heatmap:    skipped (pip install matplotlib)")
+        print("pictures:   skipped (pip install matplotlib)")
+    print(f"statistics: {output}/routing_stats.{{vanilla,c2r}}.json")
     handle.remove()
     return 0
 
@@ -288,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="qwen2_moe", help="qwen2_moe, mixtral, qwen3_moe or olmoe")
     demo.add_argument("--output", help="folder for the checkpoint, statistics and plot (default: a temp folder)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--top-t", type=int, default=2, help="C2R top_t written after profiling")
+    demo.add_argument("--ep-size", type=int, default=2, help="devices for the placement report")
     demo.set_defaults(func=cmd_demo)
     profile = sub.add_parser("profile", help="C2R profiling: co-activation matrices and the official config fields")
     profile.add_argument("model_path", help="checkpoint folder (its config.json receives top_t and collaborative_list)")

@@ -35,6 +35,22 @@ def test_inspect_reports_structure_and_config(tmp_path: Path):
     assert "freeze_gate='router': 3 parameters" in out and "config: OK" in out
 
 
+def test_inspect_reports_official_c2r_fields(tmp_path: Path):
+    from test_c2r import random_list
+
+    path = tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe")
+    config = json.loads((path / "config.json").read_text())
+    config["top_t"], config["collaborative_list"] = 3, random_list(4, 8, 0)
+    (path / "config.json").write_text(json.dumps(config))
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "c2r (official top-level fields): top_t=3 on MoE layers [0, 2, 3]" in result.stdout
+    config["top_t"] = 8
+    (path / "config.json").write_text(json.dumps(config))
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1 and "top_t = 8 = number of experts" in result.stdout
+
+
 def test_inspect_generic_family(tmp_path: Path):
     path = tiny.save_tiny_checkpoint(tmp_path, "olmoe")
     result = run_cli("inspect", str(path))
@@ -68,16 +84,21 @@ def test_inspect_unsupported_model(tmp_path: Path):
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
-def test_demo_runs_and_prints_statistics(tmp_path: Path, family: str):
+def test_demo_runs_the_whole_pipeline(tmp_path: Path, family: str):
     result = run_cli("demo", "--family", family, "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr
     batch = tiny.demo_batch()
     real_tokens = int(batch["attention_mask"].sum())
     assert f"{real_tokens} tokens" in result.stdout and "padding tokens excluded" in result.stdout
-    stats = json.loads((tmp_path / "routing_stats.json").read_text())
-    assert stats["tokens"] == [real_tokens] * len(stats["layers"])
-    assert all(sum(row) == real_tokens * 2 for row in stats["counts"])
-    assert (tmp_path / "routing_counts.png").stat().st_size > 1000
+    for routing in ("vanilla", "c2r"):
+        stats = json.loads((tmp_path / f"routing_stats.{routing}.json").read_text())
+        assert stats["tokens"] == [real_tokens] * len(stats["layers"])
+        assert all(sum(row) == real_tokens * 2 for row in stats["counts"])
+        assert (tmp_path / f"routing_counts.{routing}.png").stat().st_size > 1000
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert config["top_t"] == 2 and "collaborative_list" in config
+    assert "reloaded: C2R on" in result.stdout and "expert placement over 2 devices" in result.stdout
+    assert (tmp_path / "coactivation.vanilla.png").stat().st_size > 1000
 
 
 def test_env_report():
