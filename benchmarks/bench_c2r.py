@@ -32,18 +32,6 @@ from moepatch.adapter import describe
 from moepatch.profiling import profile_coactivation
 
 
-def random_list(num_layers: int, num_experts: int, seed: int) -> list:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(num_layers):
-        layer = []
-        for expert in range(num_experts):
-            others = [e for e in range(num_experts) if e != expert]
-            layer.append([int(e) for e in rng.permutation(others)] + [expert])
-        rows.append(layer)
-    return rows
-
-
 def timed(device: torch.device, work: Callable[[], object]) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -160,7 +148,8 @@ def main() -> None:
         batches = [make_batch(vocab, args.batch_size, args.seq, device) for _ in range(args.batches)]
         moe = describe(model)
         top_t = args.top_t or moe.num_experts // 2
-        c2r = {"c2r": {"top_t": top_t, "collaborative_list": random_list(moe.num_layers, moe.num_experts, 0)}}
+        ranking = tiny.random_collaborative_list(moe.num_layers, moe.num_experts, 0)
+        c2r = {"c2r": {"top_t": top_t, "collaborative_list": ranking}}
         plain_pass(model, batches)  # warm-up
         print(f"{name}: {moe.num_experts} experts top-{moe.top_k}, {args.batches} batches of "
               f"{args.batch_size}x{args.seq}, {args.device} {args.dtype}, {args.rounds} interleaved rounds", flush=True)

@@ -160,6 +160,20 @@ def save_tiny_checkpoint(
     return path
 
 
+def random_collaborative_list(num_layers: int, num_experts: int, seed: int = 0) -> list[list[list[int]]]:
+    """A C2R ``collaborative_list`` in the official format: per layer and expert, the other experts in a seeded
+    random order, the expert itself last (for tests and benchmarks of routing without a profiled model)."""
+    generator = torch.Generator().manual_seed(seed)
+    result = []
+    for _ in range(num_layers):
+        rows = []
+        for expert in range(num_experts):
+            others = [e for e in torch.randperm(num_experts, generator=generator).tolist() if e != expert]
+            rows.append(others + [expert])
+        result.append(rows)
+    return result
+
+
 def demo_batch(tokenizer: PreTrainedTokenizerFast | None = None, texts: tuple[str, ...] = DEMO_TEXTS) -> dict:
     """A right-padded batch of :data:`DEMO_TEXTS` (``input_ids``, ``attention_mask``), with real padding."""
     tokenizer = tokenizer or tiny_tokenizer()
