@@ -20,6 +20,10 @@ from moepatch.config import RoutingStatsConfig  # noqa: E402
 from moepatch.config import write_config  # noqa: E402
 from moepatch.errors import MoePatchWarning  # noqa: E402
 from moepatch.errors import UnsupportedModelError  # noqa: E402
+from moepatch.install import install  # noqa: E402
+from moepatch.install import uninstall  # noqa: E402
+from moepatch.loading import from_pretrained  # noqa: E402
+from moepatch.loading import load_config  # noqa: E402
 from moepatch.patch import PatchHandle  # noqa: E402
 from moepatch.patch import apply  # noqa: E402
 from moepatch.patch import get_handle  # noqa: E402
@@ -38,7 +42,11 @@ __all__ = [
     "__version__",
     "apply",
     "describe",
+    "from_pretrained",
     "get_handle",
+    "install",
+    "load_config",
     "patched",
+    "uninstall",
     "write_config",
 ]

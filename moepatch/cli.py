@@ -319,6 +319,24 @@ def cmd_place(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from moepatch.install import install
+
+    loader = install(args.path)
+    print(f"installed: {loader} and auto_map entries in {Path(args.path) / 'config.json'}")
+    print("AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True) now returns the patched model; "
+          "`moepatch uninstall PATH` restores the folder")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from moepatch.install import uninstall
+
+    uninstall(args.path)
+    print(f"restored {Path(args.path) / 'config.json'} and removed the moepatch loader")
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as metadata
     import platform
@@ -383,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--max-length", type=int, default=512)
     place.add_argument("--trust-remote-code", action="store_true")
     place.set_defaults(func=cmd_place)
+    install = sub.add_parser("install", help="make a checkpoint load already patched via trust_remote_code")
+    install.add_argument("path", help="checkpoint folder")
+    install.set_defaults(func=cmd_install)
+    uninstall = sub.add_parser("uninstall", help="undo `moepatch install` (restores config.json byte for byte)")
+    uninstall.add_argument("path", help="checkpoint folder")
+    uninstall.set_defaults(func=cmd_uninstall)
     env = sub.add_parser("env", help="versions of moepatch and its ecosystem, for bug reports")
     env.set_defaults(func=cmd_env)
     return parser

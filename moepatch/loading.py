@@ -1,0 +1,79 @@
+"""``moepatch.from_pretrained``: load a checkpoint with moepatch's classes and apply its config, never its .py files.
+
+A published LLaMA-MoE folder carries an ``auto_map`` into its own modeling file, which cannot run on transformers 5;
+a folder prepared by ``moepatch install`` carries an ``auto_map`` into moepatch's loader.  Either way this function
+ignores ``auto_map``: the config class comes from ``model_type`` (transformers' own, or a family moepatch
+registers), the model class from ``AutoModelForCausalLM``'s mapping, and the folder's Python files are never
+imported.  The loaded model is then patched with :func:`moepatch.apply` from its config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+LOADER_MODULE = "moepatch_loader"
+
+_NOT_FOR_LOCAL_CLASSES = ("trust_remote_code", "code_revision", "adapter_kwargs")
+
+
+def load_config(path: str | Path, **kwargs: Any) -> Any:
+    """The checkpoint's config via its ``model_type`` (transformers' or a moepatch family); ``auto_map`` ignored."""
+    from transformers import AutoConfig
+
+    for name in _NOT_FOR_LOCAL_CLASSES:
+        kwargs.pop(name, None)
+    # AutoModel* ask for (config, unused_kwargs) through return_unused_kwargs=True; auto_map stays as it is here,
+    # because AutoModel* decide from it whether to come back to moepatch's loader for the model.
+    return AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
+
+
+def _drop_loader_auto_map(config: Any) -> None:
+    """Forget ``auto_map`` entries pointing at moepatch's loader (a ``save_pretrained`` copy stays self-contained)."""
+    auto_map = getattr(config, "auto_map", None)
+    if isinstance(auto_map, dict):
+        kept = {key: ref for key, ref in auto_map.items() if not str(ref).startswith(f"{LOADER_MODULE}.")}
+        if kept:
+            config.auto_map = kept
+        else:
+            del config.auto_map
+
+
+def from_pretrained(
+    path: str | Path, *model_args: Any, patch: bool = True, strict: bool = True, **kwargs: Any
+) -> nn.Module:
+    """Load a causal LM checkpoint with moepatch's or transformers' classes and apply its moepatch config.
+
+    Args:
+        path (`str` or `Path`): checkpoint folder (config.json and weights).
+        patch (`bool`, *optional*, defaults to `True`): apply the config.json's moepatch block / official C2R fields.
+        strict (`bool`, *optional*, defaults to `True`): passed to :func:`moepatch.apply`.
+        kwargs: passed to the model class's ``from_pretrained`` (``dtype``, ``device_map``, ...); ``config`` may be
+            given; ``trust_remote_code`` is ignored (no code from the folder is ever run).
+
+    Returns:
+        The model; ``moepatch.get_handle(model)`` returns its patch handle.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from moepatch.patch import apply
+
+    for name in _NOT_FOR_LOCAL_CLASSES:
+        kwargs.pop(name, None)
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = load_config(path)
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) not in mapping:
+        raise ValueError(
+            f"moepatch.from_pretrained: no causal-LM class for model_type {config.model_type!r} "
+            f"({type(config).__name__}); supported by transformers or registered by moepatch"
+        )
+    loaded = mapping[type(config)].from_pretrained(path, *model_args, config=config, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
+    _drop_loader_auto_map(model.config)
+    if patch:
+        apply(model, strict=strict)
+    return loaded

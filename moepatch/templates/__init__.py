@@ -1,0 +1,1 @@
+"""Files that moepatch writes into checkpoint folders (``moepatch install``)."""

@@ -1,0 +1,138 @@
+"""Patched loading: moepatch.from_pretrained, and install/uninstall for tools that only use trust_remote_code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import logits_of
+from transformers import AutoModelForCausalLM
+
+import moepatch
+from moepatch import tiny
+from moepatch.install import BACKUP_NAME
+from moepatch.install import LOADER_FILE
+
+BLOCK = {"freeze_gate": "router", "routing_stats": {"layers": [-1]}}
+
+# A tool that never imports moepatch: loads with trust_remote_code and reports what it sees.
+TOOL = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+assert sys.modules.get("moepatch") is None  # the tool never imports moepatch
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+batch = json.load(open(sys.argv[2]))
+with torch.no_grad():
+    logits = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
+handle = model.__dict__.get("_moepatch_handle")
+print(json.dumps({
+    "class": type(model).__name__,
+    "patched": handle is not None,
+    "frozen": sorted(n for n, p in model.named_parameters() if not p.requires_grad),
+    "c2r_buffers": sorted(n for n, _ in model.named_buffers() if n.endswith("c2r_candidates")),
+    "recorded_tokens": handle.recorder.tokens.tolist() if handle is not None and handle.recorder else None,
+    "logits": logits.flatten()[:64].tolist(),
+}))
+"""
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run_tool(folder: Path, tmp_path: Path, batch: dict, extra: str = "") -> subprocess.CompletedProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    batch_file = tmp_path / "batch.json"
+    batch_file.write_text(json.dumps({k: v.tolist() for k, v in batch.items()}))
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", extra + TOOL, str(folder), str(batch_file)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    block = {**BLOCK, "c2r": {"top_t": 2, "collaborative_list": tiny.random_collaborative_list(4, 8, 0)}}
+    return tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe", moepatch=block)
+
+
+def test_install_then_load_in_a_process_that_never_imports_moepatch(checkpoint, tmp_path, batch):
+    before = _snapshot(checkpoint)
+    expected = moepatch.from_pretrained(checkpoint)
+    moepatch.install(checkpoint)
+    moepatch.install(checkpoint)  # idempotent
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "moepatch_loader.MoePatchedForCausalLM"
+
+    result = _run_tool(checkpoint, tmp_path, batch)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["class"] == "Qwen2MoeForCausalLM" and seen["patched"]
+    assert seen["frozen"] == ["model.layers.0.mlp.gate.weight", "model.layers.2.mlp.gate.weight",
+                              "model.layers.3.mlp.gate.weight"]
+    assert len(seen["c2r_buffers"]) == 3
+    assert seen["recorded_tokens"] == [int(batch["attention_mask"].sum())]
+    assert seen["logits"] == logits_of(expected, batch).flatten()[:64].tolist()  # C2R routing, same numbers
+
+    moepatch.uninstall(checkpoint)
+    assert _snapshot(checkpoint) == before
+
+
+def test_missing_or_old_moepatch_gives_a_clear_error(checkpoint, tmp_path, batch):
+    moepatch.install(checkpoint)
+    result = _run_tool(checkpoint, tmp_path, batch, extra="import sys; sys.modules['moepatch'] = None\n")
+    assert result.returncode != 0
+    assert "prepared with `moepatch install`" in result.stderr and "pip install moepatch" in result.stderr
+    loader = checkpoint / LOADER_FILE
+    loader.write_text(loader.read_text().replace(f'REQUIRED_MOEPATCH = "{moepatch.__version__}"',
+                                                 'REQUIRED_MOEPATCH = "99.0.0"'))
+    result = _run_tool(checkpoint, tmp_path / "second", batch)
+    assert result.returncode != 0 and "needs moepatch >= 99.0.0" in result.stderr
+
+
+def test_folder_with_its_own_remote_code_loads_without_running_it(tmp_path, batch):
+    """Like a published LLaMA-MoE folder: an auto_map into a modeling file that cannot run (here: raises)."""
+    folder = tiny.save_tiny_checkpoint(tmp_path / "published", "mixtral", moepatch=BLOCK)
+    (folder / "modeling_custom.py").write_text("raise RuntimeError('the published modeling file was imported')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    before = _snapshot(folder)
+
+    model, info = moepatch.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert moepatch.get_handle(model).frozen_parameters
+    reference = tiny.tiny_model("mixtral")
+    assert torch.equal(logits_of(model, batch), logits_of(reference, batch))
+    assert getattr(model.config, "auto_map", None) == config["auto_map"]  # the folder's own entries are kept
+
+    moepatch.install(folder)
+    result = _run_tool(folder, tmp_path, batch)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["patched"]
+    moepatch.uninstall(folder)
+    assert _snapshot(folder) == before
+
+
+def test_install_validates_before_touching_the_folder(tmp_path):
+    folder = tiny.save_tiny_checkpoint(tmp_path / "bad", "olmoe", moepatch={"routing_stats": {"layers": [7]}})
+    before = _snapshot(folder)
+    with pytest.raises(ValueError, match=r"moepatch.routing_stats.layers\[0\]: layer 7 does not exist"):
+        moepatch.install(folder)
+    assert _snapshot(folder) == before
+    with pytest.raises(ValueError, match="was not prepared by `moepatch install`"):
+        moepatch.uninstall(folder)
+
+
+def test_saved_copy_of_an_installed_model_is_self_contained(checkpoint, tmp_path):
+    moepatch.install(checkpoint)
+    model = moepatch.from_pretrained(checkpoint)
+    model.save_pretrained(tmp_path / "copy")
+    saved = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert "moepatch_loader" not in json.dumps(saved.get("auto_map", {}))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "copy") is not None
+    assert not (tmp_path / "copy" / BACKUP_NAME).exists()
