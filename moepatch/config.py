@@ -12,6 +12,7 @@ Loading is forward compatible: keys this version does not know (written by a new
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from dataclasses import field
@@ -225,12 +226,12 @@ class MoePatchConfig:
         if data is None:
             return cls()
         if isinstance(data, MoePatchConfig):
-            return data
+            return dataclasses.replace(data)  # a copy: resolving official C2R fields must not touch the caller's
         problems = _Problems()
         if not isinstance(data, dict):
             problems.add(path, f"expected an object (a JSON dict), got {type(data).__name__} {data!r}")
             problems.raise_if_any()
-        _warn_unknown(data, {f.name for f in fields(cls)}, path)
+        _warn_unknown(data, {f.name for f in fields(cls)} - {"c2r_off"}, path)
         result = cls()
 
         family = data.get("family")
