@@ -114,3 +114,13 @@ def test_round_trip_through_save_pretrained_and_from_pretrained(family, tmp_path
     assert torch.equal(reloaded.recorder.counts, handle.recorder.counts)
     torch.testing.assert_close(reloaded.recorder.prob_sums, handle.recorder.prob_sums, atol=1e-9, rtol=0)
     assert torch.equal(logits_of(loaded, batch), logits_of(model, batch))
+
+
+def test_a_config_object_given_to_apply_is_not_mutated():
+    model = tiny.tiny_model("qwen2_moe")
+    model.config.top_t, model.config.collaborative_list = 3, tiny.random_collaborative_list(4, 8, 0)
+    given = MoePatchConfig.from_dict({"freeze_gate": True})
+    handle = moepatch.apply(model, given)
+    assert handle.config.c2r is not None and given.c2r is None
+    with pytest.warns(moepatch.MoePatchWarning, match="c2r_off: unknown key"):
+        MoePatchConfig.from_dict({"c2r_off": True})
