@@ -93,7 +93,7 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
     """
     coef_attr = model.family.aux_loss_coef_attr
     causal_lm = model.inner
-    if coef_attr is None or not hasattr(causal_lm, coef_attr):
+    if coef_attr is None or not hasattr(causal_lm, coef_attr) or model.family.router_output.scores_are != "logits":
         return False
     original = causal_lm.forward
     signature = inspect.signature(original)
@@ -112,7 +112,7 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
         captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def capture(module: nn.Module, inputs: tuple, output: Any) -> None:
-            captured.append((output[layout.logits], output[layout.indices]))
+            captured.append((output[layout.scores], output[layout.indices]))
 
         handles = [router.register_forward_hook(capture) for router in routers]
         try:

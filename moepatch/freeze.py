@@ -37,7 +37,8 @@ def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Param
     """
     named = list(model.root.named_parameters())
     if mode == "router":
-        router_ids = {id(p) for layer in model.layers for p in layer.router.parameters()}
+        routers = [layer.router for layer in model.layers] + extra_routers(model)
+        router_ids = {id(p) for router in routers for p in router.parameters()}
         chosen = [(name, p) for name, p in named if id(p) in router_ids]
     elif mode == "gate_substring":
         chosen = [(name, p) for name, p in named if "gate" in name]
@@ -49,6 +50,19 @@ def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Param
             f"(family {model.family.name}); nothing would be frozen"
         )
     return chosen
+
+
+def extra_routers(model: MoEModel) -> list[nn.Module]:
+    """The family's ``extra_routers`` of every decoder layer (e.g. ModuleFormer's attention-expert gates)."""
+    found = []
+    for decoder_layer in getattr(model.decoder, model.family.layers_attr):
+        for path in model.family.extra_routers:
+            module = decoder_layer
+            for part in path.split("."):
+                module = getattr(module, part, None)
+            if isinstance(module, nn.Module):
+                found.append(module)
+    return found
 
 
 def freeze(parameters: list[tuple[str, nn.Parameter]], undo: UndoLog) -> list[str]:

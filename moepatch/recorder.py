@@ -86,6 +86,7 @@ class RoutingRecorder:
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._warned: set[str] = set()
         self._mask_position = _argument_position(self.model.decoder.forward, "attention_mask")
+        self._scores_are_logits = self.model.family.router_output.scores_are == "logits"
 
     # ------------------------------------------------------------------ activation
     @property
@@ -145,7 +146,7 @@ class RoutingRecorder:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_backward_task_id() != -1:
                 return  # activation checkpointing re-running the forward inside backward
-            logits = output[layout.logits].detach()
+            logits = output[layout.scores].detach()
             indices = output[layout.indices].detach()
             self._pending.append((slot, logits.reshape(-1, logits.shape[-1]), indices.reshape(indices.shape[0], -1)))
             if not self._in_call:  # router called outside a model call: no mask, account right away
@@ -197,7 +198,10 @@ class RoutingRecorder:
         with torch.no_grad():
             logits = torch.stack([r[1] for r in records])  # [P, N, E]
             indices = torch.stack([r[2] for r in records])  # [P, N, k]
-            probs = torch.softmax(logits, dim=-1, dtype=dtype)  # [P, N, E]
+            if self._scores_are_logits:
+                probs = torch.softmax(logits, dim=-1, dtype=dtype)  # [P, N, E]
+            else:
+                probs = logits.to(dtype)  # [P, N, E] already probabilities
             hard = torch.zeros(*indices.shape[:2], self.num_experts + 1, dtype=dtype, device=device)
             hard.scatter_add_(2, indices, torch.ones((), dtype=dtype, device=device).expand(indices.shape))
             features = torch.cat([hard, probs], dim=2)  # [P, N, 2E+1]

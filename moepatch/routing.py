@@ -97,7 +97,8 @@ def override_selection(
 ) -> list[str]:
     """Replace the selection step of the routers of ``layers`` (absolute indices; ``None`` = all MoE layers).
 
-    Only the router instances are touched (their ``forward`` attribute); the change is recorded in ``undo``.
+    Only the router instances are touched (their ``forward``, or the family's ``selection_method``); the change is
+    recorded in ``undo``.
     Returns the qualified names of the patched routers.
     """
     spec = model.family
@@ -105,6 +106,10 @@ def override_selection(
     patched = []
     for layer in chosen:
         router = layer.router
+        if spec.selection_method is not None:  # the router has its own selection seam: replace just that
+            undo.set_attribute(router, spec.selection_method, selector_for(layer))
+            patched.append(f"{layer.name}.{spec.router_attr}")
+            continue
         forward = routed_forward(
             router,
             top_k=model.top_k,

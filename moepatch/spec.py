@@ -18,16 +18,20 @@ from torch import nn
 
 @dataclass(frozen=True, kw_only=True)
 class RouterOutput:
-    """Positions of the three routing results in the router module's output tuple.
+    """Where the routing results sit in the router module's output (tuple positions or dict keys).
 
     transformers 5 routers (``Qwen2MoeTopKRouter``, ``MixtralTopKRouter``, ...) return
-    ``(router_logits [N, E], top_k_weights [N, k], top_k_index [N, k])``; this is the router → experts hand-off
-    that moepatch reads (statistics) and rewrites (routing overrides).
+    ``(router_logits [N, E], top_k_weights [N, k], top_k_index [N, k])``; ModuleFormer's ``top_k_gating`` returns
+    ``(top_k_indices, top_k_gates, probs [N, E])``.  This is the router → experts hand-off that moepatch reads
+    (statistics, the load-balancing loss) and, through the selection step, rewrites (routing overrides).
     """
 
-    logits: int = 0
-    weights: int = 1
-    indices: int = 2
+    scores: int | str = 0
+    """Per-expert scores ``[N, E]`` of every token."""
+    scores_are: Literal["logits", "probabilities"] = "logits"
+    """``"logits"``: router probabilities are their float softmax; ``"probabilities"``: already softmaxed."""
+    weights: int | str = 1
+    indices: int | str = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +89,13 @@ class FamilySpec:
     """Router attribute holding ``k``."""
     hidden_dim_attr: str = "hidden_dim"
     """Router attribute holding the hidden size (the router flattens its input to ``[-1, hidden_dim]``)."""
+    selection_method: str | None = None
+    """Name of the router's own selection method ``(probs [N, E], k) -> (values [N, k], indices [N, k])``, for
+    families whose router has that seam (ModuleFormer's ``select_experts``): a routing override replaces that method
+    on the instance.  ``None``: the router's ``forward`` is replaced by :func:`moepatch.routing.route`."""
+    extra_routers: tuple[str, ...] = ()
+    """Further routers, as attribute paths from the decoder layer (ModuleFormer's attention-expert gate
+    ``attn.q_proj.gate``): frozen by ``freeze_gate="router"``, not recorded or re-routed."""
     aux_loss_coef_attr: str | None = "router_aux_loss_coef"
     """Attribute of the causal-LM model holding the load-balancing coefficient, when the family's causal LM adds
     transformers' ``load_balancing_loss_func`` (vanilla top-k recomputed from ``router_logits``) to its loss."""

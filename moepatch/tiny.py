@@ -32,7 +32,7 @@ from transformers import Qwen3MoeConfig
 from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 
-TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe")
+TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "moduleformer")
 """Families the factory builds (model_type values)."""
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -126,6 +126,10 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
         "olmoe": (OlmoeConfig, dict(num_hidden_layers=3, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
                                     norm_topk_prob=False)),
     }
+    if family == "moduleformer":
+        from moepatch.models.moduleformer import tiny_moduleformer_config
+
+        return tiny_moduleformer_config(**{"vocab_size": vocab_size, **overrides})
     if family not in per_family:
         raise ValueError(f"tiny_config: unknown family {family!r}; choose from {TINY_FAMILIES}")
     config_class, sizes = per_family[family]

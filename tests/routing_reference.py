@@ -1,7 +1,7 @@
 """Routing computed from scratch in the tests, independent of moepatch's code.
 
 Captures the hidden states fed to every router with the test's own hooks and recomputes the family's rule from the
-router weights: logits = h · Wᵀ, p = softmax_fp32(logits), top-k of p.
+router parameters (family_facts.router_probabilities), then top-k of the probabilities.
 """
 
 from __future__ import annotations
@@ -10,16 +10,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from family_facts import moe_routers
+from family_facts import router_probabilities
 
-
-def moe_routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Absolute layer index → router, found by walking the HF module tree (``layers.{i}.mlp.gate`` with a weight)."""
-    routers = {}
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if len(parts) >= 4 and parts[-4] == "layers" and parts[-2:] == ["mlp", "gate"] and hasattr(module, "weight"):
-            routers[int(parts[-3])] = module
-    return routers
+__all__ = ["capture_router_inputs", "moe_routers", "reference_counts"]
 
 
 @contextlib.contextmanager
@@ -39,14 +33,12 @@ def capture_router_inputs(model: torch.nn.Module) -> Iterator[dict[int, list[tor
 
 
 def reference_counts(
-    hidden: torch.Tensor, weight: torch.Tensor, top_k: int, keep: torch.Tensor | None
+    model: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor, top_k: int, keep: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard top-k counts [E] and probability sums [E] (float64) over the kept tokens."""
-    logits = hidden.double() @ weight.detach().double().T
-    probs = torch.softmax(logits, dim=-1)
-    fp32_logits = torch.nn.functional.linear(hidden, weight.detach())
-    chosen = torch.topk(torch.softmax(fp32_logits, dim=-1, dtype=torch.float), top_k, dim=-1).indices
+    probs = router_probabilities(model, router, hidden)  # float64 [N, E]
+    chosen = torch.topk(probs.float(), top_k, dim=-1).indices  # the family chooses on float32 probabilities
     if keep is not None:
         chosen, probs = chosen[keep], probs[keep]
-    counts = torch.bincount(chosen.reshape(-1), minlength=weight.shape[0])
+    counts = torch.bincount(chosen.reshape(-1), minlength=probs.shape[-1])
     return counts, probs.sum(dim=0)

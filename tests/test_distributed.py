@@ -50,7 +50,7 @@ def test_all_reduce_sums_over_two_ranks(tmp_path: Path):
         with capture_router_inputs(model) as captured, torch.no_grad():
             model(**batch)
         for slot, layer in enumerate(sorted(routers)):
-            c, s = reference_counts(captured[layer][0], routers[layer].weight, 2, keep)
+            c, s = reference_counts(model, routers[layer], captured[layer][0], 2, keep)
             counts[slot] += c
             sums[slot] += s
         assert rank["local"]["tokens"][0] == int(keep.sum())

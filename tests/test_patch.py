@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import logits_of
+from family_facts import router_parameter_pattern
 from transformers import AutoModelForCausalLM
 from transformers import GptOssConfig
 from transformers import LlamaConfig
@@ -86,7 +87,8 @@ def test_new_config_replaces_previous_patch(model):
     handle = moepatch.apply(model, {"freeze_gate": "router"})
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert frozen == set(handle.frozen_parameters)
-    assert all(name.endswith("mlp.gate.weight") for name in frozen)
+    pattern = router_parameter_pattern(model.config.model_type)
+    assert frozen == {name for name, _ in model.named_parameters() if pattern.search(name)}
 
 
 def test_explicit_config_is_written_to_model_config_and_restored(model):

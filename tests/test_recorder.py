@@ -24,7 +24,7 @@ def _check_against_reference(model, recorder, captured, keep_masks):
         counts = torch.zeros(recorder.num_experts, dtype=torch.int64)
         sums = torch.zeros(recorder.num_experts, dtype=torch.float64)
         for hidden, keep in zip(captured[layer], keep_masks):
-            c, s = reference_counts(hidden, routers[layer].weight, top_k, keep)
+            c, s = reference_counts(model, routers[layer], hidden, top_k, keep)
             counts, sums = counts + c, sums + s
         assert torch.equal(recorder.counts[slot], counts), f"layer {layer}"
         torch.testing.assert_close(recorder.prob_sums[slot].double(), sums, atol=1e-5, rtol=0)
@@ -170,7 +170,7 @@ def test_router_called_outside_a_model_call_is_counted_unmasked():
     hidden = torch.randn(11, model.config.hidden_size)
     with moepatch.RoutingRecorder(model) as recorder, torch.no_grad():
         moe.layer(1).router(hidden)
-    counts, sums = reference_counts(hidden, moe.layer(1).router.weight, 2, None)
+    counts, sums = reference_counts(model, moe.layer(1).router, hidden, 2, None)
     assert recorder.tokens.tolist() == [0, 11, 0]
     assert torch.equal(recorder.counts[1], counts) and int(recorder.counts[[0, 2]].sum()) == 0
     torch.testing.assert_close(recorder.prob_sums[1], sums, atol=1e-5, rtol=0)

@@ -6,6 +6,10 @@ import types
 
 import pytest
 import torch
+from family_facts import experts_and_top_k
+from family_facts import moe_routers
+from family_facts import num_layers
+from family_facts import renormalizes
 from torch import nn
 
 import model_patches
@@ -16,33 +20,32 @@ from moepatch.errors import UnsupportedModelError
 from moepatch.spec import FamilySpec
 from moepatch.spec import RoutingRule
 
-EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk"}
+EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
+                   "moduleformer": "moduleformer"}
 
 
 def test_every_family_module_is_registered_and_tested():
     families = registry.families()
     modules = {name for name in dir(model_patches) if isinstance(getattr(model_patches, name), types.ModuleType)}
-    assert modules == {"qwen2_moe", "mixtral", "generic_topk"}
-    assert set(families) == {"qwen2_moe", "mixtral", "generic_topk"}
+    assert modules == {"qwen2_moe", "mixtral", "generic_topk", "moduleformer"}
+    assert set(families) == {"qwen2_moe", "mixtral", "generic_topk", "moduleformer"}
     assert set(EXPECTED_FAMILY.values()) == set(families)  # each family has a tiny model in the test matrix
 
 
 def test_view_matches_the_config(family):
     model = tiny.tiny_model(family)
     moe = describe(model)
-    config = model.config
     assert moe.family.name == EXPECTED_FAMILY[family]
-    experts = getattr(config, "num_experts", None) or config.num_local_experts
-    assert (moe.num_experts, moe.top_k) == (experts, config.num_experts_per_tok)
-    expected_renorm = {"qwen2_moe": False, "mixtral": True, "qwen3_moe": True, "olmoe": False}[family]
-    assert moe.renormalize == expected_renorm
-    dense = list(getattr(config, "mlp_only_layers", []) or [])
+    assert (moe.num_experts, moe.top_k) == experts_and_top_k(model)
+    assert moe.renormalize == renormalizes(model)
+    dense = list(getattr(model.config, "mlp_only_layers", []) or [])
     assert list(moe.dense_layers) == dense
-    assert moe.moe_layer_indices == [i for i in range(config.num_hidden_layers) if i not in dense]
+    assert moe.moe_layer_indices == [i for i in range(num_layers(model)) if i not in dense]
+    routers = moe_routers(model)
+    assert sorted(routers) == moe.moe_layer_indices
     for layer in moe.layers:
-        assert layer.name == f"model.layers.{layer.index}.mlp"
-        assert layer.router is model.model.layers[layer.index].mlp.gate
-        assert layer.experts is model.model.layers[layer.index].mlp.experts
+        assert layer.router is routers[layer.index]
+        assert f"{layer.name}.gate" == next(n for n, m in model.named_modules() if m is routers[layer.index])
 
 
 def test_block_class_match_is_exact_through_the_mro():
