@@ -24,6 +24,7 @@ from moepatch.install import install  # noqa: E402
 from moepatch.install import uninstall  # noqa: E402
 from moepatch.loading import from_pretrained  # noqa: E402
 from moepatch.loading import load_config  # noqa: E402
+from moepatch.models.llama_moe import register_llama_moe as _register_llama_moe  # noqa: E402
 from moepatch.models.moduleformer import register_moduleformer as _register_moduleformer  # noqa: E402
 from moepatch.patch import PatchHandle  # noqa: E402
 from moepatch.patch import apply  # noqa: E402
@@ -31,7 +32,9 @@ from moepatch.patch import get_handle  # noqa: E402
 from moepatch.patch import patched  # noqa: E402
 from moepatch.recorder import RoutingRecorder  # noqa: E402
 
-_register_moduleformer()  # AutoConfig / AutoModelForCausalLM know model_type "moduleformer" once moepatch is imported
+# AutoConfig / AutoModelForCausalLM know model_types "llama_moe" and "moduleformer" once moepatch is imported
+_register_llama_moe()
+_register_moduleformer()
 
 __all__ = [
     "MoELayer",

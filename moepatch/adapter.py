@@ -58,6 +58,13 @@ class MoEModel:
         raise KeyError(index)
 
 
+def attribute_path(module: object, path: str) -> object:
+    """``module.a.b.c`` for ``path`` ``"a.b.c"``; ``None`` when a step is missing."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """Peel PEFT-style wrappers (``get_base_model``) and return the transformers model."""
     seen = set()
@@ -96,8 +103,8 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
         if block is None or not spec.is_sparse_block(block):
             dense.append(index)
             continue
-        router = getattr(block, spec.router_attr, None)
-        experts = getattr(block, spec.experts_attr, None)
+        router = attribute_path(block, spec.router_attr)
+        experts = attribute_path(block, spec.experts_attr)
         if not isinstance(router, nn.Module) or not isinstance(experts, nn.Module):
             return f"layer {index}: sparse block has no `{spec.router_attr}` router or `{spec.experts_attr}` experts"
         moe_layers.append(MoELayer(index, prefix.get(id(block), f"layers.{index}"), block, router, experts))

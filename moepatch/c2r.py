@@ -18,6 +18,7 @@ renormalised over the k chosen).  The official code's defects are fixed here:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -29,7 +30,6 @@ from torch import nn
 from moepatch.adapter import MoEModel
 from moepatch.aux_loss import install_actual_choice_aux_loss
 from moepatch.config import C2RConfig
-from moepatch.routing import ExpertSelector
 from moepatch.routing import override_selection
 from moepatch.undo import UndoLog
 
@@ -57,6 +57,36 @@ def constrained_topk(probs: torch.Tensor, k: int, candidates: torch.Tensor) -> t
     values = torch.cat([probs.gather(1, top1), rest_values], dim=1)  # [N, k]
     indices = torch.cat([top1, rest], dim=1)  # [N, k]
     return values, indices
+
+
+def constrained_top_k_plus_one(
+    logits: torch.Tensor, k: int, candidates: torch.Tensor, top_t: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C2R selection for LLaMA-MoE's gate (c2r.md §4.2): ``k + 1`` candidates from (noisy) logits.
+
+    The top-1 expert is free; then the ``k`` highest-logit experts among the first ``top_t`` of its list, best
+    first: the first ``k`` columns are the selection, column ``k`` the best excluded collaborator (the threshold of
+    the noisy load estimate).  With ``top_t == 1`` (only for ``k == 2``) the partners are fixed: ``[e1, row[0],
+    row[1]]``.
+
+    Args:
+        logits (`torch.Tensor` of shape `[N, E]`): gate logits.
+        k (`int`): experts per token.
+        candidates (`torch.Tensor` of shape `[E, W]`): each expert's first ``max(top_t, 2)`` collaborators.
+        top_t (`int`): T.
+
+    Returns:
+        `(top_logits [N, k+1], top_indices [N, k+1])`, the contract of the gate's ``select_experts``.
+    """
+    top1 = logits.argmax(dim=-1, keepdim=True)  # [N, 1]
+    allowed = candidates[top1.squeeze(1)]  # [N, W]
+    if top_t == 1:
+        rest = allowed[:, :2]  # [N, 2] fixed partners (official special case, k == 2)
+    else:
+        _, position = torch.topk(logits.gather(1, allowed), k, dim=-1)  # [N, k] best of row[:T]
+        rest = allowed.gather(1, position)
+    indices = torch.cat([top1, rest], dim=1)  # [N, k+1]
+    return logits.gather(1, indices), indices
 
 
 @dataclass
@@ -88,33 +118,38 @@ def _load_list_file(config: C2RConfig, base_dir: Path | None) -> list:
     return listed
 
 
-def _check_top_t(top_t: int, num_experts: int, top_k: int, name: str) -> None:
+def _check_top_t(top_t: int, num_experts: int, top_k: int, name: str, kind: str) -> None:
     if top_t == num_experts:
         raise ValueError(
             f"{name}: top_t = {top_t} = number of experts would let the top-1 expert be chosen again (the official "
             f"code's duplicate-expert bug); use at most E-1 = {num_experts - 1}, which equals vanilla top-k"
         )
-    low = max(1, top_k - 1)
+    if kind == "logits_top_k_plus_one":  # LLaMA-MoE: k of row[:T] (one spare), or the fixed pair of T = 1
+        if top_t == 1 and top_k == 2:
+            return
+        low, rule = top_k, " (LLaMA-MoE's gate takes k of the first T; top_t = 1 only with top-2)"
+    else:
+        low, rule = max(1, top_k - 1), ""
     if not low <= top_t <= num_experts - 1:
         raise ValueError(f"{name}: top_t must be in [{low}, {num_experts - 1}] for top-{top_k} of {num_experts} "
-                         f"experts, got {top_t}")
+                         f"experts{rule}, got {top_t}")
 
 
-def _layer_table(entry: Any, layer: int, num_experts: int, top_t: int, name: str) -> torch.Tensor:
-    """Validate one MoE layer's ``[E][E]`` (or ``[E][T]``) ranking; return the ``[E, T]`` candidates."""
+def _layer_table(entry: Any, layer: int, num_experts: int, top_t: int, name: str, width: int) -> torch.Tensor:
+    """Validate one MoE layer's ``[E][E]`` (or ``[E][T]``) ranking; return the ``[E, width]`` candidates."""
     where = f"{name}[{layer}]"
     if not isinstance(entry, list) or len(entry) != num_experts:
         got = f"{len(entry)} rows" if isinstance(entry, list) else repr(type(entry).__name__)
         raise ValueError(f"{where}: expected {num_experts} rows (one per expert), got {got}")
-    width = None
+    row_length = None
     for expert, row in enumerate(entry):
-        if not isinstance(row, list) or len(row) not in (num_experts, top_t):
+        if not isinstance(row, list) or len(row) not in (num_experts, max(top_t, width)):
             got = f"length {len(row)}" if isinstance(row, list) else type(row).__name__
             raise ValueError(f"{where}[{expert}]: expected a ranking of all {num_experts} experts (or its first "
                              f"top_t = {top_t}), got {got}")
-        if width is not None and len(row) != width:
-            raise ValueError(f"{where}[{expert}]: rows of one layer must have the same length ({width})")
-        width = len(row)
+        if row_length is not None and len(row) != row_length:
+            raise ValueError(f"{where}[{expert}]: rows of one layer must have the same length ({row_length})")
+        row_length = len(row)
         for position, value in enumerate(row):
             if type(value) is not int:
                 raise ValueError(f"{where}[{expert}][{position}]: expected an expert id, got {value!r}")
@@ -131,7 +166,7 @@ def _layer_table(entry: Any, layer: int, num_experts: int, top_t: int, name: str
         row = ordered[expert]
         duplicate = int(row[1:][row[1:] == row[:-1]][0])
         raise ValueError(f"{where}[{expert}]: expert {duplicate} appears more than once")
-    candidates = table[:, :top_t]
+    candidates = table[:, :width]
     own = (candidates == torch.arange(num_experts).unsqueeze(1)).any(dim=1)
     if own.any():
         expert = int(own.nonzero()[0])
@@ -151,7 +186,18 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
         ValueError: naming the field, the layer and the expert of the first problem.
     """
     prefix = config.field_prefix
-    _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t")
+    kind = model.family.selection_kind
+    _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t", kind)
+    method = model.family.selection_method
+    if method is not None:
+        for layer in model.layers:
+            if not callable(getattr(layer.router, method, None)):
+                raise ValueError(
+                    f"{prefix}top_t: the router of layer {layer.index} ({type(layer.router).__name__}) has no "
+                    f"`{method}` selection step to constrain (a remote-code gate?); load the checkpoint with "
+                    "moepatch.from_pretrained to get moepatch's implementation"
+                )
+    width = max(config.top_t, 2) if kind == "logits_top_k_plus_one" and config.top_t == 1 else config.top_t
     listed = config.collaborative_list if config.path is None else _load_list_file(config, base_dir)
     name = f"{prefix}collaborative_list"
     if len(listed) != model.num_layers:
@@ -163,11 +209,19 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
         if entry is None:
             plan.vanilla_layers.append(layer)
         else:
-            plan.tables[layer] = _layer_table(entry, layer, model.num_experts, config.top_t, name)
+            plan.tables[layer] = _layer_table(entry, layer, model.num_experts, config.top_t, name, width)
     return plan
 
 
-def _selector_for(router: nn.Module) -> ExpertSelector:
+def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The C2R selection step in the family's contract (the buffer is read at call time: it follows ``.to()``)."""
+    if model.family.selection_kind == "logits_top_k_plus_one":
+
+        def select_plus_one(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return constrained_top_k_plus_one(logits, model.top_k, getattr(router, CANDIDATES_BUFFER), top_t)
+
+        return select_plus_one
+
     def select(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return constrained_topk(probs, k, getattr(router, CANDIDATES_BUFFER))
 
@@ -180,7 +234,9 @@ def install_c2r(model: MoEModel, plan: C2RPlan, undo: UndoLog) -> list[str]:
         router = model.layer(index).router
         device = next((p.device for p in router.parameters()), torch.device("cpu"))
         undo.add_buffer(router, CANDIDATES_BUFFER, table.to(device))
-    patched = override_selection(model, lambda layer: _selector_for(layer.router), sorted(plan.tables), undo)
+    patched = override_selection(
+        model, lambda layer: _selector_for(layer.router, model, plan.top_t), sorted(plan.tables), undo
+    )
     if plan.aux_loss == "actual" and plan.tables:
         install_actual_choice_aux_loss(model, undo)
     return patched

@@ -26,6 +26,7 @@ from __future__ import annotations
 from torch import nn
 
 from moepatch.adapter import MoEModel
+from moepatch.adapter import attribute_path
 from moepatch.undo import UndoLog
 
 
@@ -57,9 +58,7 @@ def extra_routers(model: MoEModel) -> list[nn.Module]:
     found = []
     for decoder_layer in getattr(model.decoder, model.family.layers_attr):
         for path in model.family.extra_routers:
-            module = decoder_layer
-            for part in path.split("."):
-                module = getattr(module, part, None)
+            module = attribute_path(decoder_layer, path)
             if isinstance(module, nn.Module):
                 found.append(module)
     return found

@@ -86,7 +86,7 @@ class RoutingRecorder:
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._warned: set[str] = set()
         self._mask_position = _argument_position(self.model.decoder.forward, "attention_mask")
-        self._scores_are_logits = self.model.family.router_output.scores_are == "logits"
+        self._scores_are = self.model.family.router_output.scores_are
 
     # ------------------------------------------------------------------ activation
     @property
@@ -198,8 +198,11 @@ class RoutingRecorder:
         with torch.no_grad():
             logits = torch.stack([r[1] for r in records])  # [P, N, E]
             indices = torch.stack([r[2] for r in records])  # [P, N, k]
-            if self._scores_are_logits:
+            if self._scores_are == "logits":
                 probs = torch.softmax(logits, dim=-1, dtype=dtype)  # [P, N, E]
+            elif self._scores_are == "topk_probabilities":  # [P, N, k] probabilities of the chosen experts only
+                probs = torch.zeros(*indices.shape[:2], self.num_experts, dtype=dtype, device=device)
+                probs.scatter_(2, indices, logits.to(dtype))  # [P, N, E], 0 for experts not chosen
             else:
                 probs = logits.to(dtype)  # [P, N, E] already probabilities
             hard = torch.zeros(*indices.shape[:2], self.num_experts + 1, dtype=dtype, device=device)

@@ -28,8 +28,10 @@ class RouterOutput:
 
     scores: int | str = 0
     """Per-expert scores ``[N, E]`` of every token."""
-    scores_are: Literal["logits", "probabilities"] = "logits"
-    """``"logits"``: router probabilities are their float softmax; ``"probabilities"``: already softmaxed."""
+    scores_are: Literal["logits", "probabilities", "topk_probabilities"] = "logits"
+    """``"logits"``: router probabilities are their float softmax; ``"probabilities"``: already softmaxed;
+    ``"topk_probabilities"``: ``scores`` are the ``[N, k]`` probabilities of the chosen experts only (LLaMA-MoE's
+    softmax over the k chosen logits) and every other expert has probability 0."""
     weights: int | str = 1
     indices: int | str = 2
 
@@ -60,10 +62,10 @@ class RoutingRule:
 class FamilySpec:
     """Where the MoE parts of one model family live and how its router behaves.
 
-    Paths are attribute names: ``decoder.<layers_attr>[i].<block_attr>`` is layer ``i``'s MLP, a sparse MoE block
-    when its class (or one of its base classes) is named in ``block_classes``; inside it ``<router_attr>`` is the
-    router and ``<experts_attr>`` the routed experts.  The decoder is the model's ``base_model`` (the module that
-    receives ``attention_mask``).
+    Paths are attribute names (dotted for nested ones): ``decoder.<layers_attr>[i].<block_attr>`` is layer ``i``'s
+    MLP, a sparse MoE block when its class (or one of its base classes) is named in ``block_classes``; inside it
+    ``<router_attr>`` is the router and ``<experts_attr>`` the routed experts.  The decoder is the model's
+    ``base_model`` (the module that receives ``attention_mask``).
     """
 
     name: str
@@ -93,6 +95,10 @@ class FamilySpec:
     """Name of the router's own selection method ``(probs [N, E], k) -> (values [N, k], indices [N, k])``, for
     families whose router has that seam (ModuleFormer's ``select_experts``): a routing override replaces that method
     on the instance.  ``None``: the router's ``forward`` is replaced by :func:`moepatch.routing.route`."""
+    selection_kind: Literal["probs_top_k", "logits_top_k_plus_one"] = "probs_top_k"
+    """Contract of the selection step: ``"probs_top_k"``: ``(probs [N, E], k) -> (values [N, k], indices [N, k])``;
+    ``"logits_top_k_plus_one"`` (LLaMA-MoE's ``select_experts``): ``(logits [N, E]) -> (top_logits [N, k+1],
+    top_indices [N, k+1])``, the extra column being the best excluded candidate for the noisy load estimate."""
     extra_routers: tuple[str, ...] = ()
     """Further routers, as attribute paths from the decoder layer (ModuleFormer's attention-expert gate
     ``attn.q_proj.gate``): frozen by ``freeze_gate="router"``, not recorded or re-routed."""

@@ -32,7 +32,7 @@ from transformers import Qwen3MoeConfig
 from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 
-TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "moduleformer")
+TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "llama_moe", "moduleformer")
 """Families the factory builds (model_type values)."""
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -126,6 +126,10 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
         "olmoe": (OlmoeConfig, dict(num_hidden_layers=3, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
                                     norm_topk_prob=False)),
     }
+    if family == "llama_moe":
+        from moepatch.models.llama_moe import tiny_llama_moe_config
+
+        return tiny_llama_moe_config(**{"vocab_size": vocab_size, **overrides})
     if family == "moduleformer":
         from moepatch.models.moduleformer import tiny_moduleformer_config
 

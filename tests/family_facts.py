@@ -20,6 +20,7 @@ _HF_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate$")
 
 ROUTER_PARAMETER = {
     "moduleformer": re.compile(r"transformer\.h\.\d+\.(mlpf|attn\.q_proj)\.gate\.w_gate\.\d+\.(weight|bias)$"),
+    "llama_moe": re.compile(r"layers\.\d+\.mlp\.gate\.(gate_network\.\d+|weight_noise)\.weight$"),
 }
 _HF_ROUTER_PARAMETER = re.compile(r"layers\.\d+\.mlp\.gate\.weight$")
 
@@ -48,26 +49,51 @@ def moe_routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return found
 
 
-def router_probabilities(model: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Router probabilities [N, E] in float64 from the router's parameters.
+def router_logits(model: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Router scores [N, E] before any softmax, from the router's parameters (eval mode: no noise).
 
-    transformers 5 routers: softmax(h · Wᵀ).  ModuleFormer: softmax over all experts of the gating MLP
-    w_gate = Linear(+bias) → GELU → Dropout → Linear (no bias), in eval mode.
+    transformers 5 routers: h · Wᵀ.  ModuleFormer: the gating MLP w_gate = Linear(+bias) → GELU → Dropout → Linear.
+    LLaMA-MoE: gate_network = Linear → Tanh → Linear (no biases).
     """
     with torch.no_grad():
+        if family_of(model) == "llama_moe":
+            first, last = router.gate_network[0], router.gate_network[2]
+            return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(hidden, first.weight)),
+                                              last.weight)
         if family_of(model) == "moduleformer":
             first, last = router.w_gate[0], router.w_gate[3]
             inner = torch.nn.functional.gelu(torch.nn.functional.linear(hidden, first.weight, first.bias))
-            logits = torch.nn.functional.linear(inner, last.weight)
-        else:
-            logits = torch.nn.functional.linear(hidden, router.weight)
-    return torch.softmax(logits.double(), dim=-1)
+            return torch.nn.functional.linear(inner, last.weight)
+        return torch.nn.functional.linear(hidden, router.weight)
+
+
+def selection_probabilities(model: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """float64 softmax over all experts of the router scores: what the top-k (or top-1) is taken over."""
+    return torch.softmax(router_logits(model, router, hidden).double(), dim=-1)
+
+
+def router_probabilities(model: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The router probabilities [N, E] (float64) that routing statistics sum.
+
+    Softmax over all experts, except LLaMA-MoE: softmax over the k chosen logits, 0 for the other experts (its
+    published ``importance`` sums exactly these).
+    """
+    probs = selection_probabilities(model, router, hidden)
+    if family_of(model) == "llama_moe":
+        logits = router_logits(model, router, hidden)
+        chosen = torch.topk(logits, model.config.num_selects, dim=-1).indices
+        sparse = torch.zeros_like(probs)
+        return sparse.scatter_(1, chosen, torch.softmax(logits.gather(1, chosen).double(), dim=-1))
+    return probs
 
 
 def router_output_probabilities(model: torch.nn.Module, output: tuple) -> torch.Tensor:
     """float32 [N, E] probabilities as the router itself produced them (logits → softmax, or returned as is)."""
     if family_of(model) == "moduleformer":
         return output[2].float()
+    if family_of(model) == "llama_moe":  # dict; the chosen experts' probabilities only
+        dense = torch.zeros(output["topK_indices"].shape[0], model.config.num_experts)
+        return dense.scatter_(1, output["topK_indices"], output["topK_scores"].float())
     return torch.softmax(output[0], dim=-1, dtype=torch.float32)
 
 
@@ -75,12 +101,14 @@ def router_choice(model: torch.nn.Module, output: tuple) -> tuple[torch.Tensor, 
     """(weights [N, k], indices [N, k]) from a router's output tuple."""
     if family_of(model) == "moduleformer":  # (top_k_indices, top_k_gates, probs)
         return output[1], output[0]
+    if family_of(model) == "llama_moe":
+        return output["topK_scores"], output["topK_indices"]
     return output[1], output[2]  # (logits, weights, indices)
 
 
 def renormalizes(model: torch.nn.Module) -> bool:
     family = family_of(model)
-    if family == "mixtral":
+    if family in ("mixtral", "llama_moe"):  # LLaMA-MoE: softmax over the k chosen logits
         return True
     if family == "moduleformer":
         return False
@@ -91,6 +119,9 @@ def size_overrides(family: str, num_experts: int, top_k: int, layers: int) -> di
     """Config keys that set E, k and depth (dense layers off)."""
     if family == "moduleformer":
         return {"n_mlp_experts": num_experts, "k_mlp": top_k, "n_layer": layers}
+    if family == "llama_moe":
+        return {"num_experts": num_experts, "num_selects": top_k, "num_hidden_layers": layers,
+                "intermediate_size": 8 * num_experts}
     overrides = {"num_hidden_layers": layers, "num_experts_per_tok": top_k}
     overrides["num_local_experts" if family == "mixtral" else "num_experts"] = num_experts
     if family == "qwen2_moe":
@@ -102,6 +133,8 @@ def experts_and_top_k(model: torch.nn.Module) -> tuple[int, int]:
     config = model.config
     if family_of(model) == "moduleformer":
         return config.n_mlp_experts, config.k_mlp
+    if family_of(model) == "llama_moe":
+        return config.num_experts, config.num_selects
     return getattr(config, "num_experts", None) or config.num_local_experts, config.num_experts_per_tok
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import logits_of
 from family_facts import HF_FAMILIES
+from family_facts import family_of
 from family_facts import renormalizes
 from family_facts import router_choice
 from family_facts import router_output_probabilities
-from family_facts import router_probabilities
+from family_facts import selection_probabilities
 from family_facts import size_overrides
 from routing_reference import moe_routers
 from test_patch import _state
@@ -54,7 +55,12 @@ CASES = [(8, 2, 1), (8, 2, 4), (8, 2, 7), (8, 4, 3), (8, 4, 5), (8, 8, 7), (60, 
 def test_routing_equals_reference_on_every_family(family, num_experts, top_k, top_t):
     model = _family_model(family, num_experts, top_k)
     ranking = random_list(2, num_experts, seed=num_experts * 100 + top_t)
-    moepatch.apply(model, {"c2r": {"top_t": top_t, "collaborative_list": ranking}})
+    block = {"c2r": {"top_t": top_t, "collaborative_list": ranking}}
+    if family == "llama_moe" and top_t < top_k and not (top_t == 1 and top_k == 2):
+        with pytest.raises(ValueError, match="LLaMA-MoE's gate takes k of the first T"):
+            moepatch.apply(model, block)
+        return
+    moepatch.apply(model, block)
     moe = describe(model)
     generator = torch.Generator().manual_seed(top_t)
     hidden = torch.randn(300, model.config.hidden_size, generator=generator)
@@ -72,10 +78,13 @@ def _check_layer_routing(model, layer, hidden, top_k, ranking, top_t):
     with torch.no_grad():
         output = layer.router(hidden)
     weights, indices = router_choice(model, output)
-    own = router_output_probabilities(model, output)
-    independent = router_probabilities(model, layer.router, hidden)
-    torch.testing.assert_close(own.double(), independent, atol=1e-6, rtol=0)
-    probs = own.numpy()
+    independent = selection_probabilities(model, layer.router, hidden)
+    if family_of(model) == "llama_moe":  # its gate returns only the chosen experts' probabilities
+        probs = independent.float().numpy()
+    else:
+        own = router_output_probabilities(model, output)
+        torch.testing.assert_close(own.double(), independent, atol=1e-6, rtol=0)
+        probs = own.numpy()
     want_index, want_weight = reference_routing(probs, top_k, ranking, top_t, renormalizes(model))
     got = indices.numpy()
     for token in np.nonzero((got != want_index).any(axis=1))[0]:  # only exact ties may be broken differently

@@ -21,14 +21,14 @@ from moepatch.spec import FamilySpec
 from moepatch.spec import RoutingRule
 
 EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
-                   "moduleformer": "moduleformer"}
+                   "llama_moe": "llama_moe", "moduleformer": "moduleformer"}
 
 
 def test_every_family_module_is_registered_and_tested():
     families = registry.families()
     modules = {name for name in dir(model_patches) if isinstance(getattr(model_patches, name), types.ModuleType)}
-    assert modules == {"qwen2_moe", "mixtral", "generic_topk", "moduleformer"}
-    assert set(families) == {"qwen2_moe", "mixtral", "generic_topk", "moduleformer"}
+    assert modules == {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}
+    assert set(families) == {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}
     assert set(EXPECTED_FAMILY.values()) == set(families)  # each family has a tiny model in the test matrix
 
 

@@ -22,12 +22,21 @@ def test_vanilla_selection_is_bit_identical_to_the_family_router(family, batch, 
     reference_logits = logits_of(model, batch)
 
     undo = UndoLog()
-    patched = override_selection(moe, lambda layer: select_topk, None, undo)
+    if moe.family.selection_kind == "logits_top_k_plus_one":  # LLaMA-MoE: k + 1 candidates from the logits
+
+        def vanilla(logits):
+            return torch.topk(logits, moe.top_k + 1, dim=1)
+    else:
+        vanilla = select_topk
+    patched = override_selection(moe, lambda layer: vanilla, None, undo)
     assert patched == [f"{layer.name}.gate" for layer in moe.layers]
-    seam = "select_experts" if family == "moduleformer" else "forward"  # ModuleFormer's gate has its own seam
+    seam = "select_experts" if family in ("moduleformer", "llama_moe") else "forward"  # gates with their own seam
     assert all(seam in layer.router.__dict__ for layer in moe.layers)
     for layer, original in zip(moe.layers, originals):
-        for got, want in zip(layer.router(hidden), original):
+        got_all = layer.router(hidden)
+        if isinstance(got_all, dict):  # LLaMA-MoE's gate returns the published dict
+            got_all, original = list(got_all.values()), list(original.values())
+        for got, want in zip(got_all, original):
             assert got.dtype == want.dtype and torch.equal(got, want)
     assert torch.equal(logits_of(model, batch), reference_logits)
 
