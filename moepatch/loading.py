@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from moepatch.models.autopatch import AppliesMoePatchOnLoad
+
 LOADER_MODULE = "moepatch_loader"
 
 _NOT_FOR_LOCAL_CLASSES = ("trust_remote_code", "code_revision", "adapter_kwargs")
@@ -30,7 +32,7 @@ def load_config(path: str | Path, **kwargs: Any) -> Any:
     return AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
 
 
-def _drop_loader_auto_map(config: Any) -> None:
+def drop_loader_auto_map(config: Any) -> None:
     """Forget ``auto_map`` entries pointing at moepatch's loader (a ``save_pretrained`` copy stays self-contained)."""
     auto_map = getattr(config, "auto_map", None)
     if isinstance(auto_map, dict):
@@ -71,9 +73,12 @@ def from_pretrained(
             f"moepatch.from_pretrained: no causal-LM class for model_type {config.model_type!r} "
             f"({type(config).__name__}); supported by transformers or registered by moepatch"
         )
-    loaded = mapping[type(config)].from_pretrained(path, *model_args, config=config, **kwargs)
+    model_class = mapping[type(config)]
+    if issubclass(model_class, AppliesMoePatchOnLoad):  # moepatch's own classes apply on load; say whether
+        kwargs["moepatch_apply"] = False
+    loaded = model_class.from_pretrained(path, *model_args, config=config, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
-    _drop_loader_auto_map(model.config)
+    drop_loader_auto_map(model.config)
     if patch:
         apply(model, strict=strict)
     return loaded

@@ -172,8 +172,9 @@ def _official(name: str) -> dict:
 @pytest.mark.parametrize(
     ("file", "family", "layers", "experts", "top_k"),
     [("qwen1.5-moe-a2.7b.topt30.config.json", "qwen2_moe", 24, 60, 4),
+     ("llama-moe-v1-3_5b-2_8.topt5.config.json", "llama_moe", 32, 8, 2),
      ("llama-moe-v1-3_5b-2_8.topt5.config.json", "mixtral", 32, 8, 2)],
-    ids=["qwen1.5-moe-topt30", "llama-moe-topt5"],
+    ids=["qwen1.5-moe-topt30", "llama-moe-topt5", "llama-moe-list-on-mixtral"],
 )
 def test_official_config_files_drive_routing_unchanged(tmp_path, file, family, layers, experts, top_k):
     official = _official(file)
@@ -348,3 +349,21 @@ def test_c2r_false_switches_official_fields_off(batch):
     off = moepatch.apply(model, {"c2r": False})
     assert not off.c2r_routers and torch.equal(logits_of(model, batch), reference)
     assert model.config.moepatch["c2r"] is False
+
+
+@pytest.mark.parametrize(("num_experts", "top_k", "top_t"), [(8, 2, 1), (8, 2, 2), (8, 2, 5), (8, 4, 6), (16, 4, 15)])
+def test_llama_moe_rule_gives_k_plus_one_candidates(num_experts, top_k, top_t):
+    """c2r.md §4.2: [e1, the k best of row[:T]] (T = 1: [e1, row[0], row[1]]), logits gathered, best first."""
+    from moepatch.c2r import constrained_top_k_plus_one
+
+    ranking = random_list(1, num_experts, seed=top_t)[0]
+    width = 2 if top_t == 1 else top_t
+    candidates = torch.tensor([row[:width] for row in ranking])
+    logits = torch.randn(200, num_experts, generator=torch.Generator().manual_seed(top_k))
+    values, indices = constrained_top_k_plus_one(logits, top_k, candidates, top_t)
+    for token, z in enumerate(logits.tolist()):
+        first = max(range(num_experts), key=lambda e: z[e])
+        row = ranking[first]
+        rest = row[:2] if top_t == 1 else sorted(row[:top_t], key=lambda e: -z[e])[:top_k]
+        assert indices[token].tolist() == [first] + rest
+        assert values[token].tolist() == [z[e] for e in [first] + rest]

@@ -136,3 +136,57 @@ def test_saved_copy_of_an_installed_model_is_self_contained(checkpoint, tmp_path
     assert "moepatch_loader" not in json.dumps(saved.get("auto_map", {}))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "copy") is not None
     assert not (tmp_path / "copy" / BACKUP_NAME).exists()
+
+
+OFFICIAL_LLAMA_MOE = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "c2r" / "llama-moe-v1-3_5b-2_8.topt5.config.json"
+)
+
+
+def _published_llama_moe_folder(folder: Path) -> Path:
+    """A folder laid out like the published LLaMA-MoE checkpoint: its auto_map into its own modeling files, which
+    raise if anything imports them, the official config fields (with C2R's top_t / collaborative_list) at tiny width."""
+    if not OFFICIAL_LLAMA_MOE.exists():
+        pytest.skip(f"{OFFICIAL_LLAMA_MOE} not found (shared data absent)")
+    official = json.loads(OFFICIAL_LLAMA_MOE.read_text())
+    from moepatch.models.llama_moe import LlamaMoEConfig
+
+    tiny_width = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
+                  "vocab_size": 512, "size_experts": None, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    config = LlamaMoEConfig(**{**official, **tiny_width})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny.tiny_tokenizer().save_pretrained(folder)
+    for name in ("configuration_llama_moe.py", "modeling_llama_moe_hf.py"):
+        (folder / name).write_text(f"raise RuntimeError('{name} of the published checkpoint was imported')\n")
+    saved = json.loads((folder / "config.json").read_text())
+    saved["auto_map"] = {"AutoConfig": "configuration_llama_moe.LlamaMoEConfig",
+                         "AutoModel": "modeling_llama_moe_hf.LlamaMoEModel",
+                         "AutoModelForCausalLM": "modeling_llama_moe_hf.LlamaMoEForCausalLM"}
+    saved["moepatch"] = {"freeze_gate": "router"}
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    return folder
+
+
+def test_published_llama_moe_folder_loads_patched_every_way(tmp_path, batch):
+    folder = _published_llama_moe_folder(tmp_path / "llama-moe")
+    before = _snapshot(folder)
+    model, info = moepatch.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    handle = moepatch.get_handle(model)
+    assert handle.config.c2r.source == "official" and handle.config.c2r.top_t == 5
+    assert len(handle.c2r_routers) == 32 and len(handle.frozen_parameters) == 32 * 3
+    reference = logits_of(model, batch)
+    assert torch.isfinite(reference).all()
+
+    auto = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)  # moepatch imported: native class
+    assert moepatch.get_handle(auto) is not None and torch.equal(logits_of(auto.eval(), batch), reference)
+
+    moepatch.install(folder)
+    result = _run_tool(folder, tmp_path, batch)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["class"] == "LlamaMoEForCausalLM" and seen["patched"] and len(seen["c2r_buffers"]) == 32
+    assert len(seen["frozen"]) == 96 and seen["logits"] == reference.flatten()[:64].tolist()
+    moepatch.uninstall(folder)
+    assert _snapshot(folder) == before

@@ -45,6 +45,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
+from moepatch.models.autopatch import AppliesMoePatchOnLoad
 from moepatch.models.llama_moe.configuration_llama_moe import LlamaMoEConfig
 
 logger = logging.get_logger(__name__)
@@ -1084,7 +1085,7 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
             mlp.reset_experts()
 
 
-class LlamaMoEForCausalLM(LlamaMoEPreTrainedModel, GenerationMixin):
+class LlamaMoEForCausalLM(AppliesMoePatchOnLoad, LlamaMoEPreTrainedModel, GenerationMixin):
     """LLaMA-MoE with the LM head. ``loss`` = shifted CE (mean, ignore −100) on model-dtype logits, plus the summed
     balance loss whenever labels are given and it is positive (train and eval alike, as published)."""
 

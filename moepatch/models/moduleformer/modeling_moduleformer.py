@@ -52,6 +52,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder
 from transformers.utils.output_capturing import capture_outputs
 
+from moepatch.models.autopatch import AppliesMoePatchOnLoad
 from moepatch.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
 
 __all__ = [
@@ -645,7 +646,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+class ModuleFormerForCausalLM(AppliesMoePatchOnLoad, ModuleFormerPreTrainedModel, GenerationMixin):
     """ModuleFormer with an untied LM head; fp32 logits; the published shifted CE loss (+ weighted aux loss)."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
