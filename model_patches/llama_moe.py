@@ -7,7 +7,8 @@
 ``select_experts`` seam, softmaxes the k chosen logits (the router probabilities: 0 for other experts) and returns
 the published dict (``topK_indices``, ``topK_scores``, ``balance_loss``, ``load``, ``importance``).  Its CV²
 balance loss is computed from the chosen experts, so it follows any routing override.  A remote-code copy that runs
-is recognised by the same class names; it has no ``select_experts`` seam, so C2R needs moepatch's implementation.
+is recognised by the same class names; as it has no ``select_experts`` seam, a routing override binds moepatch's gate
+``forward`` (which routes through the seam) onto its gate instances, after checking their published attributes.
 """
 
 from moepatch.registry import register
@@ -28,6 +29,7 @@ LLAMA_MOE = register(
         top_k_attr="num_selects",
         selection_method="select_experts",
         selection_kind="logits_top_k_plus_one",
+        seam_donor="moepatch.models.llama_moe.modeling_llama_moe:TopKBalancedNoisyGate",
         aux_loss_coef_attr=None,
         gate_substring_note=(
             "router mlp.gate.gate_network.{0,2}.weight and noise projection mlp.gate.weight_noise.weight; experts' "

@@ -31,6 +31,7 @@ from moepatch.adapter import MoEModel
 from moepatch.aux_loss import install_actual_choice_aux_loss
 from moepatch.config import C2RConfig
 from moepatch.routing import override_selection
+from moepatch.routing import selection_seam_problem
 from moepatch.undo import UndoLog
 
 CANDIDATES_BUFFER = "c2r_candidates"
@@ -188,15 +189,11 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
     prefix = config.field_prefix
     kind = model.family.selection_kind
     _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t", kind)
-    method = model.family.selection_method
-    if method is not None:
-        for layer in model.layers:
-            if not callable(getattr(layer.router, method, None)):
-                raise ValueError(
-                    f"{prefix}top_t: the router of layer {layer.index} ({type(layer.router).__name__}) has no "
-                    f"`{method}` selection step to constrain (a remote-code gate?); load the checkpoint with "
-                    "moepatch.from_pretrained to get moepatch's implementation"
-                )
+    for layer in model.layers:
+        problem = selection_seam_problem(model.family, layer.router)
+        if problem is not None:
+            raise ValueError(f"{prefix}top_t: cannot constrain the router of layer {layer.index}: {problem}; load the "
+                             "checkpoint with moepatch.from_pretrained to get moepatch's implementation")
     width = max(config.top_t, 2) if kind == "logits_top_k_plus_one" and config.top_t == 1 else config.top_t
     listed = config.collaborative_list if config.path is None else _load_list_file(config, base_dir)
     name = f"{prefix}collaborative_list"

@@ -13,6 +13,7 @@ the experts actually chosen, after any override installed here.
 
 from __future__ import annotations
 
+import importlib
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from torch import nn
 if TYPE_CHECKING:
     from moepatch.adapter import MoELayer
     from moepatch.adapter import MoEModel
+    from moepatch.spec import FamilySpec
     from moepatch.undo import UndoLog
 
 ExpertSelector = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
@@ -107,6 +109,12 @@ def override_selection(
     for layer in chosen:
         router = layer.router
         if spec.selection_method is not None:  # the router has its own selection seam: replace just that
+            if not callable(getattr(router, spec.selection_method, None)):
+                donor = seam_donor(spec)  # a remote-code copy without the seam: give it moepatch's forward
+                undo.set_attribute(router, "forward", types.MethodType(donor.forward, router))
+                for helper in donor.SEAM_HELPERS:
+                    if not hasattr(router, helper):
+                        undo.set_attribute(router, helper, getattr(donor, helper))
             undo.set_attribute(router, spec.selection_method, selector_for(layer))
             patched.append(f"{layer.name}.{spec.router_attr}")
             continue
@@ -121,6 +129,25 @@ def override_selection(
         undo.set_attribute(router, "forward", forward)
         patched.append(f"{layer.name}.{spec.router_attr}")
     return patched
+
+
+def seam_donor(spec: FamilySpec) -> type:
+    """The family's ``seam_donor`` class (imported on demand)."""
+    module_name, _, class_name = (spec.seam_donor or "").partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def selection_seam_problem(spec: FamilySpec, router: nn.Module) -> str | None:
+    """Why a routing override cannot reach ``router``'s selection step, or ``None`` (checked before any change)."""
+    if spec.selection_method is None or callable(getattr(router, spec.selection_method, None)):
+        return None
+    if spec.seam_donor is None:
+        return f"{type(router).__name__} has no `{spec.selection_method}` selection step"
+    problem = seam_donor(spec).seam_problem(router)
+    if problem is not None:
+        name, method = type(router).__name__, spec.selection_method
+        return f"{name} has no `{method}` step and moepatch's gate cannot stand in for it: {problem}"
+    return None
 
 
 def probe_router(router: nn.Module, *, top_k: int, hidden_dim: int, tokens: int = 16) -> str | None:

@@ -99,6 +99,10 @@ class FamilySpec:
     """Contract of the selection step: ``"probs_top_k"``: ``(probs [N, E], k) -> (values [N, k], indices [N, k])``;
     ``"logits_top_k_plus_one"`` (LLaMA-MoE's ``select_experts``): ``(logits [N, E]) -> (top_logits [N, k+1],
     top_indices [N, k+1])``, the extra column being the best excluded candidate for the noisy load estimate."""
+    seam_donor: str | None = None
+    """``"module:Class"`` of a router whose ``forward`` routes through ``selection_method``: bound onto a router
+    instance that lacks the seam (a running remote-code copy of the published class) so routing overrides reach it.
+    The class provides ``seam_problem(router) -> str | None`` and ``SEAM_HELPERS`` (methods to bind if missing)."""
     extra_routers: tuple[str, ...] = ()
     """Further routers, as attribute paths from the decoder layer (ModuleFormer's attention-expert gate
     ``attn.q_proj.gate``): frozen by ``freeze_gate="router"``, not recorded or re-routed."""

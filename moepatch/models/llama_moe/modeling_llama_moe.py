@@ -484,6 +484,20 @@ class TopKBalancedNoisyGate(nn.Module):
             "importance": importance,
         }
 
+    SEAM_HELPERS = ("cv_squared",)
+    """Methods :meth:`forward` calls that a published-code gate instance may lack (bound with it by moepatch)."""
+
+    @classmethod
+    def seam_problem(cls, gate: nn.Module) -> str | None:
+        """Why this class's :meth:`forward` cannot run bound to ``gate`` (a running remote-code copy of the published
+        gate, which has no ``select_experts`` seam), or ``None``.  Checks the published attributes it reads."""
+        needed = ["num_selects", "num_experts", "gate_network", "add_noise", "noise_epsilon", "use_softmax",
+                  "softmax", "use_balance", "balance_loss_weight", "warned"]
+        if getattr(gate, "add_noise", False):
+            needed += ["weight_noise", "softplus"]
+        missing = [name for name in needed if not hasattr(gate, name)]
+        return f"missing published gate attributes {missing}" if missing else None
+
     @staticmethod
     def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
         """Squared coefficient of variation ``var(x) / (mean(x)² + eps)`` in fp32, unbiased variance; 0 for one
