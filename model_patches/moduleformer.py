@@ -25,6 +25,8 @@ MODULEFORMER = register(
         router_output=RouterOutput(indices=0, weights=1, scores=2, scores_are="probabilities"),
         selection_method="select_experts",
         extra_routers=("attn.q_proj.gate",),
+        router_expert_parameters=("w_gate.3.weight",),
+        expert_modules=("experts", "output_experts"),
         aux_loss_coef_attr=None,
         gate_substring_note="MLP router mlpf.gate.w_gate.* and attention-expert router attn.q_proj.gate.w_gate.*",
     )

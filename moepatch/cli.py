@@ -281,6 +281,11 @@ def cmd_place(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     reports: dict[str, dict[str, Any]] = {}
+    if source.is_dir() and args.write_permuted:  # fail before profiling if the experts cannot be renumbered
+        from moepatch.adapter import describe
+        from moepatch.permute import check_permutable
+
+        check_permutable(describe(_skeleton(str(source), args.trust_remote_code)[1], verify=False))
     if source.is_dir():
         for routing, profile in _profile_for_placement(args).items():
             report = placement_report(
@@ -299,10 +304,7 @@ def cmd_place(args: argparse.Namespace) -> int:
     if args.write_permuted:
         chosen = reports.get("c2r") or reports["vanilla"]
         permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
-        written = write_permuted_checkpoint(
-            source, permutations, args.write_permuted, trust_remote_code=args.trust_remote_code
-        )
-        result["permuted_checkpoint"] = str(written)
+        result["permuted_checkpoint"] = str(write_permuted_checkpoint(source, permutations, args.write_permuted))
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

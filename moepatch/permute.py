@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moepatch.adapter import MoEModel
+from moepatch.adapter import attribute_path
 from moepatch.adapter import describe
 from moepatch.config import CONFIG_KEY
 
@@ -33,27 +34,58 @@ def _check_permutation(permutation: Sequence[int], num_experts: int, layer: int)
                          f"got {list(permutation)}")
 
 
+def _expert_tensors(model: MoEModel, index: int) -> list[tuple[str, nn.Parameter | nn.ParameterList]]:
+    """Every tensor of layer ``index`` that carries the expert axis, per the family spec; raises on anything else."""
+    spec, layer, num_experts = model.family, model.layer(index), model.num_experts
+    found: list[tuple[str, nn.Parameter | nn.ParameterList]] = []
+    router_parameters = dict(layer.router.named_parameters())
+    for name in spec.router_expert_parameters or tuple(router_parameters):
+        if name not in router_parameters:
+            raise ValueError(f"layer {index}: router has no parameter {name!r}")
+        found.append((f"{spec.router_attr}.{name}", router_parameters[name]))
+    for path in spec.expert_modules or (spec.experts_attr,):
+        module = attribute_path(layer.block, path)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"layer {index}: no expert module {path!r}")
+        for name, child in module.named_children():
+            if isinstance(child, nn.ParameterList) and len(child) == num_experts:
+                found.append((f"{path}.{name}", child))
+            elif any(True for _ in child.parameters()):
+                raise ValueError(f"layer {index}: {path}.{name} holds parameters in an unknown layout")
+        found.extend((f"{path}.{name}", p) for name, p in module.named_parameters(recurse=False))
+    for name, tensor in found:
+        if isinstance(tensor, nn.Parameter) and (tensor.dim() == 0 or tensor.shape[0] != num_experts):
+            raise ValueError(f"layer {index}: {name} has shape {tuple(tensor.shape)}, not [E={num_experts}, ...]; "
+                             "cannot permute")
+    return found
+
+
+def check_permutable(model: MoEModel) -> None:
+    """Raise ``ValueError`` if the experts of ``model`` cannot be renumbered (works on a meta-device skeleton)."""
+    for index in model.moe_layer_indices:
+        _expert_tensors(model, index)
+
+
 def permute_experts(model: MoEModel, permutations: Mapping[int, Sequence[int]]) -> None:
     """In place: in each listed MoE layer, new expert ``n`` becomes old expert ``permutations[layer][n]``.
 
-    Every parameter of the router and of the experts module whose leading dimension is ``E`` is reordered (router
-    rows; fused ``gate_up_proj`` / ``down_proj`` and their biases).  A parameter without that leading dimension means
-    a layout this function does not know: it raises before changing anything.
+    The family spec says which tensors carry the expert axis: router rows producing the per-expert scores, stacked
+    ``[E, ...]`` expert tensors (reordered along dim 0) and per-expert ``ParameterList``s (entries reordered).
+    Everything is checked before the first change.
     """
-    plan: list[tuple[nn.Parameter, torch.Tensor]] = []
+    plan = []
     for index, permutation in permutations.items():
-        layer = model.layer(index)
         _check_permutation(permutation, model.num_experts, index)
-        order = torch.tensor(list(permutation), dtype=torch.int64)
-        for module in (layer.router, layer.experts):
-            for name, parameter in module.named_parameters():
-                if parameter.dim() == 0 or parameter.shape[0] != model.num_experts:
-                    raise ValueError(f"layer {index}: {type(module).__name__}.{name} has shape "
-                                     f"{tuple(parameter.shape)}, not [E={model.num_experts}, ...]; cannot permute")
-                plan.append((parameter, order.to(parameter.device)))
+        plan.append((list(permutation), _expert_tensors(model, index)))
     with torch.no_grad():
-        for parameter, order in plan:
-            parameter.copy_(parameter[order])
+        for permutation, tensors in plan:
+            for _, tensor in tensors:
+                if isinstance(tensor, nn.ParameterList):
+                    entries = list(tensor)
+                    for new, old in enumerate(permutation):
+                        tensor[new] = entries[old]
+                else:
+                    tensor.copy_(tensor[torch.tensor(permutation, device=tensor.device)])
 
 
 def renumber_collaborative_list(listed: list, permutations: Mapping[int, Sequence[int]]) -> list:
@@ -72,19 +104,25 @@ def write_permuted_checkpoint(
     source: str | Path,
     permutations: Mapping[int, Sequence[int]],
     output: str | Path,
-    *,
-    trust_remote_code: bool = False,
 ) -> Path:
     """Load ``source``, renumber its experts and C2R lists, and save the result (with tokenizer) to ``output``.
 
     Also writes ``expert_permutation.json`` (``{layer: permutation}``, new id → old id) next to the weights.
     """
-    from transformers import AutoModelForCausalLM
-
     source, output = Path(source), Path(output)
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code)
-    permute_experts(describe(model), permutations)
+    from moepatch.loading import from_pretrained
+
+    model = from_pretrained(source, patch=False)  # moepatch's or transformers' classes, never the folder's code
+    moe = describe(model)
+    permute_experts(moe, permutations)
     config = model.config
+    for name in moe.family.per_expert_config:
+        rows = getattr(config, name, None)
+        if isinstance(rows, list):
+            setattr(config, name, [
+                [row[old] for old in permutations[index]] if index in permutations and isinstance(row, list) else row
+                for index, row in enumerate(rows)
+            ])
     if isinstance(getattr(config, "collaborative_list", None), list):
         config.collaborative_list = renumber_collaborative_list(config.collaborative_list, permutations)
     block: dict[str, Any] | None = getattr(config, CONFIG_KEY, None)

@@ -99,6 +99,15 @@ class FamilySpec:
     """Contract of the selection step: ``"probs_top_k"``: ``(probs [N, E], k) -> (values [N, k], indices [N, k])``;
     ``"logits_top_k_plus_one"`` (LLaMA-MoE's ``select_experts``): ``(logits [N, E]) -> (top_logits [N, k+1],
     top_indices [N, k+1])``, the extra column being the best excluded candidate for the noisy load estimate."""
+    router_expert_parameters: tuple[str, ...] | None = None
+    """Router parameters (names inside the router) whose first dimension indexes experts — the rows producing the
+    per-expert scores (LLaMA-MoE: ``gate_network.2.weight``, ``weight_noise.weight``).  ``None``: every router
+    parameter.  Used to renumber experts (expert-parallel placement)."""
+    expert_modules: tuple[str, ...] | None = None
+    """Block-relative modules holding per-expert weights (stacked ``[E, ...]`` tensors or ``ParameterList``s of E
+    entries); ``None``: just ``experts_attr`` (ModuleFormer adds ``output_experts``)."""
+    per_expert_config: tuple[str, ...] = ()
+    """Config attributes shaped ``[layers][E]`` that follow a renumbering (LLaMA-MoE's ``size_experts``)."""
     seam_donor: str | None = None
     """``"module:Class"`` of a router whose ``forward`` routes through ``selection_method``: bound onto a router
     instance that lacks the seam (a running remote-code copy of the published class) so routing overrides reach it.
