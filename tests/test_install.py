@@ -190,3 +190,21 @@ def test_published_llama_moe_folder_loads_patched_every_way(tmp_path, batch):
     assert len(seen["frozen"]) == 96 and seen["logits"] == reference.flatten()[:64].tolist()
     moepatch.uninstall(folder)
     assert _snapshot(folder) == before
+
+
+def test_moduleformer_install_round_trip(tmp_path, batch):
+    """MoLM has no remote code of its own on the Hub: install gives tools a way to load it, already patched."""
+    ranking = tiny.random_collaborative_list(3, 8, 0)
+    block = {"freeze_gate": "router", "c2r": {"top_t": 2, "collaborative_list": ranking}}
+    folder = tiny.save_tiny_checkpoint(tmp_path / "molm", "moduleformer", moepatch=block)
+    before = _snapshot(folder)
+    expected = moepatch.from_pretrained(folder)
+    moepatch.install(folder)
+    result = _run_tool(folder, tmp_path, batch)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["class"] == "ModuleFormerForCausalLM" and seen["patched"]
+    assert len(seen["c2r_buffers"]) == 3 and len(seen["frozen"]) == 3 * 6  # MLP + attention gates, 3 tensors each
+    assert seen["logits"] == logits_of(expected, batch).flatten()[:64].tolist()
+    moepatch.uninstall(folder)
+    assert _snapshot(folder) == before
