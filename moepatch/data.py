@@ -1,0 +1,162 @@
+"""Multi-source instruction data for dynamic data mixing: records → conversations → tokens with assistant-only labels.
+
+Two record formats are read from jsonl: fastchat ``{"conversations": [{"from": "human"|"gpt"|"system", "value":
+...}], "system_prompt"?}`` (the released dynamic-mixing data) and ``{"instruction", "input"?, "output"}``.  A
+conversation is rendered with the tokenizer's chat template, or with the Vicuna v1.1 format of the official code
+(``"{system} USER: {q} ASSISTANT: {a}</s>..."``, empty system unless the record has one).  Labels are ``-100``
+everywhere but on the assistant spans (their end-of-turn text included), found by rendering the conversation turn by
+turn; a template that does not render prefix-consistently is refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100
+PROMPT_FORMATS = ("chat_template", "vicuna")
+_FASTCHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a jsonl file; ``ValueError`` naming file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} not found")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            records.append(record)
+    return records
+
+
+def to_messages(record: dict[str, Any], where: str = "record") -> list[dict[str, str]]:
+    """Chat messages (``role``/``content``) of a fastchat or instruction/input/output record."""
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: 'conversations' must be a non-empty list")
+        messages = []
+        system = record.get("system_prompt")
+        if isinstance(system, str) and system:
+            messages.append({"role": "system", "content": system})
+        for position, turn in enumerate(turns):
+            role = _FASTCHAT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+            if role is None or not isinstance(turn.get("value"), str):
+                raise ValueError(f"{where}: conversations[{position}] needs 'from' in {sorted(_FASTCHAT_ROLES)} and "
+                                 "a string 'value'")
+            messages.append({"role": role, "content": turn["value"]})
+    elif "instruction" in record and "output" in record:
+        prompt = record["instruction"]
+        if record.get("input"):
+            prompt = f"{prompt}\n\n{record['input']}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    else:
+        raise ValueError(f"{where}: unknown record format (expected 'conversations' or 'instruction'/'output')")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"{where}: no assistant turn to train on")
+    return messages
+
+
+def _vicuna_pieces(messages: list[dict[str, str]], eos: str) -> list[tuple[str, bool]]:
+    """Vicuna v1.1 text as (piece, is_assistant) pairs."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    pieces: list[tuple[str, bool]] = [(system, False)]
+    for message in messages:
+        if message["role"] == "user":
+            pieces.append((f" USER: {message['content']}", False))
+        elif message["role"] == "assistant":
+            pieces.append((" ASSISTANT:", False))
+            pieces.append((f" {message['content']}{eos}", True))
+    return pieces
+
+
+def _template_pieces(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """Chat-template text as (piece, is_assistant) pairs, by rendering the conversation turn by turn."""
+    pieces: list[tuple[str, bool]] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise ValueError("the chat template does not render turn by turn consistently; use prompt_format='vicuna'")
+        pieces.append((prompt[len(rendered) :], False))
+        pieces.append((full[len(prompt) :], message["role"] == "assistant"))
+        rendered = full
+    return [piece for piece in pieces if piece[0]]
+
+
+def encode_messages(
+    tokenizer: Any, messages: list[dict[str, str]], *, prompt_format: str = "chat_template", max_length: int = 512
+) -> dict[str, list[int]]:
+    """``input_ids``, ``attention_mask`` and ``labels`` (assistant tokens only) of one conversation, truncated."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format: expected one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format='chat_template' but the tokenizer has no chat template; use 'vicuna'")
+    if prompt_format == "vicuna":
+        pieces = _vicuna_pieces(messages, tokenizer.eos_token or "")
+    else:
+        pieces = _template_pieces(tokenizer, messages)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces:  # piecewise tokenisation: label spans are exact by construction
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+@dataclass
+class DataSource:
+    """One named source: tokenised train examples and a fixed probe (dev) split."""
+
+    name: str
+    train: list[dict[str, list[int]]] = field(default_factory=list)
+    probe: list[dict[str, list[int]]] = field(default_factory=list)
+
+
+def load_source(
+    name: str,
+    train_path: str | Path,
+    tokenizer: Any,
+    *,
+    probe_path: str | Path | None = None,
+    probe_size: int = 80,
+    seed: int = 0,
+    prompt_format: str = "chat_template",
+    max_length: int = 512,
+) -> DataSource:
+    """Read, convert and tokenise one source.  Without ``probe_path`` the probe split is a seeded, fixed sample of
+    ``probe_size`` train records, removed from the train split (the paper uses ≈80 dev examples per source)."""
+    records = read_jsonl(train_path)
+    probe_records = read_jsonl(probe_path) if probe_path is not None else []
+    if probe_path is None:
+        if probe_size >= len(records):
+            raise ValueError(f"probe_size: {probe_size} leaves no training data in {name!r} ({len(records)} records)")
+        chosen = set(random.Random(seed).sample(range(len(records)), probe_size))
+        probe_records = [r for i, r in enumerate(records) if i in chosen]
+        records = [r for i, r in enumerate(records) if i not in chosen]
+
+    def encode(batch: list[dict[str, Any]], split: str) -> list[dict[str, list[int]]]:
+        return [
+            encode_messages(tokenizer, to_messages(r, f"{name}/{split}[{i}]"), prompt_format=prompt_format,
+                            max_length=max_length)
+            for i, r in enumerate(batch)
+        ]
+
+    return DataSource(name=name, train=encode(records, "train"), probe=encode(probe_records, "probe"))

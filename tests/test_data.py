@@ -1,0 +1,90 @@
+"""Instruction data: record formats, prompt formats, assistant-only labels, fixed probe splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moepatch import tiny
+from moepatch.data import IGNORE_INDEX
+from moepatch.data import encode_messages
+from moepatch.data import load_source
+from moepatch.data import read_jsonl
+from moepatch.data import to_messages
+
+FASTCHAT = {"system_prompt": "Be brief.", "conversations": [
+    {"from": "human", "value": "What routes tokens?"}, {"from": "gpt", "value": "The router."},
+    {"from": "human", "value": "How many experts?"}, {"from": "gpt", "value": "The top k."}]}
+ALPACA = {"instruction": "Name the gate.", "input": "MoE layer", "output": "The router."}
+CHATML = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _trained_text(tokenizer, encoded) -> str:
+    return tokenizer.decode([t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX])
+
+
+def test_record_formats():
+    assert to_messages(FASTCHAT) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What routes tokens?"},
+        {"role": "assistant", "content": "The router."}, {"role": "user", "content": "How many experts?"},
+        {"role": "assistant", "content": "The top k."}]
+    assert to_messages(ALPACA) == [{"role": "user", "content": "Name the gate.\n\nMoE layer"},
+                                   {"role": "assistant", "content": "The router."}]
+    with pytest.raises(ValueError, match="x.jsonl:3: unknown record format"):
+        to_messages({"text": "plain"}, "x.jsonl:3")
+    with pytest.raises(ValueError, match=r"conversations\[0\] needs 'from'"):
+        to_messages({"conversations": [{"from": "bot", "value": "hi"}]})
+    with pytest.raises(ValueError, match="no assistant turn"):
+        to_messages({"conversations": [{"from": "human", "value": "hi"}]})
+
+
+def test_vicuna_format_trains_only_assistant_spans():
+    tokenizer = tiny.tiny_tokenizer()
+    encoded = encode_messages(tokenizer, to_messages(FASTCHAT), prompt_format="vicuna")
+    text = tokenizer.decode(encoded["input_ids"])
+    assert text == ("Be brief. USER: What routes tokens? ASSISTANT: The router.</s> USER: How many experts? "
+                    "ASSISTANT: The top k.</s>")
+    assert _trained_text(tokenizer, encoded) == " The router.</s> The top k.</s>"
+    assert len(encoded["labels"]) == len(encoded["input_ids"]) == len(encoded["attention_mask"])
+
+
+def test_chat_template_format_and_truncation():
+    tokenizer = tiny.tiny_tokenizer()
+    tokenizer.chat_template = CHATML
+    encoded = encode_messages(tokenizer, to_messages(ALPACA))
+    assert tokenizer.decode(encoded["input_ids"]) == (
+        "<|user|>\nName the gate.\n\nMoE layer</s>\n<|assistant|>\nThe router.</s>\n")
+    assert _trained_text(tokenizer, encoded) == "The router.</s>\n"
+    short = encode_messages(tokenizer, to_messages(ALPACA), max_length=5)
+    assert len(short["input_ids"]) == 5 and set(short["labels"]) == {IGNORE_INDEX}
+
+
+def test_inconsistent_template_and_missing_template_are_refused():
+    tokenizer = tiny.tiny_tokenizer()
+    with pytest.raises(ValueError, match="has no chat template"):
+        encode_messages(tokenizer, to_messages(ALPACA))
+    tokenizer.chat_template = "{{ messages | length }} turns{% if add_generation_prompt %}!{% endif %}"
+    with pytest.raises(ValueError, match="does not render turn by turn consistently"):
+        encode_messages(tokenizer, to_messages(ALPACA))
+
+
+def test_load_source_with_a_fixed_probe_split(tmp_path):
+    records = [{"instruction": f"Question {i}", "output": f"Answer {i}"} for i in range(20)]
+    path = tmp_path / "math.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    tokenizer = tiny.tiny_tokenizer()
+    first = load_source("math", path, tokenizer, probe_size=5, seed=3, prompt_format="vicuna")
+    again = load_source("math", path, tokenizer, probe_size=5, seed=3, prompt_format="vicuna")
+    assert len(first.train) == 15 and len(first.probe) == 5 and first.probe == again.probe
+    probe_texts = {tokenizer.decode(e["input_ids"]) for e in first.probe}
+    train_texts = {tokenizer.decode(e["input_ids"]) for e in first.train}
+    assert not probe_texts & train_texts and len(probe_texts | train_texts) == 20
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps(FASTCHAT) + "\n")
+    with_dev = load_source("math", path, tokenizer, probe_path=dev, prompt_format="vicuna")
+    assert len(with_dev.train) == 20 and len(with_dev.probe) == 1
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "q", "output": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not JSON"):
+        read_jsonl(tmp_path / "bad.jsonl")
