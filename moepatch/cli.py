@@ -199,7 +199,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
     import moepatch
@@ -213,9 +212,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from moepatch.profiling import write_c2r_fields
 
     checkpoint = Path(args.model_path)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+    model = moepatch.from_pretrained(checkpoint)  # never runs the folder's own code; applies its config
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
-    handle = moepatch.apply(model)  # a checkpoint that already routes under C2R is profiled as it routes
+    handle = moepatch.apply(model)  # the handle; a checkpoint that already routes under C2R is profiled as it routes
     documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
     batches = corpus_batches(tokenizer, documents, batch_size=args.batch_size, max_length=args.max_length,
                              seed=args.seed)
@@ -248,7 +247,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
     """Profile a checkpoint under vanilla routing and, when it has C2R fields, under C2R (choices kept)."""
-    from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
     import moepatch
@@ -257,7 +255,7 @@ def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
     from moepatch.profiling import profile_coactivation
     from moepatch.profiling import read_corpus
 
-    model = AutoModelForCausalLM.from_pretrained(args.source, trust_remote_code=args.trust_remote_code)
+    model = moepatch.from_pretrained(args.source, patch=False)  # never runs the folder's own code
     tokenizer = AutoTokenizer.from_pretrained(args.source, trust_remote_code=args.trust_remote_code)
     documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
     profiles = {}
