@@ -1,0 +1,173 @@
+"""Dynamic data mixing during HF Trainer fine-tuning: probe rounds, the weight update, checkpointed sampler state.
+
+Every ``update_every`` optimizer steps :class:`DynamicSamplingCallback` routes each source's fixed probe set through
+the model (eval mode, no grad), records hard top-k counts with :class:`~moepatch.recorder.RoutingRecorder` (default:
+the last MoE layer, as in the paper), sums them over ranks, and applies :func:`moepatch.sampling.update_weights`.
+The new weights go to the :class:`~moepatch.mixture.DynamicMixtureSampler` from a declared draw on (exact with
+workers); each round is appended to ``output_dir/sampling_info/rounds.jsonl`` on the main process.
+:class:`MixtureTrainer` plugs the sampler into the Trainer and saves / restores its state with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers import TrainerCallback
+
+from moepatch.mixture import DynamicMixtureSampler
+from moepatch.mixture import MixtureDataset
+from moepatch.recorder import RoutingRecorder
+from moepatch.sampling import source_distances
+from moepatch.sampling import update_weights
+
+STATE_FILE = "dynamic_sampling.json"
+ROUNDS_FILE = Path("sampling_info") / "rounds.jsonl"
+
+
+@dataclass
+class DynamicSamplingArguments:
+    """Options of dynamic data mixing (usable with ``HfArgumentParser``)."""
+
+    update_every: int = field(default=100, metadata={"help": "Optimizer steps between probe rounds (m)."})
+    eta: float = field(default=10.0, metadata={"help": "Step size η of the weight update."})
+    c: float = field(default=0.05, metadata={"help": "Smoothing towards uniform; every weight stays >= c/|D|."})
+    distance: str = field(default="l2", metadata={"help": "'l2' or 'cos'."})
+    criterion: str = field(default="mean", metadata={"help": "'mean', 'max' or 'min'."})
+    probe_layers: list[int] = field(default_factory=lambda: [-1], metadata={"help": "MoE layers to record."})
+    probe_batch_size: int = field(default=4, metadata={"help": "Batch size of the probe forwards."})
+    sampling_seed: int = field(default=0, metadata={"help": "Seed of the source draws and per-source streams."})
+
+
+class DynamicSamplingCallback(TrainerCallback):
+    """Probe rounds and weight updates; see the module docstring."""
+
+    def __init__(
+        self,
+        sampler: DynamicMixtureSampler,
+        names: list[str],
+        probe_sets: list[list[dict[str, Any]]],
+        collator: Any,
+        options: DynamicSamplingArguments,
+    ) -> None:
+        if len(names) != len(probe_sets) or len(names) != len(sampler.source_sizes):
+            raise ValueError("names / probe_sets: one name and one probe set per source")
+        if any(not probe for probe in probe_sets):
+            raise ValueError("probe_sets: every source needs probe examples")
+        self.sampler, self.names, self.probe_sets = sampler, names, probe_sets
+        self.collator, self.options = collator, options
+
+    def probe_loads(self, model: torch.nn.Module) -> list[list[float]]:
+        """Per source: the recorded layers' hard top-k counts over its probe set, summed over ranks, flattened."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        loads = []
+        try:
+            for probe in self.probe_sets:
+                recorder = RoutingRecorder(model, self.options.probe_layers)
+                with recorder, torch.no_grad():
+                    for start in range(0, len(probe), self.options.probe_batch_size):
+                        batch = self.collator(probe[start : start + self.options.probe_batch_size])
+                        inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+                        model(**inputs)
+                loads.append(recorder.all_reduce().counts.flatten().double().tolist())
+        finally:
+            model.train(was_training)
+        return loads
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any):
+        if model is None or state.global_step % self.options.update_every != 0:
+            return control
+        loads = self.probe_loads(model)
+        old = self.sampler.weights
+        o = self.options
+        new = update_weights(old, loads, eta=o.eta, c=o.c, distance=o.distance, criterion=o.criterion)
+        consumed = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.sampler.set_weights(new, consumed=consumed * args.world_size)
+        if state.is_world_process_zero:
+            record = {
+                "step": state.global_step,
+                "sources": self.names,
+                "old_weights": old,
+                "new_weights": new,
+                "distances": source_distances(loads, distance=o.distance, criterion=o.criterion),
+                "per_source_loads": loads,
+                "realised_counts": list(self.sampler.counts),
+            }
+            path = Path(args.output_dir) / ROUNDS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            consumed = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            state_dict = self.sampler.state_dict(consumed=consumed * args.world_size)
+            (folder / STATE_FILE).write_text(json.dumps({"names": self.names, **state_dict}))
+        return control
+
+
+class MixtureTrainer(Trainer):
+    """A Trainer whose train dataset is a :class:`MixtureDataset` drawn by a :class:`DynamicMixtureSampler`.
+
+    The sampler's state (weights schedule, position) is saved with every checkpoint and restored on resume; the
+    Trainer's own batch skipping is turned off because the sampler resumes at the right draw by itself.
+    """
+
+    def __init__(self, *args: Any, mixture_sampler: DynamicMixtureSampler, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.train_dataset, MixtureDataset):
+            raise ValueError("MixtureTrainer: train_dataset must be a MixtureDataset")
+        self.mixture_sampler = mixture_sampler
+        self.args.ignore_data_skip = True  # the sampler resumes at the consumed draw itself
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> DynamicMixtureSampler:
+        return self.mixture_sampler
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Also reload the weights through ``from_pretrained``'s key conversion.
+
+        transformers 5.24's Trainer restores a checkpoint with a raw ``load_state_dict``, but MoE checkpoints are
+        saved in the per-expert layout (``experts.{e}.gate_proj.weight``) that only ``from_pretrained`` fuses back
+        into ``experts.gate_up_proj``: without this the experts silently keep their pre-resume weights.
+        """
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from moepatch.loading import from_pretrained
+
+        target = model if model is not None else self.model
+        reloaded = from_pretrained(resume_from_checkpoint, patch=False)
+        missing, unexpected = target.load_state_dict(reloaded.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} does not match the model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Restore the sampler from the checkpoint first (every backend: DeepSpeed skips ``_load_from_checkpoint``)."""
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str):
+            path = os.path.join(resume_from_checkpoint, STATE_FILE)
+            if not os.path.exists(path):
+                raise ValueError(f"resume_from_checkpoint: {path} missing; the checkpoint has no sampler state")
+            state = json.loads(Path(path).read_text())
+            state.pop("names", None)
+            self.mixture_sampler.load_state_dict(state)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def sampling_horizon(args: Any) -> int:
+    """Draws an update must wait for: what the DataLoader (and accelerate's look-ahead) may have prefetched."""
+    prefetch = (args.dataloader_prefetch_factor or 2) * args.dataloader_num_workers
+    return (prefetch + 2) * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
