@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from bench_forward import add_common_arguments
+from bench_forward import build_model
 from bench_forward import make_batch
-from bench_forward import qwen15_moe_reduced
 from bench_forward import synchronize
-from transformers import AutoModelForCausalLM
 
 import moepatch
 from moepatch import tiny
@@ -120,31 +120,20 @@ def counting_only(layers: int = 24, tokens: int = 8192, experts: int = 60, top_k
 
     ours_s = statistics.median(timed(torch.device("cpu"), ours) for _ in range(5))
     official_s = timed(torch.device("cpu"), official)
-    assert torch.equal(recorder.coactivation[0], torch.zeros(experts, experts, dtype=torch.int64)) is False
+    assert int(recorder.coactivation.sum()) > 0  # the recorder really counted
     return ours_s, official_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "qwen1.5-moe-2l"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=6)
+    add_common_arguments(parser, rounds=6)
     parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--top-t", type=int, default=None, help="default: E/2 (30 for 60 experts, as in the paper)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
     for name in args.models:
-        if name == "tiny":
-            model, vocab = tiny.tiny_model("qwen2_moe"), len(tiny.tiny_tokenizer())
-        else:
-            torch.manual_seed(0)
-            model, vocab = AutoModelForCausalLM.from_config(qwen15_moe_reduced(2, args.vocab)).eval(), args.vocab
-        model = model.to(device=device, dtype=dtype)
+        model, vocab = build_model(name, args.vocab, device, dtype)
         batches = [make_batch(vocab, args.batch_size, args.seq, device) for _ in range(args.batches)]
         moe = describe(model)
         top_t = args.top_t or moe.num_experts // 2

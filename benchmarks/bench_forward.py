@@ -103,30 +103,40 @@ def make_batch(vocab: int, batch_size: int, seq: int, device: torch.device) -> d
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """Arguments shared by the benchmark scripts (models, device, dtype, batch shape)."""
     parser.add_argument("--models", nargs="+", default=["tiny", "qwen1.5-moe-2l"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--per-round", type=int, default=5, help="forwards timed per round and variant")
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary of the reduced Qwen1.5-MoE model")
+
+
+def build_model(name: str, vocab: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
+    """``tiny`` (the embedded tiny Qwen2-MoE) or ``qwen1.5-moe-2l``; returns the model and its vocabulary size."""
+    if name == "tiny":
+        model, vocab = tiny.tiny_model("qwen2_moe"), len(tiny.tiny_tokenizer())
+    elif name == "qwen1.5-moe-2l":
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(qwen15_moe_reduced(2, vocab)).eval()
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    return model.to(device=device, dtype=dtype), vocab
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, rounds=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--per-round", type=int, default=5, help="forwards timed per round and variant")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     rows = []
     for name in args.models:
-        if name == "tiny":
-            model, vocab = tiny.tiny_model("qwen2_moe"), len(tiny.tiny_tokenizer())
-        elif name == "qwen1.5-moe-2l":
-            model = AutoModelForCausalLM.from_config(qwen15_moe_reduced(2, args.vocab)).eval()
-            vocab = args.vocab
-        else:
-            raise SystemExit(f"unknown model {name!r}")
-        model = model.to(device=device, dtype=dtype)
+        model, vocab = build_model(name, args.vocab, device, dtype)
         batch = make_batch(vocab, args.batch_size, args.seq, device)
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"batch {args.batch_size}x{args.seq}, {args.device} {args.dtype}, "

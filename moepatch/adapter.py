@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from moepatch import registry
@@ -56,6 +57,14 @@ class MoEModel:
             if layer.index == index:
                 return layer
         raise KeyError(index)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Device of the module's first materialised parameter (CPU when it has none, or only meta ones)."""
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
 
 
 def attribute_path(module: object, path: str) -> object:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from moepatch.adapter import MoEModel
+from moepatch.adapter import device_of
 from moepatch.aux_loss import install_actual_choice_aux_loss
 from moepatch.config import C2RConfig
 from moepatch.routing import override_selection
@@ -229,8 +230,7 @@ def install_c2r(model: MoEModel, plan: C2RPlan, undo: UndoLog) -> list[str]:
     """Attach the candidate buffers, override the selection of the planned layers and fix the aux loss."""
     for index, table in plan.tables.items():
         router = model.layer(index).router
-        device = next((p.device for p in router.parameters()), torch.device("cpu"))
-        undo.add_buffer(router, CANDIDATES_BUFFER, table.to(device))
+        undo.add_buffer(router, CANDIDATES_BUFFER, table.to(device_of(router)))
     patched = override_selection(
         model, lambda layer: _selector_for(layer.router, model, plan.top_t), sorted(plan.tables), undo
     )

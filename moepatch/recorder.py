@@ -25,6 +25,7 @@ from torch import nn
 
 from moepatch.adapter import MoEModel
 from moepatch.adapter import describe
+from moepatch.adapter import device_of
 from moepatch.adapter import resolve_layer_indices
 from moepatch.compat import current_backward_task_id
 from moepatch.errors import MoePatchWarning
@@ -68,7 +69,7 @@ class RoutingRecorder:
         )
         self.num_experts = self.model.num_experts
         self.top_k = self.model.top_k
-        device = _device_of(self.model.layer(self.layers[0]).router)
+        device = device_of(self.model.layer(self.layers[0]).router)
         # One accumulator per recorded layer: columns [0, E] are hard counts (column E catches the "no expert"
         # sentinel index E that transformers' eager experts accept), columns E+1.. are probability sums.  float64
         # counts are exact up to 2**53; tokens are derived (every kept token fills exactly k slots).
@@ -97,7 +98,7 @@ class RoutingRecorder:
         """Install the hooks (idempotent)."""
         if self.active:
             return self
-        device = _device_of(self.model.layer(self.layers[0]).router)  # follow a model moved since __init__
+        device = device_of(self.model.layer(self.layers[0]).router)  # follow a model moved since __init__
         self._acc = self._acc.to(device)
         self._co = None if self._co is None else self._co.to(device)
         decoder = self.model.decoder
@@ -315,13 +316,6 @@ class RoutingRecorder:
     def to_json(self, **kwargs: Any) -> str:
         """``json.dumps(self.to_dict())``."""
         return json.dumps(self.to_dict(), **kwargs)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for parameter in module.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
-    return torch.device("cpu")
 
 
 def _argument_position(function: Any, name: str) -> int | None:

@@ -1028,47 +1028,37 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
     def _moe_layers(self) -> list[LinearGLUMoELayer]:
         return [layer.mlp for layer in self.layers]
 
-    def set_moe_num_selects(self, num_selects: int) -> None:
+    def _set_on_every_layer(self, layer_setter: str, value: Any, config_key: str) -> None:
+        """Call ``mlp.<layer_setter>(value)`` on every MoE layer and keep ``config.<config_key>`` in sync."""
         for mlp in self._moe_layers():
-            mlp.set_num_selects(num_selects)
-        self.config.num_selects = num_selects
+            getattr(mlp, layer_setter)(value)
+        setattr(self.config, config_key, value)
+
+    def set_moe_num_selects(self, num_selects: int) -> None:
+        self._set_on_every_layer("set_num_selects", num_selects, "num_selects")
 
     def set_moe_gate_use_softmax(self, use_softmax: bool) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_gate_use_softmax(use_softmax)
-        self.config.gate_use_softmax = use_softmax
+        self._set_on_every_layer("set_gate_use_softmax", use_softmax, "gate_use_softmax")
 
     def set_moe_gate_use_balance(self, use_balance: bool) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_gate_use_balance(use_balance)
-        self.config.gate_use_balance = use_balance
+        self._set_on_every_layer("set_gate_use_balance", use_balance, "gate_use_balance")
 
     def set_moe_gate_balance_loss_weight(self, balance_loss_weight: float) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_gate_balance_loss_weight(balance_loss_weight)
-        self.config.gate_balance_loss_weight = balance_loss_weight
+        self._set_on_every_layer("set_gate_balance_loss_weight", balance_loss_weight, "gate_balance_loss_weight")
 
     def set_moe_gate_add_noise(self, add_noise: bool) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_gate_add_noise(add_noise)
-        self.config.gate_add_noise = add_noise
+        self._set_on_every_layer("set_gate_add_noise", add_noise, "gate_add_noise")
 
     def set_moe_gate_noise_epsilon(self, noise_epsilon: float) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_gate_noise_epsilon(noise_epsilon)
-        self.config.gate_noise_epsilon = noise_epsilon
+        self._set_on_every_layer("set_gate_noise_epsilon", noise_epsilon, "gate_noise_epsilon")
 
     def set_moe_calculator_multiply_gate_scores(self, multiply_gate_scores: bool) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_calculator_multiply_gate_scores(multiply_gate_scores)
-        self.config.multiply_gate_scores = multiply_gate_scores
+        self._set_on_every_layer("set_calculator_multiply_gate_scores", multiply_gate_scores, "multiply_gate_scores")
 
     def set_moe_calculator_score_scale_factor(self, score_scale_factor: float, layer_index: int | None = None) -> None:
         """All layers, or only ``layer_index`` (the config then stores a per-layer list)."""
         if layer_index is None:
-            for mlp in self._moe_layers():
-                mlp.set_calculator_score_scale_factor(score_scale_factor)
-            self.config.score_scale_factor = score_scale_factor
+            self._set_on_every_layer("set_calculator_score_scale_factor", score_scale_factor, "score_scale_factor")
             return
         self.layers[layer_index].mlp.set_calculator_score_scale_factor(score_scale_factor)
         factors = [self.config.layer_score_scale_factor(i) for i in range(self.config.num_hidden_layers)]
@@ -1076,19 +1066,13 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
         self.config.score_scale_factor = factors
 
     def set_moe_calculator_drop_tokens(self, drop_tokens: bool) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_calculator_drop_tokens(drop_tokens)
-        self.config.drop_tokens = drop_tokens
+        self._set_on_every_layer("set_calculator_drop_tokens", drop_tokens, "drop_tokens")
 
     def set_moe_calculator_dropped_padding(self, dropped_padding: str) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_calculator_dropped_padding(dropped_padding)
-        self.config.dropped_padding = dropped_padding
+        self._set_on_every_layer("set_calculator_dropped_padding", dropped_padding, "dropped_padding")
 
     def set_moe_calculator_capacity_factor(self, capacity_factor: float) -> None:
-        for mlp in self._moe_layers():
-            mlp.set_calculator_capacity_factor(capacity_factor)
-        self.config.capacity_factor = capacity_factor
+        self._set_on_every_layer("set_calculator_capacity_factor", capacity_factor, "capacity_factor")
 
     def reset_gate_network(self) -> None:
         for mlp in self._moe_layers():
