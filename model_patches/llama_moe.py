@@ -33,6 +33,11 @@ LLAMA_MOE = register(
         per_expert_config=("size_experts",),
         seam_donor="moepatch.models.llama_moe.modeling_llama_moe:TopKBalancedNoisyGate",
         aux_loss_coef_attr=None,
+        training_switches=(
+            ("gate_noise", "gate_add_noise"),
+            ("balance_loss", "gate_use_balance"),
+            ("aux_loss_coef", "gate_balance_loss_weight"),
+        ),
         gate_substring_note=(
             "router mlp.gate.gate_network.{0,2}.weight and noise projection mlp.gate.weight_noise.weight; experts' "
             "SwiGLU gate projections mlp.calculator.experts.weight_gate.{e}"

@@ -120,6 +120,14 @@ class FamilySpec:
     transformers' ``load_balancing_loss_func`` (vanilla top-k recomputed from ``router_logits``) to its loss."""
     shared_expert_attrs: tuple[str, ...] = ()
     """Block attributes of always-on shared experts and their gates (never routed, never counted)."""
+    training_switches: tuple[tuple[str, str], ...] = (
+        ("balance_loss", "output_router_logits"),
+        ("aux_loss_coef", "router_aux_loss_coef"),
+    )
+    """``(option, config attribute)`` pairs: the config.json field behind each training option of
+    :mod:`moepatch.training_options` (``gate_noise``, ``balance_loss``, ``aux_loss_coef``) in this family.  An option
+    the family does not list is refused.  transformers' MoE LMs add their balance loss only when
+    ``output_router_logits`` is on, so that flag is their ``balance_loss`` switch."""
     gate_substring_note: str = ""
     """What the seed-001 ``freeze_gate="gate_substring"`` rule freezes in this family, for docs and ``inspect``."""
 

@@ -1,0 +1,83 @@
+"""Gate noise, the balance loss and its coefficient as family-independent training options.
+
+The dynamic-mixing paper keeps the model's gate noise and balance loss while the gates are frozen, and ablates each
+(seed 001, Table 3; the official code switches them with ``--additional_config`` JSON merged into config.json).  Each
+family declares in :attr:`moepatch.spec.FamilySpec.training_switches` which config.json field carries which option,
+so a run says ``balance_loss=False`` instead of knowing that LLaMA-MoE calls it ``gate_use_balance`` and Qwen2-MoE
+adds its balance loss only when ``output_router_logits`` is on.  The options are config fields read when the model is
+built, so they are applied to the config *before* loading (:func:`apply_training_options`), never to a live model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moepatch import registry
+from moepatch.spec import FamilySpec
+
+TRAINING_OPTIONS: dict[str, type] = {"gate_noise": bool, "balance_loss": bool, "aux_loss_coef": float}
+"""Option name → value type."""
+
+
+def family_of_config(config: Any, family: str | None = None) -> FamilySpec:
+    """The family claiming ``config.model_type`` (or ``family`` by name); the structural fallback otherwise."""
+    if family is not None:
+        return registry.get_family(family)
+    claimed = registry.family_for_model_type(getattr(config, "model_type", None))
+    if claimed is not None:
+        return claimed
+    fallbacks = registry.fallback_families()
+    if not fallbacks:
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: no moepatch family")
+    return fallbacks[0]
+
+
+def training_overrides(config: Any, family: str | None = None, **options: Any) -> dict[str, Any]:
+    """The config changes that realise ``options`` (``None`` values are left as the config has them).
+
+    Raises:
+        ValueError: an unknown option, a wrong type, a negative or non-finite coefficient, an option the family has
+            no switch for, or a switch field missing from ``config``; one message lists every problem.
+    """
+    spec = family_of_config(config, family)
+    switches = dict(spec.training_switches)
+    problems, overrides = [], {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name not in TRAINING_OPTIONS:
+            problems.append(f"{name}: unknown training option (known: {', '.join(TRAINING_OPTIONS)})")
+            continue
+        kind = TRAINING_OPTIONS[name]
+        if kind is bool and not isinstance(value, bool):
+            problems.append(f"{name}: expected true or false, got {value!r}")
+            continue
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                problems.append(f"{name}: expected a finite number >= 0, got {value!r}")
+                continue
+            value = float(value)
+        if name not in switches:
+            offered = ", ".join(switches) or "none"
+            problems.append(f"{name}: family {spec.name!r} has no such switch (it offers: {offered})")
+            continue
+        field = switches[name]
+        if not hasattr(config, field):
+            problems.append(f"{name}: the {type(config).__name__} has no field {field!r} (family {spec.name!r})")
+            continue
+        overrides[field] = value
+    if problems:
+        raise ValueError("training options:\n  " + "\n  ".join(problems))
+    return overrides
+
+
+def apply_training_options(config: Any, family: str | None = None, **options: Any) -> dict[str, Any]:
+    """Validate all ``options``, then set them on ``config``; return ``{config field: value}`` of what changed."""
+    overrides = training_overrides(config, family, **options)
+    for field, value in overrides.items():
+        setattr(config, field, value)
+    return overrides
+
+
+__all__ = ["TRAINING_OPTIONS", "apply_training_options", "family_of_config", "training_overrides"]
