@@ -14,6 +14,7 @@ them.  With vanilla routing the result equals transformers' value (tested).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 from collections.abc import Sequence
@@ -131,5 +132,7 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
         outputs = dataclasses.replace(outputs, loss=loss, aux_loss=aux, router_logits=logits)
         return outputs if return_dict is not False else outputs.to_tuple()
 
+    # keep the signature visible: the Trainer drops every batch column the forward does not name
+    functools.update_wrapper(forward, getattr(original, "__func__", original))
     undo.set_attribute(causal_lm, "forward", types.MethodType(forward, causal_lm))
     return True

@@ -23,8 +23,14 @@ _FASTCHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a jsonl file; ``ValueError`` naming file and line otherwise."""
+    """The JSON objects of a jsonl file, or of a folder's ``*.jsonl`` files in name order (the official layout has
+    one folder per source); ``ValueError`` naming file and line otherwise."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise ValueError(f"data folder {str(path)!r} has no *.jsonl file")
+        return [record for file in files for record in read_jsonl(file)]
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} not found")
     records = []

@@ -11,6 +11,8 @@ workers); each round is appended to ``output_dir/sampling_info/rounds.jsonl`` on
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
 from dataclasses import field
@@ -27,6 +29,7 @@ from moepatch.recorder import RoutingRecorder
 from moepatch.sampling import source_distances
 from moepatch.sampling import update_weights
 
+logger = logging.getLogger(__name__)
 STATE_FILE = "dynamic_sampling.json"
 ROUNDS_FILE = Path("sampling_info") / "rounds.jsonl"
 
@@ -43,6 +46,7 @@ class DynamicSamplingArguments:
     probe_layers: list[int] = field(default_factory=lambda: [-1], metadata={"help": "MoE layers to record."})
     probe_batch_size: int = field(default=4, metadata={"help": "Batch size of the probe forwards."})
     sampling_seed: int = field(default=0, metadata={"help": "Seed of the source draws and per-source streams."})
+    plot: bool = field(default=True, metadata={"help": "Draw sampling_info/rounds.png after every round."})
 
 
 class DynamicSamplingCallback(TrainerCallback):
@@ -64,19 +68,36 @@ class DynamicSamplingCallback(TrainerCallback):
         self.collator, self.options = collator, options
 
     def probe_loads(self, model: torch.nn.Module) -> list[list[float]]:
-        """Per source: the recorded layers' hard top-k counts over its probe set, summed over ranks, flattened."""
+        """Per source: the recorded layers' hard top-k counts over its probe set, summed over ranks, flattened.
+
+        Rank ``r`` of ``W`` routes examples ``r, r+W, ...`` of every probe set, so the total is the single-process
+        result whatever the world size (the official probe grows with it).  Every rank runs the same number of
+        forwards — ranks short of a batch route a filler outside the recorder — because ZeRO-3 gathers parameters
+        collectively in each forward.
+        """
+        rank, world = _rank_and_world()
+        size = self.options.probe_batch_size
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         loads = []
+
+        def forward(examples: list[dict[str, Any]]) -> None:
+            batch = self.collator(examples)
+            model(**{key: batch[key].to(device) for key in ("input_ids", "attention_mask")})
+
         try:
             for probe in self.probe_sets:
+                mine = probe[rank::world]
+                batches = [mine[start : start + size] for start in range(0, len(mine), size)]
+                needed = math.ceil(math.ceil(len(probe) / world) / size)
                 recorder = RoutingRecorder(model, self.options.probe_layers)
-                with recorder, torch.no_grad():
-                    for start in range(0, len(probe), self.options.probe_batch_size):
-                        batch = self.collator(probe[start : start + self.options.probe_batch_size])
-                        inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
-                        model(**inputs)
+                with torch.no_grad():
+                    with recorder:
+                        for batch in batches:
+                            forward(batch)
+                    for _ in range(needed - len(batches)):
+                        forward(probe[:1])
                 loads.append(recorder.all_reduce().counts.flatten().double().tolist())
         finally:
             model.train(was_training)
@@ -89,8 +110,8 @@ class DynamicSamplingCallback(TrainerCallback):
         old = self.sampler.weights
         o = self.options
         new = update_weights(old, loads, eta=o.eta, c=o.c, distance=o.distance, criterion=o.criterion)
-        consumed = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-        self.sampler.set_weights(new, consumed=consumed * args.world_size)
+        _check_ranks_agree(new)
+        self.sampler.set_weights(new, consumed=consumed_draws(args, state.global_step))
         if state.is_world_process_zero:
             record = {
                 "step": state.global_step,
@@ -100,19 +121,42 @@ class DynamicSamplingCallback(TrainerCallback):
                 "distances": source_distances(loads, distance=o.distance, criterion=o.criterion),
                 "per_source_loads": loads,
                 "realised_counts": list(self.sampler.counts),
+                "world_size": _rank_and_world()[1],
             }
             path = Path(args.output_dir) / ROUNDS_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if o.plot:
+                self._plot(path)
+        return control
+
+    def _plot(self, rounds_path: Path) -> None:
+        from moepatch.plots import plot_sampling_rounds
+
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            logger.warning("dynamic sampling: no PNG of the rounds (pip install matplotlib)")
+            self.options.plot = False
+            return
+        rounds = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()]
+        plot_sampling_rounds(rounds, rounds_path.parent / "rounds.png")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        """Every rank writes its own sampler state, so a run can show that all ranks drew the same mixture."""
+        rank, _ = _rank_and_world()
+        path = Path(args.output_dir) / "sampling_info" / f"sampler.rank{rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state_dict = self.sampler.state_dict(consumed=consumed_draws(args, state.global_step))
+        path.write_text(json.dumps({"names": self.names, **state_dict, "counts": list(self.sampler.counts)}))
         return control
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
-            consumed = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-            state_dict = self.sampler.state_dict(consumed=consumed * args.world_size)
+            state_dict = self.sampler.state_dict(consumed=consumed_draws(args, state.global_step))
             (folder / STATE_FILE).write_text(json.dumps({"names": self.names, **state_dict}))
         return control
 
@@ -171,3 +215,31 @@ def sampling_horizon(args: Any) -> int:
     """Draws an update must wait for: what the DataLoader (and accelerate's look-ahead) may have prefetched."""
     prefetch = (args.dataloader_prefetch_factor or 2) * args.dataloader_num_workers
     return (prefetch + 2) * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def consumed_draws(args: Any, global_step: int) -> int:
+    """Draws of the (shared) sampler the first ``global_step`` optimizer steps used, over all ranks."""
+    return global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_ranks_agree(weights: list[float]) -> None:
+    """Raise unless every rank computed exactly rank 0's weights (they drive the same draws on every rank)."""
+    import torch.distributed as dist
+
+    if _rank_and_world()[1] == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(weights, dtype=torch.float64, device=device)
+    reference = mine.clone()
+    dist.broadcast(reference, src=0)
+    if not torch.equal(mine, reference):
+        raise RuntimeError(f"dynamic sampling: rank {dist.get_rank()} computed weights {weights}, rank 0 "
+                           f"{reference.tolist()}; the ranks would draw different mixtures")

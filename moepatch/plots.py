@@ -53,3 +53,39 @@ def plot_coactivation(profile: CoactivationProfile, layers: list[int], path: str
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_sampling_rounds(rounds: list[dict], path: str | Path) -> Path:
+    """Dynamic mixing at a glance: source weights over steps (left) and the last round's per-source expert loads.
+
+    ``rounds`` are the records of ``sampling_info/rounds.jsonl``; the loads are L1-normalised per source (with
+    several probe layers, the layers' experts follow each other on the x axis).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = rounds[-1]["sources"]
+    steps = [0] + [record["step"] for record in rounds]
+    weights = np.array([rounds[0]["old_weights"]] + [record["new_weights"] for record in rounds])
+    loads = np.array(rounds[-1]["per_source_loads"], dtype=float)
+    loads = loads / np.clip(loads.sum(axis=1, keepdims=True), 1e-12, None)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    for index, name in enumerate(names):
+        left.step(steps, weights[:, index], where="post", marker="o", markersize=3, label=name)
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("sampling weight")
+    left.set_title("source weights after each probe round")
+    left.legend(fontsize=8)
+    image = right.imshow(loads, aspect="auto", cmap="viridis", vmin=0)
+    right.set_yticks(range(len(names)), names)
+    right.set_xlabel("expert (probe layers)")
+    right.set_title(f"per-source expert load, step {rounds[-1]['step']}")
+    figure.colorbar(image, ax=right, label="share of top-k choices")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -367,3 +367,14 @@ def test_llama_moe_rule_gives_k_plus_one_candidates(num_experts, top_k, top_t):
         rest = row[:2] if top_t == 1 else sorted(row[:top_t], key=lambda e: -z[e])[:top_k]
         assert indices[token].tolist() == [first] + rest
         assert values[token].tolist() == [z[e] for e in [first] + rest]
+
+
+def test_wrapped_forward_keeps_its_signature():
+    """HF Trainer drops batch columns the forward's signature does not name: the aux-loss wrapper must keep it."""
+    import inspect
+
+    model = tiny.tiny_model("qwen2_moe")
+    before = list(inspect.signature(model.forward).parameters)
+    moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": random_list(4, 8, 4)}})
+    assert model.forward.__func__ is not type(model).forward  # the wrapper is installed ...
+    assert list(inspect.signature(model.forward).parameters) == before  # ... and still names input_ids, labels

@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Fine-tune a MoE checkpoint with moepatch (dynamic data mixing, frozen gates, C2R from config.json).
+
+    python scripts/finetune.py --model_name_or_path CKPT --data_dir DATA --output_dir OUT --max_steps 2000 ...
+    deepspeed --num_gpus 4 scripts/finetune.py --recipe configs/llama_moe_dynamic.json --model_name_or_path CKPT ...
+    torchrun --nproc_per_node 2 scripts/finetune.py ... --deepspeed configs/deepspeed/zero3_cpu.json --use_cpu
+
+``python scripts/finetune.py --help`` lists every argument (moepatch's and transformers' TrainingArguments).
+"""
+
+import sys
+
+from moepatch.finetune import main
+
+if __name__ == "__main__":
+    sys.exit(main())
