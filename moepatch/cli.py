@@ -126,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     block = {"freeze_gate": "router", "routing_stats": {"layers": None}}
     checkpoint = tiny.save_tiny_checkpoint(output / "checkpoint", args.family, seed=args.seed, moepatch=block)
-    print(f"[1/6] built a tiny {args.family} checkpoint with config.json['moepatch'] = {json.dumps(block)}")
+    print(f"[1/7] built a tiny {args.family} checkpoint with config.json['moepatch'] = {json.dumps(block)}")
     print(f"      -> {checkpoint}")
 
     def load() -> tuple[Any, Any]:
@@ -135,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model, handle = load()
     moe = handle.moe_model
-    print(f"[2/6] loaded with AutoModelForCausalLM and applied: family {moe.family.name}, MoE layers "
+    print(f"[2/7] loaded with AutoModelForCausalLM and applied: family {moe.family.name}, MoE layers "
           f"{moe.moe_layer_indices}, {moe.num_experts} experts, top-{moe.top_k}; froze "
           f"{len(handle.frozen_parameters)} router parameters")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -144,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with moepatch.RoutingRecorder(model, keep_choices=True) as choices_before, torch.no_grad():
         model(**batch)
     before = handle.recorder
-    print(f"[3/6] vanilla routing on a batch of {batch['input_ids'].shape[0]} texts "
+    print(f"[3/7] vanilla routing on a batch of {batch['input_ids'].shape[0]} texts "
           f"({int(batch['attention_mask'].sum())} tokens, {padding} padding tokens excluded): share of top-k choices "
           "per expert (%), mean router probability (%)")
     _statistics_table(before)
@@ -155,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     top_t = args.top_t
     write_c2r_fields(checkpoint, top_t, vanilla_profile.collaborative_list())
     vanilla_profile.save(output / "coactivation.vanilla.safetensors")
-    print(f"[4/6] profiled {vanilla_profile.tokens} tokens of the embedded corpus: co-activation matrices -> "
+    print(f"[4/7] profiled {vanilla_profile.tokens} tokens of the embedded corpus: co-activation matrices -> "
           f"{output / 'coactivation.vanilla.safetensors'}; wrote top_t={top_t} and collaborative_list into "
           f"{checkpoint / 'config.json'}")
     handle.remove()
@@ -169,13 +169,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
          .values).all(dim=1).double().mean().item() * 100
         for layer in after.layers
     ]
-    print(f"[5/6] reloaded: C2R on {len(handle.c2r_routers)} routers (top_t={top_t}); tokens whose experts are "
+    print(f"[5/7] reloaded: C2R on {len(handle.c2r_routers)} routers (top_t={top_t}); tokens whose experts are "
           f"unchanged per layer: {', '.join(f'{v:.0f}%' for v in same)}")
     _statistics_table(after)
     (output / "routing_stats.c2r.json").write_text(after.to_json(indent=1))
 
     c2r_profile = profile_coactivation(model, corpus_batches(tokenizer, documents, seed=args.seed), progress=False)
-    print(f"[6/6] expert placement over {args.ep_size} devices (copies per token: distinct devices per token)")
+    print(f"[6/7] expert placement over {args.ep_size} devices (copies per token: distinct devices per token)")
     rows = []
     for name, profile in (("vanilla", vanilla_profile), ("C2R", c2r_profile)):
         report = placement_report(profile.matrices, args.ep_size, top_k=profile.top_k, seed=args.seed)
@@ -195,7 +195,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("pictures:   skipped (pip install matplotlib)")
     print(f"statistics: {output}/routing_stats.{{vanilla,c2r}}.json")
     handle.remove()
+    if args.finetune_steps > 0:
+        _demo_finetune(checkpoint, output / "finetune", args)
     return 0
+
+
+def _demo_finetune(checkpoint: Path, output: Path, args: argparse.Namespace) -> None:
+    """Step 7: fine-tune the C2R checkpoint on the embedded four-task data with dynamic mixing and frozen routers."""
+    from moepatch.finetune import main as finetune
+
+    every = max(1, args.finetune_steps // 4)
+    print(f"[7/7] fine-tune {args.finetune_steps} steps on the embedded four-task data (chat, code, letters, math) "
+          f"with dynamic mixing (probe round every {every} steps, last MoE layer), C2R routing and frozen routers")
+    finetune(["--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(output),
+              "--max_steps", str(args.finetune_steps), "--update_every", str(every), "--use_cpu",
+              "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--max_length", "64",
+              "--probe_size", "16", "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed),
+              "--logging_steps", str(every), "--disable_tqdm", "true"])
+    import moepatch
+
+    base, tuned = moepatch.from_pretrained(checkpoint), moepatch.from_pretrained(output)
+    frozen = set(moepatch.get_handle(tuned).frozen_parameters)
+    before, after = dict(base.named_parameters()), dict(tuned.named_parameters())
+    kept = sum(torch.equal(before[name], after[name]) for name in frozen)
+    others = sum(not torch.equal(before[name], after[name]) for name in before if name not in frozen)
+    print(f"routers:    {kept}/{len(frozen)} bit-identical after training (frozen); {others} other tensors trained")
+    print(f"pictures:   {output}/sampling_info/rounds.png (weights over steps, per-source expert loads)")
+    print(f"rounds:     {output}/sampling_info/rounds.jsonl; fine-tuned model: {output}")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -368,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--top-t", type=int, default=2, help="C2R top_t written after profiling")
     demo.add_argument("--ep-size", type=int, default=2, help="devices for the placement report")
+    demo.add_argument("--finetune-steps", type=int, default=40,
+                      help="steps of the final fine-tune with dynamic mixing (0: skip it)")
     demo.set_defaults(func=cmd_demo)
     profile = sub.add_parser("profile", help="C2R profiling: co-activation matrices and the official config fields")
     profile.add_argument("model_path", help="checkpoint folder (its config.json receives top_t and collaborative_list)")

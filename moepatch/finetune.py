@@ -245,6 +245,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
     summary["train_loss"] = result.training_loss
+    summary["world_size"] = training_args.world_size
+    summary["deepspeed_zero_stage"] = _zero_stage(trainer)
     summary["global_step"] = trainer.state.global_step
     rounds_path = output_dir / ROUNDS_FILE
     summary["rounds"] = (
@@ -256,6 +258,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     if trainer.is_world_process_zero():
         (output_dir / "moepatch_finetune_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _zero_stage(trainer: Any) -> int | None:
+    """The ZeRO stage DeepSpeed ran with (``None`` without DeepSpeed): proof a launcher did not drop it."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    return int(trainer.accelerator.state.deepspeed_plugin.zero_stage)
 
 
 def _initial_weights(path: str | None, names: list[str]) -> list[float] | None:

@@ -99,6 +99,12 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, family: str):
     assert config["top_t"] == 2 and "collaborative_list" in config
     assert "reloaded: C2R on" in result.stdout and "expert placement over 2 devices" in result.stdout
     assert (tmp_path / "coactivation.vanilla.png").stat().st_size > 1000
+    # step 7: fine-tune with dynamic mixing, C2R routing and frozen routers
+    rounds = (tmp_path / "finetune" / "sampling_info" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rounds] == [10, 20, 30, 40]
+    assert "routers:    3/3 bit-identical after training (frozen)" in result.stdout
+    assert (tmp_path / "finetune" / "sampling_info" / "rounds.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "finetune" / "config.json").read_text())["top_t"] == 2  # C2R kept
 
 
 def test_env_report():

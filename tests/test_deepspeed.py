@@ -69,6 +69,8 @@ def runs(tmp_path_factory):
 def test_zero3_two_ranks_update_log_and_checkpoint(runs):
     checkpoint, full, _, log = runs
     assert "global_step6" in os.listdir(full / "checkpoint-6")  # a DeepSpeed (ZeRO) checkpoint, not a plain one
+    summary = json.loads((full / "moepatch_finetune_summary.json").read_text())
+    assert (summary["world_size"], summary["deepspeed_zero_stage"]) == (2, 3)
     rounds = _rounds(full)
     assert [r["step"] for r in rounds] == [2, 4, 6] and all(r["world_size"] == 2 for r in rounds)
     assert rounds[0]["old_weights"] == pytest.approx([0.25] * 4)
@@ -108,3 +110,34 @@ def test_zero3_resume_after_round_one_continues_exactly(runs):
     full_state = json.loads((full / "sampling_info" / "sampler.rank0.json").read_text())
     resumed_state = json.loads((resumed / "sampling_info" / "sampler.rank0.json").read_text())
     assert resumed_state["counts"] == full_state["counts"] and resumed_state["consumed"] == full_state["consumed"]
+
+
+LAUNCHERS = {
+    # the deepspeed launcher with the bf16 GPU config (bf16 runs on CPU too) and accelerate with DeepSpeed on:
+    # `accelerate launch --cpu` would silently drop DeepSpeed, which the summary's ZeRO stage would show
+    "deepspeed": (["-m", "deepspeed.launcher.runner", "--num_gpus", "2"], "zero2_bf16.json", ["--bf16"], 2),
+    "accelerate": (["-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
+                    "--deepspeed_config_file", str(REPO / "configs" / "deepspeed" / "zero1_cpu.json")],
+                   "zero1_cpu.json", [], 1),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_other_launchers(launcher, tmp_path):
+    prefix, config, extra, stage = LAUNCHERS[launcher]
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe", seed=0)
+    port = ["--master_port" if launcher == "deepspeed" else "--main_process_port", str(_free_port())]
+    command = [sys.executable, *prefix, *port, str(REPO / "scripts" / "finetune.py"),
+               "--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(tmp_path / "out"),
+               "--deepspeed", str(REPO / "configs" / "deepspeed" / config), "--use_cpu", "--max_steps", "2",
+               "--update_every", "1", "--save_strategy", "no", "--per_device_train_batch_size", "2",
+               "--max_length", "64", "--probe_size", "8", "--report_to", "none", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=540, cwd=REPO)
+    log = done.stdout + done.stderr
+    assert SUCCESS in done.stdout, f"{launcher} run failed (exit {done.returncode}):\n{log[-6000:]}"
+    summary = json.loads((tmp_path / "out" / "moepatch_finetune_summary.json").read_text())
+    assert (summary["world_size"], summary["deepspeed_zero_stage"]) == (2, stage)
+    rank0, rank1 = (json.loads((tmp_path / "out" / "sampling_info" / f"sampler.rank{r}.json").read_text())
+                    for r in (0, 1))
+    assert rank0 == rank1 and len(rank0["schedule"]) == 3
