@@ -157,3 +157,19 @@ def test_source_discovery_official_layout_and_errors(tmp_path):
 def test_rounds_table():
     rounds = [{"sources": ["a", "b"], "step": 4, "old_weights": [0.5, 0.5], "new_weights": [0.25, 0.75]}]
     assert rounds_table(rounds) == (["step", "a", "b"], [["0 (initial)", "0.500", "0.500"], ["4", "0.250", "0.750"]])
+
+
+def test_dynamic_mixing_and_freeze_on_every_family(family, tmp_path):
+    """The same run on each family: probe rounds move the weights, frozen routers stay bit-identical, rest trains."""
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", family, seed=0)
+    output = tmp_path / "run"
+    main(_common(checkpoint, output, "--synthetic_data", "--max_steps", "4", "--update_every", "2",
+                 "--freeze_gate", "router"))
+    rounds = [json.loads(line) for line in (output / "sampling_info" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rounds] == [2, 4]
+    assert rounds[0]["new_weights"] != pytest.approx([0.25] * 4, abs=1e-6)
+    base, tuned = moepatch.from_pretrained(checkpoint), moepatch.from_pretrained(output)
+    frozen = moepatch.get_handle(tuned).frozen_parameters
+    before, after = dict(base.named_parameters()), dict(tuned.named_parameters())
+    assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
+    assert sum(not torch.equal(before[name], after[name]) for name in before if name not in frozen) > 0
