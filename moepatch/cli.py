@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -330,7 +331,7 @@ def cmd_place(args: argparse.Namespace) -> int:
         permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
         result["permuted_checkpoint"] = str(write_permuted_checkpoint(source, permutations, args.write_permuted))
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1), file=getattr(args, "json_stream", sys.stdout))
         return 0
     for name, report in reports.items():
         print(f"== {name}: expert placement over {args.ep_size} devices ==")
@@ -442,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "json", False):
+        # stdout carries only the JSON: progress and third-party chatter (DeepSpeed's accelerator notice on import)
+        # go to stderr
+        args.json_stream = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
     return args.func(args)
 
 

@@ -56,6 +56,13 @@ class UndoLog:
 
         self._steps.append(undo)
 
+    def add_module(self, parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+        """Register ``module`` as ``parent.<name>`` (its parameters join the model); undo unregisters it."""
+        if name in parent._modules or hasattr(parent, name):
+            raise ValueError(f"{type(parent).__name__} already has an attribute {name!r}")
+        parent.add_module(name, module)
+        self._steps.append(lambda: parent._modules.pop(name, None))
+
     def add_hook(self, handle: RemovableHandle) -> None:
         """Take ownership of a hook handle; undo removes the hook."""
         self._steps.append(handle.remove)
