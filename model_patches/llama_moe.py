@@ -31,6 +31,7 @@ LLAMA_MOE = register(
         selection_kind="logits_top_k_plus_one",
         router_expert_parameters=("gate_network.2.weight", "weight_noise.weight"),
         per_expert_config=("size_experts",),
+        expert_storage="parameter_list",
         seam_donor="moepatch.models.llama_moe.modeling_llama_moe:TopKBalancedNoisyGate",
         aux_loss_coef_attr=None,
         training_switches=(

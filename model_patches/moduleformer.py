@@ -27,6 +27,7 @@ MODULEFORMER = register(
         extra_routers=("attn.q_proj.gate",),
         router_expert_parameters=("w_gate.3.weight",),
         expert_modules=("experts", "output_experts"),
+        expert_storage="parallel",
         aux_loss_coef_attr=None,
         training_switches=(("aux_loss_coef", "aux_loss_weight"),),
         gate_substring_note="MLP router mlpf.gate.w_gate.* and attention-expert router attn.q_proj.gate.w_gate.*",

@@ -212,6 +212,9 @@ class MoePatchConfig:
         default=None, metadata={"help": "Record routing statistics while applied (see RoutingRecorder)."}
     )
     c2r: C2RConfig | None = field(default=None, metadata={"help": "Collaboration-constrained routing (C2RConfig)."})
+    lora_experts: Any = field(
+        default=None, metadata={"help": "LoRA / (IA)³ expert layers (moepatch.lora_experts.config.LoraExpertsConfig)."}
+    )
     c2r_off: bool = field(
         default=False,
         metadata={"help": "Set by \"c2r\": false: vanilla routing even if official C2R fields are in config.json."},
@@ -261,6 +264,10 @@ class MoePatchConfig:
         else:
             result.c2r = C2RConfig.parse(data.get("c2r"), f"{path}.c2r", problems)
 
+        from moepatch.lora_experts.config import LoraExpertsConfig
+
+        result.lora_experts = LoraExpertsConfig.parse(data.get("lora_experts"), f"{path}.lora_experts", problems)
+
         version = data.get("moepatch_version")
         if version is not None and not isinstance(version, str):
             problems.add(f"{path}.moepatch_version", f"expected a version string, got {version!r}")
@@ -294,6 +301,7 @@ class MoePatchConfig:
             self.freeze_gate is None
             and (self.routing_stats is None or not self.routing_stats.enabled)
             and self.c2r is None
+            and self.lora_experts is None
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,6 +319,8 @@ class MoePatchConfig:
             data["c2r"] = self.c2r.to_dict()
         elif self.c2r_off:
             data["c2r"] = False
+        if self.lora_experts is not None:
+            data["lora_experts"] = self.lora_experts.to_dict()
         data["moepatch_version"] = __version__
         return data
 

@@ -52,6 +52,7 @@ class PatchHandle:
         frozen_parameters: qualified names of the parameters frozen by ``freeze_gate``.
         recorder: the :class:`~moepatch.recorder.RoutingRecorder` started by ``routing_stats`` (or ``None``).
         c2r_routers: qualified names of the routers whose selection C2R constrains.
+        lora_targets: module paths that carry LoRA / (IA)³ experts.
     """
 
     def __init__(self, model: nn.Module, config: MoePatchConfig, moe_model: MoEModel | None) -> None:
@@ -61,6 +62,7 @@ class PatchHandle:
         self.frozen_parameters: list[str] = []
         self.recorder: RoutingRecorder | None = None
         self.c2r_routers: list[str] = []
+        self.lora_targets: list[str] = []
         self._undo = UndoLog()
         self._active = True
 
@@ -102,6 +104,8 @@ class PatchPlan:
     to_freeze: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     stats_layers: list[int] | None = None
     c2r: C2RPlan | None = None
+    lora_targets: list[Any] | None = None
+    lora_weights: dict[str, Any] | None = None
 
 
 def _checkpoint_dir(model: nn.Module) -> Path | None:
@@ -116,6 +120,13 @@ def plan_patch(moe_model: MoEModel, config: MoePatchConfig) -> PatchPlan:
         plan.c2r = plan_c2r(moe_model, config.c2r, _checkpoint_dir(moe_model.inner))
     if config.freeze_gate:
         plan.to_freeze = parameters_to_freeze(moe_model, config.freeze_gate)
+    if config.lora_experts is not None:
+        from moepatch.lora_experts.inject import plan_lora_experts
+        from moepatch.lora_experts.inject import read_saved_lora_weights
+
+        folder = _checkpoint_dir(moe_model.inner)
+        plan.lora_targets = plan_lora_experts(moe_model, config.lora_experts, folder, f"{CONFIG_KEY}.lora_experts")
+        plan.lora_weights = read_saved_lora_weights(folder, config.lora_experts)
     if config.routing_stats is not None and config.routing_stats.enabled:
         plan.stats_layers = resolve_layer_indices(
             moe_model, config.routing_stats.layers, f"{CONFIG_KEY}.routing_stats.layers"
@@ -197,19 +208,28 @@ def apply(
         handle.frozen_parameters = freeze(plan.to_freeze, undo)
     if plan.c2r is not None:
         handle.c2r_routers = install_c2r(moe_model, plan.c2r, undo)
+    if plan.lora_targets is not None:
+        from moepatch.lora_experts.balance import install_balance_hook
+        from moepatch.lora_experts.inject import install_lora_experts
+
+        added = install_lora_experts(moe_model, plan.lora_targets, cfg.lora_experts, undo, plan.lora_weights)
+        handle.lora_targets = [target.path for target in plan.lora_targets]
+        undo.add_hook(install_balance_hook(moe_model.inner, [module.router for module in added], cfg.lora_experts))
     if plan.stats_layers is not None:
         handle.recorder = RoutingRecorder(model, plan.stats_layers).start()
         undo.add_callback(handle.recorder.stop)
     undo.set_attribute(model, _HANDLE_ATTRIBUTE, handle)
     logger.info(
-        "moepatch: %s (%s), %d MoE layers; C2R on %d routers; froze %d parameters (%s); routing statistics on %s",
+        "moepatch: %s (%s), %d MoE layers; C2R on %d routers; froze %d parameters (%s); routing statistics on %s; "
+        "LoRA experts on %d modules",
         type(model).__name__,
         moe_model.family.name,
         len(moe_model.layers),
         len(handle.c2r_routers),
         len(handle.frozen_parameters),
         cfg.freeze_gate,
-        plan.stats_layers,
+        plan.stats_layers or "no layers",
+        len(handle.lora_targets),
     )
     return handle
 

@@ -120,6 +120,11 @@ class FamilySpec:
     transformers' ``load_balancing_loss_func`` (vanilla top-k recomputed from ``router_logits``) to its loss."""
     shared_expert_attrs: tuple[str, ...] = ()
     """Block attributes of always-on shared experts and their gates (never routed, never counted)."""
+    expert_storage: Literal["fused", "parameter_list", "parallel"] = "fused"
+    """How routed experts store their projections, for LoRA experts on them: ``"fused"`` (transformers 5
+    ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``), ``"parameter_list"`` (LLaMA-MoE ``weight_{gate,up,down}``
+    ``ParameterList``s with ``forward(x, e)``) or ``"parallel"`` (MoLM ``ParallelExperts`` ``[E, in, out]`` modules
+    called with ``(inputs, expert_size)``)."""
     training_switches: tuple[tuple[str, str], ...] = (
         ("balance_loss", "output_router_logits"),
         ("aux_loss_coef", "router_aux_loss_coef"),

@@ -1,0 +1,91 @@
+"""Load balancing (and router z-loss) of the LoRA-expert routers, joined to the model's loss in training.
+
+Per adapted module with a top-k router (Switch / Mixtral form, as MoLA): ``N · Σ_e f_e · P_e`` with ``f_e`` the
+share of the module's top-k choices that went to expert e and ``P_e`` its mean router probability — both over
+**non-padding tokens only** (MoLA counts padding).  Modules are reduced by ``"sum"`` (MoLA) or ``"mean"``.  The
+optional z-loss is the mean squared log-sum-exp of the router logits.  A forward hook on the causal LM adds
+``coef · balance + z_coef · z`` to ``output.loss`` when the model is training and a loss was computed; the last
+values are kept on the handle-visible attribute ``lora_experts_aux`` of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moepatch.lora_experts.config import LoraExpertsConfig
+from moepatch.lora_experts.layers import ExpertRouter
+
+
+def router_balance_loss(logits: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``N · Σ_e f_e P_e`` of one router: ``logits [T, N]``, ``indices [T, k]``, ``mask [T]`` (True = real token)."""
+    num_experts = logits.shape[-1]
+    probs = logits.float().softmax(dim=-1)
+    chosen = torch.zeros_like(probs).scatter(-1, indices, 1.0)  # [T, N] one per choice
+    if mask is not None:
+        keep = mask.to(probs.dtype).unsqueeze(-1)
+        probs, chosen = probs * keep, chosen * keep
+        tokens = keep.sum().clamp(min=1)
+    else:
+        tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+    share = chosen.sum(dim=0) / (tokens * indices.shape[-1])
+    mean_prob = probs.sum(dim=0) / tokens
+    return num_experts * (share * mean_prob).sum()
+
+
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    z = torch.logsumexp(logits.float(), dim=-1) ** 2
+    if mask is None:
+        return z.mean()
+    keep = mask.to(z.dtype)
+    return (z * keep).sum() / keep.sum().clamp(min=1)
+
+
+def _token_mask(attention_mask: Any, logits: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor | None:
+    """Real-token mask of the router's rows: all tokens in order, or the rows' token indices (routed experts)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    flat = attention_mask.reshape(-1).bool().to(logits.device)
+    if tokens is not None:
+        return flat[tokens.to(flat.device)] if tokens.numel() == logits.shape[0] else None
+    return flat if flat.numel() == logits.shape[0] else None
+
+
+def install_balance_hook(model: nn.Module, routers: list[ExpertRouter], config: LoraExpertsConfig) -> Any:
+    """Register the loss hook on ``model`` (the causal LM); returns the hook handle."""
+    balance, z_coef = config.balance_loss, config.z_loss_coef
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        used = [router for router in routers if router.last_logits is not None]
+        if not module.training or not used:
+            return output
+        attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        balance_terms, z_terms = [], []
+        for router in used:
+            logits = router.last_logits.reshape(-1, router.num_experts)
+            mask = _token_mask(attention_mask, logits, router.last_tokens)
+            if balance is not None and router.last_indices is not None:
+                indices = router.last_indices.reshape(-1, router.last_indices.shape[-1])
+                balance_terms.append(router_balance_loss(logits, indices, mask))
+            if z_coef:
+                z_terms.append(router_z_loss(logits, mask))
+            router.last_logits = router.last_indices = router.last_tokens = None  # the next forward refills
+        total = None
+        values: dict[str, torch.Tensor] = {}
+        if balance_terms:
+            stacked = torch.stack(balance_terms)
+            values["balance_loss"] = stacked.sum() if balance.reduction == "sum" else stacked.mean()
+            total = balance.coef * values["balance_loss"]
+        if z_terms:
+            stacked = torch.stack(z_terms)
+            values["z_loss"] = stacked.sum() if balance is None or balance.reduction == "sum" else stacked.mean()
+            total = z_coef * values["z_loss"] if total is None else total + z_coef * values["z_loss"]
+        module.__dict__["lora_experts_aux"] = {key: value.detach() for key, value in values.items()}
+        loss = output.get("loss") if hasattr(output, "get") else None
+        if total is not None and loss is not None:
+            output["loss"] = loss + total.to(loss.device, loss.dtype)
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)

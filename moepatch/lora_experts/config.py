@@ -1,0 +1,185 @@
+"""``moepatch.lora_experts`` in config.json: which method, where, how many experts of which rank.
+
+Per-layer and per-module values follow the published tools: an int for every target, a list indexed by decoder
+layer (MoLA's ``--number_experts`` / ``--lora_r`` / ``--top_k``), a dict keyed by full module path (GuiLoMo's
+``expert.json``), per-expert ranks keyed ``<module path>.expertlora_E_vector_<i>`` (GuiLoMo's ``rank.json``), or the
+path of such a JSON file (relative paths resolve against the checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("molora", "mov", "mola")
+ROUTER_INITS = ("normal_0.02", "kaiming")
+REDUCTIONS = ("mean", "sum")
+DEFAULT_TARGETS = {
+    "molora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mola": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mov": ("k_proj", "v_proj", "down_proj"),
+}
+DEFAULT_EXPERTS = {"molora": 10, "mola": 8, "mov": 10}
+PER_EXPERT_RANK = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<expert>\d+)$")
+
+
+@dataclass
+class BalanceLossConfig:
+    """Switch-style load balancing of the LoRA-expert routers (top-k modes only), padding excluded."""
+
+    coef: float = 1e-3
+    reduction: str = "sum"  # over targeted modules: MoLA sums its per-layer losses
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"coef": self.coef, "reduction": self.reduction}
+
+
+@dataclass
+class LoraExpertsConfig:
+    """The validated ``lora_experts`` block (values still unresolved against a model: see ``plan``)."""
+
+    method: str
+    target_modules: list[str] = field(default_factory=list)
+    num_experts: Any = None  # int | list per layer | {module: n} | str (JSON file)
+    r: Any = 8  # int | list per layer | {module: r} | {module.expertlora_E_vector_i: r} | str
+    top_k: Any = None  # None (dense soft merge) | int | list per layer
+    alpha: float = 16.0
+    dropout: float = 0.0
+    router_init: str = "normal_0.02"
+    balance_loss: BalanceLossConfig | None = None
+    z_loss_coef: float = 0.0
+    train_base: bool = False
+    weights: str | None = None  # safetensors file (beside the checkpoint) holding the trained LoRA experts
+    default_targets: bool = False  # target_modules not given: entries a family lacks are skipped, not refused
+
+    @classmethod
+    def parse(cls, data: Any, path: str, problems: Any) -> LoraExpertsConfig | None:
+        if data is None or data is False:
+            return None
+        if not isinstance(data, dict):
+            problems.add(path, f"expected an object with a 'method', got {data!r}")
+            return None
+        from moepatch.config import _warn_unknown
+
+        _warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "alpha", "dropout",
+                             "router_init", "balance_loss", "z_loss_coef", "train_base", "weights"}, path)
+        method = data.get("method")
+        if method not in METHODS:
+            problems.add(f"{path}.method", f"expected one of {METHODS}, got {method!r}")
+            return None
+        result = cls(method=method)
+        result.default_targets = "target_modules" not in data
+        targets = data.get("target_modules", list(DEFAULT_TARGETS[method]))
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            problems.add(f"{path}.target_modules", f"expected a non-empty list of module names, got {targets!r}")
+        else:
+            result.target_modules = list(targets)
+        result.num_experts = data.get("num_experts", DEFAULT_EXPERTS[method])
+        _check_spec(result.num_experts, f"{path}.num_experts", problems, minimum=1, per_expert=False)
+        result.r = data.get("r", 8 if method != "molora" else 4)
+        if method != "mov":
+            _check_spec(result.r, f"{path}.r", problems, minimum=1, per_expert=True)
+        elif "r" in data:
+            problems.add(f"{path}.r", "MoV experts are (IA)³ vectors: they have no rank")
+        result.top_k = data.get("top_k", 2 if method == "mola" else None)
+        if result.top_k is not None:
+            _check_spec(result.top_k, f"{path}.top_k", problems, minimum=1, per_expert=False, allow_dict=False)
+        if method == "mola" and result.top_k is None:
+            problems.add(f"{path}.top_k", "MoLA routes top-k: give an int or a list per layer")
+        for name, default in (("alpha", 16.0), ("dropout", 0.0), ("z_loss_coef", 0.0)):
+            value = data.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                problems.add(f"{path}.{name}", f"expected a finite number >= 0, got {value!r}")
+            else:
+                setattr(result, name, float(value))
+        if not result.dropout < 1:
+            problems.add(f"{path}.dropout", f"expected a probability below 1, got {result.dropout}")
+        result.router_init = data.get("router_init", "kaiming" if method == "mola" else "normal_0.02")
+        if result.router_init not in ROUTER_INITS:
+            problems.add(f"{path}.router_init", f"expected one of {ROUTER_INITS}, got {result.router_init!r}")
+        balance = data.get("balance_loss")
+        if balance is True:
+            balance = {}
+        if isinstance(balance, dict):
+            coef, reduction = balance.get("coef", 1e-3), balance.get("reduction", "sum")
+            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+                problems.add(f"{path}.balance_loss.coef", f"expected a finite number >= 0, got {coef!r}")
+            elif reduction not in REDUCTIONS:
+                problems.add(f"{path}.balance_loss.reduction", f"expected one of {REDUCTIONS}, got {reduction!r}")
+            else:
+                result.balance_loss = BalanceLossConfig(float(coef), reduction)
+            if result.top_k is None:
+                problems.add(f"{path}.balance_loss", "a dense soft merge has no expert load to balance: set top_k")
+        elif balance not in (None, False):
+            problems.add(f"{path}.balance_loss", f"expected true, false or {{coef, reduction}}, got {balance!r}")
+        train_base = data.get("train_base", False)
+        if not isinstance(train_base, bool):
+            problems.add(f"{path}.train_base", f"expected true or false, got {train_base!r}")
+        result.train_base = bool(train_base)
+        weights = data.get("weights")
+        if weights is not None and not isinstance(weights, str):
+            problems.add(f"{path}.weights", f"expected a file name, got {weights!r}")
+        result.weights = weights
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"method": self.method}
+        if not self.default_targets:
+            data["target_modules"] = list(self.target_modules)
+        data |= {"num_experts": self.num_experts, "top_k": self.top_k, "alpha": self.alpha,
+                                "dropout": self.dropout, "router_init": self.router_init,
+                "z_loss_coef": self.z_loss_coef, "train_base": self.train_base}
+        if self.method != "mov":
+            data["r"] = self.r
+        if self.balance_loss is not None:
+            data["balance_loss"] = self.balance_loss.to_dict()
+        if self.weights is not None:
+            data["weights"] = self.weights
+        return data
+
+
+def _check_spec(value: Any, path: str, problems: Any, *, minimum: int, per_expert: bool, allow_dict: bool = True
+                ) -> None:
+    """Shape-level checks of an int / list / dict / file spec (values against the model come later)."""
+    if isinstance(value, str):
+        return  # a JSON file, read when the model is known
+    if isinstance(value, bool):
+        problems.add(path, f"expected an integer, a list per layer, a dict per module or a JSON file, got {value!r}")
+    elif isinstance(value, int):
+        if value < minimum:
+            problems.add(path, f"expected >= {minimum}, got {value}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int) or item < minimum:
+                problems.add(f"{path}[{index}]", f"expected an integer >= {minimum}, got {item!r}")
+    elif isinstance(value, dict) and allow_dict:
+        for key, item in value.items():
+            if isinstance(item, bool) or not isinstance(item, int) or item < minimum:
+                problems.add(f"{path}[{key!r}]", f"expected an integer >= {minimum}, got {item!r}")
+            if not per_expert and PER_EXPERT_RANK.match(key):
+                problems.add(f"{path}[{key!r}]", "per-expert keys (expertlora_E_vector_<i>) are for ranks (r)")
+    else:
+        problems.add(path, f"expected an integer, a list per layer{', a dict per module' if allow_dict else ''} "
+                           f"or a JSON file, got {value!r}")
+
+
+def read_spec_file(value: Any, base_dir: str | Path | None, path: str) -> Any:
+    """A spec given as a JSON file name → its content (GuiLoMo's expert.json / rank.json are plain dicts)."""
+    if not isinstance(value, str):
+        return value
+    file = Path(value)
+    if not file.is_absolute() and base_dir is not None:
+        file = Path(base_dir) / file
+    if not file.is_file():
+        raise ValueError(f"{path}: file {str(file)!r} not found")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: {file} is not JSON ({error.msg})") from None

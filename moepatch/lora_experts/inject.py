@@ -1,0 +1,355 @@
+"""Resolve ``lora_experts`` against a model (plan: every check, nothing changed) and install it (undoable).
+
+Targets are matched by module path relative to the causal LM (``model.layers.7.self_attn.q_proj``, the keys of
+GuiLoMo's files): an entry matches a path equal to it or ending in ``.<entry>``; ``re:<regex>`` matches whole paths.
+The family's routers (top-k routers, extra routers, shared-expert gates) are never targeted unless named by their
+full path.  This slice adapts ``nn.Linear`` projections (attention, dense MLPs, shared experts); an entry that only
+reaches routed-expert storage (fused 3-D tensors, LLaMA-MoE ``ParameterList``, MoLM ``ParallelExperts``) is refused
+with that reason rather than silently adapting nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moepatch.adapter import MoEModel
+from moepatch.lora_experts.config import PER_EXPERT_RANK
+from moepatch.lora_experts.config import LoraExpertsConfig
+from moepatch.lora_experts.config import read_spec_file
+from moepatch.lora_experts.layers import LoraExperts
+from moepatch.lora_experts.layers import VectorExperts
+from moepatch.undo import UndoLog
+
+ATTRIBUTE = "lora_experts"
+MOV_INPUT_SCALED = ("down_proj", "w2", "c_proj")  # MoV scales the FFN intermediate: the input of these projections
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+
+
+@dataclass
+class LoraTarget:
+    """One adapted projection, fully resolved.
+
+    ``storage`` is ``"linear"`` (an ``nn.Linear``) or the family's routed-expert storage; for routed experts
+    ``path`` is ``<experts module>.<projection>`` (``gate_proj`` / ``up_proj`` / ``down_proj``; MoLM: the
+    ``ParallelExperts`` module itself) and ``in_dims`` / ``out_dims`` hold one entry per routed expert.
+    """
+
+    path: str
+    module: nn.Module
+    storage: str
+    projection: str | None
+    layer: int | None
+    placement: str  # "output" (LoRA delta or MoV on the output) or "input" (MoV on the input)
+    in_dims: list[int]
+    out_dims: list[int]
+    num_experts: int
+    ranks: list[int]
+    top_k: int | None
+
+
+ALIASES = {"gate_proj": ("gate_proj", "weight_gate", "w1", "gate_up_proj"),
+           "up_proj": ("up_proj", "weight_up", "w3", "gate_up_proj"),
+           "down_proj": ("down_proj", "weight_down", "w2")}
+PARALLEL_ALIASES = {"experts": ("gate_proj", "up_proj", "gate_up_proj"), "output_experts": ("down_proj",)}
+
+
+def _routers(moe: MoEModel) -> set[int]:
+    ids = {id(layer.router) for layer in moe.layers}
+    for layer in moe.layers:
+        for name in moe.family.shared_expert_attrs:
+            module = getattr(layer.block, name, None)
+            if isinstance(module, nn.Linear) and module.out_features == 1:
+                ids.add(id(module))  # shared_expert_gate: a router of its own
+    from moepatch.freeze import extra_routers
+
+    ids.update(id(router) for router in extra_routers(moe))
+    return ids
+
+
+def _matches(entry: str, path: str) -> bool:
+    if entry.startswith("re:"):
+        return re.fullmatch(entry[3:], path) is not None
+    return path == entry or path.endswith("." + entry)
+
+
+def _per_target(value: Any, path: str, layer: int | None, num_layers: int, where: str) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, list):
+        if len(value) != num_layers:
+            raise ValueError(f"{where}: {len(value)} entries, the model has {num_layers} layers")
+        if layer is None:
+            raise ValueError(f"{where}: {path} belongs to no decoder layer; use a dict keyed by module path")
+        return value[layer]
+    if isinstance(value, dict):
+        if path not in value:
+            raise ValueError(f"{where}: no entry for module {path!r}")
+        return value[path]
+    raise ValueError(f"{where}: expected an integer, a list per layer or a dict per module, got {value!r}")
+
+
+def _ranks(value: Any, path: str, layer: int | None, num_layers: int, experts: int, where: str) -> list[int]:
+    if isinstance(value, dict) and any(PER_EXPERT_RANK.match(key) for key in value):
+        ranks = []
+        for expert in range(experts):
+            key = f"{path}.expertlora_E_vector_{expert}"
+            if key not in value:
+                raise ValueError(f"{where}: no rank for {key!r} (module {path!r} has {experts} experts)")
+            ranks.append(int(value[key]))
+        return ranks
+    rank = _per_target(value, path, layer, num_layers, where)
+    return [int(rank)] * experts
+
+
+def _shape(parameter: torch.Tensor) -> tuple[int, ...]:
+    """The full shape, also of a ZeRO-3 partitioned parameter."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
+
+
+def _routed_candidates(moe: MoEModel, names: dict[int, str]) -> list[tuple[str, nn.Module, str, str | None,
+                                                                           list[int], list[int], tuple[str, ...]]]:
+    """``(path, module, storage, projection, in_dims, out_dims, names that match it)`` of every routed projection."""
+    storage = moe.family.expert_storage
+    found = []
+    if storage == "parallel":
+        mlp_experts = {id(layer.block) for layer in moe.layers}
+        for path, module in moe.inner.named_modules():
+            if type(module).__name__ != "ParallelExperts":
+                continue
+            parent_path, _, child = path.rpartition(".")
+            weight = _shape(module.weight)  # [E, in, out]
+            aliases: tuple[str, ...] = (path, parent_path)
+            parent = moe.inner.get_submodule(parent_path)
+            if id(parent) in mlp_experts:
+                aliases += tuple(f"{parent_path}.{alias}" for alias in PARALLEL_ALIASES.get(child, ()))
+            projection = "down_proj" if child == "output_experts" else "gate_up_proj"
+            found.append((path, module, storage, projection, [weight[1]] * weight[0], [weight[2]] * weight[0],
+                          aliases))
+        return found
+    for layer in moe.layers:
+        experts, base = layer.experts, names[id(layer.experts)]
+        if storage == "parameter_list":
+            sizes = [_shape(w)[0] for w in experts.weight_gate]
+            hidden, out = experts.in_features, experts.out_features
+            dims = {"gate_proj": (hidden, sizes), "up_proj": (hidden, sizes), "down_proj": (sizes, out)}
+        else:
+            num, double, hidden = _shape(experts.gate_up_proj)
+            intermediate = double // 2
+            dims = {"gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+                    "down_proj": (intermediate, hidden)}
+            sizes = [intermediate] * num
+        count = len(sizes)
+        for projection, (fan_in, fan_out) in dims.items():
+            in_dims = fan_in if isinstance(fan_in, list) else [fan_in] * count
+            out_dims = fan_out if isinstance(fan_out, list) else [fan_out] * count
+            aliases = tuple(f"{base}.{alias}" for alias in ALIASES[projection])
+            found.append((f"{base}.{projection}", experts, storage, projection, in_dims, out_dims, aliases))
+    return found
+
+
+def _matched(entries: list[str], aliases: tuple[str, ...]) -> list[str]:
+    return [entry for entry in entries if any(_matches(entry, alias) for alias in aliases)]
+
+
+def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path | None, where: str
+                      ) -> list[LoraTarget]:
+    """Every adapted projection with its expert count, ranks and top-k; ``ValueError`` listing every problem."""
+    from moepatch.lora_experts.routed import fused_problem
+
+    num_experts = read_spec_file(config.num_experts, base_dir, f"{where}.num_experts")
+    ranks_spec = read_spec_file(config.r, base_dir, f"{where}.r") if config.method != "mov" else None
+    routers = _routers(moe)
+    root = moe.inner
+    names = {id(module): path for path, module in root.named_modules()}
+    routed = _routed_candidates(moe, names)
+    routed_modules = {id(candidate[1]) for candidate in routed}
+    problems: list[str] = []
+    targets: list[LoraTarget] = []
+    matched_entries: set[str] = set()
+    entries = config.target_modules
+
+    def add(path: str, module: nn.Module, storage: str, projection: str | None, in_dims: list[int],
+            out_dims: list[int]) -> None:
+        found = _LAYER.search("." + path + ".")
+        layer = int(found.group(1)) if found else None
+        name = projection or path.rsplit(".", 1)[-1]
+        placement = "input" if config.method == "mov" and name in MOV_INPUT_SCALED else "output"
+        if config.method == "mov" and storage not in ("linear", "identity") and placement != "input":
+            problems.append(f"{where}.target_modules: MoV scales keys, values and the FFN intermediate; {path} is "
+                            "a routed expert's input-side projection (use down_proj)")
+            return
+        try:
+            experts = _per_target(num_experts, path, layer, moe.num_layers, f"{where}.num_experts")
+            top_k = _per_target(config.top_k, path, layer, moe.num_layers, f"{where}.top_k")
+            ranks = ([] if ranks_spec is None else
+                     _ranks(ranks_spec, path, layer, moe.num_layers, experts, f"{where}.r"))
+        except ValueError as error:
+            problems.append(str(error))
+            return
+        if top_k is not None and top_k > experts:
+            problems.append(f"{where}.top_k: {top_k} exceeds the {experts} experts of {path}")
+            return
+        targets.append(LoraTarget(path, module, storage, projection, layer, placement, in_dims, out_dims, experts,
+                                  ranks, top_k))
+
+    for path, module, storage, projection, in_dims, out_dims, aliases in routed:
+        hits = _matched(entries, aliases)
+        if not hits:
+            continue
+        if config.method == "mov" and projection != "down_proj" and path not in entries:
+            continue  # MoV scales the FFN intermediate only: input-side projections reached by a broad name are skipped
+        problem = fused_problem(module) if storage == "fused" else None
+        if problem is not None:
+            problems.append(f"{where}.target_modules: {hits[0]!r} reaches {path}: {problem}")
+            continue
+        matched_entries.update(hits)
+        add(path, module, storage, projection, in_dims, out_dims)
+    for path, module in root.named_modules():
+        hits = [entry for entry in entries if _matches(entry, path)]
+        if not hits or isinstance(module, (LoraExperts, VectorExperts)) or id(module) in routed_modules:
+            continue
+        if id(module) in routers and path not in entries:
+            continue  # a router: only adapted when named by its full path
+        if isinstance(module, nn.Identity) and config.method == "mov":
+            width = getattr(root.config, "hidden_size", None)  # MoLM's keys / values are the hidden states
+            if width:
+                matched_entries.update(hits)
+                add(path, module, "identity", None, [width], [width])
+            continue
+        if not isinstance(module, nn.Linear):
+            if any(names.get(id(candidate[1]), "").startswith(path + ".") for candidate in routed):
+                matched_entries.update(hits)  # a mixture module (MoLM's attention q_proj): its experts are adapted
+            continue
+        matched_entries.update(hits)
+        add(path, module, "linear", None, [module.in_features], [module.out_features])
+    for entry in [] if config.default_targets else entries:
+        if entry not in matched_entries and not any(repr(entry) in problem for problem in problems):
+            problems.append(f"{where}.target_modules: {entry!r} matches no projection of {type(root).__name__} "
+                            "(routers are only matched by full path)")
+    if not targets and not problems:
+        problems.append(f"{where}.target_modules: nothing to adapt")
+    if problems:
+        raise ValueError("invalid moepatch config:\n  " + "\n  ".join(problems))
+    return targets
+
+
+def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int, out_features: int) -> nn.Module:
+    if config.method == "mov":
+        features = in_features if target.placement == "input" else out_features
+        return VectorExperts(features, target.num_experts, top_k=target.top_k, router_init=config.router_init)
+    return LoraExperts(in_features, out_features, target.ranks, top_k=target.top_k, alpha=config.alpha,
+                       dropout=config.dropout, router_init=config.router_init,
+                       a_init="kaiming" if config.method == "mola" else "normal")
+
+
+def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraExpertsConfig, undo: UndoLog,
+                         weights: dict[str, torch.Tensor] | None = None) -> list[nn.Module]:
+    """Attach the expert sets and their hooks / forwards; freeze the base unless ``train_base``; load ``weights``.
+
+    Returns every expert set created (their routers feed the balance loss).
+    """
+    from moepatch.lora_experts import routed
+
+    if not config.train_base:
+        for parameter in moe.inner.parameters():
+            if parameter.requires_grad:
+                undo.set_requires_grad(parameter, False)
+    created: list[nn.Module] = []
+    grouped: dict[int, tuple[nn.Module, str, dict[str, nn.Module]]] = {}
+    reference = next(moe.inner.parameters()).device
+    for target in targets:
+        device = next(target.module.parameters(), torch.empty(0, device=reference)).device
+        if target.storage in ("linear", "identity"):
+            expert_set = _expert_set(config, target, target.in_dims[0], target.out_dims[0]).to(device)
+            undo.add_module(target.module, ATTRIBUTE, expert_set)
+            hook = (_scale_input if target.placement == "input" else
+                    _scale_output if config.method == "mov" else _add_delta)
+            handle = (target.module.register_forward_pre_hook(hook) if target.placement == "input" else
+                      target.module.register_forward_hook(hook))
+            undo.add_hook(handle)
+            created.append(expert_set)
+            continue
+        sets = [_expert_set(config, target, fan_in, fan_out)
+                for fan_in, fan_out in zip(target.in_dims, target.out_dims)]
+        created.extend(sets)
+        module_sets = routed.RoutedExpertSets(sets, target.placement).to(device)
+        if target.storage == "parallel":
+            undo.add_module(target.module, ATTRIBUTE, module_sets)
+            undo.add_hook(target.module.register_forward_pre_hook(routed.parallel_input_hook)
+                          if target.placement == "input" else
+                          target.module.register_forward_hook(routed.parallel_output_hook))
+            continue
+        entry = grouped.setdefault(id(target.module), (target.module, target.storage, {}))
+        entry[2][target.projection] = module_sets
+    for module, storage, per_projection in grouped.values():
+        undo.add_module(module, ATTRIBUTE, nn.ModuleDict(per_projection))
+        function = routed.fused_forward if storage == "fused" else routed.glu_forward
+        undo.set_attribute(module, "forward", routed.bind(module, function))
+    if weights is not None:
+        load_lora_weights(moe.inner, weights)
+    return created
+
+
+def _add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + module.lora_experts(inputs[0])
+
+
+def _scale_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.lora_experts(output)
+
+
+def _scale_input(module: nn.Module, inputs: tuple) -> tuple:
+    return (module.lora_experts(inputs[0]), *inputs[1:])
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA-expert tensors of ``model`` (keys as in ``model.state_dict()``)."""
+    marker = f".{ATTRIBUTE}."
+    return {key: value for key, value in model.state_dict().items() if marker in key}
+
+
+def load_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy saved LoRA-expert tensors in; every key and shape must match (named in the error otherwise)."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    wrong = [key for key in own if key in weights and tuple(own[key].shape) != tuple(weights[key].shape)]
+    if missing or unexpected or wrong:
+        details = [f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
+                   "shape mismatch " + ", ".join(f"{k}: saved {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+                                                 for k in wrong[:4]) if wrong else ""]
+        raise ValueError("lora_experts weights do not match the configured experts: "
+                         + "; ".join(d for d in details if d))
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for key, value in weights.items():
+            parameters[key].copy_(value.to(dtype=parameters[key].dtype, device=parameters[key].device))
+
+
+def read_saved_lora_weights(folder: Path | None, config: LoraExpertsConfig) -> dict[str, torch.Tensor] | None:
+    """The trained experts of a checkpoint: ``config.weights`` beside it, else the ``.lora_experts.`` tensors of its
+    own safetensors files (what ``save_pretrained`` / Trainer checkpoints write); ``None`` when there are none."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if folder is None:
+        return None
+    if config.weights is not None:
+        file = folder / config.weights
+        if not file.is_file():
+            raise ValueError(f"moepatch.lora_experts.weights: {file} not found")
+        return load_file(str(file))
+    files = sorted(folder.glob("*.safetensors"))
+    marker = f".{ATTRIBUTE}."
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if marker in key:
+                    found[key] = handle.get_tensor(key)
+    return found or None

@@ -1,0 +1,142 @@
+"""LoRA experts and (IA)³ vector experts behind a per-token router, attached to an existing projection.
+
+Both modules are *added* beside a base projection (``<projection>.lora_experts``) and joined to it with a forward
+hook, so the base parameters keep their names (checkpoints stay loadable without moepatch) and the module's return
+type never changes.  Each is called as a module so DeepSpeed ZeRO-3 gathers its parameters like any other.
+
+* :class:`LoraExperts` (MoLoRA, MoLA): ``Δ(x) = Σ_e w_e(x) · (α / r_e) · B_e A_e dropout(x)`` with ``w`` the router's
+  float32 softmax — all experts (dense soft merge, MoLoRA) or the renormalised top-k (MoLA).  Experts may have
+  different ranks (GuiLoMo); the A's and B's are concatenated along the rank axis so the whole mixture is two matrix
+  products — ``ΔW`` is never formed — and an unselected expert's columns are multiplied by an exact zero.
+* :class:`VectorExperts` (MoV): ``t ← t ⊙ Σ_e p_e(t) · v_e`` on a projection's output (keys, values) or input
+  (``down_proj``).  The vectors are stored as ``v_e = 1 + δ_e`` with ``δ`` initialised to zero, computed as
+  ``t + t ⊙ (Σ_e p_e δ_e)``: the same function (the p's sum to one), but a fresh model is *bit*-identical to the base
+  (``Σ_e p_e · 1`` is not exactly one in floating point).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _init_router(weight: torch.Tensor, scheme: str) -> None:
+    if scheme == "kaiming":
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # MoLA / peft: torch.nn.Linear's default
+    else:
+        nn.init.normal_(weight, std=0.02)  # MoV / MoLoRA / MixLoRA
+
+
+class ExpertRouter(nn.Module):
+    """Per-token linear router (no bias), float32 logits; remembers the last logits for the balance loss."""
+
+    def __init__(self, in_features: int, num_experts: int, *, top_k: int | None, init: str = "normal_0.02") -> None:
+        super().__init__()
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected 1..{num_experts}, got {top_k}")
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))
+        _init_router(self.weight, init)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.last_logits: torch.Tensor | None = None
+        self.last_indices: torch.Tensor | None = None
+        self.last_tokens: torch.Tensor | None = None  # token index of each row when rows are not all tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., E]`` float32 mixing weights: softmax, or the renormalised top-k (zeros elsewhere)."""
+        logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        self.last_logits = logits
+        if self.top_k is None:
+            self.last_indices = None
+            return probs
+        values, indices = probs.topk(self.top_k, dim=-1)
+        self.last_indices = indices
+        values = values / values.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, indices, values)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, experts={self.num_experts}, top_k={self.top_k}"
+
+
+class LoraExperts(nn.Module):
+    """N LoRA experts ``A_e [r_e, in]``, ``B_e [out, r_e]`` of one projection and their router."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ranks: Sequence[int],
+        *,
+        top_k: int | None,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        router_init: str = "normal_0.02",
+        a_init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        if not ranks or min(ranks) < 1:
+            raise ValueError(f"ranks: expected one rank >= 1 per expert, got {list(ranks)}")
+        self.in_features, self.out_features, self.ranks = in_features, out_features, [int(r) for r in ranks]
+        self.router = ExpertRouter(in_features, len(ranks), top_k=top_k, init=router_init)
+        self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_features)) for r in self.ranks)
+        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(out_features, r)) for r in self.ranks)
+        for a in self.lora_A:
+            if a_init == "kaiming":
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            else:
+                nn.init.normal_(a, std=0.02)
+        self.scaling = [alpha / r for r in self.ranks]  # per expert (GuiLoMo used the last expert's rank for all)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("_expert_of_column", torch.repeat_interleave(torch.arange(len(ranks)),
+                                                                          torch.tensor(self.ranks)), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.ranks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Δ(x)``, shaped like the base projection's output, in ``x``'s dtype."""
+        weights = self.router(x)  # [..., E] float32, zeros for unselected experts
+        scale = torch.tensor(self.scaling, dtype=weights.dtype, device=weights.device)
+        column_weights = (weights * scale)[..., self._expert_of_column]  # [..., Σr]
+        a = torch.cat(list(self.lora_A), dim=0)  # [Σr, in]
+        b = torch.cat(list(self.lora_B), dim=1)  # [out, Σr]
+        hidden = F.linear(self.dropout(x).to(a.dtype), a)  # [..., Σr]
+        return F.linear(hidden * column_weights.to(hidden.dtype), b).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}"
+
+
+class VectorExperts(nn.Module):
+    """MoV: E (IA)³ vectors ``1 + δ_e`` over a tensor of width ``features``, mixed by a router on that tensor."""
+
+    def __init__(self, features: int, num_experts: int, *, top_k: int | None = None,
+                 router_init: str = "normal_0.02") -> None:
+        super().__init__()
+        self.features = features
+        self.router = ExpertRouter(features, num_experts, top_k=top_k, init=router_init)
+        self.delta = nn.Parameter(torch.zeros(num_experts, features))
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    def vectors(self) -> torch.Tensor:
+        """The published parametrisation ``[E, features]`` (ones at initialisation)."""
+        return 1 + self.delta
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        weights = self.router(t)  # [..., E]
+        scale = weights @ self.delta.to(weights.dtype)  # Σ_e p_e δ_e
+        return t + t * scale.to(t.dtype)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, experts={self.num_experts}"
+
+
+__all__ = ["ExpertRouter", "LoraExperts", "VectorExperts"]
