@@ -211,8 +211,10 @@ def apply(
     if plan.lora_targets is not None:
         from moepatch.lora_experts.balance import install_balance_hook
         from moepatch.lora_experts.inject import install_lora_experts
+        from moepatch.lora_experts.inject import install_saving
 
         added = install_lora_experts(moe_model, plan.lora_targets, cfg.lora_experts, undo, plan.lora_weights)
+        install_saving(moe_model.inner, undo)
         handle.lora_targets = [target.path for target in plan.lora_targets]
         undo.add_hook(install_balance_hook(moe_model.inner, [module.router for module in added], cfg.lora_experts))
     if plan.stats_layers is not None:

@@ -332,24 +332,46 @@ def load_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Non
 
 
 def read_saved_lora_weights(folder: Path | None, config: LoraExpertsConfig) -> dict[str, torch.Tensor] | None:
-    """The trained experts of a checkpoint: ``config.weights`` beside it, else the ``.lora_experts.`` tensors of its
-    own safetensors files (what ``save_pretrained`` / Trainer checkpoints write); ``None`` when there are none."""
-    from safetensors import safe_open
+    """The trained experts named by ``config.weights`` (a safetensors file beside the checkpoint), or ``None``."""
     from safetensors.torch import load_file
 
-    if folder is None:
+    if folder is None or config.weights is None:
         return None
-    if config.weights is not None:
-        file = folder / config.weights
-        if not file.is_file():
-            raise ValueError(f"moepatch.lora_experts.weights: {file} not found")
-        return load_file(str(file))
-    files = sorted(folder.glob("*.safetensors"))
-    marker = f".{ATTRIBUTE}."
-    found: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if marker in key:
-                    found[key] = handle.get_tensor(key)
-    return found or None
+    file = folder / config.weights
+    if not file.is_file():
+        raise ValueError(f"moepatch.lora_experts.weights: {file} not found")
+    return load_file(str(file))
+
+
+def install_saving(model: nn.Module, undo: UndoLog) -> None:
+    """Keep the experts out of the model's own safetensors and write them to their own file on every save.
+
+    transformers rewrites key names on save for some families (Mixtral's ``mlp`` → ``block_sparse_moe``, fused
+    experts split per expert), which would scramble the experts' keys; so ``save_pretrained`` (also the Trainer's,
+    checkpoints included) skips them and writes ``lora_experts.safetensors`` beside the weights, with the config
+    block pointing at it.  A ``state_dict`` passed to ``save_pretrained`` (DeepSpeed ZeRO-3 gathers one) is used.
+    """
+    from moepatch.config import CONFIG_KEY
+    from moepatch.lora_experts import WEIGHTS_NAME
+
+    keys = set(lora_state_dict(model))
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | keys
+    undo.set_attribute(model, "_keys_to_ignore_on_save", ignored)
+    original = model.save_pretrained
+
+    def save_pretrained(save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        from safetensors.torch import save_file
+
+        state_dict = kwargs.get("state_dict")
+        source = state_dict if state_dict is not None else lora_state_dict(model)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in source.items() if key in keys}
+        block = dict(getattr(model.config, CONFIG_KEY, None) or {})
+        if "lora_experts" in block and tensors:
+            block["lora_experts"] = {**block["lora_experts"], "weights": WEIGHTS_NAME}
+            setattr(model.config, CONFIG_KEY, block)
+        result = original(save_directory, *args, **kwargs)
+        if tensors and kwargs.get("is_main_process", True):
+            save_file(tensors, str(Path(save_directory) / WEIGHTS_NAME))
+        return result
+
+    undo.set_attribute(model, "save_pretrained", save_pretrained)
