@@ -304,7 +304,7 @@ def test_routers_are_never_targeted_by_broad_names():
 def test_gradient_checkpointing(family):
     model = tiny.tiny_model(family).train()
     moepatch.apply(model, {"lora_experts": METHODS["mola"]})
-    model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batch = tiny.demo_batch()
     loss = model(**batch, labels=_labels(batch)).loss
     loss.backward()
