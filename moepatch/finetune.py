@@ -245,6 +245,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
     summary["train_loss"] = result.training_loss
+    summary["loss_history"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary["world_size"] = training_args.world_size
     summary["deepspeed_zero_stage"] = _zero_stage(trainer)
     summary["global_step"] = trainer.state.global_step

@@ -141,3 +141,32 @@ def test_other_launchers(launcher, tmp_path):
     rank0, rank1 = (json.loads((tmp_path / "out" / "sampling_info" / f"sampler.rank{r}.json").read_text())
                     for r in (0, 1))
     assert rank0 == rank1 and len(rank0["schedule"]) == 3
+
+
+def test_zero3_lora_experts_lower_the_loss(tmp_path):
+    """20 ZeRO-3 steps on 2 CPU ranks with MoLA experts on every projection, routed experts included."""
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe", seed=0)
+    block = tmp_path / "lora.json"
+    block.write_text(json.dumps({"moepatch": {"lora_experts": {"method": "mola", "num_experts": 4, "top_k": 2, "r": 4,
+                                                               "balance_loss": True}}}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(REPO / "scripts" / "finetune.py"),
+               "--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(tmp_path / "out"),
+               "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero3_cpu.json"), "--use_cpu",
+               "--moepatch_config", str(block), "--dynamic_sampling", "false", "--max_steps", "20",
+               "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--logging_steps", "1",
+               "--save_strategy", "no", "--max_length", "64", "--report_to", "none", "--seed", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=540, cwd=REPO)
+    assert SUCCESS in done.stdout, f"run failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-6000:]}"
+    output = tmp_path / "out"
+    summary = json.loads((output / "moepatch_finetune_summary.json").read_text())
+    losses = summary["loss_history"]
+    assert summary["deepspeed_zero_stage"] == 3 and len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # the experts learn
+    base, trained = load_file(str(checkpoint / "model.safetensors")), load_file(str(output / "model.safetensors"))
+    assert base.keys() == trained.keys() and all(torch.equal(base[k], trained[k]) for k in base)  # base frozen
+    experts = load_file(str(output / "lora_experts.safetensors"))
+    assert any("experts.lora_experts.down_proj.sets" in key for key in experts)  # routed experts were adapted
+    trained_b = [bool(value.abs().sum() > 0) for key, value in experts.items() if "lora_B" in key]
+    assert sum(trained_b) > len(trained_b) // 2  # B starts at zero; experts that received tokens moved
