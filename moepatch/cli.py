@@ -297,6 +297,61 @@ def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
     return profiles
 
 
+def cmd_allocate(args: argparse.Namespace) -> int:
+    """GuiLoMo stage 1 on a checkpoint: learn expert counts and ranks, write expert.json / rank.json."""
+    import random
+
+    from transformers import DataCollatorForSeq2Seq
+
+    import moepatch
+    from moepatch.config import MoePatchConfig
+    from moepatch.data import encode_messages
+    from moepatch.data import read_jsonl
+    from moepatch.data import to_messages
+    from moepatch.finetune import load_tokenizer
+    from moepatch.lora_experts.balance import install_balance_hook
+    from moepatch.lora_experts.guilomo import SearchLoraExperts
+    from moepatch.lora_experts.guilomo import search
+    from moepatch.lora_experts.guilomo import search_config
+    from moepatch.lora_experts.guilomo import to_search_layers
+    from moepatch.lora_experts.guilomo import write_allocation
+    from moepatch.synthetic import TASKS
+    from moepatch.synthetic import synthetic_records
+
+    torch.manual_seed(args.seed)
+    checkpoint = Path(args.model_path)
+    model = moepatch.from_pretrained(checkpoint, patch=False)
+    block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k)
+    moepatch.apply(model, {"lora_experts": block})
+    replaced = to_search_layers(model, args.max_rank)
+    routers = [m.router for m in model.modules() if isinstance(m, SearchLoraExperts)]
+    install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts)
+    tokenizer = load_tokenizer(str(checkpoint))
+    prompt = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna"
+    if args.data:
+        records = [r for path in args.data for r in read_jsonl(path)]
+    else:
+        records = [r for name in sorted(TASKS) for r in synthetic_records(name, args.examples // len(TASKS), args.seed)]
+    random.Random(args.seed).shuffle(records)
+    examples = [encode_messages(tokenizer, to_messages(r, f"record {i}"), prompt_format=prompt,
+                                max_length=args.max_length) for i, r in enumerate(records)]
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+    batches = [collator(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
+    print(f"GuiLoMo search: {replaced} projections with {args.max_experts} experts of rank {args.max_rank}, "
+          f"{len(examples)} examples, {len(batches)} batches (train/valid pairs) x {args.epochs} epochs")
+    result = search(model, batches, epochs=args.epochs, lr=args.lr, arch_lr=args.arch_lr)
+    output = Path(args.output) if args.output else checkpoint / "guilomo"
+    expert_file, rank_file = write_allocation(result, output)
+    counts = list(result["expert"].values())
+    ranks = list(result["rank"].values())
+    trace = result["loss_trace"]
+    print(f"loss {trace[0]:.3f} -> {trace[-1]:.3f}; experts per module: min {min(counts)}, mean "
+          f"{sum(counts) / len(counts):.2f}, max {max(counts)}; ranks: mean {sum(ranks) / len(ranks):.2f}")
+    print(f"wrote {expert_file} and {rank_file}; use them with "
+          '{"lora_experts": {"method": "mola", "num_experts": "expert.json", "r": "rank.json", ...}}')
+    return 0
+
+
 def cmd_place(args: argparse.Namespace) -> int:
     from moepatch.collaboration_io import load_matrices
     from moepatch.permute import write_permuted_checkpoint
@@ -415,6 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not write top_t / collaborative_list into config.json")
     profile.add_argument("--trust-remote-code", action="store_true")
     profile.set_defaults(func=cmd_profile)
+    allocate = sub.add_parser("allocate", help="GuiLoMo search: per-module expert counts and per-expert ranks")
+    allocate.add_argument("model_path", help="checkpoint folder")
+    allocate.add_argument("--data", nargs="+", help="jsonl instruction files (default: the embedded four tasks)")
+    allocate.add_argument("--max-experts", type=int, default=8)
+    allocate.add_argument("--max-rank", type=int, default=8)
+    allocate.add_argument("--top-k", type=int, default=2)
+    allocate.add_argument("--target-modules", nargs="+",
+                          default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    allocate.add_argument("--epochs", type=int, default=1)
+    allocate.add_argument("--batch-size", type=int, default=4)
+    allocate.add_argument("--examples", type=int, default=64, help="embedded examples when --data is not given")
+    allocate.add_argument("--max-length", type=int, default=256)
+    allocate.add_argument("--lr", type=float, default=3e-4)
+    allocate.add_argument("--arch-lr", type=float, default=3e-3)
+    allocate.add_argument("--seed", type=int, default=0)
+    allocate.add_argument("--output", help="folder for expert.json / rank.json (default: <model>/guilomo)")
+    allocate.set_defaults(func=cmd_allocate)
+
     place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token report")
     place.add_argument("source", help="a matrix file (JSON / safetensors / official .pkl) or a checkpoint folder")
     place.add_argument("--ep-size", type=int, required=True, help="expert-parallel degree D (devices per layer)")

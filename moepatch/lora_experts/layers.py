@@ -91,8 +91,10 @@ class LoraExperts(nn.Module):
                 nn.init.normal_(a, std=0.02)
         self.scaling = [alpha / r for r in self.ranks]  # per expert (GuiLoMo used the last expert's rank for all)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("_expert_of_column", torch.repeat_interleave(torch.arange(len(ranks)),
-                                                                          torch.tensor(self.ranks)), persistent=False)
+        expert_of_column = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(self.ranks))
+        self.register_buffer("_expert_of_column", expert_of_column, persistent=False)
+        column_scale = torch.tensor(self.scaling, dtype=torch.float32)[expert_of_column]
+        self.register_buffer("_column_scale", column_scale, persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -101,8 +103,7 @@ class LoraExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``Δ(x)``, shaped like the base projection's output, in ``x``'s dtype."""
         weights = self.router(x)  # [..., E] float32, zeros for unselected experts
-        scale = torch.tensor(self.scaling, dtype=weights.dtype, device=weights.device)
-        column_weights = (weights * scale)[..., self._expert_of_column]  # [..., Σr]
+        column_weights = weights[..., self._expert_of_column] * self._column_scale  # [..., Σr]
         a = torch.cat(list(self.lora_A), dim=0)  # [Σr, in]
         b = torch.cat(list(self.lora_B), dim=1)  # [out, Σr]
         hidden = F.linear(self.dropout(x).to(a.dtype), a)  # [..., Σr]

@@ -1,0 +1,285 @@
+"""GuiLoMo stage 1: learn per-module expert counts and per-expert ranks with GuidedSelection Vectors (GSVs).
+
+Every adapted projection carries ``N_max`` LoRA experts of rank ``r_max`` (A and B ~ N(0, 0.02), a per-rank scale
+``lora_E`` initialised to one) plus two kinds of GSV (each initialised to ``softmax(randn)``):
+
+* an **expert GSV** ``router_expert_vector [N_max]``: with ``g = sigmoid(v)`` and ``k = argmax g`` (at least 1), the
+  router logits get ``+0.5`` on experts ``0..k`` and ``-1e4`` beyond, so only a prefix of experts is routable;
+  backward passes, at index ``k`` only, the cumulative sum of ``grad ⊙ g`` up to ``k``;
+* a **rank GSV** per expert ``expertlora_E_vector_<i> [r_max]``: mask ``1`` on ranks ``0..argmax`` and ``1e-4``
+  beyond, multiplying the rows of A; backward: the cumulative sum of ``grad ⊙ g`` at the argmax, ``1e-4·grad``
+  elsewhere.
+
+The GSVs are architecture parameters of a DARTS-style bilevel optimisation (second order, finite differences):
+batches come in (train, valid) pairs; a real AdamW step on the train batch gives ``w'``; ``∇α L_val(w')`` minus
+``η · (∇α L_train(w + ε d) − ∇α L_train(w − ε d)) / 2ε`` (``d = ∇w L_val(w')``, ``ε = 0.01 / ‖d‖``, η the weight
+learning rate) is the GSVs' gradient, applied by their own AdamW (3e-3, β = (0.5, 0.999), wd 1e-3); the weights are
+restored and take an ordinary step on the train batch.  The result is exported as GuiLoMo's ``expert.json``
+(``max(2, argmax + 1)`` experts per module) and ``rank.json`` (``argmax + 1`` per module and expert, all ``N_max``
+experts), which ``"num_experts": "expert.json", "r": "rank.json"`` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moepatch.lora_experts.layers import LoraExperts
+
+ARCH_MARKERS = ("router_expert_vector", "expertlora_E_vector")
+_SET_PATH = re.compile(r"^(?P<owner>.+)\.lora_experts(?:\.(?P<projection>[a-z_]+))?(?:\.sets\.\d+)?$")
+
+
+class _ExpertPrefixMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, vector: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(vector)
+        k = max(1, int(gate.argmax()))
+        mask = torch.full_like(vector, -1e4)
+        mask[: k + 1] = 0.5
+        ctx.save_for_backward(gate)
+        ctx.k = k
+        return mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (gate,) = ctx.saved_tensors
+        result = torch.zeros_like(grad)
+        result[ctx.k] = (grad * gate)[: ctx.k + 1].sum()
+        return result
+
+
+class _RankPrefixMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, vector: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(vector)
+        k = int(gate.argmax())
+        mask = torch.full_like(vector, 1e-4)
+        mask[: k + 1] = 1.0
+        ctx.save_for_backward(gate)
+        ctx.k = k
+        return mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (gate,) = ctx.saved_tensors
+        result = grad * 1e-4
+        result[ctx.k] = (grad * gate)[: ctx.k + 1].sum()
+        return result
+
+
+def expert_prefix_mask(vector: torch.Tensor) -> torch.Tensor:
+    """Additive router-logit mask of an expert GSV (straight-through prefix; see the module docstring)."""
+    return _ExpertPrefixMask.apply(vector)
+
+
+def rank_prefix_mask(vector: torch.Tensor) -> torch.Tensor:
+    """Multiplicative per-rank mask of a rank GSV (straight-through prefix; see the module docstring)."""
+    return _RankPrefixMask.apply(vector)
+
+
+def _gsv(size: int) -> nn.Parameter:
+    return nn.Parameter(torch.softmax(torch.randn(size), dim=0))
+
+
+class SearchLoraExperts(LoraExperts):
+    """Stage-1 layer: N_max experts of rank r_max with expert / rank GSVs and per-rank scales."""
+
+    def __init__(self, in_features: int, out_features: int, max_experts: int, max_rank: int, *, top_k: int = 2,
+                 alpha: float = 16.0) -> None:
+        super().__init__(in_features, out_features, [max_rank] * max_experts, top_k=top_k, alpha=alpha,
+                         router_init="kaiming", a_init="normal")
+        for b in self.lora_B:
+            nn.init.normal_(b, std=0.02)  # GuiLoMo stage 1: B is not zero
+        self.lora_E = nn.ParameterList(nn.Parameter(torch.ones(max_rank)) for _ in range(max_experts))
+        self.router_expert_vector = _gsv(max_experts)
+        self.expertlora_E_vector = nn.ParameterList(_gsv(max_rank) for _ in range(max_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.router.weight.float()) + expert_prefix_mask(self.router_expert_vector)
+        probs = logits.softmax(dim=-1)
+        values, indices = probs.topk(self.router.top_k, dim=-1)
+        self.router.last_logits, self.router.last_indices = logits, indices
+        weights = torch.zeros_like(probs).scatter(-1, indices, values / values.sum(dim=-1, keepdim=True))
+        scales = [self.lora_E[e] * rank_prefix_mask(self.expertlora_E_vector[e]) for e in range(self.num_experts)]
+        a = torch.cat([self.lora_A[e] * scales[e][:, None] for e in range(self.num_experts)], dim=0)
+        b = torch.cat(list(self.lora_B), dim=1)
+        column_weights = weights[..., self._expert_of_column] * self._column_scale
+        hidden = F.linear(x.to(a.dtype), a)
+        return F.linear(hidden * column_weights.to(hidden.dtype), b).to(x.dtype)
+
+    def allocation(self) -> tuple[int, list[int]]:
+        """(expert count, rank of each of the N_max experts) as GuiLoMo exports them."""
+        experts = max(2, int(self.router_expert_vector.detach().argmax()) + 1)
+        return experts, [int(v.detach().argmax()) + 1 for v in self.expertlora_E_vector]
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, architecture parameters) among the trainable parameters."""
+    weights, arch = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (arch if any(marker in name for marker in ARCH_MARKERS) else weights).append(parameter)
+    return weights, arch
+
+
+def _grads(loss: torch.Tensor, parameters: list[nn.Parameter]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+
+
+def architecture_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights: list[nn.Parameter],
+                          arch: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The second-order DARTS gradient of the architecture parameters (GuiLoMo's ``architect_step``).
+
+    ``loss_fn(batch)`` returns the scalar loss.  One real ``optimizer`` step on ``train_batch`` gives ``w'``; the
+    gradient is ``∇α L_val(w') − η·(∇α L_train(w⁺) − ∇α L_train(w⁻)) / 2ε`` with ``w± = w ± ε·∇w L_val(w')`` and
+    ``ε = 0.01 / ‖∇w L_val(w')‖``.  Weights and optimizer state are restored afterwards.
+    """
+    saved = [w.detach().clone() for w in weights]
+    saved_state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+                   for p, state in optimizer.state.items()}
+    eta = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(train_batch).backward(inputs=weights)
+    optimizer.step()  # w' (a real step, as GuiLoMo does)
+    optimizer.zero_grad(set_to_none=True)
+    valid_loss = loss_fn(valid_batch)
+    grads = _grads(valid_loss, weights + arch)
+    d_weights, d_arch = grads[: len(weights)], grads[len(weights) :]
+    with torch.no_grad():
+        for w, value in zip(weights, saved):
+            w.copy_(value)
+    norm = torch.sqrt(sum((d * d).sum() for d in d_weights))
+    epsilon = 0.01 / float(norm) if float(norm) > 0 else 0.0
+    if epsilon == 0.0:
+        implicit = [torch.zeros_like(a) for a in arch]
+    else:
+        with torch.no_grad():
+            for w, d in zip(weights, d_weights):
+                w.add_(d, alpha=epsilon)
+        plus = _grads(loss_fn(train_batch), arch)
+        with torch.no_grad():
+            for w, d in zip(weights, d_weights):
+                w.sub_(d, alpha=2 * epsilon)
+        minus = _grads(loss_fn(train_batch), arch)
+        with torch.no_grad():
+            for w, value in zip(weights, saved):
+                w.copy_(value)
+        implicit = [(p - m) / (2 * epsilon) for p, m in zip(plus, minus)]
+    optimizer.state.clear()
+    for p in weights:
+        if id(p) in saved_state:
+            optimizer.state[p] = saved_state[id(p)]
+    return [da - eta * hv for da, hv in zip(d_arch, implicit)]
+
+
+def pairs(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """(train, valid) pairs: batches 2i and 2i+1, the last one reused when the count is odd."""
+    pending = None
+    last = None
+    for batch in batches:
+        last = batch
+        if pending is None:
+            pending = batch
+        else:
+            yield pending, batch
+            pending = None
+    if pending is not None:
+        yield pending, last
+
+
+def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: int = 1, lr: float = 3e-4,
+           arch_lr: float = 3e-3, progress: bool = True) -> dict[str, Any]:
+    """Run the bilevel search on a model carrying :class:`SearchLoraExperts`; returns the export (see
+    :func:`export_allocation`) and the loss trace."""
+    from tqdm import tqdm
+
+    weights, arch = split_parameters(model)
+    if not arch:
+        raise ValueError("guilomo search: the model has no GuidedSelection Vectors (inject SearchLoraExperts first)")
+    weight_optimizer = torch.optim.AdamW(weights, lr=lr)
+    arch_optimizer = torch.optim.AdamW(arch, lr=arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+    model.train()
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    schedule = [pair for _ in range(epochs) for pair in pairs(batches)]
+    trace = []
+    for train_batch, valid_batch in tqdm(schedule, desc="GuiLoMo search", disable=not progress):
+        gradient = architecture_gradient(loss_fn, train_batch, valid_batch, weights, arch, weight_optimizer)
+        for parameter, grad in zip(arch, gradient):
+            parameter.grad = grad
+        arch_optimizer.step()
+        arch_optimizer.zero_grad(set_to_none=True)
+        weight_optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(train_batch)
+        loss.backward(inputs=weights)
+        weight_optimizer.step()
+        weight_optimizer.zero_grad(set_to_none=True)
+        trace.append(loss.item())
+    return {**export_allocation(model), "loss_trace": trace}
+
+
+def export_allocation(model: nn.Module) -> dict[str, dict[str, int]]:
+    """GuiLoMo's two files as dicts: ``expert`` {module path: count}, ``rank`` {module.expertlora_E_vector_i: r}."""
+    experts: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, SearchLoraExperts):
+            continue
+        match = _SET_PATH.match(path)
+        owner = match["owner"]
+        if match["projection"] and match["projection"] != "sets":
+            owner = f"{owner}.{match['projection']}"  # routed experts: one allocation per projection, shared
+        count, per_expert = module.allocation()
+        experts[owner] = max(count, experts.get(owner, 0))
+        for i, rank in enumerate(per_expert):
+            key = f"{owner}.expertlora_E_vector_{i}"
+            ranks[key] = max(rank, ranks.get(key, 0))
+    return {"expert": experts, "rank": ranks}
+
+
+def write_allocation(allocation: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    """``expert.json`` and ``rank.json`` (indent 4, as GuiLoMo's ``save_rankandexp_num.py``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    expert, rank = folder / "expert.json", folder / "rank.json"
+    expert.write_text(json.dumps(allocation["expert"], indent=4))
+    rank.write_text(json.dumps(allocation["rank"], indent=4))
+    return expert, rank
+
+
+def search_config(targets: list[str], max_experts: int, max_rank: int, top_k: int = 2) -> dict[str, Any]:
+    """The lora_experts block that builds the stage-1 model (swapped for SearchLoraExperts by ``inject_search``)."""
+    return {"method": "mola", "target_modules": targets, "num_experts": max_experts, "r": max_rank, "top_k": top_k,
+            "balance_loss": {"coef": 1e-3, "reduction": "sum"}}
+
+
+def to_search_layers(model: nn.Module, max_rank: int) -> int:
+    """Replace every injected :class:`LoraExperts` (on linear projections and routed experts) by a
+    :class:`SearchLoraExperts` of the same shape; returns how many."""
+    replaced = 0
+    for _, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is LoraExperts:
+                top_k = child.router.top_k or 2
+                search_layer = SearchLoraExperts(child.in_features, child.out_features, child.num_experts, max_rank,
+                                                 top_k=top_k, alpha=child.scaling[0] * child.ranks[0])
+                parent._modules[name] = search_layer.to(child.router.weight.device)
+                replaced += 1
+    return replaced
+
+
+def default_steps(examples: int, batch_size: int) -> int:
+    return math.ceil(examples / batch_size)
