@@ -34,6 +34,26 @@ def _skeleton(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]
     return config, model
 
 
+def _print_lora_targets(config: Any, targets: list[Any]) -> None:
+    """What ``lora_experts`` adapts, grouped by path pattern (layer index → ``*``)."""
+    import re
+    from collections import defaultdict
+
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for target in targets:
+        groups[re.sub(r"\.(\d+)\.", ".*.", target.path, count=1)].append(target)
+    print(f"  lora_experts ({config.method}): {len(targets)} projections; base "
+          f"{'trainable' if config.train_base else 'frozen'}")
+    for pattern, members in groups.items():
+        counts = sorted({t.num_experts for t in members})
+        ranks = sorted({r for t in members for r in t.ranks})
+        top_k = sorted({t.top_k for t in members}, key=str)
+        routed = members[0].storage not in ("linear", "identity")
+        where = f"{len(members[0].in_dims)} routed experts each" if routed else members[0].storage
+        print(f"    {pattern}: {len(members)}x ({where}), experts {counts}, ranks {ranks or '-'}, top-k {top_k}, "
+              f"{members[0].placement}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from moepatch.adapter import describe
     from moepatch.config import CONFIG_KEY
@@ -88,6 +108,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"  c2r ({where}): top_t={plan.c2r.top_t} on MoE layers {sorted(plan.c2r.tables)}"
                       + (f"; vanilla on {plan.c2r.vanilla_layers}" if plan.c2r.vanilla_layers else "")
                       + f"; load-balancing loss on the {plan.c2r.aux_loss} choice")
+            if plan.lora_targets is not None:
+                _print_lora_targets(cfg.lora_experts, plan.lora_targets)
         except ValueError as error:
             problems.append(str(error))
     for note in notes:

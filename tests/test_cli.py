@@ -110,3 +110,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, family: str):
 def test_env_report():
     result = run_cli("env")
     assert result.returncode == 0 and "transformers: 5." in result.stdout
+
+
+def test_inspect_reports_lora_expert_targets(tmp_path: Path):
+    tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe",
+                              moepatch={"lora_experts": {"method": "mola", "num_experts": [2, 4, 6, 8], "top_k": 2}})
+    result = run_cli("inspect", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lora_experts (mola): 37 projections; base frozen" in result.stdout
+    assert "model.layers.*.mlp.experts.down_proj: 3x (8 routed experts each), experts [2, 6, 8]" in result.stdout
+    assert "model.layers.*.self_attn.q_proj: 4x (linear), experts [2, 4, 6, 8]" in result.stdout
