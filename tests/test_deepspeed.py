@@ -115,7 +115,9 @@ def test_zero3_resume_after_round_one_continues_exactly(runs):
 LAUNCHERS = {
     # the deepspeed launcher with the bf16 GPU config (bf16 runs on CPU too) and accelerate with DeepSpeed on:
     # `accelerate launch --cpu` would silently drop DeepSpeed, which the summary's ZeRO stage would show
-    "deepspeed": (["-m", "deepspeed.launcher.runner", "--num_gpus", "2"], "zero2_bf16.json", ["--bf16"], 2),
+    # (the deepspeed launcher run also trains MoLA experts under ZeRO-2)
+    "deepspeed": (["-m", "deepspeed.launcher.runner", "--num_gpus", "2"], "zero2_bf16.json",
+                  ["--bf16", "--moepatch_config", str(REPO / "configs" / "moepatch" / "lora_experts_mola.json")], 2),
     "accelerate": (["-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
                     "--deepspeed_config_file", str(REPO / "configs" / "deepspeed" / "zero1_cpu.json")],
                    "zero1_cpu.json", [], 1),
@@ -141,6 +143,8 @@ def test_other_launchers(launcher, tmp_path):
     rank0, rank1 = (json.loads((tmp_path / "out" / "sampling_info" / f"sampler.rank{r}.json").read_text())
                     for r in (0, 1))
     assert rank0 == rank1 and len(rank0["schedule"]) == 3
+    if "--moepatch_config" in extra:  # ZeRO-2 + bf16 with MoLA experts: the experts were trained and saved
+        assert (tmp_path / "out" / "lora_experts.safetensors").is_file()
 
 
 def test_zero3_lora_experts_lower_the_loss(tmp_path):

@@ -173,3 +173,16 @@ def test_dynamic_mixing_and_freeze_on_every_family(family, tmp_path):
     before, after = dict(base.named_parameters()), dict(tuned.named_parameters())
     assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
     assert sum(not torch.equal(before[name], after[name]) for name in before if name not in frozen) > 0
+
+
+def test_lora_experts_with_gradient_checkpointing(checkpoint, tmp_path):
+    output = tmp_path / "run"
+    main(_common(checkpoint, output, "--synthetic_data", "--max_steps", "4", "--update_every", "2",
+                 "--moepatch_config", str(REPO / "configs" / "moepatch" / "lora_experts_mola.json"),
+                 "--gradient_checkpointing", "true", "--logging_steps", "1"))
+    base, trained = _weights(checkpoint), _weights(output)
+    assert base.keys() == trained.keys() and all(torch.equal(base[k], trained[k]) for k in base)  # base frozen
+    experts = load_file(str(output / "lora_experts.safetensors"))
+    assert any(value.abs().sum() > 0 for key, value in experts.items() if "lora_B" in key)
+    reloaded = moepatch.from_pretrained(output)
+    assert moepatch.get_handle(reloaded).lora_targets

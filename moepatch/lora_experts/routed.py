@@ -5,6 +5,10 @@ Each routed expert ``e`` of an adapted projection gets its own expert set (``Rou
 on exactly the rows the base router dispatched to ``e`` — inside the experts' own computation, never as a dense
 pass over all tokens.  Three storages:
 
+Under ``grouped_mm`` (transformers' default) and for MoLM every expert set runs each step — on zero rows when its
+expert got no token — so all ranks build the same autograd graph (DeepSpeed ZeRO-1/2 buckets gradients in the
+order they become ready); the ``eager`` implementation only runs the sets of the experts it visits.
+
 * ``"fused"`` (transformers 5 ``*Experts``: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``): the experts'
   ``forward`` is replaced on the instance by :func:`fused_forward`, which performs the same operations as
   transformers' ``grouped_mm`` / ``eager`` implementations (through transformers' own grouped linear) and adds the
@@ -35,26 +39,24 @@ class RoutedExpertSets(nn.Module):
         self.sets = nn.ModuleList(sets)
         self.placement = placement  # "output": a LoRA delta; "input": MoV scaling of the projection's input
 
-    def grouped(self, rows: torch.Tensor, counts: list[int], tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def grouped(self, rows: torch.Tensor, counts: list[int], tokens: torch.Tensor | None = None,
+                only: int | None = None) -> torch.Tensor:
         """``rows`` grouped by routed expert (``counts[e]`` rows of expert e, in order) → the per-row result: the
         LoRA delta (``placement == "output"``) or the scaled rows (``"input"``).  ``tokens`` (optional): the token
         index of every row, kept on the routers so the balance loss can leave padding out."""
+        if only is not None:  # every row belongs to routed expert `only`
+            self.sets[only].router.last_tokens = tokens
+            return self.sets[only](rows)
         pieces, start = [], 0
         for expert, count in enumerate(counts):
-            if count == 0:
-                continue
+            # every set runs, on zero rows if the router sent it nothing: the autograd graph then has the same shape
+            # on every rank, which DeepSpeed ZeRO-1/2 gradient bucketing relies on
             chunk = rows[start : start + count]
             expert_set = self.sets[expert]
             expert_set.router.last_tokens = None if tokens is None else tokens[start : start + count]
             pieces.append(expert_set(chunk))
             start += count
-        if not pieces:
-            return rows.new_zeros(rows.shape[:-1] + (self._width(rows),)) if self.placement == "output" else rows
         return torch.cat(pieces, dim=0)
-
-    def _width(self, rows: torch.Tensor) -> int:
-        first = self.sets[0]
-        return first.out_features if hasattr(first, "out_features") else rows.shape[-1]
 
 
 # ---------------------------------------------------------------------------------------------- fused (v5)
@@ -67,10 +69,10 @@ def fused_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: tor
     return _fused_grouped(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _gate_up_delta(sets: nn.ModuleDict, rows: torch.Tensor, counts: list[int], tokens: torch.Tensor | None,
-                   intermediate: int) -> torch.Tensor | None:
-    gate = sets["gate_proj"].grouped(rows, counts, tokens) if "gate_proj" in sets else None
-    up = sets["up_proj"].grouped(rows, counts, tokens) if "up_proj" in sets else None
+def _gate_up_delta(sets: nn.ModuleDict, rows: torch.Tensor, counts: list[int] | None, tokens: torch.Tensor | None,
+                   intermediate: int, only: int | None = None) -> torch.Tensor | None:
+    gate = sets["gate_proj"].grouped(rows, counts, tokens, only) if "gate_proj" in sets else None
+    up = sets["up_proj"].grouped(rows, counts, tokens, only) if "up_proj" in sets else None
     if gate is None and up is None:
         return None
     zeros = rows.new_zeros(rows.shape[0], intermediate)
@@ -126,19 +128,17 @@ def _fused_eager(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torc
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         rows = hidden_states[token_idx]
-        counts = [0] * self.num_experts
-        counts[expert] = rows.shape[0]
         projected = nn.functional.linear(rows, self.gate_up_proj[expert])
-        delta = _gate_up_delta(sets, rows, counts, token_idx, projected.shape[-1] // 2)
+        delta = _gate_up_delta(sets, rows, None, token_idx, projected.shape[-1] // 2, only=expert)
         if delta is not None:
             projected = projected + delta.to(projected.dtype)
         gate, up = projected.chunk(2, dim=-1)
         current = self.act_fn(gate) * up
         if "down_proj" in sets and sets["down_proj"].placement == "input":
-            current = sets["down_proj"].grouped(current, counts, token_idx)
+            current = sets["down_proj"].grouped(current, None, token_idx, only=expert)
         out = nn.functional.linear(current, self.down_proj[expert])
         if "down_proj" in sets and sets["down_proj"].placement == "output":
-            out = out + sets["down_proj"].grouped(current, counts, token_idx).to(out.dtype)
+            out = out + sets["down_proj"].grouped(current, None, token_idx, only=expert).to(out.dtype)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final

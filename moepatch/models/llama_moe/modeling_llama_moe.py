@@ -660,7 +660,11 @@ class UniversalCalculator(nn.Module):
 
         sorted_x = x.index_select(0, sorted_batch_indices)  # [N*k, H]
         split_x = torch.split(sorted_x, expert_batch_size, dim=0)  # E groups, ascending expert id
-        expert_outputs = [self.experts(split_x[i], i) for i in range(self.num_experts) if split_x[i].shape[0] > 0]
+        # idle experts run on zero rows (the published code skips them; outputs are identical): the autograd graph
+        # then has the same shape on every rank, as DeepSpeed ZeRO-1/2 gradient bucketing needs for trainable experts
+        expert_outputs = [self.experts(split_x[i], i) for i in range(self.num_experts)]
+        if sum(expert_batch_size) == 0:
+            expert_outputs = []
         output_dim = self.experts.out_features
         if not expert_outputs:  # no tokens at all
             y = torch.zeros((batch_size, output_dim), device=x.device, dtype=x.dtype)
