@@ -113,7 +113,7 @@ class SearchLoraExperts(LoraExperts):
         scales = [self.lora_E[e] * rank_prefix_mask(self.expertlora_E_vector[e]) for e in range(self.num_experts)]
         a = torch.cat([self.lora_A[e] * scales[e][:, None] for e in range(self.num_experts)], dim=0)
         b = torch.cat(list(self.lora_B), dim=1)
-        column_weights = weights[..., self._expert_of_column] * self._column_scale
+        column_weights = self._per_column(weights) * self._column_scale
         hidden = F.linear(x.to(a.dtype), a)
         return F.linear(hidden * column_weights.to(hidden.dtype), b).to(x.dtype)
 

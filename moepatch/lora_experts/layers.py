@@ -100,10 +100,19 @@ class LoraExperts(nn.Module):
     def num_experts(self) -> int:
         return len(self.ranks)
 
+    def _per_column(self, weights: torch.Tensor) -> torch.Tensor:
+        """Each expert's weight repeated over its rank columns (an expand when the ranks are equal: its backward is a
+        cheap sum, where an index gather's backward is a scatter-add)."""
+        if len(set(self.ranks)) == 1:
+            rank = self.ranks[0]
+            columns = weights.shape[-1] * rank
+            return weights.unsqueeze(-1).expand(*weights.shape, rank).reshape(*weights.shape[:-1], columns)
+        return weights[..., self._expert_of_column]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``Δ(x)``, shaped like the base projection's output, in ``x``'s dtype."""
         weights = self.router(x)  # [..., E] float32, zeros for unselected experts
-        column_weights = weights[..., self._expert_of_column] * self._column_scale  # [..., Σr]
+        column_weights = self._per_column(weights) * self._column_scale  # [..., Σr]
         a = torch.cat(list(self.lora_A), dim=0)  # [Σr, in]
         b = torch.cat(list(self.lora_B), dim=1)  # [out, Σr]
         hidden = F.linear(self.dropout(x).to(a.dtype), a)  # [..., Σr]
