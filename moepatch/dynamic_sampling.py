@@ -161,7 +161,40 @@ class DynamicSamplingCallback(TrainerCallback):
         return control
 
 
-class MixtureTrainer(Trainer):
+class ResumingTrainer(Trainer):
+    """A Trainer whose plain (non-DeepSpeed) resume restores a patched MoE model exactly.
+
+    transformers 5.24's Trainer restores a checkpoint with a raw ``load_state_dict``, but MoE checkpoints are saved
+    in the per-expert layout (``experts.{e}.gate_proj.weight``) that only ``from_pretrained`` fuses back into
+    ``experts.gate_up_proj``: without a reload the experts silently keep their pre-resume weights.  LoRA experts live
+    in ``lora_experts.safetensors`` beside the weights (``moepatch.lora_experts``) and are restored from there.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from moepatch.loading import from_pretrained
+        from moepatch.lora_experts import WEIGHTS_NAME
+        from moepatch.lora_experts.inject import load_lora_weights
+        from moepatch.lora_experts.inject import lora_state_dict
+
+        target = model if model is not None else self.model
+        reloaded = from_pretrained(resume_from_checkpoint, patch=False)
+        expert_keys = set(lora_state_dict(target))
+        missing, unexpected = target.load_state_dict(reloaded.state_dict(), strict=False)
+        missing = [key for key in missing if key not in expert_keys]
+        if missing or unexpected:
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} does not match the model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if expert_keys:
+            from safetensors.torch import load_file
+
+            file = Path(resume_from_checkpoint) / WEIGHTS_NAME
+            if not file.is_file():
+                raise ValueError(f"resume_from_checkpoint: {file} missing; the model carries LoRA experts")
+            load_lora_weights(target, load_file(str(file)))
+
+
+class MixtureTrainer(ResumingTrainer):
     """A Trainer whose train dataset is a :class:`MixtureDataset` drawn by a :class:`DynamicMixtureSampler`.
 
     The sampler's state (weights schedule, position) is saved with every checkpoint and restored on resume; the
@@ -177,23 +210,6 @@ class MixtureTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> DynamicMixtureSampler:
         return self.mixture_sampler
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        """Also reload the weights through ``from_pretrained``'s key conversion.
-
-        transformers 5.24's Trainer restores a checkpoint with a raw ``load_state_dict``, but MoE checkpoints are
-        saved in the per-expert layout (``experts.{e}.gate_proj.weight``) that only ``from_pretrained`` fuses back
-        into ``experts.gate_up_proj``: without this the experts silently keep their pre-resume weights.
-        """
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from moepatch.loading import from_pretrained
-
-        target = model if model is not None else self.model
-        reloaded = from_pretrained(resume_from_checkpoint, patch=False)
-        missing, unexpected = target.load_state_dict(reloaded.state_dict(), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} does not match the model "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Restore the sampler from the checkpoint first (every backend: DeepSpeed skips ``_load_from_checkpoint``)."""

@@ -184,13 +184,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     """Train and save; returns a summary (sources, rounds, final weights, output folder)."""
     import torch
     from transformers import DataCollatorForSeq2Seq
-    from transformers import Trainer
     from transformers import set_seed
 
     from moepatch.data import load_source
     from moepatch.dynamic_sampling import ROUNDS_FILE
     from moepatch.dynamic_sampling import DynamicSamplingCallback
     from moepatch.dynamic_sampling import MixtureTrainer
+    from moepatch.dynamic_sampling import ResumingTrainer
     from moepatch.dynamic_sampling import sampling_horizon
     from moepatch.loading import from_pretrained
     from moepatch.mixture import DynamicMixtureSampler
@@ -238,7 +238,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
                                  sources]), data_collator=collator, callbacks=callbacks, mixture_sampler=sampler)
     else:
         train = [example for source in sources for example in source.train]
-        trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
+        trainer = ResumingTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
         sampler = None
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(str(output_dir))
