@@ -343,3 +343,19 @@ def test_fused_experts_under_each_supported_implementation(implementation):
                 delta = lora(inner.float()[None])[0].double()
                 expected[t] += top_k_weights[t, slot].double() * (inner @ experts.down_proj[e].double().T + delta)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_balance_loss_ignores_what_padding_tokens_are(family):
+    """Right padding: real tokens never see the pads, so a loss that leaves padding out cannot depend on the pad ids."""
+    model = tiny.tiny_model(family).train()
+    moepatch.apply(model, {"lora_experts": {**METHODS["mola"], "balance_loss": {"coef": 1.0, "reduction": "sum"}}})
+    batch = tiny.demo_batch()
+    other = {key: value.clone() for key, value in batch.items()}
+    other["input_ids"][batch["attention_mask"] == 0] = 7
+    losses = []
+    for inputs in (batch, other):
+        torch.manual_seed(0)
+        losses.append(model(**inputs, labels=_labels(inputs)).loss)
+        aux = model.lora_experts_aux["balance_loss"]
+        assert aux > 0
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)  # pads only reorder expert rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -281,9 +282,10 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
         module_sets = routed.RoutedExpertSets(sets, target.placement).to(device)
         if target.storage == "parallel":
             undo.add_module(target.module, ATTRIBUTE, module_sets)
-            undo.add_hook(target.module.register_forward_pre_hook(routed.parallel_input_hook)
+            owner = moe.inner.get_submodule(target.path.rsplit(".", 1)[0])  # the mixture (its batch_index)
+            undo.add_hook(target.module.register_forward_pre_hook(partial(routed.parallel_input_hook, owner=owner))
                           if target.placement == "input" else
-                          target.module.register_forward_hook(routed.parallel_output_hook))
+                          target.module.register_forward_hook(partial(routed.parallel_output_hook, owner=owner)))
             continue
         entry = grouped.setdefault(id(target.module), (target.module, target.storage, {}))
         entry[2][target.projection] = module_sets

@@ -165,6 +165,10 @@ def glu_forward(self: nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
     """``LinearGLUExperts.forward(x, i)`` plus expert i's LoRA experts (instance ``forward``)."""
     sets: nn.ModuleDict = self.lora_experts
     functional = nn.functional
+    row_tokens = getattr(self, "row_tokens", None)
+    tokens = row_tokens[i] if row_tokens is not None and len(row_tokens) > i else None
+    for expert_sets in sets.values():
+        expert_sets.sets[i].router.last_tokens = tokens
     gate = functional.linear(x, self.weight_gate[i], self.bias_gate[i] if self.bias_gate is not None else None)
     up = functional.linear(x, self.weight_up[i], self.bias_up[i] if self.bias_up is not None else None)
     if "gate_proj" in sets:
@@ -182,14 +186,23 @@ def glu_forward(self: nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- MoLM
-def parallel_output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    inputs, expert_size = args[0], args[1]
-    return output + module.lora_experts.grouped(inputs, [int(s) for s in expert_size]).to(output.dtype)
+def _row_tokens(owner: nn.Module | None, rows: int) -> torch.Tensor | None:
+    """The token of each expert-grouped row: MoLM's mixture keeps it as ``batch_index``."""
+    tokens = getattr(owner, "batch_index", None)
+    return tokens if isinstance(tokens, torch.Tensor) and tokens.shape[0] == rows else None
 
 
-def parallel_input_hook(module: nn.Module, args: tuple) -> tuple:
+def parallel_output_hook(module: nn.Module, args: tuple, output: torch.Tensor, owner: nn.Module | None = None
+                         ) -> torch.Tensor:
     inputs, expert_size = args[0], args[1]
-    return (module.lora_experts.grouped(inputs, [int(s) for s in expert_size]), expert_size, *args[2:])
+    tokens = _row_tokens(owner, inputs.shape[0])
+    return output + module.lora_experts.grouped(inputs, [int(s) for s in expert_size], tokens).to(output.dtype)
+
+
+def parallel_input_hook(module: nn.Module, args: tuple, owner: nn.Module | None = None) -> tuple:
+    inputs, expert_size = args[0], args[1]
+    tokens = _row_tokens(owner, inputs.shape[0])
+    return (module.lora_experts.grouped(inputs, [int(s) for s in expert_size], tokens), expert_size, *args[2:])
 
 
 def bind(module: nn.Module, function: Any) -> types.MethodType:

@@ -662,6 +662,8 @@ class UniversalCalculator(nn.Module):
         split_x = torch.split(sorted_x, expert_batch_size, dim=0)  # E groups, ascending expert id
         # idle experts run on zero rows (the published code skips them; outputs are identical): the autograd graph
         # then has the same shape on every rank, as DeepSpeed ZeRO-1/2 gradient bucketing needs for trainable experts
+        # the token of every row, for per-expert consumers (moepatch's LoRA experts leave padding out of their loss)
+        self.experts.row_tokens = torch.split(sorted_batch_indices, expert_batch_size, dim=0)
         expert_outputs = [self.experts(split_x[i], i) for i in range(self.num_experts)]
         if sum(expert_batch_size) == 0:
             expert_outputs = []
