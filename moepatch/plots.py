@@ -8,6 +8,16 @@ from moepatch.profiling import CoactivationProfile
 from moepatch.recorder import RoutingRecorder
 
 
+def _save(figure: object, path: str | Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
 def plot_routing_counts(recorder: RoutingRecorder, path: str | Path) -> Path:
     """Heatmap of each layer's share of top-k choices per expert; returns the PNG path."""
     import matplotlib
@@ -24,11 +34,7 @@ def plot_routing_counts(recorder: RoutingRecorder, path: str | Path) -> Path:
     axis.set_yticks(range(len(recorder.layers)), [str(i) for i in recorder.layers])
     axis.set_title(f"{recorder.model.family.name}: share of top-{recorder.top_k} choices")
     figure.colorbar(image, ax=axis, label="share of choices")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path, dpi=120)
 
 
 def plot_coactivation(profile: CoactivationProfile, layers: list[int], path: str | Path) -> Path:
@@ -48,11 +54,7 @@ def plot_coactivation(profile: CoactivationProfile, layers: list[int], path: str
         axis.set_ylabel("expert")
         figure.colorbar(image, ax=axis, fraction=0.046, label="tokens")
     figure.suptitle(f"{profile.tokens} tokens, top-{profile.top_k} of {profile.num_experts} experts")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path, dpi=110)
 
 
 def plot_sampling_rounds(rounds: list[dict], path: str | Path) -> Path:
@@ -84,8 +86,4 @@ def plot_sampling_rounds(rounds: list[dict], path: str | Path) -> Path:
     right.set_xlabel("expert (probe layers)")
     right.set_title(f"per-source expert load, step {rounds[-1]['step']}")
     figure.colorbar(image, ax=right, label="share of top-k choices")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path, dpi=110)

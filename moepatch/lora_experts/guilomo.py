@@ -39,52 +39,38 @@ ARCH_MARKERS = ("router_expert_vector", "expertlora_E_vector")
 _SET_PATH = re.compile(r"^(?P<owner>.+)\.lora_experts(?:\.(?P<projection>[a-z_]+))?(?:\.sets\.\d+)?$")
 
 
-class _ExpertPrefixMask(torch.autograd.Function):
+class _PrefixMask(torch.autograd.Function):
+    """Straight-through prefix mask of a GSV: ``inside`` on indices ``0..k`` (``k = max(argmax σ(v), min_k)``),
+    ``outside`` beyond; backward puts the cumulative ``Σ_{j≤k} grad_j · σ(v_j)`` at ``k`` and ``grad · leak``
+    elsewhere."""
+
     @staticmethod
-    def forward(ctx: Any, vector: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, vector: torch.Tensor, inside: float, outside: float, min_k: int, leak: float
+                ) -> torch.Tensor:
         gate = torch.sigmoid(vector)
-        k = max(1, int(gate.argmax()))
-        mask = torch.full_like(vector, -1e4)
-        mask[: k + 1] = 0.5
+        k = max(min_k, int(gate.argmax()))
+        mask = torch.full_like(vector, outside)
+        mask[: k + 1] = inside
         ctx.save_for_backward(gate)
-        ctx.k = k
+        ctx.k, ctx.leak = k, leak
         return mask
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         (gate,) = ctx.saved_tensors
-        result = torch.zeros_like(grad)
+        result = grad * ctx.leak
         result[ctx.k] = (grad * gate)[: ctx.k + 1].sum()
-        return result
-
-
-class _RankPrefixMask(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, vector: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(vector)
-        k = int(gate.argmax())
-        mask = torch.full_like(vector, 1e-4)
-        mask[: k + 1] = 1.0
-        ctx.save_for_backward(gate)
-        ctx.k = k
-        return mask
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (gate,) = ctx.saved_tensors
-        result = grad * 1e-4
-        result[ctx.k] = (grad * gate)[: ctx.k + 1].sum()
-        return result
+        return result, None, None, None, None
 
 
 def expert_prefix_mask(vector: torch.Tensor) -> torch.Tensor:
     """Additive router-logit mask of an expert GSV (straight-through prefix; see the module docstring)."""
-    return _ExpertPrefixMask.apply(vector)
+    return _PrefixMask.apply(vector, 0.5, -1e4, 1, 0.0)
 
 
 def rank_prefix_mask(vector: torch.Tensor) -> torch.Tensor:
     """Multiplicative per-rank mask of a rank GSV (straight-through prefix; see the module docstring)."""
-    return _RankPrefixMask.apply(vector)
+    return _PrefixMask.apply(vector, 1.0, 1e-4, 0, 1e-4)
 
 
 def _gsv(size: int) -> nn.Parameter:
