@@ -359,3 +359,22 @@ def test_balance_loss_ignores_what_padding_tokens_are(family):
         aux = model.lora_experts_aux["balance_loss"]
         assert aux > 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)  # pads only reorder expert rows
+
+
+def test_combines_with_c2r_and_freezing_and_applies_idempotently():
+    from moepatch.tiny import random_collaborative_list
+
+    block = {"c2r": {"top_t": 3, "collaborative_list": random_collaborative_list(4, 8, seed=2)},
+             "freeze_gate": "router"}
+    model = tiny.tiny_model("qwen2_moe")
+    batch = tiny.demo_batch()
+    moepatch.apply(model, block)
+    with torch.no_grad():
+        c2r_only = model(**batch).logits
+    handle = moepatch.apply(model, {**block, "lora_experts": METHODS["mola"]})
+    assert len(handle.c2r_routers) == 3 and handle.frozen_parameters and handle.lora_targets
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, c2r_only)  # fresh experts change nothing, C2R still routes
+    assert moepatch.apply(model, {**block, "lora_experts": METHODS["mola"]}) is handle  # same config: same handle
+    handle.remove()
+    assert not _lora_sets(model)
