@@ -208,3 +208,21 @@ def test_moduleformer_install_round_trip(tmp_path, batch):
     assert seen["logits"] == logits_of(expected, batch).flatten()[:64].tolist()
     moepatch.uninstall(folder)
     assert _snapshot(folder) == before
+
+
+def test_trained_lora_experts_reach_a_tool_that_never_imports_moepatch(tmp_path, batch):
+    """Save a model with trained LoRA experts, install the loader: a trust_remote_code tool gets the same logits."""
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "mixtral", moepatch={
+        "lora_experts": {"method": "mola", "num_experts": 3, "top_k": 2, "r": 4}})
+    model = moepatch.from_pretrained(checkpoint)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)  # as if trained
+    model.save_pretrained(tmp_path / "trained")
+    tiny.tiny_tokenizer().save_pretrained(tmp_path / "trained")
+    expected = logits_of(model.eval(), batch).flatten()[:64].tolist()
+    moepatch.install(tmp_path / "trained")
+    result = _run_tool(tmp_path / "trained", tmp_path / "tool", batch)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["patched"] and seen["logits"] == expected
