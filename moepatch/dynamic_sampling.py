@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from moepatch.mixture import DynamicMixtureSampler
 from moepatch.mixture import MixtureDataset
 from moepatch.recorder import RoutingRecorder
+from moepatch.recorder import collective_device
 from moepatch.sampling import source_distances
 from moepatch.sampling import update_weights
 
@@ -252,8 +253,7 @@ def _check_ranks_agree(weights: list[float]) -> None:
 
     if _rank_and_world()[1] == 1:
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor(weights, dtype=torch.float64, device=device)
+    mine = torch.tensor(weights, dtype=torch.float64, device=collective_device())
     reference = mine.clone()
     dist.broadcast(reference, src=0)
     if not torch.equal(mine, reference):

@@ -209,14 +209,10 @@ def apply(
     if plan.c2r is not None:
         handle.c2r_routers = install_c2r(moe_model, plan.c2r, undo)
     if plan.lora_targets is not None:
-        from moepatch.lora_experts.balance import install_balance_hook
         from moepatch.lora_experts.inject import install_lora_experts
-        from moepatch.lora_experts.inject import install_saving
 
-        added = install_lora_experts(moe_model, plan.lora_targets, cfg.lora_experts, undo, plan.lora_weights)
-        install_saving(moe_model.inner, undo)
+        install_lora_experts(moe_model, plan.lora_targets, cfg.lora_experts, undo, plan.lora_weights)
         handle.lora_targets = [target.path for target in plan.lora_targets]
-        undo.add_hook(install_balance_hook(moe_model.inner, [module.router for module in added], cfg.lora_experts))
     if plan.stats_layers is not None:
         handle.recorder = RoutingRecorder(model, plan.stats_layers).start()
         undo.add_callback(handle.recorder.stop)

@@ -38,6 +38,15 @@ def _accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def collective_device(group: Any = None) -> torch.device:
+    """Where tensors for a ``torch.distributed`` collective must live: the current GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class RoutingRecorder:
     """Accumulate routing statistics of a model while active.
 
@@ -285,9 +294,7 @@ class RoutingRecorder:
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = collective_device(group)
         for accumulator in (self._acc, self._co):
             if accumulator is not None:
                 reduced = accumulator.to(device=device, dtype=torch.float64)

@@ -23,15 +23,14 @@ WEIGHTS_NAME = "lora_experts.safetensors"
 def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIGHTS_NAME) -> Path:
     """Write only the LoRA-expert tensors to ``folder/filename`` (an adapter-only file to ship beside a base
     checkpoint); ``model.save_pretrained`` of a patched model writes the same file by itself."""
-    from safetensors.torch import save_file
+    from moepatch.lora_experts.inject import write_expert_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().cpu().contiguous() for key, value in lora_state_dict(model).items()}
+    tensors = lora_state_dict(model)
     if not tensors:
         raise ValueError("save_lora_experts: the model carries no LoRA experts (apply a lora_experts config first)")
-    save_file(tensors, str(folder / filename))
-    return folder / filename
+    return write_expert_file(tensors, folder / filename)
 
 
 def merge_into_base(model: nn.Module) -> None:

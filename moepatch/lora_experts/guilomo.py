@@ -22,7 +22,6 @@ experts), which ``"num_experts": "expert.json", "r": "rank.json"`` reads back.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -92,16 +91,9 @@ class SearchLoraExperts(LoraExperts):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.router.weight.float()) + expert_prefix_mask(self.router_expert_vector)
-        probs = logits.softmax(dim=-1)
-        values, indices = probs.topk(self.router.top_k, dim=-1)
-        self.router.last_logits, self.router.last_indices = logits, indices
-        weights = torch.zeros_like(probs).scatter(-1, indices, values / values.sum(dim=-1, keepdim=True))
         scales = [self.lora_E[e] * rank_prefix_mask(self.expertlora_E_vector[e]) for e in range(self.num_experts)]
         a = torch.cat([self.lora_A[e] * scales[e][:, None] for e in range(self.num_experts)], dim=0)
-        b = torch.cat(list(self.lora_B), dim=1)
-        column_weights = self._per_column(weights) * self._column_scale
-        hidden = F.linear(x.to(a.dtype), a)
-        return F.linear(hidden * column_weights.to(hidden.dtype), b).to(x.dtype)
+        return self.mix(x, self.router.mixing_weights(logits), a)
 
     def allocation(self) -> tuple[int, list[int]]:
         """(expert count, rank of each of the N_max experts) as GuiLoMo exports them."""
@@ -265,7 +257,3 @@ def to_search_layers(model: nn.Module, max_rank: int) -> int:
                 parent._modules[name] = search_layer.to(child.router.weight.device)
                 replaced += 1
     return replaced
-
-
-def default_steps(examples: int, batch_size: int) -> int:
-    return math.ceil(examples / batch_size)

@@ -251,9 +251,8 @@ def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int,
 
 def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraExpertsConfig, undo: UndoLog,
                          weights: dict[str, torch.Tensor] | None = None) -> list[nn.Module]:
-    """Attach the expert sets and their hooks / forwards; freeze the base unless ``train_base``; load ``weights``.
-
-    Returns every expert set created (their routers feed the balance loss).
+    """Attach the expert sets and their hooks / forwards; freeze the base unless ``train_base``; load ``weights``;
+    route saving through :func:`install_saving` and add the balance-loss hook.  Returns every expert set created.
     """
     from moepatch.lora_experts import routed
 
@@ -295,6 +294,10 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
         undo.set_attribute(module, "forward", routed.bind(module, function))
     if weights is not None:
         load_lora_weights(moe.inner, weights)
+    install_saving(moe.inner, undo)
+    from moepatch.lora_experts.balance import install_balance_hook
+
+    undo.add_hook(install_balance_hook(moe.inner, [expert_set.router for expert_set in created], config))
     return created
 
 
@@ -345,6 +348,14 @@ def read_saved_lora_weights(folder: Path | None, config: LoraExpertsConfig) -> d
     return load_file(str(file))
 
 
+def write_expert_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write LoRA-expert tensors (any device) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(path))
+    return path
+
+
 def install_saving(model: nn.Module, undo: UndoLog) -> None:
     """Keep the experts out of the model's own safetensors and write them to their own file on every save.
 
@@ -362,18 +373,16 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
     original = model.save_pretrained
 
     def save_pretrained(save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-        from safetensors.torch import save_file
-
         state_dict = kwargs.get("state_dict")
         source = state_dict if state_dict is not None else lora_state_dict(model)
-        tensors = {key: value.detach().cpu().contiguous() for key, value in source.items() if key in keys}
+        tensors = {key: value for key, value in source.items() if key in keys}
         block = dict(getattr(model.config, CONFIG_KEY, None) or {})
         if "lora_experts" in block and tensors:
             block["lora_experts"] = {**block["lora_experts"], "weights": WEIGHTS_NAME}
             setattr(model.config, CONFIG_KEY, block)
         result = original(save_directory, *args, **kwargs)
         if tensors and kwargs.get("is_main_process", True):
-            save_file(tensors, str(Path(save_directory) / WEIGHTS_NAME))
+            write_expert_file(tensors, Path(save_directory) / WEIGHTS_NAME)
         return result
 
     undo.set_attribute(model, "save_pretrained", save_pretrained)

@@ -47,7 +47,10 @@ class ExpertRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., E]`` float32 mixing weights: softmax, or the renormalised top-k (zeros elsewhere)."""
-        logits = F.linear(x.float(), self.weight.float())
+        return self.mixing_weights(F.linear(x.float(), self.weight.float()))
+
+    def mixing_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mixing weights from (possibly masked) logits; keeps logits and choices for the balance loss."""
         probs = logits.softmax(dim=-1)
         self.last_logits = logits
         if self.top_k is None:
@@ -111,10 +114,14 @@ class LoraExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``Δ(x)``, shaped like the base projection's output, in ``x``'s dtype."""
-        weights = self.router(x)  # [..., E] float32, zeros for unselected experts
-        column_weights = self._per_column(weights) * self._column_scale  # [..., Σr]
-        a = torch.cat(list(self.lora_A), dim=0)  # [Σr, in]
+        return self.mix(x, self.router(x))
+
+    def mix(self, x: torch.Tensor, weights: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ_e w_e·(α/r_e)·B_e A_e dropout(x)`` for mixing weights ``[..., E]``; ``a``: the experts' A matrices
+        concatenated along the rank axis (default: ``lora_A`` as stored)."""
+        a = torch.cat(list(self.lora_A), dim=0) if a is None else a  # [Σr, in]
         b = torch.cat(list(self.lora_B), dim=1)  # [out, Σr]
+        column_weights = self._per_column(weights) * self._column_scale  # [..., Σr]
         hidden = F.linear(self.dropout(x).to(a.dtype), a)  # [..., Σr]
         return F.linear(hidden * column_weights.to(hidden.dtype), b).to(x.dtype)
 

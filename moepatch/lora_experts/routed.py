@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.integrations.moe import _grouped_linear  # the same grouped GEMM transformers' experts use
 
 FUSED_IMPLEMENTATIONS = ("grouped_mm", "eager", None)
 
@@ -82,8 +83,6 @@ def _gate_up_delta(sets: nn.ModuleDict, rows: torch.Tensor, counts: list[int] | 
 
 def _fused_grouped(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor) -> torch.Tensor:
-    from transformers.integrations.moe import _grouped_linear
-
     sets: nn.ModuleDict = self.lora_experts
     device = hidden_states.device
     num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
