@@ -34,7 +34,7 @@ PATCH = {"freeze_gate": "router", "routing_stats": {"layers": None}}
 
 
 def qwen15_moe_reduced(layers: int, vocab: int) -> Qwen2MoeConfig:
-    """Qwen1.5-MoE-A2.7B per-layer sizes (model-families.md §2.1) with ``layers`` layers and ``vocab`` tokens."""
+    """Qwen1.5-MoE-A2.7B per-layer sizes (its published config.json) with ``layers`` layers and ``vocab`` tokens."""
     return Qwen2MoeConfig(
         vocab_size=vocab,
         hidden_size=2048,

@@ -1,9 +1,9 @@
 """Copies per token under contiguous, planned and optimal expert placement, and the cost of planning.
 
-Part 1 reads the shipped LLaMA-MoE-v1-3.5B (2/8) co-activation matrices (``shared/data/c2r``, 32 layers, 8 experts,
-top-2), profiled under vanilla routing (``base``) and under C2R with T = 5 (``topt_5``), and prints for 2 and 4
-devices the mean over layers of the copies per token (distinct devices a token is sent to under per-device
-de-duplicated dispatch) for:
+Part 1 reads the shipped LLaMA-MoE-v1-3.5B (2/8) co-activation matrices (``data/c2r-moe`` in this repository, from
+the C2R authors' release; 32 layers, 8 experts, top-2), profiled under vanilla routing (``base``) and under C2R with
+T = 5 (``topt_5``), and prints for 2 and 4 devices the mean over layers of the copies per token (distinct devices a
+token is sent to under per-device de-duplicated dispatch) for:
 
 * the contiguous placement (experts ``0..E/D-1`` on device 0, ...);
 * :func:`moepatch.placement.plan_placement` (exact search for 8 experts), with its planning time for all layers;
@@ -31,7 +31,7 @@ import numpy as np
 from moepatch import collaboration_io
 from moepatch import placement
 
-DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "c2r" / "llama-moe-v1-3_5b-2_8.collaboration.json"
+DATA_FILE = Path(__file__).resolve().parents[1] / "data" / "c2r-moe" / "llama-moe-v1-3_5b-2_8.collaboration.json"
 LABELS = {"base_collaboration": "base (vanilla)", "topt_5_collaboration": "topt_5 (C2R)"}
 
 
@@ -130,10 +130,7 @@ def synthetic_timing(num_layers: int = 24, num_tokens: int = 20_000) -> None:
 
 
 def main() -> int:
-    if DATA_FILE.is_file():
-        real_data_table()
-    else:
-        print(f"shared C2R data not found at {DATA_FILE}; skipping the LLaMA-MoE table")
+    real_data_table()
     synthetic_timing()
     return 0
 

@@ -1,18 +1,23 @@
 """C2R routing: the top-1 expert is chosen freely, the other k-1 among the first ``top_t`` entries of its list.
 
-Faithful to the official Qwen rule (c2r.md §4.1) for every family with a softmax → top-k router, written once
-against the routing patch point (:mod:`moepatch.routing`): only the selection step changes, so each family keeps its
-own weight semantics (Qwen2-MoE: global softmax probabilities, renormalised only when ``norm_topk_prob``; Mixtral:
-renormalised over the k chosen).  The official code's defects are fixed here:
+Faithful to the official Qwen rule of C2R (Zhang et al., NAACL 2025) for every family with a softmax → top-k router,
+written once against the routing patch point (:mod:`moepatch.routing`): only the selection step changes, so each
+family keeps its own weight semantics (Qwen2-MoE: global softmax probabilities, renormalised only when
+``norm_topk_prob``; Mixtral: renormalised over the k chosen).  The official code's defects are fixed here:
 
 * ``top_t = E`` (the official duplicate-expert bug) and every other ``top_t`` outside ``k-1 .. E-1`` are refused;
 * malformed lists (shape, out-of-range ids, duplicates, the expert itself before the cut, layer-count mismatch)
   raise ``ValueError`` naming layer and expert — nothing is silently accepted;
-* the list becomes a per-layer ``[E, T]`` buffer once, at patch time (not a host→device copy per forward);
+* the list becomes per-layer non-persistent buffers once, at patch time (not a host→device copy per forward): the
+  ``[E, T]`` candidates and the ``[E, E]`` table of allowed experts;
+* ties break as in the family's own top-k, not in list order: the official code gathers the allowed probabilities
+  in list order and runs ``topk`` on that reordered vector; here the non-allowed experts are masked to ``-inf`` in
+  expert-index order and the family's very call (same ``k``, dim and dtype) picks the experts, so exact ties (common
+  in bf16/fp16) resolve as vanilla routing resolves them;
 * no side-channel attributes on modules (statistics come from :class:`~moepatch.recorder.RoutingRecorder`);
 * the load-balancing loss counts the experts actually chosen (:mod:`moepatch.aux_loss`).
 
-``top_t = E - 1`` reproduces vanilla top-k exactly (tested bit for bit).
+``top_t = E - 1`` reproduces vanilla top-k exactly, ties included (tested bit for bit in float32, bf16 and fp16).
 """
 
 from __future__ import annotations
@@ -36,39 +41,92 @@ from moepatch.routing import selection_seam_problem
 from moepatch.undo import UndoLog
 
 CANDIDATES_BUFFER = "c2r_candidates"
+"""Per-layer ``[E, T]`` int64 buffer: row ``e`` = the first ``top_t`` entries of expert ``e``'s list, in list order
+(LLaMA-MoE's ``top_t = 1`` rule reads its fixed partners from it)."""
+
+ALLOWED_BUFFER = "c2r_allowed"
+"""Per-layer ``[E, E]`` bool buffer (:func:`allowed_table`): row ``e`` = the experts a token whose top-1 is ``e`` may
+use, in expert-index order."""
 
 
-def constrained_topk(probs: torch.Tensor, k: int, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """C2R selection on router probabilities.
+def allowed_table(candidates: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The ``[E, E]`` boolean table of the C2R rule, built once per layer at patch time.
 
     Args:
-        probs (`torch.Tensor` of shape `[N, E]`): router probabilities.
-        k (`int`): experts per token.
-        candidates (`torch.Tensor` of shape `[E, T]`): row ``e`` = the experts that may join top-1 expert ``e``.
+        candidates (`torch.Tensor` of shape `[E, T]`): row ``e`` = the first ``top_t`` collaborators of expert ``e``.
+        num_experts (`int`): E.
 
     Returns:
-        `(values [N, k], indices [N, k])`: the top-1 expert first, then the k-1 most probable eligible
-        collaborators in descending probability (the official code leaves them unsorted; the order does not change
-        the output).
+        `torch.Tensor` of shape `[E, E]`, bool: ``allowed[e, j]`` is True for ``j == e`` and for every ``j`` in
+        ``candidates[e]``.  The diagonal makes the top-1 expert the maximum of its own masked row; with ``top_t =
+        E - 1`` every entry is True.
     """
-    top1 = probs.argmax(dim=-1, keepdim=True)  # [N, 1]
-    allowed = candidates[top1.squeeze(1)]  # [N, T]
-    allowed_probs = probs.gather(1, allowed)  # [N, T]
-    rest_values, rest_position = torch.topk(allowed_probs, k - 1, dim=-1)  # [N, k-1]
-    rest = allowed.gather(1, rest_position)  # [N, k-1]
-    values = torch.cat([probs.gather(1, top1), rest_values], dim=1)  # [N, k]
-    indices = torch.cat([top1, rest], dim=1)  # [N, k]
-    return values, indices
+    own = torch.eye(num_experts, dtype=torch.bool, device=candidates.device)  # [E, E]
+    return own.scatter(1, candidates, True)  # [E, E]
+
+
+def _masked_topk(
+    scores: torch.Tensor, m: int, allowed: torch.Tensor, selected: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The family's own ``torch.topk(scores, m, dim=-1)``, over the scores of the allowed experts only.
+
+    The top-1 expert (``argmax``) is free; every expert outside ``allowed[top1]`` gets ``-inf`` *in place*, so the
+    vector keeps expert-index order, dtype and shape, and the very call the family makes picks the ``m`` best of
+    the allowed ones.  Ties therefore resolve exactly as in the family's top-k: where a row allows every expert
+    (``top_t = E - 1``) the masked vector equals ``scores`` bit for bit and the result is vanilla's, ties included.
+    Gathering the allowed scores in list order instead (the official code) hands ``topk`` another vector, whose ties
+    break in list order: another expert for about one token in 256 on the tiny bf16 models.
+
+    ``top1`` holds the row's maximum, so ``topk`` puts it among the first ``selected`` columns (``m`` or ``m - 1``)
+    unless more than ``selected`` allowed experts tie at that maximum.  In a row that does not allow every expert it
+    is then put first, before the first ``m - 1`` chosen (all equal to it), so the selection always holds ``top1``
+    and its collaborators only.  Among equal scores the order is ``topk``'s: ``top1`` need not be column 0.
+
+    Args:
+        scores (`torch.Tensor` of shape `[N, E]`): what the family's top-k runs over (probabilities or logits).
+        m (`int`): columns returned.
+        allowed (`torch.Tensor` of shape `[E, E]`, bool): :func:`allowed_table` of the layer.
+        selected (`int`): leading columns that form the selection and must hold ``top1`` (``m`` or ``m - 1``).
+
+    Returns:
+        `(scores gathered at the indices [N, m], indices [N, m])`, best first.
+    """
+    top1 = scores.argmax(dim=-1, keepdim=True)  # [N, 1]
+    masked = scores.masked_fill(~allowed[top1.squeeze(1)], float("-inf"))  # [N, E], expert-index order
+    _, indices = torch.topk(masked, m, dim=-1)  # [N, m]: the family's call, the family's tie order
+    lost = (indices[:, :selected] != top1).all(dim=-1, keepdim=True) & ~allowed.all(dim=-1)[top1]  # [N, 1]
+    indices = torch.where(lost, torch.cat([top1, indices[:, :-1]], dim=1), indices)  # [N, m]
+    return scores.gather(1, indices), indices
+
+
+def constrained_topk(probs: torch.Tensor, k: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C2R selection on router probabilities (the official Qwen rule), with the family's own tie-breaking.
+
+    Args:
+        probs (`torch.Tensor` of shape `[N, E]`): router probabilities, as the family's selection receives them
+            (float32 for the transformers 5 routers, the activation dtype for MoLM).
+        k (`int`): experts per token.
+        allowed (`torch.Tensor` of shape `[E, E]`, bool): :func:`allowed_table` of the layer.
+
+    Returns:
+        `(values [N, k], indices [N, k])`: the top-1 expert (``argmax``) and the k-1 most probable of its first
+        ``top_t`` collaborators, best first, chosen by the family's ``torch.topk(…, k, dim=-1)`` on the masked
+        probabilities (see :func:`_masked_topk`); ``top_t = E - 1`` is vanilla top-k bit for bit.
+    """
+    return _masked_topk(probs, k, allowed, selected=k)
 
 
 def constrained_top_k_plus_one(
-    logits: torch.Tensor, k: int, candidates: torch.Tensor, top_t: int
+    logits: torch.Tensor, k: int, candidates: torch.Tensor, top_t: int, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """C2R selection for LLaMA-MoE's gate (c2r.md §4.2): ``k + 1`` candidates from (noisy) logits.
+    """C2R selection for LLaMA-MoE's gate (the official LLaMA-MoE rule): ``k + 1`` candidates from (noisy) logits.
 
-    The top-1 expert is free; then the ``k`` highest-logit experts among the first ``top_t`` of its list, best
-    first: the first ``k`` columns are the selection, column ``k`` the best excluded collaborator (the threshold of
-    the noisy load estimate).  With ``top_t == 1`` (only for ``k == 2``) the partners are fixed: ``[e1, row[0],
+    The top-1 expert is free; then the ``k`` highest-logit experts among the first ``top_t`` of its list: the first
+    ``k`` columns are the selection (the top-1 expert and its ``k - 1`` best collaborators), column ``k`` the best
+    excluded collaborator (the threshold of the noisy load estimate).  These are the ``k + 1`` best logits of the
+    allowed experts, best first, so they come from the vanilla gate's own call, ``logits.topk(min(k + 1, E),
+    dim=1)``, on the masked logits (see :func:`_masked_topk`): ties break as in the vanilla gate and ``top_t = E -
+    1`` is vanilla bit for bit.  With ``top_t == 1`` (only for ``k == 2``) the partners are fixed: ``[e1, row[0],
     row[1]]``.
 
     Args:
@@ -76,19 +134,20 @@ def constrained_top_k_plus_one(
         k (`int`): experts per token.
         candidates (`torch.Tensor` of shape `[E, W]`): each expert's first ``max(top_t, 2)`` collaborators.
         top_t (`int`): T.
+        allowed (`torch.Tensor` of shape `[E, E]`, bool, *optional*): :func:`allowed_table` of
+            ``candidates[:, :top_t]``, built once at patch time; built here when not given.
 
     Returns:
         `(top_logits [N, k+1], top_indices [N, k+1])`, the contract of the gate's ``select_experts``.
     """
-    top1 = logits.argmax(dim=-1, keepdim=True)  # [N, 1]
-    allowed = candidates[top1.squeeze(1)]  # [N, W]
     if top_t == 1:
-        rest = allowed[:, :2]  # [N, 2] fixed partners (official special case, k == 2)
-    else:
-        _, position = torch.topk(logits.gather(1, allowed), k, dim=-1)  # [N, k] best of row[:T]
-        rest = allowed.gather(1, position)
-    indices = torch.cat([top1, rest], dim=1)  # [N, k+1]
-    return logits.gather(1, indices), indices
+        top1 = logits.argmax(dim=-1, keepdim=True)  # [N, 1]
+        rest = candidates[top1.squeeze(1), :2]  # [N, 2] fixed partners (official special case, k == 2)
+        indices = torch.cat([top1, rest], dim=1)  # [N, k+1]
+        return logits.gather(1, indices), indices
+    if allowed is None:
+        allowed = allowed_table(candidates[:, :top_t], logits.shape[-1])
+    return _masked_topk(logits, min(k + 1, logits.shape[-1]), allowed, selected=k)
 
 
 @dataclass
@@ -212,25 +271,29 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
 
 
 def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The C2R selection step in the family's contract (the buffer is read at call time: it follows ``.to()``)."""
+    """The C2R selection step in the family's contract (the buffers are read at call time: they follow ``.to()``)."""
     if model.family.selection_kind == "logits_top_k_plus_one":
 
         def select_plus_one(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return constrained_top_k_plus_one(logits, model.top_k, getattr(router, CANDIDATES_BUFFER), top_t)
+            candidates, allowed = getattr(router, CANDIDATES_BUFFER), getattr(router, ALLOWED_BUFFER)
+            return constrained_top_k_plus_one(logits, model.top_k, candidates, top_t, allowed)
 
         return select_plus_one
 
     def select(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return constrained_topk(probs, k, getattr(router, CANDIDATES_BUFFER))
+        return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER))
 
     return select
 
 
 def install_c2r(model: MoEModel, plan: C2RPlan, undo: UndoLog) -> list[str]:
-    """Attach the candidate buffers, override the selection of the planned layers and fix the aux loss."""
+    """Attach the candidate and allowed-expert buffers (non-persistent, built once here), override the selection of
+    the planned layers and fix the aux loss."""
     for index, table in plan.tables.items():
         router = model.layer(index).router
-        undo.add_buffer(router, CANDIDATES_BUFFER, table.to(device_of(router)))
+        candidates = table.to(device_of(router))  # [E, T] (LLaMA-MoE's top_t = 1: [E, 2])
+        undo.add_buffer(router, CANDIDATES_BUFFER, candidates)
+        undo.add_buffer(router, ALLOWED_BUFFER, allowed_table(candidates[:, : plan.top_t], model.num_experts))
     patched = override_selection(
         model, lambda layer: _selector_for(layer.router, model, plan.top_t), sorted(plan.tables), undo
     )

@@ -1,17 +1,115 @@
-"""The ``moepatch`` command: ``inspect`` a checkpoint, run the ``demo`` on the embedded default, report the ``env``."""
+"""The ``moepatch`` command: inspect, demo, profile, place, allocate, install, uninstall, env.
+
+Every argument is checked when parsed (types below) or, where the check needs the checkpoint's structure, against a
+weightless meta-device skeleton — before any model is loaded or any file is written.  Every failure goes through
+:func:`moepatch.errors.run_guarded`: status 2 for a bad argument, 1 for a failed check, one or two lines naming the
+argument or file, no traceback unless ``--debug`` (or ``MOEPATCH_DEBUG=1``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+from typing import NoReturn
 
 import torch
+
+from moepatch.errors import CommandError
+from moepatch.errors import UsageError
+from moepatch.errors import debug_requested
+from moepatch.errors import run_guarded
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+class CommandParser(argparse.ArgumentParser):
+    """argparse with two-line errors (what is wrong, where to look) instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def checkpoint_folder(text: str) -> Path:
+    """An existing folder holding config.json (a local checkpoint: moepatch never downloads)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no checkpoint folder at {text!r} (moepatch reads local folders only)")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a checkpoint folder with config.json")
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} has no config.json; expected a checkpoint folder")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    """An existing, readable file."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no file at {text!r}" if not path.exists() else f"{text!r} is not a file")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into: absent (created when the command succeeds) or an existing folder, never a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder to write into")
+    return path
+
+
+def non_empty_text(text: str) -> str:
+    """A non-empty string."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
+def _structure(path: Path, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's MoE structure from a weightless skeleton: checks arguments without loading weights."""
+    from moepatch.adapter import describe
+
+    return describe(_skeleton(str(path), trust_remote_code)[1], verify=False)
 
 
 def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
@@ -28,9 +126,27 @@ def _skeleton(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    config_file = Path(path) / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CommandError(f"{config_file}: not a readable JSON file ({error})") from None
+    if not isinstance(raw, dict):
+        raise CommandError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as error:
+        model_type = raw.get("model_type")
+        raise CommandError(f"{config_file}: cannot build a config for model_type={model_type!r}: "
+                           f"{str(error).splitlines()[0]}") from None
+    from moepatch.errors import UnsupportedModelError
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise UnsupportedModelError(f"{config_file}: {type(config).__name__} is not a causal LM "
+                                    f"({str(error).splitlines()[0]})") from None
     return config, model
 
 
@@ -247,13 +363,20 @@ def _demo_finetune(checkpoint: Path, output: Path, args: argparse.Namespace) -> 
     print(f"rounds:     {output}/sampling_info/rounds.jsonl; fine-tuned model: {output}")
 
 
+def default_min_tokens(num_experts: int, top_k: int) -> int:
+    """Fewest tokens ``profile`` writes C2R fields from: 64 choices per expert on average (64·E/k)."""
+    return math.ceil(64 * num_experts / top_k)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     import moepatch
     from moepatch import tiny
     from moepatch.c2r import plan_c2r
+    from moepatch.config import CONFIG_KEY
     from moepatch.config import C2RConfig
+    from moepatch.install import BACKUP_NAME
     from moepatch.profiling import corpus_batches
     from moepatch.profiling import default_top_t
     from moepatch.profiling import profile_coactivation
@@ -261,23 +384,51 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from moepatch.profiling import write_c2r_fields
 
     checkpoint = Path(args.model_path)
-    model = moepatch.from_pretrained(checkpoint)  # never runs the folder's own code; applies its config
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
-    handle = moepatch.apply(model)  # the handle; a checkpoint that already routes under C2R is profiled as it routes
+    moe = _structure(checkpoint, args.trust_remote_code)  # every argument checked before anything is loaded
+    num_experts, top_k, moe_layers = moe.num_experts, moe.top_k, moe.moe_layer_indices
+    if args.top_t is not None and not top_k - 1 <= args.top_t <= num_experts - 1:
+        raise UsageError("--top-t", f"expected {max(top_k - 1, 1)} .. {num_experts - 1} for this model "
+                                    f"({num_experts} experts, top-{top_k}), got {args.top_t}")
+    bad_plot = [i for i in args.plot_layers if not -len(moe_layers) <= i < len(moe_layers)]
+    if bad_plot:
+        raise UsageError("--plot-layers", f"positions among the {len(moe_layers)} MoE layers {moe_layers} run from "
+                                          f"{-len(moe_layers)} to {len(moe_layers) - 1}, got {bad_plot}")
+    min_tokens = args.min_tokens if args.min_tokens is not None else default_min_tokens(num_experts, top_k)
+    if args.max_tokens is not None and args.write_config and args.max_tokens < min_tokens:
+        raise UsageError("--max-tokens", f"{args.max_tokens} is below the {min_tokens} tokens needed to write C2R "
+                                         "fields (--min-tokens); raise it, lower --min-tokens, or --no-write-config")
+    if args.write_config and (checkpoint / BACKUP_NAME).exists():
+        raise CommandError(f"{checkpoint}: moepatch's loader is installed there, and `moepatch uninstall` would undo "
+                           "the written fields; run `moepatch uninstall` first (or pass --no-write-config)")
     documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
+
+    model = moepatch.from_pretrained(checkpoint, patch=False)  # never runs the folder's own code
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+    block = getattr(model.config, CONFIG_KEY, None)
+    overrides = None if args.as_configured else {**(block if isinstance(block, dict) else {}), "c2r": False}
+    handle = moepatch.apply(model, overrides)  # vanilla routing unless --as-configured (C2R profiles vanilla)
     batches = corpus_batches(tokenizer, documents, batch_size=args.batch_size, max_length=args.max_length,
                              seed=args.seed)
-    profile = profile_coactivation(model, batches, max_tokens=args.max_tokens)
-    moe = handle.moe_model
-    top_t = args.top_t if args.top_t is not None else default_top_t(moe.num_experts, moe.top_k)
+    try:
+        profile = profile_coactivation(model, batches, max_tokens=args.max_tokens)
+    finally:
+        handle.remove()
+    routing = "C2R (as configured)" if handle.c2r_routers else "vanilla"
+    note = ""
+    if not args.as_configured and (block or {}).get("c2r") is not False and _has_c2r_fields(model.config):
+        note = " (the checkpoint's C2R was switched off for profiling; --as-configured profiles it as it routes)"
+    print(f"profiled {profile.tokens} non-padding tokens with {routing} routing{note}, MoE layers {profile.layers}, "
+          f"top-{profile.top_k} of {profile.num_experts} experts")
+    if args.write_config and profile.tokens < min_tokens:
+        raise CommandError(f"only {profile.tokens} non-padding tokens profiled, fewer than the {min_tokens} needed "
+                           f"to write C2R fields (--min-tokens; default 64 per expert: 64·E/k); give more --data, or "
+                           f"--no-write-config to keep only the matrices; nothing was written")
+    top_t = args.top_t if args.top_t is not None else default_top_t(num_experts, top_k)
     ranking = profile.collaborative_list()
-    plan_c2r(moe, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate before writing
+    plan_c2r(handle.moe_model, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate
     output = Path(args.output) if args.output else checkpoint / "c2r_profile"
     output.mkdir(parents=True, exist_ok=True)
     matrices = profile.save(output / "coactivation.safetensors")
-    routing = "C2R" if handle.c2r_routers else "vanilla"
-    print(f"profiled {profile.tokens} non-padding tokens ({routing} routing), MoE layers {profile.layers}, "
-          f"top-{profile.top_k} of {profile.num_experts} experts")
     print(f"matrices: {matrices}")
     plot_layers = [profile.layers[i] for i in args.plot_layers]
     try:
@@ -290,8 +441,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
         path = write_c2r_fields(checkpoint, top_t, ranking)
         print(f"config:   wrote top_t={top_t} and collaborative_list [{profile.num_layers}][{profile.num_experts}]"
               f"[{profile.num_experts}] into {path}")
-    handle.remove()
     return 0
+
+
+def _has_c2r_fields(config: Any) -> bool:
+    """The checkpoint asks for C2R: official top-level fields or a ``c2r`` entry in its moepatch block."""
+    from moepatch.config import CONFIG_KEY
+
+    block = getattr(config, CONFIG_KEY, None)
+    return getattr(config, "collaborative_list", None) is not None or (
+        isinstance(block, dict) and bool(block.get("c2r")))
 
 
 def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
@@ -319,6 +478,18 @@ def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
     return profiles
 
 
+def _check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: str) -> None:
+    """Plan a moepatch block on the weightless skeleton: a bad block fails before any weight is loaded."""
+    from moepatch.config import MoePatchConfig
+    from moepatch.patch import plan_patch
+
+    moe = _structure(checkpoint)
+    try:
+        plan_patch(moe, MoePatchConfig.from_dict(block))
+    except ValueError as error:
+        raise UsageError(argument, str(error)) from None
+
+
 def cmd_allocate(args: argparse.Namespace) -> int:
     """GuiLoMo stage 1 on a checkpoint: learn expert counts and ranks, write expert.json / rank.json."""
     import random
@@ -340,23 +511,32 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from moepatch.synthetic import TASKS
     from moepatch.synthetic import synthetic_records
 
-    torch.manual_seed(args.seed)
     checkpoint = Path(args.model_path)
-    model = moepatch.from_pretrained(checkpoint, patch=False)
+    if args.top_k > args.max_experts:
+        raise UsageError("--top-k", f"{args.top_k} is more than --max-experts {args.max_experts}")
     block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k)
+    _check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
+    if args.data:
+        records = [(f"{path}, record {i + 1}", r) for path in args.data for i, r in enumerate(read_jsonl(path))]
+    else:
+        records = [(f"embedded {name} record {i + 1}", r) for name in sorted(TASKS)
+                   for i, r in enumerate(synthetic_records(name, args.examples // len(TASKS), args.seed))]
+    conversations = [to_messages(record, where) for where, record in records]  # malformed records fail here
+    if len(conversations) < 2 * args.batch_size:
+        where = "--data" if args.data else "--examples"
+        raise UsageError(where, f"{len(conversations)} examples make fewer than 2 batches of --batch-size "
+                                f"{args.batch_size}; the search needs train/valid batch pairs")
+    torch.manual_seed(args.seed)
+    model = moepatch.from_pretrained(checkpoint, patch=False)
     moepatch.apply(model, {"lora_experts": block})
     replaced = to_search_layers(model, args.max_rank)
     routers = [m.router for m in model.modules() if isinstance(m, SearchLoraExperts)]
     install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts)
     tokenizer = load_tokenizer(str(checkpoint))
     prompt = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna"
-    if args.data:
-        records = [r for path in args.data for r in read_jsonl(path)]
-    else:
-        records = [r for name in sorted(TASKS) for r in synthetic_records(name, args.examples // len(TASKS), args.seed)]
-    random.Random(args.seed).shuffle(records)
-    examples = [encode_messages(tokenizer, to_messages(r, f"record {i}"), prompt_format=prompt,
-                                max_length=args.max_length) for i, r in enumerate(records)]
+    random.Random(args.seed).shuffle(conversations)
+    examples = [encode_messages(tokenizer, messages, prompt_format=prompt, max_length=args.max_length)
+                for messages in conversations]
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     batches = [collator(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
     print(f"GuiLoMo search: {replaced} projections with {args.max_experts} experts of rank {args.max_rank}, "
@@ -374,6 +554,40 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_permuted_target(source: Path, target: Path) -> None:
+    """``--write-permuted DIR`` must be a new or empty folder, not the source."""
+    if target.resolve() == source.resolve():
+        raise UsageError("--write-permuted", f"{target} is the source checkpoint; give a new folder")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError("--write-permuted", f"{target} already exists and is not an empty folder; give a new folder")
+
+
+def _matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: int | None) -> int:
+    """The matrices' experts per token: recorded in the file, implied by its diagonal, or ``--top-k``; never guessed."""
+    from moepatch.collaboration_io import inferred_top_k
+    from moepatch.collaboration_io import recorded_top_k
+
+    known: dict[str, int] = {}
+    recorded = recorded_top_k(source)
+    if recorded is not None:
+        known["recorded in the file"] = recorded
+    for name, stack in matrices.items():
+        implied = inferred_top_k(stack)
+        if implied is not None:
+            known[f"implied by the diagonal of {name!r}"] = implied
+    if len(set(known.values())) > 1:
+        raise CommandError(f"{source}: the file contradicts itself about top_k: {known}")
+    if known:
+        where, top_k = next(iter(known.items()))
+        if given is not None and given != top_k:
+            raise UsageError("--top-k", f"{given} contradicts top_k={top_k} {where} ({source}); drop --top-k")
+        return top_k
+    if given is None:
+        raise UsageError("--top-k", f"{source} does not record how many experts each token chose; pass --top-k K "
+                                    "(the profiled model's experts per token, e.g. 4 for Qwen1.5-MoE, 2 for Mixtral)")
+    return given
+
+
 def cmd_place(args: argparse.Namespace) -> int:
     from moepatch.collaboration_io import load_matrices
     from moepatch.permute import write_permuted_checkpoint
@@ -383,12 +597,18 @@ def cmd_place(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     reports: dict[str, dict[str, Any]] = {}
-    if source.is_dir() and args.write_permuted:  # fail before profiling if the experts cannot be renumbered
-        from moepatch.adapter import describe
-        from moepatch.permute import check_permutable
-
-        check_permutable(describe(_skeleton(str(source), args.trust_remote_code)[1], verify=False))
+    notes: list[str] = []
     if source.is_dir():
+        moe = _structure(source, args.trust_remote_code)  # checks before anything is loaded or profiled
+        _check_ep_size(moe.num_experts, args.ep_size)
+        if args.top_k is not None and args.top_k != moe.top_k:
+            raise UsageError("--top-k", f"{args.top_k} contradicts the checkpoint's top-{moe.top_k} routing; drop "
+                                        "--top-k (a checkpoint's routed tokens are counted exactly)")
+        if args.write_permuted:
+            from moepatch.permute import check_permutable
+
+            _check_permuted_target(source, Path(args.write_permuted))
+            check_permutable(moe)
         for routing, profile in _profile_for_placement(args).items():
             report = placement_report(
                 profile.matrices, args.ep_size, top_k=profile.top_k, seed=args.seed,
@@ -399,10 +619,23 @@ def cmd_place(args: argparse.Namespace) -> int:
             reports[routing] = report
     else:
         if args.write_permuted:
-            raise SystemExit("--write-permuted needs a checkpoint folder as SOURCE, not a matrix file")
-        for name, matrices in load_matrices(source).items():
-            reports[name] = placement_report(matrices, args.ep_size, top_k=args.top_k, seed=args.seed)
+            raise UsageError("--write-permuted", "needs a checkpoint folder as SOURCE, not a matrix file")
+        loaded = load_matrices(source)
+        top_k = _matrix_file_top_k(source, loaded, args.top_k)
+        for stack in loaded.values():
+            _check_ep_size(int(stack.shape[-1]), args.ep_size)
+        if top_k > 2:
+            notes.append(
+                f"copies per token: not computed. The matrices come from a top-{top_k} model, and pairwise counts do "
+                f"not determine how many distinct devices a token with {top_k} experts reaches. Run `moepatch place "
+                f"CHECKPOINT --ep-size {args.ep_size}` on the checkpoint instead: it routes tokens and counts the "
+                "devices of each token exactly. The intra-group fractions below are exact."
+            )
+        for name, matrices in loaded.items():
+            reports[name] = placement_report(matrices, args.ep_size, top_k=top_k, seed=args.seed)
     result: dict[str, Any] = {"source": str(source), "ep_size": args.ep_size, "reports": reports}
+    if notes:
+        result["notes"] = notes
     if args.write_permuted:
         chosen = reports.get("c2r") or reports["vanilla"]
         permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
@@ -410,6 +643,8 @@ def cmd_place(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1), file=getattr(args, "json_stream", sys.stdout))
         return 0
+    for note in notes:
+        print(note + "\n")
     for name, report in reports.items():
         print(f"== {name}: expert placement over {args.ep_size} devices ==")
         print(format_report(report))
@@ -421,6 +656,12 @@ def cmd_place(args: argparse.Namespace) -> int:
     if "permuted_checkpoint" in result:
         print(f"permuted checkpoint (contiguous sharding = planned groups): {result['permuted_checkpoint']}")
     return 0
+
+
+def _check_ep_size(num_experts: int, ep_size: int) -> None:
+    if num_experts % ep_size:
+        raise UsageError("--ep-size", f"{ep_size} does not divide the {num_experts} experts (expert parallelism "
+                                      "hosts the same number of experts on every device)")
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -459,92 +700,141 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_demo_arguments(args: argparse.Namespace) -> None:
+    """The demo's tiny models have 8 experts, top-2: ``--top-t`` and ``--ep-size`` must fit them."""
+    from moepatch import tiny
+
+    num_experts, top_k = tiny.TINY_NUM_EXPERTS, tiny.TINY_TOP_K
+    if not max(top_k - 1, 1) <= args.top_t <= num_experts - 1:
+        raise UsageError("--top-t", f"expected {max(top_k - 1, 1)} .. {num_experts - 1} for the demo's {num_experts} "
+                                    f"experts (top-{top_k}), got {args.top_t}")
+    _check_ep_size(num_experts, args.ep_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moepatch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from moepatch.tiny import DEMO_FAMILIES
+
+    parser = CommandParser(prog="moepatch", description=__doc__.splitlines()[0],
+                           epilog="Every command accepts --debug (or MOEPATCH_DEBUG=1) to show a traceback on failure.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     inspect = sub.add_parser("inspect", help="describe a checkpoint's MoE structure and check its moepatch config")
-    inspect.add_argument("path", help="a checkpoint folder with config.json")
+    inspect.add_argument("path", type=checkpoint_folder, help="a checkpoint folder with config.json")
     inspect.add_argument("--trust-remote-code", action="store_true")
     inspect.set_defaults(func=cmd_inspect)
     demo = sub.add_parser("demo", help="build a tiny model, apply a config, run a batch, print routing statistics")
-    demo.add_argument("--family", default="qwen2_moe", help="qwen2_moe, mixtral, qwen3_moe or olmoe")
-    demo.add_argument("--output", help="folder for the checkpoint, statistics and plot (default: a temp folder)")
+    demo.add_argument("--family", default="qwen2_moe", choices=DEMO_FAMILIES, help="tiny model family")
+    demo.add_argument("--output", type=output_folder,
+                      help="folder for the checkpoint, statistics and plot (default: a temp folder)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--top-t", type=int, default=2, help="C2R top_t written after profiling")
-    demo.add_argument("--ep-size", type=int, default=2, help="devices for the placement report")
-    demo.add_argument("--finetune-steps", type=int, default=40,
+    demo.add_argument("--top-t", type=positive_int, default=2, help="C2R top_t written after profiling (1 .. 7)")
+    demo.add_argument("--ep-size", type=positive_int, default=2, help="devices for the placement report (1, 2, 4, 8)")
+    demo.add_argument("--finetune-steps", type=non_negative_int, default=40,
                       help="steps of the final fine-tune with dynamic mixing (0: skip it)")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, check=check_demo_arguments)
     profile = sub.add_parser("profile", help="C2R profiling: co-activation matrices and the official config fields")
-    profile.add_argument("model_path", help="checkpoint folder (its config.json receives top_t and collaborative_list)")
-    profile.add_argument("--data", nargs="+", help="plain-text (one document per line) or .jsonl files; "
-                                                  "default: the embedded demo corpus")
-    profile.add_argument("--text-field", default="text", help="jsonl field holding the text")
-    profile.add_argument("--max-tokens", type=int, help="stop after this many non-padding tokens")
+    profile.add_argument("model_path", type=checkpoint_folder,
+                         help="checkpoint folder (its config.json receives top_t and collaborative_list)")
+    profile.add_argument("--data", nargs="+", type=existing_file,
+                         help="plain-text (one document per line) or .jsonl files; default: the embedded demo corpus")
+    profile.add_argument("--text-field", default="text", type=non_empty_text, help="jsonl field holding the text")
+    profile.add_argument("--max-tokens", type=positive_int, help="stop after this many non-padding tokens")
+    profile.add_argument("--min-tokens", type=non_negative_int,
+                         help="refuse to write C2R fields profiled from fewer non-padding tokens (default 64·E/k: "
+                              "64 choices per expert on average)")
     profile.add_argument("--seed", type=int, default=0, help="seed of the document order")
-    profile.add_argument("--top-t", type=int, help="T written to config.json (default E/2)")
-    profile.add_argument("--batch-size", type=int, default=4)
-    profile.add_argument("--max-length", type=int, default=512, help="tokens per document (truncation)")
-    profile.add_argument("--output", help="folder for matrices and plots (default MODEL_PATH/c2r_profile)")
+    profile.add_argument("--top-t", type=positive_int, help="T written to config.json (default E/2)")
+    profile.add_argument("--batch-size", type=positive_int, default=4)
+    profile.add_argument("--max-length", type=positive_int, default=512, help="tokens per document (truncation)")
+    profile.add_argument("--output", type=output_folder,
+                         help="folder for matrices and plots (default MODEL_PATH/c2r_profile)")
     profile.add_argument("--plot-layers", type=int, nargs="+", default=[0, -1],
                          help="positions among the MoE layers to draw (default first and last)")
     profile.add_argument("--no-write-config", dest="write_config", action="store_false",
                          help="do not write top_t / collaborative_list into config.json")
+    profile.add_argument("--as-configured", action="store_true",
+                         help="profile the routing the checkpoint is configured with (C2R included); by default C2R "
+                              "is switched off for the pass, as C2R's method profiles the unmodified model")
     profile.add_argument("--trust-remote-code", action="store_true")
     profile.set_defaults(func=cmd_profile)
     allocate = sub.add_parser("allocate", help="GuiLoMo search: per-module expert counts and per-expert ranks")
-    allocate.add_argument("model_path", help="checkpoint folder")
-    allocate.add_argument("--data", nargs="+", help="jsonl instruction files (default: the embedded four tasks)")
-    allocate.add_argument("--max-experts", type=int, default=8)
-    allocate.add_argument("--max-rank", type=int, default=8)
-    allocate.add_argument("--top-k", type=int, default=2)
-    allocate.add_argument("--target-modules", nargs="+",
+    allocate.add_argument("model_path", type=checkpoint_folder, help="checkpoint folder")
+    allocate.add_argument("--data", nargs="+", type=existing_file,
+                          help="jsonl instruction files (default: the embedded four tasks)")
+    allocate.add_argument("--max-experts", type=positive_int, default=8)
+    allocate.add_argument("--max-rank", type=positive_int, default=8)
+    allocate.add_argument("--top-k", type=positive_int, default=2)
+    allocate.add_argument("--target-modules", nargs="+", type=non_empty_text,
                           default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    allocate.add_argument("--epochs", type=int, default=1)
-    allocate.add_argument("--batch-size", type=int, default=4)
-    allocate.add_argument("--examples", type=int, default=64, help="embedded examples when --data is not given")
-    allocate.add_argument("--max-length", type=int, default=256)
-    allocate.add_argument("--lr", type=float, default=3e-4)
-    allocate.add_argument("--arch-lr", type=float, default=3e-3)
+    allocate.add_argument("--epochs", type=positive_int, default=1)
+    allocate.add_argument("--batch-size", type=positive_int, default=4)
+    allocate.add_argument("--examples", type=positive_int, default=64,
+                          help="embedded examples when --data is not given")
+    allocate.add_argument("--max-length", type=positive_int, default=256)
+    allocate.add_argument("--lr", type=positive_float, default=3e-4)
+    allocate.add_argument("--arch-lr", type=positive_float, default=3e-3)
     allocate.add_argument("--seed", type=int, default=0)
-    allocate.add_argument("--output", help="folder for expert.json / rank.json (default: <model>/guilomo)")
+    allocate.add_argument("--output", type=output_folder,
+                          help="folder for expert.json / rank.json (default: <model>/guilomo)")
     allocate.set_defaults(func=cmd_allocate)
 
     place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token report")
-    place.add_argument("source", help="a matrix file (JSON / safetensors / official .pkl) or a checkpoint folder")
-    place.add_argument("--ep-size", type=int, required=True, help="expert-parallel degree D (devices per layer)")
+    place.add_argument("source", type=_place_source,
+                       help="a matrix file (JSON / safetensors / official .pkl) or a checkpoint folder")
+    place.add_argument("--ep-size", type=positive_int, required=True,
+                       help="expert-parallel degree D (devices per layer)")
     place.add_argument("--json", action="store_true", help="print the report as JSON")
     place.add_argument("--seed", type=int, default=0)
-    place.add_argument("--top-k", type=int, default=2, help="experts per token of a matrix file's model")
-    place.add_argument("--write-permuted", metavar="DIR",
+    place.add_argument("--top-k", type=positive_int,
+                       help="experts per token of a matrix file's model, when the file does not record it")
+    place.add_argument("--write-permuted", metavar="DIR", type=output_folder,
                        help="write a checkpoint whose experts are renumbered so contiguous sharding = planned groups")
-    place.add_argument("--data", nargs="+", help="corpus for profiling a checkpoint (default: embedded)")
-    place.add_argument("--text-field", default="text")
-    place.add_argument("--max-tokens", type=int)
-    place.add_argument("--batch-size", type=int, default=4)
-    place.add_argument("--max-length", type=int, default=512)
+    place.add_argument("--data", nargs="+", type=existing_file,
+                       help="corpus for profiling a checkpoint (default: embedded)")
+    place.add_argument("--text-field", default="text", type=non_empty_text)
+    place.add_argument("--max-tokens", type=positive_int)
+    place.add_argument("--batch-size", type=positive_int, default=4)
+    place.add_argument("--max-length", type=positive_int, default=512)
     place.add_argument("--trust-remote-code", action="store_true")
     place.set_defaults(func=cmd_place)
     install = sub.add_parser("install", help="make a checkpoint load already patched via trust_remote_code")
-    install.add_argument("path", help="checkpoint folder")
+    install.add_argument("path", type=checkpoint_folder, help="checkpoint folder")
     install.set_defaults(func=cmd_install)
     uninstall = sub.add_parser("uninstall", help="undo `moepatch install` (restores config.json byte for byte)")
-    uninstall.add_argument("path", help="checkpoint folder")
+    uninstall.add_argument("path", type=checkpoint_folder, help="checkpoint folder")
     uninstall.set_defaults(func=cmd_uninstall)
     env = sub.add_parser("env", help="versions of moepatch and its ecosystem, for bug reports")
     env.set_defaults(func=cmd_env)
     return parser
 
 
+def _place_source(text: str) -> Path:
+    """A matrix file or a checkpoint folder."""
+    path = Path(text)
+    if path.is_dir():
+        return checkpoint_folder(text)
+    return existing_file(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, check, run; every failure becomes an exit status and a short message (see :mod:`moepatch.errors`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
     args = build_parser().parse_args(argv)
-    if getattr(args, "json", False):
-        # stdout carries only the JSON: progress and third-party chatter (DeepSpeed's accelerator notice on import)
-        # go to stderr
-        args.json_stream = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):
-            return args.func(args)
-    return args.func(args)
+    prog = f"moepatch {args.command}"
+
+    def body() -> int:
+        if getattr(args, "check", None) is not None:
+            args.check(args)
+        if getattr(args, "json", False):
+            # stdout carries only the JSON: progress and third-party chatter (DeepSpeed's accelerator notice on
+            # import) go to stderr
+            args.json_stream = sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                return args.func(args)
+        return args.func(args)
+
+    return run_guarded(prog, body, debug=debug)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Reading and writing per-layer expert co-activation matrices (c2r.md §3).
+"""Reading and writing per-layer expert co-activation matrices (C2R profiling, Zhang et al., NAACL 2025).
 
 A co-activation ("collaboration") matrix set is int64 ``[L, E, E]``: ``C[l, i, j]`` = number of profiled tokens whose
 top-k experts at layer ``l`` contain both ``i`` and ``j``.  The diagonal carries no information (official files hold
 0 or -1 there) and is kept as stored.  Accepted formats:
 
 * JSON ``{"matrices": {name: [L][E][E], ...}, ...}`` (other top-level keys such as ``"model"`` or ``"meaning"`` are
-  descriptive and ignored) — the shared ``llama-moe-v1-3_5b-2_8.collaboration.json``;
+  descriptive and ignored) — ``data/c2r-moe/llama-moe-v1-3_5b-2_8.collaboration.json`` of this repository;
 * JSON ``{name: [L][E][E], ...}`` (non-list values are taken as metadata and ignored);
 * bare JSON ``[L][E][E]`` (named ``"matrix"``);
 * safetensors: every 3-D tensor by its key (moepatch's profiler writes ``"coactivation"``);
@@ -289,3 +289,60 @@ def save_matrices(
             raise ValueError(f"safetensors metadata must map str to str, got {bad!r}")
         metadata = dict(metadata)
     save_file(tensors, str(path), metadata=metadata)
+
+
+def recorded_top_k(path: str | os.PathLike[str]) -> int | None:
+    """The routing's experts per token as recorded in a matrix file, or ``None`` when the file does not say.
+
+    moepatch's profiler stores ``top_k`` in the safetensors metadata; a JSON document may carry a top-level integer
+    ``"top_k"``; the official pickles record nothing.
+
+    Raises:
+        ValueError: if the file records a ``top_k`` that is not a positive integer.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    value: Any = None
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                value = (handle.metadata() or {}).get("top_k")
+        except Exception as error:  # safetensors raises its own SafetensorError for corrupt headers
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+        if value is not None:
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"{path}: metadata top_k={value!r} is not an integer") from None
+    elif suffix in JSON_SUFFIXES:
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        value = document.get("top_k") if isinstance(document, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: top_k must be a positive integer, got {value!r}")
+    return value
+
+
+def inferred_top_k(matrices: torch.Tensor) -> int | None:
+    """Experts per token implied by matrices whose diagonal counts each expert's tokens (moepatch's profiler).
+
+    With ``k`` experts per token, a layer's diagonal sums to ``tokens·k`` and its off-diagonal to ``tokens·k·(k-1)``,
+    so ``k = 1 + off / diagonal``.  Returns ``None`` when the diagonal holds no counts (official files hold 0 or -1)
+    or when the layers do not agree on one integer ``k``.
+    """
+    counts = matrices.to(torch.float64)
+    diagonal = counts.diagonal(dim1=-2, dim2=-1).sum(-1)
+    off = counts.sum((-2, -1)) - diagonal
+    if bool((diagonal <= 0).any()):
+        return None
+    ratios = 1.0 + off / diagonal
+    first = float(ratios.flatten()[0])
+    if first != round(first) or bool((ratios != first).any()):
+        return None
+    return int(first)

@@ -109,7 +109,8 @@ C2R_AUX_LOSS_MODES = ("actual", "vanilla")
 
 @dataclass
 class C2RConfig:
-    """Collaboration-constrained routing (C2R, seed 004): the top-1 expert is free, the other k-1 come from its list.
+    """Collaboration-constrained routing (C2R, Zhang et al., NAACL 2025): the top-1 expert is free, the other k-1
+    come from its list.
 
     Two spellings are accepted: moepatch's ``{"moepatch": {"c2r": {"top_t": T, "collaborative_list": [...]}}}`` (or
     ``"path"`` to a JSON file holding the list), and the official C2R checkpoints' top-level ``"top_t"`` +
@@ -204,7 +205,8 @@ class MoePatchConfig:
         metadata={
             "help": (
                 "Freeze routing parameters: 'router' (true) freezes the top-k routers' weights; 'gate_substring' "
-                "freezes every parameter whose name contains 'gate' (seed-001 rule); false/null freezes nothing."
+                "freezes every parameter whose name contains 'gate' (the Dynamic Data Mixing rule, Zhu et al., "
+                "2024); false/null freezes nothing."
             )
         },
     )

@@ -1,6 +1,21 @@
-"""Exception and warning types raised by moepatch."""
+"""Exception and warning types raised by moepatch, and the one error path every command goes through.
+
+Commands (``moepatch …``, ``scripts/finetune.py``) never show a Python traceback for a user's mistake: a bad
+argument exits with status 2 (usage), a missing or malformed file, an unsupported model or a failed check with
+status 1, each with one or two lines that name the argument or file and say what was expected.  ``--debug`` (or
+``MOEPATCH_DEBUG=1``) re-raises instead, for bug reports.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+
+DEBUG_ENV = "MOEPATCH_DEBUG"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 
 class MoePatchWarning(UserWarning):
@@ -9,3 +24,66 @@ class MoePatchWarning(UserWarning):
 
 class UnsupportedModelError(ValueError):
     """The model is not one of the MoE families moepatch knows how to patch."""
+
+
+class UsageError(ValueError):
+    """A command-line argument is wrong (exit status 2); the message starts with the argument's name."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(f"{argument}: {message}")
+
+
+class CommandError(RuntimeError):
+    """A command could not do its work for a reason the user can act on (exit status 1): a missing or malformed
+    file, a failed check, a figure that cannot be computed exactly."""
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """``--debug`` among the arguments or ``MOEPATCH_DEBUG`` set to a true value."""
+    if argv is not None and "--debug" in argv:
+        return True
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
+    """Run a command's ``body`` and turn every failure into an exit status and a short message on stderr.
+
+    Args:
+        prog (`str`): the command's name, the prefix of every message (``moepatch profile``).
+        body (`Callable[[], int]`): the command; returns its exit status.
+        debug (`bool`, *optional*, defaults to `False`): re-raise instead (full traceback).
+
+    Returns:
+        `int`: 0 on success, 2 for a :class:`UsageError` or an :class:`UnsupportedModelError` (the arguments name
+        a model moepatch cannot patch), 1 for any other failure, 130 on Ctrl-C.
+    """
+    try:
+        return body()
+    except SystemExit:  # argparse has already printed its usage message
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, UnsupportedModelError) as error:  # the arguments name something moepatch cannot take
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CommandError, ValueError, FileNotFoundError, json.JSONDecodeError) as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as error:  # an unexpected failure: still no traceback, but say how to get one
+        if debug:
+            raise
+        print(f"{prog}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"{prog}: (run again with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "MoePatchWarning", "UnsupportedModelError",
+           "UsageError", "debug_requested", "run_guarded"]

@@ -1,4 +1,4 @@
-"""Gate freezing (seed 001, ``freeze_gate``).
+"""Gate freezing (``freeze_gate``; the Dynamic Data Mixing recipe of Zhu et al., 2024, freezes every *gate*).
 
 Two rules, because "freeze the gate" means two different things in the literature:
 
@@ -18,7 +18,8 @@ Apply freezing *before* ``deepspeed.initialize`` / FSDP wrapping so the engine s
 Interaction with the load-balancing loss: freezing changes no loss.  If the model computes its auxiliary loss
 (transformers adds ``router_aux_loss_coef * load_balancing_loss`` only with ``output_router_logits=True`` and labels),
 its gradient still flows through the router logits into the hidden states, i.e. into attention, experts and
-embeddings of earlier layers; only the frozen weights themselves stop moving (seed 001 relies on this).
+embeddings of earlier layers; only the frozen weights themselves stop moving (Dynamic Data Mixing, Zhu et al.,
+2024, relies on this).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class PatchHandle:
     @property
     def is_empty(self) -> bool:
         """True when this handle changed nothing in the model's behaviour."""
-        return not self.frozen_parameters and self.recorder is None and not self.c2r_routers
+        return not (self.frozen_parameters or self.recorder is not None or self.c2r_routers or self.lora_targets)
 
     def remove(self) -> None:
         """Undo every change of this apply, newest first; the model is exactly as before. Idempotent."""
@@ -93,7 +93,8 @@ class PatchHandle:
         family = self.moe_model.family.name if self.moe_model else None
         return (
             f"PatchHandle(family={family!r}, active={self._active}, frozen={len(self.frozen_parameters)}, "
-            f"routing_stats={self.recorder is not None}, c2r_layers={len(self.c2r_routers)})"
+            f"routing_stats={self.recorder is not None}, c2r_layers={len(self.c2r_routers)}, "
+            f"lora_experts={len(self.lora_targets)})"
         )
 
 

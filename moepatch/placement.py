@@ -1,4 +1,4 @@
-"""Collaboration-aware expert placement for expert parallelism (c2r.md §7-§8).
+"""Collaboration-aware expert placement for expert parallelism (C2R, Zhang et al., NAACL 2025).
 
 With expert parallelism over ``D`` devices, every device hosts ``E / D`` experts.  Under per-device de-duplicated
 dispatch a token is sent once to every *distinct* device holding one of its ``k`` experts, so all-to-all volume is
@@ -7,7 +7,7 @@ that are often chosen together onto the same device lowers that number; C2R rout
 co-activation matrix more concentrated, which is what makes such a grouping pay off.
 
 Definitions used throughout this module (``C`` = one layer's ``[E, E]`` co-activation matrix as profiled, see
-c2r.md §3.2):
+the C2R profiling definition):
 
 * The **diagonal is ignored**: official files hold 0 or -1 there, and a token never picks the same expert twice.
 * The pair weight is the symmetrised off-diagonal count ``w[i, j] = (C[i, j] + C[j, i]) / 2`` for ``i != j``.  For a

@@ -107,11 +107,17 @@ def read_corpus(paths: Iterable[str | Path], text_field: str = "text") -> list[s
         path = Path(path)
         if not path.exists():
             raise ValueError(f"--data: file {str(path)!r} not found")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
         if path.suffix == ".jsonl":
             for number, line in enumerate(lines, start=1):
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                         raise ValueError(f"{path}:{number}: expected a JSON object with a string {text_field!r}")
                     documents.append(record[text_field])

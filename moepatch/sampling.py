@@ -1,8 +1,8 @@
-"""Dynamic data mixing (seed 001): the sampling-weight update from per-source expert loads.
+"""Dynamic data mixing (Dynamic Data Mixing, Zhu et al., 2024): the sampling-weight update from per-source expert loads.
 
 Every ``m`` optimizer steps each data source's probe set is routed through the model; its expert loads (hard
 top-k counts of a MoE layer) are L1-normalised into ``Ô_i``.  Sources whose routing differs most from the others
-gain weight (dynamic-data-mixing.md §5, paper Alg. 1)::
+gain weight (the paper's Algorithm 1)::
 
     δ_ij = ‖Ô_i − Ô_j‖₂              (distance="l2")   or   1 − cos(Ô_i, Ô_j)  (distance="cos")
     Δ_i  = reduce_j δ_ij              (criterion="mean" includes the zero diagonal, as the official code does)

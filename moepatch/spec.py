@@ -134,7 +134,8 @@ class FamilySpec:
     the family does not list is refused.  transformers' MoE LMs add their balance loss only when
     ``output_router_logits`` is on, so that flag is their ``balance_loss`` switch."""
     gate_substring_note: str = ""
-    """What the seed-001 ``freeze_gate="gate_substring"`` rule freezes in this family, for docs and ``inspect``."""
+    """What the ``freeze_gate="gate_substring"`` rule (Dynamic Data Mixing, Zhu et al., 2024) freezes in this
+    family, for docs and ``inspect``."""
 
     def is_sparse_block(self, module: nn.Module) -> bool:
         """True when ``module`` is this family's sparse block (exact class-name match through the MRO)."""

@@ -33,6 +33,12 @@ from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 
 TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "llama_moe", "moduleformer")
+DEMO_FAMILIES = TINY_FAMILIES
+"""Families ``moepatch demo --family`` runs end to end."""
+TINY_NUM_EXPERTS = 8
+"""Routed experts per MoE layer of every tiny model."""
+TINY_TOP_K = 2
+"""Experts per token of every tiny model."""
 """Families the factory builds (model_type values)."""
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")

@@ -1,7 +1,8 @@
 """Gate noise, the balance loss and its coefficient as family-independent training options.
 
 The dynamic-mixing paper keeps the model's gate noise and balance loss while the gates are frozen, and ablates each
-(seed 001, Table 3; the official code switches them with ``--additional_config`` JSON merged into config.json).  Each
+(Dynamic Data Mixing, Zhu et al., 2024, Table 3; the official code switches them with ``--additional_config``
+JSON merged into config.json).  Each
 family declares in :attr:`moepatch.spec.FamilySpec.training_switches` which config.json field carries which option,
 so a run says ``balance_loss=False`` instead of knowing that LLaMA-MoE calls it ``gate_use_balance`` and Qwen2-MoE
 adds its balance loss only when ``output_router_logits`` is on.  The options are config fields read when the model is

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +15,13 @@ from family_facts import router_choice
 from family_facts import router_output_probabilities
 from family_facts import selection_probabilities
 from family_facts import size_overrides
+from real_data import C2R_DATA
 from routing_reference import moe_routers
 from test_patch import _state
 
 import moepatch
 from moepatch import tiny
 from moepatch.adapter import describe
-
-SHARED_C2R = Path(__file__).resolve().parents[2] / "shared" / "data" / "c2r"
-
 
 random_list = tiny.random_collaborative_list
 
@@ -119,7 +116,7 @@ def test_c2r_changes_routing_and_remove_restores(batch):
 
 
 def test_recorded_choices_stay_inside_the_allowed_pairs(batch):
-    """Profiling-style check (c2r.md §11.3 item 5): no co-activation outside cand[e1]."""
+    """Profiling-style check (the official profiling check): no co-activation outside cand[e1]."""
     model = tiny.tiny_model("mixtral")
     ranking = random_list(3, 8, 7)
     moepatch.apply(model, {"c2r": {"top_t": 2, "collaborative_list": ranking}})
@@ -163,9 +160,7 @@ def test_config_path_and_round_trip(tmp_path, batch):
 
 
 def _official(name: str) -> dict:
-    path = SHARED_C2R / name
-    if not path.exists():
-        pytest.skip(f"official C2R config {path} not found (shared data absent)")
+    path = C2R_DATA / name
     return json.loads(path.read_text())
 
 
@@ -353,7 +348,8 @@ def test_c2r_false_switches_official_fields_off(batch):
 
 @pytest.mark.parametrize(("num_experts", "top_k", "top_t"), [(8, 2, 1), (8, 2, 2), (8, 2, 5), (8, 4, 6), (16, 4, 15)])
 def test_llama_moe_rule_gives_k_plus_one_candidates(num_experts, top_k, top_t):
-    """c2r.md §4.2: [e1, the k best of row[:T]] (T = 1: [e1, row[0], row[1]]), logits gathered, best first."""
+    """The official LLaMA-MoE rule: [e1, the k best of row[:T]] (T = 1: [e1, row[0], row[1]]), logits gathered,
+    best first."""
     from moepatch.c2r import constrained_top_k_plus_one
 
     ranking = random_list(1, num_experts, seed=top_t)[0]

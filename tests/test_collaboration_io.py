@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_data import LLAMA_MOE_MATRICES
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moepatch import collaboration_io
 
-DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "c2r" / "llama-moe-v1-3_5b-2_8.collaboration.json"
+DATA_FILE = LLAMA_MOE_MATRICES
 
 
 def sample_matrices(layers: int = 3, experts: int = 6, seed: int = 0, diagonal: int = -1) -> np.ndarray:
@@ -122,14 +123,12 @@ def test_float_pickle_is_accepted(tmp_path: Path) -> None:
     assert collaboration_io.load_matrices(path)["f"].dtype == torch.int64
 
 
-def test_shared_llama_moe_file_loads() -> None:
-    if not DATA_FILE.is_file():
-        pytest.skip(f"shared C2R data not found at {DATA_FILE}")
+def test_official_llama_moe_file_loads() -> None:
     loaded = collaboration_io.load_matrices(DATA_FILE)
     assert sorted(loaded) == ["base_collaboration", "topt_5_collaboration"]
     for counts in loaded.values():
         assert counts.shape == (32, 8, 8) and counts.dtype == torch.int64
-        # c2r.md §3.2: every layer sums to 200 contexts x 1024 tokens x 2 ordered pairs.
+        # C2R's profiling: every layer sums to 200 contexts x 1024 tokens x 2 ordered pairs.
         assert counts.sum(dim=(1, 2)).tolist() == [409_600] * 32
 
 

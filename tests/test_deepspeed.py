@@ -45,8 +45,8 @@ def _launch(checkpoint: Path, output: Path, *extra: str) -> str:
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=540, cwd=REPO)
     log = done.stdout + done.stderr
     assert SUCCESS in done.stdout, f"run failed (exit {done.returncode}):\n{log[-6000:]}"
-    # DeepSpeed on CPU occasionally aborts at interpreter exit after a finished run (infrastructure.md); anything
-    # else is a failure
+    # DeepSpeed on CPU occasionally aborts at interpreter exit after a finished run (seen on 2-core CPU machines);
+    # anything else is a failure
     assert done.returncode == 0 or "Signal 6" in log or "SIGABRT" in log, log[-6000:]
     return log
 

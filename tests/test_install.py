@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import logits_of
+from real_data import LLAMA_MOE_TOPT5_CONFIG
 from transformers import AutoModelForCausalLM
 
 import moepatch
@@ -138,16 +139,12 @@ def test_saved_copy_of_an_installed_model_is_self_contained(checkpoint, tmp_path
     assert not (tmp_path / "copy" / BACKUP_NAME).exists()
 
 
-OFFICIAL_LLAMA_MOE = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "c2r" / "llama-moe-v1-3_5b-2_8.topt5.config.json"
-)
+OFFICIAL_LLAMA_MOE = LLAMA_MOE_TOPT5_CONFIG
 
 
 def _published_llama_moe_folder(folder: Path) -> Path:
     """A folder laid out like the published LLaMA-MoE checkpoint: its auto_map into its own modeling files, which
     raise if anything imports them, the official config fields (with C2R's top_t / collaborative_list) at tiny width."""
-    if not OFFICIAL_LLAMA_MOE.exists():
-        pytest.skip(f"{OFFICIAL_LLAMA_MOE} not found (shared data absent)")
     official = json.loads(OFFICIAL_LLAMA_MOE.read_text())
     from moepatch.models.llama_moe import LlamaMoEConfig
 

@@ -1,4 +1,5 @@
-"""MoLM / ModuleFormer for transformers 5 (``moepatch.models.moduleformer``) against model-families.md §6-§7.
+"""MoLM / ModuleFormer for transformers 5 (``moepatch.models.moduleformer``) against the published ModuleFormer
+code and checkpoint layout.
 
 Expected key lists, shapes and parameter counts are written here from the spec tables; gating, the MoE, the
 stick-breaking attention and the aux losses are checked against slow references written in this file (per-token

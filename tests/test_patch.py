@@ -154,3 +154,28 @@ def test_peft_wrapped_model_is_patched_through_the_wrapper(batch):
     with torch.no_grad():
         wrapped(**batch)
     assert int(handle.recorder.tokens[0]) == int(batch["attention_mask"].sum())
+
+
+ONE_FEATURE = {
+    "freeze_gate": ({"freeze_gate": "router"}, "frozen=3"),
+    "routing_stats": ({"routing_stats": True}, "routing_stats=True"),
+    "c2r": ({"c2r": {"top_t": 2, "collaborative_list": [[[(e + 1 + i) % 8 for i in range(7)] + [e] for e in range(8)]]
+                     * 4}}, "c2r_layers=3"),
+    "lora_experts": ({"lora_experts": {"method": "molora", "num_experts": 2, "r": 2, "target_modules": ["q_proj"]}},
+                     "lora_experts=4"),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(ONE_FEATURE))
+def test_handle_is_empty_and_repr_cover_every_feature(feature):
+    """A handle with any one feature on is not empty, and its repr shows that feature (count from the model)."""
+    model = tiny.tiny_model("qwen2_moe")  # 4 layers, MoE layers [0, 2, 3], 8 experts
+    config, shown = ONE_FEATURE[feature]
+    handle = moepatch.apply(model, config)
+    assert not handle.is_empty
+    assert shown in repr(handle)
+    handle.remove()
+    empty = moepatch.apply(model, {})
+    assert empty.is_empty
+    assert all(f"{name}=0" in repr(empty) for name in ("frozen", "c2r_layers", "lora_experts"))
+    assert "routing_stats=False" in repr(empty)

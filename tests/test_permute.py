@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from conftest import logits_of
 from family_facts import HF_FAMILIES
 from family_facts import num_layers
 from family_facts import router_choice
+from real_data import LLAMA_MOE_MATRICES
 from test_c2r import random_list
 from transformers import AutoModelForCausalLM
 
@@ -119,10 +119,8 @@ def test_place_cli_json_on_a_checkpoint(tmp_path):
     assert all(permuted[str(layer)] == [e for g in groups[layer] for e in g] for layer in groups)
 
 
-def test_place_cli_on_the_shared_matrices():
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "c2r" / "llama-moe-v1-3_5b-2_8.collaboration.json"
-    if not path.exists():
-        pytest.skip(f"{path} not found (shared data absent)")
+def test_place_cli_on_the_official_matrices():
+    path = LLAMA_MOE_MATRICES
     result = subprocess.run([sys.executable, "-m", "moepatch.cli", "place", str(path), "--ep-size", "2", "--json"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -2,22 +2,22 @@
 
 Every expected value here is computed independently in this file (brute force over permutations, Python loops over
 tokens, the separation argument for planted groupings) or taken from the published analysis of the shipped data
-(c2r.md §7), never from the code under test.
+(the C2R paper's placement definitions), never from the code under test.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from real_data import LLAMA_MOE_MATRICES
 
 from moepatch import placement
 
-DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "c2r" / "llama-moe-v1-3_5b-2_8.collaboration.json"
+DATA_FILE = LLAMA_MOE_MATRICES
 MATRIX_NAMES = ("base_collaboration", "topt_5_collaboration")
 
 
@@ -115,8 +115,6 @@ def planted_matrix(
 
 @pytest.fixture(scope="module")
 def real_matrices() -> dict[str, np.ndarray]:
-    if not DATA_FILE.is_file():
-        pytest.skip(f"shared C2R data not found at {DATA_FILE}; the real-data placement tests need it")
     document = json.loads(DATA_FILE.read_text())
     return {name: np.asarray(document["matrices"][name], dtype=np.int64) for name in MATRIX_NAMES}
 
@@ -233,7 +231,7 @@ def test_plan_reaches_optimum_on_real_layers(
         assert brute_objective(matrix, groups) == best, f"{name} layer {layer}, D={ep_size}"
 
 
-# Same-device token fraction, mean over the 32 layers, from c2r.md §7 (published analysis, 3 decimals).
+# Same-device token fraction, mean over the 32 layers, from the published analysis of these matrices (3 decimals).
 PUBLISHED_SAME_DEVICE = {
     ("base_collaboration", 2): (0.415, 0.732),
     ("base_collaboration", 4): (0.130, 0.478),

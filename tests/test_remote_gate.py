@@ -14,7 +14,7 @@ from moepatch import tiny
 
 
 class TopKBalancedNoisyGate(nn.Module):
-    """The published gate (model-families.md §5.3/§5.5), as a user's repaired remote-code copy would have it."""
+    """The published gate (the LLaMA-MoE release's modeling file), as a user's repaired remote-code copy has it."""
 
     def __init__(self, input_size: int, num_experts: int, num_selects: int, noise_epsilon: float = 1e-2) -> None:
         super().__init__()

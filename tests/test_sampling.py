@@ -46,7 +46,8 @@ def test_update_matches_hand_computation(weights, eta, c, distance, criterion):
 
 
 def test_spec_toy_example():
-    """dynamic-data-mixing.md §5: Δ = [0.034, 0.055, 0.028, 0.032] from uniform, η=10, c=0.05 →
+    """Dynamic Data Mixing (Zhu et al., 2024), a toy example of the update: Δ = [0.034, 0.055, 0.028, 0.032]
+    from uniform, η=10, c=0.05 →
     w = [0.241, 0.294, 0.229, 0.236] (Δ is given to 3 decimals, hence the 1e-3 check)."""
     got = mix_weights([0.25] * 4, [0.034, 0.055, 0.028, 0.032], eta=10.0, c=0.05)
     assert got == pytest.approx([0.241, 0.294, 0.229, 0.236], abs=1.5e-3)

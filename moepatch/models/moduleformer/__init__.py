@@ -64,7 +64,7 @@ MOLM_CONFIGS: dict[str, dict[str, Any]] = {
     "MoLM-700M-4B": {**_MOLM_COMMON, "n_layer": 24, "k_att": 4, "k_mlp": 4},
     "MoLM-700M-8B": {**_MOLM_COMMON, "n_layer": 48, "k_att": 2, "k_mlp": 2},
 }
-"""Published MoLM sizes (model-families.md §6.2; 700M-8B from its ``config.json``, the 4B ones inferred)."""
+"""Published MoLM sizes (700M-8B from its ``config.json``, the 4B ones inferred)."""
 
 
 def molm_config(name: str = "MoLM-700M-8B", **overrides: Any) -> ModuleFormerConfig:

@@ -2,7 +2,7 @@
 
 IBM's ``configuration_moduleformer.py`` imports ``transformers.onnx`` (removed in transformers 5), so the published
 package cannot even build its config there.  This is a clean re-implementation with the **published field names and
-defaults** (model-families.md §6.2), so the ``config.json`` of ``ibm/MoLM-*`` checkpoints loads unchanged: the extra
+defaults**, so the ``config.json`` of ``ibm/MoLM-*`` checkpoints loads unchanged: the extra
 keys those files carry (``att_func``, ``local_size``, ``moe_type``, ``pre_norm``, ``universal``, ``world_size``,
 ``torch_dtype``) are kept as plain attributes, exactly as the published ``PretrainedConfig`` kept them.
 

@@ -1,9 +1,9 @@
 """MoLM / ModuleFormer (IBM/ModuleFormer) for transformers 5, checkpoint-compatible with ``ibm/MoLM-*``.
 
-The published package does not run on transformers 5 (it imports ``transformers.onnx`` and calls
-``get_head_mask``, both removed), and the ``ibm/MoLM-*`` checkpoints ship no code.  This module is a clean
-re-implementation from model-families.md §6 with the **published module tree, class names, parameter and buffer
-names and shapes**, so real checkpoints load with no missing or unexpected keys, and the published forward
+The published package does not run on transformers 5 (it imports ``transformers.onnx`` and calls ``get_head_mask``,
+both removed), and the ``ibm/MoLM-*`` checkpoints ship no code. This module is a clean re-implementation of the
+published ModuleFormer code (IBM, ``ibm/ModuleFormer``) with the **published module tree, class names, parameter and
+buffer names and shapes**, so real checkpoints load with no missing or unexpected keys, and the published forward
 semantics:
 
 * no positional encoding; order comes only from causal *stick-breaking* attention (sigmoid, no softmax, no
@@ -219,7 +219,7 @@ class top_k_gating(nn.Module):  # noqa: N801 - published class name; moepatch fa
     def compute_aux_loss(
         self, probs: torch.Tensor, logits: torch.Tensor, top_k_gates: torch.Tensor, top_k_indices: torch.Tensor
     ) -> torch.Tensor:
-        """The published auxiliary loss of one gate call (``mi`` or ``switch``), see model-families.md §6.5."""
+        """The published auxiliary loss of one gate call (``mi`` or ``switch``) (as the published code computes it)."""
         num_tokens = probs.size(0)
         if self.aux_loss_type == "mi":
             p_e = probs.sum(0) / num_tokens  # [E] mean routing distribution
@@ -377,7 +377,7 @@ def stickbreaking_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal stick-breaking attention, ``A_ij = σ(L_ij) · Π_{j<m≤i} (1 − σ(L_im))``, no softmax, no normalisation.
 
-    Computed in the published op order (model-families.md §6.5, parity item 1): sigmoid and log-sigmoid masked to 0,
+    Computed in the published op order (as the published code orders them): sigmoid and log-sigmoid masked to 0,
     the log-stick sum as a matmul with the strictly-lower-triangular ``cum_weight``, then ``exp`` and ``× σ``.
     A cumulative-product formulation would round differently.
 

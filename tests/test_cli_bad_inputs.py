@@ -1,0 +1,264 @@
+"""Every ``moepatch`` command answers bad input with an exit status and a short message, never a traceback, and
+writes nothing.
+
+Each row: the arguments (``{name}`` = a fixture file or folder), the expected exit status (2: a bad argument or a
+model moepatch cannot patch, 1: a failed check or a malformed file) and a text the message must contain (the
+argument or file it names).  Commands run in-process through :func:`moepatch.cli.main` — the console script's
+entry point — and a few run as real subprocesses below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers import LlamaConfig
+
+from moepatch import cli
+from moepatch import tiny
+from moepatch.install import install
+from moepatch.profiling import CoactivationProfile
+
+
+class RunsCode:
+    """Unpickling this calls ``eval``: a safe loader must refuse it before anything is called."""
+
+    def __reduce__(self) -> tuple:
+        return (eval, ("__import__('pathlib').Path('PWNED').touch()",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    made: dict[str, Path] = {"root": root}
+    made["ck"] = tiny.save_tiny_checkpoint(root / "ck", "qwen2_moe")
+    made["installed"] = tiny.save_tiny_checkpoint(root / "installed", "qwen2_moe")
+    install(made["installed"])
+    made["badblock"] = tiny.save_tiny_checkpoint(root / "badblock", "qwen2_moe")
+    config = json.loads((made["badblock"] / "config.json").read_text())
+    config["moepatch"] = {"freeze_gate": "maybe"}
+    (made["badblock"] / "config.json").write_text(json.dumps(config))
+    dense = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(dense).save_pretrained(root / "dense")
+    made["dense"] = root / "dense"
+    (root / "broken").mkdir()
+    (root / "broken" / "config.json").write_text("{not json")
+    made["broken"] = root / "broken"
+    (root / "unknown").mkdir()
+    (root / "unknown" / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
+    made["unknown"] = root / "unknown"
+    (root / "noconfig").mkdir()
+    made["noconfig"] = root / "noconfig"
+    (root / "nonempty").mkdir()
+    (root / "nonempty" / "keep.txt").write_text("user data")
+    made["nonempty"] = root / "nonempty"
+    made["file"] = root / "file.txt"
+    made["file"].write_text("a file, not a folder\n")
+    made["small"] = root / "small.txt"
+    made["small"].write_text("a few words only\n")
+    made["empty"] = root / "empty.txt"
+    made["empty"].write_text("\n\n")
+    made["badjsonl"] = root / "bad.jsonl"
+    made["badjsonl"].write_text("{not json}\n")
+    made["norecord"] = root / "norecord.jsonl"
+    made["norecord"].write_text(json.dumps({"something": "else"}) + "\n")
+    matrices = torch.randint(0, 50, (3, 8, 8))
+    matrices = matrices + matrices.transpose(1, 2)
+    for name, top_k in (("m2", 2), ("m4", 4)):
+        CoactivationProfile(layers=[0, 2, 3], num_layers=4, num_experts=8, top_k=top_k, tokens=100,
+                            matrices=matrices.clone()).save(root / f"{name}.safetensors")
+        made[name] = root / f"{name}.safetensors"
+    official = matrices.clone()
+    official.diagonal(dim1=1, dim2=2).zero_()
+    made["nok"] = root / "official.json"
+    made["nok"].write_text(json.dumps({"matrices": {"base": official.tolist()}}))
+    negative = official.clone()
+    negative[0, 0, 1] = negative[0, 1, 0] = -3
+    made["negative"] = root / "negative.json"
+    made["negative"].write_text(json.dumps({"matrices": {"base": negative.tolist()}}))
+    made["notjson"] = root / "matrix.json"
+    made["notjson"].write_text("[[[1, 2]")
+    made["corrupt"] = root / "corrupt.safetensors"
+    made["corrupt"].write_bytes(b"\x00\x01not safetensors")
+    made["txtmatrix"] = root / "matrix.txt"
+    made["txtmatrix"].write_text("1 2 3\n")
+    made["evil"] = root / "evil.pkl"
+    made["evil"].write_bytes(pickle.dumps(RunsCode()))
+    return made
+
+
+CASES: list[tuple[str, int, str]] = [
+    # top level
+    ("", 2, "required"),
+    ("frobnicate", 2, "invalid choice"),
+    # inspect
+    ("inspect", 2, "path"),
+    ("inspect {root}/missing", 2, "no checkpoint folder"),
+    ("inspect {file}", 2, "is a file"),
+    ("inspect {noconfig}", 2, "has no config.json"),
+    ("inspect {broken}", 1, "config.json: not a readable JSON"),
+    ("inspect {unknown}", 1, "model_type='no_such_model'"),
+    ("inspect {dense}", 2, "cannot patch LlamaForCausalLM"),
+    ("inspect {badblock}", 1, "moepatch.freeze_gate"),
+    # demo
+    ("demo --family gpt2", 2, "--family"),
+    ("demo --top-t 0", 2, "--top-t"),
+    ("demo --top-t 8", 2, "--top-t"),
+    ("demo --ep-size 3", 2, "--ep-size"),
+    ("demo --ep-size 0", 2, "--ep-size"),
+    ("demo --finetune-steps -1", 2, "--finetune-steps"),
+    ("demo --output {file}", 2, "--output"),
+    ("demo --seed x", 2, "--seed"),
+    # profile
+    ("profile", 2, "model_path"),
+    ("profile {root}/missing", 2, "no checkpoint folder"),
+    ("profile {file}", 2, "is a file"),
+    ("profile {broken}", 1, "config.json"),
+    ("profile {dense}", 2, "cannot patch LlamaForCausalLM"),
+    ("profile {ck} --batch-size 0", 2, "--batch-size"),
+    ("profile {ck} --batch-size -1", 2, "--batch-size"),
+    ("profile {ck} --max-tokens 0", 2, "--max-tokens"),
+    ("profile {ck} --max-length 0", 2, "--max-length"),
+    ("profile {ck} --plot-layers 7", 2, "--plot-layers"),
+    ("profile {ck} --plot-layers -4", 2, "--plot-layers"),
+    ("profile {ck} --top-t 0", 2, "--top-t"),
+    ("profile {ck} --top-t 8", 2, "--top-t"),
+    ("profile {ck} --data {root}/missing.txt", 2, "--data"),
+    ("profile {ck} --data {badjsonl}", 1, "bad.jsonl:1"),
+    ("profile {ck} --data {empty}", 1, "--data: no documents"),
+    ("profile {ck} --text-field ''", 2, "--text-field"),
+    ("profile {ck} --output {file}", 2, "--output"),
+    ("profile {ck} --min-tokens -1", 2, "--min-tokens"),
+    ("profile {ck} --max-tokens 10", 2, "--max-tokens"),
+    ("profile {ck} --data {small}", 1, "--min-tokens"),
+    ("profile {installed}", 1, "moepatch uninstall"),
+    ("profile {ck} --seed x", 2, "--seed"),
+    # place
+    ("place", 2, "source"),
+    ("place {ck}", 2, "--ep-size"),
+    ("place {root}/missing.json --ep-size 2", 2, "no file at"),
+    ("place {ck} --ep-size 0", 2, "--ep-size"),
+    ("place {ck} --ep-size 3", 2, "--ep-size"),
+    ("place {m2} --ep-size 3", 2, "--ep-size"),
+    ("place {ck} --ep-size 2 --top-k 4", 2, "--top-k"),
+    ("place {m2} --ep-size 2 --top-k 4", 2, "--top-k"),
+    ("place {m4} --ep-size 2 --top-k 2", 2, "--top-k"),
+    ("place {nok} --ep-size 2", 2, "--top-k"),
+    ("place {nok} --ep-size 2 --top-k 0", 2, "--top-k"),
+    ("place {txtmatrix} --ep-size 2", 1, "unsupported file type"),
+    ("place {corrupt} --ep-size 2", 1, "corrupt.safetensors"),
+    ("place {notjson} --ep-size 2", 1, "not valid JSON"),
+    ("place {negative} --ep-size 2 --top-k 2", 1, "non-negative"),
+    ("place {evil} --ep-size 2 --top-k 2", 1, "refusing to unpickle"),
+    ("place {m2} --ep-size 2 --write-permuted {root}/out", 2, "--write-permuted"),
+    ("place {ck} --ep-size 2 --write-permuted {ck}", 2, "--write-permuted"),
+    ("place {ck} --ep-size 2 --write-permuted {nonempty}", 2, "--write-permuted"),
+    ("place {ck} --ep-size 2 --write-permuted {file}", 2, "--write-permuted"),
+    ("place {ck} --ep-size 2 --batch-size 0", 2, "--batch-size"),
+    ("place {ck} --ep-size 2 --max-tokens -5", 2, "--max-tokens"),
+    ("place {ck} --ep-size 2 --data {root}/missing.txt", 2, "--data"),
+    ("place {dense} --ep-size 2", 2, "cannot patch LlamaForCausalLM"),
+    # allocate
+    ("allocate", 2, "model_path"),
+    ("allocate {root}/missing", 2, "no checkpoint folder"),
+    ("allocate {ck} --max-experts 0", 2, "--max-experts"),
+    ("allocate {ck} --max-rank 0", 2, "--max-rank"),
+    ("allocate {ck} --top-k 0", 2, "--top-k"),
+    ("allocate {ck} --top-k 9", 2, "--top-k"),
+    ("allocate {ck} --epochs 0", 2, "--epochs"),
+    ("allocate {ck} --batch-size 0", 2, "--batch-size"),
+    ("allocate {ck} --examples 0", 2, "--examples"),
+    ("allocate {ck} --examples 4 --batch-size 4", 2, "--examples"),
+    ("allocate {ck} --max-length 0", 2, "--max-length"),
+    ("allocate {ck} --lr 0", 2, "--lr"),
+    ("allocate {ck} --lr nan", 2, "--lr"),
+    ("allocate {ck} --arch-lr -1", 2, "--arch-lr"),
+    ("allocate {ck} --target-modules nothing_matches", 2, "--target-modules"),
+    ("allocate {ck} --data {root}/missing.jsonl", 2, "--data"),
+    ("allocate {ck} --data {badjsonl}", 1, "bad.jsonl:1"),
+    ("allocate {ck} --data {norecord}", 1, "norecord.jsonl, record 1"),
+    ("allocate {ck} --output {file}", 2, "--output"),
+    ("allocate {dense}", 2, "cannot patch LlamaForCausalLM"),
+    # install / uninstall
+    ("install", 2, "path"),
+    ("install {root}/missing", 2, "no checkpoint folder"),
+    ("install {dense}", 2, "cannot patch LlamaForCausalLM"),
+    ("install {badblock}", 1, "moepatch.freeze_gate"),
+    ("uninstall {root}/missing", 2, "no checkpoint folder"),
+    ("uninstall {ck}", 1, "was not prepared by `moepatch install`"),
+]
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and modification time (what a command could have written)."""
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in root.rglob("*") if path.is_file()}
+
+
+def _argv(template: str, files: dict[str, Path]) -> list[str]:
+    import shlex
+
+    return shlex.split(template.format(**{name: str(path) for name, path in files.items()}))
+
+
+def test_table_is_large_and_covers_every_command():
+    commands = {case[0].split()[0] if case[0] else "" for case in CASES}
+    assert len(CASES) >= 80
+    assert {"inspect", "demo", "profile", "place", "allocate", "install", "uninstall"} <= commands
+
+
+@pytest.mark.parametrize(("template", "status", "named"), CASES, ids=[case[0] or "<none>" for case in CASES])
+def test_bad_input_fails_clearly_and_writes_nothing(files, capsys, monkeypatch, template, status, named):
+    monkeypatch.chdir(files["root"])
+    monkeypatch.delenv("MOEPATCH_DEBUG", raising=False)
+    before = _tree(files["root"])
+    try:
+        code = cli.main(_argv(template, files))
+    except SystemExit as exit_:
+        code = exit_.code
+    output = capsys.readouterr()
+    text = output.out + output.err
+    assert code == status, text
+    assert named in text, text
+    assert "Traceback" not in text
+    assert _tree(files["root"]) == before, "a failed command wrote or changed files"
+    assert not (files["root"] / "PWNED").exists()
+
+
+def test_place_top4_matrix_refuses_copies_per_token_and_says_what_to_run(files, capsys):
+    """Pair counts cannot give copies per token for k > 2: the report says so and prints no such figure."""
+    assert cli.main(["place", str(files["m4"]), "--ep-size", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reports"]["coactivation"]["top_k"] == 4  # taken from the file, not the --top-k default
+    assert report["reports"]["coactivation"]["mean_contiguous_copies_per_token"] is None
+    assert "moepatch place CHECKPOINT" in report["notes"][0]
+    assert cli.main(["place", str(files["m4"]), "--ep-size", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "copies per token: not computed" in text and "top-4" in text
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moepatch.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_console_errors_are_short_and_debug_shows_the_traceback(files):
+    missing = str(files["root"] / "missing")
+    result = _run("profile", str(files["ck"]), "--batch-size", "0")
+    assert result.returncode == 2 and "--batch-size" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    result = _run("inspect", str(files["broken"]))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    for debug in (["--debug"], []):
+        result = _run("inspect", str(files["broken"]), *debug, env={} if debug else {"MOEPATCH_DEBUG": "1"})
+        assert result.returncode != 0 and "Traceback" in result.stderr
+    assert _run("uninstall", missing).returncode == 2
