@@ -346,11 +346,17 @@ def _demo_finetune(checkpoint: Path, output: Path, args: argparse.Namespace) -> 
     every = max(1, args.finetune_steps // 4)
     print(f"[7/7] fine-tune {args.finetune_steps} steps on the embedded four-task data (chat, code, letters, math) "
           f"with dynamic mixing (probe round every {every} steps, last MoE layer), C2R routing and frozen routers")
-    finetune(["--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(output),
+    if output.exists():  # the demo's own folder from an earlier run: a fine-tune starts fresh
+        import shutil
+
+        shutil.rmtree(output)
+    status = finetune(["--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(output),
               "--max_steps", str(args.finetune_steps), "--update_every", str(every), "--use_cpu",
               "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--max_length", "64",
               "--probe_size", "16", "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed),
               "--logging_steps", str(every), "--disable_tqdm", "true"])
+    if status:
+        raise CommandError(f"step 7 (fine-tune) failed with status {status}; see the message above")
     import moepatch
 
     base, tuned = moepatch.from_pretrained(checkpoint), moepatch.from_pretrained(output)
@@ -709,6 +715,16 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--top-t", f"expected {max(top_k - 1, 1)} .. {num_experts - 1} for the demo's {num_experts} "
                                     f"experts (top-{top_k}), got {args.top_t}")
     _check_ep_size(num_experts, args.ep_size)
+    previous = Path(args.output) / "finetune" if args.output else None
+    if previous is not None and previous.exists() and args.finetune_steps > 0 and not _is_demo_finetune(previous):
+        raise UsageError("--output", f"{previous} exists and is not a fine-tune of an earlier demo; the demo writes "
+                                     "its fine-tune there: choose another --output")
+
+
+def _is_demo_finetune(folder: Path) -> bool:
+    """An earlier demo's fine-tune folder (safe to replace): it holds the fine-tune summary or sampling records."""
+    return folder.is_dir() and ((folder / "moepatch_finetune_summary.json").exists()
+                                or (folder / "sampling_info").is_dir() or not any(folder.iterdir()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -725,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="qwen2_moe", choices=DEMO_FAMILIES, help="tiny model family")
     demo.add_argument("--output", type=output_folder,
                       help="folder for the checkpoint, statistics and plot (default: a temp folder)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=non_negative_int, default=0)
     demo.add_argument("--top-t", type=positive_int, default=2, help="C2R top_t written after profiling (1 .. 7)")
     demo.add_argument("--ep-size", type=positive_int, default=2, help="devices for the placement report (1, 2, 4, 8)")
     demo.add_argument("--finetune-steps", type=non_negative_int, default=40,

@@ -11,12 +11,14 @@ turn; a template that does not render prefix-consistently is refused rather than
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 PROMPT_FORMATS = ("chat_template", "vicuna")
 _FASTCHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -25,16 +27,25 @@ _FASTCHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a jsonl file, or of a folder's ``*.jsonl`` files in name order (the official layout has
     one folder per source); ``ValueError`` naming file and line otherwise."""
+    return [record for _, record in read_jsonl_located(path)]
+
+
+def read_jsonl_located(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Like :func:`read_jsonl`, each record with where it comes from (``"file:line"``, for error messages)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.jsonl"))
         if not files:
             raise ValueError(f"data folder {str(path)!r} has no *.jsonl file")
-        return [record for file in files for record in read_jsonl(file)]
+        return [located for file in files for located in read_jsonl_located(file)]
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 record = json.loads(line)
@@ -42,7 +53,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object")
-            records.append(record)
+            records.append((f"{path}:{number}", record))
     return records
 
 
@@ -147,22 +158,44 @@ def load_source(
     prompt_format: str = "chat_template",
     max_length: int = 512,
 ) -> DataSource:
-    """Read, convert and tokenise one source.  Without ``probe_path`` the probe split is a seeded, fixed sample of
-    ``probe_size`` train records, removed from the train split (the paper uses ≈80 dev examples per source)."""
-    records = read_jsonl(train_path)
-    probe_records = read_jsonl(probe_path) if probe_path is not None else []
-    if probe_path is None:
+    """Read, convert and tokenise one source, with a probe split of ``probe_size`` examples.
+
+    With ``probe_path`` the probe split is a fixed sample of ``probe_size`` of its records drawn with ``seed`` (kept
+    in file order; all of them when it has fewer), and the train split is the whole of ``train_path``: the official
+    dev sets hold 1,000 examples per source while the paper probes about 80.  Without ``probe_path`` the probe split
+    is a seeded, fixed sample of ``probe_size`` train records, removed from the train split.
+
+    Raises:
+        ValueError: naming the file and line of a malformed record, an empty source, or a ``probe_size`` that leaves
+            no training data.
+    """
+    if not (isinstance(probe_size, int) and not isinstance(probe_size, bool) and probe_size >= 1):
+        raise ValueError(f"probe_size: expected an integer >= 1, got {probe_size!r}")
+    records = read_jsonl_located(train_path)
+    if not records:
+        raise ValueError(f"source {name!r}: {train_path} holds no record")
+    if probe_path is not None:
+        probe_records = read_jsonl_located(probe_path)
+        available = len(probe_records)
+        if available > probe_size:
+            chosen = sorted(random.Random(seed).sample(range(available), probe_size))
+            probe_records = [probe_records[i] for i in chosen]
+        logger.info("source %r: probe set of %d of the %d examples in %s (probe_size %d, seed %d)", name,
+                    len(probe_records), available, probe_path, probe_size, seed)
+    else:
         if probe_size >= len(records):
-            raise ValueError(f"probe_size: {probe_size} leaves no training data in {name!r} ({len(records)} records)")
+            raise ValueError(f"probe_size: {probe_size} probe examples leave no training data in {name!r} "
+                             f"({len(records)} records in {train_path}); lower it or give a probe (dev) file")
         chosen = set(random.Random(seed).sample(range(len(records)), probe_size))
         probe_records = [r for i, r in enumerate(records) if i in chosen]
         records = [r for i, r in enumerate(records) if i not in chosen]
+        logger.info("source %r: probe set of %d examples held out of the %d train records in %s (seed %d)", name,
+                    len(probe_records), len(records) + len(probe_records), train_path, seed)
 
-    def encode(batch: list[dict[str, Any]], split: str) -> list[dict[str, list[int]]]:
+    def encode(batch: list[tuple[str, dict[str, Any]]]) -> list[dict[str, list[int]]]:
         return [
-            encode_messages(tokenizer, to_messages(r, f"{name}/{split}[{i}]"), prompt_format=prompt_format,
-                            max_length=max_length)
-            for i, r in enumerate(batch)
+            encode_messages(tokenizer, to_messages(record, where), prompt_format=prompt_format, max_length=max_length)
+            for where, record in batch
         ]
 
-    return DataSource(name=name, train=encode(records, "train"), probe=encode(probe_records, "probe"))
+    return DataSource(name=name, train=encode(records), probe=encode(probe_records))

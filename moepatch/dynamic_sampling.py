@@ -1,11 +1,12 @@
 """Dynamic data mixing during HF Trainer fine-tuning: probe rounds, the weight update, checkpointed sampler state.
 
-Every ``update_every`` optimizer steps :class:`DynamicSamplingCallback` routes each source's fixed probe set through
-the model (eval mode, no grad), records hard top-k counts with :class:`~moepatch.recorder.RoutingRecorder` (default:
-the last MoE layer, as in the paper), sums them over ranks, and applies :func:`moepatch.sampling.update_weights`.
-The new weights go to the :class:`~moepatch.mixture.DynamicMixtureSampler` from a declared draw on (exact with
-workers); each round is appended to ``output_dir/sampling_info/rounds.jsonl`` on the main process.
-:class:`MixtureTrainer` plugs the sampler into the Trainer and saves / restores its state with every checkpoint.
+The method is Dynamic Data Mixing (Zhu et al., 2024).  Every ``update_every`` optimizer steps
+:class:`DynamicSamplingCallback` routes each source's fixed probe set through the model (eval mode, no grad),
+records hard top-k counts with :class:`~moepatch.recorder.RoutingRecorder` (default: the last MoE layer, as in the
+paper), sums them over ranks, and applies :func:`moepatch.sampling.update_weights`.  The new weights go to the
+:class:`~moepatch.mixture.DynamicMixtureSampler` from a declared draw on (exact with workers); each round is
+appended to ``output_dir/sampling_info/rounds.jsonl`` on the main process.  :class:`MixtureTrainer` plugs the
+sampler into the Trainer and saves / restores its state with every checkpoint.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import torch
 from transformers import Trainer
 from transformers import TrainerCallback
 
+from moepatch.errors import UsageError
 from moepatch.mixture import DynamicMixtureSampler
 from moepatch.mixture import MixtureDataset
 from moepatch.recorder import RoutingRecorder
 from moepatch.recorder import collective_device
+from moepatch.sampling import CRITERIA
+from moepatch.sampling import DISTANCES
 from moepatch.sampling import source_distances
 from moepatch.sampling import update_weights
 
@@ -37,17 +41,56 @@ ROUNDS_FILE = Path("sampling_info") / "rounds.jsonl"
 
 @dataclass
 class DynamicSamplingArguments:
-    """Options of dynamic data mixing (usable with ``HfArgumentParser``)."""
+    """Options of dynamic data mixing (Dynamic Data Mixing, Zhu et al., 2024; usable with ``HfArgumentParser``).
 
-    update_every: int = field(default=100, metadata={"help": "Optimizer steps between probe rounds (m)."})
-    eta: float = field(default=10.0, metadata={"help": "Step size η of the weight update."})
-    c: float = field(default=0.05, metadata={"help": "Smoothing towards uniform; every weight stays >= c/|D|."})
+    Every value is checked when the object is built: :class:`~moepatch.errors.UsageError` names the bad argument.
+    """
+
+    update_every: int = field(default=100, metadata={"help": "Optimizer steps between probe rounds (m; >= 1)."})
+    eta: float = field(default=10.0, metadata={"help": "Step size η of the weight update (finite, >= 0)."})
+    c: float = field(default=0.05, metadata={"help": "Smoothing towards uniform, in [0, 1]; every weight stays >= "
+                                                     "c/|D|."})
     distance: str = field(default="l2", metadata={"help": "'l2' or 'cos'."})
     criterion: str = field(default="mean", metadata={"help": "'mean', 'max' or 'min'."})
-    probe_layers: list[int] = field(default_factory=lambda: [-1], metadata={"help": "MoE layers to record."})
-    probe_batch_size: int = field(default=4, metadata={"help": "Batch size of the probe forwards."})
-    sampling_seed: int = field(default=0, metadata={"help": "Seed of the source draws and per-source streams."})
+    probe_layers: list[int] = field(default_factory=lambda: [-1], metadata={
+        "help": "MoE layers to record (decoder-layer indices, negative from the last; default the last, as in the "
+                "paper)."})
+    probe_batch_size: int = field(default=4, metadata={"help": "Batch size of the probe forwards (>= 1)."})
+    sampling_seed: int = field(default=0, metadata={"help": "Seed of the source draws, the per-source streams and "
+                                                            "the probe subsets."})
     plot: bool = field(default=True, metadata={"help": "Draw sampling_info/rounds.png after every round."})
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.update_every) and self.update_every >= 1):
+            raise UsageError("--update_every", f"expected an integer >= 1 (optimizer steps between probe rounds), "
+                                               f"got {self.update_every!r}")
+        if not (_is_number(self.eta) and math.isfinite(self.eta) and self.eta >= 0):
+            raise UsageError("--eta", f"expected a finite step size >= 0, got {self.eta!r}")
+        if not (_is_number(self.c) and 0.0 <= self.c <= 1.0):
+            raise UsageError("--c", f"expected a smoothing value in [0, 1], got {self.c!r}")
+        if self.distance not in DISTANCES:
+            raise UsageError("--distance", f"expected one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        if self.criterion not in CRITERIA:
+            raise UsageError("--criterion", f"expected one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        layers = self.probe_layers
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise UsageError("--probe_layers", f"expected at least one MoE layer index, got {layers!r}")
+        if not all(_is_int(index) for index in layers):
+            raise UsageError("--probe_layers", f"expected integer layer indices, got {list(layers)!r}")
+        if len(set(layers)) != len(layers):
+            raise UsageError("--probe_layers", f"a layer is listed twice: {list(layers)}")
+        if not (_is_int(self.probe_batch_size) and self.probe_batch_size >= 1):
+            raise UsageError("--probe_batch_size", f"expected an integer >= 1, got {self.probe_batch_size!r}")
+        if not _is_int(self.sampling_seed):
+            raise UsageError("--sampling_seed", f"expected an integer, got {self.sampling_seed!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class DynamicSamplingCallback(TrainerCallback):
@@ -103,6 +146,16 @@ class DynamicSamplingCallback(TrainerCallback):
         finally:
             model.train(was_training)
         return loads
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        """Drop rounds recorded after the step training starts from (a resume from an earlier checkpoint, or an
+        earlier run in the same folder): the rounds file then describes this run only, with no round twice."""
+        path = Path(args.output_dir) / ROUNDS_FILE
+        if state.is_world_process_zero and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= state.global_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any):
         if model is None or state.global_step % self.options.update_every != 0:

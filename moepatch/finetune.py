@@ -5,6 +5,13 @@ Arguments are four dataclasses read by ``HfArgumentParser`` — :class:`ModelArg
 ``--deepspeed CONFIG``, ``--bf16``, ``--use_cpu``, ``--resume_from_checkpoint`` ... are the Trainer's own).  A
 ``--recipe FILE.json`` supplies defaults for any of them (the files in ``configs/``); command-line flags win.
 
+Every input is checked before a model is loaded or a file is written: each argument's value when it is parsed
+(the dataclasses' ``__post_init__``, transformers' own checks, the recipe), then :func:`check_inputs` — the files
+and folders the arguments name, the sources they add up to, and combinations (dynamic mixing needs ``--max_steps``
+and at least two sources).  A bad input exits with status 2 and one line naming the argument; a failure found while
+running (a malformed data record, ...) exits with status 1 naming the file and line.  ``--debug`` (or
+``MOEPATCH_DEBUG=1``) shows the traceback instead (:func:`moepatch.errors.run_guarded`).
+
 The run: read the checkpoint's config, apply the overrides (a moepatch block from ``--moepatch_config``,
 ``--freeze_gate``, gate noise / balance loss / aux coefficient), load through :func:`moepatch.from_pretrained` (so the
 config.json's C2R, freeze and statistics settings are applied; under ZeRO-3 the weights load partitioned), tokenise
@@ -16,36 +23,78 @@ Runs under ``python``, ``torchrun``, ``deepspeed`` and ``accelerate launch``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from moepatch.errors import CommandError
+from moepatch.errors import MoePatchWarning
+from moepatch.errors import UsageError
+from moepatch.errors import debug_requested
+from moepatch.errors import run_guarded
+
 logger = logging.getLogger(__name__)
 
+PROG = "finetune"
 FREEZE_CHOICES = ("router", "gate_substring", "none")
+PROMPT_FORMAT_CHOICES = ("auto", "chat_template", "vicuna")
+_DESCRIPTION = (
+    "Fine-tune a MoE checkpoint with moepatch: dynamic data mixing (Dynamic Data Mixing, Zhu et al., 2024), frozen "
+    "gates, C2R routing (C2R, Zhang et al., NAACL 2025) from the checkpoint's config.json.  Besides the arguments "
+    "below: --recipe FILE.json supplies defaults for any of them (command-line flags win; see configs/), and --debug "
+    "(or MOEPATCH_DEBUG=1) shows the traceback of a failure instead of a one-line message."
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
 class ModelArguments:
     """Which checkpoint, and the moepatch options that override its config.json."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Checkpoint folder (required)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Checkpoint folder holding config.json (required; nothing is downloaded)."}
+    )
     moepatch_config: str | None = field(
-        default=None, metadata={"help": "JSON file holding a moepatch block; replaces the checkpoint's block."}
+        default=None, metadata={"help": "JSON file holding a moepatch block (or a config.json with one); replaces the "
+                                        "checkpoint's block."}
     )
     freeze_gate: str | None = field(
         default=None,
-        metadata={"help": "'router', 'gate_substring' (seed 001: every parameter named *gate*) or 'none'; "
-                          "default: the config.json's setting."},
+        metadata={"help": "'router' (the top-k routers' weights), 'gate_substring' (every parameter whose name "
+                          "contains 'gate', as in Dynamic Data Mixing, Zhu et al., 2024) or 'none'; default: the "
+                          "config.json's setting."},
     )
     gate_noise: bool | None = field(default=None, metadata={"help": "Gate noise in training (LLaMA-MoE)."})
     balance_loss: bool | None = field(default=None, metadata={"help": "Add the family's balance loss to the loss."})
-    aux_loss_coef: float | None = field(default=None, metadata={"help": "Coefficient of the balance loss."})
+    aux_loss_coef: float | None = field(default=None, metadata={"help": "Coefficient of the balance loss (>= 0)."})
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise UsageError("--model_name_or_path", "required: the checkpoint folder (holding config.json) to "
+                                                     "fine-tune")
+        if self.moepatch_config is not None and not self.moepatch_config:
+            raise UsageError("--moepatch_config", "expected a JSON file, got an empty path")
+        if self.freeze_gate is not None and self.freeze_gate not in FREEZE_CHOICES:
+            raise UsageError("--freeze_gate", f"expected one of {', '.join(FREEZE_CHOICES)}, got {self.freeze_gate!r}")
+        coef = self.aux_loss_coef
+        if coef is not None and not (_is_number(coef) and math.isfinite(coef) and coef >= 0):
+            raise UsageError("--aux_loss_coef", f"expected a finite number >= 0, got {coef!r}")
 
 
 @dataclass
@@ -54,118 +103,455 @@ class DataArguments:
 
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder with train/<name>.jsonl (or train/<name>/*.jsonl) and optional dev/<name>.jsonl."},
+        metadata={"help": "Folder with train/<name>.jsonl (or train/<name>/*.jsonl) and optional dev/<name>.jsonl "
+                          "(the probe set of source <name>)."},
     )
     train_files: list[str] | None = field(default=None, metadata={"help": "name=path entries (jsonl or folder)."})
-    probe_files: list[str] | None = field(default=None, metadata={"help": "name=path probe (dev) files."})
-    probe_size: int = field(default=80, metadata={"help": "Probe examples per source taken from train without a "
-                                                          "probe file (the paper uses about 80)."})
-    prompt_format: str = field(default="auto", metadata={"help": "'chat_template', 'vicuna', or 'auto'."})
-    max_length: int = field(default=2048, metadata={"help": "Truncate examples to this many tokens."})
-    initial_weights: str | None = field(
-        default=None, metadata={"help": "JSON file {source: weight} (the official prob_map); default uniform."}
+    probe_files: list[str] | None = field(default=None, metadata={"help": "name=path probe (dev) files of sources "
+                                                                          "named by --train_files or --data_dir."})
+    probe_size: int = field(
+        default=80,
+        metadata={"help": "Probe examples per source (>= 1; Dynamic Data Mixing, Zhu et al., 2024, probes about 80). "
+                          "With a dev/<name>.jsonl or --probe_files entry: a fixed subset of that file drawn with "
+                          "--sampling_seed (all of it when it is smaller; the official dev sets hold 1,000 per "
+                          "source); without one: a fixed, seeded sample held out of the source's train records."},
     )
-    dynamic_sampling: bool = field(default=True, metadata={"help": "Re-weight the sources from routing statistics."})
+    prompt_format: str = field(
+        default="auto",
+        metadata={"help": "'chat_template', 'vicuna', or 'auto' (the tokenizer's chat template when it has one)."},
+    )
+    max_length: int = field(default=2048, metadata={"help": "Truncate examples to this many tokens (>= 1)."})
+    initial_weights: str | None = field(
+        default=None,
+        metadata={"help": "JSON file {source: weight} (the official prob_map): one finite weight >= 0 per source "
+                          "(> 0 with dynamic mixing); default uniform."},
+    )
+    dynamic_sampling: bool = field(
+        default=True,
+        metadata={"help": "Re-weight the sources from routing statistics (needs --max_steps and at least two "
+                          "sources; with exactly two the weights cannot move apart)."},
+    )
     synthetic_data: bool = field(
         default=False, metadata={"help": "Generate the embedded four-task data into <output_dir>/data and use it."}
     )
+
+    def __post_init__(self) -> None:
+        if self.data_dir is not None and not self.data_dir:
+            raise UsageError("--data_dir", "expected a folder, got an empty path")
+        if self.synthetic_data and (self.data_dir or self.train_files or self.probe_files):
+            given = "--data_dir" if self.data_dir else "--train_files" if self.train_files else "--probe_files"
+            raise UsageError("--synthetic_data", f"writes and uses its own four sources; do not combine it with "
+                                                 f"{given}")
+        if not (self.data_dir or self.train_files or self.synthetic_data):
+            raise UsageError("--data_dir", "no training data given: pass --data_dir DIR, --train_files name=path ... "
+                                           "or --synthetic_data")
+        _named_paths(self.train_files, "--train_files")
+        _named_paths(self.probe_files, "--probe_files")
+        if not (_is_int(self.probe_size) and self.probe_size >= 1):
+            raise UsageError("--probe_size", f"expected an integer >= 1 (probe examples per source), got "
+                                             f"{self.probe_size!r}")
+        if self.prompt_format not in PROMPT_FORMAT_CHOICES:
+            raise UsageError("--prompt_format", f"expected one of {', '.join(PROMPT_FORMAT_CHOICES)}, got "
+                                                f"{self.prompt_format!r}")
+        if not (_is_int(self.max_length) and self.max_length >= 1):
+            raise UsageError("--max_length", f"expected an integer >= 1 (tokens per example), got {self.max_length!r}")
+        if self.initial_weights is not None and not self.initial_weights:
+            raise UsageError("--initial_weights", "expected a JSON file, got an empty path")
 
 
 # ---------------------------------------------------------------------------------------------- arguments
 def _recipe_argv(recipe: dict[str, Any]) -> list[str]:
     argv = []
     for key, value in recipe.items():
-        if key.startswith("_"):  # "_comment" and friends
+        if key.startswith("_") or value is None:  # "_comment" and friends; null keeps the default
             continue
         values = value if isinstance(value, list) else [value]
         argv.append(f"--{key}")
-        argv.extend("true" if v is True else "false" if v is False else str(v) for v in values)
+        argv.extend("true" if v is True else "false" if v is False else json.dumps(v) if isinstance(v, dict)
+                    else str(v) for v in values)
     return argv
 
 
-def parse_arguments(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
-    """``(model_args, data_args, sampling_args, training_args)`` from ``argv`` (``--recipe`` defaults first)."""
+def _split_debug(argv: Sequence[str]) -> tuple[bool, list[str]]:
+    """``(--debug given, argv without it)``.  ``--debug VALUE`` is left alone: it is the Trainer's own ``--debug``
+    option (``underflow_overflow``, ``tpu_metrics_debug``)."""
+    kept, debug = [], False
+    for position, token in enumerate(argv):
+        following = argv[position + 1] if position + 1 < len(argv) else None
+        if token == "--debug" and (following is None or following.startswith("-")):
+            debug = True
+            continue
+        kept.append(token)
+    return debug, kept
+
+
+def _expand_recipe(argv: list[str], known: set[str]) -> list[str]:
+    """``argv`` with ``--recipe FILE``'s settings put first (so the command line wins)."""
+    positions = [i for i, token in enumerate(argv) if token == "--recipe" or token.startswith("--recipe=")]
+    if not positions:
+        return argv
+    if len(positions) > 1:
+        raise UsageError("--recipe", "given more than once; one recipe per run (override its settings with flags)")
+    at = positions[0]
+    if argv[at].startswith("--recipe="):
+        value, rest = argv[at].partition("=")[2], argv[:at] + argv[at + 1 :]
+    elif at + 1 < len(argv) and not argv[at + 1].startswith("--"):
+        value, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
+    else:
+        raise UsageError("--recipe", "expected a JSON file after --recipe (see configs/)")
+    if not value:
+        raise UsageError("--recipe", "expected a JSON file, got an empty path")
+    recipe = _read_json(value, "--recipe", "a JSON object of argument: value settings")
+    if not isinstance(recipe, dict):
+        raise UsageError("--recipe", f"{value}: expected a JSON object of argument: value settings, got "
+                                     f"{type(recipe).__name__}")
+    unknown = sorted(key for key in recipe if not key.startswith("_") and key not in known)
+    if unknown:
+        raise UsageError("--recipe", f"{value}: unknown key{'s' if len(unknown) > 1 else ''} "
+                                     f"{', '.join(map(repr, unknown))} (not arguments of finetune or transformers' "
+                                     "TrainingArguments; keys starting with '_' are comments)")
+    return _recipe_argv(recipe) + rest
+
+
+def _make_parser(types: tuple[type, ...]) -> Any:
+    """An ``HfArgumentParser`` whose own errors (a bad int, a missing value) raise :class:`UsageError`."""
     from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser):
+        def error(self, message: str):  # argparse: "argument --x/--y: invalid int value: 'a'"
+            match = re.match(r"argument (\S+?): (.*)", message, re.S)
+            if match:
+                raise UsageError(match.group(1).split("/")[0], match.group(2))
+            raise UsageError("arguments", message)
+
+    return _Parser(types, description=_DESCRIPTION)
+
+
+def _blamed_argument(error: BaseException, argv: Sequence[str]) -> str:
+    """The argument a (transformers) error is about: a ``--flag`` it names, a given argument whose name or value it
+    quotes; ``TrainingArguments`` when none can be told."""
+    text = str(error)
+    named = re.findall(r"--[A-Za-z][\w-]*", text)
+    if named:
+        return named[0]
+    flags = [(position, token.partition("=")[0]) for position, token in enumerate(argv) if token.startswith("--")]
+    for _, flag in flags:
+        if re.search(rf"(?<![\w-]){re.escape(flag[2:])}(?![\w-])", text):
+            return flag
+    for value in re.findall(r"'([^']+)'", text):
+        for position, flag in flags:
+            if argv[position] == f"{flag}={value}" or (position + 1 < len(argv) and argv[position + 1] == value):
+                return flag
+    return "TrainingArguments"
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any]:
+    """The four argument objects; raises :class:`UsageError` naming the argument for any bad value."""
     from transformers import TrainingArguments
 
     from moepatch.dynamic_sampling import DynamicSamplingArguments
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--recipe" in argv:
-        at = argv.index("--recipe")
-        recipe_path = Path(argv[at + 1])
-        recipe = json.loads(recipe_path.read_text())
-        argv = _recipe_argv(recipe) + argv[:at] + argv[at + 2 :]
-    parser = HfArgumentParser((ModelArguments, DataArguments, DynamicSamplingArguments, TrainingArguments))
-    parsed = parser.parse_args_into_dataclasses(args=argv)
-    model_args, data_args = parsed[0], parsed[1]
-    problems = []
-    if not model_args.model_name_or_path:
-        problems.append("--model_name_or_path: required")
-    if model_args.freeze_gate is not None and model_args.freeze_gate not in FREEZE_CHOICES:
-        problems.append(f"--freeze_gate: expected one of {FREEZE_CHOICES}, got {model_args.freeze_gate!r}")
-    if not (data_args.data_dir or data_args.train_files or data_args.synthetic_data):
-        problems.append("data: give --data_dir, --train_files or --synthetic_data")
-    if problems:
-        parser.error("; ".join(problems))
+    _, argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    types = (ModelArguments, DataArguments, DynamicSamplingArguments, TrainingArguments)
+    known = {f.name for kind in types for f in dataclasses.fields(kind) if f.init}
+    argv = _expand_recipe(argv, known)
+    parser = _make_parser(types)
+    namespace, unknown = parser.parse_known_args(argv)  # argparse's own checks, nothing built yet
+    if unknown:
+        flag = next((token for token in unknown if token.startswith("-")), unknown[0])
+        raise UsageError(flag.partition("=")[0], f"unknown argument (not given a value, or not an argument of "
+                                                 f"finetune or TrainingArguments; see --help): {' '.join(unknown)}")
+    if getattr(namespace, "output_dir", None) in (None, ""):
+        raise UsageError("--output_dir", "required: the folder the fine-tuned model is saved to")
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except UsageError:
+        raise
+    except (ValueError, NotImplementedError, TypeError, OSError) as error:  # TrainingArguments' own checks
+        raise UsageError(_blamed_argument(error, argv), str(error)) from error
+    return tuple(parsed[:4])  # type: ignore[return-value]
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """``(model_args, data_args, sampling_args, training_args)`` from ``argv`` (``--recipe`` defaults first).
+
+    Every value is checked here (the files the arguments name are checked by :func:`check_inputs`).  A bad one
+    prints ``finetune: error: --flag: what was expected, got X`` on stderr and raises ``SystemExit(2)``.
+    """
+    parsed: list[Any] = []
+
+    def body() -> int:
+        parsed.extend(_parse(argv))
+        return 0
+
+    status = run_guarded(PROG, body, debug=debug_requested())
+    if status:
+        raise SystemExit(status)
     return tuple(parsed)
 
 
 def _named_paths(entries: Sequence[str] | None, flag: str) -> dict[str, Path]:
-    result = {}
+    result: dict[str, Path] = {}
     for entry in entries or ():
         name, sep, path = entry.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"{flag}: expected name=path, got {entry!r}")
+            raise UsageError(flag, f"expected name=path, got {entry!r}")
         if name in result:
-            raise ValueError(f"{flag}: source {name!r} given twice")
+            raise UsageError(flag, f"source {name!r} given twice")
         result[name] = Path(path)
     return result
 
 
+def _check_data_path(path: Path, flag: str, name: str, *, folder_ok: bool = True) -> None:
+    if not path.exists():
+        raise UsageError(flag, f"source {name!r}: {path}: no such file")
+    if path.is_dir():
+        if not folder_ok:
+            raise UsageError(flag, f"source {name!r}: {path} is a folder; expected a jsonl file")
+        if not any(path.glob("*.jsonl")):
+            raise UsageError(flag, f"source {name!r}: folder {path} has no *.jsonl file")
+
+
 def source_paths(data_args: DataArguments) -> dict[str, tuple[Path, Path | None]]:
-    """``{name: (train, probe or None)}`` in sorted name order (the official order of matrices and weights)."""
+    """``{name: (train, probe or None)}`` in sorted name order (the official order of matrices and weights).
+
+    Raises:
+        UsageError: naming the argument: a malformed or repeated ``name=path``, a probe file of no source, a missing
+            file or folder, a data folder without ``train/`` or without any source.
+    """
     train = _named_paths(data_args.train_files, "--train_files")
     probe = _named_paths(data_args.probe_files, "--probe_files")
+    origin = dict.fromkeys(train, "--train_files")
+    dev_origin = dict.fromkeys(probe, "--probe_files")
     if data_args.data_dir:
         root = Path(data_args.data_dir)
+        if not root.is_dir():
+            raise UsageError("--data_dir", f"{root}: no such folder" if not root.exists() else
+                             f"{root} is a file; expected a folder with train/<name>.jsonl")
         if not (root / "train").is_dir():
-            raise ValueError(f"--data_dir: {root} has no train/ folder")
+            raise UsageError("--data_dir", f"{root} has no train/ folder (expected train/<name>.jsonl or "
+                                           "train/<name>/*.jsonl, and optionally dev/<name>.jsonl)")
         for entry in sorted((root / "train").iterdir()):
             name = entry.stem if entry.suffix == ".jsonl" else entry.name
             if entry.is_dir() or entry.suffix == ".jsonl":
-                train.setdefault(name, entry)
+                if name not in train:
+                    train[name], origin[name] = entry, "--data_dir"
                 dev = root / "dev" / f"{name}.jsonl"
-                if dev.is_file():
-                    probe.setdefault(name, dev)
+                if dev.is_file() and name not in probe:
+                    probe[name], dev_origin[name] = dev, "--data_dir"
+        if not train:
+            raise UsageError("--data_dir", f"{root / 'train'} holds no source (no <name>.jsonl file or <name>/ "
+                                           "folder)")
     unknown = sorted(set(probe) - set(train))
     if unknown:
-        raise ValueError(f"--probe_files: {unknown} name no training source (sources: {sorted(train)})")
-    if not train:
-        raise ValueError("data: no training source found")
+        raise UsageError("--probe_files", f"{unknown} name no training source (sources: {sorted(train)})")
+    for name, path in train.items():
+        _check_data_path(path, origin[name], name)
+    for name, path in probe.items():
+        _check_data_path(path, dev_origin[name], name)
     return {name: (train[name], probe.get(name)) for name in sorted(train)}
 
 
+def _read_json(path_text: str, flag: str, expected: str) -> Any:
+    """The JSON value of the file an argument names; :class:`UsageError` naming ``flag`` otherwise."""
+    path = Path(path_text)
+    if not path.exists():
+        raise UsageError(flag, f"{path}: no such file (expected {expected})")
+    if path.is_dir():
+        raise UsageError(flag, f"{path} is a folder (expected a JSON file: {expected})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(flag, f"{path} cannot be read ({error})") from error
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(flag, f"{path} is not JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                               f"expected {expected}") from error
+
+
+def read_initial_weights(path: str, names: Sequence[str], *, positive: bool = False) -> list[float]:
+    """``--initial_weights``: the weight of every source, in ``names`` order.
+
+    Args:
+        path (`str`): a JSON file ``{source: weight}``.
+        names (`Sequence[str]`): the sources, every one of which needs a weight.
+        positive (`bool`, *optional*, defaults to `False`): every weight must be > 0 (dynamic mixing updates the
+            weights in log space).
+
+    Raises:
+        UsageError: naming ``--initial_weights``: a missing file, not JSON, not an object, names that do not match
+            the sources, a weight that is not a finite number >= 0 (> 0 with ``positive``), or all weights zero.
+    """
+    flag, expected = "--initial_weights", f"an object mapping each source {list(names)} to its weight"
+    given = _read_json(path, flag, expected)
+    if not isinstance(given, dict):
+        raise UsageError(flag, f"{path}: expected {expected}, got {type(given).__name__}")
+    missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+    if missing or extra:
+        parts = ([f"no weight for {missing}"] if missing else []) + ([f"{extra} name no source"] if extra else [])
+        raise UsageError(flag, f"{path}: {'; '.join(parts)} (sources: {list(names)})")
+    bad = {name: given[name] for name in names
+           if not (_is_number(given[name]) and math.isfinite(given[name]) and given[name] >= 0)}
+    if bad:
+        raise UsageError(flag, f"{path}: every weight must be a finite number >= 0, got {bad}")
+    if positive and any(given[name] == 0 for name in names):
+        zero = [name for name in names if given[name] == 0]
+        raise UsageError(flag, f"{path}: dynamic mixing needs every weight > 0 (it updates them in log space); "
+                               f"{zero} are 0 (or pass --dynamic_sampling false)")
+    if not sum(given[name] for name in names) > 0:
+        raise UsageError(flag, f"{path}: the weights sum to 0; at least one source needs a positive weight")
+    return [float(given[name]) for name in names]
+
+
+def _mixture_run(data_args: DataArguments) -> bool:
+    """Drawn from a weighted mixture (dynamic, or static with ``--initial_weights``) rather than plain epochs."""
+    return bool(data_args.dynamic_sampling or data_args.initial_weights)
+
+
+def source_names(data_args: DataArguments) -> list[str]:
+    """The sources a run trains on, in order (the synthetic tasks for ``--synthetic_data``); checks their paths."""
+    if data_args.synthetic_data and not (data_args.data_dir or data_args.train_files):
+        from moepatch.synthetic import TASKS
+
+        return sorted(TASKS)
+    return list(source_paths(data_args))
+
+
+def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any,
+                 training_args: Any) -> list[str]:
+    """Check everything the arguments name before anything is loaded or written; return the source names.
+
+    The checkpoint folder and its config with every override (:func:`prepare_config`), the sources' files and
+    folders, ``--initial_weights`` against the sources, ``--resume_from_checkpoint``, the output folder, and the
+    combinations: dynamic mixing needs at least two sources and ``--max_steps`` (a weighted mixture is an infinite
+    stream).  Two sources only warn (:class:`~moepatch.errors.MoePatchWarning`): their routing distances cannot tell
+    them apart, so the update can only smooth the weights towards uniform.
+
+    Raises:
+        UsageError: naming the argument.
+    """
+    from moepatch.dynamic_sampling import ROUNDS_FILE
+    from moepatch.dynamic_sampling import STATE_FILE
+
+    prepare_config(model_args)
+    names = source_names(data_args)
+    dynamic, mixture = data_args.dynamic_sampling, _mixture_run(data_args)
+    if dynamic and len(names) < 2:
+        raise UsageError("--dynamic_sampling", f"dynamic mixing re-weights several sources; found one ({names[0]!r}). "
+                                               "Give more sources, or pass --dynamic_sampling false to train on it")
+    if dynamic and len(names) == 2:
+        warnings.warn(
+            f"dynamic mixing with two sources ({names[0]!r}, {names[1]!r}): the weights cannot move apart — both "
+            "sources are at the same distance from each other, so every update only smooths the weights towards "
+            "uniform (c).  Use three or more sources, or --dynamic_sampling false with --initial_weights.",
+            MoePatchWarning,
+            stacklevel=2,
+        )
+    if mixture and training_args.max_steps <= 0:
+        reason = "dynamic mixing" if dynamic else "a weighted mixture (--initial_weights)"
+        raise UsageError("--max_steps", f"{reason} draws an endless stream; give the number of optimizer steps "
+                                        f"(> 0), got {training_args.max_steps}")
+    if not mixture and training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        raise UsageError("--num_train_epochs", f"expected > 0 (or --max_steps > 0), got "
+                                               f"{training_args.num_train_epochs}")
+    if dynamic and training_args.max_steps < sampling_args.update_every:
+        warnings.warn(
+            f"--update_every {sampling_args.update_every} > --max_steps {training_args.max_steps}: no probe round "
+            "will run, so the sources keep their initial weights",
+            MoePatchWarning,
+            stacklevel=2,
+        )
+    if data_args.initial_weights:
+        read_initial_weights(data_args.initial_weights, names, positive=dynamic)
+    if not 0 <= training_args.seed < 2**32:
+        raise UsageError("--seed", f"expected an integer in [0, 2**32), got {training_args.seed}")
+    resume = training_args.resume_from_checkpoint
+    if resume:
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise UsageError("--resume_from_checkpoint", f"{folder}: no such checkpoint folder")
+        if mixture and not (folder / STATE_FILE).is_file():
+            raise UsageError("--resume_from_checkpoint", f"{folder} has no {STATE_FILE}: not a checkpoint of a "
+                                                         "mixture run (its sampler state is needed to resume)")
+    output = Path(training_args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UsageError("--output_dir", f"{output} is a file; expected a folder (created if missing)")
+    if dynamic and not resume and (output / ROUNDS_FILE).exists():
+        raise UsageError("--output_dir", f"{output} already holds a dynamic-mixing run ({ROUNDS_FILE}); this run's "
+                                         "rounds would be appended to it. Choose a new folder, remove it, or pass "
+                                         "--resume_from_checkpoint")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------- model
+def _check_checkpoint_folder(path_text: str) -> Path:
+    path = Path(path_text)
+    if not path.exists():
+        raise UsageError("--model_name_or_path", f"{path}: no such folder (expected a local checkpoint folder "
+                                                 "holding config.json)")
+    if not path.is_dir():
+        raise UsageError("--model_name_or_path", f"{path} is a file; expected a checkpoint folder holding "
+                                                 "config.json")
+    if not (path / "config.json").is_file():
+        raise UsageError("--model_name_or_path", f"{path} has no config.json; expected a checkpoint folder")
+    return path
+
+
+def _moepatch_block(path: str) -> Any:
+    """``--moepatch_config``: the block, validated (a whole config.json-like file or just the block)."""
+    from moepatch.config import CONFIG_KEY
+    from moepatch.config import MoePatchConfig
+
+    expected = "a moepatch block (see configs/moepatch/)"
+    block = _read_json(path, "--moepatch_config", expected)
+    if isinstance(block, dict):
+        block = block.get(CONFIG_KEY, block)
+    if not isinstance(block, dict):
+        raise UsageError("--moepatch_config", f"{path}: expected a JSON object holding {expected}, got "
+                                              f"{type(block).__name__}")
+    try:
+        return MoePatchConfig.from_dict(block)
+    except ValueError as error:
+        raise UsageError("--moepatch_config", f"{path}: {error}") from error
+
+
 def prepare_config(model_args: ModelArguments) -> Any:
-    """The checkpoint's config with every override validated and applied (nothing is loaded yet)."""
+    """The checkpoint's config with every override validated and applied (nothing is loaded yet).
+
+    Raises:
+        UsageError: naming the argument: no checkpoint folder or config.json, an unreadable config, an invalid
+            ``--moepatch_config``, a training option the family has no switch for.
+    """
     from moepatch.config import CONFIG_KEY
     from moepatch.config import MoePatchConfig
     from moepatch.config import write_config
     from moepatch.loading import load_config
     from moepatch.training_options import apply_training_options
 
-    config = load_config(model_args.model_name_or_path)
-    if model_args.moepatch_config:
-        block = json.loads(Path(model_args.moepatch_config).read_text())
-        block = block.get(CONFIG_KEY, block)  # a whole config.json-like file or just the block
-        write_config(config, MoePatchConfig.from_dict(block))
+    folder = _check_checkpoint_folder(model_args.model_name_or_path)
+    block = _moepatch_block(model_args.moepatch_config) if model_args.moepatch_config else None
+    try:
+        config = load_config(str(folder))
+    except (ValueError, OSError, KeyError) as error:
+        raise UsageError("--model_name_or_path", f"{folder / 'config.json'} cannot be read as a model config: "
+                                                 f"{error}") from error
+    if block is not None:
+        write_config(config, block)
     if model_args.freeze_gate is not None:
-        settings = MoePatchConfig.from_dict(getattr(config, CONFIG_KEY, None)).to_dict()  # block only
+        try:
+            settings = MoePatchConfig.from_dict(getattr(config, CONFIG_KEY, None)).to_dict()  # block only
+        except ValueError as error:
+            raise UsageError("--model_name_or_path", f"{folder / 'config.json'}: {error}") from error
         settings["freeze_gate"] = None if model_args.freeze_gate == "none" else model_args.freeze_gate
         write_config(config, MoePatchConfig.from_dict(settings))
-    apply_training_options(config, gate_noise=model_args.gate_noise, balance_loss=model_args.balance_loss,
-                           aux_loss_coef=model_args.aux_loss_coef)
+    try:
+        apply_training_options(config, gate_noise=model_args.gate_noise, balance_loss=model_args.balance_loss,
+                               aux_loss_coef=model_args.aux_loss_coef)
+    except ValueError as error:  # "training options:\n  gate_noise: family 'x' has no such switch ..."
+        named = re.findall(r"^\s+(\w+):", str(error), re.M) or ["gate_noise"]
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
+        raise UsageError(f"--{named[0]}", detail) from error
     return config
 
 
@@ -181,11 +567,16 @@ def load_tokenizer(path: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any, training_args: Any) -> dict:
-    """Train and save; returns a summary (sources, rounds, final weights, output folder)."""
+    """Train and save; returns a summary (sources, rounds, final weights, output folder).
+
+    Nothing is written before the data is read and the model is loaded (but ``--synthetic_data``'s sources).
+    """
     import torch
     from transformers import DataCollatorForSeq2Seq
     from transformers import set_seed
 
+    from moepatch.adapter import describe
+    from moepatch.adapter import resolve_layer_indices
     from moepatch.data import load_source
     from moepatch.dynamic_sampling import ROUNDS_FILE
     from moepatch.dynamic_sampling import DynamicSamplingCallback
@@ -199,6 +590,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     set_seed(training_args.seed)
     _init_deepspeed_comm(training_args)
     output_dir = Path(training_args.output_dir)
+    config = prepare_config(model_args)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    prompt_format = data_args.prompt_format
+    if prompt_format == "auto":
+        prompt_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna"
+    elif prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise UsageError("--prompt_format", f"'chat_template' but the tokenizer of {model_args.model_name_or_path} "
+                                            "has no chat template; use 'vicuna' or 'auto'")
     if data_args.synthetic_data and not (data_args.data_dir or data_args.train_files):
         from moepatch.synthetic import write_synthetic_sources
 
@@ -207,27 +606,33 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
             write_synthetic_sources(data_args.data_dir, seed=training_args.seed)
         _barrier()
     paths = source_paths(data_args)  # validated before the model is loaded
-    config = prepare_config(model_args)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    prompt_format = data_args.prompt_format
-    if prompt_format == "auto":
-        prompt_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna"
     sources = [
         load_source(name, train, tokenizer, probe_path=probe, probe_size=data_args.probe_size,
                     seed=sampling_args.sampling_seed, prompt_format=prompt_format, max_length=data_args.max_length)
         for name, (train, probe) in paths.items()
     ]
     names = [source.name for source in sources]
-    initial = _initial_weights(data_args.initial_weights, names)
+    if data_args.dynamic_sampling:
+        empty = [f"{paths[s.name][1] or paths[s.name][0]}" for s in sources if not s.probe]
+        if empty:
+            raise CommandError(f"dynamic mixing: no probe examples in {', '.join(empty)}")
+    initial = (read_initial_weights(data_args.initial_weights, names, positive=data_args.dynamic_sampling)
+               if data_args.initial_weights else None)
 
     model = from_pretrained(model_args.model_name_or_path, config=config, dtype=torch.float32)
     model.config.use_cache = False
+    if data_args.dynamic_sampling:
+        try:  # the one argument that needs the model: which of its layers are MoE layers
+            resolve_layer_indices(describe(model), list(sampling_args.probe_layers), "probe_layers")
+        except ValueError as error:
+            raise UsageError("--probe_layers", str(error)) from error
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     summary: dict[str, Any] = {"sources": names, "prompt_format": prompt_format,
-                               "train_examples": [len(s.train) for s in sources]}
+                               "train_examples": [len(s.train) for s in sources],
+                               "probe_examples": [len(s.probe) for s in sources]}
     if data_args.dynamic_sampling or initial is not None:
         if training_args.max_steps <= 0:
-            raise ValueError("--max_steps: a weighted mixture is an infinite stream; give the number of steps")
+            raise UsageError("--max_steps", "a weighted mixture is an infinite stream; give the number of steps")
         sampler = DynamicMixtureSampler([len(s.train) for s in sources], initial, seed=sampling_args.sampling_seed,
                                         horizon=sampling_horizon(training_args))
         callbacks = []
@@ -268,15 +673,6 @@ def _zero_stage(trainer: Any) -> int | None:
     return int(trainer.accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def _initial_weights(path: str | None, names: list[str]) -> list[float] | None:
-    if path is None:
-        return None
-    given = json.loads(Path(path).read_text())
-    if not isinstance(given, dict) or sorted(given) != names:
-        raise ValueError(f"--initial_weights: {path} must map exactly the sources {names} to weights")
-    return [float(given[name]) for name in names]
-
-
 def _init_deepspeed_comm(training_args: Any) -> None:
     """Make DeepSpeed's communication layer see the process group before the model is built.
 
@@ -311,10 +707,9 @@ def rounds_table(rounds: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["step"] + names, rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, train, print the weights per round; destroys the process group at the end (cleaner exits)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model_args, data_args, sampling_args, training_args = parse_arguments(argv)
+def _finetune(argv: Sequence[str] | None) -> int:
+    model_args, data_args, sampling_args, training_args = _parse(argv)
+    check_inputs(model_args, data_args, sampling_args, training_args)
     summary = run(model_args, data_args, sampling_args, training_args)
     if training_args.process_index == 0:
         header, rows = rounds_table(summary["rounds"])
@@ -331,5 +726,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DataArguments", "ModelArguments", "main", "parse_arguments", "prepare_config", "rounds_table", "run",
-           "source_paths"]
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and check every input, train, print the weights per round; returns the exit status.
+
+    A bad argument returns 2 and a failure 1, each with a one-line message on stderr naming the argument or file
+    (:func:`moepatch.errors.run_guarded`); ``--debug`` or ``MOEPATCH_DEBUG=1`` re-raises instead.  The process
+    group is destroyed at the end (cleaner exits).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _split_debug(argv)[0] or debug_requested()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_guarded(PROG, lambda: _finetune(argv), debug=debug)
+
+
+__all__ = ["DataArguments", "ModelArguments", "check_inputs", "main", "parse_arguments", "prepare_config",
+           "read_initial_weights", "rounds_table", "run", "source_names", "source_paths"]

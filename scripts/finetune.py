@@ -6,6 +6,9 @@
     torchrun --nproc_per_node 2 scripts/finetune.py ... --deepspeed configs/deepspeed/zero3_cpu.json --use_cpu
 
 ``python scripts/finetune.py --help`` lists every argument (moepatch's and transformers' TrainingArguments).
+Every input is checked before a model is loaded or a file is written: a bad one exits with status 2 and one line
+naming the argument, a failure found while running (a malformed data record, ...) with status 1 naming the file and
+line.  ``--debug`` (or ``MOEPATCH_DEBUG=1``) shows the traceback instead.
 """
 
 import sys

@@ -120,3 +120,12 @@ def test_inspect_reports_lora_expert_targets(tmp_path: Path):
     assert "lora_experts (mola): 37 projections; base frozen" in result.stdout
     assert "model.layers.*.mlp.experts.down_proj: 3x (8 routed experts each), experts [2, 6, 8]" in result.stdout
     assert "model.layers.*.self_attn.q_proj: 4x (linear), experts [2, 4, 6, 8]" in result.stdout
+
+
+def test_demo_runs_twice_into_the_same_folder(tmp_path: Path):
+    """The README's main command may be run again: the demo replaces its own earlier outputs."""
+    for _ in range(2):
+        result = run_cli("demo", "--output", str(tmp_path), "--finetune-steps", "4")
+        assert result.returncode == 0, result.stderr
+    rounds = (tmp_path / "finetune" / "sampling_info" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rounds] == [1, 2, 3, 4]

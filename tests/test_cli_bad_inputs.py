@@ -60,6 +60,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "nonempty").mkdir()
     (root / "nonempty" / "keep.txt").write_text("user data")
     made["nonempty"] = root / "nonempty"
+    (root / "nonempty_demo" / "finetune").mkdir(parents=True)
+    (root / "nonempty_demo" / "finetune" / "mine.txt").write_text("not the demo's")
+    made["nonempty_demo"] = root / "nonempty_demo"
     made["file"] = root / "file.txt"
     made["file"].write_text("a file, not a folder\n")
     made["small"] = root / "small.txt"
@@ -117,6 +120,8 @@ CASES: list[tuple[str, int, str]] = [
     ("demo --finetune-steps -1", 2, "--finetune-steps"),
     ("demo --output {file}", 2, "--output"),
     ("demo --seed x", 2, "--seed"),
+    ("demo --seed -1", 2, "--seed"),
+    ("demo --output {nonempty_demo}", 2, "--output"),
     # profile
     ("profile", 2, "model_path"),
     ("profile {root}/missing", 2, "no checkpoint folder"),

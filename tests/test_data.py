@@ -88,3 +88,43 @@ def test_load_source_with_a_fixed_probe_split(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "q", "output": "a"}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not JSON"):
         read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_probe_file_larger_than_probe_size_gives_a_fixed_seeded_subset(tmp_path, caplog):
+    """The official dev sets hold 1,000 examples per source; the probe uses probe_size of them, not all."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"instruction": f"Train {i}", "output": f"A{i}"}) + "\n" for i in range(10)))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"instruction": f"Dev {i}", "output": f"B{i}"}) + "\n" for i in range(30)))
+    tokenizer = tiny.tiny_tokenizer()
+
+    def probe_texts(seed: int, size: int = 8) -> list[str]:
+        source = load_source("math", train, tokenizer, probe_path=dev, probe_size=size, seed=seed,
+                             prompt_format="vicuna")
+        assert len(source.train) == 10  # the train file is not touched by the probe split
+        return [tokenizer.decode(example["input_ids"]) for example in source.probe]
+
+    with caplog.at_level("INFO", logger="moepatch.data"):
+        first = probe_texts(seed=3)
+    assert "probe set of 8 of the 30 examples" in caplog.text
+    assert len(first) == 8 and len(set(first)) == 8
+    assert all("Dev " in text for text in first)
+    numbers = [int(text.split("Dev ")[1].split()[0]) for text in first]
+    assert numbers == sorted(numbers)  # kept in file order
+    assert probe_texts(seed=3) == first  # fixed: the same subset every time
+    assert probe_texts(seed=4) != first  # seeded
+    assert len(probe_texts(seed=3, size=100)) == 30  # all of a smaller file
+    with pytest.raises(ValueError, match="probe_size: expected an integer >= 1"):
+        load_source("math", train, tokenizer, probe_path=dev, probe_size=0, prompt_format="vicuna")
+
+
+def test_malformed_records_are_named_by_file_and_line(tmp_path):
+    tokenizer = tiny.tiny_tokenizer()
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join([json.dumps(ALPACA)] * 3 + [json.dumps({"text": "plain"})]) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:4: unknown record format"):
+        load_source("chat", path, tokenizer, probe_size=1, prompt_format="vicuna")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl holds no record"):
+        load_source("empty", empty, tokenizer, probe_size=1, prompt_format="vicuna")

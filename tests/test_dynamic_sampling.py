@@ -87,3 +87,24 @@ def test_resume_after_round_one_matches_an_uninterrupted_run(tmp_path):
         assert b["new_weights"] == pytest.approx(a["new_weights"], abs=1e-9)
     assert resumed_sampler.schedule == straight_sampler.schedule
     assert (resumed_sampler.sources_of(0, 200) == straight_sampler.sources_of(0, 200)).all()  # same example sequence
+
+
+def test_resume_from_an_earlier_checkpoint_records_each_round_once(tmp_path):
+    """A run resumed from checkpoint-2 after reaching step 6 rewrites rounds 4 and 6 instead of appending them."""
+    straight, _ = _run(tmp_path / "run", max_steps=6)
+    resumed, _ = _run(tmp_path / "run", max_steps=6, resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert [r["step"] for r in resumed] == [2, 4, 6]
+    for a, b in zip(straight, resumed):
+        assert b["new_weights"] == pytest.approx(a["new_weights"], abs=1e-9)
+
+
+@pytest.mark.parametrize("field, value", [("update_every", 0), ("update_every", -1), ("eta", float("nan")),
+                                          ("eta", -1.0), ("c", 1.5), ("c", -0.1), ("distance", "l1"),
+                                          ("criterion", "median"), ("probe_layers", []), ("probe_layers", [1, 1]),
+                                          ("probe_batch_size", 0)])
+def test_options_are_checked_when_built(field, value):
+    """``update_every=0`` used to raise ZeroDivisionError at the first probe round; now refused when built."""
+    from moepatch.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"^--{field}: "):
+        DynamicSamplingArguments(**{field: value})

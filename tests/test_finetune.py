@@ -67,7 +67,8 @@ def test_routers_change_without_freeze(checkpoint, tmp_path):
 
 
 def test_plain_epochs_over_one_source_keep_c2r(tmp_path):
-    """The seed-004 shape: one source, no dynamic mixing, epochs; the C2R fields survive into the saved model."""
+    """The C2R recipe's shape (Zhang et al., NAACL 2025): one source, no dynamic mixing, epochs; the C2R fields
+    survive into the saved model."""
     listed = tiny.random_collaborative_list(4, 8, seed=1)
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe",
                                            moepatch={"c2r": {"top_t": 3, "collaborative_list": listed}})
