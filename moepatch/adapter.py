@@ -129,6 +129,9 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
     for value in (num_experts, top_k):
         if isinstance(value, str):
             return value
+    if num_experts < 1 or not 1 <= top_k <= num_experts:
+        return (f"layer {first.index}: router chooses top-{top_k} of {num_experts} experts; expected "
+                f"1 <= top-k <= experts (check the config's expert count and experts per token)")
     renormalize = spec.routing.renormalizes(first.router)
     for layer in moe_layers:
         if (router_int(layer, spec.num_experts_attr), router_int(layer, spec.top_k_attr)) != (num_experts, top_k):
@@ -178,7 +181,8 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
         result = _try_family(inner, model, spec, verify)
         if isinstance(result, MoEModel):
             return result
-        reasons.append(f"{spec.name}: {result}")
+        forced = f" (the family was forced by moepatch.family = {family!r})" if family is not None else ""
+        reasons.append(f"{spec.name}: {result}{forced}")
     from moepatch import __version__
 
     raise UnsupportedModelError(

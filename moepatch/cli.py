@@ -15,6 +15,7 @@ import math
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from typing import NoReturn
@@ -70,32 +71,57 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _as_type_error(check: Callable[[], Any]) -> Any:
+    """Run a validation helper inside an argparse type: its :class:`UsageError` becomes argparse's message."""
+    try:
+        return check()
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error).partition(": ")[2]) from None
+
+
+def checkpoint_config(text: str) -> Path:
+    """An existing folder holding config.json (structure only: ``inspect``); moepatch never downloads."""
+    from moepatch.validation import check_checkpoint_folder
+
+    return _as_type_error(lambda: check_checkpoint_folder(text, "path", weights=False))
+
+
 def checkpoint_folder(text: str) -> Path:
-    """An existing folder holding config.json (a local checkpoint: moepatch never downloads)."""
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"no checkpoint folder at {text!r} (moepatch reads local folders only)")
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a checkpoint folder with config.json")
-    if not (path / "config.json").is_file():
-        raise argparse.ArgumentTypeError(f"{text!r} has no config.json; expected a checkpoint folder")
-    return path
+    """An existing folder holding config.json and weights (commands that run the model)."""
+    from moepatch.validation import check_checkpoint_folder
+
+    return _as_type_error(lambda: check_checkpoint_folder(text, "path"))
 
 
 def existing_file(text: str) -> Path:
     """An existing, readable file."""
     path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no file at {text!r}" if not path.exists() else f"{text!r} is not a file")
+    try:
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"no file at {text!r}" if not path.exists() else f"{text!r} is not a file")
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text[:80]}: {error.strerror or error}") from None
     return path
 
 
 def output_folder(text: str) -> Path:
-    """A folder to write into: absent (created when the command succeeds) or an existing folder, never a file."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder to write into")
-    return path
+    """A folder to write into: a writable folder, or one that can be created (never a file or a path under one)."""
+    from moepatch.validation import check_output_folder
+
+    return _as_type_error(lambda: check_output_folder(text, "output"))
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**32) (what torch, numpy and Python's random all accept)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
+    return value
 
 
 def non_empty_text(text: str) -> str:
@@ -126,6 +152,9 @@ def _skeleton(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
 
+    from moepatch.errors import UnsupportedModelError
+    from moepatch.loading import drop_loader_auto_map
+
     config_file = Path(path) / "config.json"
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
@@ -133,21 +162,64 @@ def _skeleton(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]
         raise CommandError(f"{config_file}: not a readable JSON file ({error})") from None
     if not isinstance(raw, dict):
         raise CommandError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    if "model_type" not in raw:
+        raise CommandError(f"{config_file}: no model_type field")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as error:
+    except Exception as error:  # unknown model_type, or a field of the wrong type (transformers' strict configs)
         model_type = raw.get("model_type")
-        raise CommandError(f"{config_file}: cannot build a config for model_type={model_type!r}: "
-                           f"{str(error).splitlines()[0]}") from None
-    from moepatch.errors import UnsupportedModelError
-
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"{config_file}: cannot build a config for model_type={model_type!r}: {first}") from None
+    drop_loader_auto_map(config)  # `moepatch install`'s loader: the skeleton is moepatch's (or transformers') class
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise UnsupportedModelError(f"{config_file}: {type(config).__name__} is not a causal LM "
                                     f"({str(error).splitlines()[0]})") from None
+    except Exception as error:  # fields that pass the config class but not the model's constructor
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"{config_file}: cannot build the model it describes: {first}") from None
     return config, model
+
+
+def _checked_block(checkpoint: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The checkpoint's structure, with its own moepatch block and C2R fields planned on the skeleton: a broken
+    block is reported naming config.json before any weight is loaded.  Returns ``(config, moe)``."""
+    from moepatch.adapter import describe
+    from moepatch.config import MoePatchConfig
+    from moepatch.patch import plan_patch
+
+    config, model = _skeleton(str(checkpoint), trust_remote_code)
+    try:
+        settings = MoePatchConfig.from_model(config)
+    except ValueError as error:
+        raise CommandError(f"{checkpoint / 'config.json'}: {error}") from None
+    moe = describe(model, family=settings.family, verify=False)
+    try:
+        plan_patch(moe, settings)
+    except ValueError as error:
+        raise CommandError(f"{checkpoint / 'config.json'}: {error}") from None
+    return config, moe
+
+
+def _load_tokenizer(checkpoint: Path, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer; a missing or broken one is named, not a traceback."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"{checkpoint}: no usable tokenizer ({first})") from None
+    try:
+        encoded = tokenizer("moepatch checks its tokenizer")["input_ids"]
+    except Exception:  # a tokenizer object without a vocabulary
+        encoded = []
+    if not encoded:
+        raise CommandError(f"{checkpoint}: no usable tokenizer (it encodes text to nothing: are tokenizer.json / "
+                           "tokenizer_config.json there?)")
+    return tokenizer
 
 
 def _print_lora_targets(config: Any, targets: list[Any]) -> None:
@@ -195,6 +267,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         moe = describe(model, family=cfg.family if cfg else None, verify=False)
     except UnsupportedModelError as error:
         print(f"family:     unsupported\n  {error}")
+        print(f"moepatch inspect: error: {type(model).__name__} is not a model moepatch can patch (see above)",
+              file=sys.stderr)
         return 2
     spec = moe.family
     renorm = "yes" if moe.renormalize else "no"
@@ -234,7 +308,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  error: {problem}")
     if not problems:
         print("  config: OK" + (" (no feature enabled)" if cfg is None or cfg.is_empty else ""))
-    return 1 if problems else 0
+        return 0
+    print(f"moepatch inspect: error: {Path(args.path) / 'config.json'}: {len(problems)} problem(s) in the moepatch "
+          "config (listed above)", file=sys.stderr)
+    return 1
 
 
 def _statistics_table(recorder: Any) -> None:
@@ -375,7 +452,7 @@ def default_min_tokens(num_experts: int, top_k: int) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    import os
 
     import moepatch
     from moepatch import tiny
@@ -383,6 +460,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from moepatch.config import CONFIG_KEY
     from moepatch.config import C2RConfig
     from moepatch.install import BACKUP_NAME
+    from moepatch.loading import load_for_command
     from moepatch.profiling import corpus_batches
     from moepatch.profiling import default_top_t
     from moepatch.profiling import profile_coactivation
@@ -390,8 +468,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from moepatch.profiling import write_c2r_fields
 
     checkpoint = Path(args.model_path)
-    moe = _structure(checkpoint, args.trust_remote_code)  # every argument checked before anything is loaded
+    if not args.write_config:
+        for flag, value in (("--top-t", args.top_t), ("--min-tokens", args.min_tokens)):
+            if value is not None:
+                raise UsageError(flag, "only applies to the fields written into config.json; drop it or drop "
+                                       "--no-write-config")
+    config, moe = _checked_block(checkpoint, args.trust_remote_code)  # every check before anything is loaded
     num_experts, top_k, moe_layers = moe.num_experts, moe.top_k, moe.moe_layer_indices
+    if top_k < 2:
+        raise CommandError(f"{checkpoint}: the model routes each token to {top_k} expert; co-activation (and C2R) "
+                           "needs at least 2 experts per token")
     if args.top_t is not None and not top_k - 1 <= args.top_t <= num_experts - 1:
         raise UsageError("--top-t", f"expected {max(top_k - 1, 1)} .. {num_experts - 1} for this model "
                                     f"({num_experts} experts, top-{top_k}), got {args.top_t}")
@@ -406,10 +492,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.write_config and (checkpoint / BACKUP_NAME).exists():
         raise CommandError(f"{checkpoint}: moepatch's loader is installed there, and `moepatch uninstall` would undo "
                            "the written fields; run `moepatch uninstall` first (or pass --no-write-config)")
-    documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
+    if args.write_config and not os.access(checkpoint / "config.json", os.W_OK):
+        raise CommandError(f"{checkpoint / 'config.json'} is not writable; the C2R fields go there (or pass "
+                           "--no-write-config)")
+    from moepatch.validation import check_output_folder
 
-    model = moepatch.from_pretrained(checkpoint, patch=False)  # never runs the folder's own code
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+    output = check_output_folder(args.output, "--output") if args.output else checkpoint / "c2r_profile"
+    if not args.output:
+        check_output_folder(output, "--output")
+    documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
+    tokenizer = _load_tokenizer(checkpoint, args.trust_remote_code)
+
+    model = load_for_command(checkpoint, patch=False)  # never runs the folder's own code; no weight missing
     block = getattr(model.config, CONFIG_KEY, None)
     overrides = None if args.as_configured else {**(block if isinstance(block, dict) else {}), "c2r": False}
     handle = moepatch.apply(model, overrides)  # vanilla routing unless --as-configured (C2R profiles vanilla)
@@ -421,7 +515,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         handle.remove()
     routing = "C2R (as configured)" if handle.c2r_routers else "vanilla"
     note = ""
-    if not args.as_configured and (block or {}).get("c2r") is not False and _has_c2r_fields(model.config):
+    if not args.as_configured and _has_c2r_fields(model.config):
         note = " (the checkpoint's C2R was switched off for profiling; --as-configured profiles it as it routes)"
     print(f"profiled {profile.tokens} non-padding tokens with {routing} routing{note}, MoE layers {profile.layers}, "
           f"top-{profile.top_k} of {profile.num_experts} experts")
@@ -432,7 +526,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     top_t = args.top_t if args.top_t is not None else default_top_t(num_experts, top_k)
     ranking = profile.collaborative_list()
     plan_c2r(handle.moe_model, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate
-    output = Path(args.output) if args.output else checkpoint / "c2r_profile"
     output.mkdir(parents=True, exist_ok=True)
     matrices = profile.save(output / "coactivation.safetensors")
     print(f"matrices: {matrices}")
@@ -451,49 +544,61 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _has_c2r_fields(config: Any) -> bool:
-    """The checkpoint asks for C2R: official top-level fields or a ``c2r`` entry in its moepatch block."""
-    from moepatch.config import CONFIG_KEY
+    """The checkpoint routes under C2R when applied (official top-level fields or a ``c2r`` entry, not switched
+    off)."""
+    from moepatch.config import MoePatchConfig
 
-    block = getattr(config, CONFIG_KEY, None)
-    return getattr(config, "collaborative_list", None) is not None or (
-        isinstance(block, dict) and bool(block.get("c2r")))
+    return MoePatchConfig.from_model(config).c2r is not None
+
+
+PLACE_PROFILING_DEFAULTS = {"data": None, "text_field": "text", "max_tokens": None, "batch_size": 4, "max_length": 512}
+"""Options of ``place`` that only apply to a checkpoint SOURCE (it is profiled), with their defaults."""
 
 
 def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
     """Profile a checkpoint under vanilla routing and, when it has C2R fields, under C2R (choices kept)."""
-    from transformers import AutoTokenizer
-
     import moepatch
     from moepatch import tiny
+    from moepatch.loading import load_for_command
     from moepatch.profiling import corpus_batches
     from moepatch.profiling import profile_coactivation
     from moepatch.profiling import read_corpus
 
-    model = moepatch.from_pretrained(args.source, patch=False)  # never runs the folder's own code
-    tokenizer = AutoTokenizer.from_pretrained(args.source, trust_remote_code=args.trust_remote_code)
-    documents = read_corpus(args.data, args.text_field) if args.data else list(tiny.CORPUS + tiny.DEMO_TEXTS)
+    options = {name: default if getattr(args, name) is None else getattr(args, name)
+               for name, default in PLACE_PROFILING_DEFAULTS.items()}
+    documents = read_corpus(options["data"], options["text_field"]) if options["data"] else list(
+        tiny.CORPUS + tiny.DEMO_TEXTS)
+    tokenizer = _load_tokenizer(Path(args.source), args.trust_remote_code)
+    model = load_for_command(args.source, patch=False)  # never runs the folder's own code; no weight missing
     profiles = {}
     for routing, config in (("vanilla", {"c2r": False}), ("c2r", None)):
         with moepatch.patched(model, config) as handle:
             if routing == "c2r" and not handle.c2r_routers:
                 continue
-            batches = corpus_batches(tokenizer, documents, batch_size=args.batch_size, max_length=args.max_length,
-                                     seed=args.seed)
-            profiles[routing] = profile_coactivation(model, batches, max_tokens=args.max_tokens, keep_choices=True,
-                                                     progress=not args.json)
+            batches = corpus_batches(tokenizer, documents, batch_size=options["batch_size"],
+                                     max_length=options["max_length"], seed=args.seed)
+            profiles[routing] = profile_coactivation(model, batches, max_tokens=options["max_tokens"],
+                                                     keep_choices=True, progress=not args.json)
     return profiles
 
 
-def _check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: str) -> None:
-    """Plan a moepatch block on the weightless skeleton: a bad block fails before any weight is loaded."""
+def _check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: str) -> int:
+    """Plan a moepatch block on the weightless skeleton: a bad block fails before any weight is loaded.
+
+    Returns the narrowest ``min(in, out)`` width of the projections the block's LoRA experts adapt (0 without
+    any), the most rank a LoRA expert can use there.
+    """
     from moepatch.config import MoePatchConfig
     from moepatch.patch import plan_patch
 
     moe = _structure(checkpoint)
     try:
-        plan_patch(moe, MoePatchConfig.from_dict(block))
+        plan = plan_patch(moe, MoePatchConfig.from_dict(block))
     except ValueError as error:
         raise UsageError(argument, str(error)) from None
+    widths = [min(min(t.in_dims), min(t.out_dims)) for t in plan.lora_targets or ()
+              if getattr(t, "in_dims", None) and getattr(t, "out_dims", None)]
+    return min(widths, default=0)
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
@@ -507,7 +612,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from moepatch.data import encode_messages
     from moepatch.data import read_jsonl
     from moepatch.data import to_messages
-    from moepatch.finetune import load_tokenizer
+    from moepatch.loading import load_for_command
     from moepatch.lora_experts.balance import install_balance_hook
     from moepatch.lora_experts.guilomo import SearchLoraExperts
     from moepatch.lora_experts.guilomo import search
@@ -516,39 +621,63 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from moepatch.lora_experts.guilomo import write_allocation
     from moepatch.synthetic import TASKS
     from moepatch.synthetic import synthetic_records
+    from moepatch.validation import check_output_folder
 
     checkpoint = Path(args.model_path)
     if args.top_k > args.max_experts:
         raise UsageError("--top-k", f"{args.top_k} is more than --max-experts {args.max_experts}")
+    if args.data and args.examples is not None:
+        raise UsageError("--examples", "only applies to the embedded data; with --data every record is used")
     block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k)
-    _check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
+    narrowest = _check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
+    if args.max_rank > narrowest:
+        raise UsageError("--max-rank", f"{args.max_rank} exceeds the narrowest adapted projection ({narrowest} "
+                                       "features): a LoRA rank cannot usefully exceed min(in, out)")
+    output = Path(args.output) if args.output else checkpoint / "guilomo"
+    check_output_folder(output, "--output")
     if args.data:
         records = [(f"{path}, record {i + 1}", r) for path in args.data for i, r in enumerate(read_jsonl(path))]
     else:
-        records = [(f"embedded {name} record {i + 1}", r) for name in sorted(TASKS)
-                   for i, r in enumerate(synthetic_records(name, args.examples // len(TASKS), args.seed))]
+        total = 64 if args.examples is None else args.examples
+        names = sorted(TASKS)
+        counts = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
+        records = [(f"embedded {name} record {i + 1}", r) for name, count in zip(names, counts)
+                   for i, r in enumerate(synthetic_records(name, count, args.seed))]
     conversations = [to_messages(record, where) for where, record in records]  # malformed records fail here
     if len(conversations) < 2 * args.batch_size:
         where = "--data" if args.data else "--examples"
         raise UsageError(where, f"{len(conversations)} examples make fewer than 2 batches of --batch-size "
                                 f"{args.batch_size}; the search needs train/valid batch pairs")
-    torch.manual_seed(args.seed)
-    model = moepatch.from_pretrained(checkpoint, patch=False)
-    moepatch.apply(model, {"lora_experts": block})
-    replaced = to_search_layers(model, args.max_rank)
-    routers = [m.router for m in model.modules() if isinstance(m, SearchLoraExperts)]
-    install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts)
-    tokenizer = load_tokenizer(str(checkpoint))
+    tokenizer = _load_tokenizer(checkpoint)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     prompt = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna"
     random.Random(args.seed).shuffle(conversations)
     examples = [encode_messages(tokenizer, messages, prompt_format=prompt, max_length=args.max_length)
                 for messages in conversations]
+    kept = [example for example in examples if any(label != -100 for label in example["labels"])]
+    if len(kept) < 2 * args.batch_size:
+        raise UsageError("--max-length", f"{args.max_length} tokens cut every answer token of "
+                                         f"{len(examples) - len(kept)} of {len(examples)} examples, leaving fewer "
+                                         f"than 2 batches of --batch-size {args.batch_size} to learn from; raise it")
+    if len(kept) < len(examples):
+        print(f"dropped {len(examples) - len(kept)} of {len(examples)} examples whose answer --max-length "
+              f"{args.max_length} cuts off entirely")
+    examples = kept
+    torch.manual_seed(args.seed)
+    model = load_for_command(checkpoint, patch=False)
+    moepatch.apply(model, {"lora_experts": block})
+    replaced = to_search_layers(model, args.max_rank)
+    routers = [m.router for m in model.modules() if isinstance(m, SearchLoraExperts)]
+    install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     batches = [collator(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
     print(f"GuiLoMo search: {replaced} projections with {args.max_experts} experts of rank {args.max_rank}, "
           f"{len(examples)} examples, {len(batches)} batches (train/valid pairs) x {args.epochs} epochs")
     result = search(model, batches, epochs=args.epochs, lr=args.lr, arch_lr=args.arch_lr)
-    output = Path(args.output) if args.output else checkpoint / "guilomo"
+    if not all(math.isfinite(value) for value in result["loss_trace"]):
+        raise CommandError(f"the search diverged (loss {result['loss_trace'][-1]}); lower --lr / --arch-lr; "
+                           "nothing was written")
     expert_file, rank_file = write_allocation(result, output)
     counts = list(result["expert"].values())
     ranks = list(result["rank"].values())
@@ -583,14 +712,21 @@ def _matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: i
             known[f"implied by the diagonal of {name!r}"] = implied
     if len(set(known.values())) > 1:
         raise CommandError(f"{source}: the file contradicts itself about top_k: {known}")
+    num_experts = min(int(stack.shape[-1]) for stack in matrices.values())
     if known:
         where, top_k = next(iter(known.items()))
         if given is not None and given != top_k:
             raise UsageError("--top-k", f"{given} contradicts top_k={top_k} {where} ({source}); drop --top-k")
+        if not 2 <= top_k <= num_experts:
+            raise CommandError(f"{source}: top_k={top_k} {where}, but pair counts need 2 .. {num_experts} experts "
+                               "per token")
         return top_k
     if given is None:
         raise UsageError("--top-k", f"{source} does not record how many experts each token chose; pass --top-k K "
                                     "(the profiled model's experts per token, e.g. 4 for Qwen1.5-MoE, 2 for Mixtral)")
+    if not 2 <= given <= num_experts:
+        raise UsageError("--top-k", f"expected 2 .. {num_experts} (pair counts come from tokens with at least two "
+                                    f"experts, and the matrices have {num_experts}), got {given}")
     return given
 
 
@@ -605,7 +741,10 @@ def cmd_place(args: argparse.Namespace) -> int:
     reports: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     if source.is_dir():
-        moe = _structure(source, args.trust_remote_code)  # checks before anything is loaded or profiled
+        from moepatch.validation import check_checkpoint_folder
+
+        check_checkpoint_folder(source, "source")
+        _, moe = _checked_block(source, args.trust_remote_code)  # checks before anything is loaded or profiled
         _check_ep_size(moe.num_experts, args.ep_size)
         if args.top_k is not None and args.top_k != moe.top_k:
             raise UsageError("--top-k", f"{args.top_k} contradicts the checkpoint's top-{moe.top_k} routing; drop "
@@ -626,6 +765,12 @@ def cmd_place(args: argparse.Namespace) -> int:
     else:
         if args.write_permuted:
             raise UsageError("--write-permuted", "needs a checkpoint folder as SOURCE, not a matrix file")
+        for name in PLACE_PROFILING_DEFAULTS:
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name.replace('_', '-')}", "only applies when SOURCE is a checkpoint folder "
+                                                                "(it is profiled); a matrix file is used as it is")
+        if args.trust_remote_code:
+            raise UsageError("--trust-remote-code", "only applies when SOURCE is a checkpoint folder")
         loaded = load_matrices(source)
         top_k = _matrix_file_top_k(source, loaded, args.top_k)
         for stack in loaded.values():
@@ -638,7 +783,10 @@ def cmd_place(args: argparse.Namespace) -> int:
                 "devices of each token exactly. The intra-group fractions below are exact."
             )
         for name, matrices in loaded.items():
-            reports[name] = placement_report(matrices, args.ep_size, top_k=top_k, seed=args.seed)
+            try:
+                reports[name] = placement_report(matrices, args.ep_size, top_k=top_k, seed=args.seed)
+            except ValueError as error:
+                raise CommandError(f"{source}, matrix {name!r}: {error}") from None
     result: dict[str, Any] = {"source": str(source), "ep_size": args.ep_size, "reports": reports}
     if notes:
         result["notes"] = notes
@@ -683,7 +831,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from moepatch.install import uninstall
 
-    uninstall(args.path)
+    uninstall(args.path, force=args.force)
     print(f"restored {Path(args.path) / 'config.json'} and removed the moepatch loader")
     return 0
 
@@ -734,14 +882,14 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="Every command accepts --debug (or MOEPATCH_DEBUG=1) to show a traceback on failure.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     inspect = sub.add_parser("inspect", help="describe a checkpoint's MoE structure and check its moepatch config")
-    inspect.add_argument("path", type=checkpoint_folder, help="a checkpoint folder with config.json")
+    inspect.add_argument("path", type=checkpoint_config, help="a checkpoint folder with config.json")
     inspect.add_argument("--trust-remote-code", action="store_true")
     inspect.set_defaults(func=cmd_inspect)
     demo = sub.add_parser("demo", help="build a tiny model, apply a config, run a batch, print routing statistics")
     demo.add_argument("--family", default="qwen2_moe", choices=DEMO_FAMILIES, help="tiny model family")
     demo.add_argument("--output", type=output_folder,
                       help="folder for the checkpoint, statistics and plot (default: a temp folder)")
-    demo.add_argument("--seed", type=non_negative_int, default=0)
+    demo.add_argument("--seed", type=seed, default=0)
     demo.add_argument("--top-t", type=positive_int, default=2, help="C2R top_t written after profiling (1 .. 7)")
     demo.add_argument("--ep-size", type=positive_int, default=2, help="devices for the placement report (1, 2, 4, 8)")
     demo.add_argument("--finetune-steps", type=non_negative_int, default=40,
@@ -757,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--min-tokens", type=non_negative_int,
                          help="refuse to write C2R fields profiled from fewer non-padding tokens (default 64·E/k: "
                               "64 choices per expert on average)")
-    profile.add_argument("--seed", type=int, default=0, help="seed of the document order")
+    profile.add_argument("--seed", type=seed, default=0, help="seed of the document order")
     profile.add_argument("--top-t", type=positive_int, help="T written to config.json (default E/2)")
     profile.add_argument("--batch-size", type=positive_int, default=4)
     profile.add_argument("--max-length", type=positive_int, default=512, help="tokens per document (truncation)")
@@ -783,12 +931,12 @@ def build_parser() -> argparse.ArgumentParser:
                           default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     allocate.add_argument("--epochs", type=positive_int, default=1)
     allocate.add_argument("--batch-size", type=positive_int, default=4)
-    allocate.add_argument("--examples", type=positive_int, default=64,
-                          help="embedded examples when --data is not given")
+    allocate.add_argument("--examples", type=positive_int,
+                          help="embedded examples when --data is not given (default 64, split over the four tasks)")
     allocate.add_argument("--max-length", type=positive_int, default=256)
     allocate.add_argument("--lr", type=positive_float, default=3e-4)
     allocate.add_argument("--arch-lr", type=positive_float, default=3e-3)
-    allocate.add_argument("--seed", type=int, default=0)
+    allocate.add_argument("--seed", type=seed, default=0)
     allocate.add_argument("--output", type=output_folder,
                           help="folder for expert.json / rank.json (default: <model>/guilomo)")
     allocate.set_defaults(func=cmd_allocate)
@@ -799,24 +947,26 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--ep-size", type=positive_int, required=True,
                        help="expert-parallel degree D (devices per layer)")
     place.add_argument("--json", action="store_true", help="print the report as JSON")
-    place.add_argument("--seed", type=int, default=0)
+    place.add_argument("--seed", type=seed, default=0)
     place.add_argument("--top-k", type=positive_int,
                        help="experts per token of a matrix file's model, when the file does not record it")
     place.add_argument("--write-permuted", metavar="DIR", type=output_folder,
                        help="write a checkpoint whose experts are renumbered so contiguous sharding = planned groups")
     place.add_argument("--data", nargs="+", type=existing_file,
                        help="corpus for profiling a checkpoint (default: embedded)")
-    place.add_argument("--text-field", default="text", type=non_empty_text)
+    place.add_argument("--text-field", type=non_empty_text, help="jsonl field holding the text (default 'text')")
     place.add_argument("--max-tokens", type=positive_int)
-    place.add_argument("--batch-size", type=positive_int, default=4)
-    place.add_argument("--max-length", type=positive_int, default=512)
+    place.add_argument("--batch-size", type=positive_int, help="default 4")
+    place.add_argument("--max-length", type=positive_int, help="default 512")
     place.add_argument("--trust-remote-code", action="store_true")
     place.set_defaults(func=cmd_place)
     install = sub.add_parser("install", help="make a checkpoint load already patched via trust_remote_code")
     install.add_argument("path", type=checkpoint_folder, help="checkpoint folder")
     install.set_defaults(func=cmd_install)
     uninstall = sub.add_parser("uninstall", help="undo `moepatch install` (restores config.json byte for byte)")
-    uninstall.add_argument("path", type=checkpoint_folder, help="checkpoint folder")
+    uninstall.add_argument("path", type=checkpoint_config, help="checkpoint folder")
+    uninstall.add_argument("--force", action="store_true",
+                           help="restore config.json even though it was edited since install (the edits are lost)")
     uninstall.set_defaults(func=cmd_uninstall)
     env = sub.add_parser("env", help="versions of moepatch and its ecosystem, for bug reports")
     env.set_defaults(func=cmd_env)
@@ -826,9 +976,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _place_source(text: str) -> Path:
     """A matrix file or a checkpoint folder."""
     path = Path(text)
-    if path.is_dir():
-        return checkpoint_folder(text)
-    return existing_file(text)
+    try:
+        is_folder = path.is_dir()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text[:80]}: {error.strerror or error}") from None
+    return checkpoint_folder(text) if is_folder else existing_file(text)
+
+
+def _repeated_option(argv: list[str]) -> str | None:
+    """The first option given twice (argparse silently keeps the last value, so a typo'd re-run is refused)."""
+    seen: set[str] = set()
+    for token in argv:
+        if token == "--":
+            break
+        if token.startswith("--"):
+            name = token.partition("=")[0]
+            if name in seen:
+                return name
+            seen.add(name)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -836,10 +1002,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [arg for arg in argv if arg != "--debug"]
-    args = build_parser().parse_args(argv)
-    prog = f"moepatch {args.command}"
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    prog = f"moepatch {command}" if command in COMMANDS else "moepatch"
 
     def body() -> int:
+        repeated = _repeated_option(argv)
+        if repeated is not None:
+            hint = " (list every value after one flag)" if repeated == "--data" else ""
+            raise UsageError(repeated, f"given twice; give it once{hint}")
+        args = build_parser().parse_args(argv)
         if getattr(args, "check", None) is not None:
             args.check(args)
         if getattr(args, "json", False):
@@ -851,6 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
 
     return run_guarded(prog, body, debug=debug)
+
+
+COMMANDS = ("inspect", "demo", "profile", "place", "allocate", "install", "uninstall", "env")
 
 
 if __name__ == "__main__":

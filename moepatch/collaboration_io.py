@@ -236,6 +236,8 @@ def load_matrices(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             document = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 JSON ({error.reason} at byte {error.start})") from None
         raw = _matrices_from_json(document, path)
     elif suffix in SAFETENSORS_SUFFIXES:
         try:
@@ -321,6 +323,8 @@ def recorded_top_k(path: str | os.PathLike[str]) -> int | None:
             document = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 JSON ({error.reason} at byte {error.start})") from None
         value = document.get("top_k") if isinstance(document, dict) else None
     if value is None:
         return None

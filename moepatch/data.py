@@ -57,27 +57,56 @@ def read_jsonl_located(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return records
 
 
+def _text_field(record: dict[str, Any], key: str, where: str, *, optional: bool = False) -> str:
+    """``record[key]`` when it is a string (``""`` for an absent or null optional field); ``ValueError`` naming
+    ``where`` and the field otherwise (a number or null would be rendered as ``"3"`` / ``"None"`` and trained on)."""
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """``value`` as its JSON text (``null``, ``3``, ``["a"]``), shortened for a message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def to_messages(record: dict[str, Any], where: str = "record") -> list[dict[str, str]]:
-    """Chat messages (``role``/``content``) of a fastchat or instruction/input/output record."""
+    """Chat messages (``role``/``content``) of a fastchat or instruction/input/output record.
+
+    Raises:
+        ValueError: naming ``where`` (``"file:line"``): an unknown format, a field that is not a string (``null``,
+            a number, a list ...), a turn without a known role, a conversation without an assistant turn.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {_shown(record)}")
     if "conversations" in record:
         turns = record["conversations"]
         if not isinstance(turns, list) or not turns:
-            raise ValueError(f"{where}: 'conversations' must be a non-empty list")
+            raise ValueError(f"{where}: 'conversations' must be a non-empty list, got {_shown(turns)}")
         messages = []
-        system = record.get("system_prompt")
-        if isinstance(system, str) and system:
+        system = _text_field(record, "system_prompt", where, optional=True)
+        if system:
             messages.append({"role": "system", "content": system})
         for position, turn in enumerate(turns):
             role = _FASTCHAT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or not isinstance(turn.get("value"), str):
                 raise ValueError(f"{where}: conversations[{position}] needs 'from' in {sorted(_FASTCHAT_ROLES)} and "
-                                 "a string 'value'")
+                                 f"a string 'value', got {_shown(turn)}")
             messages.append({"role": role, "content": turn["value"]})
     elif "instruction" in record and "output" in record:
-        prompt = record["instruction"]
-        if record.get("input"):
-            prompt = f"{prompt}\n\n{record['input']}"
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+        prompt = _text_field(record, "instruction", where)
+        extra = _text_field(record, "input", where, optional=True)
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        output = _text_field(record, "output", where)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     else:
         raise ValueError(f"{where}: unknown record format (expected 'conversations' or 'instruction'/'output')")
     if not any(message["role"] == "assistant" for message in messages):
@@ -145,6 +174,8 @@ class DataSource:
     name: str
     train: list[dict[str, list[int]]] = field(default_factory=list)
     probe: list[dict[str, list[int]]] = field(default_factory=list)
+    dropped: int = 0
+    """Training records left out because truncation to ``max_length`` kept none of their assistant tokens."""
 
 
 def load_source(
@@ -164,6 +195,11 @@ def load_source(
     in file order; all of them when it has fewer), and the train split is the whole of ``train_path``: the official
     dev sets hold 1,000 examples per source while the paper probes about 80.  Without ``probe_path`` the probe split
     is a seeded, fixed sample of ``probe_size`` train records, removed from the train split.
+
+    A training example none of whose assistant tokens survive truncation to ``max_length`` has nothing to learn
+    from (its loss is 0 by construction); it is left out, counted in ``dropped`` and logged.  Every one may be left
+    out — the caller decides what an empty ``train`` means.  Probe examples are only routed, never trained on, so
+    they are kept whatever their labels.
 
     Raises:
         ValueError: naming the file and line of a malformed record, an empty source, or a ``probe_size`` that leaves
@@ -198,4 +234,10 @@ def load_source(
             for where, record in batch
         ]
 
-    return DataSource(name=name, train=encode(records), probe=encode(probe_records))
+    encoded = encode(records)
+    train = [example for example in encoded if any(label != IGNORE_INDEX for label in example["labels"])]
+    dropped = len(encoded) - len(train)
+    if dropped:
+        logger.warning("source %r: %d of its %d training examples in %s have no assistant token left after "
+                       "truncation to %d tokens; left out", name, dropped, len(encoded), train_path, max_length)
+    return DataSource(name=name, train=train, probe=encode(probe_records), dropped=dropped)

@@ -6,16 +6,21 @@ Arguments are four dataclasses read by ``HfArgumentParser`` — :class:`ModelArg
 ``--recipe FILE.json`` supplies defaults for any of them (the files in ``configs/``); command-line flags win.
 
 Every input is checked before a model is loaded or a file is written: each argument's value when it is parsed
-(the dataclasses' ``__post_init__``, transformers' own checks, the recipe), then :func:`check_inputs` — the files
-and folders the arguments name, the sources they add up to, and combinations (dynamic mixing needs ``--max_steps``
-and at least two sources).  A bad input exits with status 2 and one line naming the argument; a failure found while
+(the dataclasses' ``__post_init__``, transformers' own checks and the values it accepts but fails on late, the
+recipe, a flag given twice, the output folder), then :func:`check_inputs` — the files and folders the arguments
+name (a checkpoint folder with weights, an output folder that is not the checkpoint), the model and its moepatch
+block planned on a weightless skeleton (:func:`check_model_structure`), the sources they add up to, and
+combinations (dynamic mixing needs ``--max_steps`` and at least two sources).  :func:`run` then loads the tokenizer
+and tokenises every source (a source whose examples ``--max_length`` leaves without a label is refused) before the
+model is loaded.  A bad input exits with status 2 and one line naming the argument; a failure found while
 running (a malformed data record, ...) exits with status 1 naming the file and line.  ``--debug`` (or
 ``MOEPATCH_DEBUG=1``) shows the traceback instead (:func:`moepatch.errors.run_guarded`).
 
 The run: read the checkpoint's config, apply the overrides (a moepatch block from ``--moepatch_config``,
-``--freeze_gate``, gate noise / balance loss / aux coefficient), load through :func:`moepatch.from_pretrained` (so the
-config.json's C2R, freeze and statistics settings are applied; under ZeRO-3 the weights load partitioned), tokenise
-the sources, then train with dynamic mixing (:class:`~moepatch.dynamic_sampling.MixtureTrainer` and
+``--freeze_gate``, gate noise / balance loss / aux coefficient), tokenise the sources, load through
+:func:`moepatch.loading.load_for_command` (:func:`moepatch.from_pretrained`, so the config.json's C2R, freeze and
+statistics settings are applied and under ZeRO-3 the weights load partitioned; missing or unreadable weights are
+refused, naming the folder), then train with dynamic mixing (:class:`~moepatch.dynamic_sampling.MixtureTrainer` and
 :class:`~moepatch.dynamic_sampling.DynamicSamplingCallback`), a static mixture, or plain epochs over the concatenated
 sources.  The final model is saved with its moepatch block, ready for ``moepatch.apply`` / ``AutoModelForCausalLM``.
 Runs under ``python``, ``torchrun``, ``deepspeed`` and ``accelerate launch``.
@@ -250,26 +255,113 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any]:
     from transformers import TrainingArguments
 
     from moepatch.dynamic_sampling import DynamicSamplingArguments
+    from moepatch.validation import check_output_folder
 
     _, argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
     types = (ModelArguments, DataArguments, DynamicSamplingArguments, TrainingArguments)
     known = {f.name for kind in types for f in dataclasses.fields(kind) if f.init}
-    argv = _expand_recipe(argv, known)
     parser = _make_parser(types)
+    _refuse_repeated_flags(argv, parser)  # the user's own command line; a recipe's value may be overridden once
+    argv = _expand_recipe(argv, known)
     namespace, unknown = parser.parse_known_args(argv)  # argparse's own checks, nothing built yet
     if unknown:
         flag = next((token for token in unknown if token.startswith("-")), unknown[0])
         raise UsageError(flag.partition("=")[0], f"unknown argument (not given a value, or not an argument of "
                                                  f"finetune or TrainingArguments; see --help): {' '.join(unknown)}")
-    if getattr(namespace, "output_dir", None) in (None, ""):
+    if getattr(namespace, "output_dir", None) is None:
         raise UsageError("--output_dir", "required: the folder the fine-tuned model is saved to")
+    check_output_folder(namespace.output_dir, "--output_dir")  # empty, a file, under a file, not writable
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except UsageError:
         raise
     except (ValueError, NotImplementedError, TypeError, OSError) as error:  # TrainingArguments' own checks
         raise UsageError(_blamed_argument(error, argv), str(error)) from error
+    _check_training_arguments(parsed[3])
     return tuple(parsed[:4])  # type: ignore[return-value]
+
+
+def _refuse_repeated_flags(argv: Sequence[str], parser: Any) -> None:
+    """A flag given twice on the command line (``--max_steps 5 ... --max_steps 1``): argparse silently keeps the
+    last, which is rarely what was meant.  Spellings of one argument count as the same flag (``--max-steps``,
+    ``--no_plot`` / ``--plot``, an abbreviation argparse accepts)."""
+    options = parser._option_string_actions  # option string -> action (argparse's own table)
+    seen: dict[str, str] = {}
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        flag = token.partition("=")[0]
+        action = options.get(flag)
+        if action is None:  # an abbreviation (argparse's allow_abbrev) resolves to one argument, or to none
+            matches = {option_action.dest: option_action for option, option_action in options.items()
+                       if option.startswith(flag)}
+            action = next(iter(matches.values())) if len(matches) == 1 else None
+        if action is None or action.dest == "help":
+            continue  # unknown flags are reported by the parser
+        if action.dest in seen:
+            earlier = seen[action.dest]
+            same = earlier == flag
+            raise UsageError(flag, f"given twice{'' if same else f' (as {earlier} and {flag})'}; give it once "
+                                   "(argparse would silently keep the last value)")
+        seen[action.dest] = flag
+
+
+def _check_training_arguments(training_args: Any) -> None:
+    """Values of transformers' ``TrainingArguments`` it accepts but that fail (or train nonsense) only once the model
+    is loaded: the optimizer's own checks, a zero batch, endless epochs, an unknown ``--report_to`` integration."""
+
+    def finite(value: Any) -> bool:
+        return _is_number(value) and math.isfinite(value)
+
+    checks = [
+        ("--learning_rate", training_args.learning_rate, lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("--per_device_train_batch_size", training_args.per_device_train_batch_size,
+         lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps,
+         lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        ("--num_train_epochs", training_args.num_train_epochs, lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("--weight_decay", training_args.weight_decay, lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("--adam_beta1", training_args.adam_beta1, lambda v: finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("--adam_beta2", training_args.adam_beta2, lambda v: finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("--adam_epsilon", training_args.adam_epsilon, lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("--max_grad_norm", training_args.max_grad_norm, lambda v: v is None or not math.isnan(v),
+         "a number (<= 0: no clipping)"),
+        ("--warmup_steps", training_args.warmup_steps, lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("--label_smoothing_factor", training_args.label_smoothing_factor, lambda v: finite(v) and 0 <= v <= 1,
+         "a number in [0, 1]"),
+        ("--dataloader_num_workers", training_args.dataloader_num_workers, lambda v: _is_int(v) and v >= 0,
+         "an integer >= 0"),
+    ]
+    if str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) == "steps":
+        checks.append(("--save_steps", training_args.save_steps, lambda v: finite(v) and v > 0,
+                       "a number > 0 with --save_strategy steps"))
+    if str(getattr(training_args.logging_strategy, "value", training_args.logging_strategy)) == "steps":
+        checks.append(("--logging_steps", training_args.logging_steps, lambda v: finite(v) and v > 0,
+                       "a number > 0 with --logging_strategy steps"))
+    for flag, value, valid, expected in checks:
+        if not valid(value):
+            raise UsageError(flag, f"expected {expected}, got {value!r}")
+    _check_report_to(training_args.report_to)
+
+
+def _check_report_to(report_to: Any) -> None:
+    """``--report_to``: ``none``, ``all`` or integrations transformers knows and that are installed (the Trainer
+    would refuse an unknown one, or fail to start an uninstalled one, only after the model is loaded)."""
+    from transformers.integrations import integration_utils
+
+    known = integration_utils.INTEGRATION_TO_CALLBACK
+    names = [] if report_to is None else [report_to] if isinstance(report_to, str) else list(report_to)
+    unknown = [name for name in names if name not in known and name not in ("none", "all")]
+    if unknown:
+        raise UsageError("--report_to", f"{unknown[0]!r} is not an integration transformers knows; expected none, "
+                                        f"all, or one of {', '.join(known)}")
+    available = set(integration_utils.get_available_reporting_integrations())
+    if integration_utils.is_azureml_available():
+        available.add("azure_ml")  # left out of "all" when mlflow is installed, usable when named
+    missing = [name for name in names if name in known and name not in available]
+    if missing:
+        raise UsageError("--report_to", f"{missing[0]!r} is not installed (pip install it, or pass --report_to "
+                                        "none)")
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
@@ -433,8 +525,20 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     """
     from moepatch.dynamic_sampling import ROUNDS_FILE
     from moepatch.dynamic_sampling import STATE_FILE
+    from moepatch.validation import is_inside
 
-    prepare_config(model_args)
+    config = prepare_config(model_args)
+    checkpoint, output = Path(model_args.model_name_or_path), Path(training_args.output_dir)
+    if is_inside(output, checkpoint):
+        raise UsageError("--output_dir", f"{output} is {'' if is_inside(checkpoint, output) else 'inside '}the "
+                                         f"checkpoint folder {checkpoint} (--model_name_or_path): saving there would "
+                                         "overwrite the model being fine-tuned; choose another folder")
+    if is_inside(checkpoint, output):
+        raise UsageError("--output_dir", f"{output} holds the checkpoint folder {checkpoint} (--model_name_or_path): "
+                                         "the run's files would be written around (and checkpoints next to) the "
+                                         "model being fine-tuned; choose another folder")
+    check_model_structure(model_args, config,
+                          probe_layers=list(sampling_args.probe_layers) if data_args.dynamic_sampling else None)
     names = source_names(data_args)
     dynamic, mixture = data_args.dynamic_sampling, _mixture_run(data_args)
     if dynamic and len(names) < 2:
@@ -474,9 +578,6 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
         if mixture and not (folder / STATE_FILE).is_file():
             raise UsageError("--resume_from_checkpoint", f"{folder} has no {STATE_FILE}: not a checkpoint of a "
                                                          "mixture run (its sampler state is needed to resume)")
-    output = Path(training_args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise UsageError("--output_dir", f"{output} is a file; expected a folder (created if missing)")
     if dynamic and not resume and (output / ROUNDS_FILE).exists():
         raise UsageError("--output_dir", f"{output} already holds a dynamic-mixing run ({ROUNDS_FILE}); this run's "
                                          "rounds would be appended to it. Choose a new folder, remove it, or pass "
@@ -486,16 +587,10 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
 
 # ---------------------------------------------------------------------------------------------- model
 def _check_checkpoint_folder(path_text: str) -> Path:
-    path = Path(path_text)
-    if not path.exists():
-        raise UsageError("--model_name_or_path", f"{path}: no such folder (expected a local checkpoint folder "
-                                                 "holding config.json)")
-    if not path.is_dir():
-        raise UsageError("--model_name_or_path", f"{path} is a file; expected a checkpoint folder holding "
-                                                 "config.json")
-    if not (path / "config.json").is_file():
-        raise UsageError("--model_name_or_path", f"{path} has no config.json; expected a checkpoint folder")
-    return path
+    """The checkpoint folder: config.json and weights (checked before anything is tokenised or written)."""
+    from moepatch.validation import check_checkpoint_folder
+
+    return check_checkpoint_folder(path_text, "--model_name_or_path")
 
 
 def _moepatch_block(path: str) -> Any:
@@ -555,11 +650,102 @@ def prepare_config(model_args: ModelArguments) -> Any:
     return config
 
 
+def check_model_structure(model_args: ModelArguments, config: Any, *, probe_layers: list[int] | None = None) -> Any:
+    """Check the model the run will load on a weightless (meta-device) skeleton built from ``config``; returns its
+    :class:`~moepatch.adapter.MoEModel`.
+
+    A model moepatch cannot patch (a dense model, top-k outside ``[1, num_experts]``), a moepatch block that does not
+    fit the model (a C2R list of the wrong shape, ...) and ``probe_layers`` that are no MoE layers are found here,
+    before any weight is read.
+
+    Raises:
+        UnsupportedModelError: naming ``--model_name_or_path`` (exit status 2).
+        UsageError: the block of ``--moepatch_config`` or ``--freeze_gate`` does not fit; a bad ``--probe_layers``.
+        CommandError: the checkpoint's own config.json (its moepatch block, official C2R fields) does not fit.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moepatch.adapter import describe
+    from moepatch.adapter import resolve_layer_indices
+    from moepatch.config import MoePatchConfig
+    from moepatch.errors import UnsupportedModelError
+    from moepatch.patch import plan_patch
+
+    folder = Path(model_args.model_name_or_path)
+    config_file = folder / "config.json"
+    block_file = model_args.moepatch_config
+
+    def misfit(error: BaseException, *, official_c2r: bool = False) -> Exception:
+        text = str(error)
+        if model_args.freeze_gate is not None and "freeze_gate" in text:
+            return UsageError("--freeze_gate", text)
+        if block_file and not official_c2r:  # the file's block replaced the checkpoint's
+            return UsageError("--moepatch_config", f"{block_file}: {text}")
+        return CommandError(f"{config_file}: {text}")
+
+    try:
+        settings = MoePatchConfig.from_model(config)
+    except ValueError as error:
+        raise misfit(error) from None
+    mapping = AutoModelForCausalLM._model_mapping
+    model_class = mapping[type(config)] if type(config) in mapping else None
+    if model_class is None:
+        raise UnsupportedModelError(f"--model_name_or_path: {config_file}: no causal-LM class for model_type "
+                                    f"{config.model_type!r} ({type(config).__name__})")
+    try:
+        with torch.device("meta"):  # the class itself: from_config would enter ZeRO-3's zero.Init
+            skeleton = model_class(copy.deepcopy(config))
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"{config_file}: cannot build {model_class.__name__} from it ({first})") from None
+    try:
+        moe = describe(skeleton, family=settings.family, verify=False)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"--model_name_or_path: {folder}: {error}") from None
+    except ValueError as error:  # an unknown "family" in the block
+        raise misfit(error) from None
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise UnsupportedModelError(f"--model_name_or_path: {config_file}: its routers choose top-{moe.top_k} of "
+                                    f"{moe.num_experts} experts; expected 1 <= top-k <= experts")
+    official = settings.c2r is not None and settings.c2r.source == "official"
+    if official:  # the checkpoint's top-level C2R fields, which a --moepatch_config block without "c2r" keeps
+        try:
+            plan_patch(moe, dataclasses.replace(settings, freeze_gate=None, routing_stats=None, lora_experts=None))
+        except ValueError as error:
+            raise misfit(error, official_c2r=True) from None
+    try:
+        plan_patch(moe, settings)
+    except ValueError as error:
+        raise misfit(error) from None
+    if probe_layers is not None:
+        try:
+            resolve_layer_indices(moe, probe_layers, "probe_layers")
+        except ValueError as error:
+            raise UsageError("--probe_layers", str(error)) from None
+    return moe
+
+
 def load_tokenizer(path: str) -> Any:
-    """The checkpoint's tokenizer; pad = unk, else eos when it has none (as the official scripts do)."""
+    """The checkpoint's tokenizer; pad = unk, else eos when it has none (as the official scripts do).
+
+    Raises:
+        CommandError: naming the folder: no tokenizer can be built from it, or it encodes text to nothing (a
+            folder without tokenizer.json / tokenizer_config.json still gives a tokenizer without a vocabulary).
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoded = tokenizer("moepatch checks its tokenizer", add_special_tokens=False)["input_ids"]
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"{path}: no usable tokenizer ({first})") from None
+    if not encoded:
+        raise CommandError(f"{path}: no usable tokenizer (it encodes text to nothing: are tokenizer.json / "
+                           "tokenizer_config.json there?)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -569,8 +755,14 @@ def load_tokenizer(path: str) -> Any:
 def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any, training_args: Any) -> dict:
     """Train and save; returns a summary (sources, rounds, final weights, output folder).
 
-    Nothing is written before the data is read and the model is loaded (but ``--synthetic_data``'s sources).
+    Nothing is written before the tokenizer is loaded, the data is read and tokenised and the model is loaded:
+    ``--synthetic_data``'s sources are generated into a temporary folder and copied to ``<output_dir>/data`` only
+    then.  Training examples whose assistant tokens are all cut by ``--max_length`` are left out (and counted);
+    a source left without any is refused, naming ``--max_length``.
     """
+    import shutil
+    import tempfile
+
     import torch
     from transformers import DataCollatorForSeq2Seq
     from transformers import set_seed
@@ -583,7 +775,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     from moepatch.dynamic_sampling import MixtureTrainer
     from moepatch.dynamic_sampling import ResumingTrainer
     from moepatch.dynamic_sampling import sampling_horizon
-    from moepatch.loading import from_pretrained
+    from moepatch.loading import load_for_command
     from moepatch.mixture import DynamicMixtureSampler
     from moepatch.mixture import MixtureDataset
 
@@ -591,44 +783,56 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     _init_deepspeed_comm(training_args)
     output_dir = Path(training_args.output_dir)
     config = prepare_config(model_args)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)  # before anything is written
     prompt_format = data_args.prompt_format
     if prompt_format == "auto":
         prompt_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna"
     elif prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise UsageError("--prompt_format", f"'chat_template' but the tokenizer of {model_args.model_name_or_path} "
                                             "has no chat template; use 'vicuna' or 'auto'")
-    if data_args.synthetic_data and not (data_args.data_dir or data_args.train_files):
-        from moepatch.synthetic import write_synthetic_sources
+    with tempfile.TemporaryDirectory(prefix="moepatch_synthetic_") as scratch:
+        synthetic = bool(data_args.synthetic_data and not (data_args.data_dir or data_args.train_files))
+        if synthetic:  # every process generates the same sources (seeded); <output_dir>/data is written later
+            from moepatch.synthetic import write_synthetic_sources
 
-        data_args.data_dir = str(output_dir / "data")
-        if training_args.process_index == 0:
-            write_synthetic_sources(data_args.data_dir, seed=training_args.seed)
-        _barrier()
-    paths = source_paths(data_args)  # validated before the model is loaded
-    sources = [
-        load_source(name, train, tokenizer, probe_path=probe, probe_size=data_args.probe_size,
-                    seed=sampling_args.sampling_seed, prompt_format=prompt_format, max_length=data_args.max_length)
-        for name, (train, probe) in paths.items()
-    ]
-    names = [source.name for source in sources]
-    if data_args.dynamic_sampling:
-        empty = [f"{paths[s.name][1] or paths[s.name][0]}" for s in sources if not s.probe]
+            write_synthetic_sources(scratch, seed=training_args.seed)
+            data_args = dataclasses.replace(data_args, data_dir=scratch, synthetic_data=False)
+        paths = source_paths(data_args)  # validated before the model is loaded
+        sources = [
+            load_source(name, train, tokenizer, probe_path=probe, probe_size=data_args.probe_size,
+                        seed=sampling_args.sampling_seed, prompt_format=prompt_format,
+                        max_length=data_args.max_length)
+            for name, (train, probe) in paths.items()
+        ]
+        shown = {name: "synthetic" if synthetic else str(train) for name, (train, _) in paths.items()}
+        empty = [f"{source.name!r} ({shown[source.name]}, {source.dropped} examples)" for source in sources
+                 if not source.train]
         if empty:
-            raise CommandError(f"dynamic mixing: no probe examples in {', '.join(empty)}")
-    initial = (read_initial_weights(data_args.initial_weights, names, positive=data_args.dynamic_sampling)
-               if data_args.initial_weights else None)
+            raise UsageError("--max_length", f"truncation to {data_args.max_length} tokens leaves no assistant "
+                                             f"(label) token in any training example of source{'s' * (len(empty) > 1)}"
+                                             f" {', '.join(empty)}: nothing to train on; raise --max_length")
+        names = [source.name for source in sources]
+        if data_args.dynamic_sampling:
+            empty = [f"{paths[s.name][1] or paths[s.name][0]}" for s in sources if not s.probe]
+            if empty:
+                raise CommandError(f"dynamic mixing: no probe examples in {', '.join(empty)}")
+        initial = (read_initial_weights(data_args.initial_weights, names, positive=data_args.dynamic_sampling)
+                   if data_args.initial_weights else None)
 
-    model = from_pretrained(model_args.model_name_or_path, config=config, dtype=torch.float32)
-    model.config.use_cache = False
-    if data_args.dynamic_sampling:
-        try:  # the one argument that needs the model: which of its layers are MoE layers
-            resolve_layer_indices(describe(model), list(sampling_args.probe_layers), "probe_layers")
-        except ValueError as error:
-            raise UsageError("--probe_layers", str(error)) from error
+        model = load_for_command(model_args.model_name_or_path, config=config, dtype=torch.float32)
+        model.config.use_cache = False
+        if data_args.dynamic_sampling:
+            try:  # checked on the skeleton already (check_inputs); the loaded model is what the rounds record
+                resolve_layer_indices(describe(model), list(sampling_args.probe_layers), "probe_layers")
+            except ValueError as error:
+                raise UsageError("--probe_layers", str(error)) from error
+        if synthetic and training_args.process_index == 0:  # what the run trains on, next to the model
+            shutil.copytree(scratch, output_dir / "data", dirs_exist_ok=True)
+    _barrier()
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     summary: dict[str, Any] = {"sources": names, "prompt_format": prompt_format,
                                "train_examples": [len(s.train) for s in sources],
+                               "dropped_train_examples": [s.dropped for s in sources],
                                "probe_examples": [len(s.probe) for s in sources]}
     if data_args.dynamic_sampling or initial is not None:
         if training_args.max_steps <= 0:
@@ -739,5 +943,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(PROG, lambda: _finetune(argv), debug=debug)
 
 
-__all__ = ["DataArguments", "ModelArguments", "check_inputs", "main", "parse_arguments", "prepare_config",
-           "read_initial_weights", "rounds_table", "run", "source_names", "source_paths"]
+__all__ = ["DataArguments", "ModelArguments", "check_inputs", "check_model_structure", "load_tokenizer", "main",
+           "parse_arguments", "prepare_config", "read_initial_weights", "rounds_table", "run", "source_names",
+           "source_paths"]

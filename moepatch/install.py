@@ -64,20 +64,52 @@ def check_installable(path: str | Path) -> None:
     plan_patch(moe, MoePatchConfig.from_model(config))
 
 
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``ValueError`` naming the file otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: {what} is not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_writable(folder: Path, names: tuple[str, ...]) -> None:
+    """Every change ``install`` / ``uninstall`` makes must be possible before the first one is made."""
+    import os
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder} is not writable")
+    for name in names:
+        if (folder / name).exists() and not os.access(folder / name, os.W_OK):
+            raise ValueError(f"{folder / name} is not writable")
+
+
 def install(path: str | Path) -> Path:
     """Write the loader and the ``auto_map`` entries into ``path`` (idempotent); return the loader file.
 
     ``uninstall`` restores config.json as it was before the first ``install``: edit config.json after uninstalling.
+    Everything is checked (the folder, its weights, its moepatch config, an ``auto_map`` that can take the entries,
+    a readable backup, write permission) before anything is written.
     """
+    from moepatch.validation import has_weights
+
     folder = Path(path)
     check_installable(folder)
+    if not has_weights(folder):
+        raise ValueError(f"{folder} holds no weights (no *.safetensors or pytorch_model*.bin); install makes a "
+                         "checkpoint load patched, so it needs one")
     backup = folder / BACKUP_NAME
     config_file = folder / "config.json"
-    current: dict[str, Any] = json.loads(config_file.read_text())
-    if backup.exists():
-        original_auto_map = json.loads(backup.read_text()).get("auto_map")
-    else:
-        original_auto_map = current.get("auto_map")
+    current = _json_object(config_file, "config.json")
+    original = _json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})") if backup.exists() else current
+    original_auto_map = original.get("auto_map")
+    if original_auto_map is not None and not isinstance(original_auto_map, dict):
+        raise ValueError(f"{config_file}: auto_map must be an object {{\"AutoModelForCausalLM\": ...}}, got "
+                         f"{type(original_auto_map).__name__}")
+    _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
+    if not backup.exists():
         backup.write_bytes(config_file.read_bytes())
     installed = {**current, "auto_map": {**(original_auto_map or {}), **LOADER_AUTO_MAP}}
     config_file.write_text(json.dumps(installed, indent=2) + "\n")
@@ -86,12 +118,27 @@ def install(path: str | Path) -> Path:
     return loader
 
 
-def uninstall(path: str | Path) -> None:
-    """Restore config.json byte for byte and delete the loader; ``ValueError`` if the folder was not installed."""
+def uninstall(path: str | Path, *, force: bool = False) -> None:
+    """Restore config.json byte for byte and delete the loader; ``ValueError`` if the folder was not installed.
+
+    config.json edited since ``install`` (other than moepatch's ``auto_map`` entries) would lose the edits: that is
+    refused unless ``force``.
+    """
     folder = Path(path)
     backup = folder / BACKUP_NAME
     if not backup.exists():
         raise ValueError(f"moepatch uninstall: {folder} was not prepared by `moepatch install` (no {BACKUP_NAME})")
+    original = _json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})")
+    if not force:
+        current = _json_object(folder / "config.json", "config.json")
+        original_auto_map = original.get("auto_map") if isinstance(original.get("auto_map"), dict) else {}
+        if current != {**original, "auto_map": {**original_auto_map, **LOADER_AUTO_MAP}}:
+            changed = sorted(key for key in set(current) | set(original) if key != "auto_map"
+                             and current.get(key) != original.get(key))
+            raise ValueError(f"{folder / 'config.json'} was edited since `moepatch install` (fields {changed}); "
+                             "uninstall restores the file as it was before install and would lose those edits: "
+                             "copy them, or pass --force")
+    _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
     (folder / "config.json").write_bytes(backup.read_bytes())
     (folder / LOADER_FILE).unlink(missing_ok=True)
     backup.unlink()

@@ -82,3 +82,36 @@ def from_pretrained(
     if patch:
         apply(model, strict=strict)
     return loaded
+
+
+def load_for_command(path: str | Path, *, patch: bool = True, **kwargs: Any) -> nn.Module:
+    """:func:`from_pretrained` for commands: an unreadable or incomplete checkpoint is refused, naming the folder.
+
+    A weight the model expects but the folder lacks would be randomly initialised — a profile, placement or
+    fine-tune of such a model is meaningless — so missing keys are an error here (``from_pretrained`` itself only
+    lets transformers report them).
+
+    Raises:
+        CommandError: the weights cannot be read (truncated or foreign files) or some are missing.
+    """
+    from moepatch.errors import CommandError
+    from moepatch.errors import UnsupportedModelError
+    from moepatch.errors import UsageError
+
+    try:
+        loaded = from_pretrained(path, patch=patch, output_loading_info=True, **kwargs)
+    except (CommandError, UsageError, UnsupportedModelError):
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError for a truncated file
+        if isinstance(error, ValueError) and str(error).startswith("invalid moepatch config"):
+            raise ValueError(f"{Path(path) / 'config.json'}: {error}") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"{path}: cannot load the checkpoint's weights ({first})") from None
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    missing = sorted(info.get("missing_keys", ()) if isinstance(info, dict) else ())
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CommandError(f"{path}: the checkpoint lacks {len(missing)} weight(s) the model needs ({shown}); "
+                           "they would be random — is this the right folder?")
+    return model
+

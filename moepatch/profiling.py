@@ -101,7 +101,8 @@ def collaborative_ranking(matrices: torch.Tensor) -> torch.Tensor:
 
 
 def read_corpus(paths: Iterable[str | Path], text_field: str = "text") -> list[str]:
-    """Documents from ``.jsonl`` files (field ``text_field``) or plain text files (one document per non-empty line)."""
+    """Documents from ``.jsonl`` files (field ``text_field``), ``.json`` lists (strings or objects with that field)
+    or plain text files (one document per non-empty line)."""
     documents: list[str] = []
     for path in paths:
         path = Path(path)
@@ -111,7 +112,22 @@ def read_corpus(paths: Iterable[str | Path], text_field: str = "text") -> list[s
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as error:
             raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".json":
+            try:
+                document = json.loads("\n".join(lines))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON ({error.msg}); a .json corpus is a list of strings or of "
+                                 f"objects with a string {text_field!r}") from None
+            if not isinstance(document, list):
+                raise ValueError(f"{path}: expected a JSON list of documents, got {type(document).__name__}")
+            for number, record in enumerate(document):
+                text = record if isinstance(record, str) else (
+                    record.get(text_field) if isinstance(record, dict) else None)
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}[{number}]: expected a string or an object with a string {text_field!r}")
+                if text.strip():
+                    documents.append(text)
+        elif path.suffix.lower() == ".jsonl":
             for number, line in enumerate(lines, start=1):
                 if line.strip():
                     try:

@@ -49,9 +49,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                         num_attention_heads=4, num_key_value_heads=2)
     AutoModelForCausalLM.from_config(dense).save_pretrained(root / "dense")
     made["dense"] = root / "dense"
-    (root / "broken").mkdir()
-    (root / "broken" / "config.json").write_text("{not json")
-    made["broken"] = root / "broken"
     (root / "unknown").mkdir()
     (root / "unknown" / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
     made["unknown"] = root / "unknown"
@@ -63,6 +60,37 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "nonempty_demo" / "finetune").mkdir(parents=True)
     (root / "nonempty_demo" / "finetune" / "mine.txt").write_text("not the demo's")
     made["nonempty_demo"] = root / "nonempty_demo"
+    import shutil
+
+    def variant(name: str, edit) -> None:
+        folder = root / name
+        shutil.copytree(made["ck"], folder)
+        edit(folder)
+        made[name] = folder
+
+    def edit_config(**fields):
+        def edit(folder: Path) -> None:
+            config = json.loads((folder / "config.json").read_text())
+            config.update(fields)
+            (folder / "config.json").write_text(json.dumps(config))
+        return edit
+
+    mixtral = tiny.save_tiny_checkpoint(root / "mixtral", "mixtral")
+    variant("broken", lambda f: (f / "config.json").write_text("{not json"))
+    variant("noweights", lambda f: (f / "model.safetensors").unlink())
+    variant("foreign", lambda f: shutil.copy(mixtral / "model.safetensors", f / "model.safetensors"))
+    variant("truncated", lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:100]))
+    variant("notok", lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")])
+    variant("top1", edit_config(num_experts_per_tok=1))
+    variant("top9", edit_config(num_experts_per_tok=9))
+    variant("strblock", edit_config(moepatch="yes"))
+    variant("badhidden", edit_config(hidden_size="abc"))
+    variant("familymix", edit_config(moepatch={"family": "mixtral"}))
+    variant("badautomap", edit_config(auto_map="oops"))
+    variant("junkbackup", lambda f: (f / "config.json.moepatch-orig").write_text("junk"))
+    variant("edited", lambda f: install(f))
+    edit_config(top_t=3)(made["edited"])
     made["file"] = root / "file.txt"
     made["file"].write_text("a file, not a folder\n")
     made["small"] = root / "small.txt"
@@ -93,6 +121,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["corrupt"].write_bytes(b"\x00\x01not safetensors")
     made["txtmatrix"] = root / "matrix.txt"
     made["txtmatrix"].write_text("1 2 3\n")
+    made["zeros"] = root / "zeros.json"
+    made["zeros"].write_text(json.dumps({"matrices": {"base": torch.zeros(3, 8, 8, dtype=torch.int64).tolist()}}))
+    made["k9"] = root / "k9.json"
+    made["k9"].write_text(json.dumps({"top_k": 9, "matrices": {"base": official.tolist()}}))
+    made["latin1"] = root / "latin1.json"
+    made["latin1"].write_bytes('{"matrices": "é"}'.encode("latin-1"))
+    made["long"] = root / ("x" * 5000)
+    made["badtypes"] = root / "badtypes.jsonl"
+    made["badtypes"].write_text(json.dumps({"instruction": None, "output": 3}) + "\n")
     made["evil"] = root / "evil.pkl"
     made["evil"].write_bytes(pickle.dumps(RunsCode()))
     return made
@@ -122,6 +159,10 @@ CASES: list[tuple[str, int, str]] = [
     ("demo --seed x", 2, "--seed"),
     ("demo --seed -1", 2, "--seed"),
     ("demo --output {nonempty_demo}", 2, "--output"),
+    ("demo --output ''", 2, "--output"),
+    ("demo --output {file}/sub", 2, "--output"),
+    ("demo --seed 99999999999999999999", 2, "--seed"),
+    ("demo --family mixtral --family olmoe", 2, "--family"),
     # profile
     ("profile", 2, "model_path"),
     ("profile {root}/missing", 2, "no checkpoint folder"),
@@ -146,6 +187,21 @@ CASES: list[tuple[str, int, str]] = [
     ("profile {ck} --data {small}", 1, "--min-tokens"),
     ("profile {installed}", 1, "moepatch uninstall"),
     ("profile {ck} --seed x", 2, "--seed"),
+    ("profile {long}", 2, "File name too long"),
+    ("profile {ck} --output {long}", 2, "--output"),
+    ("profile {ck} --output ''", 2, "--output"),
+    ("profile {ck} --output {file}/sub", 2, "--output"),
+    ("profile {ck} --data {small} --data {small}", 2, "--data"),
+    ("profile {ck} --no-write-config --top-t 3", 2, "--top-t"),
+    ("profile {ck} --no-write-config --min-tokens 5", 2, "--min-tokens"),
+    ("profile {noweights}", 2, "holds no weights"),
+    ("profile {foreign}", 1, "lacks"),
+    ("profile {truncated}", 1, "cannot load the checkpoint's weights"),
+    ("profile {notok}", 1, "no usable tokenizer"),
+    ("profile {top1}", 1, "at least 2 experts per token"),
+    ("profile {top9}", 2, "top-9 of 8"),
+    ("profile {strblock}", 1, "config.json"),
+    ("profile {badblock}", 1, "config.json"),
     # place
     ("place", 2, "source"),
     ("place {ck}", 2, "--ep-size"),
@@ -171,6 +227,18 @@ CASES: list[tuple[str, int, str]] = [
     ("place {ck} --ep-size 2 --max-tokens -5", 2, "--max-tokens"),
     ("place {ck} --ep-size 2 --data {root}/missing.txt", 2, "--data"),
     ("place {dense} --ep-size 2", 2, "cannot patch LlamaForCausalLM"),
+    ("place {long} --ep-size 2", 2, "File name too long"),
+    ("place {ck} --ep-size 2 --ep-size 4", 2, "--ep-size"),
+    ("place {nok} --ep-size 2 --top-k 9", 2, "--top-k"),
+    ("place {nok} --ep-size 2 --top-k 1", 2, "--top-k"),
+    ("place {k9} --ep-size 2", 1, "top_k=9"),
+    ("place {m2} --ep-size 2 --data {small}", 2, "--data"),
+    ("place {m2} --ep-size 2 --max-tokens 5", 2, "--max-tokens"),
+    ("place {m2} --ep-size 2 --batch-size 2", 2, "--batch-size"),
+    ("place {zeros} --ep-size 2 --top-k 2", 1, "matrix 'base'"),
+    ("place {latin1} --ep-size 2 --top-k 2", 1, "latin1.json"),
+    ("place {ck} --ep-size 2 --write-permuted {file}/sub", 2, "--write-permuted"),
+    ("place {foreign} --ep-size 2", 1, "lacks"),
     # allocate
     ("allocate", 2, "model_path"),
     ("allocate {root}/missing", 2, "no checkpoint folder"),
@@ -192,11 +260,28 @@ CASES: list[tuple[str, int, str]] = [
     ("allocate {ck} --data {norecord}", 1, "norecord.jsonl, record 1"),
     ("allocate {ck} --output {file}", 2, "--output"),
     ("allocate {dense}", 2, "cannot patch LlamaForCausalLM"),
+    ("allocate {ck} --max-rank 100000", 2, "--max-rank"),
+    ("allocate {ck} --max-length 8", 2, "--max-length"),
+    ("allocate {ck} --output {file}/sub", 2, "--output"),
+    ("allocate {ck} --data {small} --examples 8", 2, "--examples"),
+    ("allocate {ck} --seed -1", 2, "--seed"),
+    ("allocate {notok}", 1, "no usable tokenizer"),
+    ("allocate {noweights}", 2, "holds no weights"),
     # install / uninstall
     ("install", 2, "path"),
     ("install {root}/missing", 2, "no checkpoint folder"),
     ("install {dense}", 2, "cannot patch LlamaForCausalLM"),
     ("install {badblock}", 1, "moepatch.freeze_gate"),
+    ("install {noweights}", 2, "holds no weights"),
+    ("install {top9}", 2, "top-9 of 8"),
+    ("install {badautomap}", 1, "auto_map"),
+    ("install {junkbackup}", 1, "config.json.moepatch-orig"),
+    ("uninstall {junkbackup}", 1, "config.json.moepatch-orig"),
+    ("uninstall {edited}", 1, "edited since `moepatch install`"),
+    ("inspect {long}", 2, "File name too long"),
+    ("inspect {top9}", 2, "top-9 of 8"),
+    ("inspect {badhidden}", 1, "config.json"),
+    ("inspect {familymix}", 2, "moepatch.family"),
     ("uninstall {root}/missing", 2, "no checkpoint folder"),
     ("uninstall {ck}", 1, "was not prepared by `moepatch install`"),
 ]
@@ -216,7 +301,7 @@ def _argv(template: str, files: dict[str, Path]) -> list[str]:
 
 def test_table_is_large_and_covers_every_command():
     commands = {case[0].split()[0] if case[0] else "" for case in CASES}
-    assert len(CASES) >= 80
+    assert len(CASES) >= 120
     assert {"inspect", "demo", "profile", "place", "allocate", "install", "uninstall"} <= commands
 
 

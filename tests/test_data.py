@@ -128,3 +128,43 @@ def test_malformed_records_are_named_by_file_and_line(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty.jsonl holds no record"):
         load_source("empty", empty, tokenizer, probe_size=1, prompt_format="vicuna")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"instruction": None, "output": "a"}, "'instruction' must be a string, got null"),
+    ({"instruction": "q", "output": 3}, "'output' must be a string, got 3"),
+    ({"instruction": "q", "input": ["x"], "output": "a"}, "'input' must be a string, got [\"x\"]"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 3}]},
+     "conversations[1] needs 'from'"),
+    ({"conversations": 5}, "'conversations' must be a non-empty list, got 5"),
+    ({"system_prompt": 1, "conversations": FASTCHAT["conversations"]}, "'system_prompt' must be a string, got 1"),
+])
+def test_non_string_fields_are_refused_naming_file_and_line(record, message):
+    with pytest.raises(ValueError) as caught:
+        to_messages(record, "x.jsonl:7")
+    assert str(caught.value).startswith("x.jsonl:7: ") and message in str(caught.value)
+
+
+def test_optional_fields_may_be_null_or_absent():
+    assert to_messages({"instruction": "q", "input": None, "output": "a"}) == to_messages({"instruction": "q",
+                                                                                          "output": "a"})
+    assert to_messages({**FASTCHAT, "system_prompt": None})[0]["role"] == "user"
+
+
+def test_truncation_that_leaves_no_label_drops_the_training_example(tmp_path, caplog):
+    """Training examples with no assistant token left are dropped (counted, logged); probe examples are kept."""
+    tokenizer = tiny.tiny_tokenizer()
+    short = {"instruction": "Hi", "output": "Hello."}
+    long = {"instruction": " ".join(["word"] * 60), "output": "Fine."}
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in [short, long, short, long, long]))
+    dev.write_text(json.dumps(long) + "\n")
+    with caplog.at_level("WARNING", logger="moepatch.data"):
+        source = load_source("mixed", train, tokenizer, probe_path=dev, prompt_format="vicuna", max_length=24)
+    assert (len(source.train), source.dropped, len(source.probe)) == (2, 3, 1)
+    assert all(any(label != IGNORE_INDEX for label in example["labels"]) for example in source.train)
+    assert "source 'mixed': 3 of its 5 training examples" in caplog.text
+    everything = load_source("mixed", train, tokenizer, probe_path=dev, prompt_format="vicuna", max_length=2)
+    assert (everything.train, everything.dropped) == ([], 5)  # the caller decides what an empty source means
+    kept = load_source("mixed", train, tokenizer, probe_path=dev, prompt_format="vicuna", max_length=512)
+    assert (len(kept.train), kept.dropped) == (5, 0)

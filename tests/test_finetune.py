@@ -23,10 +23,11 @@ ROUTERS = [f"model.layers.{i}.mlp.gate.weight" for i in (0, 2, 3)]  # tiny Qwen2
 
 
 def _common(checkpoint: Path, output: Path, *extra: str) -> list[str]:
-    return ["--model_name_or_path", str(checkpoint), "--output_dir", str(output), "--use_cpu", "--report_to", "none",
-            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--max_length", "64",
-            "--probe_size", "8", "--seed", "0", *(() if "--save_strategy" in extra else ("--save_strategy", "no")),
-            *extra]
+    """The shared flags, each left out where ``extra`` gives it (finetune refuses a flag given twice)."""
+    base = {"--report_to": "none", "--per_device_train_batch_size": "4", "--learning_rate": "5e-3",
+            "--max_length": "64", "--probe_size": "8", "--seed": "0", "--save_strategy": "no"}
+    shared = [token for flag, value in base.items() if flag not in extra for token in (flag, value)]
+    return ["--model_name_or_path", str(checkpoint), "--output_dir", str(output), "--use_cpu", *shared, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,9 @@ def test_dynamic_run_with_frozen_routers(checkpoint, tmp_path, capsys):
     assert [r["step"] for r in rounds] == [4, 8] and rounds[0]["sources"] == ["chat", "code", "letters", "math"]
     assert rounds[0]["new_weights"] != pytest.approx([0.25] * 4, abs=1e-6)
     assert (output / "sampling_info" / "rounds.png").stat().st_size > 0
+    assert (output / "data" / "train" / "letters.jsonl").is_file()  # the synthetic sources, kept with the model
+    summary = json.loads((output / "moepatch_finetune_summary.json").read_text())
+    assert summary["dropped_train_examples"] == [0, 0, 0, 0] and summary["train_examples"] == [200] * 4
     printed = capsys.readouterr().out
     assert "0 (initial)" in printed and "letters" in printed
     saved = json.loads((output / "config.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,14 +71,48 @@ def world(tmp_path_factory) -> Path:
         _jsonl(root / "small" / "train" / f"{name}.jsonl", synthetic_records(name, 12))
     (root / "used_output" / "sampling_info").mkdir(parents=True)
     (root / "used_output" / "sampling_info" / "rounds.jsonl").write_text('{"step": 2}\n')
+    # broken checkpoints: copies of ckpt with a file removed or config.json edited
+    for name, removed in (("noweights", ("model.safetensors",)),
+                          ("notok", ("tokenizer.json", "tokenizer_config.json"))):
+        shutil.copytree(root / "ckpt", root / name)
+        for file in removed:
+            (root / name / file).unlink()
+    for name, edit in (("topk9", {"num_experts_per_tok": 9}),  # 8 experts
+                       ("ownblock", {"moepatch": {"c2r": {"top_t": 3, "collaborative_list": [[0]]}}})):
+        shutil.copytree(root / "ckpt", root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, **edit}))
+    _save_dense_checkpoint(root / "dense")
+    (root / "block_c2r.json").write_text(json.dumps({"c2r": {"top_t": 3, "collaborative_list": [[0]]}}))
+    number_turn = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 3}]}
+    for folder, bad in (("badtypes", {"instruction": None, "output": 3}), ("badturn", number_turn)):
+        (root / folder / "train").mkdir(parents=True)
+        (root / folder / "train" / "chat.jsonl").write_text("\n".join(good[:2] + [json.dumps(bad)] + good[2:]) + "\n")
+        for name in ("code", "math"):
+            _jsonl(root / folder / "train" / f"{name}.jsonl", synthetic_records(name, 12))
     return root
 
 
+def _save_dense_checkpoint(path: Path) -> None:
+    """A tiny dense LlamaForCausalLM with the tiny tokenizer: a model moepatch cannot patch."""
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny.tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def _argv(world: Path, out: Path, drop: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> list[str]:
+    """The valid base command without ``drop`` and without the flags ``extra`` gives (a flag given twice is itself
+    refused; a row that wants a repeat gives it twice in ``extra``)."""
     base = {"--model_name_or_path": str(world / "ckpt"), "--data_dir": str(world / "data"), "--output_dir": str(out),
-            "--max_steps": "4", "--update_every": "2", "--probe_size": "2", "--max_length": "32",
+            "--max_steps": "4", "--update_every": "2", "--probe_size": "2", "--max_length": "96",
             "--report_to": "none"}
-    argv = [token for flag, value in base.items() if flag not in drop for token in (flag, value)]
+    argv = [token for flag, value in base.items() if flag not in drop and flag not in extra
+            for token in (flag, value)]
     return [*argv, "--use_cpu", *(token.format(world=world, out=out) for token in extra)]
 
 
@@ -172,7 +207,7 @@ CASES = [
     # model options
     ("model_missing", ("--model_name_or_path",), (), USAGE, ["--model_name_or_path", "required"]),
     ("model_path_missing", ("--model_name_or_path",), ("--model_name_or_path", "{world}/no_ckpt"), USAGE,
-     ["--model_name_or_path", "no_ckpt", "no such folder"]),
+     ["--model_name_or_path", "no_ckpt", "no checkpoint folder"]),
     ("model_path_is_file", ("--model_name_or_path",), ("--model_name_or_path", "{world}/file.txt"), USAGE,
      ["--model_name_or_path", "is a file"]),
     ("model_folder_without_config", ("--model_name_or_path",), ("--model_name_or_path", "{world}/noconfig"), USAGE,
@@ -216,6 +251,72 @@ CASES = [
      ["badrecord/train/chat.jsonl:3", "unknown record format"]),
     ("probe_size_leaves_no_train", ("--data_dir",), ("--data_dir", "{world}/small", "--probe_size", "3"), FAILURE,
      ["probe_size", "small/train/chat.jsonl"]),
+    ("data_record_null_instruction", ("--data_dir",), ("--data_dir", "{world}/badtypes"), FAILURE,
+     ["badtypes/train/chat.jsonl:3", "'instruction' must be a string, got null"]),
+    ("data_record_number_in_conversation", ("--data_dir",), ("--data_dir", "{world}/badturn"), FAILURE,
+     ["badturn/train/chat.jsonl:3", "conversations[1]", "a string 'value'"]),
+    # the output folder: never the checkpoint (it would be overwritten), always a folder that can be written
+    ("output_dir_is_the_checkpoint", ("--output_dir",), ("--output_dir", "{world}/ckpt"), USAGE,
+     ["--output_dir", "is the checkpoint folder", "overwrite"]),
+    ("output_dir_is_the_checkpoint_synthetic", ("--output_dir", "--data_dir"),
+     ("--output_dir", "{world}/ckpt", "--synthetic_data"), USAGE, ["--output_dir", "is the checkpoint folder"]),
+    ("output_dir_inside_the_checkpoint", ("--output_dir",), ("--output_dir", "{world}/ckpt/run"), USAGE,
+     ["--output_dir", "is inside the checkpoint folder"]),
+    ("output_dir_holds_the_checkpoint", ("--output_dir",), ("--output_dir", "{world}"), USAGE,
+     ["--output_dir", "holds the checkpoint folder"]),
+    ("output_dir_under_a_file", ("--output_dir",), ("--output_dir", "{world}/file.txt/run"), USAGE,
+     ["--output_dir", "under the file"]),
+    ("output_dir_empty", ("--output_dir",), ("--output_dir", ""), USAGE, ["--output_dir", "empty path"]),
+    # the checkpoint: weights, a tokenizer, a model moepatch can patch, a moepatch block that fits it — all checked
+    # before a weight is read (the skeleton is built on the meta device) and before <output_dir>/data is written
+    ("model_without_weights", ("--model_name_or_path", "--data_dir"),
+     ("--model_name_or_path", "{world}/noweights", "--synthetic_data"), USAGE,
+     ["--model_name_or_path", "noweights", "holds no weights"]),
+    ("model_without_tokenizer", ("--model_name_or_path", "--data_dir"),
+     ("--model_name_or_path", "{world}/notok", "--synthetic_data"), FAILURE, ["notok", "no usable tokenizer"]),
+    ("dense_model", ("--model_name_or_path",), ("--model_name_or_path", "{world}/dense"), USAGE,
+     ["--model_name_or_path", "cannot patch LlamaForCausalLM"]),
+    ("top_k_above_num_experts", ("--model_name_or_path",), ("--model_name_or_path", "{world}/topk9"), USAGE,
+     ["--model_name_or_path", "top-9", "8 experts"]),
+    ("moepatch_config_misfits_the_model", (), ("--moepatch_config", "{world}/block_c2r.json"), USAGE,
+     ["--moepatch_config", "block_c2r.json", "collaborative_list", "4 decoder layers"]),
+    ("checkpoint_block_misfits_the_model", ("--model_name_or_path",), ("--model_name_or_path", "{world}/ownblock"),
+     FAILURE, ["ownblock/config.json", "collaborative_list", "4 decoder layers"]),
+    ("probe_layers_out_of_range", (), ("--probe_layers", "99"), USAGE, ["--probe_layers", "layer 99 does not exist"]),
+    ("probe_layers_dense_layer", (), ("--probe_layers", "1"), USAGE, ["--probe_layers", "dense layer", "[0, 2, 3]"]),
+    # --max_length: examples left without a label token are dropped; a source left with none is refused
+    ("max_length_cuts_every_label", (), ("--max_length", "2"), USAGE,
+     ["--max_length", "no assistant (label) token", "'chat'", "data/train/chat.jsonl"]),
+    ("max_length_cuts_every_label_synthetic", ("--data_dir",), ("--synthetic_data", "--max_length", "2"), USAGE,
+     ["--max_length", "'letters' (synthetic"]),
+    # TrainingArguments values transformers accepts but fails on (or trains nonsense with) after the model load
+    ("learning_rate_nan", (), ("--learning_rate", "nan"), USAGE, ["--learning_rate", "finite", "got nan"]),
+    ("learning_rate_negative", (), ("--learning_rate", "-1"), USAGE, ["--learning_rate", ">= 0", "got -1.0"]),
+    ("batch_size_zero", (), ("--per_device_train_batch_size", "0"), USAGE,
+     ["--per_device_train_batch_size", ">= 1", "got 0"]),
+    ("gradient_accumulation_zero", (), ("--gradient_accumulation_steps", "0"), USAGE,
+     ["--gradient_accumulation_steps", ">= 1", "got 0"]),
+    ("epochs_inf", ("--max_steps",), ("--dynamic_sampling", "false", "--num_train_epochs", "inf"), USAGE,
+     ["--num_train_epochs", "finite", "got inf"]),
+    ("epochs_nan", ("--max_steps",), ("--dynamic_sampling", "false", "--num_train_epochs", "nan"), USAGE,
+     ["--num_train_epochs", "got nan"]),
+    ("epochs_negative", ("--max_steps",), ("--dynamic_sampling", "false", "--num_train_epochs", "-2"), USAGE,
+     ["--num_train_epochs", ">= 0", "got -2.0"]),
+    ("weight_decay_negative", (), ("--weight_decay", "-0.1"), USAGE, ["--weight_decay", ">= 0"]),
+    ("adam_beta2_one", (), ("--adam_beta2", "1"), USAGE, ["--adam_beta2", "[0, 1)"]),
+    ("save_steps_zero", (), ("--save_strategy", "steps", "--save_steps", "0"), USAGE, ["--save_steps", "> 0"]),
+    ("report_to_unknown", (), ("--report_to", "bogus"), USAGE,
+     ["--report_to", "'bogus'", "none, all, or one of", "tensorboard"]),
+    # a flag given twice: argparse would keep the last silently
+    ("flag_given_twice", (), ("--max_steps", "5", "--max_steps", "1"), USAGE,
+     ["--max_steps", "given twice; give it once"]),
+    ("flag_given_twice_spelt_differently", (), ("--max_steps", "5", "--max-steps=1"), USAGE,
+     ["--max-steps", "given twice (as --max_steps and --max-steps)"]),
+    ("bool_flag_given_twice", (), ("--dynamic_sampling", "false", "--no_dynamic_sampling"), USAGE,
+     ["--no_dynamic_sampling", "given twice"]),
+    ("list_flag_given_twice", ("--data_dir",), ("--train_files", "a={world}/data/train/chat.jsonl",
+                                                "--train_files", "b={world}/data/train/code.jsonl"), USAGE,
+     ["--train_files", "given twice"]),
 ]
 
 
@@ -223,13 +324,30 @@ def test_the_table_is_large_enough():
     assert len(CASES) >= 35 and len({case[0] for case in CASES}) == len(CASES)
 
 
+def _no_model_load(monkeypatch) -> list:
+    """Record (and stop) any attempt to load weights."""
+    import moepatch.loading
+    from moepatch.errors import CommandError
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise CommandError("the model was loaded")
+
+    monkeypatch.setattr(moepatch.loading, "from_pretrained", refuse)
+    return attempts
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_fails_clearly_and_writes_nothing(case, world, tmp_path, capsys):
+def test_bad_input_fails_clearly_and_writes_nothing(case, world, tmp_path, capsys, monkeypatch):
     _, drop, extra, expected_code, fragments = case
     out = tmp_path / "out"
     argv = _argv(world, out, drop, extra)
     before = _snapshot(world, tmp_path)
+    attempts = _no_model_load(monkeypatch)
     code, stdout, stderr = _run_main(argv, capsys)
+    assert not attempts, "refused only after loading the model"
     assert code == expected_code, stderr
     assert "finetune: error:" in stderr
     for fragment in fragments:
@@ -239,15 +357,106 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, world, tmp_path, capsy
     assert not out.exists()
 
 
-def test_probe_layers_out_of_range_is_refused_before_training(world, tmp_path, capsys):
-    """The one argument that needs the model (which layers are MoE layers): refused after loading, before the
-    Trainer exists and before anything is written."""
+def test_probe_layers_checked_after_the_load_too_write_nothing(world, tmp_path, capsys, monkeypatch):
+    """--probe_layers is checked on the skeleton (the table above); the check on the loaded model that follows it
+    still comes before anything is written — <output_dir>/data of --synthetic_data included."""
+    import moepatch.finetune
+
+    monkeypatch.setattr(moepatch.finetune, "check_model_structure", lambda *args, **kwargs: None)
     out = tmp_path / "out"
     before = _snapshot(world, tmp_path)
-    code, stdout, stderr = _run_main(_argv(world, out, extra=("--probe_layers", "99")), capsys)
-    assert code == USAGE and "--probe_layers" in stderr and "layer 99 does not exist" in stderr
+    code, stdout, stderr = _run_main(_argv(world, out, ("--data_dir",), ("--synthetic_data", "--probe_layers", "1")),
+                                     capsys)
+    assert code == USAGE and "--probe_layers" in stderr and "layer 1 is a dense layer" in stderr
     assert "Traceback" not in stdout + stderr
     assert _snapshot(world, tmp_path) == before and not out.exists()
+
+
+@pytest.mark.parametrize("damage, message", [("truncated", "cannot load the checkpoint's weights"),
+                                             ("lacks_a_key", "the checkpoint lacks 1 weight(s)")])
+def test_unloadable_weights_are_named_and_nothing_is_written(damage, message, world, tmp_path, capsys):
+    """The one failure that needs the load itself: truncated weights, or weights without a key the model needs
+    (which would otherwise be trained from random values) — refused naming the folder, before anything is written
+    (<output_dir>/data of --synthetic_data included)."""
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / damage
+    shutil.copytree(world / "ckpt", checkpoint)
+    weights = checkpoint / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        tensors = load_file(str(weights))
+        del tensors["model.layers.0.self_attn.q_proj.weight"]
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    before = _snapshot(world, tmp_path)
+    code, stdout, stderr = _run_main(_argv(world, out, ("--model_name_or_path", "--data_dir"),
+                                           ("--model_name_or_path", str(checkpoint), "--synthetic_data")), capsys)
+    assert code == FAILURE and f"finetune: error: {checkpoint}: {message}" in stderr, stderr
+    assert "Traceback" not in stdout + stderr
+    assert _snapshot(world, tmp_path) == before and not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a folder without write permission")
+def test_read_only_output_parent_is_refused_before_anything(world, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        attempts = _no_model_load(monkeypatch)
+        code, stdout, stderr = _run_main(_argv(world, locked / "out", ("--output_dir",),
+                                               ("--output_dir", str(locked / "out"))), capsys)
+        assert code == USAGE and "--output_dir" in stderr and "not writable" in stderr, stderr
+        assert "Traceback" not in stdout + stderr and not attempts
+        assert not (locked / "out").exists()
+    finally:
+        locked.chmod(0o755)
+
+
+def test_report_to_an_integration_that_is_not_installed(world, tmp_path, capsys):
+    from transformers.integrations import integration_utils
+
+    installed = set(integration_utils.get_available_reporting_integrations())
+    missing = [name for name in integration_utils.INTEGRATION_TO_CALLBACK if name not in installed
+               and name != "azure_ml"]
+    if not missing:
+        pytest.skip("every reporting integration is installed")
+    out = tmp_path / "out"
+    code, stdout, stderr = _run_main(_argv(world, out, extra=("--report_to", missing[0])), capsys)
+    assert code == USAGE and f"--report_to: {missing[0]!r} is not installed" in stderr, stderr
+    assert "Traceback" not in stdout + stderr and not out.exists()
+
+
+def test_a_recipe_value_overridden_once_is_not_a_repeat(world, tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"update_every": 5, "max_steps": 10}))
+    args = parse_arguments(["--recipe", str(recipe), *_argv(world, tmp_path / "out")])
+    assert (args[2].update_every, args[3].max_steps) == (2, 4)  # the command line wins, once
+
+
+def test_truncation_drops_unlabelled_examples_and_trains_on_the_rest(world, tmp_path, capsys, monkeypatch, caplog):
+    """A source whose long examples lose every label to --max_length keeps its short ones (logged, counted)."""
+    import moepatch.data
+
+    data = tmp_path / "data"
+    short = [{"instruction": "Hi", "output": "Hello there."}] * 6
+    long = [{"instruction": " ".join(["word"] * 200), "output": "Fine."}] * 6  # its answer starts past 96 tokens
+    for name in SOURCES:
+        _jsonl(data / "train" / f"{name}.jsonl", short + long if name == "chat" else short)
+        _jsonl(data / "dev" / f"{name}.jsonl", long[:2])  # probes are only routed: kept whatever their labels
+    loaded = []
+    original = moepatch.data.load_source
+    monkeypatch.setattr(moepatch.data, "load_source", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    attempts = _no_model_load(monkeypatch)
+    with caplog.at_level("WARNING", logger="moepatch.data"):
+        code, _, stderr = _run_main(_argv(world, tmp_path / "out", ("--data_dir",), ("--data_dir", str(data))), capsys)
+    assert code == FAILURE and "the model was loaded" in stderr and attempts  # got as far as the load
+    assert [(source.name, len(source.train), source.dropped, len(source.probe)) for source in loaded] == [
+        ("chat", 6, 6, 2), ("code", 6, 0, 2), ("math", 6, 0, 2)]
+    assert "source 'chat': 6 of its 12 training examples" in caplog.text and "'code'" not in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_sources_warn_that_the_weights_cannot_move(world, tmp_path):
@@ -271,6 +480,9 @@ def test_valid_inputs_pass_every_check(world, tmp_path):
                                                                  "--dynamic_sampling", "false")))
     assert check_inputs(*args) == list(SOURCES)  # a zero weight is fine for a static mixture
     assert not (tmp_path / "out").exists()
+    beside = world / "ckpt_tuned"  # a sibling whose name starts with the checkpoint's is not inside it
+    args = parse_arguments(_argv(world, beside, extra=("--report_to", "all", "--num_train_epochs", "0")))
+    assert check_inputs(*args) == list(SOURCES) and not beside.exists()
 
 
 def test_probe_size_subsets_the_dev_files_in_a_run(world, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,78 @@
+"""Shared validation helpers: every config block and argument check uses these (a leaf module: imports no feature)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moepatch.errors import UsageError
+
+
+def check_output_folder(path: str | os.PathLike[str], argument: str) -> Path:
+    """A folder a command will write into: existing and writable, or creatable (its nearest existing ancestor is a
+    writable folder).  Checked before any work, so a command never fails at its last step for want of a folder.
+
+    Raises:
+        UsageError: naming ``argument``: an empty path, a file, a path under a file, or a folder without write
+            permission.
+    """
+    text = os.fspath(path)
+    if not text.strip():
+        raise UsageError(argument, "expected a folder, got an empty path")
+    target = Path(text)
+    try:
+        if target.exists():
+            if not target.is_dir():
+                raise UsageError(argument, f"{target} is a file; expected a folder to write into")
+            if not os.access(target, os.W_OK | os.X_OK):
+                raise UsageError(argument, f"{target} is not writable")
+            return target
+        ancestor = target.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UsageError(argument, f"{target} lies under the file {ancestor}; expected a folder to write into")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UsageError(argument, f"{target} cannot be created: {ancestor} is not writable")
+    except OSError as error:  # a name too long, a folder that cannot be searched
+        raise UsageError(argument, f"{text[:80]}{'…' if len(text) > 80 else ''}: {error.strerror or error}") from None
+    return target
+
+
+def check_checkpoint_folder(path: str | os.PathLike[str], argument: str, *, weights: bool = True) -> Path:
+    """A local checkpoint folder: config.json and (with ``weights``) a weights file; moepatch never downloads.
+
+    Raises:
+        UsageError: naming ``argument`` and what is missing.
+    """
+    text = os.fspath(path)
+    if not text.strip():
+        raise UsageError(argument, "expected a checkpoint folder, got an empty path")
+    folder = Path(text)
+    try:
+        if not folder.exists():
+            raise UsageError(argument, f"no checkpoint folder at {text!r} (moepatch reads local folders only)")
+        if not folder.is_dir():
+            raise UsageError(argument, f"{text!r} is a file; expected a checkpoint folder with config.json")
+        if not (folder / "config.json").is_file():
+            raise UsageError(argument, f"{text!r} has no config.json; expected a checkpoint folder")
+        if weights and not has_weights(folder):
+            raise UsageError(argument, f"{text!r} holds no weights (no *.safetensors or pytorch_model*.bin)")
+    except OSError as error:
+        raise UsageError(argument, f"{text[:80]}{'…' if len(text) > 80 else ''}: {error.strerror or error}") from None
+    return folder
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+"""Files one of which a loadable checkpoint folder holds."""
+
+
+def has_weights(folder: str | os.PathLike[str]) -> bool:
+    """``folder`` holds a weights file (:data:`WEIGHT_PATTERNS`)."""
+    return any(next(Path(folder).glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS)
+
+
+def is_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """``path`` is ``folder`` or lies inside it (after resolving links)."""
+    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    return resolved == root or root in resolved.parents
