@@ -27,8 +27,8 @@ from bench_forward import make_batch
 from bench_forward import synchronize
 
 import moepatch
+from model_patches.structure import describe
 from moepatch import tiny
-from moepatch.adapter import describe
 from moepatch.profiling import profile_coactivation
 
 

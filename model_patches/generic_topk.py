@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moepatch.registry import register
-from moepatch.routing import probe_router
-from moepatch.spec import FamilySpec
-from moepatch.spec import RoutingRule
+from model_patches.registry import register
+from model_patches.routing_rule import probe_router
+from model_patches.spec import FamilySpec
+from model_patches.spec import RoutingRule
 
 _ROUTER_INT_ATTRS = ("top_k", "num_experts", "hidden_dim")
 

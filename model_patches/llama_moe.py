@@ -11,10 +11,10 @@ is recognised by the same class names; as it has no ``select_experts`` seam, a r
 ``forward`` (which routes through the seam) onto its gate instances, after checking their published attributes.
 """
 
-from moepatch.registry import register
-from moepatch.spec import FamilySpec
-from moepatch.spec import RouterOutput
-from moepatch.spec import RoutingRule
+from model_patches.registry import register
+from model_patches.spec import FamilySpec
+from model_patches.spec import RouterOutput
+from model_patches.spec import RoutingRule
 
 LLAMA_MOE = register(
     FamilySpec(

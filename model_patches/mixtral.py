@@ -6,9 +6,9 @@ renormalised over the k, weights kept in float32.  Optional input jitter (traini
 before the router and is left alone.  Experts ``mlp.experts``: fused ``gate_up_proj [E, 2I, H]``, ``down_proj``.
 """
 
-from moepatch.registry import register
-from moepatch.spec import FamilySpec
-from moepatch.spec import RoutingRule
+from model_patches.registry import register
+from model_patches.spec import FamilySpec
+from model_patches.spec import RoutingRule
 
 MIXTRAL = register(
     FamilySpec(

@@ -9,10 +9,10 @@ overrides act on the MLP mixture only.  MoLM's own aux loss (``mi`` / ``switch``
 chosen experts, so it already follows any override.
 """
 
-from moepatch.registry import register
-from moepatch.spec import FamilySpec
-from moepatch.spec import RouterOutput
-from moepatch.spec import RoutingRule
+from model_patches.registry import register
+from model_patches.spec import FamilySpec
+from model_patches.spec import RouterOutput
+from model_patches.spec import RoutingRule
 
 MODULEFORMER = register(
     FamilySpec(

@@ -7,9 +7,9 @@ Qwen1.5-MoE-A2.7B), weights cast back to the logits' dtype.  Experts ``mlp.exper
 [E, 2I, H]`` and ``down_proj [E, H, I]``.  A sigmoid-gated shared expert runs on every token.
 """
 
-from moepatch.registry import register
-from moepatch.spec import FamilySpec
-from moepatch.spec import RoutingRule
+from model_patches.registry import register
+from model_patches.spec import FamilySpec
+from model_patches.spec import RoutingRule
 
 QWEN2_MOE = register(
     FamilySpec(

@@ -11,10 +11,10 @@ from moepatch.compat import check_versions as _check_versions
 
 _check_versions()
 
+from model_patches.structure import MoELayer  # noqa: E402
+from model_patches.structure import MoEModel  # noqa: E402
+from model_patches.structure import describe  # noqa: E402
 from moepatch._version import __version__  # noqa: E402
-from moepatch.adapter import MoELayer  # noqa: E402
-from moepatch.adapter import MoEModel  # noqa: E402
-from moepatch.adapter import describe  # noqa: E402
 from moepatch.config import MoePatchConfig  # noqa: E402
 from moepatch.config import RoutingStatsConfig  # noqa: E402
 from moepatch.config import write_config  # noqa: E402

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moepatch.adapter import MoEModel
+from model_patches.structure import MoEModel
 from moepatch.undo import UndoLog
 
 

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moepatch.adapter import MoEModel
-from moepatch.adapter import device_of
+from model_patches.structure import MoEModel
+from model_patches.structure import device_of
 from moepatch.aux_loss import install_actual_choice_aux_loss
 from moepatch.config import C2RConfig
 from moepatch.routing import override_selection

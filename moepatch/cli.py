@@ -133,7 +133,7 @@ def non_empty_text(text: str) -> str:
 
 def _structure(path: Path, trust_remote_code: bool = False) -> Any:
     """The checkpoint's MoE structure from a weightless skeleton: checks arguments without loading weights."""
-    from moepatch.adapter import describe
+    from model_patches.structure import describe
 
     return describe(_skeleton(str(path), trust_remote_code)[1], verify=False)
 
@@ -186,7 +186,7 @@ def _skeleton(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]
 def _checked_block(checkpoint: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """The checkpoint's structure, with its own moepatch block and C2R fields planned on the skeleton: a broken
     block is reported naming config.json before any weight is loaded.  Returns ``(config, moe)``."""
-    from moepatch.adapter import describe
+    from model_patches.structure import describe
     from moepatch.config import MoePatchConfig
     from moepatch.patch import plan_patch
 
@@ -243,7 +243,7 @@ def _print_lora_targets(config: Any, targets: list[Any]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from moepatch.adapter import describe
+    from model_patches.structure import describe
     from moepatch.config import CONFIG_KEY
     from moepatch.config import MoePatchConfig
     from moepatch.errors import UnsupportedModelError

@@ -13,44 +13,22 @@ Loading is forward compatible: keys this version does not know (written by a new
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import fields
 from typing import Any
 
-from moepatch.errors import MoePatchWarning
+from moepatch.validation import Problems
+from moepatch.validation import is_int
+from moepatch.validation import warn_unknown
 
 CONFIG_KEY = "moepatch"
 FREEZE_MODES = ("router", "gate_substring")
 
 
-class _Problems:
-    """Collects every problem of one config so a user fixes them all in one go."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.messages.append(f"{path}: {message}")
-
-    def raise_if_any(self) -> None:
-        if self.messages:
-            raise ValueError("invalid moepatch config: " + "; ".join(self.messages))
-
-
-def _warn_unknown(data: dict[str, Any], known: set[str], path: str) -> None:
-    for key in data:
-        if key not in known:
-            warnings.warn(
-                f"{path}.{key}: unknown key, ignored (written by a newer moepatch? upgrade to use it)",
-                MoePatchWarning,
-                stacklevel=4,
-            )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_Problems = Problems
+_warn_unknown = warn_unknown
+_is_int = is_int
 
 
 @dataclass
@@ -244,7 +222,7 @@ class MoePatchConfig:
             if not isinstance(family, str):
                 problems.add(f"{path}.family", f"expected a family name, got {family!r}")
             else:
-                from moepatch import registry
+                from model_patches import registry
 
                 try:
                     registry.get_family(family)
@@ -308,7 +286,7 @@ class MoePatchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON block, stamped with this moepatch version; ``from_dict(to_dict())`` round-trips."""
-        from moepatch import __version__
+        from moepatch._version import __version__
 
         data: dict[str, Any] = {}
         if self.family is not None:

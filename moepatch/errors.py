@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from model_patches.errors import UnsupportedModelError
+
 DEBUG_ENV = "MOEPATCH_DEBUG"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -20,10 +22,6 @@ EXIT_USAGE = 2
 
 class MoePatchWarning(UserWarning):
     """A user-actionable warning from moepatch (unknown config keys, statistics that cannot be masked, ...)."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model is not one of the MoE families moepatch knows how to patch."""
 
 
 class UsageError(ValueError):

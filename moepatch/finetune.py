@@ -652,7 +652,7 @@ def prepare_config(model_args: ModelArguments) -> Any:
 
 def check_model_structure(model_args: ModelArguments, config: Any, *, probe_layers: list[int] | None = None) -> Any:
     """Check the model the run will load on a weightless (meta-device) skeleton built from ``config``; returns its
-    :class:`~moepatch.adapter.MoEModel`.
+    :class:`~model_patches.structure.MoEModel`.
 
     A model moepatch cannot patch (a dense model, top-k outside ``[1, num_experts]``), a moepatch block that does not
     fit the model (a C2R list of the wrong shape, ...) and ``probe_layers`` that are no MoE layers are found here,
@@ -668,8 +668,8 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moepatch.adapter import describe
-    from moepatch.adapter import resolve_layer_indices
+    from model_patches.structure import describe
+    from model_patches.structure import resolve_layer_indices
     from moepatch.config import MoePatchConfig
     from moepatch.errors import UnsupportedModelError
     from moepatch.patch import plan_patch
@@ -767,8 +767,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     from transformers import DataCollatorForSeq2Seq
     from transformers import set_seed
 
-    from moepatch.adapter import describe
-    from moepatch.adapter import resolve_layer_indices
+    from model_patches.structure import describe
+    from model_patches.structure import resolve_layer_indices
     from moepatch.data import load_source
     from moepatch.dynamic_sampling import ROUNDS_FILE
     from moepatch.dynamic_sampling import DynamicSamplingCallback

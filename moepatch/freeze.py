@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from moepatch.adapter import MoEModel
-from moepatch.adapter import attribute_path
+from model_patches.structure import MoEModel
+from model_patches.structure import attribute_path
 from moepatch.undo import UndoLog
 
 

@@ -30,7 +30,7 @@ LOADER_AUTO_MAP = {
 
 
 def _loader_source() -> str:
-    from moepatch import __version__
+    from moepatch._version import __version__
 
     template = resources.files("moepatch.templates").joinpath("moepatch_loader.py").read_text(encoding="utf-8")
     marker = 'REQUIRED_MOEPATCH = "0.0.0"  # replaced by `moepatch install`'
@@ -47,7 +47,7 @@ def check_installable(path: str | Path) -> None:
     """
     import torch
 
-    from moepatch.adapter import describe
+    from model_patches.structure import describe
     from moepatch.config import MoePatchConfig
     from moepatch.loading import load_config
     from moepatch.patch import plan_patch

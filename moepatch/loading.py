@@ -14,8 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from moepatch.models.autopatch import AppliesMoePatchOnLoad
-
 LOADER_MODULE = "moepatch_loader"
 
 _NOT_FOR_LOCAL_CLASSES = ("trust_remote_code", "code_revision", "adapter_kwargs")
@@ -74,7 +72,7 @@ def from_pretrained(
             f"({type(config).__name__}); supported by transformers or registered by moepatch"
         )
     model_class = mapping[type(config)]
-    if issubclass(model_class, AppliesMoePatchOnLoad):  # moepatch's own classes apply on load; say whether
+    if getattr(model_class, "applies_moepatch_on_load", False):  # moepatch's own classes apply on load
         kwargs["moepatch_apply"] = False
     loaded = model_class.from_pretrained(path, *model_args, config=config, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)

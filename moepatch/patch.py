@@ -21,9 +21,9 @@ from typing import Any
 
 from torch import nn
 
-from moepatch.adapter import MoEModel
-from moepatch.adapter import describe
-from moepatch.adapter import resolve_layer_indices
+from model_patches.structure import MoEModel
+from model_patches.structure import describe
+from model_patches.structure import resolve_layer_indices
 from moepatch.c2r import C2RPlan
 from moepatch.c2r import install_c2r
 from moepatch.c2r import plan_c2r
@@ -47,7 +47,7 @@ class PatchHandle:
     Attributes:
         model: the model as given to :func:`apply`.
         config: the validated :class:`~moepatch.config.MoePatchConfig` in force.
-        moe_model: the resolved :class:`~moepatch.adapter.MoEModel` (``None`` for an empty handle of an
+        moe_model: the resolved :class:`~model_patches.structure.MoEModel` (``None`` for an empty handle of an
             unsupported model under ``strict=False``).
         frozen_parameters: qualified names of the parameters frozen by ``freeze_gate``.
         recorder: the :class:`~moepatch.recorder.RoutingRecorder` started by ``routing_stats`` (or ``None``).

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from moepatch.adapter import MoEModel
-from moepatch.adapter import attribute_path
-from moepatch.adapter import describe
+from model_patches.structure import MoEModel
+from model_patches.structure import attribute_path
+from model_patches.structure import describe
 from moepatch.config import CONFIG_KEY
 
 PERMUTATION_FILE = "expert_permutation.json"

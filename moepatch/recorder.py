@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from moepatch.adapter import MoEModel
-from moepatch.adapter import describe
-from moepatch.adapter import device_of
-from moepatch.adapter import resolve_layer_indices
+from model_patches.structure import MoEModel
+from model_patches.structure import describe
+from model_patches.structure import device_of
+from model_patches.structure import resolve_layer_indices
 from moepatch.compat import current_backward_task_id
 from moepatch.errors import MoePatchWarning
 
@@ -304,7 +304,7 @@ class RoutingRecorder:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable statistics."""
-        from moepatch import __version__
+        from moepatch._version import __version__
 
         data = {
             "moepatch_version": __version__,

@@ -2,7 +2,8 @@
 
 Every supported family hands ``(router_logits, top_k_weights, top_k_index)`` from its router module to its experts
 module.  moepatch changes routing in exactly one way: it replaces the router *instance's* ``forward`` with
-:func:`routed_forward`, which reproduces the family's routing rule (:class:`~moepatch.spec.RoutingRule`) bit for bit
+:func:`routed_forward`, which reproduces the family's routing rule (:class:`~model_patches.spec.RoutingRule`, applied by
+:func:`model_patches.routing_rule.route`) bit for bit
 and delegates only the **selection step** (probabilities ``[N, E]`` → ``k`` experts) to an
 :data:`ExpertSelector`.  With :func:`select_topk` as the selector the patched router is bit-identical to the
 original (tested per family); C2R swaps in a collaboration-constrained selector.
@@ -19,62 +20,23 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model_patches.routing_rule import ExpertSelector
+from model_patches.routing_rule import route
+from model_patches.routing_rule import select_topk
+
 if TYPE_CHECKING:
-    from moepatch.adapter import MoELayer
-    from moepatch.adapter import MoEModel
-    from moepatch.spec import FamilySpec
+    from model_patches.spec import FamilySpec
+    from model_patches.structure import MoELayer
+    from model_patches.structure import MoEModel
     from moepatch.undo import UndoLog
 
-ExpertSelector = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
-"""``selector(probs [N, E] float32, k) -> (chosen_probs [N, k], chosen_index [N, k] int64)``.
-
-``chosen_probs`` must be ``probs`` gathered at ``chosen_index``; renormalisation and the dtype cast are applied
-afterwards by the family's routing rule, exactly as the unpatched router does.
-"""
-
 SelectorFactory = Callable[["MoELayer"], ExpertSelector]
-"""Builds the selector of one MoE layer (C2R needs the layer's own collaboration table)."""
+"""Builds the selection step of one MoE layer (C2R needs the layer's own collaboration table)."""
 
-
-def select_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vanilla top-k selection, the step every supported router performs."""
-    return torch.topk(probs, k, dim=-1)
-
-
-def route(
-    hidden_states: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    top_k: int,
-    renormalize: bool,
-    weights_dtype: str,
-    selector: ExpertSelector = select_topk,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference routing: logits → float32 softmax over all experts → selection → optional renorm → cast.
-
-    Args:
-        hidden_states (`torch.Tensor` of shape `[N, H]`): flattened tokens fed to the router.
-        weight (`torch.Tensor` of shape `[E, H]`): the router weight.
-        top_k (`int`): experts per token.
-        renormalize (`bool`): divide the chosen probabilities by their sum.
-        weights_dtype (`str`): ``"logits"`` to cast the weights to the logits' dtype, ``"float32"`` to keep them.
-        selector (`ExpertSelector`, *optional*, defaults to `select_topk`): the selection step.
-
-    Returns:
-        `(router_logits [N, E], top_k_weights [N, k], top_k_index [N, k])`, the transformers 5 router contract.
-    """
-    router_logits = F.linear(hidden_states, weight)  # [N, E]
-    router_probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)  # [N, E] float32
-    top_value, top_index = selector(router_probs, top_k)  # [N, k], [N, k]
-    if renormalize:
-        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-    if weights_dtype == "logits":
-        top_value = top_value.to(router_logits.dtype)
-    return router_logits, top_value, top_index
-
+__all__ = ["ExpertSelector", "SelectorFactory", "override_selection", "route", "routed_forward", "seam_donor",
+           "select_topk", "selection_seam_problem"]
 
 def routed_forward(
     router: nn.Module, *, top_k: int, hidden_dim: int, renormalize: bool, weights_dtype: str, selector: ExpertSelector
@@ -147,37 +109,4 @@ def selection_seam_problem(spec: FamilySpec, router: nn.Module) -> str | None:
     if problem is not None:
         name, method = type(router).__name__, spec.selection_method
         return f"{name} has no `{method}` step and moepatch's gate cannot stand in for it: {problem}"
-    return None
-
-
-def probe_router(router: nn.Module, *, top_k: int, hidden_dim: int, tokens: int = 16) -> str | None:
-    """Check that ``router`` follows the softmax → top-k contract; return a problem description or ``None``.
-
-    Runs the router class's own ``forward`` on a few random tokens (no gradient, no hooks, ignoring any instance
-    override such as a routing patch) and compares with :func:`route`, renormalised iff ``norm_topk_prob``.  Used to
-    admit routers of families moepatch has no file for.
-    """
-    weight = getattr(router, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
-        return "router has no materialised 2-D `weight` (a partitioned ZeRO-3 router cannot be probed)"
-    if weight.device.type == "meta":
-        return "router weight is on the meta device"
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(tokens, hidden_dim, generator=generator).to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        try:
-            output = type(router).forward(router, hidden)
-        except Exception as error:  # a router with another signature is simply not this contract
-            return f"router forward failed on [tokens, hidden] input: {error!r}"
-        if not (isinstance(output, tuple) and len(output) == 3):
-            return "router does not return (logits, weights, indices)"
-        logits, weights, indices = output
-        renormalize = bool(getattr(router, "norm_topk_prob", False))
-        _, ref_weights, ref_indices = route(
-            hidden, weight, top_k=top_k, renormalize=renormalize, weights_dtype="logits"
-        )
-        if indices.shape != ref_indices.shape or not torch.equal(indices, ref_indices):
-            return "router's chosen experts differ from softmax → top-k"
-        if weights.dtype != ref_weights.dtype or not torch.allclose(weights, ref_weights, atol=1e-6, rtol=1e-5):
-            return "router's expert weights differ from the softmax probabilities (renormalised per norm_topk_prob)"
     return None

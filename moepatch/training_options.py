@@ -3,7 +3,7 @@
 The dynamic-mixing paper keeps the model's gate noise and balance loss while the gates are frozen, and ablates each
 (Dynamic Data Mixing, Zhu et al., 2024, Table 3; the official code switches them with ``--additional_config``
 JSON merged into config.json).  Each
-family declares in :attr:`moepatch.spec.FamilySpec.training_switches` which config.json field carries which option,
+family declares in :attr:`model_patches.spec.FamilySpec.training_switches` which config.json field carries which option,
 so a run says ``balance_loss=False`` instead of knowing that LLaMA-MoE calls it ``gate_use_balance`` and Qwen2-MoE
 adds its balance loss only when ``output_router_logits`` is on.  The options are config fields read when the model is
 built, so they are applied to the config *before* loading (:func:`apply_training_options`), never to a live model.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moepatch import registry
-from moepatch.spec import FamilySpec
+from model_patches import registry
+from model_patches.spec import FamilySpec
 
 TRAINING_OPTIONS: dict[str, type] = {"gate_noise": bool, "balance_loss": bool, "aux_loss_coef": float}
 """Option name → value type."""

@@ -1,11 +1,62 @@
-"""Shared validation helpers: every config block and argument check uses these (a leaf module: imports no feature)."""
+"""Shared validation helpers: every config block and argument check uses these (a leaf module: imports no feature).
+
+Config blocks collect all their problems in a :class:`Problems` and raise one ``ValueError`` naming every bad field;
+unknown keys (written by a newer moepatch) warn and are ignored.  Commands check their paths with
+:func:`check_checkpoint_folder` and :func:`check_output_folder` before any work.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
+from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
+
+
+class Problems:
+    """Collects every problem of one config so a user fixes them all in one go."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        """Record ``message`` about the field at ``path`` (``moepatch.c2r.top_t``)."""
+        self.messages.append(f"{path}: {message}")
+
+    def raise_if_any(self) -> None:
+        """Raise one ``ValueError`` naming every recorded field."""
+        if self.messages:
+            raise ValueError("invalid moepatch config: " + "; ".join(self.messages))
+
+
+def warn_unknown(data: dict[str, Any], known: set[str], path: str) -> None:
+    """Warn (and ignore) each key of ``data`` that is not in ``known``: forward compatibility with newer versions."""
+    for key in data:
+        if key not in known:
+            warnings.warn(
+                f"{path}.{key}: unknown key, ignored (written by a newer moepatch? upgrade to use it)",
+                MoePatchWarning,
+                stacklevel=4,
+            )
+
+
+def is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (JSON's ``true`` is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A number (not a bool) that is neither NaN nor infinite."""
+    return is_number(value) and math.isfinite(value)
 
 
 def check_output_folder(path: str | os.PathLike[str], argument: str) -> Path:

@@ -20,8 +20,8 @@ from routing_reference import moe_routers
 from test_patch import _state
 
 import moepatch
+from model_patches.structure import describe
 from moepatch import tiny
-from moepatch.adapter import describe
 
 random_list = tiny.random_collaborative_list
 

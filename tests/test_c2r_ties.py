@@ -13,8 +13,8 @@ from conftest import logits_of
 from family_facts import family_of
 
 import moepatch
+from model_patches.structure import describe
 from moepatch import tiny
-from moepatch.adapter import describe
 from moepatch.c2r import allowed_table
 from moepatch.c2r import constrained_top_k_plus_one
 from moepatch.c2r import constrained_topk

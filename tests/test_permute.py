@@ -17,8 +17,8 @@ from test_c2r import random_list
 from transformers import AutoModelForCausalLM
 
 import moepatch
+from model_patches.structure import describe
 from moepatch import tiny
-from moepatch.adapter import describe
 from moepatch.permute import permute_experts
 from moepatch.permute import renumber_collaborative_list
 from moepatch.permute import write_permuted_checkpoint

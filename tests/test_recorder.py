@@ -11,8 +11,8 @@ from routing_reference import moe_routers
 from routing_reference import reference_counts
 
 import moepatch
+from model_patches.structure import describe
 from moepatch import tiny
-from moepatch.adapter import describe
 from moepatch.undo import UndoLog
 
 

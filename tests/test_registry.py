@@ -13,12 +13,12 @@ from family_facts import renormalizes
 from torch import nn
 
 import model_patches
-from moepatch import registry
+from model_patches import registry
+from model_patches.spec import FamilySpec
+from model_patches.spec import RoutingRule
+from model_patches.structure import describe
 from moepatch import tiny
-from moepatch.adapter import describe
 from moepatch.errors import UnsupportedModelError
-from moepatch.spec import FamilySpec
-from moepatch.spec import RoutingRule
 
 EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
                    "llama_moe": "llama_moe", "moduleformer": "moduleformer"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import logits_of
 
+from model_patches.structure import describe
 from moepatch import tiny
-from moepatch.adapter import describe
 from moepatch.routing import override_selection
 from moepatch.routing import select_topk
 from moepatch.undo import UndoLog

@@ -11,13 +11,12 @@ from pathlib import Path
 
 from torch import nn
 
+from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.inject import lora_state_dict
 from moepatch.lora_experts.layers import ExpertRouter
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
-
-WEIGHTS_NAME = "lora_experts.safetensors"
 
 
 def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIGHTS_NAME) -> Path:

@@ -16,6 +16,11 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from moepatch.validation import warn_unknown
+
+WEIGHTS_NAME = "lora_experts.safetensors"
+"""The file beside a checkpoint that holds its trained LoRA experts (``save_pretrained`` writes it)."""
+
 METHODS = ("molora", "mov", "mola")
 ROUTER_INITS = ("normal_0.02", "kaiming")
 REDUCTIONS = ("mean", "sum")
@@ -64,9 +69,7 @@ class LoraExpertsConfig:
         if not isinstance(data, dict):
             problems.add(path, f"expected an object with a 'method', got {data!r}")
             return None
-        from moepatch.config import _warn_unknown
-
-        _warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "alpha", "dropout",
+        warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "alpha", "dropout",
                              "router_init", "balance_loss", "z_loss_coef", "train_base", "weights"}, path)
         method = data.get("method")
         if method not in METHODS:

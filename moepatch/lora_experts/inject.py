@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moepatch.adapter import MoEModel
+from model_patches.structure import MoEModel
 from moepatch.lora_experts.config import PER_EXPERT_RANK
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.config import read_spec_file
@@ -365,7 +365,7 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
     block pointing at it.  A ``state_dict`` passed to ``save_pretrained`` (DeepSpeed ZeRO-3 gathers one) is used.
     """
     from moepatch.config import CONFIG_KEY
-    from moepatch.lora_experts import WEIGHTS_NAME
+    from moepatch.lora_experts.config import WEIGHTS_NAME
 
     keys = set(lora_state_dict(model))
     ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | keys

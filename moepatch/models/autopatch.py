@@ -15,6 +15,9 @@ from typing import Any
 class AppliesMoePatchOnLoad:
     """Mixin for moepatch-native ``*ForCausalLM`` classes (put it first in the bases)."""
 
+    applies_moepatch_on_load = True
+    """Marker read by :func:`moepatch.loading.from_pretrained` (which then asks this class not to apply twice)."""
+
     @classmethod
     def from_pretrained(cls, *args: Any, moepatch_apply: bool = True, **kwargs: Any) -> Any:
         from moepatch.loading import drop_loader_auto_map

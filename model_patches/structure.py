@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moepatch import registry
-from moepatch.errors import UnsupportedModelError
-from moepatch.spec import FamilySpec
+from model_patches import registry
+from model_patches.errors import UnsupportedModelError
+from model_patches.spec import FamilySpec
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class MoELayer:
 
 @dataclass(frozen=True)
 class MoEModel:
-    """The MoE structure of one model instance, as seen through its :class:`~moepatch.spec.FamilySpec`."""
+    """The MoE structure of one model instance, as seen through its :class:`~model_patches.spec.FamilySpec`."""
 
     family: FamilySpec
     root: nn.Module
@@ -183,7 +183,13 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
             return result
         forced = f" (the family was forced by moepatch.family = {family!r})" if family is not None else ""
         reasons.append(f"{spec.name}: {result}{forced}")
-    from moepatch import __version__
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version
+
+    try:
+        __version__ = version("moepatch")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        __version__ = "(source)"
 
     raise UnsupportedModelError(
         f"moepatch {__version__} cannot patch {type(inner).__name__} (model_type={model_type!r}): "

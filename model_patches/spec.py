@@ -4,7 +4,7 @@ A family file in ``model_patches/`` says *where* things are (the decoder's layer
 layer, the router and the experts inside the block), *which classes* mark a sparse block, and *how the router
 routes* (probabilities over all experts, top-k, whether the k weights are renormalised, their dtype).  Features in
 ``moepatch/`` (gate freezing, routing statistics, routing overrides such as C2R) never name a family: they read a
-:class:`FamilySpec` through :func:`moepatch.adapter.describe`.
+:class:`FamilySpec` through :func:`model_patches.structure.describe`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class FamilySpec:
     selection_method: str | None = None
     """Name of the router's own selection method ``(probs [N, E], k) -> (values [N, k], indices [N, k])``, for
     families whose router has that seam (ModuleFormer's ``select_experts``): a routing override replaces that method
-    on the instance.  ``None``: the router's ``forward`` is replaced by :func:`moepatch.routing.route`."""
+    on the instance.  ``None``: the router's ``forward`` is replaced by :func:`model_patches.routing_rule.route`."""
     selection_kind: Literal["probs_top_k", "logits_top_k_plus_one"] = "probs_top_k"
     """Contract of the selection step: ``"probs_top_k"``: ``(probs [N, E], k) -> (values [N, k], indices [N, k])``;
     ``"logits_top_k_plus_one"`` (LLaMA-MoE's ``select_experts``): ``(logits [N, E]) -> (top_logits [N, k+1],

@@ -1,20 +1,18 @@
 """Registry of model families, keyed by name and scoped by ``config.model_type``.
 
-Family files in ``model_patches/`` call :func:`register` at import; the registry imports that package lazily on
-first use, so ``import moepatch`` stays cheap.  A family claims ``model_type`` values exactly; a model whose
-``model_type`` no family claims may still be handled by a *fallback* family (the generic top-k router description),
-which checks the model's structure and probes its routers before accepting it.
+Family files in ``model_patches/`` call :func:`register` at import; ``import model_patches`` imports every family
+file, so the registry is complete whenever the package is (callers go through the package:
+``model_patches.get_family``).  A family claims ``model_type`` values exactly; a model whose ``model_type`` no
+family claims may still be handled by a *fallback* family (the generic top-k router description), which checks the
+model's structure and probes its routers before accepting it.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from moepatch.spec import FamilySpec
+from model_patches.spec import FamilySpec
 
 _FAMILIES: dict[str, FamilySpec] = {}
 _FALLBACKS: list[str] = []
-_loaded = False
 
 
 def register(spec: FamilySpec, *, fallback: bool = False) -> FamilySpec:
@@ -31,22 +29,13 @@ def register(spec: FamilySpec, *, fallback: bool = False) -> FamilySpec:
     return spec
 
 
-def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        importlib.import_module("model_patches")
-
-
 def families() -> dict[str, FamilySpec]:
     """All registered families by name."""
-    _ensure_loaded()
     return dict(_FAMILIES)
 
 
 def get_family(name: str) -> FamilySpec:
     """The family called ``name``; ``ValueError`` naming the field ``moepatch.family`` otherwise."""
-    _ensure_loaded()
     if name not in _FAMILIES:
         raise ValueError(f"moepatch.family: unknown family {name!r}; known families: {sorted(_FAMILIES)}")
     return _FAMILIES[name]
@@ -54,7 +43,6 @@ def get_family(name: str) -> FamilySpec:
 
 def family_for_model_type(model_type: str | None) -> FamilySpec | None:
     """The family that claims ``model_type``, or ``None``."""
-    _ensure_loaded()
     for spec in _FAMILIES.values():
         if spec.claims(model_type):
             return spec
@@ -63,13 +51,11 @@ def family_for_model_type(model_type: str | None) -> FamilySpec | None:
 
 def fallback_families() -> list[FamilySpec]:
     """Families tried, in registration order, for a ``model_type`` nobody claims."""
-    _ensure_loaded()
     return [_FAMILIES[name] for name in _FALLBACKS]
 
 
 def supported_summary() -> str:
     """One line naming every family and the model types it claims (for error messages)."""
-    _ensure_loaded()
     parts = []
     for spec in _FAMILIES.values():
         claimed = ", ".join(spec.model_types) if spec.model_types else "structural match"
