@@ -28,8 +28,8 @@ from bench_forward import synchronize
 
 import moepatch
 from model_patches.structure import describe
-from moepatch import tiny
-from moepatch.profiling import profile_coactivation
+from moepatch.c2r.profiling import profile_coactivation
+from moepatch.testing import tiny
 
 
 def timed(device: torch.device, work: Callable[[], object]) -> float:
@@ -99,7 +99,7 @@ def counting_only(layers: int = 24, tokens: int = 8192, experts: int = 60, top_k
     """Seconds to count one batch's co-activations: the official per-token loop vs the recorder's batched flush.
 
     Both get the same routed indices of ``layers`` layers (Qwen1.5-MoE shape); the recorder path is the real
-    :class:`~moepatch.recorder.RoutingRecorder` code, fed through its flush.
+    :class:`~moepatch.routing.recorder.RoutingRecorder` code, fed through its flush.
     """
     model = tiny.tiny_model("qwen2_moe", num_hidden_layers=layers, mlp_only_layers=[], num_experts=experts,
                             num_experts_per_tok=top_k)

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from transformers import Qwen2MoeConfig
 
 import moepatch
-from moepatch import tiny
+from moepatch.testing import tiny
 
 PATCH = {"freeze_gate": "router", "routing_stats": {"layers": None}}
 

@@ -6,9 +6,9 @@ T = 5 (``topt_5``), and prints for 2 and 4 devices the mean over layers of the c
 token is sent to under per-device de-duplicated dispatch) for:
 
 * the contiguous placement (experts ``0..E/D-1`` on device 0, ...);
-* :func:`moepatch.placement.plan_placement` (exact search for 8 experts), with its planning time for all layers;
+* :func:`moepatch.c2r.placement.plan_placement` (exact search for 8 experts), with its planning time for all layers;
 * the heuristic alone (``exhaustive_limit=0``), with its planning time;
-* the exhaustive optimum (:func:`moepatch.placement.exhaustive_placement`).
+* the exhaustive optimum (:func:`moepatch.c2r.placement.exhaustive_placement`).
 
 Part 2 times the heuristic on synthetic Qwen-sized layers (E = 60, top-4) and E = 64 (top-8 style fine-grained
 MoE) for 24 layers.  Each layer's matrix is profiled from sampled routing with latent structure, so there is a
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moepatch import collaboration_io
-from moepatch import placement
+from moepatch.c2r import matrices as collaboration_io
+from moepatch.c2r import placement
 
 DATA_FILE = Path(__file__).resolve().parents[1] / "data" / "c2r-moe" / "llama-moe-v1-3_5b-2_8.collaboration.json"
 LABELS = {"base_collaboration": "base (vanilla)", "topt_5_collaboration": "topt_5 (C2R)"}

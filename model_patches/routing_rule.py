@@ -2,7 +2,7 @@
 
 :func:`route` is the reference every supported top-k router is equal to (the families' files declare their
 :class:`~model_patches.spec.RoutingRule`; the tests check each family's router against it), the body of the routing
-patch point in :mod:`moepatch.routing`, and the yardstick of :func:`probe_router`, which admits routers of families
+patch point in :mod:`moepatch.routing.seam`, and the yardstick of :func:`probe_router`, which admits routers of families
 that have no file of their own.
 """
 

@@ -41,7 +41,7 @@ class RoutingRule:
     """How a router turns logits into the k expert weights.
 
     The rule is always: probabilities = softmax over all ``E`` experts in float32; choose ``k`` experts (the
-    selection step, which :mod:`moepatch.routing` lets a feature replace); weights = the chosen probabilities,
+    selection step, which :mod:`moepatch.routing.seam` lets a feature replace); weights = the chosen probabilities,
     divided by their sum when ``renormalize`` holds; cast to ``weights_dtype``.
     """
 
@@ -130,7 +130,8 @@ class FamilySpec:
         ("aux_loss_coef", "router_aux_loss_coef"),
     )
     """``(option, config attribute)`` pairs: the config.json field behind each training option of
-    :mod:`moepatch.training_options` (``gate_noise``, ``balance_loss``, ``aux_loss_coef``) in this family.  An option
+    :mod:`moepatch.routing.training_options` (``gate_noise``, ``balance_loss``, ``aux_loss_coef``) in this
+    family.  An option
     the family does not list is refused.  transformers' MoE LMs add their balance loss only when
     ``output_router_logits`` is on, so that flag is their ``balance_loss`` switch."""
     gate_substring_note: str = ""

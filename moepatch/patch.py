@@ -10,6 +10,7 @@ Order of work, so that a failed ``apply`` never leaves a half-patched model:
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Iterator
@@ -23,17 +24,14 @@ from torch import nn
 
 from model_patches.structure import MoEModel
 from model_patches.structure import describe
-from model_patches.structure import resolve_layer_indices
-from moepatch.c2r import C2RPlan
-from moepatch.c2r import install_c2r
-from moepatch.c2r import plan_c2r
 from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UnsupportedModelError
-from moepatch.freeze import freeze
-from moepatch.freeze import parameters_to_freeze
-from moepatch.recorder import RoutingRecorder
+from moepatch.feature import Installed
+from moepatch.feature import Planned
+from moepatch.feature import feature_named
+from moepatch.feature import registered_features
 from moepatch.undo import UndoLog
 
 logger = logging.getLogger("moepatch")
@@ -49,22 +47,29 @@ class PatchHandle:
         config: the validated :class:`~moepatch.config.MoePatchConfig` in force.
         moe_model: the resolved :class:`~model_patches.structure.MoEModel` (``None`` for an empty handle of an
             unsupported model under ``strict=False``).
-        frozen_parameters: qualified names of the parameters frozen by ``freeze_gate``.
-        recorder: the :class:`~moepatch.recorder.RoutingRecorder` started by ``routing_stats`` (or ``None``).
-        c2r_routers: qualified names of the routers whose selection C2R constrains.
-        lora_targets: module paths that carry LoRA / (IA)³ experts.
+        installed: each installed feature's part, by feature name (:class:`~moepatch.feature.Installed`).
+
+    Each feature's part is also readable as attributes: ``frozen_parameters`` (``freeze_gate``), ``recorder``
+    (the :class:`~moepatch.routing.recorder.RoutingRecorder` of ``routing_stats``), ``c2r_routers`` (``c2r``),
+    ``lora_targets`` (``lora_experts``); a feature that is off gives its empty value (``[]`` / ``None``).
     """
 
     def __init__(self, model: nn.Module, config: MoePatchConfig, moe_model: MoEModel | None) -> None:
         self.model = model
         self.config = config
         self.moe_model = moe_model
-        self.frozen_parameters: list[str] = []
-        self.recorder: RoutingRecorder | None = None
-        self.c2r_routers: list[str] = []
-        self.lora_targets: list[str] = []
+        self.installed: dict[str, Installed] = {}
         self._undo = UndoLog()
         self._active = True
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "installed":
+            raise AttributeError(name)
+        for feature in registered_features():
+            if name in feature.handle_attributes:
+                part = self.installed.get(feature.name)
+                return part.attributes[name] if part is not None else copy.copy(feature.handle_attributes[name])
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def active(self) -> bool:
@@ -73,8 +78,8 @@ class PatchHandle:
 
     @property
     def is_empty(self) -> bool:
-        """True when this handle changed nothing in the model's behaviour."""
-        return not (self.frozen_parameters or self.recorder is not None or self.c2r_routers or self.lora_targets)
+        """True when this handle changed nothing in the model's behaviour (no feature changed anything)."""
+        return not any(part.changed for part in self.installed.values())
 
     def remove(self) -> None:
         """Undo every change of this apply, newest first; the model is exactly as before. Idempotent."""
@@ -91,25 +96,32 @@ class PatchHandle:
 
     def __repr__(self) -> str:
         family = self.moe_model.family.name if self.moe_model else None
-        return (
-            f"PatchHandle(family={family!r}, active={self._active}, frozen={len(self.frozen_parameters)}, "
-            f"routing_stats={self.recorder is not None}, c2r_layers={len(self.c2r_routers)}, "
-            f"lora_experts={len(self.lora_targets)})"
-        )
+        parts = [self.installed[feature.name].summary if feature.name in self.installed else feature.off_summary
+                 for feature in registered_features()]
+        return f"PatchHandle(family={family!r}, active={self._active}" + "".join(f", {p}" for p in parts) + ")"
 
 
 @dataclass
 class PatchPlan:
-    """What :func:`apply` will change, computed (and validated) before anything is changed."""
+    """What :func:`apply` will change, computed (and validated) before anything is changed: one
+    :class:`~moepatch.feature.Planned` per enabled feature, in install order."""
 
-    to_freeze: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-    stats_layers: list[int] | None = None
-    c2r: C2RPlan | None = None
-    lora_targets: list[Any] | None = None
-    lora_weights: dict[str, Any] | None = None
+    planned: dict[str, Planned] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        """The named feature's own plan (``plan["c2r"]``), or ``None`` when that feature is off."""
+        if feature_named(name) is None:
+            raise KeyError(f"no moepatch feature {name!r}")
+        planned = self.planned.get(name)
+        return planned.detail if planned is not None else None
+
+    def describe(self) -> list[str]:
+        """Each planned feature's description (``moepatch inspect``, the apply log)."""
+        return [feature_named(name).describe(planned) for name, planned in self.planned.items()]
 
 
-def _checkpoint_dir(model: nn.Module) -> Path | None:
+def checkpoint_folder(model: nn.Module) -> Path | None:
+    """The folder the model was loaded from, where features find files named relative to the checkpoint."""
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     return Path(name) if name and Path(name).is_dir() else None
 
@@ -117,21 +129,11 @@ def _checkpoint_dir(model: nn.Module) -> Path | None:
 def plan_patch(moe_model: MoEModel, config: MoePatchConfig) -> PatchPlan:
     """Validate ``config`` against ``moe_model`` and return the plan; ``ValueError`` naming the field otherwise."""
     plan = PatchPlan()
-    if config.c2r is not None:
-        plan.c2r = plan_c2r(moe_model, config.c2r, _checkpoint_dir(moe_model.inner))
-    if config.freeze_gate:
-        plan.to_freeze = parameters_to_freeze(moe_model, config.freeze_gate)
-    if config.lora_experts is not None:
-        from moepatch.lora_experts.inject import plan_lora_experts
-        from moepatch.lora_experts.inject import read_saved_lora_weights
-
-        folder = _checkpoint_dir(moe_model.inner)
-        plan.lora_targets = plan_lora_experts(moe_model, config.lora_experts, folder, f"{CONFIG_KEY}.lora_experts")
-        plan.lora_weights = read_saved_lora_weights(folder, config.lora_experts)
-    if config.routing_stats is not None and config.routing_stats.enabled:
-        plan.stats_layers = resolve_layer_indices(
-            moe_model, config.routing_stats.layers, f"{CONFIG_KEY}.routing_stats.layers"
-        )
+    folder = checkpoint_folder(moe_model.inner)
+    for feature in registered_features():
+        settings = config.features.get(feature.name)
+        if settings is not None:
+            plan.planned[feature.name] = feature.plan(moe_model, settings, folder)
     return plan
 
 
@@ -145,7 +147,7 @@ def _resolve_config(model: nn.Module, config: MoePatchConfig | dict[str, Any] | 
     if config is None:
         return MoePatchConfig.from_model(model)
     resolved = MoePatchConfig.from_dict(config)
-    resolved.add_official_c2r(getattr(model, "config", {}))  # an official C2R checkpoint keeps its routing
+    resolved.adopt_outside_block(getattr(model, "config", {}))  # an official C2R checkpoint keeps its routing
     return resolved
 
 
@@ -205,30 +207,15 @@ def apply(
     undo = handle._undo
     if config is not None:
         undo.set_attribute(model.config, CONFIG_KEY, cfg.to_dict())
-    if plan.to_freeze:
-        handle.frozen_parameters = freeze(plan.to_freeze, undo)
-    if plan.c2r is not None:
-        handle.c2r_routers = install_c2r(moe_model, plan.c2r, undo)
-    if plan.lora_targets is not None:
-        from moepatch.lora_experts.inject import install_lora_experts
-
-        install_lora_experts(moe_model, plan.lora_targets, cfg.lora_experts, undo, plan.lora_weights)
-        handle.lora_targets = [target.path for target in plan.lora_targets]
-    if plan.stats_layers is not None:
-        handle.recorder = RoutingRecorder(model, plan.stats_layers).start()
-        undo.add_callback(handle.recorder.stop)
+    for name, planned in plan.planned.items():
+        handle.installed[name] = feature_named(name).install(moe_model, planned, undo)
     undo.set_attribute(model, _HANDLE_ATTRIBUTE, handle)
     logger.info(
-        "moepatch: %s (%s), %d MoE layers; C2R on %d routers; froze %d parameters (%s); routing statistics on %s; "
-        "LoRA experts on %d modules",
+        "moepatch: %s (%s), %d MoE layers; %s",
         type(model).__name__,
         moe_model.family.name,
         len(moe_model.layers),
-        len(handle.c2r_routers),
-        len(handle.frozen_parameters),
-        cfg.freeze_gate,
-        plan.stats_layers or "no layers",
-        len(handle.lora_targets),
+        "; ".join(line.splitlines()[0] for line in plan.describe()) or "no feature enabled",
     )
     return handle
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moepatch.profiling import CoactivationProfile
-from moepatch.recorder import RoutingRecorder
+from moepatch.c2r.profiling import CoactivationProfile
+from moepatch.routing.recorder import RoutingRecorder
 
 
 def _save(figure: object, path: str | Path, dpi: int) -> Path:

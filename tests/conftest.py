@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from moepatch import tiny
+from moepatch.testing import tiny
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

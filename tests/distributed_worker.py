@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import moepatch
-from moepatch import tiny
+from moepatch.testing import tiny
 
 TEXTS = list(tiny.DEMO_TEXTS) + list(tiny.CORPUS[:4])
 

@@ -21,7 +21,7 @@ from test_patch import _state
 
 import moepatch
 from model_patches.structure import describe
-from moepatch import tiny
+from moepatch.testing import tiny
 
 random_list = tiny.random_collaborative_list
 
@@ -350,7 +350,7 @@ def test_c2r_false_switches_official_fields_off(batch):
 def test_llama_moe_rule_gives_k_plus_one_candidates(num_experts, top_k, top_t):
     """The official LLaMA-MoE rule: [e1, the k best of row[:T]] (T = 1: [e1, row[0], row[1]]), logits gathered,
     best first."""
-    from moepatch.c2r import constrained_top_k_plus_one
+    from moepatch.c2r.selection import constrained_top_k_plus_one
 
     ranking = random_list(1, num_experts, seed=top_t)[0]
     width = 2 if top_t == 1 else top_t

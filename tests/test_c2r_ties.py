@@ -14,10 +14,10 @@ from family_facts import family_of
 
 import moepatch
 from model_patches.structure import describe
-from moepatch import tiny
-from moepatch.c2r import allowed_table
-from moepatch.c2r import constrained_top_k_plus_one
-from moepatch.c2r import constrained_topk
+from moepatch.c2r.selection import allowed_table
+from moepatch.c2r.selection import constrained_top_k_plus_one
+from moepatch.c2r.selection import constrained_topk
+from moepatch.testing import tiny
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 from transformers import LlamaConfig
 
-from moepatch import tiny
+from moepatch.testing import tiny
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM
 from transformers import LlamaConfig
 
 from moepatch import cli
-from moepatch import tiny
-from moepatch.install import install
-from moepatch.profiling import CoactivationProfile
+from moepatch.c2r.profiling import CoactivationProfile
+from moepatch.loading.install import install
+from moepatch.testing import tiny
 
 
 class RunsCode:

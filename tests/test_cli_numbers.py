@@ -17,10 +17,10 @@ from family_facts import moe_routers
 from family_facts import selection_probabilities
 
 from moepatch import cli
-from moepatch import tiny
-from moepatch.profiling import CoactivationProfile
-from moepatch.profiling import corpus_batches
-from moepatch.profiling import profile_coactivation
+from moepatch.c2r.profiling import CoactivationProfile
+from moepatch.c2r.profiling import corpus_batches
+from moepatch.c2r.profiling import profile_coactivation
+from moepatch.testing import tiny
 
 EP_SIZE = 2
 

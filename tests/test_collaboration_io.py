@@ -17,7 +17,7 @@ from real_data import LLAMA_MOE_MATRICES
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moepatch import collaboration_io
+from moepatch.c2r import matrices as collaboration_io
 
 DATA_FILE = LLAMA_MOE_MATRICES
 

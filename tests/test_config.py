@@ -13,8 +13,8 @@ from transformers import AutoConfig
 from transformers import AutoModelForCausalLM
 
 import moepatch
-from moepatch import tiny
 from moepatch.config import MoePatchConfig
+from moepatch.testing import tiny
 
 # (config block, field the error must name) — each applied to a tiny Qwen2-MoE (4 layers, layer 1 dense).
 BAD_INPUTS = [

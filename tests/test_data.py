@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from moepatch import tiny
-from moepatch.data import IGNORE_INDEX
-from moepatch.data import encode_messages
-from moepatch.data import load_source
-from moepatch.data import read_jsonl
-from moepatch.data import to_messages
+from moepatch.mixing.instruction_data import IGNORE_INDEX
+from moepatch.mixing.instruction_data import encode_messages
+from moepatch.mixing.instruction_data import load_source
+from moepatch.mixing.instruction_data import read_jsonl
+from moepatch.mixing.instruction_data import to_messages
+from moepatch.testing import tiny
 
 FASTCHAT = {"system_prompt": "Be brief.", "conversations": [
     {"from": "human", "value": "What routes tokens?"}, {"from": "gpt", "value": "The router."},

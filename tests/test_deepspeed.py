@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moepatch import tiny
+from moepatch.testing import tiny
 
 pytest.importorskip("deepspeed", reason="pip install moepatch[deepspeed] (the test extra includes it)")
 

@@ -15,7 +15,7 @@ from routing_reference import capture_router_inputs
 from routing_reference import moe_routers
 from routing_reference import reference_counts
 
-from moepatch import tiny
+from moepatch.testing import tiny
 
 
 def _free_port() -> int:

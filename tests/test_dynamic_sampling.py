@@ -10,13 +10,13 @@ from transformers import DataCollatorForSeq2Seq
 from transformers import TrainerCallback
 from transformers import TrainingArguments
 
-from moepatch import tiny
-from moepatch.dynamic_sampling import DynamicSamplingArguments
-from moepatch.dynamic_sampling import DynamicSamplingCallback
-from moepatch.dynamic_sampling import MixtureTrainer
-from moepatch.dynamic_sampling import sampling_horizon
-from moepatch.mixture import DynamicMixtureSampler
-from moepatch.mixture import MixtureDataset
+from moepatch.mixing.callback import DynamicSamplingArguments
+from moepatch.mixing.callback import DynamicSamplingCallback
+from moepatch.mixing.callback import MixtureTrainer
+from moepatch.mixing.callback import sampling_horizon
+from moepatch.mixing.sampler import DynamicMixtureSampler
+from moepatch.mixing.sampler import MixtureDataset
+from moepatch.testing import tiny
 
 NAMES = ["code", "math", "chat"]
 RANGES = [(10, 60), (100, 200), (300, 500)]  # clearly different token distributions per source

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import moepatch
-from moepatch import tiny
-from moepatch.finetune import main
-from moepatch.finetune import parse_arguments
-from moepatch.finetune import rounds_table
-from moepatch.finetune import source_paths
-from moepatch.synthetic import synthetic_records
-from moepatch.synthetic import write_synthetic_sources
+from moepatch.mixing.finetune import main
+from moepatch.mixing.finetune import parse_arguments
+from moepatch.mixing.finetune import rounds_table
+from moepatch.mixing.finetune import source_paths
+from moepatch.testing import tiny
+from moepatch.testing.synthetic import synthetic_records
+from moepatch.testing.synthetic import write_synthetic_sources
 
 REPO = Path(__file__).resolve().parents[1]
 ROUTERS = [f"model.layers.{i}.mlp.gate.weight" for i in (0, 2, 3)]  # tiny Qwen2-MoE: layer 1 is dense

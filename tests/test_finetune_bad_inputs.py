@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from moepatch import tiny
 from moepatch.errors import MoePatchWarning
-from moepatch.finetune import _split_debug
-from moepatch.finetune import check_inputs
-from moepatch.finetune import main
-from moepatch.finetune import parse_arguments
-from moepatch.synthetic import synthetic_records
+from moepatch.mixing.finetune import _split_debug
+from moepatch.mixing.finetune import check_inputs
+from moepatch.mixing.finetune import main
+from moepatch.mixing.finetune import parse_arguments
+from moepatch.testing import tiny
+from moepatch.testing.synthetic import synthetic_records
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("chat", "code", "math")
@@ -489,6 +489,7 @@ def test_probe_size_subsets_the_dev_files_in_a_run(world, tmp_path, monkeypatch,
     """Through the finetune engine: dev/<name>.jsonl of 4 examples, --probe_size 2 → 2 probe examples per source,
     the same ones on every run; the whole train file is trained on.  The model load is stubbed to stop the run."""
     import moepatch.data
+
     import moepatch.loading
     from moepatch.errors import CommandError
 

@@ -48,7 +48,7 @@ def test_freeze_survives_a_real_optimizer_step(family, model, batch, mode):
 
 
 def test_router_mode_leaves_shared_expert_gate_trainable():
-    from moepatch import tiny
+    from moepatch.testing import tiny
 
     model = tiny.tiny_model("qwen2_moe")
     handle = moepatch.apply(model, {"freeze_gate": True})
@@ -61,7 +61,7 @@ def test_hf_trainer_optimizer_excludes_frozen_parameters(tmp_path):
     from transformers import Trainer
     from transformers import TrainingArguments
 
-    from moepatch import tiny
+    from moepatch.testing import tiny
 
     model = tiny.tiny_model("mixtral")
     handle = moepatch.apply(model, {"freeze_gate": "router"})

@@ -9,11 +9,11 @@ import sys
 import torch
 
 import moepatch
-from moepatch import tiny
 from moepatch.lora_experts.guilomo import architecture_gradient
 from moepatch.lora_experts.guilomo import expert_prefix_mask
 from moepatch.lora_experts.guilomo import pairs
 from moepatch.lora_experts.guilomo import rank_prefix_mask
+from moepatch.testing import tiny
 
 
 def test_expert_mask_forward_and_straight_through_backward():

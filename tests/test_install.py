@@ -15,9 +15,9 @@ from real_data import LLAMA_MOE_TOPT5_CONFIG
 from transformers import AutoModelForCausalLM
 
 import moepatch
-from moepatch import tiny
-from moepatch.install import BACKUP_NAME
-from moepatch.install import LOADER_FILE
+from moepatch.loading.install import BACKUP_NAME
+from moepatch.loading.install import LOADER_FILE
+from moepatch.testing import tiny
 
 BLOCK = {"freeze_gate": "router", "routing_stats": {"layers": [-1]}}
 

@@ -23,7 +23,6 @@ from transformers import AutoConfig
 from transformers import AutoModelForCausalLM
 from transformers import DynamicCache
 
-from moepatch import tiny
 from moepatch.models.llama_moe import LinearGLUMoELayer
 from moepatch.models.llama_moe import LlamaMoEConfig
 from moepatch.models.llama_moe import LlamaMoEForCausalLM
@@ -31,6 +30,7 @@ from moepatch.models.llama_moe import LlamaMoEModel
 from moepatch.models.llama_moe import TopKBalancedNoisyGate
 from moepatch.models.llama_moe import register_llama_moe
 from moepatch.models.llama_moe import tiny_llama_moe_config
+from moepatch.testing import tiny
 
 OFFICIAL_CONFIG = LLAMA_MOE_TOPT5_CONFIG
 PUBLISHED_TOTAL_PARAMS = 6_740_514_816  # the published LLaMA-MoE-v1-3_5B-2_8 model card (buffers excluded)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import moepatch
-from moepatch import tiny
 from moepatch.lora_experts.balance import router_balance_loss
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
 from moepatch.lora_experts.routed import RoutedExpertSets
+from moepatch.testing import tiny
 from tests import family_facts
 
 METHODS = {
@@ -362,7 +362,7 @@ def test_balance_loss_ignores_what_padding_tokens_are(family):
 
 
 def test_combines_with_c2r_and_freezing_and_applies_idempotently():
-    from moepatch.tiny import random_collaborative_list
+    from moepatch.testing.tiny import random_collaborative_list
 
     block = {"c2r": {"top_t": 3, "collaborative_list": random_collaborative_list(4, 8, seed=2)},
              "freeze_gate": "router"}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from moepatch.mixture import DynamicMixtureSampler
-from moepatch.mixture import MixtureDataset
+from moepatch.mixing.sampler import DynamicMixtureSampler
+from moepatch.mixing.sampler import MixtureDataset
 
 SIZES = [7, 5, 11]
 

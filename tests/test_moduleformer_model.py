@@ -248,7 +248,7 @@ def test_molm_4b_param_count(name: str) -> None:
 
 
 def test_tiny_config_matches_tiny_tokenizer() -> None:
-    from moepatch.tiny import tiny_tokenizer
+    from moepatch.testing.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = tiny_moduleformer_config()

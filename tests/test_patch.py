@@ -13,7 +13,7 @@ from transformers import GptOssConfig
 from transformers import LlamaConfig
 
 import moepatch
-from moepatch import tiny
+from moepatch.testing import tiny
 
 ALL_FEATURES = {"freeze_gate": "gate_substring", "routing_stats": {"layers": None}}
 

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 import moepatch
 from model_patches.structure import describe
-from moepatch import tiny
-from moepatch.permute import permute_experts
-from moepatch.permute import renumber_collaborative_list
-from moepatch.permute import write_permuted_checkpoint
+from moepatch.c2r.permutation import permute_experts
+from moepatch.c2r.permutation import renumber_collaborative_list
+from moepatch.c2r.permutation import write_permuted_checkpoint
+from moepatch.testing import tiny
 
 
 def _loaded(path):

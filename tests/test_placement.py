@@ -15,7 +15,7 @@ import pytest
 import torch
 from real_data import LLAMA_MOE_MATRICES
 
-from moepatch import placement
+from moepatch.c2r import placement
 
 DATA_FILE = LLAMA_MOE_MATRICES
 MATRIX_NAMES = ("base_collaboration", "topt_5_collaboration")

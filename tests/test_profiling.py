@@ -13,12 +13,12 @@ from routing_reference import moe_routers
 from transformers import AutoModelForCausalLM
 
 import moepatch
-from moepatch import tiny
-from moepatch.profiling import CoactivationProfile
-from moepatch.profiling import collaborative_ranking
-from moepatch.profiling import corpus_batches
-from moepatch.profiling import profile_coactivation
-from moepatch.profiling import read_corpus
+from moepatch.c2r.profiling import CoactivationProfile
+from moepatch.c2r.profiling import collaborative_ranking
+from moepatch.c2r.profiling import corpus_batches
+from moepatch.c2r.profiling import profile_coactivation
+from moepatch.c2r.profiling import read_corpus
+from moepatch.testing import tiny
 
 
 def _slow_count(model, batches):

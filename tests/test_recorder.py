@@ -12,7 +12,7 @@ from routing_reference import reference_counts
 
 import moepatch
 from model_patches.structure import describe
-from moepatch import tiny
+from moepatch.testing import tiny
 from moepatch.undo import UndoLog
 
 
@@ -135,7 +135,7 @@ def test_cached_generation_counts_each_real_token_once():
 
 def test_reports_experts_chosen_after_a_routing_override(batch):
     """A selection override at the routing patch point is what the recorder sees."""
-    from moepatch.routing import override_selection
+    from moepatch.routing.seam import override_selection
 
     model = tiny.tiny_model("qwen2_moe")
     moe = describe(model)

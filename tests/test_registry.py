@@ -17,8 +17,8 @@ from model_patches import registry
 from model_patches.spec import FamilySpec
 from model_patches.spec import RoutingRule
 from model_patches.structure import describe
-from moepatch import tiny
 from moepatch.errors import UnsupportedModelError
+from moepatch.testing import tiny
 
 EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
                    "llama_moe": "llama_moe", "moduleformer": "moduleformer"}

@@ -10,7 +10,7 @@ from test_patch import _state
 from torch import nn
 
 import moepatch
-from moepatch import tiny
+from moepatch.testing import tiny
 
 
 class TopKBalancedNoisyGate(nn.Module):

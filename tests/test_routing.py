@@ -7,9 +7,9 @@ import torch
 from conftest import logits_of
 
 from model_patches.structure import describe
-from moepatch import tiny
-from moepatch.routing import override_selection
-from moepatch.routing import select_topk
+from moepatch.routing.seam import override_selection
+from moepatch.routing.seam import select_topk
+from moepatch.testing import tiny
 from moepatch.undo import UndoLog
 
 

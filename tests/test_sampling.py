@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import moepatch
-from moepatch.sampling import mix_weights
-from moepatch.sampling import source_distances
-from moepatch.sampling import update_weights
+from moepatch.mixing.update_rule import mix_weights
+from moepatch.mixing.update_rule import source_distances
+from moepatch.mixing.update_rule import update_weights
 
 LOADS = [[6, 2, 2], [2, 6, 2], [1, 1, 8]]  # three sources, three experts, raw counts
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers import AutoTokenizer
 
-from moepatch import tiny
+from moepatch.testing import tiny
 
 
 def test_checkpoint_loads_with_auto_classes(family, tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moepatch import tiny
-from moepatch.training_options import apply_training_options
-from moepatch.training_options import training_overrides
+from moepatch.routing.training_options import apply_training_options
+from moepatch.routing.training_options import training_overrides
+from moepatch.testing import tiny
 
 HF_FAMILIES = ["qwen2_moe", "mixtral", "qwen3_moe", "olmoe"]
 

@@ -67,7 +67,7 @@ def _routers(moe: MoEModel) -> set[int]:
             module = getattr(layer.block, name, None)
             if isinstance(module, nn.Linear) and module.out_features == 1:
                 ids.add(id(module))  # shared_expert_gate: a router of its own
-    from moepatch.freeze import extra_routers
+    from moepatch.routing.freeze import extra_routers
 
     ids.update(id(router) for router in extra_routers(moe))
     return ids
@@ -364,7 +364,7 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
     checkpoints included) skips them and writes ``lora_experts.safetensors`` beside the weights, with the config
     block pointing at it.  A ``state_dict`` passed to ``save_pretrained`` (DeepSpeed ZeRO-3 gathers one) is used.
     """
-    from moepatch.config import CONFIG_KEY
+    from moepatch.feature import CONFIG_KEY
     from moepatch.lora_experts.config import WEIGHTS_NAME
 
     keys = set(lora_state_dict(model))

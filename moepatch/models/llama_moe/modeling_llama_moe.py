@@ -45,7 +45,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-from moepatch.models.autopatch import AppliesMoePatchOnLoad
+from moepatch.loading.autopatch import AppliesMoePatchOnLoad
 from moepatch.models.llama_moe.configuration_llama_moe import LlamaMoEConfig
 
 logger = logging.get_logger(__name__)

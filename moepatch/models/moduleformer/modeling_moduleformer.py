@@ -52,7 +52,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder
 from transformers.utils.output_capturing import capture_outputs
 
-from moepatch.models.autopatch import AppliesMoePatchOnLoad
+from moepatch.loading.autopatch import AppliesMoePatchOnLoad
 from moepatch.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
 
 __all__ = [

@@ -1,7 +1,7 @@
 """C2R routing: the top-1 expert is chosen freely, the other k-1 among the first ``top_t`` entries of its list.
 
 Faithful to the official Qwen rule of C2R (Zhang et al., NAACL 2025) for every family with a softmax → top-k router,
-written once against the routing patch point (:mod:`moepatch.routing`): only the selection step changes, so each
+written once against the routing patch point (:mod:`moepatch.routing.seam`): only the selection step changes, so each
 family keeps its own weight semantics (Qwen2-MoE: global softmax probabilities, renormalised only when
 ``norm_topk_prob``; Mixtral: renormalised over the k chosen).  The official code's defects are fixed here:
 
@@ -14,8 +14,8 @@ family keeps its own weight semantics (Qwen2-MoE: global softmax probabilities, 
   in list order and runs ``topk`` on that reordered vector; here the non-allowed experts are masked to ``-inf`` in
   expert-index order and the family's very call (same ``k``, dim and dtype) picks the experts, so exact ties (common
   in bf16/fp16) resolve as vanilla routing resolves them;
-* no side-channel attributes on modules (statistics come from :class:`~moepatch.recorder.RoutingRecorder`);
-* the load-balancing loss counts the experts actually chosen (:mod:`moepatch.aux_loss`).
+* no side-channel attributes on modules (statistics come from :class:`~moepatch.routing.recorder.RoutingRecorder`);
+* the load-balancing loss counts the experts actually chosen (:mod:`moepatch.routing.aux_loss`).
 
 ``top_t = E - 1`` reproduces vanilla top-k exactly, ties included (tested bit for bit in float32, bf16 and fp16).
 """
@@ -34,10 +34,10 @@ from torch import nn
 
 from model_patches.structure import MoEModel
 from model_patches.structure import device_of
-from moepatch.aux_loss import install_actual_choice_aux_loss
-from moepatch.config import C2RConfig
-from moepatch.routing import override_selection
-from moepatch.routing import selection_seam_problem
+from moepatch.c2r.config import C2RConfig
+from moepatch.routing.aux_loss import install_actual_choice_aux_loss
+from moepatch.routing.seam import override_selection
+from moepatch.routing.seam import selection_seam_problem
 from moepatch.undo import UndoLog
 
 CANDIDATES_BUFFER = "c2r_candidates"

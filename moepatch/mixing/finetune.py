@@ -1,7 +1,7 @@
 """Fine-tune a MoE checkpoint with moepatch's options: the engine behind ``scripts/finetune.py``.
 
 Arguments are four dataclasses read by ``HfArgumentParser`` — :class:`ModelArguments`, :class:`DataArguments`,
-:class:`~moepatch.dynamic_sampling.DynamicSamplingArguments` and transformers' ``TrainingArguments`` (so
+:class:`~moepatch.mixing.callback.DynamicSamplingArguments` and transformers' ``TrainingArguments`` (so
 ``--deepspeed CONFIG``, ``--bf16``, ``--use_cpu``, ``--resume_from_checkpoint`` ... are the Trainer's own).  A
 ``--recipe FILE.json`` supplies defaults for any of them (the files in ``configs/``); command-line flags win.
 
@@ -18,10 +18,11 @@ running (a malformed data record, ...) exits with status 1 naming the file and l
 
 The run: read the checkpoint's config, apply the overrides (a moepatch block from ``--moepatch_config``,
 ``--freeze_gate``, gate noise / balance loss / aux coefficient), tokenise the sources, load through
-:func:`moepatch.loading.load_for_command` (:func:`moepatch.from_pretrained`, so the config.json's C2R, freeze and
+:func:`moepatch.loading.pretrained.load_for_command` (:func:`moepatch.from_pretrained`, so the config.json's
+C2R, freeze and
 statistics settings are applied and under ZeRO-3 the weights load partitioned; missing or unreadable weights are
-refused, naming the folder), then train with dynamic mixing (:class:`~moepatch.dynamic_sampling.MixtureTrainer` and
-:class:`~moepatch.dynamic_sampling.DynamicSamplingCallback`), a static mixture, or plain epochs over the concatenated
+refused, naming the folder), then train with dynamic mixing (:class:`~moepatch.mixing.callback.MixtureTrainer` and
+:class:`~moepatch.mixing.callback.DynamicSamplingCallback`), a static mixture, or plain epochs over the concatenated
 sources.  The final model is saved with its moepatch block, ready for ``moepatch.apply`` / ``AutoModelForCausalLM``.
 Runs under ``python``, ``torchrun``, ``deepspeed`` and ``accelerate launch``.
 """
@@ -254,7 +255,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any]:
     """The four argument objects; raises :class:`UsageError` naming the argument for any bad value."""
     from transformers import TrainingArguments
 
-    from moepatch.dynamic_sampling import DynamicSamplingArguments
+    from moepatch.mixing.callback import DynamicSamplingArguments
     from moepatch.validation import check_output_folder
 
     _, argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
@@ -504,7 +505,7 @@ def _mixture_run(data_args: DataArguments) -> bool:
 def source_names(data_args: DataArguments) -> list[str]:
     """The sources a run trains on, in order (the synthetic tasks for ``--synthetic_data``); checks their paths."""
     if data_args.synthetic_data and not (data_args.data_dir or data_args.train_files):
-        from moepatch.synthetic import TASKS
+        from moepatch.testing.synthetic import TASKS
 
         return sorted(TASKS)
     return list(source_paths(data_args))
@@ -523,8 +524,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     Raises:
         UsageError: naming the argument.
     """
-    from moepatch.dynamic_sampling import ROUNDS_FILE
-    from moepatch.dynamic_sampling import STATE_FILE
+    from moepatch.mixing.callback import ROUNDS_FILE
+    from moepatch.mixing.callback import STATE_FILE
     from moepatch.validation import is_inside
 
     config = prepare_config(model_args)
@@ -621,8 +622,8 @@ def prepare_config(model_args: ModelArguments) -> Any:
     from moepatch.config import CONFIG_KEY
     from moepatch.config import MoePatchConfig
     from moepatch.config import write_config
-    from moepatch.loading import load_config
-    from moepatch.training_options import apply_training_options
+    from moepatch.loading.pretrained import load_config
+    from moepatch.routing.training_options import apply_training_options
 
     folder = _check_checkpoint_folder(model_args.model_name_or_path)
     block = _moepatch_block(model_args.moepatch_config) if model_args.moepatch_config else None
@@ -713,7 +714,7 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
     official = settings.c2r is not None and settings.c2r.source == "official"
     if official:  # the checkpoint's top-level C2R fields, which a --moepatch_config block without "c2r" keeps
         try:
-            plan_patch(moe, dataclasses.replace(settings, freeze_gate=None, routing_stats=None, lora_experts=None))
+            plan_patch(moe, settings.only("c2r"))
         except ValueError as error:
             raise misfit(error, official_c2r=True) from None
     try:
@@ -769,15 +770,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
 
     from model_patches.structure import describe
     from model_patches.structure import resolve_layer_indices
-    from moepatch.data import load_source
-    from moepatch.dynamic_sampling import ROUNDS_FILE
-    from moepatch.dynamic_sampling import DynamicSamplingCallback
-    from moepatch.dynamic_sampling import MixtureTrainer
-    from moepatch.dynamic_sampling import ResumingTrainer
-    from moepatch.dynamic_sampling import sampling_horizon
-    from moepatch.loading import load_for_command
-    from moepatch.mixture import DynamicMixtureSampler
-    from moepatch.mixture import MixtureDataset
+    from moepatch.loading.pretrained import load_for_command
+    from moepatch.mixing.callback import ROUNDS_FILE
+    from moepatch.mixing.callback import DynamicSamplingCallback
+    from moepatch.mixing.callback import MixtureTrainer
+    from moepatch.mixing.callback import ResumingTrainer
+    from moepatch.mixing.callback import sampling_horizon
+    from moepatch.mixing.instruction_data import load_source
+    from moepatch.mixing.sampler import DynamicMixtureSampler
+    from moepatch.mixing.sampler import MixtureDataset
 
     set_seed(training_args.seed)
     _init_deepspeed_comm(training_args)
@@ -793,7 +794,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     with tempfile.TemporaryDirectory(prefix="moepatch_synthetic_") as scratch:
         synthetic = bool(data_args.synthetic_data and not (data_args.data_dir or data_args.train_files))
         if synthetic:  # every process generates the same sources (seeded); <output_dir>/data is written later
-            from moepatch.synthetic import write_synthetic_sources
+            from moepatch.testing.synthetic import write_synthetic_sources
 
             write_synthetic_sources(scratch, seed=training_args.seed)
             data_args = dataclasses.replace(data_args, data_dir=scratch, synthetic_data=False)

@@ -16,11 +16,12 @@ class AppliesMoePatchOnLoad:
     """Mixin for moepatch-native ``*ForCausalLM`` classes (put it first in the bases)."""
 
     applies_moepatch_on_load = True
-    """Marker read by :func:`moepatch.loading.from_pretrained` (which then asks this class not to apply twice)."""
+    """Marker read by :func:`moepatch.loading.pretrained.from_pretrained` (which then asks this class not to
+    apply twice)."""
 
     @classmethod
     def from_pretrained(cls, *args: Any, moepatch_apply: bool = True, **kwargs: Any) -> Any:
-        from moepatch.loading import drop_loader_auto_map
+        from moepatch.loading.pretrained import drop_loader_auto_map
         from moepatch.patch import apply
 
         loaded = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from moepatch.loading import LOADER_MODULE
+from moepatch.loading.pretrained import LOADER_MODULE
 
 BACKUP_NAME = "config.json.moepatch-orig"
 LOADER_FILE = f"{LOADER_MODULE}.py"
@@ -32,7 +32,7 @@ LOADER_AUTO_MAP = {
 def _loader_source() -> str:
     from moepatch._version import __version__
 
-    template = resources.files("moepatch.templates").joinpath("moepatch_loader.py").read_text(encoding="utf-8")
+    template = resources.files("moepatch.loading.templates").joinpath("moepatch_loader.py").read_text(encoding="utf-8")
     marker = 'REQUIRED_MOEPATCH = "0.0.0"  # replaced by `moepatch install`'
     if marker not in template:
         raise RuntimeError("moepatch loader template is damaged (version marker missing)")
@@ -49,7 +49,7 @@ def check_installable(path: str | Path) -> None:
 
     from model_patches.structure import describe
     from moepatch.config import MoePatchConfig
-    from moepatch.loading import load_config
+    from moepatch.loading.pretrained import load_config
     from moepatch.patch import plan_patch
 
     folder = Path(path)

@@ -1,7 +1,7 @@
 """Routing statistics: per MoE layer and expert, hard top-k counts and sums of router probabilities.
 
 The recorder hooks the *output* of each selected router, i.e. the experts the model actually routes to (after any
-routing override of :mod:`moepatch.routing`), and the attention mask of the same model call (a pre-hook on the
+routing override of :mod:`moepatch.routing.seam`), and the attention mask of the same model call (a pre-hook on the
 decoder captures it, so the user never passes it twice).  Padding tokens are excluded.
 
 Cost and memory: a router hook only keeps references to the (detached) router logits and chosen experts of the
@@ -59,6 +59,8 @@ class RoutingRecorder:
             both ``i`` and ``j``; the diagonal counts the tokens that chose ``i``.
         keep_choices (`bool`, *optional*, defaults to `False`): also keep every non-padding token's chosen experts
             (on the CPU, ``N × k`` integers per layer: opt-in, for placement studies that need exact k-sets).
+        structure (`MoEModel`, *optional*): the model's structure when the caller resolved it already (``apply``
+            passes the one it planned with, so the recorder sees exactly the layers the patch was checked against).
 
     Example:
         ```python
@@ -70,9 +72,9 @@ class RoutingRecorder:
 
     def __init__(
         self, model: nn.Module, layers: Sequence[int] | None = None, *, coactivation: bool = False,
-        keep_choices: bool = False,
+        keep_choices: bool = False, structure: MoEModel | None = None,
     ) -> None:
-        self.model: MoEModel = describe(model)
+        self.model: MoEModel = structure if structure is not None else describe(model)
         self.layers: list[int] = resolve_layer_indices(
             self.model, None if layers is None else list(layers), "layers"
         )

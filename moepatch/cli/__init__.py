@@ -153,7 +153,7 @@ def _skeleton(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]
     from transformers import AutoModelForCausalLM
 
     from moepatch.errors import UnsupportedModelError
-    from moepatch.loading import drop_loader_auto_map
+    from moepatch.loading.pretrained import drop_loader_auto_map
 
     config_file = Path(path) / "config.json"
     try:
@@ -222,26 +222,6 @@ def _load_tokenizer(checkpoint: Path, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def _print_lora_targets(config: Any, targets: list[Any]) -> None:
-    """What ``lora_experts`` adapts, grouped by path pattern (layer index → ``*``)."""
-    import re
-    from collections import defaultdict
-
-    groups: dict[str, list[Any]] = defaultdict(list)
-    for target in targets:
-        groups[re.sub(r"\.(\d+)\.", ".*.", target.path, count=1)].append(target)
-    print(f"  lora_experts ({config.method}): {len(targets)} projections; base "
-          f"{'trainable' if config.train_base else 'frozen'}")
-    for pattern, members in groups.items():
-        counts = sorted({t.num_experts for t in members})
-        ranks = sorted({r for t in members for r in t.ranks})
-        top_k = sorted({t.top_k for t in members}, key=str)
-        routed = members[0].storage not in ("linear", "identity")
-        where = f"{len(members[0].in_dims)} routed experts each" if routed else members[0].storage
-        print(f"    {pattern}: {len(members)}x ({where}), experts {counts}, ranks {ranks or '-'}, top-k {top_k}, "
-              f"{members[0].placement}")
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from model_patches.structure import describe
     from moepatch.config import CONFIG_KEY
@@ -258,7 +238,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             cfg = MoePatchConfig.from_dict(raw)
-            cfg.add_official_c2r(config)
+            cfg.adopt_outside_block(config)
         except ValueError as error:
             cfg = None
             problems.append(str(error))
@@ -289,17 +269,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if cfg is not None:
         try:
             plan = plan_patch(moe, cfg)
-            if plan.to_freeze:
-                print(f"  freeze_gate={cfg.freeze_gate!r}: {len(plan.to_freeze)} parameters")
-            if plan.stats_layers is not None:
-                print(f"  routing_stats: layers {plan.stats_layers}")
-            if plan.c2r is not None:
-                where = "official top-level fields" if cfg.c2r.source == "official" else f"{CONFIG_KEY}.c2r"
-                print(f"  c2r ({where}): top_t={plan.c2r.top_t} on MoE layers {sorted(plan.c2r.tables)}"
-                      + (f"; vanilla on {plan.c2r.vanilla_layers}" if plan.c2r.vanilla_layers else "")
-                      + f"; load-balancing loss on the {plan.c2r.aux_loss} choice")
-            if plan.lora_targets is not None:
-                _print_lora_targets(cfg.lora_experts, plan.lora_targets)
+            for description in plan.describe():
+                for line in description.splitlines():
+                    print(f"  {line}")
         except ValueError as error:
             problems.append(str(error))
     for note in notes:
@@ -332,11 +304,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     import moepatch
-    from moepatch import tiny
-    from moepatch.placement import placement_report
-    from moepatch.profiling import corpus_batches
-    from moepatch.profiling import profile_coactivation
-    from moepatch.profiling import write_c2r_fields
+    from moepatch.c2r.placement import placement_report
+    from moepatch.c2r.profiling import corpus_batches
+    from moepatch.c2r.profiling import profile_coactivation
+    from moepatch.c2r.profiling import write_c2r_fields
+    from moepatch.testing import tiny
 
     output = Path(args.output or tempfile.mkdtemp(prefix="moepatch-demo-"))
     output.mkdir(parents=True, exist_ok=True)
@@ -418,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_finetune(checkpoint: Path, output: Path, args: argparse.Namespace) -> None:
     """Step 7: fine-tune the C2R checkpoint on the embedded four-task data with dynamic mixing and frozen routers."""
-    from moepatch.finetune import main as finetune
+    from moepatch.mixing.finetune import main as finetune
 
     every = max(1, args.finetune_steps // 4)
     print(f"[7/7] fine-tune {args.finetune_steps} steps on the embedded four-task data (chat, code, letters, math) "
@@ -455,17 +427,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import os
 
     import moepatch
-    from moepatch import tiny
-    from moepatch.c2r import plan_c2r
+    from moepatch.c2r.config import C2RConfig
+    from moepatch.c2r.profiling import corpus_batches
+    from moepatch.c2r.profiling import default_top_t
+    from moepatch.c2r.profiling import profile_coactivation
+    from moepatch.c2r.profiling import read_corpus
+    from moepatch.c2r.profiling import write_c2r_fields
+    from moepatch.c2r.selection import plan_c2r
     from moepatch.config import CONFIG_KEY
-    from moepatch.config import C2RConfig
-    from moepatch.install import BACKUP_NAME
-    from moepatch.loading import load_for_command
-    from moepatch.profiling import corpus_batches
-    from moepatch.profiling import default_top_t
-    from moepatch.profiling import profile_coactivation
-    from moepatch.profiling import read_corpus
-    from moepatch.profiling import write_c2r_fields
+    from moepatch.loading.install import BACKUP_NAME
+    from moepatch.loading.pretrained import load_for_command
+    from moepatch.testing import tiny
 
     checkpoint = Path(args.model_path)
     if not args.write_config:
@@ -558,11 +530,11 @@ PLACE_PROFILING_DEFAULTS = {"data": None, "text_field": "text", "max_tokens": No
 def _profile_for_placement(args: argparse.Namespace) -> dict[str, Any]:
     """Profile a checkpoint under vanilla routing and, when it has C2R fields, under C2R (choices kept)."""
     import moepatch
-    from moepatch import tiny
-    from moepatch.loading import load_for_command
-    from moepatch.profiling import corpus_batches
-    from moepatch.profiling import profile_coactivation
-    from moepatch.profiling import read_corpus
+    from moepatch.c2r.profiling import corpus_batches
+    from moepatch.c2r.profiling import profile_coactivation
+    from moepatch.c2r.profiling import read_corpus
+    from moepatch.loading.pretrained import load_for_command
+    from moepatch.testing import tiny
 
     options = {name: default if getattr(args, name) is None else getattr(args, name)
                for name, default in PLACE_PROFILING_DEFAULTS.items()}
@@ -596,7 +568,8 @@ def _check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: 
         plan = plan_patch(moe, MoePatchConfig.from_dict(block))
     except ValueError as error:
         raise UsageError(argument, str(error)) from None
-    widths = [min(min(t.in_dims), min(t.out_dims)) for t in plan.lora_targets or ()
+    lora = plan["lora_experts"]
+    widths = [min(min(t.in_dims), min(t.out_dims)) for t in (lora.targets if lora is not None else ())
               if getattr(t, "in_dims", None) and getattr(t, "out_dims", None)]
     return min(widths, default=0)
 
@@ -609,18 +582,18 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
     import moepatch
     from moepatch.config import MoePatchConfig
-    from moepatch.data import encode_messages
-    from moepatch.data import read_jsonl
-    from moepatch.data import to_messages
-    from moepatch.loading import load_for_command
+    from moepatch.loading.pretrained import load_for_command
     from moepatch.lora_experts.balance import install_balance_hook
     from moepatch.lora_experts.guilomo import SearchLoraExperts
     from moepatch.lora_experts.guilomo import search
     from moepatch.lora_experts.guilomo import search_config
     from moepatch.lora_experts.guilomo import to_search_layers
     from moepatch.lora_experts.guilomo import write_allocation
-    from moepatch.synthetic import TASKS
-    from moepatch.synthetic import synthetic_records
+    from moepatch.mixing.instruction_data import encode_messages
+    from moepatch.mixing.instruction_data import read_jsonl
+    from moepatch.mixing.instruction_data import to_messages
+    from moepatch.testing.synthetic import TASKS
+    from moepatch.testing.synthetic import synthetic_records
     from moepatch.validation import check_output_folder
 
     checkpoint = Path(args.model_path)
@@ -699,8 +672,8 @@ def _check_permuted_target(source: Path, target: Path) -> None:
 
 def _matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: int | None) -> int:
     """The matrices' experts per token: recorded in the file, implied by its diagonal, or ``--top-k``; never guessed."""
-    from moepatch.collaboration_io import inferred_top_k
-    from moepatch.collaboration_io import recorded_top_k
+    from moepatch.c2r.matrices import inferred_top_k
+    from moepatch.c2r.matrices import recorded_top_k
 
     known: dict[str, int] = {}
     recorded = recorded_top_k(source)
@@ -731,11 +704,11 @@ def _matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: i
 
 
 def cmd_place(args: argparse.Namespace) -> int:
-    from moepatch.collaboration_io import load_matrices
-    from moepatch.permute import write_permuted_checkpoint
-    from moepatch.placement import expert_permutation
-    from moepatch.placement import format_report
-    from moepatch.placement import placement_report
+    from moepatch.c2r.matrices import load_matrices
+    from moepatch.c2r.permutation import write_permuted_checkpoint
+    from moepatch.c2r.placement import expert_permutation
+    from moepatch.c2r.placement import format_report
+    from moepatch.c2r.placement import placement_report
 
     source = Path(args.source)
     reports: dict[str, dict[str, Any]] = {}
@@ -750,7 +723,7 @@ def cmd_place(args: argparse.Namespace) -> int:
             raise UsageError("--top-k", f"{args.top_k} contradicts the checkpoint's top-{moe.top_k} routing; drop "
                                         "--top-k (a checkpoint's routed tokens are counted exactly)")
         if args.write_permuted:
-            from moepatch.permute import check_permutable
+            from moepatch.c2r.permutation import check_permutable
 
             _check_permuted_target(source, Path(args.write_permuted))
             check_permutable(moe)
@@ -819,7 +792,7 @@ def _check_ep_size(num_experts: int, ep_size: int) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from moepatch.install import install
+    from moepatch.loading.install import install
 
     loader = install(args.path)
     print(f"installed: {loader} and auto_map entries in {Path(args.path) / 'config.json'}")
@@ -829,7 +802,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from moepatch.install import uninstall
+    from moepatch.loading.install import uninstall
 
     uninstall(args.path, force=args.force)
     print(f"restored {Path(args.path) / 'config.json'} and removed the moepatch loader")
@@ -856,7 +829,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def check_demo_arguments(args: argparse.Namespace) -> None:
     """The demo's tiny models have 8 experts, top-2: ``--top-t`` and ``--ep-size`` must fit them."""
-    from moepatch import tiny
+    from moepatch.testing import tiny
 
     num_experts, top_k = tiny.TINY_NUM_EXPERTS, tiny.TINY_TOP_K
     if not max(top_k - 1, 1) <= args.top_t <= num_experts - 1:
@@ -876,7 +849,7 @@ def _is_demo_finetune(folder: Path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moepatch.tiny import DEMO_FAMILIES
+    from moepatch.testing.tiny import DEMO_FAMILIES
 
     parser = CommandParser(prog="moepatch", description=__doc__.splitlines()[0],
                            epilog="Every command accepts --debug (or MOEPATCH_DEBUG=1) to show a traceback on failure.")

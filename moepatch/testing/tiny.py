@@ -7,7 +7,7 @@ code (``AutoModelForCausalLM.from_pretrained``) is exercised.
 
 Example:
     ```python
-    from moepatch import tiny
+    from moepatch.testing import tiny
     path = tiny.save_tiny_checkpoint("/tmp/tiny-qwen", "qwen2_moe", moepatch={"freeze_gate": True})
     model = AutoModelForCausalLM.from_pretrained(path)
     ```

@@ -8,7 +8,8 @@ and delegates only the **selection step** (probabilities ``[N, E]`` → ``k`` ex
 :data:`ExpertSelector`.  With :func:`select_topk` as the selector the patched router is bit-identical to the
 original (tested per family); C2R swaps in a collaboration-constrained selector.
 
-Routing statistics (:class:`~moepatch.recorder.RoutingRecorder`) read the router's *output*, so they always report
+Routing statistics (:class:`~moepatch.routing.recorder.RoutingRecorder`) read the router's *output*, so they
+always report
 the experts actually chosen, after any override installed here.
 """
 

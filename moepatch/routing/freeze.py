@@ -24,11 +24,21 @@ embeddings of earlier layers; only the frozen weights themselves stop moving (Dy
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
 from torch import nn
 
 from model_patches.structure import MoEModel
 from model_patches.structure import attribute_path
+from moepatch.feature import Feature
+from moepatch.feature import Installed
+from moepatch.feature import Planned
 from moepatch.undo import UndoLog
+from moepatch.validation import Problems
+
+FREEZE_MODES = ("router", "gate_substring")
 
 
 def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Parameter]]:
@@ -70,3 +80,50 @@ def freeze(parameters: list[tuple[str, nn.Parameter]], undo: UndoLog) -> list[st
     for _, parameter in parameters:
         undo.set_requires_grad(parameter, False)
     return [name for name, _ in parameters]
+
+
+class FreezeRule(str, Enum):
+    """The ``freeze_gate`` config: which rule freezes (a ``str``, so ``config.freeze_gate == "router"`` holds)."""
+
+    ROUTER = "router"
+    GATE_SUBSTRING = "gate_substring"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class FreezeGate(Feature):
+    """``"freeze_gate": true | "router" | "gate_substring" | false``: stop routing parameters from training."""
+
+    name = "freeze_gate"
+    handle_attributes = {"frozen_parameters": []}
+    off_summary = "frozen=0"
+
+    def parse(self, data: Any, path: str, problems: Problems) -> FreezeRule | None:
+        if data is None or data is False:
+            return None
+        if data is True:
+            return FreezeRule.ROUTER
+        if isinstance(data, str) and data in FREEZE_MODES:
+            return FreezeRule(data)
+        problems.add(path, f"expected true, false, 'router' or 'gate_substring', got {data!r}")
+        return None
+
+    def to_dict(self, config: FreezeRule) -> str:
+        return config.value
+
+    def plan(self, structure: MoEModel, config: FreezeRule, checkpoint: Path | None) -> Planned:
+        return Planned(config, parameters_to_freeze(structure, config.value))
+
+    def install(self, structure: MoEModel, planned: Planned, undo: UndoLog) -> Installed:
+        names = freeze(planned.detail, undo)
+        return Installed({"frozen_parameters": names}, len(names), f"frozen={len(names)}")
+
+    def describe(self, planned: Planned) -> str:
+        return f"freeze_gate={planned.config.value!r}: {len(planned.detail)} parameters"
+
+
+FREEZE_GATE = FreezeGate()

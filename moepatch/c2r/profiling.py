@@ -1,7 +1,8 @@
 """C2R profiling: co-activation matrices over a corpus → the official ``top_t`` / ``collaborative_list`` fields.
 
 The official script counts pairs token by token in Python and has no seed; here the counting is the
-:class:`~moepatch.recorder.RoutingRecorder`'s co-activation accumulator (one batched ``bmm`` per model call, padding
+:class:`~moepatch.routing.recorder.RoutingRecorder`'s co-activation accumulator (one batched ``bmm`` per model
+call, padding
 excluded), the corpus order is seeded, and the ranking has a deterministic tie-break (descending count, then
 ascending expert id; the expert itself always last).  A model that already routes under C2R is profiled as it routes
 (the recorder reads the router outputs), so the matrices then show the constrained choices.
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moepatch.recorder import RoutingRecorder
+from moepatch.routing.recorder import RoutingRecorder
 
 MATRIX_KEY = "coactivation"
 

@@ -2,9 +2,10 @@
 
 The method is Dynamic Data Mixing (Zhu et al., 2024).  Every ``update_every`` optimizer steps
 :class:`DynamicSamplingCallback` routes each source's fixed probe set through the model (eval mode, no grad),
-records hard top-k counts with :class:`~moepatch.recorder.RoutingRecorder` (default: the last MoE layer, as in the
-paper), sums them over ranks, and applies :func:`moepatch.sampling.update_weights`.  The new weights go to the
-:class:`~moepatch.mixture.DynamicMixtureSampler` from a declared draw on (exact with workers); each round is
+records hard top-k counts with :class:`~moepatch.routing.recorder.RoutingRecorder` (default: the last MoE
+layer, as in the
+paper), sums them over ranks, and applies :func:`moepatch.mixing.update_rule.update_weights`.  The new weights go to the
+:class:`~moepatch.mixing.sampler.DynamicMixtureSampler` from a declared draw on (exact with workers); each round is
 appended to ``output_dir/sampling_info/rounds.jsonl`` on the main process.  :class:`MixtureTrainer` plugs the
 sampler into the Trainer and saves / restores its state with every checkpoint.
 """
@@ -25,14 +26,14 @@ from transformers import Trainer
 from transformers import TrainerCallback
 
 from moepatch.errors import UsageError
-from moepatch.mixture import DynamicMixtureSampler
-from moepatch.mixture import MixtureDataset
-from moepatch.recorder import RoutingRecorder
-from moepatch.recorder import collective_device
-from moepatch.sampling import CRITERIA
-from moepatch.sampling import DISTANCES
-from moepatch.sampling import source_distances
-from moepatch.sampling import update_weights
+from moepatch.mixing.sampler import DynamicMixtureSampler
+from moepatch.mixing.sampler import MixtureDataset
+from moepatch.mixing.update_rule import CRITERIA
+from moepatch.mixing.update_rule import DISTANCES
+from moepatch.mixing.update_rule import source_distances
+from moepatch.mixing.update_rule import update_weights
+from moepatch.routing.recorder import RoutingRecorder
+from moepatch.routing.recorder import collective_device
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "dynamic_sampling.json"
@@ -226,7 +227,7 @@ class ResumingTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from moepatch.loading import from_pretrained
+        from moepatch.loading.pretrained import from_pretrained
         from moepatch.lora_experts import WEIGHTS_NAME
         from moepatch.lora_experts.inject import load_lora_weights
         from moepatch.lora_experts.inject import lora_state_dict

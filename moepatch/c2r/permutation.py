@@ -1,7 +1,7 @@
 """Renumber experts so that contiguous expert-parallel sharding gets a planned placement's locality.
 
 Expert-parallel engines shard experts contiguously (experts ``0 .. E/D-1`` on device 0, ...).  To give such an
-engine the groups of :func:`moepatch.placement.plan_placement`, the experts are renumbered: new expert ``n`` of a
+engine the groups of :func:`moepatch.c2r.placement.plan_placement`, the experts are renumbered: new expert ``n`` of a
 layer is old expert ``permutation[n]``.  Routing is equivariant under renaming (router rows move with the experts,
 C2R lists are renumbered): the permuted model chooses the same experts under the renaming and computes the same
 logits up to float32 rounding (tested).  Not bit for bit: the routers' float32 softmax sums the experts in id order,
@@ -110,7 +110,7 @@ def write_permuted_checkpoint(
     Also writes ``expert_permutation.json`` (``{layer: permutation}``, new id → old id) next to the weights.
     """
     source, output = Path(source), Path(output)
-    from moepatch.loading import from_pretrained
+    from moepatch.loading.pretrained import from_pretrained
 
     model = from_pretrained(source, patch=False)  # moepatch's or transformers' classes, never the folder's code
     moe = describe(model)

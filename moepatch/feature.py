@@ -1,0 +1,141 @@
+"""The one interface every moepatch feature is written against, and the registry of features.
+
+A feature is what one key of the ``"moepatch"`` block of config.json does to a model (``freeze_gate``,
+``routing_stats``, ``c2r``, ``lora_experts``).  :class:`~moepatch.config.MoePatchConfig`,
+:class:`~moepatch.patch.PatchHandle`, :func:`moepatch.apply`, ``moepatch inspect`` and the apply log iterate over
+:func:`registered_features`; none of them names a feature.  Adding one means writing its subpackage (a config
+type, the four methods below) and one more entry in the :func:`register_features` call of ``moepatch/__init__.py``.
+
+The life of a feature in one :func:`moepatch.apply`:
+
+1. :meth:`Feature.parse` turns the block's value into the feature's config (``None``: off), recording every bad
+   field with its path in a :class:`~moepatch.validation.Problems`;
+2. :meth:`Feature.plan` checks that config against the resolved model structure and computes every change —
+   still changing nothing — and returns a :class:`Planned` carrying its config;
+3. :meth:`Feature.install` makes the changes, each through the handle's :class:`~moepatch.undo.UndoLog`, and
+   returns its part of the handle (:class:`Installed`);
+4. :meth:`Feature.describe` says in one line (more for ``inspect``) what the plan does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import ClassVar
+
+if TYPE_CHECKING:
+    from model_patches.structure import MoEModel
+    from moepatch.undo import UndoLog
+    from moepatch.validation import Problems
+
+CONFIG_KEY = "moepatch"
+"""The top-level config.json key holding moepatch's block (transformers 5 carries undeclared top-level keys)."""
+
+
+@dataclass
+class Planned:
+    """What one feature will change, computed and validated before anything is changed."""
+
+    config: Any
+    """The feature's parsed config, as planned."""
+    detail: Any
+    """The feature's own plan (parameters to freeze, constrained layers, LoRA targets, ...)."""
+
+
+@dataclass
+class Installed:
+    """One feature's part of a :class:`~moepatch.patch.PatchHandle`."""
+
+    attributes: dict[str, Any]
+    """Exposed on the handle (``handle.frozen_parameters``, ``handle.recorder``, ...)."""
+    changed: int
+    """How many things the feature changed (parameters, routers, modules); 0 means it changed nothing."""
+    summary: str
+    """``key=value`` for the handle's ``repr``."""
+
+
+class Feature:
+    """Base class of a feature: name, config parsing, plan, install, describe.
+
+    Subclasses set :attr:`name` (the key in the block), :attr:`handle_attributes` (what the handle exposes when
+    the feature is off) and :attr:`off_summary`, and implement the methods that raise ``NotImplementedError``.
+    """
+
+    name: ClassVar[str]
+    """Key of the feature in the ``"moepatch"`` block."""
+    handle_attributes: ClassVar[dict[str, Any]] = {}
+    """Handle attributes and their values when the feature is not installed (copied per handle)."""
+    off_summary: ClassVar[str]
+    """The handle's ``repr`` entry when the feature is not installed (``frozen=0``)."""
+    remembers_off: ClassVar[bool] = False
+    """Keep an explicit ``"<name>": false`` in the block (it overrides settings found outside the block)."""
+
+    def parse(self, data: Any, path: str, problems: Problems) -> Any | None:
+        """The feature's config from the block value ``data`` (``None``: off); bad fields go to ``problems``."""
+        raise NotImplementedError
+
+    def to_dict(self, config: Any) -> Any:
+        """The JSON value written back to the block; ``parse(to_dict(c))`` gives ``c`` again."""
+        raise NotImplementedError
+
+    def enabled(self, config: Any) -> bool:
+        """Whether ``config`` changes anything (a parsed config can still say "off", e.g. ``enabled: false``)."""
+        return config is not None
+
+    def adopt(self, model_config: Any) -> Any | None:
+        """A config found outside the block in the model's config (e.g. official top-level fields), or ``None``.
+
+        Asked only when the block has no entry for the feature and did not switch it off.
+        """
+        return None
+
+    def is_outside_block(self, config: Any) -> bool:
+        """True for a config adopted from outside the block (not written back into the block)."""
+        return False
+
+    def plan(self, structure: MoEModel, config: Any, checkpoint: Path | None) -> Planned:
+        """Validate ``config`` against ``structure``; ``ValueError`` naming the field otherwise.  Changes nothing."""
+        raise NotImplementedError
+
+    def install(self, structure: MoEModel, planned: Planned, undo: UndoLog) -> Installed:
+        """Make the planned changes, each recorded in ``undo``."""
+        raise NotImplementedError
+
+    def describe(self, planned: Planned) -> str:
+        """What the plan does: one line for the apply log; ``inspect`` prints further lines when given."""
+        raise NotImplementedError
+
+    def field_path(self) -> str:
+        """How messages name this feature's block entry (``moepatch.c2r``)."""
+        return f"{CONFIG_KEY}.{self.name}"
+
+
+_FEATURES: dict[str, Feature] = {}
+
+
+def register_feature(feature: Feature) -> Feature:
+    """Add ``feature``; features are planned and installed in registration order, undone in reverse."""
+    if feature.name in _FEATURES:
+        raise ValueError(f"moepatch feature {feature.name!r} is already registered")
+    if feature.name in ("family", "moepatch_version"):
+        raise ValueError(f"{feature.name!r} is a field of the moepatch block itself, not a feature name")
+    _FEATURES[feature.name] = feature
+    return feature
+
+
+def register_features(*features: Feature) -> None:
+    """Register several features, in this order."""
+    for feature in features:
+        register_feature(feature)
+
+
+def registered_features() -> tuple[Feature, ...]:
+    """Every registered feature, in registration (= install) order."""
+    return tuple(_FEATURES.values())
+
+
+def feature_named(name: str) -> Feature | None:
+    """The feature registered under ``name``, or ``None``."""
+    return _FEATURES.get(name)
