@@ -25,6 +25,7 @@ MODULEFORMER = register(
         router_output=RouterOutput(indices=0, weights=1, scores=2, scores_are="probabilities"),
         selection_method="select_experts",
         extra_routers=("attn.q_proj.gate",),
+        identity_projections=("attn.k_proj", "attn.v_proj"),
         router_expert_parameters=("w_gate.3.weight",),
         expert_modules=("experts", "output_experts"),
         expert_storage="parallel",

@@ -15,6 +15,9 @@ from typing import Literal
 
 from torch import nn
 
+FFN_OUTPUT_PROJECTIONS = ("down_proj", "w2", "c_proj")
+"""Names transformers' MLPs give the projection whose *input* is the FFN intermediate (what MoV scales)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class RouterOutput:
@@ -134,6 +137,9 @@ class FamilySpec:
     family.  An option
     the family does not list is refused.  transformers' MoE LMs add their balance loss only when
     ``output_router_logits`` is on, so that flag is their ``balance_loss`` switch."""
+    identity_projections: tuple[str, ...] = ()
+    """Decoder-layer-relative paths of projections the family leaves as ``nn.Identity`` (MoLM's attention keys
+    and values are the hidden states themselves): width-preserving, so a scaling feature (MoV) may adapt them."""
     gate_substring_note: str = ""
     """What the ``freeze_gate="gate_substring"`` rule (Dynamic Data Mixing, Zhu et al., 2024) freezes in this
     family, for docs and ``inspect``."""

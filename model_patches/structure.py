@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,60 @@ class MoEModel:
             if layer.index == index:
                 return layer
         raise KeyError(index)
+
+
+def decoder_layers(model: MoEModel) -> nn.ModuleList:
+    """The decoder's layer list (dense and MoE layers)."""
+    return getattr(model.decoder, model.family.layers_attr)
+
+
+def extra_routers(model: MoEModel) -> list[nn.Module]:
+    """The family's ``extra_routers`` of every decoder layer (e.g. ModuleFormer's attention-expert gates)."""
+    found = []
+    for decoder_layer in decoder_layers(model):
+        for path in model.family.extra_routers:
+            module = attribute_path(decoder_layer, path)
+            if isinstance(module, nn.Module):
+                found.append(module)
+    return found
+
+
+def router_modules(model: MoEModel) -> list[nn.Module]:
+    """Every module that routes: the top-k routers, the extra routers, and shared-expert gates (a shared expert's
+    one-output gate is a router of its own)."""
+    found = [layer.router for layer in model.layers]
+    for layer in model.layers:
+        for name in model.family.shared_expert_attrs:
+            module = getattr(layer.block, name, None)
+            if isinstance(module, nn.Linear) and module.out_features == 1:
+                found.append(module)
+    return found + extra_routers(model)
+
+
+def identity_projections(model: MoEModel) -> dict[int, int]:
+    """``id(module) -> decoder layer index`` of the family's ``identity_projections`` (width-preserving identities)."""
+    found = {}
+    for index, decoder_layer in enumerate(decoder_layers(model)):
+        for path in model.family.identity_projections:
+            module = attribute_path(decoder_layer, path)
+            if isinstance(module, nn.Module):
+                found[id(module)] = index
+    return found
+
+
+def layer_indexer(model: MoEModel) -> Callable[[str], int | None]:
+    """A function giving the decoder-layer index of a module path (relative to ``model.inner``), ``None`` for
+    paths outside the decoder layers."""
+    names = {id(module): name for name, module in model.inner.named_modules()}
+    prefixes = [(names[id(layer)], index) for index, layer in enumerate(decoder_layers(model)) if id(layer) in names]
+
+    def index_of(path: str) -> int | None:
+        for prefix, index in prefixes:
+            if path == prefix or path.startswith(prefix + "."):
+                return index
+        return None
+
+    return index_of
 
 
 def device_of(module: nn.Module) -> torch.device:

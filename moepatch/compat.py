@@ -42,3 +42,10 @@ def current_backward_task_id() -> int:
     """
     getter = getattr(torch._C, "_current_graph_task_id", None)
     return -1 if getter is None else int(getter())
+
+
+def distributed_ready() -> bool:
+    """True when a ``torch.distributed`` process group is up (the one check every collective moepatch runs makes)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

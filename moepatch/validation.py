@@ -7,6 +7,7 @@ unknown keys (written by a newer moepatch) warn and are ignored.  Commands check
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -127,3 +128,30 @@ def is_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> b
     """``path`` is ``folder`` or lies inside it (after resolving links)."""
     resolved, root = Path(path).resolve(), Path(folder).resolve()
     return resolved == root or root in resolved.parents
+
+
+def read_json_beside(value: str | Path, base_dir: str | Path | None, field: str) -> Any:
+    """The JSON content of a file named in a config field; a relative name is looked up beside the checkpoint
+    (``base_dir``) first, then as given.  ``ValueError`` naming the field and the file otherwise."""
+    file = Path(value)
+    if not file.is_absolute() and base_dir is not None and (Path(base_dir) / file).exists():
+        file = Path(base_dir) / file
+    if not file.is_file():
+        raise ValueError(f"{field}: file {str(file)!r} not found")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{field}: {file} is not readable ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{field}: {file} is not JSON ({error.msg}, line {error.lineno})") from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a checkpoint's config.json, a backup); ``ValueError`` naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: {what} is not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value

@@ -7,6 +7,7 @@ circle hidden in a function body counts too.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +98,69 @@ def test_model_patches_never_imports_moepatch():
     wrong = {module: sorted(t for t in targets if t.split(".")[0] == "moepatch")
              for module, targets in graph.items() if module.split(".")[0] == "model_patches"}
     assert {module: targets for module, targets in wrong.items() if targets} == {}
+
+
+GENERIC_NAMES = {"layers", "mlp", "gate", "experts", "num_experts", "top_k", "hidden_dim", "router_aux_loss_coef",
+                 "output_router_logits"}
+"""Names that are moepatch's own vocabulary (MoEModel fields, transformers' shared config keys), not one family's."""
+
+STORAGE_NAMES = {"ParallelExperts", "LinearGLUExperts", "batch_index", "row_tokens", "weight_gate", "weight_up",
+                 "weight_down", "w_gate", "gate_network", "calculator", "gate_up_proj", "output_experts", "w1", "w2",
+                 "w3", "_apply_gate", "is_transposed", "shared_expert_gate", "norm_topk_prob", "num_selects",
+                 "block_sparse_moe", "_experts_implementation"}
+"""Where families keep things inside their modules (the storage adapters' and family files' knowledge)."""
+
+
+def _family_names() -> set[str]:
+    import model_patches
+
+    names = set(STORAGE_NAMES)
+    for spec in model_patches.families().values():
+        names.update(spec.block_classes)
+        for value in (spec.layers_attr, spec.block_attr, spec.router_attr, spec.experts_attr, spec.top_k_attr,
+                      spec.num_experts_attr, spec.hidden_dim_attr, spec.selection_method, *spec.extra_routers,
+                      *(spec.expert_modules or ()), *spec.shared_expert_attrs, *spec.identity_projections,
+                      *spec.per_expert_config):
+            if value:
+                names.add(value)  # dotted paths whole: "attn.q_proj.gate", not the generic "q_proj"
+    return names - GENERIC_NAMES
+
+
+def _feature_modules() -> dict[str, Path]:
+    """Every moepatch module except the family implementations (models/) and the tiny-checkpoint builders."""
+    return {name: path for name, path in _modules().items()
+            if name.startswith("moepatch") and not name.startswith(("moepatch.models", "moepatch.testing"))}
+
+
+def _code_names(path: Path) -> set[str]:
+    """Identifiers, attribute names and string constants used in code (docstrings left out)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            # a string that is an attribute path (or a regex) names it; words inside messages do not
+            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", node.value):
+                found.add(node.value)
+                found.update(node.value.split("."))
+            if re.search(r"\(\?:[a-z_|]+\)", node.value):
+                found.add(f"path pattern {node.value!r}")
+    return found
+
+
+def test_no_feature_module_names_a_family():
+    """Family classes, attribute names and layer-path patterns live in model_patches; features read the spec."""
+    family = _family_names()
+    offenders = {}
+    for name, path in _feature_modules().items():
+        used = _code_names(path)
+        hits = sorted((used & family) | {n for n in used if n.startswith("path pattern")})
+        if hits:
+            offenders[name] = hits
+    assert offenders == {}

@@ -22,7 +22,6 @@ family keeps its own weight semantics (Qwen2-MoE: global softmax probabilities, 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -39,6 +38,7 @@ from moepatch.routing.aux_loss import install_actual_choice_aux_loss
 from moepatch.routing.seam import override_selection
 from moepatch.routing.seam import selection_seam_problem
 from moepatch.undo import UndoLog
+from moepatch.validation import read_json_beside
 
 CANDIDATES_BUFFER = "c2r_candidates"
 """Per-layer ``[E, T]`` int64 buffer: row ``e`` = the first ``top_t`` entries of expert ``e``'s list, in list order
@@ -163,19 +163,11 @@ class C2RPlan:
 
 
 def _load_list_file(config: C2RConfig, base_dir: Path | None) -> list:
-    path = Path(config.path)
-    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
     where = f"{config.field_prefix}path"
-    if not path.exists():
-        raise ValueError(f"{where}: file {str(path)!r} not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: {path} is not JSON ({error})") from None
+    data = read_json_beside(config.path, base_dir, where)
     listed = data.get("collaborative_list") if isinstance(data, dict) else data
     if not isinstance(listed, list):
-        raise ValueError(f"{where}: {path} holds no 'collaborative_list' list")
+        raise ValueError(f"{where}: {config.path} holds no 'collaborative_list' list")
     return listed
 
 

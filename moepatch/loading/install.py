@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from moepatch.loading.pretrained import LOADER_MODULE
+from moepatch.validation import read_json_object
 
 BACKUP_NAME = "config.json.moepatch-orig"
 LOADER_FILE = f"{LOADER_MODULE}.py"
@@ -64,17 +64,6 @@ def check_installable(path: str | Path) -> None:
     plan_patch(moe, MoePatchConfig.from_model(config))
 
 
-def _json_object(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object in ``path``; ``ValueError`` naming the file otherwise."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: {what} is not readable JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _check_writable(folder: Path, names: tuple[str, ...]) -> None:
     """Every change ``install`` / ``uninstall`` makes must be possible before the first one is made."""
     import os
@@ -102,8 +91,9 @@ def install(path: str | Path) -> Path:
                          "checkpoint load patched, so it needs one")
     backup = folder / BACKUP_NAME
     config_file = folder / "config.json"
-    current = _json_object(config_file, "config.json")
-    original = _json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})") if backup.exists() else current
+    current = read_json_object(config_file, "config.json")
+    original = (read_json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})") if backup.exists()
+                else current)
     original_auto_map = original.get("auto_map")
     if original_auto_map is not None and not isinstance(original_auto_map, dict):
         raise ValueError(f"{config_file}: auto_map must be an object {{\"AutoModelForCausalLM\": ...}}, got "
@@ -128,9 +118,9 @@ def uninstall(path: str | Path, *, force: bool = False) -> None:
     backup = folder / BACKUP_NAME
     if not backup.exists():
         raise ValueError(f"moepatch uninstall: {folder} was not prepared by `moepatch install` (no {BACKUP_NAME})")
-    original = _json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})")
+    original = read_json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})")
     if not force:
-        current = _json_object(folder / "config.json", "config.json")
+        current = read_json_object(folder / "config.json", "config.json")
         original_auto_map = original.get("auto_map") if isinstance(original.get("auto_map"), dict) else {}
         if current != {**original, "auto_map": {**original_auto_map, **LOADER_AUTO_MAP}}:
             changed = sorted(key for key in set(current) | set(original) if key != "auto_map"

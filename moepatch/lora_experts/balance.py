@@ -17,22 +17,14 @@ from torch import nn
 
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.layers import ExpertRouter
+from moepatch.routing.attention_mask import AttentionMaskReader
+from moepatch.routing.aux_loss import switch_balance_loss
 
 
 def router_balance_loss(logits: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``N · Σ_e f_e P_e`` of one router: ``logits [T, N]``, ``indices [T, k]``, ``mask [T]`` (True = real token)."""
-    num_experts = logits.shape[-1]
-    probs = logits.float().softmax(dim=-1)
-    chosen = torch.zeros_like(probs).scatter(-1, indices, 1.0)  # [T, N] one per choice
-    if mask is not None:
-        keep = mask.to(probs.dtype).unsqueeze(-1)
-        probs, chosen = probs * keep, chosen * keep
-        tokens = keep.sum().clamp(min=1)
-    else:
-        tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
-    share = chosen.sum(dim=0) / (tokens * indices.shape[-1])
-    mean_prob = probs.sum(dim=0) / tokens
-    return num_experts * (share * mean_prob).sum()
+    """``N · Σ_e f_e P_e`` of one router (``f`` per selection): ``logits [T, N]``, ``indices [T, k]``, ``mask [T]``
+    (True = real token)."""
+    return switch_balance_loss([logits.float()], [indices], logits.shape[-1], [mask], per_choice=True)
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -56,12 +48,13 @@ def _token_mask(attention_mask: Any, logits: torch.Tensor, tokens: torch.Tensor 
 def install_balance_hook(model: nn.Module, routers: list[ExpertRouter], config: LoraExpertsConfig) -> Any:
     """Register the loss hook on ``model`` (the causal LM); returns the hook handle."""
     balance, z_coef = config.balance_loss, config.z_loss_coef
+    read_mask = AttentionMaskReader(model.forward)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         used = [router for router in routers if router.last_logits is not None]
         if not module.training or not used:
             return output
-        attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        attention_mask = read_mask(args, kwargs)
         balance_terms, z_terms = [], []
         for router in used:
             logits = router.last_logits.reshape(-1, router.num_experts)

@@ -8,7 +8,6 @@ path of such a JSON file (relative paths resolve against the checkpoint folder).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from moepatch.validation import read_json_beside
 from moepatch.validation import warn_unknown
 
 WEIGHTS_NAME = "lora_experts.safetensors"
@@ -177,12 +177,4 @@ def read_spec_file(value: Any, base_dir: str | Path | None, path: str) -> Any:
     """A spec given as a JSON file name → its content (GuiLoMo's expert.json / rank.json are plain dicts)."""
     if not isinstance(value, str):
         return value
-    file = Path(value)
-    if not file.is_absolute() and base_dir is not None:
-        file = Path(base_dir) / file
-    if not file.is_file():
-        raise ValueError(f"{path}: file {str(file)!r} not found")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: {file} is not JSON ({error.msg})") from None
+    return read_json_beside(value, base_dir, path)

@@ -3,33 +3,38 @@
 Targets are matched by module path relative to the causal LM (``model.layers.7.self_attn.q_proj``, the keys of
 GuiLoMo's files): an entry matches a path equal to it or ending in ``.<entry>``; ``re:<regex>`` matches whole paths.
 The family's routers (top-k routers, extra routers, shared-expert gates) are never targeted unless named by their
-full path.  This slice adapts ``nn.Linear`` projections (attention, dense MLPs, shared experts); an entry that only
-reaches routed-expert storage (fused 3-D tensors, LLaMA-MoE ``ParameterList``, MoLM ``ParallelExperts``) is refused
-with that reason rather than silently adapting nothing.
+full path.  ``nn.Linear`` projections (attention, dense MLPs, shared experts) get a hook; routed experts' projections
+come from the family's expert-storage adapter (:mod:`model_patches.expert_storage`), which runs each routed expert's
+set on exactly that expert's rows.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from model_patches.expert_storage import RoutedProjection
+from model_patches.expert_storage import storage_of
+from model_patches.spec import FFN_OUTPUT_PROJECTIONS
 from model_patches.structure import MoEModel
+from model_patches.structure import identity_projections
+from model_patches.structure import layer_indexer
+from model_patches.structure import router_modules
 from moepatch.lora_experts.config import PER_EXPERT_RANK
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.config import read_spec_file
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
+from moepatch.lora_experts.routed import RoutedExpertSets
 from moepatch.undo import UndoLog
 
 ATTRIBUTE = "lora_experts"
-MOV_INPUT_SCALED = ("down_proj", "w2", "c_proj")  # MoV scales the FFN intermediate: the input of these projections
-_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+MOV_INPUT_SCALED = FFN_OUTPUT_PROJECTIONS  # MoV scales the FFN intermediate: the input of these projections
 
 
 @dataclass
@@ -52,25 +57,8 @@ class LoraTarget:
     num_experts: int
     ranks: list[int]
     top_k: int | None
-
-
-ALIASES = {"gate_proj": ("gate_proj", "weight_gate", "w1", "gate_up_proj"),
-           "up_proj": ("up_proj", "weight_up", "w3", "gate_up_proj"),
-           "down_proj": ("down_proj", "weight_down", "w2")}
-PARALLEL_ALIASES = {"experts": ("gate_proj", "up_proj", "gate_up_proj"), "output_experts": ("down_proj",)}
-
-
-def _routers(moe: MoEModel) -> set[int]:
-    ids = {id(layer.router) for layer in moe.layers}
-    for layer in moe.layers:
-        for name in moe.family.shared_expert_attrs:
-            module = getattr(layer.block, name, None)
-            if isinstance(module, nn.Linear) and module.out_features == 1:
-                ids.add(id(module))  # shared_expert_gate: a router of its own
-    from moepatch.routing.freeze import extra_routers
-
-    ids.update(id(router) for router in extra_routers(moe))
-    return ids
+    routed: RoutedProjection | None = None
+    """The storage adapter's description, for a routed experts' projection."""
 
 
 def _matches(entry: str, path: str) -> bool:
@@ -108,52 +96,6 @@ def _ranks(value: Any, path: str, layer: int | None, num_layers: int, experts: i
     return [int(rank)] * experts
 
 
-def _shape(parameter: torch.Tensor) -> tuple[int, ...]:
-    """The full shape, also of a ZeRO-3 partitioned parameter."""
-    return tuple(getattr(parameter, "ds_shape", parameter.shape))
-
-
-def _routed_candidates(moe: MoEModel, names: dict[int, str]) -> list[tuple[str, nn.Module, str, str | None,
-                                                                           list[int], list[int], tuple[str, ...]]]:
-    """``(path, module, storage, projection, in_dims, out_dims, names that match it)`` of every routed projection."""
-    storage = moe.family.expert_storage
-    found = []
-    if storage == "parallel":
-        mlp_experts = {id(layer.block) for layer in moe.layers}
-        for path, module in moe.inner.named_modules():
-            if type(module).__name__ != "ParallelExperts":
-                continue
-            parent_path, _, child = path.rpartition(".")
-            weight = _shape(module.weight)  # [E, in, out]
-            aliases: tuple[str, ...] = (path, parent_path)
-            parent = moe.inner.get_submodule(parent_path)
-            if id(parent) in mlp_experts:
-                aliases += tuple(f"{parent_path}.{alias}" for alias in PARALLEL_ALIASES.get(child, ()))
-            projection = "down_proj" if child == "output_experts" else "gate_up_proj"
-            found.append((path, module, storage, projection, [weight[1]] * weight[0], [weight[2]] * weight[0],
-                          aliases))
-        return found
-    for layer in moe.layers:
-        experts, base = layer.experts, names[id(layer.experts)]
-        if storage == "parameter_list":
-            sizes = [_shape(w)[0] for w in experts.weight_gate]
-            hidden, out = experts.in_features, experts.out_features
-            dims = {"gate_proj": (hidden, sizes), "up_proj": (hidden, sizes), "down_proj": (sizes, out)}
-        else:
-            num, double, hidden = _shape(experts.gate_up_proj)
-            intermediate = double // 2
-            dims = {"gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
-                    "down_proj": (intermediate, hidden)}
-            sizes = [intermediate] * num
-        count = len(sizes)
-        for projection, (fan_in, fan_out) in dims.items():
-            in_dims = fan_in if isinstance(fan_in, list) else [fan_in] * count
-            out_dims = fan_out if isinstance(fan_out, list) else [fan_out] * count
-            aliases = tuple(f"{base}.{alias}" for alias in ALIASES[projection])
-            found.append((f"{base}.{projection}", experts, storage, projection, in_dims, out_dims, aliases))
-    return found
-
-
 def _matched(entries: list[str], aliases: tuple[str, ...]) -> list[str]:
     return [entry for entry in entries if any(_matches(entry, alias) for alias in aliases)]
 
@@ -161,27 +103,27 @@ def _matched(entries: list[str], aliases: tuple[str, ...]) -> list[str]:
 def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path | None, where: str
                       ) -> list[LoraTarget]:
     """Every adapted projection with its expert count, ranks and top-k; ``ValueError`` listing every problem."""
-    from moepatch.lora_experts.routed import fused_problem
-
     num_experts = read_spec_file(config.num_experts, base_dir, f"{where}.num_experts")
     ranks_spec = read_spec_file(config.r, base_dir, f"{where}.r") if config.method != "mov" else None
-    routers = _routers(moe)
+    routers = {id(router) for router in router_modules(moe)}
+    identities = identity_projections(moe)
+    layer_of = layer_indexer(moe)
     root = moe.inner
     names = {id(module): path for path, module in root.named_modules()}
-    routed = _routed_candidates(moe, names)
-    routed_modules = {id(candidate[1]) for candidate in routed}
+    storage = storage_of(moe)
+    routed = storage.projections(moe)
+    routed_modules = {id(candidate.module) for candidate in routed}
     problems: list[str] = []
     targets: list[LoraTarget] = []
     matched_entries: set[str] = set()
     entries = config.target_modules
 
-    def add(path: str, module: nn.Module, storage: str, projection: str | None, in_dims: list[int],
-            out_dims: list[int]) -> None:
-        found = _LAYER.search("." + path + ".")
-        layer = int(found.group(1)) if found else None
+    def add(path: str, module: nn.Module, kind: str, projection: str | None, in_dims: list[int],
+            out_dims: list[int], candidate: RoutedProjection | None = None) -> None:
+        layer = layer_of(path)
         name = projection or path.rsplit(".", 1)[-1]
         placement = "input" if config.method == "mov" and name in MOV_INPUT_SCALED else "output"
-        if config.method == "mov" and storage not in ("linear", "identity") and placement != "input":
+        if config.method == "mov" and kind not in ("linear", "identity") and placement != "input":
             problems.append(f"{where}.target_modules: MoV scales keys, values and the FFN intermediate; {path} is "
                             "a routed expert's input-side projection (use down_proj)")
             return
@@ -196,36 +138,37 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
         if top_k is not None and top_k > experts:
             problems.append(f"{where}.top_k: {top_k} exceeds the {experts} experts of {path}")
             return
-        targets.append(LoraTarget(path, module, storage, projection, layer, placement, in_dims, out_dims, experts,
-                                  ranks, top_k))
+        targets.append(LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, experts,
+                                  ranks, top_k, candidate))
 
-    for path, module, storage, projection, in_dims, out_dims, aliases in routed:
-        hits = _matched(entries, aliases)
+    for candidate in routed:
+        hits = _matched(entries, candidate.aliases)
         if not hits:
             continue
-        if config.method == "mov" and projection != "down_proj" and path not in entries:
+        if config.method == "mov" and candidate.projection != "down_proj" and candidate.path not in entries:
             continue  # MoV scales the FFN intermediate only: input-side projections reached by a broad name are skipped
-        problem = fused_problem(module) if storage == "fused" else None
+        problem = storage.problem(candidate)
         if problem is not None:
-            problems.append(f"{where}.target_modules: {hits[0]!r} reaches {path}: {problem}")
+            problems.append(f"{where}.target_modules: {hits[0]!r} reaches {candidate.path}: {problem}")
             continue
         matched_entries.update(hits)
-        add(path, module, storage, projection, in_dims, out_dims)
+        add(candidate.path, candidate.module, storage.kind, candidate.projection, list(candidate.in_dims),
+            list(candidate.out_dims), candidate)
     for path, module in root.named_modules():
         hits = [entry for entry in entries if _matches(entry, path)]
         if not hits or isinstance(module, (LoraExperts, VectorExperts)) or id(module) in routed_modules:
             continue
         if id(module) in routers and path not in entries:
             continue  # a router: only adapted when named by its full path
-        if isinstance(module, nn.Identity) and config.method == "mov":
-            width = getattr(root.config, "hidden_size", None)  # MoLM's keys / values are the hidden states
+        if id(module) in identities and config.method == "mov":
+            width = getattr(root.config, "hidden_size", None)  # keys / values that are the hidden states themselves
             if width:
                 matched_entries.update(hits)
                 add(path, module, "identity", None, [width], [width])
             continue
         if not isinstance(module, nn.Linear):
-            if any(names.get(id(candidate[1]), "").startswith(path + ".") for candidate in routed):
-                matched_entries.update(hits)  # a mixture module (MoLM's attention q_proj): its experts are adapted
+            if any(names.get(id(candidate.module), "").startswith(path + ".") for candidate in routed):
+                matched_entries.update(hits)  # a mixture module (e.g. an attention projection made of experts)
             continue
         matched_entries.update(hits)
         add(path, module, "linear", None, [module.in_features], [module.out_features])
@@ -254,14 +197,12 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
     """Attach the expert sets and their hooks / forwards; freeze the base unless ``train_base``; load ``weights``;
     route saving through :func:`install_saving` and add the balance-loss hook.  Returns every expert set created.
     """
-    from moepatch.lora_experts import routed
-
     if not config.train_base:
         for parameter in moe.inner.parameters():
             if parameter.requires_grad:
                 undo.set_requires_grad(parameter, False)
     created: list[nn.Module] = []
-    grouped: dict[int, tuple[nn.Module, str, dict[str, nn.Module]]] = {}
+    grouped: dict[int, tuple[nn.Module, dict[str, RoutedExpertSets], list[RoutedProjection]]] = {}
     reference = next(moe.inner.parameters()).device
     for target in targets:
         device = next(target.module.parameters(), torch.empty(0, device=reference)).device
@@ -278,20 +219,17 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
         sets = [_expert_set(config, target, fan_in, fan_out)
                 for fan_in, fan_out in zip(target.in_dims, target.out_dims)]
         created.extend(sets)
-        module_sets = routed.RoutedExpertSets(sets, target.placement).to(device)
-        if target.storage == "parallel":
-            undo.add_module(target.module, ATTRIBUTE, module_sets)
-            owner = moe.inner.get_submodule(target.path.rsplit(".", 1)[0])  # the mixture (its batch_index)
-            undo.add_hook(target.module.register_forward_pre_hook(partial(routed.parallel_input_hook, owner=owner))
-                          if target.placement == "input" else
-                          target.module.register_forward_hook(partial(routed.parallel_output_hook, owner=owner)))
-            continue
-        entry = grouped.setdefault(id(target.module), (target.module, target.storage, {}))
-        entry[2][target.projection] = module_sets
-    for module, storage, per_projection in grouped.values():
-        undo.add_module(module, ATTRIBUTE, nn.ModuleDict(per_projection))
-        function = routed.fused_forward if storage == "fused" else routed.glu_forward
-        undo.set_attribute(module, "forward", routed.bind(module, function))
+        entry = grouped.setdefault(id(target.module), (target.module, {}, []))
+        entry[1][target.projection] = RoutedExpertSets(sets, target.placement).to(device)
+        entry[2].append(target.routed)
+    storage = storage_of(moe)
+    for module, per_projection, projections in grouped.values():
+        if storage.one_projection_per_module:  # the module is the projection: its sets hang on it directly
+            (only,) = per_projection.values()
+            undo.add_module(module, ATTRIBUTE, only)
+        else:
+            undo.add_module(module, ATTRIBUTE, nn.ModuleDict(per_projection))
+        storage.attach(module, per_projection, projections, undo)
     if weights is not None:
         load_lora_weights(moe.inner, weights)
     install_saving(moe.inner, undo)

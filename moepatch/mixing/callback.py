@@ -25,6 +25,7 @@ import torch
 from transformers import Trainer
 from transformers import TrainerCallback
 
+from moepatch.compat import distributed_ready
 from moepatch.errors import UsageError
 from moepatch.mixing.sampler import DynamicMixtureSampler
 from moepatch.mixing.sampler import MixtureDataset
@@ -296,7 +297,7 @@ def consumed_draws(args: Any, global_step: int) -> int:
 def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed_ready():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

@@ -42,6 +42,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from moepatch.compat import distributed_ready
 from moepatch.errors import CommandError
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
@@ -891,14 +892,14 @@ def _init_deepspeed_comm(training_args: Any) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed_ready():
         deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
 def _barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed_ready():
         dist.barrier()
 
 
@@ -925,7 +926,7 @@ def _finetune(argv: Sequence[str] | None) -> int:
         print(f"moepatch finetune: done, {summary['global_step']} steps, model saved to {training_args.output_dir}")
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed_ready():
         dist.barrier()
         dist.destroy_process_group()
     return 0

@@ -24,7 +24,67 @@ import torch
 from torch import nn
 
 from model_patches.structure import MoEModel
+from moepatch.routing.attention_mask import AttentionMaskReader
 from moepatch.undo import UndoLog
+
+
+def switch_balance_loss(
+    router_logits: Sequence[torch.Tensor],
+    selected_experts: Sequence[torch.Tensor],
+    num_experts: int,
+    row_masks: Sequence[torch.Tensor | None] | None = None,
+    *,
+    per_choice: bool = False,
+) -> torch.Tensor:
+    """The Switch-Transformer balance loss ``E · Σ_e f_e · P_e`` over the rows of several routers pooled together.
+
+    The one implementation of the balance loss in moepatch: the MoE model's (all layers pooled, as transformers'
+    ``load_balancing_loss_func``) and the LoRA-expert routers' (one router or one decoder layer's routers pooled).
+
+    Args:
+        router_logits (`Sequence[torch.Tensor]`): per router, ``[R, E]`` logits (gradients flow through).
+        selected_experts (`Sequence[torch.Tensor]`): per router, ``[R, k]`` experts chosen for each row.
+        num_experts (`int`): ``E``.
+        row_masks (`Sequence[torch.Tensor | None]`, *optional*): per router, ``[R]`` (1 / True = a real token);
+            padding rows count in neither ``f`` nor ``P``.
+        per_choice (`bool`, *optional*, defaults to `False`): ``f_e`` as the share of all ``R·k`` selections
+            (Switch / MoLA, ``Σ f = 1``); ``False``: selections per row (transformers, ``Σ f = k``).
+
+    Returns:
+        `torch.Tensor`: the scalar loss, in the same order of operations as transformers 5.24's
+        ``load_balancing_loss_func`` so that the model's vanilla choices reproduce its value.
+    """
+    device = router_logits[0].device
+    # histc avoids bincount's host sync; CPU/MPS need floats, CUDA integers for determinism (as transformers does).
+    histc_dtype = torch.float32 if device.type in ("cpu", "mps") else torch.int32
+    tokens_per_expert_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    router_prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    total_rows: torch.Tensor | float = 0.0
+    masks = list(row_masks) if row_masks is not None else [None] * len(router_logits)
+    choices = selected_experts[0].shape[-1]
+    for logits, chosen, mask in zip(router_logits, selected_experts, masks):
+        routing_weights = torch.nn.functional.softmax(logits.to(device), dim=-1)  # [R, E]
+        chosen = chosen.to(device)  # [R, k]
+        if mask is None:
+            tokens_per_expert_sum = tokens_per_expert_sum + torch.histc(
+                chosen.reshape(-1).to(histc_dtype), bins=num_experts, min=0, max=num_experts
+            )
+            router_prob_sum = router_prob_sum + routing_weights.float().sum(dim=0)
+            total_rows = total_rows + routing_weights.shape[0]
+        else:
+            keep = mask.reshape(-1).to(device=device, dtype=torch.float32)
+            tokens_per_expert_sum = tokens_per_expert_sum + torch.zeros(
+                num_experts, dtype=torch.float32, device=device
+            ).scatter_add_(0, chosen.reshape(-1), keep.repeat_interleave(chosen.shape[-1]))
+            router_prob_sum = router_prob_sum + (routing_weights.float() * keep.unsqueeze(-1)).sum(dim=0)
+            total_rows = total_rows + keep.sum()
+    if not isinstance(total_rows, float):
+        total_rows = total_rows.clamp(min=1)  # every row padding: no loss rather than 0 / 0
+    tokens_per_expert = tokens_per_expert_sum / total_rows
+    if per_choice:
+        tokens_per_expert = tokens_per_expert / choices
+    router_prob_per_expert = router_prob_sum / total_rows
+    return torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts
 
 
 def load_balancing_loss(
@@ -33,45 +93,16 @@ def load_balancing_loss(
     num_experts: int,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Switch-Transformer balance loss ``E · Σ_e f_e · P_e`` over all layers, with ``f`` from the given choices.
+    """The MoE model's balance loss over all layers, with ``f`` from the given choices (transformers' formula).
 
     Args:
         router_logits (`Sequence[torch.Tensor]`): per MoE layer, ``[N, E]`` router logits (gradients flow through).
         selected_experts (`Sequence[torch.Tensor]`): per MoE layer, ``[N, k]`` experts that received each token.
         num_experts (`int`): ``E``.
         attention_mask (`torch.Tensor`, *optional*): ``[batch, seq]``; padding tokens are excluded.
-
-    Returns:
-        `torch.Tensor`: the scalar loss, computed in the same order of operations as transformers 5.24's
-        ``load_balancing_loss_func`` so that vanilla choices reproduce its value.
     """
-    device = router_logits[0].device
-    # histc avoids bincount's host sync; CPU/MPS need floats, CUDA integers for determinism (as transformers does).
-    histc_dtype = torch.float32 if device.type in ("cpu", "mps") else torch.int32
-    tokens_per_expert_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    router_prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    total_rows: torch.Tensor | float = 0.0
-    flat_mask = None
-    if attention_mask is not None:
-        flat_mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
-    for logits, chosen in zip(router_logits, selected_experts):
-        routing_weights = torch.nn.functional.softmax(logits.to(device), dim=-1)  # [N, E]
-        chosen = chosen.to(device)  # [N, k]
-        if flat_mask is None:
-            tokens_per_expert_sum = tokens_per_expert_sum + torch.histc(
-                chosen.reshape(-1).to(histc_dtype), bins=num_experts, min=0, max=num_experts
-            )
-            router_prob_sum = router_prob_sum + routing_weights.float().sum(dim=0)
-            total_rows = total_rows + routing_weights.shape[0]
-        else:
-            tokens_per_expert_sum = tokens_per_expert_sum + torch.zeros(
-                num_experts, dtype=torch.float32, device=device
-            ).scatter_add_(0, chosen.reshape(-1), flat_mask.repeat_interleave(chosen.shape[-1]))
-            router_prob_sum = router_prob_sum + (routing_weights.float() * flat_mask.unsqueeze(-1)).sum(dim=0)
-            total_rows = total_rows + flat_mask.sum()
-    tokens_per_expert = tokens_per_expert_sum / total_rows
-    router_prob_per_expert = router_prob_sum / total_rows
-    return torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts
+    masks = None if attention_mask is None else [attention_mask] * len(router_logits)
+    return switch_balance_loss(router_logits, selected_experts, num_experts, masks)
 
 
 def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -98,10 +129,12 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
         return False
     original = causal_lm.forward
     signature = inspect.signature(original)
+    read_mask = AttentionMaskReader(original)
     routers = [layer.router for layer in model.layers]
     layout = model.family.router_output
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        attention_mask = read_mask(args, kwargs)
         arguments = _arguments(signature, args, kwargs)
         wanted = arguments.get("output_router_logits")
         if wanted is None:
@@ -124,7 +157,7 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
         if not captured:
             return outputs if return_dict is not False else outputs.to_tuple()
         logits = tuple(c[0] for c in captured)
-        aux = load_balancing_loss(logits, [c[1] for c in captured], model.num_experts, arguments.get("attention_mask"))
+        aux = load_balancing_loss(logits, [c[1] for c in captured], model.num_experts, attention_mask)
         loss = outputs.get("loss")
         if loss is not None:
             loss = loss + getattr(self, coef_attr) * aux.to(loss.device)

@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from model_patches.structure import MoEModel
-from model_patches.structure import attribute_path
+from model_patches.structure import extra_routers
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
@@ -62,17 +62,6 @@ def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Param
             f"(family {model.family.name}); nothing would be frozen"
         )
     return chosen
-
-
-def extra_routers(model: MoEModel) -> list[nn.Module]:
-    """The family's ``extra_routers`` of every decoder layer (e.g. ModuleFormer's attention-expert gates)."""
-    found = []
-    for decoder_layer in getattr(model.decoder, model.family.layers_attr):
-        for path in model.family.extra_routers:
-            module = attribute_path(decoder_layer, path)
-            if isinstance(module, nn.Module):
-                found.append(module)
-    return found
 
 
 def freeze(parameters: list[tuple[str, nn.Parameter]], undo: UndoLog) -> list[str]:

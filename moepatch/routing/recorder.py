@@ -14,7 +14,6 @@ not counted twice.
 
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,9 @@ from model_patches.structure import describe
 from model_patches.structure import device_of
 from model_patches.structure import resolve_layer_indices
 from moepatch.compat import current_backward_task_id
+from moepatch.compat import distributed_ready
 from moepatch.errors import MoePatchWarning
+from moepatch.routing.attention_mask import AttentionMaskReader
 
 _FLUSH_ELEMENTS = 1 << 24
 """Largest ``layers × tokens × experts`` block processed at once (128 MiB of float64)."""
@@ -97,7 +98,7 @@ class RoutingRecorder:
         self._mask: torch.Tensor | None = None
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._warned: set[str] = set()
-        self._mask_position = _argument_position(self.model.decoder.forward, "attention_mask")
+        self._read_mask = AttentionMaskReader(self.model.decoder.forward)
         self._scores_are = self.model.family.router_output.scores_are
 
     # ------------------------------------------------------------------ activation
@@ -135,10 +136,7 @@ class RoutingRecorder:
 
     # ------------------------------------------------------------------ hooks
     def _begin_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
-            mask = args[self._mask_position]
-        self._mask = mask if isinstance(mask, torch.Tensor) else None
+        self._mask = self._read_mask(args, kwargs)
         self._pending.clear()
         self._in_call = True
 
@@ -294,7 +292,7 @@ class RoutingRecorder:
         """
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed_ready():
             return self
         device = collective_device(group)
         for accumulator in (self._acc, self._co):
@@ -325,15 +323,3 @@ class RoutingRecorder:
     def to_json(self, **kwargs: Any) -> str:
         """``json.dumps(self.to_dict())``."""
         return json.dumps(self.to_dict(), **kwargs)
-
-
-def _argument_position(function: Any, name: str) -> int | None:
-    """Positional index of argument ``name`` of a bound ``forward``, or ``None``."""
-    try:
-        parameters = list(inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    for position, parameter in enumerate(parameters):
-        if parameter.name == name and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-            return position
-    return None

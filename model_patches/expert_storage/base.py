@@ -1,0 +1,110 @@
+"""What an expert-storage adapter is: the routed experts' projections as features see them, and how per-expert
+deltas are run inside the experts' own computation.
+
+A routed-experts module keeps its weights in a family-specific layout (fused ``[E, 2I, H]`` tensors, one
+``ParameterList`` entry per expert, ``[E, in, out]`` modules fed expert-grouped rows).  An adapter lists each
+adaptable projection (:class:`RoutedProjection`) and attaches **routed deltas** — any module following
+:class:`RoutedDeltas`, one per projection — so that each expert's delta runs on exactly the rows the router sent to
+that expert, with the token index of each row.  The feature (``moepatch.lora_experts``) owns the delta modules and
+their parameters; the adapter only reads them from the experts module's :data:`DELTAS_ATTRIBUTE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from model_patches.structure import MoEModel
+
+DELTAS_ATTRIBUTE = "_routed_deltas"
+"""Plain (unregistered) attribute of an adapted storage module: ``{projection: RoutedDeltas}``."""
+
+
+class RoutedDeltas(Protocol):
+    """Per-expert deltas of one projection (e.g. a set of LoRA experts for each routed expert)."""
+
+    placement: str
+    """``"output"``: the result is added to the projection's output; ``"input"``: it replaces the input (a scale)."""
+
+    def grouped(self, rows: torch.Tensor, counts: list[int] | None, tokens: torch.Tensor | None = None,
+                only: int | None = None) -> torch.Tensor:
+        """``rows`` grouped by expert (``counts[e]`` rows of expert ``e`` in order), or all of expert ``only``;
+        ``tokens``: each row's token index (or ``None``)."""
+        ...
+
+
+class ChangeLog(Protocol):
+    """Where an adapter records its changes so they can be undone (``moepatch.undo.UndoLog`` is one)."""
+
+    def set_attribute(self, obj: object, name: str, value: object) -> None: ...
+
+    def add_hook(self, handle: RemovableHandle) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoutedProjection:
+    """One adaptable projection of the routed experts of one module."""
+
+    path: str
+    """How targets name it: ``<experts module path>.<projection>`` (or the storage module's own path)."""
+    module: nn.Module
+    """The module storing the weights (deltas are attached to it)."""
+    projection: str
+    """``gate_proj``, ``up_proj``, ``down_proj`` (or ``gate_up_proj`` where gate and up are one input projection)."""
+    in_dims: tuple[int, ...]
+    """Input width per routed expert."""
+    out_dims: tuple[int, ...]
+    """Output width per routed expert."""
+    aliases: tuple[str, ...]
+    """Module paths a target entry may name to reach this projection (the family's own attribute names)."""
+    owner: nn.Module | None = None
+    """The mixture that computes the rows' token indices, where the storage module does not know them."""
+
+
+def shape_of(parameter: torch.Tensor) -> tuple[int, ...]:
+    """The full shape, also of a ZeRO-3 partitioned parameter."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
+
+
+class ExpertStorage:
+    """One storage kind of routed experts (named by :attr:`model_patches.spec.FamilySpec.expert_storage`)."""
+
+    kind: ClassVar[str]
+    one_projection_per_module: ClassVar[bool] = False
+    """Each storage module is a single projection (its deltas are attached directly, not keyed by projection)."""
+
+    def projections(self, moe: MoEModel) -> list[RoutedProjection]:
+        """Every adaptable routed projection of ``moe`` (paths relative to ``moe.inner``)."""
+        raise NotImplementedError
+
+    def problem(self, projection: RoutedProjection) -> str | None:
+        """Why deltas cannot run inside this projection's computation, or ``None``."""
+        return None
+
+    def attach(self, module: nn.Module, deltas: Mapping[str, RoutedDeltas], projections: list[RoutedProjection],
+               log: ChangeLog) -> None:
+        """Make ``module`` run ``deltas`` (by projection name) inside its computation, recording changes in ``log``.
+
+        Called once per storage module with the deltas of all its adapted projections.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def _store(module: nn.Module, deltas: Mapping[str, RoutedDeltas], log: ChangeLog) -> None:
+        log.set_attribute(module, DELTAS_ATTRIBUTE, deltas)
+
+
+def deltas_of(module: nn.Module) -> Mapping[str, RoutedDeltas]:
+    """The deltas attached to ``module`` (empty when none)."""
+    return module.__dict__.get(DELTAS_ATTRIBUTE) or {}
+
+
+def module_names(root: nn.Module) -> dict[int, str]:
+    """``id(module) -> qualified name`` inside ``root``."""
+    return {id(module): path for path, module in root.named_modules()}

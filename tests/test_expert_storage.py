@@ -1,0 +1,82 @@
+"""The expert-storage adapters in model_patches: routed deltas reach fused experts through transformers' own
+experts-implementation interface, only on the adapted modules, and every change is undone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import logits_of
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+import moepatch
+from model_patches.expert_storage import STORAGES
+from model_patches.expert_storage import storage_of
+from model_patches.expert_storage.base import DELTAS_ATTRIBUTE
+from model_patches.expert_storage.fused import IMPLEMENTATION
+from moepatch.testing import tiny
+
+ROUTED = {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2, "top_k": 1,
+                           "target_modules": ["re:model\\.layers\\.0\\.mlp\\.experts\\.(gate|down)_proj"]}}
+
+
+def test_fused_experts_dispatch_through_transformers_interface_on_adapted_modules_only(tmp_path, batch):
+    model = tiny.tiny_model("qwen2_moe")  # MoE layers 0, 2, 3; only layer 0's experts are adapted
+    reference = logits_of(model, batch)
+    base_implementation = model.config._experts_implementation
+    handle = moepatch.apply(model, ROUTED)
+    adapted, other = model.model.layers[0].mlp.experts, model.model.layers[2].mlp.experts
+    assert IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS
+    assert adapted.config._experts_implementation == IMPLEMENTATION
+    assert "forward" not in adapted.__dict__  # the class's own dispatching forward runs
+    assert set(adapted.__dict__[DELTAS_ATTRIBUTE]) == {"gate_proj", "down_proj"}
+    assert other.config is model.config and model.config._experts_implementation == base_implementation
+    assert torch.equal(logits_of(model, batch), reference)  # fresh deltas are exactly zero
+
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not any("routed_deltas" in json.dumps(value) for value in saved.values())
+
+    handle.remove()
+    assert adapted.config is model.config and DELTAS_ATTRIBUTE not in adapted.__dict__
+    assert "lora_experts" not in dict(adapted.named_children())
+    assert torch.equal(logits_of(model, batch), reference)
+
+
+def test_an_implementation_switched_after_attaching_is_named(batch):
+    model = tiny.tiny_model("mixtral")
+    moepatch.apply(model, ROUTED)
+    model.config._experts_implementation_internal = "batched_mm"
+    with pytest.raises(ValueError, match="experts implementation 'batched_mm' was set after moepatch attached"):
+        model(**batch)
+
+
+@pytest.mark.parametrize(("attribute", "value", "message"), [
+    ("is_transposed", True, "transposed layout"),
+    ("is_concatenated", False, "interleaved gate/up layout"),
+    ("has_bias", True, "biased or gate-less"),
+])
+def test_fused_layouts_it_cannot_run_are_refused_by_name(attribute, value, message):
+    model = tiny.tiny_model("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    setattr(experts, attribute, value)
+    with pytest.raises(ValueError, match=message):
+        moepatch.apply(model, ROUTED)
+    assert "lora_experts" not in dict(experts.named_children())
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "llama_moe", "moduleformer"])
+def test_each_family_resolves_to_its_storage_and_lists_every_expert(family):
+    model = tiny.tiny_model(family)
+    structure = moepatch.describe(model)
+    storage = storage_of(structure)
+    assert storage is STORAGES[structure.family.expert_storage]
+    projections = storage.projections(structure)
+    assert projections and all(len(p.in_dims) == len(p.out_dims) for p in projections)
+    blocks = [layer.name for layer in structure.layers]
+    in_moe_blocks = [p for p in projections if any(p.path.startswith(block + ".") for block in blocks)]
+    assert len(in_moe_blocks) == (2 if family == "moduleformer" else 3) * len(blocks)
+    assert all(len(p.in_dims) == structure.num_experts for p in in_moe_blocks)
+    paths = {name for name, _ in model.named_modules()}
+    assert all(p.path.rsplit(".", 1)[0] in paths or p.path in paths for p in projections)
