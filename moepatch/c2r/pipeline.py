@@ -1,0 +1,254 @@
+"""C2R on a checkpoint folder, end to end: what ``moepatch profile`` and ``moepatch place`` run.
+
+* **profile** — :func:`profile_checkpoint` loads the checkpoint (vanilla routing unless asked otherwise: C2R's
+  method profiles the unmodified model) and counts co-activations over a corpus; :func:`save_profile_results`
+  writes the matrices, a heatmap and the official ``top_t`` / ``collaborative_list`` fields.
+* **place** — :func:`place_checkpoint` profiles under vanilla routing and, when the checkpoint has C2R fields,
+  under C2R too, keeping every token's chosen experts, so copies per token are counted exactly;
+  :func:`place_matrices` reports from saved matrices; :func:`write_planned_checkpoint` renumbers the experts so
+  contiguous sharding places the planned groups together.
+
+Arguments are expected checked (the command checks them against a weightless skeleton before calling these), so
+the functions here only load, compute and write.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_patches.structure import MoEModel
+from moepatch.c2r.profiling import CoactivationProfile
+from moepatch.errors import CommandError
+
+MIN_CHOICES_PER_EXPERT = 64
+"""Fewest top-k choices per expert, on average, that C2R fields are written from (see :func:`default_min_tokens`)."""
+
+
+def default_min_tokens(num_experts: int, top_k: int) -> int:
+    """Fewest tokens ``profile`` writes C2R fields from: 64 choices per expert on average (64·E/k)."""
+    return math.ceil(MIN_CHOICES_PER_EXPERT * num_experts / top_k)
+
+
+def embedded_corpus() -> list[str]:
+    """The corpus used when none is given: the tiny models' embedded documents and demo texts."""
+    from moepatch.testing import tiny
+
+    return list(tiny.CORPUS + tiny.DEMO_TEXTS)
+
+
+def has_c2r_fields(config: Any) -> bool:
+    """The checkpoint routes under C2R when applied (official top-level fields or a ``c2r`` entry, not switched
+    off)."""
+    from moepatch.config import MoePatchConfig
+
+    return MoePatchConfig.from_model(config).c2r is not None
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+@dataclass
+class CheckpointProfile:
+    """One profiling run of a checkpoint, and how it routed during the run."""
+
+    profile: CoactivationProfile
+    moe: MoEModel
+    """The loaded model's structure (C2R fields are validated against it before they are written)."""
+    routed_under_c2r: bool
+    """The run routed under the checkpoint's C2R (``as_configured`` and C2R fields present)."""
+    c2r_switched_off: bool
+    """The checkpoint has C2R fields, and they were switched off for the run (the default)."""
+
+
+@dataclass
+class ProfileOutputs:
+    """Files :func:`save_profile_results` wrote."""
+
+    matrices: Path
+    heatmap: Path | None
+    """`None` when matplotlib is not installed."""
+    config: Path | None
+    """The config.json that received ``top_t`` and ``collaborative_list``; `None` when not written."""
+    top_t: int
+
+
+def profile_checkpoint(
+    checkpoint: Path,
+    tokenizer: Any,
+    documents: list[str],
+    *,
+    as_configured: bool = False,
+    batch_size: int = 4,
+    max_length: int = 512,
+    max_tokens: int | None = None,
+    seed: int = 0,
+) -> CheckpointProfile:
+    """Load ``checkpoint`` and count expert co-activations over ``documents`` (seeded order, padding excluded).
+
+    The checkpoint's own moepatch block is applied with C2R switched off: C2R's method profiles the unmodified
+    routing.  ``as_configured=True`` profiles the routing the checkpoint is configured with, C2R included.  The
+    folder's own code never runs, and a checkpoint missing a weight is refused (random weights profile nothing).
+
+    Raises:
+        CommandError: the weights cannot be read or some are missing.
+    """
+    from moepatch.c2r.profiling import corpus_batches
+    from moepatch.c2r.profiling import profile_coactivation
+    from moepatch.config import CONFIG_KEY
+    from moepatch.loading.pretrained import load_for_command
+    from moepatch.patch import apply
+
+    model = load_for_command(checkpoint, patch=False)
+    block = getattr(model.config, CONFIG_KEY, None)
+    overrides = None if as_configured else {**(block if isinstance(block, dict) else {}), "c2r": False}
+    handle = apply(model, overrides)
+    batches = corpus_batches(tokenizer, documents, batch_size=batch_size, max_length=max_length, seed=seed)
+    try:
+        profile = profile_coactivation(model, batches, max_tokens=max_tokens)
+    finally:
+        handle.remove()
+    return CheckpointProfile(
+        profile=profile,
+        moe=handle.moe_model,
+        routed_under_c2r=bool(handle.c2r_routers),
+        c2r_switched_off=not as_configured and has_c2r_fields(model.config),
+    )
+
+
+def save_profile_results(
+    run: CheckpointProfile,
+    output: Path,
+    *,
+    top_t: int,
+    plot_positions: list[int],
+    config_checkpoint: Path | None = None,
+) -> ProfileOutputs:
+    """Write ``output/coactivation.safetensors``, a heatmap of the MoE layers at ``plot_positions`` (positions
+    among the MoE layers, negative from the end) and, into ``config_checkpoint/config.json`` when given, the
+    official ``top_t`` / ``collaborative_list`` fields.
+
+    The fields are planned on the profiled model first, so nothing is written from a ranking C2R would refuse.
+
+    Raises:
+        ValueError: ``top_t`` or the ranking do not fit the model.
+    """
+    from moepatch.c2r.config import C2RConfig
+    from moepatch.c2r.profiling import write_c2r_fields
+    from moepatch.c2r.selection import plan_c2r
+
+    profile = run.profile
+    ranking = profile.collaborative_list()
+    plan_c2r(run.moe, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate
+    output.mkdir(parents=True, exist_ok=True)
+    matrices = profile.save(output / "coactivation.safetensors")
+    plot_layers = [profile.layers[i] for i in plot_positions]
+    try:
+        from moepatch.plots import plot_coactivation
+
+        heatmap: Path | None = plot_coactivation(profile, plot_layers, output / "coactivation.png")
+    except ImportError:
+        heatmap = None
+    config = write_c2r_fields(config_checkpoint, top_t, ranking) if config_checkpoint is not None else None
+    return ProfileOutputs(matrices=matrices, heatmap=heatmap, config=config, top_t=top_t)
+
+
+# ------------------------------------------------------------------------------------------------------ place
+def profile_for_placement(
+    checkpoint: Path,
+    tokenizer: Any,
+    documents: list[str],
+    *,
+    batch_size: int = 4,
+    max_length: int = 512,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, CoactivationProfile]:
+    """Profile ``checkpoint`` under vanilla routing and, when it has C2R fields, under C2R, keeping every token's
+    chosen experts.  Returns ``{"vanilla": …, "c2r": …}`` (``"c2r"`` only with C2R fields)."""
+    from moepatch.c2r.profiling import corpus_batches
+    from moepatch.c2r.profiling import profile_coactivation
+    from moepatch.loading.pretrained import load_for_command
+    from moepatch.patch import patched
+
+    model = load_for_command(checkpoint, patch=False)  # never runs the folder's own code; no weight missing
+    profiles = {}
+    for routing, config in (("vanilla", {"c2r": False}), ("c2r", None)):
+        with patched(model, config) as handle:
+            if routing == "c2r" and not handle.c2r_routers:
+                continue
+            batches = corpus_batches(tokenizer, documents, batch_size=batch_size, max_length=max_length, seed=seed)
+            profiles[routing] = profile_coactivation(model, batches, max_tokens=max_tokens, keep_choices=True,
+                                                     progress=progress)
+    return profiles
+
+
+def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *, seed: int = 0
+                   ) -> dict[str, dict[str, Any]]:
+    """Placement reports over ``ep_size`` devices from profiles with kept choices (copies per token counted
+    exactly), with absolute decoder-layer indices in the per-layer rows."""
+    from moepatch.c2r.placement import placement_report
+
+    reports: dict[str, dict[str, Any]] = {}
+    for routing, profile in profiles.items():
+        report = placement_report(
+            profile.matrices, ep_size, top_k=profile.top_k, seed=seed,
+            indices={slot: profile.choices[layer] for slot, layer in enumerate(profile.layers)},
+        )
+        for row in report["layers"]:  # positions → absolute decoder-layer indices
+            row["layer"] = profile.layers[row["layer"]]
+        reports[routing] = report
+    return reports
+
+
+def place_checkpoint(
+    checkpoint: Path,
+    tokenizer: Any,
+    documents: list[str],
+    ep_size: int,
+    *,
+    batch_size: int = 4,
+    max_length: int = 512,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Placement reports of a checkpoint's experts over ``ep_size`` devices: ``"vanilla"`` routing, and ``"c2r"``
+    when the checkpoint has C2R fields (see :func:`profile_for_placement` and :func:`place_profiles`)."""
+    profiles = profile_for_placement(checkpoint, tokenizer, documents, batch_size=batch_size, max_length=max_length,
+                                     max_tokens=max_tokens, seed=seed, progress=progress)
+    return place_profiles(profiles, ep_size, seed=seed)
+
+
+def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: int, *, top_k: int, seed: int = 0
+                   ) -> dict[str, dict[str, Any]]:
+    """Placement reports from saved co-activation matrices (by name, as :func:`moepatch.c2r.matrices.load_matrices`
+    returns them) of a top-``top_k`` model.
+
+    Raises:
+        CommandError: a matrix does not fit a placement, naming ``source`` and the matrix.
+    """
+    from moepatch.c2r.placement import placement_report
+
+    reports: dict[str, dict[str, Any]] = {}
+    for name, stack in matrices.items():
+        try:
+            reports[name] = placement_report(stack, ep_size, top_k=top_k, seed=seed)
+        except ValueError as error:
+            raise CommandError(f"{source}, matrix {name!r}: {error}") from None
+    return reports
+
+
+def write_planned_checkpoint(source: Path, reports: Mapping[str, Mapping[str, Any]], target: Path) -> Path:
+    """Write a copy of ``source`` whose experts are renumbered so contiguous sharding hosts the planned groups
+    together (the C2R report's plan when there is one, else the vanilla one)."""
+    from moepatch.c2r.permutation import write_permuted_checkpoint
+    from moepatch.c2r.placement import expert_permutation
+
+    chosen = reports.get("c2r") or reports["vanilla"]
+    permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
+    return write_permuted_checkpoint(source, permutations, target)

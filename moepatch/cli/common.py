@@ -1,0 +1,129 @@
+"""Checks several commands run on a checkpoint before loading it: its structure from a weightless skeleton, its
+moepatch block planned on that skeleton, its tokenizer.  Each failure names config.json or the folder, so a broken
+checkpoint is reported in one line before any weight is loaded or any file is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_patches.structure import MoEModel
+from moepatch.errors import CommandError
+from moepatch.errors import UsageError
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message (third-party errors can be long)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def skeleton(path: str | Path, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]:
+    """The checkpoint's config and a weightless (meta-device) model built from it: structure without loading."""
+    from transformers import AutoConfig
+    from transformers import AutoModelForCausalLM
+
+    from moepatch.errors import UnsupportedModelError
+    from moepatch.loading.pretrained import drop_loader_auto_map
+
+    path = str(path)
+    config_file = Path(path) / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CommandError(f"{config_file}: not a readable JSON file ({error})") from None
+    if not isinstance(raw, dict):
+        raise CommandError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    if "model_type" not in raw:
+        raise CommandError(f"{config_file}: no model_type field")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as error:  # unknown model_type, or a field of the wrong type (transformers' strict configs)
+        model_type = raw.get("model_type")
+        raise CommandError(f"{config_file}: cannot build a config for model_type={model_type!r}: "
+                           f"{first_line(error)}") from None
+    drop_loader_auto_map(config)  # `moepatch install`'s loader: the skeleton is moepatch's (or transformers') class
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise UnsupportedModelError(f"{config_file}: {type(config).__name__} is not a causal LM "
+                                    f"({str(error).splitlines()[0]})") from None
+    except Exception as error:  # fields that pass the config class but not the model's constructor
+        raise CommandError(f"{config_file}: cannot build the model it describes: {first_line(error)}") from None
+    return config, model
+
+
+def structure(path: Path, trust_remote_code: bool = False) -> MoEModel:
+    """The checkpoint's MoE structure from a weightless skeleton: checks arguments without loading weights."""
+    from model_patches.structure import describe
+
+    return describe(skeleton(path, trust_remote_code)[1], verify=False)
+
+
+def checked_block(checkpoint: Path, trust_remote_code: bool = False) -> tuple[Any, MoEModel]:
+    """The checkpoint's structure, with its own moepatch block and C2R fields planned on the skeleton: a broken
+    block is reported naming config.json before any weight is loaded.  Returns ``(config, moe)``."""
+    from model_patches.structure import describe
+    from moepatch.config import MoePatchConfig
+    from moepatch.patch import plan_patch
+
+    config, model = skeleton(checkpoint, trust_remote_code)
+    try:
+        settings = MoePatchConfig.from_model(config)
+    except ValueError as error:
+        raise CommandError(f"{checkpoint / 'config.json'}: {error}") from None
+    moe = describe(model, family=settings.family, verify=False)
+    try:
+        plan_patch(moe, settings)
+    except ValueError as error:
+        raise CommandError(f"{checkpoint / 'config.json'}: {error}") from None
+    return config, moe
+
+
+def check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: str) -> int:
+    """Plan a moepatch block on the weightless skeleton: a bad block fails before any weight is loaded.
+
+    Returns the narrowest ``min(in, out)`` width of the projections the block's LoRA experts adapt (0 without
+    any), the most rank a LoRA expert can use there.
+    """
+    from moepatch.config import MoePatchConfig
+    from moepatch.patch import plan_patch
+
+    moe = structure(checkpoint)
+    try:
+        plan = plan_patch(moe, MoePatchConfig.from_dict(block))
+    except ValueError as error:
+        raise UsageError(argument, str(error)) from None
+    lora = plan["lora_experts"]
+    widths = [min(min(t.in_dims), min(t.out_dims)) for t in (lora.targets if lora is not None else ())
+              if getattr(t, "in_dims", None) and getattr(t, "out_dims", None)]
+    return min(widths, default=0)
+
+
+def check_ep_size(num_experts: int, ep_size: int) -> None:
+    """``--ep-size`` must divide the experts: expert parallelism hosts the same number on every device."""
+    if num_experts % ep_size:
+        raise UsageError("--ep-size", f"{ep_size} does not divide the {num_experts} experts (expert parallelism "
+                                      "hosts the same number of experts on every device)")
+
+
+def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer; a missing or broken one is named, not a traceback."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise CommandError(f"{checkpoint}: no usable tokenizer ({first_line(error)})") from None
+    try:
+        encoded = tokenizer("moepatch checks its tokenizer")["input_ids"]
+    except Exception:  # a tokenizer object without a vocabulary
+        encoded = []
+    if not encoded:
+        raise CommandError(f"{checkpoint}: no usable tokenizer (it encodes text to nothing: are tokenizer.json / "
+                           "tokenizer_config.json there?)")
+    return tokenizer

@@ -1,0 +1,36 @@
+"""``moepatch demo``: every feature on a tiny checkpoint (:func:`moepatch.testing.demo.run_demo` does the work)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moepatch.cli.common import check_ep_size
+from moepatch.errors import UsageError
+
+
+def check_demo_arguments(args: argparse.Namespace) -> None:
+    """The demo's tiny models have 8 experts, top-2: ``--top-t`` and ``--ep-size`` must fit them, and ``--output``
+    must not hold a ``finetune`` folder the demo did not write (the demo replaces its own)."""
+    from moepatch.testing import tiny
+    from moepatch.testing.demo import FINETUNE_FOLDER
+    from moepatch.testing.demo import is_demo_finetune
+
+    num_experts, top_k = tiny.TINY_NUM_EXPERTS, tiny.TINY_TOP_K
+    if not max(top_k - 1, 1) <= args.top_t <= num_experts - 1:
+        raise UsageError("--top-t", f"expected {max(top_k - 1, 1)} .. {num_experts - 1} for the demo's {num_experts} "
+                                    f"experts (top-{top_k}), got {args.top_t}")
+    check_ep_size(num_experts, args.ep_size)
+    previous = Path(args.output) / FINETUNE_FOLDER if args.output else None
+    if previous is not None and previous.exists() and args.finetune_steps > 0 and not is_demo_finetune(previous):
+        raise UsageError("--output", f"{previous} exists and is not a fine-tune of an earlier demo; the demo writes "
+                                     "its fine-tune there: choose another --output")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo; it narrates each step on stdout as it goes."""
+    from moepatch.testing.demo import run_demo
+
+    run_demo(args.output, args.family, seed=args.seed, top_t=args.top_t, ep_size=args.ep_size,
+             finetune_steps=args.finetune_steps)
+    return 0

@@ -1,0 +1,78 @@
+"""``moepatch inspect PATH``: a checkpoint's MoE structure and its moepatch block, checked on a weightless skeleton
+(no weight is loaded, so it works on checkpoints of any size)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from moepatch.cli.common import skeleton
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the structure moepatch sees and the plan its block makes; status 1 lists the block's problems, 2 a
+    model moepatch cannot patch."""
+    from model_patches.structure import describe
+    from moepatch.config import CONFIG_KEY
+    from moepatch.config import MoePatchConfig
+    from moepatch.errors import UnsupportedModelError
+    from moepatch.patch import plan_patch
+
+    config, model = skeleton(args.path, args.trust_remote_code)
+    raw = getattr(config, CONFIG_KEY, None)
+    print(f"checkpoint: {args.path}")
+    print(f"model:      {type(model).__name__} (model_type={config.model_type!r})")
+    problems: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            settings: MoePatchConfig | None = MoePatchConfig.from_dict(raw)
+            settings.adopt_outside_block(config)
+        except ValueError as error:
+            settings = None
+            problems.append(str(error))
+    notes = [str(w.message) for w in caught]
+    try:
+        moe = describe(model, family=settings.family if settings else None, verify=False)
+    except UnsupportedModelError as error:
+        print(f"family:     unsupported\n  {error}")
+        print(f"moepatch inspect: error: {type(model).__name__} is not a model moepatch can patch (see above)",
+              file=sys.stderr)
+        return 2
+    spec = moe.family
+    renorm = "yes" if moe.renormalize else "no"
+    print(f"family:     {spec.name}" + (" (structural match; routers are probed when weights are loaded)"
+                                         if not spec.model_types else ""))
+    print(f"layers:     {moe.num_layers} decoder layers; MoE layers {moe.moe_layer_indices}; "
+          f"dense layers {list(moe.dense_layers)}")
+    print(f"experts:    {moe.num_experts} routed, top-{moe.top_k}; routing: float32 softmax over all experts "
+          f"→ top-k, renormalised: {renorm}; weights dtype: {spec.routing.weights_dtype}")
+    print(f"shared:     {', '.join(spec.shared_expert_attrs) or 'none'}")
+    print(f"router:     {moe.layers[0].name}.{spec.router_attr} ({type(moe.layers[0].router).__name__}); "
+          f"experts: {moe.layers[0].name}.{spec.experts_attr} ({type(moe.layers[0].experts).__name__})")
+    print(f"gate_substring freezes: {spec.gate_substring_note}")
+    shown = raw
+    if isinstance(raw, dict) and isinstance(raw.get("c2r"), dict) and "collaborative_list" in raw["c2r"]:
+        shown = {**raw, "c2r": {**raw["c2r"], "collaborative_list": "[...]"}}
+    print(f"moepatch block ({CONFIG_KEY!r} in config.json): {json.dumps(shown) if raw is not None else 'absent'}")
+    if settings is not None:
+        try:
+            plan = plan_patch(moe, settings)
+            for description in plan.describe():
+                for line in description.splitlines():
+                    print(f"  {line}")
+        except ValueError as error:
+            problems.append(str(error))
+    for note in notes:
+        print(f"  warning: {note}")
+    for problem in problems:
+        print(f"  error: {problem}")
+    if not problems:
+        print("  config: OK" + (" (no feature enabled)" if settings is None or settings.is_empty else ""))
+        return 0
+    print(f"moepatch inspect: error: {Path(args.path) / 'config.json'}: {len(problems)} problem(s) in the moepatch "
+          "config (listed above)", file=sys.stderr)
+    return 1

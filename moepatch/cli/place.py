@@ -1,0 +1,153 @@
+"""``moepatch place SOURCE --ep-size D``: C2R expert placement for expert parallelism (copies per token), from a
+checkpoint folder (profiled, copies counted exactly) or a saved matrix file.  The work is
+:mod:`moepatch.c2r.pipeline`'s; this module checks the arguments against the source and prints the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moepatch.cli.common import check_ep_size
+from moepatch.cli.common import checked_block
+from moepatch.cli.common import load_tokenizer
+from moepatch.errors import CommandError
+from moepatch.errors import UsageError
+
+PLACE_PROFILING_DEFAULTS: dict[str, Any] = {"data": None, "text_field": "text", "max_tokens": None, "batch_size": 4,
+                                            "max_length": 512}
+"""Options of ``place`` that only apply to a checkpoint SOURCE (it is profiled), with their defaults."""
+
+
+def check_permuted_target(source: Path, target: Path) -> None:
+    """``--write-permuted DIR`` must be a new or empty folder, not the source."""
+    if target.resolve() == source.resolve():
+        raise UsageError("--write-permuted", f"{target} is the source checkpoint; give a new folder")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError("--write-permuted", f"{target} already exists and is not an empty folder; give a new folder")
+
+
+def matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: int | None) -> int:
+    """The matrices' experts per token: recorded in the file, implied by its diagonal, or ``--top-k``; never guessed."""
+    from moepatch.c2r.matrices import inferred_top_k
+    from moepatch.c2r.matrices import recorded_top_k
+
+    known: dict[str, int] = {}
+    recorded = recorded_top_k(source)
+    if recorded is not None:
+        known["recorded in the file"] = recorded
+    for name, stack in matrices.items():
+        implied = inferred_top_k(stack)
+        if implied is not None:
+            known[f"implied by the diagonal of {name!r}"] = implied
+    if len(set(known.values())) > 1:
+        raise CommandError(f"{source}: the file contradicts itself about top_k: {known}")
+    num_experts = min(int(stack.shape[-1]) for stack in matrices.values())
+    if known:
+        where, top_k = next(iter(known.items()))
+        if given is not None and given != top_k:
+            raise UsageError("--top-k", f"{given} contradicts top_k={top_k} {where} ({source}); drop --top-k")
+        if not 2 <= top_k <= num_experts:
+            raise CommandError(f"{source}: top_k={top_k} {where}, but pair counts need 2 .. {num_experts} experts "
+                               "per token")
+        return top_k
+    if given is None:
+        raise UsageError("--top-k", f"{source} does not record how many experts each token chose; pass --top-k K "
+                                    "(the profiled model's experts per token, e.g. 4 for Qwen1.5-MoE, 2 for Mixtral)")
+    if not 2 <= given <= num_experts:
+        raise UsageError("--top-k", f"expected 2 .. {num_experts} (pair counts come from tokens with at least two "
+                                    f"experts, and the matrices have {num_experts}), got {given}")
+    return given
+
+
+def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Check the options against the checkpoint's skeleton, then profile it and report (vanilla, and C2R when the
+    checkpoint has C2R fields)."""
+    from moepatch.c2r.permutation import check_permutable
+    from moepatch.c2r.pipeline import embedded_corpus
+    from moepatch.c2r.pipeline import place_checkpoint
+    from moepatch.c2r.profiling import read_corpus
+    from moepatch.validation import check_checkpoint_folder
+
+    check_checkpoint_folder(source, "source")
+    _, moe = checked_block(source, args.trust_remote_code)  # checks before anything is loaded or profiled
+    check_ep_size(moe.num_experts, args.ep_size)
+    if args.top_k is not None and args.top_k != moe.top_k:
+        raise UsageError("--top-k", f"{args.top_k} contradicts the checkpoint's top-{moe.top_k} routing; drop "
+                                    "--top-k (a checkpoint's routed tokens are counted exactly)")
+    if args.write_permuted:
+        check_permuted_target(source, Path(args.write_permuted))
+        check_permutable(moe)
+    options = {name: default if getattr(args, name) is None else getattr(args, name)
+               for name, default in PLACE_PROFILING_DEFAULTS.items()}
+    documents = read_corpus(options["data"], options["text_field"]) if options["data"] else embedded_corpus()
+    tokenizer = load_tokenizer(source, args.trust_remote_code)
+    return place_checkpoint(source, tokenizer, documents, args.ep_size, batch_size=options["batch_size"],
+                            max_length=options["max_length"], max_tokens=options["max_tokens"], seed=args.seed,
+                            progress=not args.json)
+
+
+def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str]) -> dict[str, dict[str, Any]]:
+    """Refuse the options that only apply to a checkpoint, then report from the file's matrices (``notes``
+    receives what cannot be computed exactly)."""
+    from moepatch.c2r.matrices import load_matrices
+    from moepatch.c2r.pipeline import place_matrices
+
+    if args.write_permuted:
+        raise UsageError("--write-permuted", "needs a checkpoint folder as SOURCE, not a matrix file")
+    for name in PLACE_PROFILING_DEFAULTS:
+        if getattr(args, name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')}", "only applies when SOURCE is a checkpoint folder "
+                                                            "(it is profiled); a matrix file is used as it is")
+    if args.trust_remote_code:
+        raise UsageError("--trust-remote-code", "only applies when SOURCE is a checkpoint folder")
+    loaded = load_matrices(source)
+    top_k = matrix_file_top_k(source, loaded, args.top_k)
+    for stack in loaded.values():
+        check_ep_size(int(stack.shape[-1]), args.ep_size)
+    if top_k > 2:
+        notes.append(
+            f"copies per token: not computed. The matrices come from a top-{top_k} model, and pairwise counts do "
+            f"not determine how many distinct devices a token with {top_k} experts reaches. Run `moepatch place "
+            f"CHECKPOINT --ep-size {args.ep_size}` on the checkpoint instead: it routes tokens and counts the "
+            "devices of each token exactly. The intra-group fractions below are exact."
+        )
+    return place_matrices(source, loaded, args.ep_size, top_k=top_k, seed=args.seed)
+
+
+def cmd_place(args: argparse.Namespace) -> int:
+    """Report the placement (text, or ``--json`` on stdout alone) and optionally write the permuted checkpoint."""
+    from moepatch.c2r.pipeline import write_planned_checkpoint
+    from moepatch.c2r.placement import format_report
+
+    source = Path(args.source)
+    notes: list[str] = []
+    if source.is_dir():
+        reports = _place_checkpoint_source(source, args)
+    else:
+        reports = _place_matrix_file(source, args, notes)
+    result: dict[str, Any] = {"source": str(source), "ep_size": args.ep_size, "reports": reports}
+    if notes:
+        result["notes"] = notes
+    if args.write_permuted:
+        result["permuted_checkpoint"] = str(write_planned_checkpoint(source, reports, args.write_permuted))
+    if args.json:
+        print(json.dumps(result, indent=1), file=getattr(args, "json_stream", sys.stdout))
+        return 0
+    for note in notes:
+        print(note + "\n")
+    for name, report in reports.items():
+        print(f"== {name}: expert placement over {args.ep_size} devices ==")
+        print(format_report(report))
+        before, after = report["mean_contiguous_copies_per_token"], report["mean_planned_copies_per_token"]
+        if before is not None and after is not None:
+            print(f"copies per token: contiguous {before:.4f} -> planned {after:.4f} "
+                  f"({(before - after) / before * 100:.1f}% less all-to-all volume)")
+        print()
+    if "permuted_checkpoint" in result:
+        print(f"permuted checkpoint (contiguous sharding = planned groups): {result['permuted_checkpoint']}")
+    return 0

@@ -1,0 +1,84 @@
+"""``moepatch profile CHECKPOINT``: C2R co-activation matrices and the official ``top_t`` / ``collaborative_list``
+fields (:mod:`moepatch.c2r.pipeline` does the work).  Every argument is checked against the checkpoint's weightless
+skeleton first, so a wrong one fails before the model is loaded or anything is written."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moepatch.cli.common import checked_block
+from moepatch.cli.common import load_tokenizer
+from moepatch.errors import CommandError
+from moepatch.errors import UsageError
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Check the arguments, profile the checkpoint, write matrices, heatmap and (unless ``--no-write-config``) the
+    C2R fields into its config.json."""
+    from moepatch.c2r.pipeline import default_min_tokens
+    from moepatch.c2r.pipeline import embedded_corpus
+    from moepatch.c2r.pipeline import profile_checkpoint
+    from moepatch.c2r.pipeline import save_profile_results
+    from moepatch.c2r.profiling import default_top_t
+    from moepatch.c2r.profiling import read_corpus
+    from moepatch.loading.install import BACKUP_NAME
+    from moepatch.validation import check_output_folder
+
+    checkpoint = Path(args.model_path)
+    if not args.write_config:
+        for flag, value in (("--top-t", args.top_t), ("--min-tokens", args.min_tokens)):
+            if value is not None:
+                raise UsageError(flag, "only applies to the fields written into config.json; drop it or drop "
+                                       "--no-write-config")
+    _, moe = checked_block(checkpoint, args.trust_remote_code)  # every check before anything is loaded
+    num_experts, top_k, moe_layers = moe.num_experts, moe.top_k, moe.moe_layer_indices
+    if top_k < 2:
+        raise CommandError(f"{checkpoint}: the model routes each token to {top_k} expert; co-activation (and C2R) "
+                           "needs at least 2 experts per token")
+    if args.top_t is not None and not top_k - 1 <= args.top_t <= num_experts - 1:
+        raise UsageError("--top-t", f"expected {max(top_k - 1, 1)} .. {num_experts - 1} for this model "
+                                    f"({num_experts} experts, top-{top_k}), got {args.top_t}")
+    bad_plot = [i for i in args.plot_layers if not -len(moe_layers) <= i < len(moe_layers)]
+    if bad_plot:
+        raise UsageError("--plot-layers", f"positions among the {len(moe_layers)} MoE layers {moe_layers} run from "
+                                          f"{-len(moe_layers)} to {len(moe_layers) - 1}, got {bad_plot}")
+    min_tokens = args.min_tokens if args.min_tokens is not None else default_min_tokens(num_experts, top_k)
+    if args.max_tokens is not None and args.write_config and args.max_tokens < min_tokens:
+        raise UsageError("--max-tokens", f"{args.max_tokens} is below the {min_tokens} tokens needed to write C2R "
+                                         "fields (--min-tokens); raise it, lower --min-tokens, or --no-write-config")
+    if args.write_config and (checkpoint / BACKUP_NAME).exists():
+        raise CommandError(f"{checkpoint}: moepatch's loader is installed there, and `moepatch uninstall` would undo "
+                           "the written fields; run `moepatch uninstall` first (or pass --no-write-config)")
+    if args.write_config and not os.access(checkpoint / "config.json", os.W_OK):
+        raise CommandError(f"{checkpoint / 'config.json'} is not writable; the C2R fields go there (or pass "
+                           "--no-write-config)")
+    output = check_output_folder(args.output, "--output") if args.output else checkpoint / "c2r_profile"
+    if not args.output:
+        check_output_folder(output, "--output")
+    documents = read_corpus(args.data, args.text_field) if args.data else embedded_corpus()
+    tokenizer = load_tokenizer(checkpoint, args.trust_remote_code)
+
+    run = profile_checkpoint(checkpoint, tokenizer, documents, as_configured=args.as_configured,
+                             batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
+                             seed=args.seed)
+    profile = run.profile
+    routing = "C2R (as configured)" if run.routed_under_c2r else "vanilla"
+    note = (" (the checkpoint's C2R was switched off for profiling; --as-configured profiles it as it routes)"
+            if run.c2r_switched_off else "")
+    print(f"profiled {profile.tokens} non-padding tokens with {routing} routing{note}, MoE layers {profile.layers}, "
+          f"top-{profile.top_k} of {profile.num_experts} experts")
+    if args.write_config and profile.tokens < min_tokens:
+        raise CommandError(f"only {profile.tokens} non-padding tokens profiled, fewer than the {min_tokens} needed "
+                           f"to write C2R fields (--min-tokens; default 64 per expert: 64·E/k); give more --data, or "
+                           f"--no-write-config to keep only the matrices; nothing was written")
+    top_t = args.top_t if args.top_t is not None else default_top_t(num_experts, top_k)
+    written = save_profile_results(run, output, top_t=top_t, plot_positions=args.plot_layers,
+                                   config_checkpoint=checkpoint if args.write_config else None)
+    print(f"matrices: {written.matrices}")
+    print(f"heatmap:  {written.heatmap if written.heatmap is not None else 'skipped (pip install matplotlib)'}")
+    if written.config is not None:
+        print(f"config:   wrote top_t={top_t} and collaborative_list [{profile.num_layers}][{profile.num_experts}]"
+              f"[{profile.num_experts}] into {written.config}")
+    return 0
