@@ -36,7 +36,7 @@ from moepatch.mixing.update_rule import update_weights
 from moepatch.routing.recorder import RoutingRecorder
 from moepatch.routing.recorder import collective_device
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("moepatch.dynamic_sampling")  # the name of earlier releases: logging configs keep working
 STATE_FILE = "dynamic_sampling.json"
 ROUNDS_FILE = Path("sampling_info") / "rounds.jsonl"
 

@@ -49,7 +49,7 @@ from moepatch.errors import UsageError
 from moepatch.errors import debug_requested
 from moepatch.errors import run_guarded
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("moepatch.finetune")  # the name of earlier releases: logging configs keep working
 
 PROG = "finetune"
 FREEZE_CHOICES = ("router", "gate_substring", "none")

@@ -18,7 +18,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("moepatch.data")  # the name of earlier releases: logging configs keep working
 IGNORE_INDEX = -100
 PROMPT_FORMATS = ("chat_template", "vicuna")
 _FASTCHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
