@@ -29,6 +29,7 @@ MOVED_MODULES = {
     "moepatch.freeze": "moepatch.routing.freeze",
     "moepatch.profiling": "moepatch.c2r.profiling",
     "moepatch.placement": "moepatch.c2r.placement",
+    "moepatch.plots": "moepatch.report",
 }
 """Import paths of earlier releases → where the module lives now.  ``import moepatch.sampling`` (and attribute
 access ``moepatch.sampling``) gives the very module object at its new path, imported on first use."""

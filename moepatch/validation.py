@@ -146,12 +146,12 @@ def read_json_beside(value: str | Path, base_dir: str | Path | None, field: str)
         raise ValueError(f"{field}: {file} is not JSON ({error.msg}, line {error.lineno})") from None
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path`` (a checkpoint's config.json, a backup); ``ValueError`` naming the file."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: {what} is not readable JSON ({error})") from None
+        raise ValueError(f"{path}: not a readable JSON file ({error})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

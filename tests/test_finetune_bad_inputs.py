@@ -326,7 +326,7 @@ def test_the_table_is_large_enough():
 
 def _no_model_load(monkeypatch) -> list:
     """Record (and stop) any attempt to load weights."""
-    import moepatch.loading
+    import moepatch.loading.pretrained
     from moepatch.errors import CommandError
 
     attempts = []
@@ -335,7 +335,7 @@ def _no_model_load(monkeypatch) -> list:
         attempts.append(args)
         raise CommandError("the model was loaded")
 
-    monkeypatch.setattr(moepatch.loading, "from_pretrained", refuse)
+    monkeypatch.setattr(moepatch.loading.pretrained, "from_pretrained", refuse)
     return attempts
 
 
@@ -490,7 +490,7 @@ def test_probe_size_subsets_the_dev_files_in_a_run(world, tmp_path, monkeypatch,
     the same ones on every run; the whole train file is trained on.  The model load is stubbed to stop the run."""
     import moepatch.data
 
-    import moepatch.loading
+    import moepatch.loading.pretrained
     from moepatch.errors import CommandError
 
     loaded = []
@@ -504,7 +504,7 @@ def test_probe_size_subsets_the_dev_files_in_a_run(world, tmp_path, monkeypatch,
 
     original = moepatch.data.load_source
     monkeypatch.setattr(moepatch.data, "load_source", recording_load_source)
-    monkeypatch.setattr(moepatch.loading, "from_pretrained", stop)
+    monkeypatch.setattr(moepatch.loading.pretrained, "from_pretrained", stop)
     for _ in range(2):
         code, _, stderr = _run_main(_argv(world, tmp_path / "out"), capsys)
         assert code == FAILURE and "stopped before the model load" in stderr

@@ -29,5 +29,7 @@ def test_missing_and_malformed_files_name_the_field_and_file(tmp_path):
     with pytest.raises(ValueError, match=r"^moepatch\.lora_experts\.r: .*bad\.json is not JSON \(.*line 1\)"):
         read_json_beside("bad.json", tmp_path, "moepatch.lora_experts.r")
     (tmp_path / "list.json").write_text("[1]")
-    with pytest.raises(ValueError, match=r"config\.json must be a JSON object, got list"):
-        read_json_object(tmp_path / "list.json", "config.json")
+    with pytest.raises(ValueError, match=r"list\.json: expected a JSON object, got list"):
+        read_json_object(tmp_path / "list.json")
+    with pytest.raises(ValueError, match=r"bad\.json: not a readable JSON file"):
+        read_json_object(tmp_path / "bad.json")

@@ -52,7 +52,7 @@ class FusedExperts(ExpertStorage):
         for layer in moe.layers:
             experts, base = layer.experts, names[id(layer.experts)]
             weight = getattr(experts, "gate_up_proj", None)
-            if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+            if not isinstance(weight, torch.Tensor) or len(shape_of(weight)) != 3:  # ZeRO-3: the full shape
                 continue  # problem() names it when a target reaches this module
             num, double, hidden = shape_of(weight)
             intermediate = double // 2

@@ -147,7 +147,7 @@ def save_profile_results(
     matrices = profile.save(output / "coactivation.safetensors")
     plot_layers = [profile.layers[i] for i in plot_positions]
     try:
-        from moepatch.plots import plot_coactivation
+        from moepatch.report import plot_coactivation
 
         heatmap: Path | None = plot_coactivation(profile, plot_layers, output / "coactivation.png")
     except ImportError:

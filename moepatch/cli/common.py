@@ -4,7 +4,6 @@ checkpoint is reported in one line before any weight is loaded or any file is wr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,18 @@ def first_line(error: BaseException) -> str:
 def skeleton(path: str | Path, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]:
     """The checkpoint's config and a weightless (meta-device) model built from it: structure without loading."""
     from transformers import AutoConfig
-    from transformers import AutoModelForCausalLM
 
     from moepatch.errors import UnsupportedModelError
     from moepatch.loading.pretrained import drop_loader_auto_map
+    from moepatch.loading.skeleton import weightless_model
+    from moepatch.validation import read_json_object
 
     path = str(path)
     config_file = Path(path) / "config.json"
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CommandError(f"{config_file}: not a readable JSON file ({error})") from None
-    if not isinstance(raw, dict):
-        raise CommandError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+        raw = read_json_object(config_file)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     if "model_type" not in raw:
         raise CommandError(f"{config_file}: no model_type field")
     try:
@@ -47,8 +45,7 @@ def skeleton(path: str | Path, trust_remote_code: bool) -> tuple[Any, torch.nn.M
                            f"{first_line(error)}") from None
     drop_loader_auto_map(config)  # `moepatch install`'s loader: the skeleton is moepatch's (or transformers') class
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = weightless_model(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise UnsupportedModelError(f"{config_file}: {type(config).__name__} is not a causal LM "
                                     f"({str(error).splitlines()[0]})") from None

@@ -45,22 +45,18 @@ def check_installable(path: str | Path) -> None:
     Raises:
         ValueError: no config.json, the model family is not supported, or the moepatch config is invalid.
     """
-    import torch
 
     from model_patches.structure import describe
     from moepatch.config import MoePatchConfig
     from moepatch.loading.pretrained import load_config
+    from moepatch.loading.skeleton import weightless_model
     from moepatch.patch import plan_patch
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ValueError(f"moepatch install: {folder} has no config.json")
     config = load_config(folder)
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    moe = describe(skeleton, verify=False)  # UnsupportedModelError (a ValueError) names the families
+    moe = describe(weightless_model(config), verify=False)  # UnsupportedModelError (a ValueError) names the families
     plan_patch(moe, MoePatchConfig.from_model(config))
 
 
@@ -91,9 +87,8 @@ def install(path: str | Path) -> Path:
                          "checkpoint load patched, so it needs one")
     backup = folder / BACKUP_NAME
     config_file = folder / "config.json"
-    current = read_json_object(config_file, "config.json")
-    original = (read_json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})") if backup.exists()
-                else current)
+    current = read_json_object(config_file)
+    original = read_json_object(backup) if backup.exists() else current
     original_auto_map = original.get("auto_map")
     if original_auto_map is not None and not isinstance(original_auto_map, dict):
         raise ValueError(f"{config_file}: auto_map must be an object {{\"AutoModelForCausalLM\": ...}}, got "
@@ -118,9 +113,9 @@ def uninstall(path: str | Path, *, force: bool = False) -> None:
     backup = folder / BACKUP_NAME
     if not backup.exists():
         raise ValueError(f"moepatch uninstall: {folder} was not prepared by `moepatch install` (no {BACKUP_NAME})")
-    original = read_json_object(backup, f"the backup of `moepatch install` ({BACKUP_NAME})")
+    original = read_json_object(backup)
     if not force:
-        current = read_json_object(folder / "config.json", "config.json")
+        current = read_json_object(folder / "config.json")
         original_auto_map = original.get("auto_map") if isinstance(original.get("auto_map"), dict) else {}
         if current != {**original, "auto_map": {**original_auto_map, **LOADER_AUTO_MAP}}:
             changed = sorted(key for key in set(current) | set(original) if key != "auto_map"

@@ -665,15 +665,12 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
         UsageError: the block of ``--moepatch_config`` or ``--freeze_gate`` does not fit; a bad ``--probe_layers``.
         CommandError: the checkpoint's own config.json (its moepatch block, official C2R fields) does not fit.
     """
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from model_patches.structure import describe
     from model_patches.structure import resolve_layer_indices
     from moepatch.config import MoePatchConfig
     from moepatch.errors import UnsupportedModelError
+    from moepatch.loading.skeleton import causal_lm_class
+    from moepatch.loading.skeleton import weightless_model
     from moepatch.patch import plan_patch
 
     folder = Path(model_args.model_name_or_path)
@@ -692,14 +689,12 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
         settings = MoePatchConfig.from_model(config)
     except ValueError as error:
         raise misfit(error) from None
-    mapping = AutoModelForCausalLM._model_mapping
-    model_class = mapping[type(config)] if type(config) in mapping else None
+    model_class = causal_lm_class(config)
     if model_class is None:
         raise UnsupportedModelError(f"--model_name_or_path: {config_file}: no causal-LM class for model_type "
                                     f"{config.model_type!r} ({type(config).__name__})")
     try:
-        with torch.device("meta"):  # the class itself: from_config would enter ZeRO-3's zero.Init
-            skeleton = model_class(copy.deepcopy(config))
+        skeleton = weightless_model(config)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CommandError(f"{config_file}: cannot build {model_class.__name__} from it ({first})") from None
@@ -920,9 +915,9 @@ def _finetune(argv: Sequence[str] | None) -> int:
     if training_args.process_index == 0:
         header, rows = rounds_table(summary["rounds"])
         if rows:
-            widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-            for row in [header, *rows]:
-                print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
+            from moepatch.report import format_table
+
+            print("\n".join(format_table(header, rows, rule=False)))
         print(f"moepatch finetune: done, {summary['global_step']} steps, model saved to {training_args.output_dir}")
     import torch.distributed as dist
 

@@ -18,24 +18,13 @@ from typing import Any
 import torch
 
 from moepatch.errors import CommandError
+from moepatch.report import format_table
 
 DEMO_BLOCK: dict[str, Any] = {"freeze_gate": "router", "routing_stats": {"layers": None}}
 """The moepatch block written into the demo checkpoint's config.json (everything the first load applies)."""
 
 FINETUNE_FOLDER = "finetune"
 """Subfolder of the demo's output that receives step 7's fine-tune."""
-
-
-def format_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    """Right-aligned columns, a dashed rule under the headers: the demo's tables as lines."""
-    cells = [headers] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for n, row in enumerate(cells):
-        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-        if n == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return lines
 
 
 def statistics_table(recorder: Any) -> list[str]:
@@ -154,8 +143,8 @@ def run_demo(
         rows.append([name, f"{contiguous:.3f}", f"{planned:.3f}", f"{(contiguous - planned) / contiguous * 100:.1f}%"])
     _log_lines(log, format_table(["routing", "contiguous", "planned", "saved"], rows))
     try:
-        from moepatch.plots import plot_coactivation
-        from moepatch.plots import plot_routing_counts
+        from moepatch.report import plot_coactivation
+        from moepatch.report import plot_routing_counts
 
         plot_routing_counts(after, output / "routing_counts.c2r.png")
         plot_routing_counts(before, output / "routing_counts.vanilla.png")

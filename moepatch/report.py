@@ -1,11 +1,25 @@
-"""PNG pictures of routing statistics (needs matplotlib: ``pip install moepatch[plot]``)."""
+"""What moepatch measured, for people: text tables, and PNG pictures of routing statistics and sampling weights
+(the pictures need matplotlib: ``pip install moepatch[plot]``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from moepatch.c2r.profiling import CoactivationProfile
 from moepatch.routing.recorder import RoutingRecorder
+
+
+def format_table(headers: list[str], rows: list[list[Any]], *, rule: bool = True) -> list[str]:
+    """Right-aligned columns (a dashed rule under the headers unless ``rule`` is off), as lines."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+        if n == 0 and rule:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
 
 
 def _save(figure: object, path: str | Path, dpi: int) -> Path:
