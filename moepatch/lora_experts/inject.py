@@ -135,6 +135,12 @@ def _routed_candidates(moe: MoEModel, names: dict[int, str]) -> list[tuple[str, 
         return found
     for layer in moe.layers:
         experts, base = layer.experts, names[id(layer.experts)]
+        if storage == "stacked_rows":  # matched only to be refused by name (see plan_lora_experts)
+            for projection, names_of in ALIASES.items():
+                aliases = tuple(f"{base}.{alias}" for alias in names_of) + tuple(
+                    f"{base}.{child}.{alias}" for child, _ in experts.named_children() for alias in names_of)
+                found.append((f"{base}.{projection}", experts, storage, projection, [], [], aliases))
+            continue
         if storage == "parameter_list":
             sizes = [_shape(w)[0] for w in experts.weight_gate]
             hidden, out = experts.in_features, experts.out_features
@@ -206,6 +212,9 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
         if config.method == "mov" and projection != "down_proj" and path not in entries:
             continue  # MoV scales the FFN intermediate only: input-side projections reached by a broad name are skipped
         problem = fused_problem(module) if storage == "fused" else None
+        if storage == "stacked_rows":
+            problem = (f"family {moe.family.name} stores its routed experts as rows stacked into [E·I, H] matrices, "
+                       "which LoRA experts cannot adapt (target attention or other linear projections instead)")
         if problem is not None:
             problems.append(f"{where}.target_modules: {hits[0]!r} reaches {path}: {problem}")
             continue
