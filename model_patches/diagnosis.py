@@ -51,7 +51,8 @@ def _findings(block: nn.Module, router: nn.Module, weight: torch.Tensor) -> list
     """Every property of the router that departs from softmax → top-k (at least one sentence)."""
     num_experts = weight.shape[0]
     findings = []
-    for name, tensor in list(router.named_parameters()) + list(router.named_buffers()):
+    own = list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False))
+    for name, tensor in list(router.named_parameters()) + list(router.named_buffers()) + own:
         if "bias" in name and tensor.dim() == 1 and tensor.shape[0] == num_experts:
             findings.append(f"router adds a bias (`{name}`) to the expert scores before top-k")
     for attr in _GROUP_ATTRS:

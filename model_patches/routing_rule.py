@@ -132,17 +132,23 @@ def probe_router(
         verdict = _compare_weights(output, hidden, weight, top_k=top_k, renormalize=renormalize)
         if verdict != "inconclusive":
             return verdict
-    return "probe inconclusive: the router's top-k probabilities sum to about 1 for every probe token"
+    return "probe inconclusive: the router saturates (top-k probabilities sum to about 1, or tie) at every probe scale"
 
 
 def _compare_weights(
     output: tuple, hidden: torch.Tensor, weight: torch.Tensor, *, top_k: int, renormalize: bool
 ) -> str | None:
-    """``None`` (accepted), a problem, or ``"inconclusive"`` when plain and renormalised weights coincide."""
+    """``None`` (accepted), a problem, or ``"inconclusive"`` when plain and renormalised weights coincide or the
+    choices differ only between experts of equal (saturated) float32 probability."""
     logits, weights, indices = output
     _, ref_weights, ref_indices = route(hidden, weight, top_k=top_k, renormalize=renormalize, weights_dtype="logits")
-    if indices.shape != ref_indices.shape or not torch.equal(indices, ref_indices):
+    if indices.shape != ref_indices.shape:
         return "router's chosen experts differ from softmax → top-k"
+    if not torch.equal(indices, ref_indices):
+        probs = torch.softmax(F.linear(hidden, weight), dim=-1, dtype=torch.float)
+        got, want = probs.gather(1, indices), probs.gather(1, ref_indices)
+        tied = torch.equal(got.sort(dim=-1).values, want.sort(dim=-1).values)
+        return "inconclusive" if tied else "router's chosen experts differ from softmax → top-k"  # ties: saturation
     if weights.dtype != ref_weights.dtype:
         return f"router's expert weights are {weights.dtype}, expected the logits' dtype {ref_weights.dtype}"
     chosen = torch.softmax(logits.double(), dim=-1).gather(1, indices)  # [N, k] float64
