@@ -155,9 +155,12 @@ def _compare_weights(
     renormalised = chosen / chosen.sum(dim=-1, keepdim=True)
     tolerance = 8 * torch.finfo(weights.dtype).eps  # weights are <= 1: a few ulps of their dtype, absolute
     declared, other = (renormalised, chosen) if renormalize else (chosen, renormalised)
+    got = weights.double()
+    if top_k == logits.shape[-1]:  # every expert chosen: the k probabilities sum to 1, renormalisation is moot
+        return None if (got - declared).abs().max() <= tolerance else (
+            "router's expert weights differ from the softmax probabilities")
     if (declared - other).abs().max() <= 4 * tolerance:
         return "inconclusive"
-    got = weights.double()
     if (got - declared).abs().max() <= tolerance:
         return None
     if (got - other).abs().max() <= tolerance:
