@@ -39,8 +39,8 @@ class GenericTopKRouterSpec(FamilySpec):
             and isinstance(getattr(router, "norm_topk_prob", None), bool)
         )
 
-    def check_router(self, router: nn.Module, *, top_k: int) -> str | None:
-        return probe_router(router, top_k=top_k, hidden_dim=router.hidden_dim)
+    def check_router(self, router: nn.Module, block: nn.Module, *, top_k: int) -> str | None:
+        return probe_router(router, top_k=top_k, hidden_dim=router.hidden_dim, renormalize=router.norm_topk_prob)
 
 
 GENERIC_TOPK = register(

@@ -43,22 +43,75 @@ class RouterOutput:
 class RoutingRule:
     """How a router turns logits into the k expert weights.
 
-    The rule is always: probabilities = softmax over all ``E`` experts in float32; choose ``k`` experts (the
-    selection step, which :mod:`moepatch.routing.seam` lets a feature replace); weights = the chosen probabilities,
-    divided by their sum when ``renormalize`` holds; cast to ``weights_dtype``.
+    The rule is always: logits = hidden · Wᵀ (in the dtype :attr:`logits_dtype` says); probabilities = softmax over
+    all ``E`` experts (in :attr:`softmax_dtype`); choose ``k`` experts (the selection step, which
+    :mod:`moepatch.routing.seam` lets a feature replace); weights = the chosen probabilities, divided by their sum when
+    ``renormalize`` holds; cast to ``weights_dtype``.
     """
 
     renormalize: bool | str = False
-    """``True`` / ``False``, or the name of a boolean router attribute (``"norm_topk_prob"``) read per instance."""
+    """``True`` / ``False``, or the path of a router attribute (``"norm_topk_prob"``; ``"^name"`` reads the sparse
+    block) read per instance; its truth value says whether the k weights are renormalised."""
 
     weights_dtype: Literal["logits", "float32"] = "logits"
     """``"logits"``: weights cast back to the logits' dtype (Qwen2-MoE); ``"float32"``: kept in float32 (Mixtral)."""
 
-    def renormalizes(self, router: nn.Module) -> bool:
-        """Whether ``router`` renormalises its top-k weights."""
+    logits_dtype: Literal["input", "float32", "float32_if_weight_is"] = "input"
+    """``"input"``: ``F.linear(hidden, W)`` as given; ``"float32"``: both cast to float32 first (DeepSeek-V2);
+    ``"float32_if_weight_is"``: the hidden states are cast to float32 when ``W`` is float32 (HunYuan-MoE's float32
+    ``wg``)."""
+
+    softmax_dtype: Literal["float32", "logits"] = "float32"
+    """Dtype of the softmax: float32 (every transformers 5 top-k router) or the logits' own dtype (DBRX)."""
+
+    sorted_topk: bool = True
+    """Whether the family's ``torch.topk`` returns the k experts sorted by probability (DeepSeek-V2 passes
+    ``sorted=False``): the vanilla selector must make the same call for the router's output to be bit-identical."""
+
+    def renormalizes(self, router: nn.Module, block: nn.Module | None = None) -> bool:
+        """Whether ``router`` (inside sparse block ``block``) renormalises its top-k weights."""
         if isinstance(self.renormalize, str):
-            return bool(getattr(router, self.renormalize))
+            return bool(read_attribute(router, block, self.renormalize))
         return self.renormalize
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterRequirement:
+    """A setting a router (or its block) must have for the family's :class:`RoutingRule` to describe it.
+
+    DeepSeek-V2's router is softmax → top-k only with ``topk_method="greedy"`` and ``routed_scaling_factor=1.0``;
+    other settings are refused with ``reason`` (formatted with ``{value}``), never approximated.
+    """
+
+    attribute: str
+    """Path from the router (``"^name"``: from the sparse block), as for :attr:`FamilySpec.top_k_attr`."""
+    allowed: tuple[object, ...]
+    """The accepted values (compared with ``==``)."""
+    reason: str
+    """Why another value is refused; ``{value}`` is replaced by the value found."""
+
+    def problem(self, router: nn.Module, block: nn.Module | None) -> str | None:
+        """The refusal text for this router, or ``None`` when the setting is allowed."""
+        value = read_attribute(router, block, self.attribute)
+        if any(value == allowed for allowed in self.allowed):
+            return None
+        return f"{self.attribute.lstrip('^')}={value!r}: {self.reason.format(value=value)}"
+
+
+_MISSING = object()
+
+
+def read_attribute(router: nn.Module, block: nn.Module | None, path: str) -> object:
+    """The value at dotted ``path`` from ``router``, or from ``block`` when ``path`` starts with ``^``; ``None`` when a
+    step is missing (families keep E, k and routing switches on the router or, like DBRX, on the block)."""
+    value: object = router
+    if path.startswith("^"):
+        value, path = block, path[1:]
+    for part in path.split("."):
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            return None
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,11 +142,20 @@ class FamilySpec:
     experts_attr: str = "experts"
     router_output: RouterOutput = field(default_factory=RouterOutput)
     num_experts_attr: str = "num_experts"
-    """Router attribute holding ``E``."""
+    """Dotted path from the router to ``E`` (a leading ``^`` reads it from the sparse block instead)."""
     top_k_attr: str = "top_k"
-    """Router attribute holding ``k``."""
+    """Dotted path from the router to ``k`` (``"^top_k"``: DBRX keeps ``k`` on its ``DbrxFFN`` block)."""
     hidden_dim_attr: str = "hidden_dim"
-    """Router attribute holding the hidden size (the router flattens its input to ``[-1, hidden_dim]``)."""
+    """Dotted path from the router to the hidden size (the router flattens its input to ``[-1, hidden_dim]``;
+    HunYuan-MoE: ``wg.in_features``)."""
+    router_weight_attr: str = "weight"
+    """Dotted path from the router to its ``[E, H]`` logit weight (HunYuan-MoE: ``wg.weight``), which a routing
+    override multiplies the hidden states with."""
+    router_requirements: tuple[RouterRequirement, ...] = ()
+    """Settings the router must have for :attr:`routing` to describe it; other values are refused by name."""
+    selection_outside_router: str | None = None
+    """Set when the family chooses its experts outside any router module (DBRX: a method of ``DbrxFFN``): no router
+    output carries the choice, so routing statistics and routing overrides are refused with this explanation."""
     selection_method: str | None = None
     """Name of the router's own selection method ``(probs [N, E], k) -> (values [N, k], indices [N, k])``, for
     families whose router has that seam (ModuleFormer's ``select_experts``): a routing override replaces that method
@@ -123,11 +185,12 @@ class FamilySpec:
     transformers' ``load_balancing_loss_func`` (vanilla top-k recomputed from ``router_logits``) to its loss."""
     shared_expert_attrs: tuple[str, ...] = ()
     """Block attributes of always-on shared experts and their gates (never routed, never counted)."""
-    expert_storage: Literal["fused", "parameter_list", "parallel"] = "fused"
+    expert_storage: Literal["fused", "parameter_list", "parallel", "stacked_rows"] = "fused"
     """How routed experts store their projections, for LoRA experts on them: ``"fused"`` (transformers 5
     ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``), ``"parameter_list"`` (LLaMA-MoE ``weight_{gate,up,down}``
     ``ParameterList``s with ``forward(x, e)``) or ``"parallel"`` (MoLM ``ParallelExperts`` ``[E, in, out]`` modules
-    called with ``(inputs, expert_size)``)."""
+    called with ``(inputs, expert_size)``) or ``"stacked_rows"`` (DBRX ``w1`` / ``v1`` / ``w2``: the experts' rows
+    stacked into ``[E·I, H]`` matrices, which LoRA experts cannot adapt: refused, naming the family)."""
     training_switches: tuple[tuple[str, str], ...] = (
         ("balance_loss", "output_router_logits"),
         ("aux_loss_coef", "router_aux_loss_coef"),
@@ -153,9 +216,24 @@ class FamilySpec:
         """True when this family is registered for ``model_type``."""
         return model_type in self.model_types
 
-    def check_router(self, router: nn.Module, *, top_k: int) -> str | None:
-        """Return why ``router`` does not follow :attr:`routing`, or ``None``.
+    def check_router(self, router: nn.Module, block: nn.Module, *, top_k: int) -> str | None:
+        """Return why ``router`` (in sparse block ``block``) does not follow :attr:`routing`, or ``None``.
 
         Named families trust their declaration (their routers are tested against it); the generic family probes.
         """
         return None
+
+    def requirement_problem(self, router: nn.Module, block: nn.Module) -> str | None:
+        """The first of :attr:`router_requirements` that ``router`` fails, as refusal text; ``None`` when all hold.
+
+        Settings are read, not probed, so this also holds on a meta-device skeleton.
+        """
+        for requirement in self.router_requirements:
+            problem = requirement.problem(router, block)
+            if problem is not None:
+                return problem
+        return None
+
+    def router_weight(self, router: nn.Module) -> object:
+        """The router's ``[E, H]`` logit weight (``None`` when the declared path is missing)."""
+        return read_attribute(router, None, self.router_weight_attr)

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from model_patches import registry
+from model_patches.diagnosis import diagnose
 from model_patches.errors import UnsupportedModelError
 from model_patches.spec import FamilySpec
+from model_patches.spec import read_attribute
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,9 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
         return f"no sparse MoE block ({', '.join(spec.block_classes) or 'top-k router block'}) in any layer"
 
     def router_int(layer: MoELayer, attr: str) -> int | str:
-        value = getattr(layer.router, attr, None)
-        return value if isinstance(value, int) else f"layer {layer.index}: router has no integer `{attr}`"
+        value = read_attribute(layer.router, layer.block, attr)
+        owner = "sparse block" if attr.startswith("^") else "router"
+        return value if isinstance(value, int) else f"layer {layer.index}: {owner} has no integer `{attr.lstrip('^')}`"
 
     first = moe_layers[0]
     num_experts, top_k = router_int(first, spec.num_experts_attr), router_int(first, spec.top_k_attr)
@@ -187,13 +190,15 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
     if num_experts < 1 or not 1 <= top_k <= num_experts:
         return (f"layer {first.index}: router chooses top-{top_k} of {num_experts} experts; expected "
                 f"1 <= top-k <= experts (check the config's expert count and experts per token)")
-    renormalize = spec.routing.renormalizes(first.router)
+    renormalize = spec.routing.renormalizes(first.router, first.block)
     for layer in moe_layers:
         if (router_int(layer, spec.num_experts_attr), router_int(layer, spec.top_k_attr)) != (num_experts, top_k):
             return f"layer {layer.index}: expert count or top-k differs from layer {first.index}"
-        if spec.routing.renormalizes(layer.router) != renormalize:
+        if spec.routing.renormalizes(layer.router, layer.block) != renormalize:
             return f"layer {layer.index}: renormalisation differs from layer {first.index}"
-        problem = spec.check_router(layer.router, top_k=top_k) if verify else None
+        problem = spec.requirement_problem(layer.router, layer.block)
+        if problem is None and verify:
+            problem = spec.check_router(layer.router, layer.block, top_k=top_k)
         if problem is not None:
             return f"layer {layer.index}: {problem}"
     return MoEModel(
@@ -238,6 +243,10 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
             return result
         forced = f" (the family was forced by moepatch.family = {family!r})" if family is not None else ""
         reasons.append(f"{spec.name}: {result}{forced}")
+    if family is None and claimed is None:  # only the structural fallback was tried: say what the router does
+        diagnosis = diagnose(inner)
+        if diagnosis is not None:
+            reasons.insert(0, diagnosis)
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version
 
@@ -256,10 +265,19 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
 def resolve_layer_indices(model: MoEModel, layers: list[int] | None, field: str) -> list[int]:
     """Turn user layer indices (negative = from the last decoder layer) into sorted absolute MoE-layer indices.
 
+    Every routing-statistics entry point (``RoutingRecorder``, ``routing_stats``, probe layers) resolves its layers
+    here, so a family whose chosen experts appear in no router output is refused here, before any hook is installed.
+
     Raises:
+        UnsupportedModelError: the family declares ``selection_outside_router`` (DBRX), naming it and why.
         ValueError: naming ``field``, the offending entry and the model's MoE layers, when an index is not an
             integer, is out of range, is repeated, or points at a dense layer.
     """
+    if model.family.selection_outside_router is not None:
+        raise UnsupportedModelError(
+            f"{field}: routing statistics are not available for family {model.family.name}: "
+            f"{model.family.selection_outside_router}"
+        )
     if layers is None:
         return model.moe_layer_indices
     moe = set(model.moe_layer_indices)

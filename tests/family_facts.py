@@ -15,12 +15,17 @@ HF_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe")
 
 ROUTER_NAME = {
     "moduleformer": re.compile(r"^transformer\.h\.(\d+)\.mlpf\.gate$"),
+    "jamba": re.compile(r"^model\.layers\.(\d+)\.feed_forward\.router$"),  # JambaSparseMoeBlock.router
+    "dbrx": re.compile(r"^transformer\.blocks\.(\d+)\.ffn\.router$"),  # DbrxFFN.router (a DbrxRouter)
 }
 _HF_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate$")
 
 ROUTER_PARAMETER = {
     "moduleformer": re.compile(r"transformer\.h\.\d+\.(mlpf|attn\.q_proj)\.gate\.w_gate\.\d+\.(weight|bias)$"),
     "llama_moe": re.compile(r"layers\.\d+\.mlp\.gate\.(gate_network\.\d+|weight_noise)\.weight$"),
+    "jamba": re.compile(r"layers\.\d+\.feed_forward\.router\.weight$"),
+    "hunyuan_v1_moe": re.compile(r"layers\.\d+\.mlp\.gate\.wg\.weight$"),  # HunYuanMoEV1Gate.wg (nn.Linear)
+    "dbrx": re.compile(r"blocks\.\d+\.ffn\.router\.layer\.weight$"),  # DbrxRouter.layer (nn.Linear)
 }
 _HF_ROUTER_PARAMETER = re.compile(r"layers\.\d+\.mlp\.gate\.weight$")
 
@@ -52,7 +57,8 @@ def moe_routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 def router_logits(model: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Router scores [N, E] before any softmax, from the router's parameters (eval mode: no noise).
 
-    transformers 5 routers: h · Wᵀ.  ModuleFormer: the gating MLP w_gate = Linear(+bias) → GELU → Dropout → Linear.
+    transformers 5 routers: h · Wᵀ (DeepSeek-V2 in float32; HunYuan-MoE's weight is ``wg.weight``, DBRX's
+    ``layer.weight``).  ModuleFormer: the gating MLP w_gate = Linear(+bias) → GELU → Dropout → Linear.
     LLaMA-MoE: gate_network = Linear → Tanh → Linear (no biases).
     """
     with torch.no_grad():
@@ -64,6 +70,12 @@ def router_logits(model: torch.nn.Module, router: torch.nn.Module, hidden: torch
             first, last = router.w_gate[0], router.w_gate[3]
             inner = torch.nn.functional.gelu(torch.nn.functional.linear(hidden, first.weight, first.bias))
             return torch.nn.functional.linear(inner, last.weight)
+        if family_of(model) == "hunyuan_v1_moe":
+            return torch.nn.functional.linear(hidden, router.wg.weight)
+        if family_of(model) == "dbrx":
+            return torch.nn.functional.linear(hidden, router.layer.weight)
+        if family_of(model) == "deepseek_v2":
+            return torch.nn.functional.linear(hidden.float(), router.weight.float())
         return torch.nn.functional.linear(hidden, router.weight)
 
 
@@ -108,10 +120,13 @@ def router_choice(model: torch.nn.Module, output: tuple) -> tuple[torch.Tensor, 
 
 def renormalizes(model: torch.nn.Module) -> bool:
     family = family_of(model)
-    if family in ("mixtral", "llama_moe"):  # LLaMA-MoE: softmax over the k chosen logits
+    # LLaMA-MoE: softmax over the k chosen logits; Qwen3.5-MoE, MiniMax and HunYuan divide by the sum unconditionally
+    if family in ("mixtral", "llama_moe", "qwen3_5_moe_text", "qwen3_5_moe", "minimax", "hunyuan_v1_moe"):
         return True
-    if family == "moduleformer":
+    if family in ("moduleformer", "jamba", "deepseek_v2"):  # DeepSeek-V2's router ignores norm_topk_prob
         return False
+    if family == "dbrx":  # division by the moe_normalize_expert_weights-norm: L1 = the sum, None = none
+        return model.config.ffn_config.moe_normalize_expert_weights == 1
     return bool(model.config.norm_topk_prob)
 
 
@@ -131,6 +146,12 @@ def size_overrides(family: str, num_experts: int, top_k: int, layers: int) -> di
 
 def experts_and_top_k(model: torch.nn.Module) -> tuple[int, int]:
     config = model.config
+    if family_of(model) == "dbrx":
+        return config.ffn_config.moe_num_experts, config.ffn_config.moe_top_k
+    if family_of(model) == "hunyuan_v1_moe":
+        return config.num_experts, config.moe_topk
+    if family_of(model) == "deepseek_v2":
+        return config.n_routed_experts, config.num_experts_per_tok
     if family_of(model) == "moduleformer":
         return config.n_mlp_experts, config.k_mlp
     if family_of(model) == "llama_moe":
@@ -140,4 +161,18 @@ def experts_and_top_k(model: torch.nn.Module) -> tuple[int, int]:
 
 def num_layers(model: torch.nn.Module) -> int:
     config = model.config
+    if family_of(model) == "dbrx":
+        return config.n_layers
     return config.n_layer if family_of(model) == "moduleformer" else config.num_hidden_layers
+
+
+def dense_layers(model: torch.nn.Module) -> list[int]:
+    """Decoder layers whose MLP is dense, per each model's published layer rule."""
+    config, family = model.config, family_of(model)
+    if family == "qwen2_moe":
+        return list(config.mlp_only_layers or [])
+    if family == "deepseek_v2":  # DeepseekV2Moe from layer first_k_dense_replace on
+        return list(range(config.first_k_dense_replace))
+    if family == "jamba":  # JambaSparseMoeBlock where layers_num_experts[i] > 1
+        return [i for i, experts in enumerate(config.layers_num_experts) if experts <= 1]
+    return []

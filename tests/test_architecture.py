@@ -100,8 +100,8 @@ def test_model_patches_never_imports_moepatch():
     assert {module: targets for module, targets in wrong.items() if targets} == {}
 
 
-GENERIC_NAMES = {"layers", "mlp", "gate", "experts", "num_experts", "top_k", "hidden_dim", "router_aux_loss_coef",
-                 "output_router_logits"}
+GENERIC_NAMES = {"layers", "mlp", "gate", "router", "experts", "hidden_size", "num_experts", "top_k", "hidden_dim",
+                 "router_aux_loss_coef", "output_router_logits"}
 """Names that are moepatch's own vocabulary (MoEModel fields, transformers' shared config keys), not one family's."""
 
 STORAGE_NAMES = {"ParallelExperts", "LinearGLUExperts", "batch_index", "row_tokens", "weight_gate", "weight_up",

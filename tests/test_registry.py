@@ -22,16 +22,18 @@ from moepatch.testing import tiny
 
 EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
                    "llama_moe": "llama_moe", "moduleformer": "moduleformer"}
+NEW_FAMILY_FILES = set(tiny.NEW_FAMILIES)  # each named after its model_type, tested in test_new_families.py
 
 
 def test_every_family_module_is_registered_and_tested():
     families = registry.families()
-    infrastructure = {"errors", "expert_storage", "registry", "routing_rule", "spec", "structure"}  # machinery
+    infrastructure = {"diagnosis", "errors", "expert_storage", "registry", "routing_rule", "spec", "structure"}
     modules = {name for name in dir(model_patches) if isinstance(getattr(model_patches, name), types.ModuleType)}
     modules -= infrastructure
-    assert modules == {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}
-    assert set(families) == {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}
-    assert set(EXPECTED_FAMILY.values()) == set(families)  # each family has a tiny model in the test matrix
+    original = {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}
+    assert modules == original | NEW_FAMILY_FILES
+    assert set(families) == original | NEW_FAMILY_FILES
+    assert set(EXPECTED_FAMILY.values()) | NEW_FAMILY_FILES == set(families)  # each family has a tiny model tested
 
 
 def test_view_matches_the_config(family):
@@ -88,13 +90,16 @@ def _sigmoid_scores(self, hidden_states):  # DeepSeek-style sigmoid scoring
     return logits, values, index
 
 
-@pytest.mark.parametrize("forward", [_softmax_over_k, _sigmoid_scores], ids=["softmax-over-k", "sigmoid"])
-def test_generic_family_rejects_a_router_with_another_rule(forward):
+@pytest.mark.parametrize(("forward", "reason"), [
+    (_softmax_over_k, "layer 1: router's expert weights sum to 1 over the k .* declares norm_topk_prob=False"),
+    (_sigmoid_scores, "layer 1: router's expert weights differ"),
+], ids=["softmax-over-k", "sigmoid"])
+def test_generic_family_rejects_a_router_with_another_rule(forward, reason):
     """An OLMoE-shaped model (no renormalisation) whose layer-1 router follows another rule is refused."""
     model = tiny.tiny_model("olmoe")
     describe(model)  # accepted as is
     _swap_router_class(model, 1, forward)
-    with pytest.raises(UnsupportedModelError, match="layer 1: router's expert weights differ"):
+    with pytest.raises(UnsupportedModelError, match=reason):
         describe(model)
 
 

@@ -1,5 +1,6 @@
 """One adapter per storage kind of routed experts (fused transformers-5 experts, LLaMA-MoE ``ParameterList``s,
-MoLM ``ParallelExperts``): the projections features may adapt and how per-expert deltas run inside them."""
+MoLM ``ParallelExperts``; DBRX's row stacks, recognised to be refused): the projections features may adapt and
+how per-expert deltas run inside them."""
 
 from model_patches.expert_storage.base import DELTAS_ATTRIBUTE
 from model_patches.expert_storage.base import ChangeLog
@@ -9,10 +10,12 @@ from model_patches.expert_storage.base import RoutedProjection
 from model_patches.expert_storage.fused import FusedExperts
 from model_patches.expert_storage.parallel import ParallelExpertModules
 from model_patches.expert_storage.parameter_list import ParameterListExperts
+from model_patches.expert_storage.stacked_rows import StackedRowExperts
 from model_patches.structure import MoEModel
 
 STORAGES: dict[str, ExpertStorage] = {storage.kind: storage
-                                      for storage in (FusedExperts(), ParameterListExperts(), ParallelExpertModules())}
+                                      for storage in (FusedExperts(), ParameterListExperts(), ParallelExpertModules(),
+                                                      StackedRowExperts())}
 
 
 def storage_of(moe: MoEModel) -> ExpertStorage:
@@ -21,4 +24,4 @@ def storage_of(moe: MoEModel) -> ExpertStorage:
 
 
 __all__ = ["DELTAS_ATTRIBUTE", "STORAGES", "ChangeLog", "ExpertStorage", "FusedExperts", "ParallelExpertModules",
-           "ParameterListExperts", "RoutedDeltas", "RoutedProjection", "storage_of"]
+           "ParameterListExperts", "RoutedDeltas", "RoutedProjection", "StackedRowExperts", "storage_of"]

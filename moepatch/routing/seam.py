@@ -26,6 +26,9 @@ from torch import nn
 from model_patches.routing_rule import ExpertSelector
 from model_patches.routing_rule import route
 from model_patches.routing_rule import select_topk
+from model_patches.routing_rule import vanilla_selector
+from model_patches.spec import RoutingRule
+from model_patches.spec import read_attribute
 
 if TYPE_CHECKING:
     from model_patches.spec import FamilySpec
@@ -37,21 +40,29 @@ SelectorFactory = Callable[["MoELayer"], ExpertSelector]
 """Builds the selection step of one MoE layer (C2R needs the layer's own collaboration table)."""
 
 __all__ = ["ExpertSelector", "SelectorFactory", "override_selection", "route", "routed_forward", "seam_donor",
-           "select_topk", "selection_seam_problem"]
+           "select_topk", "selection_seam_problem", "vanilla_selector"]
 
 def routed_forward(
-    router: nn.Module, *, top_k: int, hidden_dim: int, renormalize: bool, weights_dtype: str, selector: ExpertSelector
+    router: nn.Module, *, top_k: int, hidden_dim: int, renormalize: bool, weights_dtype: str, selector: ExpertSelector,
+    rule: RoutingRule | None = None, weight_attr: str = "weight",
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """A replacement ``forward`` for one router instance, keeping the original's signature ``(hidden_states)``."""
+    """A replacement ``forward`` for one router instance, keeping the original's signature ``(hidden_states)``.
+
+    ``rule`` supplies the family's logits / softmax dtypes (default: the transformers 5 top-k router's); the logit
+    weight is read at call time from the family's ``router_weight_attr`` path ``weight_attr`` (it follows ``.to()``).
+    """
+    rule = rule or RoutingRule(weights_dtype=weights_dtype)
 
     def forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return route(
             hidden_states.reshape(-1, hidden_dim),
-            self.weight,
+            read_attribute(self, None, weight_attr),
             top_k=top_k,
             renormalize=renormalize,
             weights_dtype=weights_dtype,
             selector=selector,
+            logits_dtype=rule.logits_dtype,
+            softmax_dtype=rule.softmax_dtype,
         )
 
     return types.MethodType(forward, router)
@@ -67,6 +78,8 @@ def override_selection(
     Returns the qualified names of the patched routers.
     """
     spec = model.family
+    if spec.selection_outside_router is not None:
+        raise ValueError(f"family {spec.name}: no routing override possible: {spec.selection_outside_router}")
     chosen = model.layers if layers is None else [model.layer(i) for i in layers]
     patched = []
     for layer in chosen:
@@ -84,10 +97,12 @@ def override_selection(
         forward = routed_forward(
             router,
             top_k=model.top_k,
-            hidden_dim=int(getattr(router, spec.hidden_dim_attr)),
+            hidden_dim=int(read_attribute(router, layer.block, spec.hidden_dim_attr)),
             renormalize=model.renormalize,
             weights_dtype=spec.routing.weights_dtype,
             selector=selector_for(layer),
+            rule=spec.routing,
+            weight_attr=spec.router_weight_attr,
         )
         undo.set_attribute(router, "forward", forward)
         patched.append(f"{layer.name}.{spec.router_attr}")
@@ -102,6 +117,8 @@ def seam_donor(spec: FamilySpec) -> type:
 
 def selection_seam_problem(spec: FamilySpec, router: nn.Module) -> str | None:
     """Why a routing override cannot reach ``router``'s selection step, or ``None`` (checked before any change)."""
+    if spec.selection_outside_router is not None:
+        return f"family {spec.name} chooses its experts outside the router: {spec.selection_outside_router}"
     if spec.selection_method is None or callable(getattr(router, spec.selection_method, None)):
         return None
     if spec.seam_donor is None:

@@ -33,13 +33,15 @@ from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 
 TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "llama_moe", "moduleformer")
+"""Families the whole test suite runs every family-parametrised test on."""
+NEW_FAMILIES = ("qwen3_5_moe", "minimax", "jamba", "deepseek_v2", "hunyuan_v1_moe", "dbrx")
+"""Further families the factory builds; ``tests/test_new_families.py`` runs each through every feature."""
 DEMO_FAMILIES = TINY_FAMILIES
 """Families ``moepatch demo --family`` runs end to end."""
 TINY_NUM_EXPERTS = 8
 """Routed experts per MoE layer of every tiny model."""
 TINY_TOP_K = 2
 """Experts per token of every tiny model."""
-"""Families the factory builds (model_type values)."""
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -104,7 +106,9 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **overrides: Any) -> PretrainedConfig:
     """A tiny config of the real transformers class for ``family`` (hidden 32, 8 experts, top-2).
 
-    Qwen2-MoE has 4 layers with layer 1 dense (``mlp_only_layers=[1]``) so dense-layer handling is exercised.
+    Qwen2-MoE has 4 layers with layer 1 dense (``mlp_only_layers=[1]``) so dense-layer handling is exercised; so do
+    DeepSeek-V2 (layer 0 dense, ``first_k_dense_replace=1``) and Jamba (MoE on layers 1 and 3, Mamba and attention
+    token mixers alternating).  DeepSeek-V2 is built in its V2-Lite routing setting (greedy top-k, scale 1.0).
     """
     if vocab_size is None:
         vocab_size = len(tiny_tokenizer())
@@ -131,6 +135,7 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
                                            norm_topk_prob=True)),
         "olmoe": (OlmoeConfig, dict(num_hidden_layers=3, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
                                     norm_topk_prob=False)),
+        **_new_family_configs(),
     }
     if family == "llama_moe":
         from moepatch.models.llama_moe import tiny_llama_moe_config
@@ -141,11 +146,49 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
 
         return tiny_moduleformer_config(**{"vocab_size": vocab_size, **overrides})
     if family not in per_family:
-        raise ValueError(f"tiny_config: unknown family {family!r}; choose from {TINY_FAMILIES}")
+        raise ValueError(f"tiny_config: unknown family {family!r}; choose from {TINY_FAMILIES + NEW_FAMILIES}")
     config_class, sizes = per_family[family]
     # overrides go to the constructor so that derived fields (layer_types, ...) follow them
     config = config_class(**{**common, **sizes, **overrides})
     return config
+
+
+def _new_family_configs() -> dict[str, tuple[type[PretrainedConfig], dict[str, Any]]]:
+    """Config classes and tiny sizes of :data:`NEW_FAMILIES` (imported here: they are only built on demand)."""
+    from transformers import DbrxConfig
+    from transformers import DeepseekV2Config
+    from transformers import HunYuanMoEV1Config
+    from transformers import JambaConfig
+    from transformers import MiniMaxConfig
+    from transformers import Qwen3_5MoeTextConfig
+
+    # DBRX's attention (v5.24) reads attn_config.rope_theta, which DbrxAttentionConfig does not define, and fails
+    # with clip_qkv=None (clamp without bounds): both are given here.  DeepSeek-V2's MLA needs as many KV as Q heads.
+    return {
+        "qwen3_5_moe": (Qwen3_5MoeTextConfig, dict(
+            num_hidden_layers=2, head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+            num_experts=8, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
+            linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)),
+        "minimax": (MiniMaxConfig, dict(
+            num_hidden_layers=2, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"])),
+        "jamba": (JambaConfig, dict(
+            num_hidden_layers=4, intermediate_size=16, num_experts=8, num_experts_per_tok=2, expert_layer_period=2,
+            expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=2,
+            mamba_expand=2, mamba_dt_rank=4)),
+        "deepseek_v2": (DeepseekV2Config, dict(
+            num_hidden_layers=3, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+            topk_method="greedy",
+            routed_scaling_factor=1.0, kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=8)),
+        "hunyuan_v1_moe": (HunYuanMoEV1Config, dict(
+            num_hidden_layers=2, head_dim=8, intermediate_size=16, num_experts=8, moe_topk=2)),
+        "dbrx": (DbrxConfig, dict(
+            d_model=32, n_heads=4, n_layers=2, max_seq_len=256,
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0))),
+    }
 
 
 def tiny_model(
