@@ -33,8 +33,3 @@ def model(family: str) -> torch.nn.Module:
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return tiny.demo_batch()
-
-
-def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import logits_of
+from helpers import logits_of
 from test_patch import _state
 from transformers import AutoConfig
 from transformers import AutoModelForCausalLM

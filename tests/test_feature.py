@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import logits_of
+from helpers import logits_of
 
 import moepatch
 from model_patches.structure import MoEModel

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import logits_of
 from family_facts import router_parameter_pattern
+from helpers import logits_of
 from transformers import AutoModelForCausalLM
 from transformers import GptOssConfig
 from transformers import LlamaConfig

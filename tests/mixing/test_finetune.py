@@ -18,7 +18,7 @@ from moepatch.testing import tiny
 from moepatch.testing.synthetic import synthetic_records
 from moepatch.testing.synthetic import write_synthetic_sources
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROUTERS = [f"model.layers.{i}.mlp.gate.weight" for i in (0, 2, 3)]  # tiny Qwen2-MoE: layer 1 is dense
 
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import logits_of
 from family_facts import HF_FAMILIES
 from family_facts import family_of
 from family_facts import renormalizes
@@ -15,6 +14,7 @@ from family_facts import router_choice
 from family_facts import router_output_probabilities
 from family_facts import selection_probabilities
 from family_facts import size_overrides
+from helpers import logits_of
 from real_data import C2R_DATA
 from routing_reference import moe_routers
 from test_patch import _state

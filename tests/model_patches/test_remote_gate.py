@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits_of
+from helpers import logits_of
 from test_patch import _state
 from torch import nn
 

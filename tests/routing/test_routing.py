@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits_of
+from helpers import logits_of
 
 from model_patches.structure import describe
 from moepatch.routing.seam import override_selection

@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from conftest import logits_of
 from family_facts import dense_layers
 from family_facts import experts_and_top_k
 from family_facts import moe_routers
@@ -19,6 +18,7 @@ from family_facts import num_layers
 from family_facts import renormalizes
 from family_facts import router_logits
 from family_facts import router_parameter_pattern
+from helpers import logits_of
 from routing_reference import capture_router_inputs
 from routing_reference import reference_counts
 from test_patch import _state

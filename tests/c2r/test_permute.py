@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import logits_of
 from family_facts import HF_FAMILIES
 from family_facts import num_layers
 from family_facts import router_choice
+from helpers import logits_of
 from real_data import LLAMA_MOE_MATRICES
 from test_c2r import random_list
 from transformers import AutoModelForCausalLM

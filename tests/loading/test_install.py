@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits_of
+from helpers import logits_of
 from real_data import LLAMA_MOE_TOPT5_CONFIG
 from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ from model_patches.structure import describe
 from moepatch.errors import UnsupportedModelError
 from moepatch.testing import tiny
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from family_survey import tiny_instance  # noqa: E402  (the survey's shrunk config defaults)
 
 REFUSED = {

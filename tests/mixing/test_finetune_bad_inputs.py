@@ -20,7 +20,7 @@ from moepatch.mixing.finetune import parse_arguments
 from moepatch.testing import tiny
 from moepatch.testing.synthetic import synthetic_records
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("chat", "code", "math")
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits_of
 from family_facts import family_of
+from helpers import logits_of
 
 import moepatch
 from model_patches.structure import describe

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import logits_of
+from helpers import logits_of
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import moepatch
