@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+
+from moepatch.testing import tiny
+
+FAMILIES = tiny.TINY_FAMILIES
+"""The families every family-parametrized test runs on."""
+ROUTED_NEW_FAMILIES = tuple(family for family in tiny.NEW_FAMILIES if family != "dbrx")
+"""The newer families whose routers carry their choice (DBRX's features are refused, tested on their own); the
+feature pipelines (profiling, permutation, freezing, dynamic mixing, training switches) run on them too."""
 
 
 def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's logits for ``batch``, without gradients."""
     with torch.no_grad():
         return model(**batch).logits
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """Everything apply may touch: instance attributes of every module, requires_grad flags, hooks, config block."""
+    return {
+        "dicts": {name: set(m.__dict__) for name, m in model.named_modules()},
+        "forwards": {name: m.__dict__.get("forward") for name, m in model.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "hooks": {
+            name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()
+        },
+        "config": copy.deepcopy(getattr(model.config, "moepatch", None)),
+    }

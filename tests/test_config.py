@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from helpers import logits_of
-from test_patch import _state
+from helpers import model_state as _state
 from transformers import AutoConfig
 from transformers import AutoModelForCausalLM
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from family_facts import router_parameter_pattern
 from helpers import logits_of
+from helpers import model_state as _state
 from transformers import AutoModelForCausalLM
 from transformers import GptOssConfig
 from transformers import LlamaConfig
@@ -16,19 +17,6 @@ import moepatch
 from moepatch.testing import tiny
 
 ALL_FEATURES = {"freeze_gate": "gate_substring", "routing_stats": {"layers": None}}
-
-
-def _state(model: torch.nn.Module) -> dict:
-    """Everything apply may touch: instance attributes of every module, requires_grad flags, hooks, config block."""
-    return {
-        "dicts": {name: set(m.__dict__) for name, m in model.named_modules()},
-        "forwards": {name: m.__dict__.get("forward") for name, m in model.named_modules()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "hooks": {
-            name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()
-        },
-        "config": copy.deepcopy(getattr(model.config, "moepatch", None)),
-    }
 
 
 def test_empty_config_is_bit_identical_and_patches_nothing(model, batch):

@@ -20,6 +20,9 @@ from moepatch.lora_experts.layers import ExpertRouter
 from moepatch.routing.attention_mask import AttentionMaskReader
 from moepatch.routing.aux_loss import switch_balance_loss
 
+AUX_ATTRIBUTE = "lora_experts_aux"
+"""Attribute of the causal LM holding the last training forward's balance / z-loss values."""
+
 
 def router_balance_loss(logits: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``N · Σ_e f_e P_e`` of one router (``f`` per selection): ``logits [T, N]``, ``indices [T, k]``, ``mask [T]``
@@ -75,7 +78,7 @@ def install_balance_hook(model: nn.Module, routers: list[ExpertRouter], config: 
             stacked = torch.stack(z_terms)
             values["z_loss"] = stacked.sum() if balance is None or balance.reduction == "sum" else stacked.mean()
             total = z_coef * values["z_loss"] if total is None else total + z_coef * values["z_loss"]
-        module.__dict__["lora_experts_aux"] = {key: value.detach() for key, value in values.items()}
+        module.__dict__[AUX_ATTRIBUTE] = {key: value.detach() for key, value in values.items()}
         loss = output.get("loss") if hasattr(output, "get") else None
         if total is not None and loss is not None:
             output["loss"] = loss + total.to(loss.device, loss.dtype)

@@ -233,8 +233,10 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
     if weights is not None:
         load_lora_weights(moe.inner, weights)
     install_saving(moe.inner, undo)
+    from moepatch.lora_experts.balance import AUX_ATTRIBUTE
     from moepatch.lora_experts.balance import install_balance_hook
 
+    undo.add_callback(lambda: moe.inner.__dict__.pop(AUX_ATTRIBUTE, None))  # the hook's last values go too
     undo.add_hook(install_balance_hook(moe.inner, [expert_set.router for expert_set in created], config))
     return created
 

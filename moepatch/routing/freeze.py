@@ -38,8 +38,6 @@ from moepatch.feature import Planned
 from moepatch.undo import UndoLog
 from moepatch.validation import Problems
 
-FREEZE_MODES = ("router", "gate_substring")
-
 
 def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Parameter]]:
     """The ``(qualified name, parameter)`` pairs that ``mode`` freezes, names relative to ``model.root``.
@@ -82,6 +80,9 @@ class FreezeRule(str, Enum):
 
     def __repr__(self) -> str:
         return repr(self.value)
+
+
+FREEZE_MODES = tuple(rule.value for rule in FreezeRule)
 
 
 class FreezeGate(Feature):

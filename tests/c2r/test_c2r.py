@@ -15,9 +15,9 @@ from family_facts import router_output_probabilities
 from family_facts import selection_probabilities
 from family_facts import size_overrides
 from helpers import logits_of
+from helpers import model_state as _state
 from real_data import C2R_DATA
 from routing_reference import moe_routers
-from test_patch import _state
 
 import moepatch
 from model_patches.structure import describe

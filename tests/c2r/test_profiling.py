@@ -9,6 +9,7 @@ from itertools import product
 
 import pytest
 import torch
+from helpers import ROUTED_NEW_FAMILIES
 from routing_reference import moe_routers
 from transformers import AutoModelForCausalLM
 
@@ -44,7 +45,7 @@ def _slow_count(model, batches):
     return counts
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", *ROUTED_NEW_FAMILIES])
 def test_profile_equals_slow_count(family):
     model = tiny.tiny_model(family)
     batches = list(corpus_batches(tiny.tiny_tokenizer(), list(tiny.CORPUS), batch_size=5, seed=3))
@@ -68,7 +69,7 @@ def test_ranking_is_deterministic_with_self_last():
 
 def test_profiling_under_c2r_records_only_allowed_pairs():
     model = tiny.tiny_model("mixtral")
-    from test_c2r import random_list
+    from moepatch.testing.tiny import random_collaborative_list as random_list
 
     ranking = random_list(3, 8, 9)
     moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": ranking}})

@@ -36,7 +36,7 @@ def test_inspect_reports_structure_and_config(tmp_path: Path):
 
 
 def test_inspect_reports_official_c2r_fields(tmp_path: Path):
-    from test_c2r import random_list
+    from moepatch.testing.tiny import random_collaborative_list as random_list
 
     path = tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe")
     config = json.loads((path / "config.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROUTED_NEW_FAMILIES
 from helpers import logits_of
 from real_data import LLAMA_MOE_TOPT5_CONFIG
 from transformers import AutoModelForCausalLM
@@ -223,3 +224,27 @@ def test_trained_lora_experts_reach_a_tool_that_never_imports_moepatch(tmp_path,
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["patched"] and seen["logits"] == expected
+
+
+@pytest.mark.parametrize("family", ROUTED_NEW_FAMILIES)
+def test_newer_families_install_and_load_patched_in_a_tool(family, tmp_path, batch):
+    """Qwen3.5-MoE, MiniMax, Jamba, DeepSeek-V2, HunYuan-MoE-V1: `install`, then a process that never imports
+    moepatch loads the folder patched (frozen routers, C2R buffers, statistics), with the logits of moepatch's own
+    loading; `uninstall` restores the folder byte for byte."""
+    layers = tiny.tiny_config(family).num_hidden_layers
+    block = {**BLOCK, "c2r": {"top_t": 2, "collaborative_list": tiny.random_collaborative_list(layers, 8, 0)}}
+    folder = tiny.save_tiny_checkpoint(tmp_path / "ckpt", family, moepatch=block)
+    before = _snapshot(folder)
+    expected = moepatch.from_pretrained(folder).eval()
+    moepatch.install(folder)
+    done = _run_tool(folder, tmp_path / "tool", batch)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    handle = moepatch.get_handle(expected)
+    assert seen["patched"] and seen["frozen"] == sorted(handle.frozen_parameters)
+    assert len(seen["c2r_buffers"]) == len(handle.c2r_routers) > 0
+    assert seen["recorded_tokens"] == [int(batch["attention_mask"].sum())]
+    torch.testing.assert_close(torch.tensor(seen["logits"]), logits_of(expected, batch).flatten()[:64],
+                               atol=1e-5, rtol=1e-5)
+    moepatch.uninstall(folder)
+    assert _snapshot(folder) == before

@@ -19,9 +19,9 @@ from family_facts import renormalizes
 from family_facts import router_logits
 from family_facts import router_parameter_pattern
 from helpers import logits_of
+from helpers import model_state as _state
 from routing_reference import capture_router_inputs
 from routing_reference import reference_counts
-from test_patch import _state
 
 import moepatch
 from model_patches.structure import describe
@@ -194,8 +194,7 @@ def test_lora_experts_install_train_and_undo(routed_family, batch):
     model.eval()
     handle.remove()
     after = _state(model)
-    # (a training forward leaves the root's `lora_experts_aux` attribute behind in every family: not compared here)
-    assert all(after[key] == before[key] for key in ("forwards", "hooks", "requires_grad", "config"))
+    assert after == before  # the training forward's loss values (`lora_experts_aux`) are removed too
     assert torch.equal(logits_of(model, batch), reference)
 
 
@@ -240,3 +239,10 @@ def test_dbrx_lora_on_attention_works_and_undoes(batch):
     assert handle.lora_targets
     handle.remove()
     assert torch.equal(logits_of(model, batch), reference)
+
+
+def test_dbrx_gate_substring_rule_names_that_it_would_freeze_nothing():
+    model = tiny.tiny_model("dbrx")
+    with pytest.raises(ValueError, match="rule 'gate_substring' matches no parameter .* nothing would be frozen"):
+        moepatch.apply(model, {"freeze_gate": "gate_substring"})
+    assert all(p.requires_grad for p in model.parameters())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import logits_of
-from test_patch import _state
+from helpers import model_state as _state
 from torch import nn
 
 import moepatch

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from family_facts import router_parameter_pattern
+from helpers import FAMILIES
+from helpers import ROUTED_NEW_FAMILIES
 
 import moepatch
 
@@ -18,6 +20,7 @@ def _expected(model: torch.nn.Module, mode: str) -> set[str]:
     return {name for name in names if "gate" in name}
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, *ROUTED_NEW_FAMILIES])
 @pytest.mark.parametrize("mode", ["router", "gate_substring"])
 def test_freeze_survives_a_real_optimizer_step(family, model, batch, mode):
     expected = _expected(model, mode)

@@ -35,7 +35,7 @@ def _loss_and_lm(model):
     return output.loss, _lm_loss(output.logits, labels)
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", [*HF_FAMILIES, "qwen3_5_moe", "minimax", "jamba"])
 def test_balance_loss_switch_of_transformers_families(family):
     off, changed = _built(family, balance_loss=False)
     assert changed == {"output_router_logits": False}
@@ -45,6 +45,14 @@ def test_balance_loss_switch_of_transformers_families(family):
     loss, lm = _loss_and_lm(on)
     assert on.config.router_aux_loss_coef == 0.5
     assert loss - lm > 0.5 * 0.9  # transformers' Switch loss is about k = 2 near balance, never far below 1
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "hunyuan_v1_moe"])
+def test_families_without_a_balance_loss_refuse_the_switch(family):
+    """transformers' DeepSeek-V2 and HunYuan-MoE-V1 causal LMs add no load-balancing loss: nothing to switch on."""
+    config = tiny.tiny_config(family)
+    with pytest.raises(ValueError, match=f"balance_loss: family '{family}' has no such switch"):
+        apply_training_options(config, balance_loss=True)
 
 
 def test_llama_moe_switches():
