@@ -211,6 +211,16 @@ def _matrices_from_json(document: Any, path: Path) -> dict[str, Any]:
     return found
 
 
+def _json_document(path: Path) -> Any:
+    """A matrix file's JSON document; ``ValueError`` naming the file when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 JSON ({error.reason} at byte {error.start})") from None
+
+
 def load_matrices(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load co-activation matrices by name from JSON, safetensors or an official pickle.
 
@@ -232,13 +242,7 @@ def load_matrices(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     raw: dict[str, Any]
     if suffix in JSON_SUFFIXES:
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 JSON ({error.reason} at byte {error.start})") from None
-        raw = _matrices_from_json(document, path)
+        raw = _matrices_from_json(_json_document(path), path)
     elif suffix in SAFETENSORS_SUFFIXES:
         try:
             tensors = load_file(str(path))
@@ -319,12 +323,7 @@ def recorded_top_k(path: str | os.PathLike[str]) -> int | None:
             except ValueError:
                 raise ValueError(f"{path}: metadata top_k={value!r} is not an integer") from None
     elif suffix in JSON_SUFFIXES:
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 JSON ({error.reason} at byte {error.start})") from None
+        document = _json_document(path)
         value = document.get("top_k") if isinstance(document, dict) else None
     if value is None:
         return None
