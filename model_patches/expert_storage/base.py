@@ -79,9 +79,26 @@ class ExpertStorage:
     one_projection_per_module: ClassVar[bool] = False
     """Each storage module is a single projection (its deltas are attached directly, not keyed by projection)."""
 
-    def projections(self, moe: MoEModel) -> list[RoutedProjection]:
-        """Every adaptable routed projection of ``moe`` (paths relative to ``moe.inner``)."""
+    aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Per projection, the attribute names under which targets may name it (relative to the experts module)."""
+
+    def widths(self, experts: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None:
+        """Per projection, the ``(input widths, output widths)`` of every routed expert of one MoE layer's experts
+        module; ``None`` when the module does not have this storage's layout (``problem`` names it)."""
         raise NotImplementedError
+
+    def projections(self, moe: MoEModel) -> list[RoutedProjection]:
+        """Every adaptable routed projection of ``moe`` (paths relative to ``moe.inner``): one per projection of
+        each MoE layer's experts module."""
+        names = module_names(moe.inner)
+        found = []
+        for layer in moe.layers:
+            dims = self.widths(layer.experts)
+            base = names[id(layer.experts)]
+            for projection, (in_dims, out_dims) in (dims or {}).items():
+                found.append(RoutedProjection(f"{base}.{projection}", layer.experts, projection, in_dims, out_dims,
+                                              tuple(f"{base}.{alias}" for alias in self.aliases[projection])))
+        return found
 
     def problem(self, projection: RoutedProjection) -> str | None:
         """Why deltas cannot run inside this projection's computation, or ``None``."""

@@ -25,19 +25,13 @@ from model_patches.expert_storage.base import ExpertStorage
 from model_patches.expert_storage.base import RoutedDeltas
 from model_patches.expert_storage.base import RoutedProjection
 from model_patches.expert_storage.base import deltas_of
-from model_patches.expert_storage.base import module_names
 from model_patches.expert_storage.base import shape_of
-from model_patches.structure import MoEModel
 
 IMPLEMENTATION = "moepatch_routed_deltas"
 """The experts implementation registered in transformers' ``ALL_EXPERTS_FUNCTIONS``."""
 BASE_CONFIG = "_routed_deltas_base_config"
 """Attribute of an adapted experts module: its original config, whose experts implementation is the base one."""
 BASE_IMPLEMENTATIONS = ("grouped_mm", "eager", None)
-
-_ALIASES = {"gate_proj": ("gate_proj", "w1", "gate_up_proj"),
-            "up_proj": ("up_proj", "w3", "gate_up_proj"),
-            "down_proj": ("down_proj", "w2")}
 
 
 class FusedExperts(ExpertStorage):
@@ -46,22 +40,19 @@ class FusedExperts(ExpertStorage):
 
     kind: ClassVar[str] = "fused"
 
-    def projections(self, moe: MoEModel) -> list[RoutedProjection]:
-        names = module_names(moe.inner)
-        found = []
-        for layer in moe.layers:
-            experts, base = layer.experts, names[id(layer.experts)]
-            weight = getattr(experts, "gate_up_proj", None)
-            if not isinstance(weight, torch.Tensor) or len(shape_of(weight)) != 3:  # ZeRO-3: the full shape
-                continue  # problem() names it when a target reaches this module
-            num, double, hidden = shape_of(weight)
-            intermediate = double // 2
-            dims = {"gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
-                    "down_proj": (intermediate, hidden)}
-            for projection, (fan_in, fan_out) in dims.items():
-                found.append(RoutedProjection(f"{base}.{projection}", experts, projection, (fan_in,) * num,
-                                              (fan_out,) * num, tuple(f"{base}.{a}" for a in _ALIASES[projection])))
-        return found
+    aliases: ClassVar[dict[str, tuple[str, ...]]] = {"gate_proj": ("gate_proj", "w1", "gate_up_proj"),
+                                                      "up_proj": ("up_proj", "w3", "gate_up_proj"),
+                                                      "down_proj": ("down_proj", "w2")}
+
+    def widths(self, experts: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None:
+        weight = getattr(experts, "gate_up_proj", None)
+        if not isinstance(weight, torch.Tensor) or len(shape_of(weight)) != 3:  # ZeRO-3: the full shape
+            return None
+        num, double, hidden = shape_of(weight)
+        intermediate = double // 2
+        return {"gate_proj": ((hidden,) * num, (intermediate,) * num),
+                "up_proj": ((hidden,) * num, (intermediate,) * num),
+                "down_proj": ((intermediate,) * num, (hidden,) * num)}
 
     def problem(self, projection: RoutedProjection) -> str | None:
         experts = projection.module

@@ -20,13 +20,7 @@ from model_patches.expert_storage.base import ExpertStorage
 from model_patches.expert_storage.base import RoutedDeltas
 from model_patches.expert_storage.base import RoutedProjection
 from model_patches.expert_storage.base import deltas_of
-from model_patches.expert_storage.base import module_names
 from model_patches.expert_storage.base import shape_of
-from model_patches.structure import MoEModel
-
-_ALIASES = {"gate_proj": ("gate_proj", "weight_gate"),
-            "up_proj": ("up_proj", "weight_up"),
-            "down_proj": ("down_proj", "weight_down")}
 
 
 class ParameterListExperts(ExpertStorage):
@@ -34,19 +28,14 @@ class ParameterListExperts(ExpertStorage):
 
     kind: ClassVar[str] = "parameter_list"
 
-    def projections(self, moe: MoEModel) -> list[RoutedProjection]:
-        names = module_names(moe.inner)
-        found = []
-        for layer in moe.layers:
-            experts, base = layer.experts, names[id(layer.experts)]
-            widths = tuple(shape_of(weight)[0] for weight in experts.weight_gate)
-            hidden, out = experts.in_features, experts.out_features
-            dims = {"gate_proj": ((hidden,) * len(widths), widths), "up_proj": ((hidden,) * len(widths), widths),
-                    "down_proj": (widths, (out,) * len(widths))}
-            for projection, (in_dims, out_dims) in dims.items():
-                found.append(RoutedProjection(f"{base}.{projection}", experts, projection, in_dims, out_dims,
-                                              tuple(f"{base}.{a}" for a in _ALIASES[projection])))
-        return found
+    aliases: ClassVar[dict[str, tuple[str, ...]]] = {"gate_proj": ("gate_proj", "weight_gate"),
+                                                      "up_proj": ("up_proj", "weight_up"),
+                                                      "down_proj": ("down_proj", "weight_down")}
+
+    def widths(self, experts: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None:
+        sizes = tuple(shape_of(weight)[0] for weight in experts.weight_gate)  # experts may differ in width
+        hidden, out = (experts.in_features,) * len(sizes), (experts.out_features,) * len(sizes)
+        return {"gate_proj": (hidden, sizes), "up_proj": (hidden, sizes), "down_proj": (sizes, out)}
 
     def attach(self, module: nn.Module, deltas: Mapping[str, RoutedDeltas], projections: list[RoutedProjection],
                log: ChangeLog) -> None:
