@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+
+from moepatch.cli.arguments import positive_int
 
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_moe_experts",
                       "n_experts", "expert_num")
@@ -164,15 +167,20 @@ def survey(types: list[str], timeout: int) -> list[tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", help="comma-separated model types (default: every MoE causal-LM type)")
-    parser.add_argument("--timeout", type=int, default=60, help="seconds allowed per model type")
-    parser.add_argument("--width", type=int, default=240, help="cut each reason to this many characters")
+    parser.add_argument("--timeout", type=positive_int, default=60, help="seconds allowed per model type")
+    parser.add_argument("--width", type=positive_int, default=240, help="cut each reason to this many characters")
     args = parser.parse_args(argv)
+    known = moe_types()
+    types = [name.strip() for name in args.types.split(",")] if args.types else known
+    unknown = [name for name in types if name not in known]
+    if unknown:
+        parser.error(f"--types: not MoE causal-LM model types of transformers {transformers.__version__}: "
+                     f"{', '.join(unknown)}")
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     started = time.time()
-    types = args.types.split(",") if args.types else moe_types()
     rows = survey(types, args.timeout)
     print("| model type | outcome | family or reason |\n|---|---|---|")
     for model_type, outcome, detail in rows:

@@ -84,3 +84,20 @@ def test_plain_router_claiming_renormalisation_is_refused():
     plain = Plain(32, 8, 2)
     assert probe_router(plain, top_k=2, hidden_dim=32, renormalize=False) is None
     assert "not renormalised" in probe_router(plain, top_k=2, hidden_dim=32, renormalize=True)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--types", "mixtral,nosuch"], "--types: not MoE causal-LM model types of transformers .*: nosuch"),
+    (["--timeout", "0"], "argument --timeout: expected a positive integer, got '0'"),
+    (["--width", "-3"], "argument --width: expected a positive integer, got '-3'"),
+])
+def test_survey_refuses_bad_arguments_before_building_anything(argv, message, capsys):
+    import re
+
+    from family_survey import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and re.search(message, captured.err) and "Traceback" not in captured.err
+    assert captured.out == ""  # no table started
