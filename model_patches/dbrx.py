@@ -7,12 +7,16 @@ is only a bias-free ``nn.Linear`` ``layer`` (``[E, H]``) and returns the logits;
 (1: renormalisation, ``None``: none; other norms are refused).  Experts ``ffn.experts.mlp`` (``DbrxExpertGLU``) keep
 ``w1`` / ``v1`` / ``w2`` as ``[E·I, H]`` stacks of rows.
 
-What this means for moepatch: gate freezing, the structure view and exact ``remove()`` work; routing statistics and
-routing overrides (C2R) need the chosen experts in a router's output and are refused; LoRA experts cannot adapt the
-row-stacked experts and are refused on them.
+What this means for moepatch: the router's output is the logits and the choice is read where the block hands it to
+its experts (``experts(hidden, top_k_index, top_k_weights)``), so routing statistics and the balance loss on the
+actual choice see the experts really used; a routing override (C2R) replaces ``route_tokens_to_experts`` on the
+block instance (softmax in the logits' dtype, the selector, division by ``torch.norm(p=1)``); LoRA experts run
+inside the experts' per-expert loop (:mod:`model_patches.expert_storage.stacked_rows`); renumbering experts moves
+blocks of ``ffn_hidden_size`` rows.
 """
 
 from model_patches.registry import register
+from model_patches.spec import BlockSelection
 from model_patches.spec import FamilySpec
 from model_patches.spec import RouterRequirement
 from model_patches.spec import RoutingRule
@@ -23,7 +27,7 @@ DBRX = register(
         model_types=("dbrx",),
         block_classes=("DbrxFFN",),
         routing=RoutingRule(renormalize="^moe_normalize_expert_weights", weights_dtype="logits",
-                            softmax_dtype="logits"),
+                            softmax_dtype="logits", renormalize_with="l1_norm"),
         layers_attr="blocks",
         block_attr="ffn",
         router_attr="router",
@@ -39,12 +43,11 @@ DBRX = register(
                        "is softmax → top-k",
             ),
         ),
-        selection_outside_router=(
-            "DbrxRouter returns only the logits and DbrxFFN.route_tokens_to_experts (a method, not a module) "
-            "chooses the experts, so no router output carries the choice and no router-level selection step exists"
-        ),
+        selection_in_block=BlockSelection(method="route_tokens_to_experts", indices_argument=(1, "top_k_index"),
+                                          weights_argument=(2, "top_k_weights")),
+        expert_modules=("experts.mlp",),
         expert_storage="stacked_rows",
-        training_switches=(("balance_loss", "output_router_logits"),),
+        training_switches=(("balance_loss", "output_router_logits"), ("aux_loss_coef", "ffn_config.moe_loss_weight")),
         gate_substring_note="nothing: DBRX names no parameter 'gate' (router ffn.router.layer, experts w1/v1/w2)",
     )
 )

@@ -68,14 +68,37 @@ def route(
         hidden_states = hidden_states.float()
         weight = weight.float()
     router_logits = F.linear(hidden_states, weight)  # [N, E]
+    top_value, top_index = choose_experts(router_logits, top_k=top_k, renormalize=renormalize,
+                                          weights_dtype=weights_dtype, selector=selector, softmax_dtype=softmax_dtype)
+    return router_logits, top_value, top_index
+
+
+def choose_experts(
+    router_logits: torch.Tensor,
+    *,
+    top_k: int,
+    renormalize: bool,
+    weights_dtype: str,
+    selector: ExpertSelector = select_topk,
+    softmax_dtype: str = "float32",
+    renormalize_with: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule's second half, from the logits ``[N, E]``: softmax → selection → optional renorm → cast.
+
+    Returns ``(top_k_weights [N, k], top_k_index [N, k])``.  ``renormalize_with="l1_norm"`` divides by
+    ``torch.norm(p=1)`` (DBRX) instead of the sum: the same value, computed the way the family computes it.
+    """
     dtype = torch.float if softmax_dtype == "float32" else router_logits.dtype
     router_probs = torch.softmax(router_logits, dim=-1, dtype=dtype)  # [N, E]
     top_value, top_index = selector(router_probs, top_k)  # [N, k], [N, k]
     if renormalize:
-        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        if renormalize_with == "l1_norm":
+            top_value = top_value / torch.norm(top_value, p=1, dim=-1, keepdim=True)
+        else:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
     if weights_dtype == "logits":
         top_value = top_value.to(router_logits.dtype)
-    return router_logits, top_value, top_index
+    return top_value, top_index
 
 
 def route_by_rule(

@@ -64,6 +64,11 @@ class RoutingRule:
     softmax_dtype: Literal["float32", "logits"] = "float32"
     """Dtype of the softmax: float32 (every transformers 5 top-k router) or the logits' own dtype (DBRX)."""
 
+    renormalize_with: Literal["sum", "l1_norm"] = "sum"
+    """How the k weights are renormalised: divided by their ``sum`` (every transformers 5 top-k router) or by
+    ``torch.norm(p=1)`` (DBRX's ``moe_normalize_expert_weights=1``): the same value, called the family's way so that
+    the override stays bit-identical."""
+
     sorted_topk: bool = True
     """Whether the family's ``torch.topk`` returns the k experts sorted by probability (DeepSeek-V2 passes
     ``sorted=False``): the vanilla selector must make the same call for the router's output to be bit-identical."""
@@ -96,6 +101,24 @@ class RouterRequirement:
         if any(value == allowed for allowed in self.allowed):
             return None
         return f"{self.attribute.lstrip('^')}={value!r}: {self.reason.format(value=value)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockSelection:
+    """Where a family chooses its experts when its router returns only the logits (DBRX).
+
+    ``DbrxRouter`` returns ``router_logits [N, E]``; the sparse block's method ``route_tokens_to_experts(logits) ->
+    (weights [N, k], indices [N, k])`` chooses, and the block hands the choice to its experts module as call
+    arguments ``experts(hidden, top_k_index, top_k_weights)``.  A routing override replaces :attr:`method` on the
+    block instance; routing statistics read the router's output (the scores) and the experts' call (the choice).
+    """
+
+    method: str
+    """Name of the block's selection method ``(router_logits [N, E]) -> (weights [N, k], indices [N, k])``."""
+    indices_argument: tuple[int, str]
+    """``(position, keyword)`` of the chosen experts ``[N, k]`` in the experts module's call."""
+    weights_argument: tuple[int, str]
+    """``(position, keyword)`` of the expert weights ``[N, k]`` in the experts module's call."""
 
 
 _MISSING = object()
@@ -153,9 +176,9 @@ class FamilySpec:
     override multiplies the hidden states with."""
     router_requirements: tuple[RouterRequirement, ...] = ()
     """Settings the router must have for :attr:`routing` to describe it; other values are refused by name."""
-    selection_outside_router: str | None = None
-    """Set when the family chooses its experts outside any router module (DBRX: a method of ``DbrxFFN``): no router
-    output carries the choice, so routing statistics and routing overrides are refused with this explanation."""
+    selection_in_block: BlockSelection | None = None
+    """Set when the router returns only its logits and the sparse block chooses the experts (DBRX): the router's
+    output is then the ``[N, E]`` logits tensor itself (:attr:`router_output` is not used)."""
     selection_method: str | None = None
     """Name of the router's own selection method ``(probs [N, E], k) -> (values [N, k], indices [N, k])``, for
     families whose router has that seam (ModuleFormer's ``select_experts``): a routing override replaces that method
@@ -190,12 +213,13 @@ class FamilySpec:
     ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``), ``"parameter_list"`` (LLaMA-MoE ``weight_{gate,up,down}``
     ``ParameterList``s with ``forward(x, e)``) or ``"parallel"`` (MoLM ``ParallelExperts`` ``[E, in, out]`` modules
     called with ``(inputs, expert_size)``) or ``"stacked_rows"`` (DBRX ``w1`` / ``v1`` / ``w2``: the experts' rows
-    stacked into ``[E·I, H]`` matrices, which LoRA experts cannot adapt: refused, naming the family)."""
+    stacked into ``[E·I, H]`` matrices; renumbering experts moves blocks of ``I`` rows)."""
     training_switches: tuple[tuple[str, str], ...] = (
         ("balance_loss", "output_router_logits"),
         ("aux_loss_coef", "router_aux_loss_coef"),
     )
-    """``(option, config attribute)`` pairs: the config.json field behind each training option of
+    """``(option, config attribute)`` pairs (dotted for a sub-config: DBRX's ``ffn_config.moe_loss_weight``): the
+    config.json field behind each training option of
     :mod:`moepatch.routing.training_options` (``gate_noise``, ``balance_loss``, ``aux_loss_coef``) in this
     family.  An option
     the family does not list is refused.  transformers' MoE LMs add their balance loss only when

@@ -266,18 +266,12 @@ def resolve_layer_indices(model: MoEModel, layers: list[int] | None, field: str)
     """Turn user layer indices (negative = from the last decoder layer) into sorted absolute MoE-layer indices.
 
     Every routing-statistics entry point (``RoutingRecorder``, ``routing_stats``, probe layers) resolves its layers
-    here, so a family whose chosen experts appear in no router output is refused here, before any hook is installed.
+    here.
 
     Raises:
-        UnsupportedModelError: the family declares ``selection_outside_router`` (DBRX), naming it and why.
         ValueError: naming ``field``, the offending entry and the model's MoE layers, when an index is not an
             integer, is out of range, is repeated, or points at a dense layer.
     """
-    if model.family.selection_outside_router is not None:
-        raise UnsupportedModelError(
-            f"{field}: routing statistics are not available for family {model.family.name}: "
-            f"{model.family.selection_outside_router}"
-        )
     if layers is None:
         return model.moe_layer_indices
     moe = set(model.moe_layer_indices)

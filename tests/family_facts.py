@@ -6,7 +6,9 @@ config keys set E / k / depth, and which parameters each freeze rule must touch.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 import torch
 
@@ -176,3 +178,25 @@ def dense_layers(model: torch.nn.Module) -> list[int]:
     if family == "jamba":  # JambaSparseMoeBlock where layers_num_experts[i] > 1
         return [i for i, experts in enumerate(config.layers_num_experts) if experts <= 1]
     return []
+
+
+@contextlib.contextmanager
+def capture_choices(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Absolute layer → the ``[N, k]`` experts that received the tokens in the last call, read where each published
+    model hands them over: the router output's indices (transformers 5 routers), or the ``top_k_index`` argument of
+    DBRX's experts module (``DbrxFFN.forward`` calls ``self.experts(hidden, top_k_index, top_k_weights)``)."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for index, router in moe_routers(model).items():
+        if family_of(model) == "dbrx":
+            experts = model.transformer.blocks[index].ffn.experts
+            handles.append(experts.register_forward_pre_hook(
+                lambda m, args, index=index: captured.__setitem__(index, args[1].detach().clone())))
+        else:
+            handles.append(router.register_forward_hook(
+                lambda m, args, out, index=index: captured.__setitem__(index, router_choice(model, out)[1].detach())))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

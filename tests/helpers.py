@@ -10,9 +10,9 @@ from moepatch.testing import tiny
 
 FAMILIES = tiny.TINY_FAMILIES
 """The families every family-parametrized test runs on."""
-ROUTED_NEW_FAMILIES = tuple(family for family in tiny.NEW_FAMILIES if family != "dbrx")
-"""The newer families whose routers carry their choice (DBRX's features are refused, tested on their own); the
-feature pipelines (profiling, permutation, freezing, dynamic mixing, training switches) run on them too."""
+ROUTED_NEW_FAMILIES = tiny.NEW_FAMILIES
+"""The newer families (``tiny.NEW_FAMILIES``): the feature pipelines (profiling, permutation, freezing, dynamic
+mixing, training switches) run on them too."""
 
 
 def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from family_facts import moe_routers
 from family_facts import router_probabilities
 
-__all__ = ["capture_router_inputs", "moe_routers", "reference_counts"]
+__all__ = ["capture_router_inputs", "independent_switch_loss", "moe_routers", "reference_counts"]
 
 
 @contextlib.contextmanager
@@ -42,3 +42,17 @@ def reference_counts(
         chosen, probs = chosen[keep], probs[keep]
     counts = torch.bincount(chosen.reshape(-1), minlength=probs.shape[-1])
     return counts, probs.sum(dim=0)
+
+
+def independent_switch_loss(router_logits, chosen, num_experts, mask):
+    """Switch loss E·Σ f·P with f from the given choices, in float64, written out directly."""
+    keep = mask.reshape(-1).double()
+    fraction = torch.zeros(num_experts, dtype=torch.float64)
+    probability = torch.zeros(num_experts, dtype=torch.float64)
+    for logits, indices in zip(router_logits, chosen):
+        probs = torch.softmax(logits.detach().double(), dim=-1)
+        for slot in range(indices.shape[1]):
+            fraction += torch.zeros(num_experts, dtype=torch.float64).index_add_(0, indices[:, slot], keep)
+        probability += (probs * keep[:, None]).sum(0)
+    total = keep.sum() * len(chosen)
+    return float((fraction / total * probability / total).sum() * num_experts)

@@ -1,6 +1,6 @@
 """One adapter per storage kind of routed experts (fused transformers-5 experts, LLaMA-MoE ``ParameterList``s,
-MoLM ``ParallelExperts``; DBRX's row stacks, recognised to be refused): the projections features may adapt and
-how per-expert deltas run inside them."""
+MoLM ``ParallelExperts``, DBRX's ``[E·I, H]`` row stacks): the projections features may adapt and how per-expert
+deltas run inside them."""
 
 from model_patches.expert_storage.base import DELTAS_ATTRIBUTE
 from model_patches.expert_storage.base import ChangeLog

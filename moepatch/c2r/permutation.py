@@ -53,10 +53,17 @@ def _expert_tensors(model: MoEModel, index: int) -> list[tuple[str, nn.Parameter
             elif any(True for _ in child.parameters()):
                 raise ValueError(f"layer {index}: {path}.{name} holds parameters in an unknown layout")
         found.extend((f"{path}.{name}", p) for name, p in module.named_parameters(recurse=False))
+    stacked = spec.expert_storage == "stacked_rows"  # expert tensors stack each expert's rows: [E·R, ...]
     for name, tensor in found:
-        if isinstance(tensor, nn.Parameter) and (tensor.dim() == 0 or tensor.shape[0] != num_experts):
-            raise ValueError(f"layer {index}: {name} has shape {tuple(tensor.shape)}, not [E={num_experts}, ...]; "
-                             "cannot permute")
+        if not isinstance(tensor, nn.Parameter):
+            continue
+        rows = tensor.shape[0] if tensor.dim() else 0
+        if stacked and not name.startswith(f"{spec.router_attr}."):
+            fits, want = rows > 0 and rows % num_experts == 0, f"[E·R = {num_experts}·R, ...]"
+        else:
+            fits, want = rows == num_experts, f"[E={num_experts}, ...]"
+        if not fits:
+            raise ValueError(f"layer {index}: {name} has shape {tuple(tensor.shape)}, not {want}; cannot permute")
     return found
 
 
@@ -70,7 +77,8 @@ def permute_experts(model: MoEModel, permutations: Mapping[int, Sequence[int]]) 
     """In place: in each listed MoE layer, new expert ``n`` becomes old expert ``permutations[layer][n]``.
 
     The family spec says which tensors carry the expert axis: router rows producing the per-expert scores, stacked
-    ``[E, ...]`` expert tensors (reordered along dim 0) and per-expert ``ParameterList``s (entries reordered).
+    ``[E, ...]`` expert tensors (reordered along dim 0), ``[E·R, ...]`` row stacks (blocks of ``R`` rows reordered)
+    and per-expert ``ParameterList``s (entries reordered).
     Everything is checked before the first change.
     """
     plan = []
@@ -84,8 +92,10 @@ def permute_experts(model: MoEModel, permutations: Mapping[int, Sequence[int]]) 
                     entries = list(tensor)
                     for new, old in enumerate(permutation):
                         tensor[new] = entries[old]
-                else:
-                    tensor.copy_(tensor[torch.tensor(permutation, device=tensor.device)])
+                else:  # [E, ...], or [E·R, ...] stacked rows: move each expert's block of R rows
+                    order = torch.tensor(permutation, device=tensor.device)
+                    per_expert = tensor.view(len(permutation), -1, *tensor.shape[1:])
+                    tensor.copy_(per_expert[order].reshape(tensor.shape))
 
 
 def renumber_collaborative_list(listed: list, permutations: Mapping[int, Sequence[int]]) -> list:

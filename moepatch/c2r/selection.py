@@ -242,7 +242,7 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
     kind = model.family.selection_kind
     _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t", kind)
     for layer in model.layers:
-        problem = selection_seam_problem(model.family, layer.router)
+        problem = selection_seam_problem(model.family, layer.router, layer.block)
         if problem is not None:
             raise ValueError(f"{prefix}top_t: cannot constrain the router of layer {layer.index}: {problem}; load the "
                              "checkpoint with moepatch.from_pretrained to get moepatch's implementation")

@@ -1,14 +1,15 @@
 """Load-balancing loss on the experts actually chosen.
 
-transformers' MoE causal LMs (Qwen2-MoE, Mixtral, Qwen3-MoE, OLMoE, ... v5.24) add
-``router_aux_loss_coef * load_balancing_loss_func(router_logits, E, k, attention_mask)`` to the loss when
-``output_router_logits`` is on, and that function **recomputes vanilla top-k from the logits**.  Under a routing
-override (C2R) the experts that really receive the tokens differ, so the "fraction of tokens per expert" term is
-wrong.  :func:`install_actual_choice_aux_loss` wraps the causal LM's ``forward`` on the instance: the original forward
-runs with ``output_router_logits=False`` (so transformers computes no loss term and records no logits), router hooks
-collect each layer's ``(router_logits, top_k_index)``, and the same Switch-Transformer formula is evaluated with the
-real choices; ``loss``, ``aux_loss`` and ``router_logits`` of the output are filled exactly where transformers puts
-them.  With vanilla routing the result equals transformers' value (tested).
+transformers' MoE causal LMs (Qwen2-MoE, Mixtral, Qwen3-MoE, OLMoE, ... v5.24) add ``router_aux_loss_coef *
+load_balancing_loss_func(router_logits, E, k, attention_mask)`` to the loss when ``output_router_logits`` is on, and
+that function **recomputes vanilla top-k from the logits**. Under a routing override (C2R) the experts that really
+receive the tokens differ, so the "fraction of tokens per expert" term is wrong.
+:func:`install_actual_choice_aux_loss` wraps the causal LM's ``forward`` on the instance: the original forward runs
+with ``output_router_logits=False`` (so transformers computes no loss term and records no logits), router hooks
+collect each layer's ``(router_logits, top_k_index)`` (:func:`~moepatch.routing.tap.tap_routing`), and the same
+Switch-Transformer formula is evaluated with the real choices; ``loss``, ``aux_loss`` and ``router_logits`` of the
+output are filled exactly where transformers puts them. With vanilla routing the result equals transformers' value
+(tested).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from model_patches.structure import MoEModel
 from moepatch.routing.attention_mask import AttentionMaskReader
+from moepatch.routing.tap import tap_routing
 from moepatch.undo import UndoLog
 
 
@@ -130,8 +132,6 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
     original = causal_lm.forward
     signature = inspect.signature(original)
     read_mask = AttentionMaskReader(original)
-    routers = [layer.router for layer in model.layers]
-    layout = model.family.router_output
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         attention_mask = read_mask(args, kwargs)
@@ -145,10 +145,10 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
         arguments["output_router_logits"] = False
         captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def capture(module: nn.Module, inputs: tuple, output: Any) -> None:
-            captured.append((output[layout.scores], output[layout.indices]))
+        def capture(scores: torch.Tensor, indices: torch.Tensor) -> None:
+            captured.append((scores, indices))
 
-        handles = [router.register_forward_hook(capture) for router in routers]
+        handles = [handle for layer in model.layers for handle in tap_routing(model, layer, capture)]
         try:
             outputs = original(**arguments, return_dict=True)
         finally:

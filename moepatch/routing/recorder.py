@@ -1,14 +1,15 @@
 """Routing statistics: per MoE layer and expert, hard top-k counts and sums of router probabilities.
 
-The recorder hooks the *output* of each selected router, i.e. the experts the model actually routes to (after any
-routing override of :mod:`moepatch.routing.seam`), and the attention mask of the same model call (a pre-hook on the
-decoder captures it, so the user never passes it twice).  Padding tokens are excluded.
+The recorder reads each selected layer's routing through :func:`moepatch.routing.tap.tap_routing`, i.e. the experts
+the model actually routes to (after any routing override of :mod:`moepatch.routing.seam`), and the attention mask of
+the same model call (a pre-hook on the decoder captures it, so the user never passes it twice). Padding tokens are
+excluded.
 
 Cost and memory: a router hook only keeps references to the (detached) router logits and chosen experts of the
 current model call; when the call returns, one batched pass over all recorded layers (one softmax, one scatter-add
 of the choices, one mask-weighted matmul giving counts and probability sums together) updates one small float64
-accumulator on the model's device and every reference is dropped.  No host synchronisation, no tensor of the step
-(activations, graph, mask) survives the model call.  Forwards re-run by activation checkpointing inside backward are
+accumulator on the model's device and every reference is dropped. No host synchronisation, no tensor of the step
+(activations, graph, mask) survives the model call. Forwards re-run by activation checkpointing inside backward are
 not counted twice.
 """
 
@@ -30,6 +31,7 @@ from moepatch.compat import current_backward_task_id
 from moepatch.compat import distributed_ready
 from moepatch.errors import MoePatchWarning
 from moepatch.routing.attention_mask import AttentionMaskReader
+from moepatch.routing.tap import tap_routing
 
 _FLUSH_ELEMENTS = 1 << 24
 """Largest ``layers × tokens × experts`` block processed at once (128 MiB of float64)."""
@@ -117,8 +119,7 @@ class RoutingRecorder:
         self._handles.append(decoder.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         self._handles.append(decoder.register_forward_hook(self._end_call, always_call=True))
         for slot, index in enumerate(self.layers):
-            router = self.model.layer(index).router
-            self._handles.append(router.register_forward_hook(self._make_router_hook(slot)))
+            self._handles.extend(tap_routing(self.model, self.model.layer(index), self._make_reader(slot)))
         return self
 
     def stop(self) -> None:
@@ -150,19 +151,16 @@ class RoutingRecorder:
             self._mask = None
             self._in_call = False
 
-    def _make_router_hook(self, slot: int):
-        layout = self.model.family.router_output
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def _make_reader(self, slot: int):
+        def read(scores: torch.Tensor, indices: torch.Tensor) -> None:
             if current_backward_task_id() != -1:
                 return  # activation checkpointing re-running the forward inside backward
-            logits = output[layout.scores].detach()
-            indices = output[layout.indices].detach()
+            logits, indices = scores.detach(), indices.detach()
             self._pending.append((slot, logits.reshape(-1, logits.shape[-1]), indices.reshape(indices.shape[0], -1)))
             if not self._in_call:  # router called outside a model call: no mask, account right away
                 self._end_call()
 
-        return hook
+        return read
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -1,16 +1,18 @@
 """The routing patch point: the one place where router logits become chosen experts and their weights.
 
 Every supported family hands ``(router_logits, top_k_weights, top_k_index)`` from its router module to its experts
-module.  moepatch changes routing in exactly one way: it replaces the router *instance's* ``forward`` with
-:func:`routed_forward`, which reproduces the family's routing rule (:class:`~model_patches.spec.RoutingRule`, applied by
+module (or, like DBRX, chooses in a method of the sparse block from the router's logits).  moepatch changes routing
+in exactly one way: it replaces the router *instance's* ``forward`` with
+:func:`routed_forward` (the block's selection method with :func:`block_selection` where the block chooses), which
+reproduces the family's routing rule (:class:`~model_patches.spec.RoutingRule`, applied by
 :func:`model_patches.routing_rule.route`) bit for bit
 and delegates only the **selection step** (probabilities ``[N, E]`` → ``k`` experts) to an
 :data:`ExpertSelector`.  With :func:`select_topk` as the selector the patched router is bit-identical to the
 original (tested per family); C2R swaps in a collaboration-constrained selector.
 
-Routing statistics (:class:`~moepatch.routing.recorder.RoutingRecorder`) read the router's *output*, so they
-always report
-the experts actually chosen, after any override installed here.
+Routing statistics (:class:`~moepatch.routing.recorder.RoutingRecorder`) read the choice where the model hands it
+to its experts (:mod:`moepatch.routing.tap`), so they always report the experts actually chosen, after any override
+installed here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from model_patches.routing_rule import ExpertSelector
+from model_patches.routing_rule import choose_experts
 from model_patches.routing_rule import route
 from model_patches.routing_rule import select_topk
 from model_patches.routing_rule import vanilla_selector
@@ -39,8 +42,8 @@ if TYPE_CHECKING:
 SelectorFactory = Callable[["MoELayer"], ExpertSelector]
 """Builds the selection step of one MoE layer (C2R needs the layer's own collaboration table)."""
 
-__all__ = ["ExpertSelector", "SelectorFactory", "override_selection", "route", "routed_forward", "seam_donor",
-           "select_topk", "selection_seam_problem", "vanilla_selector"]
+__all__ = ["ExpertSelector", "SelectorFactory", "block_selection", "override_selection", "route", "routed_forward",
+           "seam_donor", "select_topk", "selection_seam_problem", "vanilla_selector"]
 
 def routed_forward(
     router: nn.Module, *, top_k: int, hidden_dim: int, renormalize: bool, weights_dtype: str, selector: ExpertSelector,
@@ -68,6 +71,26 @@ def routed_forward(
     return types.MethodType(forward, router)
 
 
+def block_selection(
+    block: nn.Module, *, top_k: int, renormalize: bool, rule: RoutingRule, selector: ExpertSelector
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A replacement for the sparse block's own selection method (:class:`~model_patches.spec.BlockSelection`):
+    ``(router_logits [N, E]) -> (weights [N, k], indices [N, k])`` by the family's rule, with ``selector`` choosing."""
+
+    def choose(self: nn.Module, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return choose_experts(
+            router_logits,
+            top_k=top_k,
+            renormalize=renormalize,
+            weights_dtype=rule.weights_dtype,
+            selector=selector,
+            softmax_dtype=rule.softmax_dtype,
+            renormalize_with=rule.renormalize_with,
+        )
+
+    return types.MethodType(choose, block)
+
+
 def override_selection(
     model: MoEModel, selector_for: SelectorFactory, layers: list[int] | None, undo: UndoLog
 ) -> list[str]:
@@ -78,12 +101,16 @@ def override_selection(
     Returns the qualified names of the patched routers.
     """
     spec = model.family
-    if spec.selection_outside_router is not None:
-        raise ValueError(f"family {spec.name}: no routing override possible: {spec.selection_outside_router}")
     chosen = model.layers if layers is None else [model.layer(i) for i in layers]
     patched = []
     for layer in chosen:
         router = layer.router
+        if spec.selection_in_block is not None:  # the block chooses from the router's logits: replace its method
+            method = block_selection(layer.block, top_k=model.top_k, renormalize=model.renormalize,
+                                     rule=spec.routing, selector=selector_for(layer))
+            undo.set_attribute(layer.block, spec.selection_in_block.method, method)
+            patched.append(f"{layer.name}.{spec.router_attr}")
+            continue
         if spec.selection_method is not None:  # the router has its own selection seam: replace just that
             if not callable(getattr(router, spec.selection_method, None)):
                 donor = seam_donor(spec)  # a remote-code copy without the seam: give it moepatch's forward
@@ -115,10 +142,14 @@ def seam_donor(spec: FamilySpec) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def selection_seam_problem(spec: FamilySpec, router: nn.Module) -> str | None:
-    """Why a routing override cannot reach ``router``'s selection step, or ``None`` (checked before any change)."""
-    if spec.selection_outside_router is not None:
-        return f"family {spec.name} chooses its experts outside the router: {spec.selection_outside_router}"
+def selection_seam_problem(spec: FamilySpec, router: nn.Module, block: nn.Module | None = None) -> str | None:
+    """Why a routing override cannot reach the selection step of ``router`` (in sparse block ``block``), or ``None``
+    (checked before any change)."""
+    if spec.selection_in_block is not None:
+        method = spec.selection_in_block.method
+        if block is None or not callable(getattr(block, method, None)):
+            return f"{type(block).__name__} has no `{method}` selection step"
+        return None
     if spec.selection_method is None or callable(getattr(router, spec.selection_method, None)):
         return None
     if spec.seam_donor is None:

@@ -64,7 +64,7 @@ def training_overrides(config: Any, family: str | None = None, **options: Any) -
             problems.append(f"{name}: family {spec.name!r} has no such switch (it offers: {offered})")
             continue
         field = switches[name]
-        if not hasattr(config, field):
+        if not _has_field(config, field):
             problems.append(f"{name}: the {type(config).__name__} has no field {field!r} (family {spec.name!r})")
             continue
         overrides[field] = value
@@ -77,8 +77,25 @@ def apply_training_options(config: Any, family: str | None = None, **options: An
     """Validate all ``options``, then set them on ``config``; return ``{config field: value}`` of what changed."""
     overrides = training_overrides(config, family, **options)
     for field, value in overrides.items():
-        setattr(config, field, value)
+        owner, _, name = field.rpartition(".")
+        setattr(_read_field(config, owner) if owner else config, name, value)
     return overrides
+
+
+def _read_field(config: Any, path: str) -> Any:
+    """The value at dotted ``path`` (a sub-config such as DBRX's ``ffn_config``), or raise ``AttributeError``."""
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _has_field(config: Any, path: str) -> bool:
+    try:
+        _read_field(config, path)
+    except AttributeError:
+        return False
+    return True
 
 
 __all__ = ["TRAINING_OPTIONS", "apply_training_options", "family_of_config", "training_overrides"]

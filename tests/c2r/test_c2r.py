@@ -17,6 +17,7 @@ from family_facts import size_overrides
 from helpers import logits_of
 from helpers import model_state as _state
 from real_data import C2R_DATA
+from routing_reference import independent_switch_loss
 from routing_reference import moe_routers
 
 import moepatch
@@ -255,20 +256,6 @@ def _aux_model(family: str) -> torch.nn.Module:
     return tiny.tiny_model(family, output_router_logits=True, router_aux_loss_coef=0.1)
 
 
-def _independent_aux(router_logits, chosen, num_experts, mask):
-    """Switch loss E·Σ f·P with f from the given choices, in float64, written out directly."""
-    keep = mask.reshape(-1).double()
-    fraction = torch.zeros(num_experts, dtype=torch.float64)
-    probability = torch.zeros(num_experts, dtype=torch.float64)
-    for logits, indices in zip(router_logits, chosen):
-        probs = torch.softmax(logits.detach().double(), dim=-1)
-        for slot in range(indices.shape[1]):
-            fraction += torch.zeros(num_experts, dtype=torch.float64).index_add_(0, indices[:, slot], keep)
-        probability += (probs * keep[:, None]).sum(0)
-    total = keep.sum() * len(chosen)
-    return float((fraction / total * probability / total).sum() * num_experts)
-
-
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_aux_loss_equals_transformers_under_vanilla_equivalent_routing(family, batch):
     model = _aux_model(family)
@@ -298,7 +285,7 @@ def test_aux_loss_counts_the_experts_c2r_chose(family, batch):
     out = model(**batch, labels=labels)
     for hook in hooks:
         hook.remove()
-    expected = _independent_aux(out.router_logits, chosen, 8, batch["attention_mask"])
+    expected = independent_switch_loss(out.router_logits, chosen, 8, batch["attention_mask"])
     assert abs(out.aux_loss.item() - expected) < 1e-5
     # transformers' own function recomputes vanilla top-k and gives another value
     from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func

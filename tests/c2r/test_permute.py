@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 from family_facts import HF_FAMILIES
+from family_facts import capture_choices
 from family_facts import num_layers
-from family_facts import router_choice
 from helpers import ROUTED_NEW_FAMILIES
 from helpers import logits_of
 from real_data import LLAMA_MOE_MATRICES
@@ -32,13 +32,8 @@ def _loaded(path):
 
 
 def _routing(model, batch):
-    chosen = {}
-    hooks = [layer.router.register_forward_hook(
-        lambda m, a, out, i=layer.index: chosen.__setitem__(i, router_choice(model, out)[1]) and None)
-        for layer in describe(model).layers]
-    logits = logits_of(model, batch)
-    for hook in hooks:
-        hook.remove()
+    with capture_choices(model) as chosen:
+        logits = logits_of(model, batch)
     return logits, chosen
 
 

@@ -9,6 +9,7 @@ from itertools import product
 
 import pytest
 import torch
+from family_facts import capture_choices
 from helpers import ROUTED_NEW_FAMILIES
 from routing_reference import moe_routers
 from transformers import AutoModelForCausalLM
@@ -25,23 +26,17 @@ from moepatch.testing import tiny
 def _slow_count(model, batches):
     """Per token, per ordered pair of its chosen experts, +1 — the official script's loop, padding excluded."""
     routers = moe_routers(model)
-    chosen: dict[int, list[torch.Tensor]] = {layer: [] for layer in routers}
-    hooks = [r.register_forward_hook(lambda m, a, out, i=i: chosen[i].append(out[2]) and None)
-             for i, r in routers.items()]
     counts = {layer: [[0] * 8 for _ in range(8)] for layer in routers}
     with torch.no_grad():
         for batch in batches:
-            for layer in routers:
-                chosen[layer].clear()
-            model(**batch)
+            with capture_choices(model) as chosen:
+                model(**batch)
             keep = batch["attention_mask"].reshape(-1).tolist()
             for layer in routers:
-                for token, experts in enumerate(chosen[layer][0].tolist()):
+                for token, experts in enumerate(chosen[layer].tolist()):
                     if keep[token]:
                         for i, j in product(experts, experts):
                             counts[layer][i][j] += 1
-    for hook in hooks:
-        hook.remove()
     return counts
 
 

@@ -66,7 +66,7 @@ def test_fused_layouts_it_cannot_run_are_refused_by_name(attribute, value, messa
     assert "lora_experts" not in dict(experts.named_children())
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "llama_moe", "moduleformer"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "llama_moe", "moduleformer", "dbrx"])
 def test_each_family_resolves_to_its_storage_and_lists_every_expert(family):
     model = tiny.tiny_model(family)
     structure = moepatch.describe(model)
@@ -80,3 +80,19 @@ def test_each_family_resolves_to_its_storage_and_lists_every_expert(family):
     assert all(len(p.in_dims) == structure.num_experts for p in in_moe_blocks)
     paths = {name for name, _ in model.named_modules()}
     assert all(p.path.rsplit(".", 1)[0] in paths or p.path in paths for p in projections)
+
+
+def test_row_stacked_experts_are_reached_by_their_own_names(batch):
+    """DBRX keeps gate / up / down as ``mlp.w1`` / ``mlp.v1`` / ``mlp.w2``: those names (and the short ``w1``) target
+    the routed projections, whose adapted forward runs only while the patch is on."""
+    model = tiny.tiny_model("dbrx")
+    reference = logits_of(model, batch)
+    handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2,
+                                                     "target_modules": ["mlp.w1", "v1"]}})
+    assert sorted(handle.lora_targets) == [f"transformer.blocks.{i}.ffn.experts.{p}" for i in range(2)
+                                           for p in ("gate_proj", "up_proj")]
+    experts = model.transformer.blocks[0].ffn.experts
+    assert set(experts.__dict__[DELTAS_ATTRIBUTE]) == {"gate_proj", "up_proj"} and "forward" in experts.__dict__
+    assert torch.equal(logits_of(model, batch), reference)
+    handle.remove()
+    assert DELTAS_ATTRIBUTE not in experts.__dict__ and "forward" not in experts.__dict__

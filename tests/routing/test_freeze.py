@@ -20,8 +20,10 @@ def _expected(model: torch.nn.Module, mode: str) -> set[str]:
     return {name for name in names if "gate" in name}
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *ROUTED_NEW_FAMILIES])
-@pytest.mark.parametrize("mode", ["router", "gate_substring"])
+@pytest.mark.parametrize(("family", "mode"), [
+    (family, mode) for mode in ("router", "gate_substring") for family in (*FAMILIES, *ROUTED_NEW_FAMILIES)
+    if (family, mode) != ("dbrx", "gate_substring")  # DBRX names no parameter 'gate': refused (test_new_families)
+])
 def test_freeze_survives_a_real_optimizer_step(family, model, batch, mode):
     expected = _expected(model, mode)
     handle = moepatch.apply(model, {"freeze_gate": mode})
