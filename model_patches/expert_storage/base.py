@@ -32,10 +32,11 @@ class RoutedDeltas(Protocol):
     placement: str
     """``"output"``: the result is added to the projection's output; ``"input"``: it replaces the input (a scale)."""
 
-    def grouped(self, rows: torch.Tensor, counts: list[int] | None, tokens: torch.Tensor | None = None,
-                only: int | None = None) -> torch.Tensor:
-        """``rows`` grouped by expert (``counts[e]`` rows of expert ``e`` in order), or all of expert ``only``;
-        ``tokens``: each row's token index (or ``None``)."""
+    def grouped(self, rows: torch.Tensor, expert_ids: torch.Tensor | None = None, ends: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None, only: int | None = None) -> torch.Tensor:
+        """``rows`` sorted by expert — ``expert_ids [S]`` the expert of each row, ``ends [E]`` (int32) the cumulative
+        row count per expert, both tensors (no host sync) — or all of expert ``only``; ``tokens``: each row's token
+        index (or ``None``)."""
         ...
 
 

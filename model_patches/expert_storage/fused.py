@@ -103,10 +103,12 @@ def routed_deltas_experts_forward(self: nn.Module, hidden_states: torch.Tensor, 
 ExpertsInterface.register(IMPLEMENTATION, routed_deltas_experts_forward)
 
 
-def _gate_up_delta(deltas: Mapping[str, RoutedDeltas], rows: torch.Tensor, counts: list[int] | None,
-                   tokens: torch.Tensor | None, intermediate: int, only: int | None = None) -> torch.Tensor | None:
-    gate = deltas["gate_proj"].grouped(rows, counts, tokens, only) if "gate_proj" in deltas else None
-    up = deltas["up_proj"].grouped(rows, counts, tokens, only) if "up_proj" in deltas else None
+def _gate_up_delta(deltas: Mapping[str, RoutedDeltas], rows: torch.Tensor, groups: dict[str, object],
+                   intermediate: int) -> torch.Tensor | None:
+    """The deltas of the ``gate_up_proj`` output (gate half, up half; zeros for a half without deltas);
+    ``groups``: the rows' grouping, as :meth:`RoutedDeltas.grouped` takes it."""
+    gate = deltas["gate_proj"].grouped(rows, **groups) if "gate_proj" in deltas else None
+    up = deltas["up_proj"].grouped(rows, **groups) if "up_proj" in deltas else None
     if gate is None and up is None:
         return None
     zeros = rows.new_zeros(rows.shape[0], intermediate)
@@ -129,18 +131,18 @@ def _grouped(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Te
     histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
     tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-    counts = [int(c) for c in tokens_per_expert.tolist()]
+    groups = {"expert_ids": expert_ids_g, "ends": offsets, "tokens": tokens}  # tensors only: no host sync
 
     projected = _grouped_linear(rows, self.gate_up_proj, offsets, bias=None, is_transposed=self.is_transposed)
-    delta = _gate_up_delta(deltas, rows, counts, tokens, projected.shape[-1] // 2)
+    delta = _gate_up_delta(deltas, rows, groups, projected.shape[-1] // 2)
     if delta is not None:
         projected = projected + delta.to(projected.dtype)
     projected = self._apply_gate(projected)
     if "down_proj" in deltas and deltas["down_proj"].placement == "input":
-        projected = deltas["down_proj"].grouped(projected, counts, tokens)
+        projected = deltas["down_proj"].grouped(projected, **groups)
     out = _grouped_linear(projected, self.down_proj, offsets, bias=None, is_transposed=self.is_transposed)
     if "down_proj" in deltas and deltas["down_proj"].placement == "output":
-        out = out + deltas["down_proj"].grouped(projected, counts, tokens).to(out.dtype)
+        out = out + deltas["down_proj"].grouped(projected, **groups).to(out.dtype)
     weighted = out * sample_weights_g.unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.size(0), device=device)
@@ -162,17 +164,17 @@ def _eager(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tens
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         rows = hidden_states[token_idx]
+        groups = {"tokens": token_idx, "only": expert}
         projected = nn.functional.linear(rows, self.gate_up_proj[expert])
-        delta = _gate_up_delta(deltas, rows, None, token_idx, projected.shape[-1] // 2, only=expert)
+        delta = _gate_up_delta(deltas, rows, groups, projected.shape[-1] // 2)
         if delta is not None:
             projected = projected + delta.to(projected.dtype)
-        gate, up = projected.chunk(2, dim=-1)
-        current = self.act_fn(gate) * up
+        current = self._apply_gate(projected)  # the experts' own gating (act(gate) · up unless the class says else)
         if "down_proj" in deltas and deltas["down_proj"].placement == "input":
-            current = deltas["down_proj"].grouped(current, None, token_idx, only=expert)
+            current = deltas["down_proj"].grouped(current, **groups)
         out = nn.functional.linear(current, self.down_proj[expert])
         if "down_proj" in deltas and deltas["down_proj"].placement == "output":
-            out = out + deltas["down_proj"].grouped(current, None, token_idx, only=expert).to(out.dtype)
+            out = out + deltas["down_proj"].grouped(current, **groups).to(out.dtype)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final

@@ -72,16 +72,24 @@ def _row_tokens(owner: nn.Module | None, rows: int) -> torch.Tensor | None:
     return tokens if isinstance(tokens, torch.Tensor) and tokens.shape[0] == rows else None
 
 
+def _groups(inputs: torch.Tensor, expert_size: object) -> dict[str, torch.Tensor]:
+    """Each row's expert and the cumulative row counts, as tensors, from the mixture's per-expert row counts."""
+    counts = torch.as_tensor(expert_size, device=inputs.device).to(torch.int64)
+    expert_ids = torch.repeat_interleave(torch.arange(counts.shape[0], device=inputs.device), counts,
+                                         output_size=inputs.shape[0])  # output_size: no host sync
+    return {"expert_ids": expert_ids, "ends": counts.cumsum(0).to(torch.int32)}
+
+
 def _add_output(module: nn.Module, args: tuple, output: torch.Tensor, owner: nn.Module | None, projection: str
                 ) -> torch.Tensor:
     inputs, expert_size = args[0], args[1]
     tokens = _row_tokens(owner, inputs.shape[0])
-    delta = deltas_of(module)[projection].grouped(inputs, [int(s) for s in expert_size], tokens)
+    delta = deltas_of(module)[projection].grouped(inputs, **_groups(inputs, expert_size), tokens=tokens)
     return output + delta.to(output.dtype)
 
 
 def _scale_input(module: nn.Module, args: tuple, owner: nn.Module | None, projection: str) -> tuple:
     inputs, expert_size = args[0], args[1]
     tokens = _row_tokens(owner, inputs.shape[0])
-    return (deltas_of(module)[projection].grouped(inputs, [int(s) for s in expert_size], tokens), expert_size,
-            *args[2:])
+    return (deltas_of(module)[projection].grouped(inputs, **_groups(inputs, expert_size), tokens=tokens),
+            expert_size, *args[2:])

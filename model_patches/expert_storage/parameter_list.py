@@ -52,14 +52,14 @@ def glu_forward(self: nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
     gate = functional.linear(x, self.weight_gate[i], self.bias_gate[i] if self.bias_gate is not None else None)
     up = functional.linear(x, self.weight_up[i], self.bias_up[i] if self.bias_up is not None else None)
     if "gate_proj" in deltas:
-        gate = gate + deltas["gate_proj"].grouped(x, None, tokens, only=i).to(gate.dtype)
+        gate = gate + deltas["gate_proj"].grouped(x, tokens=tokens, only=i).to(gate.dtype)
     if "up_proj" in deltas:
-        up = up + deltas["up_proj"].grouped(x, None, tokens, only=i).to(up.dtype)
+        up = up + deltas["up_proj"].grouped(x, tokens=tokens, only=i).to(up.dtype)
     hidden = self.act_fn(gate) * up
     down = deltas.get("down_proj")
     if down is not None and down.placement == "input":
-        hidden = down.grouped(hidden, None, tokens, only=i)
+        hidden = down.grouped(hidden, tokens=tokens, only=i)
     out = functional.linear(hidden, self.weight_down[i], self.bias_down[i] if self.bias_down is not None else None)
     if down is not None and down.placement == "output":
-        out = out + down.grouped(hidden, None, tokens, only=i).to(out.dtype)
+        out = out + down.grouped(hidden, tokens=tokens, only=i).to(out.dtype)
     return out

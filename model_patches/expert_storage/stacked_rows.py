@@ -70,15 +70,15 @@ def stacked_rows_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         gate = x.matmul(w1[expert].T)
         up = x.matmul(v1[expert].T)
         if gate_delta is not None:
-            gate = gate + gate_delta.grouped(x, None, token_idx, only=expert).to(gate.dtype)
+            gate = gate + gate_delta.grouped(x, tokens=token_idx, only=expert).to(gate.dtype)
         if up_delta is not None:
-            up = up + up_delta.grouped(x, None, token_idx, only=expert).to(up.dtype)
+            up = up + up_delta.grouped(x, tokens=token_idx, only=expert).to(up.dtype)
         intermediate = mlp.activation_fn(gate) * up
         if down_delta is not None and down_delta.placement == "input":
-            intermediate = down_delta.grouped(intermediate, None, token_idx, only=expert)
+            intermediate = down_delta.grouped(intermediate, tokens=token_idx, only=expert)
         states = intermediate.matmul(w2[expert])
         if down_delta is not None and down_delta.placement == "output":
-            states = states + down_delta.grouped(intermediate, None, token_idx, only=expert).to(states.dtype)
+            states = states + down_delta.grouped(intermediate, tokens=token_idx, only=expert).to(states.dtype)
         states = states.view(-1, self.hidden_size) * top_k_weights[token_idx, slot, None]
         next_states.index_add_(0, token_idx, states)
     return next_states.view(batch_size, -1, self.hidden_size)

@@ -62,12 +62,15 @@ def install_balance_hook(model: nn.Module, routers: list[ExpertRouter], config: 
         for router in used:
             logits = router.last_logits.reshape(-1, router.num_experts)
             mask = _token_mask(attention_mask, logits, router.last_tokens)
+            own = getattr(router, "last_rows", None)  # routed-expert sets share their rows: this router's mask
+            if own is not None:
+                mask = own if mask is None else mask & own
             if balance is not None and router.last_indices is not None:
                 indices = router.last_indices.reshape(-1, router.last_indices.shape[-1])
                 balance_terms.append(router_balance_loss(logits, indices, mask))
             if z_coef:
                 z_terms.append(router_z_loss(logits, mask))
-            router.last_logits = router.last_indices = router.last_tokens = None  # the next forward refills
+            router.last_logits = router.last_indices = router.last_tokens = router.last_rows = None  # refilled
         total = None
         values: dict[str, torch.Tensor] = {}
         if balance_terms:

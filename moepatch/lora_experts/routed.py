@@ -5,50 +5,202 @@ Each routed expert ``e`` of an adapted projection gets its own expert set (``Rou
 on exactly the rows the base router dispatched to ``e`` — inside the experts' own computation, never as a dense
 pass over all tokens.  :class:`RoutedExpertSets` is the feature's side (the
 :class:`~model_patches.expert_storage.RoutedDeltas` of one projection); the family's storage adapter in
-:mod:`model_patches.expert_storage` runs it inside the experts' computation.  Three storages:
+:mod:`model_patches.expert_storage` runs it inside the experts' computation, in one of two ways:
 
-Under ``grouped_mm`` (transformers' default) and for MoLM every expert set runs each step — on zero rows when its
-expert got no token — so all ranks build the same autograd graph (DeepSpeed ZeRO-1/2 buckets gradients in the
-order they become ready); the ``eager`` implementation only runs the sets of the experts it visits.
+* **grouped** (fused transformers-5 experts under ``grouped_mm``, MoLM): the rows of all routed experts at once,
+  sorted by expert, with the experts' own routing metadata as tensors (each row's expert id, the cumulative row
+  count per expert).  The sets' routers, A and B matrices (or vectors) are stacked along the expert axis and run as
+  grouped matrix products (:func:`grouped_matmul`): no host synchronisation, no Python loop over experts, so
+  ``torch.compile`` captures it in one graph.  Every set's parameters enter the stacks each step — also those of an
+  expert that got no token — so the autograd graph has the same shape on every rank, which DeepSpeed ZeRO-1/2
+  gradient bucketing relies on; under ZeRO-3 the module is a leaf (``_z3_leaf``), so all sets are gathered together
+  when it runs.  Sets that differ in shape (a GuiLoMo allocation per routed expert) cannot be stacked and run one
+  after the other, after one host sync for the row counts.
+* **one expert** (``only=e``: the fused ``eager`` loop, LLaMA-MoE, DBRX, whose experts are themselves a loop): the
+  set of expert ``e`` on its rows.
 
-* fused transformers-5 experts: reached through transformers' experts-implementation interface (a registered
-  implementation performing the same operations as ``grouped_mm`` / ``eager`` with the deltas in between, so a
-  fresh injection — deltas exactly zero — is bit-identical); targets ``gate_proj`` / ``up_proj`` (the halves of
-  ``gate_up_proj``) and ``down_proj``;
-* per-expert ``ParameterList`` experts: their ``forward(x, e)`` replaced by the same expression plus the deltas;
-* expert-grouped linear expert modules: a forward hook adds the per-expert deltas (a pre-hook scales the input
-  for MoV).
+The stacked routers leave each set's router holding what the balance loss reads: ``last_logits`` /
+``last_indices`` / ``last_tokens`` of all grouped rows and ``last_rows``, the mask of the rows that were its own.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+_KERNEL = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+"""torch's grouped GEMM (``None`` on a torch without it)."""
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _kernel_runs(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these operands: a kernel for the device and dtype, 16-byte aligned
+    pointers and strides; under ``torch.compile`` only bfloat16 on CUDA (its meta function refuses the rest)."""
+    if _KERNEL is None or rows.dtype != weight.dtype or rows.dtype not in _KERNEL_DTYPES.get(rows.device.type, ()):
+        return False
+    if torch.compiler.is_compiling():
+        return rows.device.type == "cuda" and rows.dtype == torch.bfloat16
+    if rows.device.type == "cuda" and torch.cuda.get_device_capability(rows.device) < (8, 0):
+        return False
+    size = rows.element_size()
+    strides = [*rows.stride(), *weight.stride()]
+    pointers = (rows.data_ptr(), weight.data_ptr())
+    return all(stride * size % 16 == 0 for stride in strides if stride != 1) and all(p % 16 == 0 for p in pointers)
+
+
+def _blockwise(rows: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_matmul` without the kernel and without a host sync: every row against all ``G`` weights at
+    once, keeping its own group's block — ``G`` times the FLOPs, ``[S, G, min(in, out)]`` of memory (the LoRA side
+    of each product is the narrow one: a rank or a router width)."""
+    count, (num, fan_in, fan_out) = rows.shape[0], weight.shape
+    if fan_out <= fan_in:  # [S, G·out], then each row's block
+        every = rows @ weight.permute(1, 0, 2).reshape(fan_in, num * fan_out)
+        return every.view(count, num, fan_out).gather(1, groups.view(-1, 1, 1).expand(count, 1, fan_out)).squeeze(1)
+    spread = rows.new_zeros(count, num, fan_in).scatter(1, groups.view(-1, 1, 1).expand(count, 1, fan_in),
+                                                        rows.unsqueeze(1))  # each row in its group's block, else 0
+    return spread.view(count, num * fan_in) @ weight.reshape(num * fan_in, fan_out)
+
+
+def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, groups: torch.Tensor
+                   ) -> torch.Tensor:
+    """``rows[i] @ weight[groups[i]]`` for every row.
+
+    Args:
+        rows (`torch.Tensor` of shape `[S, in]`): sorted by group.
+        weight (`torch.Tensor` of shape `[G, in, out]`): one matrix per group.
+        ends (`torch.Tensor` of shape `[G]`, int32): cumulative row count per group (torch's grouped GEMM reads it).
+        groups (`torch.Tensor` of shape `[S]`, int64): each row's group (the kernel-free path reads it).
+
+    Returns:
+        `torch.Tensor` of shape `[S, out]`: torch's grouped GEMM where it runs (:func:`_kernel_runs`), else
+        :func:`_blockwise`; neither synchronises with the host.
+    """
+    if _kernel_runs(rows, weight):
+        return _KERNEL(rows, weight, offs=ends)
+    return _blockwise(rows, weight, groups)
+
+
+def _set_shape(expert_set: nn.Module) -> tuple:
+    """What must be equal across sets to stack them (``()``: a set that cannot be stacked)."""
+    router = expert_set.router
+    if getattr(expert_set, "heads", None) is not None or getattr(expert_set, "routes_hidden", False):
+        return ()
+    common = (type(expert_set), router.num_experts, router.top_k, getattr(router, "renormalize", True),
+              tuple(router.weight.shape))
+    if hasattr(expert_set, "lora_A"):
+        return (*common, tuple(expert_set.ranks), expert_set.in_features, expert_set.out_features,
+                tuple(expert_set.scaling))
+    return (*common, tuple(expert_set.delta.shape))
 
 
 class RoutedExpertSets(nn.Module):
-    """One expert set per routed expert; ``grouped`` runs each on its contiguous rows."""
+    """One expert set per routed expert of a projection; runs them grouped by routed expert or one at a time."""
 
     def __init__(self, sets: list[nn.Module], placement: str) -> None:
         super().__init__()
         self.sets = nn.ModuleList(sets)
         self.placement = placement  # "output": a LoRA delta; "input": MoV scaling of the projection's input
+        self._z3_leaf = True  # DeepSpeed ZeRO-3: gather every set's parameters when this module runs (stacked)
+        shapes = {_set_shape(expert_set) for expert_set in sets}
+        self.stackable = len(shapes) == 1 and () not in shapes
+        first = sets[0]
+        if self.stackable and hasattr(first, "lora_A"):  # per rank column: its LoRA expert and α / r_n
+            expert_of_column = torch.repeat_interleave(torch.arange(len(first.ranks)), torch.tensor(first.ranks))
+            self.register_buffer("_expert_of_column", expert_of_column, persistent=False)
+            scale = torch.tensor(first.scaling, dtype=torch.float32)[expert_of_column]
+            self.register_buffer("_column_scale", scale, persistent=False)
 
-    def grouped(self, rows: torch.Tensor, counts: list[int] | None, tokens: torch.Tensor | None = None,
-                only: int | None = None) -> torch.Tensor:
-        """``rows`` grouped by routed expert (``counts[e]`` rows of expert e, in order) → the per-row result: the
-        LoRA delta (``placement == "output"``) or the scaled rows (``"input"``).  ``tokens`` (optional): the token
-        index of every row, kept on the routers so the balance loss can leave padding out."""
-        if only is not None:  # every row belongs to routed expert `only`
-            self.sets[only].router.last_tokens = tokens
-            return self.sets[only](rows)
-        pieces, start = [], 0
-        for expert, count in enumerate(counts):
-            # every set runs, on zero rows if the router sent it nothing: the autograd graph then has the same shape
-            # on every rank, which DeepSpeed ZeRO-1/2 gradient bucketing relies on
-            chunk = rows[start : start + count]
-            expert_set = self.sets[expert]
-            expert_set.router.last_tokens = None if tokens is None else tokens[start : start + count]
-            pieces.append(expert_set(chunk))
-            start += count
+    def grouped(self, rows: torch.Tensor, expert_ids: torch.Tensor | None = None, ends: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None, only: int | None = None) -> torch.Tensor:
+        """See :meth:`forward` (called as a module, so hooks and DeepSpeed ZeRO-3 see it)."""
+        return self(rows, expert_ids, ends, tokens, only)
+
+    def forward(self, rows: torch.Tensor, expert_ids: torch.Tensor | None, ends: torch.Tensor | None,
+                tokens: torch.Tensor | None = None, only: int | None = None) -> torch.Tensor:
+        """The per-row result — the LoRA delta (``placement == "output"``) or the scaled rows (``"input"``).
+
+        Args:
+            rows (`torch.Tensor` of shape `[S, in]`): sorted by routed expert (all of expert ``only`` if given).
+            expert_ids (`torch.Tensor` of shape `[S]`): each row's routed expert (unused with ``only``).
+            ends (`torch.Tensor` of shape `[E]`, int32): cumulative row count per routed expert (unused with
+                ``only``).
+            tokens (`torch.Tensor` of shape `[S]`, *optional*): each row's token index, kept on the routers so the
+                balance loss can leave padding out.
+            only (`int`, *optional*): every row belongs to routed expert ``only``.
+        """
+        if only is not None:
+            return self._one(rows, tokens, only)
+        if not self.stackable:
+            return self._one_after_another(rows, ends, tokens)
+        logits = grouped_matmul(rows.float(), self._stack("router.weight").float().transpose(1, 2), ends, expert_ids)
+        weights = self._mixing_weights(logits, expert_ids, tokens)  # [S, N] float32
+        if hasattr(self.sets[0], "lora_A"):
+            return self._lora_delta(rows, weights, expert_ids, ends)
+        scale = grouped_matmul(weights, self._stack("delta").to(weights.dtype), ends, expert_ids)  # Σ_n p_n δ_n
+        router = self.sets[0].router
+        if router.top_k is not None and not getattr(router, "renormalize", True):  # Σ p = m < 1: t ⊙ (m + Σ p δ)
+            return rows * (scale + weights.sum(dim=-1, keepdim=True)).to(rows.dtype)
+        return rows + rows * scale.to(rows.dtype)
+
+    def _stack(self, name: str) -> torch.Tensor:
+        """``[E, ...]``: parameter ``name`` of every set."""
+        owner, _, attribute = name.rpartition(".")
+        return torch.stack([getattr(expert_set.get_submodule(owner), attribute) for expert_set in self.sets])
+
+    def _mixing_weights(self, logits: torch.Tensor, expert_ids: torch.Tensor, tokens: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """The sets' mixing weights ``[S, N]`` from their logits — softmax, or the top-k (renormalised unless the
+        routers say otherwise) — and what each router keeps for the balance loss."""
+        router = self.sets[0].router
+        probs = logits.softmax(dim=-1)
+        indices = None
+        weights = probs
+        if router.top_k is not None:
+            values, indices = probs.topk(router.top_k, dim=-1)
+            if getattr(router, "renormalize", True):
+                values = values / values.sum(dim=-1, keepdim=True)
+            weights = torch.zeros_like(probs).scatter(-1, indices, values)
+        own = expert_ids.unsqueeze(0) == torch.arange(len(self.sets), device=expert_ids.device).unsqueeze(1)
+        for expert_set, rows in zip(self.sets, own):  # attribute writes only: no tensor work per expert
+            expert_set.router.last_logits, expert_set.router.last_indices = logits, indices
+            expert_set.router.last_tokens, expert_set.router.last_rows = tokens, rows
+        return weights
+
+    def _lora_delta(self, rows: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, ends: torch.Tensor
+                    ) -> torch.Tensor:
+        """``Σ_n w_n·(α/r_n)·B_n A_n dropout(x)`` of each row's own set: the sets' A's ``[E, in, Σr]`` and B's
+        ``[E, Σr, out]`` (each set's experts concatenated along the rank axis, as in a single set)."""
+        first = self.sets[0]
+        count, rank = len(self.sets), sum(first.ranks)
+        a = torch.cat([a for expert_set in self.sets for a in expert_set.lora_A])  # [E·Σr, in]
+        b = torch.cat([b for expert_set in self.sets for b in expert_set.lora_B], dim=1)  # [out, E·Σr]
+        a = a.view(count, rank, first.in_features).transpose(1, 2)
+        b = b.view(first.out_features, count, rank).permute(1, 2, 0)
+        column_weights = self._per_column(weights) * self._column_scale  # [S, Σr]
+        hidden = grouped_matmul(first.dropout(rows).to(a.dtype), a, ends, expert_ids)  # [S, Σr]
+        return grouped_matmul(hidden * column_weights.to(hidden.dtype), b, ends, expert_ids).to(rows.dtype)
+
+    def _per_column(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[S, N]`` → ``[S, Σr]``: each LoRA expert's weight over its rank columns (an expand for equal ranks,
+        whose backward is a sum, where a gather's is a scatter-add)."""
+        ranks = self.sets[0].ranks
+        if len(set(ranks)) == 1:
+            return weights.unsqueeze(-1).expand(*weights.shape, ranks[0]).reshape(weights.shape[0], -1)
+        return weights[:, self._expert_of_column]
+
+    def _one(self, rows: torch.Tensor, tokens: torch.Tensor | None, expert: int) -> torch.Tensor:
+        """The set of routed expert ``expert`` on its rows (its router keeps their tokens)."""
+        router = self.sets[expert].router
+        router.last_tokens, router.last_rows = tokens, None
+        return self.sets[expert](rows)
+
+    def _one_after_another(self, rows: torch.Tensor, ends: torch.Tensor, tokens: torch.Tensor | None
+                           ) -> torch.Tensor:
+        """Sets of different shapes: each on its rows, every set each step (on zero rows if its expert got none);
+        one host sync reads the row counts."""
+        bounds = [0, *ends.tolist()]
+        pieces = []
+        for expert, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            pieces.append(self._one(rows[start:end], None if tokens is None else tokens[start:end], expert))
         return torch.cat(pieces, dim=0)

@@ -108,8 +108,19 @@ def test_vector_experts_equal_the_published_form():
     torch.testing.assert_close(layer(t).double(), expected, atol=1e-6, rtol=1e-6)
 
 
+def _rows_per_routed_expert(received: list[tuple], num_experts: int) -> list[torch.Tensor]:
+    """From the calls of one RoutedExpertSets (rows, expert_ids, ends, tokens, only): the rows of each routed expert."""
+    rows = [[] for _ in range(num_experts)]
+    for args in received:
+        x, expert_ids, only = args[0], args[1], args[4] if len(args) > 4 else None
+        for e in range(num_experts):
+            rows[e].append(x if only == e else x[:0] if only is not None else x[expert_ids == e])
+    return [torch.cat(r) if r else torch.empty(0) for r in rows]
+
+
 def test_routed_expert_sets_see_exactly_the_routers_tokens(family):
-    """Rows reaching routed expert e's LoRA set are the hidden states of the tokens the base router sent to e."""
+    """Rows reaching routed expert e's LoRA set are the hidden states of the tokens the base router sent to e
+    (grouped storages hand all rows with each row's routed expert; one-expert storages the rows of one)."""
     model = tiny.tiny_model(family)
     moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2}})
     batch = tiny.demo_batch()
@@ -123,9 +134,8 @@ def test_routed_expert_sets_see_exactly_the_routers_tokens(family):
                                                                                                    "lora_experts")):
             layer = int(name.split(".")[2])
             first_sets[layer] = module
-            for e, expert_set in enumerate(module.sets):
-                handles.append(expert_set.register_forward_pre_hook(
-                    lambda m, a, key=(layer, e): received.setdefault(key, []).append(a[0])))
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, layer=layer: received.setdefault(layer, []).append(a)))
     with torch.no_grad():
         model(**batch)
     for handle in handles:
@@ -136,9 +146,10 @@ def test_routed_expert_sets_see_exactly_the_routers_tokens(family):
         hidden = router_inputs[layer].reshape(-1, router_inputs[layer].shape[-1])
         scores = family_facts.router_logits(model, router, hidden)
         chosen = scores.topk(k, dim=-1).indices
+        per_expert = _rows_per_routed_expert(received[layer], len(first_sets[layer].sets))
         for e in range(len(first_sets[layer].sets)):
             tokens = (chosen == e).any(dim=-1).nonzero().flatten()
-            got = torch.cat(received.get((layer, e), [torch.empty(0, hidden.shape[-1])]))
+            got = per_expert[e].reshape(-1, hidden.shape[-1])
             assert got.shape[0] == tokens.numel(), (layer, e)
             torch.testing.assert_close((got.double() @ direction).sort().values,
                                        (hidden[tokens].double() @ direction).sort().values)
