@@ -36,7 +36,8 @@ _KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32
 
 def _kernel_runs(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM takes these operands: a kernel for the device and dtype, 16-byte aligned
-    pointers and strides; under ``torch.compile`` only bfloat16 on CUDA (its meta function refuses the rest)."""
+    pointers, strides and widths (the backward's operands too: the output's gradient has the output's width); under
+    ``torch.compile`` only bfloat16 on CUDA (its meta function refuses the rest)."""
     if _KERNEL is None or rows.dtype != weight.dtype or rows.dtype not in _KERNEL_DTYPES.get(rows.device.type, ()):
         return False
     if torch.compiler.is_compiling():
@@ -44,9 +45,9 @@ def _kernel_runs(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     if rows.device.type == "cuda" and torch.cuda.get_device_capability(rows.device) < (8, 0):
         return False
     size = rows.element_size()
-    strides = [*rows.stride(), *weight.stride()]
+    strides = [stride for stride in (*rows.stride(), *weight.stride()) if stride != 1]
     pointers = (rows.data_ptr(), weight.data_ptr())
-    return all(stride * size % 16 == 0 for stride in strides if stride != 1) and all(p % 16 == 0 for p in pointers)
+    return all(n * size % 16 == 0 for n in (*strides, *weight.shape[1:])) and all(p % 16 == 0 for p in pointers)
 
 
 def _blockwise(rows: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -153,8 +153,8 @@ class RoutingRecorder:
 
     def _make_reader(self, slot: int):
         def read(scores: torch.Tensor, indices: torch.Tensor) -> None:
-            if current_backward_task_id() != -1:
-                return  # activation checkpointing re-running the forward inside backward
+            if not torch.compiler.is_compiling() and current_backward_task_id() != -1:
+                return  # activation checkpointing re-running the forward in backward (compiled code re-runs no hook)
             logits, indices = scores.detach(), indices.detach()
             self._pending.append((slot, logits.reshape(-1, logits.shape[-1]), indices.reshape(indices.shape[0], -1)))
             if not self._in_call:  # router called outside a model call: no mask, account right away
