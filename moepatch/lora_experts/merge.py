@@ -101,7 +101,7 @@ def plan_folds(handle: PatchHandle) -> list[Callable[[], None]]:
     """One closure per expert set adding its ΔW to the base (computed now, applied later); ``ValueError`` naming
     every set that cannot be folded."""
     sites = expert_set_sites(handle)
-    problems = [problem for problem in map(fold_problem, sites) if problem is not None]
+    problems = list(dict.fromkeys(p for p in map(fold_problem, sites) if p is not None))  # once per projection
     if problems:
         raise ValueError("lora_experts: cannot merge into the base weights (nothing was changed):\n  "
                          + "\n  ".join(problems))
