@@ -13,6 +13,14 @@ from torch import nn
 
 from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
+from moepatch.lora_experts.export import export_peft
+from moepatch.lora_experts.importers import guilomo_allocation
+from moepatch.lora_experts.importers import guilomo_block
+from moepatch.lora_experts.importers import import_guilomo
+from moepatch.lora_experts.importers import import_mola
+from moepatch.lora_experts.importers import mola_block
+from moepatch.lora_experts.importers import read_adapter_weights
+from moepatch.lora_experts.importers import write_guilomo_allocation
 from moepatch.lora_experts.inject import lora_state_dict
 from moepatch.lora_experts.layers import ExpertRouter
 from moepatch.lora_experts.layers import LoraExperts
@@ -33,5 +41,6 @@ def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIG
     return write_expert_file(tensors, folder / filename)
 
 
-__all__ = ["ExpertRouter", "LoraExperts", "LoraExpertsConfig", "VectorExperts", "WEIGHTS_NAME", "lora_state_dict",
-           "merge_into_base", "save_lora_experts"]
+__all__ = ["ExpertRouter", "LoraExperts", "LoraExpertsConfig", "VectorExperts", "WEIGHTS_NAME", "export_peft",
+           "guilomo_allocation", "guilomo_block", "import_guilomo", "import_mola", "lora_state_dict", "merge_into_base",
+           "mola_block", "read_adapter_weights", "save_lora_experts", "write_guilomo_allocation"]

@@ -103,7 +103,7 @@ def plan_folds(handle: PatchHandle) -> list[Callable[[], None]]:
     sites = expert_set_sites(handle)
     problems = list(dict.fromkeys(p for p in map(fold_problem, sites) if p is not None))  # once per projection
     if problems:
-        raise ValueError("lora_experts: cannot merge into the base weights (nothing was changed):\n  "
+        raise ValueError("lora_experts: these expert sets cannot be merged into the base weights (nothing changed):\n  "
                          + "\n  ".join(problems))
     storage = storage_of(handle.moe_model)
     folds: list[Callable[[], None]] = []
