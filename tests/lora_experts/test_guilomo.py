@@ -125,7 +125,8 @@ def test_allocate_writes_official_files_that_drive_stage_two(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     experts = json.loads((checkpoint / "guilomo" / "expert.json").read_text())
     ranks = json.loads((checkpoint / "guilomo" / "rank.json").read_text())
-    assert "model.layers.0.self_attn.q_proj" in experts and "model.layers.0.mlp.experts.down_proj" in experts
+    assert "model.layers.0.self_attn.q_proj" in experts and "model.layers.0.mlp.experts.5.down_proj" in experts
+    assert "model.layers.0.mlp.experts.down_proj" not in experts  # routed experts: one allocation each
     assert "model.layers.1.mlp.down_proj" in experts  # the dense layer's projection
     assert all(2 <= n <= 4 for n in experts.values())
     assert set(ranks) == {f"{m}.expertlora_E_vector_{i}" for m in experts for i in range(4)}
@@ -137,5 +138,7 @@ def test_allocate_writes_official_files_that_drive_stage_two(tmp_path):
     q = model.model.layers[0].self_attn.q_proj.lora_experts
     assert q.num_experts == experts["model.layers.0.self_attn.q_proj"]
     assert q.ranks == [ranks[f"model.layers.0.self_attn.q_proj.expertlora_E_vector_{i}"] for i in range(q.num_experts)]
-    routed = model.model.layers[0].mlp.experts.lora_experts["down_proj"].sets[5]
-    assert routed.num_experts == experts["model.layers.0.mlp.experts.down_proj"]
+    for e, routed in enumerate(model.model.layers[0].mlp.experts.lora_experts["down_proj"].sets):
+        key = f"model.layers.0.mlp.experts.{e}.down_proj"
+        assert routed.num_experts == experts[key]
+        assert routed.ranks == [ranks[f"{key}.expertlora_E_vector_{i}"] for i in range(routed.num_experts)]
