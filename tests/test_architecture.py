@@ -101,8 +101,9 @@ def test_model_patches_never_imports_moepatch():
 
 
 GENERIC_NAMES = {"layers", "mlp", "gate", "router", "experts", "hidden_size", "num_experts", "top_k", "hidden_dim",
-                 "router_aux_loss_coef", "output_router_logits"}
-"""Names that are moepatch's own vocabulary (MoEModel fields, transformers' shared config keys), not one family's."""
+                 "router_aux_loss_coef", "output_router_logits", "weight"}
+"""Names that are moepatch's own vocabulary (MoEModel fields, transformers' shared config keys, any ``nn.Linear``'s
+``weight``), not one family's."""
 
 STORAGE_NAMES = {"ParallelExperts", "LinearGLUExperts", "batch_index", "row_tokens", "weight_gate", "weight_up",
                  "weight_down", "w_gate", "gate_network", "calculator", "gate_up_proj", "output_experts", "w1", "w2",
@@ -120,10 +121,21 @@ def _family_names() -> set[str]:
         for value in (spec.layers_attr, spec.block_attr, spec.router_attr, spec.experts_attr, spec.top_k_attr,
                       spec.num_experts_attr, spec.hidden_dim_attr, spec.selection_method, *spec.extra_routers,
                       *(spec.expert_modules or ()), *spec.shared_expert_attrs, *spec.identity_projections,
-                      *spec.per_expert_config):
+                      *spec.per_expert_config, spec.router_weight_attr, *(spec.router_expert_parameters or ()),
+                      *(requirement.attribute.lstrip("^") for requirement in spec.router_requirements),
+                      *(field for _, field in spec.training_switches), spec.aux_loss_coef_attr,
+                      spec.routing.renormalize if isinstance(spec.routing.renormalize, str) else None,
+                      *_block_selection_names(spec)):
             if value:
-                names.add(value)  # dotted paths whole: "attn.q_proj.gate", not the generic "q_proj"
+                names.add(value.lstrip("^"))  # dotted paths whole: "attn.q_proj.gate", not the generic "q_proj"
     return names - GENERIC_NAMES
+
+
+def _block_selection_names(spec) -> tuple[str, ...]:
+    selection = spec.selection_in_block
+    if selection is None:
+        return ()
+    return (selection.method, selection.indices_argument[1], selection.weights_argument[1])
 
 
 def _feature_modules() -> dict[str, Path]:

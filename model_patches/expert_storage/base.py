@@ -113,6 +113,23 @@ class ExpertStorage:
         """
         raise NotImplementedError
 
+    def expert_weight(self, module: nn.Module, projection: str, expert: int) -> torch.Tensor:
+        """Routed expert ``expert``'s weight of ``projection`` as an ``[out, in]`` *view* of the stored tensor, so
+        that writing into it (under ``torch.no_grad``) changes the model: how a per-expert delta ΔW is folded in."""
+        raise NotImplementedError
+
+    def fold(self, module: nn.Module, projection: str, expert: int, delta: torch.Tensor) -> None:
+        """``W_e ← W_e + ΔW`` for routed expert ``expert``'s ``projection`` (``delta``: ``[out, in]``), in place."""
+        with torch.no_grad():
+            weight = self.expert_weight(module, projection, expert)
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+    def peft_parameter(self, module: nn.Module, projection: str) -> tuple[str, int, int] | None:
+        """Where peft's ``target_parameters`` (``ParamWrapper``) reaches ``projection``: the name of the 3-D
+        ``[E, out, in]`` parameter of ``module`` and the ``(first, total)`` rows of its out axis that belong to the
+        projection; ``None`` when peft has no layout for this storage."""
+        return None
+
     @staticmethod
     def _store(module: nn.Module, deltas: Mapping[str, RoutedDeltas], log: ChangeLog) -> None:
         log.set_attribute(module, DELTAS_ATTRIBUTE, deltas)

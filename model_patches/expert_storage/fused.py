@@ -88,6 +88,20 @@ class FusedExperts(ExpertStorage):
         log.set_attribute(module, "config", routed)
 
 
+    def expert_weight(self, module: nn.Module, projection: str, expert: int) -> torch.Tensor:
+        if projection == "down_proj":
+            return module.down_proj[expert]  # [H, I]
+        half = shape_of(module.gate_up_proj)[1] // 2
+        start = 0 if projection == "gate_proj" else half  # gate_up_proj [E, 2I, H]: gate rows first, then up
+        return module.gate_up_proj[expert, start : start + half]
+
+    def peft_parameter(self, module: nn.Module, projection: str) -> tuple[str, int, int] | None:
+        if projection == "down_proj":
+            return "down_proj", 0, shape_of(module.down_proj)[1]
+        double = shape_of(module.gate_up_proj)[1]
+        return "gate_up_proj", (0 if projection == "gate_proj" else double // 2), double
+
+
 def routed_deltas_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                   top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts implementation named :data:`IMPLEMENTATION`: the base implementation plus the deltas."""

@@ -66,6 +66,10 @@ class ParallelExpertModules(ExpertStorage):
                                                               projection=projection.projection)))
 
 
+    def expert_weight(self, module: nn.Module, projection: str, expert: int) -> torch.Tensor:
+        return module.weight[expert].T  # weight [E, in, out]
+
+
 def _row_tokens(owner: nn.Module | None, rows: int) -> torch.Tensor | None:
     """The token of each expert-grouped row, as the mixture kept it (``batch_index``)."""
     tokens = getattr(owner, "batch_index", None)

@@ -43,6 +43,13 @@ class ParameterListExperts(ExpertStorage):
         log.set_attribute(module, "forward", types.MethodType(glu_forward, module))
 
 
+    def expert_weight(self, module: nn.Module, projection: str, expert: int) -> torch.Tensor:
+        return getattr(module, _LISTS[projection])[expert]  # [out, in]
+
+
+_LISTS = {"gate_proj": "weight_gate", "up_proj": "weight_up", "down_proj": "weight_down"}
+
+
 def glu_forward(self: nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
     """``LinearGLUExperts.forward(x, i)`` plus expert ``i``'s deltas."""
     deltas = deltas_of(self)

@@ -50,6 +50,12 @@ class StackedRowExperts(ExpertStorage):
         log.set_attribute(module, "forward", types.MethodType(stacked_rows_forward, module))
 
 
+    def expert_weight(self, module: nn.Module, projection: str, expert: int) -> torch.Tensor:
+        stacked = {"gate_proj": module.mlp.w1, "up_proj": module.mlp.v1, "down_proj": module.mlp.w2}[projection]
+        block = stacked.view(module.num_experts, module.ffn_hidden_size, module.hidden_size)[expert]  # [I, H]
+        return block.T if projection == "down_proj" else block  # w2 is applied as x·w2ₑ: [in, out] stored
+
+
 def stacked_rows_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """``DbrxExperts.forward`` (transformers 5.24) with each expert's deltas added inside its GLU."""

@@ -68,7 +68,16 @@ def _expert_tensors(model: MoEModel, index: int) -> list[tuple[str, nn.Parameter
 
 
 def check_permutable(model: MoEModel) -> None:
-    """Raise ``ValueError`` if the experts of ``model`` cannot be renumbered (works on a meta-device skeleton)."""
+    """Raise ``ValueError`` if the experts of ``model`` cannot be renumbered (works on a meta-device skeleton).
+
+    A checkpoint carrying LoRA experts (``moepatch.lora_experts``) is refused: their weights live in a file beside the
+    checkpoint and those on routed experts belong to expert ids, which a renumbering would silently detach.
+    """
+    block = getattr(model.inner.config, CONFIG_KEY, None)
+    if isinstance(block, dict) and block.get("lora_experts") not in (None, False):
+        raise ValueError(f"{CONFIG_KEY}.lora_experts: the checkpoint carries LoRA experts, which a permuted copy would "
+                         "not renumber (their weights are per routed expert); merge them into the base "
+                         "(moepatch.lora_experts.merge_into_base) or permute the checkpoint without them")
     for index in model.moe_layer_indices:
         _expert_tensors(model, index)
 
@@ -124,6 +133,7 @@ def write_permuted_checkpoint(
 
     model = from_pretrained(source, patch=False)  # moepatch's or transformers' classes, never the folder's code
     moe = describe(model)
+    check_permutable(moe)
     permute_experts(moe, permutations)
     config = model.config
     for name in moe.family.per_expert_config:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import sys
 
+from moepatch.cli.allocate import add_allocate_arguments
 from moepatch.cli.allocate import cmd_allocate
 from moepatch.cli.arguments import CommandParser
 from moepatch.cli.arguments import check_repeated_options
@@ -22,7 +23,6 @@ from moepatch.cli.arguments import non_empty_text
 from moepatch.cli.arguments import non_negative_int
 from moepatch.cli.arguments import output_folder
 from moepatch.cli.arguments import place_source
-from moepatch.cli.arguments import positive_float
 from moepatch.cli.arguments import positive_int
 from moepatch.cli.arguments import seed
 from moepatch.cli.demo import check_demo_arguments
@@ -89,24 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--trust-remote-code", action="store_true")
     profile.set_defaults(func=cmd_profile)
     allocate = sub.add_parser("allocate", help="GuiLoMo search: per-module expert counts and per-expert ranks")
-    allocate.add_argument("model_path", type=checkpoint_folder, help="checkpoint folder")
-    allocate.add_argument("--data", nargs="+", type=existing_file,
-                          help="jsonl instruction files (default: the embedded four tasks)")
-    allocate.add_argument("--max-experts", type=positive_int, default=8)
-    allocate.add_argument("--max-rank", type=positive_int, default=8)
-    allocate.add_argument("--top-k", type=positive_int, default=2)
-    allocate.add_argument("--target-modules", nargs="+", type=non_empty_text,
-                          default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    allocate.add_argument("--epochs", type=positive_int, default=1)
-    allocate.add_argument("--batch-size", type=positive_int, default=4)
-    allocate.add_argument("--examples", type=positive_int,
-                          help="embedded examples when --data is not given (default 64, split over the four tasks)")
-    allocate.add_argument("--max-length", type=positive_int, default=256)
-    allocate.add_argument("--lr", type=positive_float, default=3e-4)
-    allocate.add_argument("--arch-lr", type=positive_float, default=3e-3)
-    allocate.add_argument("--seed", type=seed, default=0)
-    allocate.add_argument("--output", type=output_folder,
-                          help="folder for expert.json / rank.json (default: <model>/guilomo)")
+    add_allocate_arguments(allocate)
     allocate.set_defaults(func=cmd_allocate)
 
     place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token report")

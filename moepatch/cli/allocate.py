@@ -7,11 +7,68 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from moepatch.cli.arguments import checkpoint_folder
+from moepatch.cli.arguments import existing_file
+from moepatch.cli.arguments import fraction
+from moepatch.cli.arguments import non_empty_text
+from moepatch.cli.arguments import non_negative_float
+from moepatch.cli.arguments import non_negative_int
+from moepatch.cli.arguments import output_folder
+from moepatch.cli.arguments import positive_float
+from moepatch.cli.arguments import positive_int
+from moepatch.cli.arguments import seed
 from moepatch.cli.common import check_block_on_skeleton
 from moepatch.cli.common import load_tokenizer
 from moepatch.errors import CommandError
 from moepatch.errors import UsageError
+
+if TYPE_CHECKING:
+    from moepatch.lora_experts.guilomo import SearchRecipe
+
+
+def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's arguments; the optimisation defaults are GuiLoMo's official stage 1 (see
+    :class:`moepatch.lora_experts.guilomo.SearchRecipe`), each overridable."""
+    parser.add_argument("model_path", type=checkpoint_folder, help="checkpoint folder")
+    parser.add_argument("--data", nargs="+", type=existing_file,
+                        help="jsonl instruction files (default: the embedded four tasks)")
+    parser.add_argument("--max-experts", type=positive_int, default=8)
+    parser.add_argument("--max-rank", type=positive_int, default=8)
+    parser.add_argument("--top-k", type=positive_int, default=2)
+    parser.add_argument("--target-modules", nargs="+", type=non_empty_text,
+                        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    parser.add_argument("--epochs", type=positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--examples", type=positive_int,
+                        help="embedded examples when --data is not given (default 64, split over the four tasks)")
+    parser.add_argument("--max-length", type=positive_int, default=256)
+    parser.add_argument("--lr", type=positive_float, default=3e-4, help="LoRA-expert weights' AdamW learning rate")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                        help="weights' AdamW weight decay (default 0, the HF Trainer's)")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=100,
+                        help="learning-rate warm-up, in train/valid pairs (default 100, the official script's)")
+    parser.add_argument("--lr-schedule", choices=("linear", "constant"), default="linear",
+                        help="after warm-up: linear decay to 0 (the HF Trainer's default) or constant")
+    parser.add_argument("--max-grad-norm", type=non_negative_float, default=1.0,
+                        help="clip the weights' gradient norm (default 1.0, the HF Trainer's; 0 disables)")
+    parser.add_argument("--lora-dropout", type=fraction, default=0.05)
+    parser.add_argument("--arch-lr", type=positive_float, default=3e-3, help="GSVs' AdamW learning rate")
+    parser.add_argument("--arch-betas", nargs=2, type=fraction, default=[0.5, 0.999], metavar=("BETA1", "BETA2"))
+    parser.add_argument("--arch-weight-decay", type=non_negative_float, default=1e-3)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--output", type=output_folder,
+                        help="folder for expert.json / rank.json (default: <model>/guilomo)")
+
+
+def search_recipe(args: argparse.Namespace) -> SearchRecipe:
+    """The optimisation recipe the arguments ask for."""
+    from moepatch.lora_experts.guilomo import SearchRecipe
+
+    return SearchRecipe(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                        schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, arch_lr=args.arch_lr,
+                        arch_betas=tuple(args.arch_betas), arch_weight_decay=args.arch_weight_decay)
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
@@ -32,7 +89,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--top-k", f"{args.top_k} is more than --max-experts {args.max_experts}")
     if args.data and args.examples is not None:
         raise UsageError("--examples", "only applies to the embedded data; with --data every record is used")
-    block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k)
+    block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k, args.lora_dropout)
     narrowest = check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
     if args.max_rank > narrowest:
         raise UsageError("--max-rank", f"{args.max_rank} exceeds the narrowest adapted projection ({narrowest} "
@@ -59,7 +116,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         print(f"dropped {len(encoded) - len(examples)} of {len(encoded)} examples whose answer --max-length "
               f"{args.max_length} cuts off entirely")
     result = search_checkpoint(checkpoint, tokenizer, examples, block, batch_size=args.batch_size, epochs=args.epochs,
-                               lr=args.lr, arch_lr=args.arch_lr, seed=args.seed, log=print)
+                               recipe=search_recipe(args), seed=args.seed, log=print)
     if not all(math.isfinite(value) for value in result["loss_trace"]):
         raise CommandError(f"the search diverged (loss {result['loss_trace'][-1]}); lower --lr / --arch-lr; "
                            "nothing was written")

@@ -68,6 +68,13 @@ positive_float: Callable[[str], float] = _number_type(
     "positive_float", float, lambda value: math.isfinite(value) and value > 0,
     unparsable="expected a positive number", out_of_range="expected a positive finite number",
     doc="A finite number > 0.")
+non_negative_float: Callable[[str], float] = _number_type(
+    "non_negative_float", float, lambda value: math.isfinite(value) and value >= 0,
+    unparsable="expected a non-negative number", out_of_range="expected a finite number >= 0",
+    doc="A finite number >= 0.")
+fraction: Callable[[str], float] = _number_type(
+    "fraction", float, lambda value: 0 <= value < 1, unparsable="expected a number in [0, 1)",
+    doc="A number in [0, 1): a probability that is not certain, an Adam beta.")
 seed: Callable[[str], int] = _number_type(
     "seed", int, lambda value: 0 <= value < 2**32, unparsable="expected an integer seed",
     out_of_range="expected a seed in [0, 2**32)",

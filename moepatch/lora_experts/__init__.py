@@ -13,10 +13,19 @@ from torch import nn
 
 from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
+from moepatch.lora_experts.export import export_peft
+from moepatch.lora_experts.importers import guilomo_allocation
+from moepatch.lora_experts.importers import guilomo_block
+from moepatch.lora_experts.importers import import_guilomo
+from moepatch.lora_experts.importers import import_mola
+from moepatch.lora_experts.importers import mola_block
+from moepatch.lora_experts.importers import read_adapter_weights
+from moepatch.lora_experts.importers import write_guilomo_allocation
 from moepatch.lora_experts.inject import lora_state_dict
 from moepatch.lora_experts.layers import ExpertRouter
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
+from moepatch.lora_experts.merge import merge_into_base
 
 
 def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIGHTS_NAME) -> Path:
@@ -32,17 +41,6 @@ def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIG
     return write_expert_file(tensors, folder / filename)
 
 
-def merge_into_base(model: nn.Module) -> None:
-    """Refuse: token-routed experts cannot be folded into the base weights.
-
-    Each token mixes the experts with its own router weights, so no single weight matrix reproduces the layer; keep
-    the experts as modules (or, for request-level routing, merge plain LoRAs with peft's ``cat`` combination).
-    """
-    if any(isinstance(m, (LoraExperts, VectorExperts)) for m in model.modules()):
-        raise ValueError("lora_experts: token-routed LoRA / (IA)³ experts cannot be merged into the base weights — "
-                         "every token mixes the experts with its own router weights, so no fixed ΔW reproduces them")
-    raise ValueError("lora_experts: the model carries no LoRA experts to merge")
-
-
-__all__ = ["ExpertRouter", "LoraExperts", "LoraExpertsConfig", "VectorExperts", "WEIGHTS_NAME", "lora_state_dict",
-           "merge_into_base", "save_lora_experts"]
+__all__ = ["ExpertRouter", "LoraExperts", "LoraExpertsConfig", "VectorExperts", "WEIGHTS_NAME", "export_peft",
+           "guilomo_allocation", "guilomo_block", "import_guilomo", "import_mola", "lora_state_dict", "merge_into_base",
+           "mola_block", "read_adapter_weights", "save_lora_experts", "write_guilomo_allocation"]

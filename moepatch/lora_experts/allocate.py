@@ -14,9 +14,13 @@ import random
 from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import torch
+
+if TYPE_CHECKING:
+    from moepatch.lora_experts.guilomo import SearchRecipe
 
 DEFAULT_EMBEDDED_EXAMPLES = 64
 """Embedded examples used when no data file is given, split evenly over the four tasks."""
@@ -81,14 +85,14 @@ def search_checkpoint(
     *,
     batch_size: int = 4,
     epochs: int = 1,
-    lr: float = 3e-4,
-    arch_lr: float = 3e-3,
+    recipe: SearchRecipe | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the GuiLoMo search on ``checkpoint`` with the LoRA experts of ``block`` (see
     :func:`moepatch.lora_experts.guilomo.search_config`) over ``examples`` (consecutive batches form the train /
-    valid pairs of the bilevel search).
+    valid pairs of the bilevel search) with the optimisation ``recipe`` (default: the official one, see
+    :class:`moepatch.lora_experts.guilomo.SearchRecipe`).
 
     ``log`` receives one line describing the search before it starts (it can take a while).
 
@@ -101,23 +105,26 @@ def search_checkpoint(
     """
     from transformers import DataCollatorForSeq2Seq
 
+    from model_patches.structure import layer_indexer
     from moepatch.config import MoePatchConfig
     from moepatch.loading.pretrained import load_for_command
     from moepatch.lora_experts.balance import install_balance_hook
     from moepatch.lora_experts.guilomo import SearchLoraExperts
+    from moepatch.lora_experts.guilomo import SearchRecipe
     from moepatch.lora_experts.guilomo import search
     from moepatch.lora_experts.guilomo import to_search_layers
     from moepatch.patch import apply
 
     torch.manual_seed(seed)
     model = load_for_command(checkpoint, patch=False)
-    apply(model, {"lora_experts": block})
+    handle = apply(model, {"lora_experts": block})
     replaced = to_search_layers(model, block["r"])
     routers = [m.router for m in model.modules() if isinstance(m, SearchLoraExperts)]
-    install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts)
+    install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts,
+                         layer_indexer(handle.moe_model))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORED_LABEL, return_tensors="pt")
     batches = [collator(list(examples[i : i + batch_size])) for i in range(0, len(examples), batch_size)]
     if log is not None:
         log(f"GuiLoMo search: {replaced} projections with {block['num_experts']} experts of rank {block['r']}, "
             f"{len(examples)} examples, {len(batches)} batches (train/valid pairs) x {epochs} epochs")
-    return search(model, batches, epochs=epochs, lr=lr, arch_lr=arch_lr)
+    return search(model, batches, epochs=epochs, recipe=recipe or SearchRecipe())

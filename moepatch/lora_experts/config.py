@@ -3,7 +3,8 @@
 Per-layer and per-module values follow the published tools: an int for every target, a list indexed by decoder
 layer (MoLA's ``--number_experts`` / ``--lora_r`` / ``--top_k``), a dict keyed by full module path (GuiLoMo's
 ``expert.json``), per-expert ranks keyed ``<module path>.expertlora_E_vector_<i>`` (GuiLoMo's ``rank.json``), or the
-path of such a JSON file (relative paths resolve against the checkpoint folder).
+path of such a JSON file (relative paths resolve against the checkpoint folder).  A routed experts' projection may be
+allocated per routed expert, keyed ``<experts module>.<e>.<projection>`` (see :func:`routed_expert_path`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ WEIGHTS_NAME = "lora_experts.safetensors"
 
 METHODS = ("molora", "mov", "mola")
 ROUTER_INITS = ("normal_0.02", "kaiming")
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("layer", "sum", "mean")
+SCALINGS = ("per_expert", "last_expert_rank")
 DEFAULT_TARGETS = {
     "molora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "mola": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -33,12 +35,19 @@ DEFAULT_EXPERTS = {"molora": 10, "mola": 8, "mov": 10}
 PER_EXPERT_RANK = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<expert>\d+)$")
 
 
+def routed_expert_path(experts_path: str, projection: str | None, expert: int) -> str:
+    """The key of routed expert ``expert``'s projection in GuiLoMo files: ``<experts module>.<e>.<projection>``, the
+    name transformers-4 gave a per-expert module (``model.layers.0.mlp.experts.3.gate_proj``); ``<module>.<e>`` when
+    the storage module is the projection itself (``projection`` None)."""
+    return f"{experts_path}.{expert}" if projection is None else f"{experts_path}.{expert}.{projection}"
+
+
 @dataclass
 class BalanceLossConfig:
     """Switch-style load balancing of the LoRA-expert routers (top-k modes only), padding excluded."""
 
     coef: float = 1e-3
-    reduction: str = "sum"  # over targeted modules: MoLA sums its per-layer losses
+    reduction: str = "layer"  # "layer": MoLA's per-layer pooled term, summed; "sum" / "mean": one term per router
 
     def to_dict(self) -> dict[str, Any]:
         return {"coef": self.coef, "reduction": self.reduction}
@@ -54,6 +63,7 @@ class LoraExpertsConfig:
     r: Any = 8  # int | list per layer | {module: r} | {module.expertlora_E_vector_i: r} | str
     top_k: Any = None  # None (dense soft merge) | int | list per layer
     alpha: float = 16.0
+    scaling: str = "per_expert"  # α / r_e per expert | "last_expert_rank": GuiLoMo stage 2's α / r_last for all
     dropout: float = 0.0
     router_init: str = "normal_0.02"
     balance_loss: BalanceLossConfig | None = None
@@ -69,7 +79,7 @@ class LoraExpertsConfig:
         if not isinstance(data, dict):
             problems.add(path, f"expected an object with a 'method', got {data!r}")
             return None
-        warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "alpha", "dropout",
+        warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "alpha", "scaling", "dropout",
                              "router_init", "balance_loss", "z_loss_coef", "train_base", "weights"}, path)
         method = data.get("method")
         if method not in METHODS:
@@ -104,6 +114,11 @@ class LoraExpertsConfig:
                 setattr(result, name, float(value))
         if not result.dropout < 1:
             problems.add(f"{path}.dropout", f"expected a probability below 1, got {result.dropout}")
+        result.scaling = data.get("scaling", "per_expert")
+        if result.scaling not in SCALINGS:
+            problems.add(f"{path}.scaling", f"expected one of {SCALINGS}, got {result.scaling!r}")
+        elif method == "mov" and "scaling" in data:
+            problems.add(f"{path}.scaling", "MoV experts are (IA)³ vectors: they have no LoRA scaling")
         result.router_init = data.get("router_init", "kaiming" if method == "mola" else "normal_0.02")
         if result.router_init not in ROUTER_INITS:
             problems.add(f"{path}.router_init", f"expected one of {ROUTER_INITS}, got {result.router_init!r}")
@@ -111,7 +126,7 @@ class LoraExpertsConfig:
         if balance is True:
             balance = {}
         if isinstance(balance, dict):
-            coef, reduction = balance.get("coef", 1e-3), balance.get("reduction", "sum")
+            coef, reduction = balance.get("coef", 1e-3), balance.get("reduction", "layer")
             if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
                 problems.add(f"{path}.balance_loss.coef", f"expected a finite number >= 0, got {coef!r}")
             elif reduction not in REDUCTIONS:
@@ -137,10 +152,12 @@ class LoraExpertsConfig:
         if not self.default_targets:
             data["target_modules"] = list(self.target_modules)
         data |= {"num_experts": self.num_experts, "top_k": self.top_k, "alpha": self.alpha,
-                                "dropout": self.dropout, "router_init": self.router_init,
+                 "dropout": self.dropout, "router_init": self.router_init,
                 "z_loss_coef": self.z_loss_coef, "train_base": self.train_base}
         if self.method != "mov":
             data["r"] = self.r
+        if self.scaling != "per_expert":
+            data["scaling"] = self.scaling
         if self.balance_loss is not None:
             data["balance_loss"] = self.balance_loss.to_dict()
         if self.weights is not None:

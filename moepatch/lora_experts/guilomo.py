@@ -10,13 +10,19 @@ Every adapted projection carries ``N_max`` LoRA experts of rank ``r_max`` (A and
   beyond, multiplying the rows of A; backward: the cumulative sum of ``grad ⊙ g`` at the argmax, ``1e-4·grad``
   elsewhere.
 
+As in the official code, the straight-through function is applied to ``g = sigmoid(v)``, so the gradient reaching
+``v`` is the above times ``σ'(v) = g (1 − g)`` (autograd through the sigmoid).
+
 The GSVs are architecture parameters of a DARTS-style bilevel optimisation (second order, finite differences):
 batches come in (train, valid) pairs; a real AdamW step on the train batch gives ``w'``; ``∇α L_val(w')`` minus
 ``η · (∇α L_train(w + ε d) − ∇α L_train(w − ε d)) / 2ε`` (``d = ∇w L_val(w')``, ``ε = 0.01 / ‖d‖``, η the weight
 learning rate) is the GSVs' gradient, applied by their own AdamW (3e-3, β = (0.5, 0.999), wd 1e-3); the weights are
-restored and take an ordinary step on the train batch.  The result is exported as GuiLoMo's ``expert.json``
-(``max(2, argmax + 1)`` experts per module) and ``rank.json`` (``argmax + 1`` per module and expert, all ``N_max``
-experts), which ``"num_experts": "expert.json", "r": "rank.json"`` reads back.
+restored and take an ordinary step on the train batch.  The recipe (:class:`SearchRecipe`) defaults to the official
+stage 1 (Zhang et al., 2025: the HF Trainer with its defaults under ``ArMoLA/mola3_training.py``).  The result is
+exported as GuiLoMo's ``expert.json`` (``max(2, argmax + 1)`` experts per module) and ``rank.json`` (``argmax + 1``
+per module and expert, all ``N_max`` experts), which ``"num_experts": "expert.json", "r": "rank.json"`` reads back.
+Each routed expert of a routed projection is searched with its own GSVs and written under its own key,
+``<experts module>.<e>.<projection>`` (the transformers-4 per-expert module name).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import re
 from collections.abc import Iterable
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +39,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moepatch.lora_experts.config import routed_expert_path
 from moepatch.lora_experts.layers import LoraExperts
 
 ARCH_MARKERS = ("router_expert_vector", "expertlora_E_vector")
-_SET_PATH = re.compile(r"^(?P<owner>.+)\.lora_experts(?:\.(?P<projection>[a-z_]+))?(?:\.sets\.\d+)?$")
+_SET_PATH = re.compile(r"^(?P<owner>.+)\.lora_experts(?:\.(?P<projection>[a-z_]+))?(?:\.sets\.(?P<expert>\d+))?$")
 
 
 class _PrefixMask(torch.autograd.Function):
-    """Straight-through prefix mask of a GSV: ``inside`` on indices ``0..k`` (``k = max(argmax σ(v), min_k)``),
-    ``outside`` beyond; backward puts the cumulative ``Σ_{j≤k} grad_j · σ(v_j)`` at ``k`` and ``grad · leak``
-    elsewhere."""
+    """Straight-through prefix mask of a gated GSV ``g = σ(v)``: ``inside`` on indices ``0..k``
+    (``k = max(argmax g, min_k)``), ``outside`` beyond; backward (with respect to ``g``) puts the cumulative
+    ``Σ_{j≤k} grad_j · g_j`` at ``k`` and ``grad · leak`` elsewhere."""
 
     @staticmethod
-    def forward(ctx: Any, vector: torch.Tensor, inside: float, outside: float, min_k: int, leak: float
+    def forward(ctx: Any, gate: torch.Tensor, inside: float, outside: float, min_k: int, leak: float
                 ) -> torch.Tensor:
-        gate = torch.sigmoid(vector)
         k = max(min_k, int(gate.argmax()))
-        mask = torch.full_like(vector, outside)
+        mask = torch.full_like(gate, outside)
         mask[: k + 1] = inside
         ctx.save_for_backward(gate)
         ctx.k, ctx.leak = k, leak
@@ -63,13 +70,13 @@ class _PrefixMask(torch.autograd.Function):
 
 
 def expert_prefix_mask(vector: torch.Tensor) -> torch.Tensor:
-    """Additive router-logit mask of an expert GSV (straight-through prefix; see the module docstring)."""
-    return _PrefixMask.apply(vector, 0.5, -1e4, 1, 0.0)
+    """Additive router-logit mask of an expert GSV (straight-through prefix on ``σ(v)``; see the module docstring)."""
+    return _PrefixMask.apply(torch.sigmoid(vector), 0.5, -1e4, 1, 0.0)
 
 
 def rank_prefix_mask(vector: torch.Tensor) -> torch.Tensor:
-    """Multiplicative per-rank mask of a rank GSV (straight-through prefix; see the module docstring)."""
-    return _PrefixMask.apply(vector, 1.0, 1e-4, 0, 1e-4)
+    """Multiplicative per-rank mask of a rank GSV (straight-through prefix on ``σ(v)``; see the module docstring)."""
+    return _PrefixMask.apply(torch.sigmoid(vector), 1.0, 1e-4, 0, 1e-4)
 
 
 def _gsv(size: int) -> nn.Parameter:
@@ -80,9 +87,9 @@ class SearchLoraExperts(LoraExperts):
     """Stage-1 layer: N_max experts of rank r_max with expert / rank GSVs and per-rank scales."""
 
     def __init__(self, in_features: int, out_features: int, max_experts: int, max_rank: int, *, top_k: int = 2,
-                 alpha: float = 16.0) -> None:
+                 alpha: float = 16.0, dropout: float = 0.0) -> None:
         super().__init__(in_features, out_features, [max_rank] * max_experts, top_k=top_k, alpha=alpha,
-                         router_init="kaiming", a_init="normal")
+                         dropout=dropout, router_init="kaiming", a_init="normal")
         for b in self.lora_B:
             nn.init.normal_(b, std=0.02)  # GuiLoMo stage 1: B is not zero
         self.lora_E = nn.ParameterList(nn.Parameter(torch.ones(max_rank)) for _ in range(max_experts))
@@ -176,8 +183,49 @@ def pairs(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         yield pending, last
 
 
-def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: int = 1, lr: float = 3e-4,
-           arch_lr: float = 3e-3, progress: bool = True) -> dict[str, Any]:
+SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class SearchRecipe:
+    """Stage-1 optimisation; the defaults are the official recipe (``ArMoLA/mola3_training.py`` on the HF Trainer).
+
+    The weights: AdamW (lr 3e-4, weight decay 0 — ``TrainingArguments``' default, the script sets none), the Trainer's
+    default linear schedule with the script's 100 warm-up steps (one step = one train/valid pair), gradients clipped
+    to norm 1.0 (``max_grad_norm``; 0 disables).  The GSVs: AdamW 3e-3, β = (0.5, 0.999), weight decay 1e-3 — the
+    value the script passes (``TrainingArguments_arch(arch_weight_decay=1e-3)``); 0 gives the reading that the
+    decay is negligible on the GSVs' scale.
+    """
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    arch_lr: float = 3e-3
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+
+
+def build_optimizers(weights: list[nn.Parameter], arch: list[nn.Parameter], recipe: SearchRecipe, steps: int
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """(weight AdamW, GSV AdamW, the weights' learning-rate schedule over ``steps`` steps) of ``recipe``, with
+    transformers' own schedule functions (the Trainer's)."""
+    from transformers import get_constant_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
+
+    weight_optimizer = torch.optim.AdamW(weights, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    arch_optimizer = torch.optim.AdamW(arch, lr=recipe.arch_lr, betas=recipe.arch_betas,
+                                       weight_decay=recipe.arch_weight_decay)
+    if recipe.schedule == "linear":
+        scheduler = get_linear_schedule_with_warmup(weight_optimizer, recipe.warmup_steps, steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(weight_optimizer, recipe.warmup_steps)
+    return weight_optimizer, arch_optimizer, scheduler
+
+
+def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: int = 1,
+           recipe: SearchRecipe = SearchRecipe(), progress: bool = True) -> dict[str, Any]:
     """Run the bilevel search on a model carrying :class:`SearchLoraExperts`; returns the export (see
     :func:`export_allocation`) and the loss trace."""
     from tqdm import tqdm
@@ -185,14 +233,13 @@ def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: 
     weights, arch = split_parameters(model)
     if not arch:
         raise ValueError("guilomo search: the model has no GuidedSelection Vectors (inject SearchLoraExperts first)")
-    weight_optimizer = torch.optim.AdamW(weights, lr=lr)
-    arch_optimizer = torch.optim.AdamW(arch, lr=arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+    schedule = [pair for _ in range(epochs) for pair in pairs(batches)]
+    weight_optimizer, arch_optimizer, scheduler = build_optimizers(weights, arch, recipe, len(schedule))
     model.train()
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
-    schedule = [pair for _ in range(epochs) for pair in pairs(batches)]
     trace = []
     for train_batch, valid_batch in tqdm(schedule, desc="GuiLoMo search", disable=not progress):
         gradient = architecture_gradient(loss_fn, train_batch, valid_batch, weights, arch, weight_optimizer)
@@ -203,7 +250,10 @@ def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: 
         weight_optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(train_batch)
         loss.backward(inputs=weights)
+        if recipe.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(weights, recipe.max_grad_norm)
         weight_optimizer.step()
+        scheduler.step()
         weight_optimizer.zero_grad(set_to_none=True)
         trace.append(loss.item())
     return {**export_allocation(model), "loss_trace": trace}
@@ -218,13 +268,11 @@ def export_allocation(model: nn.Module) -> dict[str, dict[str, int]]:
             continue
         match = _SET_PATH.match(path)
         owner = match["owner"]
-        if match["projection"] and match["projection"] != "sets":
-            owner = f"{owner}.{match['projection']}"  # routed experts: one allocation per projection, shared
+        if match["expert"] is not None:  # a routed expert's set: its own allocation, under its per-expert name
+            owner = routed_expert_path(owner, match["projection"], int(match["expert"]))
         count, per_expert = module.allocation()
-        experts[owner] = max(count, experts.get(owner, 0))
-        for i, rank in enumerate(per_expert):
-            key = f"{owner}.expertlora_E_vector_{i}"
-            ranks[key] = max(rank, ranks.get(key, 0))
+        experts[owner] = count
+        ranks.update({f"{owner}.expertlora_E_vector_{i}": rank for i, rank in enumerate(per_expert)})
     return {"expert": experts, "rank": ranks}
 
 
@@ -238,10 +286,14 @@ def write_allocation(allocation: dict[str, Any], folder: str | Path) -> tuple[Pa
     return expert, rank
 
 
-def search_config(targets: list[str], max_experts: int, max_rank: int, top_k: int = 2) -> dict[str, Any]:
-    """The lora_experts block that builds the stage-1 model (swapped for SearchLoraExperts by ``inject_search``)."""
+def search_config(targets: list[str], max_experts: int, max_rank: int, top_k: int = 2, dropout: float = 0.05
+                  ) -> dict[str, Any]:
+    """The lora_experts block that builds the stage-1 model (swapped for SearchLoraExperts by ``to_search_layers``):
+    LoRA dropout 0.05 and the balance loss of the official stage 1 — per layer, pooled, summed over layers, with
+    coefficient 1e-3 but **without** the factor N (the official stage-1 loss leaves it out), i.e. moepatch's
+    ``"layer"`` value times ``1e-3 / N_max``."""
     return {"method": "mola", "target_modules": targets, "num_experts": max_experts, "r": max_rank, "top_k": top_k,
-            "balance_loss": {"coef": 1e-3, "reduction": "sum"}}
+            "dropout": dropout, "balance_loss": {"coef": 1e-3 / max_experts, "reduction": "layer"}}
 
 
 def to_search_layers(model: nn.Module, max_rank: int) -> int:
@@ -253,7 +305,8 @@ def to_search_layers(model: nn.Module, max_rank: int) -> int:
             if type(child) is LoraExperts:
                 top_k = child.router.top_k or 2
                 search_layer = SearchLoraExperts(child.in_features, child.out_features, child.num_experts, max_rank,
-                                                 top_k=top_k, alpha=child.scaling[0] * child.ranks[0])
+                                                 top_k=top_k, alpha=child.scaling[0] * child.ranks[0],
+                                                 dropout=getattr(child.dropout, "p", 0.0))
                 parent._modules[name] = search_layer.to(child.router.weight.device)
                 replaced += 1
     return replaced

@@ -28,6 +28,7 @@ from model_patches.structure import router_modules
 from moepatch.lora_experts.config import PER_EXPERT_RANK
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.config import read_spec_file
+from moepatch.lora_experts.config import routed_expert_path
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
 from moepatch.lora_experts.routed import RoutedExpertSets
@@ -59,6 +60,9 @@ class LoraTarget:
     top_k: int | None
     routed: RoutedProjection | None = None
     """The storage adapter's description, for a routed experts' projection."""
+    allocation: list[tuple[int, list[int]]] | None = None
+    """Routed experts: (LoRA-expert count, ranks) of each routed expert's set (``num_experts`` / ``ranks`` then
+    hold the largest count and every rank, for descriptions)."""
 
 
 def _matches(entry: str, path: str) -> bool:
@@ -96,6 +100,32 @@ def _ranks(value: Any, path: str, layer: int | None, num_layers: int, experts: i
     return [int(rank)] * experts
 
 
+# --- per-routed-expert allocation (GuiLoMo files keyed <experts module>.<e>.<projection>) ---
+def _routed_key(spec: Any, module_path: str, expert_path: str, suffix: str) -> str:
+    """``expert_path`` where the dict ``spec`` has an entry for it (``suffix``: the per-expert rank key's tail), else
+    ``module_path`` (one value for every routed expert)."""
+    return expert_path if isinstance(spec, dict) and expert_path + suffix in spec else module_path
+
+
+def _routed_allocation(num_experts: Any, ranks_spec: Any, target: LoraTarget, storage_path: str | None,
+                       num_layers: int, where: str) -> list[tuple[int, list[int]]]:
+    """(count, ranks) of every routed expert of ``target`` from per-routed-expert keys, falling back to its path."""
+    allocation = []
+    for expert in range(len(target.in_dims)):
+        expert_path = routed_expert_path(storage_path or target.path.rsplit(".", 1)[0],
+                                         None if storage_path else target.projection, expert)
+        count = _per_target(num_experts, _routed_key(num_experts, target.path, expert_path, ""), target.layer,
+                            num_layers, f"{where}.num_experts")
+        ranks = ([] if ranks_spec is None else
+                 _ranks(ranks_spec, _routed_key(ranks_spec, target.path, expert_path, ".expertlora_E_vector_0"),
+                        target.layer, num_layers, count, f"{where}.r"))
+        if target.top_k is not None and target.top_k > count:
+            raise ValueError(f"{where}.top_k: {target.top_k} exceeds the {count} experts of {expert_path}")
+        allocation.append((count, ranks))
+    return allocation
+# --- end of per-routed-expert allocation ---
+
+
 def _matched(entries: list[str], aliases: tuple[str, ...]) -> list[str]:
     return [entry for entry in entries if any(_matches(entry, alias) for alias in aliases)]
 
@@ -128,8 +158,18 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
                             "a routed expert's input-side projection (use down_proj)")
             return
         try:
-            experts = _per_target(num_experts, path, layer, moe.num_layers, f"{where}.num_experts")
             top_k = _per_target(config.top_k, path, layer, moe.num_layers, f"{where}.top_k")
+            if candidate is not None:
+                target = LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, 0, [],
+                                    top_k, candidate)
+                storage_path = path if storage.one_projection_per_module else None
+                target.allocation = _routed_allocation(num_experts, ranks_spec, target, storage_path,
+                                                       moe.num_layers, where)
+                target.num_experts = max(count for count, _ in target.allocation)
+                target.ranks = [rank for _, ranks in target.allocation for rank in ranks]
+                targets.append(target)
+                return
+            experts = _per_target(num_experts, path, layer, moe.num_layers, f"{where}.num_experts")
             ranks = ([] if ranks_spec is None else
                      _ranks(ranks_spec, path, layer, moe.num_layers, experts, f"{where}.r"))
         except ValueError as error:
@@ -183,13 +223,16 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
     return targets
 
 
-def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int, out_features: int) -> nn.Module:
+def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int, out_features: int,
+                allocation: tuple[int, list[int]] | None = None) -> nn.Module:
+    """The expert set of ``target`` (``allocation``: one routed expert's (count, ranks), default the target's)."""
+    experts, ranks = allocation or (target.num_experts, target.ranks)
     if config.method == "mov":
         features = in_features if target.placement == "input" else out_features
-        return VectorExperts(features, target.num_experts, top_k=target.top_k, router_init=config.router_init)
-    return LoraExperts(in_features, out_features, target.ranks, top_k=target.top_k, alpha=config.alpha,
+        return VectorExperts(features, experts, top_k=target.top_k, router_init=config.router_init)
+    return LoraExperts(in_features, out_features, ranks, top_k=target.top_k, alpha=config.alpha,
                        dropout=config.dropout, router_init=config.router_init,
-                       a_init="kaiming" if config.method == "mola" else "normal")
+                       a_init="kaiming" if config.method == "mola" else "normal", scaling=config.scaling)
 
 
 def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraExpertsConfig, undo: UndoLog,
@@ -216,8 +259,8 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
             undo.add_hook(handle)
             created.append(expert_set)
             continue
-        sets = [_expert_set(config, target, fan_in, fan_out)
-                for fan_in, fan_out in zip(target.in_dims, target.out_dims)]
+        sets = [_expert_set(config, target, fan_in, fan_out, allocation)
+                for fan_in, fan_out, allocation in zip(target.in_dims, target.out_dims, target.allocation)]
         created.extend(sets)
         entry = grouped.setdefault(id(target.module), (target.module, {}, []))
         entry[1][target.projection] = RoutedExpertSets(sets, target.placement).to(device)
@@ -230,6 +273,8 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
         else:
             undo.add_module(module, ATTRIBUTE, nn.ModuleDict(per_projection))
         storage.attach(module, per_projection, projections, undo)
+    for expert_set in created:  # new modules start in training mode: follow the model's (dropout off in eval)
+        expert_set.train(moe.inner.training)
     if weights is not None:
         load_lora_weights(moe.inner, weights)
     install_saving(moe.inner, undo)
@@ -237,7 +282,8 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
     from moepatch.lora_experts.balance import install_balance_hook
 
     undo.add_callback(lambda: moe.inner.__dict__.pop(AUX_ATTRIBUTE, None))  # the hook's last values go too
-    undo.add_hook(install_balance_hook(moe.inner, [expert_set.router for expert_set in created], config))
+    undo.add_hook(install_balance_hook(moe.inner, [expert_set.router for expert_set in created], config,
+                                       layer_indexer(moe)))
     return created
 
 

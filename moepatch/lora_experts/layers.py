@@ -79,6 +79,7 @@ class LoraExperts(nn.Module):
         dropout: float = 0.0,
         router_init: str = "normal_0.02",
         a_init: str = "kaiming",
+        scaling: str = "per_expert",
     ) -> None:
         super().__init__()
         if not ranks or min(ranks) < 1:
@@ -92,7 +93,8 @@ class LoraExperts(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             else:
                 nn.init.normal_(a, std=0.02)
-        self.scaling = [alpha / r for r in self.ranks]  # per expert (GuiLoMo used the last expert's rank for all)
+        # α / r_e per expert; "last_expert_rank": GuiLoMo stage 2's α / r_last shared by all experts (parity only)
+        self.scaling = [alpha / (self.ranks[-1] if scaling == "last_expert_rank" else r) for r in self.ranks]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         expert_of_column = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(self.ranks))
         self.register_buffer("_expert_of_column", expert_of_column, persistent=False)

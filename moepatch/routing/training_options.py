@@ -77,8 +77,12 @@ def apply_training_options(config: Any, family: str | None = None, **options: An
     """Validate all ``options``, then set them on ``config``; return ``{config field: value}`` of what changed."""
     overrides = training_overrides(config, family, **options)
     for field, value in overrides.items():
-        owner, _, name = field.rpartition(".")
-        setattr(_read_field(config, owner) if owner else config, name, value)
+        owner_path, _, name = field.rpartition(".")
+        owner = _read_field(config, owner_path) if owner_path else config
+        if isinstance(owner, dict):  # a sub-config kept as a plain dict
+            owner[name] = value
+        else:
+            setattr(owner, name, value)
     return overrides
 
 
@@ -86,7 +90,12 @@ def _read_field(config: Any, path: str) -> Any:
     """The value at dotted ``path`` (a sub-config such as DBRX's ``ffn_config``), or raise ``AttributeError``."""
     value = config
     for part in path.split("."):
-        value = getattr(value, part)
+        if isinstance(value, dict):
+            if part not in value:
+                raise AttributeError(part)
+            value = value[part]
+        else:
+            value = getattr(value, part)
     return value
 
 

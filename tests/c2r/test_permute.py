@@ -126,3 +126,18 @@ def test_place_cli_on_the_official_matrices():
     base = reports["base_collaboration"]
     assert len(base["layers"]) == 32
     assert base["mean_planned_copies_per_token"] < base["mean_contiguous_copies_per_token"]
+
+
+def test_a_checkpoint_with_lora_experts_is_refused_before_anything_is_written(tmp_path):
+    """LoRA experts on routed experts belong to expert ids: a renumbered copy would detach them, so place refuses."""
+    source = tiny.save_tiny_checkpoint(tmp_path / "src", "qwen2_moe",
+                                       moepatch={"lora_experts": {"method": "molora", "num_experts": 2, "r": 2}})
+    moepatch.from_pretrained(source).save_pretrained(source)  # writes lora_experts.safetensors beside it
+    result = subprocess.run([sys.executable, "-m", "moepatch.cli", "place", str(source), "--ep-size", "2",
+                             "--write-permuted", str(tmp_path / "dst")], capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "moepatch.lora_experts: the checkpoint carries LoRA experts" in result.stderr
+    assert not (tmp_path / "dst").exists()
+    with pytest.raises(ValueError, match="carries LoRA experts"):
+        write_permuted_checkpoint(source, {0: list(range(8))}, tmp_path / "dst2")
+    assert not (tmp_path / "dst2").exists()

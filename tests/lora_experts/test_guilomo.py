@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import moepatch
@@ -16,28 +17,70 @@ from moepatch.lora_experts.guilomo import rank_prefix_mask
 from moepatch.testing import tiny
 
 
-def test_expert_mask_forward_and_straight_through_backward():
-    vector = torch.tensor([0.1, 0.2, 0.9, 0.3], requires_grad=True)
-    mask = expert_prefix_mask(vector)
-    assert torch.equal(mask, torch.tensor([0.5, 0.5, 0.5, -1e4]))  # experts 0..argmax stay routable
-    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    mask.backward(upstream)
-    gate = torch.sigmoid(vector.detach())
-    assert torch.allclose(vector.grad, torch.tensor([0.0, 0.0, float((upstream * gate)[:3].sum()), 0.0]))
-    first = torch.tensor([0.9, 0.1, 0.0], requires_grad=True)
-    assert torch.equal(expert_prefix_mask(first), torch.tensor([0.5, 0.5, -1e4]))  # k forced >= 1: two experts
+class _OfficialExpertSTE(torch.autograd.Function):
+    """GuiLoMo's expert straight-through function, written from the official description: applied to g = σ(v)."""
+
+    @staticmethod
+    def forward(ctx, g):
+        k = max(1, int(g.argmax()))
+        ctx.save_for_backward(g)
+        ctx.k = k
+        mask = torch.full_like(g, -1e4)
+        mask[: k + 1] = 0.5
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        out = torch.zeros_like(grad)
+        out[ctx.k] = torch.cumsum(grad * g, dim=0)[ctx.k]
+        return out
 
 
-def test_rank_mask_forward_and_straight_through_backward():
-    vector = torch.tensor([0.0, 1.0, 0.2], requires_grad=True)
-    mask = rank_prefix_mask(vector)
-    assert torch.equal(mask, torch.tensor([1.0, 1.0, 1e-4]))
-    upstream = torch.tensor([2.0, -1.0, 5.0])
+class _OfficialRankSTE(torch.autograd.Function):
+    """GuiLoMo's rank straight-through function: mask 1 up to the argmax, 1e-4 beyond; backward cumsum at the
+    argmax, grad · 1e-4 elsewhere (with respect to g = σ(v))."""
+
+    @staticmethod
+    def forward(ctx, g):
+        k = int(g.argmax())
+        ctx.save_for_backward(g)
+        ctx.k = k
+        mask = torch.full_like(g, 1e-4)
+        mask[: k + 1] = 1.0
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        out = grad * 1e-4
+        out[ctx.k] = torch.cumsum(grad * g, dim=0)[ctx.k]
+        return out
+
+
+@pytest.mark.parametrize(("ours", "official", "values", "expected_mask"), [
+    (expert_prefix_mask, _OfficialExpertSTE, [0.1, 0.2, 0.9, 0.3], [0.5, 0.5, 0.5, -1e4]),
+    (expert_prefix_mask, _OfficialExpertSTE, [0.9, 0.1, 0.0], [0.5, 0.5, -1e4]),  # k forced >= 1: two experts
+    (rank_prefix_mask, _OfficialRankSTE, [0.0, 1.0, 0.2], [1.0, 1.0, 1e-4]),
+    (rank_prefix_mask, _OfficialRankSTE, [-0.3, 2.0, 0.4, 1.5, -2.0], [1.0, 1.0, 1e-4, 1e-4, 1e-4]),
+])
+def test_gsv_masks_and_gradients_equal_the_official_functions_on_sigmoid(ours, official, values, expected_mask):
+    """Forward masks, and v.grad equal to the official Function applied to σ(v) (so σ'(v) reaches the GSV)."""
+    torch.manual_seed(0)
+    vector = torch.tensor(values, requires_grad=True)
+    reference = torch.tensor(values, requires_grad=True)
+    upstream = torch.randn(len(values))
+    mask = ours(vector)
+    assert torch.equal(mask, torch.tensor(expected_mask))
+    official_mask = official.apply(torch.sigmoid(reference))
+    assert torch.equal(mask, official_mask)
     mask.backward(upstream)
-    gate = torch.sigmoid(vector.detach())
-    expected = upstream * 1e-4
-    expected[1] = (upstream * gate)[:2].sum()
-    assert torch.allclose(vector.grad, expected)
+    official_mask.backward(upstream)
+    torch.testing.assert_close(vector.grad, reference.grad, rtol=0, atol=0)
+    gate = torch.sigmoid(torch.tensor(values))
+    k = int((mask == mask[0]).sum()) - 1
+    by_hand = (upstream * gate)[: k + 1].sum() * gate[k] * (1 - gate[k])  # the straight-through value times σ'(v_k)
+    torch.testing.assert_close(vector.grad[k], by_hand)
 
 
 def test_architecture_gradient_is_the_second_order_darts_formula():
@@ -82,7 +125,8 @@ def test_allocate_writes_official_files_that_drive_stage_two(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     experts = json.loads((checkpoint / "guilomo" / "expert.json").read_text())
     ranks = json.loads((checkpoint / "guilomo" / "rank.json").read_text())
-    assert "model.layers.0.self_attn.q_proj" in experts and "model.layers.0.mlp.experts.down_proj" in experts
+    assert "model.layers.0.self_attn.q_proj" in experts and "model.layers.0.mlp.experts.5.down_proj" in experts
+    assert "model.layers.0.mlp.experts.down_proj" not in experts  # routed experts: one allocation each
     assert "model.layers.1.mlp.down_proj" in experts  # the dense layer's projection
     assert all(2 <= n <= 4 for n in experts.values())
     assert set(ranks) == {f"{m}.expertlora_E_vector_{i}" for m in experts for i in range(4)}
@@ -94,5 +138,7 @@ def test_allocate_writes_official_files_that_drive_stage_two(tmp_path):
     q = model.model.layers[0].self_attn.q_proj.lora_experts
     assert q.num_experts == experts["model.layers.0.self_attn.q_proj"]
     assert q.ranks == [ranks[f"model.layers.0.self_attn.q_proj.expertlora_E_vector_{i}"] for i in range(q.num_experts)]
-    routed = model.model.layers[0].mlp.experts.lora_experts["down_proj"].sets[5]
-    assert routed.num_experts == experts["model.layers.0.mlp.experts.down_proj"]
+    for e, routed in enumerate(model.model.layers[0].mlp.experts.lora_experts["down_proj"].sets):
+        key = f"model.layers.0.mlp.experts.{e}.down_proj"
+        assert routed.num_experts == experts[key]
+        assert routed.ranks == [ranks[f"{key}.expertlora_E_vector_{i}"] for i in range(routed.num_experts)]

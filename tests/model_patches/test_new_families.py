@@ -218,10 +218,12 @@ def test_save_and_reload_keep_the_block(new_family, tmp_path, batch):
     assert torch.equal(logits_of(loaded, batch), logits_of(model, batch))
 
 
-def test_dbrx_balance_loss_counts_the_experts_c2r_chose(batch):
-    """DBRX's causal LM recomputes vanilla top-k from the router logits; under C2R moepatch's loss uses the choice
-    DbrxFFN handed to its experts, equal to an independent Switch loss of those choices."""
-    model = tiny.tiny_model("dbrx", output_router_logits=True)
+@pytest.mark.parametrize("balanced_family", ["qwen3_5_moe", "minimax", "jamba", "dbrx"])
+def test_balance_loss_counts_the_experts_c2r_chose(balanced_family, batch):
+    """These causal LMs recompute vanilla top-k from the router logits for their balance loss; under C2R moepatch's
+    loss uses the experts that received the tokens (DBRX: the choice DbrxFFN handed to its experts), equal to an
+    independent Switch loss of those choices.  (DeepSeek-V2 and HunYuan-MoE-V1 have no balance loss.)"""
+    model = tiny.tiny_model(balanced_family, output_router_logits=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
         want = model(**batch, labels=labels)
@@ -234,22 +236,24 @@ def test_dbrx_balance_loss_counts_the_experts_c2r_chose(batch):
     handle.remove()
     moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": _full_list(model, seed=4)}})
     model.train()
-    model.config.ffn_config.moe_jitter_eps = None  # no router noise: the captured logits are the ones used
-    for layer in describe(model).layers:
-        layer.router.moe_jitter_eps = None
+    if balanced_family == "dbrx":  # no router noise: the captured logits are the ones used
+        for layer in describe(model).layers:
+            layer.router.moe_jitter_eps = None
     with capture_choices(model) as chosen:
         out = model(**batch, labels=labels)
     expected = independent_switch_loss(out.router_logits, [chosen[i] for i in sorted(chosen)], experts,
                                        batch["attention_mask"])
     assert abs(out.aux_loss.item() - expected) < 1e-5
-    from transformers.models.dbrx.modeling_dbrx import load_balancing_loss_func
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
     vanilla = load_balancing_loss_func(out.router_logits, experts, k, batch["attention_mask"]).item()
     assert abs(vanilla - expected) > 1e-4
     lm_only = model.loss_function(out.logits, labels, model.config.vocab_size)
     torch.testing.assert_close(out.loss, lm_only + model.router_aux_loss_coef * out.aux_loss)
     out.loss.backward()
-    assert all(layer.router.layer.weight.grad is not None for layer in describe(model).layers)
+    pattern = router_parameter_pattern(balanced_family)
+    routers = [p for name, p in model.named_parameters() if pattern.search(name)]
+    assert routers and all(p.grad is not None for p in routers)
 
 
 def test_dbrx_lora_on_routed_experts_equals_an_independent_glu(batch):

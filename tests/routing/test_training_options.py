@@ -94,3 +94,13 @@ def test_bad_options_are_all_reported_and_nothing_changes():
 def test_options_left_unset_change_nothing():
     config = tiny.tiny_config("qwen2_moe")
     assert apply_training_options(config, gate_noise=None, balance_loss=None, aux_loss_coef=None) == {}
+
+
+def test_a_sub_config_field_is_set_also_in_a_plain_dict():
+    """DBRX's aux coefficient sits in ``ffn_config``; a config holding it as a dict gets it set there too."""
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig(model_type="dbrx", ffn_config={"moe_loss_weight": 0.01}, output_router_logits=False)
+    changed = apply_training_options(config, balance_loss=True, aux_loss_coef=0.25)
+    assert changed == {"output_router_logits": True, "ffn_config.moe_loss_weight": 0.25}
+    assert config.ffn_config == {"moe_loss_weight": 0.25} and config.output_router_logits is True
