@@ -19,6 +19,7 @@ from moepatch.lora_experts.guilomo import search_config
 from moepatch.lora_experts.guilomo import to_search_layers
 from moepatch.lora_experts.guilomo import write_allocation
 from moepatch.lora_experts.layers import LoraExperts
+from moepatch.lora_experts.routed import RoutedExpertSets
 from moepatch.testing import tiny
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -30,13 +31,23 @@ def _unpadded_batch() -> dict[str, torch.Tensor]:
 
 
 def _capture_inputs(model: torch.nn.Module) -> dict[str, tuple[LoraExperts, list[torch.Tensor]]]:
-    """Every LoRA-expert set's input rows of the next forward, by module path."""
+    """Every LoRA-expert set's input rows of the next forward, by module path (routed experts' sets run grouped:
+    their rows are split by each row's routed expert)."""
     seen: dict[str, tuple[LoraExperts, list[torch.Tensor]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraExperts):
             seen[name] = (module, [])
             module.register_forward_pre_hook(lambda m, a, name=name: seen[name][1].append(a[0].detach()))
+        if isinstance(module, RoutedExpertSets):
+            module.register_forward_pre_hook(lambda m, a, name=name: _split_rows(seen, name, m, a))
     return seen
+
+
+def _split_rows(seen: dict, name: str, sets: RoutedExpertSets, args: tuple) -> None:
+    rows, expert_ids, only = args[0], args[1], args[4] if len(args) > 4 else None
+    if only is None:  # grouped call (a call for one expert reaches that set's own hook)
+        for e in range(len(sets.sets)):
+            seen[f"{name}.sets.{e}"][1].append(rows[expert_ids == e].detach())
 
 
 def _mola_obalance(seen: dict[str, tuple[LoraExperts, list[torch.Tensor]]], top_k: int) -> torch.Tensor:
