@@ -244,6 +244,8 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
         else:
             undo.add_module(module, ATTRIBUTE, nn.ModuleDict(per_projection))
         storage.attach(module, per_projection, projections, undo)
+    for expert_set in created:  # new modules start in training mode: follow the model (dropout off in eval)
+        expert_set.train(moe.inner.training)
     if weights is not None:
         load_lora_weights(moe.inner, weights)
     install_saving(moe.inner, undo)

@@ -296,3 +296,10 @@ def test_method_defaults_follow_the_published_configs():
 def test_bad_routing_fields_name_the_field(block, message):
     _, problems = _parse(block)
     assert any(problem.startswith(message) for problem in problems), problems
+
+
+def test_experts_follow_the_models_mode_so_eval_has_no_dropout():
+    model = tiny.tiny_model("qwen2_moe").eval()
+    moepatch.apply(model, {"lora_experts": {"method": "mola", "num_experts": 2, "target_modules": ["q_proj"]}})
+    sets = [m for m in model.modules() if isinstance(m, LoraExperts)]
+    assert sets and all(not m.training and m.dropout.p == 0.05 for m in sets)
