@@ -17,6 +17,8 @@ from torch import nn
 
 FFN_OUTPUT_PROJECTIONS = ("down_proj", "w2", "c_proj")
 """Names transformers' MLPs give the projection whose *input* is the FFN intermediate (what MoV scales)."""
+KEY_VALUE_PROJECTIONS = ("k_proj", "v_proj")
+"""Names transformers' attentions give the key and value projections (MoV scales their outputs per head)."""
 
 
 @dataclass(frozen=True, kw_only=True)

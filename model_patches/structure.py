@@ -101,6 +101,19 @@ def identity_projections(model: MoEModel) -> dict[int, int]:
     return found
 
 
+def key_value_heads(model: MoEModel, width: int) -> int | None:
+    """How many attention heads a key / value projection's output of ``width`` holds, from the model config:
+    transformers' ``num_key_value_heads`` (else ``num_attention_heads``, which MoLM's config maps onto its
+    ``n_head``); ``None`` when the config has neither, or ``width`` is not a whole number of heads (of the config's
+    ``head_dim``, when it states one)."""
+    config = model.inner.config
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1 or width % heads:
+        return None
+    head_dim = getattr(config, "head_dim", None)
+    return heads if not isinstance(head_dim, int) or heads * head_dim == width else None
+
+
 def layer_indexer(model: MoEModel) -> Callable[[str], int | None]:
     """A function giving the decoder-layer index of a module path (relative to ``model.inner``), ``None`` for
     paths outside the decoder layers."""

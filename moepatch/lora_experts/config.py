@@ -26,12 +26,14 @@ METHODS = ("molora", "mov", "mola")
 ROUTER_INITS = ("normal_0.02", "kaiming")
 REDUCTIONS = ("layer", "sum", "mean")
 SCALINGS = ("per_expert", "last_expert_rank")
+ROUTER_INPUTS = ("scaled", "hidden")  # MoV: the tensor being scaled (its code) or the projection's input (figure)
 DEFAULT_TARGETS = {
     "molora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "mola": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "mov": ("k_proj", "v_proj", "down_proj"),
 }
-DEFAULT_EXPERTS = {"molora": 10, "mola": 8, "mov": 10}
+DEFAULT_EXPERTS = {"molora": 10, "mola": 8, "mov": 30}  # MoV: configs/mov.gin; MoLoRA: configs/molora.gin
+DEFAULT_DROPOUT = {"molora": 0.0, "mola": 0.05, "mov": 0.0}  # MoLA: --lora_dropout 0.05
 PER_EXPERT_RANK = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<expert>\d+)$")
 
 
@@ -62,6 +64,9 @@ class LoraExpertsConfig:
     num_experts: Any = None  # int | list per layer | {module: n} | str (JSON file)
     r: Any = 8  # int | list per layer | {module: r} | {module.expertlora_E_vector_i: r} | str
     top_k: Any = None  # None (dense soft merge) | int | list per layer
+    renormalize: bool = True  # top-k weights renormalised over the k (MoLA); False: masked softmax (MoV's code)
+    router_input: str = "scaled"  # MoV: "scaled" (the tensor being scaled, MoV's code) | "hidden" (projection input)
+    per_head: bool = False  # MoV on keys / values: vectors [heads, E, head_dim], a router per head (MoVAttention)
     alpha: float = 16.0
     scaling: str = "per_expert"  # α / r_e per expert | "last_expert_rank": GuiLoMo stage 2's α / r_last for all
     dropout: float = 0.0
@@ -79,8 +84,9 @@ class LoraExpertsConfig:
         if not isinstance(data, dict):
             problems.add(path, f"expected an object with a 'method', got {data!r}")
             return None
-        warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "alpha", "scaling", "dropout",
-                             "router_init", "balance_loss", "z_loss_coef", "train_base", "weights"}, path)
+        warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "renormalize", "router_input",
+                             "per_head", "alpha", "scaling", "dropout", "router_init", "balance_loss", "z_loss_coef",
+                             "train_base", "weights"}, path)
         method = data.get("method")
         if method not in METHODS:
             problems.add(f"{path}.method", f"expected one of {METHODS}, got {method!r}")
@@ -106,7 +112,8 @@ class LoraExpertsConfig:
             _check_spec(result.top_k, f"{path}.top_k", problems, minimum=1, per_expert=False, allow_dict=False)
         if method == "mola" and result.top_k is None:
             problems.add(f"{path}.top_k", "MoLA routes top-k: give an int or a list per layer")
-        for name, default in (("alpha", 16.0), ("dropout", 0.0), ("z_loss_coef", 0.0)):
+        result._parse_routing(data, path, problems)
+        for name, default in (("alpha", 16.0), ("dropout", DEFAULT_DROPOUT[method]), ("z_loss_coef", 0.0)):
             value = data.get(name, default)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 problems.add(f"{path}.{name}", f"expected a finite number >= 0, got {value!r}")
@@ -147,6 +154,23 @@ class LoraExpertsConfig:
         result.weights = weights
         return result
 
+    def _parse_routing(self, data: dict[str, Any], path: str, problems: Any) -> None:
+        """``renormalize`` (top-k only), and MoV's ``router_input`` and ``per_head``."""
+        self.renormalize = data.get("renormalize", True)
+        if not isinstance(self.renormalize, bool):
+            problems.add(f"{path}.renormalize", f"expected true or false, got {self.renormalize!r}")
+        elif "renormalize" in data and self.top_k is None:
+            problems.add(f"{path}.renormalize", "only top-k routing is renormalised: set top_k")
+        for name in ("router_input", "per_head"):
+            if name in data and self.method != "mov":
+                problems.add(f"{path}.{name}", "only MoV (method 'mov') has this choice")
+        self.router_input = data.get("router_input", "scaled")
+        if self.router_input not in ROUTER_INPUTS:
+            problems.add(f"{path}.router_input", f"expected one of {ROUTER_INPUTS}, got {self.router_input!r}")
+        self.per_head = data.get("per_head", self.method == "mov")
+        if not isinstance(self.per_head, bool):
+            problems.add(f"{path}.per_head", f"expected true or false, got {self.per_head!r}")
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"method": self.method}
         if not self.default_targets:
@@ -154,10 +178,14 @@ class LoraExpertsConfig:
         data |= {"num_experts": self.num_experts, "top_k": self.top_k, "alpha": self.alpha,
                  "dropout": self.dropout, "router_init": self.router_init,
                 "z_loss_coef": self.z_loss_coef, "train_base": self.train_base}
+        if self.top_k is not None:
+            data["renormalize"] = self.renormalize
         if self.method != "mov":
             data["r"] = self.r
         if self.scaling != "per_expert":
             data["scaling"] = self.scaling
+        if self.method == "mov":
+            data |= {"router_input": self.router_input, "per_head": self.per_head}
         if self.balance_loss is not None:
             data["balance_loss"] = self.balance_loss.to_dict()
         if self.weights is not None:

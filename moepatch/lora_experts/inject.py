@@ -21,8 +21,10 @@ from torch import nn
 from model_patches.expert_storage import RoutedProjection
 from model_patches.expert_storage import storage_of
 from model_patches.spec import FFN_OUTPUT_PROJECTIONS
+from model_patches.spec import KEY_VALUE_PROJECTIONS
 from model_patches.structure import MoEModel
 from model_patches.structure import identity_projections
+from model_patches.structure import key_value_heads
 from model_patches.structure import layer_indexer
 from model_patches.structure import router_modules
 from moepatch.lora_experts.config import PER_EXPERT_RANK
@@ -63,6 +65,8 @@ class LoraTarget:
     allocation: list[tuple[int, list[int]]] | None = None
     """Routed experts: (LoRA-expert count, ranks) of each routed expert's set (``num_experts`` / ``ranks`` then
     hold the largest count and every rank, for descriptions)."""
+    heads: int | None = None
+    """MoV per head (keys / values): the heads of the output; ``None``: one mixture over the whole width."""
 
 
 def _matches(entry: str, path: str) -> bool:
@@ -178,8 +182,15 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
         if top_k is not None and top_k > experts:
             problems.append(f"{where}.top_k: {top_k} exceeds the {experts} experts of {path}")
             return
+        heads = None
+        if config.method == "mov" and config.per_head and placement == "output" and name in KEY_VALUE_PROJECTIONS:
+            heads = key_value_heads(moe, out_dims[0])
+            if heads is None:
+                problems.append(f"{where}.per_head: {path} ({out_dims[0]} wide) is not a whole number of the "
+                                "model config's key/value heads; set per_head: false")
+                return
         targets.append(LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, experts,
-                                  ranks, top_k, candidate))
+                                  ranks, top_k, candidate, heads))
 
     for candidate in routed:
         hits = _matched(entries, candidate.aliases)
@@ -228,10 +239,13 @@ def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int,
     """The expert set of ``target`` (``allocation``: one routed expert's (count, ranks), default the target's)."""
     experts, ranks = allocation or (target.num_experts, target.ranks)
     if config.method == "mov":
-        features = in_features if target.placement == "input" else out_features
-        return VectorExperts(features, experts, top_k=target.top_k, router_init=config.router_init)
-    return LoraExperts(in_features, out_features, ranks, top_k=target.top_k, alpha=config.alpha,
-                       dropout=config.dropout, router_init=config.router_init,
+        output = target.placement == "output"  # on an input (down_proj) the scaled tensor is the projection's input
+        router_features = in_features if output and config.router_input == "hidden" else None
+        return VectorExperts(out_features if output else in_features, experts, top_k=target.top_k,
+                             renormalize=config.renormalize, router_init=config.router_init, heads=target.heads,
+                             router_features=router_features)
+    return LoraExperts(in_features, out_features, ranks, top_k=target.top_k, renormalize=config.renormalize,
+                       alpha=config.alpha, dropout=config.dropout, router_init=config.router_init,
                        a_init="kaiming" if config.method == "mola" else "normal", scaling=config.scaling)
 
 
@@ -292,7 +306,7 @@ def _add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.
 
 
 def _scale_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return module.lora_experts(output)
+    return module.lora_experts(output, inputs[0])
 
 
 def _scale_input(module: nn.Module, inputs: tuple) -> tuple:
