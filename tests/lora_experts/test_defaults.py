@@ -54,14 +54,14 @@ def test_broad_default_names_leave_routed_experts_out(family):
     (["experts.down_proj"], True),
     (["mlp.experts.down_proj"], True),
     (["re:.*\\.experts\\..*"], True),
-    (["model.layers.1.mlp.experts.down_proj"], True),
+    (["model.layers.0.mlp.experts.down_proj"], True),
 ])
 def test_what_names_the_routed_experts_explicitly(entries, routed):
     model = tiny.tiny_model("qwen2_moe")
     handle = moepatch.apply(model, {"lora_experts": {**MOLORA, "target_modules": entries}})
     experts = [p for p in handle.lora_targets if re.fullmatch(r"model\.layers\.\d+\.mlp\.experts\.\w+", p)]
     assert bool(experts) is routed
-    if entries == ["model.layers.1.mlp.experts.down_proj"]:
+    if entries == ["model.layers.0.mlp.experts.down_proj"]:
         assert handle.lora_targets == entries
     if entries == ["down_proj"]:
         assert sorted(handle.lora_targets) == sorted(
@@ -113,7 +113,7 @@ def test_routed_experts_field_is_checked_and_saved(tmp_path):
 
 def _independent_groups(model: torch.nn.Module) -> dict[str, int]:
     """``numel`` of every created expert set, grouped by where its projection sits (Qwen2-MoE's own layout)."""
-    dense_layers = set(model.config.mlp_only_layers or [])
+    dense_layers = {i for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts")}
     groups: dict[str, int] = {}
     for name, module in model.named_modules():
         if not isinstance(module, (LoraExperts, VectorExperts)):
@@ -149,7 +149,6 @@ def _reported(line: str) -> tuple[int, dict[str, int], float, int]:
 ])
 def test_apply_log_reports_parameters_per_group(caplog, block):
     model = tiny.tiny_model("qwen2_moe")
-    model.config.mlp_only_layers = []
     base = sum(p.numel() for p in model.parameters())
     with caplog.at_level(logging.INFO, logger="moepatch"):
         moepatch.apply(model, {"lora_experts": block})
