@@ -152,7 +152,7 @@ def test_zero3_lora_experts_lower_the_loss(tmp_path):
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe", seed=0)
     block = tmp_path / "lora.json"
     block.write_text(json.dumps({"moepatch": {"lora_experts": {"method": "mola", "num_experts": 4, "top_k": 2, "r": 4,
-                                                               "balance_loss": True}}}))
+                                                               "balance_loss": True, "routed_experts": True}}}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), str(REPO / "scripts" / "finetune.py"),
                "--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(tmp_path / "out"),

@@ -1,8 +1,9 @@
 """LoRA-expert layers (MoLoRA, MoV, MoLA / GuiLoMo) injected from ``config.json["moepatch"]["lora_experts"]``.
 
 ``moepatch.apply`` reads the block, validates it against the model (targets, per-layer / per-module counts,
-per-expert ranks), attaches the expert sets beside the base projections — attention, dense MLPs, shared experts and
-the routed experts whatever their storage — freezes the base, and adds the balance loss in training.
+per-expert ranks), attaches the expert sets beside the base projections — attention, dense MLPs, shared experts, and
+the routed experts whatever their storage when ``routed_experts`` is true or an entry names them — freezes the base,
+and adds the balance loss in training.
 """
 
 from __future__ import annotations

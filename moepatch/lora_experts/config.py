@@ -61,6 +61,7 @@ class LoraExpertsConfig:
 
     method: str
     target_modules: list[str] = field(default_factory=list)
+    routed_experts: bool = False  # broad names (gate_proj, re:.*_proj) reach routed experts too; see inject.py
     num_experts: Any = None  # int | list per layer | {module: n} | str (JSON file)
     r: Any = 8  # int | list per layer | {module: r} | {module.expertlora_E_vector_i: r} | str
     top_k: Any = None  # None (dense soft merge) | int | list per layer
@@ -84,9 +85,9 @@ class LoraExpertsConfig:
         if not isinstance(data, dict):
             problems.add(path, f"expected an object with a 'method', got {data!r}")
             return None
-        warn_unknown(data, {"method", "target_modules", "num_experts", "r", "top_k", "renormalize", "router_input",
-                             "per_head", "alpha", "scaling", "dropout", "router_init", "balance_loss", "z_loss_coef",
-                             "train_base", "weights"}, path)
+        warn_unknown(data, {"method", "target_modules", "routed_experts", "num_experts", "r", "top_k", "renormalize",
+                             "router_input", "per_head", "alpha", "scaling", "dropout", "router_init", "balance_loss",
+                             "z_loss_coef", "train_base", "weights"}, path)
         method = data.get("method")
         if method not in METHODS:
             problems.add(f"{path}.method", f"expected one of {METHODS}, got {method!r}")
@@ -100,6 +101,10 @@ class LoraExpertsConfig:
             problems.add(f"{path}.target_modules", f"expected a non-empty list of module names, got {targets!r}")
         else:
             result.target_modules = list(targets)
+        routed = data.get("routed_experts", False)
+        if not isinstance(routed, bool):
+            problems.add(f"{path}.routed_experts", f"expected true or false, got {routed!r}")
+        result.routed_experts = routed is True
         result.num_experts = data.get("num_experts", DEFAULT_EXPERTS[method])
         _check_spec(result.num_experts, f"{path}.num_experts", problems, minimum=1, per_expert=False)
         result.r = data.get("r", 8 if method != "molora" else 4)
@@ -175,6 +180,8 @@ class LoraExpertsConfig:
         data: dict[str, Any] = {"method": self.method}
         if not self.default_targets:
             data["target_modules"] = list(self.target_modules)
+        if self.routed_experts:
+            data["routed_experts"] = True
         data |= {"num_experts": self.num_experts, "top_k": self.top_k, "alpha": self.alpha,
                  "dropout": self.dropout, "router_init": self.router_init,
                 "z_loss_coef": self.z_loss_coef, "train_base": self.train_base}

@@ -16,7 +16,10 @@ from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
 from moepatch.lora_experts.config import LoraExpertsConfig
+from moepatch.lora_experts.inject import GROUPS
 from moepatch.lora_experts.inject import LoraTarget
+from moepatch.lora_experts.inject import base_parameter_count
+from moepatch.lora_experts.inject import expert_parameter_count
 from moepatch.lora_experts.inject import install_lora_experts
 from moepatch.lora_experts.inject import plan_lora_experts
 from moepatch.lora_experts.inject import read_saved_lora_weights
@@ -28,27 +31,50 @@ if TYPE_CHECKING:
 
 @dataclass
 class LoraExpertsPlan:
-    """The projections to adapt and the saved expert weights to load (``None``: fresh experts)."""
+    """The projections to adapt, the saved expert weights to load (``None``: fresh experts) and the model's own
+    parameter count (the denominator of the share the apply log and ``inspect`` report)."""
 
     targets: list[LoraTarget]
     weights: dict[str, torch.Tensor] | None
+    model_parameters: int = 0
 
 
-def describe_targets(config: LoraExpertsConfig, targets: list[LoraTarget]) -> list[str]:
-    """What ``lora_experts`` adapts, grouped by path pattern (the first layer index becomes ``*``)."""
+def parameters_by_group(config: LoraExpertsConfig, targets: list[LoraTarget]) -> dict[str, int]:
+    """LoRA-expert parameters per target group (attention and other, dense MLPs, shared experts, routers, routed
+    experts), in :data:`GROUPS` order, groups without targets left out."""
+    counts = dict.fromkeys(GROUPS, 0)
+    for target in targets:
+        counts[target.group] += expert_parameter_count(config, target)
+    return {group: count for group, count in counts.items() if count}
+
+
+def summary_line(config: LoraExpertsConfig, targets: list[LoraTarget], model_parameters: int) -> str:
+    """The apply log's line: what is trained, how much of it sits where, and its share of the model — so a default
+    that puts most parameters into routed experts is seen before training starts."""
+    groups = parameters_by_group(config, targets)
+    total = sum(groups.values())
+    share = f" = {100 * total / model_parameters:.3g}% of the model's {model_parameters:,}" if model_parameters else ""
+    kind = "trainable, base trainable too" if config.train_base else "trainable, base frozen"
+    return (f"lora_experts ({config.method}): {len(targets)} projections; {total:,} LoRA-expert parameters ({kind})"
+            f"{share}: " + "; ".join(f"{group} {count:,}" for group, count in groups.items()))
+
+
+def describe_targets(config: LoraExpertsConfig, targets: list[LoraTarget], model_parameters: int = 0) -> list[str]:
+    """The summary line, then what ``lora_experts`` adapts grouped by path pattern (the first layer index becomes
+    ``*``) with the parameters of each pattern."""
     groups: dict[str, list[LoraTarget]] = defaultdict(list)
     for target in targets:
         groups[re.sub(r"\.(\d+)\.", ".*.", target.path, count=1)].append(target)
-    lines = [f"lora_experts ({config.method}): {len(targets)} projections; base "
-             f"{'trainable' if config.train_base else 'frozen'}"]
+    lines = [summary_line(config, targets, model_parameters)]
     for pattern, members in groups.items():
         counts = sorted({t.num_experts for t in members})
         ranks = sorted({r for t in members for r in t.ranks})
         top_k = sorted({t.top_k for t in members}, key=str)
         routed = members[0].storage not in ("linear", "identity")
         where = f"{len(members[0].in_dims)} routed experts each" if routed else members[0].storage
+        parameters = sum(expert_parameter_count(config, t) for t in members)
         lines.append(f"  {pattern}: {len(members)}x ({where}), experts {counts}, ranks {ranks or '-'}, "
-                     f"top-k {top_k}, {members[0].placement}")
+                     f"top-k {top_k}, {members[0].placement}, {parameters:,} parameters")
     return lines
 
 
@@ -67,7 +93,8 @@ class LoraExpertLayers(Feature):
 
     def plan(self, structure: MoEModel, config: LoraExpertsConfig, checkpoint: Path | None) -> Planned:
         targets = plan_lora_experts(structure, config, checkpoint, self.field_path())
-        return Planned(config, LoraExpertsPlan(targets, read_saved_lora_weights(checkpoint, config)))
+        return Planned(config, LoraExpertsPlan(targets, read_saved_lora_weights(checkpoint, config),
+                                               base_parameter_count(structure.inner)))
 
     def install(self, structure: MoEModel, planned: Planned, undo: UndoLog) -> Installed:
         plan: LoraExpertsPlan = planned.detail
@@ -76,7 +103,8 @@ class LoraExpertLayers(Feature):
         return Installed({"lora_targets": paths}, len(paths), f"lora_experts={len(paths)}")
 
     def describe(self, planned: Planned) -> str:
-        return "\n".join(describe_targets(planned.config, planned.detail.targets))
+        plan: LoraExpertsPlan = planned.detail
+        return "\n".join(describe_targets(planned.config, plan.targets, plan.model_parameters))
 
 
 LORA_EXPERTS = LoraExpertLayers()

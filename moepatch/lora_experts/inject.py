@@ -3,9 +3,15 @@
 Targets are matched by module path relative to the causal LM (``model.layers.7.self_attn.q_proj``, the keys of
 GuiLoMo's files): an entry matches a path equal to it or ending in ``.<entry>``; ``re:<regex>`` matches whole paths.
 The family's routers (top-k routers, extra routers, shared-expert gates) are never targeted unless named by their
-full path.  ``nn.Linear`` projections (attention, dense MLPs, shared experts) get a hook; routed experts' projections
-come from the family's expert-storage adapter (:mod:`model_patches.expert_storage`), which runs each routed expert's
-set on exactly that expert's rows.
+full path.  Routed experts are adapted only when asked (``routed_experts: true``) or named explicitly: a broad name
+such as ``gate_proj`` adapts dense and shared-expert projections only, because on a model with many routed experts it
+would otherwise put most of the trainable parameters into them (MoLoRA defaults at Qwen3-30B-A3B size: billions).  An
+entry names the routed experts explicitly when it matches a routed projection only *because of* the name of the
+module that stores them: ``mlp.experts.gate_proj``, ``experts.w1``, a full path, ``re:.*experts.*`` (MoLM:
+``experts``, ``output_experts``) do; ``gate_proj``, ``w1``, ``re:.*_proj`` also match the same path with that name
+replaced by any other, so they do not.  ``nn.Linear`` projections (attention, dense MLPs, shared experts) get a
+hook; routed experts' projections come from the family's expert-storage adapter (:mod:`model_patches.expert_storage`),
+which runs each routed expert's set on exactly that expert's rows.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from model_patches.expert_storage import storage_of
 from model_patches.spec import FFN_OUTPUT_PROJECTIONS
 from model_patches.spec import KEY_VALUE_PROJECTIONS
 from model_patches.structure import MoEModel
+from model_patches.structure import decoder_layers
 from model_patches.structure import identity_projections
 from model_patches.structure import key_value_heads
 from model_patches.structure import layer_indexer
@@ -67,6 +74,14 @@ class LoraTarget:
     hold the largest count and every rank, for descriptions)."""
     heads: int | None = None
     """MoV per head (keys / values): the heads of the output; ``None``: one mixture over the whole width."""
+    group: str = ""
+    """Where it sits, for the parameter report: one of :data:`GROUPS`."""
+
+
+GROUPS = ("attention and other", "dense MLPs", "shared experts", "routers", "routed experts")
+"""Target groups of the parameter report, told apart by the model's structure (never by family names)."""
+OTHER_NAME = "moepatch_any_other_module"
+"""Stands in for the routed experts' storage module when testing whether an entry names that module."""
 
 
 def _matches(entry: str, path: str) -> bool:
@@ -134,6 +149,72 @@ def _matched(entries: list[str], aliases: tuple[str, ...]) -> list[str]:
     return [entry for entry in entries if any(_matches(entry, alias) for alias in aliases)]
 
 
+def names_storage(entry: str, alias: str, storage_path: str) -> bool:
+    """Whether ``entry`` matches ``alias`` only through the name of the routed experts' storage module
+    (``storage_path``): with that path component replaced by any other name it would no longer match."""
+    if not _matches(entry, alias) or not (alias == storage_path or alias.startswith(storage_path + ".")):
+        return False
+    parts = alias.split(".")
+    parts[storage_path.count(".")] = OTHER_NAME
+    return not _matches(entry, ".".join(parts))
+
+
+def _routed_hits(entries: list[str], candidate: RoutedProjection, storage_path: str, routed_experts: bool
+                 ) -> tuple[list[str], list[str]]:
+    """The entries that adapt ``candidate`` and those that reach it only by a broad name (left out by default)."""
+    hits = _matched(entries, candidate.aliases)
+    if routed_experts:
+        return hits, []
+    explicit = [entry for entry in hits if any(names_storage(entry, alias, storage_path)
+                                               for alias in candidate.aliases)]
+    return explicit, [entry for entry in hits if entry not in explicit]
+
+
+def _group_prefixes(moe: MoEModel, names: dict[int, str]) -> list[tuple[str, str]]:
+    """``(path prefix, group)`` of the MoE blocks (shared experts) and of the dense layers' MLP blocks."""
+    prefixes = [(names[id(layer.block)], "shared experts") for layer in moe.layers if id(layer.block) in names]
+    for index in moe.dense_layers:
+        block = getattr(decoder_layers(moe)[index], moe.family.block_attr, None)
+        if isinstance(block, nn.Module) and id(block) in names:
+            prefixes.append((names[id(block)], "dense MLPs"))
+    return prefixes
+
+
+def _group_of(path: str, kind: str, is_router: bool, prefixes: list[tuple[str, str]]) -> str:
+    if kind not in ("linear", "identity"):
+        return "routed experts"
+    if is_router:
+        return "routers"
+    return next((group for prefix, group in prefixes if path.startswith(prefix + ".")), "attention and other")
+
+
+def expert_parameter_count(config: LoraExpertsConfig, target: LoraTarget) -> int:
+    """Trainable parameters of the expert sets ``target`` gets (one set per routed expert for routed experts, with
+    that expert's own allocation).
+
+    LoRA experts: the router ``[E, in]`` and per expert ``A [r_e, in]``, ``B [out, r_e]``; MoV: ``δ [E, width]`` over
+    the scaled tensor (``[heads, E, head_dim]`` per head) and the router ``[E, router input]`` — the projection's
+    input with ``router_input: "hidden"``, else the scaled tensor (one head's slice per head).
+    """
+    sets = target.allocation or [(target.num_experts, target.ranks)] * len(target.in_dims)
+    total = 0
+    for fan_in, fan_out, (experts, ranks) in zip(target.in_dims, target.out_dims, sets):
+        if config.method == "mov":
+            output = target.placement == "output"
+            width = fan_out if output else fan_in
+            router_in = fan_in if output and config.router_input == "hidden" else width // (target.heads or 1)
+            total += experts * (width + router_in)
+        else:
+            total += experts * fan_in + sum(ranks) * (fan_in + fan_out)
+    return total
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    """The model's own parameters (full sizes also under ZeRO-3), LoRA experts already attached excluded."""
+    marker = f".{ATTRIBUTE}."
+    return sum(getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters() if marker not in name)
+
+
 def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path | None, where: str
                       ) -> list[LoraTarget]:
     """Every adapted projection with its expert count, ranks and top-k; ``ValueError`` listing every problem."""
@@ -147,9 +228,12 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
     storage = storage_of(moe)
     routed = storage.projections(moe)
     routed_modules = {id(candidate.module) for candidate in routed}
+    prefixes = _group_prefixes(moe, names)
     problems: list[str] = []
     targets: list[LoraTarget] = []
     matched_entries: set[str] = set()
+    broad: dict[str, tuple[str, str]] = {}  # entry → (a routed path it reached by a broad name only, an explicit
+    # entry for it): left out unless routed_experts
     entries = config.target_modules
 
     def add(path: str, module: nn.Module, kind: str, projection: str | None, in_dims: list[int],
@@ -165,7 +249,7 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
             top_k = _per_target(config.top_k, path, layer, moe.num_layers, f"{where}.top_k")
             if candidate is not None:
                 target = LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, 0, [],
-                                    top_k, candidate)
+                                    top_k, candidate, group=_group_of(path, kind, False, prefixes))
                 storage_path = path if storage.one_projection_per_module else None
                 target.allocation = _routed_allocation(num_experts, ranks_spec, target, storage_path,
                                                        moe.num_layers, where)
@@ -190,10 +274,14 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
                                 "model config's key/value heads; set per_head: false")
                 return
         targets.append(LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, experts,
-                                  ranks, top_k, candidate, heads))
+                                  ranks, top_k, candidate, heads=heads,
+                                  group=_group_of(path, kind, id(module) in routers, prefixes)))
 
     for candidate in routed:
-        hits = _matched(entries, candidate.aliases)
+        storage_path = names[id(candidate.module)]
+        hits, left_out = _routed_hits(entries, candidate, storage_path, config.routed_experts)
+        for entry in left_out:
+            broad.setdefault(entry, (candidate.path, _explicit_example(entry, candidate, storage_path)))
         if not hits:
             continue
         if config.method == "mov" and candidate.projection != "down_proj" and candidate.path not in entries:
@@ -218,20 +306,36 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
                 add(path, module, "identity", None, [width], [width])
             continue
         if not isinstance(module, nn.Linear):
-            if any(names.get(id(candidate.module), "").startswith(path + ".") for candidate in routed):
+            if any(names[id(target.module)].startswith(path + ".") for target in targets if target.routed):
                 matched_entries.update(hits)  # a mixture module (e.g. an attention projection made of experts)
             continue
         matched_entries.update(hits)
         add(path, module, "linear", None, [module.in_features], [module.out_features])
     for entry in [] if config.default_targets else entries:
-        if entry not in matched_entries and not any(repr(entry) in problem for problem in problems):
+        if entry in matched_entries or any(repr(entry) in problem for problem in problems):
+            continue
+        if entry in broad:
+            problems.append(f"{where}.target_modules: {entry!r} reaches only routed experts ({broad[entry][0]}, "
+                            f"...), which broad names leave out: set {where}.routed_experts to true or name the "
+                            f"experts' module ({broad[entry][1]!r})")
+        else:
             problems.append(f"{where}.target_modules: {entry!r} matches no projection of {type(root).__name__} "
                             "(routers are only matched by full path)")
     if not targets and not problems:
-        problems.append(f"{where}.target_modules: nothing to adapt")
+        problems.append(f"{where}.target_modules: nothing to adapt" + (
+            f"; {sorted(broad)} reach only routed experts: set {where}.routed_experts to true" if broad else ""))
     if problems:
         raise ValueError("invalid moepatch config:\n  " + "\n  ".join(problems))
     return targets
+
+
+def _explicit_example(entry: str, candidate: RoutedProjection, storage_path: str) -> str:
+    """An entry naming the routed experts that ``entry`` reached by a broad name: the matched path from the storage
+    module's name on (``w1`` → ``experts.w1``), else the projection's own path from there (``experts.gate_proj``)."""
+    start = storage_path.rfind(".") + 1
+    alias = next((alias for alias in candidate.aliases if _matches(entry, alias) and alias.startswith(storage_path)),
+                 candidate.path)
+    return alias[start:]
 
 
 def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int, out_features: int,

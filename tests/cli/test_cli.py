@@ -113,13 +113,30 @@ def test_env_report():
 
 
 def test_inspect_reports_lora_expert_targets(tmp_path: Path):
-    tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe",
-                              moepatch={"lora_experts": {"method": "mola", "num_experts": [2, 4, 6, 8], "top_k": 2}})
+    """The targets and the trainable parameters per group, checked against the modules a real patch creates."""
+    import re
+
+    import moepatch
+
+    block = {"lora_experts": {"method": "mola", "num_experts": [2, 4, 6, 8], "top_k": 2, "routed_experts": True}}
+    tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe", moepatch=block)
     result = run_cli("inspect", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "lora_experts (mola): 37 projections; base frozen" in result.stdout
+    assert "lora_experts (mola): 37 projections; " in result.stdout
     assert "model.layers.*.mlp.experts.down_proj: 3x (8 routed experts each), experts [2, 6, 8]" in result.stdout
     assert "model.layers.*.self_attn.q_proj: 4x (linear), experts [2, 4, 6, 8]" in result.stdout
+    model = tiny.tiny_model("qwen2_moe")
+    base = sum(p.numel() for p in model.parameters())
+    moepatch.apply(model, block)
+    created = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    routed = sum(n for name, n in created.items() if ".mlp.experts." in name)
+    line = re.search(r"; ([\d,]+) LoRA-expert parameters \(trainable, base frozen\) = [\d.]+% of the model's ([\d,]+)"
+                     r":.* routed experts ([\d,]+)", result.stdout)
+    assert line, result.stdout
+    assert [int(g.replace(",", "")) for g in line.groups()] == [sum(created.values()), base, routed]
+    down = sum(n for name, n in created.items() if re.search(r"\.mlp\.experts\.lora_experts\.down_proj\.", name))
+    assert f"model.layers.*.mlp.experts.down_proj: 3x (8 routed experts each), experts [2, 6, 8], ranks [8], " \
+           f"top-k [2], output, {down:,} parameters" in result.stdout
 
 
 def test_demo_runs_twice_into_the_same_folder(tmp_path: Path):

@@ -211,7 +211,7 @@ def test_moduleformer_install_round_trip(tmp_path, batch):
 def test_trained_lora_experts_reach_a_tool_that_never_imports_moepatch(tmp_path, batch):
     """Save a model with trained LoRA experts, install the loader: a trust_remote_code tool gets the same logits."""
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "mixtral", moepatch={
-        "lora_experts": {"method": "mola", "num_experts": 3, "top_k": 2, "r": 4}})
+        "lora_experts": {"method": "mola", "num_experts": 3, "top_k": 2, "r": 4, "routed_experts": True}})
     model = moepatch.from_pretrained(checkpoint)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:

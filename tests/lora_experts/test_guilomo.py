@@ -120,7 +120,7 @@ def test_allocate_writes_official_files_that_drive_stage_two(tmp_path):
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe")
     done = subprocess.run([sys.executable, "-m", "moepatch.cli", "allocate", str(checkpoint), "--max-experts", "4",
                            "--max-rank", "4", "--examples", "16", "--batch-size", "4", "--max-length", "48",
-                           "--target-modules", "q_proj", "v_proj", "down_proj"],
+                           "--target-modules", "q_proj", "v_proj", "down_proj", "experts.down_proj"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     experts = json.loads((checkpoint / "guilomo" / "expert.json").read_text())
@@ -133,7 +133,8 @@ def test_allocate_writes_official_files_that_drive_stage_two(tmp_path):
     assert all(1 <= r <= 4 for r in ranks.values())
     model = tiny.tiny_model("qwen2_moe")
     model.config._name_or_path = str(checkpoint / "guilomo")  # relative files resolve against the checkpoint
-    moepatch.apply(model, {"lora_experts": {"method": "mola", "target_modules": ["q_proj", "v_proj", "down_proj"],
+    targets = ["q_proj", "v_proj", "down_proj", "experts.down_proj"]  # the routed experts named explicitly
+    moepatch.apply(model, {"lora_experts": {"method": "mola", "target_modules": targets,
                                             "num_experts": "expert.json", "r": "rank.json", "top_k": 2}})
     q = model.model.layers[0].self_attn.q_proj.lora_experts
     assert q.num_experts == experts["model.layers.0.self_attn.q_proj"]

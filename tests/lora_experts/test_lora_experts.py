@@ -16,10 +16,10 @@ from moepatch.lora_experts.routed import RoutedExpertSets
 from moepatch.testing import tiny
 from tests import family_facts
 
-METHODS = {
-    "molora": {"method": "molora", "num_experts": 3, "r": 4},
-    "mov": {"method": "mov", "num_experts": 3},
-    "mola": {"method": "mola", "num_experts": 4, "top_k": 2, "r": 4, "balance_loss": True},
+METHODS = {  # routed experts included: these tests mean every kind of projection
+    "molora": {"method": "molora", "num_experts": 3, "r": 4, "routed_experts": True},
+    "mov": {"method": "mov", "num_experts": 3, "routed_experts": True},
+    "mola": {"method": "mola", "num_experts": 4, "top_k": 2, "r": 4, "balance_loss": True, "routed_experts": True},
 }
 
 
@@ -122,7 +122,7 @@ def test_routed_expert_sets_see_exactly_the_routers_tokens(family):
     """Rows reaching routed expert e's LoRA set are the hidden states of the tokens the base router sent to e
     (grouped storages hand all rows with each row's routed expert; one-expert storages the rows of one)."""
     model = tiny.tiny_model(family)
-    moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2}})
+    moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2, "routed_experts": True}})
     batch = tiny.demo_batch()
     router_inputs, received = {}, {}
     routers = family_facts.moe_routers(model)
@@ -303,7 +303,8 @@ def test_bad_config_names_the_field_and_changes_nothing(block, message):
 
 def test_routers_are_never_targeted_by_broad_names():
     model = tiny.tiny_model("qwen2_moe")
-    handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "target_modules": ["re:.*gate.*"]}})
+    handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "target_modules": ["re:.*gate.*"],
+                                                     "routed_experts": True}})
     assert not any(path.endswith("mlp.gate") or path.endswith("shared_expert_gate") for path in handle.lora_targets)
     assert any(path.endswith("experts.gate_proj") for path in handle.lora_targets)
     handle.remove()

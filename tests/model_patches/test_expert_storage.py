@@ -88,7 +88,7 @@ def test_row_stacked_experts_are_reached_by_their_own_names(batch):
     model = tiny.tiny_model("dbrx")
     reference = logits_of(model, batch)
     handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2,
-                                                     "target_modules": ["mlp.w1", "v1"]}})
+                                                     "target_modules": ["mlp.w1", "v1"], "routed_experts": True}})
     assert sorted(handle.lora_targets) == [f"transformer.blocks.{i}.ffn.experts.{p}" for i in range(2)
                                            for p in ("gate_proj", "up_proj")]
     experts = model.transformer.blocks[0].ffn.experts

@@ -184,7 +184,8 @@ def test_freeze_gate_freezes_exactly_the_router_parameters(new_family):
 def test_lora_experts_install_train_and_undo(new_family, batch):
     model = tiny.tiny_model(new_family)
     reference, before = logits_of(model, batch), _state(model)
-    handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2}})
+    handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2,
+                                                     "routed_experts": True}})
     assert any(".experts." in target for target in handle.lora_targets)
     model.train()
     output = model(**batch, labels=batch["input_ids"])
@@ -260,7 +261,8 @@ def test_dbrx_lora_on_routed_experts_equals_an_independent_glu(batch):
     """Each routed expert's LoRA sets join its GLU (w1 gate, v1 up, w2 down) on exactly the tokens DbrxFFN sent it:
     the block output equals a per-token computation from the published DBRX expert formula."""
     model = tiny.tiny_model("dbrx")
-    handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2}})
+    handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2,
+                                                     "routed_experts": True}})
     assert sorted(handle.lora_targets) == [f"transformer.blocks.{i}.ffn.experts.{p}" for i in range(2)
                                            for p in ("down_proj", "gate_proj", "up_proj")]
     torch.manual_seed(1)
