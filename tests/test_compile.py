@@ -11,10 +11,11 @@ import torch
 import torch._dynamo
 
 import moepatch
+from moepatch.lora_experts.grouped import _blockwise
+from moepatch.lora_experts.grouped import exact_grouped_matmul
+from moepatch.lora_experts.grouped import grouped_matmul
+from moepatch.lora_experts.grouped import kernel_runs
 from moepatch.lora_experts.routed import RoutedExpertSets
-from moepatch.lora_experts.routed import _blockwise
-from moepatch.lora_experts.routed import _kernel_runs
-from moepatch.lora_experts.routed import grouped_matmul
 from moepatch.testing import tiny
 
 ROUTED = ["q_proj", "v_proj", "mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
@@ -43,20 +44,24 @@ def _labels(batch: dict) -> torch.Tensor:
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("block", sorted(BLOCKS))
-def test_explain_finds_no_graph_break(block):
-    """C2R + routing_stats + LoRA experts on attention and on the routed experts: one graph, no break."""
-    model = _patched(BLOCKS[block])
+def test_explain_finds_no_graph_break(block, training):
+    """C2R + routing_stats + LoRA experts on attention and on the routed experts: one graph, no break (in training
+    too: MoLA's per-expert dropout masks and the balance loss)."""
+    model = _patched(BLOCKS[block]).train(training)
     assert any(isinstance(m, RoutedExpertSets) for m in model.modules())
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(**tiny.demo_batch())
+    batch = tiny.demo_batch()
+    # called as torch.compile(model) calls it: the model's forward hooks (the LoRA experts' losses) in the same frame
+    explained = torch._dynamo.explain(lambda **kwargs: model(**kwargs, labels=_labels(batch)))(**batch)
     reasons = [str(reason.reason).splitlines()[0] for reason in explained.break_reasons]
     assert explained.graph_break_count == 0, reasons
     assert explained.graph_count == 1
 
 
 def test_compiled_forward_and_training_step_equal_eager():
-    block = BLOCKS["mola"]
+    block = {**BLOCKS["mola"], "lora_experts": {**BLOCKS["mola"]["lora_experts"], "dropout": 0.0}}  # same function
     batch = tiny.demo_batch()
     eager, compiled = _patched(block).train(), _patched(block).train()
     runs = {}
@@ -147,7 +152,23 @@ def test_grouped_matmul_equals_a_product_per_row(fan_in, fan_out):
     expected = _reference_grouped(rows, weight, groups)
     torch.testing.assert_close(_blockwise(rows, weight, groups).double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grouped_matmul(rows, weight, ends, groups).double(), expected, atol=1e-5, rtol=1e-5)
-    assert _kernel_runs(rows, weight) == (fan_out % 4 == 0 and fan_in % 4 == 0 and hasattr(torch, "_grouped_mm"))
+    assert kernel_runs(rows, weight) == (fan_out % 4 == 0 and fan_in % 4 == 0 and hasattr(torch, "_grouped_mm"))
+
+
+@pytest.mark.parametrize(("fan_in", "fan_out", "dtype"), [(8, 4, torch.float32), (32, 3, torch.float32),
+                                                         (8, 4, torch.float64)])
+def test_exact_grouped_matmul_equals_a_product_per_row_and_compiles(fan_in, fan_out, dtype):
+    """The top-k LoRA experts' product: the kernel, or transformers' fallback operator (odd widths, float64), which
+    ``torch.compile`` keeps in one graph."""
+    torch.manual_seed(0)
+    groups = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3])
+    ends = torch.tensor([3, 3, 5, 9], dtype=torch.int32)
+    rows, weight = torch.randn(9, fan_in, dtype=dtype), torch.randn(4, fan_in, fan_out, dtype=dtype)
+    expected = _reference_grouped(rows, weight, groups)
+    torch.testing.assert_close(exact_grouped_matmul(rows, weight, ends).double(), expected, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(exact_grouped_matmul, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(rows, weight, ends).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def _sets(kind: str, num: int = 3) -> RoutedExpertSets:

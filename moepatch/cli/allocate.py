@@ -39,6 +39,9 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=positive_int, default=2)
     parser.add_argument("--target-modules", nargs="+", type=non_empty_text,
                         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    parser.add_argument("--routed-experts", action="store_true",
+                        help="let the target names reach the routed experts too (one allocation per routed expert); "
+                             "by default they adapt attention, dense and shared projections only")
     parser.add_argument("--epochs", type=positive_int, default=1)
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--examples", type=positive_int,
@@ -89,7 +92,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--top-k", f"{args.top_k} is more than --max-experts {args.max_experts}")
     if args.data and args.examples is not None:
         raise UsageError("--examples", "only applies to the embedded data; with --data every record is used")
-    block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k, args.lora_dropout)
+    block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k, args.lora_dropout,
+                          args.routed_experts)
     narrowest = check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
     if args.max_rank > narrowest:
         raise UsageError("--max-rank", f"{args.max_rank} exceeds the narrowest adapted projection ({narrowest} "

@@ -286,14 +286,16 @@ def write_allocation(allocation: dict[str, Any], folder: str | Path) -> tuple[Pa
     return expert, rank
 
 
-def search_config(targets: list[str], max_experts: int, max_rank: int, top_k: int = 2, dropout: float = 0.05
-                  ) -> dict[str, Any]:
+def search_config(targets: list[str], max_experts: int, max_rank: int, top_k: int = 2, dropout: float = 0.05,
+                  routed_experts: bool = False) -> dict[str, Any]:
     """The lora_experts block that builds the stage-1 model (swapped for SearchLoraExperts by ``to_search_layers``):
     LoRA dropout 0.05 and the balance loss of the official stage 1 — per layer, pooled, summed over layers, with
     coefficient 1e-3 but **without** the factor N (the official stage-1 loss leaves it out), i.e. moepatch's
-    ``"layer"`` value times ``1e-3 / N_max``."""
-    return {"method": "mola", "target_modules": targets, "num_experts": max_experts, "r": max_rank, "top_k": top_k,
-            "dropout": dropout, "balance_loss": {"coef": 1e-3 / max_experts, "reduction": "layer"}}
+    ``"layer"`` value times ``1e-3 / N_max``.  ``routed_experts``: broad target names reach the routed experts too
+    (one GSV set per routed expert)."""
+    return {"method": "mola", "target_modules": targets, "routed_experts": routed_experts, "num_experts": max_experts,
+            "r": max_rank, "top_k": top_k, "dropout": dropout,
+            "balance_loss": {"coef": 1e-3 / max_experts, "reduction": "layer"}}
 
 
 def to_search_layers(model: nn.Module, max_rank: int) -> int:

@@ -400,8 +400,9 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
     from moepatch.lora_experts.balance import install_balance_hook
 
     undo.add_callback(lambda: moe.inner.__dict__.pop(AUX_ATTRIBUTE, None))  # the hook's last values go too
-    undo.add_hook(install_balance_hook(moe.inner, [expert_set.router for expert_set in created], config,
-                                       layer_indexer(moe)))
+    if config.balance_loss is not None or config.z_loss_coef:  # nothing to add otherwise: no hook, no work
+        undo.add_hook(install_balance_hook(moe.inner, [expert_set.router for expert_set in created], config,
+                                           layer_indexer(moe)))
     return created
 
 

@@ -29,10 +29,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.moe import _grouped_mm
 
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-"""The dtypes torch's grouped GEMM takes; others (float64) run the per-expert loop."""
+from moepatch.lora_experts.grouped import exact_grouped_matmul
 
 
 def _init_router(weight: torch.Tensor, scheme: str) -> None:
@@ -86,28 +84,6 @@ class ExpertRouter(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.weight.shape[1]}, experts={self.num_experts}, top_k={self.top_k}"
                 + ("" if self.top_k is None or self.renormalize else ", renormalize=False"))
-
-
-def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """``rows [S, in]`` sorted by group, ``weight [G, in, out]``, ``ends [G]`` (int32, cumulative row counts):
-    ``rows[ends[g-1]:ends[g]] @ weight[g]`` for every group, as one grouped GEMM (transformers' dispatcher picks
-    torch's kernel or its own fallback operator; no host sync on the kernel path).  Where the kernel cannot run —
-    float64, or strides that are not 16-byte multiples (odd widths) — a Python loop over the groups, after one host
-    sync for the group sizes."""
-    if rows.dtype in GROUPED_MM_DTYPES and _aligned(rows, weight):
-        return _grouped_mm(rows, weight, ends)
-    bounds = [0, *ends.tolist()]
-    return torch.cat([rows[start:end] @ weight[g] for g, (start, end) in enumerate(zip(bounds, bounds[1:]))])
-
-
-def _aligned(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch's grouped GEMM wants 16-byte aligned pointers and strides (on CPU too), of the output and the gradients
-    of its backward as well.  Under ``torch.compile`` pointers are not inspected (fresh buffers are aligned)."""
-    size = rows.element_size()
-    strides = [rows.stride(0), rows.shape[1], *weight.stride(), weight.shape[-1]]
-    if not all(stride * size % 16 == 0 for stride in strides if stride != 1):
-        return False
-    return torch.compiler.is_compiling() or (rows.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
 class LoraExperts(nn.Module):
@@ -199,7 +175,7 @@ class LoraExperts(nn.Module):
         ends = torch.searchsorted(experts, torch.arange(self.num_experts, device=experts.device), right=True)
         ends = ends.to(torch.int32)
         rows = self._expert_rows(x.reshape(-1, self.in_features).to(a_stack.dtype), k, order)
-        out = _grouped_matmul(_grouped_matmul(rows, a_stack, ends), b_stack, ends)  # [T·k, out], by expert
+        out = exact_grouped_matmul(exact_grouped_matmul(rows, a_stack, ends), b_stack, ends)  # [T·k, out], by expert
         row_scale = weights.reshape(-1)[order].float() * self._expert_scale[experts]
         out = out * row_scale.unsqueeze(-1).to(out.dtype)  # after B: its gradient is then never an expanded one
         by_token = torch.empty_like(out).index_copy(0, order, out)

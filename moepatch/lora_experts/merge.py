@@ -85,13 +85,20 @@ def fold_problem(site: ExpertSetSite) -> str | None:
     return None
 
 
+def _single_vector(expert_set: VectorExperts) -> torch.Tensor:
+    """δ of a one-expert MoV set over the whole width (float32): ``delta[0]``, or per head ``delta[:, 0]`` laid
+    out head after head as the projection's output is."""
+    delta = expert_set.delta.detach().float()
+    return delta[0] if expert_set.heads is None else delta[:, 0].reshape(-1)
+
+
 def weight_delta(site: ExpertSetSite, weight: torch.Tensor) -> torch.Tensor:
     """ΔW (float32, ``[out, in]``) of a single-expert set on a projection whose ``[out, in]`` weight is ``weight``."""
     expert_set = site.expert_set
     if isinstance(expert_set, LoraExperts):
         a, b = expert_set.lora_A[0].float(), expert_set.lora_B[0].float()
         return expert_set.scaling[0] * (b @ a)
-    delta = expert_set.delta[0].float()  # the (IA)³ vector is 1 + δ: W·diag(1+δ) − W = W·diag(δ)
+    delta = _single_vector(expert_set)  # the (IA)³ vector is 1 + δ: W·diag(1+δ) − W = W·diag(δ)
     if site.target.placement == "input":
         return weight.float() * delta[None, :]
     return weight.float() * delta[:, None]
@@ -123,7 +130,7 @@ def _linear_fold(site: ExpertSetSite, module: nn.Linear) -> Callable[[], None]:
     delta = weight_delta(site, module.weight)
     bias_scale = None
     if isinstance(site.expert_set, VectorExperts) and site.target.placement == "output" and module.bias is not None:
-        bias_scale = site.expert_set.delta[0].detach().float().clone()
+        bias_scale = _single_vector(site.expert_set).clone()
 
     def fold() -> None:
         module.weight.add_(delta.to(module.weight.dtype))

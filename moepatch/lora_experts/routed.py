@@ -26,60 +26,9 @@ The stacked routers leave each set's router holding what the balance loss reads:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-_KERNEL = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-"""torch's grouped GEMM (``None`` on a torch without it)."""
-_KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
-
-
-def _kernel_runs(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM takes these operands: a kernel for the device and dtype, 16-byte aligned
-    pointers, strides and widths (the backward's operands too: the output's gradient has the output's width); under
-    ``torch.compile`` only bfloat16 on CUDA (its meta function refuses the rest)."""
-    if _KERNEL is None or rows.dtype != weight.dtype or rows.dtype not in _KERNEL_DTYPES.get(rows.device.type, ()):
-        return False
-    if torch.compiler.is_compiling():
-        return rows.device.type == "cuda" and rows.dtype == torch.bfloat16
-    if rows.device.type == "cuda" and torch.cuda.get_device_capability(rows.device) < (8, 0):
-        return False
-    size = rows.element_size()
-    strides = [stride for stride in (*rows.stride(), *weight.stride()) if stride != 1]
-    pointers = (rows.data_ptr(), weight.data_ptr())
-    return all(n * size % 16 == 0 for n in (*strides, *weight.shape[1:])) and all(p % 16 == 0 for p in pointers)
-
-
-def _blockwise(rows: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """:func:`grouped_matmul` without the kernel and without a host sync: every row against all ``G`` weights at
-    once, keeping its own group's block — ``G`` times the FLOPs, ``[S, G, min(in, out)]`` of memory (the LoRA side
-    of each product is the narrow one: a rank or a router width)."""
-    count, (num, fan_in, fan_out) = rows.shape[0], weight.shape
-    if fan_out <= fan_in:  # [S, G·out], then each row's block
-        every = rows @ weight.permute(1, 0, 2).reshape(fan_in, num * fan_out)
-        return every.view(count, num, fan_out).gather(1, groups.view(-1, 1, 1).expand(count, 1, fan_out)).squeeze(1)
-    spread = rows.new_zeros(count, num, fan_in).scatter(1, groups.view(-1, 1, 1).expand(count, 1, fan_in),
-                                                        rows.unsqueeze(1))  # each row in its group's block, else 0
-    return spread.view(count, num * fan_in) @ weight.reshape(num * fan_in, fan_out)
-
-
-def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, groups: torch.Tensor
-                   ) -> torch.Tensor:
-    """``rows[i] @ weight[groups[i]]`` for every row.
-
-    Args:
-        rows (`torch.Tensor` of shape `[S, in]`): sorted by group.
-        weight (`torch.Tensor` of shape `[G, in, out]`): one matrix per group.
-        ends (`torch.Tensor` of shape `[G]`, int32): cumulative row count per group (torch's grouped GEMM reads it).
-        groups (`torch.Tensor` of shape `[S]`, int64): each row's group (the kernel-free path reads it).
-
-    Returns:
-        `torch.Tensor` of shape `[S, out]`: torch's grouped GEMM where it runs (:func:`_kernel_runs`), else
-        :func:`_blockwise`; neither synchronises with the host.
-    """
-    if _kernel_runs(rows, weight):
-        return _KERNEL(rows, weight, offs=ends)
-    return _blockwise(rows, weight, groups)
+from moepatch.lora_experts.grouped import grouped_matmul
 
 
 def _set_shape(expert_set: nn.Module) -> tuple:

@@ -38,7 +38,7 @@ def _train_like(model: torch.nn.Module, seed: int = 1) -> None:
 
 
 def _single_expert(method: str, family: str) -> dict:
-    block = {"method": method, "num_experts": 1}
+    block = {"method": method, "num_experts": 1, "routed_experts": True}
     if method == "molora":
         block["r"] = 4
     if method == "mov" and family == "moduleformer":
@@ -68,7 +68,8 @@ def test_merge_equals_the_patched_model_and_leaves_no_trace(family, method):
 def test_merged_weights_equal_the_lora_fold():
     model = tiny.tiny_model("mixtral")
     base = {name: p.detach().clone().double() for name, p in model.named_parameters()}
-    moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 1, "r": 4, "alpha": 6.0}})
+    moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 1, "r": 4, "alpha": 6.0,
+                                            "routed_experts": True}})
     _train_like(model)
     attention = model.model.layers[1].self_attn.q_proj.lora_experts
     gate = model.model.layers[1].mlp.experts.lora_experts["gate_proj"].sets[5]
@@ -93,7 +94,7 @@ def test_merged_ia3_scales_rows_bias_and_columns():
     weight, bias, down = v_proj.weight.detach().clone(), v_proj.bias.detach().clone(), shared_down.weight.clone()
     moepatch.apply(model, {"lora_experts": {"method": "mov", "num_experts": 1}})
     _train_like(model)
-    v_scale = 1 + v_proj.lora_experts.delta[0].detach().clone()
+    v_scale = 1 + v_proj.lora_experts.delta[:, 0].detach().reshape(-1)  # per head [heads, 1, head_dim], in order
     down_scale = 1 + shared_down.lora_experts.delta[0].detach().clone()
     merge_into_base(model)
     torch.testing.assert_close(v_proj.weight, weight * v_scale[:, None], atol=1e-6, rtol=1e-6)
@@ -106,7 +107,8 @@ def test_merged_ia3_scales_rows_bias_and_columns():
     [
         ("mixtral", {"method": "mola", "num_experts": 4, "top_k": 2},
          r"model\.layers\.0\.self_attn\.q_proj: 4 experts mixed per token \(top_k=2\) — token-dependent routing"),
-        ("llama_moe", {"method": "molora", "num_experts": 3}, r"experts\.gate_proj: 3 experts mixed per token"),
+        ("llama_moe", {"method": "molora", "num_experts": 3, "routed_experts": True,
+                       "target_modules": ["gate_proj"]}, r"experts\.gate_proj: 3 experts mixed per token"),
         ("moduleformer", {"method": "mov", "num_experts": 1}, r"attn\.k_proj: an \(IA\)³ scale of a projection"),
     ],
 )
@@ -160,10 +162,11 @@ MIXTRAL_GATE_UP_RANKS = {f"model.layers.{i}.mlp.experts.{p}": (2 if p == "gate_p
     ("family", "block"),
     [(family, block) for family in FUSED_FAMILIES for block in (
         {"method": "molora", "num_experts": 1, "r": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1},
-        {"method": "molora", "num_experts": 1, "r": 4, "alpha": 8.0},
-    )] + [("mixtral", {"method": "mola", "num_experts": 1, "top_k": 1, "target_modules": ["w1", "w3"],
+        {"method": "molora", "num_experts": 1, "r": 4, "alpha": 8.0, "routed_experts": True},
+    )] + [("mixtral", {"method": "mola", "num_experts": 1, "top_k": 1, "target_modules": ["experts.w1", "experts.w3"],
                        "r": MIXTRAL_GATE_UP_RANKS, "alpha": 5.0}),
-          ("mixtral", {"method": "molora", "num_experts": 1, "r": 2, "target_modules": ["gate_proj", "o_proj"]})],
+          ("mixtral", {"method": "molora", "num_experts": 1, "r": 2, "target_modules": ["gate_proj", "o_proj"],
+                       "routed_experts": True})],
 )
 def test_peft_adapter_reproduces_the_patched_model(tmp_path, family, block):
     from peft import PeftModel
@@ -189,8 +192,10 @@ def test_peft_adapter_reproduces_the_patched_model(tmp_path, family, block):
     [
         ("mixtral", {"method": "molora", "num_experts": 2}, r"q_proj: 2 experts mixed per token by a router"),
         ("olmoe", {"method": "mov", "num_experts": 1}, r"MoV experts are \(IA\)³ scales"),
-        ("llama_moe", {"method": "molora", "num_experts": 1}, r"no layout for 'parameter_list' routed experts"),
-        ("dbrx", {"method": "molora", "num_experts": 1}, r"no layout for 'stacked_rows' routed experts"),
+        ("llama_moe", {"method": "molora", "num_experts": 1, "routed_experts": True},
+         r"no layout for 'parameter_list' routed experts"),
+        ("dbrx", {"method": "molora", "num_experts": 1, "routed_experts": True},
+         r"no layout for 'stacked_rows' routed experts"),
     ],
 )
 def test_export_refuses_what_peft_cannot_express(tmp_path, family, block, message):

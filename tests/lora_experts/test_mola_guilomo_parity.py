@@ -73,7 +73,8 @@ def _mola_obalance(seen: dict[str, tuple[LoraExperts, list[torch.Tensor]]], top_
 def test_layer_reduction_equals_mola_obalance_without_padding(targets):
     model = tiny.tiny_model("qwen2_moe").train()
     moepatch.apply(model, {"lora_experts": {"method": "mola", "num_experts": 4, "top_k": 2, "r": 2,
-                                            "target_modules": targets, "balance_loss": {"coef": 1.0}}})
+                                            "target_modules": targets, "routed_experts": True,
+                                            "balance_loss": {"coef": 1.0}}})
     assert model.config.moepatch["lora_experts"]["balance_loss"]["reduction"] == "layer"  # the default
     seen = _capture_inputs(model)
     model(**_unpadded_batch())
@@ -150,7 +151,7 @@ def test_per_routed_expert_allocation_round_trip(tmp_path):
     """search layers → export (one GSV set per routed expert) → expert.json / rank.json → apply: every routed expert
     of a routed projection gets its own searched count and ranks."""
     torch.manual_seed(0)
-    block = search_config(["q_proj", "down_proj"], 4, 4)
+    block = search_config(["q_proj", "down_proj"], 4, 4, routed_experts=True)
     search_model = tiny.tiny_model("qwen2_moe")
     moepatch.apply(search_model, {"lora_experts": block})
     to_search_layers(search_model, 4)
@@ -169,7 +170,8 @@ def test_per_routed_expert_allocation_round_trip(tmp_path):
     model = tiny.tiny_model("qwen2_moe")
     model.config._name_or_path = str(tmp_path)
     moepatch.apply(model, {"lora_experts": {"method": "mola", "target_modules": ["q_proj", "down_proj"],
-                                            "num_experts": "expert.json", "r": "rank.json", "top_k": 2}})
+                                            "routed_experts": True, "num_experts": "expert.json", "r": "rank.json",
+                                            "top_k": 2}})
     for name, module in search_model.named_modules():
         match = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.lora_experts\.down_proj\.sets\.(\d+)", name)
         if match is None:
@@ -193,13 +195,14 @@ def test_per_routed_expert_keys_fall_back_to_the_projection_key():
     ranks |= {f"model.layers.0.mlp.experts.5.down_proj.expertlora_E_vector_{i}": 1 + i for i in range(3)}
     model = tiny.tiny_model("qwen2_moe")
     moepatch.apply(model, {"lora_experts": {"method": "mola", "target_modules": ["down_proj"], "num_experts": counts,
-                                            "r": ranks}})
+                                            "r": ranks, "routed_experts": True}})
     sets = model.model.layers[0].mlp.experts.lora_experts["down_proj"].sets
     assert [s.ranks for s in sets] == [[1, 2, 3] if e == 5 else [2, 2] for e in range(len(sets))]
     missing = {key: value for key, value in ranks.items() if not key.startswith("model.layers.2.mlp.experts.down")}
     with pytest.raises(ValueError, match=r"moepatch\.lora_experts\.r: no rank for 'model\.layers\.2\.mlp\.experts"):
         moepatch.apply(tiny.tiny_model("qwen2_moe"), {"lora_experts": {
-            "method": "mola", "target_modules": ["down_proj"], "num_experts": counts, "r": missing}})
+            "method": "mola", "target_modules": ["down_proj"], "num_experts": counts, "r": missing,
+            "routed_experts": True}})
 
 
 def test_stage_one_recipe_defaults_are_the_official_ones_and_flags_override(tmp_path):
