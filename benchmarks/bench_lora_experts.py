@@ -48,13 +48,14 @@ from bench_forward import synchronize  # noqa: E402
 MODELS = ("tiny", "qwen1.5-moe")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ROUTED = ["mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
+NO_DROPOUT = {"method": "mola", "r": 8, "dropout": 0.0}  # peft's LoRA default: the same work on both sides
 VARIANTS = {
     "peft-lora": None,
-    "mola-8": {"method": "mola", "target_modules": ATTENTION, "num_experts": 8, "top_k": 2, "r": 8},
-    "mola-32": {"method": "mola", "target_modules": ATTENTION, "num_experts": 32, "top_k": 2, "r": 8},
+    "mola-8": {**NO_DROPOUT, "target_modules": ATTENTION, "num_experts": 8, "top_k": 2},
+    "mola-32": {**NO_DROPOUT, "target_modules": ATTENTION, "num_experts": 32, "top_k": 2},
     "peft-target-parameters": None,
-    "routed-1": {"method": "mola", "target_modules": ROUTED, "num_experts": 1, "top_k": 1, "r": 8},
-    "routed-mola-8": {"method": "mola", "target_modules": ROUTED, "num_experts": 8, "top_k": 2, "r": 8},
+    "routed-1": {**NO_DROPOUT, "target_modules": ROUTED, "num_experts": 1, "top_k": 1},
+    "routed-mola-8": {**NO_DROPOUT, "target_modules": ROUTED, "num_experts": 8, "top_k": 2},
 }
 BASELINE = {"mola-8": "peft-lora", "mola-32": "mola-8", "routed-1": "peft-target-parameters",
             "routed-mola-8": "peft-target-parameters"}
