@@ -1,4 +1,4 @@
-"""The ``moepatch`` command: inspect, demo, profile, place, allocate, install, uninstall, env.
+"""The ``moepatch`` command: inspect, demo, profile, place, allocate, experts, install, uninstall, env.
 
 Every argument is checked when parsed (types below) or, where the check needs the checkpoint's structure, against a
 weightless meta-device skeleton — before any model is loaded or any file is written.  Every failure goes through
@@ -28,6 +28,7 @@ from moepatch.cli.arguments import seed
 from moepatch.cli.demo import check_demo_arguments
 from moepatch.cli.demo import cmd_demo
 from moepatch.cli.env import cmd_env
+from moepatch.cli.experts import add_experts_arguments
 from moepatch.cli.inspect import cmd_inspect
 from moepatch.cli.install import cmd_install
 from moepatch.cli.install import cmd_uninstall
@@ -38,7 +39,7 @@ from moepatch.errors import run_guarded
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = ("inspect", "demo", "profile", "place", "allocate", "install", "uninstall", "env")
+COMMANDS = ("inspect", "demo", "profile", "place", "allocate", "experts", "install", "uninstall", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     allocate = sub.add_parser("allocate", help="GuiLoMo search: per-module expert counts and per-expert ranks")
     add_allocate_arguments(allocate)
     allocate.set_defaults(func=cmd_allocate)
+    experts = sub.add_parser("experts", help="task experts (MELD): fit-router, route, merge")
+    add_experts_arguments(experts, CommandParser)
 
     place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token report")
     place.add_argument("source", type=place_source,

@@ -252,15 +252,16 @@ def _blamed_argument(error: BaseException, argv: Sequence[str]) -> str:
     return "TrainingArguments"
 
 
-def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any]:
-    """The four argument objects; raises :class:`UsageError` naming the argument for any bad value."""
+def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
+    """The five argument objects; raises :class:`UsageError` naming the argument for any bad value."""
     from transformers import TrainingArguments
 
     from moepatch.mixing.callback import DynamicSamplingArguments
+    from moepatch.task_experts.training import TaskExpertArguments
     from moepatch.validation import check_output_folder
 
     _, argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
-    types = (ModelArguments, DataArguments, DynamicSamplingArguments, TrainingArguments)
+    types = (ModelArguments, DataArguments, DynamicSamplingArguments, TrainingArguments, TaskExpertArguments)
     known = {f.name for kind in types for f in dataclasses.fields(kind) if f.init}
     parser = _make_parser(types)
     _refuse_repeated_flags(argv, parser)  # the user's own command line; a recipe's value may be overridden once
@@ -280,7 +281,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any]:
     except (ValueError, NotImplementedError, TypeError, OSError) as error:  # TrainingArguments' own checks
         raise UsageError(_blamed_argument(error, argv), str(error)) from error
     _check_training_arguments(parsed[3])
-    return tuple(parsed[:4])  # type: ignore[return-value]
+    if parsed[4].task_experts:  # one expert per source: no mixture to re-weight
+        parsed[1].dynamic_sampling = False
+    return tuple(parsed[:5])  # type: ignore[return-value]
 
 
 def _refuse_repeated_flags(argv: Sequence[str], parser: Any) -> None:
@@ -367,7 +370,8 @@ def _check_report_to(report_to: Any) -> None:
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
-    """``(model_args, data_args, sampling_args, training_args)`` from ``argv`` (``--recipe`` defaults first).
+    """``(model_args, data_args, sampling_args, training_args, expert_args)`` from ``argv`` (``--recipe`` defaults
+    first).
 
     Every value is checked here (the files the arguments name are checked by :func:`check_inputs`).  A bad one
     prints ``finetune: error: --flag: what was expected, got X`` on stderr and raises ``SystemExit(2)``.
@@ -513,7 +517,7 @@ def source_names(data_args: DataArguments) -> list[str]:
 
 
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any,
-                 training_args: Any) -> list[str]:
+                 training_args: Any, expert_args: Any = None) -> list[str]:
     """Check everything the arguments name before anything is loaded or written; return the source names.
 
     The checkpoint folder and its config with every override (:func:`prepare_config`), the sources' files and
@@ -542,6 +546,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     check_model_structure(model_args, config,
                           probe_layers=list(sampling_args.probe_layers) if data_args.dynamic_sampling else None)
     names = source_names(data_args)
+    if expert_args is not None:
+        _check_task_expert_inputs(expert_args, data_args, names, training_args.resume_from_checkpoint)
     dynamic, mixture = data_args.dynamic_sampling, _mixture_run(data_args)
     if dynamic and len(names) < 2:
         raise UsageError("--dynamic_sampling", f"dynamic mixing re-weights several sources; found one ({names[0]!r}). "
@@ -585,6 +591,27 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
                                          "rounds would be appended to it. Choose a new folder, remove it, or pass "
                                          "--resume_from_checkpoint")
     return names
+
+
+def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names: list[str], resume: Any) -> None:
+    """``--task_experts`` trains one adapter per source: no mixture, no resume; its own flags checked."""
+    if not expert_args.task_experts:
+        given = [flag for flag, value in (("--tasks", expert_args.tasks),
+                                          ("--expert_routed_experts", expert_args.expert_routed_experts)) if value]
+        if given:
+            raise UsageError(given[0], "only applies with --task_experts true")
+        return
+    if data_args.initial_weights:
+        raise UsageError("--initial_weights", "--task_experts trains one expert per source, not a weighted mixture")
+    if resume:
+        raise UsageError("--resume_from_checkpoint", "not supported with --task_experts (each task's run is short: "
+                                                     "train the missing tasks with --tasks)")
+    try:
+        expert_args.check(names)
+    except ValueError as error:
+        flag, _, message = str(error).partition(": ")
+        raise UsageError(flag if flag.startswith("--") else "--task_experts",
+                         message if flag.startswith("--") else str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -749,7 +776,8 @@ def load_tokenizer(path: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any, training_args: Any) -> dict:
+def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any, training_args: Any,
+        expert_args: Any = None) -> dict:
     """Train and save; returns a summary (sources, rounds, final weights, output folder).
 
     Nothing is written before the tokenizer is loaded, the data is read and tokenised and the model is loaded:
@@ -818,6 +846,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
 
         model = load_for_command(model_args.model_name_or_path, config=config, dtype=torch.float32)
         model.config.use_cache = False
+        task_experts = expert_args is not None and expert_args.task_experts
+        if task_experts:  # peft can reach what is asked: checked before anything is written
+            from moepatch.task_experts.training import routed_target_parameters
+
+            try:
+                expert_parameters = routed_target_parameters(model) if expert_args.expert_routed_experts else []
+            except ValueError as error:
+                raise UsageError("--expert_routed_experts", str(error).partition(": ")[2]) from None
         if data_args.dynamic_sampling:
             try:  # checked on the skeleton already (check_inputs); the loaded model is what the rounds record
                 resolve_layer_indices(describe(model), list(sampling_args.probe_layers), "probe_layers")
@@ -827,6 +863,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
             shutil.copytree(scratch, output_dir / "data", dirs_exist_ok=True)
     _barrier()
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+    if task_experts:
+        return _train_task_experts(model, tokenizer, sources, collator, model_args, training_args, expert_args,
+                                   expert_parameters, prompt_format)
     summary: dict[str, Any] = {"sources": names, "prompt_format": prompt_format,
                                "train_examples": [len(s.train) for s in sources],
                                "dropped_train_examples": [s.dropped for s in sources],
@@ -863,6 +902,24 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     if sampler is not None:
         summary["final_weights"] = sampler.weights
     if trainer.is_world_process_zero():
+        (output_dir / "moepatch_finetune_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _train_task_experts(model: Any, tokenizer: Any, sources: list[Any], collator: Any, model_args: ModelArguments,
+                        training_args: Any, expert_args: Any, parameters: list[str], prompt_format: str) -> dict:
+    """``--task_experts``: one peft LoRA per source (see :mod:`moepatch.task_experts.training`)."""
+    from moepatch.task_experts.training import train_task_experts
+
+    output_dir = Path(training_args.output_dir)
+    tasks = expert_args.check([source.name for source in sources])
+    manifest = train_task_experts(model, sources, tasks, collator, training_args, expert_args,
+                                  str(Path(model_args.model_name_or_path).resolve()), parameters)
+    if training_args.process_index == 0:
+        tokenizer.save_pretrained(str(output_dir / "experts"))
+    summary = {"sources": [source.name for source in sources], "prompt_format": prompt_format,
+               "task_experts": manifest.to_dict()["experts"], "global_step": 0, "rounds": []}
+    if training_args.process_index == 0:
         (output_dir / "moepatch_finetune_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -909,16 +966,26 @@ def rounds_table(rounds: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def _finetune(argv: Sequence[str] | None) -> int:
-    model_args, data_args, sampling_args, training_args = _parse(argv)
-    check_inputs(model_args, data_args, sampling_args, training_args)
-    summary = run(model_args, data_args, sampling_args, training_args)
+    model_args, data_args, sampling_args, training_args, expert_args = _parse(argv)
+    check_inputs(model_args, data_args, sampling_args, training_args, expert_args)
+    summary = run(model_args, data_args, sampling_args, training_args, expert_args)
     if training_args.process_index == 0:
         header, rows = rounds_table(summary["rounds"])
         if rows:
             from moepatch.report import format_table
 
             print("\n".join(format_table(header, rows, rule=False)))
-        print(f"moepatch finetune: done, {summary['global_step']} steps, model saved to {training_args.output_dir}")
+        if summary.get("task_experts"):
+            from moepatch.report import format_table
+
+            rows = [[e["task"], str(e["examples"]), f"{e['train_loss']:.4f}", e["path"]]
+                    for e in summary["task_experts"]]
+            print("\n".join(format_table(["task", "examples", "train loss", "expert"], rows, rule=False)))
+            print(f"moepatch finetune: done, {len(rows)} task experts in {training_args.output_dir}/experts "
+                  "(manifest.json)")
+        else:
+            print(f"moepatch finetune: done, {summary['global_step']} steps, model saved to "
+                  f"{training_args.output_dir}")
     import torch.distributed as dist
 
     if distributed_ready():

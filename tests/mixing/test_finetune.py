@@ -105,7 +105,7 @@ def test_static_mixture_follows_initial_weights(checkpoint, tmp_path):
 
 def test_recipe_defaults_and_command_line_override(tmp_path):
     recipe = REPO / "configs" / "llama_moe_dynamic.json"
-    model_args, data_args, sampling, training = parse_arguments(
+    model_args, data_args, sampling, training, _ = parse_arguments(
         ["--recipe", str(recipe), "--model_name_or_path", "ckpt", "--data_dir", "data", "--output_dir",
          str(tmp_path), "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero1_cpu.json"), "--bf16", "false",
          "--use_cpu", "--update_every", "50"])
@@ -149,7 +149,7 @@ def test_source_discovery_official_layout_and_errors(tmp_path):
         (root / "train" / name / "fschat_0.jsonl").write_text("{}\n")
     (root / "dev").mkdir()
     (root / "dev" / "code.jsonl").write_text("{}\n")
-    _, data_args, _, _ = parse_arguments(["--model_name_or_path", "x", "--data_dir", str(root),
+    _, data_args, _, _, _ = parse_arguments(["--model_name_or_path", "x", "--data_dir", str(root),
                                           "--output_dir", str(tmp_path / "o")])
     found = source_paths(data_args)
     assert list(found) == ["code", "orca"]  # sorted, as the official code orders sources

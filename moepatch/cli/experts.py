@@ -1,0 +1,279 @@
+"""``moepatch experts``: task experts (MELD, Yan et al., KDD 2024) after ``scripts/finetune.py --task_experts true``.
+
+* ``fit-router OUT [--data DATA]``: fit the request router on each task's dev examples, print held-out accuracy;
+* ``route OUT --input requests.jsonl --top-k 2``: the chosen tasks and weights of every request (jsonl);
+* ``merge OUT --tasks a b --weights 0.5 0.5 --method cat|svd`` (or ``--from-routes routes.jsonl``): peft
+  ``add_weighted_adapter`` merges, checked against the experts' own deltas.
+
+Every argument is checked before a model is loaded or a file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from moepatch.cli.arguments import existing_file
+from moepatch.cli.arguments import fraction
+from moepatch.cli.arguments import non_empty_text
+from moepatch.cli.arguments import positive_int
+from moepatch.cli.arguments import seed
+from moepatch.errors import CommandError
+from moepatch.errors import UsageError
+
+ROUTER_FOLDER = "router"
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _group(text: str) -> tuple[str, list[str]]:
+    name, _, tasks = text.partition("=")
+    members = [task for task in tasks.split(",") if task]
+    if not name or not members:
+        raise argparse.ArgumentTypeError(f"expected GROUP=task,task,..., got {text!r}")
+    return name, members
+
+
+def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -> None:
+    sub = parser.add_subparsers(dest="experts_command", required=True, parser_class=parser_class)
+    fit = sub.add_parser("fit-router", help="fit the request router on each task's dev examples")
+    fit.add_argument("output", help="the finetune --task_experts output folder (or its experts/ folder)")
+    fit.add_argument("--data", help="multi-source data folder (default: OUT/data, written by --synthetic_data)")
+    fit.add_argument("--head", choices=("centroid", "linear"), default="centroid")
+    fit.add_argument("--features", nargs="+", choices=("hidden", "load"), default=["hidden", "load"],
+                     help="base-model signature: mean-pooled final hidden state and/or per-layer expert loads")
+    fit.add_argument("--encoder", help="a local sentence-transformers model folder instead of the base model")
+    fit.add_argument("--holdout", type=fraction, default=0.25, help="share of each task's examples held out")
+    fit.add_argument("--max-examples", type=positive_int, default=64, help="examples per task at most")
+    fit.add_argument("--max-length", type=positive_int, default=256)
+    fit.add_argument("--batch-size", type=positive_int, default=8)
+    fit.add_argument("--group", type=_group, action="append", default=[], metavar="GROUP=task,task",
+                     help="task groups for the cross-task evaluation (a task alone is its own group)")
+    fit.add_argument("--seed", type=seed, default=0)
+    route = sub.add_parser("route", help="choose the top-k task experts of each request")
+    route.add_argument("output", help="the task-experts output folder (with a fitted router)")
+    route.add_argument("--input", required=True, type=existing_file,
+                       help="jsonl: 'text' / 'prompt' or conversation records; 'task' optional (then accuracy)")
+    route.add_argument("--top-k", type=positive_int, default=2)
+    route.add_argument("--exclude", choices=("none", "cross-dataset", "cross-task"), default="none",
+                       help="MELD's evaluation variants: leave the request's own task (or task group) out")
+    route.add_argument("--routes", help="where to write the routes (default: OUT/experts/routes.jsonl)")
+    merge = sub.add_parser("merge", help="merge task experts with peft add_weighted_adapter (cat or svd)")
+    merge.add_argument("output", help="the task-experts output folder")
+    merge.add_argument("--tasks", nargs="+", type=non_empty_text)
+    merge.add_argument("--weights", nargs="+", type=_finite, help="one per task (default: 1/k each)")
+    merge.add_argument("--method", choices=("cat", "svd"), default="cat")
+    merge.add_argument("--rank", type=positive_int, help="svd only: the merged rank (default: the largest)")
+    merge.add_argument("--from-routes", type=existing_file,
+                       help="merge every task combination of a `route` output (MELD merged every pair it saw)")
+    merge.add_argument("--max-lora-rank", type=positive_int,
+                       help="refuse merges of a larger rank (vLLM's max_lora_rank)")
+    merge.add_argument("--name", type=non_empty_text, help="the merged adapter's name (default: tasks joined by +)")
+    parser.set_defaults(func=cmd_experts, check=check_experts_arguments)
+
+
+def check_experts_arguments(args: argparse.Namespace) -> None:
+    if args.experts_command != "merge":
+        return
+    if args.from_routes is not None:
+        for flag, value in (("--tasks", args.tasks), ("--name", args.name), ("--rank", args.rank)):
+            if value is not None:
+                raise UsageError(flag, "not with --from-routes (every combination in the routes is merged)")
+        if args.method != "cat":
+            raise UsageError("--method", "--from-routes merges with cat (exact); merge one combination with svd")
+    elif not args.tasks:
+        raise UsageError("--tasks", "required (two tasks or more), or --from-routes")
+
+
+def _manifest(output: str) -> Any:
+    from moepatch.task_experts.manifest import read_manifest
+
+    try:
+        return read_manifest(output)
+    except ValueError as error:
+        raise UsageError("output", str(error)) from None
+
+
+def _base(manifest: Any) -> tuple[Any, Any]:
+    """The patched base model and the experts' tokenizer (a pad token set for batched signatures)."""
+    from transformers import AutoTokenizer
+
+    import moepatch
+
+    if not Path(manifest.base).is_dir():
+        raise CommandError(f"the experts' base {manifest.base} (manifest.json 'base') is not a folder here")
+    model = moepatch.from_pretrained(manifest.base)
+    manifest.check_base(model.config, manifest.base)
+    tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _encoder(manifest: Any, description: dict[str, Any], batch_size: int = 8) -> Any:
+    from moepatch.task_experts.router import BaseModelEncoder
+    from moepatch.task_experts.router import SentenceTransformerEncoder
+
+    if description["kind"] == "sentence_transformers":
+        return SentenceTransformerEncoder(description["path"])
+    model, tokenizer = _base(manifest)
+    return BaseModelEncoder(model, tokenizer, features=description["features"],
+                            max_length=description["max_length"], batch_size=batch_size)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from moepatch.report import format_table
+
+    tasks = sorted(report["confusion"])
+    if report["exclude"] == "none":
+        rows = [[task, str(sum(report["confusion"][task].values())), f"{report['per_task_accuracy'][task]:.3f}"]
+                + [str(report["confusion"][task].get(other, 0)) for other in tasks] for task in tasks]
+        print("\n".join(format_table(["task", "requests", "accuracy"] + [f"->{t}" for t in tasks], rows,
+                                     rule=False)))
+        print(f"routing accuracy {report['accuracy']:.3f}, top-{report['top_k']} recall "
+              f"{report['top_k_recall']:.3f} on {report['requests']} held-out requests")
+    else:
+        chosen = sorted({t for row in report["confusion"].values() for t in row})
+        rows = [[task] + [str(report["confusion"][task].get(other, 0)) for other in chosen] for task in tasks]
+        print("\n".join(format_table(["task"] + [f"->{t}" for t in chosen], rows, rule=False)))
+        if "same_group_accuracy" in report:
+            print(f"{report['exclude']}: routed to a task of the same group {report['same_group_accuracy']:.3f}")
+
+
+def cmd_fit_router(args: argparse.Namespace) -> int:
+    from moepatch.task_experts.requests import split_requests
+    from moepatch.task_experts.requests import task_requests
+    from moepatch.task_experts.router import TaskRouter
+    from moepatch.task_experts.router import routing_report
+
+    manifest = _manifest(args.output)
+    data = Path(args.data) if args.data else manifest.folder.parent / "data"
+    if not data.is_dir():
+        raise UsageError("--data", f"{data} is not a data folder" + ("" if args.data else
+                                                                     " (OUT/data is written by --synthetic_data)"))
+    groups = {}
+    for name, members in args.group:
+        for task in members:
+            if task not in manifest.tasks:
+                raise UsageError("--group", f"unknown task {task!r} in group {name!r}; the experts are "
+                                            f"{manifest.tasks}")
+            groups[task] = name
+    try:
+        by_task = task_requests(data, manifest.tasks)
+        fit, held = split_requests(by_task, args.holdout, args.max_examples, args.seed)
+    except ValueError as error:
+        raise UsageError("--data", str(error).removeprefix("--data: ")) from None
+    description = ({"kind": "sentence_transformers", "path": str(Path(args.encoder).resolve())} if args.encoder
+                   else {"kind": "base_model", "features": list(args.features), "max_length": args.max_length})
+    try:
+        encoder = _encoder(manifest, description, args.batch_size)
+    except ValueError as error:
+        raise UsageError("--encoder", str(error).removeprefix("--encoder: ")) from None
+    signatures = encoder.encode([request.text for request in fit + held])
+    router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=args.head,
+                            encoder=encoder.describe(), groups=groups, seed=args.seed)
+    folder = manifest.folder / ROUTER_FOLDER
+    router.save(folder)
+    print(f"router ({args.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "
+          f"saved to {folder}")
+    if held:
+        report = routing_report(router, signatures[len(fit):], [request.task for request in held],
+                                min(2, len(router.tasks)))
+        _print_report(report)
+        (folder / "holdout_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from moepatch.task_experts.requests import read_requests
+    from moepatch.task_experts.router import TaskRouter
+    from moepatch.task_experts.router import routing_report
+
+    manifest = _manifest(args.output)
+    try:
+        router = TaskRouter.load(manifest.folder / ROUTER_FOLDER)
+    except ValueError as error:
+        raise UsageError("output", str(error)) from None
+    if args.top_k > len(router.tasks):
+        raise UsageError("--top-k", f"{args.top_k} is more than the router's {len(router.tasks)} tasks")
+    try:
+        requests = read_requests(args.input)
+    except ValueError as error:
+        raise UsageError("--input", str(error)) from None
+    known = [request for request in requests if request.task is not None]
+    unknown = sorted({r.task for r in known if r.task not in router.tasks})
+    if unknown:
+        raise UsageError("--input", f"task(s) {unknown} are not among the router's {router.tasks}")
+    if args.exclude != "none" and len(known) != len(requests):
+        raise UsageError("--exclude", "needs every request's own 'task' in --input")
+    routes_path = Path(args.routes) if args.routes else manifest.folder / "routes.jsonl"
+    from moepatch.validation import check_output_folder
+
+    check_output_folder(routes_path.parent, "--routes")
+    signatures = _encoder(manifest, router.encoder).encode([request.text for request in requests])
+    own = [request.task for request in requests]
+    choices = router.route(signatures, args.top_k, own_tasks=own, exclude=args.exclude)
+    with routes_path.open("w") as stream:
+        for request, choice in zip(requests, choices):
+            stream.write(json.dumps({"where": request.where, "text": request.text, "tasks": choice.tasks,
+                                     "weights": choice.weights, **({"task": request.task} if request.task else {})})
+                         + "\n")
+    print(f"routed {len(requests)} requests (top-{args.top_k}, exclude {args.exclude}) -> {routes_path}")
+    if known and len(known) == len(requests):
+        _print_report(routing_report(router, signatures, own, args.top_k, args.exclude))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from moepatch.task_experts.merging import MERGED_FOLDER
+    from moepatch.task_experts.merging import MergeRequest
+    from moepatch.task_experts.merging import check_request
+    from moepatch.task_experts.merging import combinations_from_routes
+    from moepatch.task_experts.merging import load_experts
+    from moepatch.task_experts.merging import merge_loaded
+    from moepatch.task_experts.merging import write_merges
+
+    manifest = _manifest(args.output)
+    if args.from_routes is not None:
+        try:
+            requests = combinations_from_routes(args.from_routes, args.weights)
+        except ValueError as error:
+            raise UsageError("--from-routes", str(error)) from None
+    else:
+        weights = args.weights if args.weights is not None else [1.0 / len(args.tasks)] * len(args.tasks)
+        requests = [MergeRequest(list(args.tasks), list(weights), args.method, args.rank, args.name)]
+    for request in requests:  # every merge checked before the base is loaded
+        try:
+            check_request(manifest, request, args.max_lora_rank)
+        except ValueError as error:
+            flag, _, message = str(error).partition(": ")
+            raise UsageError(flag if flag.startswith("--") else "--tasks", message) from None
+    tasks = list(dict.fromkeys(task for request in requests for task in request.tasks))
+    model, _ = _base(manifest)
+    output = manifest.folder / MERGED_FOLDER
+    output.mkdir(parents=True, exist_ok=True)
+    peft_model = load_experts(model, manifest, tasks)
+    results = []
+    for request in requests:
+        result = merge_loaded(peft_model, manifest, request, output)
+        results.append(result)
+        print(f"{result.name}: {result.method} of {result.tasks} weights {result.weights} -> rank {result.rank}, "
+              f"max relative error {result.max_relative_error:.2e} over {len(result.module_errors)} modules")
+    path = write_merges(output, results)
+    print(f"wrote {len(results)} merged adapter(s) to {output} ({path.name})")
+    return 0
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    return {"fit-router": cmd_fit_router, "route": cmd_route, "merge": cmd_merge}[args.experts_command](args)

@@ -1,0 +1,85 @@
+"""Read a peft LoRA adapter folder into per-module weight deltas, without peft.
+
+The merge report compares what peft wrote against ``Σ wᵢ·sᵢ·BᵢAᵢ`` computed here from the experts' own files, so
+the check does not go through the code it checks.  Only safetensors are read (never a pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_config(folder: str | Path) -> dict:
+    """``adapter_config.json`` of a LoRA adapter; ``ValueError`` naming the file when it is not one."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {ADAPTER_CONFIG} (not a peft adapter folder)")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
+    return config
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the module path's end."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scaling(config: dict, module: str) -> float:
+    """``lora_alpha / r`` of one module (``/ √r`` with rsLoRA), pattern overrides included."""
+    rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def adapter_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
+    """``{module path: ΔW}`` (float64, ``[out, in]``) of every LoRA module of the adapter in ``folder``.
+
+    Module paths are those of the base model (peft's ``base_model.model.`` prefix removed).  ``ValueError`` for
+    adapters this reader does not model (DoRA, fused ``target_parameters`` entries, non-linear layers).
+    """
+    folder = Path(folder)
+    config = adapter_config(folder)
+    if config.get("use_dora"):
+        raise ValueError(f"{folder}: DoRA adapters have no plain weight delta")
+    weights_path = folder / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    tensors = load_file(str(weights_path))
+    deltas = {}
+    for key, a in tensors.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A\.weight", key)
+        if match is None:
+            continue
+        module = match.group(1)
+        b = tensors.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+        if b is None or a.dim() != 2 or b.dim() != 2:
+            raise ValueError(f"{weights_path}: {module} has no matching 2-D lora_B (a fused-parameter entry?)")
+        deltas[module] = module_scaling(config, module) * (b.double() @ a.double())
+    if not deltas:
+        raise ValueError(f"{weights_path}: no LoRA module found")
+    return deltas
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence transformers' deprecation of a name peft still calls (``is_gradient_checkpointing``): not the
+    user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

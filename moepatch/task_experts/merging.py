@@ -1,0 +1,210 @@
+"""Merge task experts into one adapter with peft's ``add_weighted_adapter`` (MELD's offline merge).
+
+``cat`` concatenates the weighted ``A``'s and the ``B``'s along the rank axis: the merged ``ΔW`` is exactly
+``Σ wᵢ·sᵢ·BᵢAᵢ`` and the rank is the sum of the ranks.  ``svd`` truncates that sum to ``--rank`` (default: the
+largest expert rank) and loses what the truncation drops.  Each merge is checked module by module against the sum
+computed from the experts' own files (:mod:`moepatch.task_experts.adapter_files`), and the relative Frobenius error
+is reported — ``cat`` must be exact to float rounding, ``svd`` says what it cost.
+
+Merged adapters go to ``<experts>/merged/<name>/`` (a standard peft folder) and ``<experts>/merged/merges.json``
+lists them (name, tasks, weights, method, rank, worst error).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moepatch.task_experts.adapter_files import adapter_config
+from moepatch.task_experts.adapter_files import adapter_deltas
+from moepatch.task_experts.adapter_files import quiet_peft
+from moepatch.task_experts.manifest import ExpertManifest
+
+METHODS = ("cat", "svd")
+MERGED_FOLDER = "merged"
+MERGES_FILE = "merges.json"
+CAT_TOLERANCE = 1e-4
+"""Largest relative error a ``cat`` merge may show (float32 rounding of the stored factors is ~1e-7)."""
+
+
+@dataclass
+class MergeRequest:
+    """One merge: tasks, their weights, the method, the rank (``svd`` only) and the adapter's name."""
+
+    tasks: list[str]
+    weights: list[float]
+    method: str = "cat"
+    rank: int | None = None
+    name: str | None = None
+
+    def adapter_name(self) -> str:
+        return self.name or "+".join(self.tasks)
+
+
+@dataclass
+class MergeResult:
+    name: str
+    tasks: list[str]
+    weights: list[float]
+    method: str
+    rank: int
+    path: str  # relative to the merged folder
+    max_relative_error: float
+    module_errors: dict[str, float]
+
+
+def merged_rank(ranks: Sequence[int], request: MergeRequest) -> int:
+    """The merged adapter's rank: the sum of the ranks (``cat``), else ``--rank`` or the largest rank (``svd``)."""
+    if request.method == "cat":
+        return sum(ranks)
+    return request.rank if request.rank is not None else max(ranks)
+
+
+def check_request(manifest: ExpertManifest, request: MergeRequest, max_lora_rank: int | None = None) -> int:
+    """Every problem of ``request`` as a ``ValueError`` naming the flag, before anything is loaded; returns the
+    merged rank."""
+    manifest.check_tasks(request.tasks, "--tasks")
+    if len(request.tasks) < 2:
+        raise ValueError(f"--tasks: a merge needs two experts or more, got {request.tasks}")
+    if len(request.weights) != len(request.tasks):
+        raise ValueError(f"--weights: {len(request.weights)} weight(s) {request.weights} for {len(request.tasks)} "
+                         f"tasks {request.tasks}")
+    if not all(isinstance(w, (int, float)) and w == w and abs(w) != float("inf") for w in request.weights):
+        raise ValueError(f"--weights: expected finite numbers, got {request.weights}")
+    if request.method not in METHODS:
+        raise ValueError(f"--method: expected one of {METHODS}, got {request.method!r}")
+    if request.rank is not None and request.method != "svd":
+        raise ValueError("--rank: only an svd merge has a chosen rank (cat's is the sum of the ranks)")
+    if request.rank is not None and request.rank < 1:
+        raise ValueError(f"--rank: expected an integer >= 1, got {request.rank}")
+    experts = [manifest.expert(task) for task in request.tasks]
+    fused = [expert.task for expert in experts if expert.target_parameters]
+    if fused:
+        raise ValueError(f"--tasks: the experts of {fused} adapt fused routed experts (peft target_parameters); "
+                         "peft's add_weighted_adapter cannot merge such adapters (peft 0.17+ refuses them): merge "
+                         "experts trained without routed experts, or serve these unmerged")
+    targets = {tuple(sorted(expert.target_modules)) for expert in experts}
+    if len(targets) > 1:
+        raise ValueError(f"--tasks: the experts adapt different modules ({sorted(targets)}); peft merges only "
+                         "adapters with the same target modules")
+    rank = merged_rank([expert.rank for expert in experts], request)
+    if max_lora_rank is not None and rank > max_lora_rank:
+        detail = (f"the sum of the ranks {[e.rank for e in experts]}" if request.method == "cat"
+                  else f"--rank {rank}")
+        raise ValueError(f"--max-lora-rank: the merged adapter {request.adapter_name()!r} has rank {rank} ({detail}),"
+                         f" more than --max-lora-rank {max_lora_rank}; merge fewer experts, use --method svd "
+                         "--rank R, or raise --max-lora-rank")
+    return rank
+
+
+def relative_errors(expected: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``‖merged − expected‖_F / ‖expected‖_F`` per module (0 where both are zero)."""
+    if set(expected) != set(merged):
+        missing, extra = sorted(set(expected) - set(merged)), sorted(set(merged) - set(expected))
+        raise ValueError(f"merged adapter modules differ from the experts': missing {missing[:3]}, extra {extra[:3]}")
+    errors = {}
+    for module, target in expected.items():
+        norm = torch.linalg.matrix_norm(target).item()
+        difference = torch.linalg.matrix_norm(merged[module] - target).item()
+        errors[module] = difference / norm if norm > 0 else difference
+    return errors
+
+
+def expected_deltas(manifest: ExpertManifest, request: MergeRequest) -> dict[str, torch.Tensor]:
+    """``Σ wᵢ·sᵢ·BᵢAᵢ`` per module from the experts' files (float64)."""
+    total: dict[str, torch.Tensor] = {}
+    for task, weight in zip(request.tasks, request.weights):
+        for module, delta in adapter_deltas(manifest.expert_path(task)).items():
+            total[module] = total[module] + weight * delta if module in total else weight * delta
+    return total
+
+
+def load_experts(base: torch.nn.Module, manifest: ExpertManifest, tasks: Sequence[str]) -> Any:
+    """A ``PeftModel`` over ``base`` with the experts of ``tasks`` loaded under their task names."""
+    from peft import PeftModel
+
+    manifest.check_base(base.config, "the base model")
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(manifest.expert_path(tasks[0])), adapter_name=tasks[0])
+        for task in tasks[1:]:
+            model.load_adapter(str(manifest.expert_path(task)), adapter_name=task)
+    return model
+
+
+def merge_loaded(model: Any, manifest: ExpertManifest, request: MergeRequest, output: Path) -> MergeResult:
+    """Merge ``request`` in a ``PeftModel`` holding its experts, write it to ``output / name`` and check it."""
+    name = request.adapter_name()
+    model.add_weighted_adapter(list(request.tasks), [float(w) for w in request.weights], adapter_name=name,
+                               combination_type=request.method, svd_rank=request.rank)
+    try:
+        with tempfile.TemporaryDirectory(dir=output, prefix=".writing-") as scratch:
+            model.save_pretrained(scratch, selected_adapters=[name])
+            written = Path(scratch) / name if (Path(scratch) / name).is_dir() else Path(scratch)
+            errors = relative_errors(expected_deltas(manifest, request), adapter_deltas(written))
+            worst = max(errors.values())
+            if request.method == "cat" and worst > CAT_TOLERANCE:
+                raise ValueError(f"cat merge {name!r}: relative error {worst:.2e} > {CAT_TOLERANCE} against the sum "
+                                 "of the experts' deltas (peft's cat should be exact); nothing written")
+            target = output / name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(written), str(target))
+    finally:
+        model.delete_adapter(name)
+    rank = adapter_config(target)["r"]
+    return MergeResult(name, list(request.tasks), [float(w) for w in request.weights], request.method, rank, name,
+                       worst, errors)
+
+
+def write_merges(output: Path, results: Sequence[MergeResult]) -> Path:
+    """Add ``results`` to ``output/merges.json`` (a later merge of the same name replaces the earlier entry)."""
+    path = output / MERGES_FILE
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    names = {result.name for result in results}
+    entries = [entry for entry in entries if entry["name"] not in names]
+    entries += [{key: value for key, value in asdict(result).items() if key != "module_errors"} for result in results]
+    path.write_text(json.dumps(entries, indent=1) + "\n")
+    return path
+
+
+def read_merges(output: Path) -> list[dict[str, Any]]:
+    path = output / MERGES_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def combination_key(tasks: Sequence[str], weights: Sequence[float]) -> tuple[str, ...]:
+    """What makes two merges the same adapter: the task set when the weights are equal (order does not matter),
+    else the tasks in order (the weights follow the router's ranking)."""
+    return tuple(sorted(tasks)) if len(set(weights)) == 1 else tuple(tasks)
+
+
+def combinations_from_routes(path: Path, weights: Sequence[float] | None) -> list[MergeRequest]:
+    """One ``cat`` request per distinct task combination in a ``route`` output (jsonl with ``"tasks"`` per line,
+    best first), as MELD merged every pair its router produced; ``weights`` by rank (the top task's first) or equal
+    ``1/k`` — then a pair is one adapter whatever its order."""
+    from moepatch.mixing.instruction_data import read_jsonl_located
+
+    seen: dict[tuple[str, ...], MergeRequest] = {}
+    for where, record in read_jsonl_located(path):
+        tasks = record.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks) or not tasks:
+            raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
+        if len(tasks) < 2:
+            continue
+        chosen = list(weights) if weights is not None else [1.0 / len(tasks)] * len(tasks)
+        if len(chosen) != len(tasks):
+            raise ValueError(f"--weights: {len(chosen)} weight(s) for the {len(tasks)} tasks of {where}")
+        key = combination_key(tasks, chosen)
+        if key not in seen:
+            seen[key] = MergeRequest(list(key) if key != tuple(tasks) else list(tasks), chosen)
+    if not seen:
+        raise ValueError(f"{path}: no request with two or more tasks (route with --top-k 2 or more)")
+    return list(seen.values())

@@ -1,0 +1,266 @@
+"""Request router: which task experts answer a request (MELD's router, at the level of whole requests).
+
+A request becomes a **signature** (an encoder), and a **head** scores the signature against every task:
+
+* Encoders.  :class:`BaseModelEncoder` (the default, no extra model): the base MoE itself — the mean-pooled final
+  hidden state over the request's tokens and, per MoE layer, the share of the request's expert choices each routed
+  expert got (read with :class:`~moepatch.routing.recorder.RoutingRecorder`), each part L2-normalised and
+  concatenated.  :class:`SentenceTransformerEncoder`: a sentence-transformers model from a local folder (MELD used
+  bge-large / bge-m3).  Anything with ``encode(texts) -> [n, d]`` and ``describe()`` plugs in.
+* Heads.  ``centroid``: cosine similarity to each task's mean signature.  ``linear``: a softmax classifier on
+  standardised signatures, trained with AdamW (full batch, weight decay).  Scores become weights by a softmax with
+  ``temperature``; the top-k are kept and renormalised.
+
+MELD's evaluation variants are routing options: ``cross-dataset`` leaves the request's own task out of the
+candidates, ``cross-task`` every task of its group (``groups``).  A router saves as ``router.safetensors`` (the
+head's tensors) + ``router.json`` (tasks, encoder, head); loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save_file
+
+ROUTER_CONFIG = "router.json"
+ROUTER_WEIGHTS = "router.safetensors"
+HEADS = ("centroid", "linear")
+EXCLUSIONS = ("none", "cross-dataset", "cross-task")
+FEATURES = ("hidden", "load")
+
+
+class RequestEncoder(Protocol):
+    def encode(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class BaseModelEncoder:
+    """Signatures from the base MoE: mean-pooled final hidden state and/or per-layer expert loads."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, features: Sequence[str] = FEATURES,
+                 max_length: int = 256, batch_size: int = 8) -> None:
+        unknown = [name for name in features if name not in FEATURES]
+        if unknown or not features:
+            raise ValueError(f"features: expected some of {FEATURES}, got {list(features)}")
+        self.model, self.tokenizer = model, tokenizer
+        self.features, self.max_length, self.batch_size = tuple(features), max_length, batch_size
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "base_model", "features": list(self.features), "max_length": self.max_length}
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        from moepatch.routing.recorder import RoutingRecorder
+
+        was_training = self.model.training
+        self.model.eval()
+        recorder = RoutingRecorder(self.model, keep_choices=True) if "load" in self.features else None
+        pieces = []
+        try:
+            for start in tqdm(range(0, len(texts), self.batch_size), desc="request signatures", unit="batch",
+                              disable=len(texts) <= self.batch_size):
+                batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
+                                       padding=True, truncation=True, max_length=self.max_length)
+                batch = {key: value.to(self.model.device) for key, value in batch.items()
+                         if key in ("input_ids", "attention_mask")}
+                parts = []
+                if recorder is not None:
+                    recorder.reset()
+                    recorder.start()
+                try:
+                    output = self.model(**batch, output_hidden_states=True)
+                finally:
+                    if recorder is not None:
+                        recorder.stop()
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                if "hidden" in self.features:
+                    hidden = output.hidden_states[-1].float()
+                    parts.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1))
+                if recorder is not None:
+                    parts.append(F.normalize(self._loads(recorder, batch["attention_mask"]), dim=-1))
+                pieces.append(torch.cat(parts, dim=-1).cpu())
+                if recorder is not None:
+                    recorder._choices = [[] for _ in recorder.layers]  # kept choices of this batch only
+        finally:
+            self.model.train(was_training)
+        return torch.cat(pieces)
+
+    @staticmethod
+    def _loads(recorder: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[batch, layers·E]``: per request and layer, the share of its choices each expert got."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        per_layer = []
+        for choices in recorder.choices.values():  # [non-padding tokens in order, k]
+            rows = [F.one_hot(part.reshape(-1), recorder.num_experts).float().mean(0) if part.numel()
+                    else torch.zeros(recorder.num_experts) for part in choices.split(lengths)]
+            per_layer.append(torch.stack(rows))
+        return torch.cat(per_layer, dim=-1)
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model from a local folder (no download): normalised sentence embeddings."""
+
+    def __init__(self, folder: str | Path, batch_size: int = 32) -> None:
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as error:
+            raise ValueError("--encoder: sentence-transformers is not installed (pip install "
+                             "'moepatch[router]')") from error
+        self.folder, self.batch_size = str(folder), batch_size
+        if not Path(folder).is_dir():
+            raise ValueError(f"--encoder: {folder} is not a folder holding a sentence-transformers model")
+        self.model = SentenceTransformer(self.folder, device="cpu", local_files_only=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "sentence_transformers", "path": self.folder}
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                                 normalize_embeddings=True, show_progress_bar=len(texts) > self.batch_size).cpu()
+
+
+@dataclass
+class RouteChoice:
+    tasks: list[str]
+    weights: list[float]
+    scores: list[float]
+
+
+class TaskRouter:
+    """A fitted head over an encoder's signatures (see the module docstring)."""
+
+    def __init__(self, tasks: Sequence[str], head: str, tensors: dict[str, torch.Tensor], encoder: dict[str, Any],
+                 temperature: float = 0.05, groups: dict[str, str] | None = None) -> None:
+        if head not in HEADS:
+            raise ValueError(f"--head: expected one of {HEADS}, got {head!r}")
+        self.tasks, self.head, self.tensors, self.encoder = list(tasks), head, tensors, encoder
+        self.temperature = temperature
+        self.groups = dict(groups or {})
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, signatures: torch.Tensor, labels: Sequence[str], *, head: str = "centroid",
+            encoder: dict[str, Any], temperature: float | None = None, groups: dict[str, str] | None = None,
+            steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> TaskRouter:
+        """Fit on ``signatures [n, d]`` with task ``labels`` (every task needs one example or more).
+        ``temperature`` of the weights' softmax: default 0.05 over cosine similarities (centroid), 1 over logits
+        (linear)."""
+        tasks = sorted(set(labels))
+        if len(tasks) < 2:
+            raise ValueError(f"a router needs examples of two tasks or more, got {tasks}")
+        target = torch.tensor([tasks.index(label) for label in labels])
+        signatures = signatures.float()
+        if head == "centroid":
+            centroids = torch.stack([signatures[target == i].mean(0) for i in range(len(tasks))])
+            return cls(tasks, head, {"centroids": F.normalize(centroids, dim=-1)}, encoder,
+                       0.05 if temperature is None else temperature, groups)
+        if head != "linear":
+            raise ValueError(f"--head: expected one of {HEADS}, got {head!r}")
+        mean, std = signatures.mean(0), signatures.std(0).clamp(min=1e-6)
+        x = (signatures - mean) / std
+        generator = torch.Generator().manual_seed(seed)
+        weight = (torch.randn(len(tasks), x.shape[1], generator=generator) * 0.01).requires_grad_()
+        bias = torch.zeros(len(tasks), requires_grad=True)
+        optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(x @ weight.T + bias, target).backward()
+            optimizer.step()
+        tensors = {"weight": weight.detach(), "bias": bias.detach(), "mean": mean, "std": std}
+        return cls(tasks, head, tensors, encoder, 1.0 if temperature is None else temperature, groups)
+
+    # ------------------------------------------------------------------ routing
+    def scores(self, signatures: torch.Tensor) -> torch.Tensor:
+        """``[n, tasks]`` scores (cosine similarities or logits)."""
+        signatures = signatures.float()
+        if self.head == "centroid":
+            return F.normalize(signatures, dim=-1) @ self.tensors["centroids"].T
+        x = (signatures - self.tensors["mean"]) / self.tensors["std"]
+        return x @ self.tensors["weight"].T + self.tensors["bias"]
+
+    def excluded(self, own_task: str | None, exclude: str) -> list[int]:
+        """Task indices left out for a request of ``own_task`` under MELD's evaluation variant ``exclude``."""
+        if exclude not in EXCLUSIONS:
+            raise ValueError(f"--exclude: expected one of {EXCLUSIONS}, got {exclude!r}")
+        if exclude == "none" or own_task is None:
+            return []
+        if exclude == "cross-dataset":
+            return [self.tasks.index(own_task)] if own_task in self.tasks else []
+        group = self.groups.get(own_task, own_task)
+        return [i for i, task in enumerate(self.tasks) if self.groups.get(task, task) == group]
+
+    def route(self, signatures: torch.Tensor, top_k: int = 2, *, own_tasks: Sequence[str | None] | None = None,
+              exclude: str = "none") -> list[RouteChoice]:
+        """The top-k tasks of each request and their weights (softmax over the kept scores, renormalised)."""
+        if not 1 <= top_k <= len(self.tasks):
+            raise ValueError(f"--top-k: expected 1..{len(self.tasks)} (the router's tasks), got {top_k}")
+        scores = self.scores(signatures)
+        own_tasks = list(own_tasks) if own_tasks is not None else [None] * len(scores)
+        choices = []
+        for row, own in zip(scores, own_tasks):
+            row = row.clone()
+            left_out = self.excluded(own, exclude)
+            row[left_out] = float("-inf")
+            k = min(top_k, len(self.tasks) - len(left_out))
+            if k < 1:
+                raise ValueError(f"--exclude {exclude}: no task left for a request of {own!r}")
+            values, indices = row.topk(k)
+            weights = torch.softmax(values / self.temperature, dim=-1)
+            choices.append(RouteChoice([self.tasks[i] for i in indices.tolist()], weights.tolist(), values.tolist()))
+        return choices
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({key: value.contiguous() for key, value in self.tensors.items()}, str(folder / ROUTER_WEIGHTS))
+        (folder / ROUTER_CONFIG).write_text(json.dumps(
+            {"tasks": self.tasks, "head": self.head, "temperature": self.temperature, "encoder": self.encoder,
+             "groups": self.groups}, indent=1) + "\n")
+        return folder / ROUTER_CONFIG
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TaskRouter:
+        folder = Path(folder)
+        config_path, weights_path = folder / ROUTER_CONFIG, folder / ROUTER_WEIGHTS
+        if not config_path.is_file() or not weights_path.is_file():
+            raise ValueError(f"{folder}: no fitted router ({ROUTER_CONFIG} + {ROUTER_WEIGHTS}); run "
+                             "`moepatch experts fit-router` first")
+        config = json.loads(config_path.read_text())
+        for key in ("tasks", "head", "encoder"):
+            if key not in config:
+                raise ValueError(f"{config_path}: missing {key!r}")
+        return cls(config["tasks"], config["head"], load_file(str(weights_path)), config["encoder"],
+                   float(config.get("temperature", 0.05)), config.get("groups"))
+
+
+def routing_report(router: TaskRouter, signatures: torch.Tensor, labels: Sequence[str], top_k: int,
+                   exclude: str = "none") -> dict[str, Any]:
+    """Routing accuracy (top-1 is the request's task), top-k recall, a confusion table; under ``cross-dataset``
+    the share routed to a task of the same group; under ``cross-task`` where requests went."""
+    choices = router.route(signatures, top_k, own_tasks=labels, exclude=exclude)
+    report: dict[str, Any] = {"requests": len(labels), "top_k": top_k, "exclude": exclude}
+    confusion: dict[str, dict[str, int]] = {task: {} for task in sorted(set(labels))}
+    for label, choice in zip(labels, choices):
+        confusion[label][choice.tasks[0]] = confusion[label].get(choice.tasks[0], 0) + 1
+    report["confusion"] = confusion
+    if exclude == "none":
+        report["accuracy"] = sum(c.tasks[0] == label for c, label in zip(choices, labels)) / len(labels)
+        report["top_k_recall"] = sum(label in c.tasks for c, label in zip(choices, labels)) / len(labels)
+        report["per_task_accuracy"] = {task: row.get(task, 0) / sum(row.values()) for task, row in confusion.items()}
+    elif exclude == "cross-dataset":
+        group = router.groups.get
+        report["same_group_accuracy"] = sum(group(c.tasks[0], c.tasks[0]) == group(label, label)
+                                            for c, label in zip(choices, labels)) / len(labels)
+    return report

@@ -1,0 +1,139 @@
+"""Train one peft LoRA per task (MELD's experts) on a patched MoE base, one task after another.
+
+The base is loaded once, with moepatch's patches from its config.json active (frozen routers, C2R, statistics): each
+task wraps it in a fresh peft LoRA, trains on that task's examples with the HF Trainer, saves the adapter to
+``OUT/experts/<task>/`` and unwraps it again (``unload``: the base modules come back untouched), so every expert
+starts from the same base.  LoRA reaches attention, dense and shared projections by name (MELD's "all linear":
+q, k, v, o, gate, up, down) — never a router — and, with ``routed_experts``, the fused routed experts through peft's
+``target_parameters`` (one LoRA per routed expert).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moepatch.task_experts.adapter_files import quiet_peft
+from moepatch.task_experts.manifest import EXPERTS_FOLDER
+from moepatch.task_experts.manifest import TASK_NAME
+from moepatch.task_experts.manifest import ExpertManifest
+from moepatch.task_experts.manifest import TaskExpert
+
+logger = logging.getLogger("moepatch.task_experts")
+MELD_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TaskExpertArguments:
+    """``scripts/finetune.py`` flags of per-task expert training (MELD: r 16, α 32, dropout 0, all linear)."""
+
+    task_experts: bool = field(default=False, metadata={
+        "help": "Train one peft LoRA per data source (task) instead of one model on the mixture; writes "
+                "OUT/experts/<task>/ and OUT/experts/manifest.json."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "Only these sources (default: every source)."})
+    expert_r: int = field(default=16, metadata={"help": "LoRA rank of each expert (MELD: 16)."})
+    expert_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (MELD: 32)."})
+    expert_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (MELD: 0)."})
+    expert_target_modules: list[str] = field(default_factory=lambda: list(MELD_TARGETS), metadata={
+        "help": "Projection names (module path suffixes); routers are never adapted."})
+    expert_routed_experts: bool = field(default=False, metadata={
+        "help": "Also adapt the fused routed experts (peft target_parameters, one LoRA per routed expert)."})
+
+    def check(self, source_names: Sequence[str]) -> list[str]:
+        """The tasks to train, every flag checked (``ValueError`` naming it)."""
+        if self.expert_r < 1:
+            raise ValueError(f"--expert_r: expected an integer >= 1, got {self.expert_r}")
+        if not self.expert_alpha > 0:
+            raise ValueError(f"--expert_alpha: expected a number > 0, got {self.expert_alpha}")
+        if not 0 <= self.expert_dropout < 1:
+            raise ValueError(f"--expert_dropout: expected a number in [0, 1), got {self.expert_dropout}")
+        if not self.expert_target_modules or not all(name.strip() for name in self.expert_target_modules):
+            raise ValueError("--expert_target_modules: expected one or more projection names")
+        bad = [name for name in source_names if not TASK_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"task names {bad}: a task name is a folder and an adapter name (letters, digits, "
+                             "'_', '.', '-')")
+        tasks = list(self.tasks) if self.tasks else list(source_names)
+        unknown = [task for task in tasks if task not in source_names]
+        if unknown:
+            raise ValueError(f"--tasks: unknown task(s) {unknown}; the data has {list(source_names)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"--tasks: a task is given twice in {tasks}")
+        return tasks
+
+
+def routed_target_parameters(model: nn.Module) -> list[str]:
+    """peft ``target_parameters`` reaching the routed experts' fused tensors (``mlp.experts.gate_up_proj``...), from
+    the family's storage adapter; ``ValueError`` when peft has no layout for this family's experts."""
+    from model_patches.expert_storage import storage_of
+    from model_patches.structure import describe
+
+    moe = describe(model)
+    storage = storage_of(moe)
+    names = {id(module): path for path, module in model.named_modules()}
+    found: list[str] = []
+    for projection in storage.projections(moe):
+        layout = storage.peft_parameter(projection.module, projection.projection)
+        if layout is None:
+            raise ValueError(f"--expert_routed_experts: peft has no target_parameters layout for "
+                             f"{type(projection.module).__name__} routed experts ({storage.kind})")
+        path = names[id(projection.module)]
+        suffix = ".".join(part for part in path.split(".") if not part.isdigit() and part not in ("model", "layers"))
+        name = f"{suffix}.{layout[0]}"
+        if name not in found:
+            found.append(name)
+    if not found:
+        raise ValueError("--expert_routed_experts: the model has no routed experts peft can reach")
+    return found
+
+
+def lora_config(args: TaskExpertArguments, target_parameters: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.expert_r, lora_alpha=args.expert_alpha, lora_dropout=args.expert_dropout,
+                      target_modules=list(args.expert_target_modules), target_parameters=target_parameters or None,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence[str], collator: Any,
+                       training_args: Any, args: TaskExpertArguments, base: str,
+                       parameters: list[str] | None = None) -> ExpertManifest:
+    """Train the experts of ``tasks`` (``sources``: :class:`moepatch.mixing.instruction_data.DataSource`) one after
+    another and write the manifest; returns it.  ``parameters``: peft ``target_parameters`` (routed experts;
+    default: :func:`routed_target_parameters` when ``args.expert_routed_experts``)."""
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    output = Path(training_args.output_dir) / EXPERTS_FOLDER
+    by_name = {source.name: source for source in sources}
+    if parameters is None:
+        parameters = routed_target_parameters(model) if args.expert_routed_experts else []
+    manifest = ExpertManifest(base, model.config.model_type, model.config.hidden_size, [], output)
+    for task in tasks:
+        source = by_name[task]
+        try:
+            with quiet_peft():
+                peft_model = get_peft_model(model, lora_config(args, parameters))
+        except ValueError as error:
+            raise ValueError(f"--expert_target_modules: {error}") from None
+        folder = output / task
+        task_args = dataclasses.replace(training_args, output_dir=str(output.parent / "task_runs" / task))
+        logger.info("task expert %r: %d examples", task, len(source.train))
+        trainer = Trainer(model=peft_model, args=task_args, train_dataset=source.train, data_collator=collator)
+        result = trainer.train()
+        if trainer.is_world_process_zero():
+            peft_model.save_pretrained(str(folder))
+        model = peft_model.unload()  # the base modules back, without the LoRA: the next task starts from the base
+        targets = sorted(peft_model.peft_config["default"].target_modules)
+        manifest.experts.append(TaskExpert(task, task, args.expert_r, args.expert_alpha, targets, parameters,
+                                           result.training_loss, len(source.train)))
+        if trainer.is_world_process_zero():
+            manifest.write()  # after each task: a run stopped half-way keeps what it finished
+    return manifest

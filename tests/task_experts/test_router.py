@@ -1,0 +1,194 @@
+"""The request router: the default (base-model signatures) routes the embedded tasks, encoders plug in, MELD's
+exclusion variants, files without pickles."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from moepatch.cli import main as cli
+from moepatch.task_experts.router import BaseModelEncoder
+from moepatch.task_experts.router import TaskRouter
+from moepatch.testing.synthetic import synthetic_records
+
+
+@pytest.fixture()
+def run(experts_run, tmp_path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(experts_run / "experts", copy / "experts")
+    shutil.copytree(experts_run / "data", copy / "data")
+    return copy
+
+
+def _fresh_requests(path: Path, per_task: int = 12, seed: int = 99) -> Path:
+    """Held-out requests of the four embedded tasks, never seen by the router (another seed)."""
+    with path.open("w") as stream:
+        for task in ("chat", "code", "letters", "math"):
+            for record in synthetic_records(task, per_task, seed=seed):
+                stream.write(json.dumps({**record, "task": task}) + "\n")
+    return path
+
+
+def test_default_router_routes_held_out_requests_of_the_four_tasks(run, tmp_path, capsys):
+    assert cli(["experts", "fit-router", str(run)]) == 0
+    report = json.loads((run / "experts" / "router" / "holdout_report.json").read_text())
+    assert report["accuracy"] >= 0.9 and report["requests"] >= 16
+    assert "routing accuracy" in capsys.readouterr().out
+    config = json.loads((run / "experts" / "router" / "router.json").read_text())
+    assert config["encoder"] == {"kind": "base_model", "features": ["hidden", "load"], "max_length": 256}
+    requests = _fresh_requests(tmp_path / "requests.jsonl")
+    assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "2"]) == 0
+    routes = [json.loads(line) for line in (run / "experts" / "routes.jsonl").read_text().splitlines()]
+    assert len(routes) == 48
+    accuracy = sum(route["tasks"][0] == route["task"] for route in routes) / len(routes)
+    assert accuracy >= 0.9
+    for route in routes:
+        assert len(route["tasks"]) == 2 and len(set(route["tasks"])) == 2
+        assert sum(route["weights"]) == pytest.approx(1.0) and route["weights"][0] >= route["weights"][1]
+
+
+def test_each_signature_part_alone_and_the_linear_head(run, tmp_path):
+    for extra in (["--features", "hidden"], ["--features", "load"], ["--head", "linear"]):
+        assert cli(["experts", "fit-router", str(run), *extra]) == 0
+        report = json.loads((run / "experts" / "router" / "holdout_report.json").read_text())
+        assert report["accuracy"] >= 0.75, (extra, report["accuracy"])
+
+
+def test_base_model_signature_equals_an_independent_computation(base_checkpoint):
+    """Mean-pooled final hidden state (normalised) ++ per-layer shares of each expert among the request's choices."""
+    from transformers import AutoTokenizer
+
+    import moepatch
+
+    model = moepatch.from_pretrained(str(base_checkpoint)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_checkpoint))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    texts = ["Compute 3 + 4 and give the number.", "List the letters of ROUTER."]
+    got = BaseModelEncoder(model, tokenizer).encode(texts)
+    expected = []
+    for text in texts:  # one request at a time: no padding to mask
+        batch = tokenizer([text], return_tensors="pt")
+        captured = []
+        handles = [layer.mlp.gate.register_forward_hook(lambda m, a, out: captured.append(out[2]))
+                   for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+        with torch.no_grad():
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1][0].mean(0)
+        for handle in handles:
+            handle.remove()
+        loads = torch.cat([torch.bincount(choice.reshape(-1), minlength=model.config.num_experts).float()
+                           / choice.numel() for choice in captured])
+        expected.append(torch.cat([F.normalize(hidden, dim=0), F.normalize(loads, dim=0)]))
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-4)
+
+
+def test_centroid_head_and_exclusions_against_hand_computation():
+    torch.manual_seed(0)
+    signatures = torch.randn(12, 5)
+    labels = ["a", "b", "c"] * 4
+    router = TaskRouter.fit(signatures, labels, encoder={"kind": "test"}, groups={"a": "g", "b": "g"})
+    centroids = torch.stack([F.normalize(signatures[i::3].mean(0), dim=0) for i in range(3)])
+    query = torch.randn(4, 5)
+    torch.testing.assert_close(router.scores(query), F.normalize(query, dim=-1) @ centroids.T)
+    plain = router.route(query, top_k=2)
+    for row, choice in zip(router.scores(query), plain):
+        values, indices = row.topk(2)
+        assert choice.tasks == [["a", "b", "c"][i] for i in indices]
+        torch.testing.assert_close(torch.tensor(choice.weights), torch.softmax(values / 0.05, dim=0))
+    own = ["a", "b", "c", "a"]
+    for choice, task in zip(router.route(query, 2, own_tasks=own, exclude="cross-dataset"), own):
+        assert task not in choice.tasks
+    for choice, task in zip(router.route(query, 1, own_tasks=own, exclude="cross-task"), own):
+        assert choice.tasks == (["c"] if task in ("a", "b") else choice.tasks) and task not in choice.tasks
+    with pytest.raises(ValueError, match=r"--exclude cross-task: no task left"):
+        TaskRouter.fit(signatures[:8], ["a", "b"] * 4, encoder={}, groups={"a": "g", "b": "g"}).route(
+            query[:1], 1, own_tasks=["a"], exclude="cross-task")
+
+
+def test_router_files_are_safetensors_and_json_and_round_trip(tmp_path):
+    torch.manual_seed(1)
+    signatures, labels = torch.randn(20, 6), ["x", "y"] * 10
+    for head in ("centroid", "linear"):
+        router = TaskRouter.fit(signatures, labels, head=head, encoder={"kind": "test"})
+        router.save(tmp_path / head)
+        assert set(load_file(str(tmp_path / head / "router.safetensors"))) == set(router.tensors)
+        again = TaskRouter.load(tmp_path / head)
+        torch.testing.assert_close(again.scores(signatures), router.scores(signatures))
+    with pytest.raises(ValueError, match="no fitted router"):
+        TaskRouter.load(tmp_path / "missing")
+
+
+def _tiny_sentence_transformer(folder: Path) -> Path:
+    """A small BERT with a word-level tokenizer, wrapped as a sentence-transformers model (mean pooling)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models
+    from tokenizers import Tokenizer
+    from tokenizers import models as token_models
+    from tokenizers import pre_tokenizers
+    from transformers import BertConfig
+    from transformers import BertModel
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({word for task in ("chat", "code", "letters", "math") for record in synthetic_records(task, 50)
+                    for word in re.findall(r"\w+|[^\w\s]", record["conversations"][0]["value"])})
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=128))
+    bert.save_pretrained(folder / "bert")
+    fast.save_pretrained(folder / "bert")
+    word = models.Transformer(str(folder / "bert"), max_seq_length=64)
+    model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")])
+    model.save(str(folder / "encoder"))
+    return folder / "encoder"
+
+
+def test_a_local_sentence_transformers_encoder_plugs_in(run, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    encoder = _tiny_sentence_transformer(tmp_path)
+    assert cli(["experts", "fit-router", str(run), "--encoder", str(encoder)]) == 0
+    config = json.loads((run / "experts" / "router" / "router.json").read_text())
+    assert config["encoder"] == {"kind": "sentence_transformers", "path": str(encoder.resolve())}
+    centroids = load_file(str(run / "experts" / "router" / "router.safetensors"))["centroids"]
+    assert centroids.shape == (4, 32)  # the encoder's width, not the base model's
+    report = json.loads((run / "experts" / "router" / "holdout_report.json").read_text())
+    assert report["accuracy"] >= 0.9  # the tasks' words differ: even a random small encoder separates them
+    requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=3)
+    assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "1"]) == 0
+    assert len((run / "experts" / "routes.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (["fit-router", "{run}", "--data", "{run}/nowhere"], 2, r"--data: .*nowhere is not a data folder"),
+    (["fit-router", "{run}", "--encoder", "{run}/nowhere"], 2, r"--encoder: .*is not a folder"),
+    (["fit-router", "{run}", "--group", "g=chat,nope"], 2, r"--group: unknown task 'nope'"),
+    (["route", "{run}", "--input", "{requests}"], 2, r"no fitted router"),
+])
+def test_bad_router_arguments_name_the_argument(run, tmp_path, capsys, argv, code, message):
+    requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
+    argv = [arg.format(run=run, requests=requests) for arg in argv]
+    assert cli(["experts", *argv]) == code
+    assert re.search(message, capsys.readouterr().err)
+    assert not (run / "experts" / "router").exists()
+
+
+def test_route_refuses_unknown_tasks_and_too_large_k(run, tmp_path, capsys):
+    assert cli(["experts", "fit-router", str(run), "--features", "hidden"]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "hello", "task": "poetry"}) + "\n")
+    assert cli(["experts", "route", str(run), "--input", str(bad)]) == 2
+    assert "task(s) ['poetry'] are not among the router's" in capsys.readouterr().err
+    requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
+    assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "5"]) == 2
+    assert "--top-k: 5 is more than the router's 4 tasks" in capsys.readouterr().err
+    assert not (run / "experts" / "routes.jsonl").exists()

@@ -1,0 +1,123 @@
+"""``scripts/finetune.py --task_experts``: one peft LoRA per task on the patched base, a manifest, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import finetune_argv
+from safetensors.torch import load_file
+
+from moepatch.mixing.finetune import main
+from moepatch.task_experts.manifest import read_manifest
+from moepatch.testing import tiny
+
+REPO = Path(__file__).resolve().parents[2]
+MELD_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_one_expert_per_task_with_melds_recipe(experts_run, base_checkpoint):
+    manifest = read_manifest(experts_run)
+    assert manifest.tasks == ["chat", "code", "letters", "math"]
+    assert manifest.base == str(base_checkpoint.resolve()) and manifest.model_type == "qwen2_moe"
+    for expert in manifest.experts:
+        config = json.loads((manifest.expert_path(expert.task) / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32.0, 0.0)  # MELD's recipe
+        assert set(config["target_modules"]) == MELD_TARGETS == set(expert.target_modules)
+        assert expert.examples > 0 and expert.train_loss > 0
+        tensors = load_file(str(manifest.expert_path(expert.task) / "adapter_model.safetensors"))
+        assert not any(".mlp.gate." in key or "shared_expert_gate" in key for key in tensors)  # routers untouched
+        assert any(value.abs().sum() > 0 for key, value in tensors.items() if "lora_B" in key)  # it trained
+
+
+def test_experts_differ_and_load_on_the_unpatched_base(experts_run, base_checkpoint):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    manifest = read_manifest(experts_run)
+    batch = tiny.demo_batch()
+    base = AutoModelForCausalLM.from_pretrained(str(base_checkpoint)).eval()
+    with torch.no_grad():
+        reference = base(**batch).logits
+    outputs = {}
+    for task in ("chat", "math"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_checkpoint)),
+                                          str(manifest.expert_path(task))).eval()
+        with torch.no_grad():
+            outputs[task] = model(**batch).logits
+        assert not torch.allclose(outputs[task], reference, atol=1e-4)
+    assert not torch.allclose(outputs["chat"], outputs["math"], atol=1e-4)
+
+
+def test_tasks_selects_and_routed_experts_use_target_parameters(base_checkpoint, tmp_path):
+    output = tmp_path / "out"
+    assert main(finetune_argv(base_checkpoint, output, "--max_steps", "2", "--tasks", "code", "math",
+                              "--expert_routed_experts", "true", "--expert_r", "4", "--expert_alpha", "8")) == 0
+    manifest = read_manifest(output)
+    assert manifest.tasks == ["code", "math"]
+    assert manifest.experts[0].target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    config = json.loads((manifest.expert_path("code") / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    keys = load_file(str(manifest.expert_path("code") / "adapter_model.safetensors"))
+    assert any("mlp.experts" in key for key in keys)
+
+
+def _run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "finetune.py"), *argv], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--tasks", "nope"), r"--tasks: unknown task\(s\) \['nope'\]"),
+    (("--tasks", "code", "code"), r"--tasks: a task is given twice"),
+    (("--expert_r", "0"), r"--expert_r: expected an integer >= 1"),
+    (("--expert_dropout", "1.5"), r"--expert_dropout: expected a number in \[0, 1\)"),
+    (("--initial_weights", "w.json"), r"--initial_weights: --task_experts trains one expert per source"),
+])
+def test_bad_task_expert_arguments_are_refused_before_anything_is_written(base_checkpoint, tmp_path, extra,
+                                                                         message):
+    import re
+
+    output = tmp_path / "out"
+    done = _run_script(*finetune_argv(base_checkpoint, output, "--max_steps", "1", *extra))
+    assert done.returncode == 2, done.stderr
+    assert re.search(message, done.stderr) and "Traceback" not in done.stderr
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_task_flags_need_task_experts(base_checkpoint, tmp_path):
+    argv = [a for a in finetune_argv(base_checkpoint, tmp_path / "out", "--tasks", "code", "--max_steps", "1")
+            if a not in ("--task_experts", "true")]
+    done = _run_script(*argv)
+    assert done.returncode == 2 and "--tasks: only applies with --task_experts true" in done.stderr
+
+
+def test_routed_experts_without_a_peft_layout_are_refused(tmp_path):
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "llama_moe", "llama_moe")
+    output = tmp_path / "out"
+    done = _run_script(*finetune_argv(checkpoint, output, "--max_steps", "1", "--expert_routed_experts", "true"))
+    assert done.returncode == 2, done.stderr
+    assert "--expert_routed_experts: peft has no target_parameters layout" in done.stderr
+    assert not (output / "experts").exists()
+
+
+def test_manifest_errors_name_the_problem(experts_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "experts"
+    shutil.copytree(experts_run / "experts", copy)
+    shutil.rmtree(copy / "code")
+    with pytest.raises(ValueError, match=r"experts\[1\]: the expert of task 'code' is missing"):
+        read_manifest(copy)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no manifest\.json here"):
+        read_manifest(tmp_path / "empty")
+    manifest = read_manifest(experts_run)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]"):
+        manifest.check_tasks(["chat", "nope"])
+    with pytest.raises(ValueError, match=r"a mixtral model with hidden size"):
+        manifest.check_base(tiny.tiny_model("mixtral").config, "--base")
