@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     allocate = sub.add_parser("allocate", help="GuiLoMo search: per-module expert counts and per-expert ranks")
     add_allocate_arguments(allocate)
     allocate.set_defaults(func=cmd_allocate)
-    experts = sub.add_parser("experts", help="task experts (MELD): fit-router, route, merge")
+    experts = sub.add_parser("experts", help="task experts (MELD): fit-router, route, merge, serve-check, export-vllm")
     add_experts_arguments(experts, CommandParser)
 
     place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token report")

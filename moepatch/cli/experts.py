@@ -3,7 +3,10 @@
 * ``fit-router OUT [--data DATA]``: fit the request router on each task's dev examples, print held-out accuracy;
 * ``route OUT --input requests.jsonl --top-k 2``: the chosen tasks and weights of every request (jsonl);
 * ``merge OUT --tasks a b --weights 0.5 0.5 --method cat|svd`` (or ``--from-routes routes.jsonl``): peft
-  ``add_weighted_adapter`` merges, checked against the experts' own deltas.
+  ``add_weighted_adapter`` merges, checked against the experts' own deltas;
+* ``serve-check OUT --input requests.jsonl``: mixed-adapter batches equal one request at a time, and their
+  throughput vs one adapter at a time;
+* ``export-vllm OUT --max-lora-rank 64``: the adapters plus the vLLM ``EngineArgs`` / ``LoRARequest`` entries.
 
 Every argument is checked before a model is loaded or a file written.
 """
@@ -80,6 +83,23 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
     merge.add_argument("--max-lora-rank", type=positive_int,
                        help="refuse merges of a larger rank (vLLM's max_lora_rank)")
     merge.add_argument("--name", type=non_empty_text, help="the merged adapter's name (default: tasks joined by +)")
+    serve = sub.add_parser("serve-check", help="mixed-adapter batches: equal to one request at a time, and their "
+                                               "throughput vs one adapter at a time")
+    serve.add_argument("output", help="the task-experts output folder (with a fitted router)")
+    serve.add_argument("--input", required=True, type=existing_file, help="jsonl requests (as for route)")
+    serve.add_argument("--top-k", type=positive_int, default=2)
+    serve.add_argument("--batch-size", type=positive_int, default=8)
+    serve.add_argument("--max-new-tokens", type=positive_int, default=16)
+    serve.add_argument("--compare", type=positive_int, default=8,
+                       help="requests compared one by one against the mixed batch (greedy tokens, logits)")
+    export = sub.add_parser("export-vllm", help="write the adapters and EngineArgs / LoRARequest entries for vLLM")
+    export.add_argument("output", help="the task-experts output folder")
+    export.add_argument("--max-lora-rank", type=positive_int, required=True,
+                        help="vLLM's max_lora_rank (1, 8, 16, 32, 64, 128, 256, 320 or 512)")
+    export.add_argument("--max-loras", type=positive_int, help="adapters per batch (default: all of them)")
+    export.add_argument("--no-experts", dest="include_experts", action="store_false",
+                        help="serve only the merges, not the single experts")
+    export.add_argument("--routes", type=existing_file, help="a `route` output: also write each request's adapter")
     parser.set_defaults(func=cmd_experts, check=check_experts_arguments)
 
 
@@ -275,5 +295,67 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from moepatch.report import format_table
+    from moepatch.task_experts.requests import read_requests
+    from moepatch.task_experts.serving import TaskExpertModel
+    from moepatch.task_experts.serving import throughput
+
+    manifest = _manifest(args.output)
+    if not (manifest.folder / ROUTER_FOLDER / "router.json").is_file():
+        raise UsageError("output", f"no fitted router in {manifest.folder / ROUTER_FOLDER}; run "
+                                   "`moepatch experts fit-router` first")
+    try:
+        requests = read_requests(args.input)
+    except ValueError as error:
+        raise UsageError("--input", str(error)) from None
+    if args.top_k > len(manifest.tasks):
+        raise UsageError("--top-k", f"{args.top_k} is more than the {len(manifest.tasks)} experts")
+    serving = TaskExpertModel.from_experts(args.output)
+    texts = [request.text for request in requests]
+    adapters = [serving.adapter_for(tasks) for tasks in serving.route(texts, args.top_k)]
+    checked = min(args.compare, len(texts))
+    mixed = serving.generate_with(texts[:checked], adapters[:checked], args.max_new_tokens)
+    alone = [serving.generate_with([text], [adapter], args.max_new_tokens)[0]
+             for text, adapter in zip(texts[:checked], adapters[:checked])]
+    mixed_logits = serving.logits(texts[:checked], adapters[:checked])
+    alone_logits = torch.cat([serving.logits([t], [a]) for t, a in zip(texts[:checked], adapters[:checked])])
+    same = sum(a == b for a, b in zip(mixed, alone))
+    difference = (mixed_logits - alone_logits).abs().max().item()
+    print(f"{'mixed batches' if serving.mixed_batches else 'one batch per adapter (target_parameters adapters)'}: "
+          f"{same}/{checked} requests generate the same greedy tokens as alone; max next-token logit difference "
+          f"{difference:.2e}")
+    figures = throughput(serving, texts, adapters, args.batch_size, args.max_new_tokens)
+    rows = [["mixed batches (arrival order)", str(figures["batches_mixed"]), f"{figures['mixed_tokens_per_s']:.1f}"],
+            ["one adapter at a time", str(figures["batches_one_at_a_time"]),
+             f"{figures['one_adapter_at_a_time_tokens_per_s']:.1f}"]]
+    print("\n".join(format_table(["serving", "batches", "tokens/s"], rows, rule=False)))
+    print(f"throughput ratio mixed / one adapter at a time: {figures['ratio']:.2f} ({len(texts)} requests, "
+          f"{len(set(adapters))} adapters, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
+          f"{serving.model.device})")
+    if same != checked:
+        raise CommandError(f"{checked - same} request(s) generate differently in a mixed batch than alone")
+    return 0
+
+
+def cmd_export_vllm(args: argparse.Namespace) -> int:
+    from moepatch.task_experts.vllm_export import export_vllm
+
+    manifest = _manifest(args.output)
+    try:
+        path = export_vllm(manifest, args.max_lora_rank, max_loras=args.max_loras,
+                           include_experts=args.include_experts, routes=args.routes)
+    except ValueError as error:
+        flag, _, message = str(error).partition(": ")
+        raise UsageError(flag if flag.startswith("--") or flag == "output" else "output", message) from None
+    data = json.loads(path.read_text())
+    print(f"wrote {len(data['lora_requests'])} adapters and {path} for vLLM ({data['architecture']})")
+    print("EngineArgs(" + ", ".join(f"{key}={value!r}" for key, value in data["engine_args"].items()) + ")")
+    return 0
+
+
 def cmd_experts(args: argparse.Namespace) -> int:
-    return {"fit-router": cmd_fit_router, "route": cmd_route, "merge": cmd_merge}[args.experts_command](args)
+    return {"fit-router": cmd_fit_router, "route": cmd_route, "merge": cmd_merge, "serve-check": cmd_serve_check,
+            "export-vllm": cmd_export_vllm}[args.experts_command](args)

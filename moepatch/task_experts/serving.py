@@ -1,0 +1,225 @@
+"""In-process serving of task experts: route each request, then generate a batch whose requests use different
+adapters (peft mixed-adapter batches: ``adapter_names=[...]``, one entry per row).
+
+A request routed to one task uses that task's expert; to several, the ``cat`` merge of those experts with equal
+weights (MELD merged each pair offline; an existing merge from ``experts merge`` is used, a missing one is merged in
+memory with peft's ``add_weighted_adapter``).  peft runs mixed batches for LoRA on linear layers only; adapters on
+fused routed experts (``target_parameters``) are served one adapter group after another instead — same outputs,
+stated in :attr:`TaskExpertModel.mixed_batches`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moepatch.task_experts.adapter_files import quiet_peft
+from moepatch.task_experts.manifest import ExpertManifest
+from moepatch.task_experts.manifest import read_manifest
+from moepatch.task_experts.merging import MERGED_FOLDER
+from moepatch.task_experts.merging import combination_key
+from moepatch.task_experts.merging import read_merges
+from moepatch.task_experts.router import TaskRouter
+
+BASE_ADAPTER = "__base__"
+"""peft's name for "no adapter" in a mixed batch."""
+
+
+@dataclass
+class Generation:
+    text: str
+    adapter: str
+    tasks: list[str]
+    token_ids: list[int]
+
+
+def spread_adapter_names(model: Any) -> int:
+    """Let peft's mixed-adapter batches reach LoRA layers inside MoE blocks.
+
+    peft hands every LoRA layer one adapter name per batch row and checks ``len(x) == len(adapter_names)``; an MoE
+    block flattens its input to ``[batch·tokens, hidden]`` before the shared expert (and dense MLPs of some
+    families), so those layers refuse the batch.  Each LoRA linear layer gets a forward that repeats the names per
+    token when its input is such a flattened batch (row ``b·T + t`` belongs to request ``b``).  Returns the number
+    of layers changed."""
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or getattr(module, "_moepatch_spreads_names", False):
+            continue
+        original = module.forward
+
+        def forward(x: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> torch.Tensor:
+            names = kwargs.get("adapter_names")
+            if names is not None and x.dim() == 2 and x.shape[0] != len(names) and x.shape[0] % len(names) == 0:
+                per_row = x.shape[0] // len(names)
+                kwargs["adapter_names"] = [name for name in names for _ in range(per_row)]
+            return _original(x, *args, **kwargs)
+
+        module.forward = forward
+        module._moepatch_spreads_names = True
+        changed += 1
+    return changed
+
+
+class TaskExpertModel:
+    """A base MoE with its task experts loaded as peft adapters and (optionally) the fitted request router."""
+
+    def __init__(self, model: Any, tokenizer: Any, manifest: ExpertManifest, router: TaskRouter | None = None,
+                 encoder: Any = None) -> None:
+        self.model, self.tokenizer, self.manifest = model, tokenizer, manifest
+        spread_adapter_names(model)
+        self.router, self.encoder = router, encoder
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_experts(cls, output: str | Path, *, with_router: bool = True) -> TaskExpertModel:
+        """Load the base named in the manifest (patched), every expert and every saved merge, and the router."""
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        import moepatch
+        from moepatch.task_experts.router import BaseModelEncoder
+
+        manifest = read_manifest(output)
+        base = moepatch.from_pretrained(manifest.base)
+        manifest.check_base(base.config, manifest.base)
+        tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, str(manifest.expert_path(manifest.tasks[0])),
+                                              adapter_name=manifest.tasks[0])
+            for task in manifest.tasks[1:]:
+                model.load_adapter(str(manifest.expert_path(task)), adapter_name=task)
+            merged = manifest.folder / MERGED_FOLDER
+            for entry in read_merges(merged):
+                model.load_adapter(str(merged / entry["path"]), adapter_name=entry["name"])
+        model.eval()
+        router = encoder = None
+        if with_router:
+            router = TaskRouter.load(manifest.folder / "router")
+            if router.encoder["kind"] != "base_model":
+                from moepatch.task_experts.router import SentenceTransformerEncoder
+
+                encoder = SentenceTransformerEncoder(router.encoder["path"])
+            else:  # signatures come from the base itself: route() runs it with the adapters disabled
+                encoder = BaseModelEncoder(model.get_base_model(), tokenizer,
+                                           features=router.encoder["features"],
+                                           max_length=router.encoder["max_length"])
+        return cls(model, tokenizer, manifest, router, encoder)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.model.peft_config)
+
+    @property
+    def mixed_batches(self) -> bool:
+        """Whether peft can run different adapters in one batch (not with ``target_parameters`` adapters)."""
+        return not any(getattr(config, "target_parameters", None) for config in self.model.peft_config.values())
+
+    def adapter_for(self, tasks: Sequence[str]) -> str:
+        """The adapter serving a request routed to ``tasks``: the task's expert, or the equal-weight ``cat`` merge
+        of several (merged now, in memory, if ``experts merge`` did not write it)."""
+        if len(tasks) == 1:
+            self.manifest.expert(tasks[0])
+            return tasks[0]
+        key = combination_key(tasks, [1.0] * len(tasks))
+        name = "+".join(key)
+        if name not in self.model.peft_config:
+            self.manifest.check_tasks(list(key))
+            self.model.add_weighted_adapter(list(key), [1.0 / len(key)] * len(key), adapter_name=name,
+                                            combination_type="cat")
+            spread_adapter_names(self.model)
+        return name
+
+    def route(self, texts: Sequence[str], top_k: int = 2) -> list[list[str]]:
+        if self.router is None:
+            raise ValueError("no router loaded: fit one with `moepatch experts fit-router` or pass adapter names")
+        with self.model.disable_adapter():
+            signatures = self.encoder.encode(list(texts))
+        return [choice.tasks for choice in self.router.route(signatures, top_k)]
+
+    # ------------------------------------------------------------------ running
+    def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        return {key: value.to(self.model.device) for key, value in batch.items()
+                if key in ("input_ids", "attention_mask")}
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str], adapters: Sequence[str]) -> torch.Tensor:
+        """Next-token logits ``[n, vocab]`` of each text under its adapter, in one mixed batch."""
+        batch = self._encode(texts)
+        with quiet_peft():
+            return self.model(**batch, adapter_names=list(adapters)).logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate_with(self, texts: Sequence[str], adapters: Sequence[str], max_new_tokens: int = 16
+                      ) -> list[list[int]]:
+        """Greedy continuations (token ids) of ``texts``, each under its adapter: one mixed batch, or one batch per
+        adapter where peft cannot mix (see the module docstring)."""
+        if len(texts) != len(adapters):
+            raise ValueError(f"{len(texts)} texts but {len(adapters)} adapter names")
+        unknown = sorted({a for a in adapters if a != BASE_ADAPTER and a not in self.model.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; loaded: {self.adapters}")
+        if self.mixed_batches:
+            return self._generate(texts, list(adapters), max_new_tokens)
+        result: list[list[int]] = [[] for _ in texts]
+        for adapter in dict.fromkeys(adapters):
+            rows = [i for i, name in enumerate(adapters) if name == adapter]
+            for row, tokens in zip(rows, self._generate([texts[i] for i in rows], [adapter] * len(rows),
+                                                        max_new_tokens)):
+                result[row] = tokens
+        return result
+
+    def _generate(self, texts: Sequence[str], adapters: list[str], max_new_tokens: int) -> list[list[int]]:
+        batch = self._encode(texts)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False,
+                                  "pad_token_id": self.tokenizer.pad_token_id}
+        with quiet_peft():
+            if len(set(adapters)) == 1 and adapters[0] != BASE_ADAPTER:
+                self.model.set_adapter(adapters[0])
+                output = self.model.generate(**batch, **kwargs)
+            else:
+                output = self.model.generate(**batch, adapter_names=adapters, **kwargs)
+        width = batch["input_ids"].shape[1]
+        return [row[width:].tolist() for row in output]
+
+    def generate(self, texts: Sequence[str], top_k: int = 2, max_new_tokens: int = 16) -> list[Generation]:
+        """Route every request, then generate all of them in one batch with their own adapters."""
+        routes = self.route(texts, top_k)
+        adapters = [self.adapter_for(tasks) for tasks in routes]
+        tokens = self.generate_with(texts, adapters, max_new_tokens)
+        return [Generation(self.tokenizer.decode(ids, skip_special_tokens=True), adapter, tasks, ids)
+                for ids, adapter, tasks in zip(tokens, adapters, routes)]
+
+
+def throughput(serving: TaskExpertModel, texts: Sequence[str], adapters: Sequence[str], batch_size: int,
+               max_new_tokens: int) -> dict[str, float]:
+    """Generated tokens per second: mixed batches (requests in arrival order, any adapters together) vs one adapter
+    at a time (the requests grouped by adapter, batched within each group) — what serving without mixed batches
+    costs when requests arrive interleaved."""
+    def timed(batches: list[tuple[list[str], list[str]]]) -> float:
+        start = time.perf_counter()
+        produced = sum(len(ids) for chunk, names in batches
+                       for ids in serving.generate_with(chunk, names, max_new_tokens))
+        return produced / (time.perf_counter() - start)
+
+    texts, adapters = list(texts), list(adapters)
+    mixed = [(texts[i:i + batch_size], adapters[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    grouped = []
+    for adapter in dict.fromkeys(adapters):
+        rows = [text for text, name in zip(texts, adapters) if name == adapter]
+        grouped += [(rows[i:i + batch_size], [adapter] * len(rows[i:i + batch_size]))
+                    for i in range(0, len(rows), batch_size)]
+    timed(mixed[:1])  # warm-up
+    mixed_rate, grouped_rate = timed(mixed), timed(grouped)
+    return {"mixed_tokens_per_s": mixed_rate, "one_adapter_at_a_time_tokens_per_s": grouped_rate,
+            "ratio": mixed_rate / grouped_rate, "batches_mixed": len(mixed), "batches_one_at_a_time": len(grouped)}

@@ -1,0 +1,158 @@
+"""Export task experts and their merges for vLLM multi-LoRA serving (MELD served its merged pairs this way).
+
+Writes ``<experts>/vllm/``: a copy of every adapter to serve (the single experts and the merges), ``vllm.json`` with
+the ``EngineArgs`` fields to pass (``enable_lora``, ``max_loras``, ``max_lora_rank``, ``max_cpu_loras``) and one
+``LoRARequest(name, id, path)`` entry per adapter, and — when ``route`` wrote routes — ``requests.jsonl`` naming each
+request's adapter.  vLLM itself needs a GPU and is not a dependency: the format is what is checked here.
+
+Refused, with the reason, before anything is written: a rank above ``--max-lora-rank`` (or a value vLLM does not
+accept), a base architecture vLLM has no implementation of, and targets vLLM does not load as LoRA for it — peft's
+``target_parameters`` on fused routed experts (vLLM's MoE LoRA reads per-expert keys, not that layout), routers,
+embeddings and the LM head (vLLM's extra-vocabulary LoRA is a different feature).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moepatch.task_experts.adapter_files import adapter_config
+from moepatch.task_experts.manifest import ExpertManifest
+from moepatch.task_experts.merging import MERGED_FOLDER
+from moepatch.task_experts.merging import combination_key
+from moepatch.task_experts.merging import read_merges
+
+VLLM_FOLDER = "vllm"
+VLLM_FILE = "vllm.json"
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's ``LoRAConfig.max_lora_rank`` accepts (``MaxLoRARanks``)."""
+VLLM_ARCHITECTURES = {
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
+    "phimoe": "PhiMoEForCausalLM",
+}
+"""Model types whose vLLM implementation takes LoRA on its attention and dense / shared MLP projections."""
+VLLM_LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+"""Projection names vLLM packs into its LoRA layers (``qkv_proj``, ``gate_up_proj``, ``o_proj``, ``down_proj``)."""
+
+
+@dataclass
+class ServedAdapter:
+    name: str
+    source: Path
+    rank: int
+    tasks: list[str]
+
+
+def _problems(adapter: ServedAdapter, config: dict[str, Any], max_lora_rank: int) -> list[str]:
+    problems = []
+    if adapter.rank > max_lora_rank:
+        problems.append(f"{adapter.name}: rank {adapter.rank} > --max-lora-rank {max_lora_rank}")
+    if config.get("target_parameters"):
+        problems.append(f"{adapter.name}: target_parameters {config['target_parameters']} (fused routed experts): "
+                        "vLLM's MoE LoRA reads per-expert keys, not peft's target_parameters layout")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    other = sorted(name for name in targets if name.rsplit(".", 1)[-1] not in VLLM_LORA_MODULES)
+    if other:
+        problems.append(f"{adapter.name}: target_modules {other}: vLLM takes LoRA on "
+                        f"{sorted(VLLM_LORA_MODULES)} of this architecture only")
+    if config.get("modules_to_save"):
+        problems.append(f"{adapter.name}: modules_to_save {config['modules_to_save']} (full copies of modules) "
+                        "are not loaded by vLLM")
+    if config.get("use_dora"):
+        problems.append(f"{adapter.name}: DoRA adapters are not served by vLLM")
+    return problems
+
+
+def served_adapters(manifest: ExpertManifest, include_experts: bool = True) -> list[ServedAdapter]:
+    """The single experts (unless ``include_experts`` is false) and every merge in ``merged/merges.json``."""
+    adapters = []
+    if include_experts:
+        adapters += [ServedAdapter(e.task, manifest.expert_path(e.task), e.rank, [e.task]) for e in manifest.experts]
+    merged = manifest.folder / MERGED_FOLDER
+    adapters += [ServedAdapter(entry["name"], merged / entry["path"], int(entry["rank"]), list(entry["tasks"]))
+                 for entry in read_merges(merged)]
+    return adapters
+
+
+def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int | None = None,
+                include_experts: bool = True, routes: Path | None = None) -> Path:
+    """Check, then write ``<experts>/vllm/`` (see the module docstring); returns ``vllm.json``'s path.
+
+    Raises:
+        ValueError: naming the flag or adapter, before anything is written.
+    """
+    if max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        raise ValueError(f"--max-lora-rank: vLLM accepts {list(VLLM_MAX_LORA_RANKS)}, got {max_lora_rank}")
+    architecture = VLLM_ARCHITECTURES.get(manifest.model_type)
+    if architecture is None:
+        raise ValueError(f"output: the experts' base is a {manifest.model_type} model; vLLM has no implementation "
+                         f"with LoRA for it (served here: {sorted(VLLM_ARCHITECTURES)})")
+    adapters = served_adapters(manifest, include_experts)
+    if not adapters:
+        raise ValueError("output: nothing to serve (no merges and --no-experts)")
+    problems = [problem for adapter in adapters for problem in _problems(adapter, adapter_config(adapter.source),
+                                                                          max_lora_rank)]
+    if problems:
+        raise ValueError("output: cannot serve these adapters with vLLM (nothing written):\n  " + "\n  ".join(problems))
+    if max_loras is not None and max_loras < 1:
+        raise ValueError(f"--max-loras: expected an integer >= 1, got {max_loras}")
+    by_combination = {combination_key(a.tasks, [1.0] * len(a.tasks)): a.name for a in adapters}
+    route_lines = _route_lines(routes, by_combination) if routes is not None else None
+    folder = manifest.folder / VLLM_FOLDER
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    requests = []
+    for lora_id, adapter in enumerate(adapters, start=1):  # vLLM's lora_int_id must be > 0
+        target = folder / adapter.name
+        shutil.copytree(adapter.source, target, ignore=shutil.ignore_patterns("*.md"))
+        requests.append({"lora_name": adapter.name, "lora_int_id": lora_id, "lora_path": str(target.resolve()),
+                         "tasks": adapter.tasks, "rank": adapter.rank})
+    engine = {"model": manifest.base, "enable_lora": True,
+              "max_loras": min(max_loras or len(adapters), len(adapters)), "max_lora_rank": max_lora_rank,
+              "max_cpu_loras": len(adapters)}
+    (folder / VLLM_FILE).write_text(json.dumps(
+        {"architecture": architecture, "engine_args": engine, "lora_requests": requests}, indent=1) + "\n")
+    if route_lines is not None:
+        (folder / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in route_lines))
+    return folder / VLLM_FILE
+
+
+def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> list[dict[str, Any]]:
+    """Each routed request with the adapter serving it; a combination without an exported adapter is an error."""
+    from moepatch.mixing.instruction_data import read_jsonl_located
+
+    lines, missing = [], set()
+    for where, record in read_jsonl_located(routes):
+        tasks = record.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise ValueError(f"--routes: {where}: expected a 'tasks' list")
+        key = combination_key(tasks, [1.0] * len(tasks))
+        if key not in by_combination:
+            missing.add("+".join(key))
+            continue
+        lines.append({"text": record.get("text"), "lora_name": by_combination[key], "tasks": tasks})
+    if missing:
+        raise ValueError(f"--routes: no exported adapter for the combination(s) {sorted(missing)}: run "
+                         f"`moepatch experts merge OUT --from-routes {routes}` first")
+    return lines
+
+
+def lora_requests(vllm_file: str | Path) -> Sequence[Any]:
+    """vLLM ``LoRARequest`` objects from ``vllm.json`` (needs vLLM installed)."""
+    from vllm.lora.request import LoRARequest
+
+    data = json.loads(Path(vllm_file).read_text())
+    return [LoRARequest(entry["lora_name"], entry["lora_int_id"], entry["lora_path"])
+            for entry in data["lora_requests"]]
