@@ -1,4 +1,4 @@
-"""The ``moepatch`` command: inspect, demo, profile, place, allocate, experts, install, uninstall, env.
+"""The ``moepatch`` command: inspect, demo, profile, place, allocate, experts, eval, install, uninstall, env.
 
 Every argument is checked when parsed (types below) or, where the check needs the checkpoint's structure, against a
 weightless meta-device skeleton — before any model is loaded or any file is written.  Every failure goes through
@@ -34,12 +34,13 @@ from moepatch.cli.install import cmd_install
 from moepatch.cli.install import cmd_uninstall
 from moepatch.cli.place import cmd_place
 from moepatch.cli.profile import cmd_profile
+from moepatch.errors import CommandError
 from moepatch.errors import debug_requested
 from moepatch.errors import run_guarded
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = ("inspect", "demo", "profile", "place", "allocate", "experts", "install", "uninstall", "env")
+COMMANDS = ("inspect", "demo", "profile", "place", "allocate", "experts", "eval", "install", "uninstall", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall.add_argument("--force", action="store_true",
                            help="restore config.json even though it was edited since install (the edits are lost)")
     uninstall.set_defaults(func=cmd_uninstall)
+    sub.add_parser("eval", help="lm-eval's command line with the 'moepatch' model registered (arguments: lm-eval's)",
+                   add_help=False)
     env = sub.add_parser("env", help="versions of moepatch and its ecosystem, for bug reports")
     env.set_defaults(func=cmd_env)
     return parser
@@ -134,6 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = [arg for arg in argv if arg != "--debug"]
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     prog = f"moepatch {command}" if command in COMMANDS else "moepatch"
+
+    if command == "eval":  # everything after it is lm-eval's own command line
+        rest = argv[argv.index("eval") + 1:]
+
+        def run_eval() -> int:
+            try:
+                from moepatch.evaluation import run_lm_eval
+            except ImportError as error:
+                raise CommandError(f"lm-eval is not installed ({error}); pip install 'moepatch[eval]'") from None
+            return run_lm_eval(rest)
+
+        return run_guarded(prog, run_eval, debug=debug)
 
     def body() -> int:
         check_repeated_options(argv)

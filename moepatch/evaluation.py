@@ -1,0 +1,198 @@
+"""lm-eval model ``moepatch``: a checkpoint loaded patched, optionally routing each request to its task experts.
+
+``moepatch eval <lm-eval arguments>`` registers the model and runs lm-eval's own command line (lm-eval has no plugin
+discovery, so a registration must be imported before its CLI parses ``--model``)::
+
+    moepatch eval --model moepatch --model_args pretrained=./ckpt,task_experts=./run,routing_stats=true \\
+        --tasks my_task --include_path ./tasks --device cpu --output_path ./results
+
+``--model_args``: ``pretrained`` (checkpoint folder; its config.json's moepatch block is applied),
+``moepatch_config`` (a JSON file whose moepatch block replaces the checkpoint's), ``task_experts`` (a ``finetune
+--task_experts`` output with a fitted router: every request is routed on its context and answered by its expert,
+or by the equal-weight ``cat`` merge of its top-k experts), ``top_k`` (default 2), ``routing_stats`` (per lm-eval
+task expert loads of the base MoE, written to ``<output_path>/moepatch_routing_stats.json``), and every argument
+of lm-eval's ``hf`` model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+STATS_FILE = "moepatch_routing_stats.json"
+LAST_MODEL: list[MoePatchLM] = []
+"""The model lm-eval's CLI built in this process (``moepatch eval`` writes its statistics after the run)."""
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"moepatch model_args: expected true or false, got {value!r}")
+
+
+def load_patched(pretrained: str, moepatch_config: str | None = None) -> torch.nn.Module:
+    """The checkpoint loaded with its moepatch block applied, or with ``moepatch_config``'s block instead."""
+    import moepatch
+    from moepatch.config import write_config
+    from moepatch.loading.pretrained import load_config
+    from moepatch.mixing.finetune import _moepatch_block
+
+    if not Path(pretrained).is_dir():
+        raise ValueError(f"moepatch model_args: pretrained={pretrained!r} is not a checkpoint folder")
+    config = load_config(pretrained)
+    if moepatch_config:
+        write_config(config, _moepatch_block(moepatch_config))
+    return moepatch.from_pretrained(pretrained, config=config)
+
+
+@register_model("moepatch")
+class MoePatchLM(HFLM):
+    """lm-eval's HF model over a moepatch-patched checkpoint (see the module docstring)."""
+
+    def __init__(self, pretrained: str, moepatch_config: str | None = None, task_experts: str | None = None,
+                 top_k: int | str = 2, routing_stats: bool | str = False, **kwargs: Any) -> None:
+        from transformers import AutoTokenizer
+
+        self.routing_stats = _flag(routing_stats)
+        self.top_k = int(top_k)
+        self.serving = None
+        if task_experts:
+            from moepatch.task_experts.serving import TaskExpertModel
+
+            if moepatch_config:
+                raise ValueError("moepatch model_args: task_experts load the base their manifest names; "
+                                 "moepatch_config does not apply to them")
+            self.serving = TaskExpertModel.from_experts(task_experts)
+            if Path(self.serving.manifest.base).resolve() != Path(pretrained).resolve():
+                raise ValueError(f"moepatch model_args: the task experts in {task_experts} were trained on "
+                                 f"{self.serving.manifest.base}, not on pretrained={pretrained}")
+            model = self.serving.model.get_base_model()  # peft's layers are inside it; the active adapter applies
+        else:
+            model = load_patched(pretrained, moepatch_config)
+        kwargs.pop("tokenizer", None)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.adapter_uses: dict[str, dict[str, int]] = {}
+        LAST_MODEL[:] = [self]
+
+    # ------------------------------------------------------------------ routing per request
+    @contextlib.contextmanager
+    def _adapter(self, name: str | None) -> Iterator[None]:
+        if self.serving is None or name is None:
+            yield
+            return
+        if name == "__base__":
+            with self.serving.model.disable_adapter():
+                yield
+            return
+        self.serving.model.set_adapter(name)
+        yield
+
+    @contextlib.contextmanager
+    def _recording(self, task: str | None) -> Iterator[None]:
+        if not self.routing_stats:
+            yield
+            return
+        from moepatch.routing.recorder import RoutingRecorder
+
+        recorder = RoutingRecorder(self.model)
+        with recorder:
+            yield
+        entry = self.stats.setdefault(task or "unknown", {"tokens": 0, "counts": None, "layers": recorder.layers})
+        counts = recorder.counts.to(torch.float64)
+        entry["counts"] = counts if entry["counts"] is None else entry["counts"] + counts
+        entry["tokens"] += int(recorder.tokens.max().item()) if recorder.tokens.numel() else 0
+
+    def _adapters_of(self, requests: list[Any]) -> list[str | None]:
+        if self.serving is None:
+            return [None] * len(requests)
+        contexts = [request.args[0] for request in requests]
+        unique = list(dict.fromkeys(contexts))
+        routes = dict(zip(unique, self.serving.route(unique, self.top_k)))
+        return [self.serving.adapter_for(routes[context]) for context in contexts]
+
+    def _grouped(self, method: Callable[..., list[Any]], requests: list[Any], **kwargs: Any) -> list[Any]:
+        """Run ``method`` (the parent's) on the requests of each (adapter, lm-eval task) group, in request order."""
+        adapters = self._adapters_of(requests)
+        keys = [(adapter, getattr(request, "task_name", None)) for adapter, request in zip(adapters, requests)]
+        results: list[Any] = [None] * len(requests)
+        for key in dict.fromkeys(keys):
+            rows = [i for i, k in enumerate(keys) if k == key]
+            adapter, task = key
+            if adapter is not None:
+                uses = self.adapter_uses.setdefault(task or "unknown", {})
+                uses[adapter] = uses.get(adapter, 0) + len(rows)
+            with self._adapter(adapter), self._recording(task):
+                for row, result in zip(rows, method([requests[i] for i in rows], **kwargs)):
+                    results[row] = result
+        return results
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        return self._grouped(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        return self._grouped(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        return self._grouped(super().generate_until, requests, disable_tqdm=disable_tqdm)
+
+    # ------------------------------------------------------------------ statistics
+    def routing_report(self) -> dict[str, Any]:
+        """Per lm-eval task: tokens seen and each MoE layer's expert load (share of the choices); the adapters
+        requests were routed to."""
+        tasks = {}
+        for task, entry in self.stats.items():
+            counts = entry["counts"]
+            loads = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+            tasks[task] = {"tokens": entry["tokens"], "layers": entry["layers"], "expert_load": loads.tolist()}
+        return {"tasks": tasks, "adapters": self.adapter_uses,
+                "note": "counted over every token lm-eval ran through the model (its loglikelihood batches pass no "
+                        "attention mask, so padding in batches > 1 counts too)"}
+
+
+def _output_path(argv: list[str]) -> Path | None:
+    for index, token in enumerate(argv):
+        if token in ("--output_path", "-o") and index + 1 < len(argv):
+            return Path(argv[index + 1])
+        if token.startswith("--output_path="):
+            return Path(token.split("=", 1)[1])
+    return None
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """lm-eval's CLI on ``argv`` with the ``moepatch`` model registered; then the routing statistics, if asked."""
+    from lm_eval.__main__ import cli_evaluate
+
+    LAST_MODEL.clear()
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    model = LAST_MODEL[0] if LAST_MODEL else None
+    if model is not None and (model.routing_stats or model.serving is not None):
+        report = model.routing_report()
+        output = _output_path(argv)
+        if output is None:
+            print(json.dumps(report["adapters"]))
+        else:
+            folder = output.parent if output.suffix == ".json" else output
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / STATS_FILE).write_text(json.dumps(report, indent=1) + "\n")
+            print(f"moepatch: routing statistics per lm-eval task -> {folder / STATS_FILE}")
+    return 0

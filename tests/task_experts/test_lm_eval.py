@@ -1,0 +1,89 @@
+"""``moepatch eval``: lm-eval's own CLI with the ``moepatch`` model, offline on local tasks, with task experts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moepatch.cli import main as cli
+from moepatch.testing.synthetic import synthetic_records
+
+pytest.importorskip("lm_eval")
+
+
+def _write_task(folder: Path, name: str, source: str, count: int = 4) -> None:
+    """A two-choice task over one embedded source: the right answer vs another record's (absolute data path)."""
+    records = synthetic_records(source, count + 1, seed=11)
+    docs = [{"question": record["conversations"][0]["value"],
+             "choices": [record["conversations"][1]["value"], records[i + 1]["conversations"][1]["value"]],
+             "label": 0} for i, record in enumerate(records[:count])]
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+
+
+@pytest.fixture(scope="module")
+def routed(experts_run, tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("evaluated") / "out"
+    shutil.copytree(experts_run / "experts", copy / "experts")
+    shutil.copytree(experts_run / "data", copy / "data")
+    assert cli(["experts", "fit-router", str(copy)]) == 0
+    return copy
+
+
+def _run_eval(tmp_path: Path, model_args: str) -> subprocess.CompletedProcess:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(exist_ok=True)
+    _write_task(tasks, "te_math", "math")
+    _write_task(tasks, "te_letters", "letters")
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "moepatch.cli", "eval", "--model", "moepatch", "--model_args",
+                           model_args, "--tasks", "te_math", "te_letters", "--include_path", str(tasks), "--device",
+                           "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "results")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def test_eval_routes_each_request_and_writes_routing_statistics(routed, base_checkpoint, tmp_path):
+    done = _run_eval(tmp_path, f"pretrained={base_checkpoint},task_experts={routed},top_k=1,routing_stats=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = list((tmp_path / "results").rglob("results_*.json"))
+    assert results, done.stdout[-2000:]
+    scores = json.loads(results[0].read_text())["results"]
+    assert set(scores) == {"te_math", "te_letters"} and all("acc,none" in value for value in scores.values())
+    stats = json.loads((tmp_path / "results" / "moepatch_routing_stats.json").read_text())
+    assert set(stats["tasks"]) == {"te_math", "te_letters"}
+    for task, entry in stats["tasks"].items():
+        assert entry["tokens"] > 0 and len(entry["expert_load"]) == len(entry["layers"])
+        assert all(abs(sum(row) - 1) < 1e-6 for row in entry["expert_load"])
+    # each lm-eval task's requests went to the expert of its own source (top-1 routing)
+    assert stats["adapters"]["te_math"] == {"math": 8} and stats["adapters"]["te_letters"] == {"letters": 8}
+
+
+def test_eval_without_experts_applies_the_moepatch_config_override(base_checkpoint, tmp_path):
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"moepatch": {"routing_stats": True}}))
+    done = _run_eval(tmp_path, f"pretrained={base_checkpoint},moepatch_config={override},routing_stats=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "results" / "moepatch_routing_stats.json").read_text())
+    assert set(stats["tasks"]) == {"te_math", "te_letters"} and stats["adapters"] == {}
+
+
+def test_eval_with_experts_of_another_base_is_refused(routed, tmp_path):
+    from moepatch.testing import tiny
+
+    other = tiny.save_tiny_checkpoint(tmp_path / "other", "qwen2_moe", seed=1)
+    done = _run_eval(tmp_path, f"pretrained={other},task_experts={routed}")
+    assert done.returncode != 0
+    assert "were trained on" in done.stderr
