@@ -121,3 +121,20 @@ def test_manifest_errors_name_the_problem(experts_run, tmp_path):
         manifest.check_tasks(["chat", "nope"])
     with pytest.raises(ValueError, match=r"a mixtral model with hidden size"):
         manifest.check_base(tiny.tiny_model("mixtral").config, "--base")
+
+
+def test_meld_recipe_parses_into_the_task_expert_arguments(tmp_path):
+    from moepatch.mixing.finetune import parse_arguments
+
+    _, data, _, training, experts = parse_arguments([
+        "--recipe", str(REPO / "configs" / "meld_task_experts.json"), "--model_name_or_path", "ckpt", "--data_dir",
+        "d", "--output_dir", str(tmp_path / "out"), "--use_cpu"])
+    assert experts.task_experts and (experts.expert_r, experts.expert_alpha, experts.expert_dropout) == (16, 32, 0.0)
+    assert training.lr_scheduler_type == "cosine" and training.learning_rate == 1e-4 and not data.dynamic_sampling
+
+
+def test_recipe_run_end_to_end_with_flag_overrides(base_checkpoint, tmp_path):
+    output = tmp_path / "out"
+    assert main(["--recipe", str(REPO / "configs" / "meld_task_experts.json"), *finetune_argv(
+        base_checkpoint, output, "--max_steps", "1", "--tasks", "chat")]) == 0
+    assert read_manifest(output).tasks == ["chat"]
