@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ep-size", type=positive_int, default=2, help="devices for the placement report (1, 2, 4, 8)")
     demo.add_argument("--finetune-steps", type=non_negative_int, default=40,
                       help="steps of the final fine-tune with dynamic mixing (0: skip it)")
+    demo.add_argument("--expert-steps", type=non_negative_int, default=30,
+                      help="steps of each task expert in the task-experts step (0: skip it)")
     demo.set_defaults(func=cmd_demo, check=check_demo_arguments)
     profile = sub.add_parser("profile", help="C2R profiling: co-activation matrices and the official config fields")
     profile.add_argument("model_path", type=checkpoint_folder,

@@ -15,6 +15,7 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
     from moepatch.testing import tiny
     from moepatch.testing.demo import FINETUNE_FOLDER
     from moepatch.testing.demo import is_demo_finetune
+    from moepatch.testing.demo_task_experts import TASK_EXPERTS_FOLDER
 
     num_experts, top_k = tiny.TINY_NUM_EXPERTS, tiny.TINY_TOP_K
     if not max(top_k - 1, 1) <= args.top_t <= num_experts - 1:
@@ -25,6 +26,10 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
     if previous is not None and previous.exists() and args.finetune_steps > 0 and not is_demo_finetune(previous):
         raise UsageError("--output", f"{previous} exists and is not a fine-tune of an earlier demo; the demo writes "
                                      "its fine-tune there: choose another --output")
+    experts = Path(args.output) / TASK_EXPERTS_FOLDER if args.output else None
+    if experts is not None and experts.exists() and args.expert_steps > 0 and not is_demo_finetune(experts):
+        raise UsageError("--output", f"{experts} exists and is not the task experts of an earlier demo; the demo "
+                                     "writes them there: choose another --output")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -32,5 +37,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from moepatch.testing.demo import run_demo
 
     run_demo(args.output, args.family, seed=args.seed, top_t=args.top_t, ep_size=args.ep_size,
-             finetune_steps=args.finetune_steps)
+             finetune_steps=args.finetune_steps, expert_steps=args.expert_steps)
     return 0

@@ -192,6 +192,36 @@ class TaskExpertModel:
         width = batch["input_ids"].shape[1]
         return [row[width:].tolist() for row in output]
 
+    @torch.no_grad()
+    def answer_losses(self, records: Sequence[dict[str, Any]], adapters: Sequence[str], batch_size: int = 8
+                      ) -> list[float]:
+        """Per record (a conversation / instruction record), the mean next-token loss of its answer tokens under its
+        adapter — mixed batches, answers only (the tokenisation finetune trains on)."""
+        from moepatch.mixing.instruction_data import IGNORE_INDEX
+        from moepatch.mixing.instruction_data import encode_messages
+        from moepatch.mixing.instruction_data import to_messages
+
+        prompt_format = "chat_template" if getattr(self.tokenizer, "chat_template", None) else "vicuna"
+        encoded = [encode_messages(self.tokenizer, to_messages(record), prompt_format=prompt_format)
+                   for record in records]
+        losses: list[float] = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(encoded), batch_size):
+            chunk, names = encoded[start:start + batch_size], list(adapters[start:start + batch_size])
+            width = max(len(item["input_ids"]) for item in chunk)
+            ids = torch.tensor([item["input_ids"] + [pad] * (width - len(item["input_ids"])) for item in chunk])
+            mask = torch.tensor([[1] * len(item["input_ids"]) + [0] * (width - len(item["input_ids"]))
+                                 for item in chunk])
+            labels = torch.tensor([item["labels"] + [IGNORE_INDEX] * (width - len(item["labels"])) for item in chunk])
+            with quiet_peft():
+                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                    adapter_names=names).logits.float().cpu()
+            per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                          ignore_index=IGNORE_INDEX, reduction="none")
+            counted = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            losses += (per_token.sum(dim=1) / counted).tolist()
+        return losses
+
     def generate(self, texts: Sequence[str], top_k: int = 2, max_new_tokens: int = 16) -> list[Generation]:
         """Route every request, then generate all of them in one batch with their own adapters."""
         routes = self.route(texts, top_k)

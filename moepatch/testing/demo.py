@@ -54,6 +54,7 @@ def run_demo(
     top_t: int = 2,
     ep_size: int = 2,
     finetune_steps: int = 40,
+    expert_steps: int = 30,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the demo's steps, writing the checkpoint, statistics, matrices and plots into ``output``.
@@ -67,6 +68,7 @@ def run_demo(
         top_t (`int`): C2R ``top_t`` written after profiling (the tiny models have 8 experts, top-2: 1 .. 7).
         ep_size (`int`): devices of the placement comparison (divides 8).
         finetune_steps (`int`): steps of step 7's fine-tune; 0 skips it.
+        expert_steps (`int`): steps of each task expert in step 8 (task experts, router, merges); 0 skips it.
         log (`Callable[[str], None]`): receives the narration, one step at a time.
 
     Returns:
@@ -87,7 +89,7 @@ def run_demo(
     output = Path(output or tempfile.mkdtemp(prefix="moepatch-demo-"))
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = tiny.save_tiny_checkpoint(output / "checkpoint", family, seed=seed, moepatch=DEMO_BLOCK)
-    log(f"[1/7] built a tiny {family} checkpoint with config.json['moepatch'] = {json.dumps(DEMO_BLOCK)}")
+    log(f"[1/8] built a tiny {family} checkpoint with config.json['moepatch'] = {json.dumps(DEMO_BLOCK)}")
     log(f"      -> {checkpoint}")
 
     def load() -> tuple[Any, PatchHandle]:
@@ -96,7 +98,7 @@ def run_demo(
 
     model, handle = load()
     moe = handle.moe_model
-    log(f"[2/7] loaded with AutoModelForCausalLM and applied: family {moe.family.name}, MoE layers "
+    log(f"[2/8] loaded with AutoModelForCausalLM and applied: family {moe.family.name}, MoE layers "
         f"{moe.moe_layer_indices}, {moe.num_experts} experts, top-{moe.top_k}; froze "
         f"{len(handle.frozen_parameters)} router parameters")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -105,7 +107,7 @@ def run_demo(
     with RoutingRecorder(model, keep_choices=True) as choices_before, torch.no_grad():
         model(**batch)
     before = handle.recorder
-    log(f"[3/7] vanilla routing on a batch of {batch['input_ids'].shape[0]} texts "
+    log(f"[3/8] vanilla routing on a batch of {batch['input_ids'].shape[0]} texts "
         f"({int(batch['attention_mask'].sum())} tokens, {padding} padding tokens excluded): share of top-k choices "
         "per expert (%), mean router probability (%)")
     _log_lines(log, statistics_table(before))
@@ -115,7 +117,7 @@ def run_demo(
     vanilla_profile = profile_coactivation(model, corpus_batches(tokenizer, documents, seed=seed), progress=False)
     write_c2r_fields(checkpoint, top_t, vanilla_profile.collaborative_list())
     vanilla_profile.save(output / "coactivation.vanilla.safetensors")
-    log(f"[4/7] profiled {vanilla_profile.tokens} tokens of the embedded corpus: co-activation matrices -> "
+    log(f"[4/8] profiled {vanilla_profile.tokens} tokens of the embedded corpus: co-activation matrices -> "
         f"{output / 'coactivation.vanilla.safetensors'}; wrote top_t={top_t} and collaborative_list into "
         f"{checkpoint / 'config.json'}")
     handle.remove()
@@ -129,13 +131,13 @@ def run_demo(
          .values).all(dim=1).double().mean().item() * 100
         for layer in after.layers
     ]
-    log(f"[5/7] reloaded: C2R on {len(handle.c2r_routers)} routers (top_t={top_t}); tokens whose experts are "
+    log(f"[5/8] reloaded: C2R on {len(handle.c2r_routers)} routers (top_t={top_t}); tokens whose experts are "
         f"unchanged per layer: {', '.join(f'{v:.0f}%' for v in same)}")
     _log_lines(log, statistics_table(after))
     (output / "routing_stats.c2r.json").write_text(after.to_json(indent=1))
 
     c2r_profile = profile_coactivation(model, corpus_batches(tokenizer, documents, seed=seed), progress=False)
-    log(f"[6/7] expert placement over {ep_size} devices (copies per token: distinct devices per token)")
+    log(f"[6/8] expert placement over {ep_size} devices (copies per token: distinct devices per token)")
     rows = []
     for name, profile in (("vanilla", vanilla_profile), ("C2R", c2r_profile)):
         report = placement_report(profile.matrices, ep_size, top_k=profile.top_k, seed=seed)
@@ -157,6 +159,11 @@ def run_demo(
     handle.remove()
     if finetune_steps > 0:
         finetune_demo_checkpoint(checkpoint, output / FINETUNE_FOLDER, steps=finetune_steps, seed=seed, log=log)
+    if expert_steps > 0:
+        from moepatch.testing.demo_task_experts import TASK_EXPERTS_FOLDER
+        from moepatch.testing.demo_task_experts import task_experts_demo
+
+        task_experts_demo(checkpoint, output / TASK_EXPERTS_FOLDER, steps=expert_steps, seed=seed, log=log)
     return output
 
 
@@ -170,7 +177,7 @@ def finetune_demo_checkpoint(
     from moepatch.patch import get_handle
 
     every = max(1, steps // 4)
-    log(f"[7/7] fine-tune {steps} steps on the embedded four-task data (chat, code, letters, math) "
+    log(f"[7/8] fine-tune {steps} steps on the embedded four-task data (chat, code, letters, math) "
         f"with dynamic mixing (probe round every {every} steps, last MoE layer), C2R routing and frozen routers")
     if output.exists():  # the demo's own folder from an earlier run: a fine-tune starts fresh
         shutil.rmtree(output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,18 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, family: str):
     assert "routers:    3/3 bit-identical after training (frozen)" in result.stdout
     assert (tmp_path / "finetune" / "sampling_info" / "rounds.png").stat().st_size > 1000
     assert json.loads((tmp_path / "finetune" / "config.json").read_text())["top_t"] == 2  # C2R kept
+    # step 8: task experts, the default router on new requests, routed cat merges, answer losses
+    out = result.stdout
+    routing = out[out.index("routing of 32 new requests"):out.index("answer loss on the held-out")]
+    accuracies = [float(v) for v in re.findall(r"^\s*(?:chat|code|letters|math)\s+8\s+([\d.]+)", routing, re.M)]
+    assert len(accuracies) == 4 and sum(accuracies) / 4 >= 0.9  # no model but the base: >= 90%
+    losses = re.findall(r"^\s*(chat|code|letters|math)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$",
+                        out[out.index("answer loss on the held-out"):], re.M)
+    assert len(losses) == 4
+    for task, base, own, routed in losses:
+        assert float(own) < float(base) and float(routed) < float(base), task  # the experts learned their tasks
+    manifest = json.loads((tmp_path / "task_experts" / "experts" / "manifest.json").read_text())
+    assert [expert["task"] for expert in manifest["experts"]] == ["chat", "code", "letters", "math"]
 
 
 def test_env_report():
@@ -142,7 +155,7 @@ def test_inspect_reports_lora_expert_targets(tmp_path: Path):
 def test_demo_runs_twice_into_the_same_folder(tmp_path: Path):
     """The README's main command may be run again: the demo replaces its own earlier outputs."""
     for _ in range(2):
-        result = run_cli("demo", "--output", str(tmp_path), "--finetune-steps", "4")
+        result = run_cli("demo", "--output", str(tmp_path), "--finetune-steps", "4", "--expert-steps", "2")
         assert result.returncode == 0, result.stderr
     rounds = (tmp_path / "finetune" / "sampling_info" / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in rounds] == [1, 2, 3, 4]
