@@ -848,12 +848,29 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
         model.config.use_cache = False
         task_experts = expert_args is not None and expert_args.task_experts
         if task_experts:  # peft can reach what is asked: checked before anything is written
+            from moepatch.task_experts.training import linear_targets
+            from moepatch.task_experts.training import peft_remapped
             from moepatch.task_experts.training import routed_target_parameters
 
             try:
+                expert_modules = linear_targets(model, expert_args.expert_target_modules)
                 expert_parameters = routed_target_parameters(model) if expert_args.expert_routed_experts else []
             except ValueError as error:
-                raise UsageError("--expert_routed_experts", str(error).partition(": ")[2]) from None
+                flag, _, message = str(error).partition(": ")
+                raise UsageError(flag, message) from None
+            remapped = peft_remapped(model, expert_modules)
+            if remapped:
+                names = sorted({path.rsplit(".", 1)[-1] for path in remapped})
+                kept = [path for path in expert_modules if path not in remapped]
+                if not kept:
+                    raise UsageError("--expert_target_modules", f"peft turns {names} of this {config.model_type} "
+                                                                "model into its routed experts (target_parameters): "
+                                                                "nothing left to adapt; name attention projections")
+                logger.warning("task experts: leaving out %d %s projections (%s...): peft rewrites these names on %s "
+                               "into target_parameters of the routed experts (its transformers-4 adapter conversion), "
+                               "so their LoRA would not load back; use --expert_routed_experts for the experts",
+                               len(remapped), "/".join(names), remapped[0], config.model_type)
+                expert_modules = kept
         if data_args.dynamic_sampling:
             try:  # checked on the skeleton already (check_inputs); the loaded model is what the rounds record
                 resolve_layer_indices(describe(model), list(sampling_args.probe_layers), "probe_layers")
@@ -865,7 +882,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     if task_experts:
         return _train_task_experts(model, tokenizer, sources, collator, model_args, training_args, expert_args,
-                                   expert_parameters, prompt_format)
+                                   expert_modules, expert_parameters, prompt_format)
     summary: dict[str, Any] = {"sources": names, "prompt_format": prompt_format,
                                "train_examples": [len(s.train) for s in sources],
                                "dropped_train_examples": [s.dropped for s in sources],
@@ -907,14 +924,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
 
 
 def _train_task_experts(model: Any, tokenizer: Any, sources: list[Any], collator: Any, model_args: ModelArguments,
-                        training_args: Any, expert_args: Any, parameters: list[str], prompt_format: str) -> dict:
+                        training_args: Any, expert_args: Any, modules: list[str], parameters: list[str],
+                        prompt_format: str) -> dict:
     """``--task_experts``: one peft LoRA per source (see :mod:`moepatch.task_experts.training`)."""
     from moepatch.task_experts.training import train_task_experts
 
     output_dir = Path(training_args.output_dir)
     tasks = expert_args.check([source.name for source in sources])
     manifest = train_task_experts(model, sources, tasks, collator, training_args, expert_args,
-                                  str(Path(model_args.model_name_or_path).resolve()), parameters)
+                                  str(Path(model_args.model_name_or_path).resolve()), modules, parameters)
     if training_args.process_index == 0:
         tokenizer.save_pretrained(str(output_dir / "experts"))
     summary = {"sources": [source.name for source in sources], "prompt_format": prompt_format,

@@ -10,7 +10,10 @@ stated in :attr:`TaskExpertModel.mixed_batches`.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,43 +155,61 @@ class TaskExpertModel:
         return {key: value.to(self.model.device) for key, value in batch.items()
                 if key in ("input_ids", "attention_mask")}
 
+    @contextlib.contextmanager
+    def _only(self, adapter: str) -> Iterator[None]:
+        """Every row of the next call under one adapter (no ``adapter_names``): peft's plain path."""
+        with quiet_peft():
+            if adapter == BASE_ADAPTER:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                self.model.set_adapter(adapter)
+                yield
+
+    def _by_adapter(self, texts: Sequence[Any], adapters: Sequence[str],
+                    run: Callable[[Sequence[Any], list[str]], list[Any]]) -> list[Any]:
+        """``run`` on one mixed batch where peft can mix adapters, else once per adapter group (results in the
+        requests' order)."""
+        unknown = sorted({a for a in adapters if a != BASE_ADAPTER and a not in self.model.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; loaded: {self.adapters}")
+        if len(texts) != len(adapters):
+            raise ValueError(f"{len(texts)} texts but {len(adapters)} adapter names")
+        if self.mixed_batches and len(set(adapters)) > 1:
+            with quiet_peft():
+                return run(texts, list(adapters))
+        result: list[Any] = [None] * len(texts)
+        for adapter in dict.fromkeys(adapters):
+            rows = [i for i, name in enumerate(adapters) if name == adapter]
+            with self._only(adapter):
+                for row, value in zip(rows, run([texts[i] for i in rows], [])):
+                    result[row] = value
+        return result
+
     @torch.no_grad()
     def logits(self, texts: Sequence[str], adapters: Sequence[str]) -> torch.Tensor:
-        """Next-token logits ``[n, vocab]`` of each text under its adapter, in one mixed batch."""
-        batch = self._encode(texts)
-        with quiet_peft():
-            return self.model(**batch, adapter_names=list(adapters)).logits[:, -1].float()
+        """Next-token logits ``[n, vocab]`` of each text under its adapter (one mixed batch where peft can)."""
+        def run(chunk: Sequence[str], names: list[str]) -> list[torch.Tensor]:
+            extra = {"adapter_names": names} if names else {}
+            return list(self.model(**self._encode(chunk), **extra).logits[:, -1].float())
+
+        return torch.stack(self._by_adapter(texts, adapters, run))
 
     @torch.no_grad()
     def generate_with(self, texts: Sequence[str], adapters: Sequence[str], max_new_tokens: int = 16
                       ) -> list[list[int]]:
         """Greedy continuations (token ids) of ``texts``, each under its adapter: one mixed batch, or one batch per
         adapter where peft cannot mix (see the module docstring)."""
-        if len(texts) != len(adapters):
-            raise ValueError(f"{len(texts)} texts but {len(adapters)} adapter names")
-        unknown = sorted({a for a in adapters if a != BASE_ADAPTER and a not in self.model.peft_config})
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; loaded: {self.adapters}")
-        if self.mixed_batches:
-            return self._generate(texts, list(adapters), max_new_tokens)
-        result: list[list[int]] = [[] for _ in texts]
-        for adapter in dict.fromkeys(adapters):
-            rows = [i for i, name in enumerate(adapters) if name == adapter]
-            for row, tokens in zip(rows, self._generate([texts[i] for i in rows], [adapter] * len(rows),
-                                                        max_new_tokens)):
-                result[row] = tokens
-        return result
+        return self._by_adapter(texts, adapters, lambda chunk, names: self._generate(chunk, names, max_new_tokens))
 
     def _generate(self, texts: Sequence[str], adapters: list[str], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations; ``adapters``: one name per row (a mixed batch), or empty (the active adapter)."""
         batch = self._encode(texts)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False,
                                   "pad_token_id": self.tokenizer.pad_token_id}
-        with quiet_peft():
-            if len(set(adapters)) == 1 and adapters[0] != BASE_ADAPTER:
-                self.model.set_adapter(adapters[0])
-                output = self.model.generate(**batch, **kwargs)
-            else:
-                output = self.model.generate(**batch, adapter_names=adapters, **kwargs)
+        if adapters:
+            kwargs["adapter_names"] = adapters
+        output = self.model.generate(**batch, **kwargs)
         width = batch["input_ids"].shape[1]
         return [row[width:].tolist() for row in output]
 
@@ -213,9 +234,13 @@ class TaskExpertModel:
             mask = torch.tensor([[1] * len(item["input_ids"]) + [0] * (width - len(item["input_ids"]))
                                  for item in chunk])
             labels = torch.tensor([item["labels"] + [IGNORE_INDEX] * (width - len(item["labels"])) for item in chunk])
-            with quiet_peft():
-                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                                    adapter_names=names).logits.float().cpu()
+            def run(rows: Sequence[int], adapter_names: list[str]) -> list[torch.Tensor]:
+                extra = {"adapter_names": adapter_names} if adapter_names else {}
+                index = torch.tensor(list(rows))
+                return list(self.model(input_ids=ids[index].to(self.model.device),
+                                       attention_mask=mask[index].to(self.model.device), **extra).logits.float().cpu())
+
+            logits = torch.stack(self._by_adapter(list(range(len(chunk))), names, run))
             per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
                                                           ignore_index=IGNORE_INDEX, reduction="none")
             counted = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)

@@ -94,20 +94,61 @@ def routed_target_parameters(model: nn.Module) -> list[str]:
     return found
 
 
-def lora_config(args: TaskExpertArguments, target_parameters: list[str]) -> Any:
+def linear_targets(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Full paths of the ``nn.Linear`` projections whose path ends with one of ``names``, routers left out.
+
+    Given to peft as paths, not names: a name alone would also reach modules peft refuses (MoLM's attention
+    experts) and, on families whose routed experts were per-expert ``nn.Linear`` before transformers 5 fused them
+    (Qwen3-MoE, OLMoE), peft turns ``gate_proj`` / ``up_proj`` / ``down_proj`` into ``target_parameters`` on the
+    routed experts — which moepatch adapts only when asked (``--expert_routed_experts``)."""
+    from model_patches.structure import describe
+    from model_patches.structure import router_modules
+
+    routers = {id(module) for module in router_modules(describe(model))}
+    found = [path for path, module in model.named_modules()
+             if isinstance(module, nn.Linear) and id(module) not in routers
+             and any(path == name or path.endswith("." + name) for name in names)]
+    if not found:
+        raise ValueError(f"--expert_target_modules: no nn.Linear projection of {type(model).__name__} is named "
+                         f"{list(names)}")
+    return found
+
+
+def peft_remapped(model: nn.Module, modules: Sequence[str]) -> list[str]:
+    """The ``modules`` peft would not keep as ``target_modules`` on this model.
+
+    peft (≥ 0.18, transformers 5) rewrites every target ending in ``gate_proj`` / ``up_proj`` / ``down_proj`` into
+    ``target_parameters`` on the fused routed experts for the model types whose experts transformers 5 fused (its
+    conversion for adapters trained on transformers 4) — also dense and shared-expert MLP projections of those names
+    (DeepSeek-V2's first dense layers, HunYuan's shared expert), whose LoRA would then neither train as asked nor load
+    back.  Asked of peft's own conversion, on a copy of the config."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+        from peft.utils.transformers_weight_conversion import get_model_conversion_mapping
+    except ImportError:  # a peft without the conversion keeps what it is given
+        return []
+    config = LoraConfig(target_modules=list(modules))
+    convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    kept = set(config.target_modules or [])
+    return [module for module in modules if module not in kept]
+
+
+def lora_config(args: TaskExpertArguments, target_modules: list[str], target_parameters: list[str]) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(r=args.expert_r, lora_alpha=args.expert_alpha, lora_dropout=args.expert_dropout,
-                      target_modules=list(args.expert_target_modules), target_parameters=target_parameters or None,
+                      target_modules=target_modules, target_parameters=target_parameters or None,
                       bias="none", task_type="CAUSAL_LM")
 
 
 def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence[str], collator: Any,
-                       training_args: Any, args: TaskExpertArguments, base: str,
+                       training_args: Any, args: TaskExpertArguments, base: str, modules: list[str] | None = None,
                        parameters: list[str] | None = None) -> ExpertManifest:
     """Train the experts of ``tasks`` (``sources``: :class:`moepatch.mixing.instruction_data.DataSource`) one after
-    another and write the manifest; returns it.  ``parameters``: peft ``target_parameters`` (routed experts;
-    default: :func:`routed_target_parameters` when ``args.expert_routed_experts``)."""
+    another and write the manifest; returns it.  ``modules``: the linear projections (default
+    :func:`linear_targets` of ``args.expert_target_modules``); ``parameters``: peft ``target_parameters`` (routed
+    experts; default: :func:`routed_target_parameters` when ``args.expert_routed_experts``)."""
     from peft import get_peft_model
     from transformers import Trainer
 
@@ -116,11 +157,14 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
     if parameters is None:
         parameters = routed_target_parameters(model) if args.expert_routed_experts else []
     manifest = ExpertManifest(base, model.config.model_type, model.config.hidden_size, [], output)
+    if modules is None:
+        modules = linear_targets(model, args.expert_target_modules)
+    names = sorted({path.rsplit(".", 1)[-1] for path in modules})
     for task in tasks:
         source = by_name[task]
         try:
             with quiet_peft():
-                peft_model = get_peft_model(model, lora_config(args, parameters))
+                peft_model = get_peft_model(model, lora_config(args, modules, parameters))
         except ValueError as error:
             raise ValueError(f"--expert_target_modules: {error}") from None
         folder = output / task
@@ -131,8 +175,7 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
         if trainer.is_world_process_zero():
             peft_model.save_pretrained(str(folder))
         model = peft_model.unload()  # the base modules back, without the LoRA: the next task starts from the base
-        targets = sorted(peft_model.peft_config["default"].target_modules)
-        manifest.experts.append(TaskExpert(task, task, args.expert_r, args.expert_alpha, targets, parameters,
+        manifest.experts.append(TaskExpert(task, task, args.expert_r, args.expert_alpha, names, parameters,
                                            result.training_loss, len(source.train)))
         if trainer.is_world_process_zero():
             manifest.write()  # after each task: a run stopped half-way keeps what it finished
