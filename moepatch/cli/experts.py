@@ -53,7 +53,11 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
     fit = sub.add_parser("fit-router", help="fit the request router on each task's dev examples")
     fit.add_argument("output", help="the finetune --task_experts output folder (or its experts/ folder)")
     fit.add_argument("--data", help="multi-source data folder (default: OUT/data, written by --synthetic_data)")
-    fit.add_argument("--head", choices=("centroid", "linear"), default="centroid")
+    fit.add_argument("--head", choices=("centroid", "linear", "contrastive"), default="centroid",
+                     help="contrastive: MELD's scheme, every expert answers every fitting request and the (near-)best "
+                          "are its positives")
+    fit.add_argument("--positive-margin", type=fraction, default=0.05,
+                     help="contrastive: experts within this relative answer loss of the best one are positives")
     fit.add_argument("--features", nargs="+", choices=("hidden", "load"), default=["hidden", "load"],
                      help="base-model signature: mean-pooled final hidden state and/or per-layer expert loads")
     fit.add_argument("--encoder", help="a local sentence-transformers model folder instead of the base model")
@@ -201,8 +205,11 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError("--encoder", str(error).removeprefix("--encoder: ")) from None
     signatures = encoder.encode([request.text for request in fit + held])
+    positives = None
+    if args.head == "contrastive":
+        positives = _scored_positives(args.output, fit, args.positive_margin)
     router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=args.head,
-                            encoder=encoder.describe(), groups=groups, seed=args.seed)
+                            encoder=encoder.describe(), groups=groups, seed=args.seed, positives=positives)
     folder = manifest.folder / ROUTER_FOLDER
     router.save(folder)
     print(f"router ({args.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "
@@ -213,6 +220,24 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
         _print_report(report)
         (folder / "holdout_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def _scored_positives(output: str, requests: list[Any], margin: float) -> Any:
+    """Every expert answers every request (answer loss); the near-best are its positives (MELD's router data)."""
+    import torch
+
+    from moepatch.task_experts.router import expert_positives
+    from moepatch.task_experts.serving import TaskExpertModel
+
+    serving = TaskExpertModel.from_experts(output, with_router=False)
+    tasks = sorted(serving.manifest.tasks)
+    records = [request.record for request in requests]
+    losses = torch.tensor([serving.answer_losses(records, [task] * len(records)) for task in tasks]).T
+    positives = expert_positives(losses, margin)
+    own = sum(bool(positives[i, tasks.index(r.task)]) for i, r in enumerate(requests)) / len(requests)
+    print(f"scored {len(tasks)} experts on {len(requests)} requests: {positives.sum(1).float().mean():.2f} positive "
+          f"experts per request, the request's own task among them for {own:.1%}")
+    return positives
 
 
 def cmd_route(args: argparse.Namespace) -> int:

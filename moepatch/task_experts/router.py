@@ -8,8 +8,11 @@ A request becomes a **signature** (an encoder), and a **head** scores the signat
   concatenated.  :class:`SentenceTransformerEncoder`: a sentence-transformers model from a local folder (MELD used
   bge-large / bge-m3).  Anything with ``encode(texts) -> [n, d]`` and ``describe()`` plugs in.
 * Heads.  ``centroid``: cosine similarity to each task's mean signature.  ``linear``: a softmax classifier on
-  standardised signatures, trained with AdamW (full batch, weight decay).  Scores become weights by a softmax with
-  ``temperature``; the top-k are kept and renormalised.
+  standardised signatures, trained with AdamW (full batch, weight decay).  ``contrastive``: MELD's scheme — every
+  expert answers every fitting request, the experts whose answer is (near-)best are its positives, the rest its
+  negatives — trained as a projection of the signatures and one embedding per task, with a multi-positive InfoNCE
+  loss over cosine similarities (the encoder itself stays frozen, where MELD fine-tuned bge).  Scores become weights
+  by a softmax with ``temperature``; the top-k are kept and renormalised.
 
 MELD's evaluation variants are routing options: ``cross-dataset`` leaves the request's own task out of the
 candidates, ``cross-task`` every task of its group (``groups``).  A router saves as ``router.safetensors`` (the
@@ -32,7 +35,7 @@ from safetensors.torch import save_file
 
 ROUTER_CONFIG = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
-HEADS = ("centroid", "linear")
+HEADS = ("centroid", "linear", "contrastive")
 EXCLUSIONS = ("none", "cross-dataset", "cross-task")
 FEATURES = ("hidden", "load")
 
@@ -152,10 +155,12 @@ class TaskRouter:
     @classmethod
     def fit(cls, signatures: torch.Tensor, labels: Sequence[str], *, head: str = "centroid",
             encoder: dict[str, Any], temperature: float | None = None, groups: dict[str, str] | None = None,
-            steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> TaskRouter:
+            steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0,
+            positives: torch.Tensor | None = None) -> TaskRouter:
         """Fit on ``signatures [n, d]`` with task ``labels`` (every task needs one example or more).
-        ``temperature`` of the weights' softmax: default 0.05 over cosine similarities (centroid), 1 over logits
-        (linear)."""
+        ``temperature`` of the weights' softmax: default 0.05 over cosine similarities (centroid, contrastive), 1
+        over logits (linear).  ``positives`` (``contrastive``): bool ``[n, tasks]`` (tasks sorted by name), the
+        experts that answered each request well (:func:`expert_positives`)."""
         tasks = sorted(set(labels))
         if len(tasks) < 2:
             raise ValueError(f"a router needs examples of two tasks or more, got {tasks}")
@@ -164,6 +169,12 @@ class TaskRouter:
         if head == "centroid":
             centroids = torch.stack([signatures[target == i].mean(0) for i in range(len(tasks))])
             return cls(tasks, head, {"centroids": F.normalize(centroids, dim=-1)}, encoder,
+                       0.05 if temperature is None else temperature, groups)
+        if head == "contrastive":
+            if positives is None or positives.shape != (len(signatures), len(tasks)) or not positives.any(1).all():
+                raise ValueError("--head contrastive: needs every request's positive experts ([requests, tasks], one "
+                                 "at least per request)")
+            return cls(tasks, head, _fit_contrastive(signatures, positives, steps, lr, weight_decay, seed), encoder,
                        0.05 if temperature is None else temperature, groups)
         if head != "linear":
             raise ValueError(f"--head: expected one of {HEADS}, got {head!r}")
@@ -186,6 +197,9 @@ class TaskRouter:
         signatures = signatures.float()
         if self.head == "centroid":
             return F.normalize(signatures, dim=-1) @ self.tensors["centroids"].T
+        if self.head == "contrastive":
+            projected = F.normalize((signatures - self.tensors["mean"]) @ self.tensors["projection"].T, dim=-1)
+            return projected @ F.normalize(self.tensors["task_embeddings"], dim=-1).T
         x = (signatures - self.tensors["mean"]) / self.tensors["std"]
         return x @ self.tensors["weight"].T + self.tensors["bias"]
 
@@ -243,6 +257,37 @@ class TaskRouter:
                 raise ValueError(f"{config_path}: missing {key!r}")
         return cls(config["tasks"], config["head"], load_file(str(weights_path)), config["encoder"],
                    float(config.get("temperature", 0.05)), config.get("groups"))
+
+
+def _fit_contrastive(signatures: torch.Tensor, positives: torch.Tensor, steps: int, lr: float, weight_decay: float,
+                     seed: int, width: int = 64, temperature: float = 0.05) -> dict[str, torch.Tensor]:
+    """Projection ``[width, d]`` and task embeddings ``[tasks, width]`` by multi-positive InfoNCE:
+    ``−log Σ_{t∈P} exp(s_t/τ) / Σ_t exp(s_t/τ)``, ``s`` the cosine of the projected signature and each task."""
+    generator = torch.Generator().manual_seed(seed)
+    mean = signatures.mean(0)
+    x = signatures - mean
+    width = min(width, x.shape[1])
+    projection = (torch.randn(width, x.shape[1], generator=generator) / x.shape[1] ** 0.5).requires_grad_()
+    with torch.no_grad():  # start each task at the projected mean of its positives
+        start = torch.stack([(x[positives[:, t]] if positives[:, t].any() else x).mean(0) for t in
+                             range(positives.shape[1])]) @ projection.T
+    tasks = start.clone().requires_grad_()
+    optimizer = torch.optim.AdamW([projection, tasks], lr=lr * 0.2, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        scores = F.normalize(x @ projection.T, dim=-1) @ F.normalize(tasks, dim=-1).T / temperature
+        loss = -(torch.logsumexp(scores.masked_fill(~positives, float("-inf")), dim=1)
+                 - torch.logsumexp(scores, dim=1)).mean()
+        loss.backward()
+        optimizer.step()
+    return {"projection": projection.detach(), "task_embeddings": tasks.detach(), "mean": mean}
+
+
+def expert_positives(losses: torch.Tensor, margin: float) -> torch.Tensor:
+    """MELD's positives from scored expert outputs: ``losses [requests, tasks]`` (each expert's answer loss on each
+    request) → bool, the experts within ``margin`` (relative) of the request's best expert."""
+    best = losses.min(dim=1, keepdim=True).values
+    return losses <= best * (1 + margin)
 
 
 def routing_report(router: TaskRouter, signatures: torch.Tensor, labels: Sequence[str], top_k: int,

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from moepatch.cli import main as cli
 from moepatch.task_experts.router import BaseModelEncoder
 from moepatch.task_experts.router import TaskRouter
+from moepatch.task_experts.router import expert_positives
 from moepatch.testing.synthetic import synthetic_records
 
 
@@ -192,3 +193,38 @@ def test_route_refuses_unknown_tasks_and_too_large_k(run, tmp_path, capsys):
     assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "5"]) == 2
     assert "--top-k: 5 is more than the router's 4 tasks" in capsys.readouterr().err
     assert not (run / "experts" / "routes.jsonl").exists()
+
+
+def test_melds_positives_are_the_near_best_experts():
+    losses = torch.tensor([[1.0, 1.04, 2.0], [3.0, 1.5, 1.52], [0.5, 0.9, 0.51]])
+    got = expert_positives(losses, 0.05)
+    expected = torch.tensor([[True, True, False], [False, True, True], [True, False, True]])
+    assert torch.equal(got, expected)
+
+
+def test_contrastive_head_learns_multi_positive_routing():
+    """Three clusters; requests of cluster 2 are answered well by experts 1 and 2 (two positives)."""
+    torch.manual_seed(0)
+    centers = torch.randn(3, 16) * 3
+    labels = [i % 3 for i in range(60)]
+    signatures = centers[labels] + 0.3 * torch.randn(60, 16)
+    positives = torch.zeros(60, 3, dtype=torch.bool)
+    for row, label in enumerate(labels):
+        positives[row, label] = True
+        if label == 2:
+            positives[row, 1] = True
+    router = TaskRouter.fit(signatures, [["a", "b", "c"][i] for i in labels], head="contrastive",
+                            encoder={"kind": "test"}, positives=positives)
+    query = centers + 0.3 * torch.randn(3, 16)
+    choices = router.route(query, top_k=2)
+    assert choices[0].tasks[0] == "a" and choices[1].tasks[0] == "b"
+    assert set(choices[2].tasks) == {"b", "c"}  # both positives of cluster 2 ranked first
+    with pytest.raises(ValueError, match="needs every request's positive experts"):
+        TaskRouter.fit(signatures, [["a", "b", "c"][i] for i in labels], head="contrastive", encoder={})
+
+
+def test_contrastive_fit_router_scores_every_expert(run, capsys):
+    assert cli(["experts", "fit-router", str(run), "--head", "contrastive", "--features", "hidden"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"scored 4 experts on \d+ requests: [\d.]+ positive experts per request", out)
+    assert TaskRouter.load(run / "experts" / "router").head == "contrastive"
