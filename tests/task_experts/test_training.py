@@ -138,3 +138,18 @@ def test_recipe_run_end_to_end_with_flag_overrides(base_checkpoint, tmp_path):
     assert main(["--recipe", str(REPO / "configs" / "meld_task_experts.json"), *finetune_argv(
         base_checkpoint, output, "--max_steps", "1", "--tasks", "chat")]) == 0
     assert read_manifest(output).tasks == ["chat"]
+
+
+def test_an_empty_task_is_named_and_nothing_is_written(base_checkpoint, tmp_path):
+    from moepatch.testing.synthetic import synthetic_records
+
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    (data / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_records("code", 10)))
+    (data / "empty.jsonl").write_text("")
+    output = tmp_path / "out"
+    argv = [a for a in finetune_argv(base_checkpoint, output, "--max_steps", "1", "--probe_size", "2",
+                                     "--data_dir", str(tmp_path / "data")) if a != "--synthetic_data"]
+    done = _run_script(*argv)
+    assert done.returncode == 1 and "source 'empty':" in done.stderr and "holds no record" in done.stderr
+    assert not output.exists()
