@@ -67,7 +67,12 @@ class MoePatchLM(HFLM):
         from transformers import AutoTokenizer
 
         self.routing_stats = _flag(routing_stats)
-        self.top_k = int(top_k)
+        try:
+            self.top_k = int(top_k)
+        except ValueError:
+            raise ValueError(f"moepatch model_args: top_k: expected an integer, got {top_k!r}") from None
+        if not Path(pretrained).is_dir():
+            raise ValueError(f"moepatch model_args: pretrained={pretrained!r} is not a checkpoint folder")
         self.serving = None
         if task_experts:
             from moepatch.task_experts.serving import TaskExpertModel
@@ -76,6 +81,9 @@ class MoePatchLM(HFLM):
                 raise ValueError("moepatch model_args: task_experts load the base their manifest names; "
                                  "moepatch_config does not apply to them")
             self.serving = TaskExpertModel.from_experts(task_experts)
+            if not 1 <= self.top_k <= len(self.serving.router.tasks):
+                raise ValueError(f"moepatch model_args: top_k: expected 1..{len(self.serving.router.tasks)} (the "
+                                 f"router's tasks), got {self.top_k}")
             if Path(self.serving.manifest.base).resolve() != Path(pretrained).resolve():
                 raise ValueError(f"moepatch model_args: the task experts in {task_experts} were trained on "
                                  f"{self.serving.manifest.base}, not on pretrained={pretrained}")

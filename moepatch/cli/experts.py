@@ -27,7 +27,7 @@ from moepatch.cli.arguments import seed
 from moepatch.errors import CommandError
 from moepatch.errors import UsageError
 
-ROUTER_FOLDER = "router"
+ROUTER_FOLDER = "router"  # moepatch.task_experts.fitting.ROUTER_FOLDER (imported lazily: the CLI starts without torch)
 
 
 def _finite(text: str) -> float:
@@ -129,33 +129,6 @@ def _manifest(output: str) -> Any:
         raise UsageError("output", str(error)) from None
 
 
-def _base(manifest: Any) -> tuple[Any, Any]:
-    """The patched base model and the experts' tokenizer (a pad token set for batched signatures)."""
-    from transformers import AutoTokenizer
-
-    import moepatch
-
-    if not Path(manifest.base).is_dir():
-        raise CommandError(f"the experts' base {manifest.base} (manifest.json 'base') is not a folder here")
-    model = moepatch.from_pretrained(manifest.base)
-    manifest.check_base(model.config, manifest.base)
-    tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _encoder(manifest: Any, description: dict[str, Any], batch_size: int = 8) -> Any:
-    from moepatch.task_experts.router import BaseModelEncoder
-    from moepatch.task_experts.router import SentenceTransformerEncoder
-
-    if description["kind"] == "sentence_transformers":
-        return SentenceTransformerEncoder(description["path"])
-    model, tokenizer = _base(manifest)
-    return BaseModelEncoder(model, tokenizer, features=description["features"],
-                            max_length=description["max_length"], batch_size=batch_size)
-
-
 def _print_report(report: dict[str, Any]) -> None:
     from moepatch.report import format_table
 
@@ -176,10 +149,8 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def cmd_fit_router(args: argparse.Namespace) -> int:
-    from moepatch.task_experts.requests import split_requests
-    from moepatch.task_experts.requests import task_requests
-    from moepatch.task_experts.router import TaskRouter
-    from moepatch.task_experts.router import routing_report
+    from moepatch.task_experts.fitting import RouterSettings
+    from moepatch.task_experts.fitting import fit_router
 
     manifest = _manifest(args.output)
     data = Path(args.data) if args.data else manifest.folder.parent / "data"
@@ -193,51 +164,20 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
                 raise UsageError("--group", f"unknown task {task!r} in group {name!r}; the experts are "
                                             f"{manifest.tasks}")
             groups[task] = name
+    if args.encoder is not None and not Path(args.encoder).is_dir():
+        raise UsageError("--encoder", f"{args.encoder} is not a folder holding a sentence-transformers model")
+    settings = RouterSettings(args.head, list(args.features), args.encoder, args.holdout, args.max_examples,
+                              args.max_length, args.batch_size, groups, args.seed, args.positive_margin)
     try:
-        by_task = task_requests(data, manifest.tasks)
-        fit, held = split_requests(by_task, args.holdout, args.max_examples, args.seed)
+        _, report = fit_router(manifest, data, settings)
     except ValueError as error:
-        raise UsageError("--data", str(error).removeprefix("--data: ")) from None
-    description = ({"kind": "sentence_transformers", "path": str(Path(args.encoder).resolve())} if args.encoder
-                   else {"kind": "base_model", "features": list(args.features), "max_length": args.max_length})
-    try:
-        encoder = _encoder(manifest, description, args.batch_size)
-    except ValueError as error:
-        raise UsageError("--encoder", str(error).removeprefix("--encoder: ")) from None
-    signatures = encoder.encode([request.text for request in fit + held])
-    positives = None
-    if args.head == "contrastive":
-        positives = _scored_positives(args.output, fit, args.positive_margin)
-    router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=args.head,
-                            encoder=encoder.describe(), groups=groups, seed=args.seed, positives=positives)
-    folder = manifest.folder / ROUTER_FOLDER
-    router.save(folder)
-    print(f"router ({args.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "
-          f"saved to {folder}")
-    if held:
-        report = routing_report(router, signatures[len(fit):], [request.task for request in held],
-                                min(2, len(router.tasks)))
+        flag, _, message = str(error).partition(": ")
+        if flag.startswith("--") or flag == "output":
+            raise UsageError(flag, message) from None
+        raise
+    if report is not None:
         _print_report(report)
-        (folder / "holdout_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0
-
-
-def _scored_positives(output: str, requests: list[Any], margin: float) -> Any:
-    """Every expert answers every request (answer loss); the near-best are its positives (MELD's router data)."""
-    import torch
-
-    from moepatch.task_experts.router import expert_positives
-    from moepatch.task_experts.serving import TaskExpertModel
-
-    serving = TaskExpertModel.from_experts(output, with_router=False)
-    tasks = sorted(serving.manifest.tasks)
-    records = [request.record for request in requests]
-    losses = torch.tensor([serving.answer_losses(records, [task] * len(records)) for task in tasks]).T
-    positives = expert_positives(losses, margin)
-    own = sum(bool(positives[i, tasks.index(r.task)]) for i, r in enumerate(requests)) / len(requests)
-    print(f"scored {len(tasks)} experts on {len(requests)} requests: {positives.sum(1).float().mean():.2f} positive "
-          f"experts per request, the request's own task among them for {own:.1%}")
-    return positives
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -266,7 +206,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     from moepatch.validation import check_output_folder
 
     check_output_folder(routes_path.parent, "--routes")
-    signatures = _encoder(manifest, router.encoder).encode([request.text for request in requests])
+    if routes_path.is_dir():
+        raise UsageError("--routes", f"{routes_path} is a folder; give the jsonl file to write")
+    from moepatch.task_experts.fitting import make_encoder
+
+    signatures = make_encoder(manifest, router.encoder).encode([request.text for request in requests])
     own = [request.task for request in requests]
     choices = router.route(signatures, args.top_k, own_tasks=own, exclude=args.exclude)
     with routes_path.open("w") as stream:
@@ -292,7 +236,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     manifest = _manifest(args.output)
     if args.from_routes is not None:
         try:
-            requests = combinations_from_routes(args.from_routes, args.weights)
+            requests = combinations_from_routes(args.from_routes, args.weights, manifest.tasks)
         except ValueError as error:
             raise UsageError("--from-routes", str(error)) from None
     else:
@@ -305,18 +249,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
             flag, _, message = str(error).partition(": ")
             raise UsageError(flag if flag.startswith("--") else "--tasks", message) from None
     tasks = list(dict.fromkeys(task for request in requests for task in request.tasks))
-    model, _ = _base(manifest)
+    from moepatch.task_experts.fitting import base_model
+
+    try:
+        model, _ = base_model(manifest)
+    except ValueError as error:
+        raise UsageError("output", str(error).partition(": ")[2]) from None
     output = manifest.folder / MERGED_FOLDER
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     peft_model = load_experts(model, manifest, tasks)
     results = []
-    for request in requests:
-        result = merge_loaded(peft_model, manifest, request, output)
-        results.append(result)
-        print(f"{result.name}: {result.method} of {result.tasks} weights {result.weights} -> rank {result.rank}, "
-              f"max relative error {result.max_relative_error:.2e} over {len(result.module_errors)} modules")
-    path = write_merges(output, results)
-    print(f"wrote {len(results)} merged adapter(s) to {output} ({path.name})")
+    try:
+        for request in requests:
+            result = merge_loaded(peft_model, manifest, request, output)
+            results.append(result)
+            write_merges(output, [result])  # listed as soon as it is on disk
+            print(f"{result.name}: {result.method} of {result.tasks} weights {result.weights} -> rank {result.rank}, "
+                  f"max relative error {result.max_relative_error:.2e} over {len(result.module_errors)} modules")
+    finally:
+        if created and not any(output.iterdir()):
+            output.rmdir()
+    print(f"wrote {len(results)} merged adapter(s) to {output} (merges.json)")
     return 0
 
 

@@ -548,6 +548,7 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     names = source_names(data_args)
     if expert_args is not None:
         _check_task_expert_inputs(expert_args, data_args, names, training_args.resume_from_checkpoint)
+        _check_earlier_experts(expert_args, output, checkpoint)
     dynamic, mixture = data_args.dynamic_sampling, _mixture_run(data_args)
     if dynamic and len(names) < 2:
         raise UsageError("--dynamic_sampling", f"dynamic mixing re-weights several sources; found one ({names[0]!r}). "
@@ -591,6 +592,24 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
                                          "rounds would be appended to it. Choose a new folder, remove it, or pass "
                                          "--resume_from_checkpoint")
     return names
+
+
+def _check_earlier_experts(expert_args: Any, output: Path, checkpoint: Path) -> None:
+    """Experts of an earlier run in ``--output_dir`` must share the base (this run adds or replaces tasks)."""
+    from moepatch.task_experts.manifest import EXPERTS_FOLDER
+    from moepatch.task_experts.manifest import MANIFEST_NAME
+
+    if not expert_args.task_experts:
+        return
+    path = output / EXPERTS_FOLDER / MANIFEST_NAME
+    if path.is_file():
+        try:
+            base = json.loads(path.read_text()).get("base")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UsageError("--output_dir", f"{path} is not a task-experts manifest; choose another folder") from None
+        if base != str(checkpoint.resolve()):
+            raise UsageError("--output_dir", f"{output} holds task experts of another base ({base}); choose another "
+                                             "folder")
 
 
 def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names: list[str], resume: Any) -> None:
@@ -882,7 +901,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     if task_experts:
         return _train_task_experts(model, tokenizer, sources, collator, model_args, training_args, expert_args,
-                                   expert_modules, expert_parameters, prompt_format)
+                                   expert_modules, expert_parameters, prompt_format,
+                                   {s.name for s in sources if paths[s.name][1] is None})
     summary: dict[str, Any] = {"sources": names, "prompt_format": prompt_format,
                                "train_examples": [len(s.train) for s in sources],
                                "dropped_train_examples": [s.dropped for s in sources],
@@ -925,14 +945,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
 
 def _train_task_experts(model: Any, tokenizer: Any, sources: list[Any], collator: Any, model_args: ModelArguments,
                         training_args: Any, expert_args: Any, modules: list[str], parameters: list[str],
-                        prompt_format: str) -> dict:
-    """``--task_experts``: one peft LoRA per source (see :mod:`moepatch.task_experts.training`)."""
+                        prompt_format: str, without_dev: set[str]) -> dict:
+    """``--task_experts``: one peft LoRA per source (see :mod:`moepatch.task_experts.training`).  A source without a
+    dev file trains on all its records (its probe split exists for dynamic mixing, which task experts do not run);
+    the router then has no held-out examples of it (``fit-router`` says so)."""
     from moepatch.task_experts.training import train_task_experts
 
     output_dir = Path(training_args.output_dir)
     tasks = expert_args.check([source.name for source in sources])
+    train_on = {source.name: source.train + source.probe for source in sources if source.name in without_dev}
     manifest = train_task_experts(model, sources, tasks, collator, training_args, expert_args,
-                                  str(Path(model_args.model_name_or_path).resolve()), modules, parameters)
+                                  str(Path(model_args.model_name_or_path).resolve()), modules, parameters, train_on)
     if training_args.process_index == 0:
         tokenizer.save_pretrained(str(output_dir / "experts"))
     summary = {"sources": [source.name for source in sources], "prompt_format": prompt_format,

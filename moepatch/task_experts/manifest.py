@@ -18,8 +18,9 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 EXPERTS_FOLDER = "experts"
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-"""A task name is also a folder and a peft adapter name: letters, digits, ``_ . -``, not starting with a symbol."""
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+"""A task name is also a folder and a peft adapter name (which cannot hold a dot): letters, digits, ``_ -``, not
+starting with a symbol."""
 
 
 @dataclass
@@ -128,7 +129,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> ExpertManife
         except TypeError as error:
             raise ValueError(f"{where}: {error}") from None
         if not isinstance(expert.task, str) or not TASK_NAME.fullmatch(expert.task):
-            raise ValueError(f"{where}.task: expected a name of letters, digits, '_', '.', '-', got {expert.task!r}")
+            raise ValueError(f"{where}.task: expected a name of letters, digits, '_', '-', got {expert.task!r}")
         if not isinstance(expert.rank, int) or expert.rank < 1:
             raise ValueError(f"{where}.rank: expected an integer >= 1, got {expert.rank!r}")
         adapter = folder / expert.path

@@ -13,6 +13,7 @@ lists them (name, tasks, weights, method, rank, worst error).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from moepatch.task_experts.manifest import ExpertManifest
 METHODS = ("cat", "svd")
 MERGED_FOLDER = "merged"
 MERGES_FILE = "merges.json"
+MERGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+"""A ``--name``: what a task name may be (moepatch's own merge names use ``+`` and ``~``)."""
 CAT_TOLERANCE = 1e-4
 """Largest relative error a ``cat`` merge may show (float32 rounding of the stored factors is ~1e-7)."""
 
@@ -46,7 +49,16 @@ class MergeRequest:
     name: str | None = None
 
     def adapter_name(self) -> str:
-        return self.name or "+".join(self.tasks)
+        """``--name``, else the tasks joined by ``+`` — with ``~<method>[-r<rank>]-w<weights ‰>`` unless this is
+        the equal-weight ``cat`` merge (the one serving uses for a request routed to these tasks)."""
+        if self.name:
+            return self.name
+        joined = "+".join(self.tasks)
+        if self.method == "cat" and len(set(self.weights)) == 1 and self.weights[0] == 1.0 / len(self.tasks):
+            return joined
+        rank = f"-r{self.rank}" if self.rank is not None else ""
+        weights = "_".join(f"{round(1000 * w)}" for w in self.weights)
+        return f"{joined}~{self.method}{rank}-w{weights}"
 
 
 @dataclass
@@ -95,6 +107,13 @@ def check_request(manifest: ExpertManifest, request: MergeRequest, max_lora_rank
     if len(targets) > 1:
         raise ValueError(f"--tasks: the experts adapt different modules ({sorted(targets)}); peft merges only "
                          "adapters with the same target modules")
+    if request.name is not None and (not MERGE_NAME.fullmatch(request.name) or request.name in manifest.tasks
+                                     or request.name == "__base__"):
+        raise ValueError(f"--name: {request.name!r} must be letters, digits, '_', '-' (no '+', '~', '.', '/': those "
+                         "mark moepatch's own names) and not a task's name")
+    if request.rank is not None and request.rank > sum(expert.rank for expert in experts):
+        raise ValueError(f"--rank: {request.rank} exceeds the sum of the experts' ranks "
+                         f"{sum(expert.rank for expert in experts)}: their weighted sum has no higher rank")
     rank = merged_rank([expert.rank for expert in experts], request)
     if max_lora_rank is not None and rank > max_lora_rank:
         detail = (f"the sum of the ranks {[e.rank for e in experts]}" if request.method == "cat"
@@ -186,7 +205,8 @@ def combination_key(tasks: Sequence[str], weights: Sequence[float]) -> tuple[str
     return tuple(sorted(tasks)) if len(set(weights)) == 1 else tuple(tasks)
 
 
-def combinations_from_routes(path: Path, weights: Sequence[float] | None) -> list[MergeRequest]:
+def combinations_from_routes(path: Path, weights: Sequence[float] | None,
+                             known: Sequence[str] | None = None) -> list[MergeRequest]:
     """One ``cat`` request per distinct task combination in a ``route`` output (jsonl with ``"tasks"`` per line,
     best first), as MELD merged every pair its router produced; ``weights`` by rank (the top task's first) or equal
     ``1/k`` — then a pair is one adapter whatever its order."""
@@ -197,6 +217,11 @@ def combinations_from_routes(path: Path, weights: Sequence[float] | None) -> lis
         tasks = record.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks) or not tasks:
             raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"{where}: a task appears twice in {tasks}")
+        unknown = [task for task in tasks if known is not None and task not in known]
+        if unknown:
+            raise ValueError(f"{where}: unknown task(s) {unknown}; the experts are {list(known or [])}")
         if len(tasks) < 2:
             continue
         chosen = list(weights) if weights is not None else [1.0 / len(tasks)] * len(tasks)

@@ -51,10 +51,10 @@ def read_requests(path: str | Path, task_field: str = "task") -> list[Request]:
     return requests
 
 
-def task_requests(data: str | Path, tasks: list[str] | None = None) -> dict[str, list[Request]]:
+def task_requests(data: str | Path, tasks: list[str] | None = None) -> tuple[dict[str, list[Request]], list[str]]:
     """Per task, the requests of a multi-source data folder (the dynamic-mixing layout: ``dev/<task>.jsonl`` preferred
     — the router learns from examples the experts did not train on — else ``train/<task>.jsonl``, or
-    ``<task>.jsonl`` / ``<task>/`` directly)."""
+    ``<task>.jsonl`` / ``<task>/`` directly), and the tasks that had no dev file."""
     from moepatch.mixing.finetune import DataArguments
     from moepatch.mixing.finetune import source_paths
 
@@ -72,7 +72,7 @@ def task_requests(data: str | Path, tasks: list[str] | None = None) -> dict[str,
         if not found:
             raise ValueError(f"--data: task {task!r} has no examples in {dev or train}")
         result[task] = found
-    return result
+    return result, [task for task, (_, dev) in paths.items() if dev is None]
 
 
 def split_requests(by_task: dict[str, list[Request]], holdout: float, limit: int | None, seed: int

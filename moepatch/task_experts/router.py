@@ -304,7 +304,7 @@ def routing_report(router: TaskRouter, signatures: torch.Tensor, labels: Sequenc
         report["accuracy"] = sum(c.tasks[0] == label for c, label in zip(choices, labels)) / len(labels)
         report["top_k_recall"] = sum(label in c.tasks for c, label in zip(choices, labels)) / len(labels)
         report["per_task_accuracy"] = {task: row.get(task, 0) / sum(row.values()) for task, row in confusion.items()}
-    elif exclude == "cross-dataset":
+    elif exclude == "cross-dataset" and router.groups:  # without groups every other task is another group
         group = router.groups.get
         report["same_group_accuracy"] = sum(group(c.tasks[0], c.tasks[0]) == group(label, label)
                                             for c, label in zip(choices, labels)) / len(labels)

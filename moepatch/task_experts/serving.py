@@ -86,15 +86,12 @@ class TaskExpertModel:
     def from_experts(cls, output: str | Path, *, with_router: bool = True) -> TaskExpertModel:
         """Load the base named in the manifest (patched), every expert and every saved merge, and the router."""
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
-        import moepatch
+        from moepatch.task_experts.fitting import base_model
         from moepatch.task_experts.router import BaseModelEncoder
 
         manifest = read_manifest(output)
-        base = moepatch.from_pretrained(manifest.base)
-        manifest.check_base(base.config, manifest.base)
-        tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
+        base, tokenizer = base_model(manifest)
         with quiet_peft():
             model = PeftModel.from_pretrained(base, str(manifest.expert_path(manifest.tasks[0])),
                                               adapter_name=manifest.tasks[0])

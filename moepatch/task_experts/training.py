@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
@@ -50,16 +52,16 @@ class TaskExpertArguments:
         """The tasks to train, every flag checked (``ValueError`` naming it)."""
         if self.expert_r < 1:
             raise ValueError(f"--expert_r: expected an integer >= 1, got {self.expert_r}")
-        if not self.expert_alpha > 0:
+        if not (math.isfinite(self.expert_alpha) and self.expert_alpha > 0):
             raise ValueError(f"--expert_alpha: expected a number > 0, got {self.expert_alpha}")
-        if not 0 <= self.expert_dropout < 1:
+        if not (math.isfinite(self.expert_dropout) and 0 <= self.expert_dropout < 1):
             raise ValueError(f"--expert_dropout: expected a number in [0, 1), got {self.expert_dropout}")
         if not self.expert_target_modules or not all(name.strip() for name in self.expert_target_modules):
             raise ValueError("--expert_target_modules: expected one or more projection names")
         bad = [name for name in source_names if not TASK_NAME.fullmatch(name)]
         if bad:
-            raise ValueError(f"task names {bad}: a task name is a folder and an adapter name (letters, digits, "
-                             "'_', '.', '-')")
+            raise ValueError(f"--data_dir: source names {bad}: a task name is a folder and a peft adapter name "
+                             "(letters, digits, '_', '-'; no dot)")
         tasks = list(self.tasks) if self.tasks else list(source_names)
         unknown = [task for task in tasks if task not in source_names]
         if unknown:
@@ -144,11 +146,13 @@ def lora_config(args: TaskExpertArguments, target_modules: list[str], target_par
 
 def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence[str], collator: Any,
                        training_args: Any, args: TaskExpertArguments, base: str, modules: list[str] | None = None,
-                       parameters: list[str] | None = None) -> ExpertManifest:
+                       parameters: list[str] | None = None, train_on: dict[str, list[Any]] | None = None
+                       ) -> ExpertManifest:
     """Train the experts of ``tasks`` (``sources``: :class:`moepatch.mixing.instruction_data.DataSource`) one after
     another and write the manifest; returns it.  ``modules``: the linear projections (default
     :func:`linear_targets` of ``args.expert_target_modules``); ``parameters``: peft ``target_parameters`` (routed
-    experts; default: :func:`routed_target_parameters` when ``args.expert_routed_experts``)."""
+    experts; default: :func:`routed_target_parameters` when ``args.expert_routed_experts``); ``train_on``: the
+    examples of a task where they are not its source's ``train`` split."""
     from peft import get_peft_model
     from transformers import Trainer
 
@@ -157,6 +161,8 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
     if parameters is None:
         parameters = routed_target_parameters(model) if args.expert_routed_experts else []
     manifest = ExpertManifest(base, model.config.model_type, model.config.hidden_size, [], output)
+    _earlier_experts(output, manifest, tasks)  # other tasks' experts of an earlier run into this folder stay
+    train_on = train_on or {}
     if modules is None:
         modules = linear_targets(model, args.expert_target_modules)
     names = sorted({path.rsplit(".", 1)[-1] for path in modules})
@@ -169,14 +175,44 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
             raise ValueError(f"--expert_target_modules: {error}") from None
         folder = output / task
         task_args = dataclasses.replace(training_args, output_dir=str(output.parent / "task_runs" / task))
-        logger.info("task expert %r: %d examples", task, len(source.train))
-        trainer = Trainer(model=peft_model, args=task_args, train_dataset=source.train, data_collator=collator)
+        examples = train_on.get(task, source.train)
+        logger.info("task expert %r: %d examples", task, len(examples))
+        trainer = Trainer(model=peft_model, args=task_args, train_dataset=examples, data_collator=collator)
         result = trainer.train()
         if trainer.is_world_process_zero():
             peft_model.save_pretrained(str(folder))
         model = peft_model.unload()  # the base modules back, without the LoRA: the next task starts from the base
         manifest.experts.append(TaskExpert(task, task, args.expert_r, args.expert_alpha, names, parameters,
-                                           result.training_loss, len(source.train)))
+                                           result.training_loss, len(examples)))
         if trainer.is_world_process_zero():
+            manifest.experts.sort(key=lambda expert: expert.task)
             manifest.write()  # after each task: a run stopped half-way keeps what it finished
+            shutil.rmtree(output.parent / "task_runs" / task, ignore_errors=True)  # nothing saved there
+    runs = output.parent / "task_runs"
+    if runs.is_dir() and not any(runs.iterdir()):
+        runs.rmdir()
     return manifest
+
+
+def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str]) -> list[TaskExpert]:
+    """Experts an earlier run wrote into ``output`` for other tasks (kept in ``manifest``), when they were trained on
+    the same base; the router, merges and vLLM export of the earlier run are removed (they no longer describe the
+    experts)."""
+    from moepatch.task_experts.manifest import MANIFEST_NAME
+    from moepatch.task_experts.manifest import read_manifest
+
+    if not (output / MANIFEST_NAME).is_file():
+        return []
+    earlier = read_manifest(output, check_files=False)
+    if (earlier.base, earlier.model_type) != (manifest.base, manifest.model_type):
+        raise ValueError(f"--output_dir: {output} holds experts of another base ({earlier.base}); choose another "
+                         "folder")
+    kept = [expert for expert in earlier.experts if expert.task not in tasks]
+    manifest.experts.extend(kept)
+    stale = [output / name for name in ("router", "merged", "vllm") if (output / name).exists()]
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale:
+        logger.warning("task experts: removed %s of the earlier run (retrained experts %s); fit the router and "
+                       "merge again", ", ".join(folder.name for folder in stale), list(tasks))
+    return kept

@@ -107,7 +107,8 @@ def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int 
         raise ValueError("output: cannot serve these adapters with vLLM (nothing written):\n  " + "\n  ".join(problems))
     if max_loras is not None and max_loras < 1:
         raise ValueError(f"--max-loras: expected an integer >= 1, got {max_loras}")
-    by_combination = {combination_key(a.tasks, [1.0] * len(a.tasks)): a.name for a in adapters}
+    by_combination = {combination_key(a.tasks, [1.0] * len(a.tasks)): a.name for a in adapters
+                      if "~" not in a.name}  # the single experts and the equal-weight cat merges serve routes
     route_lines = _route_lines(routes, by_combination) if routes is not None else None
     folder = manifest.folder / VLLM_FOLDER
     if folder.exists():
@@ -136,8 +137,8 @@ def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> li
     lines, missing = [], set()
     for where, record in read_jsonl_located(routes):
         tasks = record.get("tasks")
-        if not isinstance(tasks, list) or not tasks:
-            raise ValueError(f"--routes: {where}: expected a 'tasks' list")
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) for task in tasks):
+            raise ValueError(f"--routes: {where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
         key = combination_key(tasks, [1.0] * len(tasks))
         if key not in by_combination:
             missing.add("+".join(key))

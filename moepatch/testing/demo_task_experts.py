@@ -17,12 +17,10 @@ TASKS = ("chat", "code", "letters", "math")
 def task_experts_demo(checkpoint: Path, output: Path, *, steps: int, seed: int = 0, held_out: int = 8,
                       log: Callable[[str], None] = print, step: str = "[8/8]") -> dict[str, dict[str, float]]:
     """Train, route, merge, compare; returns the per-task loss table (``{task: {base, own, routed}}``)."""
-    import contextlib
-    import io
-    import json
-
-    from moepatch.cli import main as cli
     from moepatch.mixing.finetune import main as finetune
+    from moepatch.task_experts.fitting import RouterSettings
+    from moepatch.task_experts.fitting import fit_router
+    from moepatch.task_experts.manifest import read_manifest
     from moepatch.task_experts.requests import request_text
     from moepatch.task_experts.router import routing_report
     from moepatch.task_experts.serving import BASE_ADAPTER
@@ -40,11 +38,8 @@ def task_experts_demo(checkpoint: Path, output: Path, *, steps: int, seed: int =
                        "--logging_steps", str(max(1, steps))])
     if status:
         raise CommandError(f"{step} (task experts) failed with status {status}; see the message above")
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        if cli(["experts", "fit-router", str(output), "--seed", str(seed)]) != 0:
-            raise CommandError(f"{step}: fitting the router failed:\n{quiet.getvalue()[-2000:]}")
-    fit = json.loads((output / "experts" / "router" / "holdout_report.json").read_text())
+    manifest = read_manifest(output)
+    _, fit = fit_router(manifest, output / "data", RouterSettings(seed=seed), log=lambda line: None)
     log(f"router:     fitted on the tasks' dev examples; held-out routing accuracy {fit['accuracy']:.3f}")
 
     records = {task: synthetic_records(task, held_out, seed=seed + 1000) for task in TASKS}  # never trained on

@@ -38,7 +38,7 @@ def run(experts_run, tmp_path) -> Path:
 def test_cat_merge_is_the_weighted_sum_of_the_deltas(run, capsys):
     assert cli(["experts", "merge", str(run), "--tasks", "chat", "math", "code", "--weights", "0.5", "0.3",
                 "0.2", "--method", "cat"]) == 0
-    merged = run / "experts" / "merged" / "chat+math+code"
+    merged = run / "experts" / "merged" / "chat+math+code~cat-w500_300_200"  # not the equal-weight merge: marked
     config = json.loads((merged / "adapter_config.json").read_text())
     assert config["r"] == 48  # ranks add up: 3 × 16
     experts = {task: _raw_deltas(run / "experts" / task) for task in ("chat", "math", "code")}
@@ -48,7 +48,7 @@ def test_cat_merge_is_the_weighted_sum_of_the_deltas(run, capsys):
         expected = 0.5 * experts["chat"][module] + 0.3 * experts["math"][module] + 0.2 * experts["code"][module]
         torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-5, msg=module)
     merges = json.loads((run / "experts" / "merged" / "merges.json").read_text())
-    assert merges[0]["name"] == "chat+math+code" and merges[0]["max_relative_error"] < 1e-6
+    assert merges[0]["name"] == merged.name and merges[0]["max_relative_error"] < 1e-6
     assert "max relative error" in capsys.readouterr().out
 
 
@@ -82,7 +82,8 @@ def test_svd_merge_reports_the_truncation_error(run, capsys):
         singular = torch.linalg.svdvals(0.5 * experts[0][module] + 0.5 * experts[1][module])
         worst = max(worst, (singular[4:].square().sum() / singular.square().sum()).sqrt().item())
     assert reported == pytest.approx(worst, rel=1e-3)
-    assert json.loads((run / "experts" / "merged" / "code+math" / "adapter_config.json").read_text())["r"] == 4
+    folder = run / "experts" / "merged" / "code+math~svd-r4-w500_500"
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
 
 
 def test_from_routes_merges_every_combination_once(run):
@@ -108,11 +109,23 @@ def _merged_folder_is_untouched(run: Path) -> bool:
      r"--max-lora-rank: the merged adapter 'chat\+code\+math' has rank 48 \(the sum of the ranks \[16, 16, 16\]\), "
      r"more than --max-lora-rank 32"),
     (["--tasks", "chat", "chat"], r"--tasks: task\(s\) \['chat'\] given more than once"),
+    (["--tasks", "chat", "code", "--name", "math"], r"--name: 'math' must be .* and not a task's name"),
+    (["--tasks", "chat", "code", "--name", "../x"], r"--name: '\.\./x' must be letters"),
+    (["--tasks", "chat", "code", "--method", "svd", "--rank", "64"], r"--rank: 64 exceeds the sum of the experts' "
+                                                                     r"ranks 32"),
     (["--weights", "1", "1"], r"--tasks: required"),
 ])
 def test_bad_merges_are_refused_and_nothing_is_written(run, capsys, argv, message):
     assert cli(["experts", "merge", str(run), *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert _merged_folder_is_untouched(run)
+
+
+def test_from_routes_names_the_bad_line(run, capsys):
+    routes = run / "routes.jsonl"
+    routes.write_text(json.dumps({"tasks": ["chat", "code"]}) + "\n" + json.dumps({"tasks": ["chat", "nope"]}) + "\n")
+    assert cli(["experts", "merge", str(run), "--from-routes", str(routes)]) == 2
+    assert re.search(r"--from-routes: .*routes\.jsonl:2: unknown task\(s\) \['nope'\]", capsys.readouterr().err)
     assert _merged_folder_is_untouched(run)
 
 
@@ -125,7 +138,7 @@ def test_missing_expert_and_mismatched_base_are_named(run, capsys):
     manifest["experts"] = [e for e in manifest["experts"] if e["task"] != "code"]
     manifest["hidden_size"] = 64
     manifest_path.write_text(json.dumps(manifest))
-    assert cli(["experts", "merge", str(run), "--tasks", "chat", "math"]) == 1
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "math"]) == 2  # the folder names an unusable run
     assert "hidden size 32, but the experts" in capsys.readouterr().err
     assert _merged_folder_is_untouched(run)
 

@@ -153,3 +153,39 @@ def test_an_empty_task_is_named_and_nothing_is_written(base_checkpoint, tmp_path
     done = _run_script(*argv)
     assert done.returncode == 1 and "source 'empty':" in done.stderr and "holds no record" in done.stderr
     assert not output.exists()
+
+
+def test_retraining_some_tasks_keeps_the_others_and_drops_the_stale_router(base_checkpoint, tmp_path, caplog):
+    import logging
+
+    output = tmp_path / "out"
+    assert main(finetune_argv(base_checkpoint, output, "--max_steps", "1", "--tasks", "code", "math")) == 0
+    (output / "experts" / "router").mkdir()
+    before = load_file(str(output / "experts" / "code" / "adapter_model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="moepatch.task_experts"):
+        assert main(finetune_argv(base_checkpoint, output, "--max_steps", "1", "--tasks", "math")) == 0
+    assert read_manifest(output).tasks == ["code", "math"]
+    after = load_file(str(output / "experts" / "code" / "adapter_model.safetensors"))
+    assert all(torch.equal(before[key], after[key]) for key in before)  # untouched
+    assert not (output / "experts" / "router").exists() and "removed router of the earlier run" in caplog.text
+    assert not (output / "task_runs").exists()
+
+
+def test_a_source_without_a_dev_file_trains_on_all_its_records(base_checkpoint, tmp_path):
+    from moepatch.testing.synthetic import synthetic_records
+
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    for task in ("code", "math"):
+        (data / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(task, 12)))
+    output = tmp_path / "out"
+    argv = [a for a in finetune_argv(base_checkpoint, output, "--max_steps", "1", "--probe_size", "4",
+                                     "--data_dir", str(tmp_path / "data")) if a != "--synthetic_data"]
+    assert main(argv) == 0
+    assert [expert.examples for expert in read_manifest(output).experts] == [12, 12]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_alpha_is_refused(base_checkpoint, tmp_path, value):
+    done = _run_script(*finetune_argv(base_checkpoint, tmp_path / "out", "--max_steps", "1", "--expert_alpha", value))
+    assert done.returncode == 2 and "--expert_alpha: expected a number > 0" in done.stderr

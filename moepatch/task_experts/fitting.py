@@ -1,0 +1,122 @@
+"""Fit the request router of a task-experts run: requests of each task, an encoder, a head, a held-out report.
+
+Used by ``moepatch experts fit-router`` and the demo.  Every check (data folder, groups, encoder) raises a
+``ValueError`` starting with the flag it is about, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moepatch.task_experts.manifest import ExpertManifest
+
+ROUTER_FOLDER = "router"
+HOLDOUT_REPORT = "holdout_report.json"
+
+
+@dataclass
+class RouterSettings:
+    head: str = "centroid"
+    features: list[str] = field(default_factory=lambda: ["hidden", "load"])
+    encoder: str | None = None  # a local sentence-transformers folder; None: the base model's signatures
+    holdout: float = 0.25
+    max_examples: int = 64
+    max_length: int = 256
+    batch_size: int = 8
+    groups: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    positive_margin: float = 0.05
+
+
+def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:
+    """The patched base named by the manifest and the experts' tokenizer (a pad token set for batches)."""
+    from transformers import AutoTokenizer
+
+    import moepatch
+
+    if not Path(manifest.base).is_dir():
+        raise ValueError(f"output: the experts' base {manifest.base} (manifest.json 'base') is not a folder here")
+    model = moepatch.from_pretrained(manifest.base)
+    manifest.check_base(model.config, manifest.base)
+    tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def make_encoder(manifest: ExpertManifest, description: dict[str, Any], batch_size: int = 8) -> Any:
+    """The encoder a router description names (``router.json``'s ``encoder``)."""
+    from moepatch.task_experts.router import BaseModelEncoder
+    from moepatch.task_experts.router import SentenceTransformerEncoder
+
+    if description["kind"] == "sentence_transformers":
+        return SentenceTransformerEncoder(description["path"])
+    model, tokenizer = base_model(manifest)
+    return BaseModelEncoder(model, tokenizer, features=description["features"],
+                            max_length=description["max_length"], batch_size=batch_size)
+
+
+def scored_positives(manifest: ExpertManifest, requests: list[Any], margin: float,
+                     log: Callable[[str], None] = print) -> torch.Tensor:
+    """MELD's router data: every expert answers every request (answer loss); the near-best are its positives."""
+    from moepatch.task_experts.router import expert_positives
+    from moepatch.task_experts.serving import TaskExpertModel
+
+    serving = TaskExpertModel.from_experts(manifest.folder, with_router=False)
+    tasks = sorted(manifest.tasks)
+    records = [request.record for request in requests]
+    losses = torch.tensor([serving.answer_losses(records, [task] * len(records)) for task in tasks]).T
+    positives = expert_positives(losses, margin)
+    own = sum(bool(positives[i, tasks.index(r.task)]) for i, r in enumerate(requests)) / len(requests)
+    log(f"scored {len(tasks)} experts on {len(requests)} requests: {positives.sum(1).float().mean():.2f} positive "
+        f"experts per request, the request's own task among them for {own:.1%}")
+    return positives
+
+
+def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
+               log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any] | None]:
+    """Fit and save ``<experts>/router/``; returns the router and the held-out report (``None`` without a
+    held-out split)."""
+    from moepatch.task_experts.requests import split_requests
+    from moepatch.task_experts.requests import task_requests
+    from moepatch.task_experts.router import TaskRouter
+    from moepatch.task_experts.router import routing_report
+
+    if not data.is_dir():
+        raise ValueError(f"--data: {data} is not a data folder")
+    for task in settings.groups:
+        if task not in manifest.tasks:
+            raise ValueError(f"--group: unknown task {task!r}; the experts are {manifest.tasks}")
+    by_task, without_dev = task_requests(data, manifest.tasks)
+    if without_dev:
+        log(f"note: no dev file for {without_dev}: the router learns from and is checked on examples those experts "
+            "trained on (give dev/<task>.jsonl for a true held-out figure)")
+    fit, held = split_requests(by_task, settings.holdout, settings.max_examples, settings.seed)
+    description = ({"kind": "sentence_transformers", "path": str(Path(settings.encoder).resolve())}
+                   if settings.encoder else
+                   {"kind": "base_model", "features": list(settings.features), "max_length": settings.max_length})
+    encoder = make_encoder(manifest, description, settings.batch_size)
+    signatures = encoder.encode([request.text for request in fit + held])
+    positives = (scored_positives(manifest, fit, settings.positive_margin, log) if settings.head == "contrastive"
+                 else None)
+    router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=settings.head,
+                            encoder=encoder.describe(), groups=settings.groups, seed=settings.seed,
+                            positives=positives)
+    folder = manifest.folder / ROUTER_FOLDER
+    router.save(folder)
+    (folder / HOLDOUT_REPORT).unlink(missing_ok=True)  # a report of an earlier fit would not describe this one
+    log(f"router ({settings.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "
+        f"saved to {folder}")
+    report = None
+    if held:
+        report = routing_report(router, signatures[len(fit):], [request.task for request in held],
+                                min(2, len(router.tasks)))
+        (folder / HOLDOUT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    return router, report
