@@ -249,7 +249,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             flag, _, message = str(error).partition(": ")
             raise UsageError(flag if flag.startswith("--") else "--tasks", message) from None
     tasks = list(dict.fromkeys(task for request in requests for task in request.tasks))
-    from moepatch.task_experts.fitting import base_model
+    from moepatch.task_experts.manifest import base_model
 
     try:
         model, _ = base_model(manifest)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moepatch.task_experts.manifest import ExpertManifest
+from moepatch.task_experts.manifest import base_model
 
 ROUTER_FOLDER = "router"
 HOLDOUT_REPORT = "holdout_report.json"
@@ -33,22 +34,6 @@ class RouterSettings:
     groups: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     positive_margin: float = 0.05
-
-
-def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:
-    """The patched base named by the manifest and the experts' tokenizer (a pad token set for batches)."""
-    from transformers import AutoTokenizer
-
-    import moepatch
-
-    if not Path(manifest.base).is_dir():
-        raise ValueError(f"output: the experts' base {manifest.base} (manifest.json 'base') is not a folder here")
-    model = moepatch.from_pretrained(manifest.base)
-    manifest.check_base(model.config, manifest.base)
-    tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def make_encoder(manifest: ExpertManifest, description: dict[str, Any], batch_size: int = 8) -> Any:

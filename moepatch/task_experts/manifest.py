@@ -143,3 +143,19 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> ExpertManife
     if not experts:
         raise ValueError(f"{file}: no experts")
     return ExpertManifest(data["base"], data["model_type"], data["hidden_size"], experts, folder)
+
+
+def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:
+    """The patched base named by the manifest and the experts' tokenizer (a pad token set for batches)."""
+    from transformers import AutoTokenizer
+
+    import moepatch
+
+    if not Path(manifest.base).is_dir():
+        raise ValueError(f"output: the experts' base {manifest.base} (manifest.json 'base') is not a folder here")
+    model = moepatch.from_pretrained(manifest.base)
+    manifest.check_base(model.config, manifest.base)
+    tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -87,7 +87,7 @@ class TaskExpertModel:
         """Load the base named in the manifest (patched), every expert and every saved merge, and the router."""
         from peft import PeftModel
 
-        from moepatch.task_experts.fitting import base_model
+        from moepatch.task_experts.manifest import base_model
         from moepatch.task_experts.router import BaseModelEncoder
 
         manifest = read_manifest(output)
