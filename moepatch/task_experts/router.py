@@ -93,8 +93,6 @@ class BaseModelEncoder:
                 if recorder is not None:
                     parts.append(F.normalize(self._loads(recorder, batch["attention_mask"]), dim=-1))
                 pieces.append(torch.cat(parts, dim=-1).cpu())
-                if recorder is not None:
-                    recorder._choices = [[] for _ in recorder.layers]  # kept choices of this batch only
         finally:
             self.model.train(was_training)
         return torch.cat(pieces)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,12 @@ def experts_run(base_checkpoint, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("te_run") / "out"
     assert main(finetune_argv(base_checkpoint, output, "--max_steps", "6")) == 0
     return output
+
+
+def copy_run(experts_run: Path, folder: Path, *, data: bool = True) -> Path:
+    """A private copy of the trained run (its experts and, with ``data``, its data) for tests that write into it."""
+    copy = folder / "out"
+    shutil.copytree(experts_run / "experts", copy / "experts")
+    if data:
+        shutil.copytree(experts_run / "data", copy / "data")
+    return copy

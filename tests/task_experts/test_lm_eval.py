@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import copy_run
 
 from moepatch.cli import main as cli
 from moepatch.testing.synthetic import synthetic_records
@@ -32,9 +32,7 @@ def _write_task(folder: Path, name: str, source: str, count: int = 4) -> None:
 
 @pytest.fixture(scope="module")
 def routed(experts_run, tmp_path_factory) -> Path:
-    copy = tmp_path_factory.mktemp("evaluated") / "out"
-    shutil.copytree(experts_run / "experts", copy / "experts")
-    shutil.copytree(experts_run / "data", copy / "data")
+    copy = copy_run(experts_run, tmp_path_factory.mktemp("evaluated"))
     assert cli(["experts", "fit-router", str(copy)]) == 0
     return copy
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 from safetensors.torch import load_file
 
 from moepatch.cli import main as cli
@@ -30,8 +31,7 @@ def _raw_deltas(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture()
 def run(experts_run, tmp_path) -> Path:
     """A private copy of the trained experts (merges write into it)."""
-    copy = tmp_path / "out"
-    shutil.copytree(experts_run / "experts", copy / "experts")
+    copy = copy_run(experts_run, tmp_path, data=False)
     return copy
 
 

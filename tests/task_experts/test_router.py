@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_run
 from safetensors.torch import load_file
 
 from moepatch.cli import main as cli
@@ -22,9 +22,7 @@ from moepatch.testing.synthetic import synthetic_records
 
 @pytest.fixture()
 def run(experts_run, tmp_path) -> Path:
-    copy = tmp_path / "out"
-    shutil.copytree(experts_run / "experts", copy / "experts")
-    shutil.copytree(experts_run / "data", copy / "data")
+    copy = copy_run(experts_run, tmp_path)
     return copy
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 
 from moepatch.cli import main as cli
 from moepatch.task_experts.serving import TaskExpertModel
@@ -19,9 +20,7 @@ from moepatch.testing.synthetic import synthetic_records
 @pytest.fixture(scope="module")
 def served(experts_run, tmp_path_factory) -> Path:
     """A copy of the run with a router and one saved merge."""
-    copy = tmp_path_factory.mktemp("served") / "out"
-    shutil.copytree(experts_run / "experts", copy / "experts")
-    shutil.copytree(experts_run / "data", copy / "data")
+    copy = copy_run(experts_run, tmp_path_factory.mktemp("served"))
     assert cli(["experts", "fit-router", str(copy)]) == 0
     assert cli(["experts", "merge", str(copy), "--tasks", "chat", "code"]) == 0
     return copy
