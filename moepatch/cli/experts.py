@@ -3,7 +3,8 @@
 * ``fit-router OUT [--data DATA]``: fit the request router on each task's dev examples, print held-out accuracy;
 * ``route OUT --input requests.jsonl --top-k 2``: the chosen tasks and weights of every request (jsonl);
 * ``merge OUT --tasks a b --weights 0.5 0.5 --method cat|svd`` (or ``--from-routes routes.jsonl``): peft
-  ``add_weighted_adapter`` merges, checked against the experts' own deltas;
+  ``add_weighted_adapter`` merges (fused routed experts merged by moepatch in peft's layout), checked against the
+  experts' own deltas;
 * ``serve-check OUT --input requests.jsonl``: mixed-adapter batches equal one request at a time, and their
   throughput vs one adapter at a time;
 * ``export-vllm OUT --max-lora-rank 64``: the adapters plus the vLLM ``EngineArgs`` / ``LoRARequest`` entries.

@@ -5,7 +5,10 @@
 * :mod:`~moepatch.task_experts.router`: request signatures (the base MoE's own hidden state and expert loads by
   default, or a local sentence-transformers model) and a centroid / linear head; top-k tasks and weights per request.
 * :mod:`~moepatch.task_experts.merging`: peft ``add_weighted_adapter`` merges (``cat`` exact, ``svd`` with its error
-  reported), checked against the experts' own files.
+  reported), checked against the experts' own files; :mod:`~.weighted_adapters` extends peft's merge to LoRA on the
+  fused routed experts (``target_parameters``), which peft refuses.
+* :mod:`~moepatch.task_experts.serving`: ``TaskExpertModel`` — mixed-adapter batches, ``serve-check``;
+  :mod:`~.vllm_export` writes the adapters and engine settings for vLLM multi-LoRA.
 """
 
 from moepatch.task_experts.manifest import ExpertManifest

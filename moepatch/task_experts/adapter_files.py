@@ -50,8 +50,11 @@ def module_scaling(config: dict, module: str) -> float:
 def adapter_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
     """``{module path: ΔW}`` (float64, ``[out, in]``) of every LoRA module of the adapter in ``folder``.
 
-    Module paths are those of the base model (peft's ``base_model.model.`` prefix removed).  ``ValueError`` for
-    adapters this reader does not model (DoRA, fused ``target_parameters`` entries, non-linear layers).
+    Module paths are those of the base model (peft's ``base_model.model.`` prefix removed).  A LoRA on a fused
+    parameter of ``E`` experts (peft ``target_parameters``: ``lora_A`` is ``[E·r, in]`` expert-major, ``lora_B``
+    ``[out, r·E]`` expert-minor) gives one entry per expert, ``<path>[e]``, where the path is peft's (one
+    ``.base_layer`` per parameter wrapped before it on the same module).  ``ValueError`` for adapters this reader
+    does not model (DoRA, non-linear layers).
     """
     folder = Path(folder)
     config = adapter_config(folder)
@@ -68,9 +71,20 @@ def adapter_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
             continue
         module = match.group(1)
         b = tensors.get(key.replace(".lora_A.weight", ".lora_B.weight"))
-        if b is None or a.dim() != 2 or b.dim() != 2:
-            raise ValueError(f"{weights_path}: {module} has no matching 2-D lora_B (a fused-parameter entry?)")
-        deltas[module] = module_scaling(config, module) * (b.double() @ a.double())
+        if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{weights_path}: {module} has no matching 2-D lora_B")
+        rank = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+        scaling = module_scaling(config, module)
+        if a.shape[0] == rank:
+            deltas[module] = scaling * (b.double() @ a.double())
+            continue
+        if a.shape[0] % rank:
+            raise ValueError(f"{weights_path}: {module} has lora_A of {a.shape[0]} rows, not a multiple of r={rank}")
+        experts = a.shape[0] // rank
+        a_experts = a.double().reshape(experts, rank, a.shape[1])
+        b_experts = b.double().reshape(b.shape[0], rank, experts)
+        for expert in range(experts):
+            deltas[f"{module}[{expert}]"] = scaling * (b_experts[:, :, expert] @ a_experts[expert])
     if not deltas:
         raise ValueError(f"{weights_path}: no LoRA module found")
     return deltas

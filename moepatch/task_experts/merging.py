@@ -2,9 +2,12 @@
 
 ``cat`` concatenates the weighted ``A``'s and the ``B``'s along the rank axis: the merged ``ΔW`` is exactly
 ``Σ wᵢ·sᵢ·BᵢAᵢ`` and the rank is the sum of the ranks.  ``svd`` truncates that sum to ``--rank`` (default: the
-largest expert rank) and loses what the truncation drops.  Each merge is checked module by module against the sum
-computed from the experts' own files (:mod:`moepatch.task_experts.adapter_files`), and the relative Frobenius error
-is reported — ``cat`` must be exact to float rounding, ``svd`` says what it cost.
+largest expert rank) and loses what the truncation drops.  Experts on the fused routed experts (peft
+``target_parameters``, which peft's merge refuses) are merged expert by expert in peft's own layout
+(:mod:`moepatch.task_experts.weighted_adapters`); peft still merges every linear module.  Each merge is checked
+module by module (expert by expert) against the sum computed from the experts' own files
+(:mod:`moepatch.task_experts.adapter_files`), and the relative Frobenius error is reported — ``cat`` must be exact
+to float rounding, ``svd`` says what it cost.
 
 Merged adapters go to ``<experts>/merged/<name>/`` (a standard peft folder) and ``<experts>/merged/merges.json``
 lists them (name, tasks, weights, method, rank, worst error).
@@ -28,6 +31,7 @@ from moepatch.task_experts.adapter_files import adapter_config
 from moepatch.task_experts.adapter_files import adapter_deltas
 from moepatch.task_experts.adapter_files import quiet_peft
 from moepatch.task_experts.manifest import ExpertManifest
+from moepatch.task_experts.weighted_adapters import add_weighted_adapter
 
 METHODS = ("cat", "svd")
 MERGED_FOLDER = "merged"
@@ -98,11 +102,10 @@ def check_request(manifest: ExpertManifest, request: MergeRequest, max_lora_rank
     if request.rank is not None and request.rank < 1:
         raise ValueError(f"--rank: expected an integer >= 1, got {request.rank}")
     experts = [manifest.expert(task) for task in request.tasks]
-    fused = [expert.task for expert in experts if expert.target_parameters]
-    if fused:
-        raise ValueError(f"--tasks: the experts of {fused} adapt fused routed experts (peft target_parameters); "
-                         "peft's add_weighted_adapter cannot merge such adapters (peft 0.17+ refuses them): merge "
-                         "experts trained without routed experts, or serve these unmerged")
+    fused = {tuple(sorted(expert.target_parameters or ())) for expert in experts}
+    if len(fused) > 1:
+        raise ValueError(f"--tasks: the experts adapt different fused routed-expert parameters ({sorted(fused)}); "
+                         "only experts with the same target_parameters merge (peft loads them together only then)")
     targets = {tuple(sorted(expert.target_modules)) for expert in experts}
     if len(targets) > 1:
         raise ValueError(f"--tasks: the experts adapt different modules ({sorted(targets)}); peft merges only "
@@ -161,8 +164,8 @@ def load_experts(base: torch.nn.Module, manifest: ExpertManifest, tasks: Sequenc
 def merge_loaded(model: Any, manifest: ExpertManifest, request: MergeRequest, output: Path) -> MergeResult:
     """Merge ``request`` in a ``PeftModel`` holding its experts, write it to ``output / name`` and check it."""
     name = request.adapter_name()
-    model.add_weighted_adapter(list(request.tasks), [float(w) for w in request.weights], adapter_name=name,
-                               combination_type=request.method, svd_rank=request.rank)
+    add_weighted_adapter(model, list(request.tasks), [float(w) for w in request.weights], name, request.method,
+                         request.rank)
     try:
         with tempfile.TemporaryDirectory(dir=output, prefix=".writing-") as scratch:
             model.save_pretrained(scratch, selected_adapters=[name])

@@ -28,6 +28,7 @@ from moepatch.task_experts.merging import MERGED_FOLDER
 from moepatch.task_experts.merging import combination_key
 from moepatch.task_experts.merging import read_merges
 from moepatch.task_experts.router import TaskRouter
+from moepatch.task_experts.weighted_adapters import add_weighted_adapter
 
 BASE_ADAPTER = "__base__"
 """peft's name for "no adapter" in a mixed batch."""
@@ -134,8 +135,7 @@ class TaskExpertModel:
         name = "+".join(key)
         if name not in self.model.peft_config:
             self.manifest.check_tasks(list(key))
-            self.model.add_weighted_adapter(list(key), [1.0 / len(key)] * len(key), adapter_name=name,
-                                            combination_type="cat")
+            add_weighted_adapter(self.model, list(key), [1.0 / len(key)] * len(key), name, "cat")
             spread_adapter_names(self.model)
         return name
 

@@ -58,7 +58,7 @@ def test_task_experts_train_merge_serve_and_reload_with_peft(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral"])
-def test_routed_experts_are_adapted_when_asked_and_served_one_adapter_group_at_a_time(family, tmp_path):
+def test_routed_experts_are_adapted_when_asked_served_by_adapter_group_and_merged(family, tmp_path):
     output = _train(family, tmp_path, "--expert_routed_experts", "true", "--expert_r", "4")
     manifest = read_manifest(output)
     assert manifest.experts[0].target_parameters
@@ -68,6 +68,16 @@ def test_routed_experts_are_adapted_when_asked_and_served_one_adapter_group_at_a
     grouped = serving.generate_with(TEXTS, adapters, max_new_tokens=3)
     assert grouped == [serving.generate_with([text], [name], max_new_tokens=3)[0]
                        for text, name in zip(TEXTS, adapters)]
+    # the fused experts merge too (peft refuses them; moepatch merges them in peft's layout): the merge with
+    # weights 1, 1 is the two experts active together, as peft computes it
+    assert cli(["experts", "merge", str(output), "--tasks", "code", "math", "--weights", "1", "1",
+                "--name", "both"]) == 0
+    serving = TaskExpertModel.from_experts(output, with_router=False)
+    merged = serving.logits(TEXTS, ["both"] * len(TEXTS))
+    serving.model.base_model.set_adapter(["code", "math"])
+    with torch.no_grad():
+        together = serving.model(**serving._encode(TEXTS)).logits[:, -1].float()
+    torch.testing.assert_close(merged, together, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("family", "message"), [

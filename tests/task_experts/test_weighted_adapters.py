@@ -1,0 +1,126 @@
+"""Merges of experts on the fused routed experts (peft ``target_parameters``), which peft's own merge refuses.
+
+The reference is peft itself: each ``ParamWrapper``'s ``get_delta_weight`` of the source experts, weighted and
+summed, and peft's forward with several adapters active at once (it adds their deltas).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import finetune_argv
+
+from moepatch.cli import main as cli
+from moepatch.mixing.finetune import main
+from moepatch.task_experts.serving import TaskExpertModel
+from moepatch.testing import tiny
+
+TASKS = ("chat", "code")
+
+
+@pytest.fixture(scope="module")
+def routed_run(base_checkpoint, tmp_path_factory) -> Path:
+    """Two experts with LoRA on attention, the shared expert and the fused routed experts (r 4 and 4)."""
+    output = tmp_path_factory.mktemp("te_routed") / "out"
+    assert main(finetune_argv(base_checkpoint, output, "--max_steps", "2", "--tasks", *TASKS,
+                              "--expert_routed_experts", "true", "--expert_r", "4", "--disable_tqdm", "true")) == 0
+    return output
+
+
+def _peft_model(base_checkpoint: Path, folders: dict[str, Path]):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = list(folders)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_checkpoint)),
+                                      str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    return model.eval()
+
+
+def _merged(run: Path, name: str) -> Path:
+    return run / "experts" / "merged" / name
+
+
+def test_cat_merge_is_the_weighted_sum_of_peft_s_own_deltas_on_every_expert(routed_run, base_checkpoint, capsys):
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    assert cli(["experts", "merge", str(routed_run), "--tasks", *TASKS, "--weights", "0.7", "0.3"]) == 0
+    reported = float(re.search(r"max relative error ([\d.e+-]+)", capsys.readouterr().out).group(1))
+    assert reported < 1e-6
+    folder = _merged(routed_run, "chat+code~cat-w700_300")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    model = _peft_model(base_checkpoint, {task: routed_run / "experts" / task for task in TASKS} | {"m": folder})
+    fused = linear = 0
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer) or "m" not in layer.lora_A:
+                continue
+            expected = 0.7 * layer.get_delta_weight("chat") + 0.3 * layer.get_delta_weight("code")
+            torch.testing.assert_close(layer.get_delta_weight("m"), expected, atol=1e-6, rtol=1e-5, msg=name)
+            assert expected.abs().max() > 0  # trained, not the zero init
+            if isinstance(layer, ParamWrapper):
+                fused += 1
+                assert layer.num_experts == 8 and expected.dim() == 3
+            else:
+                linear += 1
+    assert fused == 6 and linear == 28  # 3 sparse layers × (gate_up, down); 4 layers × (q k v o + shared MLP)
+
+
+def test_merged_adapter_equals_the_experts_active_together(routed_run, base_checkpoint):
+    assert cli(["experts", "merge", str(routed_run), "--tasks", *TASKS, "--weights", "1", "1",
+                "--name", "both"]) == 0
+    model = _peft_model(base_checkpoint, {task: routed_run / "experts" / task for task in TASKS}
+                        | {"both": _merged(routed_run, "both")})
+    batch = tiny.demo_batch()
+    with torch.no_grad():
+        model.base_model.set_adapter(list(TASKS))  # peft adds the two experts' deltas
+        together = model(**batch).logits
+        model.set_adapter("both")
+        merged = model(**batch).logits
+        model.set_adapter("chat")
+        one = model(**batch).logits
+    torch.testing.assert_close(merged, together, atol=1e-5, rtol=1e-5)
+    assert (one - together).abs().max() > 1e-4  # the second expert does change the outputs
+
+
+def test_svd_merge_of_fused_experts_is_exact_at_the_full_rank_and_reports_a_truncation(routed_run, capsys):
+    errors = {}
+    for rank in (8, 2):
+        assert cli(["experts", "merge", str(routed_run), "--tasks", *TASKS, "--method", "svd",
+                    "--rank", str(rank)]) == 0
+        errors[rank] = float(re.search(r"max relative error ([\d.e+-]+)", capsys.readouterr().out).group(1))
+    assert errors[8] < 1e-6  # the sum has rank ≤ 8: nothing to truncate
+    assert errors[2] > 1e-3
+    config = json.loads((_merged(routed_run, "chat+code~svd-r2-w500_500") / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_parameters"]
+
+
+def test_serving_merges_fused_experts_in_memory_as_the_written_merge(routed_run):
+    assert cli(["experts", "merge", str(routed_run), "--tasks", *TASKS]) == 0
+    serving = TaskExpertModel.from_experts(routed_run, with_router=False)
+    written = serving.logits(["Say hello."], ["chat+code"])
+    serving.model.delete_adapter("chat+code")
+    assert serving.adapter_for(["code", "chat"]) == "chat+code"  # merged now, in memory
+    torch.testing.assert_close(serving.logits(["Say hello."], ["chat+code"]), written, atol=1e-6, rtol=1e-6)
+
+
+def test_experts_with_different_fused_parameters_are_refused(routed_run, tmp_path, capsys):
+    manifest_path = routed_run / "experts" / "manifest.json"
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["experts"][0]["target_parameters"] = ["mlp.experts.down_proj"]
+    try:
+        manifest_path.write_text(json.dumps(manifest))
+        assert cli(["experts", "merge", str(routed_run), "--tasks", *TASKS, "--name", "refused"]) == 2
+    finally:
+        manifest_path.write_text(original)
+    assert "--tasks: the experts adapt different fused routed-expert parameters" in capsys.readouterr().err
+    assert not _merged(routed_run, "refused").exists()
