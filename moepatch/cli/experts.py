@@ -61,7 +61,11 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
                      help="contrastive: experts within this relative answer loss of the best one are positives")
     fit.add_argument("--features", nargs="+", choices=("hidden", "load"), default=["hidden", "load"],
                      help="base-model signature: mean-pooled final hidden state and/or per-layer expert loads")
-    fit.add_argument("--encoder", help="a local sentence-transformers model folder instead of the base model")
+    fit.add_argument("--encoder", help="a local embedding model instead of the base model: a sentence-transformers "
+                                       "folder, or a transformers encoder folder (bge / bge-m3) embedded as "
+                                       "FlagEmbedding does")
+    fit.add_argument("--encoder-pooling", choices=("cls", "mean"), default="cls",
+                     help="a transformers encoder folder: [CLS] pooling (FlagEmbedding's, bge) or mean pooling")
     fit.add_argument("--holdout", type=fraction, default=0.25, help="share of each task's examples held out")
     fit.add_argument("--max-examples", type=positive_int, default=64, help="examples per task at most")
     fit.add_argument("--max-length", type=positive_int, default=256)
@@ -165,10 +169,15 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
                 raise UsageError("--group", f"unknown task {task!r} in group {name!r}; the experts are "
                                             f"{manifest.tasks}")
             groups[task] = name
-    if args.encoder is not None and not Path(args.encoder).is_dir():
-        raise UsageError("--encoder", f"{args.encoder} is not a folder holding a sentence-transformers model")
-    settings = RouterSettings(args.head, list(args.features), args.encoder, args.holdout, args.max_examples,
-                              args.max_length, args.batch_size, groups, args.seed, args.positive_margin)
+    if args.encoder is not None:
+        from moepatch.task_experts.router import encoder_folder_problem
+
+        problem = encoder_folder_problem(args.encoder)
+        if problem is not None:
+            raise UsageError("--encoder", problem)
+    settings = RouterSettings(args.head, list(args.features), args.encoder, args.encoder_pooling, args.holdout,
+                              args.max_examples, args.max_length, args.batch_size, groups, args.seed,
+                              args.positive_margin)
     try:
         _, report = fit_router(manifest, data, settings)
     except ValueError as error:

@@ -26,7 +26,8 @@ HOLDOUT_REPORT = "holdout_report.json"
 class RouterSettings:
     head: str = "centroid"
     features: list[str] = field(default_factory=lambda: ["hidden", "load"])
-    encoder: str | None = None  # a local sentence-transformers folder; None: the base model's signatures
+    encoder: str | None = None  # a local sentence-transformers / transformers folder; None: the base's signatures
+    encoder_pooling: str = "cls"  # a plain transformers folder: FlagEmbedding's [CLS] pooling, or "mean"
     holdout: float = 0.25
     max_examples: int = 64
     max_length: int = 256
@@ -42,7 +43,7 @@ def make_encoder(manifest: ExpertManifest, description: dict[str, Any], batch_si
     from moepatch.task_experts.router import SentenceTransformerEncoder
 
     if description["kind"] == "sentence_transformers":
-        return SentenceTransformerEncoder(description["path"])
+        return SentenceTransformerEncoder.from_description(description, batch_size)
     model, tokenizer = base_model(manifest)
     return BaseModelEncoder(model, tokenizer, features=description["features"],
                             max_length=description["max_length"], batch_size=batch_size)
@@ -84,7 +85,8 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
         log(f"note: no dev file for {without_dev}: the router learns from and is checked on examples those experts "
             "trained on (give dev/<task>.jsonl for a true held-out figure)")
     fit, held = split_requests(by_task, settings.holdout, settings.max_examples, settings.seed)
-    description = ({"kind": "sentence_transformers", "path": str(Path(settings.encoder).resolve())}
+    description = ({"kind": "sentence_transformers", "path": str(Path(settings.encoder).resolve()),
+                    "pooling": settings.encoder_pooling}
                    if settings.encoder else
                    {"kind": "base_model", "features": list(settings.features), "max_length": settings.max_length})
     encoder = make_encoder(manifest, description, settings.batch_size)

@@ -5,8 +5,9 @@ A request becomes a **signature** (an encoder), and a **head** scores the signat
 * Encoders.  :class:`BaseModelEncoder` (the default, no extra model): the base MoE itself — the mean-pooled final
   hidden state over the request's tokens and, per MoE layer, the share of the request's expert choices each routed
   expert got (read with :class:`~moepatch.routing.recorder.RoutingRecorder`), each part L2-normalised and
-  concatenated.  :class:`SentenceTransformerEncoder`: a sentence-transformers model from a local folder (MELD used
-  bge-large / bge-m3).  Anything with ``encode(texts) -> [n, d]`` and ``describe()`` plugs in.
+  concatenated.  :class:`SentenceTransformerEncoder`: a sentence-transformers model from a local folder, or a plain
+  transformers encoder embedded as FlagEmbedding does (``[CLS]``, normalised: MELD used bge-large / bge-m3).
+  Anything with ``encode(texts) -> [n, d]`` and ``describe()`` plugs in.
 * Heads.  ``centroid``: cosine similarity to each task's mean signature.  ``linear``: a softmax classifier on
   standardised signatures, trained with AdamW (full batch, weight decay).  ``contrastive``: MELD's scheme — every
   expert answers every fitting request, the experts whose answer is (near-)best are its positives, the rest its
@@ -109,22 +110,69 @@ class BaseModelEncoder:
         return torch.cat(per_layer, dim=-1)
 
 
-class SentenceTransformerEncoder:
-    """A sentence-transformers model from a local folder (no download): normalised sentence embeddings."""
+POOLINGS = ("cls", "mean")
 
-    def __init__(self, folder: str | Path, batch_size: int = 32) -> None:
+
+def encoder_folder_problem(folder: str | Path) -> str | None:
+    """Why ``folder`` cannot be an ``--encoder`` (``None`` when it can): it must hold a sentence-transformers model
+    (``modules.json``) or a transformers encoder (``config.json``, e.g. a bge / bge-m3 download)."""
+    path = Path(folder)
+    if not path.is_dir():
+        return f"{folder} is not a folder holding a sentence-transformers or transformers encoder"
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        return (f"{folder} holds neither a sentence-transformers model (modules.json) nor a transformers encoder "
+                "(config.json)")
+    return None
+
+
+class SentenceTransformerEncoder:
+    """A local embedding model (no download): normalised sentence embeddings.
+
+    A sentence-transformers folder (``modules.json``) runs as saved.  A plain transformers encoder folder (a bge or
+    bge-m3 download, MELD's router encoders) runs as FlagEmbedding embeds with it: ``[CLS]`` pooling (``pooling``:
+    ``"cls"``, or ``"mean"``), L2-normalised — built from sentence-transformers' own Transformer / Pooling modules,
+    because FlagEmbedding itself does not import under transformers 5.
+    """
+
+    def __init__(self, folder: str | Path, batch_size: int = 32, pooling: str = "cls",
+                 max_length: int = 512) -> None:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as error:
             raise ValueError("--encoder: sentence-transformers is not installed (pip install "
                              "'moepatch[router]')") from error
+        try:  # the modules' home since sentence-transformers 6; `models` before
+            from sentence_transformers.sentence_transformer import modules as models
+        except ImportError:
+            from sentence_transformers import models
+        problem = encoder_folder_problem(folder)
+        if problem is not None:
+            raise ValueError(f"--encoder: {problem}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"--encoder-pooling: expected one of {POOLINGS}, got {pooling!r}")
         self.folder, self.batch_size = str(folder), batch_size
-        if not Path(folder).is_dir():
-            raise ValueError(f"--encoder: {folder} is not a folder holding a sentence-transformers model")
-        self.model = SentenceTransformer(self.folder, device="cpu", local_files_only=True)
+        self.pooling: str | None = None
+        if (Path(folder) / "modules.json").is_file():
+            self.model = SentenceTransformer(self.folder, device="cpu", local_files_only=True)
+        else:
+            self.pooling = pooling
+            transformer = models.Transformer(self.folder, max_seq_length=max_length,
+                                             model_args={"local_files_only": True},
+                                             tokenizer_args={"local_files_only": True})
+            width = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+            pool = models.Pooling(width(), pooling)  # the method's name since sentence-transformers 5.2
+            self.model = SentenceTransformer(modules=[transformer, pool, models.Normalize()], device="cpu")
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "sentence_transformers", "path": self.folder}
+        description: dict[str, Any] = {"kind": "sentence_transformers", "path": self.folder}
+        if self.pooling is not None:
+            description["pooling"] = self.pooling
+        return description
+
+    @classmethod
+    def from_description(cls, description: dict[str, Any], batch_size: int = 32) -> SentenceTransformerEncoder:
+        """The encoder ``router.json`` names (``pooling`` only for a plain transformers folder)."""
+        return cls(description["path"], batch_size, pooling=description.get("pooling", "cls"))
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,

@@ -108,7 +108,7 @@ class TaskExpertModel:
             if router.encoder["kind"] != "base_model":
                 from moepatch.task_experts.router import SentenceTransformerEncoder
 
-                encoder = SentenceTransformerEncoder(router.encoder["path"])
+                encoder = SentenceTransformerEncoder.from_description(router.encoder)
             else:  # signatures come from the base itself: route() runs it with the adapters disabled
                 encoder = BaseModelEncoder(model.get_base_model(), tokenizer,
                                            features=router.encoder["features"],

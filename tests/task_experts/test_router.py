@@ -167,8 +167,37 @@ def test_a_local_sentence_transformers_encoder_plugs_in(run, tmp_path):
     assert len((run / "experts" / "routes.jsonl").read_text().splitlines()) == 12
 
 
+def test_a_plain_transformers_encoder_embeds_as_flagembedding_does(run, tmp_path):
+    """A bge-style folder (config.json, no sentence-transformers files): [CLS] of the last hidden state, L2-normalised
+    — FlagEmbedding's dense embedding, computed here with transformers alone."""
+    pytest.importorskip("sentence_transformers")
+    from transformers import AutoModel
+    from transformers import AutoTokenizer
+
+    from moepatch.task_experts.router import SentenceTransformerEncoder
+
+    folder = _tiny_sentence_transformer(tmp_path).parent / "bert"
+    assert not (folder / "modules.json").exists()
+    texts = ["Compute 3 + 4 .", "Say hello to the router please ."]
+    tokenizer, bert = AutoTokenizer.from_pretrained(str(folder)), AutoModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        cls = bert(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state[:, 0]
+    encoder = SentenceTransformerEncoder(folder)
+    torch.testing.assert_close(encoder.encode(texts), torch.nn.functional.normalize(cls, dim=-1), atol=1e-5,
+                               rtol=1e-5)
+    assert cli(["experts", "fit-router", str(run), "--encoder", str(folder)]) == 0
+    config = json.loads((run / "experts" / "router" / "router.json").read_text())
+    assert config["encoder"] == {"kind": "sentence_transformers", "path": str(folder.resolve()), "pooling": "cls"}
+    assert json.loads((run / "experts" / "router" / "holdout_report.json").read_text())["accuracy"] >= 0.9
+    requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=2)
+    assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "1"]) == 0
+    assert len((run / "experts" / "routes.jsonl").read_text().splitlines()) == 8
+
+
 @pytest.mark.parametrize(("argv", "code", "message"), [
     (["fit-router", "{run}", "--data", "{run}/nowhere"], 2, r"--data: .*nowhere is not a data folder"),
+    (["fit-router", "{run}", "--encoder", "{run}/experts/chat"], 2,
+     r"--encoder: .*chat holds neither a sentence-transformers model \(modules.json\) nor a transformers encoder"),
     (["fit-router", "{run}", "--encoder", "{run}/nowhere"], 2, r"--encoder: .*is not a folder"),
     (["fit-router", "{run}", "--group", "g=chat,nope"], 2, r"--group: unknown task 'nope'"),
     (["route", "{run}", "--input", "{requests}"], 2, r"no fitted router"),
