@@ -102,3 +102,31 @@ def test_dense_and_shared_mlp_names_peft_would_rewrite_are_left_out_with_a_warni
         output = _train("deepseek_v2", tmp_path)
     assert "peft rewrites these names on deepseek_v2 into target_parameters" in caplog.text
     assert read_manifest(output).experts[0].target_modules == ["o_proj", "q_proj"]
+
+
+@pytest.mark.parametrize(("family", "architecture"), [("mixtral", "MixtralForCausalLM"),
+                                                      ("qwen3_moe", "Qwen3MoeForCausalLM"),
+                                                      ("olmoe", "OlmoeForCausalLM")])
+def test_router_routes_svd_merge_serve_check_and_vllm_export_on_the_family(family, architecture, tmp_path, capsys):
+    """The steps after training, end to end on families other than Qwen2-MoE (same code, now run)."""
+    import re
+
+    output = _train(family, tmp_path)
+    assert cli(["experts", "fit-router", str(output), "--holdout", "0.25"]) == 0
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    assert cli(["experts", "route", str(output), "--input", str(requests), "--top-k", "2"]) == 0
+    routes = output / "experts" / "routes.jsonl"
+    assert all(sorted(json.loads(line)["tasks"]) == ["code", "math"] for line in routes.read_text().splitlines())
+    assert cli(["experts", "merge", str(output), "--from-routes", str(routes)]) == 0
+    assert cli(["experts", "merge", str(output), "--tasks", "code", "math", "--method", "svd", "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    errors = [float(value) for value in re.findall(r"max relative error ([\d.e+-]+)", out)]
+    assert errors[0] < 1e-6 and errors[1] > 1e-4  # cat exact; svd at half the summed rank truncates
+    assert cli(["experts", "serve-check", str(output), "--input", str(requests), "--batch-size", "4",
+                "--max-new-tokens", "3", "--compare", "4"]) == 0
+    assert "4/4 requests generate the same greedy tokens as alone" in capsys.readouterr().out
+    assert cli(["experts", "export-vllm", str(output), "--max-lora-rank", "64", "--routes", str(routes)]) == 0
+    exported = json.loads((output / "experts" / "vllm" / "vllm.json").read_text())
+    assert exported["architecture"] == architecture
+    assert [entry["lora_name"] for entry in exported["lora_requests"]][:3] == ["code", "math", "code+math"]

@@ -85,3 +85,22 @@ def test_eval_with_experts_of_another_base_is_refused(routed, tmp_path):
     done = _run_eval(tmp_path, f"pretrained={other},task_experts={routed}")
     assert done.returncode != 0
     assert "were trained on" in done.stderr
+
+
+def test_eval_with_task_experts_on_mixtral(tmp_path):
+    """The same command on another family: Mixtral experts of the two sources the lm-eval tasks come from."""
+    from conftest import finetune_argv
+
+    from moepatch.mixing.finetune import main
+    from moepatch.testing import tiny
+
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "mixtral")
+    output = tmp_path / "out"
+    assert main(finetune_argv(checkpoint, output, "--max_steps", "1", "--tasks", "letters", "math",
+                              "--disable_tqdm", "true")) == 0
+    assert cli(["experts", "fit-router", str(output)]) == 0
+    done = _run_eval(tmp_path, f"pretrained={checkpoint},task_experts={output},top_k=1,routing_stats=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "results" / "moepatch_routing_stats.json").read_text())
+    assert stats["adapters"]["te_math"] == {"math": 8} and stats["adapters"]["te_letters"] == {"letters": 8}
+    assert all(len(entry["expert_load"]) == len(entry["layers"]) > 0 for entry in stats["tasks"].values())
