@@ -47,22 +47,43 @@ def spread_adapter_names(model: Any) -> int:
 
     peft hands every LoRA layer one adapter name per batch row and checks ``len(x) == len(adapter_names)``; an MoE
     block flattens its input to ``[batch·tokens, hidden]`` before the shared expert (and dense MLPs of some
-    families), so those layers refuse the batch.  Each LoRA linear layer gets a forward that repeats the names per
-    token when its input is such a flattened batch (row ``b·T + t`` belongs to request ``b``).  Returns the number
-    of layers changed."""
+    families), so those layers refuse the batch.  A pre-hook on the transformers model records each call's token
+    count ``T`` (``input_ids`` / ``inputs_embeds``); each LoRA linear layer then repeats the names per token when
+    its input has exactly ``batch·T`` rows (row ``b·T + t`` belongs to request ``b``).  Any other row count (a
+    layer that sees a subset of the tokens) is refused with the layer's name rather than guessed.  Returns the
+    number of layers changed."""
     from peft.tuners.lora import LoraLayer
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "_moepatch_records_tokens", False):
+        base._moepatch_tokens_per_row = None
+
+        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs = kwargs.get("input_ids")
+            if inputs is None:
+                inputs = kwargs.get("inputs_embeds")
+            if inputs is None and args:
+                inputs = args[0]
+            module._moepatch_tokens_per_row = inputs.shape[1] if torch.is_tensor(inputs) and inputs.dim() > 1 else None
+
+        base.register_forward_pre_hook(record, with_kwargs=True)
+        base._moepatch_records_tokens = True
     changed = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or getattr(module, "_moepatch_spreads_names", False):
             continue
         original = module.forward
 
-        def forward(x: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> torch.Tensor:
+        def forward(x: torch.Tensor, *args: Any, _original: Any = original, _name: str = name,
+                    **kwargs: Any) -> torch.Tensor:
             names = kwargs.get("adapter_names")
-            if names is not None and x.dim() == 2 and x.shape[0] != len(names) and x.shape[0] % len(names) == 0:
-                per_row = x.shape[0] // len(names)
-                kwargs["adapter_names"] = [name for name in names for _ in range(per_row)]
+            if names is not None and x.dim() == 2 and x.shape[0] != len(names):
+                tokens = base._moepatch_tokens_per_row
+                if tokens is None or x.shape[0] != len(names) * tokens:
+                    raise ValueError(f"{_name}: {x.shape[0]} input rows for a mixed batch of {len(names)} requests "
+                                     f"of {tokens} tokens: this layer sees part of the tokens, so a mixed-adapter "
+                                     "batch cannot tell whose rows they are; serve one adapter at a time")
+                kwargs["adapter_names"] = [adapter for adapter in names for _ in range(tokens)]
             return _original(x, *args, **kwargs)
 
         module.forward = forward

@@ -64,6 +64,19 @@ def test_a_mixed_batch_reaches_the_lora_inside_the_moe_block(served):
     assert seen and seen[0] == ["chat"] * width + ["math"] * width
 
 
+def test_a_layer_that_sees_part_of_the_tokens_refuses_a_mixed_batch(served):
+    """Rows that are not batch × tokens (say, the tokens routed to one expert) cannot be told apart: refused."""
+    serving = TaskExpertModel.from_experts(served, with_router=False)
+    texts = _texts(1)[:2]
+    serving.logits(texts, ["chat", "math"])  # records the batch's token count
+    shared = serving.model.get_base_model().model.layers[0].mlp.shared_expert.down_proj
+    width = max(len(serving.tokenizer(text)["input_ids"]) for text in texts)
+    rows = torch.zeros(2 * width - 1, shared.in_features)
+    with pytest.raises(ValueError, match=rf"shared_expert\.down_proj: {2 * width - 1} input rows for a mixed batch "
+                                         rf"of 2 requests of {width} tokens"):
+        shared(rows, adapter_names=["chat", "math"])
+
+
 def test_generate_routes_and_uses_the_merge_of_the_chosen_tasks(served):
     serving = TaskExpertModel.from_experts(served)
     results = serving.generate(_texts(1), top_k=2, max_new_tokens=3)
