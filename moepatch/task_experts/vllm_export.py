@@ -6,9 +6,10 @@ the ``EngineArgs`` fields to pass (``enable_lora``, ``max_loras``, ``max_lora_ra
 request's adapter.  vLLM itself needs a GPU and is not a dependency: the format is what is checked here.
 
 Refused, with the reason, before anything is written: a rank above ``--max-lora-rank`` (or a value vLLM does not
-accept), a base architecture vLLM has no implementation of, and targets vLLM does not load as LoRA for it — peft's
-``target_parameters`` on fused routed experts (vLLM's MoE LoRA reads per-expert keys, not that layout), routers,
-embeddings and the LM head (vLLM's extra-vocabulary LoRA is a different feature).
+accept), a base architecture vLLM has no LoRA implementation of, and modules vLLM does not load LoRA on for that
+architecture (:data:`VLLM_LORA_MODULES`, checked on the adapter's safetensors keys as vLLM does) — e.g. dense MLP
+names on Mixtral, ``kv_b_proj`` under DeepSeek's MLA, ``shared_expert_gate`` — and peft's ``target_parameters`` on
+fused routed experts (vLLM's MoE LoRA reads one tensor per expert, not that layout).
 """
 
 from __future__ import annotations
@@ -34,15 +35,35 @@ VLLM_ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",  # LoRA in recent vLLM releases only
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
-    "granitemoe": "GraniteMoeForCausalLM",
     "phimoe": "PhiMoEForCausalLM",
 }
-"""Model types whose vLLM implementation takes LoRA on its attention and dense / shared MLP projections."""
-VLLM_LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-"""Projection names vLLM packs into its LoRA layers (``qkv_proj``, ``gate_up_proj``, ``o_proj``, ``down_proj``)."""
+"""Model types whose vLLM implementation takes LoRA (``SupportsLoRA``), with the class vLLM serves them by."""
+_ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+_MLP = frozenset({"gate_proj", "up_proj", "down_proj"})
+_MLA = frozenset({"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"})
+VLLM_LORA_MODULES: dict[str, frozenset[str]] = {
+    "qwen2_moe": _ATTENTION | _MLP,  # the shared expert and dense layers; not shared_expert_gate (a plain Linear)
+    "qwen3_moe": _ATTENTION | _MLP,  # gate/up/down exist only in mlp_only_layers
+    "mixtral": _ATTENTION,  # no dense MLP
+    "olmoe": _ATTENTION,
+    "deepseek_v2": _MLA | _MLP,  # dense and shared_experts MLPs; kv_b_proj loads but has no effect under MLA
+    "deepseek_v3": _MLA | _MLP,
+    "phimoe": _ATTENTION,
+}
+"""Per architecture, the module names vLLM loads LoRA on outside the routed experts — its linear layers, packed
+ones unpacked (``qkv_proj`` → ``q_proj`` / ``k_proj`` / ``v_proj``, ``gate_up_proj`` → ``gate_proj`` / ``up_proj``,
+``fused_qkv_a_proj`` → ``q_a_proj`` / ``kv_a_proj_with_mqa``).  vLLM checks the last name of every safetensors key
+against its list and refuses the adapter on any other (``expected target modules in ... but received ...``)."""
+VLLM_NOT_LOADED = {
+    "kv_b_proj": "vLLM's MLA attention absorbs kv_b_proj into its kernels: a LoRA on it loads but has no effect",
+    "shared_expert_gate": "a plain Linear in vLLM's Qwen2-MoE, not a LoRA layer",
+    "lm_head": "the LM head is not a LoRA layer of this architecture in vLLM",
+    "embed_tokens": "the embeddings are not a LoRA layer of this architecture in vLLM",
+}
+"""Why some names vLLM does not serve are refused (the reason shown with the refusal)."""
 
 
 @dataclass
@@ -53,25 +74,45 @@ class ServedAdapter:
     tasks: list[str]
 
 
-def _problems(adapter: ServedAdapter, config: dict[str, Any], max_lora_rank: int) -> list[str]:
+def _problems(adapter: ServedAdapter, config: dict[str, Any], model_type: str, max_lora_rank: int) -> list[str]:
     problems = []
     if adapter.rank > max_lora_rank:
         problems.append(f"{adapter.name}: rank {adapter.rank} > --max-lora-rank {max_lora_rank}")
     if config.get("target_parameters"):
         problems.append(f"{adapter.name}: target_parameters {config['target_parameters']} (fused routed experts): "
-                        "vLLM's MoE LoRA reads per-expert keys, not peft's target_parameters layout")
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    other = sorted(name for name in targets if name.rsplit(".", 1)[-1] not in VLLM_LORA_MODULES)
-    if other:
-        problems.append(f"{adapter.name}: target_modules {other}: vLLM takes LoRA on "
-                        f"{sorted(VLLM_LORA_MODULES)} of this architecture only")
+                        "vLLM's MoE LoRA reads one tensor per expert (experts.<e>.<projection>), not peft's "
+                        "target_parameters layout, for this architecture")
+    accepted = VLLM_LORA_MODULES[model_type]
+    refused: dict[str, str] = {}
+    for name in _adapted_modules(adapter.source):
+        leaf = name.rsplit(".", 1)[-1]
+        if ".experts." in f".{name}." or "base_layer" in name:
+            continue  # the fused routed experts: reported above
+        if leaf not in accepted:
+            refused[leaf] = VLLM_NOT_LOADED.get(leaf, "not a LoRA layer of vLLM's implementation")
+    for leaf, why in sorted(refused.items()):
+        problems.append(f"{adapter.name}: {leaf}: {why}; vLLM's {VLLM_ARCHITECTURES[model_type]} takes LoRA on "
+                        f"{sorted(accepted)}")
     if config.get("modules_to_save"):
         problems.append(f"{adapter.name}: modules_to_save {config['modules_to_save']} (full copies of modules) "
                         "are not loaded by vLLM")
     if config.get("use_dora"):
         problems.append(f"{adapter.name}: DoRA adapters are not served by vLLM")
     return problems
+
+
+def _adapted_modules(folder: Path) -> list[str]:
+    """Module paths of the LoRA keys in ``folder``'s safetensors (what vLLM checks), else the config's
+    ``target_modules``."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        targets = adapter_config(folder).get("target_modules") or []
+        return [targets] if isinstance(targets, str) else list(targets)
+    with safe_open(str(weights), framework="pt") as tensors:
+        keys = list(tensors.keys())
+    return sorted({key.rsplit(".lora_", 1)[0] for key in keys if ".lora_" in key})
 
 
 def served_adapters(manifest: ExpertManifest, include_experts: bool = True) -> list[ServedAdapter]:
@@ -96,13 +137,13 @@ def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int 
         raise ValueError(f"--max-lora-rank: vLLM accepts {list(VLLM_MAX_LORA_RANKS)}, got {max_lora_rank}")
     architecture = VLLM_ARCHITECTURES.get(manifest.model_type)
     if architecture is None:
-        raise ValueError(f"output: the experts' base is a {manifest.model_type} model; vLLM has no implementation "
-                         f"with LoRA for it (served here: {sorted(VLLM_ARCHITECTURES)})")
+        raise ValueError(f"output: the experts' base is a {manifest.model_type} model; vLLM has no LoRA "
+                         f"implementation for it (exported here: {sorted(VLLM_ARCHITECTURES)})")
     adapters = served_adapters(manifest, include_experts)
     if not adapters:
         raise ValueError("output: nothing to serve (no merges and --no-experts)")
-    problems = [problem for adapter in adapters for problem in _problems(adapter, adapter_config(adapter.source),
-                                                                          max_lora_rank)]
+    problems = [problem for adapter in adapters
+                for problem in _problems(adapter, adapter_config(adapter.source), manifest.model_type, max_lora_rank)]
     if problems:
         raise ValueError("output: cannot serve these adapters with vLLM (nothing written):\n  " + "\n  ".join(problems))
     if max_loras is not None and max_loras < 1:

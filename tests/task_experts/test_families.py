@@ -130,3 +130,19 @@ def test_router_routes_svd_merge_serve_check_and_vllm_export_on_the_family(famil
     exported = json.loads((output / "experts" / "vllm" / "vllm.json").read_text())
     assert exported["architecture"] == architecture
     assert [entry["lora_name"] for entry in exported["lora_requests"]][:3] == ["code", "math", "code+math"]
+
+
+def test_vllm_export_follows_deepseek_s_mla_attention(tmp_path, capsys):
+    """vLLM's DeepSeek-V2 takes LoRA on q_proj / kv_a_proj_with_mqa / o_proj, not on kv_b_proj (MLA absorbs it)."""
+    output = _train("deepseek_v2", tmp_path, "--expert_target_modules", "q_proj", "kv_a_proj_with_mqa",
+                    "kv_b_proj", "o_proj")
+    assert cli(["experts", "export-vllm", str(output), "--max-lora-rank", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "code: kv_b_proj: vLLM's MLA attention absorbs kv_b_proj" in err
+    assert "DeepseekV2ForCausalLM takes LoRA on" in err
+    assert "kv_a_proj_with_mqa:" not in err and "q_proj:" not in err  # only kv_b_proj is refused
+    assert not (output / "experts" / "vllm").exists()
+    again = _train("deepseek_v2", tmp_path / "again", "--expert_target_modules", "q_proj", "kv_a_proj_with_mqa",
+                   "o_proj")
+    assert cli(["experts", "export-vllm", str(again), "--max-lora-rank", "64"]) == 0
+    assert json.loads((again / "experts" / "vllm" / "vllm.json").read_text())["architecture"] == "DeepseekV2ForCausalLM"

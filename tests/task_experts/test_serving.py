@@ -142,9 +142,15 @@ def test_export_vllm_refuses_routed_expert_adapters_and_unknown_architectures(se
     config_path.write_text(json.dumps({**config, "target_parameters": ["mlp.experts.down_proj"]}))
     assert cli(["experts", "export-vllm", str(copy), "--max-lora-rank", "64"]) == 2
     assert "math: target_parameters ['mlp.experts.down_proj'] (fused routed experts)" in capsys.readouterr().err
+    config_path.write_text(json.dumps(config))
     manifest_path = copy / "experts" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
+    # the same adapters on a Mixtral base: vLLM's Mixtral has no dense MLP, so the shared-expert LoRA is refused
+    manifest_path.write_text(json.dumps({**manifest, "model_type": "mixtral"}))
+    assert cli(["experts", "export-vllm", str(copy), "--max-lora-rank", "64"]) == 2
+    assert ("chat: down_proj: not a LoRA layer of vLLM's implementation; vLLM's MixtralForCausalLM takes LoRA on "
+            "['k_proj', 'o_proj', 'q_proj', 'v_proj']") in capsys.readouterr().err
     manifest_path.write_text(json.dumps({**manifest, "model_type": "llama_moe"}))
     assert cli(["experts", "export-vllm", str(copy), "--max-lora-rank", "64"]) == 2
-    assert "vLLM has no implementation with LoRA for it" in capsys.readouterr().err
+    assert "vLLM has no LoRA implementation for it" in capsys.readouterr().err
     assert not (copy / "experts" / "vllm").exists()
