@@ -53,6 +53,8 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
     """
     if combination_type not in ("cat", "svd"):
         raise ValueError(f"combination_type: expected 'cat' or 'svd', got {combination_type!r}")
+    if adapter_name in model.peft_config:  # peft would return silently, keeping the old adapter under this name
+        raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
     configs = [model.peft_config[adapter] for adapter in adapters]
     parameters = [tuple(sorted(getattr(config, "target_parameters", None) or ())) for config in configs]
     if not any(parameters):

@@ -71,6 +71,20 @@ def _run_script(*argv: str) -> subprocess.CompletedProcess:
                           text=True, cwd=REPO)
 
 
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    """``main`` in this process (the script's own exit path is checked once, below): status and stderr."""
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_the_script_refuses_with_status_2_and_no_traceback(base_checkpoint, tmp_path):
+    output = tmp_path / "out"
+    done = _run_script(*finetune_argv(base_checkpoint, output, "--max_steps", "1", "--expert_r", "0"))
+    assert done.returncode == 2 and "--expert_r: expected an integer >= 1" in done.stderr
+    assert "Traceback" not in done.stderr and not output.exists()
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (("--tasks", "nope"), r"--tasks: unknown task\(s\) \['nope'\]"),
     (("--tasks", "code", "code"), r"--tasks: a task is given twice"),
@@ -78,30 +92,30 @@ def _run_script(*argv: str) -> subprocess.CompletedProcess:
     (("--expert_dropout", "1.5"), r"--expert_dropout: expected a number in \[0, 1\)"),
     (("--initial_weights", "w.json"), r"--initial_weights: --task_experts trains one expert per source"),
 ])
-def test_bad_task_expert_arguments_are_refused_before_anything_is_written(base_checkpoint, tmp_path, extra,
+def test_bad_task_expert_arguments_are_refused_before_anything_is_written(base_checkpoint, tmp_path, capsys, extra,
                                                                          message):
     import re
 
     output = tmp_path / "out"
-    done = _run_script(*finetune_argv(base_checkpoint, output, "--max_steps", "1", *extra))
-    assert done.returncode == 2, done.stderr
-    assert re.search(message, done.stderr) and "Traceback" not in done.stderr
+    code, err = _run(capsys, *finetune_argv(base_checkpoint, output, "--max_steps", "1", *extra))
+    assert code == 2, err
+    assert re.search(message, err)
     assert not output.exists() or not any(output.iterdir())
 
 
-def test_task_flags_need_task_experts(base_checkpoint, tmp_path):
+def test_task_flags_need_task_experts(base_checkpoint, tmp_path, capsys):
     argv = [a for a in finetune_argv(base_checkpoint, tmp_path / "out", "--tasks", "code", "--max_steps", "1")
             if a not in ("--task_experts", "true")]
-    done = _run_script(*argv)
-    assert done.returncode == 2 and "--tasks: only applies with --task_experts true" in done.stderr
+    code, err = _run(capsys, *argv)
+    assert code == 2 and "--tasks: only applies with --task_experts true" in err
 
 
-def test_routed_experts_without_a_peft_layout_are_refused(tmp_path):
+def test_routed_experts_without_a_peft_layout_are_refused(tmp_path, capsys):
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "llama_moe", "llama_moe")
     output = tmp_path / "out"
-    done = _run_script(*finetune_argv(checkpoint, output, "--max_steps", "1", "--expert_routed_experts", "true"))
-    assert done.returncode == 2, done.stderr
-    assert "--expert_routed_experts: peft has no target_parameters layout" in done.stderr
+    code, err = _run(capsys, *finetune_argv(checkpoint, output, "--max_steps", "1", "--expert_routed_experts", "true"))
+    assert code == 2, err
+    assert "--expert_routed_experts: peft has no target_parameters layout" in err
     assert not (output / "experts").exists()
 
 
@@ -140,7 +154,7 @@ def test_recipe_run_end_to_end_with_flag_overrides(base_checkpoint, tmp_path):
     assert read_manifest(output).tasks == ["chat"]
 
 
-def test_an_empty_task_is_named_and_nothing_is_written(base_checkpoint, tmp_path):
+def test_an_empty_task_is_named_and_nothing_is_written(base_checkpoint, tmp_path, capsys):
     from moepatch.testing.synthetic import synthetic_records
 
     data = tmp_path / "data" / "train"
@@ -150,8 +164,8 @@ def test_an_empty_task_is_named_and_nothing_is_written(base_checkpoint, tmp_path
     output = tmp_path / "out"
     argv = [a for a in finetune_argv(base_checkpoint, output, "--max_steps", "1", "--probe_size", "2",
                                      "--data_dir", str(tmp_path / "data")) if a != "--synthetic_data"]
-    done = _run_script(*argv)
-    assert done.returncode == 1 and "source 'empty':" in done.stderr and "holds no record" in done.stderr
+    code, err = _run(capsys, *argv)
+    assert code == 1 and "source 'empty':" in err and "holds no record" in err
     assert not output.exists()
 
 
@@ -186,6 +200,7 @@ def test_a_source_without_a_dev_file_trains_on_all_its_records(base_checkpoint, 
 
 
 @pytest.mark.parametrize("value", ["inf", "nan"])
-def test_non_finite_alpha_is_refused(base_checkpoint, tmp_path, value):
-    done = _run_script(*finetune_argv(base_checkpoint, tmp_path / "out", "--max_steps", "1", "--expert_alpha", value))
-    assert done.returncode == 2 and "--expert_alpha: expected a number > 0" in done.stderr
+def test_non_finite_alpha_is_refused(base_checkpoint, tmp_path, capsys, value):
+    code, err = _run(capsys, *finetune_argv(base_checkpoint, tmp_path / "out", "--max_steps", "1", "--expert_alpha",
+                                            value))
+    assert code == 2 and "--expert_alpha: expected a number > 0" in err

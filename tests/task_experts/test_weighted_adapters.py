@@ -124,3 +124,11 @@ def test_experts_with_different_fused_parameters_are_refused(routed_run, tmp_pat
         manifest_path.write_text(original)
     assert "--tasks: the experts adapt different fused routed-expert parameters" in capsys.readouterr().err
     assert not _merged(routed_run, "refused").exists()
+
+
+def test_a_name_already_loaded_is_refused_not_silently_kept(routed_run):
+    from moepatch.task_experts.weighted_adapters import add_weighted_adapter
+
+    serving = TaskExpertModel.from_experts(routed_run, with_router=False)
+    with pytest.raises(ValueError, match="adapter_name: 'code' is already loaded"):
+        add_weighted_adapter(serving.model, list(TASKS), [0.5, 0.5], "code")
