@@ -23,6 +23,7 @@ from typing import Any
 from moepatch.cli.arguments import existing_file
 from moepatch.cli.arguments import fraction
 from moepatch.cli.arguments import non_empty_text
+from moepatch.cli.arguments import positive_float
 from moepatch.cli.arguments import positive_int
 from moepatch.cli.arguments import seed
 from moepatch.errors import CommandError
@@ -54,9 +55,23 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
     fit = sub.add_parser("fit-router", help="fit the request router on each task's dev examples")
     fit.add_argument("output", help="the finetune --task_experts output folder (or its experts/ folder)")
     fit.add_argument("--data", help="multi-source data folder (default: OUT/data, written by --synthetic_data)")
-    fit.add_argument("--head", choices=("centroid", "linear", "contrastive"), default="centroid",
+    fit.add_argument("--head", choices=("centroid", "linear", "contrastive", "retrieval"), default="centroid",
                      help="contrastive: MELD's scheme, every expert answers every fitting request and the (near-)best "
-                          "are its positives")
+                          "are its positives; retrieval: MELD's router, cosine of the request and each expert's "
+                          "description by --encoder (with --finetune-encoder, fine-tuned on those positives)")
+    fit.add_argument("--descriptions", type=existing_file,
+                     help="retrieval: JSON object task -> description text (default: the task's name)")
+    fit.add_argument("--finetune-encoder", action="store_true",
+                     help="retrieval: MELD's contrastive fine-tune of the encoder (InfoNCE, one hard negative per "
+                          "positive, in-batch negatives); saved in the router folder")
+    fit.add_argument("--positives", choices=("scored", "own"), default="scored",
+                     help="the fine-tune's positives: scored = experts that answer the request well (MELD, runs "
+                          "every expert on every fitting request), own = the request's own task")
+    fit.add_argument("--encoder-epochs", type=positive_float, default=10.0, help="fine-tune epochs (MELD: 10)")
+    fit.add_argument("--encoder-lr", type=positive_float, default=1e-5, help="fine-tune learning rate (MELD: 1e-5)")
+    fit.add_argument("--encoder-temperature", type=positive_float, default=0.02,
+                     help="InfoNCE temperature of the fine-tune (MELD: 0.02)")
+    fit.add_argument("--encoder-batch-size", type=positive_int, default=16, help="fine-tune batch (MELD: 16)")
     fit.add_argument("--positive-margin", type=fraction, default=0.05,
                      help="contrastive: experts within this relative answer loss of the best one are positives")
     fit.add_argument("--features", nargs="+", choices=("hidden", "load"), default=["hidden", "load"],
@@ -175,9 +190,21 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
         problem = encoder_folder_problem(args.encoder)
         if problem is not None:
             raise UsageError("--encoder", problem)
+    descriptions = {}
+    if args.descriptions is not None:
+        try:
+            descriptions = json.loads(args.descriptions.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError("--descriptions", f"{args.descriptions}: not a JSON file ({error})") from None
+        if not isinstance(descriptions, dict):
+            raise UsageError("--descriptions", f"{args.descriptions}: expected a JSON object task -> text")
+    from moepatch.task_experts.encoder_tuning import EncoderTuning
+
+    tuning = EncoderTuning(args.encoder_epochs, args.encoder_lr, args.encoder_temperature, args.encoder_batch_size,
+                           args.seed)
     settings = RouterSettings(args.head, list(args.features), args.encoder, args.encoder_pooling, args.holdout,
                               args.max_examples, args.max_length, args.batch_size, groups, args.seed,
-                              args.positive_margin)
+                              args.positive_margin, descriptions, args.finetune_encoder, args.positives, tuning)
     try:
         _, report = fit_router(manifest, data, settings)
     except ValueError as error:

@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 
+from moepatch.task_experts.encoder_tuning import EncoderTuning
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import base_model
 
 ROUTER_FOLDER = "router"
 HOLDOUT_REPORT = "holdout_report.json"
+TUNED_ENCODER = "encoder"
+"""The encoder ``fit-router --finetune-encoder`` trained, inside the router folder."""
 
 
 @dataclass
@@ -35,6 +38,10 @@ class RouterSettings:
     groups: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     positive_margin: float = 0.05
+    descriptions: dict[str, str] = field(default_factory=dict)  # retrieval: task -> description (default: its name)
+    finetune_encoder: bool = False  # retrieval: MELD's contrastive fine-tune of the encoder
+    positives: str = "scored"  # the fine-tune's positives: "scored" (MELD: experts that answer well) or "own"
+    tuning: EncoderTuning = field(default_factory=EncoderTuning)
 
 
 def make_encoder(manifest: ExpertManifest, description: dict[str, Any], batch_size: int = 8) -> Any:
@@ -43,7 +50,7 @@ def make_encoder(manifest: ExpertManifest, description: dict[str, Any], batch_si
     from moepatch.task_experts.router import SentenceTransformerEncoder
 
     if description["kind"] == "sentence_transformers":
-        return SentenceTransformerEncoder.from_description(description, batch_size)
+        return SentenceTransformerEncoder.from_description(description, batch_size, manifest.folder / ROUTER_FOLDER)
     model, tokenizer = base_model(manifest)
     return BaseModelEncoder(model, tokenizer, features=description["features"],
                             max_length=description["max_length"], batch_size=batch_size)
@@ -66,10 +73,36 @@ def scored_positives(manifest: ExpertManifest, requests: list[Any], margin: floa
     return positives
 
 
+def check_settings(manifest: ExpertManifest, settings: RouterSettings) -> None:
+    """Every problem of ``settings`` as a ``ValueError`` naming the flag, before a model is loaded."""
+    for task in settings.groups:
+        if task not in manifest.tasks:
+            raise ValueError(f"--group: unknown task {task!r}; the experts are {manifest.tasks}")
+    if settings.head == "retrieval" and not settings.encoder:
+        raise ValueError("--head: retrieval scores requests against expert descriptions with an embedding model: "
+                         "give --encoder DIR")
+    if settings.descriptions and settings.head != "retrieval":
+        raise ValueError("--descriptions: only the retrieval head uses expert descriptions")
+    unknown = sorted(set(settings.descriptions) - set(manifest.tasks))
+    if unknown:
+        raise ValueError(f"--descriptions: unknown task(s) {unknown}; the experts are {manifest.tasks}")
+    empty = sorted(task for task, text in settings.descriptions.items()
+                   if not isinstance(text, str) or not text.strip())
+    if empty:
+        raise ValueError(f"--descriptions: task(s) {empty} have no description text")
+    if settings.finetune_encoder and settings.head != "retrieval":
+        raise ValueError("--finetune-encoder: only with --head retrieval (MELD fine-tunes the encoder that scores "
+                         "requests against expert descriptions)")
+    if settings.positives not in ("scored", "own"):
+        raise ValueError(f"--positives: expected 'scored' or 'own', got {settings.positives!r}")
+
+
 def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
                log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any] | None]:
     """Fit and save ``<experts>/router/``; returns the router and the held-out report (``None`` without a
     held-out split)."""
+    import shutil
+
     from moepatch.task_experts.requests import split_requests
     from moepatch.task_experts.requests import task_requests
     from moepatch.task_experts.router import TaskRouter
@@ -77,9 +110,7 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
 
     if not data.is_dir():
         raise ValueError(f"--data: {data} is not a data folder")
-    for task in settings.groups:
-        if task not in manifest.tasks:
-            raise ValueError(f"--group: unknown task {task!r}; the experts are {manifest.tasks}")
+    check_settings(manifest, settings)
     by_task, without_dev = task_requests(data, manifest.tasks)
     if without_dev:
         log(f"note: no dev file for {without_dev}: the router learns from and is checked on examples those experts "
@@ -89,14 +120,36 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
                     "pooling": settings.encoder_pooling}
                    if settings.encoder else
                    {"kind": "base_model", "features": list(settings.features), "max_length": settings.max_length})
+    folder = manifest.folder / ROUTER_FOLDER
     encoder = make_encoder(manifest, description, settings.batch_size)
+    tasks = sorted(manifest.tasks)
+    texts = [settings.descriptions.get(task, task) for task in tasks]
+    needs_scores = settings.head == "contrastive" or (settings.finetune_encoder and settings.positives == "scored")
+    positives = scored_positives(manifest, fit, settings.positive_margin, log) if needs_scores else None
+    tuned = folder / TUNED_ENCODER
+    if settings.finetune_encoder:
+        from moepatch.task_experts.encoder_tuning import contrastive_rows
+        from moepatch.task_experts.encoder_tuning import finetune_encoder
+
+        if positives is None:  # each request's own task
+            positives = torch.tensor([[task == request.task for task in tasks] for request in fit])
+        rows = contrastive_rows([request.text for request in fit], positives, texts, settings.seed)
+        scratch = folder / f".{TUNED_ENCODER}-writing"
+        shutil.rmtree(scratch, ignore_errors=True)
+        loss = finetune_encoder(encoder.model, rows, settings.tuning, scratch)
+        shutil.rmtree(tuned, ignore_errors=True)
+        scratch.rename(tuned)
+        log(f"encoder fine-tuned on {len(rows)} (request, positive, negative) rows ({settings.positives} positives, "
+            f"temperature {settings.tuning.temperature}), last loss {loss:.4f}; saved to {tuned}")
+        encoder.folder = TUNED_ENCODER  # router.json names it relative to the router folder
+        encoder.pooling = None  # saved as a sentence-transformers folder: pooling is in its modules
+    elif tuned.exists():
+        shutil.rmtree(tuned)  # a fine-tuned encoder of an earlier fit would not be this router's
     signatures = encoder.encode([request.text for request in fit + held])
-    positives = (scored_positives(manifest, fit, settings.positive_margin, log) if settings.head == "contrastive"
-                 else None)
     router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=settings.head,
                             encoder=encoder.describe(), groups=settings.groups, seed=settings.seed,
-                            positives=positives)
-    folder = manifest.folder / ROUTER_FOLDER
+                            positives=positives if settings.head == "contrastive" else None,
+                            descriptions=encoder.encode(texts) if settings.head == "retrieval" else None)
     router.save(folder)
     (folder / HOLDOUT_REPORT).unlink(missing_ok=True)  # a report of an earlier fit would not describe this one
     log(f"router ({settings.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "

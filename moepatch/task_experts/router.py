@@ -12,7 +12,9 @@ A request becomes a **signature** (an encoder), and a **head** scores the signat
   standardised signatures, trained with AdamW (full batch, weight decay).  ``contrastive``: MELD's scheme — every
   expert answers every fitting request, the experts whose answer is (near-)best are its positives, the rest its
   negatives — trained as a projection of the signatures and one embedding per task, with a multi-positive InfoNCE
-  loss over cosine similarities (the encoder itself stays frozen, where MELD fine-tuned bge).  Scores become weights
+  loss over cosine similarities (the encoder itself stays frozen).  ``retrieval``: MELD's own router — the cosine
+  of the request's embedding and each expert's description embedding, by an encoder fine-tuned on MELD's positives
+  and negatives (:mod:`~moepatch.task_experts.encoder_tuning`).  Scores become weights
   by a softmax with ``temperature``; the top-k are kept and renormalised.
 
 MELD's evaluation variants are routing options: ``cross-dataset`` leaves the request's own task out of the
@@ -22,6 +24,7 @@ head's tensors) + ``router.json`` (tasks, encoder, head); loading never unpickle
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from safetensors.torch import save_file
 
 ROUTER_CONFIG = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
-HEADS = ("centroid", "linear", "contrastive")
+HEADS = ("centroid", "linear", "contrastive", "retrieval")
 EXCLUSIONS = ("none", "cross-dataset", "cross-task")
 FEATURES = ("hidden", "load")
 
@@ -156,9 +159,11 @@ class SentenceTransformerEncoder:
             self.model = SentenceTransformer(self.folder, device="cpu", local_files_only=True)
         else:
             self.pooling = pooling
-            transformer = models.Transformer(self.folder, max_seq_length=max_length,
-                                             model_args={"local_files_only": True},
-                                             tokenizer_args={"local_files_only": True})
+            offline = {"local_files_only": True}
+            keywords = ({"model_kwargs": offline, "processor_kwargs": offline}  # their names since ST 6
+                        if "model_kwargs" in inspect.signature(models.Transformer.__init__).parameters
+                        else {"model_args": offline, "tokenizer_args": offline})
+            transformer = models.Transformer(self.folder, max_seq_length=max_length, **keywords)
             width = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
             pool = models.Pooling(width(), pooling)  # the method's name since sentence-transformers 5.2
             self.model = SentenceTransformer(modules=[transformer, pool, models.Normalize()], device="cpu")
@@ -170,9 +175,14 @@ class SentenceTransformerEncoder:
         return description
 
     @classmethod
-    def from_description(cls, description: dict[str, Any], batch_size: int = 32) -> SentenceTransformerEncoder:
-        """The encoder ``router.json`` names (``pooling`` only for a plain transformers folder)."""
-        return cls(description["path"], batch_size, pooling=description.get("pooling", "cls"))
+    def from_description(cls, description: dict[str, Any], batch_size: int = 32,
+                         router_folder: str | Path | None = None) -> SentenceTransformerEncoder:
+        """The encoder ``router.json`` names (``pooling`` only for a plain transformers folder); a relative path is
+        inside ``router_folder`` (an encoder fine-tuned by ``fit-router`` travels with its router)."""
+        path = Path(description["path"])
+        if not path.is_absolute() and router_folder is not None:
+            path = Path(router_folder) / path
+        return cls(path, batch_size, pooling=description.get("pooling", "cls"))
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
@@ -202,11 +212,13 @@ class TaskRouter:
     def fit(cls, signatures: torch.Tensor, labels: Sequence[str], *, head: str = "centroid",
             encoder: dict[str, Any], temperature: float | None = None, groups: dict[str, str] | None = None,
             steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0,
-            positives: torch.Tensor | None = None) -> TaskRouter:
+            positives: torch.Tensor | None = None, descriptions: torch.Tensor | None = None) -> TaskRouter:
         """Fit on ``signatures [n, d]`` with task ``labels`` (every task needs one example or more).
         ``temperature`` of the weights' softmax: default 0.05 over cosine similarities (centroid, contrastive), 1
         over logits (linear).  ``positives`` (``contrastive``): bool ``[n, tasks]`` (tasks sorted by name), the
-        experts that answered each request well (:func:`expert_positives`)."""
+        experts that answered each request well (:func:`expert_positives`).  ``descriptions`` (``retrieval``):
+        ``[tasks, d]`` embeddings of each expert's description by the same encoder (tasks sorted by name); MELD's
+        router scores a request by its cosine to each of them (default temperature 0.02, MELD's)."""
         tasks = sorted(set(labels))
         if len(tasks) < 2:
             raise ValueError(f"a router needs examples of two tasks or more, got {tasks}")
@@ -216,6 +228,12 @@ class TaskRouter:
             centroids = torch.stack([signatures[target == i].mean(0) for i in range(len(tasks))])
             return cls(tasks, head, {"centroids": F.normalize(centroids, dim=-1)}, encoder,
                        0.05 if temperature is None else temperature, groups)
+        if head == "retrieval":
+            if descriptions is None or descriptions.shape != (len(tasks), signatures.shape[1]):
+                raise ValueError(f"--head retrieval: needs one description embedding per task ([{len(tasks)}, "
+                                 f"{signatures.shape[1]}])")
+            return cls(tasks, head, {"descriptions": F.normalize(descriptions.float(), dim=-1)}, encoder,
+                       0.02 if temperature is None else temperature, groups)
         if head == "contrastive":
             if positives is None or positives.shape != (len(signatures), len(tasks)) or not positives.any(1).all():
                 raise ValueError("--head contrastive: needs every request's positive experts ([requests, tasks], one "
@@ -243,6 +261,8 @@ class TaskRouter:
         signatures = signatures.float()
         if self.head == "centroid":
             return F.normalize(signatures, dim=-1) @ self.tensors["centroids"].T
+        if self.head == "retrieval":
+            return F.normalize(signatures, dim=-1) @ self.tensors["descriptions"].T
         if self.head == "contrastive":
             projected = F.normalize((signatures - self.tensors["mean"]) @ self.tensors["projection"].T, dim=-1)
             return projected @ F.normalize(self.tensors["task_embeddings"], dim=-1).T

@@ -129,7 +129,8 @@ class TaskExpertModel:
             if router.encoder["kind"] != "base_model":
                 from moepatch.task_experts.router import SentenceTransformerEncoder
 
-                encoder = SentenceTransformerEncoder.from_description(router.encoder)
+                encoder = SentenceTransformerEncoder.from_description(router.encoder,
+                                                                      router_folder=manifest.folder / "router")
             else:  # signatures come from the base itself: route() runs it with the adapters disabled
                 encoder = BaseModelEncoder(model.get_base_model(), tokenizer,
                                            features=router.encoder["features"],

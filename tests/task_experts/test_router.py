@@ -194,17 +194,77 @@ def test_a_plain_transformers_encoder_embeds_as_flagembedding_does(run, tmp_path
     assert len((run / "experts" / "routes.jsonl").read_text().splitlines()) == 8
 
 
+DESCRIPTIONS = {"chat": "Say hello and answer a friendly question",
+                "code": "Write a Python function that returns a value",
+                "letters": "List or spell the letters of a word",
+                "math": "Compute the sum of numbers and give the number"}
+
+
+def test_melds_retrieval_router_fine_tunes_the_encoder_on_scored_positives(run, tmp_path, capsys):
+    """MELD's router: every expert answers every fitting request, the (near-)best are positives, the encoder is
+    fine-tuned contrastively, and a request's scores are its cosines to the experts' descriptions."""
+    from sentence_transformers import SentenceTransformer  # the test extra installs it (and datasets)
+
+    bert = _tiny_sentence_transformer(tmp_path).parent / "bert"
+    descriptions = tmp_path / "descriptions.json"
+    descriptions.write_text(json.dumps(DESCRIPTIONS))
+    argv = ["experts", "fit-router", str(run), "--encoder", str(bert), "--head", "retrieval", "--descriptions",
+            str(descriptions)]
+    router_folder = run / "experts" / "router"
+    assert cli(argv) == 0
+    before = json.loads((router_folder / "holdout_report.json").read_text())["accuracy"]
+    assert not (router_folder / "encoder").exists()
+    assert cli([*argv, "--finetune-encoder", "--encoder-epochs", "3", "--encoder-lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"scored 4 experts on \d+ requests", out) and "(scored positives, temperature 0.02)" in out
+    after = json.loads((router_folder / "holdout_report.json").read_text())["accuracy"]
+    assert after >= 0.9 and after >= before
+    tuned = router_folder / "encoder"
+    assert (tuned / "model.safetensors").is_file() and not list(tuned.rglob("*.bin"))  # no pickle written
+    config = json.loads((router_folder / "router.json").read_text())
+    assert config["head"] == "retrieval" and config["encoder"] == {"kind": "sentence_transformers", "path": "encoder"}
+    # the scores are the cosines of request and description embeddings by the saved encoder, loaded on its own
+    texts = ["Compute 3 + 4 and give the number .", "Say hello ."]
+    independent = SentenceTransformer(str(tuned), device="cpu")
+    queries = F.normalize(independent.encode(texts, convert_to_tensor=True), dim=-1)
+    described = F.normalize(independent.encode([DESCRIPTIONS[t] for t in sorted(DESCRIPTIONS)], convert_to_tensor=True),
+                            dim=-1)
+    router = TaskRouter.load(router_folder)
+    torch.testing.assert_close(router.scores(independent.encode(texts, convert_to_tensor=True)), queries @ described.T,
+                               atol=1e-5, rtol=1e-5)
+    moved = tmp_path / "moved"  # the fine-tuned encoder travels with its run
+    run.rename(moved)
+    requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=2)
+    assert cli(["experts", "route", str(moved), "--input", str(requests), "--top-k", "1"]) == 0
+    assert "routing accuracy 1.000" in capsys.readouterr().out
+
+
+def test_melds_training_groups_pair_each_positive_with_a_negative():
+    from moepatch.task_experts.encoder_tuning import contrastive_rows
+
+    positives = torch.tensor([[True, False, False], [True, True, False], [True, True, True]])
+    rows = contrastive_rows(["q0", "q1", "q2"], positives, ["a", "b", "c"], seed=0)
+    assert [(row["anchor"], row["positive"]) for row in rows] == [("q0", "a"), ("q1", "a"), ("q1", "b")]
+    assert [row["negative"] for row in rows][1:] == ["c", "c"] and rows[0]["negative"] in ("b", "c")
+
+
 @pytest.mark.parametrize(("argv", "code", "message"), [
-    (["fit-router", "{run}", "--data", "{run}/nowhere"], 2, r"--data: .*nowhere is not a data folder"),
+    (["fit-router", "{run}", "--head", "retrieval"], 2, r"--head: retrieval scores requests .* give --encoder DIR"),
+    (["fit-router", "{run}", "--finetune-encoder"], 2, r"--finetune-encoder: only with --head retrieval"),
+    (["fit-router", "{run}", "--descriptions", "{descriptions}"], 2, r"--descriptions: only the retrieval head"),
     (["fit-router", "{run}", "--encoder", "{run}/experts/chat"], 2,
      r"--encoder: .*chat holds neither a sentence-transformers model \(modules.json\) nor a transformers encoder"),
+    (["fit-router", "{run}", "--descriptions", "{requests}"], 2, r"--descriptions: .*not a JSON file"),
+    (["fit-router", "{run}", "--data", "{run}/nowhere"], 2, r"--data: .*nowhere is not a data folder"),
     (["fit-router", "{run}", "--encoder", "{run}/nowhere"], 2, r"--encoder: .*is not a folder"),
     (["fit-router", "{run}", "--group", "g=chat,nope"], 2, r"--group: unknown task 'nope'"),
     (["route", "{run}", "--input", "{requests}"], 2, r"no fitted router"),
 ])
 def test_bad_router_arguments_name_the_argument(run, tmp_path, capsys, argv, code, message):
     requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
-    argv = [arg.format(run=run, requests=requests) for arg in argv]
+    descriptions = tmp_path / "descriptions.json"
+    descriptions.write_text(json.dumps(DESCRIPTIONS))
+    argv = [arg.format(run=run, requests=requests, descriptions=descriptions) for arg in argv]
     assert cli(["experts", *argv]) == code
     assert re.search(message, capsys.readouterr().err)
     assert not (run / "experts" / "router").exists()
