@@ -20,14 +20,29 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moepatch.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture()
+def inspect_cli(capsys):
+    """``moepatch inspect`` in this process (a fresh interpreter per call costs seconds; the console exit path is
+    tested by ``test_console_errors_are_short_and_debug_shows_the_traceback``)."""
+    from moepatch.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["moepatch", *args], code, captured.out, captured.err)
+
+    return run
+
+
 def test_console_script_is_declared():
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("moepatch") == "moepatch.cli:main"
 
 
-def test_inspect_reports_structure_and_config(tmp_path: Path):
+def test_inspect_reports_structure_and_config(tmp_path: Path, inspect_cli):
     path = tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe", moepatch={"freeze_gate": True, "routing_stats": True})
-    result = run_cli("inspect", str(path))
+    result = inspect_cli("inspect", str(path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "family:     qwen2_moe" in out
@@ -36,51 +51,51 @@ def test_inspect_reports_structure_and_config(tmp_path: Path):
     assert "freeze_gate='router': 3 parameters" in out and "config: OK" in out
 
 
-def test_inspect_reports_official_c2r_fields(tmp_path: Path):
+def test_inspect_reports_official_c2r_fields(tmp_path: Path, inspect_cli):
     from moepatch.testing.tiny import random_collaborative_list as random_list
 
     path = tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe")
     config = json.loads((path / "config.json").read_text())
     config["top_t"], config["collaborative_list"] = 3, random_list(4, 8, 0)
     (path / "config.json").write_text(json.dumps(config))
-    result = run_cli("inspect", str(path))
+    result = inspect_cli("inspect", str(path))
     assert result.returncode == 0, result.stderr
     assert "c2r (official top-level fields): top_t=3 on MoE layers [0, 2, 3]" in result.stdout
     config["top_t"] = 8
     (path / "config.json").write_text(json.dumps(config))
-    result = run_cli("inspect", str(path))
+    result = inspect_cli("inspect", str(path))
     assert result.returncode == 1 and "top_t = 8 = number of experts" in result.stdout
 
 
-def test_inspect_generic_family(tmp_path: Path):
+def test_inspect_generic_family(tmp_path: Path, inspect_cli):
     path = tiny.save_tiny_checkpoint(tmp_path, "olmoe")
-    result = run_cli("inspect", str(path))
+    result = inspect_cli("inspect", str(path))
     assert result.returncode == 0, result.stderr
     assert "family:     generic_topk" in result.stdout and "no feature enabled" in result.stdout
 
 
-def test_inspect_lists_what_is_wrong(tmp_path: Path):
+def test_inspect_lists_what_is_wrong(tmp_path: Path, inspect_cli):
     path = tiny.save_tiny_checkpoint(tmp_path, "mixtral")
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
     config["moepatch"] = {"freeze_gate": "maybe", "routing_stats": {"layers": [5]}, "future_key": 1}
     config_file.write_text(json.dumps(config))
-    result = run_cli("inspect", str(path))
+    result = inspect_cli("inspect", str(path))
     assert result.returncode == 1
     assert "moepatch.freeze_gate" in result.stdout
     assert "warning: moepatch.future_key: unknown key" in result.stdout
     config["moepatch"] = {"routing_stats": {"layers": [5]}}
     config_file.write_text(json.dumps(config))
-    result = run_cli("inspect", str(path))
+    result = inspect_cli("inspect", str(path))
     assert result.returncode == 1
     assert "moepatch.routing_stats.layers[0]: layer 5 does not exist" in result.stdout
 
 
-def test_inspect_unsupported_model(tmp_path: Path):
+def test_inspect_unsupported_model(tmp_path: Path, inspect_cli):
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    result = run_cli("inspect", str(tmp_path))
+    result = inspect_cli("inspect", str(tmp_path))
     assert result.returncode == 2 and "cannot patch LlamaForCausalLM" in result.stdout
 
 
@@ -125,7 +140,7 @@ def test_env_report():
     assert result.returncode == 0 and "transformers: 5." in result.stdout
 
 
-def test_inspect_reports_lora_expert_targets(tmp_path: Path):
+def test_inspect_reports_lora_expert_targets(tmp_path: Path, inspect_cli):
     """The targets and the trainable parameters per group, checked against the modules a real patch creates."""
     import re
 
@@ -133,7 +148,7 @@ def test_inspect_reports_lora_expert_targets(tmp_path: Path):
 
     block = {"lora_experts": {"method": "mola", "num_experts": [2, 4, 6, 8], "top_k": 2, "routed_experts": True}}
     tiny.save_tiny_checkpoint(tmp_path, "qwen2_moe", moepatch=block)
-    result = run_cli("inspect", str(tmp_path))
+    result = inspect_cli("inspect", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lora_experts (mola): 37 projections; " in result.stdout
     assert "model.layers.*.mlp.experts.down_proj: 3x (8 routed experts each), experts [2, 6, 8]" in result.stdout
