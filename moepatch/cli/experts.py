@@ -79,8 +79,9 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
     fit.add_argument("--encoder", help="a local embedding model instead of the base model: a sentence-transformers "
                                        "folder, or a transformers encoder folder (bge / bge-m3) embedded as "
                                        "FlagEmbedding does")
-    fit.add_argument("--encoder-pooling", choices=("cls", "mean"), default="cls",
-                     help="a transformers encoder folder: [CLS] pooling (FlagEmbedding's, bge) or mean pooling")
+    fit.add_argument("--encoder-pooling", choices=("cls", "mean"),
+                     help="a transformers encoder folder: [CLS] pooling (FlagEmbedding's, bge; the default) or mean "
+                          "pooling (a sentence-transformers folder keeps its own)")
     fit.add_argument("--holdout", type=fraction, default=0.25, help="share of each task's examples held out")
     fit.add_argument("--max-examples", type=positive_int, default=64, help="examples per task at most")
     fit.add_argument("--max-length", type=positive_int, default=256)
@@ -190,6 +191,11 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
         problem = encoder_folder_problem(args.encoder)
         if problem is not None:
             raise UsageError("--encoder", problem)
+        if args.encoder_pooling is not None and (Path(args.encoder) / "modules.json").is_file():
+            raise UsageError("--encoder-pooling", f"{args.encoder} is a sentence-transformers folder: its own pooling "
+                                                  "module is used")
+    elif args.encoder_pooling is not None:
+        raise UsageError("--encoder-pooling", "only with --encoder (a transformers encoder folder)")
     descriptions = {}
     if args.descriptions is not None:
         try:
@@ -202,7 +208,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
 
     tuning = EncoderTuning(args.encoder_epochs, args.encoder_lr, args.encoder_temperature, args.encoder_batch_size,
                            args.seed)
-    settings = RouterSettings(args.head, list(args.features), args.encoder, args.encoder_pooling, args.holdout,
+    settings = RouterSettings(args.head, list(args.features), args.encoder, args.encoder_pooling or "cls", args.holdout,
                               args.max_examples, args.max_length, args.batch_size, groups, args.seed,
                               args.positive_margin, descriptions, args.finetune_encoder, args.positives, tuning)
     try:

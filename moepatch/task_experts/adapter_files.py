@@ -64,6 +64,10 @@ def adapter_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
     if not weights_path.is_file():
         raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
     tensors = load_file(str(weights_path))
+    fused_modules = {name.rsplit(".", 1)[0] for name in config.get("target_parameters") or []}
+    if fused_modules and (config.get("rank_pattern") or config.get("alpha_pattern")):
+        raise ValueError(f"{folder}: rank_pattern / alpha_pattern with target_parameters (peft keys those by "
+                         "parameter, not by the saved module path): not modelled here")
     deltas = {}
     for key, a in tensors.items():
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A\.weight", key)
@@ -75,7 +79,9 @@ def adapter_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{weights_path}: {module} has no matching 2-D lora_B")
         rank = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
         scaling = module_scaling(config, module)
-        if a.shape[0] == rank:
+        if not _is_fused(module, fused_modules):
+            if a.shape[0] != rank:
+                raise ValueError(f"{weights_path}: {module} has lora_A of {a.shape[0]} rows, expected r={rank}")
             deltas[module] = scaling * (b.double() @ a.double())
             continue
         if a.shape[0] % rank:
@@ -88,6 +94,30 @@ def adapter_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
     if not deltas:
         raise ValueError(f"{weights_path}: no LoRA module found")
     return deltas
+
+
+def _is_fused(module: str, fused_modules: set[str]) -> bool:
+    """Whether a saved module path is peft's wrapper of a ``target_parameters`` entry (``…mlp.experts``, one
+    ``.base_layer`` per parameter wrapped before it on the same module)."""
+    unwrapped = re.sub(r"(\.base_layer)+$", "", module)
+    return any(unwrapped == name or unwrapped.endswith(f".{name}") for name in fused_modules)
+
+
+def module_shapes(folder: str | Path) -> dict[str, tuple[int, int]]:
+    """``{module path: (out, in)}`` of the linear LoRA modules of an adapter (read from the safetensors header)."""
+    from safetensors import safe_open
+
+    config = adapter_config(folder)
+    fused_modules = {name.rsplit(".", 1)[0] for name in config.get("target_parameters") or []}
+    shapes = {}
+    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="pt") as tensors:
+        for key in tensors.keys():
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A\.weight", key)
+            if match is None or _is_fused(match.group(1), fused_modules):
+                continue
+            b_key = key.replace(".lora_A.weight", ".lora_B.weight")
+            shapes[match.group(1)] = (tensors.get_slice(b_key).get_shape()[0], tensors.get_slice(key).get_shape()[1])
+    return shapes
 
 
 @contextlib.contextmanager

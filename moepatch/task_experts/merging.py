@@ -29,6 +29,7 @@ import torch
 
 from moepatch.task_experts.adapter_files import adapter_config
 from moepatch.task_experts.adapter_files import adapter_deltas
+from moepatch.task_experts.adapter_files import module_shapes
 from moepatch.task_experts.adapter_files import quiet_peft
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.weighted_adapters import add_weighted_adapter
@@ -114,9 +115,26 @@ def check_request(manifest: ExpertManifest, request: MergeRequest, max_lora_rank
                                      or request.name == "__base__"):
         raise ValueError(f"--name: {request.name!r} must be letters, digits, '_', '-' (no '+', '~', '.', '/': those "
                          "mark moepatch's own names) and not a task's name")
+    configs = {task: adapter_config(manifest.expert_path(task)) for task in request.tasks}
+    rslora = [task for task, config in configs.items() if config.get("use_rslora")]
+    if rslora:
+        raise ValueError(f"--tasks: the experts of {rslora} use rsLoRA; peft's merge gives the merged adapter "
+                         "scaling √r (not 1) on top of the weighted factors, so its sum would be off by that factor")
+    patterned = [task for task, config in configs.items() if config.get("target_parameters")
+                 and (config.get("rank_pattern") or config.get("alpha_pattern"))]
+    if patterned:
+        raise ValueError(f"--tasks: the experts of {patterned} combine target_parameters with rank_pattern / "
+                         "alpha_pattern, which this merge does not model")
     if request.rank is not None and request.rank > sum(expert.rank for expert in experts):
         raise ValueError(f"--rank: {request.rank} exceeds the sum of the experts' ranks "
                          f"{sum(expert.rank for expert in experts)}: their weighted sum has no higher rank")
+    if request.rank is not None:
+        shapes = {module: shape for task in request.tasks
+                  for module, shape in module_shapes(manifest.expert_path(task)).items()}
+        narrowest = min(shapes.items(), key=lambda item: min(item[1]), default=None)
+        if narrowest is not None and request.rank > min(narrowest[1]):
+            raise ValueError(f"--rank: {request.rank} exceeds the smaller side of {narrowest[0]} "
+                             f"({narrowest[1][0]}×{narrowest[1][1]}): peft's svd merge cannot give it that rank")
     rank = merged_rank([expert.rank for expert in experts], request)
     if max_lora_rank is not None and rank > max_lora_rank:
         detail = (f"the sum of the ranks {[e.rank for e in experts]}" if request.method == "cat"

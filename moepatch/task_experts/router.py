@@ -138,7 +138,7 @@ class SentenceTransformerEncoder:
     """
 
     def __init__(self, folder: str | Path, batch_size: int = 32, pooling: str = "cls",
-                 max_length: int = 512) -> None:
+                 max_length: int | None = None) -> None:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as error:
@@ -163,6 +163,7 @@ class SentenceTransformerEncoder:
             keywords = ({"model_kwargs": offline, "processor_kwargs": offline}  # their names since ST 6
                         if "model_kwargs" in inspect.signature(models.Transformer.__init__).parameters
                         else {"model_args": offline, "tokenizer_args": offline})
+            # max_length None: the model's own limit (512 for bge, 8192 for bge-m3: FlagEmbedding's defaults)
             transformer = models.Transformer(self.folder, max_seq_length=max_length, **keywords)
             width = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
             pool = models.Pooling(width(), pooling)  # the method's name since sentence-transformers 5.2

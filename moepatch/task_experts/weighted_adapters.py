@@ -49,7 +49,9 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
 
     Without ``target_parameters`` this is peft's call, unchanged.  With them (all adapters must share the same
     set, as peft requires to load them together), peft merges the linear modules with the parameters hidden from
-    its check, and every fused parameter is merged here (module docstring).  ``ValueError`` on any mismatch.
+    its check, and every fused parameter is merged here (module docstring).  ``ValueError`` on any mismatch and for
+    rsLoRA adapters (peft's merge gives the result scaling √r on top of the folded scalings); on any failure the
+    half-built adapter is deleted, so a retry starts clean.
     """
     if combination_type not in ("cat", "svd"):
         raise ValueError(f"combination_type: expected 'cat' or 'svd', got {combination_type!r}")
@@ -57,31 +59,53 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
         raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
     configs = [model.peft_config[adapter] for adapter in adapters]
     parameters = [tuple(sorted(getattr(config, "target_parameters", None) or ())) for config in configs]
-    if not any(parameters):
-        model.add_weighted_adapter(list(adapters), list(weights), adapter_name=adapter_name,
-                                   combination_type=combination_type, svd_rank=svd_rank)
-        return
+    rslora = [adapter for adapter, config in zip(adapters, configs) if getattr(config, "use_rslora", False)]
+    if rslora:  # peft's cat / svd fold each scaling into A but give the merged adapter scaling √r, not 1
+        raise ValueError(f"the adapters {rslora} use rsLoRA: peft's merge would be off by the merged scaling √r")
     if len(set(parameters)) > 1:
         raise ValueError(f"the adapters {list(adapters)} adapt different fused parameters "
                          f"{sorted(set(parameters))}: only adapters with the same target_parameters merge")
-    wrappers = fused_wrappers(model, adapters)
+    if combination_type == "svd" and svd_rank is not None:
+        narrow = _narrowest_linear(model, adapters)
+        if narrow is not None and svd_rank > min(narrow[1]):
+            raise ValueError(f"svd_rank: {svd_rank} exceeds the smaller side of {narrow[0]} ({narrow[1][0]}×"
+                             f"{narrow[1][1]}); peft would write factors of another shape than its config says")
+    wrappers = fused_wrappers(model, adapters) if any(parameters) else []
     original = [config.target_parameters for config in configs]
     try:
-        for config in configs:  # peft's own check refuses target_parameters; its linear merge is what we want
-            config.target_parameters = None
-        model.add_weighted_adapter(list(adapters), list(weights), adapter_name=adapter_name,
-                                   combination_type=combination_type, svd_rank=svd_rank)
-    finally:
-        for config, value in zip(configs, original):
-            config.target_parameters = value
-    merged_config = model.peft_config[adapter_name]
-    merged_config.target_parameters = list(original[0])
-    try:
-        for wrapper in wrappers:
-            merge_fused(wrapper, adapters, weights, adapter_name, merged_config, combination_type)
+        try:
+            for config in configs:  # peft's own check refuses target_parameters; its linear merge is what we want
+                config.target_parameters = None if any(parameters) else config.target_parameters
+            model.add_weighted_adapter(list(adapters), list(weights), adapter_name=adapter_name,
+                                       combination_type=combination_type, svd_rank=svd_rank)
+        finally:
+            for config, value in zip(configs, original):
+                config.target_parameters = value
+        if any(parameters):
+            merged_config = model.peft_config[adapter_name]
+            merged_config.target_parameters = list(original[0])
+            for wrapper in wrappers:
+                merge_fused(wrapper, adapters, weights, adapter_name, merged_config, combination_type)
     except BaseException:
-        model.delete_adapter(adapter_name)
+        if adapter_name in model.peft_config:  # a half-built adapter would be taken for the merge later
+            model.delete_adapter(adapter_name)
         raise
+
+
+def _narrowest_linear(model: torch.nn.Module, adapters: Sequence[str]) -> tuple[str, tuple[int, int]] | None:
+    """The linear LoRA layer (not a fused parameter) holding ``adapters`` with the smallest side, and its
+    ``(out, in)``."""
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper) and any(
+                adapter in module.lora_A for adapter in adapters):
+            shape = (module.out_features, module.in_features)
+            if found is None or min(shape) < min(found[1]):
+                found = (name, shape)
+    return found
 
 
 @torch.no_grad()
