@@ -113,6 +113,8 @@ def _merged_folder_is_untouched(run: Path) -> bool:
     (["--tasks", "chat", "code", "--name", "../x"], r"--name: '\.\./x' must be letters"),
     (["--tasks", "chat", "code", "--method", "svd", "--rank", "64"], r"--rank: 64 exceeds the sum of the experts' "
                                                                      r"ranks 32"),
+    (["--tasks", "chat", "code", "--method", "svd", "--rank", "20"],
+     r"--rank: 20 exceeds the smaller side of model\.layers\.\d\.self_attn\.[kv]_proj \(16×32\)"),
     (["--weights", "1", "1"], r"--tasks: required"),
 ])
 def test_bad_merges_are_refused_and_nothing_is_written(run, capsys, argv, message):

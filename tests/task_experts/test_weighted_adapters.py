@@ -140,7 +140,7 @@ def test_svd_merge_of_fused_experts_reports_the_optimal_truncation_error(routed_
     assert config["r"] == 2 and config["target_parameters"]
 
 
-def test_a_failed_merge_leaves_no_half_built_adapter(routed_run, capsys, monkeypatch):
+def test_a_failed_merge_leaves_no_half_built_adapter(routed_run, monkeypatch):
     from moepatch.task_experts import weighted_adapters
     from moepatch.task_experts.weighted_adapters import add_weighted_adapter
 
@@ -168,9 +168,6 @@ def test_a_failed_merge_leaves_no_half_built_adapter(routed_run, capsys, monkeyp
     with pytest.raises(ValueError, match=r"the adapters \['chat'\] use rsLoRA"):
         add_weighted_adapter(model, ["chat", "code"], [0.5, 0.5], "scaled", "cat")
     assert "wide" not in model.peft_config and "scaled" not in model.peft_config
-    # the command refuses such a rank before loading anything, naming the narrowest module
-    assert cli(["experts", "merge", str(routed_run), "--tasks", *TASKS, "--method", "svd", "--rank", "20"]) == 2
-    assert re.search(r"--rank: 20 exceeds the smaller side of .*_proj \(16×32\)", capsys.readouterr().err)
 
 
 def test_serving_merges_fused_experts_in_memory_as_the_written_merge(routed_run):
