@@ -7,9 +7,9 @@ request's adapter.  vLLM itself needs a GPU and is not a dependency: the format 
 
 Refused, with the reason, before anything is written: a rank above ``--max-lora-rank`` (or a value vLLM does not
 accept), a base architecture vLLM has no LoRA implementation of, and modules vLLM does not load LoRA on for that
-architecture (:data:`VLLM_LORA_MODULES`, checked on the adapter's safetensors keys as vLLM does) — e.g. dense MLP
-names on Mixtral, ``kv_b_proj`` under DeepSeek's MLA, ``shared_expert_gate`` — and peft's ``target_parameters`` on
-fused routed experts (vLLM's MoE LoRA reads one tensor per expert, not that layout).
+architecture (:data:`model_patches.vllm_lora.VLLM_LORA_MODULES`, checked on the adapter's safetensors keys as vLLM
+does) — e.g. dense MLP names on Mixtral, ``kv_b_proj`` under DeepSeek's MLA, ``shared_expert_gate`` — and peft's
+``target_parameters`` on fused routed experts (vLLM's MoE LoRA reads one tensor per expert, not that layout).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_patches.vllm_lora import VLLM_ARCHITECTURES
+from model_patches.vllm_lora import VLLM_LORA_MODULES
+from model_patches.vllm_lora import VLLM_NOT_LOADED
 from moepatch.task_experts.adapter_files import adapter_config
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.merging import MERGED_FOLDER
@@ -31,39 +34,6 @@ VLLM_FOLDER = "vllm"
 VLLM_FILE = "vllm.json"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM's ``LoRAConfig.max_lora_rank`` accepts (``MaxLoRARanks``)."""
-VLLM_ARCHITECTURES = {
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "olmoe": "OlmoeForCausalLM",  # LoRA in recent vLLM releases only
-    "deepseek_v2": "DeepseekV2ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "phimoe": "PhiMoEForCausalLM",
-}
-"""Model types whose vLLM implementation takes LoRA (``SupportsLoRA``), with the class vLLM serves them by."""
-_ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
-_MLP = frozenset({"gate_proj", "up_proj", "down_proj"})
-_MLA = frozenset({"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"})
-VLLM_LORA_MODULES: dict[str, frozenset[str]] = {
-    "qwen2_moe": _ATTENTION | _MLP,  # the shared expert and dense layers; not shared_expert_gate (a plain Linear)
-    "qwen3_moe": _ATTENTION | _MLP,  # gate/up/down exist only in mlp_only_layers
-    "mixtral": _ATTENTION,  # no dense MLP
-    "olmoe": _ATTENTION,
-    "deepseek_v2": _MLA | _MLP,  # dense and shared_experts MLPs; kv_b_proj loads but has no effect under MLA
-    "deepseek_v3": _MLA | _MLP,
-    "phimoe": _ATTENTION,
-}
-"""Per architecture, the module names vLLM loads LoRA on outside the routed experts — its linear layers, packed
-ones unpacked (``qkv_proj`` → ``q_proj`` / ``k_proj`` / ``v_proj``, ``gate_up_proj`` → ``gate_proj`` / ``up_proj``,
-``fused_qkv_a_proj`` → ``q_a_proj`` / ``kv_a_proj_with_mqa``).  vLLM checks the last name of every safetensors key
-against its list and refuses the adapter on any other (``expected target modules in ... but received ...``)."""
-VLLM_NOT_LOADED = {
-    "kv_b_proj": "vLLM's MLA attention absorbs kv_b_proj into its kernels: a LoRA on it loads but has no effect",
-    "shared_expert_gate": "a plain Linear in vLLM's Qwen2-MoE, not a LoRA layer",
-    "lm_head": "the LM head is not a LoRA layer of this architecture in vLLM",
-    "embed_tokens": "the embeddings are not a LoRA layer of this architecture in vLLM",
-}
-"""Why some names vLLM does not serve are refused (the reason shown with the refusal)."""
 
 
 @dataclass
