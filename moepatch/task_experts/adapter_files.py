@@ -11,6 +11,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Iterable
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,16 @@ from safetensors.torch import load_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+LORA_A_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_A\.weight")
+"""A ``lora_A`` key of a peft adapter file; group 1 is the module path in the base model."""
+
+
+def lora_keys(keys: Iterable[str]) -> Iterator[tuple[str, str, str]]:
+    """``(module path, lora_A key, lora_B key)`` for every LoRA module among a safetensors file's ``keys``."""
+    for key in keys:
+        match = LORA_A_KEY.fullmatch(key)
+        if match is not None:
+            yield match.group(1), key, key.replace(".lora_A.weight", ".lora_B.weight")
 
 
 def adapter_config(folder: str | Path) -> dict:
@@ -69,12 +80,8 @@ def adapter_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{folder}: rank_pattern / alpha_pattern with target_parameters (peft keys those by "
                          "parameter, not by the saved module path): not modelled here")
     deltas = {}
-    for key, a in tensors.items():
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A\.weight", key)
-        if match is None:
-            continue
-        module = match.group(1)
-        b = tensors.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+    for module, a_key, b_key in lora_keys(tensors):
+        a, b = tensors[a_key], tensors.get(b_key)
         if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(f"{weights_path}: {module} has no matching 2-D lora_B")
         rank = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
@@ -111,12 +118,9 @@ def module_shapes(folder: str | Path) -> dict[str, tuple[int, int]]:
     fused_modules = {name.rsplit(".", 1)[0] for name in config.get("target_parameters") or []}
     shapes = {}
     with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="pt") as tensors:
-        for key in tensors.keys():
-            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A\.weight", key)
-            if match is None or _is_fused(match.group(1), fused_modules):
-                continue
-            b_key = key.replace(".lora_A.weight", ".lora_B.weight")
-            shapes[match.group(1)] = (tensors.get_slice(b_key).get_shape()[0], tensors.get_slice(key).get_shape()[1])
+        for module, a_key, b_key in lora_keys(tensors.keys()):
+            if not _is_fused(module, fused_modules):
+                shapes[module] = (tensors.get_slice(b_key).get_shape()[0], tensors.get_slice(a_key).get_shape()[1])
     return shapes
 
 

@@ -25,6 +25,7 @@ from model_patches.vllm_lora import VLLM_ARCHITECTURES
 from model_patches.vllm_lora import VLLM_LORA_MODULES
 from model_patches.vllm_lora import VLLM_NOT_LOADED
 from moepatch.task_experts.adapter_files import adapter_config
+from moepatch.task_experts.adapter_files import lora_keys
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.merging import MERGED_FOLDER
 from moepatch.task_experts.merging import combination_key
@@ -81,8 +82,7 @@ def _adapted_modules(folder: Path) -> list[str]:
         targets = adapter_config(folder).get("target_modules") or []
         return [targets] if isinstance(targets, str) else list(targets)
     with safe_open(str(weights), framework="pt") as tensors:
-        keys = list(tensors.keys())
-    return sorted({key.rsplit(".lora_", 1)[0] for key in keys if ".lora_" in key})
+        return sorted({module for module, _, _ in lora_keys(tensors.keys())})
 
 
 def served_adapters(manifest: ExpertManifest, include_experts: bool = True) -> list[ServedAdapter]:
