@@ -27,7 +27,7 @@ DBRX = register(
         model_types=("dbrx",),
         block_classes=("DbrxFFN",),
         routing=RoutingRule(renormalize="^moe_normalize_expert_weights", weights_dtype="logits",
-                            softmax_dtype="logits", renormalize_with="l1_norm"),
+                            score_dtype="logits", renormalize_with="l1_norm"),
         layers_attr="blocks",
         block_attr="ffn",
         router_attr="router",

@@ -1,35 +1,50 @@
-"""A family's routing rule, executed: router logits → float32 softmax → selection → renormalisation → dtype cast.
+"""A family's routing rule, executed: the one implementation of every router kind moepatch patches.
 
-:func:`route` is the reference every supported top-k router is equal to (the families' files declare their
-:class:`~model_patches.spec.RoutingRule`; the tests check each family's router against it), the body of the routing
-patch point in :mod:`moepatch.routing.seam`, and the yardstick of :func:`probe_router`, which admits routers of families
-that have no file of their own.
+:func:`execute` runs a :class:`~model_patches.spec.RoutingRule` exactly as the family's router computes it — logits,
+score function, selection bias, group limit, top-k, weights from the unbiased scores, renormalisation, scaling, dtype
+— with the **selection step** (the top-k) delegated to an :data:`ExpertSelector`.  With the family's own selector
+(:func:`vanilla_selector`) the result is bit-identical to the router (tested per kind); C2R swaps in a
+collaboration-constrained selector and everything else stays the family's.
+
+It is also the yardstick of :func:`probe_rule`, which admits routers of model types that have no family file: a rule
+is accepted only when the executor reproduces the router's own ``forward`` bit for bit, in float32 and bfloat16.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
 from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_patches.spec import GroupLimit
 from model_patches.spec import RoutingRule
+from model_patches.spec import read_attribute
 
-ExpertSelector = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
-"""``selector(probs [N, E] float32, k) -> (chosen_probs [N, k], chosen_index [N, k] int64)``.
+ExpertSelector = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+"""``selector(selection [N, E], k[, ungrouped=...]) -> (values [N, k], indices [N, k] int64)``.
 
-``chosen_probs`` must be ``probs`` gathered at ``chosen_index``; renormalisation and the dtype cast are applied
-afterwards by the family's routing rule, exactly as the unpatched router does.
+``selection`` is exactly the vector the family's ``torch.topk`` runs over (scores + selection bias, experts of dropped
+groups masked); where the rule has a group limit the executor also passes ``ungrouped=`` (the same vector before the
+group mask) so that a constrained selector can look outside the kept groups.  ``values`` must be ``selection``
+gathered at ``indices``; the executor computes the weights from the unmasked scores afterwards.
 """
 
-def select_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vanilla top-k selection, the step every supported router performs."""
+
+def select_topk(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vanilla top-k selection, sorted (``torch.topk``'s default)."""
     return torch.topk(probs, k, dim=-1)
 
 
-def select_topk_unsorted(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vanilla top-k as DeepSeek-V2 calls it (``sorted=False``): same experts, the router's own order."""
+def select_topk_unsorted(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vanilla top-k as DeepSeek-V2 / V3 call it (``sorted=False``): same experts, the router's own order."""
     return torch.topk(probs, k, dim=-1, sorted=False)
 
 
@@ -38,6 +53,179 @@ def vanilla_selector(rule: RoutingRule) -> ExpertSelector:
     return select_topk if rule.sorted_topk else select_topk_unsorted
 
 
+@dataclass(frozen=True)
+class RouterSettings:
+    """A rule's per-instance values, read once from a router and its block (patch time, or a probe)."""
+
+    top_k: int
+    renormalize: bool
+    scaling: float | None = None
+    clamp_min: float | None = None
+    softcap: float | None = None
+    groups: int | None = None
+    kept_groups: int | None = None
+    group_limit: GroupLimit | None = None
+    weight_attr: str = "weight"
+
+
+def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | None, *, top_k: int,
+                    weight_attr: str = "weight") -> RouterSettings:
+    """Read the values ``rule`` names from ``router`` (and its sparse ``block``)."""
+
+    def number(path: str | None) -> float | None:
+        value = None if path is None else read_attribute(router, block, path)
+        return None if value is None else float(value)
+
+    limit = rule.active_group_limit(router, block)
+    groups = kept = None
+    if limit is not None:
+        groups = int(read_attribute(router, block, limit.groups))
+        kept = int(read_attribute(router, block, limit.kept_groups))
+    softcap = number(rule.softcap)
+    return RouterSettings(
+        top_k=top_k,
+        renormalize=rule.renormalizes(router, block),
+        scaling=number(rule.scaling),
+        clamp_min=number(rule.renormalize_min),
+        softcap=softcap if softcap and softcap > 0 else None,
+        groups=groups,
+        kept_groups=kept,
+        group_limit=limit,
+        weight_attr=weight_attr,
+    )
+
+
+def router_logits(rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Step 1 of the rule: the router's logits ``[N, E]`` from the flattened hidden states ``[N, H]``."""
+    weight = read_attribute(router, None, settings.weight_attr)
+    bias = read_attribute(router, None, rule.logit_bias) if rule.logit_bias else None
+    float32_weight = weight.dtype == torch.float32
+    if rule.logits_dtype == "float32" or (rule.logits_dtype == "float32_if_weight_is" and float32_weight):
+        hidden, weight = hidden.float(), weight.float()
+    elif rule.logits_dtype == "weight":
+        hidden = hidden.to(weight.dtype)
+    logits = F.linear(hidden, weight) if bias is None else F.linear(hidden, weight, bias)
+    if rule.logits_cast == "float32":
+        logits = logits.float()
+    if settings.softcap is not None:
+        logits = torch.tanh(logits / settings.softcap) * settings.softcap
+    return logits
+
+
+def scores_of(rule: RoutingRule, logits: torch.Tensor) -> torch.Tensor:
+    """Step 2: the score of every expert (softmax, sigmoid, or the logits themselves)."""
+    if rule.score == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=torch.float if rule.score_dtype == "float32" else logits.dtype)
+    if rule.score == "sigmoid":
+        return (logits.float() if rule.score_dtype == "float32" else logits).sigmoid()
+    return logits
+
+
+def group_mask(settings: RouterSettings, selection: torch.Tensor) -> torch.Tensor:
+    """The ``[N, E]`` boolean mask of the experts in each token's kept groups (the family's own computation)."""
+    limit = settings.group_limit
+    groups, per_group = settings.groups, selection.shape[-1] // settings.groups
+    grouped = selection.view(-1, groups, per_group)
+    if limit.score == "max":
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=settings.kept_groups, dim=-1, sorted=False)[1]
+    kept = torch.zeros_like(group_scores)
+    kept.scatter_(1, group_idx, 1)
+    return kept.unsqueeze(-1).expand(-1, groups, per_group).reshape(-1, selection.shape[-1]).bool()
+
+
+def selection_scores(
+    rule: RoutingRule, settings: RouterSettings, scores: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 3 before the top-k: ``(selection, ungrouped)`` — what the family's top-k runs over (bias added, dropped
+    groups masked) and, where there is a group limit, the same before the mask (``None`` otherwise)."""
+    selection = scores if bias is None else scores + bias.reshape(-1)
+    if settings.group_limit is None:
+        return selection, None
+    fill = float("-inf") if settings.group_limit.fill == "-inf" else 0.0
+    return selection.masked_fill(~group_mask(settings, selection), fill), selection
+
+
+def expert_weights(
+    rule: RoutingRule, settings: RouterSettings, logits: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor,
+    input_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Step 4: the weights of the chosen experts (``[N, k]``, or the dense ``[N, E]`` matrix of Llama 4)."""
+    if rule.weights_from == "sigmoid_of_chosen":
+        dense = torch.full_like(logits, float("-inf")).scatter_(1, indices, logits.gather(1, indices))
+        return torch.sigmoid(dense.float()).to(dense.dtype)
+    if rule.weights_from == "softmax_of_chosen":
+        weights = torch.softmax(logits.gather(1, indices), dim=-1)
+    else:
+        weights = scores.gather(1, indices)
+    if settings.renormalize:
+        if settings.clamp_min is not None:
+            weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=settings.clamp_min)
+        elif rule.renormalize_with == "l1_norm":
+            weights = weights / torch.norm(weights, p=1, dim=-1, keepdim=True)
+        elif rule.renormalize_epsilon:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + rule.renormalize_epsilon)
+        else:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    if settings.scaling is not None:
+        weights = weights * settings.scaling
+    if rule.weights_dtype == "logits":
+        weights = weights.to(logits.dtype)
+    elif rule.weights_dtype == "input":
+        weights = weights.to(input_dtype)
+    return weights
+
+
+def decide(
+    rule: RoutingRule, settings: RouterSettings, logits: torch.Tensor, *, input_dtype: torch.dtype,
+    selector: ExpertSelector | None = None, bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2–4 from the logits: ``(weights, indices [N, k])`` (weights ``[N, k]``, or ``[N, E]`` when dense)."""
+    scores = scores_of(rule, logits)
+    selection, ungrouped = selection_scores(rule, settings, scores, bias)
+    selector = vanilla_selector(rule) if selector is None else selector
+    if ungrouped is None:
+        _, indices = selector(selection, settings.top_k)
+    else:
+        _, indices = selector(selection, settings.top_k, ungrouped=ungrouped)
+    return expert_weights(rule, settings, logits, scores, indices, input_dtype), indices
+
+
+def execute(
+    rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden_states: torch.Tensor, *,
+    selector: ExpertSelector | None = None, bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The router's forward by ``rule``: ``(logits, weights, indices)``, or ``(dense weights, logits)`` (Llama 4).
+
+    ``bias`` is the selection bias (read by the caller from :attr:`RoutingRule.selection_bias` or the forward's
+    argument); ``selector=None`` is the family's own top-k.
+    """
+    weight = read_attribute(router, None, settings.weight_attr)
+    hidden = hidden_states.reshape(-1, weight.shape[-1])
+    if rule.no_autocast:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            logits = router_logits(rule, settings, router, hidden)
+            weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
+                                      bias=bias)
+    else:
+        logits = router_logits(rule, settings, router, hidden)
+        weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector, bias=bias)
+    if rule.dense_weights:
+        return weights, logits
+    return logits, weights, indices
+
+
+def selection_bias_of(rule: RoutingRule, router: nn.Module, block: nn.Module | None) -> torch.Tensor | None:
+    """The selection-bias tensor the rule names (``None`` when the rule has none)."""
+    if rule.selection_bias is None:
+        return None
+    value = read_attribute(router, block, rule.selection_bias)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+# ---------------------------------------------------------------------------------------------- the kind-A reference
 def route(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -49,92 +237,170 @@ def route(
     logits_dtype: str = "input",
     softmax_dtype: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference routing: logits → softmax over all experts → selection → optional renorm → cast.
-
-    Args:
-        hidden_states (`torch.Tensor` of shape `[N, H]`): flattened tokens fed to the router.
-        weight (`torch.Tensor` of shape `[E, H]`): the router weight.
-        top_k (`int`): experts per token.
-        renormalize (`bool`): divide the chosen probabilities by their sum.
-        weights_dtype (`str`): ``"logits"`` to cast the weights to the logits' dtype, ``"float32"`` to keep them.
-        selector (`ExpertSelector`, *optional*, defaults to `select_topk`): the selection step.
-        logits_dtype (`str`, *optional*, defaults to `"input"`): :attr:`RoutingRule.logits_dtype`.
-        softmax_dtype (`str`, *optional*, defaults to `"float32"`): :attr:`RoutingRule.softmax_dtype`.
-
-    Returns:
-        `(router_logits [N, E], top_k_weights [N, k], top_k_index [N, k])`, the transformers 5 router contract.
-    """
-    if logits_dtype == "float32" or (logits_dtype == "float32_if_weight_is" and weight.dtype == torch.float32):
-        hidden_states = hidden_states.float()
-        weight = weight.float()
-    router_logits = F.linear(hidden_states, weight)  # [N, E]
-    top_value, top_index = choose_experts(router_logits, top_k=top_k, renormalize=renormalize,
-                                          weights_dtype=weights_dtype, selector=selector, softmax_dtype=softmax_dtype)
-    return router_logits, top_value, top_index
+    """softmax → top-k routing from a bare ``[E, H]`` weight (the transformers 5 top-k router contract): the
+    executor with a kind-A rule.  Returns ``(router_logits [N, E], top_k_weights [N, k], top_k_index [N, k])``."""
+    rule = RoutingRule(renormalize=renormalize, weights_dtype=weights_dtype, logits_dtype=logits_dtype,
+                       score_dtype=softmax_dtype)
+    holder = _WeightHolder(weight)
+    return execute(rule, RouterSettings(top_k=top_k, renormalize=renormalize), holder, hidden_states,
+                   selector=selector)
 
 
-def choose_experts(
-    router_logits: torch.Tensor,
-    *,
-    top_k: int,
-    renormalize: bool,
-    weights_dtype: str,
-    selector: ExpertSelector = select_topk,
-    softmax_dtype: str = "float32",
-    renormalize_with: str = "sum",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rule's second half, from the logits ``[N, E]``: softmax → selection → optional renorm → cast.
+class _WeightHolder:
+    """Lets :func:`route` hand a bare weight tensor to :func:`execute` (which reads ``router.weight``)."""
 
-    Returns ``(top_k_weights [N, k], top_k_index [N, k])``.  ``renormalize_with="l1_norm"`` divides by
-    ``torch.norm(p=1)`` (DBRX) instead of the sum: the same value, computed the way the family computes it.
-    """
-    dtype = torch.float if softmax_dtype == "float32" else router_logits.dtype
-    router_probs = torch.softmax(router_logits, dim=-1, dtype=dtype)  # [N, E]
-    top_value, top_index = selector(router_probs, top_k)  # [N, k], [N, k]
-    if renormalize:
-        if renormalize_with == "l1_norm":
-            top_value = top_value / torch.norm(top_value, p=1, dim=-1, keepdim=True)
-        else:
-            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-    if weights_dtype == "logits":
-        top_value = top_value.to(router_logits.dtype)
-    return top_value, top_index
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
 
 
-def route_by_rule(
-    hidden_states: torch.Tensor, weight: torch.Tensor, rule: RoutingRule, *, top_k: int, renormalize: bool,
-    selector: ExpertSelector | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`route` with every dtype and ordering setting taken from the family's ``rule``; ``selector=None``: the
-    family's own (vanilla) selection."""
-    return route(
-        hidden_states,
-        weight,
-        top_k=top_k,
-        renormalize=renormalize,
-        weights_dtype=rule.weights_dtype,
-        selector=vanilla_selector(rule) if selector is None else selector,
-        logits_dtype=rule.logits_dtype,
-        softmax_dtype=rule.softmax_dtype,
-    )
-
-
+# ---------------------------------------------------------------------------------------------- the generic probe
+_PROBE_TOKENS = 24
+_PROBE_DTYPES = (torch.float32, torch.bfloat16)
 _PROBE_SCALES = (1.0, 1e-2)
-"""Input scales tried until the probe can tell renormalised from plain weights (a saturated router, whose top-k
-probabilities already sum to about 1, cannot show the difference; smaller inputs spread its probabilities)."""
 
 
+def probe_rule(
+    router: nn.Module, block: nn.Module | None, candidates: list[RoutingRule], *, top_k: int, weight_attr: str,
+    call: Callable[[nn.Module, Any, torch.Tensor], Any], logit_fields: list[dict] | None = None,
+) -> tuple[RoutingRule | None, str]:
+    """The first of ``candidates`` that reproduces ``router`` bit for bit, or ``(None, why the first failed)``.
+
+    ``call(router_copy, block_tensors, hidden)`` runs the router class's own forward (never an instance override)
+    the way its block calls it.  Each candidate runs through :func:`execute` on random tokens at two input scales, on
+    copies of the router in float32, bfloat16 and its own dtype (a rule right in one dtype only would break
+    bit-identity after
+    ``model.to(torch.bfloat16)``); logits, weights and indices must be equal, dtype included.  ``logit_fields``
+    (field dicts of the logit step) are tried first on the logits alone; the first that fits is set on every
+    candidate.
+    """
+    weight = read_attribute(router, None, weight_attr)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
+        return None, "router has no materialised 2-D logit weight (a partitioned ZeRO-3 router cannot be probed)"
+    if weight.device.type == "meta":
+        return None, "router weight is on the meta device"
+    copies = _probe_copies(router, block)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    base = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator)
+    runs, failure = [], None
+    for dtype, (router_copy, block_copy) in copies.items():
+        for scale in _PROBE_SCALES:
+            hidden = (base * scale).to(device=weight.device, dtype=dtype)
+            output = None
+            for shaped in (hidden, hidden.unsqueeze(0)):  # some routers take [tokens, H], others [batch, seq, H]
+                with torch.no_grad():
+                    try:
+                        output = call(router_copy, block_copy, shaped)
+                        break
+                    except Exception as error:  # another signature or a dtype the router does not run in
+                        failure = f"router forward failed on random {dtype} tokens: {error!r}"
+            if output is not None:
+                runs.append((router_copy, block_copy, shaped, output))
+    if not runs or all(run[2].dtype != weight.dtype for run in runs):  # it must at least run in its own dtype
+        return None, failure or "router forward failed on random tokens"
+    closest = "no candidate rule"
+    if logit_fields:  # stage 1: the logit fields, on the logits alone (a handful of runs instead of every rule)
+        first = candidates[0]
+        matching = [fields for fields in logit_fields if all(
+            _logits_equal(dataclasses.replace(first, **fields), r, b, h, o, top_k=top_k, weight_attr=weight_attr)
+            for r, b, h, o in runs)]
+        if not matching:
+            return None, "router's logits differ from F.linear of its weight in every dtype handling tried"
+        candidates = [dataclasses.replace(rule, **matching[0]) for rule in candidates]
+    for rule in candidates:
+        verdict = None
+        for router_copy, block_copy, hidden, output in runs:
+            verdict = _compare(rule, router_copy, block_copy, hidden, output, top_k=top_k, weight_attr=weight_attr)
+            if verdict is not None:
+                break
+        if verdict is None:
+            return rule, ""
+        closest = verdict if closest == "no candidate rule" else closest
+    return None, closest
+
+
+def _probe_copies(router: nn.Module, block: nn.Module | None) -> dict[torch.dtype, tuple[nn.Module, nn.Module | None]]:
+    """Detached copies of the router (and the block's own tensors) in each probe dtype; the model is never touched."""
+    found = {}
+    own = next((t.dtype for t in router.parameters() if t.is_floating_point()), torch.float32)
+    for dtype in dict.fromkeys((*_PROBE_DTYPES, own)):
+        router_copy = copy.deepcopy(router).to(dtype)
+        block_copy = None
+        if block is not None:
+            block_copy = _TensorsOf(block, dtype)
+        found[dtype] = (router_copy, block_copy)
+    return found
+
+
+class _TensorsOf:
+    """A block's own (non-module) parameters and buffers, copied into ``dtype``, and its plain attributes: what a
+    rule reads from the block (``^e_score_correction_bias``, ``^top_k``) without copying the experts."""
+
+    def __init__(self, block: nn.Module, dtype: torch.dtype) -> None:
+        for name, value in vars(block).items():
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        for name, tensor in list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False)):
+            value = tensor.detach().clone()
+            setattr(self, name, value.to(dtype) if value.is_floating_point() else value)
+
+
+def _compare(rule: RoutingRule, router: nn.Module, block: Any, hidden: torch.Tensor, output: Any, *, top_k: int,
+             weight_attr: str) -> str | None:
+    if not isinstance(output, tuple) or len(output) < 2:
+        return "router does not return a tuple"
+    settings = router_settings(rule, router, block, top_k=top_k, weight_attr=weight_attr)
+    bias = selection_bias_of(rule, router, block)
+    if rule.selection_bias is not None and bias is None:
+        return f"no selection bias at `{rule.selection_bias}`"
+    try:
+        with torch.no_grad():
+            expected = execute(rule, settings, router, hidden, bias=bias)
+    except Exception as error:  # a candidate that does not fit this router's attributes
+        return f"rule does not run on this router: {error!r}"
+    if rule.dense_weights:
+        got = output[:2]
+    else:
+        if len(output) < 3:
+            return "router does not return (logits, weights, indices)"
+        got = output[:3]
+    for name, mine, theirs in zip(("logits", "weights", "indices"), expected, got):
+        if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            return f"router's {name} have another shape or dtype than the rule's"
+        if not torch.equal(mine, theirs):
+            return f"router's {name} differ from the rule's"
+    return None
+
+
+def _logits_equal(rule: RoutingRule, router: nn.Module, block: Any, hidden: torch.Tensor, output: Any, *, top_k: int,
+                  weight_attr: str) -> bool:
+    if not isinstance(output, tuple) or len(output) < 2:
+        return False
+    theirs = output[1] if rule.dense_weights else output[0]
+    try:
+        settings = router_settings(rule, router, block, top_k=top_k, weight_attr=weight_attr)
+        weight = read_attribute(router, None, weight_attr)
+        with torch.no_grad():
+            mine = router_logits(rule, settings, router, hidden.reshape(-1, weight.shape[-1]))
+    except Exception:  # a candidate that does not fit this router's attributes
+        return False
+    return isinstance(theirs, torch.Tensor) and mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+
+
+def rule_candidates(base: RoutingRule, **choices: tuple) -> Iterator[RoutingRule]:
+    """Every rule obtained from ``base`` by setting each field in ``choices`` to one of its values, in order."""
+    names = list(choices)
+    for values in itertools.product(*(choices[name] for name in names)):
+        yield dataclasses.replace(base, **dict(zip(names, values)))
+
+
+# ---------------------------------------------------------------------------- the kind-A probe (generic structure)
 def probe_router(
     router: nn.Module, *, top_k: int, hidden_dim: int, renormalize: bool, tokens: int = 16
 ) -> str | None:
-    """Check that ``router`` follows the softmax → top-k contract; return a problem description or ``None``.
-
-    Runs the router class's own ``forward`` on a few random tokens (no gradient, no hooks, ignoring any instance
-    override such as a routing patch) and compares, in float64 from the router's own logits, with the chosen
-    probabilities both plain and renormalised.  The router is accepted only when its weights match the variant its
-    declaration (``renormalize``) names within a few ulps of the weights' dtype **and** differ from the other variant
-    by more than that: softmax over the k chosen logits equals the renormalised top-k probabilities exactly, so a
-    router doing that while declaring no renormalisation is refused, never confused.
+    """Check that ``router`` follows the softmax → top-k contract declaring ``renormalize``; return a problem or
+    ``None``.  Kept for the plain ``(logits, weights, indices)`` routers: the renormalised and plain variants are
+    told apart in float64 from the router's own logits, never confused (softmax over the k chosen logits equals the
+    renormalised top-k probabilities exactly, so a router doing that while declaring no renormalisation is refused).
     """
     weight = getattr(router, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:

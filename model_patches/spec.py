@@ -33,53 +33,143 @@ class RouterOutput:
 
     scores: int | str = 0
     """Per-expert scores ``[N, E]`` of every token."""
-    scores_are: Literal["logits", "probabilities", "topk_probabilities"] = "logits"
-    """``"logits"``: router probabilities are their float softmax; ``"probabilities"``: already softmaxed;
-    ``"topk_probabilities"``: ``scores`` are the ``[N, k]`` probabilities of the chosen experts only (LLaMA-MoE's
-    softmax over the k chosen logits) and every other expert has probability 0."""
+    scores_are: Literal["logits", "sigmoid_logits", "probabilities", "topk_probabilities"] = "logits"
+    """``"logits"``: router probabilities are their float softmax; ``"sigmoid_logits"``: each expert's score is the
+    sigmoid of its logit (DeepSeek-V3, MiniMax-M2: the statistics' probability sums add those scores);
+    ``"probabilities"``: already softmaxed; ``"topk_probabilities"``: ``scores`` are the ``[N, k]`` probabilities of
+    the chosen experts only (LLaMA-MoE's softmax over the k chosen logits) and every other expert has probability 0."""
     weights: int | str = 1
-    indices: int | str = 2
+    indices: int | str | None = 2
+    """Where the chosen experts ``[N, k]`` are; ``None``: the router hands its experts a dense ``[N, E]`` weight
+    matrix at :attr:`weights` (Llama 4, 0 for experts not chosen) and the choice is its ``k`` largest entries."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupLimit:
+    """A router's group limit (DeepSeek-V3's ``n_group`` / ``topk_group``): experts are split into ``G`` equal,
+    contiguous groups, each group is scored, only the ``kept`` best groups may be chosen from.
+
+    DeepSeek-V3 / GLM-4.5 / Kimi-K2: a group's score is the sum of its 2 best *biased* selection scores, the other
+    groups' scores are masked to ``-inf`` (``score="top2_sum"``, ``fill="-inf"``); DeepSeek-V2's
+    ``group_limited_greedy``: the group's best probability, the others set to ``0.0``.
+    """
+
+    groups: str
+    """Path of ``G`` (router attribute, ``"^name"`` on the block): ``"num_group"`` / ``"n_group"``."""
+    kept_groups: str
+    """Path of the number of groups kept: ``"topk_group"``."""
+    score: Literal["top2_sum", "max"] = "top2_sum"
+    """How a group is scored from its experts' selection scores."""
+    fill: Literal["-inf", "0"] = "-inf"
+    """What the experts of the dropped groups get before the top-k."""
+    when: tuple[str, object] | None = None
+    """``(path, value)``: the limit applies only while that attribute equals ``value`` (DeepSeek-V2's
+    ``topk_method == "group_limited_greedy"``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class RoutingRule:
-    """How a router turns logits into the k expert weights.
+    """The whole routing decision of a router, declared once and run by :func:`model_patches.routing_rule.execute`.
 
-    The rule is always: logits = hidden · Wᵀ (in the dtype :attr:`logits_dtype` says); probabilities = softmax over
-    all ``E`` experts (in :attr:`softmax_dtype`); choose ``k`` experts (the selection step, which
-    :mod:`moepatch.routing.seam` lets a feature replace); weights = the chosen probabilities, divided by their sum when
-    ``renormalize`` holds; cast to ``weights_dtype``.
+    In order (each step exactly as the family computes it, so that the executor is bit-identical to the router):
+
+    1. **logits** = ``F.linear(hidden, W, b)``: inputs cast per :attr:`logits_dtype`, the linear bias at
+       :attr:`logit_bias` (gpt-oss), the result cast per :attr:`logits_cast`, soft-capped per :attr:`softcap`;
+    2. **scores** = :attr:`score` of the logits over all ``E`` experts (softmax, sigmoid, or the logits themselves)
+       in :attr:`score_dtype`;
+    3. **selection**: the selection score = scores + the selection bias at :attr:`selection_bias` (DeepSeek-V3's
+       ``e_score_correction_bias``); the :attr:`group_limit` masks the experts of dropped groups; ``torch.topk`` over
+       what is left (:attr:`sorted_topk`) picks ``k`` experts — the one step a feature may replace
+       (:mod:`moepatch.routing.seam`);
+    4. **weights** of the chosen experts, from the *unbiased* scores (:attr:`weights_from`), renormalised per
+       :attr:`renormalize` (with :attr:`renormalize_epsilon` / :attr:`renormalize_min`), multiplied by the
+       :attr:`scaling` factor, cast to :attr:`weights_dtype`; Llama 4 hands its experts a dense ``[N, E]`` matrix
+       (:attr:`dense_weights`).
     """
 
+    # 1. logits
+    logits_dtype: Literal["input", "float32", "float32_if_weight_is", "weight"] = "input"
+    """``"input"``: ``F.linear(hidden, W)`` as given; ``"float32"``: both cast to float32 first (DeepSeek-V2 / V3);
+    ``"float32_if_weight_is"``: the hidden states are cast to float32 when ``W`` is float32 (HunYuan-MoE's float32
+    ``wg``); ``"weight"``: the hidden states cast to ``W``'s dtype (MiniMax-M2)."""
+    logit_bias: str | None = None
+    """Router-relative path of a bias the router's linear adds to its logits (gpt-oss ``bias``): part of the
+    logits, so also of every score."""
+    logits_cast: Literal["none", "float32"] = "none"
+    """A cast of the linear's output (GraniteMoE's ``.float()``, AfMoE's ``.to(torch.float32)``)."""
+    softcap: str | None = None
+    """Path of a logit soft-capping value ``c`` (``tanh(logits / c) · c`` when ``c > 0``; Laguna)."""
+
+    # 2. scores
+    score: Literal["softmax", "sigmoid", "logits"] = "softmax"
+    """The function over all experts' logits the selection and the weights start from; ``"logits"``: none (top-k of
+    the logits: gpt-oss, GraniteMoE, Aria, Llama 4)."""
+    score_dtype: Literal["float32", "logits"] = "float32"
+    """Dtype the score function runs in: float32 (``softmax(..., dtype=float)`` / ``sigmoid(logits.float())``) or the
+    logits' own dtype (DBRX's softmax, a float32 router's sigmoid)."""
+
+    # 3. selection
+    selection_bias: str | None = None
+    """Path of the selection bias added to the scores before the top-k only (router attribute, ``"^name"`` on the
+    block: DeepSeek-V3 ``e_score_correction_bias``, ERNIE ``moe_statics.e_score_correction_bias``, MiniMax-M2
+    ``^e_score_correction_bias``); the weights never see it."""
+    selection_bias_argument: int | None = None
+    """Position (after the hidden states) of the bias when the block passes it to the router's ``forward``
+    (MiniMax-M2's ``gate(hidden, self.e_score_correction_bias)``): the patched forward takes it from there."""
+    group_limit: GroupLimit | None = None
+    sorted_topk: bool = True
+    """Whether the family's ``torch.topk`` sorts (DeepSeek-V2 / V3 pass ``sorted=False``): the vanilla selector
+    makes the same call, so the patched router is bit-identical, order included."""
+
+    # 4. weights
+    weights_from: Literal["scores", "softmax_of_chosen", "sigmoid_of_chosen"] = "scores"
+    """``"scores"``: the chosen experts' unbiased scores (gathered); ``"softmax_of_chosen"``: softmax over the ``k``
+    chosen logits, in their dtype (gpt-oss, GraniteMoE, Aria); ``"sigmoid_of_chosen"``: sigmoid of the chosen logits
+    in float32, cast back (Llama 4)."""
     renormalize: bool | str = False
     """``True`` / ``False``, or the path of a router attribute (``"norm_topk_prob"``; ``"^name"`` reads the sparse
     block) read per instance; its truth value says whether the k weights are renormalised."""
-
-    weights_dtype: Literal["logits", "float32"] = "logits"
-    """``"logits"``: weights cast back to the logits' dtype (Qwen2-MoE); ``"float32"``: kept in float32 (Mixtral)."""
-
-    logits_dtype: Literal["input", "float32", "float32_if_weight_is"] = "input"
-    """``"input"``: ``F.linear(hidden, W)`` as given; ``"float32"``: both cast to float32 first (DeepSeek-V2);
-    ``"float32_if_weight_is"``: the hidden states are cast to float32 when ``W`` is float32 (HunYuan-MoE's float32
-    ``wg``)."""
-
-    softmax_dtype: Literal["float32", "logits"] = "float32"
-    """Dtype of the softmax: float32 (every transformers 5 top-k router) or the logits' own dtype (DBRX)."""
-
     renormalize_with: Literal["sum", "l1_norm"] = "sum"
-    """How the k weights are renormalised: divided by their ``sum`` (every transformers 5 top-k router) or by
-    ``torch.norm(p=1)`` (DBRX's ``moe_normalize_expert_weights=1``): the same value, called the family's way so that
-    the override stays bit-identical."""
-
-    sorted_topk: bool = True
-    """Whether the family's ``torch.topk`` returns the k experts sorted by probability (DeepSeek-V2 passes
-    ``sorted=False``): the vanilla selector must make the same call for the router's output to be bit-identical."""
+    """Divided by their ``sum`` or by ``torch.norm(p=1)`` (DBRX's ``moe_normalize_expert_weights=1``): the same
+    value, called the family's way so that the override stays bit-identical."""
+    renormalize_epsilon: float = 0.0
+    """Added to the sum before dividing (DeepSeek-V3: ``1e-20``)."""
+    renormalize_min: str | None = None
+    """Path of a lower clamp of the sum (ERNIE's ``norm_min``): ``w / clamp(sum, min=norm_min)``."""
+    scaling: str | None = None
+    """Path of the factor the weights are multiplied by (``routed_scaling_factor``); ``None``: no multiplication."""
+    weights_dtype: Literal["logits", "float32", "input"] = "logits"
+    """``"logits"``: cast to the logits' dtype (Qwen2-MoE); ``"float32"``: kept (Mixtral); ``"input"``: cast to the
+    hidden states' dtype (ERNIE, GraniteMoE)."""
+    no_autocast: bool = False
+    """The router runs with autocast disabled (ERNIE's ``maybe_autocast(enabled=False)``): so does the executor."""
+    dense_weights: bool = False
+    """The router returns ``(weights [N, E], logits)``, weight 0 for experts not chosen (Llama 4), not
+    ``(logits, weights [N, k], indices [N, k])``."""
 
     def renormalizes(self, router: nn.Module, block: nn.Module | None = None) -> bool:
         """Whether ``router`` (inside sparse block ``block``) renormalises its top-k weights."""
         if isinstance(self.renormalize, str):
             return bool(read_attribute(router, block, self.renormalize))
         return self.renormalize
+
+    def active_group_limit(self, router: nn.Module, block: nn.Module | None = None) -> GroupLimit | None:
+        """:attr:`group_limit` when it applies to this router instance (see :attr:`GroupLimit.when`)."""
+        limit = self.group_limit
+        if limit is None or limit.when is None:
+            return limit
+        path, value = limit.when
+        return limit if read_attribute(router, block, path) == value else None
+
+    @property
+    def selects_on(self) -> str:
+        """What the top-k runs over, in words (for messages and ``inspect``)."""
+        what = {"softmax": "softmax probabilities", "sigmoid": "sigmoid scores", "logits": "logits"}[self.score]
+        if self.selection_bias:
+            what += " + selection bias"
+        if self.group_limit is not None:
+            what += " within the kept groups"
+        return what
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +223,10 @@ def read_attribute(router: nn.Module, block: nn.Module | None, path: str) -> obj
     if path.startswith("^"):
         value, path = block, path[1:]
     for part in path.split("."):
-        value = getattr(value, part, _MISSING)
+        if part.isdigit() and isinstance(value, (tuple, list)):  # "weight.shape.0": E from the router's weight
+            value = value[int(part)] if int(part) < len(value) else _MISSING
+        else:
+            value = getattr(value, part, _MISSING)
         if value is _MISSING:
             return None
     return value
@@ -232,6 +325,16 @@ class FamilySpec:
     gate_substring_note: str = ""
     """What the ``freeze_gate="gate_substring"`` rule (Dynamic Data Mixing, Zhu et al., 2024) freezes in this
     family, for docs and ``inspect``."""
+
+    routing_problem: str | None = None
+    """Set by a structural fallback whose probe found no exact rule: the structure is usable, the rule is not."""
+    structural: bool = False
+    """A fallback that reads its attribute names from the model (:meth:`specialise`) instead of declaring them."""
+
+    def specialise(self, model: nn.Module, *, verify: bool = True) -> FamilySpec | str:
+        """A structural fallback's family for ``model`` (attribute names and rule read from it), or why it does not
+        fit.  Declared families are already specific."""
+        return self
 
     def is_sparse_block(self, module: nn.Module) -> bool:
         """True when ``module`` is this family's sparse block (exact class-name match through the MRO)."""

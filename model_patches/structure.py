@@ -49,6 +49,17 @@ class MoEModel:
     num_experts: int
     top_k: int
     renormalize: bool
+    routing_problem: str | None = None
+    """Why the family's :class:`~model_patches.spec.RoutingRule` does not describe these routers (a setting it does not
+    cover, a probe that found no exact rule, a hashed or MLP router), or ``None``.  Features that only need *where*
+    the routers and experts are (freezing, statistics, LoRA experts, task experts, data mixing, loading) work either
+    way; those that re-run the rule (C2R, the balance loss on the actual choice, the bias update) refuse with it."""
+
+    def require_routing_rule(self, field: str) -> None:
+        """``ValueError`` naming ``field`` when the routing rule is not known exactly (:attr:`routing_problem`)."""
+        if self.routing_problem is not None:
+            raise ValueError(f"{field}: needs the exact routing rule of the model's routers, and moepatch does not "
+                             f"have it for {type(self.inner).__name__} ({self.family.name}): {self.routing_problem}")
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -158,7 +169,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _decoder_of(model: nn.Module, spec: FamilySpec) -> nn.Module | None:
     base = getattr(model, "base_model", model)
-    for candidate in (base, model):
+    for candidate in (base, model, getattr(model, "model", None)):  # Llama4ForCausalLM: base_model is itself
         if isinstance(getattr(candidate, spec.layers_attr, None), nn.ModuleList):
             return candidate
     return None
@@ -204,16 +215,20 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
         return (f"layer {first.index}: router chooses top-{top_k} of {num_experts} experts; expected "
                 f"1 <= top-k <= experts (check the config's expert count and experts per token)")
     renormalize = spec.routing.renormalizes(first.router, first.block)
+    routing_problem = spec.routing_problem
     for layer in moe_layers:
         if (router_int(layer, spec.num_experts_attr), router_int(layer, spec.top_k_attr)) != (num_experts, top_k):
             return f"layer {layer.index}: expert count or top-k differs from layer {first.index}"
+        if routing_problem is not None:
+            continue
         if spec.routing.renormalizes(layer.router, layer.block) != renormalize:
-            return f"layer {layer.index}: renormalisation differs from layer {first.index}"
+            routing_problem = f"layer {layer.index}: renormalisation differs from layer {first.index}"
+            continue
         problem = spec.requirement_problem(layer.router, layer.block)
         if problem is None and verify:
             problem = spec.check_router(layer.router, layer.block, top_k=top_k)
         if problem is not None:
-            return f"layer {layer.index}: {problem}"
+            routing_problem = f"layer {layer.index}: {problem}"
     return MoEModel(
         family=spec,
         root=root,
@@ -225,6 +240,7 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
         num_experts=num_experts,
         top_k=top_k,
         renormalize=renormalize,
+        routing_problem=routing_problem,
     )
 
 
@@ -251,6 +267,12 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
         candidates = [claimed] if claimed is not None else registry.fallback_families()
     reasons = []
     for spec in candidates:
+        if spec.structural:  # a fallback reads the attribute names (and probes the rule) of this very model
+            specialised = spec.specialise(inner, verify=verify)
+            if isinstance(specialised, str):
+                reasons.append(f"{spec.name}: {specialised}")
+                continue
+            spec = specialised
         result = _try_family(inner, model, spec, verify)
         if isinstance(result, MoEModel):
             return result

@@ -1,6 +1,6 @@
 """C2R routing: the top-1 expert is chosen freely, the other k-1 among the first ``top_t`` entries of its list.
 
-Faithful to the official Qwen rule of C2R (Zhang et al., NAACL 2025) for every family with a softmax → top-k router,
+Faithful to the official Qwen rule of C2R (Zhang et al., NAACL 2025), on every router kind moepatch executes,
 written once against the routing patch point (:mod:`moepatch.routing.seam`): only the selection step changes, so each
 family keeps its own weight semantics (Qwen2-MoE: global softmax probabilities, renormalised only when
 ``norm_topk_prob``; Mixtral: renormalised over the k chosen).  The official code's defects are fixed here:
@@ -66,7 +66,7 @@ def allowed_table(candidates: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def _masked_topk(
-    scores: torch.Tensor, m: int, allowed: torch.Tensor, selected: int
+    scores: torch.Tensor, m: int, allowed: torch.Tensor, selected: int, *, sorted: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The family's own ``torch.topk(scores, m, dim=-1)``, over the scores of the allowed experts only.
 
@@ -93,27 +93,53 @@ def _masked_topk(
     """
     top1 = scores.argmax(dim=-1, keepdim=True)  # [N, 1]
     masked = scores.masked_fill(~allowed[top1.squeeze(1)], float("-inf"))  # [N, E], expert-index order
-    _, indices = torch.topk(masked, m, dim=-1)  # [N, m]: the family's call, the family's tie order
+    _, indices = torch.topk(masked, m, dim=-1, sorted=sorted)  # [N, m]: the family's call, the family's tie order
     lost = (indices[:, :selected] != top1).all(dim=-1, keepdim=True) & ~allowed.all(dim=-1)[top1]  # [N, 1]
     indices = torch.where(lost, torch.cat([top1, indices[:, :-1]], dim=1), indices)  # [N, m]
     return scores.gather(1, indices), indices
 
 
-def constrained_topk(probs: torch.Tensor, k: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """C2R selection on router probabilities (the official Qwen rule), with the family's own tie-breaking.
+def constrained_topk(
+    probs: torch.Tensor, k: int, allowed: torch.Tensor, *, sorted: bool = True, ungrouped: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C2R selection on the family's selection scores (the official Qwen rule), with the family's own tie-breaking.
 
     Args:
-        probs (`torch.Tensor` of shape `[N, E]`): router probabilities, as the family's selection receives them
-            (float32 for the transformers 5 routers, the activation dtype for MoLM).
+        probs (`torch.Tensor` of shape `[N, E]`): what the family's top-k runs over — probabilities (Qwen, Mixtral),
+            sigmoid scores plus the selection bias (DeepSeek-V3), logits (gpt-oss, Llama 4) — with the experts of
+            groups the group limit dropped already masked.
         k (`int`): experts per token.
         allowed (`torch.Tensor` of shape `[E, E]`, bool): :func:`allowed_table` of the layer.
+        sorted (`bool`, *optional*, defaults to `True`): the family's ``torch.topk(sorted=...)``.
+        ungrouped (`torch.Tensor` of shape `[N, E]`, *optional*): the same scores before the group limit's mask,
+            given when the router has one.
 
     Returns:
-        `(values [N, k], indices [N, k])`: the top-1 expert (``argmax``) and the k-1 most probable of its first
-        ``top_t`` collaborators, best first, chosen by the family's ``torch.topk(…, k, dim=-1)`` on the masked
-        probabilities (see :func:`_masked_topk`); ``top_t = E - 1`` is vanilla top-k bit for bit.
+        `(values [N, k], indices [N, k])`: the top-1 expert (the family's own first choice, ``argmax`` of ``probs``)
+        and the k-1 best of its first ``top_t`` collaborators, chosen by the family's ``torch.topk(…, k, dim=-1)`` on
+        the masked scores (see :func:`_masked_topk`); ``top_t = E - 1`` is vanilla top-k bit for bit.  Where the
+        group limit leaves fewer than ``k`` allowed experts in the kept groups, the token takes all of those and then
+        the best allowed experts outside them (by ``ungrouped``): C2R overrides the group limit for that token, and
+        the chosen set is still inside the allowed set and holds the first choice.
     """
-    return _masked_topk(probs, k, allowed, selected=k)
+    values, indices = _masked_topk(probs, k, allowed, selected=k, sorted=sorted)
+    if ungrouped is None:
+        return values, indices
+    top1 = probs.argmax(dim=-1)  # [N]
+    kept = probs == ungrouped  # [N, E]: the group limit replaced the dropped groups' scores
+    row_allowed = allowed[top1]  # [N, E]
+    inside_allowed = row_allowed & kept
+    inside = inside_allowed.sum(dim=-1, keepdim=True)  # [N, 1]
+    short = inside < k  # [N, 1] tokens the group limit leaves too few allowed experts
+    if not bool(short.any()):
+        return values, indices
+    best_inside = torch.topk(ungrouped.masked_fill(~inside_allowed, float("-inf")), k, dim=-1).indices
+    best_outside = torch.topk(ungrouped.masked_fill(~(row_allowed & ~kept), float("-inf")), k, dim=-1).indices
+    column = torch.arange(k, device=probs.device).expand_as(best_inside)  # [N, k]
+    from_outside = best_outside.gather(1, (column - inside).clamp(min=0))
+    filled = torch.where(column < inside, best_inside, from_outside)
+    indices = torch.where(short, filled, indices)
+    return probs.gather(1, indices), indices
 
 
 def constrained_top_k_plus_one(
@@ -239,6 +265,7 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
         ValueError: naming the field, the layer and the expert of the first problem.
     """
     prefix = config.field_prefix
+    model.require_routing_rule(f"{prefix}top_t")
     kind = model.family.selection_kind
     _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t", kind)
     for layer in model.layers:
@@ -272,8 +299,10 @@ def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..
 
         return select_plus_one
 
-    def select(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER))
+    sorted_topk = model.family.routing.sorted_topk
+
+    def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk, ungrouped=ungrouped)
 
     return select
 

@@ -127,7 +127,8 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
     """
     coef_attr = model.family.aux_loss_coef_attr
     causal_lm = model.inner
-    if coef_attr is None or not hasattr(causal_lm, coef_attr) or model.family.router_output.scores_are != "logits":
+    scores_are = model.family.router_output.scores_are
+    if coef_attr is None or not hasattr(causal_lm, coef_attr) or scores_are not in ("logits", "sigmoid_logits"):
         return False
     original = causal_lm.forward
     signature = inspect.signature(original)

@@ -208,6 +208,8 @@ class RoutingRecorder:
             indices = torch.stack([r[2] for r in records])  # [P, N, k]
             if self._scores_are == "logits":
                 probs = torch.softmax(logits, dim=-1, dtype=dtype)  # [P, N, E]
+            elif self._scores_are == "sigmoid_logits":
+                probs = torch.sigmoid(logits.to(dtype))  # [P, N, E] each expert's own score
             elif self._scores_are == "topk_probabilities":  # [P, N, k] probabilities of the chosen experts only
                 probs = torch.zeros(*indices.shape[:2], self.num_experts, dtype=dtype, device=device)
                 probs.scatter_(2, indices, logits.to(dtype))  # [P, N, E], 0 for experts not chosen

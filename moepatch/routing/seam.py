@@ -21,17 +21,21 @@ import importlib
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
 from model_patches.routing_rule import ExpertSelector
-from model_patches.routing_rule import choose_experts
+from model_patches.routing_rule import RouterSettings
+from model_patches.routing_rule import decide
+from model_patches.routing_rule import execute
 from model_patches.routing_rule import route
+from model_patches.routing_rule import router_settings
 from model_patches.routing_rule import select_topk
+from model_patches.routing_rule import selection_bias_of
 from model_patches.routing_rule import vanilla_selector
 from model_patches.spec import RoutingRule
-from model_patches.spec import read_attribute
 
 if TYPE_CHECKING:
     from model_patches.spec import FamilySpec
@@ -42,53 +46,49 @@ if TYPE_CHECKING:
 SelectorFactory = Callable[["MoELayer"], ExpertSelector]
 """Builds the selection step of one MoE layer (C2R needs the layer's own collaboration table)."""
 
-__all__ = ["ExpertSelector", "SelectorFactory", "block_selection", "override_selection", "route", "routed_forward",
-           "seam_donor", "select_topk", "selection_seam_problem", "vanilla_selector"]
+__all__ = ["ExpertSelector", "SelectorFactory", "block_selection", "layer_settings", "override_selection", "route",
+           "routed_forward", "seam_donor", "select_topk", "selection_seam_problem", "vanilla_selector"]
+
 
 def routed_forward(
-    router: nn.Module, *, top_k: int, hidden_dim: int, renormalize: bool, weights_dtype: str, selector: ExpertSelector,
-    rule: RoutingRule | None = None, weight_attr: str = "weight",
-) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """A replacement ``forward`` for one router instance, keeping the original's signature ``(hidden_states)``.
+    router: nn.Module, block: nn.Module | None, rule: RoutingRule, settings: RouterSettings, selector: ExpertSelector,
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """A replacement ``forward`` for one router instance: the family's rule run by
+    :func:`model_patches.routing_rule.execute` with ``selector`` choosing.
 
-    ``rule`` supplies the family's logits / softmax dtypes (default: the transformers 5 top-k router's); the logit
-    weight is read at call time from the family's ``router_weight_attr`` path ``weight_attr`` (it follows ``.to()``).
+    Keeps the router's call signature: ``(hidden_states)``, or ``(hidden_states, selection_bias)`` where the block
+    passes the bias (:attr:`RoutingRule.selection_bias_argument`).  The logit weight and the selection bias are read at
+    call time (they follow ``.to()`` and a bias update).
     """
-    rule = rule or RoutingRule(weights_dtype=weights_dtype)
 
-    def forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return route(
-            hidden_states.reshape(-1, hidden_dim),
-            read_attribute(self, None, weight_attr),
-            top_k=top_k,
-            renormalize=renormalize,
-            weights_dtype=weights_dtype,
-            selector=selector,
-            logits_dtype=rule.logits_dtype,
-            softmax_dtype=rule.softmax_dtype,
-        )
+    def forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        position = rule.selection_bias_argument
+        if position is not None and len(args) >= position:
+            bias = args[position - 1]
+        else:
+            bias = selection_bias_of(rule, self, block)
+        return execute(rule, settings, self, hidden_states, selector=selector, bias=bias)
 
     return types.MethodType(forward, router)
 
 
 def block_selection(
-    block: nn.Module, *, top_k: int, renormalize: bool, rule: RoutingRule, selector: ExpertSelector
+    block: nn.Module, rule: RoutingRule, settings: RouterSettings, selector: ExpertSelector
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """A replacement for the sparse block's own selection method (:class:`~model_patches.spec.BlockSelection`):
     ``(router_logits [N, E]) -> (weights [N, k], indices [N, k])`` by the family's rule, with ``selector`` choosing."""
 
     def choose(self: nn.Module, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return choose_experts(
-            router_logits,
-            top_k=top_k,
-            renormalize=renormalize,
-            weights_dtype=rule.weights_dtype,
-            selector=selector,
-            softmax_dtype=rule.softmax_dtype,
-            renormalize_with=rule.renormalize_with,
-        )
+        return decide(rule, settings, router_logits, input_dtype=router_logits.dtype, selector=selector)
 
     return types.MethodType(choose, block)
+
+
+def layer_settings(model: MoEModel, layer: MoELayer) -> RouterSettings:
+    """The family's rule values of one layer's router (read at patch time)."""
+    spec = model.family
+    return router_settings(spec.routing, layer.router, layer.block, top_k=model.top_k,
+                           weight_attr=spec.router_weight_attr)
 
 
 def override_selection(
@@ -106,8 +106,7 @@ def override_selection(
     for layer in chosen:
         router = layer.router
         if spec.selection_in_block is not None:  # the block chooses from the router's logits: replace its method
-            method = block_selection(layer.block, top_k=model.top_k, renormalize=model.renormalize,
-                                     rule=spec.routing, selector=selector_for(layer))
+            method = block_selection(layer.block, spec.routing, layer_settings(model, layer), selector_for(layer))
             undo.set_attribute(layer.block, spec.selection_in_block.method, method)
             patched.append(f"{layer.name}.{spec.router_attr}")
             continue
@@ -121,16 +120,7 @@ def override_selection(
             undo.set_attribute(router, spec.selection_method, selector_for(layer))
             patched.append(f"{layer.name}.{spec.router_attr}")
             continue
-        forward = routed_forward(
-            router,
-            top_k=model.top_k,
-            hidden_dim=int(read_attribute(router, layer.block, spec.hidden_dim_attr)),
-            renormalize=model.renormalize,
-            weights_dtype=spec.routing.weights_dtype,
-            selector=selector_for(layer),
-            rule=spec.routing,
-            weight_attr=spec.router_weight_attr,
-        )
+        forward = routed_forward(router, layer.block, spec.routing, layer_settings(model, layer), selector_for(layer))
         undo.set_attribute(router, "forward", forward)
         patched.append(f"{layer.name}.{spec.router_attr}")
     return patched

@@ -35,9 +35,14 @@ def tap_routing(model: MoEModel, layer: MoELayer, reader: RoutingReader) -> list
     selection = model.family.selection_in_block
     if selection is None:
         layout = model.family.router_output
+        top_k = model.top_k
 
         def read_router(module: nn.Module, args: tuple, output: Any) -> None:
-            reader(output[layout.scores], output[layout.indices])
+            if layout.indices is None:  # a dense [N, E] weight matrix (Llama 4): the choice is its k largest entries
+                chosen = torch.topk(output[layout.weights].detach(), top_k, dim=-1).indices
+            else:
+                chosen = output[layout.indices]
+            reader(output[layout.scores], chosen)
 
         return [layer.router.register_forward_hook(read_router)]
 

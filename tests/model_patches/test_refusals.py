@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import moepatch
 from model_patches.routing_rule import probe_router
 from model_patches.structure import describe
 from moepatch.errors import UnsupportedModelError
@@ -18,12 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from family_survey import tiny_instance  # noqa: E402  (the survey's shrunk config defaults)
 
 REFUSED = {
-    "gpt_oss": ("router adds a bias \\(`bias`\\)", "top-k of logits then softmax over the k"),
-    "deepseek_v3": ("router adds a bias \\(`e_score_correction_bias`\\)", "grouped top-k"),
-    "llama4_text": ("router scores experts with sigmoid",),
-    "granitemoe": ("top-k of logits then softmax over the k", "router has no `norm_topk_prob`"),
+    "jetmoe": ("experts at `model.layers.0.mlp.input_linear` but no router module",),
+    "zaya": ("ZayaRouter",),
 }
-"""Representative refused model types and the phrases their refusal must contain (from each modeling file)."""
+"""Model types still refused (no `experts` beside a `gate` / `router` with an [E, H] weight) and the phrases their
+refusal must contain."""
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
@@ -32,22 +32,42 @@ def test_refused_model_types_name_their_reason(model_type):
     with pytest.raises(UnsupportedModelError) as refusal:
         describe(model)
     message = str(refusal.value)
-    assert "no sparse MoE block" not in message.split("generic_topk:")[0]
     for phrase in REFUSED[model_type]:
         assert pytest.importorskip("re").search(phrase, message), (phrase, message)
 
 
-@pytest.mark.parametrize(("overrides", "phrase"), [
-    ({"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
-     "topk_method='group_limited_greedy': only the greedy top-k"),
-    ({"routed_scaling_factor": 16.0}, "routed_scaling_factor=16.0: the top-k weights are multiplied by 16.0"),
+def test_hashed_router_keeps_the_structure_and_refuses_the_rule():
+    """DeepSeek-V4's hashed layers choose by token id: freezing / statistics see the structure, C2R is refused."""
+    model = tiny_instance("deepseek_v4")
+    moe = describe(model)
+    assert moe.routing_problem is not None and "DeepseekV4HashRouter" in moe.routing_problem
+    with pytest.raises(ValueError, match="c2r.top_t: needs the exact routing rule .*DeepseekV4HashRouter"):
+        moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": [None] * moe.num_layers}})
+
+
+def test_phimoe_sparsemixer_refuses_c2r_by_name():
+    model = tiny_instance("phimoe")
+    moe = describe(model)
+    assert "sparsemixer" in moe.routing_problem
+    with pytest.raises(ValueError, match="c2r.top_t: .*sparsemixer"):
+        moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": [None] * moe.num_layers}})
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc': the router chooses with another method"),
+    ({"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, None),
+    ({"routed_scaling_factor": 16.0}, None),
 ])
-def test_deepseek_v2_settings_other_than_v2_lite_are_refused_by_name(overrides, phrase):
+def test_deepseek_v2_settings_are_read_not_refused(overrides, problem):
+    """Group-limited greedy and a scaling factor are part of the rule now; an unknown method is a routing problem
+    (the structure is still usable), read even where nothing is probed."""
     model = tiny.tiny_model("deepseek_v2", **overrides)
-    with pytest.raises(UnsupportedModelError, match=phrase):
-        describe(model)
-    with pytest.raises(UnsupportedModelError, match=phrase):
-        describe(model, verify=False)  # a setting, read even where nothing is probed
+    for verify in (True, False):
+        moe = describe(model, verify=verify)
+        if problem is None:
+            assert moe.routing_problem is None
+        else:
+            assert problem in moe.routing_problem
 
 
 class _SoftmaxOverKRouter(nn.Module):

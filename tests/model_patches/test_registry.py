@@ -23,6 +23,8 @@ from moepatch.testing import tiny
 EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
                    "llama_moe": "llama_moe", "moduleformer": "moduleformer"}
 NEW_FAMILY_FILES = set(tiny.NEW_FAMILIES)  # each named after its model_type, tested in test_new_families.py
+ROUTER_KIND_FAMILY_FILES = {"deepseek_v3", "ernie4_5_moe", "gpt_oss", "granitemoe", "llama4", "minimax_m2", "phimoe"}
+"""The router kinds' anchor families, tested in test_router_kinds.py on tiny_kinds models."""
 
 
 def test_every_family_module_is_registered_and_tested():
@@ -32,9 +34,10 @@ def test_every_family_module_is_registered_and_tested():
     modules = {name for name in dir(model_patches) if isinstance(getattr(model_patches, name), types.ModuleType)}
     modules -= infrastructure
     original = {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}
-    assert modules == original | NEW_FAMILY_FILES
-    assert set(families) == original | NEW_FAMILY_FILES
-    assert set(EXPECTED_FAMILY.values()) | NEW_FAMILY_FILES == set(families)  # each family has a tiny model tested
+    assert modules == original | NEW_FAMILY_FILES | ROUTER_KIND_FAMILY_FILES
+    assert set(families) == original | NEW_FAMILY_FILES | ROUTER_KIND_FAMILY_FILES
+    tested = set(EXPECTED_FAMILY.values()) | NEW_FAMILY_FILES | ROUTER_KIND_FAMILY_FILES
+    assert tested == set(families)  # each family has a tiny model tested
 
 
 def test_view_matches_the_config(family):
@@ -91,24 +94,25 @@ def _sigmoid_scores(self, hidden_states):  # DeepSeek-style sigmoid scoring
     return logits, values, index
 
 
-@pytest.mark.parametrize(("forward", "reason"), [
-    (_softmax_over_k, "layer 1: router's expert weights sum to 1 over the k .* declares norm_topk_prob=False"),
-    (_sigmoid_scores, "layer 1: router's expert weights differ"),
-], ids=["softmax-over-k", "sigmoid"])
-def test_generic_family_rejects_a_router_with_another_rule(forward, reason):
-    """An OLMoE-shaped model (no renormalisation) whose layer-1 router follows another rule is refused."""
+@pytest.mark.parametrize("forward", [_softmax_over_k, _sigmoid_scores], ids=["softmax-over-k", "sigmoid"])
+def test_generic_family_finds_a_layer_that_breaks_the_probed_rule(forward):
+    """An OLMoE-shaped model whose layer-1 router follows another rule than layer 0: the structure is accepted, the
+    rule is not (each layer is checked against the rule probed on the first, bit for bit)."""
     model = tiny.tiny_model("olmoe")
-    describe(model)  # accepted as is
+    assert describe(model).routing_problem is None
     _swap_router_class(model, 1, forward)
-    with pytest.raises(UnsupportedModelError, match=reason):
-        describe(model)
+    moe = describe(model)
+    assert moe.routing_problem.startswith("layer 1: OtherRuleRouter does not follow the probed rule")
 
 
-def test_generic_probe_accepts_softmax_over_k_when_renormalising():
-    """With norm_topk_prob=True, softmax over the top-k logits *is* the renormalised top-k probabilities."""
-    model = tiny.tiny_model("qwen3_moe")
-    _swap_router_class(model, 1, _softmax_over_k)
-    assert describe(model).renormalize
+def test_generic_probe_finds_softmax_over_k_on_every_layer():
+    """Every layer top-k of the logits then softmax over the k (gpt-oss's rule on an OLMoE body): probed exactly."""
+    model = tiny.tiny_model("olmoe")
+    for layer in range(3):
+        _swap_router_class(model, layer, _softmax_over_k)
+    moe = describe(model)
+    assert moe.routing_problem is None
+    assert (moe.family.routing.score, moe.family.routing.weights_from) == ("logits", "softmax_of_chosen")
 
 
 def test_register_refuses_duplicates():

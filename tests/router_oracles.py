@@ -1,0 +1,887 @@
+"""Routing oracles for the router kinds of transformers 5 MoE models, written from the published modeling files.
+
+Everything here is re-derived from ``transformers/models/<type>/modeling_<type>.py`` of the installed transformers
+(5.25), never from moepatch: the tests compare moepatch against these functions.  Nothing here imports moepatch or
+``model_patches``.
+
+What each model type keeps where (:func:`router_modules`, :func:`router_parameter_names`,
+:func:`selection_bias_names`) is written out per type in :data:`_LAYOUTS`; how its router scores, chooses and
+weights experts is written out per type in :data:`_RULES`, each entry naming the class it was read from.  The kinds:
+
+* ``"B"`` softmax + selection bias: top-k of ``softmax(logits) + bias``, weights = the gathered *unbiased*
+  probabilities (ERNIE 4.5: divided by ``clamp(sum, min=moe_norm_min)``; LongCat: × ``routed_scaling_factor``;
+  LongCat's router scores ``n_routed_experts + zero_expert_num`` slots, the last ones being identity "zero experts").
+* ``"C"`` top-k of the logits, weights = softmax over the k chosen logits (gpt-oss adds the router's linear bias).
+* ``"D"`` sigmoid + selection bias: top-k of ``sigmoid(logits) + bias``, weights = the gathered unbiased sigmoid,
+  renormalised (with the file's epsilon, if any), × the file's scaling factor, if any.
+* ``"E"`` = ``"D"`` with the DeepSeek-V3 group limit: experts in ``n_group`` groups, each group scored by the sum of
+  its 2 best biased scores, the ``topk_group`` best groups kept and the others masked to -inf before the top-k;
+  renormalised iff ``norm_topk_prob`` (sum + 1e-20), × ``routed_scaling_factor``.
+* ``"F"`` Llama 4: top-k of the logits, sigmoid of the k chosen logits scattered into a dense [N, E] matrix (0 for
+  the other experts) that scales every expert's input.
+* ``"G"`` PhiMoE sparsemixer: always 2 experts, chosen one after the other (the second after masking the first),
+  each weighted by a softmax over the logits within a relative threshold of the chosen one.  The oracles follow
+  the deterministic eval path (training samples the choice with Gumbel noise).
+* ``"K"`` Kolibri: top-k of ``logits + bias`` (the bias is added to the raw logits, not to a sigmoid), weights =
+  sigmoid of the k chosen logits, renormalised iff ``norm_topk_prob`` (no epsilon), no scaling.  (Kolibri and Ergo
+  compute the logits with ``torch.mm(..., out_dtype=float32)`` on CUDA with bf16 inputs and grad off; the exact
+  oracles follow that branch too.)
+
+Every oracle takes one MoE layer's ``(block, router)`` pair as :func:`router_modules` returns it and the hidden
+states the router receives (``[N, H]``; any leading shape is flattened).  ``exact=True`` follows the file's dtypes
+and torch calls step by step, so its results equal the router's own output bit for bit; ``exact=False`` computes
+the same rule in float64 from the same parameters (the float64 result may differ from the file's at near-ties of
+the selection scores and, for PhiMoE in bfloat16, where the file's bfloat16 threshold test flips an expert in or out
+of the sparsemixer's softmax).  Call the oracles outside ``torch.autocast``.
+
+Bit-for-bit comparisons need the router to be called on the same batch as the oracle: elementwise kernels may round
+an [N, k] batch and a differently shaped one differently (vectorised vs scalar paths).
+
+Indices are returned in the order of the oracle's own ``torch.topk`` call (which follows the file's call); compare
+chosen experts as sets per token: sort both the indices and the weights by index before comparing.
+
+Two families scale the *experts' output* instead of the routing weights (Laguna, MiniMax-M3-VL): their routers'
+weights carry no scaling factor, and :func:`expert_output_scale` gives the block's factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "COVERED_TYPES",
+    "KIND",
+    "SKIPPED_TYPES",
+    "captured_choices",
+    "causal_lm_adds_balance_loss",
+    "expert_output_scale",
+    "num_router_experts",
+    "oracle_balance_loss",
+    "oracle_c2r",
+    "oracle_dense_scores",
+    "oracle_logits",
+    "oracle_route",
+    "router_modules",
+    "router_output",
+    "router_parameter_names",
+    "router_top_k",
+    "selection_bias_names",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where each type keeps its MoE block, router, experts and selection bias
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one model type keeps its MoE parts, relative to a decoder layer of ``model.model.layers``.
+
+    ``block_attr`` / ``block_class``: the decoder-layer attribute holding the MoE block and the block's class name
+    (layers holding another class, e.g. a dense MLP, are not MoE layers).  ``router_attr`` / ``experts_attr``: the
+    block's attributes holding the router and the experts.  ``router_params``: the router's learned parameters
+    (names relative to the router); ``optional_router_params``: further ones that exist only under some configs.
+    ``bias``: the selection bias as ``"router.<path>"`` or ``"block.<path>"`` (``None``: the type has none).
+    """
+
+    block_attr: str
+    block_class: str
+    router_attr: str
+    router_params: tuple[str, ...] = ("weight",)
+    optional_router_params: tuple[str, ...] = ()
+    bias: str | None = None
+    experts_attr: str = "experts"
+
+
+def _ds3(block_class: str, block_attr: str = "mlp") -> _Layout:
+    """The DeepSeek-V3 layout: ``<layer>.mlp`` → ``.gate`` (weight + ``e_score_correction_bias`` buffer)."""
+    return _Layout(block_attr, block_class, "gate", bias="router.e_score_correction_bias")
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    # DeepseekV3DecoderLayer.mlp = DeepseekV3MoE(gate=DeepseekV3TopkRouter, experts) from first_k_dense_replace on
+    "deepseek_v3": _ds3("DeepseekV3MoE"),
+    "glm4_moe": _ds3("Glm4MoeMoE"),
+    "glm4_moe_lite": _ds3("Glm4MoeLiteMoE"),
+    "kimi_linear": _ds3("KimiLinearMoE"),  # mlp_layer_types[i] == "sparse"
+    "solar_open": _ds3("SolarOpenMoE"),
+    "exaone_moe": _ds3("ExaoneMoeSparseMoEBlock"),
+    "mimo_v2_flash": _ds3("MiMoV2FlashMoE"),
+    "minicpm5_moe": _ds3("MiniCPM5MoeMoE"),
+    "nemotron_h": _ds3("NemotronHMoE", block_attr="mixer"),  # NemotronHBlock.mixer where layers_block_type == "moe"
+    "hy_v4": _ds3("HYV4MoE"),
+    "deepseek_v32": _ds3("DeepseekV32MoE"),
+    "glm_moe_dsa": _ds3("GlmMoeDsaMoE"),
+    "axk1": _ds3("AXK1MoE"),
+    "dots3_note_text": _ds3("Dots3NoteTextMoE"),
+    # MiniMaxM2SparseMoeBlock keeps the bias buffer itself and hands it to MiniMaxM2TopKRouter.forward
+    "minimax_m2": _Layout("mlp", "MiniMaxM2SparseMoeBlock", "gate", bias="block.e_score_correction_bias"),
+    "minimax_m3_vl_text": _Layout("mlp", "MiniMaxM3VLSparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
+    # Ernie4_5_MoeTopKRouter.moe_statics (Ernie4_5_MoeStatics) holds the bias as a [1, E] Parameter (no grad)
+    "ernie4_5_moe": _Layout("mlp", "Ernie4_5_MoeSparseMoeBlock", "gate",
+                            bias="router.moe_statics.e_score_correction_bias"),
+    # LongcatFlashMoE.router = LongcatFlashTopkRouter(classifier = nn.Linear(bias=config.router_bias))
+    "longcat_flash": _Layout("mlp", "LongcatFlashMoE", "router", router_params=("classifier.weight",),
+                             optional_router_params=("classifier.bias",), bias="router.e_score_correction_bias"),
+    # GptOssMLP.router = GptOssTopKRouter(weight, bias)
+    "gpt_oss": _Layout("mlp", "GptOssMLP", "router", router_params=("weight", "bias")),
+    "granitemoe": _Layout("block_sparse_moe", "GraniteMoeMoE", "router"),
+    "granitemoeshared": _Layout("block_sparse_moe", "GraniteMoeSharedMoE", "router"),
+    "granitemoehybrid": _Layout("block_sparse_moe", "GraniteMoeHybridMoE", "router"),
+    "granitemoe_swa": _Layout("block_sparse_moe", "GraniteMoeSWAMoE", "router"),
+    "aria_text": _Layout("mlp", "AriaTextMoELayer", "router"),
+    # Llama4TextDecoderLayer.feed_forward = Llama4TextMoe(router=Llama4Router(nn.Linear)) for layer_idx in moe_layers
+    "llama4_text": _Layout("feed_forward", "Llama4TextMoe", "router"),
+    "phimoe": _Layout("mlp", "PhimoeSparseMoeBlock", "router"),
+    # AfmoeSparseMoeBlock.router = AfmoeTokenChoiceRouter(gate = nn.Linear); the block keeps expert_bias
+    "afmoe": _Layout("mlp", "AfmoeSparseMoeBlock", "router", router_params=("gate.weight",),
+                     bias="block.expert_bias"),
+    # LagunaTopKRouter keeps e_score_correction_bias as a Parameter (requires_grad=False)
+    "laguna": _Layout("mlp", "LagunaSparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
+    "kolibri1": _Layout("mlp", "Kolibri1SparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
+    "kolibri1_1": _Layout("mlp", "Kolibri1_1SparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
+    "inkling2_text": _Layout("mlp", "Inkling2SparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
+    # HYV3MoE keeps the bias buffer and hands it to HYV3TopKRouter.forward
+    "hy_v3": _Layout("mlp", "HYV3MoE", "gate", bias="block.e_score_correction_bias"),
+    # ErgoTopkRouter.linear = ErgoLinearWithFP32Output
+    "ergo": _Layout("mlp", "ErgoMoE", "gate", router_params=("linear.weight",), bias="router.e_score_correction_bias"),
+}
+
+_ALIASES: dict[str, str] = {
+    "sarvam_moe": "glm4_moe",  # AutoModelForCausalLM builds Glm4MoeForCausalLM for these configs
+    "param2moe": "glm4_moe",
+    "sarvam_mla": "deepseek_v3",  # ... and DeepseekV3ForCausalLM for this one
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# How each type's router scores, chooses and weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One router's rule as its modeling file writes it.
+
+    ``logits``: how the file computes the router logits (see :func:`_exact_logits`).  ``renorm``: ``"always"``,
+    ``"norm_topk_prob"`` (iff the router's flag), ``"never"`` or ``"clamp"`` (ERNIE: ``/ clamp(sum, min=norm_min)``);
+    ``eps``: added to the sum before dividing.  ``scale``: the router attribute holding the factor the weights are
+    multiplied by.  ``topk_sorted``: the ``sorted`` flag of the file's top-k call.  ``cast``: the weights' final
+    dtype (``"hidden"``: the router input's; ``"hidden_then_float"``: the input's, then float32; ``"logits"``: the
+    logits'; ``""``: as computed).  ``softcap``: Laguna's optional ``tanh`` soft cap of the logits.
+    """
+
+    kind: str
+    source: str
+    logits: str
+    renorm: str = "never"
+    eps: float = 0.0
+    scale: str | None = None
+    topk_sorted: bool = True
+    cast: str = ""
+    softcap: bool = False
+
+
+def _ds3_rule(source: str) -> _Rule:
+    """DeepseekV3TopkRouter.forward (copied verbatim into every type below that uses it)."""
+    return _Rule("E", source, "fp32", renorm="norm_topk_prob", eps=1e-20, scale="routed_scaling_factor",
+                 topk_sorted=False)
+
+
+_RULES: dict[str, _Rule] = {
+    "deepseek_v3": _ds3_rule("DeepseekV3TopkRouter"),
+    "glm4_moe": _ds3_rule("Glm4MoeTopkRouter"),
+    "glm4_moe_lite": _ds3_rule("Glm4MoeLiteTopkRouter"),
+    "kimi_linear": _ds3_rule("KimiLinearTopkRouter"),
+    "solar_open": _ds3_rule("SolarOpenTopkRouter"),
+    "exaone_moe": _ds3_rule("ExaoneMoeTopkRouter"),
+    "mimo_v2_flash": _ds3_rule("MiMoV2FlashTopkRouter"),
+    "minicpm5_moe": _ds3_rule("MiniCPM5MoeTopkRouter (logits with autocast disabled)"),
+    "nemotron_h": _ds3_rule("NemotronHTopkRouter"),
+    "hy_v4": _ds3_rule("HYV4TopkRouter"),
+    "deepseek_v32": _ds3_rule("DeepseekV32TopkRouter"),
+    "glm_moe_dsa": _ds3_rule("GlmMoeDsaTopkRouter"),
+    "axk1": _ds3_rule("AXK1TopkRouter"),
+    "dots3_note_text": _ds3_rule("Dots3NoteTextTopkRouter"),
+    # F.linear(h.to(W.dtype), W); sigmoid(logits.float()) + bias; topk(sorted=False); w /= w.sum() (no epsilon)
+    "minimax_m2": _Rule("D", "MiniMaxM2TopKRouter", "weight_dtype", renorm="always", topk_sorted=False),
+    "minimax_m3_vl_text": _Rule("D", "MiniMaxM3VLTopKRouter", "weight_dtype", renorm="always", topk_sorted=False),
+    # router.gate(h).to(float32); sigmoid; topk(scores + expert_bias); w / (sum + 1e-20) * route_scale
+    "afmoe": _Rule("D", "AfmoeTokenChoiceRouter", "input_then_fp32", renorm="always", eps=1e-20, scale="route_scale"),
+    # F.linear(h, W).float(); optional tanh soft cap; sigmoid + bias.to(fp32); topk; w / sum; w.to(h.dtype)
+    "laguna": _Rule("D", "LagunaTopKRouter", "input_then_fp32", renorm="always", cast="hidden", softcap=True),
+    # F.linear(h.float(), W); ACT2FN[scoring_func] (sigmoid); topk(sorted=False); w / (sum + 1e-20) * rsf
+    "inkling2_text": _Rule("D", "Inkling2TopKRouter", "input_fp32", renorm="always", eps=1e-20,
+                           scale="routed_scaling_factor", topk_sorted=False),
+    # F.linear(h.float(), W.float()); sigmoid + bias (from the block); w / (sum + 1e-20) * router_scaling_factor
+    "hy_v3": _Rule("D", "HYV3TopKRouter", "fp32", renorm="always", eps=1e-20, scale="router_scaling_factor",
+                   topk_sorted=False),
+    # ErgoLinearWithFP32Output (W.to(h.dtype), fp32 accumulation); w / (sum + 1e-20) * rsf; .to(h.dtype).float()
+    "ergo": _Rule("D", "ErgoTopkRouter", "ergo", renorm="always", eps=1e-20, scale="routed_scaling_factor",
+                  topk_sorted=False, cast="hidden_then_float"),
+    # softmax(fp32) + moe_statics bias; topk; w / clamp(sum, min=norm_min); w.to(h.dtype)
+    "ernie4_5_moe": _Rule("B", "Ernie4_5_MoeTopKRouter", "fp32", renorm="clamp", cast="hidden"),
+    # softmax over E + zero experts; topk(sorted=False) of scores + bias; w * routed_scaling_factor
+    "longcat_flash": _Rule("B", "LongcatFlashTopkRouter", "fp32_classifier", scale="routed_scaling_factor",
+                           topk_sorted=False, cast="logits"),
+    # F.linear(h, W, b); topk; softmax(top, dtype=top.dtype)
+    "gpt_oss": _Rule("C", "GptOssTopKRouter", "input_with_bias"),
+    # F.linear(h, W).float(); topk; softmax(top).type_as(h)
+    "granitemoe": _Rule("C", "GraniteMoeTopKRouter", "input_then_fp32", cast="hidden"),
+    "granitemoeshared": _Rule("C", "GraniteMoeSharedTopKRouter", "input_then_fp32", cast="hidden"),
+    "granitemoehybrid": _Rule("C", "GraniteMoeHybridTopKRouter", "input_then_fp32", cast="hidden"),
+    "granitemoe_swa": _Rule("C", "GraniteMoeSWATopKRouter", "input_then_fp32", cast="hidden"),
+    # F.linear(h, W); topk; softmax(top)
+    "aria_text": _Rule("C", "AriaTextTopKRouter", "input"),
+    # nn.Linear; topk(dim=1); full(-inf).scatter(top); sigmoid(.float()).to(dtype)
+    "llama4_text": _Rule("F", "Llama4Router", "input"),
+    # nn.Linear; sparsemixer(eval)
+    "phimoe": _Rule("G", "PhimoeTopKRouter / sparsemixer", "input"),
+    # F.linear(h.float(), W.float()) (CUDA: torch.mm(out_dtype=float32)); topk(logits + bias); sigmoid(top)
+    "kolibri1": _Rule("K", "Kolibri1TopKRouter", "kolibri", renorm="norm_topk_prob"),
+    "kolibri1_1": _Rule("K", "Kolibri1_1TopKRouter", "kolibri", renorm="norm_topk_prob"),
+}
+
+KIND: dict[str, str] = {model_type: rule.kind for model_type, rule in _RULES.items()}
+KIND.update({alias: KIND[target] for alias, target in _ALIASES.items()})
+"""model_type → router kind letter (see the module docstring)."""
+
+COVERED_TYPES: tuple[str, ...] = tuple(sorted(KIND))
+"""Every model type the oracles cover."""
+
+SKIPPED_TYPES: dict[str, str] = {
+    "granitemoe_shared": "no such model type: transformers calls it granitemoeshared (covered)",
+    "jetmoe": "JetMoeTopKGating returns expert-sorted, grouped indices and there is no experts module taking "
+              "top_k_index; its attention is a mixture of experts too (MoA) with its own routers",
+    "zaya": "router MLP (kind H)",
+    "deepseek_v4": "hash routing in some layers (kind H)",
+    "inkling_text": "InklingTopkRouter scores the shared experts too: weights = normalised sigmoid over the k routed "
+                    "+ shared logits (logsigmoid / logsumexp) × route_scale × a learned global_scale; not covered",
+    "axk2": "AXK2TopkRouter masks the dropped groups to 0.0 (not -inf) and skips the group limit when n_group is "
+            "None; not covered",
+    "lfm2_moe": "its default config does not build a model",
+    "dots1": "its default config does not build a model",
+    "bailing_hybrid": "its default config does not build a model",
+}
+"""Model types asked about or seen but not covered, with the reason."""
+
+
+def _canonical(model_type: str) -> str:
+    model_type = _ALIASES.get(model_type, model_type)
+    if model_type not in _RULES:
+        raise KeyError(f"router_oracles: no oracle for model type {model_type!r}; covered: {', '.join(COVERED_TYPES)}")
+    return model_type
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the routers are
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """``model.model.layers`` of a ``*ForCausalLM`` (or ``model.layers`` of the base model)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        return inner.layers
+    if isinstance(getattr(model, "layers", None), torch.nn.ModuleList):
+        return model.layers
+    raise ValueError(f"router_oracles: {type(model).__name__} has no model.layers / layers")
+
+
+def _layer_prefix(model: torch.nn.Module) -> str:
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        return "model.layers"
+    return "layers"
+
+
+def router_modules(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, torch.nn.Module]]:
+    """Absolute decoder-layer index → (MoE block, router) for every MoE layer, from the type's known attributes.
+
+    A layer is an MoE layer when its ``block_attr`` holds the type's MoE block class (or a subclass of it); the
+    other layers (dense MLPs, attention / Mamba mixers, ``None``) are skipped.
+    """
+    layout = _LAYOUTS[_canonical(model.config.model_type)]
+    found: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
+    for index, layer in enumerate(_decoder_layers(model)):
+        block = getattr(layer, layout.block_attr, None)
+        if block is not None and any(cls.__name__ == layout.block_class for cls in type(block).__mro__):
+            found[index] = (block, getattr(block, layout.router_attr))
+    return found
+
+
+def _experts_module(model_type: str, block: torch.nn.Module) -> torch.nn.Module:
+    return getattr(block, _LAYOUTS[_canonical(model_type)].experts_attr)
+
+
+def _bias_path(model: torch.nn.Module, index: int) -> str | None:
+    layout = _LAYOUTS[_canonical(model.config.model_type)]
+    if layout.bias is None:
+        return None
+    owner, path = layout.bias.split(".", 1)
+    prefix = f"{_layer_prefix(model)}.{index}.{layout.block_attr}"
+    return f"{prefix}.{layout.router_attr}.{path}" if owner == "router" else f"{prefix}.{path}"
+
+
+def router_parameter_names(model: torch.nn.Module, include_selection_bias: bool = False) -> set[str]:
+    """Full names (as in ``model.named_parameters()``) of the routers' learned parameters: what freezing must freeze.
+
+    Selection biases are not included (even where the file stores them as a ``requires_grad=False`` Parameter:
+    ERNIE 4.5, Laguna, AFMoE) unless ``include_selection_bias``.  Raises if a router holds a parameter that the
+    type's layout does not name (the layout would be out of date).
+    """
+    model_type = _canonical(model.config.model_type)
+    layout = _LAYOUTS[model_type]
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    bias_names = selection_bias_names(model)
+    names: set[str] = set()
+    for index, (_, router) in router_modules(model).items():
+        prefix = f"{_layer_prefix(model)}.{index}.{layout.block_attr}.{layout.router_attr}"
+        for relative in layout.router_params:
+            if f"{prefix}.{relative}" not in parameters:
+                raise ValueError(f"router_oracles: {model_type} router {prefix} has no parameter {relative}")
+            names.add(f"{prefix}.{relative}")
+        names.update(f"{prefix}.{relative}" for relative in layout.optional_router_params
+                     if f"{prefix}.{relative}" in parameters)
+        for relative, _ in router.named_parameters():
+            full = f"{prefix}.{relative}"
+            if full not in names and full not in bias_names:
+                raise ValueError(f"router_oracles: {model_type} router parameter {full} is not in the layout")
+    if include_selection_bias:
+        names.update(name for name in bias_names if name in parameters)
+    return names
+
+
+def selection_bias_names(model: torch.nn.Module) -> set[str]:
+    """Full names of the selection-bias tensors (buffers or no-grad Parameters).
+
+    E.g. ``model.layers.1.mlp.gate.e_score_correction_bias`` (DeepSeek-V3), ``...mlp.e_score_correction_bias``
+    (MiniMax-M2, HY-V3: on the block), ``...mlp.gate.moe_statics.e_score_correction_bias`` (ERNIE 4.5),
+    ``...mlp.expert_bias`` (AFMoE).  Empty for the types without one.
+    """
+    tensors = {**dict(model.named_buffers(remove_duplicate=False)),
+               **dict(model.named_parameters(remove_duplicate=False))}
+    names: set[str] = set()
+    for index in router_modules(model):
+        path = _bias_path(model, index)
+        if path is None:
+            continue
+        if path not in tensors:
+            raise ValueError(f"router_oracles: {model.config.model_type} has no selection bias {path}")
+        names.add(path)
+    return names
+
+
+def _selection_bias(model_type: str, block: torch.nn.Module, router: torch.nn.Module) -> torch.Tensor | None:
+    layout = _LAYOUTS[_canonical(model_type)]
+    if layout.bias is None:
+        return None
+    owner, path = layout.bias.split(".", 1)
+    tensor: object = router if owner == "router" else block
+    for part in path.split("."):
+        tensor = getattr(tensor, part)
+    assert isinstance(tensor, torch.Tensor)
+    return tensor.detach()
+
+
+def num_router_experts(model_type: str, router: torch.nn.Module) -> int:
+    """Experts the router scores (LongCat: routed + zero experts)."""
+    return int(_router_weight(model_type, router).shape[0])
+
+
+def router_top_k(model_type: str, router: torch.nn.Module) -> int:
+    """Experts chosen per token (PhiMoE's sparsemixer always chooses 2, whatever ``num_experts_per_tok`` says)."""
+    return 2 if KIND[model_type] == "G" else int(router.top_k)
+
+
+def expert_output_scale(model_type: str, block: torch.nn.Module) -> float:
+    """The factor the block multiplies the experts' weighted sum by (1.0 where the weights carry the scaling).
+
+    LagunaSparseMoeBlock.forward and MiniMaxM3VLSparseMoeBlock.forward: ``experts(...) * routed_scaling_factor``.
+    """
+    if _canonical(model_type) in ("laguna", "minimax_m3_vl_text"):
+        return float(block.routed_scaling_factor)
+    return 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logits
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _router_weight(model_type: str, router: torch.nn.Module) -> torch.Tensor:
+    relative = _LAYOUTS[_canonical(model_type)].router_params[0]
+    tensor: object = router
+    for part in relative.split("."):
+        tensor = getattr(tensor, part)
+    assert isinstance(tensor, torch.Tensor)
+    return tensor.detach()
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (major, minor)
+
+
+def _exact_logits(model_type: str, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The router logits in the file's dtypes (``hidden`` is [N, H])."""
+    rule = _RULES[_canonical(model_type)]
+    weight = _router_weight(model_type, router)
+    if rule.logits == "fp32":  # F.linear(h.type(float32), W.type(float32))
+        logits = F.linear(hidden.float(), weight.float())
+    elif rule.logits == "fp32_classifier":  # LongCat: the classifier's bias (router_bias) is not used by forward
+        logits = F.linear(hidden.float(), weight.float())
+    elif rule.logits == "input_fp32":  # Inkling2: F.linear(h.float(), W)
+        logits = F.linear(hidden.float(), weight)
+    elif rule.logits == "weight_dtype":  # MiniMax: F.linear(h.to(W.dtype), W)
+        logits = F.linear(hidden.to(weight.dtype), weight)
+    elif rule.logits == "input_then_fp32":  # F.linear(h, W).float()
+        logits = F.linear(hidden, weight).float()
+    elif rule.logits == "input":  # nn.Linear without bias / F.linear(h, W)
+        logits = F.linear(hidden, weight)
+    elif rule.logits == "input_with_bias":  # gpt-oss: F.linear(h, W, b)
+        logits = F.linear(hidden, weight, router.bias.detach())
+    elif rule.logits == "kolibri":  # Kolibri1TopKRouter.forward
+        if (hidden.is_cuda and hidden.dtype == weight.dtype and not torch.is_grad_enabled()
+                and _torch_at_least(2, 8)):
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(hidden.type(torch.float32), weight.type(torch.float32))
+    elif rule.logits == "ergo":  # ErgoLinearWithFP32Output.forward (cast_input_to_weight_dtype=False)
+        weight = weight.to(hidden.dtype)
+        if (hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16) and not torch.is_grad_enabled()
+                and _torch_at_least(2, 8)):
+            logits = torch.mm(hidden, weight.T, out_dtype=torch.float32)
+        else:
+            logits = F.linear(hidden.float(), weight.float())
+    else:  # pragma: no cover - the table above is closed
+        raise AssertionError(rule.logits)
+    if rule.softcap and router.router_logit_softcapping > 0.0:  # LagunaTopKRouter: optional soft cap
+        cap = router.router_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _float64_logits(model_type: str, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The same logits in float64 from the same parameters (no intermediate rounding)."""
+    rule = _RULES[_canonical(model_type)]
+    weight = _router_weight(model_type, router).double()
+    bias = router.bias.detach().double() if rule.logits == "input_with_bias" else None
+    logits = F.linear(hidden.double(), weight, bias)
+    if rule.softcap and router.router_logit_softcapping > 0.0:
+        cap = float(router.router_logit_softcapping)
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _flat(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.detach().reshape(-1, hidden.shape[-1])
+
+
+def oracle_logits(model_type: str, block: torch.nn.Module, router: torch.nn.Module,
+                  hidden: torch.Tensor) -> torch.Tensor:
+    """The router's logits [N, E] as the file computes them (its dtype; gpt-oss's linear bias included).
+
+    These are the ``router_logits`` the router returns (Laguna: after its optional soft cap).  LongCat's
+    ``classifier.bias`` (``router_bias``) exists but LongcatFlashTopkRouter.forward does not add it, so neither does
+    this.
+    """
+    del block
+    return _exact_logits(model_type, router, _flat(hidden))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The family's choice and weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Scores:
+    """One batch of tokens scored by one router: logits, unbiased scores, selection scores."""
+
+    logits: torch.Tensor  # [N, E]
+    scores: torch.Tensor  # [N, E] unbiased scores the weights are taken from (kinds B, D, E); the logits otherwise
+    selection: torch.Tensor  # [N, E] what the top-k is taken over (bias included)
+    hidden_dtype: torch.dtype
+    exact: bool
+
+
+def _score(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+           exact: bool) -> _Scores:
+    model_type = _canonical(model_type)
+    rule = _RULES[model_type]
+    hidden = _flat(hidden)
+    logits = _exact_logits(model_type, router, hidden) if exact else _float64_logits(model_type, router, hidden)
+    bias = _selection_bias(model_type, block, router)
+    if bias is not None and not exact:
+        bias = bias.double()
+    if rule.kind in ("D", "E"):
+        if model_type in ("minimax_m2", "minimax_m3_vl_text"):
+            scores = torch.sigmoid(logits.float()) if exact else torch.sigmoid(logits)
+        else:
+            scores = torch.sigmoid(logits)
+        if model_type == "laguna":  # scores + bias.to(scores.dtype)
+            selection = scores + bias.to(scores.dtype)
+        else:
+            selection = scores + bias
+    elif model_type == "ernie4_5_moe":  # softmax(dim=1, dtype=float) then moe_statics: probs + bias.squeeze()
+        scores = F.softmax(logits, dim=1, dtype=torch.float) if exact else F.softmax(logits, dim=1)
+        selection = scores + bias.squeeze()
+    elif model_type == "longcat_flash":  # logits.softmax(-1); scores.view(-1, E) + bias.unsqueeze(0)
+        scores = logits.softmax(dim=-1)
+        selection = scores.view(-1, scores.shape[-1]) + bias.unsqueeze(0)
+    elif rule.kind == "K":  # topk(router_logits + bias)
+        scores = logits
+        selection = logits + bias
+    else:  # kinds C, F, G choose on the logits
+        scores = logits
+        selection = logits
+    return _Scores(logits, scores, selection, hidden.dtype, exact)
+
+
+def _group_mask(router: torch.nn.Module, selection: torch.Tensor) -> torch.Tensor:
+    """DeepseekV3TopkRouter's group limit: [N, E] bool, True for the experts of the ``topk_group`` kept groups.
+
+    Groups of E / n_group consecutive experts, each scored by the sum of its 2 best selection scores; the
+    ``topk_group`` best groups kept (``torch.topk(..., sorted=False)``).
+    """
+    num_tokens, num_experts = selection.shape
+    groups = int(router.num_group)
+    group_scores = selection.view(num_tokens, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+    kept = torch.topk(group_scores, k=int(router.topk_group), dim=-1, sorted=False)[1]
+    group_kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    return group_kept.repeat_interleave(num_experts // groups, dim=1)
+
+
+def _renormalise(rule: _Rule, router: torch.nn.Module, weights: torch.Tensor) -> torch.Tensor:
+    if rule.renorm == "always" or (rule.renorm == "norm_topk_prob" and router.norm_topk_prob):
+        total = weights.sum(dim=-1, keepdim=True)
+        return weights / (total + rule.eps) if rule.eps else weights / total
+    if rule.renorm == "clamp":  # Ernie4_5_MoeTopKRouter: / clamp(sum, min=moe_norm_min)
+        return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min)
+    return weights
+
+
+def _sparsemixer_weight(router: torch.nn.Module, logits: torch.Tensor, chosen: torch.Tensor,
+                        masked_first: torch.Tensor | None) -> torch.Tensor:
+    """One sparsemixer multiplier (eval): softmax over the logits within the relative threshold of the chosen one.
+
+    ``sparsemixer`` in modeling_phimoe.py: threshold = the chosen logit (the max of what is left);
+    ``factor = |logits|.clamp(min=threshold)``; logits with ``(threshold - logit) / factor > 2 * jitter_eps`` are
+    masked to -inf (for the second expert, the first is masked too); softmax; the chosen entry.
+    """
+    threshold = logits.gather(-1, chosen)
+    factor = logits.abs().clamp(min=threshold)
+    far = ((threshold - logits) / factor) > (2 * router.router_jitter_noise)
+    base = logits if masked_first is None else torch.scatter(logits, -1, masked_first, float("-inf"))
+    return torch.softmax(base.masked_fill(far, float("-inf")), dim=-1).gather(dim=-1, index=chosen)
+
+
+def _weights(model_type: str, router: torch.nn.Module, scored: _Scores, indices: torch.Tensor) -> torch.Tensor:
+    """The family's weights of the chosen ``indices`` [N, k], from the unmasked scores (the file's rule)."""
+    model_type = _canonical(model_type)
+    rule = _RULES[model_type]
+    exact = scored.exact
+    if rule.kind in ("B", "D", "E"):
+        weights = scored.scores.gather(1, indices)
+        weights = _renormalise(rule, router, weights)
+        if rule.scale is not None:
+            weights = weights * getattr(router, rule.scale)
+    elif rule.kind == "C":
+        top = scored.logits.gather(1, indices)
+        weights = F.softmax(top, dim=1, dtype=top.dtype) if model_type == "gpt_oss" else torch.softmax(top, dim=-1)
+    elif rule.kind == "F":  # sigmoid(full(-inf).scatter_(top).float()).to(dtype), read at the chosen entries
+        top = scored.logits.gather(1, indices)
+        weights = torch.sigmoid(top.float()).to(top.dtype) if exact else torch.sigmoid(top)
+    elif rule.kind == "G":
+        first, second = indices[:, :1], indices[:, 1:2]
+        weights = torch.concat((_sparsemixer_weight(router, scored.logits, first, None),
+                                _sparsemixer_weight(router, scored.logits, second, first)), dim=-1)
+    elif rule.kind == "K":  # router_logits.gather(idx).sigmoid(); / sum iff norm_topk_prob
+        weights = _renormalise(rule, router, scored.logits.gather(1, indices).sigmoid())
+    else:  # pragma: no cover
+        raise AssertionError(rule.kind)
+    if exact and rule.cast == "hidden":
+        weights = weights.to(scored.hidden_dtype)
+    elif exact and rule.cast == "hidden_then_float":
+        weights = weights.to(scored.hidden_dtype).float()
+    elif exact and rule.cast == "logits":
+        weights = weights.to(scored.logits.dtype)
+    return weights
+
+
+def _family_choice(model_type: str, router: torch.nn.Module, scored: _Scores) -> torch.Tensor:
+    """The family's own chosen indices [N, k], in the order of its top-k call."""
+    rule = _RULES[_canonical(model_type)]
+    selection = scored.selection
+    if rule.kind == "G":  # sparsemixer (eval): the max, then the max with the first masked out
+        _, first = selection.max(dim=-1, keepdim=True)
+        _, second = torch.scatter(selection, -1, first, float("-inf")).max(dim=-1, keepdim=True)
+        return torch.concat((first, second), dim=-1)
+    if rule.kind == "E":
+        selection = selection.masked_fill(~_group_mask(router, selection), float("-inf"))
+    return torch.topk(selection, k=int(router.top_k), dim=-1, sorted=rule.topk_sorted)[1]
+
+
+def oracle_route(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+                 exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The family's choice ``(indices [N, k] int64, weights [N, k])``, re-derived from the modeling file.
+
+    ``exact=False``: in float64 (weights float64).  ``exact=True``: the file's dtypes and torch calls, to compare
+    bit for bit with the router's own output (indices as sets per token, weights at matching indices).  Llama 4:
+    the k chosen experts and their sigmoid values (:func:`oracle_dense_scores` gives the dense matrix).  PhiMoE:
+    the eval sparsemixer (2 experts).  LongCat: indices ≥ n_routed_experts are zero experts.  Laguna /
+    MiniMax-M3-VL: the router's weights (the block scales the experts' output, :func:`expert_output_scale`).
+    """
+    scored = _score(model_type, block, router, hidden, exact)
+    indices = _family_choice(model_type, router, scored)
+    return indices, _weights(model_type, router, scored, indices)
+
+
+def oracle_dense_scores(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+                        exact: bool = False) -> torch.Tensor:
+    """Llama 4's dense [N, E] score matrix: sigmoid of the chosen logits, 0 elsewhere (Llama4Router.forward)."""
+    if KIND[model_type] != "F":
+        raise ValueError(f"router_oracles: {model_type} has no dense score matrix (kind {KIND[model_type]})")
+    scored = _score(model_type, block, router, hidden, exact)
+    logits = scored.logits
+    indices = torch.topk(logits, int(router.top_k), dim=1)[1]
+    if exact:
+        dense = torch.full_like(logits, float("-inf")).scatter_(1, indices, logits.gather(1, indices))
+        return torch.sigmoid(dense.float()).to(dense.dtype)
+    return torch.zeros_like(logits).scatter_(1, indices, torch.sigmoid(logits.gather(1, indices)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# C2R
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _allowed_row(allowed_lists: Mapping[int, Sequence[int]] | Sequence[Sequence[int]] | torch.Tensor, first: int,
+                 top_t: int | None, num_experts: int) -> torch.Tensor:
+    """[E] bool: {first} ∪ the first ``top_t`` entries of first's list (a [E, E] bool matrix: its row ``first``)."""
+    allowed = torch.zeros(num_experts, dtype=torch.bool)
+    if isinstance(allowed_lists, torch.Tensor):
+        allowed |= allowed_lists[first].detach().to("cpu", torch.bool)
+    else:
+        partners = list(allowed_lists[first])
+        allowed[torch.tensor(partners[:top_t] if top_t is not None else partners, dtype=torch.long)] = True
+    allowed[first] = True
+    return allowed
+
+
+def first_choice(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+                 exact: bool = True) -> torch.Tensor:
+    """``[N]`` int64: each token's first expert in the C2R sense — the best selection score (bias included) among
+    the experts the family itself would choose (after the group limit; PhiMoE: the sparsemixer's first pick)."""
+    model_type = _canonical(model_type)
+    rule = _RULES[model_type]
+    scored = _score(model_type, block, router, hidden, exact)
+    selection = scored.selection
+    if rule.kind == "G":
+        return selection.max(dim=-1)[1].to(torch.int64)
+    if rule.kind == "E":
+        selection = selection.masked_fill(~_group_mask(router, selection), float("-inf"))
+    return selection.max(dim=-1)[1].to(torch.int64)
+
+
+def oracle_c2r(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+               allowed_lists: Mapping[int, Sequence[int]] | Sequence[Sequence[int]] | torch.Tensor,
+               top_t: int | None = None, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collaboration-constrained routing ``(indices [N, k] int64, weights [N, k])``, one token at a time.
+
+    1. e1 = the family's own first choice: the best selection score (bias included) among the experts the family
+       itself chooses (group-limited routers: after the group limit; PhiMoE: the sparsemixer's first expert).
+    2. allowed = {e1} ∪ ``allowed_lists[e1][:top_t]`` (``top_t=None``: the whole list; a [E, E] bool tensor: its
+       row e1, ``top_t`` unused).
+    3. chosen = the k best allowed experts by the selection score (``torch.topk`` of the score with the others
+       masked to -inf).  Group-limited routers: within the family's kept groups if at least k allowed experts lie
+       there; otherwise every allowed expert in the kept groups plus the best allowed experts outside them (C2R then
+       overrides the group limit for that token).  PhiMoE: e1, then the best allowed expert other than e1.
+    4. weights = the family's weight rule on the chosen set, from the unmasked scores (sigmoid / softmax over all
+       experts gathered and renormalised and scaled as the file does; softmax over the chosen logits for kind C;
+       sigmoid of the chosen logits for Llama 4; the sparsemixer multipliers with thresholds at e1 and e2 for PhiMoE).
+
+    ``exact=True`` scores in the file's dtypes (so a full list, ``top_t = E - 1``, reproduces the router bit for bit,
+    ties included); ``exact=False`` in float64.  The order of the chosen experts is the oracle's: sort by index
+    before comparing.  Raises ValueError where fewer than k experts are allowed.
+    """
+    model_type = _canonical(model_type)
+    rule = _RULES[model_type]
+    scored = _score(model_type, block, router, hidden, exact)
+    num_tokens, num_experts = scored.selection.shape
+    top_k = router_top_k(model_type, router)
+    all_indices = []
+    for token in range(num_tokens):
+        selection = scored.selection[token:token + 1]  # [1, E]: the same row the family's batched call sees
+        device = selection.device
+        if rule.kind == "E":
+            kept = _group_mask(router, selection)[0]
+        else:
+            kept = torch.ones(num_experts, dtype=torch.bool, device=device)
+        if rule.kind == "G":  # sparsemixer: the first expert is the max of the logits
+            first = int(selection.max(dim=-1)[1][0])
+        else:  # the best of the family's own choice (topk sorts best first)
+            first = int(torch.topk(selection.masked_fill(~kept, float("-inf")), top_k, dim=-1)[1][0, 0])
+        allowed = _allowed_row(allowed_lists, first, top_t, num_experts).to(device)
+        if int(allowed.sum()) < top_k:
+            raise ValueError(f"router_oracles: token {token}: only {int(allowed.sum())} experts allowed for "
+                             f"expert {first}, fewer than k={top_k}")
+        if rule.kind == "G":
+            rest = selection.masked_fill(~allowed, float("-inf")).clone()
+            rest[0, first] = float("-inf")
+            second = int(rest.max(dim=-1)[1][0])
+            chosen = torch.tensor([[first, second]], device=device)
+        else:
+            inside = allowed & kept
+            if int(inside.sum()) >= top_k:
+                chosen = torch.topk(selection.masked_fill(~inside, float("-inf")), top_k, dim=-1,
+                                    sorted=rule.topk_sorted)[1]
+            else:  # the group limit cannot be met with allowed experts: all inside, then the best outside
+                missing = top_k - int(inside.sum())
+                outside = torch.topk(selection.masked_fill(~(allowed & ~kept), float("-inf")), missing, dim=-1)[1]
+                chosen = torch.cat((inside.nonzero().reshape(1, -1), outside), dim=-1)
+        all_indices.append(chosen)
+    indices = torch.cat(all_indices).to(torch.int64)
+    # the weight rule runs once on the whole batch: elementwise kernels round a [1, k] row and an [N, k] batch
+    # differently (vectorised vs scalar paths), and the family runs it on the batch
+    return indices, _weights(model_type, router, scored, indices)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The router's own output, and what the experts receive
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dense_to_choice(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nonzero entries of a dense [N, E] score matrix: indices [N, c] ascending (-1 padded) and their values."""
+    nonzero = dense != 0
+    width = int(nonzero.sum(dim=-1).max()) if dense.shape[0] else 0
+    order = torch.sort((~nonzero).to(torch.int8), dim=-1, stable=True)[1][:, :width]
+    indices = torch.where(nonzero.gather(1, order), order, torch.full_like(order, -1))
+    values = torch.where(indices >= 0, dense.gather(1, order), torch.zeros((), dtype=dense.dtype))
+    return indices, values
+
+
+def router_output(model_type: str, block: torch.nn.Module, router: torch.nn.Module,
+                  hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Calls the real router as its block does; returns ``(logits, indices, weights)``.
+
+    MiniMax-M2 / HY-V3 pass the block's bias buffer, AFMoE its ``expert_bias`` (and a [1, N, H] input); Llama 4's
+    dense matrix becomes its nonzero entries (indices ascending).
+    """
+    model_type = _canonical(model_type)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if model_type in ("minimax_m2", "hy_v3"):
+        logits, weights, indices = router(hidden, block.e_score_correction_bias)
+    elif model_type == "afmoe":
+        logits, weights, indices = router(hidden[None], block.expert_bias)
+    elif model_type == "llama4_text":
+        dense, logits = router(hidden)
+        indices, weights = _dense_to_choice(dense)
+    else:
+        logits, weights, indices = router(hidden)
+    return logits, indices, weights
+
+
+@contextlib.contextmanager
+def captured_choices(model: torch.nn.Module, source: str = "experts",
+                     with_weights: bool = False) -> Iterator[dict[int, list]]:
+    """Record, per MoE layer (absolute index), the experts chosen at every forward call: a list of [N, k] tensors.
+
+    ``source="experts"``: the ``top_k_index`` the experts module receives (forward pre-hook; gpt-oss names it
+    ``router_indices``); Llama 4: the nonzero entries of the dense score matrix the block scales the experts' input
+    with (forward hook on the router).  LongCat with zero experts: the experts receive ``top_k_index`` with every
+    zero-expert slot remapped to a real expert index with weight 0 (LongcatFlashMoE.forward); ``source="router"``
+    records the router's own indices instead (zero experts as indices ≥ n_routed_experts).  ``with_weights``:
+    entries become ``(indices, weights)`` pairs.
+    """
+    if source not in ("experts", "router"):
+        raise ValueError(f"captured_choices: source must be 'experts' or 'router', not {source!r}")
+    model_type = _canonical(model.config.model_type)
+    captured: dict[int, list] = {}
+    handles = []
+
+    def record(index: int, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        indices = indices.detach().reshape(-1, indices.shape[-1]).clone()
+        entry = (indices, weights.detach().reshape(indices.shape).clone()) if with_weights else indices
+        captured.setdefault(index, []).append(entry)
+
+    for index, (block, router) in router_modules(model).items():
+        if model_type == "llama4_text":
+            def dense_hook(module, args, output, index=index):
+                record(index, *_dense_to_choice(output[0]))
+
+            handles.append(router.register_forward_hook(dense_hook))
+        elif source == "router":
+            def router_hook(module, args, output, index=index):
+                record(index, output[2], output[1])
+
+            handles.append(router.register_forward_hook(router_hook))
+        else:
+            def experts_hook(module, args, kwargs, index=index):
+                indices = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+                weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+                record(index, indices, weights)
+
+            handles.append(_experts_module(model_type, block).register_forward_pre_hook(experts_hook,
+                                                                                        with_kwargs=True))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Balance loss
+# --------------------------------------------------------------------------------------------------------------
+
+_ADDS_BALANCE_LOSS = frozenset({
+    "minimax_m2", "minimax_m3_vl_text", "ernie4_5_moe", "gpt_oss", "granitemoe", "granitemoeshared",
+    "granitemoehybrid", "granitemoe_swa", "phimoe", "laguna",
+})
+
+
+def causal_lm_adds_balance_loss(model_type: str) -> bool:
+    """Whether the type's ``*ForCausalLM.forward`` adds ``router_aux_loss_coef × load_balancing_loss_func(...)``.
+
+    It does so when ``output_router_logits`` is on (and adds it to the loss when labels are given), with
+    ``(outputs.router_logits, num_experts, num_experts_per_tok, attention_mask)``.  The DeepSeek-V3-style,
+    Llama 4, Aria, AFMoE, LongCat, Kolibri, Inkling2, HY-V3/V4 and Ergo causal LMs add no balance loss.
+    """
+    return _canonical(model_type) in _ADDS_BALANCE_LOSS
+
+
+def oracle_balance_loss(router_logits_per_layer: Sequence[torch.Tensor], chosen_per_layer: Sequence[torch.Tensor],
+                        num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func`` in float64, counting the ACTUAL chosen experts.
+
+    Per layer: P = softmax(router logits) over all experts (also for sigmoid routers: the file applies softmax to
+    whatever logits the routers returned); the file's own count takes ``topk(P, top_k)``, this one the given
+    ``chosen_per_layer`` [N, top_k].  Counts and probability sums are accumulated over all layers (padding rows
+    weighted 0 by the flat ``attention_mask`` [B, S]), each divided by the total number of kept rows over all
+    layers; loss = num_experts × Σ_e f_e · P_e.
+    """
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    probability = torch.zeros(num_experts, dtype=torch.float64)
+    rows = torch.zeros((), dtype=torch.float64)
+    for logits, chosen in zip(router_logits_per_layer, chosen_per_layer, strict=True):
+        logits = logits.detach().reshape(-1, logits.shape[-1]).to("cpu", torch.float64)
+        chosen = chosen.detach().reshape(logits.shape[0], -1).to("cpu", torch.int64)
+        if chosen.shape[1] != top_k:
+            raise ValueError(f"oracle_balance_loss: {chosen.shape[1]} chosen experts per token, top_k={top_k}")
+        keep = (torch.ones(logits.shape[0], dtype=torch.float64) if attention_mask is None
+                else attention_mask.detach().reshape(-1).to("cpu", torch.float64))
+        counts.index_add_(0, chosen.reshape(-1), keep.repeat_interleave(top_k))
+        probability += (torch.softmax(logits, dim=-1) * keep[:, None]).sum(dim=0)
+        rows += keep.sum()
+    return num_experts * ((counts / rows) * (probability / rows)).sum()
