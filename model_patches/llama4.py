@@ -24,7 +24,6 @@ LLAMA4 = register(
         block_attr="feed_forward",
         router_attr="router",
         router_output=RouterOutput(scores=1, scores_are="sigmoid_logits", weights=0, indices=None),
-        hidden_dim_attr="in_features",
         shared_expert_attrs=("shared_expert",),
         aux_loss_coef_attr=None,
         training_switches=(),

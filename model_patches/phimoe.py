@@ -1,12 +1,12 @@
 """PhiMoE / Phi-3.5-MoE (``transformers/models/phimoe/modeling_phimoe.py``, v5.25).
 
 Every ``model.layers[i].mlp`` is a ``PhimoeSparseMoeBlock``; router ``mlp.router`` (``PhimoeTopKRouter``, an
-``nn.Linear``) chooses with **sparsemixer** (Liu et al., 2024): the first expert is the best logit, the second the
-best after masking it, each weight a softmax over the logits within a relative threshold of that pick; in training
-both picks are Gumbel *samples* and the weights carry a Heun-method gradient.  The structure serves every feature
-that needs only where routers and experts are; the selection override (C2R) and the balance loss on the actual
-choice are not implemented for sparsemixer yet and refuse with that reason.  The causal LM adds transformers'
-load-balancing loss.
+``nn.Linear`` ``[E, H]``) chooses two experts with **sparsemixer** (:mod:`model_patches.sparsemixer`): the best
+logit, then the best of the rest, each weighted by a softmax over the logits within a relative threshold
+(``router_jitter_noise``) of the pick; in training both picks are Gumbel samples and the weights carry a Heun-method
+gradient, and the router multiplies its input by a uniform jitter (``input_jitter_noise``) first.  C2R restricts the
+second pick to the first expert's allowed set — exact at eval; in training it restricts the *sampling*, the weights
+staying the family's.  The causal LM adds transformers' load-balancing loss.
 """
 
 from model_patches.registry import register
@@ -18,11 +18,9 @@ PHIMOE = register(
         name="phimoe",
         model_types=("phimoe",),
         block_classes=("PhimoeSparseMoeBlock",),
-        routing=RoutingRule(score="logits"),
-        routing_problem=("PhimoeTopKRouter chooses with sparsemixer (two sequential, thresholded picks, sampled in "
-                         "training), which moepatch's routing rule does not express yet"),
+        routing=RoutingRule(score="logits", selection="sparsemixer", jitter="router_jitter_noise",
+                            input_jitter="input_jitter_noise"),
         router_attr="router",
-        hidden_dim_attr="in_features",
         gate_substring_note="fused experts mlp.experts.gate_up_proj; the router is 'router'",
     )
 )

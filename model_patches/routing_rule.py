@@ -66,6 +66,8 @@ class RouterSettings:
     kept_groups: int | None = None
     group_limit: GroupLimit | None = None
     weight_attr: str = "weight"
+    jitter: float = 0.0
+    input_jitter: float = 0.0
 
 
 def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | None, *, top_k: int,
@@ -92,6 +94,8 @@ def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | Non
         kept_groups=kept,
         group_limit=limit,
         weight_attr=weight_attr,
+        jitter=number(rule.jitter) or 0.0,
+        input_jitter=number(rule.input_jitter) or 0.0,
     )
 
 
@@ -180,9 +184,16 @@ def expert_weights(
 
 def decide(
     rule: RoutingRule, settings: RouterSettings, logits: torch.Tensor, *, input_dtype: torch.dtype,
-    selector: ExpertSelector | None = None, bias: torch.Tensor | None = None,
+    selector: ExpertSelector | None = None, bias: torch.Tensor | None = None, training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 2–4 from the logits: ``(weights, indices [N, k])`` (weights ``[N, k]``, or ``[N, E]`` when dense)."""
+    """Steps 2–4 from the logits: ``(weights, indices [N, k])`` (weights ``[N, k]``, or ``[N, E]`` when dense).
+
+    A sparsemixer rule asks the selector only which experts a first pick allows (its ``allowed_for`` attribute, set
+    by constrained selectors such as C2R's); the vanilla selector has none."""
+    if rule.selection == "sparsemixer":
+        from model_patches.sparsemixer import sparsemixer
+
+        return sparsemixer(logits, settings.jitter, training, getattr(selector, "allowed_for", None))
     scores = scores_of(rule, logits)
     selection, ungrouped = selection_scores(rule, settings, scores, bias)
     selector = vanilla_selector(rule) if selector is None else selector
@@ -203,15 +214,20 @@ def execute(
     argument); ``selector=None`` is the family's own top-k.
     """
     weight = read_attribute(router, None, settings.weight_attr)
+    training = bool(getattr(router, "training", False))
+    if training and settings.input_jitter > 0:  # in place on the caller's tensor, as the family's router does
+        hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - settings.input_jitter,
+                                                                  1.0 + settings.input_jitter)
     hidden = hidden_states.reshape(-1, weight.shape[-1])
     if rule.no_autocast:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             logits = router_logits(rule, settings, router, hidden)
             weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
-                                      bias=bias)
+                                      bias=bias, training=training)
     else:
         logits = router_logits(rule, settings, router, hidden)
-        weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector, bias=bias)
+        weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
+                                  bias=bias, training=training)
     if rule.dense_weights:
         return weights, logits
     return logits, weights, indices

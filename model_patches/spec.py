@@ -117,6 +117,14 @@ class RoutingRule:
     """Position (after the hidden states) of the bias when the block passes it to the router's ``forward``
     (MiniMax-M2's ``gate(hidden, self.e_score_correction_bias)``): the patched forward takes it from there."""
     group_limit: GroupLimit | None = None
+    selection: Literal["topk", "sparsemixer"] = "topk"
+    """``"topk"``: one ``torch.topk`` over the selection scores; ``"sparsemixer"``: PhiMoE's two thresholded picks
+    (:mod:`model_patches.sparsemixer`, sampled in training), whose weights are its multipliers."""
+    jitter: str | None = None
+    """Path of sparsemixer's relative threshold ``jitter_eps`` (PhiMoE's ``router_jitter_noise``)."""
+    input_jitter: str | None = None
+    """Path of a training-time multiplicative input noise the router applies to its input in place (PhiMoE's
+    ``input_jitter_noise``), reproduced with the same draw."""
     sorted_topk: bool = True
     """Whether the family's ``torch.topk`` sorts (DeepSeek-V2 / V3 pass ``sorted=False``): the vanilla selector
     makes the same call, so the patched router is bit-identical, order included."""

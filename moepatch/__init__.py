@@ -84,13 +84,14 @@ from moepatch.patch import PatchHandle  # noqa: E402
 from moepatch.patch import apply  # noqa: E402
 from moepatch.patch import get_handle  # noqa: E402
 from moepatch.patch import patched  # noqa: E402
+from moepatch.routing.bias_update import BIAS_UPDATE  # noqa: E402
 from moepatch.routing.freeze import FREEZE_GATE  # noqa: E402
 from moepatch.routing.recorder import RoutingRecorder  # noqa: E402
 from moepatch.routing.statistics import ROUTING_STATS  # noqa: E402
 from moepatch.routing.statistics import RoutingStatsConfig  # noqa: E402
 
 # The features: planned and installed in this order, undone in reverse; a new feature is one more entry here
-register_features(FREEZE_GATE, ROUTING_STATS, C2R, LORA_EXPERTS)
+register_features(FREEZE_GATE, ROUTING_STATS, C2R, LORA_EXPERTS, BIAS_UPDATE)
 
 # AutoConfig / AutoModelForCausalLM know model_types "llama_moe" and "moduleformer" once moepatch is imported
 _register_llama_moe()

@@ -96,7 +96,7 @@ def test_one_registration_reaches_config_apply_handle_and_inspect(router_scale, 
 
 def test_features_install_in_registration_order_and_names_are_unique():
     names = [feature.name for feature in registered_features()]
-    assert names == ["freeze_gate", "routing_stats", "c2r", "lora_experts"]
+    assert names == ["freeze_gate", "routing_stats", "c2r", "lora_experts", "bias_update"]
     with pytest.raises(ValueError, match="already registered"):
         register_feature(registered_features()[0])
     with pytest.raises(ValueError, match="field of the moepatch block"):

@@ -2,10 +2,21 @@
 
 Expert-parallel engines shard experts contiguously (experts ``0 .. E/D-1`` on device 0, ...).  To give such an
 engine the groups of :func:`moepatch.c2r.placement.plan_placement`, the experts are renumbered: new expert ``n`` of a
-layer is old expert ``permutation[n]``.  Routing is equivariant under renaming (router rows move with the experts,
-C2R lists are renumbered): the permuted model chooses the same experts under the renaming and computes the same
-logits up to float32 rounding (tested).  Not bit for bit: the routers' float32 softmax sums the experts in id order,
-so renamed experts get weights that differ by one ulp, and eager experts also accumulate outputs in id order.
+layer is old expert ``permutation[n]``.  Routing is equivariant under renaming when *every* per-expert tensor of the
+routing moves with the experts — the router rows, a per-expert linear bias of the logits, and the selection bias the
+family's :class:`~model_patches.spec.RoutingRule` names (a buffer, or a parameter of another shape such as ``[1, E]``,
+on the router or on the sparse block: it is not a router *parameter*, so it is taken from the rule, never guessed
+from names) — and C2R lists are renumbered.  Then the permuted model chooses the same experts under the renaming and
+computes the same logits up to float32 rounding (tested).  Not bit for bit: a float32 softmax sums the experts in id
+order, so renamed experts get weights that differ by one ulp, and eager experts also accumulate outputs in id order.
+
+Two renamings are refused, naming the layer and the field, before anything changes:
+
+* one that moves an expert out of its **routing group** where the router has a group limit (DeepSeek-V3's
+  ``n_group`` / ``topk_group``): a group is a fixed range of expert ids, so such a renaming changes which experts
+  compete in a group, hence the choice itself (tested: the logits change);
+* any renaming of a model whose exact routing rule moepatch does not know, or whose router or block holds a tensor
+  with an expert axis that the rule does not declare: equivariance cannot be shown there.
 """
 
 from __future__ import annotations
@@ -14,18 +25,49 @@ import json
 import shutil
 from collections.abc import Mapping
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from typing import Literal
 
 import torch
 from torch import nn
 
+from model_patches.routing_rule import router_settings
+from model_patches.spec import read_attribute
 from model_patches.structure import MoEModel
 from model_patches.structure import attribute_path
 from model_patches.structure import describe
+from moepatch.c2r.placement import group_crossings
 from moepatch.config import CONFIG_KEY
 
 PERMUTATION_FILE = "expert_permutation.json"
+
+Layout = Literal["rows", "stacked_rows", "flat", "list"]
+"""How a tensor carries the expert axis: ``"rows"`` ``[E, ...]``; ``"stacked_rows"`` ``[E·R, ...]`` (blocks of ``R``
+rows); ``"flat"`` ``E`` entries in any shape with one axis of size ``E`` (a selection bias ``[E]`` or ``[1, E]``);
+``"list"`` a ``ParameterList`` of ``E`` entries."""
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One tensor of a layer that carries the expert axis, and how (see :data:`Layout`)."""
+
+    name: str
+    """Block-relative name (``gate.weight``, ``gate.e_score_correction_bias``, ``experts.down_proj``)."""
+    tensor: torch.Tensor | nn.ParameterList
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class RoutingGroups:
+    """A layer's group limit that binds: the router chooses only within the ``kept`` best of ``groups`` contiguous
+    expert groups (expert ``e`` is in group ``e // (E / groups)``), ``kept < groups``."""
+
+    groups: int
+    kept: int
+    fields: str
+    """The router settings it comes from, for messages (``gate.num_group=4, gate.topk_group=2``)."""
 
 
 def _check_permutation(permutation: Sequence[int], num_experts: int, layer: int) -> None:
@@ -34,75 +76,185 @@ def _check_permutation(permutation: Sequence[int], num_experts: int, layer: int)
                          f"got {list(permutation)}")
 
 
-def _expert_tensors(model: MoEModel, index: int) -> list[tuple[str, nn.Parameter | nn.ParameterList]]:
-    """Every tensor of layer ``index`` that carries the expert axis, per the family spec; raises on anything else."""
+def _block_relative(model: MoEModel, path: str) -> str:
+    """A rule path (router-relative, or ``^name`` on the block) as a block-relative name for messages."""
+    return path[1:] if path.startswith("^") else f"{model.family.router_attr}.{path}"
+
+
+def routing_groups(model: MoEModel) -> dict[int, RoutingGroups]:
+    """MoE layers whose router's group limit binds (``kept < groups``), from the family's rule; other layers absent.
+
+    A limit that keeps every group masks nothing (``topk_group >= n_group``, e.g. a checkpoint with
+    ``n_group = topk_group = 1``), so it does not constrain a renumbering.  Works on a meta-device skeleton (only
+    settings are read).
+
+    Raises:
+        ValueError: the routing rule is not known (:attr:`MoEModel.routing_problem`): a limit cannot be ruled out.
+    """
+    model.require_routing_rule("expert placement within routing groups")
+    rule = model.family.routing
+    found: dict[int, RoutingGroups] = {}
+    for layer in model.layers:
+        limit = rule.active_group_limit(layer.router, layer.block)
+        if limit is None:
+            continue
+        settings = router_settings(rule, layer.router, layer.block, top_k=model.top_k)
+        groups, kept = settings.groups, settings.kept_groups
+        if groups is None or kept is None or groups <= 1 or kept >= groups:
+            continue
+        if model.num_experts % groups:
+            raise ValueError(f"layer {layer.index}: {_block_relative(model, limit.groups)}={groups} does not divide "
+                             f"the {model.num_experts} experts into equal routing groups")
+        fields = f"{_block_relative(model, limit.groups)}={groups}, {_block_relative(model, limit.kept_groups)}={kept}"
+        found[layer.index] = RoutingGroups(groups=groups, kept=kept, fields=fields)
+    return found
+
+
+def _selection_bias(model: MoEModel, index: int) -> ExpertTensor | None:
+    """The selection bias the rule names for layer ``index`` (``None`` when the rule has none); its ``E`` entries
+    must lie along one axis (``[E]``, ``[1, E]``)."""
+    path = model.family.routing.selection_bias
+    if path is None:
+        return None
+    layer, name = model.layer(index), _block_relative(model, path)
+    tensor = read_attribute(layer.router, layer.block, path)
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"layer {index}: the routing rule's selection bias {name} is not a tensor of this model; "
+                         "cannot permute it with the experts")
+    if tensor.numel() != model.num_experts or max(tensor.shape, default=0) != model.num_experts:
+        raise ValueError(f"layer {index}: selection bias {name} has shape {tuple(tensor.shape)}, not "
+                         f"E={model.num_experts} entries along one axis; cannot permute")
+    return ExpertTensor(name, tensor, "flat")
+
+
+def _undeclared(model: MoEModel, index: int, taken: set[int]) -> list[str]:
+    """Tensors of the router (buffers) and of the block itself (its own parameters and buffers) with an axis of size
+    ``E`` that nothing declares: a renumbering would leave them in the old order."""
+    layer, num_experts, spec = model.layer(index), model.num_experts, model.family
+    candidates = [(f"{spec.router_attr}.{name}", t) for name, t in layer.router.named_buffers()]
+    candidates += [(name, t) for name, t in layer.block.named_buffers(recurse=False)]
+    candidates += [(name, t) for name, t in layer.block.named_parameters(recurse=False)]
+    return [name for name, tensor in candidates
+            if id(tensor) not in taken and tensor.dim() and num_experts in tuple(tensor.shape)]
+
+
+def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
+    """Every tensor of layer ``index`` that carries the expert axis, per the family spec and rule; raises on anything
+    else (a declared tensor of the wrong shape, an undeclared per-expert tensor)."""
     spec, layer, num_experts = model.family, model.layer(index), model.num_experts
-    found: list[tuple[str, nn.Parameter | nn.ParameterList]] = []
+    bias = _selection_bias(model, index)
+    found: list[ExpertTensor] = []
     router_parameters = dict(layer.router.named_parameters())
     for name in spec.router_expert_parameters or tuple(router_parameters):
         if name not in router_parameters:
             raise ValueError(f"layer {index}: router has no parameter {name!r}")
-        found.append((f"{spec.router_attr}.{name}", router_parameters[name]))
+        if bias is not None and router_parameters[name] is bias.tensor:
+            continue  # a selection bias kept as a parameter (ERNIE's [1, E]): permuted below, by its own layout
+        found.append(ExpertTensor(f"{spec.router_attr}.{name}", router_parameters[name], "rows"))
+    stacked = spec.expert_storage == "stacked_rows"  # expert tensors stack each expert's rows: [E·R, ...]
     for path in spec.expert_modules or (spec.experts_attr,):
         module = attribute_path(layer.block, path)
         if not isinstance(module, nn.Module):
             raise ValueError(f"layer {index}: no expert module {path!r}")
         for name, child in module.named_children():
             if isinstance(child, nn.ParameterList) and len(child) == num_experts:
-                found.append((f"{path}.{name}", child))
+                found.append(ExpertTensor(f"{path}.{name}", child, "list"))
             elif any(True for _ in child.parameters()):
                 raise ValueError(f"layer {index}: {path}.{name} holds parameters in an unknown layout")
-        found.extend((f"{path}.{name}", p) for name, p in module.named_parameters(recurse=False))
-    stacked = spec.expert_storage == "stacked_rows"  # expert tensors stack each expert's rows: [E·R, ...]
-    for name, tensor in found:
-        if not isinstance(tensor, nn.Parameter):
+        found.extend(ExpertTensor(f"{path}.{name}", p, "stacked_rows" if stacked else "rows")
+                     for name, p in module.named_parameters(recurse=False))
+    if bias is not None:
+        found.append(bias)
+    for entry in found:
+        if entry.layout in ("list", "flat"):
             continue
-        rows = tensor.shape[0] if tensor.dim() else 0
-        if stacked and not name.startswith(f"{spec.router_attr}."):
+        rows = entry.tensor.shape[0] if entry.tensor.dim() else 0
+        if entry.layout == "stacked_rows":
             fits, want = rows > 0 and rows % num_experts == 0, f"[E·R = {num_experts}·R, ...]"
         else:
             fits, want = rows == num_experts, f"[E={num_experts}, ...]"
         if not fits:
-            raise ValueError(f"layer {index}: {name} has shape {tuple(tensor.shape)}, not {want}; cannot permute")
+            raise ValueError(f"layer {index}: {entry.name} has shape {tuple(entry.tensor.shape)}, not {want}; cannot "
+                             "permute")
+    undeclared = _undeclared(model, index, {id(entry.tensor) for entry in found})
+    if undeclared:
+        raise ValueError(f"layer {index}: {', '.join(undeclared)} has an axis of size E={num_experts} that the "
+                         "family's routing rule does not declare (not its selection bias): a renumbering would leave "
+                         "it in the old expert order; cannot permute")
     return found
 
 
-def check_permutable(model: MoEModel) -> None:
+def check_permutable(model: MoEModel, *, structure_only: bool = False) -> None:
     """Raise ``ValueError`` if the experts of ``model`` cannot be renumbered (works on a meta-device skeleton).
 
     A checkpoint carrying LoRA experts (``moepatch.lora_experts``) is refused: their weights live in a file beside the
-    checkpoint and those on routed experts belong to expert ids, which a renumbering would silently detach.
+    checkpoint and those on routed experts belong to expert ids, which a renumbering would silently detach.  So is a
+    model whose exact routing rule is unknown: its router may hold per-expert state or a group limit that a renumbering
+    would break.  ``structure_only=True`` (a weightless skeleton, whose probed rule is not known yet) checks what it
+    can without the rule; the loaded model is checked in full before anything is written.
     """
     block = getattr(model.inner.config, CONFIG_KEY, None)
     if isinstance(block, dict) and block.get("lora_experts") not in (None, False):
         raise ValueError(f"{CONFIG_KEY}.lora_experts: the checkpoint carries LoRA experts, which a permuted copy would "
                          "not renumber (their weights are per routed expert); merge them into the base "
                          "(moepatch.lora_experts.merge_into_base) or permute the checkpoint without them")
+    if structure_only and model.routing_problem is not None:
+        return
+    model.require_routing_rule("expert permutation")
     for index in model.moe_layer_indices:
         _expert_tensors(model, index)
+
+
+def check_permutations(model: MoEModel, permutations: Mapping[int, Sequence[int]]) -> None:
+    """Raise ``ValueError`` naming the layer when a renumbering is not a permutation of the experts, names a layer
+    that is not a MoE layer, or moves an expert out of its routing group (see :func:`routing_groups`)."""
+    limited = routing_groups(model)
+    for index, permutation in permutations.items():
+        if index not in model.moe_layer_indices:
+            raise ValueError(f"expert permutation of layer {index}: not a MoE layer (MoE layers are "
+                             f"{model.moe_layer_indices})")
+        _check_permutation(permutation, model.num_experts, index)
+        if index not in limited:
+            continue
+        limit = limited[index]
+        crossings = group_crossings(permutation, limit.groups)
+        if crossings:
+            size = model.num_experts // limit.groups
+            new, old = crossings[0]
+            raise ValueError(
+                f"expert permutation of layer {index}: the router's group limit ({limit.fields}) chooses experts only "
+                f"within the {limit.kept} best of {limit.groups} routing groups of {size} contiguous expert ids, so a "
+                f"renumbering must map each group's ids onto themselves; new expert {new} would be old expert {old} "
+                f"(group {new // size} ≠ group {old // size}; {len(crossings)} expert(s) cross groups), which changes "
+                "which experts compete in a group and hence the routing"
+            )
 
 
 def permute_experts(model: MoEModel, permutations: Mapping[int, Sequence[int]]) -> None:
     """In place: in each listed MoE layer, new expert ``n`` becomes old expert ``permutations[layer][n]``.
 
-    The family spec says which tensors carry the expert axis: router rows producing the per-expert scores, stacked
-    ``[E, ...]`` expert tensors (reordered along dim 0), ``[E·R, ...]`` row stacks (blocks of ``R`` rows reordered)
-    and per-expert ``ParameterList``s (entries reordered).
-    Everything is checked before the first change.
+    The family spec and rule say which tensors carry the expert axis: router rows producing the per-expert scores
+    (and a per-expert logit bias), the rule's selection bias (buffer or parameter, on the router or the block),
+    stacked ``[E, ...]`` expert tensors (reordered along dim 0), ``[E·R, ...]`` row stacks (blocks of ``R`` rows
+    reordered) and per-expert ``ParameterList``s (entries reordered).
+    Everything is checked before the first change (:func:`check_permutable`, :func:`check_permutations`).
     """
-    plan = []
-    for index, permutation in permutations.items():
-        _check_permutation(permutation, model.num_experts, index)
-        plan.append((list(permutation), _expert_tensors(model, index)))
+    check_permutable(model)
+    check_permutations(model, permutations)
+    plan = [(list(permutation), _expert_tensors(model, index)) for index, permutation in permutations.items()]
     with torch.no_grad():
-        for permutation, tensors in plan:
-            for _, tensor in tensors:
+        for permutation, entries in plan:
+            for entry in entries:
+                tensor = entry.tensor
                 if isinstance(tensor, nn.ParameterList):
-                    entries = list(tensor)
+                    old_entries = list(tensor)
                     for new, old in enumerate(permutation):
-                        tensor[new] = entries[old]
+                        tensor[new] = old_entries[old]
+                    continue
+                order = torch.tensor(permutation, device=tensor.device)
+                if entry.layout == "flat":  # [E] or [1, E]: the E entries in memory order
+                    tensor.copy_(tensor.reshape(-1)[order].reshape(tensor.shape))
                 else:  # [E, ...], or [E·R, ...] stacked rows: move each expert's block of R rows
-                    order = torch.tensor(permutation, device=tensor.device)
                     per_expert = tensor.view(len(permutation), -1, *tensor.shape[1:])
                     tensor.copy_(per_expert[order].reshape(tensor.shape))
 

@@ -170,12 +170,21 @@ def profile_for_placement(
 ) -> dict[str, CoactivationProfile]:
     """Profile ``checkpoint`` under vanilla routing and, when it has C2R fields, under C2R, keeping every token's
     chosen experts.  Returns ``{"vanilla": …, "c2r": …}`` (``"c2r"`` only with C2R fields)."""
-    from moepatch.c2r.profiling import corpus_batches
-    from moepatch.c2r.profiling import profile_coactivation
     from moepatch.loading.pretrained import load_for_command
-    from moepatch.patch import patched
 
     model = load_for_command(checkpoint, patch=False)  # never runs the folder's own code; no weight missing
+    return _profile_loaded(model, tokenizer, documents, batch_size=batch_size, max_length=max_length,
+                           max_tokens=max_tokens, seed=seed, progress=progress)
+
+
+def _profile_loaded(model: torch.nn.Module, tokenizer: Any, documents: list[str], *, batch_size: int,
+                    max_length: int, max_tokens: int | None, seed: int, progress: bool
+                    ) -> dict[str, CoactivationProfile]:
+    """:func:`profile_for_placement` on an already loaded model."""
+    from moepatch.c2r.profiling import corpus_batches
+    from moepatch.c2r.profiling import profile_coactivation
+    from moepatch.patch import patched
+
     profiles = {}
     for routing, config in (("vanilla", {"c2r": False}), ("c2r", None)):
         with patched(model, config) as handle:
@@ -187,17 +196,21 @@ def profile_for_placement(
     return profiles
 
 
-def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *, seed: int = 0
-                   ) -> dict[str, dict[str, Any]]:
+def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *, seed: int = 0,
+                   routing_groups: Mapping[int, int] | None = None) -> dict[str, dict[str, Any]]:
     """Placement reports over ``ep_size`` devices from profiles with kept choices (copies per token counted
-    exactly), with absolute decoder-layer indices in the per-layer rows."""
+    exactly), with absolute decoder-layer indices in the per-layer rows.  ``routing_groups`` (absolute layer →
+    ``G``, see :func:`moepatch.c2r.permutation.routing_groups`) keeps those layers' plans inside routing groups."""
     from moepatch.c2r.placement import placement_report
 
+    routing_groups = dict(routing_groups or {})
     reports: dict[str, dict[str, Any]] = {}
     for routing, profile in profiles.items():
         report = placement_report(
             profile.matrices, ep_size, top_k=profile.top_k, seed=seed,
             indices={slot: profile.choices[layer] for slot, layer in enumerate(profile.layers)},
+            routing_groups={slot: routing_groups[layer] for slot, layer in enumerate(profile.layers)
+                            if layer in routing_groups},
         )
         for row in report["layers"]:  # positions → absolute decoder-layer indices
             row["layer"] = profile.layers[row["layer"]]
@@ -216,12 +229,49 @@ def place_checkpoint(
     max_tokens: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    permuted_for: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Placement reports of a checkpoint's experts over ``ep_size`` devices: ``"vanilla"`` routing, and ``"c2r"``
-    when the checkpoint has C2R fields (see :func:`profile_for_placement` and :func:`place_profiles`)."""
-    profiles = profile_for_placement(checkpoint, tokenizer, documents, batch_size=batch_size, max_length=max_length,
-                                     max_tokens=max_tokens, seed=seed, progress=progress)
-    return place_profiles(profiles, ep_size, seed=seed)
+    when the checkpoint has C2R fields (see :func:`profile_for_placement` and :func:`place_profiles`).
+
+    Layers whose router has a binding group limit are planned within their routing groups (read from the loaded
+    model's rule).  Where the exact rule is unknown the plan cannot know of a group limit: the reports say so in
+    ``"notes"``.  ``permuted_for`` names what will write a permuted copy from the plan (``--write-permuted``): the
+    loaded model's experts are then checked renumberable first, before profiling, and a refusal names it.
+
+    Raises:
+        CommandError: ``permuted_for`` is given and the experts cannot be renumbered, or the group limit is
+            malformed.
+    """
+    from model_patches.structure import describe
+    from moepatch.c2r.permutation import check_permutable
+    from moepatch.c2r.permutation import routing_groups
+    from moepatch.loading.pretrained import load_for_command
+
+    model = load_for_command(checkpoint, patch=False)  # never runs the folder's own code; no weight missing
+    moe = describe(model)
+    notes: list[str] = []
+    if permuted_for is not None:
+        try:
+            check_permutable(moe)
+        except ValueError as error:
+            raise CommandError(f"{permuted_for}: {checkpoint}: {error}") from None
+    try:
+        if moe.routing_problem is None:
+            groups = {index: limit.groups for index, limit in routing_groups(moe).items()}
+        else:
+            groups = {}
+            notes.append(f"the routers' exact routing rule is unknown ({moe.routing_problem}): the plan cannot know "
+                         "of a group limit, and a permuted copy of this checkpoint is refused")
+    except ValueError as error:
+        raise CommandError(f"{checkpoint}: {error}") from None
+    profiles = _profile_loaded(model, tokenizer, documents, batch_size=batch_size, max_length=max_length,
+                               max_tokens=max_tokens, seed=seed, progress=progress)
+    reports = place_profiles(profiles, ep_size, seed=seed, routing_groups=groups)
+    if notes:
+        for report in reports.values():
+            report["notes"] = list(notes)
+    return reports
 
 
 def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: int, *, top_k: int, seed: int = 0

@@ -20,6 +20,17 @@ the C2R profiling definition):
   equal size ``E / D`` (what expert parallelism can host).  Functions returning placements return them in canonical
   order: each group sorted ascending, groups ordered by their smallest expert.
 
+**Routing groups.**  A group-limited router (DeepSeek-V3's ``n_group`` / ``topk_group``) splits its experts into ``G``
+equal ranges of contiguous ids and chooses only within the best few ranges.  A renumbering that moves an expert to
+another range changes the routing, so with ``routing_groups=G`` the planners only return placements that a renumbering
+*within* routing groups realises under contiguous sharding: device ``d`` hosts new ids ``[d·E/D, (d+1)·E/D)``, and
+each routing group's ids map onto themselves.  How much freedom that leaves depends on ``D`` vs ``G``
+(:func:`routing_group_note`): with ``D <= G`` (``G/D`` whole groups per device) none — the plan is the contiguous
+placement, routing groups → devices, which is also what node-limited routing is designed for; with ``D > G`` each
+group is split over ``D/G`` devices and planned on its own; devices that straddle group boundaries are planned by a
+search that only swaps experts of one group.  Such placements are returned in **device order** (group ``d`` of the
+result is device ``d``), not canonical order.
+
 Every function accepts ``torch.Tensor`` or ``numpy`` input and works in float64 ``numpy`` internally (integer counts
 up to 2**53 stay exact, so ties and optima are decided exactly).
 """
@@ -157,17 +168,22 @@ def _group_ids(groups: Sequence[Sequence[int]], num_experts: int) -> np.ndarray:
     return group_of
 
 
-def validate_placement(groups: Sequence[Sequence[int]], num_experts: int, ep_size: int) -> None:
+def validate_placement(
+    groups: Sequence[Sequence[int]], num_experts: int, ep_size: int, *, routing_groups: int | None = None
+) -> None:
     """Check that ``groups`` is a placement expert parallelism can host.
 
     Args:
         groups (`Sequence[Sequence[int]]`): one list of expert ids per device.
         num_experts (`int`): number of experts ``E`` of the layer.
         ep_size (`int`): expert-parallel degree ``D``.
+        routing_groups (`int`, *optional*): ``G`` of a group-limited router; the placement, in device order, must then
+            be realisable by a renumbering within routing groups (see the module docstring).
 
     Raises:
         ValueError: if ``E`` is not divisible by ``D``, the number of groups is not ``D``, the groups are not a
-            partition of ``range(E)`` (duplicate, missing or out-of-range ids) or do not all hold ``E / D`` experts.
+            partition of ``range(E)`` (duplicate, missing or out-of-range ids) or do not all hold ``E / D`` experts,
+            or the renumbering :func:`expert_permutation` gives moves an expert out of its routing group.
     """
     group_size = _check_ep_size(num_experts, ep_size)
     if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
@@ -180,6 +196,61 @@ def validate_placement(groups: Sequence[Sequence[int]], num_experts: int, ep_siz
         raise ValueError(
             f"every device must host num_experts / ep_size = {group_size} experts, got group sizes {sizes}"
         )
+    count = _check_routing_groups(num_experts, routing_groups)
+    if count is not None:
+        crossings = group_crossings(expert_permutation(members), count)
+        if crossings:
+            new, old = crossings[0]
+            size = num_experts // count
+            raise ValueError(
+                f"the placement needs new expert {new} (routing group {new // size}) to be old expert {old} (routing "
+                f"group {old // size}): with {count} routing groups a renumbering must keep every expert in its group"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing groups of group-limited routers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_routing_groups(num_experts: int, routing_groups: int | None) -> int | None:
+    """Validate ``G``; ``None`` when it does not constrain anything (``None`` or a single group)."""
+    if routing_groups is None:
+        return None
+    if isinstance(routing_groups, bool) or not isinstance(routing_groups, (int, np.integer)) or routing_groups < 1:
+        raise ValueError(f"routing_groups must be a positive integer, got {routing_groups!r}")
+    if num_experts % routing_groups:
+        raise ValueError(f"routing_groups ({routing_groups}) does not divide the {num_experts} experts into equal "
+                         "routing groups")
+    return None if routing_groups == 1 else int(routing_groups)
+
+
+def group_crossings(permutation: Sequence[int], routing_groups: int) -> list[tuple[int, int]]:
+    """``(new id, old id)`` pairs of a renumbering (``permutation[new] = old``) that move an expert to another
+    routing group (expert ``e`` is in group ``e // (E / G)``); empty when it keeps every expert in its group.
+
+    Raises:
+        ValueError: if ``routing_groups`` does not divide ``len(permutation)``.
+    """
+    count = _check_routing_groups(len(permutation), routing_groups)
+    if count is None:
+        return []
+    size = len(permutation) // count
+    return [(new, int(old)) for new, old in enumerate(permutation) if new // size != int(old) // size]
+
+
+def routing_group_note(num_experts: int, ep_size: int, routing_groups: int) -> str:
+    """What keeping experts inside ``G`` routing groups leaves to plan over ``D`` devices, in words."""
+    per_device, per_group = num_experts // ep_size, num_experts // routing_groups
+    if per_device % per_group == 0:
+        return (f"each device hosts {per_device // per_group} whole routing group(s) of {per_group} experts, and a "
+                "renumbering within groups cannot change which experts share a device: the plan is the contiguous "
+                "placement (routing groups -> devices)")
+    if per_group % per_device == 0:
+        return (f"each routing group of {per_group} experts spans {per_group // per_device} devices; the plan "
+                "co-locates co-activated experts inside each group")
+    return (f"devices ({per_device} experts) straddle routing groups ({per_group} experts); the plan only exchanges "
+            "experts of one group between devices")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,13 +434,16 @@ def _objective(weights: np.ndarray, group_of: np.ndarray) -> float:
     return float(weights[same_group].sum() / 2.0)
 
 
-def _kernighan_lin(weights: np.ndarray, group_of: np.ndarray, ep_size: int, tolerance: float) -> np.ndarray:
+def _kernighan_lin(
+    weights: np.ndarray, group_of: np.ndarray, ep_size: int, tolerance: float, swappable: np.ndarray | None = None
+) -> np.ndarray:
     """Improve an equal-size assignment with Kernighan–Lin passes of pairwise swaps between groups.
 
     A pass repeatedly applies the best swap of two unlocked experts from different groups — even if it lowers the
     objective, which lets the search climb out of local optima — and locks both.  The pass is then rolled back to
     its best prefix; passes repeat while that prefix improves the objective by more than ``tolerance``.  Swapping
-    keeps every group at its size, so the result is still a valid placement.
+    keeps every group at its size, so the result is still a valid placement.  ``swappable`` (``[E, E]`` bool) restricts
+    the swaps to the pairs it allows (experts of one routing group).
 
     The gain of swapping ``a`` (group ``A``) with ``b`` (group ``B``) is
     ``M[a, B] + M[b, A] - M[a, A] - M[b, B] - 2 w[a, b]`` with ``M`` the expert-to-group affinity, computed for all
@@ -393,6 +467,8 @@ def _kernighan_lin(weights: np.ndarray, group_of: np.ndarray, ep_size: int, tole
             cross = affinity[:, group_of]  # cross[a, b] = affinity of a to b's group
             gains = cross + cross.T - own[:, None] - own[None, :] - 2.0 * weights
             forbidden = (group_of[:, None] == group_of[None, :]) | locked[:, None] | locked[None, :]
+            if swappable is not None:
+                forbidden |= ~swappable
             if forbidden.all():
                 break
             gains[forbidden] = -np.inf
@@ -420,6 +496,7 @@ def plan_placement(
     seed: int = 0,
     restarts: int = 8,
     exhaustive_limit: int = 20000,
+    routing_groups: int | None = None,
 ) -> Placement:
     """Plan an equal-size placement that keeps frequently co-activated experts on the same device.
 
@@ -442,18 +519,27 @@ def plan_placement(
         restarts (`int`, *optional*, defaults to 8): number of local searches of the heuristic (at least 1).
         exhaustive_limit (`int`, *optional*, defaults to 20000): largest partition count solved exactly; 0 forces
             the heuristic.
+        routing_groups (`int`, *optional*): ``G`` of a group-limited router: plan only placements a renumbering
+            within routing groups realises (:func:`_plan_within_routing_groups`); ``None`` or 1: no constraint.
 
     Returns:
-        `list[list[int]]`: the placement in canonical order (groups sorted, ordered by smallest expert).
+        `list[list[int]]`: the placement in canonical order (groups sorted, ordered by smallest expert); with
+        ``routing_groups`` in device order (each group sorted), so that :func:`expert_permutation` keeps every expert
+        in its routing group.
 
     Raises:
-        ValueError: for a malformed matrix, a ``D`` that does not divide ``E`` or ``restarts < 1``.
+        ValueError: for a malformed matrix, a ``D`` that does not divide ``E``, a ``G`` that does not divide ``E``
+            or ``restarts < 1``.
     """
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
     weights = _pair_weights(matrix)
     num_experts = weights.shape[0]
     group_size = _check_ep_size(num_experts, ep_size)
+    count = _check_routing_groups(num_experts, routing_groups)
+    if count is not None:
+        return _plan_within_routing_groups(weights, ep_size, count, seed=seed, restarts=restarts,
+                                           exhaustive_limit=exhaustive_limit)
     if group_size == 1 or ep_size == 1:
         return contiguous_placement(num_experts, ep_size)
     if count_equal_partitions(num_experts, ep_size) <= exhaustive_limit:
@@ -480,6 +566,100 @@ def plan_placement(
         if value > best_value + tolerance:
             best_value, best_assignment = value, assignment
     return _canonical([np.flatnonzero(best_assignment == group).tolist() for group in range(ep_size)])
+
+
+def _plan_within_routing_groups(
+    weights: np.ndarray, ep_size: int, routing_groups: int, *, seed: int, restarts: int, exhaustive_limit: int
+) -> Placement:
+    """Best placement realisable by a renumbering within ``G`` routing groups, in device order.
+
+    Device ranges (``P = E/D`` ids) and routing groups (``S = E/G`` ids) are both contiguous, so the experts split
+    into independent blocks of ``lcm(P, S)`` ids that no renumbering within groups can mix and no device crosses.
+    Inside a block:
+
+    * one device (``S`` divides ``P``): nothing to choose, the device hosts its whole groups;
+    * one routing group over several devices (``P`` divides ``S``): any equal split of the group is realisable, so
+      :func:`plan_placement` plans it (exact for small groups) on the group's own matrix;
+    * several of each (devices straddle group boundaries): :func:`_plan_straddling`.
+
+    The objective is a sum over devices, so the best blocks make the best placement.
+    """
+    num_experts = weights.shape[0]
+    per_device, per_group = num_experts // ep_size, num_experts // routing_groups
+    block = math.lcm(per_device, per_group)
+    placement: Placement = []
+    for start in range(0, num_experts, block):
+        local = weights[start : start + block, start : start + block]
+        devices = block // per_device
+        if devices == 1:
+            planned = [list(range(block))]
+        elif block == per_group:
+            planned = plan_placement(local, devices, seed=seed, restarts=restarts, exhaustive_limit=exhaustive_limit)
+        else:
+            planned = _plan_straddling(local, per_device, per_group, seed=seed, restarts=restarts,
+                                       exhaustive_limit=exhaustive_limit)
+        placement.extend(sorted(start + expert for expert in group) for group in planned)
+    return placement
+
+
+def _group_distributions(members: tuple[int, ...], slots: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+    """Every way to put ``members`` on devices with fixed counts ``slots = [(device, count), ...]``, as
+    ``(expert, device)`` lists."""
+    if not slots:
+        yield []
+        return
+    (device, count), rest = slots[0], slots[1:]
+    for chosen in itertools.combinations(members, count):
+        left = tuple(expert for expert in members if expert not in chosen)
+        for tail in _group_distributions(left, rest):
+            yield [(expert, device) for expert in chosen] + tail
+
+
+def _plan_straddling(
+    weights: np.ndarray, per_device: int, per_group: int, *, seed: int, restarts: int, exhaustive_limit: int
+) -> Placement:
+    """One block of :func:`_plan_within_routing_groups` whose devices straddle routing groups, in device order.
+
+    A renumbering within groups puts on device ``d`` exactly as many experts of group ``g`` as the contiguous
+    placement does (the overlap of their id ranges); which ones is free.  When the number of such assignments
+    (a product of multinomials) is at most ``exhaustive_limit`` they are all scored and the first best is kept;
+    otherwise Kernighan–Lin passes that only swap experts of one group run from the contiguous placement and from
+    ``restarts - 1`` random shuffles within groups (``numpy.random.default_rng(seed)``).
+    """
+    size = weights.shape[0]
+    devices = size // per_device
+    contiguous = np.arange(size) // per_device
+    routing = np.arange(size) // per_group
+    slots = [[(int(d), int(np.sum(contiguous[routing == g] == d))) for d in range(devices)
+              if np.any(contiguous[routing == g] == d)] for g in range(size // per_group)]
+    count = math.prod(math.factorial(per_group) // math.prod(math.factorial(c) for _, c in group) for group in slots)
+    best_value, best = -math.inf, contiguous
+    tolerance = 1e-12 * max(_total_pair_weight(weights), 1.0)
+    if count <= exhaustive_limit:
+        options = [list(_group_distributions(tuple(range(g * per_group, (g + 1) * per_group)), group))
+                   for g, group in enumerate(slots)]
+        for choice in itertools.product(*options):
+            assignment = np.empty(size, dtype=np.int64)
+            for part in choice:
+                for expert, device in part:
+                    assignment[expert] = device
+            value = _objective(weights, assignment)
+            if value > best_value + tolerance:
+                best_value, best = value, assignment
+    else:
+        generator = np.random.default_rng(seed)
+        swappable = routing[:, None] == routing[None, :]
+        for restart in range(restarts):
+            start = contiguous.copy()
+            if restart:
+                for g in range(size // per_group):
+                    members = np.flatnonzero(routing == g)
+                    start[members] = start[members][generator.permutation(len(members))]
+            assignment = _kernighan_lin(weights, start, devices, tolerance, swappable)
+            value = _objective(weights, assignment)
+            if value > best_value + tolerance:
+                best_value, best = value, assignment
+    return [np.flatnonzero(best == device).tolist() for device in range(devices)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,6 +744,7 @@ def placement_report(
     seed: int = 0,
     layers: Sequence[int] | None = None,
     indices: Mapping[int, ArrayLike] | None = None,
+    routing_groups: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """Plan every layer and compare it with the contiguous placement; JSON-serialisable.
 
@@ -579,12 +760,15 @@ def placement_report(
         seed (`int`, *optional*, defaults to 0): passed to :func:`plan_placement`.
         layers (`Sequence[int]`, *optional*): indices into the first dimension to report; default all.
         indices (`Mapping[int, ArrayLike]`, *optional*): ``{layer: [N, top_k] routed expert ids}``.
+        routing_groups (`Mapping[int, int]`, *optional*): ``{layer: G}`` for layers whose router has a binding group
+            limit; their plan keeps every expert in its routing group (:func:`plan_placement`), in device order.
 
     Returns:
         `dict`: ``{"ep_size", "num_experts", "top_k", "layers": [{"layer", "groups", "contiguous_copies_per_token",
         "planned_copies_per_token", "intra_group_fraction_contiguous", "intra_group_fraction_planned",
-        "copies_source"}], "mean_contiguous_copies_per_token", "mean_planned_copies_per_token",
-        "mean_intra_group_fraction_contiguous", "mean_intra_group_fraction_planned"}``.
+        "copies_source", "routing_groups"}], "mean_contiguous_copies_per_token", "mean_planned_copies_per_token",
+        "mean_intra_group_fraction_contiguous", "mean_intra_group_fraction_planned"}`` (``routing_groups``: ``G``
+        or ``None``).
 
     Raises:
         ValueError: if ``matrices`` is not ``[L, E, E]``, a layer is out of range or has no co-activation mass, or an
@@ -600,6 +784,7 @@ def placement_report(
         if not 0 <= layer < num_layers:
             raise ValueError(f"layer {layer} is out of range for {num_layers} layers")
     indices = dict(indices or {})
+    limits = {int(layer): _check_routing_groups(num_experts, count) for layer, count in (routing_groups or {}).items()}
     contiguous = contiguous_placement(num_experts, ep_size)
     rows: list[dict[str, Any]] = []
     for layer in selected:
@@ -607,7 +792,7 @@ def placement_report(
         total = _total_pair_weight(weights)
         if total <= 0:
             raise ValueError(f"layer {layer} has no off-diagonal co-activation counts; nothing to place")
-        planned = plan_placement(weights, ep_size, seed=seed)
+        planned = plan_placement(weights, ep_size, seed=seed, routing_groups=limits.get(layer))
         contiguous_copies: float | None = None
         planned_copies: float | None = None
         source: str | None = None
@@ -633,6 +818,7 @@ def placement_report(
                 "intra_group_fraction_contiguous": intra_group_coactivation(weights, contiguous) / total,
                 "intra_group_fraction_planned": intra_group_coactivation(weights, planned) / total,
                 "copies_source": source,
+                "routing_groups": limits.get(layer),
             }
         )
 
@@ -703,6 +889,17 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"{number(report['mean_intra_group_fraction_contiguous'], 12)}  "
         f"{number(report['mean_intra_group_fraction_planned'], 10)}"
     )
+    limited: dict[int, list[int]] = {}
+    for row in report["layers"]:
+        if row.get("routing_groups"):
+            limited.setdefault(row["routing_groups"], []).append(row["layer"])
+    for count, rows in limited.items():
+        lines.append(
+            f"layers {rows}: group-limited routers ({count} routing groups of {report['num_experts'] // count} "
+            f"contiguous experts); experts are only renumbered inside their group: "
+            f"{routing_group_note(report['num_experts'], report['ep_size'], count)}"
+        )
+    lines.extend(f"note: {note}" for note in report.get("notes", ()))
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model_patches.spec import read_attribute
 from model_patches.structure import MoEModel
 from model_patches.structure import device_of
 from moepatch.c2r.config import C2RConfig
@@ -197,7 +198,7 @@ def _load_list_file(config: C2RConfig, base_dir: Path | None) -> list:
     return listed
 
 
-def _check_top_t(top_t: int, num_experts: int, top_k: int, name: str, kind: str) -> None:
+def _check_top_t(top_t: int, num_experts: int, top_k: int, name: str, kind: str, group_note: str = "") -> None:
     if top_t == num_experts:
         raise ValueError(
             f"{name}: top_t = {top_t} = number of experts would let the top-1 expert be chosen again (the official "
@@ -208,7 +209,7 @@ def _check_top_t(top_t: int, num_experts: int, top_k: int, name: str, kind: str)
             return
         low, rule = top_k, " (LLaMA-MoE's gate takes k of the first T; top_t = 1 only with top-2)"
     else:
-        low, rule = max(1, top_k - 1), ""
+        low, rule = max(1, top_k - 1), group_note
     if not low <= top_t <= num_experts - 1:
         raise ValueError(f"{name}: top_t must be in [{low}, {num_experts - 1}] for top-{top_k} of {num_experts} "
                          f"experts{rule}, got {top_t}")
@@ -255,6 +256,18 @@ def _layer_table(entry: Any, layer: int, num_experts: int, top_t: int, name: str
     return candidates.contiguous()
 
 
+def _group_note(model: MoEModel) -> str:
+    """What a group-limited router's ``top_t`` must allow for, in words (empty without a group limit)."""
+    first = model.layers[0]
+    limit = model.family.routing.active_group_limit(first.router, first.block)
+    if limit is None:
+        return ""
+    groups = read_attribute(first.router, first.block, limit.groups)
+    kept = read_attribute(first.router, first.block, limit.kept_groups)
+    return (f" (the router's group limit keeps {kept} of {groups} groups: the allowed set must still hold the k "
+            "experts — where the kept groups hold fewer of them, C2R takes the best allowed experts outside them)")
+
+
 def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -> C2RPlan:
     """Validate ``config`` against ``model`` and build the per-layer candidate tables (no model change).
 
@@ -267,7 +280,7 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
     prefix = config.field_prefix
     model.require_routing_rule(f"{prefix}top_t")
     kind = model.family.selection_kind
-    _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t", kind)
+    _check_top_t(config.top_t, model.num_experts, model.top_k, f"{prefix}top_t", kind, _group_note(model))
     for layer in model.layers:
         problem = selection_seam_problem(model.family, layer.router, layer.block)
         if problem is not None:
@@ -303,6 +316,11 @@ def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..
 
     def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk, ungrouped=ungrouped)
+
+    def allowed_for(first: torch.Tensor) -> torch.Tensor:  # rules with sequential picks (sparsemixer) ask this
+        return getattr(router, ALLOWED_BUFFER)[first]
+
+    select.allowed_for = allowed_for  # type: ignore[attr-defined]
 
     return select
 

@@ -81,14 +81,18 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
                                     "--top-k (a checkpoint's routed tokens are counted exactly)")
     if args.write_permuted:
         check_permuted_target(source, Path(args.write_permuted))
-        check_permutable(moe)
+        try:  # what the skeleton shows; the loaded model's rule is checked again before profiling
+            check_permutable(moe, structure_only=True)
+        except ValueError as error:
+            raise CommandError(f"--write-permuted: {error}") from None
     options = {name: default if getattr(args, name) is None else getattr(args, name)
                for name, default in PLACE_PROFILING_DEFAULTS.items()}
     documents = read_corpus(options["data"], options["text_field"]) if options["data"] else embedded_corpus()
     tokenizer = load_tokenizer(source, args.trust_remote_code)
     return place_checkpoint(source, tokenizer, documents, args.ep_size, batch_size=options["batch_size"],
                             max_length=options["max_length"], max_tokens=options["max_tokens"], seed=args.seed,
-                            progress=not args.json)
+                            progress=not args.json,
+                            permuted_for="--write-permuted" if args.write_permuted else None)
 
 
 def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str]) -> dict[str, dict[str, Any]]:

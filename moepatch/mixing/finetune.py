@@ -822,6 +822,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     from moepatch.mixing.instruction_data import load_source
     from moepatch.mixing.sampler import DynamicMixtureSampler
     from moepatch.mixing.sampler import MixtureDataset
+    from moepatch.routing.bias_update import bias_update_callbacks
 
     set_seed(training_args.seed)
     _init_deepspeed_comm(training_args)
@@ -912,7 +913,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
             raise UsageError("--max_steps", "a weighted mixture is an infinite stream; give the number of steps")
         sampler = DynamicMixtureSampler([len(s.train) for s in sources], initial, seed=sampling_args.sampling_seed,
                                         horizon=sampling_horizon(training_args))
-        callbacks = []
+        callbacks = bias_update_callbacks(model)  # the block's bias_update: biases move after every step
         if data_args.dynamic_sampling:
             callbacks.append(DynamicSamplingCallback(sampler, names, [s.probe for s in sources], collator,
                                                      sampling_args))
@@ -920,7 +921,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
                                  sources]), data_collator=collator, callbacks=callbacks, mixture_sampler=sampler)
     else:
         train = [example for source in sources for example in source.train]
-        trainer = ResumingTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
+        trainer = ResumingTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator,
+                                  callbacks=bias_update_callbacks(model))
         sampler = None
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(str(output_dir))

@@ -15,6 +15,11 @@ Frozen means ``requires_grad=False``: the parameter gets no ``.grad``, an optimi
 ``requires_grad`` parameters (HF Trainer, DeepSpeed) does not hold it, and it stays unchanged by optimizer steps.
 Apply freezing *before* ``deepspeed.initialize`` / FSDP wrapping so the engine sees the final trainable set.
 
+Selection biases (DeepSeek-V3's ``e_score_correction_bias`` and its kin, added to the scores before the top-k only)
+are not frozen by either rule: a buffer is no parameter (no gradient, no optimizer holds it) and ERNIE's bias
+parameter has ``requires_grad=False`` already, so freezing leaves them exactly as they are; only the ``bias_update``
+feature (:mod:`moepatch.routing.bias_update`) moves them.  The apply log and ``inspect`` say so for such routers.
+
 Interaction with the load-balancing loss: freezing changes no loss.  If the model computes its auxiliary loss
 (transformers adds ``router_aux_loss_coef * load_balancing_loss`` only with ``output_router_logits=True`` and labels),
 its gradient still flows through the router logits into the hidden states, i.e. into attention, experts and
@@ -28,8 +33,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from model_patches.spec import read_attribute
 from model_patches.structure import MoEModel
 from model_patches.structure import extra_routers
 from moepatch.feature import Feature
@@ -60,6 +67,38 @@ def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Param
             f"(family {model.family.name}); nothing would be frozen"
         )
     return chosen
+
+
+class FrozenParameters(list):
+    """The ``(name, parameter)`` pairs a plan freezes (a plain list to every reader), with a note on the routers'
+    selection bias for the log line."""
+
+    selection_bias_note: str | None = None
+
+
+def selection_bias_note(model: MoEModel, frozen: list[tuple[str, nn.Parameter]]) -> str | None:
+    """What freezing does to the routers' selection bias (``None`` when the routing rule names none).
+
+    A selection bias only moves when the ``bias_update`` feature moves it; users freezing "the router" of a
+    DeepSeek-V3-style model should not have to guess whether the bias was frozen with it.
+    """
+    path = model.family.routing.selection_bias
+    if path is None or not model.layers:
+        return None
+    layer = model.layers[0]
+    tensor = read_attribute(layer.router, layer.block, path)
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    shown = f"`{path.lstrip('^')}`" + (" of the MoE block" if path.startswith("^") else "")
+    if not isinstance(tensor, nn.Parameter):
+        what = "a buffer, not a parameter: left unchanged by freezing; only bias_update moves it"
+    elif not tensor.requires_grad:
+        what = "a parameter without gradient (requires_grad=False): left unchanged; only bias_update moves it"
+    elif any(p is tensor for _, p in frozen):
+        what = "a trainable parameter: frozen by this rule"
+    else:
+        what = "a trainable parameter this rule does not freeze"
+    return f"selection bias {shown} is {what}"
 
 
 def freeze(parameters: list[tuple[str, nn.Parameter]], undo: UndoLog) -> list[str]:
@@ -106,14 +145,17 @@ class FreezeGate(Feature):
         return config.value
 
     def plan(self, structure: MoEModel, config: FreezeRule, checkpoint: Path | None) -> Planned:
-        return Planned(config, parameters_to_freeze(structure, config.value))
+        chosen = FrozenParameters(parameters_to_freeze(structure, config.value))
+        chosen.selection_bias_note = selection_bias_note(structure, chosen)
+        return Planned(config, chosen)
 
     def install(self, structure: MoEModel, planned: Planned, undo: UndoLog) -> Installed:
         names = freeze(planned.detail, undo)
         return Installed({"frozen_parameters": names}, len(names), f"frozen={len(names)}")
 
     def describe(self, planned: Planned) -> str:
-        return f"freeze_gate={planned.config.value!r}: {len(planned.detail)} parameters"
+        note = getattr(planned.detail, "selection_bias_note", None)
+        return f"freeze_gate={planned.config.value!r}: {len(planned.detail)} parameters" + (f"; {note}" if note else "")
 
 
 FREEZE_GATE = FreezeGate()

@@ -35,6 +35,11 @@ from moepatch.config import MoePatchConfig
 TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "llama_moe", "moduleformer")
 """Families the whole test suite runs every family-parametrised test on."""
 NEW_FAMILIES = ("qwen3_5_moe", "minimax", "jamba", "deepseek_v2", "hunyuan_v1_moe", "dbrx")
+KIND_FAMILIES = ("ernie4_5_moe", "gpt_oss", "minimax_m2", "deepseek_v3", "llama4_text")
+"""One model type per router kind beyond softmax → top-k (softmax + selection bias, top-k of logits then softmax over
+the k, sigmoid + selection bias, the same with a group limit, Llama 4's dense sigmoid matrix), built by
+:mod:`moepatch.testing.tiny_kinds` with random non-zero selection biases, a group limit and a scaling factor ≠ 1: the
+feature pipelines (profiling, install, dynamic mixing, task experts) run on them."""
 """Further families the factory builds; ``tests/test_new_families.py`` runs each through every feature."""
 DEMO_FAMILIES = TINY_FAMILIES
 """Families ``moepatch demo --family`` runs end to end."""
@@ -146,7 +151,12 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
 
         return tiny_moduleformer_config(**{"vocab_size": vocab_size, **overrides})
     if family not in per_family:
-        raise ValueError(f"tiny_config: unknown family {family!r}; choose from {TINY_FAMILIES + NEW_FAMILIES}")
+        from moepatch.testing import tiny_kinds
+
+        if family in tiny_kinds.ROUTER_KIND_TYPES:
+            return tiny_kinds.tiny_kind_config(family, **{"vocab_size": vocab_size, **overrides})
+        raise ValueError(f"tiny_config: unknown family {family!r}; choose from "
+                         f"{TINY_FAMILIES + NEW_FAMILIES + tiny_kinds.ROUTER_KIND_TYPES}")
     config_class, sizes = per_family[family]
     # overrides go to the constructor so that derived fields (layer_types, ...) follow them
     config = config_class(**{**common, **sizes, **overrides})
@@ -203,6 +213,10 @@ def tiny_model(
         setattr(config, CONFIG_KEY, MoePatchConfig.from_dict(moepatch).to_dict())
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from moepatch.testing import tiny_kinds
+
+    if family in tiny_kinds.RANDOMISED:  # transformers zero-initialises selection biases: make them matter
+        tiny_kinds.randomise_routing_tensors(model, family, seed=seed)
     return model.eval()
 
 

@@ -46,6 +46,9 @@ from transformers import AutoModelForCausalLM
 from transformers import PretrainedConfig
 from transformers import PreTrainedModel
 
+TINY_VOCAB_SIZE = 512
+"""The length of :func:`moepatch.testing.tiny.tiny_tokenizer`'s vocabulary (a constant here, so that this module does
+not import ``tiny``, which builds these models for its own callers; a test checks the two agree)."""
 TINY_KIND_NUM_EXPERTS = 8
 """Routed experts per MoE layer (see the module docstring for the three families that differ)."""
 TINY_KIND_TOP_K = 2
@@ -362,9 +365,7 @@ def tiny_kind_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     if model_type not in _SIZES:
         raise ValueError(f"tiny_kind_config: unknown model type {model_type!r}; choose from {ROUTER_KIND_TYPES}")
     if "vocab_size" not in overrides:
-        from moepatch.testing.tiny import tiny_tokenizer
-
-        overrides = {"vocab_size": len(tiny_tokenizer()), **overrides}
+        overrides = {"vocab_size": TINY_VOCAB_SIZE, **overrides}
     vocab = {field: overrides["vocab_size"] for field in _VOCAB_FIELDS.get(model_type, ())}
     return CONFIG_MAPPING[model_type](**{**_common(overrides["vocab_size"]), **_SIZES[model_type], **vocab,
                                          **overrides})

@@ -226,7 +226,7 @@ def test_trained_lora_experts_reach_a_tool_that_never_imports_moepatch(tmp_path,
     assert seen["patched"] and seen["logits"] == expected
 
 
-@pytest.mark.parametrize("family", ROUTED_NEW_FAMILIES)
+@pytest.mark.parametrize("family", [*ROUTED_NEW_FAMILIES, *tiny.KIND_FAMILIES])
 def test_newer_families_install_and_load_patched_in_a_tool(family, tmp_path, batch):
     """Qwen3.5-MoE, MiniMax, Jamba, DeepSeek-V2, HunYuan-MoE-V1: `install`, then a process that never imports
     moepatch loads the folder patched (frozen routers, C2R buffers, statistics), with the logits of moepatch's own

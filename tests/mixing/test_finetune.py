@@ -167,7 +167,7 @@ def test_rounds_table():
     assert rounds_table(rounds) == (["step", "a", "b"], [["0 (initial)", "0.500", "0.500"], ["4", "0.250", "0.750"]])
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *ROUTED_NEW_FAMILIES])
+@pytest.mark.parametrize("family", [*FAMILIES, *ROUTED_NEW_FAMILIES, *tiny.KIND_FAMILIES])
 def test_dynamic_mixing_and_freeze_on_every_family(family, tmp_path):
     """The same run on each family: probe rounds move the weights, frozen routers stay bit-identical, rest trains."""
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", family, seed=0)

@@ -45,14 +45,6 @@ def test_hashed_router_keeps_the_structure_and_refuses_the_rule():
         moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": [None] * moe.num_layers}})
 
 
-def test_phimoe_sparsemixer_refuses_c2r_by_name():
-    model = tiny_instance("phimoe")
-    moe = describe(model)
-    assert "sparsemixer" in moe.routing_problem
-    with pytest.raises(ValueError, match="c2r.top_t: .*sparsemixer"):
-        moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": [None] * moe.num_layers}})
-
-
 @pytest.mark.parametrize(("overrides", "problem"), [
     ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc': the router chooses with another method"),
     ({"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, None),

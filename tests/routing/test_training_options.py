@@ -35,7 +35,8 @@ def _loss_and_lm(model):
     return output.loss, _lm_loss(output.logits, labels)
 
 
-@pytest.mark.parametrize("family", [*HF_FAMILIES, "qwen3_5_moe", "minimax", "jamba", "dbrx"])
+@pytest.mark.parametrize("family", [*HF_FAMILIES, "qwen3_5_moe", "minimax", "jamba", "dbrx", "gpt_oss", "ernie4_5_moe",
+                                    "minimax_m2"])
 def test_balance_loss_switch_of_transformers_families(family):
     off, changed = _built(family, balance_loss=False)
     assert changed == {"output_router_logits": False}
@@ -47,10 +48,13 @@ def test_balance_loss_switch_of_transformers_families(family):
     assert loss - lm > 0.5 * 0.9  # transformers' Switch loss is about k = 2 near balance, never far below 1
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "hunyuan_v1_moe"])
-def test_families_without_a_balance_loss_refuse_the_switch(family):
-    """transformers' DeepSeek-V2 and HunYuan-MoE-V1 causal LMs add no load-balancing loss: nothing to switch on."""
-    config = tiny.tiny_config(family)
+@pytest.mark.parametrize(("model_type", "family"), [
+    ("deepseek_v2", "deepseek_v2"), ("hunyuan_v1_moe", "hunyuan_v1_moe"), ("deepseek_v3", "deepseek_v3"),
+    ("llama4_text", "llama4")])
+def test_families_without_a_balance_loss_refuse_the_switch(model_type, family):
+    """transformers' DeepSeek-V2 / V3, HunYuan-MoE-V1 and Llama 4 causal LMs add no load-balancing loss: nothing to
+    switch on (DeepSeek-V3 balances with its selection bias: the bias_update option)."""
+    config = tiny.tiny_config(model_type)
     with pytest.raises(ValueError, match=f"balance_loss: family '{family}' has no such switch"):
         apply_training_options(config, balance_loss=True)
 

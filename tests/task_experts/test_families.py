@@ -18,7 +18,8 @@ from moepatch.task_experts.serving import TaskExpertModel
 from moepatch.testing import tiny
 
 REPO = Path(__file__).resolve().parents[2]
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "llama_moe", "qwen3_5_moe", "jamba", "deepseek_v2", "hunyuan_v1_moe"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "llama_moe", "qwen3_5_moe", "jamba", "deepseek_v2", "hunyuan_v1_moe",
+            *tiny.KIND_FAMILIES]
 TEXTS = ["Compute 3 + 4 and give the number.", "Write a Python function that returns 7.", "Say hello.",
          "List the letters of ROUTER."]
 

@@ -1,0 +1,70 @@
+"""C2R profiling on every router kind: the co-activation counts are the experts each kind's router really chose
+(read by the test's own hooks, ``router_oracles.captured_choices``), and the profiled C2R fields written into
+config.json drive the routing of the reloaded checkpoint inside the allowed sets."""
+
+from __future__ import annotations
+
+import json
+from itertools import product
+
+import pytest
+import torch
+from router_oracles import captured_choices
+from router_oracles import router_modules
+
+import moepatch
+from moepatch.c2r.profiling import corpus_batches
+from moepatch.c2r.profiling import profile_coactivation
+from moepatch.cli import main as cli
+from moepatch.testing import tiny
+
+
+def _slow_count(model: torch.nn.Module, batches: list[dict]) -> dict[int, list[list[int]]]:
+    """Per real token, per ordered pair of the experts its router chose, +1."""
+    num_experts = 8
+    counts = {layer: [[0] * num_experts for _ in range(num_experts)] for layer in router_modules(model)}
+    with torch.no_grad():
+        for batch in batches:
+            with captured_choices(model, source="router") as chosen:
+                model(**batch)
+            keep = batch["attention_mask"].reshape(-1).tolist()
+            for layer in counts:
+                for token, experts in enumerate(chosen[layer][0].tolist()):
+                    if keep[token]:
+                        for i, j in product(experts, experts):
+                            counts[layer][i][j] += 1
+    return counts
+
+
+@pytest.mark.parametrize("family", tiny.KIND_FAMILIES)
+def test_profile_counts_each_kinds_own_choice(family):
+    model = tiny.tiny_model(family)
+    batches = list(corpus_batches(tiny.tiny_tokenizer(), list(tiny.CORPUS), batch_size=5, seed=3))
+    profile = profile_coactivation(model, batches, progress=False)
+    slow = _slow_count(model, batches)
+    assert profile.layers == sorted(slow)
+    for slot, layer in enumerate(profile.layers):
+        assert profile.matrices[slot].tolist() == slow[layer]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_profiled_fields_drive_the_reloaded_checkpoint(family, tmp_path):
+    """profile → top_t / collaborative_list in config.json → from_pretrained routes each token inside its first
+    expert's allowed set (group limit, bias and all)."""
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", family)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(tiny.CORPUS))
+    assert cli(["profile", str(checkpoint), "--data", str(corpus), "--top-t", "2", "--seed", "1"]) == 0
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["top_t"] == 2
+    model = moepatch.from_pretrained(checkpoint).eval()
+    handle = moepatch.get_handle(model)
+    assert handle.c2r_routers and handle.config.c2r.top_t == 2
+    batch = tiny.demo_batch()
+    with captured_choices(model, source="router") as chosen, torch.no_grad():
+        model(**batch)
+    for layer, (_, router) in router_modules(model).items():
+        listed = config["collaborative_list"][layer]
+        allowed = {e: {e, *listed[e][:2]} for e in range(8)}
+        for experts in chosen[layer][0].tolist():
+            assert any(set(experts) <= allowed[e] and e in experts for e in experts), experts
