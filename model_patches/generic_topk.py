@@ -36,7 +36,7 @@ from model_patches.spec import read_attribute
 
 ROUTER_NAMES = ("gate", "router")
 EXPERTS_NAMES = ("experts",)
-WEIGHT_PATHS = ("weight", "classifier.weight", "gate.weight", "layer.weight", "wg.weight")
+WEIGHT_PATHS = ("weight", "classifier.weight", "gate.weight", "layer.weight", "wg.weight", "linear.weight")
 NUM_EXPERTS_PATHS = ("num_experts", "n_routed_experts", "num_local_experts", "^num_experts", "^num_local_experts")
 TOP_K_PATHS = ("top_k", "^top_k", "num_experts_per_tok", "^num_experts_per_tok")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
@@ -80,9 +80,11 @@ def _first_int(router: nn.Module, block: nn.Module, paths: tuple[str, ...]) -> s
 
 
 def _block_bias_argument(router: nn.Module) -> bool:
-    """Whether the router's ``forward`` takes a second required argument (the block's selection bias)."""
+    """Whether the router's ``forward`` takes a second argument: required, or named like a bias (LFM2-MoE's
+    ``expert_bias=None``, which its block always passes)."""
     parameters = list(inspect.signature(type(router).forward).parameters.values())[2:]
-    return any(p.default is inspect.Parameter.empty and p.kind == p.POSITIONAL_OR_KEYWORD for p in parameters)
+    return any(p.kind == p.POSITIONAL_OR_KEYWORD and (p.default is inspect.Parameter.empty or "bias" in p.name)
+               for p in parameters)
 
 
 def _tensor_path(router: nn.Module, block: nn.Module, paths: tuple[str, ...], experts: int) -> str | None:
@@ -113,7 +115,7 @@ def candidate_rules(router: nn.Module, block: nn.Module, *, num_experts: int) ->
         for values in _product(
             sorted_topk=(True, False), weights_dtype=("logits", "float32", "input"), score_dtype=("float32", "logits"),
             renormalize=(False,) if of_chosen else ((norm,) if norm else (True, False)),
-            renormalize_epsilon=(0.0,) if of_chosen else ((0.0, 1e-20) if score == "softmax" else (1e-20, 0.0)),
+            renormalize_epsilon=(0.0,) if of_chosen else ((0.0, 1e-20) if score == "softmax" else (1e-20, 0.0, 1e-6)),
             scaling=(scaling, None) if scaling else (None,),
         ):
             decision_stage.append(dict(score=score, weights_from="softmax_of_chosen" if of_chosen else "scores",
@@ -192,10 +194,12 @@ class GenericTopKRouterSpec(FamilySpec):
         router = getattr(block, parts.router_attr)
         num_experts_attr = _first_int(router, block, NUM_EXPERTS_PATHS) or f"{parts.weight_attr}.shape.0"
         weight = read_attribute(router, block, parts.weight_attr)
-        if weight.numel() and weight.shape[0] != read_attribute(router, block, num_experts_attr):
-            # the router scores more outputs than its expert count says (LongCat's zero-computation experts): what
-            # it chooses among is its logits' width, which statistics and C2R lists must cover
-            num_experts_attr = f"{parts.weight_attr}.shape.0"
+        rows = int(weight.shape[0]) if weight.numel() else None
+        matching = next((path for path in NUM_EXPERTS_PATHS if read_attribute(router, block, path) == rows), None)
+        if rows is not None and matching is not None:
+            # an expert count equal to the logits' width is what the router chooses among (LongCat's
+            # n_routed_experts counts its zero-computation experts too; Inkling's extra row scores a shared expert)
+            num_experts_attr = matching
         top_k_attr = _first_int(router, block, TOP_K_PATHS)
         if top_k_attr is None:
             return f"router {type(router).__name__} has no integer top-k attribute ({', '.join(TOP_K_PATHS)})"

@@ -125,6 +125,9 @@ def scores_of(rule: RoutingRule, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+
+
+
 def group_mask(settings: RouterSettings, selection: torch.Tensor) -> torch.Tensor:
     """The ``[N, E]`` boolean mask of the experts in each token's kept groups (the family's own computation)."""
     limit = settings.group_limit
@@ -185,6 +188,7 @@ def expert_weights(
 def decide(
     rule: RoutingRule, settings: RouterSettings, logits: torch.Tensor, *, input_dtype: torch.dtype,
     selector: ExpertSelector | None = None, bias: torch.Tensor | None = None, training: bool = False,
+    score_module: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2–4 from the logits: ``(weights, indices [N, k])`` (weights ``[N, k]``, or ``[N, E]`` when dense).
 
@@ -194,7 +198,7 @@ def decide(
         from model_patches.sparsemixer import sparsemixer
 
         return sparsemixer(logits, settings.jitter, training, getattr(selector, "allowed_for", None))
-    scores = scores_of(rule, logits)
+    scores = scores_of(rule, logits) if score_module is None else score_module(logits)
     selection, ungrouped = selection_scores(rule, settings, scores, bias)
     selector = vanilla_selector(rule) if selector is None else selector
     if ungrouped is None:
@@ -219,15 +223,16 @@ def execute(
         hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - settings.input_jitter,
                                                                   1.0 + settings.input_jitter)
     hidden = hidden_states.reshape(-1, weight.shape[-1])
+    score_module = read_attribute(router, None, rule.score_module) if rule.score == "module" else None
     if rule.no_autocast:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             logits = router_logits(rule, settings, router, hidden)
             weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
-                                      bias=bias, training=training)
+                                      bias=bias, training=training, score_module=score_module)
     else:
         logits = router_logits(rule, settings, router, hidden)
         weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
-                                  bias=bias, training=training)
+                                  bias=bias, training=training, score_module=score_module)
     if rule.dense_weights:
         return weights, logits
     return logits, weights, indices

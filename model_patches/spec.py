@@ -101,9 +101,12 @@ class RoutingRule:
     """Path of a logit soft-capping value ``c`` (``tanh(logits / c) · c`` when ``c > 0``; Laguna)."""
 
     # 2. scores
-    score: Literal["softmax", "sigmoid", "logits"] = "softmax"
+    score: Literal["softmax", "sigmoid", "logits", "module"] = "softmax"
     """The function over all experts' logits the selection and the weights start from; ``"logits"``: none (top-k of
-    the logits: gpt-oss, GraniteMoE, Aria, Llama 4)."""
+    the logits: gpt-oss, GraniteMoE, Aria, Llama 4); ``"module"``: the router's own activation module at
+    :attr:`score_module` (DeepSeek-V4's configurable ``score_fn``, sqrt-softplus by default)."""
+    score_module: str | None = None
+    """Router-relative path of the score module when :attr:`score` is ``"module"``."""
     score_dtype: Literal["float32", "logits"] = "float32"
     """Dtype the score function runs in: float32 (``softmax(..., dtype=float)`` / ``sigmoid(logits.float())``) or the
     logits' own dtype (DBRX's softmax, a float32 router's sigmoid)."""
@@ -172,7 +175,10 @@ class RoutingRule:
     @property
     def selects_on(self) -> str:
         """What the top-k runs over, in words (for messages and ``inspect``)."""
-        what = {"softmax": "softmax probabilities", "sigmoid": "sigmoid scores", "logits": "logits"}[self.score]
+        what = {"softmax": "softmax probabilities", "sigmoid": "sigmoid scores", "logits": "logits",
+                "module": f"scores of the router's `{self.score_module}`"}[self.score]
+        if self.selection == "sparsemixer":
+            return "logits, by sparsemixer (two thresholded picks)"
         if self.selection_bias:
             what += " + selection bias"
         if self.group_limit is not None:
@@ -336,6 +342,10 @@ class FamilySpec:
 
     routing_problem: str | None = None
     """Set by a structural fallback whose probe found no exact rule: the structure is usable, the rule is not."""
+    hashed_routers: tuple[str, ...] = ()
+    """Router class names (matched through the MRO) that choose by a fixed hash of the token id, not by a learned
+    score (DeepSeek-V4's first ``hash_moe`` layers): statistics count them; C2R, freezing, the bias update and expert
+    renumbering leave those layers out, by name."""
     structural: bool = False
     """A fallback that reads its attribute names from the model (:meth:`specialise`) instead of declaring them."""
 

@@ -49,6 +49,8 @@ class MoEModel:
     num_experts: int
     top_k: int
     renormalize: bool
+    hashed_layers: tuple[int, ...] = ()
+    """MoE layers whose router chooses by a fixed hash of the token id (:attr:`FamilySpec.hashed_routers`)."""
     routing_problem: str | None = None
     """Why the family's :class:`~model_patches.spec.RoutingRule` does not describe these routers (a setting it does not
     cover, a probe that found no exact rule, a hashed or MLP router), or ``None``.  Features that only need *where*
@@ -214,12 +216,17 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
     if num_experts < 1 or not 1 <= top_k <= num_experts:
         return (f"layer {first.index}: router chooses top-{top_k} of {num_experts} experts; expected "
                 f"1 <= top-k <= experts (check the config's expert count and experts per token)")
+    hashed = tuple(layer.index for layer in moe_layers
+                   if {cls.__name__ for cls in type(layer.router).__mro__} & set(spec.hashed_routers))
+    learned = [layer for layer in moe_layers if layer.index not in hashed]
+    if learned:
+        first = learned[0]
     renormalize = spec.routing.renormalizes(first.router, first.block)
     routing_problem = spec.routing_problem
     for layer in moe_layers:
         if (router_int(layer, spec.num_experts_attr), router_int(layer, spec.top_k_attr)) != (num_experts, top_k):
             return f"layer {layer.index}: expert count or top-k differs from layer {first.index}"
-        if routing_problem is not None:
+        if routing_problem is not None or layer.index in hashed:
             continue
         if spec.routing.renormalizes(layer.router, layer.block) != renormalize:
             routing_problem = f"layer {layer.index}: renormalisation differs from layer {first.index}"
@@ -240,7 +247,8 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
         num_experts=num_experts,
         top_k=top_k,
         renormalize=renormalize,
-        routing_problem=routing_problem,
+        hashed_layers=hashed,
+        routing_problem=routing_problem if learned else f"every MoE layer's router is hashed ({spec.hashed_routers})",
     )
 
 

@@ -174,8 +174,13 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
         else:
             fits, want = rows == num_experts, f"[E={num_experts}, ...]"
         if not fits:
-            raise ValueError(f"layer {index}: {entry.name} has shape {tuple(entry.tensor.shape)}, not {want}; cannot "
-                             "permute")
+            extra = ""
+            if entry.layout == "rows" and 0 < rows < num_experts:
+                extra = (f" (the router scores {num_experts} outputs but the experts hold {rows}: the other "
+                         f"{num_experts - rows} are computation-free experts such as LongCat-Flash's zero experts, "
+                         "which the model's own code maps by index)")
+            raise ValueError(f"layer {index}: {entry.name} has shape {tuple(entry.tensor.shape)}, not {want}{extra}; "
+                             "cannot permute")
     undeclared = _undeclared(model, index, {id(entry.tensor) for entry in found})
     if undeclared:
         raise ValueError(f"layer {index}: {', '.join(undeclared)} has an axis of size E={num_experts} that the "
@@ -198,6 +203,11 @@ def check_permutable(model: MoEModel, *, structure_only: bool = False) -> None:
         raise ValueError(f"{CONFIG_KEY}.lora_experts: the checkpoint carries LoRA experts, which a permuted copy would "
                          "not renumber (their weights are per routed expert); merge them into the base "
                          "(moepatch.lora_experts.merge_into_base) or permute the checkpoint without them")
+    if model.hashed_layers:
+        router = type(model.layer(model.hashed_layers[0]).router).__name__
+        raise ValueError(f"expert permutation: layers {list(model.hashed_layers)} route by a fixed hash of the token "
+                         f"id ({router}): its token → expert table would have to be renumbered too, which moepatch "
+                         "does not do")
     if structure_only and model.routing_problem is not None:
         return
     model.require_routing_rule("expert permutation")

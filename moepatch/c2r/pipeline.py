@@ -142,6 +142,8 @@ def save_profile_results(
 
     profile = run.profile
     ranking = profile.collaborative_list()
+    for layer in run.moe.hashed_layers:  # a hashed router has no learned choice to constrain: C2R leaves it alone
+        ranking[layer] = None
     plan_c2r(run.moe, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate
     output.mkdir(parents=True, exist_ok=True)
     matrices = profile.save(output / "coactivation.safetensors")

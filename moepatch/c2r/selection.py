@@ -38,12 +38,16 @@ from moepatch.c2r.config import C2RConfig
 from moepatch.routing.aux_loss import install_actual_choice_aux_loss
 from moepatch.routing.seam import override_selection
 from moepatch.routing.seam import selection_seam_problem
+from moepatch.routing.seam import vanilla_selector
 from moepatch.undo import UndoLog
 from moepatch.validation import read_json_beside
 
 CANDIDATES_BUFFER = "c2r_candidates"
 """Per-layer ``[E, T]`` int64 buffer: row ``e`` = the first ``top_t`` entries of expert ``e``'s list, in list order
 (LLaMA-MoE's ``top_t = 1`` rule reads its fixed partners from it)."""
+
+RESTRICTED_BUFFER = "c2r_restricted"
+"""Per-layer ``[E]`` bool buffer: row ``e`` of the allowed table does not allow every expert."""
 
 ALLOWED_BUFFER = "c2r_allowed"
 """Per-layer ``[E, E]`` bool buffer (:func:`allowed_table`): row ``e`` = the experts a token whose top-1 is ``e`` may
@@ -67,7 +71,8 @@ def allowed_table(candidates: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def _masked_topk(
-    scores: torch.Tensor, m: int, allowed: torch.Tensor, selected: int, *, sorted: bool = True
+    scores: torch.Tensor, m: int, allowed: torch.Tensor, selected: int, *, sorted: bool = True,
+    top1: torch.Tensor | None = None, restricted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The family's own ``torch.topk(scores, m, dim=-1)``, over the scores of the allowed experts only.
 
@@ -88,20 +93,28 @@ def _masked_topk(
         m (`int`): columns returned.
         allowed (`torch.Tensor` of shape `[E, E]`, bool): :func:`allowed_table` of the layer.
         selected (`int`): leading columns that form the selection and must hold ``top1`` (``m`` or ``m - 1``).
+        top1 (`torch.Tensor` of shape `[N, 1]`, *optional*): ``scores.argmax(dim=-1, keepdim=True)``, when the caller
+            has it already.
+        restricted (`torch.Tensor` of shape `[E]`, bool, *optional*): ``~allowed.all(dim=-1)``, built once per layer
+            (:data:`RESTRICTED_BUFFER`); computed here when not given.
 
     Returns:
         `(scores gathered at the indices [N, m], indices [N, m])`, best first.
     """
-    top1 = scores.argmax(dim=-1, keepdim=True)  # [N, 1]
+    if top1 is None:
+        top1 = scores.argmax(dim=-1, keepdim=True)  # [N, 1]
+    if restricted is None:
+        restricted = ~allowed.all(dim=-1)  # [E]
     masked = scores.masked_fill(~allowed[top1.squeeze(1)], float("-inf"))  # [N, E], expert-index order
     _, indices = torch.topk(masked, m, dim=-1, sorted=sorted)  # [N, m]: the family's call, the family's tie order
-    lost = (indices[:, :selected] != top1).all(dim=-1, keepdim=True) & ~allowed.all(dim=-1)[top1]  # [N, 1]
+    lost = (indices[:, :selected] != top1).all(dim=-1, keepdim=True) & restricted[top1]  # [N, 1]
     indices = torch.where(lost, torch.cat([top1, indices[:, :-1]], dim=1), indices)  # [N, m]
     return scores.gather(1, indices), indices
 
 
 def constrained_topk(
-    probs: torch.Tensor, k: int, allowed: torch.Tensor, *, sorted: bool = True, ungrouped: torch.Tensor | None = None
+    probs: torch.Tensor, k: int, allowed: torch.Tensor, *, sorted: bool = True, ungrouped: torch.Tensor | None = None,
+    restricted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C2R selection on the family's selection scores (the official Qwen rule), with the family's own tie-breaking.
 
@@ -113,7 +126,9 @@ def constrained_topk(
         allowed (`torch.Tensor` of shape `[E, E]`, bool): :func:`allowed_table` of the layer.
         sorted (`bool`, *optional*, defaults to `True`): the family's ``torch.topk(sorted=...)``.
         ungrouped (`torch.Tensor` of shape `[N, E]`, *optional*): the same scores before the group limit's mask,
-            given when the router has one.
+            given when the router has one and its kept groups can hold fewer than ``k`` allowed experts (see
+            :func:`group_limit_can_starve`); the fallback then runs on every token, branch-free (no host sync).
+        restricted (`torch.Tensor` of shape `[E]`, bool, *optional*): see :func:`_masked_topk`.
 
     Returns:
         `(values [N, k], indices [N, k])`: the top-1 expert (the family's own first choice, ``argmax`` of ``probs``)
@@ -123,17 +138,15 @@ def constrained_topk(
         the best allowed experts outside them (by ``ungrouped``): C2R overrides the group limit for that token, and
         the chosen set is still inside the allowed set and holds the first choice.
     """
-    values, indices = _masked_topk(probs, k, allowed, selected=k, sorted=sorted)
+    top1 = probs.argmax(dim=-1, keepdim=True)  # [N, 1]
+    values, indices = _masked_topk(probs, k, allowed, selected=k, sorted=sorted, top1=top1, restricted=restricted)
     if ungrouped is None:
         return values, indices
-    top1 = probs.argmax(dim=-1)  # [N]
     kept = probs == ungrouped  # [N, E]: the group limit replaced the dropped groups' scores
-    row_allowed = allowed[top1]  # [N, E]
+    row_allowed = allowed[top1.squeeze(1)]  # [N, E]
     inside_allowed = row_allowed & kept
     inside = inside_allowed.sum(dim=-1, keepdim=True)  # [N, 1]
     short = inside < k  # [N, 1] tokens the group limit leaves too few allowed experts
-    if not bool(short.any()):
-        return values, indices
     best_inside = torch.topk(ungrouped.masked_fill(~inside_allowed, float("-inf")), k, dim=-1).indices
     best_outside = torch.topk(ungrouped.masked_fill(~(row_allowed & ~kept), float("-inf")), k, dim=-1).indices
     column = torch.arange(k, device=probs.device).expand_as(best_inside)  # [N, k]
@@ -141,6 +154,22 @@ def constrained_topk(
     filled = torch.where(column < inside, best_inside, from_outside)
     indices = torch.where(short, filled, indices)
     return probs.gather(1, indices), indices
+
+
+def group_limit_can_starve(allowed: torch.Tensor, groups: int, kept_groups: int, k: int) -> bool:
+    """Whether some token's kept groups can hold fewer than ``k`` of its allowed experts (then C2R needs its fallback).
+
+    A token's first expert lies in a kept group; in the worst case the other ``kept_groups - 1`` kept groups are the
+    ones holding the fewest of that expert's allowed experts.  Decided once per layer at patch time, so that routers
+    whose lists can never starve run no fallback at all.
+    """
+    num_experts = allowed.shape[0]
+    per_group = allowed.view(num_experts, groups, num_experts // groups).sum(dim=-1)  # [E, G] allowed per group
+    own_group = torch.arange(num_experts, device=allowed.device) // (num_experts // groups)
+    own = per_group.gather(1, own_group[:, None]).squeeze(1)  # [E]
+    others = per_group.scatter(1, own_group[:, None], num_experts + 1)  # [E, G], the own group out of the way
+    fewest = others.sort(dim=-1).values[:, : kept_groups - 1].sum(dim=-1)  # [E]
+    return bool(((own + fewest) < k).any())
 
 
 def constrained_top_k_plus_one(
@@ -295,6 +324,10 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
     plan = C2RPlan(top_t=config.top_t, aux_loss=config.aux_loss)
     for layer in model.moe_layer_indices:
         entry = listed[layer]
+        if layer in model.hashed_layers and entry is not None:
+            raise ValueError(f"{name}[{layer}]: layer {layer}'s router ({type(model.layer(layer).router).__name__}) "
+                             "chooses by a fixed hash of the token id: there is no learned choice for C2R to "
+                             "constrain; give null for this layer")
         if entry is None:
             plan.vanilla_layers.append(layer)
         else:
@@ -313,9 +346,25 @@ def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..
         return select_plus_one
 
     sorted_topk = model.family.routing.sorted_topk
+    allowed = getattr(router, ALLOWED_BUFFER)
+    if bool(allowed.all()):  # every row allows every expert (top_t = E - 1): the family's own selection, exactly
+        selector = vanilla_selector(model.family.routing)
+
+        def select_all(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return selector(probs, k)
+
+        select_all.allowed_for = lambda first: getattr(router, ALLOWED_BUFFER)[first]  # type: ignore[attr-defined]
+        return select_all
+    layer = next(layer for layer in model.layers if layer.router is router)
+    limit = model.family.routing.active_group_limit(router, layer.block)
+    may_starve = limit is not None and group_limit_can_starve(
+        allowed, int(read_attribute(router, layer.block, limit.groups)),
+        int(read_attribute(router, layer.block, limit.kept_groups)), model.top_k)
 
     def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk, ungrouped=ungrouped)
+        return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk,
+                                ungrouped=ungrouped if may_starve else None,
+                                restricted=getattr(router, RESTRICTED_BUFFER))
 
     def allowed_for(first: torch.Tensor) -> torch.Tensor:  # rules with sequential picks (sparsemixer) ask this
         return getattr(router, ALLOWED_BUFFER)[first]
@@ -332,7 +381,9 @@ def install_c2r(model: MoEModel, plan: C2RPlan, undo: UndoLog) -> list[str]:
         router = model.layer(index).router
         candidates = table.to(device_of(router))  # [E, T] (LLaMA-MoE's top_t = 1: [E, 2])
         undo.add_buffer(router, CANDIDATES_BUFFER, candidates)
-        undo.add_buffer(router, ALLOWED_BUFFER, allowed_table(candidates[:, : plan.top_t], model.num_experts))
+        allowed = allowed_table(candidates[:, : plan.top_t], model.num_experts)
+        undo.add_buffer(router, ALLOWED_BUFFER, allowed)
+        undo.add_buffer(router, RESTRICTED_BUFFER, ~allowed.all(dim=-1))
     patched = override_selection(
         model, lambda layer: _selector_for(layer.router, model, plan.top_t), sorted(plan.tables), undo
     )

@@ -220,6 +220,12 @@ def plan_bias_targets(structure: MoEModel, layers: list[int] | None, field_path:
             "aux-loss-free bias update (DeepSeek-V3, §2.1.2) moves such a bias, so there is nothing to update"
         )
     indices = resolve_layer_indices(structure, layers, f"{field_path}.layers")
+    hashed = [index for index in indices if index in structure.hashed_layers]
+    if layers is None:  # every MoE layer with a learned choice
+        indices = [index for index in indices if index not in hashed]
+    elif hashed:
+        raise ValueError(f"{field_path}.layers: layers {hashed} route by a fixed hash of the token id "
+                         f"({type(structure.layer(hashed[0]).router).__name__}): no selection bias to balance")
     names = _tensor_names(structure.root)
     targets, problems = [], []
     for index in indices:

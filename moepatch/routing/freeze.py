@@ -54,7 +54,8 @@ def parameters_to_freeze(model: MoEModel, mode: str) -> list[tuple[str, nn.Param
     """
     named = list(model.root.named_parameters())
     if mode == "router":
-        routers = [layer.router for layer in model.layers] + extra_routers(model)
+        routers = [layer.router for layer in model.layers if layer.index not in model.hashed_layers]
+        routers += extra_routers(model)
         router_ids = {id(p) for router in routers for p in router.parameters()}
         chosen = [(name, p) for name, p in named if id(p) in router_ids]
     elif mode == "gate_substring":
@@ -147,6 +148,12 @@ class FreezeGate(Feature):
     def plan(self, structure: MoEModel, config: FreezeRule, checkpoint: Path | None) -> Planned:
         chosen = FrozenParameters(parameters_to_freeze(structure, config.value))
         chosen.selection_bias_note = selection_bias_note(structure, chosen)
+        if structure.hashed_layers and config is FreezeRule.ROUTER:
+            hashed = type(structure.layer(structure.hashed_layers[0]).router).__name__
+            skipped = (f"layers {list(structure.hashed_layers)} left out: their router ({hashed}) chooses by a fixed "
+                       "hash of the token id, so there is no learned choice to freeze")
+            note = chosen.selection_bias_note
+            chosen.selection_bias_note = skipped if note is None else f"{note}; {skipped}"
         return Planned(config, chosen)
 
     def install(self, structure: MoEModel, planned: Planned, undo: UndoLog) -> Installed:

@@ -102,6 +102,7 @@ def override_selection(
     """
     spec = model.family
     chosen = model.layers if layers is None else [model.layer(i) for i in layers]
+    chosen = [layer for layer in chosen if layer.index not in model.hashed_layers]  # no learned choice to override
     patched = []
     for layer in chosen:
         router = layer.router

@@ -36,13 +36,16 @@ def test_refused_model_types_name_their_reason(model_type):
         assert pytest.importorskip("re").search(phrase, message), (phrase, message)
 
 
-def test_hashed_router_keeps_the_structure_and_refuses_the_rule():
-    """DeepSeek-V4's hashed layers choose by token id: freezing / statistics see the structure, C2R is refused."""
-    model = tiny_instance("deepseek_v4")
+def test_a_router_the_probe_cannot_run_keeps_the_structure_and_refuses_the_rule():
+    """Inkling scores its shared experts with the routed ones and returns four tensors: no rule is found, the
+    structure serves freezing and statistics, and C2R refuses naming the router."""
+    model = tiny_instance("inkling_text")
     moe = describe(model)
-    assert moe.routing_problem is not None and "DeepseekV4HashRouter" in moe.routing_problem
-    with pytest.raises(ValueError, match="c2r.top_t: needs the exact routing rule .*DeepseekV4HashRouter"):
+    assert moe.routing_problem is not None and "InklingTopkRouter" in moe.routing_problem
+    with pytest.raises(ValueError, match="c2r.top_t: needs the exact routing rule .*InklingTopkRouter"):
         moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": [None] * moe.num_layers}})
+    handle = moepatch.apply(model, {"freeze_gate": "router", "routing_stats": True})
+    assert handle.frozen_parameters and handle.recorder is not None
 
 
 @pytest.mark.parametrize(("overrides", "problem"), [
@@ -102,6 +105,8 @@ def test_plain_router_claiming_renormalisation_is_refused():
     (["--types", "mixtral,nosuch"], "--types: not MoE causal-LM model types of transformers .*: nosuch"),
     (["--timeout", "0"], "argument --timeout: expected a positive integer, got '0'"),
     (["--width", "-3"], "argument --width: expected a positive integer, got '-3'"),
+    (["--check", "no/such/file.md"], "--check: no/such/file.md is not a file"),
+    (["--structure-only", "--markdown", "out.md"], "--structure-only: the document needs the features"),
 ])
 def test_survey_refuses_bad_arguments_before_building_anything(argv, message, capsys):
     import re

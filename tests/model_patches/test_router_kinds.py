@@ -404,3 +404,94 @@ def test_deepseek_v2_group_limited_greedy_against_a_float64_reference():
     reference = logits_of(model, batch)
     moepatch.apply(model, {"c2r": {"top_t": 7, "collaborative_list": _full_list(model)}})
     assert torch.equal(logits_of(model, batch), reference)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fallback_is_skipped_only_where_no_kept_groups_can_starve_a_token(seed):
+    """``group_limit_can_starve`` against every choice of kept groups that contains the first expert's group."""
+    from itertools import combinations
+
+    generator = torch.Generator().manual_seed(seed)
+    num_experts, groups, kept, k = 16, 4, 2, 3
+    top_t = [2, 3, 5, 8, 12, 15][seed]
+    allowed = torch.eye(num_experts, dtype=torch.bool)
+    for expert in range(num_experts):
+        others = [e for e in torch.randperm(num_experts, generator=generator).tolist() if e != expert]
+        allowed[expert, others[:top_t]] = True
+    size = num_experts // groups
+    starving = False
+    for expert in range(num_experts):
+        own = expert // size
+        for rest in combinations([g for g in range(groups) if g != own], kept - 1):
+            members = [e for g in (own, *rest) for e in range(g * size, (g + 1) * size)]
+            starving |= int(allowed[expert, members].sum()) < k
+    assert c2r_selection.group_limit_can_starve(allowed, groups, kept, k) == starving
+
+
+# -------------------------------------------------------------------------------- hashed layers (DeepSeek-V4)
+def _v4_hashed(model: torch.nn.Module) -> list[int]:
+    """Layers whose block hashes the token id (``DeepseekV4SparseMoeBlock.is_hash``), read from the model."""
+    return [i for i, layer in enumerate(model.model.layers) if getattr(layer.mlp, "is_hash", False)]
+
+
+def test_deepseek_v4_learned_layers_follow_the_published_rule_and_hashed_layers_are_left_out():
+    model = _model("deepseek_v4")
+    moe = describe(model)
+    hashed = _v4_hashed(model)
+    assert moe.family.name == "deepseek_v4" and moe.routing_problem is None
+    assert list(moe.hashed_layers) == hashed and hashed and len(hashed) < len(moe.layers)
+    hidden = _hidden(model)
+    for layer in moe.layers:
+        if layer.index in hashed:
+            continue
+        router = layer.router
+        with torch.no_grad():
+            _, weights, index = router(hidden)
+            scores = torch.nn.functional.softplus(torch.nn.functional.linear(hidden.double(),
+                                                                             router.weight.double())).sqrt()
+        want = (scores + router.e_score_correction_bias.double()).topk(2, dim=-1).indices
+        assert torch.equal(index.sort(dim=-1).values, want.sort(dim=-1).values)
+        chosen = scores.gather(1, index)
+        torch.testing.assert_close(weights.double(), chosen / chosen.sum(-1, keepdim=True) * 2.5, atol=1e-6,
+                                   rtol=1e-6)
+    batch = _batch(model)
+    reference = logits_of(model, batch)
+    listed = [None if i in hashed else row for i, row in enumerate(_full_list(model))]
+    handle = moepatch.apply(model, {"c2r": {"top_t": 7, "collaborative_list": listed}})
+    assert handle.c2r_routers == [f"model.layers.{i}.mlp.gate" for i in moe.moe_layer_indices if i not in hashed]
+    assert torch.equal(logits_of(model, batch), reference)
+    handle.remove()
+    with pytest.raises(ValueError, match=rf"collaborative_list\[{hashed[0]}\]: layer {hashed[0]}'s router "
+                                         r"\(DeepseekV4HashRouter\) chooses by a fixed hash of the token id"):
+        moepatch.apply(model, {"c2r": {"top_t": 7, "collaborative_list": _full_list(model)}})
+
+
+def test_deepseek_v4_statistics_count_the_hash_and_freezing_leaves_it_out():
+    """Statistics of a hashed layer equal the token → experts table looked up by the test; freezing freezes the
+    learned routers only and says which layers it left out; the bias update skips the hashed layers and refuses them
+    by name when asked."""
+    model = _model("deepseek_v4")
+    hashed = _v4_hashed(model)
+    batch = _batch(model)
+    handle = moepatch.apply(model, {"freeze_gate": "router", "routing_stats": True})
+    assert set(handle.frozen_parameters) == {f"model.layers.{i}.mlp.gate.weight"
+                                             for i in range(len(model.model.layers)) if i not in hashed}
+    logits_of(model, batch)
+    keep = batch["attention_mask"].reshape(-1).bool()
+    for slot, layer in enumerate(handle.recorder.layers):
+        if layer in hashed:
+            table = model.model.layers[layer].mlp.gate.tid2eid
+            chosen = table[batch["input_ids"].reshape(-1)][keep]
+            want = torch.bincount(chosen.reshape(-1), minlength=8)
+            assert torch.equal(handle.recorder.counts[slot].cpu(), want)
+    from moepatch.patch import plan_patch
+
+    described = plan_patch(describe(model), moepatch.MoePatchConfig.from_dict({"freeze_gate": "router"}))
+    assert f"layers {hashed} left out: their router (DeepseekV4HashRouter)" in described.describe()[0]
+    handle.remove()
+    update = moepatch.apply(model, {"bias_update": {"rate": 0.01}})
+    assert [target.layer for target in update.bias_updater.targets] == [
+        i for i in describe(model).moe_layer_indices if i not in hashed]
+    update.remove()
+    with pytest.raises(ValueError, match=rf"bias_update.layers: layers \[{hashed[0]}\] route by a fixed hash"):
+        moepatch.apply(model, {"bias_update": {"rate": 0.01, "layers": [hashed[0]]}})
