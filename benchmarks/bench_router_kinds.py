@@ -228,7 +228,7 @@ def selection_variants(
         logits = router_logits(rule, settings, layer.router, hidden.reshape(-1, hidden.shape[-1]))
         scores = scores_of(rule, logits)
         bias = selection_bias_of(rule, layer.router, layer.block)
-        selection, ungrouped = selection_scores(rule, settings, scores, bias)
+        selection, ungrouped, kept = selection_scores(rule, settings, scores, bias)
     candidates = torch.tensor(ranking[layer.index], dtype=torch.int64, device=device)  # [E, E], the expert last
     vanilla = torch.topk(selection, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
@@ -246,7 +246,7 @@ def selection_variants(
         variants[f"masked top-k T={top_t}"] = lambda allowed=allowed: repeat(
             lambda: _masked_topk(selection, k, allowed, selected=k, sorted=False))
         variants[f"constrained_topk T={top_t}"] = lambda allowed=allowed: repeat(
-            lambda: constrained_topk(selection, k, allowed, sorted=False, ungrouped=ungrouped))
+            lambda: constrained_topk(selection, k, allowed, sorted=False, ungrouped=ungrouped, kept=kept))
         chosen = constrained_topk(selection, k, allowed, sorted=False, ungrouped=ungrouped)[1].sort(dim=-1).values
         row_allowed = allowed[selection.argmax(dim=-1)]
         short = ((row_allowed & (selection == ungrouped)).sum(dim=-1) < k).float().mean()

@@ -99,13 +99,16 @@ def candidate_rules(router: nn.Module, block: nn.Module, *, num_experts: int) ->
     """The rule fields a probe tries for ``router``: ``(logit stage, decision stage)``, each a list of field dicts."""
     bias = read_attribute(router, None, "bias")
     logit_bias = "bias" if isinstance(bias, torch.Tensor) and bias.shape == (num_experts,) else None
-    logit_stage = [dict(logits_dtype=dtype, logits_cast=cast, logit_bias=logit_bias,
+    logit_stage = [dict(logits_dtype=dtype, logits_cast=cast, logit_bias=logit_bias, no_autocast=no_autocast,
                         softcap="router_logit_softcapping" if hasattr(router, "router_logit_softcapping") else None)
-                   for dtype in ("input", "float32", "weight") for cast in ("none", "float32")]
+                   for no_autocast in (False, True) for dtype in ("input", "float32", "weight")
+                   for cast in ("none", "float32")]
     selection_bias = _tensor_path(router, block, SELECTION_BIAS_PATHS, num_experts)
     groups = next((pair for pair in GROUP_ATTRS if isinstance(getattr(router, pair[0], None), int)
                    and isinstance(getattr(router, pair[1], None), int)), None)
-    limit = None if groups is None else GroupLimit(groups=groups[0], kept_groups=groups[1])
+    limits = (None,) if groups is None else tuple(
+        GroupLimit(groups=groups[0], kept_groups=groups[1], score=score, fill=fill)
+        for fill in ("-inf", "0") for score in ("top2_sum", "max"))
     norm = "norm_topk_prob" if isinstance(getattr(router, "norm_topk_prob", None), bool) else None
     scaling = next((path for path in SCALING_PATHS if isinstance(getattr(router, path, None), (int, float))), None)
     clamp = "norm_min" if isinstance(getattr(router, "norm_min", None), (int, float)) else None
@@ -116,11 +119,10 @@ def candidate_rules(router: nn.Module, block: nn.Module, *, num_experts: int) ->
             sorted_topk=(True, False), weights_dtype=("logits", "float32", "input"), score_dtype=("float32", "logits"),
             renormalize=(False,) if of_chosen else ((norm,) if norm else (True, False)),
             renormalize_epsilon=(0.0,) if of_chosen else ((0.0, 1e-20) if score == "softmax" else (1e-20, 0.0, 1e-6)),
-            scaling=(scaling, None) if scaling else (None,),
+            scaling=(scaling, None) if scaling else (None,), group_limit=limits,
         ):
             decision_stage.append(dict(score=score, weights_from="softmax_of_chosen" if of_chosen else "scores",
-                                       selection_bias=selection_bias, group_limit=limit, renormalize_min=clamp,
-                                       **values))
+                                       selection_bias=selection_bias, renormalize_min=clamp, **values))
     return logit_stage, decision_stage
 
 

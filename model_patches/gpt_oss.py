@@ -16,7 +16,7 @@ GPT_OSS = register(
         name="gpt_oss",
         model_types=("gpt_oss",),
         block_classes=("GptOssMLP",),
-        routing=RoutingRule(logit_bias="bias", score="logits", weights_from="softmax_of_chosen",
+        routing=RoutingRule(logit_bias="bias", score="logits", score_dtype="logits", weights_from="softmax_of_chosen",
                             weights_dtype="logits"),
         router_attr="router",
         gate_substring_note="nothing named 'gate' is a router: router mlp.router.weight / .bias; experts gate_up_proj",

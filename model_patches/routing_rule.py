@@ -33,7 +33,8 @@ ExpertSelector = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 
 ``selection`` is exactly the vector the family's ``torch.topk`` runs over (scores + selection bias, experts of dropped
 groups masked); where the rule has a group limit the executor also passes ``ungrouped=`` (the same vector before the
-group mask) so that a constrained selector can look outside the kept groups.  ``values`` must be ``selection``
+group mask) and ``kept=`` (the ``[N, E]`` mask of the kept groups) so that a constrained selector can look outside
+the kept groups.  ``values`` must be ``selection``
 gathered at ``indices``; the executor computes the weights from the unmasked scores afterwards.
 """
 
@@ -145,14 +146,16 @@ def group_mask(settings: RouterSettings, selection: torch.Tensor) -> torch.Tenso
 
 def selection_scores(
     rule: RoutingRule, settings: RouterSettings, scores: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step 3 before the top-k: ``(selection, ungrouped)`` — what the family's top-k runs over (bias added, dropped
-    groups masked) and, where there is a group limit, the same before the mask (``None`` otherwise)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Step 3 before the top-k: ``(selection, ungrouped, kept)`` — what the family's top-k runs over (bias added,
+    dropped groups masked) and, where there is a group limit, the same before the mask and the ``[N, E]`` mask of
+    the kept groups (``None`` otherwise)."""
     selection = scores if bias is None else scores + bias.reshape(-1)
     if settings.group_limit is None:
-        return selection, None
+        return selection, None, None
     fill = float("-inf") if settings.group_limit.fill == "-inf" else 0.0
-    return selection.masked_fill(~group_mask(settings, selection), fill), selection
+    kept = group_mask(settings, selection)
+    return selection.masked_fill(~kept, fill), selection, kept
 
 
 def expert_weights(
@@ -163,8 +166,10 @@ def expert_weights(
     if rule.weights_from == "sigmoid_of_chosen":
         dense = torch.full_like(logits, float("-inf")).scatter_(1, indices, logits.gather(1, indices))
         return torch.sigmoid(dense.float()).to(dense.dtype)
-    if rule.weights_from == "softmax_of_chosen":
-        weights = torch.softmax(logits.gather(1, indices), dim=-1)
+    if rule.weights_from == "softmax_of_chosen":  # in float32 (Cohere2-MoE) or the logits' own dtype (gpt-oss)
+        chosen = logits.gather(1, indices)
+        weights = torch.softmax(chosen, dim=-1, dtype=torch.float) if rule.score_dtype == "float32" else (
+            torch.softmax(chosen, dim=-1))
     else:
         weights = scores.gather(1, indices)
     if settings.renormalize:
@@ -199,12 +204,12 @@ def decide(
 
         return sparsemixer(logits, settings.jitter, training, getattr(selector, "allowed_for", None))
     scores = scores_of(rule, logits) if score_module is None else score_module(logits)
-    selection, ungrouped = selection_scores(rule, settings, scores, bias)
+    selection, ungrouped, kept = selection_scores(rule, settings, scores, bias)
     selector = vanilla_selector(rule) if selector is None else selector
     if ungrouped is None:
         _, indices = selector(selection, settings.top_k)
     else:
-        _, indices = selector(selection, settings.top_k, ungrouped=ungrouped)
+        _, indices = selector(selection, settings.top_k, ungrouped=ungrouped, kept=kept)
     return expert_weights(rule, settings, logits, scores, indices, input_dtype), indices
 
 
@@ -277,7 +282,9 @@ class _WeightHolder:
 # ---------------------------------------------------------------------------------------------- the generic probe
 _PROBE_TOKENS = 24
 _PROBE_DTYPES = (torch.float32, torch.bfloat16)
-_PROBE_SCALES = (1.0, 1e-2)
+_PROBE_SCALES = (1.0, 1e-2, 300.0)
+"""Input scales of the probe: ordinary, small (spread probabilities tell renormalisation apart) and huge (scores
+underflow to 0, where an epsilon added to a sum shows)."""
 
 
 def probe_rule(
@@ -302,41 +309,97 @@ def probe_rule(
     copies = _probe_copies(router, block)
     generator = torch.Generator(device="cpu").manual_seed(0)
     base = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator)
-    runs, failure = [], None
+    own = next((t.dtype for t in router.parameters() if t.is_floating_point()), torch.float32)
+    settings: list[tuple[nn.Module, Any, torch.Tensor, bool]] = []
     for dtype, (router_copy, block_copy) in copies.items():
-        for scale in _PROBE_SCALES:
-            hidden = (base * scale).to(device=weight.device, dtype=dtype)
-            output = None
-            for shaped in (hidden, hidden.unsqueeze(0)):  # some routers take [tokens, H], others [batch, seq, H]
-                with torch.no_grad():
-                    try:
-                        output = call(router_copy, block_copy, shaped)
-                        break
-                    except Exception as error:  # another signature or a dtype the router does not run in
-                        failure = f"router forward failed on random {dtype} tokens: {error!r}"
-            if output is not None:
-                runs.append((router_copy, block_copy, shaped, output))
-    if not runs or all(run[2].dtype != weight.dtype for run in runs):  # it must at least run in its own dtype
+        settings += [(router_copy, block_copy, (base * scale).to(weight.device, dtype), False)
+                     for scale in _PROBE_SCALES]
+    float_copy, float_block = copies[torch.float32]
+    underflow = _underflow_rows(weight, generator)
+    if underflow is not None:  # every expert's logit near -120: sigmoid scores underflow, an epsilon shows
+        settings.append((float_copy, float_block, underflow.to(weight.device), False))
+    # a float32 router fed bfloat16 activations (from_pretrained keeps some routers in float32), and one run under
+    # bfloat16 autocast (mixed-precision training): a rule right only in plain float32 would break there
+    settings.append((float_copy, float_block, base.to(weight.device, torch.bfloat16), False))
+    settings.append((float_copy, float_block, base.to(weight.device), True))
+    biased = _bias_decides(float_copy, float_block, candidates, generator)
+    if biased is not None:  # a selection bias of mixed sign large enough to decide: fills and groups must be right
+        settings += [(biased[0], biased[1], (base * scale).to(weight.device), False) for scale in (1.0, 30.0)]
+    runs, failure = [], None
+    for router_copy, block_copy, hidden, autocast in settings:
+        output = None
+        for shaped in (hidden, hidden.unsqueeze(0)):  # some routers take [tokens, H], others [batch, seq, H]
+            with torch.no_grad(), _maybe_autocast(shaped, autocast):
+                try:
+                    output = call(router_copy, block_copy, shaped)
+                    break
+                except Exception as error:  # another signature or a dtype the router does not run in
+                    failure = f"router forward failed on random {hidden.dtype} tokens: {error!r}"
+        if output is not None:
+            runs.append((router_copy, block_copy, shaped, output, autocast))
+    if not any(run[2].dtype == own and not run[4] for run in runs):  # it must at least run in its own dtype
         return None, failure or "router forward failed on random tokens"
     closest = "no candidate rule"
     if logit_fields:  # stage 1: the logit fields, on the logits alone (a handful of runs instead of every rule)
         first = candidates[0]
         matching = [fields for fields in logit_fields if all(
-            _logits_equal(dataclasses.replace(first, **fields), r, b, h, o, top_k=top_k, weight_attr=weight_attr)
-            for r, b, h, o in runs)]
+            _logits_equal(dataclasses.replace(first, **fields), r, b, h, o, a, top_k=top_k, weight_attr=weight_attr)
+            for r, b, h, o, a in runs)]
         if not matching:
             return None, "router's logits differ from F.linear of its weight in every dtype handling tried"
         candidates = [dataclasses.replace(rule, **matching[0]) for rule in candidates]
     for rule in candidates:
         verdict = None
-        for router_copy, block_copy, hidden, output in runs:
-            verdict = _compare(rule, router_copy, block_copy, hidden, output, top_k=top_k, weight_attr=weight_attr)
+        for router_copy, block_copy, hidden, output, autocast in runs:
+            with _maybe_autocast(hidden, autocast):
+                verdict = _compare(rule, router_copy, block_copy, hidden, output, top_k=top_k,
+                                   weight_attr=weight_attr)
             if verdict is not None:
                 break
         if verdict is None:
             return rule, ""
         closest = verdict if closest == "no candidate rule" else closest
     return None, closest
+
+
+def _underflow_rows(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    """Hidden states whose logits are all about -120 (least squares through the router weight), or ``None`` where the
+    weight cannot reach every target (more experts than hidden units)."""
+    matrix = weight.detach().to("cpu", torch.float64)
+    experts, hidden = matrix.shape
+    if experts > hidden:
+        return None
+    targets = -120.0 + torch.randn(8, experts, generator=generator, dtype=torch.float64)
+    solution = torch.linalg.lstsq(matrix, targets.T).solution.T  # [8, H]: W · h = target
+    return solution.float()
+
+
+def _maybe_autocast(hidden: torch.Tensor, enabled: bool) -> Any:
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=hidden.device.type, dtype=torch.bfloat16)
+
+
+def _bias_decides(router: nn.Module, block: Any, candidates: list[RoutingRule],
+                  generator: torch.Generator) -> tuple[nn.Module, Any] | None:
+    """A further float32 copy whose selection bias (the candidates' path) is random, of mixed sign and large enough
+    to decide the choice, or ``None`` without one: zero-initialised biases would hide how the rule uses them."""
+    path = next((rule.selection_bias for rule in candidates if rule.selection_bias), None)
+    if path is None:
+        return None
+    router_copy = copy.deepcopy(router)
+    block_copy = copy.copy(block)
+    if path.startswith("^") and block_copy is not None:
+        name = path[1:]
+        setattr(block_copy, name, getattr(block, name).clone())
+    bias = read_attribute(router_copy, block_copy, path)
+    if not isinstance(bias, torch.Tensor):
+        return None
+    with torch.no_grad():
+        bias.copy_((torch.randn(bias.shape, generator=generator) * 2.0).to(bias.dtype))
+    return router_copy, block_copy
 
 
 def _probe_copies(router: nn.Module, block: nn.Module | None) -> dict[torch.dtype, tuple[nn.Module, nn.Module | None]]:
@@ -387,24 +450,36 @@ def _compare(rule: RoutingRule, router: nn.Module, block: Any, hidden: torch.Ten
     for name, mine, theirs in zip(("logits", "weights", "indices"), expected, got):
         if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
             return f"router's {name} have another shape or dtype than the rule's"
-        if not torch.equal(mine, theirs):
+        if not _same(mine, theirs):
             return f"router's {name} differ from the rule's"
     return None
 
 
-def _logits_equal(rule: RoutingRule, router: nn.Module, block: Any, hidden: torch.Tensor, output: Any, *, top_k: int,
-                  weight_attr: str) -> bool:
+def _same(mine: torch.Tensor, theirs: Any) -> bool:
+    """Equal shape, dtype and values, NaN where NaN (a huge probe input may overflow both)."""
+    if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+        return False
+    if torch.equal(mine, theirs):
+        return True
+    if not mine.is_floating_point():
+        return False
+    both_nan = mine.isnan() & theirs.isnan()
+    return bool(((mine == theirs) | both_nan).all())
+
+
+def _logits_equal(rule: RoutingRule, router: nn.Module, block: Any, hidden: torch.Tensor, output: Any,
+                  autocast: bool, *, top_k: int, weight_attr: str) -> bool:
     if not isinstance(output, tuple) or len(output) < 2:
         return False
     theirs = output[1] if rule.dense_weights else output[0]
     try:
         settings = router_settings(rule, router, block, top_k=top_k, weight_attr=weight_attr)
         weight = read_attribute(router, None, weight_attr)
-        with torch.no_grad():
+        with torch.no_grad(), _maybe_autocast(hidden, autocast and not rule.no_autocast):
             mine = router_logits(rule, settings, router, hidden.reshape(-1, weight.shape[-1]))
     except Exception:  # a candidate that does not fit this router's attributes
         return False
-    return isinstance(theirs, torch.Tensor) and mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+    return _same(mine, theirs)
 
 
 def rule_candidates(base: RoutingRule, **choices: tuple) -> Iterator[RoutingRule]:

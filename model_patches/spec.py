@@ -109,7 +109,8 @@ class RoutingRule:
     """Router-relative path of the score module when :attr:`score` is ``"module"``."""
     score_dtype: Literal["float32", "logits"] = "float32"
     """Dtype the score function runs in: float32 (``softmax(..., dtype=float)`` / ``sigmoid(logits.float())``) or the
-    logits' own dtype (DBRX's softmax, a float32 router's sigmoid)."""
+    logits' own dtype (DBRX's softmax, a float32 router's sigmoid); also the softmax over the chosen logits of
+    ``weights_from="softmax_of_chosen"`` (Cohere2-MoE: float32; gpt-oss: the logits' dtype)."""
 
     # 3. selection
     selection_bias: str | None = None

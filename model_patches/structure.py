@@ -182,6 +182,23 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def _group_capacity_problem(spec: FamilySpec, layer: MoELayer, top_k: int) -> str | None:
+    """A group limit whose kept groups hold fewer than k experts makes the router choose dropped experts (weight 0 or
+    a -inf score): a case the rule does not express."""
+    limit = spec.routing.active_group_limit(layer.router, layer.block)
+    if limit is None:
+        return None
+    groups = read_attribute(layer.router, layer.block, limit.groups)
+    kept = read_attribute(layer.router, layer.block, limit.kept_groups)
+    experts = read_attribute(layer.router, layer.block, spec.num_experts_attr)
+    if not all(isinstance(v, int) for v in (groups, kept, experts)) or groups < 1 or experts % groups:
+        return f"group limit {limit.groups}={groups!r} does not split the {experts!r} experts into equal groups"
+    if kept * (experts // groups) < top_k:
+        return (f"group limit keeps {kept} of {groups} groups of {experts // groups} experts, fewer than top-{top_k}: "
+                "the router then chooses experts of dropped groups, which moepatch's rule does not express")
+    return None
+
+
 def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: bool) -> MoEModel | str:
     """Build the :class:`MoEModel` for ``spec`` or return why ``model`` does not fit it."""
     decoder = _decoder_of(model, spec)
@@ -231,7 +248,7 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
         if spec.routing.renormalizes(layer.router, layer.block) != renormalize:
             routing_problem = f"layer {layer.index}: renormalisation differs from layer {first.index}"
             continue
-        problem = spec.requirement_problem(layer.router, layer.block)
+        problem = spec.requirement_problem(layer.router, layer.block) or _group_capacity_problem(spec, layer, top_k)
         if problem is None and verify:
             problem = spec.check_router(layer.router, layer.block, top_k=top_k)
         if problem is not None:

@@ -114,7 +114,7 @@ def _masked_topk(
 
 def constrained_topk(
     probs: torch.Tensor, k: int, allowed: torch.Tensor, *, sorted: bool = True, ungrouped: torch.Tensor | None = None,
-    restricted: torch.Tensor | None = None,
+    restricted: torch.Tensor | None = None, kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C2R selection on the family's selection scores (the official Qwen rule), with the family's own tie-breaking.
 
@@ -129,6 +129,8 @@ def constrained_topk(
             given when the router has one and its kept groups can hold fewer than ``k`` allowed experts (see
             :func:`group_limit_can_starve`); the fallback then runs on every token, branch-free (no host sync).
         restricted (`torch.Tensor` of shape `[E]`, bool, *optional*): see :func:`_masked_topk`.
+        kept (`torch.Tensor` of shape `[N, E]`, bool, *optional*): the kept groups' mask (with ``ungrouped``); read
+            off ``probs == ungrouped`` when not given.
 
     Returns:
         `(values [N, k], indices [N, k])`: the top-1 expert (the family's own first choice, ``argmax`` of ``probs``)
@@ -142,11 +144,14 @@ def constrained_topk(
     values, indices = _masked_topk(probs, k, allowed, selected=k, sorted=sorted, top1=top1, restricted=restricted)
     if ungrouped is None:
         return values, indices
-    kept = probs == ungrouped  # [N, E]: the group limit replaced the dropped groups' scores
+    if kept is None:
+        kept = probs == ungrouped  # [N, E]: the group limit replaced the dropped groups' scores
     row_allowed = allowed[top1.squeeze(1)]  # [N, E]
     inside_allowed = row_allowed & kept
     inside = inside_allowed.sum(dim=-1, keepdim=True)  # [N, 1]
     short = inside < k  # [N, 1] tokens the group limit leaves too few allowed experts
+    if probs.device.type == "cpu" and not bool(short.any()):  # free on the CPU; elsewhere no host sync: branch-free
+        return values, indices
     best_inside = torch.topk(ungrouped.masked_fill(~inside_allowed, float("-inf")), k, dim=-1).indices
     best_outside = torch.topk(ungrouped.masked_fill(~(row_allowed & ~kept), float("-inf")), k, dim=-1).indices
     column = torch.arange(k, device=probs.device).expand_as(best_inside)  # [N, k]
@@ -361,9 +366,10 @@ def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..
         allowed, int(read_attribute(router, layer.block, limit.groups)),
         int(read_attribute(router, layer.block, limit.kept_groups)), model.top_k)
 
-    def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None,
+               kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk,
-                                ungrouped=ungrouped if may_starve else None,
+                                ungrouped=ungrouped if may_starve else None, kept=kept,
                                 restricted=getattr(router, RESTRICTED_BUFFER))
 
     def allowed_for(first: torch.Tensor) -> torch.Tensor:  # rules with sequential picks (sparsemixer) ask this

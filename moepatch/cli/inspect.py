@@ -48,8 +48,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                          if not spec.model_types else ""))
     print(f"layers:     {moe.num_layers} decoder layers; MoE layers {moe.moe_layer_indices}; "
           f"dense layers {list(moe.dense_layers)}")
-    print(f"experts:    {moe.num_experts} routed, top-{moe.top_k}; routing: float32 softmax over all experts "
-          f"→ top-k, renormalised: {renorm}; weights dtype: {spec.routing.weights_dtype}")
+    if moe.routing_problem is not None:
+        routing = f"not known exactly ({moe.routing_problem})"
+    else:
+        rule = spec.routing
+        weights = {"scores": "the chosen unbiased scores", "softmax_of_chosen": "softmax over the chosen logits",
+                   "sigmoid_of_chosen": "sigmoid of the chosen logits"}[rule.weights_from]
+        routing = (f"top-k of the {rule.selects_on}; weights: {weights}, renormalised: {renorm}"
+                   + (f", × {rule.scaling}" if rule.scaling else "") + f"; weights dtype: {rule.weights_dtype}")
+    hashed = f"; hashed layers {list(moe.hashed_layers)}" if moe.hashed_layers else ""
+    print(f"experts:    {moe.num_experts} routed, top-{moe.top_k}; routing: {routing}{hashed}")
     print(f"shared:     {', '.join(spec.shared_expert_attrs) or 'none'}")
     print(f"router:     {moe.layers[0].name}.{spec.router_attr} ({type(moe.layers[0].router).__name__}); "
           f"experts: {moe.layers[0].name}.{spec.experts_attr} ({type(moe.layers[0].experts).__name__})")

@@ -189,7 +189,7 @@ def test_routing_state_the_rule_does_not_cover_is_refused() -> None:
     assert torch.equal(moe.layers[0].router.expert_load, torch.arange(8.0))
 
     hashed = describe(tiny_kind_model("deepseek_v4", seed=0))
-    with pytest.raises(ValueError, match="expert permutation: needs the exact routing rule"):
+    with pytest.raises(ValueError, match=r"expert permutation: layers \[0\] route by a fixed hash of the token id"):
         permute_experts(hashed, {i: list(reversed(range(hashed.num_experts))) for i in hashed.moe_layer_indices})
 
 
@@ -226,13 +226,13 @@ def test_place_plans_within_routing_groups_and_writes_a_permuted_copy(tmp_path, 
 def test_place_refuses_to_permute_a_router_whose_rule_is_unknown(tmp_path, capsys) -> None:
     """Refused after loading, before profiling, naming the flag and the router; nothing is written."""
     source = tmp_path / "src"
-    tiny_kind_model("deepseek_v4", seed=0).save_pretrained(source)
+    tiny_kind_model("inkling_text", seed=0).save_pretrained(source)
     tiny.tiny_tokenizer().save_pretrained(source)
     status = cli.main(["place", str(source), "--ep-size", "2", "--write-permuted", str(tmp_path / "dst")])
     error = capsys.readouterr().err
     assert status == 1 and "Traceback" not in error
     assert "--write-permuted" in error and "expert permutation: needs the exact routing rule" in error
-    assert "DeepseekV4HashRouter" in error and "profiling" not in error
+    assert "InklingTopkRouter" in error and "profiling" not in error
     assert not (tmp_path / "dst").exists()
 
     assert cli.main(["place", str(source), "--ep-size", "2", "--max-tokens", "32"]) == 0  # the report alone: a note

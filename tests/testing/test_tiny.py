@@ -35,4 +35,4 @@ def test_seed_determinism_and_unknown_family():
     a, b = tiny.tiny_model("mixtral", seed=1), tiny.tiny_model("mixtral", seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="unknown family"):
-        tiny.tiny_config("deepseek_v3")
+        tiny.tiny_config("no_such_moe")
