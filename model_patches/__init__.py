@@ -17,6 +17,7 @@ from model_patches import gpt_oss  # noqa: E402,F401
 from model_patches import granitemoe  # noqa: E402,F401
 from model_patches import hunyuan_v1_moe  # noqa: E402,F401
 from model_patches import jamba  # noqa: E402,F401
+from model_patches import kolibri1  # noqa: E402,F401
 from model_patches import llama4  # noqa: E402,F401
 from model_patches import llama_moe  # noqa: E402,F401
 from model_patches import minimax  # noqa: E402,F401

@@ -105,7 +105,11 @@ def router_logits(rule: RoutingRule, settings: RouterSettings, router: nn.Module
     weight = read_attribute(router, None, settings.weight_attr)
     bias = read_attribute(router, None, rule.logit_bias) if rule.logit_bias else None
     float32_weight = weight.dtype == torch.float32
-    if rule.logits_dtype == "float32" or (rule.logits_dtype == "float32_if_weight_is" and float32_weight):
+    if (rule.logits_dtype == "float32_mm_out" and hidden.is_cuda and hidden.dtype == weight.dtype
+            and not torch.is_grad_enabled()):
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    if rule.logits_dtype in ("float32", "float32_mm_out") or (rule.logits_dtype == "float32_if_weight_is"
+                                                              and float32_weight):
         hidden, weight = hidden.float(), weight.float()
     elif rule.logits_dtype == "weight":
         hidden = hidden.to(weight.dtype)
@@ -163,10 +167,12 @@ def expert_weights(
     input_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Step 4: the weights of the chosen experts (``[N, k]``, or the dense ``[N, E]`` matrix of Llama 4)."""
-    if rule.weights_from == "sigmoid_of_chosen":
+    if rule.weights_from == "sigmoid_of_chosen" and rule.dense_weights:
         dense = torch.full_like(logits, float("-inf")).scatter_(1, indices, logits.gather(1, indices))
         return torch.sigmoid(dense.float()).to(dense.dtype)
-    if rule.weights_from == "softmax_of_chosen":  # in float32 (Cohere2-MoE) or the logits' own dtype (gpt-oss)
+    if rule.weights_from == "sigmoid_of_chosen":
+        weights = logits.gather(1, indices).sigmoid()
+    elif rule.weights_from == "softmax_of_chosen":  # in float32 (Cohere2-MoE) or the logits' own dtype (gpt-oss)
         chosen = logits.gather(1, indices)
         weights = torch.softmax(chosen, dim=-1, dtype=torch.float) if rule.score_dtype == "float32" else (
             torch.softmax(chosen, dim=-1))

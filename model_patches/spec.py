@@ -88,10 +88,12 @@ class RoutingRule:
     """
 
     # 1. logits
-    logits_dtype: Literal["input", "float32", "float32_if_weight_is", "weight"] = "input"
+    logits_dtype: Literal["input", "float32", "float32_if_weight_is", "weight", "float32_mm_out"] = "input"
     """``"input"``: ``F.linear(hidden, W)`` as given; ``"float32"``: both cast to float32 first (DeepSeek-V2 / V3);
     ``"float32_if_weight_is"``: the hidden states are cast to float32 when ``W`` is float32 (HunYuan-MoE's float32
-    ``wg``); ``"weight"``: the hidden states cast to ``W``'s dtype (MiniMax-M2)."""
+    ``wg``); ``"weight"``: the hidden states cast to ``W``'s dtype (MiniMax-M2); ``"float32_mm_out"``: float32 logits,
+    computed as ``torch.mm(h, Wᵀ, out_dtype=float32)`` on CUDA when ``h`` and ``W`` share a dtype and no gradient is
+    recorded (Kolibri-1's inference path), else as ``"float32"``."""
     logit_bias: str | None = None
     """Router-relative path of a bias the router's linear adds to its logits (gpt-oss ``bias``): part of the
     logits, so also of every score."""
@@ -136,8 +138,9 @@ class RoutingRule:
     # 4. weights
     weights_from: Literal["scores", "softmax_of_chosen", "sigmoid_of_chosen"] = "scores"
     """``"scores"``: the chosen experts' unbiased scores (gathered); ``"softmax_of_chosen"``: softmax over the ``k``
-    chosen logits, in their dtype (gpt-oss, GraniteMoE, Aria); ``"sigmoid_of_chosen"``: sigmoid of the chosen logits
-    in float32, cast back (Llama 4)."""
+    chosen logits, in their dtype (gpt-oss, GraniteMoE, Aria); ``"sigmoid_of_chosen"``: sigmoid of the chosen
+    (unbiased) logits — into Llama 4's dense matrix (in float32, cast back) with :attr:`dense_weights`, else gathered
+    (Kolibri-1, whose selection bias is added to the logits)."""
     renormalize: bool | str = False
     """``True`` / ``False``, or the path of a router attribute (``"norm_topk_prob"``; ``"^name"`` reads the sparse
     block) read per instance; its truth value says whether the k weights are renormalised."""

@@ -653,7 +653,7 @@ DESCRIBED_RULE_FIELDS = frozenset({
     "logits_dtype", "logit_bias", "logits_cast", "softcap", "score", "score_dtype", "selection_bias",
     "selection_bias_argument", "group_limit", "selection", "jitter", "input_jitter", "sorted_topk", "weights_from",
     "renormalize", "renormalize_with", "renormalize_epsilon", "renormalize_min", "scaling", "weights_dtype",
-    "no_autocast", "dense_weights",
+    "no_autocast", "dense_weights", "score_module",
 })
 """:class:`~model_patches.spec.RoutingRule` fields :func:`router_kind` knows (numerics such as dtypes and epsilons
 change no kind); a field added later shows up in the words with its value until it is described here."""
@@ -681,8 +681,10 @@ def router_kind(moe: Any) -> tuple[str, str]:
         letter = "G"
     elif selection != "topk":
         letter = "—"
-    elif rule.dense_weights or rule.weights_from == "sigmoid_of_chosen":
+    elif rule.dense_weights:
         letter = "F"
+    elif rule.weights_from == "sigmoid_of_chosen" and biased:  # Kolibri-1: the bias added to the logits
+        letter = "D"
     elif rule.score == "logits" and rule.weights_from == "softmax_of_chosen":
         letter = "C"
     elif rule.score == "softmax":
@@ -706,9 +708,10 @@ def router_kind(moe: Any) -> tuple[str, str]:
             "scores": {"softmax": f"chosen {unbiased}probabilities", "sigmoid": f"chosen {unbiased}sigmoid scores",
                        "logits": "chosen logits", "module": f"chosen {unbiased}scores"}[rule.score],
             "softmax_of_chosen": "softmax over the k chosen logits",
-            "sigmoid_of_chosen": "sigmoid of the k chosen logits in a dense [T, E] matrix",
+            "sigmoid_of_chosen": ("sigmoid of the k chosen logits in a dense [T, E] matrix" if rule.dense_weights
+                                  else f"sigmoid of the k chosen {unbiased}logits"),
         }[rule.weights_from]
-        if moe.renormalize and rule.weights_from == "scores":
+        if moe.renormalize and rule.weights_from in ("scores", "sigmoid_of_chosen") and not rule.dense_weights:
             weights += ", renormalised"
         words = f"top-{moe.top_k} of {selects}; weights: {weights}"
     if settings.scaling is not None:

@@ -46,6 +46,7 @@ EXACT_KINDS = {
     "deepseek_v3": "deepseek_v3",  # E
     "glm4_moe": "deepseek_v3",  # E
     "kimi_linear": "deepseek_v3",  # E (its own config fields)
+    "kolibri1": "kolibri1",  # D, the bias added to the logits, sigmoid of the chosen logits
     "llama4_text": "llama4",  # F
     "phimoe": "phimoe",  # G: sparsemixer (eval exact; training below)
 }
