@@ -11,6 +11,7 @@ from model_patches import dbrx  # noqa: E402,F401  (family files register at imp
 from model_patches import deepseek_v2  # noqa: E402,F401
 from model_patches import deepseek_v3  # noqa: E402,F401
 from model_patches import deepseek_v4  # noqa: E402,F401
+from model_patches import ergo  # noqa: E402,F401
 from model_patches import ernie4_5_moe  # noqa: E402,F401
 from model_patches import generic_topk  # noqa: E402,F401  (fallback for model types no family claims)
 from model_patches import gpt_oss  # noqa: E402,F401

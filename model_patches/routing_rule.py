@@ -102,6 +102,8 @@ def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | Non
 
 def router_logits(rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Step 1 of the rule: the router's logits ``[N, E]`` from the flattened hidden states ``[N, H]``."""
+    if rule.logits_module is not None:
+        return read_attribute(router, None, rule.logits_module)(hidden)
     weight = read_attribute(router, None, settings.weight_attr)
     bias = read_attribute(router, None, rule.logit_bias) if rule.logit_bias else None
     float32_weight = weight.dtype == torch.float32
@@ -193,6 +195,8 @@ def expert_weights(
         weights = weights.to(logits.dtype)
     elif rule.weights_dtype == "input":
         weights = weights.to(input_dtype)
+    elif rule.weights_dtype == "input_float32":
+        weights = weights.to(input_dtype).float()
     return weights
 
 

@@ -94,6 +94,9 @@ class RoutingRule:
     ``wg``); ``"weight"``: the hidden states cast to ``W``'s dtype (MiniMax-M2); ``"float32_mm_out"``: float32 logits,
     computed as ``torch.mm(h, Wᵀ, out_dtype=float32)`` on CUDA when ``h`` and ``W`` share a dtype and no gradient is
     recorded (Kolibri-1's inference path), else as ``"float32"``."""
+    logits_module: str | None = None
+    """Router-relative path of a module that computes the logits itself (Ergo's ``ErgoLinearWithFP32Output``, with its
+    own casts, autocast and CUDA paths): called as the router calls it, the other logit fields unused."""
     logit_bias: str | None = None
     """Router-relative path of a bias the router's linear adds to its logits (gpt-oss ``bias``): part of the
     logits, so also of every score."""
@@ -153,9 +156,10 @@ class RoutingRule:
     """Path of a lower clamp of the sum (ERNIE's ``norm_min``): ``w / clamp(sum, min=norm_min)``."""
     scaling: str | None = None
     """Path of the factor the weights are multiplied by (``routed_scaling_factor``); ``None``: no multiplication."""
-    weights_dtype: Literal["logits", "float32", "input"] = "logits"
+    weights_dtype: Literal["logits", "float32", "input", "input_float32"] = "logits"
     """``"logits"``: cast to the logits' dtype (Qwen2-MoE); ``"float32"``: kept (Mixtral); ``"input"``: cast to the
-    hidden states' dtype (ERNIE, GraniteMoE)."""
+    hidden states' dtype (ERNIE, GraniteMoE); ``"input_float32"``: rounded to the hidden states' dtype, then float32
+    (Ergo)."""
     no_autocast: bool = False
     """The router runs with autocast disabled (ERNIE's ``maybe_autocast(enabled=False)``): so does the executor."""
     dense_weights: bool = False

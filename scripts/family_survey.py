@@ -653,7 +653,7 @@ DESCRIBED_RULE_FIELDS = frozenset({
     "logits_dtype", "logit_bias", "logits_cast", "softcap", "score", "score_dtype", "selection_bias",
     "selection_bias_argument", "group_limit", "selection", "jitter", "input_jitter", "sorted_topk", "weights_from",
     "renormalize", "renormalize_with", "renormalize_epsilon", "renormalize_min", "scaling", "weights_dtype",
-    "no_autocast", "dense_weights", "score_module",
+    "no_autocast", "dense_weights", "score_module", "logits_module",
 })
 """:class:`~model_patches.spec.RoutingRule` fields :func:`router_kind` knows (numerics such as dtypes and epsilons
 change no kind); a field added later shows up in the words with its value until it is described here."""

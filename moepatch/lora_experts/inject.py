@@ -235,6 +235,11 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
     broad: dict[str, tuple[str, str]] = {}  # entry → (a routed path it reached by a broad name only, an explicit
     # entry for it): left out unless routed_experts
     entries = config.target_modules
+    if config.routed_experts and not routed:
+        experts = type(moe.layers[0].experts).__name__
+        problems.append(f"{where}.routed_experts: true, but {experts} stores its experts in a layout moepatch's "
+                        f"'{storage.kind}' expert storage does not read (no per-expert gate / up / down projections "
+                        "it can find); set routed_experts to false to adapt the other projections")
 
     def add(path: str, module: nn.Module, kind: str, projection: str | None, in_dims: list[int],
             out_dims: list[int], candidate: RoutedProjection | None = None) -> None:

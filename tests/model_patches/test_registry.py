@@ -23,7 +23,7 @@ from moepatch.testing import tiny
 EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
                    "llama_moe": "llama_moe", "moduleformer": "moduleformer"}
 NEW_FAMILY_FILES = set(tiny.NEW_FAMILIES)  # each named after its model_type, tested in test_new_families.py
-ROUTER_KIND_FAMILY_FILES = {"deepseek_v3", "deepseek_v4", "ernie4_5_moe", "gpt_oss", "granitemoe", "kolibri1",
+ROUTER_KIND_FAMILY_FILES = {"deepseek_v3", "deepseek_v4", "ergo", "ernie4_5_moe", "gpt_oss", "granitemoe", "kolibri1",
                             "llama4", "minimax_m2", "phimoe"}
 """The router kinds' anchor families, tested in test_router_kinds.py on tiny_kinds models."""
 

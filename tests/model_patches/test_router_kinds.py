@@ -47,6 +47,7 @@ EXACT_KINDS = {
     "glm4_moe": "deepseek_v3",  # E
     "kimi_linear": "deepseek_v3",  # E (its own config fields)
     "kolibri1": "kolibri1",  # D, the bias added to the logits, sigmoid of the chosen logits
+    "ergo": "ergo",  # D, logits from its own float32-output linear
     "llama4_text": "llama4",  # F
     "phimoe": "phimoe",  # G: sparsemixer (eval exact; training below)
 }
@@ -320,7 +321,7 @@ def test_lora_experts_on_attention_are_bit_identical_fresh_and_train(model_type)
 
 
 ROUTED_LORA_REFUSED = {"gpt_oss": "biased or gate-less fused experts", "llama4_text": "has no _apply_gate",
-                       "aria_text": "the transposed layout"}
+                       "aria_text": "the transposed layout", "ergo": "ErgoExperts stores its experts in a layout"}
 """Experts layouts LoRA experts on the routed experts do not take, with a phrase of the refusal."""
 
 
