@@ -33,7 +33,6 @@ DBRX = register(
         router_attr="router",
         num_experts_attr="layer.out_features",
         top_k_attr="^top_k",
-        hidden_dim_attr="hidden_size",
         router_weight_attr="layer.weight",
         router_requirements=(
             RouterRequirement(

@@ -23,7 +23,6 @@ ERGO = register(
                             renormalize_epsilon=1e-20, scaling="routed_scaling_factor", weights_dtype="input_float32"),
         router_output=RouterOutput(scores_are="sigmoid_logits"),
         num_experts_attr="linear.out_features",
-        hidden_dim_attr="linear.in_features",
         router_weight_attr="linear.weight",
         shared_expert_attrs=("shared_experts",),
         gate_substring_note="router mlp.gate.linear.weight (its e_score_correction_bias is a buffer); fused experts",

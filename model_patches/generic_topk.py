@@ -228,7 +228,6 @@ class GenericTopKRouterSpec(FamilySpec):
             router_weight_attr=parts.weight_attr,
             num_experts_attr=num_experts_attr,
             top_k_attr=top_k_attr,
-            hidden_dim_attr=f"{parts.weight_attr}.shape.1",
             routing=rule,
             routing_problem=problem,
             router_output=RouterOutput(scores_are=scores_are),

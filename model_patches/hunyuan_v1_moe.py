@@ -18,7 +18,6 @@ HUNYUAN_V1_MOE = register(
         model_types=("hunyuan_v1_moe",),
         block_classes=("HunYuanMoEV1Moe",),
         routing=RoutingRule(renormalize=True, weights_dtype="logits", logits_dtype="float32_if_weight_is"),
-        hidden_dim_attr="wg.in_features",
         router_weight_attr="wg.weight",
         shared_expert_attrs=("shared_mlp",),
         aux_loss_coef_attr=None,

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from collections.abc import Callable
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -490,77 +488,3 @@ def _logits_equal(rule: RoutingRule, router: nn.Module, block: Any, hidden: torc
     except Exception:  # a candidate that does not fit this router's attributes
         return False
     return _same(mine, theirs)
-
-
-def rule_candidates(base: RoutingRule, **choices: tuple) -> Iterator[RoutingRule]:
-    """Every rule obtained from ``base`` by setting each field in ``choices`` to one of its values, in order."""
-    names = list(choices)
-    for values in itertools.product(*(choices[name] for name in names)):
-        yield dataclasses.replace(base, **dict(zip(names, values)))
-
-
-# ---------------------------------------------------------------------------- the kind-A probe (generic structure)
-def probe_router(
-    router: nn.Module, *, top_k: int, hidden_dim: int, renormalize: bool, tokens: int = 16
-) -> str | None:
-    """Check that ``router`` follows the softmax → top-k contract declaring ``renormalize``; return a problem or
-    ``None``.  Kept for the plain ``(logits, weights, indices)`` routers: the renormalised and plain variants are
-    told apart in float64 from the router's own logits, never confused (softmax over the k chosen logits equals the
-    renormalised top-k probabilities exactly, so a router doing that while declaring no renormalisation is refused).
-    """
-    weight = getattr(router, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
-        return "router has no materialised 2-D `weight` (a partitioned ZeRO-3 router cannot be probed)"
-    if weight.device.type == "meta":
-        return "router weight is on the meta device"
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    base = torch.randn(tokens, hidden_dim, generator=generator)
-    for scale in _PROBE_SCALES:
-        hidden = (base * scale).to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            try:
-                output = type(router).forward(router, hidden)
-            except Exception as error:  # a router with another signature is simply not this contract
-                return f"router forward failed on [tokens, hidden] input: {error!r}"
-        if not (isinstance(output, tuple) and len(output) == 3):
-            return "router does not return (logits, weights, indices)"
-        verdict = _compare_weights(output, hidden, weight, top_k=top_k, renormalize=renormalize)
-        if verdict != "inconclusive":
-            return verdict
-    return "probe inconclusive: the router saturates (top-k probabilities sum to about 1, or tie) at every probe scale"
-
-
-def _compare_weights(
-    output: tuple, hidden: torch.Tensor, weight: torch.Tensor, *, top_k: int, renormalize: bool
-) -> str | None:
-    """``None`` (accepted), a problem, or ``"inconclusive"`` when plain and renormalised weights coincide or the
-    choices differ only between experts of equal (saturated) float32 probability."""
-    logits, weights, indices = output
-    _, ref_weights, ref_indices = route(hidden, weight, top_k=top_k, renormalize=renormalize, weights_dtype="logits")
-    if indices.shape != ref_indices.shape:
-        return "router's chosen experts differ from softmax → top-k"
-    if not torch.equal(indices, ref_indices):
-        probs = torch.softmax(F.linear(hidden, weight), dim=-1, dtype=torch.float)
-        got, want = probs.gather(1, indices), probs.gather(1, ref_indices)
-        tied = torch.equal(got.sort(dim=-1).values, want.sort(dim=-1).values)
-        return "inconclusive" if tied else "router's chosen experts differ from softmax → top-k"  # ties: saturation
-    if weights.dtype != ref_weights.dtype:
-        return f"router's expert weights are {weights.dtype}, expected the logits' dtype {ref_weights.dtype}"
-    chosen = torch.softmax(logits.double(), dim=-1).gather(1, indices)  # [N, k] float64
-    renormalised = chosen / chosen.sum(dim=-1, keepdim=True)
-    tolerance = 8 * torch.finfo(weights.dtype).eps  # weights are <= 1: a few ulps of their dtype, absolute
-    declared, other = (renormalised, chosen) if renormalize else (chosen, renormalised)
-    got = weights.double()
-    if top_k == logits.shape[-1]:  # every expert chosen: the k probabilities sum to 1, renormalisation is moot
-        return None if (got - declared).abs().max() <= tolerance else (
-            "router's expert weights differ from the softmax probabilities")
-    if (declared - other).abs().max() <= 4 * tolerance:
-        return "inconclusive"
-    if (got - declared).abs().max() <= tolerance:
-        return None
-    if (got - other).abs().max() <= tolerance:
-        if renormalize:
-            return "router's expert weights are not renormalised over the k, but it declares norm_topk_prob=True"
-        return ("router's expert weights sum to 1 over the k (renormalised, e.g. top-k of logits then softmax over "
-                "the k) but it declares norm_topk_prob=False")
-    return "router's expert weights differ from the softmax probabilities (renormalised per norm_topk_prob)"

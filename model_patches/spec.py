@@ -285,11 +285,9 @@ class FamilySpec:
     """Dotted path from the router to ``E`` (a leading ``^`` reads it from the sparse block instead)."""
     top_k_attr: str = "top_k"
     """Dotted path from the router to ``k`` (``"^top_k"``: DBRX keeps ``k`` on its ``DbrxFFN`` block)."""
-    hidden_dim_attr: str = "hidden_dim"
-    """Dotted path from the router to the hidden size (the router flattens its input to ``[-1, hidden_dim]``;
-    HunYuan-MoE: ``wg.in_features``)."""
     router_weight_attr: str = "weight"
-    """Dotted path from the router to its ``[E, H]`` logit weight (HunYuan-MoE: ``wg.weight``), which a routing
+    """Dotted path from the router to its ``[E, H]`` logit weight (HunYuan-MoE: ``wg.weight``; the executor flattens the
+    router's input to ``[-1, H]`` by its width), which a routing
     override multiplies the hidden states with."""
     router_requirements: tuple[RouterRequirement, ...] = ()
     """Settings the router must have for :attr:`routing` to describe it; other values are refused by name."""

@@ -32,6 +32,7 @@ import contextlib
 import copy
 import importlib
 import math
+import os
 import re
 import signal
 import sys
@@ -982,6 +983,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--structure-only: the document needs the features; drop --markdown / --check")
     if args.check and not Path(args.check).is_file():
         parser.error(f"--check: {args.check} is not a file")
+    if args.markdown:
+        target = Path(args.markdown)
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            parser.error(f"--markdown: {args.markdown} is not a writable file path (a folder, or its folder is "
+                         "missing or not writable)")
     with quiet():  # building every config class's defaults makes transformers talk
         known = survey_types()
     types = [name.strip() for name in args.types.split(",")] if args.types else known
@@ -1008,8 +1014,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.check} matches the survey ({len(rows)} types, {elapsed:.0f}s)")
         return 0
-    if args.markdown:
-        Path(args.markdown).write_text(document)
+    if args.markdown:  # written beside and moved into place: a survey killed halfway leaves the old file whole
+        target = Path(args.markdown)
+        scratch = target.with_name(f".{target.name}.partial")
+        scratch.write_text(document)
+        os.replace(scratch, target)
     print(document + f"\n({elapsed:.0f}s)")
     return 0
 

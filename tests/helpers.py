@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import socket
+import sys
 
 import torch
 
@@ -32,3 +34,16 @@ def model_state(model: torch.nn.Module) -> dict:
         },
         "config": copy.deepcopy(getattr(model.config, "moepatch", None)),
     }
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a torch.distributed rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(script: str, *args: str, processes: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` on ``processes`` local ranks, on a free loopback port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", script, *args]

@@ -119,7 +119,7 @@ def _family_names() -> set[str]:
     for spec in model_patches.families().values():
         names.update(spec.block_classes)
         for value in (spec.layers_attr, spec.block_attr, spec.router_attr, spec.experts_attr, spec.top_k_attr,
-                      spec.num_experts_attr, spec.hidden_dim_attr, spec.selection_method, *spec.extra_routers,
+                      spec.num_experts_attr, spec.selection_method, *spec.extra_routers,
                       *(spec.expert_modules or ()), *spec.shared_expert_attrs, *spec.identity_projections,
                       *spec.per_expert_config, spec.router_weight_attr, *(spec.router_expert_parameters or ()),
                       *(requirement.attribute.lstrip("^") for requirement in spec.router_requirements),

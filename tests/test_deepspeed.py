@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file
 
 from moepatch.testing import tiny
@@ -27,15 +27,9 @@ SUCCESS = "moepatch finetune: done"
 ROUTERS = [f"model.layers.{i}.mlp.gate.weight" for i in (0, 2, 3)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(checkpoint: Path, output: Path, *extra: str) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(REPO / "scripts" / "finetune.py"),
+               str(free_port()), str(REPO / "scripts" / "finetune.py"),
                "--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(output),
                "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero3_cpu.json"), "--use_cpu",
                "--max_steps", "6", "--update_every", "2", "--save_steps", "2", "--per_device_train_batch_size", "2",
@@ -128,7 +122,7 @@ LAUNCHERS = {
 def test_other_launchers(launcher, tmp_path):
     prefix, config, extra, stage = LAUNCHERS[launcher]
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe", seed=0)
-    port = ["--master_port" if launcher == "deepspeed" else "--main_process_port", str(_free_port())]
+    port = ["--master_port" if launcher == "deepspeed" else "--main_process_port", str(free_port())]
     command = [sys.executable, *prefix, *port, str(REPO / "scripts" / "finetune.py"),
                "--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(tmp_path / "out"),
                "--deepspeed", str(REPO / "configs" / "deepspeed" / config), "--use_cpu", "--max_steps", "2",
@@ -154,7 +148,7 @@ def test_zero3_lora_experts_lower_the_loss(tmp_path):
     block.write_text(json.dumps({"moepatch": {"lora_experts": {"method": "mola", "num_experts": 4, "top_k": 2, "r": 4,
                                                                "balance_loss": True, "routed_experts": True}}}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(REPO / "scripts" / "finetune.py"),
+               str(free_port()), str(REPO / "scripts" / "finetune.py"),
                "--model_name_or_path", str(checkpoint), "--synthetic_data", "--output_dir", str(tmp_path / "out"),
                "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero3_cpu.json"), "--use_cpu",
                "--moepatch_config", str(block), "--dynamic_sampling", "false", "--max_steps", "20",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_command
 from routing_reference import capture_router_inputs
 from routing_reference import moe_routers
 from routing_reference import reference_counts
@@ -18,18 +18,11 @@ from routing_reference import reference_counts
 from moepatch.testing import tiny
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_all_reduce_sums_over_two_ranks(tmp_path: Path):
     worker = Path(__file__).with_name("distributed_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", str(worker), str(tmp_path)]
+    command = torchrun_command(str(worker), str(tmp_path))
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert "rank 0 done" in result.stdout and "rank 1 done" in result.stdout, result.stdout + result.stderr
 

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from model_patches.spec import read_attribute
+from model_patches.structure import MoELayer
 from model_patches.structure import MoEModel
 from model_patches.structure import device_of
 from moepatch.c2r.config import C2RConfig
 from moepatch.routing.aux_loss import install_actual_choice_aux_loss
+from moepatch.routing.seam import layer_settings
 from moepatch.routing.seam import override_selection
 from moepatch.routing.seam import selection_seam_problem
 from moepatch.routing.seam import vanilla_selector
@@ -292,12 +292,11 @@ def _layer_table(entry: Any, layer: int, num_experts: int, top_t: int, name: str
 
 def _group_note(model: MoEModel) -> str:
     """What a group-limited router's ``top_t`` must allow for, in words (empty without a group limit)."""
-    first = model.layers[0]
-    limit = model.family.routing.active_group_limit(first.router, first.block)
-    if limit is None:
+    first = next(layer for layer in model.layers if layer.index not in model.hashed_layers)
+    settings = layer_settings(model, first)
+    if settings.group_limit is None:
         return ""
-    groups = read_attribute(first.router, first.block, limit.groups)
-    kept = read_attribute(first.router, first.block, limit.kept_groups)
+    groups, kept = settings.groups, settings.kept_groups
     return (f" (the router's group limit keeps {kept} of {groups} groups: the allowed set must still hold the k "
             "experts — where the kept groups hold fewer of them, C2R takes the best allowed experts outside them)")
 
@@ -340,8 +339,10 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
     return plan
 
 
-def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The C2R selection step in the family's contract (the buffers are read at call time: they follow ``.to()``)."""
+def _selector_for(layer: MoELayer, model: MoEModel, top_t: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The C2R selection step of ``layer`` in the family's contract (the buffers are read at call time: they follow
+    ``.to()``)."""
+    router = layer.router
     if model.family.selection_kind == "logits_top_k_plus_one":
 
         def select_plus_one(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,33 +351,28 @@ def _selector_for(router: nn.Module, model: MoEModel, top_t: int) -> Callable[..
 
         return select_plus_one
 
-    sorted_topk = model.family.routing.sorted_topk
-    allowed = getattr(router, ALLOWED_BUFFER)
-    if bool(allowed.all()):  # every row allows every expert (top_t = E - 1): the family's own selection, exactly
-        selector = vanilla_selector(model.family.routing)
-
-        def select_all(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            return selector(probs, k)
-
-        select_all.allowed_for = lambda first: getattr(router, ALLOWED_BUFFER)[first]  # type: ignore[attr-defined]
-        return select_all
-    layer = next(layer for layer in model.layers if layer.router is router)
-    limit = model.family.routing.active_group_limit(router, layer.block)
-    may_starve = limit is not None and group_limit_can_starve(
-        allowed, int(read_attribute(router, layer.block, limit.groups)),
-        int(read_attribute(router, layer.block, limit.kept_groups)), model.top_k)
-
-    def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None,
-               kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk,
-                                ungrouped=ungrouped if may_starve else None, kept=kept,
-                                restricted=getattr(router, RESTRICTED_BUFFER))
-
     def allowed_for(first: torch.Tensor) -> torch.Tensor:  # rules with sequential picks (sparsemixer) ask this
         return getattr(router, ALLOWED_BUFFER)[first]
 
-    select.allowed_for = allowed_for  # type: ignore[attr-defined]
+    allowed = getattr(router, ALLOWED_BUFFER)
+    if bool(allowed.all()):  # every row allows every expert (top_t = E - 1): the family's own selection, exactly
+        vanilla = vanilla_selector(model.family.routing)
 
+        def select(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return vanilla(probs, k)
+    else:
+        settings = layer_settings(model, layer)
+        may_starve = settings.group_limit is not None and group_limit_can_starve(
+            allowed, settings.groups, settings.kept_groups, model.top_k)
+        sorted_topk = model.family.routing.sorted_topk
+
+        def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None,
+                   kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk,
+                                    ungrouped=ungrouped if may_starve else None, kept=kept,
+                                    restricted=getattr(router, RESTRICTED_BUFFER))
+
+    select.allowed_for = allowed_for  # type: ignore[attr-defined]
     return select
 
 
@@ -391,7 +387,7 @@ def install_c2r(model: MoEModel, plan: C2RPlan, undo: UndoLog) -> list[str]:
         undo.add_buffer(router, ALLOWED_BUFFER, allowed)
         undo.add_buffer(router, RESTRICTED_BUFFER, ~allowed.all(dim=-1))
     patched = override_selection(
-        model, lambda layer: _selector_for(layer.router, model, plan.top_t), sorted(plan.tables), undo
+        model, lambda layer: _selector_for(layer, model, plan.top_t), sorted(plan.tables), undo
     )
     if plan.aux_loss == "actual" and plan.tables:
         install_actual_choice_aux_loss(model, undo)

@@ -253,25 +253,6 @@ def plan_bias_targets(structure: MoEModel, layers: list[int] | None, field_path:
 
 
 # ---------------------------------------------------------------------------------------------- loads
-class _TrainingLoadRecorder(RoutingRecorder):
-    """A :class:`RoutingRecorder` counting only forwards run in training mode.
-
-    Evaluation and the probe rounds of dynamic data mixing run in eval mode between optimizer steps; their tokens are
-    no part of any training step, so they must not move the biases.  Everything else (padding excluded, checkpoint
-    re-runs skipped, one batched flush per model call, the all-reduce) is the recorder's own.
-    """
-
-    def _make_reader(self, slot: int):
-        read = super()._make_reader(slot)
-        router = self.model.layer(self.layers[slot]).router
-
-        def read_in_training(scores: torch.Tensor, indices: torch.Tensor) -> None:
-            if router.training:
-                read(scores, indices)
-
-        return read_in_training
-
-
 @dataclass(frozen=True)
 class BiasUpdate:
     """What one :meth:`BiasUpdater.step` did (kept as :attr:`BiasUpdater.last_update`)."""
@@ -339,7 +320,7 @@ class BiasUpdater:
         self.layers = [target.layer for target in self.targets]
         self.steps = 0
         self.last_update: BiasUpdate | None = None
-        self._recorder = _TrainingLoadRecorder(structure.root, self.layers, structure=structure)
+        self._recorder = RoutingRecorder(structure.root, self.layers, structure=structure, training_only=True)
         self._optimizer_hooks: list[RemovableHandle] = []
         self._initial: list[torch.Tensor] | None = None
         self._warned_absorbed = False

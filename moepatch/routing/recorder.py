@@ -64,6 +64,9 @@ class RoutingRecorder:
             (on the CPU, ``N × k`` integers per layer: opt-in, for placement studies that need exact k-sets).
         structure (`MoEModel`, *optional*): the model's structure when the caller resolved it already (``apply``
             passes the one it planned with, so the recorder sees exactly the layers the patch was checked against).
+        training_only (`bool`, *optional*, defaults to `False`): count only the forwards whose router is in training
+            mode (the aux-loss-free bias update: evaluation and probe rounds between optimizer steps are no part of a
+            training step).
 
     Example:
         ```python
@@ -75,9 +78,10 @@ class RoutingRecorder:
 
     def __init__(
         self, model: nn.Module, layers: Sequence[int] | None = None, *, coactivation: bool = False,
-        keep_choices: bool = False, structure: MoEModel | None = None,
+        keep_choices: bool = False, structure: MoEModel | None = None, training_only: bool = False,
     ) -> None:
         self.model: MoEModel = structure if structure is not None else describe(model)
+        self.training_only = training_only
         self.layers: list[int] = resolve_layer_indices(
             self.model, None if layers is None else list(layers), "layers"
         )
@@ -152,7 +156,11 @@ class RoutingRecorder:
             self._in_call = False
 
     def _make_reader(self, slot: int):
+        router = self.model.layer(self.layers[slot]).router
+
         def read(scores: torch.Tensor, indices: torch.Tensor) -> None:
+            if self.training_only and not router.training:
+                return  # an evaluation forward between training steps
             if not torch.compiler.is_compiling() and current_backward_task_id() != -1:
                 return  # activation checkpointing re-running the forward in backward (compiled code re-runs no hook)
             logits, indices = scores.detach(), indices.detach()

@@ -31,6 +31,7 @@ from transformers import Qwen3MoeConfig
 
 from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
+from moepatch.testing import tiny_kinds
 
 TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "llama_moe", "moduleformer")
 """Families the whole test suite runs every family-parametrised test on."""
@@ -117,18 +118,7 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
     """
     if vocab_size is None:
         vocab_size = len(tiny_tokenizer())
-    common: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    common = tiny_kinds.common_config_fields(vocab_size)
     per_family: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
         "qwen2_moe": (Qwen2MoeConfig, dict(num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=16,
                                            shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
@@ -151,8 +141,6 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
 
         return tiny_moduleformer_config(**{"vocab_size": vocab_size, **overrides})
     if family not in per_family:
-        from moepatch.testing import tiny_kinds
-
         if family in tiny_kinds.ROUTER_KIND_TYPES:
             return tiny_kinds.tiny_kind_config(family, **{"vocab_size": vocab_size, **overrides})
         raise ValueError(f"tiny_config: unknown family {family!r}; choose from "
@@ -213,8 +201,6 @@ def tiny_model(
         setattr(config, CONFIG_KEY, MoePatchConfig.from_dict(moepatch).to_dict())
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    from moepatch.testing import tiny_kinds
-
     if family in tiny_kinds.RANDOMISED:  # transformers zero-initialises selection biases: make them matter
         tiny_kinds.randomise_routing_tensors(model, family, seed=seed)
     return model.eval()

@@ -341,7 +341,9 @@ _VOCAB_FIELDS: dict[str, tuple[str, ...]] = {"inkling2_text": ("unpadded_vocab_s
 """Fields besides ``vocab_size`` that follow the vocabulary (Inkling2's LM head is ``unpadded_vocab_size`` wide)."""
 
 
-def _common(vocab_size: int) -> dict[str, Any]:
+def common_config_fields(vocab_size: int) -> dict[str, Any]:
+    """The fields every tiny config shares (this module's and :func:`moepatch.testing.tiny.tiny_config`'s): hidden 32,
+    4 query / 2 KV heads, pad / bos / eos 0 / 1 / 2, untied embeddings, ``initializer_range`` 0.2."""
     return dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -367,7 +369,7 @@ def tiny_kind_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     if "vocab_size" not in overrides:
         overrides = {"vocab_size": TINY_VOCAB_SIZE, **overrides}
     vocab = {field: overrides["vocab_size"] for field in _VOCAB_FIELDS.get(model_type, ())}
-    return CONFIG_MAPPING[model_type](**{**_common(overrides["vocab_size"]), **_SIZES[model_type], **vocab,
+    return CONFIG_MAPPING[model_type](**{**common_config_fields(overrides["vocab_size"]), **_SIZES[model_type], **vocab,
                                          **overrides})
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import moepatch
-from model_patches.routing_rule import probe_router
+from model_patches.routing_rule import probe_rule
+from model_patches.spec import RoutingRule
 from model_patches.structure import describe
 from moepatch.errors import UnsupportedModelError
 from moepatch.testing import tiny
@@ -79,17 +80,28 @@ class _SoftmaxOverKRouter(nn.Module):
         return logits, torch.softmax(values, dim=-1, dtype=torch.float).to(logits.dtype), index
 
 
+PLAIN_RULE = RoutingRule(renormalize=False)
+SOFTMAX_OVER_K_RULE = RoutingRule(score="logits", weights_from="softmax_of_chosen")
+
+
+def _probe(router: nn.Module, rule: RoutingRule) -> str | None:
+    """The probe's verdict on ``rule`` for ``router`` (``None``: equal bit for bit)."""
+    accepted, why = probe_rule(router, None, [rule], top_k=2, weight_attr="weight",
+                               call=lambda copy, block, hidden: type(copy).forward(copy, hidden))
+    return None if accepted is not None else why
+
+
 @pytest.mark.parametrize("scale", [1.0, 30.0], ids=["spread", "saturated"])
-def test_softmax_over_k_router_claiming_no_renormalisation_is_refused(scale):
+def test_softmax_over_k_router_is_not_taken_for_plain_softmax(scale):
     """Even a saturated router (top-k probabilities summing to ~1 on the first probe) is told apart."""
     torch.manual_seed(0)
     router = _SoftmaxOverKRouter(32, 8, 2, scale)
-    problem = probe_router(router, top_k=2, hidden_dim=32, renormalize=False)
-    assert problem is not None and "declares norm_topk_prob=False" in problem
-    assert probe_router(router, top_k=2, hidden_dim=32, renormalize=True) is None  # the same maths, declared
+    assert _probe(router, PLAIN_RULE) in ("router's weights differ from the rule's",
+                                          "router's indices differ from the rule's")  # saturated: ties in softmax
+    assert _probe(router, SOFTMAX_OVER_K_RULE) is None
 
 
-def test_plain_router_claiming_renormalisation_is_refused():
+def test_plain_router_is_not_taken_for_softmax_over_k():
     class Plain(_SoftmaxOverKRouter):
         def forward(self, hidden_states):
             logits = nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
@@ -97,8 +109,8 @@ def test_plain_router_claiming_renormalisation_is_refused():
             return logits, values.to(logits.dtype), index
 
     plain = Plain(32, 8, 2)
-    assert probe_router(plain, top_k=2, hidden_dim=32, renormalize=False) is None
-    assert "not renormalised" in probe_router(plain, top_k=2, hidden_dim=32, renormalize=True)
+    assert _probe(plain, PLAIN_RULE) is None
+    assert _probe(plain, SOFTMAX_OVER_K_RULE) == "router's weights differ from the rule's"
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -106,6 +118,7 @@ def test_plain_router_claiming_renormalisation_is_refused():
     (["--timeout", "0"], "argument --timeout: expected a positive integer, got '0'"),
     (["--width", "-3"], "argument --width: expected a positive integer, got '-3'"),
     (["--check", "no/such/file.md"], "--check: no/such/file.md is not a file"),
+    (["--markdown", "no/such/folder/doc.md"], "--markdown: no/such/folder/doc.md is not a writable file path"),
     (["--structure-only", "--markdown", "out.md"], "--structure-only: the document needs the features"),
 ])
 def test_survey_refuses_bad_arguments_before_building_anything(argv, message, capsys):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_command
 from torch import nn
 
 import moepatch
@@ -387,20 +387,13 @@ def test_config_round_trip_and_freeze_log_line():
 
 
 # ---------------------------------------------------------------------------------------------- (e) two ranks
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_apply_the_update_of_the_summed_loads(tmp_path: Path):
     """Two gloo ranks route different texts and end with identical biases = the formula on the summed loads: a
     DeepSeek-V3 buffer with plain torch.distributed, then (with DeepSpeed installed) an ERNIE bias *parameter*
     partitioned by ZeRO-3 and gathered for the update."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(sys.path))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", __file__, str(tmp_path)]
+    command = torchrun_command(__file__, str(tmp_path))
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
     log = result.stdout + result.stderr
     assert "rank 0 done" in result.stdout and "rank 1 done" in result.stdout, log[-6000:]
