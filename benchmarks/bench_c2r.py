@@ -10,6 +10,7 @@ Models: the tiny Qwen2-MoE and a 2-layer model with Qwen1.5-MoE-A2.7B layer size
 expert width 1408; vocabulary reduced).  Usage::
 
     python benchmarks/bench_c2r.py [--models tiny qwen1.5-moe-2l] [--rounds 6] [--device cuda --dtype bfloat16]
+                                   [--json figures.json]   # also the key figures as JSON (see figures_json.py)
 """
 
 from __future__ import annotations
@@ -25,11 +26,19 @@ from bench_forward import add_common_arguments
 from bench_forward import build_model
 from bench_forward import make_batch
 from bench_forward import synchronize
+from figures_json import Figure
+from figures_json import add_json_argument
+from figures_json import write_summary
 
 import moepatch
 from model_patches.structure import describe
 from moepatch.c2r.profiling import profile_coactivation
 from moepatch.testing import tiny
+
+PROFILING_GOAL = 1.10
+"""Profiling pass / plain forward over the same batches."""
+C2R_GOAL = 1.05
+"""C2R-patched forward / unpatched forward."""
 
 
 def timed(device: torch.device, work: Callable[[], object]) -> float:
@@ -129,6 +138,7 @@ def main() -> None:
     add_common_arguments(parser, rounds=6)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--top-t", type=int, default=None, help="default: E/2 (30 for 60 experts, as in the paper)")
+    add_json_argument(parser)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
@@ -158,6 +168,18 @@ def main() -> None:
     print()
     print(f"counting only, 24 layers x 8192 tokens x top-4 of 60 experts: recorder {ours_s * 1e3:.1f} ms, "
           f"official per-token loop {official_s * 1e3:.0f} ms ({official_s / ours_s:.0f}x)")
+    figures = []
+    for name, m, top_t in rows:
+        setting = f"{name} {args.batches}x{args.batch_size}x{args.seq}"
+        figures += [
+            Figure(setting, "profiling / plain pass", m["profiling"] / m["plain"], goal_max=PROFILING_GOAL),
+            Figure(setting, f"c2r top_t={top_t} / plain forward", m["c2r"] / m["plain"], goal_max=C2R_GOAL),
+            Figure(setting, "official loop / profiling", m["official loop"] / m["profiling"],
+                   extra="speed-up of the recorder"),
+        ]
+    figures.append(Figure("24L x 8192 tok, top-4 of 60 (CPU)", "counting: official loop / recorder",
+                          official_s / ours_s, extra=f"{ours_s * 1e3:.1f} vs {official_s * 1e3:.0f} ms"))
+    write_summary(args.json, "bench_c2r", args, figures)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/bench_forward.py                      # both models, CPU
     python benchmarks/bench_forward.py --device cuda --dtype bfloat16 --rounds 30
+    python benchmarks/bench_forward.py --json figures.json   # also the key figures as JSON (see figures_json.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from figures_json import Figure
+from figures_json import add_json_argument
+from figures_json import write_summary
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 from transformers import Qwen2MoeConfig
@@ -131,6 +135,7 @@ def main() -> None:
     add_common_arguments(parser, rounds=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--per-round", type=int, default=5, help="forwards timed per round and variant")
+    add_json_argument(parser)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -150,6 +155,10 @@ def main() -> None:
     for name, plain_ms, patched_ms, ratio, ratio_min in rows:
         print(f"{name:<16}{plain_ms:>14.2f}{patched_ms:>12.2f}{ratio:>16.3f}{ratio_min:>13.3f}")
     print("patched = freeze_gate 'router' + routing statistics on every MoE layer (padding excluded)")
+    figures = [Figure(f"{name} {args.batch_size}x{args.seq}", "patched / unpatched forward (median)", ratio,
+                      extra=f"{plain_ms:.2f} vs {patched_ms:.2f} ms; min ratio {ratio_min:.3f}")
+               for name, plain_ms, patched_ms, ratio, ratio_min in rows]
+    write_summary(args.json, "bench_forward", args, figures)
 
 
 if __name__ == "__main__":

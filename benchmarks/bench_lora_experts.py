@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/bench_lora_experts.py                         # CPU, both models, 1 Qwen1.5-MoE layer
     python benchmarks/bench_lora_experts.py --device cuda --dtype bfloat16 --compile --layers 2 --seq 512
+    python benchmarks/bench_lora_experts.py --json figures.json   # also the key figures as JSON (see figures_json.py)
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import make_batch  # noqa: E402
 from bench_forward import qwen15_moe_reduced  # noqa: E402
 from bench_forward import synchronize  # noqa: E402
+from figures_json import Figure  # noqa: E402
+from figures_json import add_json_argument  # noqa: E402
+from figures_json import write_summary  # noqa: E402
 
 MODELS = ("tiny", "qwen1.5-moe")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -168,6 +172,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary of the Qwen1.5-MoE-sized model")
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     for flag, minimum in (("layers", 1), ("steps", 1), ("warmup", 0), ("batch_size", 1), ("seq", 2), ("vocab", 16)):
         if getattr(args, flag) < minimum:
@@ -214,17 +219,33 @@ def print_table(model: str, args: argparse.Namespace, results: dict[str, dict]) 
               f"{ratios}")
 
 
+def key_figures(model: str, args: argparse.Namespace, results: dict[str, dict]) -> list[Figure]:
+    """One figure per variant measured with its baseline: the step-time ratio, with the peak-memory ratio beside it."""
+    setting = (f"{model}{f' {args.layers}L' if model == 'qwen1.5-moe' else ''} {args.batch_size}x{args.seq}"
+               f"{' compiled' if args.compile else ''}")
+    figures = []
+    for variant, result in results.items():
+        base = results.get(BASELINE.get(variant, ""))
+        if base:
+            figures.append(Figure(setting, f"{variant} / {BASELINE[variant]} step", result["step_s"] / base["step_s"],
+                                  extra=f"peak {result['peak_mb'] / max(base['peak_mb'], 1e-9):.2f}x"))
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     if args.variant:
         child(args)
         return
+    figures = []
     for model in args.models:
         results = {}
         for variant in args.variants:
             results[variant] = run_variant(args, model, variant)
             print(f"  {model} / {variant}: {results[variant]['step_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
         print_table(model, args, results)
+        figures += key_figures(model, args, results)
+    write_summary(args.json, "bench_lora_experts", args, figures)
 
 
 if __name__ == "__main__":

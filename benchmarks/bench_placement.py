@@ -15,18 +15,25 @@ MoE) for 24 layers.  Each layer's matrix is profiled from sampled routing with l
 grouping worth finding; copies per token are exact, computed from the sampled indices.  E = 60 cannot be split
 over 8 devices in equal groups, so E = 60 runs with D = 2, 4 and 6.
 
+Both parts are CPU work by nature (planning runs on the host, on co-activation counts): there is no ``--device``.
+
 Usage::
 
     python benchmarks/bench_placement.py
+    python benchmarks/bench_placement.py --json figures.json   # also the key figures as JSON (see figures_json.py)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from figures_json import Figure
+from figures_json import add_json_argument
+from figures_json import write_summary
 
 from moepatch.c2r import matrices as collaboration_io
 from moepatch.c2r import placement
@@ -46,8 +53,9 @@ def reduction(contiguous: float, other: float) -> str:
     return f"{100.0 * (contiguous - other) / contiguous:5.1f}%"
 
 
-def real_data_table() -> None:
-    """Part 1: the shipped LLaMA-MoE matrices."""
+def real_data_table() -> list[Figure]:
+    """Part 1: the shipped LLaMA-MoE matrices; returns the planned copies per token of each matrix and D."""
+    figures = []
     matrices = {name: tensor.numpy() for name, tensor in collaboration_io.load_matrices(DATA_FILE).items()}
     print("== LLaMA-MoE-v1-3.5B (2/8): mean copies per token over 32 layers (top-2: 1 = always one device) ==")
     header = (
@@ -78,7 +86,18 @@ def real_data_table() -> None:
                 f"{heuristic_ms:8.1f}  {optimum_copies:7.4f}  {reduction(contiguous, optimum_copies):>6}  "
                 f"{exhaustive_ms:7.1f}"
             )
+            figures.append(
+                Figure(
+                    f"LLaMA-MoE 8 experts, D={ep_size}",
+                    f"{LABELS[name]}: planned copies/token",
+                    planned_copies,
+                    unit="copies/token",
+                    extra=f"contiguous {contiguous:.4f} ({reduction(contiguous, planned_copies).strip()}"
+                    f" less), optimum {optimum_copies:.4f}, plan {plan_ms:.0f} ms",
+                )
+            )
     print("(times are for all 32 layers; 'heuristic' forces greedy + Kernighan-Lin with exhaustive_limit=0)")
+    return figures
 
 
 def synthetic_layer(num_experts: int, top_k: int, num_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +116,9 @@ def synthetic_layer(num_experts: int, top_k: int, num_tokens: int, seed: int) ->
     return indices, counts
 
 
-def synthetic_timing(num_layers: int = 24, num_tokens: int = 20_000) -> None:
-    """Part 2: planning time and copies per token on synthetic large-E layers."""
+def synthetic_timing(num_layers: int = 24, num_tokens: int = 20_000) -> list[Figure]:
+    """Part 2: planning time and copies per token on synthetic large-E layers; returns the reduction per case."""
+    figures = []
     print()
     print(f"== synthetic layers: {num_layers} layers, {num_tokens:,} sampled tokens each, heuristic planner ==")
     header = (
@@ -127,11 +147,28 @@ def synthetic_timing(num_layers: int = 24, num_tokens: int = 20_000) -> None:
             f"{reduction(contiguous_mean, planned_mean):>6}  {sum(durations):8.3f}  {1e3 * np.mean(durations):8.1f}  "
             f"{1e3 * max(durations):7.1f}"
         )
+        figures.append(
+            Figure(
+                f"synthetic E={num_experts} top-{top_k}, D={ep_size}",
+                "planned vs contiguous copies/token",
+                100.0 * (contiguous_mean - planned_mean) / contiguous_mean,
+                unit="% less",
+                extra=f"{1e3 * np.mean(durations):.1f} ms/layer to plan",
+            )
+        )
+    return figures
 
 
-def main() -> int:
-    real_data_table()
-    synthetic_timing()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--synthetic-layers", type=int, default=24, help="layers of part 2 (fewer: a quicker run)")
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
+    if args.synthetic_layers < 1:
+        parser.error(f"--synthetic-layers: expected an integer >= 1, got {args.synthetic_layers}")
+    figures = real_data_table()
+    figures += synthetic_timing(num_layers=args.synthetic_layers)
+    write_summary(args.json, "bench_placement", args, figures)
     return 0
 
 

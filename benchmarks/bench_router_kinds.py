@@ -35,6 +35,7 @@ Usage::
     python benchmarks/bench_router_kinds.py                                   # CPU, 2x512 tokens
     python benchmarks/bench_router_kinds.py --threads 1 --clock cpu --rounds 6  # a CPU shared with other jobs
     python benchmarks/bench_router_kinds.py --device cuda --dtype bfloat16 --rounds 20 --per-round 5 --layers 2
+    python benchmarks/bench_router_kinds.py --json figures.json   # also the key figures as JSON (see figures_json.py)
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from typing import Any
 import torch
 from bench_forward import make_batch
 from bench_forward import synchronize
+from figures_json import Figure
+from figures_json import add_json_argument
+from figures_json import write_summary
 from transformers import AutoModelForCausalLM
 from transformers import DeepseekV3Config
 
@@ -356,6 +360,32 @@ def profile_router(model: torch.nn.Module, structure: MoEModel, hidden: torch.Te
         print(prof.key_averages().table(sort_by=sort, row_limit=14))
 
 
+def key_figures(
+    args: argparse.Namespace, forward: dict[str, list[float]] | None, router: dict[str, list[float]],
+    bias: dict[str, list[float]] | None,
+) -> list[Figure]:
+    """The patched / unpatched median ratios of sections (1) to (3), each against :data:`GOAL`."""
+    tokens = f"{args.batch_size}x{args.seq}"
+    figures = []
+
+    def ratios(setting: str, times: dict[str, list[float]], baseline: str, what: str) -> None:
+        base = statistics.median(times[baseline])
+        for name, values in times.items():
+            if name != baseline:
+                figures.append(Figure(setting, f"{name} / {baseline} {what}", statistics.median(values) / base,
+                                      goal_max=GOAL, extra=f"min ratio {min(values) / min(times[baseline]):.3f}"))
+
+    if forward is not None:
+        ratios(f"DSv3 router {args.layers}L {tokens}", forward, "unpatched", "forward")
+    ratios(f"DSv3 gate alone {tokens}", router, "unpatched", "gate")
+    if bias is not None:
+        train = statistics.median(bias["train step"])
+        total = (statistics.median(bias["train step, bias_update"]) + statistics.median(bias[".step()"])) / train
+        figures.append(Figure(f"DSv3 router {args.layers}L {tokens}", "train step + bias .step() / unpatched", total,
+                              goal_max=GOAL))
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -379,6 +409,7 @@ def main() -> None:
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: process CPU time instead of wall time (CPU device; use with --threads 1)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of the gate call")
+    add_json_argument(parser)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads is not None:
@@ -453,6 +484,8 @@ def main() -> None:
     print("c2r = collaboration-constrained routing on random collaboration lists (the router's forward replaced by "
           "moepatch's executor); routing_stats = RoutingRecorder hooks; executor, family top-k = the executor with "
           f"DeepSeek-V3's own top-k (what c2r top_t={experts - 1} selects); ratios are patched / unpatched medians")
+
+    write_summary(args.json, "bench_router_kinds", args, key_figures(args, forward, router, bias))
 
     if args.profile:
         profile_router(model, structure, hidden, {"c2r": c2r(args.top_t)})
