@@ -17,6 +17,7 @@ of lm-eval's ``hf`` model.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -66,6 +67,12 @@ class MoePatchLM(HFLM):
                  top_k: int | str = 2, routing_stats: bool | str = False, **kwargs: Any) -> None:
         from transformers import AutoTokenizer
 
+        known = set(inspect.signature(HFLM.__init__).parameters) - {"self", "args", "kwargs"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:  # HFLM would swallow them: a typo of task_experts= would evaluate the base model
+            raise ValueError(f"moepatch model_args: unknown argument(s) {unknown}; moepatch takes pretrained, "
+                             "moepatch_config, task_experts, top_k, routing_stats, and lm-eval's HF model the "
+                             f"arguments of HFLM ({', '.join(sorted(known)[:8])}, ...)")
         self.routing_stats = _flag(routing_stats)
         try:
             self.top_k = int(top_k)
@@ -181,9 +188,36 @@ def _output_path(argv: list[str]) -> Path | None:
     return None
 
 
+def _model_args(argv: list[str]) -> dict[str, str]:
+    """``--model_args key=value,...`` of an lm-eval command line (empty when absent)."""
+    text = ""
+    for index, token in enumerate(argv):
+        if token == "--model_args" and index + 1 < len(argv):
+            text = argv[index + 1]
+        elif token.startswith("--model_args="):
+            text = token.split("=", 1)[1]
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
 def run_lm_eval(argv: list[str]) -> int:
-    """lm-eval's CLI on ``argv`` with the ``moepatch`` model registered; then the routing statistics, if asked."""
+    """lm-eval's CLI on ``argv`` with the ``moepatch`` model registered; then the routing statistics, if asked.
+
+    ``routing_stats=true`` without ``--output_path`` is refused before anything runs: the statistics would be
+    computed and written nowhere."""
     from lm_eval.__main__ import cli_evaluate
+
+    from moepatch.errors import UsageError
+
+    stats = _model_args(argv).get("routing_stats")
+    if stats is not None and _output_path(argv) is None:
+        try:
+            wanted = _flag(stats)
+        except ValueError as error:
+            raise UsageError("--model_args", str(error)) from None
+        if wanted:
+            raise UsageError("--output_path", "routing_stats=true writes moepatch_routing_stats.json beside "
+                                              "lm-eval's results: give --output_path")
 
     LAST_MODEL.clear()
     saved = sys.argv
@@ -201,6 +235,8 @@ def run_lm_eval(argv: list[str]) -> int:
         else:
             folder = output.parent if output.suffix == ".json" else output
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / STATS_FILE).write_text(json.dumps(report, indent=1) + "\n")
+            from moepatch.staged_output import write_text_atomically
+
+            write_text_atomically(folder / STATS_FILE, json.dumps(report, indent=1) + "\n")
             print(f"moepatch: routing statistics per lm-eval task -> {folder / STATS_FILE}")
     return 0

@@ -155,3 +155,23 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def safetensors_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` from a safetensors file's header alone (no tensor is read, never a pickle).
+
+    Raises:
+        ValueError: naming the file when it is missing, truncated or not a safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as tensors:
+            return {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
+    except Exception as error:  # safetensors raises its own error types for a bad header or a short file
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a complete safetensors file ({text})") from None
+

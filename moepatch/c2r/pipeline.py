@@ -145,17 +145,20 @@ def save_profile_results(
     for layer in run.moe.hashed_layers:  # a hashed router has no learned choice to constrain: C2R leaves it alone
         ranking[layer] = None
     plan_c2r(run.moe, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate
-    output.mkdir(parents=True, exist_ok=True)
-    matrices = profile.save(output / "coactivation.safetensors")
-    plot_layers = [profile.layers[i] for i in plot_positions]
-    try:
-        from moepatch.report import plot_coactivation
+    from moepatch.staged_output import staged_folder
 
-        heatmap: Path | None = plot_coactivation(profile, plot_layers, output / "coactivation.png")
-    except ImportError:
-        heatmap = None
-    config = write_c2r_fields(config_checkpoint, top_t, ranking) if config_checkpoint is not None else None
-    return ProfileOutputs(matrices=matrices, heatmap=heatmap, config=config, top_t=top_t)
+    plot_layers = [profile.layers[i] for i in plot_positions]
+    heatmap: Path | None = output / "coactivation.png"
+    with staged_folder(output, start_from_existing=True) as staging:  # all of it lands, or none of it
+        profile.save(staging / "coactivation.safetensors")
+        try:
+            from moepatch.report import plot_coactivation
+
+            plot_coactivation(profile, plot_layers, staging / "coactivation.png")
+        except ImportError:
+            heatmap = None
+        config = write_c2r_fields(config_checkpoint, top_t, ranking) if config_checkpoint is not None else None
+    return ProfileOutputs(matrices=output / "coactivation.safetensors", heatmap=heatmap, config=config, top_t=top_t)
 
 
 # ------------------------------------------------------------------------------------------------------ place

@@ -217,5 +217,7 @@ def write_c2r_fields(checkpoint: str | Path, top_t: int, collaborative_list: lis
     config = json.loads(path.read_text())
     config["top_t"] = top_t
     config["collaborative_list"] = collaborative_list
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    from moepatch.staged_output import write_text_atomically
+
+    write_text_atomically(path, json.dumps(config, indent=2) + "\n")  # a failure leaves config.json as it was
     return path

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="checkpoint folder (its config.json receives top_t and collaborative_list)")
     profile.add_argument("--data", nargs="+", type=existing_file,
                          help="plain-text (one document per line) or .jsonl files; default: the embedded demo corpus")
-    profile.add_argument("--text-field", default="text", type=non_empty_text, help="jsonl field holding the text")
+    profile.add_argument("--text-field", type=non_empty_text,
+                         help="jsonl / json field holding the text (default 'text'; not for .txt data)")
     profile.add_argument("--max-tokens", type=positive_int, help="stop after this many non-padding tokens")
     profile.add_argument("--min-tokens", type=non_negative_int,
                          help="refuse to write C2R fields profiled from fewer non-padding tokens (default 64·E/k: "

@@ -101,6 +101,47 @@ def check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: s
     return min(widths, default=0)
 
 
+def weights_problem(folder: Path, model: torch.nn.Module) -> str | None:
+    """What is wrong with a checkpoint's weights as the config describes the model, from the safetensors headers
+    alone (cheap: no tensor is read): missing, truncated or unreadable files, a sharded index naming files that are
+    not there, tensors whose shape differs from the model's, or weights that share few names with it (another
+    model's).  ``None`` when they fit; pickled ``.bin`` weights are not opened (never unpickled) and not checked."""
+    from moepatch.validation import read_json_object
+    from moepatch.validation import safetensors_shapes
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = read_json_object(index).get("weight_map")
+        except ValueError as error:
+            return str(error)
+        if not isinstance(weight_map, dict) or not weight_map:
+            return f"{index}: no weight_map"
+        files = sorted({folder / str(name) for name in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None if any(folder.glob("pytorch_model*.bin")) else f"{folder}: no weights (no *.safetensors)"
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            stored.update(safetensors_shapes(file))
+        except ValueError as error:
+            return str(error)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    wrong = [(name, stored[name], shape) for name, shape in expected.items()
+             if name in stored and stored[name] != shape]
+    if wrong:
+        name, found, shape = wrong[0]
+        return (f"{files[0] if len(files) == 1 else folder}: {name} has shape {list(found)}, but config.json "
+                f"describes {list(shape)} ({len(wrong)} tensor(s) differ): the weights are not this config's model")
+    shared = len(set(expected) & set(stored))
+    if shared < len(expected) / 2:  # renamed expert tensors (transformers' conversions) keep far more than half
+        return (f"{folder}: the weights share {shared} of the {len(expected)} tensor names the config's "
+                f"{type(model).__name__} has: they are another model's")
+    return None
+
+
 def check_ep_size(num_experts: int, ep_size: int) -> None:
     """``--ep-size`` must divide the experts: expert parallelism hosts the same number on every device."""
     if num_experts % ep_size:

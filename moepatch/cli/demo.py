@@ -22,6 +22,13 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--top-t", f"expected {max(top_k - 1, 1)} .. {num_experts - 1} for the demo's {num_experts} "
                                     f"experts (top-{top_k}), got {args.top_t}")
     check_ep_size(num_experts, args.ep_size)
+    if args.output:
+        target = Path(args.output).expanduser().absolute()
+        for folder in (target, *target.parents):
+            if (folder / "config.json").is_file() and not is_demo_finetune(folder):
+                raise UsageError("--output", f"{args.output} {'is' if folder == target else 'lies inside'} the "
+                                             f"checkpoint folder {folder} (config.json): the demo would write its "
+                                             "models and files into it; choose a folder of its own")
     previous = Path(args.output) / FINETUNE_FOLDER if args.output else None
     if previous is not None and previous.exists() and args.finetune_steps > 0 and not is_demo_finetune(previous):
         raise UsageError("--output", f"{previous} exists and is not a fine-tune of an earlier demo; the demo writes "

@@ -28,8 +28,7 @@ from moepatch.cli.arguments import positive_int
 from moepatch.cli.arguments import seed
 from moepatch.errors import CommandError
 from moepatch.errors import UsageError
-
-ROUTER_FOLDER = "router"  # moepatch.task_experts.fitting.ROUTER_FOLDER (imported lazily: the CLI starts without torch)
+from moepatch.task_experts.manifest import ROUTER_FOLDER
 
 
 def _finite(text: str) -> float:
@@ -141,13 +140,31 @@ def check_experts_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--tasks", "required (two tasks or more), or --from-routes")
 
 
-def _manifest(output: str) -> Any:
-    from moepatch.task_experts.manifest import read_manifest
+def _manifest(output: str, *, router: bool = True) -> Any:
+    """The run's manifest after the whole run folder is checked (:func:`moepatch.task_experts.run_folder.read_run`):
+    a missing folder is a bad argument (exit 2), a broken file inside the run a failed check naming it (exit 1)."""
+    from moepatch.task_experts.manifest import manifest_folder
+    from moepatch.task_experts.run_folder import read_run
 
     try:
-        return read_manifest(output)
+        manifest_folder(output)
     except ValueError as error:
         raise UsageError("output", str(error)) from None
+    try:
+        return read_run(output, router=router)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+
+
+def _run_inputs(manifest: Any) -> dict[str, Path]:
+    """The files of a task-experts run a command reads and must never write over: its manifest, each expert's
+    folder, the fitted router and the merged adapters."""
+    from moepatch.task_experts.manifest import MANIFEST_NAME
+
+    inputs = {"output (manifest)": manifest.folder / MANIFEST_NAME, "output (router)": manifest.folder / ROUTER_FOLDER,
+              "output (merged adapters)": manifest.folder / "merged"}
+    inputs.update({f"output (expert {task!r})": manifest.expert_path(task) for task in manifest.tasks})
+    return inputs
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -173,7 +190,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
     from moepatch.task_experts.fitting import RouterSettings
     from moepatch.task_experts.fitting import fit_router
 
-    manifest = _manifest(args.output)
+    manifest = _manifest(args.output, router=False)
     data = Path(args.data) if args.data else manifest.folder.parent / "data"
     if not data.is_dir():
         raise UsageError("--data", f"{data} is not a data folder" + ("" if args.data else
@@ -201,9 +218,9 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
         try:
             descriptions = json.loads(args.descriptions.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UsageError("--descriptions", f"{args.descriptions}: not a JSON file ({error})") from None
+            raise CommandError(f"{args.descriptions} (--descriptions): not a JSON file ({error})") from None
         if not isinstance(descriptions, dict):
-            raise UsageError("--descriptions", f"{args.descriptions}: expected a JSON object task -> text")
+            raise CommandError(f"{args.descriptions} (--descriptions): expected a JSON object task -> text")
     from moepatch.task_experts.encoder_tuning import EncoderTuning
 
     tuning = EncoderTuning(args.encoder_epochs, args.encoder_lr, args.encoder_temperature, args.encoder_batch_size,
@@ -238,25 +255,28 @@ def cmd_route(args: argparse.Namespace) -> int:
     try:
         requests = read_requests(args.input)
     except ValueError as error:
-        raise UsageError("--input", str(error)) from None
+        raise CommandError(f"{error} (--input)") from None
     known = [request for request in requests if request.task is not None]
     unknown = sorted({r.task for r in known if r.task not in router.tasks})
     if unknown:
-        raise UsageError("--input", f"task(s) {unknown} are not among the router's {router.tasks}")
+        raise CommandError(f"{args.input} (--input): task(s) {unknown} are not among the router's {router.tasks}")
     if args.exclude != "none" and len(known) != len(requests):
         raise UsageError("--exclude", "needs every request's own 'task' in --input")
     routes_path = Path(args.routes) if args.routes else manifest.folder / "routes.jsonl"
+    from moepatch.staged_output import refuse_output_in_inputs
+    from moepatch.staged_output import staged_file
     from moepatch.validation import check_output_folder
 
     check_output_folder(routes_path.parent, "--routes")
     if routes_path.is_dir():
         raise UsageError("--routes", f"{routes_path} is a folder; give the jsonl file to write")
+    refuse_output_in_inputs(routes_path, "--routes", {"--input": args.input, **_run_inputs(manifest)})
     from moepatch.task_experts.fitting import make_encoder
 
     signatures = make_encoder(manifest, router.encoder).encode([request.text for request in requests])
     own = [request.task for request in requests]
     choices = router.route(signatures, args.top_k, own_tasks=own, exclude=args.exclude)
-    with routes_path.open("w") as stream:
+    with staged_file(routes_path) as scratch, scratch.open("w") as stream:
         for request, choice in zip(requests, choices):
             stream.write(json.dumps({"where": request.where, "text": request.text, "tasks": choice.tasks,
                                      "weights": choice.weights, **({"task": request.task} if request.task else {})})
@@ -268,7 +288,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from moepatch.task_experts.merging import MERGED_FOLDER
+    from moepatch.task_experts.manifest import MERGED_FOLDER
     from moepatch.task_experts.merging import MergeRequest
     from moepatch.task_experts.merging import check_request
     from moepatch.task_experts.merging import combinations_from_routes
@@ -281,7 +301,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         try:
             requests = combinations_from_routes(args.from_routes, args.weights, manifest.tasks)
         except ValueError as error:
-            raise UsageError("--from-routes", str(error)) from None
+            flag, _, message = str(error).partition(": ")
+            if flag.startswith("--"):
+                raise UsageError(flag, message) from None
+            raise CommandError(f"{error} (--from-routes)") from None
     else:
         weights = args.weights if args.weights is not None else [1.0 / len(args.tasks)] * len(args.tasks)
         requests = [MergeRequest(list(args.tasks), list(weights), args.method, args.rank, args.name)]
@@ -299,20 +322,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError("output", str(error).partition(": ")[2]) from None
     output = manifest.folder / MERGED_FOLDER
-    created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
+    from moepatch.staged_output import staged_folder
+
     peft_model = load_experts(model, manifest, tasks)
     results = []
-    try:
+    with staged_folder(output, start_from_existing=True) as scratch:  # every merge lands, or none does
         for request in requests:
-            result = merge_loaded(peft_model, manifest, request, output)
+            result = merge_loaded(peft_model, manifest, request, scratch)
             results.append(result)
-            write_merges(output, [result])  # listed as soon as it is on disk
             print(f"{result.name}: {result.method} of {result.tasks} weights {result.weights} -> rank {result.rank}, "
                   f"max relative error {result.max_relative_error:.2e} over {len(result.module_errors)} modules")
-    finally:
-        if created and not any(output.iterdir()):
-            output.rmdir()
+        write_merges(scratch, results)
     print(f"wrote {len(results)} merged adapter(s) to {output} (merges.json)")
     return 0
 
@@ -332,7 +352,7 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
     try:
         requests = read_requests(args.input)
     except ValueError as error:
-        raise UsageError("--input", str(error)) from None
+        raise CommandError(f"{error} (--input)") from None
     if args.top_k > len(manifest.tasks):
         raise UsageError("--top-k", f"{args.top_k} is more than the {len(manifest.tasks)} experts")
     serving = TaskExpertModel.from_experts(args.output)
@@ -371,7 +391,9 @@ def cmd_export_vllm(args: argparse.Namespace) -> int:
                            include_experts=args.include_experts, routes=args.routes)
     except ValueError as error:
         flag, _, message = str(error).partition(": ")
-        raise UsageError(flag if flag.startswith("--") or flag == "output" else "output", message) from None
+        if flag.startswith("--") or flag == "output":
+            raise UsageError(flag, message) from None
+        raise CommandError(str(error)) from None  # a malformed file, named first in the message
     data = json.loads(path.read_text())
     print(f"wrote {len(data['lora_requests'])} adapters and {path} for vLLM ({data['architecture']})")
     print("EngineArgs(" + ", ".join(f"{key}={value!r}" for key, value in data["engine_args"].items()) + ")")

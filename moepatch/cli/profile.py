@@ -32,6 +32,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
             if value is not None:
                 raise UsageError(flag, "only applies to the fields written into config.json; drop it or drop "
                                        "--no-write-config")
+    if args.text_field is not None and not any(Path(path).suffix in (".jsonl", ".json") for path in args.data or ()):
+        raise UsageError("--text-field", "only applies to .jsonl / .json --data (a .txt file's lines are the "
+                                         "documents; without --data the embedded corpus is used)")
     _, moe = checked_block(checkpoint, args.trust_remote_code)  # every check before anything is loaded
     num_experts, top_k, moe_layers = moe.num_experts, moe.top_k, moe.moe_layer_indices
     if top_k < 2:
@@ -57,7 +60,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     output = check_output_folder(args.output, "--output") if args.output else checkpoint / "c2r_profile"
     if not args.output:
         check_output_folder(output, "--output")
-    documents = read_corpus(args.data, args.text_field) if args.data else embedded_corpus()
+    documents = read_corpus(args.data, args.text_field or "text") if args.data else embedded_corpus()
     tokenizer = load_tokenizer(checkpoint, args.trust_remote_code)
 
     run = profile_checkpoint(checkpoint, tokenizer, documents, as_configured=args.as_configured,

@@ -94,13 +94,29 @@ def install(path: str | Path) -> Path:
         raise ValueError(f"{config_file}: auto_map must be an object {{\"AutoModelForCausalLM\": ...}}, got "
                          f"{type(original_auto_map).__name__}")
     _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
-    if not backup.exists():
-        backup.write_bytes(config_file.read_bytes())
+    from moepatch.staged_output import staged_file
+    from moepatch.staged_output import write_text_atomically
+
     installed = {**current, "auto_map": {**(original_auto_map or {}), **LOADER_AUTO_MAP}}
-    config_file.write_text(json.dumps(installed, indent=2) + "\n")
     loader = folder / LOADER_FILE
-    loader.write_text(_loader_source(), encoding="utf-8")
+    made = [path for path in (loader, backup) if not path.exists()]
+    try:  # the loader and the backup first, config.json last: a failure at any point leaves the folder as it was
+        write_text_atomically(loader, _loader_source())
+        if not backup.exists():  # byte for byte: uninstall restores exactly this
+            with staged_file(backup) as scratch:
+                scratch.write_bytes(config_file.read_bytes())
+        write_text_atomically(config_file, json.dumps(installed, indent=2) + "\n")
+    except BaseException:
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise
     return loader
+
+
+SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "moe_intermediate_size", "vocab_size", "num_experts", "num_local_experts",
+                "n_routed_experts")
+"""config.json fields that fix the weights' shapes: a backup that differs in one is another model's config."""
 
 
 def uninstall(path: str | Path, *, force: bool = False) -> None:
@@ -123,7 +139,18 @@ def uninstall(path: str | Path, *, force: bool = False) -> None:
             raise ValueError(f"{folder / 'config.json'} was edited since `moepatch install` (fields {changed}); "
                              "uninstall restores the file as it was before install and would lose those edits: "
                              "copy them, or pass --force")
+    else:  # edits are given up, but never for a backup that describes another model than the weights'
+        current = read_json_object(folder / "config.json")
+        differs = [key for key in SHAPE_FIELDS if key in current and current.get(key) != original.get(key)]
+        if differs:
+            key = differs[0]
+            raise ValueError(f"{backup} describes another model than {folder / 'config.json'} ({key}: "
+                             f"{original.get(key)!r} in the backup, {current.get(key)!r} now): restoring it would "
+                             "leave a config that does not fit the weights, even with --force; nothing changed")
     _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
-    (folder / "config.json").write_bytes(backup.read_bytes())
+    from moepatch.staged_output import staged_file
+
+    with staged_file(folder / "config.json") as scratch:  # restored in one move: never half a config
+        scratch.write_bytes(backup.read_bytes())
     (folder / LOADER_FILE).unlink(missing_ok=True)
     backup.unlink()

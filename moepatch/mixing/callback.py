@@ -35,6 +35,7 @@ from moepatch.mixing.update_rule import source_distances
 from moepatch.mixing.update_rule import update_weights
 from moepatch.routing.recorder import RoutingRecorder
 from moepatch.routing.recorder import collective_device
+from moepatch.staged_output import write_text_atomically
 
 logger = logging.getLogger("moepatch.dynamic_sampling")  # the name of earlier releases: logging configs keep working
 STATE_FILE = "dynamic_sampling.json"
@@ -156,7 +157,7 @@ class DynamicSamplingCallback(TrainerCallback):
         if state.is_world_process_zero and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= state.global_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text_atomically(path, "".join(line + "\n" for line in kept))
         return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any):
@@ -205,7 +206,8 @@ class DynamicSamplingCallback(TrainerCallback):
         path = Path(args.output_dir) / "sampling_info" / f"sampler.rank{rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         state_dict = self.sampler.state_dict(consumed=consumed_draws(args, state.global_step))
-        path.write_text(json.dumps({"names": self.names, **state_dict, "counts": list(self.sampler.counts)}))
+        record = {"names": self.names, **state_dict, "counts": list(self.sampler.counts)}
+        write_text_atomically(path, json.dumps(record))
         return control
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
@@ -213,7 +215,7 @@ class DynamicSamplingCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             state_dict = self.sampler.state_dict(consumed=consumed_draws(args, state.global_step))
-            (folder / STATE_FILE).write_text(json.dumps({"names": self.names, **state_dict}))
+            write_text_atomically(folder / STATE_FILE, json.dumps({"names": self.names, **state_dict}))
         return control
 
 

@@ -48,6 +48,7 @@ from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
 from moepatch.errors import debug_requested
 from moepatch.errors import run_guarded
+from moepatch.staged_output import write_text_atomically
 
 logger = logging.getLogger("moepatch.finetune")  # the name of earlier releases: logging configs keep working
 
@@ -547,7 +548,13 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
                           probe_layers=list(sampling_args.probe_layers) if data_args.dynamic_sampling else None)
     names = source_names(data_args)
     if expert_args is not None:
-        _check_task_expert_inputs(expert_args, data_args, names, training_args.resume_from_checkpoint)
+        _check_task_expert_inputs(expert_args, data_args, names, training_args.resume_from_checkpoint, sampling_args)
+        block = getattr(config, "moepatch", None)
+        if expert_args.task_experts and isinstance(block, dict) and block.get("bias_update"):
+            raise UsageError("--task_experts", "the moepatch block has bias_update, which moves the base model's "
+                                               "selection biases; a task expert is a LoRA adapter that does not save "
+                                               "them, so its expert would not reproduce. Drop bias_update (e.g. "
+                                               "with --moepatch_config) for --task_experts")
         _check_earlier_experts(expert_args, output, checkpoint)
     dynamic, mixture = data_args.dynamic_sampling, _mixture_run(data_args)
     if dynamic and len(names) < 2:
@@ -612,8 +619,10 @@ def _check_earlier_experts(expert_args: Any, output: Path, checkpoint: Path) -> 
                                              "folder")
 
 
-def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names: list[str], resume: Any) -> None:
-    """``--task_experts`` trains one adapter per source: no mixture, no resume; its own flags checked."""
+def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names: list[str], resume: Any,
+                              sampling_args: Any = None) -> None:
+    """``--task_experts`` trains one adapter per source: no mixture, no resume, no dynamic-mixing option (each would
+    be silently ignored); its own flags checked."""
     if not expert_args.task_experts:
         given = [flag for flag, value in (("--tasks", expert_args.tasks),
                                           ("--expert_routed_experts", expert_args.expert_routed_experts)) if value]
@@ -622,6 +631,16 @@ def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names:
         return
     if data_args.initial_weights:
         raise UsageError("--initial_weights", "--task_experts trains one expert per source, not a weighted mixture")
+    if sampling_args is not None:
+        for option in dataclasses.fields(sampling_args):
+            default = (option.default_factory() if option.default_factory is not dataclasses.MISSING
+                       else option.default)
+            value = getattr(sampling_args, option.name)
+            if option.default is not dataclasses.MISSING or option.default_factory is not dataclasses.MISSING:
+                if (list(value) if isinstance(value, tuple) else value) != (
+                        list(default) if isinstance(default, tuple) else default):
+                    raise UsageError(f"--{option.name}", "a dynamic-mixing option; --task_experts trains one expert "
+                                                         "per source and runs no mixing, so it would be ignored")
     if resume:
         raise UsageError("--resume_from_checkpoint", "not supported with --task_experts (each task's run is short: "
                                                      "train the missing tasks with --tasks)")
@@ -941,7 +960,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     if sampler is not None:
         summary["final_weights"] = sampler.weights
     if trainer.is_world_process_zero():
-        (output_dir / "moepatch_finetune_summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomically(output_dir / "moepatch_finetune_summary.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -963,7 +982,9 @@ def _train_task_experts(model: Any, tokenizer: Any, sources: list[Any], collator
     summary = {"sources": [source.name for source in sources], "prompt_format": prompt_format,
                "task_experts": manifest.to_dict()["experts"], "global_step": 0, "rounds": []}
     if training_args.process_index == 0:
-        (output_dir / "moepatch_finetune_summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomically(output_dir / "moepatch_finetune_summary.json", json.dumps(summary, indent=1))
+        manifest.complete = True  # recorded last: every expert, the tokenizer and the summary are on disk
+        manifest.write()
     return summary
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from moepatch.task_experts.encoder_tuning import EncoderTuning
+from moepatch.task_experts.manifest import ROUTER_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import base_model
 
-ROUTER_FOLDER = "router"
 HOLDOUT_REPORT = "holdout_report.json"
 TUNED_ENCODER = "encoder"
 """The encoder ``fit-router --finetune-encoder`` trained, inside the router folder."""
@@ -100,9 +100,7 @@ def check_settings(manifest: ExpertManifest, settings: RouterSettings) -> None:
 def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
                log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any] | None]:
     """Fit and save ``<experts>/router/``; returns the router and the held-out report (``None`` without a
-    held-out split)."""
-    import shutil
-
+    held-out split).  The router folder is replaced as a whole, only once everything is written."""
     from moepatch.task_experts.requests import split_requests
     from moepatch.task_experts.requests import task_requests
     from moepatch.task_experts.router import TaskRouter
@@ -126,37 +124,33 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
     texts = [settings.descriptions.get(task, task) for task in tasks]
     needs_scores = settings.head == "contrastive" or (settings.finetune_encoder and settings.positives == "scored")
     positives = scored_positives(manifest, fit, settings.positive_margin, log) if needs_scores else None
-    tuned = folder / TUNED_ENCODER
-    if settings.finetune_encoder:
-        from moepatch.task_experts.encoder_tuning import contrastive_rows
-        from moepatch.task_experts.encoder_tuning import finetune_encoder
+    from moepatch.staged_output import staged_folder
 
-        if positives is None:  # each request's own task
-            positives = torch.tensor([[task == request.task for task in tasks] for request in fit])
-        rows = contrastive_rows([request.text for request in fit], positives, texts, settings.seed)
-        scratch = folder / f".{TUNED_ENCODER}-writing"
-        shutil.rmtree(scratch, ignore_errors=True)
-        loss = finetune_encoder(encoder.model, rows, settings.tuning, scratch)
-        shutil.rmtree(tuned, ignore_errors=True)
-        scratch.rename(tuned)
-        log(f"encoder fine-tuned on {len(rows)} (request, positive, negative) rows ({settings.positives} positives, "
-            f"temperature {settings.tuning.temperature}), last loss {loss:.4f}; saved to {tuned}")
-        encoder.folder = TUNED_ENCODER  # router.json names it relative to the router folder
-        encoder.pooling = None  # saved as a sentence-transformers folder: pooling is in its modules
-    elif tuned.exists():
-        shutil.rmtree(tuned)  # a fine-tuned encoder of an earlier fit would not be this router's
-    signatures = encoder.encode([request.text for request in fit + held])
-    router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=settings.head,
-                            encoder=encoder.describe(), groups=settings.groups, seed=settings.seed,
-                            positives=positives if settings.head == "contrastive" else None,
-                            descriptions=encoder.encode(texts) if settings.head == "retrieval" else None)
-    router.save(folder)
-    (folder / HOLDOUT_REPORT).unlink(missing_ok=True)  # a report of an earlier fit would not describe this one
+    with staged_folder(folder) as staging:  # the earlier router stays whole until this fit has written everything
+        if settings.finetune_encoder:
+            from moepatch.task_experts.encoder_tuning import contrastive_rows
+            from moepatch.task_experts.encoder_tuning import finetune_encoder
+
+            if positives is None:  # each request's own task
+                positives = torch.tensor([[task == request.task for task in tasks] for request in fit])
+            rows = contrastive_rows([request.text for request in fit], positives, texts, settings.seed)
+            loss = finetune_encoder(encoder.model, rows, settings.tuning, staging / TUNED_ENCODER)
+            log(f"encoder fine-tuned on {len(rows)} (request, positive, negative) rows ({settings.positives} "
+                f"positives, temperature {settings.tuning.temperature}), last loss {loss:.4f}; saved to "
+                f"{folder / TUNED_ENCODER}")
+            encoder.folder = TUNED_ENCODER  # router.json names it relative to the router folder
+            encoder.pooling = None  # saved as a sentence-transformers folder: pooling is in its modules
+        signatures = encoder.encode([request.text for request in fit + held])
+        router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=settings.head,
+                                encoder=encoder.describe(), groups=settings.groups, seed=settings.seed,
+                                positives=positives if settings.head == "contrastive" else None,
+                                descriptions=encoder.encode(texts) if settings.head == "retrieval" else None)
+        router.save(staging)
+        report = None
+        if held:
+            report = routing_report(router, signatures[len(fit):], [request.task for request in held],
+                                    min(2, len(router.tasks)))
+            (staging / HOLDOUT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     log(f"router ({settings.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "
         f"saved to {folder}")
-    report = None
-    if held:
-        report = routing_report(router, signatures[len(fit):], [request.task for request in held],
-                                min(2, len(router.tasks)))
-        (folder / HOLDOUT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return router, report

@@ -18,6 +18,13 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 EXPERTS_FOLDER = "experts"
+ROUTER_FOLDER = "router"
+ROUTER_CONFIG = "router.json"
+ROUTER_WEIGHTS = "router.safetensors"
+MERGED_FOLDER = "merged"
+MERGES_FILE = "merges.json"
+"""The names inside a run's ``experts`` folder, in this torch-free module so the CLI can name them before it
+imports torch."""
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 """A task name is also a folder and a peft adapter name (which cannot hold a dot): letters, digits, ``_ -``, not
 starting with a symbol."""
@@ -47,6 +54,11 @@ class ExpertManifest:
     hidden_size: int
     experts: list[TaskExpert]
     folder: Path = field(default=Path("."), compare=False)
+    complete: bool = True
+    """False from the start of a ``--task_experts`` run until its last file (the tokenizer) is written: a run killed
+    half-way leaves a manifest every command refuses as incomplete instead of one that looks finished."""
+    planned: list[str] = field(default_factory=list)
+    """The tasks the run set out to train (with the earlier run's experts it keeps): what an incomplete run lacks."""
 
     @property
     def tasks(self) -> list[str]:
@@ -83,14 +95,15 @@ class ExpertManifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base, "model_type": self.model_type, "hidden_size": self.hidden_size,
-                "experts": [asdict(expert) for expert in self.experts]}
+                "experts": [asdict(expert) for expert in self.experts], "complete": self.complete,
+                "planned": list(self.planned)}
 
     def write(self, folder: str | Path | None = None) -> Path:
+        """Write ``manifest.json`` in one move (a reader never sees half a manifest)."""
+        from moepatch.staged_output import write_text_atomically
+
         folder = Path(folder) if folder is not None else self.folder
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return write_text_atomically(folder / MANIFEST_NAME, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 def manifest_folder(path: str | Path) -> Path:
@@ -105,9 +118,10 @@ def manifest_folder(path: str | Path) -> Path:
                      "scripts/finetune.py --task_experts true)")
 
 
-def read_manifest(path: str | Path, *, check_files: bool = True) -> ExpertManifest:
+def read_manifest(path: str | Path, *, check_files: bool = True, allow_incomplete: bool = False) -> ExpertManifest:
     """The manifest of ``path`` (see :func:`manifest_folder`), every field checked; ``check_files``: every expert's
-    folder holds a peft adapter.  ``ValueError`` naming the field or file."""
+    folder holds a peft adapter; ``allow_incomplete``: accept the manifest of a run that has not finished (only the
+    training run that continues it does).  ``ValueError`` naming the field or file."""
     folder = manifest_folder(path)
     file = folder / MANIFEST_NAME
     try:
@@ -119,6 +133,11 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> ExpertManife
     for key, kind in (("base", str), ("model_type", str), ("hidden_size", int)):
         if not isinstance(data.get(key), kind):
             raise ValueError(f"{file}: {key}: expected a {kind.__name__}, got {data.get(key)!r}")
+    complete, planned = data.get("complete", True), data.get("planned", [])
+    if not isinstance(complete, bool):
+        raise ValueError(f"{file}: complete: expected true or false, got {complete!r}")
+    if not isinstance(planned, list) or not all(isinstance(task, str) for task in planned):
+        raise ValueError(f"{file}: planned: expected a list of task names, got {planned!r}")
     experts = []
     for index, entry in enumerate(data["experts"]):
         where = f"{file}: experts[{index}]"
@@ -140,9 +159,14 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> ExpertManife
     tasks = [expert.task for expert in experts]
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"{file}: a task appears twice in {tasks}")
-    if not experts:
+    if not complete and not allow_incomplete:
+        missing = [task for task in planned if task not in tasks]
+        raise ValueError(f"{file}: the run that wrote it did not finish (complete: false; trained {tasks} of the "
+                         f"planned {planned}{f', missing {missing}' if missing else ''}): it was killed or failed. "
+                         "Run scripts/finetune.py --task_experts true with the same --output_dir again to finish it")
+    if not experts and not allow_incomplete:
         raise ValueError(f"{file}: no experts")
-    return ExpertManifest(data["base"], data["model_type"], data["hidden_size"], experts, folder)
+    return ExpertManifest(data["base"], data["model_type"], data["hidden_size"], experts, folder, complete, planned)
 
 
 def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:

@@ -31,12 +31,11 @@ from moepatch.task_experts.adapter_files import adapter_config
 from moepatch.task_experts.adapter_files import adapter_deltas
 from moepatch.task_experts.adapter_files import module_shapes
 from moepatch.task_experts.adapter_files import quiet_peft
+from moepatch.task_experts.manifest import MERGES_FILE
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.weighted_adapters import add_weighted_adapter
 
 METHODS = ("cat", "svd")
-MERGED_FOLDER = "merged"
-MERGES_FILE = "merges.json"
 MERGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 """A ``--name``: what a task name may be (moepatch's own merge names use ``+`` and ``~``)."""
 CAT_TOLERANCE = 1e-4
@@ -96,6 +95,8 @@ def check_request(manifest: ExpertManifest, request: MergeRequest, max_lora_rank
                          f"tasks {request.tasks}")
     if not all(isinstance(w, (int, float)) and w == w and abs(w) != float("inf") for w in request.weights):
         raise ValueError(f"--weights: expected finite numbers, got {request.weights}")
+    if not any(request.weights):
+        raise ValueError(f"--weights: all zero ({request.weights}): the merged adapter would change nothing")
     if request.method not in METHODS:
         raise ValueError(f"--method: expected one of {METHODS}, got {request.method!r}")
     if request.rank is not None and request.method != "svd":
@@ -190,6 +191,7 @@ def merge_loaded(model: Any, manifest: ExpertManifest, request: MergeRequest, ou
             written = Path(scratch) / name if (Path(scratch) / name).is_dir() else Path(scratch)
             errors = relative_errors(expected_deltas(manifest, request), adapter_deltas(written))
             worst = max(errors.values())
+            _record_base(written, manifest.base)
             if request.method == "cat" and worst > CAT_TOLERANCE:
                 raise ValueError(f"cat merge {name!r}: relative error {worst:.2e} > {CAT_TOLERANCE} against the sum "
                                  "of the experts' deltas (peft's cat should be exact); nothing written")
@@ -204,6 +206,17 @@ def merge_loaded(model: Any, manifest: ExpertManifest, request: MergeRequest, ou
                        worst, errors)
 
 
+def _record_base(adapter: Path, base: str) -> None:
+    """The merged adapter names the experts' base (the manifest's), whatever base an expert's own config named:
+    peft copies the first expert's ``base_model_name_or_path``."""
+    from moepatch.staged_output import write_text_atomically
+
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base
+    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_merges(output: Path, results: Sequence[MergeResult]) -> Path:
     """Add ``results`` to ``output/merges.json`` (a later merge of the same name replaces the earlier entry)."""
     path = output / MERGES_FILE
@@ -211,7 +224,9 @@ def write_merges(output: Path, results: Sequence[MergeResult]) -> Path:
     names = {result.name for result in results}
     entries = [entry for entry in entries if entry["name"] not in names]
     entries += [{key: value for key, value in asdict(result).items() if key != "module_errors"} for result in results]
-    path.write_text(json.dumps(entries, indent=1) + "\n")
+    from moepatch.staged_output import write_text_atomically
+
+    write_text_atomically(path, json.dumps(entries, indent=1) + "\n")
     return path
 
 
@@ -232,6 +247,7 @@ def combinations_from_routes(path: Path, weights: Sequence[float] | None,
     best first), as MELD merged every pair its router produced; ``weights`` by rank (the top task's first) or equal
     ``1/k`` — then a pair is one adapter whatever its order."""
     from moepatch.mixing.instruction_data import read_jsonl_located
+    from moepatch.validation import is_finite_number
 
     seen: dict[tuple[str, ...], MergeRequest] = {}
     for where, record in read_jsonl_located(path):
@@ -240,6 +256,11 @@ def combinations_from_routes(path: Path, weights: Sequence[float] | None,
             raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"{where}: a task appears twice in {tasks}")
+        routed = record.get("weights")
+        if routed is not None and (not isinstance(routed, list) or len(routed) != len(tasks)
+                                   or not all(is_finite_number(w) and w >= 0 for w in routed)):
+            raise ValueError(f"{where}: 'weights' must be {len(tasks)} finite numbers >= 0 (one per task), got "
+                             f"{routed!r}")
         unknown = [task for task in tasks if known is not None and task not in known]
         if unknown:
             raise ValueError(f"{where}: unknown task(s) {unknown}; the experts are {list(known or [])}")

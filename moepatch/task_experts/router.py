@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
-ROUTER_CONFIG = "router.json"
-ROUTER_WEIGHTS = "router.safetensors"
+from moepatch.task_experts.manifest import ROUTER_CONFIG
+from moepatch.task_experts.manifest import ROUTER_WEIGHTS
+
 HEADS = ("centroid", "linear", "contrastive", "retrieval")
 EXCLUSIONS = ("none", "cross-dataset", "cross-task")
 FEATURES = ("hidden", "load")

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from moepatch.task_experts.adapter_files import quiet_peft
+from moepatch.task_experts.manifest import MERGED_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
-from moepatch.task_experts.manifest import read_manifest
-from moepatch.task_experts.merging import MERGED_FOLDER
 from moepatch.task_experts.merging import combination_key
 from moepatch.task_experts.merging import read_merges
 from moepatch.task_experts.router import TaskRouter
@@ -111,8 +110,9 @@ class TaskExpertModel:
 
         from moepatch.task_experts.manifest import base_model
         from moepatch.task_experts.router import BaseModelEncoder
+        from moepatch.task_experts.run_folder import read_run
 
-        manifest = read_manifest(output)
+        manifest = read_run(output, router=with_router)
         base, tokenizer = base_model(manifest)
         with quiet_peft():
             model = PeftModel.from_pretrained(base, str(manifest.expert_path(manifest.tasks[0])),

@@ -149,7 +149,8 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
                        parameters: list[str] | None = None, train_on: dict[str, list[Any]] | None = None
                        ) -> ExpertManifest:
     """Train the experts of ``tasks`` (``sources``: :class:`moepatch.mixing.instruction_data.DataSource`) one after
-    another and write the manifest; returns it.  ``modules``: the linear projections (default
+    another and write the manifest, still marked incomplete (the caller marks it complete after its last file);
+    returns it.  ``modules``: the linear projections (default
     :func:`linear_targets` of ``args.expert_target_modules``); ``parameters``: peft ``target_parameters`` (routed
     experts; default: :func:`routed_target_parameters` when ``args.expert_routed_experts``); ``train_on``: the
     examples of a task where they are not its source's ``train`` split."""
@@ -160,8 +161,11 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
     by_name = {source.name: source for source in sources}
     if parameters is None:
         parameters = routed_target_parameters(model) if args.expert_routed_experts else []
-    manifest = ExpertManifest(base, model.config.model_type, model.config.hidden_size, [], output)
+    manifest = ExpertManifest(base, model.config.model_type, model.config.hidden_size, [], output, complete=False)
     _earlier_experts(output, manifest, tasks)  # other tasks' experts of an earlier run into this folder stay
+    manifest.planned = sorted({expert.task for expert in manifest.experts} | set(tasks))
+    if training_args.process_index == 0:
+        manifest.write()  # incomplete from the start: a run killed from here on is named as unfinished
     train_on = train_on or {}
     if modules is None:
         modules = linear_targets(model, args.expert_target_modules)
@@ -203,7 +207,7 @@ def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str
 
     if not (output / MANIFEST_NAME).is_file():
         return []
-    earlier = read_manifest(output, check_files=False)
+    earlier = read_manifest(output, check_files=False, allow_incomplete=True)
     if (earlier.base, earlier.model_type) != (manifest.base, manifest.model_type):
         raise ValueError(f"--output_dir: {output} holds experts of another base ({earlier.base}); choose another "
                          "folder")

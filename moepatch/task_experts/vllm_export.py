@@ -24,10 +24,11 @@ from typing import Any
 from model_patches.vllm_lora import VLLM_ARCHITECTURES
 from model_patches.vllm_lora import VLLM_LORA_MODULES
 from model_patches.vllm_lora import VLLM_NOT_LOADED
+from moepatch.staged_output import staged_folder
 from moepatch.task_experts.adapter_files import adapter_config
 from moepatch.task_experts.adapter_files import lora_keys
+from moepatch.task_experts.manifest import MERGED_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
-from moepatch.task_experts.merging import MERGED_FOLDER
 from moepatch.task_experts.merging import combination_key
 from moepatch.task_experts.merging import read_merges
 
@@ -121,24 +122,22 @@ def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int 
     by_combination = {combination_key(a.tasks, [1.0] * len(a.tasks)): a.name for a in adapters
                       if "~" not in a.name}  # the single experts and the equal-weight cat merges serve routes
     route_lines = _route_lines(routes, by_combination) if routes is not None else None
-    folder = manifest.folder / VLLM_FOLDER
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    requests = []
-    for lora_id, adapter in enumerate(adapters, start=1):  # vLLM's lora_int_id must be > 0
-        target = folder / adapter.name
-        shutil.copytree(adapter.source, target, ignore=shutil.ignore_patterns("*.md"))
-        requests.append({"lora_name": adapter.name, "lora_int_id": lora_id, "lora_path": str(target.resolve()),
-                         "tasks": adapter.tasks, "rank": adapter.rank})
-    engine = {"model": manifest.base, "enable_lora": True,
-              "max_loras": min(max_loras or len(adapters), len(adapters)), "max_lora_rank": max_lora_rank,
-              "max_cpu_loras": len(adapters)}
-    (folder / VLLM_FILE).write_text(json.dumps(
-        {"architecture": architecture, "engine_args": engine, "lora_requests": requests}, indent=1) + "\n")
-    if route_lines is not None:
-        (folder / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in route_lines))
-    return folder / VLLM_FILE
+    final = manifest.folder / VLLM_FOLDER
+    with staged_folder(final) as folder:  # the earlier export stays whole until this one is written
+        requests = []
+        for lora_id, adapter in enumerate(adapters, start=1):  # vLLM's lora_int_id must be > 0
+            shutil.copytree(adapter.source, folder / adapter.name, ignore=shutil.ignore_patterns("*.md"))
+            requests.append({"lora_name": adapter.name, "lora_int_id": lora_id,
+                             "lora_path": str((final / adapter.name).resolve()), "tasks": adapter.tasks,
+                             "rank": adapter.rank})
+        engine = {"model": manifest.base, "enable_lora": True,
+                  "max_loras": min(max_loras or len(adapters), len(adapters)), "max_lora_rank": max_lora_rank,
+                  "max_cpu_loras": len(adapters)}
+        (folder / VLLM_FILE).write_text(json.dumps(
+            {"architecture": architecture, "engine_args": engine, "lora_requests": requests}, indent=1) + "\n")
+        if route_lines is not None:
+            (folder / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in route_lines))
+    return final / VLLM_FILE
 
 
 def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> list[dict[str, Any]]:
@@ -149,7 +148,7 @@ def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> li
     for where, record in read_jsonl_located(routes):
         tasks = record.get("tasks")
         if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) for task in tasks):
-            raise ValueError(f"--routes: {where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
+            raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
         key = combination_key(tasks, [1.0] * len(tasks))
         if key not in by_combination:
             missing.add("+".join(key))

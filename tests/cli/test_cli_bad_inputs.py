@@ -91,6 +91,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     variant("junkbackup", lambda f: (f / "config.json.moepatch-orig").write_text("junk"))
     variant("edited", lambda f: install(f))
     edit_config(top_t=3)(made["edited"])
+    variant("otherbackup", lambda f: install(f))  # the backup of another model's config put in its place
+    backup = json.loads((made["otherbackup"] / "config.json.moepatch-orig").read_text())
+    (made["otherbackup"] / "config.json.moepatch-orig").write_text(json.dumps({**backup, "hidden_size": 64}))
     made["file"] = root / "file.txt"
     made["file"].write_text("a file, not a folder\n")
     made["small"] = root / "small.txt"
@@ -154,6 +157,8 @@ CASES: list[tuple[str, int, str]] = [
     ("demo --top-t 8", 2, "--top-t"),
     ("demo --ep-size 3", 2, "--ep-size"),
     ("demo --ep-size 0", 2, "--ep-size"),
+    ("demo --output {ck}", 2, "is the checkpoint folder"),
+    ("demo --output {ck}/sub", 2, "lies inside the checkpoint folder"),
     ("demo --finetune-steps -1", 2, "--finetune-steps"),
     ("demo --output {file}", 2, "--output"),
     ("demo --seed x", 2, "--seed"),
@@ -286,10 +291,15 @@ CASES: list[tuple[str, int, str]] = [
     ("install {junkbackup}", 1, "config.json.moepatch-orig"),
     ("uninstall {junkbackup}", 1, "config.json.moepatch-orig"),
     ("uninstall {edited}", 1, "edited since `moepatch install`"),
+    ("uninstall --force {otherbackup}", 1, "describes another model than"),
     ("inspect {long}", 2, "File name too long"),
     ("inspect {top9}", 2, "top-9 of 8"),
     ("inspect {badhidden}", 1, "config.json"),
     ("inspect {familymix}", 2, "moepatch.family"),
+    ("profile {ck} --data {small} --text-field body", 2, "--text-field: only applies to .jsonl / .json --data"),
+    ("inspect {noweights}", 1, "no weights (no *.safetensors)"),
+    ("inspect {truncated}", 1, "model.safetensors: not a complete safetensors file"),
+    ("inspect {foreign}", 1, "they are another model's"),
     ("uninstall {root}/missing", 2, "no checkpoint folder"),
     ("uninstall {ck}", 1, "was not prepared by `moepatch install`"),
 ]

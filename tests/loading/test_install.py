@@ -130,6 +130,39 @@ def test_install_validates_before_touching_the_folder(tmp_path):
         moepatch.uninstall(folder)
 
 
+@pytest.mark.parametrize("failing", ["loader", "backup", "config"])
+def test_install_and_uninstall_failing_at_any_write_leave_the_folder_as_it_was(tmp_path, monkeypatch, failing):
+    """Each of install's three writes (the loader, the backup, config.json last) and uninstall's restore fails in
+    turn: the folder is byte for byte what it was before the command."""
+    import moepatch.staged_output as staged
+
+    folder = tiny.save_tiny_checkpoint(tmp_path / "ck", "qwen2_moe")
+    names = {"loader": LOADER_FILE, "backup": BACKUP_NAME, "config": "config.json"}
+    real = staged.staged_file
+
+    def failing_staged_file(target):
+        if Path(target).name == names[failing]:
+            raise OSError(28, "No space left on device")
+        return real(target)
+
+    before = _snapshot(folder)
+    with monkeypatch.context() as patched:
+        patched.setattr(staged, "staged_file", failing_staged_file)
+        with pytest.raises(OSError, match="No space left"):
+            moepatch.install(folder)
+    assert _snapshot(folder) == before
+    moepatch.install(folder)
+    installed = _snapshot(folder)
+    if failing == "config":
+        with monkeypatch.context() as patched:
+            patched.setattr(staged, "staged_file", failing_staged_file)
+            with pytest.raises(OSError, match="No space left"):
+                moepatch.uninstall(folder)
+        assert _snapshot(folder) == installed
+    moepatch.uninstall(folder)
+    assert _snapshot(folder) == before
+
+
 def test_saved_copy_of_an_installed_model_is_self_contained(checkpoint, tmp_path):
     moepatch.install(checkpoint)
     model = moepatch.from_pretrained(checkpoint)

@@ -87,6 +87,17 @@ def test_eval_with_experts_of_another_base_is_refused(routed, tmp_path):
     assert "were trained on" in done.stderr
 
 
+def test_eval_refuses_unknown_model_args_and_statistics_with_nowhere_to_go(base_checkpoint, tmp_path, capsys):
+    """A typo of ``task_experts=`` is named (HFLM would swallow it and evaluate the base); ``routing_stats=true``
+    without ``--output_path`` is refused before lm-eval runs."""
+    done = _run_eval(tmp_path, f"pretrained={base_checkpoint},task_expert={tmp_path}")
+    assert done.returncode == 1
+    assert "unknown argument(s) ['task_expert']" in done.stderr and "Traceback" not in done.stderr
+    assert cli(["eval", "--model", "moepatch", "--model_args", f"pretrained={base_checkpoint},routing_stats=true",
+                "--tasks", "te_math"]) == 2
+    assert "--output_path: routing_stats=true writes" in capsys.readouterr().err
+
+
 def test_eval_with_task_experts_on_mixtral(tmp_path):
     """The same command on another family: Mixtral experts of the two sources the lm-eval tasks come from."""
     from conftest import finetune_argv

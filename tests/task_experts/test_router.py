@@ -261,7 +261,7 @@ def test_melds_training_groups_pair_each_positive_with_a_negative():
     (["fit-router", "{run}", "--descriptions", "{descriptions}"], 2, r"--descriptions: only the retrieval head"),
     (["fit-router", "{run}", "--encoder", "{run}/experts/chat"], 2,
      r"--encoder: .*chat holds neither a sentence-transformers model \(modules.json\) nor a transformers encoder"),
-    (["fit-router", "{run}", "--descriptions", "{requests}"], 2, r"--descriptions: .*not a JSON file"),
+    (["fit-router", "{run}", "--descriptions", "{requests}"], 1, r"requests\.jsonl \(--descriptions\): not a JSON file"),
     (["fit-router", "{run}", "--encoder-pooling", "mean"], 2, r"--encoder-pooling: only with --encoder"),
     (["fit-router", "{run}", "--data", "{run}/nowhere"], 2, r"--data: .*nowhere is not a data folder"),
     (["fit-router", "{run}", "--encoder", "{run}/nowhere"], 2, r"--encoder: .*is not a folder"),
@@ -282,7 +282,7 @@ def test_route_refuses_unknown_tasks_and_too_large_k(run, tmp_path, capsys):
     assert cli(["experts", "fit-router", str(run), "--features", "hidden"]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "hello", "task": "poetry"}) + "\n")
-    assert cli(["experts", "route", str(run), "--input", str(bad)]) == 2
+    assert cli(["experts", "route", str(run), "--input", str(bad)]) == 1  # the file's content: exit 1, named
     assert "task(s) ['poetry'] are not among the router's" in capsys.readouterr().err
     requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
     assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "5"]) == 2

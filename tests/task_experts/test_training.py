@@ -91,6 +91,7 @@ def test_the_script_refuses_with_status_2_and_no_traceback(base_checkpoint, tmp_
     (("--expert_r", "0"), r"--expert_r: expected an integer >= 1"),
     (("--expert_dropout", "1.5"), r"--expert_dropout: expected a number in \[0, 1\)"),
     (("--initial_weights", "w.json"), r"--initial_weights: --task_experts trains one expert per source"),
+    (("--update_every", "5"), r"--update_every: a dynamic-mixing option; --task_experts .* would be ignored"),
 ])
 def test_bad_task_expert_arguments_are_refused_before_anything_is_written(base_checkpoint, tmp_path, capsys, extra,
                                                                          message):
@@ -117,6 +118,16 @@ def test_routed_experts_without_a_peft_layout_are_refused(tmp_path, capsys):
     assert code == 2, err
     assert "--expert_routed_experts: peft has no target_parameters layout" in err
     assert not (output / "experts").exists()
+
+
+def test_bias_update_is_refused_for_task_experts(tmp_path, capsys):
+    """The bias update moves the base's selection biases, which a LoRA expert does not save."""
+    checkpoint = tiny.save_tiny_checkpoint(tmp_path / "dsv3", "deepseek_v3", moepatch={"bias_update": {"rate": 1e-3}})
+    output = tmp_path / "out"
+    code, err = _run(capsys, *finetune_argv(checkpoint, output, "--max_steps", "1"))
+    assert code == 2, err
+    assert "--task_experts: the moepatch block has bias_update" in err
+    assert not output.exists() or not any(output.iterdir())
 
 
 def test_manifest_errors_name_the_problem(experts_run, tmp_path):

@@ -1,0 +1,262 @@
+"""A task-experts run folder cannot lose or fake data: one reader checks every file of a run before a command uses
+it (naming the file), writes land whole or not at all, outputs never overwrite inputs, and a killed training run
+is named as unfinished."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import copy_run
+from conftest import finetune_argv
+
+from moepatch.cli import main as cli
+from moepatch.task_experts import merging
+from moepatch.testing.synthetic import synthetic_records
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def _requests(path: Path) -> Path:
+    with path.open("w") as stream:
+        for task in ("chat", "code"):
+            for record in synthetic_records(task, 2, seed=5):
+                stream.write(json.dumps({**record, "task": task}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(experts_run, tmp_path_factory) -> Path:
+    """The trained run with a fitted router and one merge: every kind of file a run holds."""
+    run = copy_run(experts_run, tmp_path_factory.mktemp("fitted"))
+    assert cli(["experts", "fit-router", str(run), "--max-examples", "8"]) == 0
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "code"]) == 0
+    return run
+
+
+@pytest.fixture()
+def run(fitted, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(fitted, copy)
+    _requests(copy / "requests.jsonl")
+    return copy
+
+
+def _edit_json(relative: str, **fields) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        path = run / relative
+        data = json.loads(path.read_text())
+        data.update(fields)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+def _truncate(relative: str) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        path = run / relative
+        path.write_bytes(path.read_bytes()[:200])
+    return edit
+
+
+def _write(relative: str, text: str) -> Callable[[Path], None]:
+    return lambda run: (run / relative).write_text(text)
+
+
+def _unlink(relative: str) -> Callable[[Path], None]:
+    return lambda run: (run / relative).unlink()
+
+
+def _nothing(run: Path) -> None:
+    return None
+
+
+ROUTE = "experts route {run} --input {run}/requests.jsonl"
+MERGE = "experts merge {run} --tasks chat math"
+CASES = [
+    # a broken file inside the run: exit 1, the file named, before any model is loaded
+    ("expert weights truncated", _truncate("experts/code/adapter_model.safetensors"), MERGE.replace("math", "code"),
+     1, "code/adapter_model.safetensors: not a complete safetensors file"),
+    ("expert weights missing", _unlink("experts/chat/adapter_model.safetensors"), ROUTE, 1,
+     "chat/adapter_model.safetensors: missing"),
+    ("expert config of another base", _edit_json("experts/math/adapter_config.json",
+                                                 base_model_name_or_path="/elsewhere/other-model"), MERGE, 1,
+     "math/adapter_config.json: base_model_name_or_path: '/elsewhere/other-model'"),
+    ("fit-router with an expert's weights missing", _unlink("experts/letters/adapter_model.safetensors"),
+     "experts fit-router {run} --max-examples 8", 1, "letters/adapter_model.safetensors: missing"),
+    ("expert rank differs", _edit_json("experts/chat/adapter_config.json", r=4), ROUTE, 1,
+     "chat/adapter_config.json: r: 4, but manifest.json records rank 16"),
+    ("expert config not JSON", _write("experts/chat/adapter_config.json", "{oops"), MERGE, 1,
+     "chat/adapter_config.json: not JSON (line 1"),
+    ("router of other tasks", _edit_json("experts/router/router.json", tasks=["chat", "code"]), ROUTE, 1,
+     "router/router.json: tasks: ['chat', 'code'], but the run's experts are"),
+    ("router weights truncated", _truncate("experts/router/router.safetensors"), ROUTE, 1,
+     "router/router.safetensors: not a complete safetensors file"),
+    ("router config not JSON", _write("experts/router/router.json", "[1,"), "experts serve-check {run} --input "
+                                                                            "{run}/requests.jsonl", 1,
+     "router/router.json: not JSON"),
+    ("router head unknown", _edit_json("experts/router/router.json", head="magic"), ROUTE, 1,
+     "router/router.json: head: expected one of"),
+    ("merges.json not JSON", _write("experts/merged/merges.json", "{"), MERGE, 1, "merged/merges.json: not JSON"),
+    ("merged adapter not listed", lambda run: shutil.copytree(run / "experts/merged/chat+code",
+                                                              run / "experts/merged/stray"), MERGE, 1,
+     "adapter folder(s) ['stray'] not listed in merges.json"),
+    ("listed merge missing", lambda run: shutil.rmtree(run / "experts/merged/chat+code"),
+     "experts export-vllm {run} --max-lora-rank 64", 1, "the merged adapter 'chat+code' is missing"),
+    ("run did not finish", _edit_json("experts/manifest.json", complete=False, planned=["chat", "code", "letters",
+                                                                                        "math", "poems"]),
+     ROUTE, 1, "did not finish (complete: false; trained ['chat', 'code', 'letters', 'math'] of the planned"),
+    # outputs that would overwrite inputs: exit 2, the flag named
+    ("routes over the requests", _nothing, ROUTE + " --routes {run}/requests.jsonl", 2,
+     "--routes: {run}/requests.jsonl is the command's input (--input)"),
+    ("routes over the manifest", _nothing, ROUTE + " --routes {run}/experts/manifest.json", 2,
+     "--routes: {run}/experts/manifest.json is the command's input (output (manifest))"),
+    ("routes inside an expert", _nothing, ROUTE + " --routes {run}/experts/chat/routes.jsonl", 2,
+     "lies inside the command's input"),
+    # weights that give nothing or nonsense
+    ("all-zero weights", _nothing, MERGE + " --weights 0 0", 2, "--weights: all zero"),
+    ("NaN route weights", _write("routes.jsonl", json.dumps({"tasks": ["chat", "code"], "weights": [float("nan"),
+                                                                                                      0.5]}) + "\n"),
+     "experts merge {run} --from-routes {run}/routes.jsonl", 1, "routes.jsonl:1: 'weights' must be 2 finite numbers"),
+]
+
+
+@pytest.mark.parametrize(("case", "damage", "command", "status", "named"), CASES, ids=[case[0] for case in CASES])
+def test_a_bad_run_or_argument_is_named_and_nothing_changes(run, capsys, case, damage, command, status, named):
+    damage(run)
+    before = _tree(run)
+    code = cli(command.format(run=run).split())
+    text = capsys.readouterr()
+    message = text.out + text.err
+    assert code == status, message
+    assert named.format(run=run) in message, message
+    assert "Traceback" not in message
+    assert _tree(run) == before, "a failed command wrote or changed files"
+
+
+def test_a_merge_failing_half_way_leaves_the_merged_adapters_as_they_were(run, monkeypatch, capsys):
+    """Two merges asked at once, the second fails after the first was written: neither lands, merges.json and the
+    earlier merge unchanged, no temporary folder left."""
+    merged = run / "experts" / "merged"
+    before = _tree(merged)
+    real = merging.merge_loaded
+    calls = []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merging, "merge_loaded", fail_on_second)
+    routes = run / "routes.jsonl"
+    routes.write_text(json.dumps({"tasks": ["chat", "math"]}) + "\n" + json.dumps({"tasks": ["code", "math"]}) + "\n")
+    assert cli(["experts", "merge", str(run), "--from-routes", str(routes)]) == 1
+    assert "disk full" in capsys.readouterr().err
+    assert len(calls) == 2
+    assert _tree(merged) == before
+    assert sorted(path.name for path in merged.parent.iterdir() if path.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("command", ["fit-router", "export-vllm"])
+def test_a_router_fit_or_vllm_export_failing_at_its_last_write_leaves_the_earlier_one(run, monkeypatch, capsys,
+                                                                                      command):
+    """The router folder and the vLLM export are replaced as a whole: a failure at the last write (the routing
+    report, the routes file) leaves the earlier folder byte for byte."""
+    import moepatch.task_experts.router as router_module
+
+    experts = run / "experts"
+    if command == "export-vllm":
+        assert cli(["experts", "export-vllm", str(run), "--max-lora-rank", "64"]) == 0
+        folder = experts / "vllm"
+        routes = run / "routes.jsonl"
+        routes.write_text(json.dumps({"tasks": ["chat", "code"]}) + "\n")
+        real_dumps = json.dumps
+
+        def failing_dumps(value, *args, **kwargs):
+            if isinstance(value, dict) and "lora_name" in value:  # a line of requests.jsonl, written last
+                raise OSError(28, "No space left on device")
+            return real_dumps(value, *args, **kwargs)
+
+        import moepatch.task_experts.vllm_export as vllm_export
+
+        monkeypatch.setattr(vllm_export.json, "dumps", failing_dumps)
+        argv = ["experts", "export-vllm", str(run), "--max-lora-rank", "64", "--routes", str(routes)]
+    else:
+        folder = experts / "router"
+
+        def failing_report(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(router_module, "routing_report", failing_report)
+        argv = ["experts", "fit-router", str(run), "--max-examples", "8"]
+    before = _tree(folder)
+    assert cli(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert _tree(folder) == before
+    assert not [path.name for path in experts.iterdir() if path.name.startswith(".")]
+
+
+def test_merges_add_to_the_earlier_ones_and_record_the_runs_base(run):
+    """A second merge keeps the first; the merged adapter names the manifest's base even when an expert's config
+    leaves it out (peft copies the first expert's)."""
+    config_path = run / "experts" / "chat" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = None
+    config_path.write_text(json.dumps(config))
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "math"]) == 0
+    merged = run / "experts" / "merged"
+    names = [entry["name"] for entry in json.loads((merged / "merges.json").read_text())]
+    assert names == ["chat+code", "chat+math"]
+    base = json.loads((run / "experts" / "manifest.json").read_text())["base"]
+    assert json.loads((merged / "chat+math" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+
+
+def test_routes_land_whole(run, monkeypatch, capsys):
+    """Routing that fails while writing leaves the earlier routes file as it was."""
+    routes = run / "experts" / "routes.jsonl"
+    routes.write_text("earlier routes\n")
+    import moepatch.task_experts.router as router_module
+
+    def broken_route(self, *args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(router_module.TaskRouter, "route", broken_route)
+    assert cli(["experts", "route", str(run), "--input", str(run / "requests.jsonl")]) == 1
+    capsys.readouterr()
+    assert routes.read_text() == "earlier routes\n"
+
+
+@pytest.mark.slow
+def test_a_killed_task_experts_run_is_named_incomplete(base_checkpoint, tmp_path, capsys):
+    """A real ``--task_experts`` run killed once its first expert is written: the next command names the run as
+    unfinished (not a tokenizer error)."""
+    output = tmp_path / "out"
+    argv = finetune_argv(base_checkpoint, output, "--max_steps", "40")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "finetune.py"), *argv], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = output / "experts" / "chat" / "adapter_model.safetensors"
+    deadline = time.monotonic() + 600
+    while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.is_file(), "the run never wrote its first expert"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    manifest = json.loads((output / "experts" / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    assert cli(["experts", "fit-router", str(output)]) == 1
+    message = capsys.readouterr().err
+    assert "did not finish (complete: false" in message and "tokenizer" not in message
