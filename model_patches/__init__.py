@@ -11,13 +11,17 @@ from model_patches import dbrx  # noqa: E402,F401  (family files register at imp
 from model_patches import deepseek_v2  # noqa: E402,F401
 from model_patches import deepseek_v3  # noqa: E402,F401
 from model_patches import deepseek_v4  # noqa: E402,F401
+from model_patches import doge  # noqa: E402,F401
 from model_patches import ergo  # noqa: E402,F401
 from model_patches import ernie4_5_moe  # noqa: E402,F401
+from model_patches import gemma4_text  # noqa: E402,F401
 from model_patches import generic_topk  # noqa: E402,F401  (fallback for model types no family claims)
 from model_patches import gpt_oss  # noqa: E402,F401
 from model_patches import granitemoe  # noqa: E402,F401
 from model_patches import hunyuan_v1_moe  # noqa: E402,F401
+from model_patches import inkling  # noqa: E402,F401
 from model_patches import jamba  # noqa: E402,F401
+from model_patches import jetmoe  # noqa: E402,F401
 from model_patches import kolibri1  # noqa: E402,F401
 from model_patches import llama4  # noqa: E402,F401
 from model_patches import llama_moe  # noqa: E402,F401
@@ -28,6 +32,7 @@ from model_patches import moduleformer  # noqa: E402,F401
 from model_patches import phimoe  # noqa: E402,F401
 from model_patches import qwen2_moe  # noqa: E402,F401
 from model_patches import qwen3_5_moe  # noqa: E402,F401
+from model_patches import zaya  # noqa: E402,F401
 from model_patches.errors import UnsupportedModelError
 from model_patches.registry import fallback_families
 from model_patches.registry import families

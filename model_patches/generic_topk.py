@@ -33,6 +33,7 @@ from model_patches.spec import GroupLimit
 from model_patches.spec import RouterOutput
 from model_patches.spec import RoutingRule
 from model_patches.spec import read_attribute
+from model_patches.structure import find_layer_list
 
 ROUTER_NAMES = ("gate", "router")
 EXPERTS_NAMES = ("experts",)
@@ -177,10 +178,10 @@ class GenericTopKRouterSpec(FamilySpec):
         return None if rule is not None else f"{type(router).__name__} does not follow the probed rule ({why})"
 
     def specialise(self, model: nn.Module, *, verify: bool = True) -> FamilySpec | str:
-        base = getattr(model, "base_model", model)
-        layers = getattr(base, self.layers_attr, None)
-        if not isinstance(layers, nn.ModuleList):
-            return f"no `{self.layers_attr}` module list on the base model"
+        located = find_layer_list(model, self.layers_attr)
+        if located is None:
+            return f"no `{self.layers_attr}` module list on the base model (nor on a text decoder inside it)"
+        _, layers = located
         found: dict[int, tuple[_Parts, nn.Module]] = {}
         for index, decoder_layer in enumerate(layers):
             for name, child in decoder_layer.named_children():

@@ -3,8 +3,9 @@
 Every ``model.layers[i].mlp`` is a ``GptOssMLP``.  Router ``mlp.router`` (``GptOssTopKRouter``): logits =
 ``F.linear(hidden, weight, bias)`` (a learned per-expert bias, part of the logits), top-k of the logits (sorted), then
 softmax over the k chosen logits in their own dtype.  Experts ``mlp.experts`` (``GptOssExperts``): ``gate_up_proj
-[E, H, 2I]`` with interleaved gate / up columns and biases — a layout LoRA experts on the routed experts do not
-take (refused by name); LoRA experts elsewhere are fine.  The causal LM adds transformers' load-balancing loss.
+[E, H, 2I]`` with interleaved gate / up columns and biases, and a clamped SwiGLU in its ``_apply_gate`` — the fused
+storage reads that layout from the decorator's flags, so LoRA experts on the routed experts add their gate / up
+deltas on the even / odd columns before that gate.  The causal LM adds transformers' load-balancing loss.
 """
 
 from model_patches.registry import register

@@ -6,8 +6,9 @@ top-k of the logits (sorted), then the chosen logits are scattered into an ``[N,
 through a float32 sigmoid: the router returns ``(scores [N, E], logits)``, 0 for experts not chosen, and the block
 scales **every** expert's input by that matrix (``experts`` runs all experts on all tokens; the always-on
 ``shared_expert`` is added).  Statistics read the choice from that dense matrix (its ``k`` largest entries).  The
-experts (``gate_up_proj [E, H, 2I]``, one batched matmul over all experts) have a layout LoRA experts on the routed
-experts do not take (refused by name).  The causal LM adds no load-balancing loss.
+experts (``gate_up_proj [E, H, 2I]``, one batched matmul over all experts) are the ``"scaled_dense"`` expert storage:
+LoRA experts on them run on the rows the router sent each expert (:mod:`model_patches.expert_storage.scaled_dense`).
+The causal LM adds no load-balancing loss.
 """
 
 from model_patches.registry import register
@@ -25,6 +26,7 @@ LLAMA4 = register(
         router_attr="router",
         router_output=RouterOutput(scores=1, scores_are="sigmoid_logits", weights=0, indices=None),
         shared_expert_attrs=("shared_expert",),
+        expert_storage="scaled_dense",
         aux_loss_coef_attr=None,
         training_switches=(),
         gate_substring_note="fused experts feed_forward.experts.gate_up_proj; dense and shared MLPs' gate_proj",

@@ -67,6 +67,8 @@ class RouterSettings:
     weight_attr: str = "weight"
     jitter: float = 0.0
     input_jitter: float = 0.0
+    shared_logits: int = 0
+    """``S`` of :attr:`RoutingRule.shared_logits`: the router's last ``S`` logits score its shared experts."""
 
 
 def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | None, *, top_k: int,
@@ -95,11 +97,16 @@ def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | Non
         weight_attr=weight_attr,
         jitter=number(rule.jitter) or 0.0,
         input_jitter=number(rule.input_jitter) or 0.0,
+        shared_logits=int(number(rule.shared_logits) or 0),
     )
 
 
 def router_logits(rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Step 1 of the rule: the router's logits ``[N, E]`` from the flattened hidden states ``[N, H]``."""
+    if rule.input_norm is not None:  # Gemma 4: the router normalises and scales its input before the linear
+        hidden = read_attribute(router, None, rule.input_norm)(hidden)
+    for path in rule.input_scales:
+        hidden = hidden * read_attribute(router, None, path)
     if rule.logits_module is not None:
         return read_attribute(router, None, rule.logits_module)(hidden)
     weight = read_attribute(router, None, settings.weight_attr)
@@ -164,9 +171,12 @@ def selection_scores(
 
 def expert_weights(
     rule: RoutingRule, settings: RouterSettings, logits: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor,
-    input_dtype: torch.dtype,
+    input_dtype: torch.dtype, *, weights_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Step 4: the weights of the chosen experts (``[N, k]``, or the dense ``[N, E]`` matrix of Llama 4)."""
+    """Step 4: the weights of the chosen experts (``[N, k]``, or the dense ``[N, E]`` matrix of Llama 4; ``[N, k + S]``
+    where the router also weights ``S`` shared experts, their logits being the last ``S`` of ``logits``).
+
+    ``weights_scale`` is the tensor at :attr:`RoutingRule.weights_scale`, read by the caller at call time."""
     if rule.weights_from == "sigmoid_of_chosen" and rule.dense_weights:
         dense = torch.full_like(logits, float("-inf")).scatter_(1, indices, logits.gather(1, indices))
         return torch.sigmoid(dense.float()).to(dense.dtype)
@@ -176,6 +186,13 @@ def expert_weights(
         chosen = logits.gather(1, indices)
         weights = torch.softmax(chosen, dim=-1, dtype=torch.float) if rule.score_dtype == "float32" else (
             torch.softmax(chosen, dim=-1))
+    elif rule.weights_from == "logsigmoid_softmax_of_chosen":  # Inkling: the shared experts join the normalisation
+        shared = settings.shared_logits
+        chosen = (logits[..., :-shared] if shared else logits).gather(-1, indices)
+        if shared:
+            chosen = torch.cat([chosen, logits[..., -shared:]], dim=-1)
+        log_probs = F.logsigmoid(chosen)
+        weights = torch.exp(log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True))
     else:
         weights = scores.gather(1, indices)
     if settings.renormalize:
@@ -189,6 +206,8 @@ def expert_weights(
             weights = weights / weights.sum(dim=-1, keepdim=True)
     if settings.scaling is not None:
         weights = weights * settings.scaling
+    if weights_scale is not None:
+        weights = weights * weights_scale.float()
     if rule.weights_dtype == "logits":
         weights = weights.to(logits.dtype)
     elif rule.weights_dtype == "input":
@@ -201,9 +220,10 @@ def expert_weights(
 def decide(
     rule: RoutingRule, settings: RouterSettings, logits: torch.Tensor, *, input_dtype: torch.dtype,
     selector: ExpertSelector | None = None, bias: torch.Tensor | None = None, training: bool = False,
-    score_module: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    score_module: Callable[[torch.Tensor], torch.Tensor] | None = None, weights_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 2–4 from the logits: ``(weights, indices [N, k])`` (weights ``[N, k]``, or ``[N, E]`` when dense).
+    """Steps 2–4 from the logits: ``(weights, indices [N, k])`` (weights ``[N, k]``, ``[N, E]`` when dense, ``[N, k +
+    S]`` with shared experts, whose ``S`` logits close ``logits`` and take no part in the selection).
 
     A sparsemixer rule asks the selector only which experts a first pick allows (its ``allowed_for`` attribute, set
     by constrained selectors such as C2R's); the vanilla selector has none."""
@@ -212,20 +232,25 @@ def decide(
 
         return sparsemixer(logits, settings.jitter, training, getattr(selector, "allowed_for", None))
     scores = scores_of(rule, logits) if score_module is None else score_module(logits)
-    selection, ungrouped, kept = selection_scores(rule, settings, scores, bias)
+    # scored over all E + S logits, then sliced, as Inkling does (an elementwise kernel may round another shape apart)
+    routed = scores[..., :-settings.shared_logits] if settings.shared_logits else scores
+    selection, ungrouped, kept = selection_scores(rule, settings, routed, bias)
     selector = vanilla_selector(rule) if selector is None else selector
     if ungrouped is None:
         _, indices = selector(selection, settings.top_k)
     else:
         _, indices = selector(selection, settings.top_k, ungrouped=ungrouped, kept=kept)
-    return expert_weights(rule, settings, logits, scores, indices, input_dtype), indices
+    scale = {} if weights_scale is None else {"weights_scale": weights_scale}
+    return expert_weights(rule, settings, logits, scores, indices, input_dtype, **scale), indices
 
 
 def execute(
     rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden_states: torch.Tensor, *,
     selector: ExpertSelector | None = None, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The router's forward by ``rule``: ``(logits, weights, indices)``, or ``(dense weights, logits)`` (Llama 4).
+    """The router's forward by ``rule``: ``(logits, weights, indices)``, ``(dense weights, logits)`` (Llama 4), JetMoE's
+    expert-sorted hand-off (:attr:`~model_patches.spec.RoutingRule.expert_sorted`), or
+    ``(routed logits [N, E], weights [N, k], indices, shared weights [N, S])`` (Inkling's shared experts).
 
     ``bias`` is the selection bias (read by the caller from :attr:`RoutingRule.selection_bias` or the forward's
     argument); ``selector=None`` is the family's own top-k.
@@ -237,17 +262,28 @@ def execute(
                                                                   1.0 + settings.input_jitter)
     hidden = hidden_states.reshape(-1, weight.shape[-1])
     score_module = read_attribute(router, None, rule.score_module) if rule.score == "module" else None
+    scale = read_attribute(router, None, rule.weights_scale) if rule.weights_scale else None
     if rule.no_autocast:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             logits = router_logits(rule, settings, router, hidden)
             weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
-                                      bias=bias, training=training, score_module=score_module)
+                                      bias=bias, training=training, score_module=score_module, weights_scale=scale)
     else:
         logits = router_logits(rule, settings, router, hidden)
         weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
-                                  bias=bias, training=training, score_module=score_module)
+                                  bias=bias, training=training, score_module=score_module, weights_scale=scale)
+    if rule.expert_scale is not None:  # Gemma 4: × per_expert_scale[top_k_index], after every other weight step
+        weights = weights * read_attribute(router, None, rule.expert_scale)[indices]
+    if rule.expert_sorted:  # JetMoE: the choice handed over as expert-sorted rows
+        from model_patches.expert_sorted import pack
+
+        return pack(logits, weights, indices)
     if rule.dense_weights:
         return weights, logits
+    shared = settings.shared_logits
+    if shared:  # the last S columns weight the shared experts (contiguous copies, as the router makes them)
+        return (logits[..., :-shared], weights[..., :settings.top_k].contiguous(), indices,
+                weights[..., -shared:].contiguous())
     return logits, weights, indices
 
 
@@ -452,10 +488,10 @@ def _compare(rule: RoutingRule, router: nn.Module, block: Any, hidden: torch.Ten
     if rule.dense_weights:
         got = output[:2]
     else:
-        if len(output) < 3:
-            return "router does not return (logits, weights, indices)"
-        got = output[:3]
-    for name, mine, theirs in zip(("logits", "weights", "indices"), expected, got):
+        if len(output) < len(expected):
+            return f"router does not return the rule's {len(expected)} outputs"
+        got = output[:len(expected)]
+    for name, mine, theirs in zip(("logits", "weights", "indices", "shared weights"), expected, got):
         if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
             return f"router's {name} have another shape or dtype than the rule's"
         if not _same(mine, theirs):

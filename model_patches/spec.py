@@ -9,8 +9,10 @@ routes* (probabilities over all experts, top-k, whether the k weights are renorm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
+from typing import Any
 from typing import Literal
 
 from torch import nn
@@ -19,6 +21,10 @@ FFN_OUTPUT_PROJECTIONS = ("down_proj", "w2", "c_proj")
 """Names transformers' MLPs give the projection whose *input* is the FFN intermediate (what MoV scales)."""
 KEY_VALUE_PROJECTIONS = ("k_proj", "v_proj")
 """Names transformers' attentions give the key and value projections (MoV scales their outputs per head)."""
+FFN_GATE_PROJECTIONS = ("gate_proj", "w1", "gate_up_proj")
+"""Names transformers' MLPs give the gated branch's projection (alone or fused with up): a block with one is gated."""
+FFN_ACTIVATIONS = ("act_fn", "activation_fn", "act", "activation")
+"""Names transformers' MLPs give their activation module (``ACT2FN[...]``: one instance per block)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +48,12 @@ class RouterOutput:
     indices: int | str | None = 2
     """Where the chosen experts ``[N, k]`` are; ``None``: the router hands its experts a dense ``[N, E]`` weight
     matrix at :attr:`weights` (Llama 4, 0 for experts not chosen) and the choice is its ``k`` largest entries."""
+    reader: Callable[[Any, int, int], tuple[Any, Any]] | None = None
+    """The family's own reading of the router module's output, ``reader(output, top_k, num_experts) -> (scores,
+    chosen [N, k])``, where the choice is not a tensor at a position: JetMoE's expert-sorted hand-off (rebuilt from
+    ``index_sorted_experts`` and ``expert_size``), ZAYA's skip class, Doge's product keys (the choice recomputed from
+    the key scores as the block computes it).  ``scores`` are then read per :attr:`scores_are`; the positions above
+    are unused."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +95,9 @@ class RoutingRule:
        (:mod:`moepatch.routing.seam`);
     4. **weights** of the chosen experts, from the *unbiased* scores (:attr:`weights_from`), renormalised per
        :attr:`renormalize` (with :attr:`renormalize_epsilon` / :attr:`renormalize_min`), multiplied by the
-       :attr:`scaling` factor, cast to :attr:`weights_dtype`; Llama 4 hands its experts a dense ``[N, E]`` matrix
-       (:attr:`dense_weights`).
+       :attr:`scaling` factor (and a learned :attr:`weights_scale`), cast to :attr:`weights_dtype`; Llama 4 hands its
+       experts a dense ``[N, E]`` matrix (:attr:`dense_weights`); Inkling also weights the shared experts it scores
+       (:attr:`shared_logits`).
     """
 
     # 1. logits
@@ -94,6 +107,12 @@ class RoutingRule:
     ``wg``); ``"weight"``: the hidden states cast to ``W``'s dtype (MiniMax-M2); ``"float32_mm_out"``: float32 logits,
     computed as ``torch.mm(h, Wᵀ, out_dtype=float32)`` on CUDA when ``h`` and ``W`` share a dtype and no gradient is
     recorded (Kolibri-1's inference path), else as ``"float32"``."""
+    input_norm: str | None = None
+    """Router-relative path of a normalisation module the router runs on its input before the linear (Gemma 4's
+    scale-free ``norm``), called as the router calls it."""
+    input_scales: tuple[str, ...] = ()
+    """Router-relative paths of factors the (normalised) input is multiplied by, in this order, before the linear
+    (Gemma 4: ``h * scale * scalar_root_size``, a learned ``[H]`` vector then ``H^-0.5``)."""
     logits_module: str | None = None
     """Router-relative path of a module that computes the logits itself (Ergo's ``ErgoLinearWithFP32Output``, with its
     own casts, autocast and CUDA paths): called as the router calls it, the other logit fields unused."""
@@ -139,11 +158,21 @@ class RoutingRule:
     makes the same call, so the patched router is bit-identical, order included."""
 
     # 4. weights
-    weights_from: Literal["scores", "softmax_of_chosen", "sigmoid_of_chosen"] = "scores"
+    weights_from: Literal["scores", "softmax_of_chosen", "sigmoid_of_chosen", "logsigmoid_softmax_of_chosen"] = (
+        "scores")
     """``"scores"``: the chosen experts' unbiased scores (gathered); ``"softmax_of_chosen"``: softmax over the ``k``
     chosen logits, in their dtype (gpt-oss, GraniteMoE, Aria); ``"sigmoid_of_chosen"``: sigmoid of the chosen
     (unbiased) logits — into Llama 4's dense matrix (in float32, cast back) with :attr:`dense_weights`, else gathered
-    (Kolibri-1, whose selection bias is added to the logits)."""
+    (Kolibri-1, whose selection bias is added to the logits); ``"logsigmoid_softmax_of_chosen"``: ``exp(lp −
+    logsumexp(lp))`` of ``lp = logsigmoid`` of the chosen logits followed by the shared experts' logits
+    (:attr:`shared_logits`; Inkling: each sigmoid over the sum of the ``k + S`` sigmoids, computed in the log domain,
+    which rounds otherwise than dividing by the sum)."""
+    shared_logits: str | None = None
+    """Path of ``S``, the number of always-on shared experts the router scores after its routed ones (Inkling's
+    ``n_shared_experts``; its weight has ``E + S`` rows): the scores are taken over all ``E + S`` logits, the selection
+    runs over the first ``E``, the weights (``"logsigmoid_softmax_of_chosen"``) share one normalisation with the ``S``
+    shared logits, and the router returns ``(logits [N, E], weights [N, k], indices [N, k], shared weights [N, S])``.
+    ``None``: no shared expert is scored by the router."""
     renormalize: bool | str = False
     """``True`` / ``False``, or the path of a router attribute (``"norm_topk_prob"``; ``"^name"`` reads the sparse
     block) read per instance; its truth value says whether the k weights are renormalised."""
@@ -156,15 +185,30 @@ class RoutingRule:
     """Path of a lower clamp of the sum (ERNIE's ``norm_min``): ``w / clamp(sum, min=norm_min)``."""
     scaling: str | None = None
     """Path of the factor the weights are multiplied by (``routed_scaling_factor``); ``None``: no multiplication."""
+    weights_scale: str | None = None
+    """Router-relative path of a learned tensor the weights are multiplied by after :attr:`scaling`, in float32
+    (Inkling's ``global_scale``): read at every call, not at patch time, because training moves it."""
     weights_dtype: Literal["logits", "float32", "input", "input_float32"] = "logits"
     """``"logits"``: cast to the logits' dtype (Qwen2-MoE); ``"float32"``: kept (Mixtral); ``"input"``: cast to the
     hidden states' dtype (ERNIE, GraniteMoE); ``"input_float32"``: rounded to the hidden states' dtype, then float32
     (Ergo)."""
     no_autocast: bool = False
     """The router runs with autocast disabled (ERNIE's ``maybe_autocast(enabled=False)``): so does the executor."""
+    expert_scale: str | None = None
+    """Router-relative path of a learned per-expert ``[E]`` vector the weights are multiplied by, gathered at the
+    chosen experts, after every other weight step (Gemma 4's ``per_expert_scale[top_k_index]``, with no cast after
+    it): read at every call, so it follows training and follows the experts C2R chooses."""
+    expert_sorted: bool = False
+    """The router hands its experts expert-sorted rows, JetMoE's ``(index_sorted_experts, batch_index, batch_gates,
+    expert_size, logits)`` (:mod:`model_patches.expert_sorted`), not ``(logits, weights, indices)``."""
     dense_weights: bool = False
     """The router returns ``(weights [N, E], logits)``, weight 0 for experts not chosen (Llama 4), not
     ``(logits, weights [N, k], indices [N, k])``."""
+
+    def __post_init__(self) -> None:
+        if self.shared_logits is not None and self.weights_from != "logsigmoid_softmax_of_chosen":
+            raise ValueError("RoutingRule.shared_logits: the shared experts' weights come only from "
+                             "weights_from='logsigmoid_softmax_of_chosen' (their logits join its normalisation)")
 
     def renormalizes(self, router: nn.Module, block: nn.Module | None = None) -> bool:
         """Whether ``router`` (inside sparse block ``block``) renormalises its top-k weights."""
@@ -278,6 +322,8 @@ class FamilySpec:
 
     layers_attr: str = "layers"
     block_attr: str = "mlp"
+    """``""``: the decoder layer itself is the sparse block (Gemma 4 keeps ``router`` and ``experts`` on the layer,
+    beside its dense ``mlp``)."""
     router_attr: str = "gate"
     experts_attr: str = "experts"
     router_output: RouterOutput = field(default_factory=RouterOutput)
@@ -323,12 +369,15 @@ class FamilySpec:
     transformers' ``load_balancing_loss_func`` (vanilla top-k recomputed from ``router_logits``) to its loss."""
     shared_expert_attrs: tuple[str, ...] = ()
     """Block attributes of always-on shared experts and their gates (never routed, never counted)."""
-    expert_storage: Literal["fused", "parameter_list", "parallel", "stacked_rows"] = "fused"
+    expert_storage: Literal["fused", "parameter_list", "parallel", "stacked_rows", "scaled_dense"] = "fused"
     """How routed experts store their projections, for LoRA experts on them: ``"fused"`` (transformers 5
-    ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``), ``"parameter_list"`` (LLaMA-MoE ``weight_{gate,up,down}``
+    ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` in every layout ``use_experts_implementation`` describes:
+    transposed, interleaved, biased, gate-less), ``"parameter_list"`` (LLaMA-MoE ``weight_{gate,up,down}``
     ``ParameterList``s with ``forward(x, e)``) or ``"parallel"`` (MoLM ``ParallelExperts`` ``[E, in, out]`` modules
     called with ``(inputs, expert_size)``) or ``"stacked_rows"`` (DBRX ``w1`` / ``v1`` / ``w2``: the experts' rows
-    stacked into ``[E·I, H]`` matrices; renumbering experts moves blocks of ``I`` rows)."""
+    stacked into ``[E·I, H]`` matrices; renumbering experts moves blocks of ``I`` rows) or ``"scaled_dense"`` (Llama 4:
+    ``gate_up_proj [E, H, 2I]`` run on every token by every expert, the inputs scaled by the router's dense
+    weights)."""
     training_switches: tuple[tuple[str, str], ...] = (
         ("balance_loss", "output_router_logits"),
         ("aux_loss_coef", "router_aux_loss_coef"),
@@ -347,7 +396,8 @@ class FamilySpec:
     family, for docs and ``inspect``."""
 
     routing_problem: str | None = None
-    """Set by a structural fallback whose probe found no exact rule: the structure is usable, the rule is not."""
+    """Set by a structural fallback whose probe found no exact rule, or declared by a family whose router the rule
+    cannot express (ZAYA's router MLP, Doge's product keys): the structure is usable, the rule is not."""
     hashed_routers: tuple[str, ...] = ()
     """Router class names (matched through the MRO) that choose by a fixed hash of the token id, not by a learned
     score (DeepSeek-V4's first ``hash_moe`` layers): statistics count them; C2R, freezing, the bias update and expert
@@ -359,6 +409,10 @@ class FamilySpec:
         """A structural fallback's family for ``model`` (attribute names and rule read from it), or why it does not
         fit.  Declared families are already specific."""
         return self
+
+    def block_of(self, decoder_layer: nn.Module) -> nn.Module | None:
+        """The module at :attr:`block_attr` of ``decoder_layer`` (the layer itself for ``""``), ``None`` if absent."""
+        return decoder_layer if not self.block_attr else getattr(decoder_layer, self.block_attr, None)
 
     def is_sparse_block(self, module: nn.Module) -> bool:
         """True when ``module`` is this family's sparse block (exact class-name match through the MRO)."""

@@ -42,7 +42,8 @@ class MoEModel:
     inner: nn.Module
     """The transformers model inside any wrapper (the ``*ForCausalLM`` that computes the losses)."""
     decoder: nn.Module
-    """The module owning the layer list; its forward receives ``attention_mask``."""
+    """The module whose forward receives the user's ``attention_mask``: the owner of the layer list, or the base model
+    of a multimodal wrapper around its text decoder (whose forward gets the masks already built)."""
     num_layers: int
     layers: tuple[MoELayer, ...]
     dense_layers: tuple[int, ...]
@@ -51,6 +52,8 @@ class MoEModel:
     renormalize: bool
     hashed_layers: tuple[int, ...] = ()
     """MoE layers whose router chooses by a fixed hash of the token id (:attr:`FamilySpec.hashed_routers`)."""
+    layer_list: nn.ModuleList | None = None
+    """The decoder layers (dense and MoE); ``None``: the decoder's ``layers_attr`` list (:func:`decoder_layers`)."""
     routing_problem: str | None = None
     """Why the family's :class:`~model_patches.spec.RoutingRule` does not describe these routers (a setting it does not
     cover, a probe that found no exact rule, a hashed or MLP router), or ``None``.  Features that only need *where*
@@ -77,6 +80,8 @@ class MoEModel:
 
 def decoder_layers(model: MoEModel) -> nn.ModuleList:
     """The decoder's layer list (dense and MoE layers)."""
+    if model.layer_list is not None:
+        return model.layer_list
     return getattr(model.decoder, model.family.layers_attr)
 
 
@@ -169,17 +174,49 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _decoder_of(model: nn.Module, spec: FamilySpec) -> nn.Module | None:
+TEXT_DECODER_ATTRS = ("language_model",)
+"""Where a multimodal base model keeps its text decoder (transformers' ``*ForConditionalGeneration``: Gemma 4, ...)."""
+
+
+def find_layer_list(model: nn.Module, layers_attr: str) -> tuple[nn.Module, nn.ModuleList] | None:
+    """``(decoder, layers)``: the module called with the user's ``attention_mask`` and the ``layers_attr`` module list
+    of decoder layers it runs, or ``None``.
+
+    The list is the base model's own, else that of its text decoder (:data:`TEXT_DECODER_ATTRS`).  A multimodal
+    wrapper's decoder stays its base model: the text decoder inside is called with the masks the wrapper built (Gemma
+    4: a dict of 4-D masks per attention kind), from which padding cannot be read.
+    """
     base = getattr(model, "base_model", model)
-    for candidate in (base, model, getattr(model, "model", None)):  # Llama4ForCausalLM: base_model is itself
-        if isinstance(getattr(candidate, spec.layers_attr, None), nn.ModuleList):
-            return candidate
+    candidates = (base, model, getattr(model, "model", None))  # Llama4ForCausalLM: base_model is itself
+    for candidate in candidates:
+        layers = getattr(candidate, layers_attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return candidate, layers
+    for candidate in candidates:
+        for name in TEXT_DECODER_ATTRS:
+            layers = getattr(getattr(candidate, name, None), layers_attr, None)
+            if isinstance(layers, nn.ModuleList):
+                return candidate, layers
     return None
 
 
 def _model_type(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)
+
+
+def _text_model_type(model: nn.Module) -> str | None:
+    """The ``model_type`` of the text part of a multimodal config (``get_text_config()``; Gemma 4's ``gemma4`` →
+    ``gemma4_text``), ``None`` when the config has no separate one: the family of a wrapper's text decoder is the
+    wrapper's, its layers found inside (:func:`find_layer_list`)."""
+    get_text_config = getattr(getattr(model, "config", None), "get_text_config", None)
+    if not callable(get_text_config):
+        return None
+    try:
+        text_type = getattr(get_text_config(), "model_type", None)
+    except Exception:  # a config whose text part cannot be read (remote code) has none moepatch can use
+        return None
+    return text_type if text_type != _model_type(model) else None
 
 
 def _group_capacity_problem(spec: FamilySpec, layer: MoELayer, top_k: int) -> str | None:
@@ -201,14 +238,15 @@ def _group_capacity_problem(spec: FamilySpec, layer: MoELayer, top_k: int) -> st
 
 def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: bool) -> MoEModel | str:
     """Build the :class:`MoEModel` for ``spec`` or return why ``model`` does not fit it."""
-    decoder = _decoder_of(model, spec)
-    if decoder is None:
-        return f"no `{spec.layers_attr}` module list on the base model"
+    found = find_layer_list(model, spec.layers_attr)
+    if found is None:
+        return (f"no `{spec.layers_attr}` module list on the base model (nor on a text decoder "
+                f"`{'` / `'.join(TEXT_DECODER_ATTRS)}` inside it)")
+    decoder, layer_list = found
     prefix = {id(module): name for name, module in root.named_modules()}
-    layer_list = getattr(decoder, spec.layers_attr)
     moe_layers, dense = [], []
     for index, decoder_layer in enumerate(layer_list):
-        block = getattr(decoder_layer, spec.block_attr, None)
+        block = spec.block_of(decoder_layer)
         if block is None or not spec.is_sparse_block(block):
             dense.append(index)
             continue
@@ -265,6 +303,7 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
         top_k=top_k,
         renormalize=renormalize,
         hashed_layers=hashed,
+        layer_list=layer_list,
         routing_problem=routing_problem if learned else f"every MoE layer's router is hashed ({spec.hashed_routers})",
     )
 
@@ -274,7 +313,8 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
 
     Args:
         model (`nn.Module`): a transformers MoE model (a ``*ForCausalLM``, its base model, or a PEFT wrapper).
-        family (`str`, *optional*): force a family by name instead of choosing it from ``config.model_type``.
+        family (`str`, *optional*): force a family by name instead of choosing it from ``config.model_type`` (for
+            a multimodal wrapper no family claims: its text config's, ``get_text_config().model_type``).
         verify (`bool`, *optional*, defaults to `True`): let families that probe their routers do so; ``False``
             only for structure-only views (``moepatch inspect`` on a meta-device skeleton).
 
@@ -290,6 +330,9 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
     else:
         claimed = registry.family_for_model_type(model_type)
         candidates = [claimed] if claimed is not None else registry.fallback_families()
+        text_family = None if claimed is not None else registry.family_for_model_type(_text_model_type(inner))
+        if text_family is not None:  # a multimodal wrapper: its text decoder's family first, the fallback after
+            candidates = [text_family, *candidates]
     reasons = []
     for spec in candidates:
         if spec.structural:  # a fallback reads the attribute names (and probes the rule) of this very model

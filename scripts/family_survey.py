@@ -654,7 +654,8 @@ DESCRIBED_RULE_FIELDS = frozenset({
     "logits_dtype", "logit_bias", "logits_cast", "softcap", "score", "score_dtype", "selection_bias",
     "selection_bias_argument", "group_limit", "selection", "jitter", "input_jitter", "sorted_topk", "weights_from",
     "renormalize", "renormalize_with", "renormalize_epsilon", "renormalize_min", "scaling", "weights_dtype",
-    "no_autocast", "dense_weights", "score_module", "logits_module",
+    "no_autocast", "dense_weights", "score_module", "logits_module", "shared_logits", "weights_scale",
+    "input_norm", "input_scales", "expert_scale", "expert_sorted",
 })
 """:class:`~model_patches.spec.RoutingRule` fields :func:`router_kind` knows (numerics such as dtypes and epsilons
 change no kind); a field added later shows up in the words with its value until it is described here."""
@@ -711,12 +712,25 @@ def router_kind(moe: Any) -> tuple[str, str]:
             "softmax_of_chosen": "softmax over the k chosen logits",
             "sigmoid_of_chosen": ("sigmoid of the k chosen logits in a dense [T, E] matrix" if rule.dense_weights
                                   else f"sigmoid of the k chosen {unbiased}logits"),
+            "logsigmoid_softmax_of_chosen": (f"sigmoid of the k chosen {unbiased}logits"
+                                             + (f" and the shared experts' logits (S={settings.shared_logits})"
+                                                if settings.shared_logits else "")
+                                             + ", normalised in the log domain"),
         }[rule.weights_from]
         if moe.renormalize and rule.weights_from in ("scores", "sigmoid_of_chosen") and not rule.dense_weights:
             weights += ", renormalised"
         words = f"top-{moe.top_k} of {selects}; weights: {weights}"
     if settings.scaling is not None:
         words += f" × {rule.scaling.lstrip('^')} ({settings.scaling:g})"
+    if rule.weights_scale:
+        words += f" × learned {rule.weights_scale}"
+    if rule.expert_scale:
+        words += f" × {rule.expert_scale}[chosen]"
+    if rule.input_norm or rule.input_scales:
+        words += "; router input " + " × ".join((f"{rule.input_norm}(h)" if rule.input_norm else "h",
+                                                  *rule.input_scales))
+    if rule.expert_sorted:
+        words += "; handed to the experts sorted by expert"
     for item in dataclasses.fields(rule):
         value = getattr(rule, item.name)
         if item.name not in DESCRIBED_RULE_FIELDS and value != item.default:

@@ -11,7 +11,9 @@ weights experts is written out per type in :data:`_RULES`, each entry naming the
 * ``"B"`` softmax + selection bias: top-k of ``softmax(logits) + bias``, weights = the gathered *unbiased*
   probabilities (ERNIE 4.5: divided by ``clamp(sum, min=moe_norm_min)``; LongCat: × ``routed_scaling_factor``;
   LongCat's router scores ``n_routed_experts + zero_expert_num`` slots, the last ones being identity "zero experts").
-* ``"C"`` top-k of the logits, weights = softmax over the k chosen logits (gpt-oss adds the router's linear bias).
+* ``"C"`` top-k of the logits, weights = softmax over the k chosen logits (gpt-oss adds the router's linear bias;
+  JetMoE hands its experts the (token, slot) pairs sorted by expert, which :func:`router_output` turns back into
+  ``[N, k]``).
 * ``"D"`` sigmoid + selection bias: top-k of ``sigmoid(logits) + bias``, weights = the gathered unbiased sigmoid,
   renormalised (with the file's epsilon, if any), × the file's scaling factor, if any.
 * ``"E"`` = ``"D"`` with the DeepSeek-V3 group limit: experts in ``n_group`` groups, each group scored by the sum of
@@ -22,6 +24,15 @@ weights experts is written out per type in :data:`_RULES`, each entry naming the
 * ``"G"`` PhiMoE sparsemixer: always 2 experts, chosen one after the other (the second after masking the first),
   each weighted by a softmax over the logits within a relative threshold of the chosen one.  The oracles follow
   the deterministic eval path (training samples the choice with Gumbel noise).
+* ``"I"`` Inkling: the router's weight scores ``n_routed_experts`` routed experts and, after them,
+  ``n_shared_experts`` shared ones; top-k of ``sigmoid(logits)[:, :E] + bias`` (``sorted=False``); weights =
+  ``exp(lp - logsumexp(lp))`` of ``lp = logsigmoid`` of the k chosen logits followed by the shared experts' logits,
+  × ``route_scale`` × the learned ``global_scale``, cast to the hidden dtype; the last ``S`` columns are the shared
+  experts' weights (:func:`oracle_shared_weights`), the router returns them as a fourth output.
+* ``"R"`` Gemma 4: the router's input RMS-normalised (no scale), × its learned ``scale`` × ``hidden_size^-0.5``,
+  the linear ``proj``; top-k of the float32 softmax, weights = the chosen probabilities renormalised, ×
+  ``per_expert_scale`` of the chosen experts.  Its router and experts sit on the decoder layer itself, beside the
+  dense ``mlp`` (``block_attr`` ``""``).
 * ``"K"`` Kolibri: top-k of ``logits + bias`` (the bias is added to the raw logits, not to a sigmoid), weights =
   sigmoid of the k chosen logits, renormalised iff ``norm_topk_prob`` (no epsilon), no scaling.  (Kolibri and Ergo
   compute the logits with ``torch.mm(..., out_dtype=float32)`` on CUDA with bf16 inputs and grad off; the exact
@@ -39,6 +50,10 @@ an [N, k] batch and a differently shaped one differently (vectorised vs scalar p
 
 Indices are returned in the order of the oracle's own ``torch.topk`` call (which follows the file's call); compare
 chosen experts as sets per token: sort both the indices and the weights by index before comparing.
+
+ZAYA and Doge are in :data:`_LAYOUTS` only (where their routers and experts are, what their routers choose as the
+experts receive it): their rules (a router MLP with state carried between layers and a skip class; product keys) have
+no oracle here.
 
 Two families scale the *experts' output* instead of the routing weights (Laguna, MiniMax-M3-VL): their routers'
 weights carry no scaling factor, and :func:`expert_output_scale` gives the block's factor.
@@ -62,12 +77,14 @@ __all__ = [
     "captured_choices",
     "causal_lm_adds_balance_loss",
     "expert_output_scale",
+    "jetmoe_choice",
     "num_router_experts",
     "oracle_balance_loss",
     "oracle_c2r",
     "oracle_dense_scores",
     "oracle_logits",
     "oracle_route",
+    "oracle_shared_weights",
     "router_modules",
     "router_output",
     "router_parameter_names",
@@ -90,6 +107,8 @@ class _Layout:
     block's attributes holding the router and the experts.  ``router_params``: the router's learned parameters
     (names relative to the router); ``optional_router_params``: further ones that exist only under some configs.
     ``bias``: the selection bias as ``"router.<path>"`` or ``"block.<path>"`` (``None``: the type has none).
+    ``block_attr`` ``""``: the decoder layer itself is the block (Gemma 4).  ``extra_routers``: further routers
+    (decoder-layer-relative paths, JetMoE's attention mixture) that freezing freezes too.
     """
 
     block_attr: str
@@ -99,6 +118,7 @@ class _Layout:
     optional_router_params: tuple[str, ...] = ()
     bias: str | None = None
     experts_attr: str = "experts"
+    extra_routers: tuple[str, ...] = ()
 
 
 def _ds3(block_class: str, block_attr: str = "mlp") -> _Layout:
@@ -120,6 +140,7 @@ _LAYOUTS: dict[str, _Layout] = {
     "hy_v4": _ds3("HYV4MoE"),
     "deepseek_v32": _ds3("DeepseekV32MoE"),
     "glm_moe_dsa": _ds3("GlmMoeDsaMoE"),
+    "bailing_hybrid": _ds3("BailingHybridMoE"),  # mlp_layer_types[i] == "sparse"
     "axk1": _ds3("AXK1MoE"),
     "dots3_note_text": _ds3("Dots3NoteTextMoE"),
     # MiniMaxM2SparseMoeBlock keeps the bias buffer itself and hands it to MiniMaxM2TopKRouter.forward
@@ -149,8 +170,29 @@ _LAYOUTS: dict[str, _Layout] = {
     "kolibri1": _Layout("mlp", "Kolibri1SparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
     "kolibri1_1": _Layout("mlp", "Kolibri1_1SparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
     "inkling2_text": _Layout("mlp", "Inkling2SparseMoeBlock", "gate", bias="router.e_score_correction_bias"),
+    # InklingDecoderLayer.mlp = InklingMoE(gate=InklingTopkRouter(weight [E + S, H], global_scale [1], bias buffer))
+    # where mlp_layer_types[i] == "sparse"
+    "inkling_text": _Layout("mlp", "InklingMoE", "gate", router_params=("weight", "global_scale"),
+                            bias="router.e_score_correction_bias"),
     # HYV3MoE keeps the bias buffer and hands it to HYV3TopKRouter.forward
     "hy_v3": _Layout("mlp", "HYV3MoE", "gate", bias="block.e_score_correction_bias"),
+    # Gemma4TextDecoderLayer.router = Gemma4TextRouter(norm without weight, proj, scale [H], per_expert_scale [E])
+    # and .experts, on the layer itself, when enable_moe_block
+    "gemma4_text": _Layout("", "Gemma4TextDecoderLayer", "router",
+                           router_params=("proj.weight", "scale", "per_expert_scale")),
+    # JetMoeMoE.router = JetMoeTopKGating(layer = nn.Linear); experts input_linear / output_linear
+    # (JetMoeParallelExperts); the attention's JetMoeMoA has its own JetMoeTopKGating
+    "jetmoe": _Layout("mlp", "JetMoeMoE", "router", router_params=("layer.weight",), experts_attr="input_linear",
+                      extra_routers=("self_attention.experts.router",)),
+    # ZayaSparseMoeBlock.gate = ZayaRouter(down_proj, router_states_scale from layer 1 on, router_mlp, buffer
+    # balancing_biases over E + 1 classes)
+    "zaya": _Layout("mlp", "ZayaSparseMoeBlock", "gate",
+                    router_params=("down_proj.weight", "down_proj.bias", "router_mlp.norm.weight",
+                                   "router_mlp.fc1.weight", "router_mlp.fc1.bias", "router_mlp.fc2.weight",
+                                   "router_mlp.fc2.bias", "router_mlp.out_proj.weight"),
+                    optional_router_params=("router_states_scale",), bias="router.balancing_biases"),
+    # DogeCDMoE.router_gate = nn.Linear(H, 2 * num_keys); routed experts are rows of down_embed / up_embed
+    "doge": _Layout("mlp", "DogeCDMoE", "router_gate", experts_attr="down_embed"),
     # ErgoTopkRouter.linear = ErgoLinearWithFP32Output
     "ergo": _Layout("mlp", "ErgoMoE", "gate", router_params=("linear.weight",), bias="router.e_score_correction_bias"),
 }
@@ -209,6 +251,7 @@ _RULES: dict[str, _Rule] = {
     "hy_v4": _ds3_rule("HYV4TopkRouter"),
     "deepseek_v32": _ds3_rule("DeepseekV32TopkRouter"),
     "glm_moe_dsa": _ds3_rule("GlmMoeDsaTopkRouter"),
+    "bailing_hybrid": _ds3_rule("BailingHybridTopkRouter"),
     "axk1": _ds3_rule("AXK1TopkRouter"),
     "dots3_note_text": _ds3_rule("Dots3NoteTextTopkRouter"),
     # F.linear(h.to(W.dtype), W); sigmoid(logits.float()) + bias; topk(sorted=False); w /= w.sum() (no epsilon)
@@ -221,6 +264,10 @@ _RULES: dict[str, _Rule] = {
     # F.linear(h.float(), W); ACT2FN[scoring_func] (sigmoid); topk(sorted=False); w / (sum + 1e-20) * rsf
     "inkling2_text": _Rule("D", "Inkling2TopKRouter", "input_fp32", renorm="always", eps=1e-20,
                            scale="routed_scaling_factor", topk_sorted=False),
+    # autocast off: F.linear(h.float(), W.float()) over E + S rows; topk(sigmoid[:, :E] + bias.float(), sorted=False);
+    # exp(lp - logsumexp(lp)) of lp = logsigmoid(cat(chosen, shared logits)) * route_scale * global_scale.float();
+    # .to(h.dtype); split into the k routed and the S shared weights
+    "inkling_text": _Rule("I", "InklingTopkRouter", "fp32", scale="route_scale", topk_sorted=False, cast="hidden"),
     # F.linear(h.float(), W.float()); sigmoid + bias (from the block); w / (sum + 1e-20) * router_scaling_factor
     "hy_v3": _Rule("D", "HYV3TopKRouter", "fp32", renorm="always", eps=1e-20, scale="router_scaling_factor",
                    topk_sorted=False),
@@ -248,6 +295,10 @@ _RULES: dict[str, _Rule] = {
     # F.linear(h.float(), W.float()) (CUDA: torch.mm(out_dtype=float32)); topk(logits + bias); sigmoid(top)
     "kolibri1": _Rule("K", "Kolibri1TopKRouter", "kolibri", renorm="norm_topk_prob"),
     "kolibri1_1": _Rule("K", "Kolibri1_1TopKRouter", "kolibri", renorm="norm_topk_prob"),
+    # norm(h) * scale * hidden_size**-0.5; proj; softmax(dtype=float32); topk; w /= w.sum(); w * per_expert_scale[idx]
+    "gemma4_text": _Rule("R", "Gemma4TextRouter", "gemma4", renorm="always"),
+    # self.layer(h).float(); logits.topk(k, dim=1); softmax(top, dim=1).type_as(h); then sorted by expert
+    "jetmoe": _Rule("C", "JetMoeTopKGating", "input_then_fp32", cast="hidden"),
 }
 
 KIND: dict[str, str] = {model_type: rule.kind for model_type, rule in _RULES.items()}
@@ -259,24 +310,22 @@ COVERED_TYPES: tuple[str, ...] = tuple(sorted(KIND))
 
 SKIPPED_TYPES: dict[str, str] = {
     "granitemoe_shared": "no such model type: transformers calls it granitemoeshared (covered)",
-    "jetmoe": "JetMoeTopKGating returns expert-sorted, grouped indices and there is no experts module taking "
-              "top_k_index; its attention is a mixture of experts too (MoA) with its own routers",
-    "zaya": "router MLP (kind H)",
+    "zaya": "router MLP over E experts + a skip class, with a state carried from layer to layer (kind H): layout "
+            "only",
+    "doge": "product keys: expert (i, j) scored by key i + key j of router_gate, chosen inside DogeCDMoE.forward "
+            "(kind H): layout only",
     "deepseek_v4": "hash routing in some layers (kind H)",
-    "inkling_text": "InklingTopkRouter scores the shared experts too: weights = normalised sigmoid over the k routed "
-                    "+ shared logits (logsigmoid / logsumexp) × route_scale × a learned global_scale; not covered",
     "axk2": "AXK2TopkRouter masks the dropped groups to 0.0 (not -inf) and skips the group limit when n_group is "
             "None; not covered",
     "lfm2_moe": "its default config does not build a model",
     "dots1": "its default config does not build a model",
-    "bailing_hybrid": "its default config does not build a model",
 }
 """Model types asked about or seen but not covered, with the reason."""
 
 
 def _canonical(model_type: str) -> str:
     model_type = _ALIASES.get(model_type, model_type)
-    if model_type not in _RULES:
+    if model_type not in _RULES and model_type not in _LAYOUTS:
         raise KeyError(f"router_oracles: no oracle for model type {model_type!r}; covered: {', '.join(COVERED_TYPES)}")
     return model_type
 
@@ -306,16 +355,25 @@ def _layer_prefix(model: torch.nn.Module) -> str:
 def router_modules(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, torch.nn.Module]]:
     """Absolute decoder-layer index → (MoE block, router) for every MoE layer, from the type's known attributes.
 
-    A layer is an MoE layer when its ``block_attr`` holds the type's MoE block class (or a subclass of it); the
-    other layers (dense MLPs, attention / Mamba mixers, ``None``) are skipped.
+    A layer is an MoE layer when its ``block_attr`` holds the type's MoE block class (or a subclass of it) with a
+    router; the other layers (dense MLPs, attention / Mamba mixers, ``None``, a Gemma 4 layer without
+    ``enable_moe_block``) are skipped.
     """
     layout = _LAYOUTS[_canonical(model.config.model_type)]
     found: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
     for index, layer in enumerate(_decoder_layers(model)):
-        block = getattr(layer, layout.block_attr, None)
+        block = getattr(layer, layout.block_attr, None) if layout.block_attr else layer
         if block is not None and any(cls.__name__ == layout.block_class for cls in type(block).__mro__):
-            found[index] = (block, getattr(block, layout.router_attr))
+            router = getattr(block, layout.router_attr, None)
+            if router is not None:
+                found[index] = (block, router)
     return found
+
+
+def _block_path(model: torch.nn.Module, index: int, layout: _Layout) -> str:
+    """The block's full name (the decoder layer's own where ``block_attr`` is ``""``)."""
+    prefix = f"{_layer_prefix(model)}.{index}"
+    return f"{prefix}.{layout.block_attr}" if layout.block_attr else prefix
 
 
 def _experts_module(model_type: str, block: torch.nn.Module) -> torch.nn.Module:
@@ -327,7 +385,7 @@ def _bias_path(model: torch.nn.Module, index: int) -> str | None:
     if layout.bias is None:
         return None
     owner, path = layout.bias.split(".", 1)
-    prefix = f"{_layer_prefix(model)}.{index}.{layout.block_attr}"
+    prefix = _block_path(model, index, layout)
     return f"{prefix}.{layout.router_attr}.{path}" if owner == "router" else f"{prefix}.{path}"
 
 
@@ -344,7 +402,7 @@ def router_parameter_names(model: torch.nn.Module, include_selection_bias: bool 
     bias_names = selection_bias_names(model)
     names: set[str] = set()
     for index, (_, router) in router_modules(model).items():
-        prefix = f"{_layer_prefix(model)}.{index}.{layout.block_attr}.{layout.router_attr}"
+        prefix = f"{_block_path(model, index, layout)}.{layout.router_attr}"
         for relative in layout.router_params:
             if f"{prefix}.{relative}" not in parameters:
                 raise ValueError(f"router_oracles: {model_type} router {prefix} has no parameter {relative}")
@@ -355,6 +413,12 @@ def router_parameter_names(model: torch.nn.Module, include_selection_bias: bool 
             full = f"{prefix}.{relative}"
             if full not in names and full not in bias_names:
                 raise ValueError(f"router_oracles: {model_type} router parameter {full} is not in the layout")
+    layers = _decoder_layers(model)
+    for index in range(len(layers)):
+        for path in layout.extra_routers:
+            extra = layers[index].get_submodule(path)
+            prefix = f"{_layer_prefix(model)}.{index}.{path}"
+            names.update(f"{prefix}.{relative}" for relative, _ in extra.named_parameters())
     if include_selection_bias:
         names.update(name for name in bias_names if name in parameters)
     return names
@@ -399,7 +463,14 @@ def num_router_experts(model_type: str, router: torch.nn.Module) -> int:
 
 def router_top_k(model_type: str, router: torch.nn.Module) -> int:
     """Experts chosen per token (PhiMoE's sparsemixer always chooses 2, whatever ``num_experts_per_tok`` says)."""
-    return 2 if KIND[model_type] == "G" else int(router.top_k)
+    return 2 if KIND[model_type] == "G" else _top_k(model_type, router)
+
+
+def _top_k(model_type: str, router: torch.nn.Module) -> int:
+    """The router's k (Gemma4TextRouter reads ``config.top_k_experts``; the others keep ``top_k``)."""
+    if _canonical(model_type) == "gemma4_text":
+        return int(router.config.top_k_experts)
+    return int(router.top_k)
 
 
 def expert_output_scale(model_type: str, block: torch.nn.Module) -> float:
@@ -435,7 +506,12 @@ def _exact_logits(model_type: str, router: torch.nn.Module, hidden: torch.Tensor
     """The router logits in the file's dtypes (``hidden`` is [N, H])."""
     rule = _RULES[_canonical(model_type)]
     weight = _router_weight(model_type, router)
-    if rule.logits == "fp32":  # F.linear(h.type(float32), W.type(float32))
+    if rule.logits == "gemma4":  # Gemma4TextRouter.forward, its Gemma4RMSNorm(with_scale=False) written out
+        normed = hidden.float()
+        normed = normed * torch.pow(normed.pow(2).mean(-1, keepdim=True) + router.eps, -0.5)
+        scaled = normed.type_as(hidden) * router.scale.detach() * router.hidden_size ** -0.5
+        logits = F.linear(scaled, weight)
+    elif rule.logits == "fp32":  # F.linear(h.type(float32), W.type(float32))
         logits = F.linear(hidden.float(), weight.float())
     elif rule.logits == "fp32_classifier":  # LongCat: the classifier's bias (router_bias) is not used by forward
         logits = F.linear(hidden.float(), weight.float())
@@ -475,7 +551,11 @@ def _float64_logits(model_type: str, router: torch.nn.Module, hidden: torch.Tens
     rule = _RULES[_canonical(model_type)]
     weight = _router_weight(model_type, router).double()
     bias = router.bias.detach().double() if rule.logits == "input_with_bias" else None
-    logits = F.linear(hidden.double(), weight, bias)
+    hidden = hidden.double()
+    if rule.logits == "gemma4":
+        hidden = hidden * torch.pow(hidden.pow(2).mean(-1, keepdim=True) + router.eps, -0.5)
+        hidden = hidden * router.scale.detach().double() * router.hidden_size ** -0.5
+    logits = F.linear(hidden, weight, bias)
     if rule.softcap and router.router_logit_softcapping > 0.0:
         cap = float(router.router_logit_softcapping)
         logits = torch.tanh(logits / cap) * cap
@@ -495,7 +575,10 @@ def oracle_logits(model_type: str, block: torch.nn.Module, router: torch.nn.Modu
     this.
     """
     del block
-    return _exact_logits(model_type, router, _flat(hidden))
+    logits = _exact_logits(model_type, router, _flat(hidden))
+    if KIND[_canonical(model_type)] == "I":  # InklingTopkRouter returns the routed experts' logits only
+        return logits[..., :-int(router.n_shared_experts)]
+    return logits
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -507,7 +590,7 @@ def oracle_logits(model_type: str, block: torch.nn.Module, router: torch.nn.Modu
 class _Scores:
     """One batch of tokens scored by one router: logits, unbiased scores, selection scores."""
 
-    logits: torch.Tensor  # [N, E]
+    logits: torch.Tensor  # [N, E] ([N, E + S] for Inkling: its shared experts' logits last)
     scores: torch.Tensor  # [N, E] unbiased scores the weights are taken from (kinds B, D, E); the logits otherwise
     selection: torch.Tensor  # [N, E] what the top-k is taken over (bias included)
     hidden_dtype: torch.dtype
@@ -523,7 +606,11 @@ def _score(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hid
     bias = _selection_bias(model_type, block, router)
     if bias is not None and not exact:
         bias = bias.double()
-    if rule.kind in ("D", "E"):
+    if rule.kind == "I":  # sigmoid of all E + S logits; only the E routed experts' scores (+ bias) are chosen from
+        shared = int(router.n_shared_experts)
+        scores = torch.sigmoid(logits)
+        selection = scores[..., :-shared] + (bias.float() if exact else bias)
+    elif rule.kind in ("D", "E"):
         if model_type in ("minimax_m2", "minimax_m3_vl_text"):
             scores = torch.sigmoid(logits.float()) if exact else torch.sigmoid(logits)
         else:
@@ -532,6 +619,9 @@ def _score(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hid
             selection = scores + bias.to(scores.dtype)
         else:
             selection = scores + bias
+    elif rule.kind == "R":  # Gemma 4: softmax(expert_scores, dim=-1, dtype=float32)
+        scores = F.softmax(logits, dim=-1, dtype=torch.float32) if exact else F.softmax(logits, dim=-1)
+        selection = scores
     elif model_type == "ernie4_5_moe":  # softmax(dim=1, dtype=float) then moe_statics: probs + bias.squeeze()
         scores = F.softmax(logits, dim=1, dtype=torch.float) if exact else F.softmax(logits, dim=1)
         selection = scores + bias.squeeze()
@@ -605,8 +695,14 @@ def _weights(model_type: str, router: torch.nn.Module, scored: _Scores, indices:
         first, second = indices[:, :1], indices[:, 1:2]
         weights = torch.concat((_sparsemixer_weight(router, scored.logits, first, None),
                                 _sparsemixer_weight(router, scored.logits, second, first)), dim=-1)
+    elif rule.kind == "R":  # top_k_weights /= sum; top_k_weights * per_expert_scale[top_k_index]
+        weights = _renormalise(rule, router, scored.scores.gather(1, indices))
+        scale = router.per_expert_scale.detach()
+        weights = weights * (scale if exact else scale.double())[indices]
     elif rule.kind == "K":  # router_logits.gather(idx).sigmoid(); / sum iff norm_topk_prob
         weights = _renormalise(rule, router, scored.logits.gather(1, indices).sigmoid())
+    elif rule.kind == "I":  # the k routed weights of _inkling_weights (the shared experts' follow)
+        weights = _inkling_weights(router, scored, indices)[..., : indices.shape[-1]]
     else:  # pragma: no cover
         raise AssertionError(rule.kind)
     if exact and rule.cast == "hidden":
@@ -616,6 +712,34 @@ def _weights(model_type: str, router: torch.nn.Module, scored: _Scores, indices:
     elif exact and rule.cast == "logits":
         weights = weights.to(scored.logits.dtype)
     return weights
+
+
+def _inkling_weights(router: torch.nn.Module, scored: _Scores, indices: torch.Tensor) -> torch.Tensor:
+    """InklingTopkRouter's ``[N, k + S]`` weights before the cast: the k chosen routed experts, then the S shared ones.
+
+    ``cat([routed_logits.gather(-1, idx), shared_logits])`` → ``logsigmoid`` → ``exp(lp - logsumexp(lp))`` →
+    ``× route_scale × global_scale.float()`` (float64 throughout when not exact).
+    """
+    shared = int(router.n_shared_experts)
+    logits = scored.logits
+    chosen = torch.cat([logits[..., :-shared].gather(-1, indices), logits[..., -shared:]], dim=-1)
+    log_probs = F.logsigmoid(chosen)
+    weights = torch.exp(log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True))
+    global_scale = router.global_scale.detach()
+    return weights * router.route_scale * (global_scale.float() if scored.exact else global_scale.double())
+
+
+def oracle_shared_weights(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+                          indices: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
+    """Inkling's fourth router output: the ``[N, S]`` weights (``shared_gammas``) of the shared experts, normalised
+    together with the chosen ``indices`` (default: the family's own choice) and cast to the hidden dtype."""
+    if KIND.get(model_type) != "I":
+        raise ValueError(f"router_oracles: {model_type} weights no shared experts in its router")
+    scored = _score(model_type, block, router, hidden, exact)
+    if indices is None:
+        indices = _family_choice(model_type, router, scored)
+    weights = _inkling_weights(router, scored, indices)[..., indices.shape[-1]:]
+    return weights.to(scored.hidden_dtype) if exact else weights
 
 
 def _family_choice(model_type: str, router: torch.nn.Module, scored: _Scores) -> torch.Tensor:
@@ -628,7 +752,7 @@ def _family_choice(model_type: str, router: torch.nn.Module, scored: _Scores) ->
         return torch.concat((first, second), dim=-1)
     if rule.kind == "E":
         selection = selection.masked_fill(~_group_mask(router, selection), float("-inf"))
-    return torch.topk(selection, k=int(router.top_k), dim=-1, sorted=rule.topk_sorted)[1]
+    return torch.topk(selection, k=_top_k(model_type, router), dim=-1, sorted=rule.topk_sorted)[1]
 
 
 def oracle_route(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
@@ -776,7 +900,8 @@ def router_output(model_type: str, block: torch.nn.Module, router: torch.nn.Modu
     """Calls the real router as its block does; returns ``(logits, indices, weights)``.
 
     MiniMax-M2 / HY-V3 pass the block's bias buffer, AFMoE its ``expert_bias`` (and a [1, N, H] input); Llama 4's
-    dense matrix becomes its nonzero entries (indices ascending).
+    dense matrix becomes its nonzero entries (indices ascending); Inkling's fourth output (the shared experts'
+    weights) is left out.
     """
     model_type = _canonical(model_type)
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -787,9 +912,26 @@ def router_output(model_type: str, block: torch.nn.Module, router: torch.nn.Modu
     elif model_type == "llama4_text":
         dense, logits = router(hidden)
         indices, weights = _dense_to_choice(dense)
+    elif model_type == "inkling_text":  # a fourth output: the shared experts' weights
+        logits, weights, indices, _ = router(hidden)
+    elif model_type == "jetmoe":  # (index_sorted_experts, batch_index, batch_gates, expert_size, logits)
+        logits, indices, weights = jetmoe_choice(router(hidden), int(router.top_k))
     else:
         logits, weights, indices = router(hidden)
     return logits, indices, weights
+
+
+def jetmoe_choice(output: tuple, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits, indices [N, k], weights [N, k])`` from JetMoeTopKGating's hand-off: ``index_sorted_experts`` are
+    the flat positions ``token * k + slot`` sorted by expert, ``expert_size`` the rows of each expert in that order,
+    ``batch_gates`` the weights in that order."""
+    index_sorted_experts, _, batch_gates, expert_size, logits = output
+    experts = torch.cat([torch.full((size,), expert, dtype=torch.int64) for expert, size in enumerate(expert_size)])
+    indices = torch.empty_like(index_sorted_experts)
+    weights = torch.empty_like(batch_gates)
+    indices[index_sorted_experts] = experts.to(indices.device)
+    weights[index_sorted_experts] = batch_gates
+    return logits, indices.view(-1, top_k), weights.view(-1, top_k)
 
 
 @contextlib.contextmanager
@@ -801,8 +943,11 @@ def captured_choices(model: torch.nn.Module, source: str = "experts",
     ``router_indices``); Llama 4: the nonzero entries of the dense score matrix the block scales the experts' input
     with (forward hook on the router).  LongCat with zero experts: the experts receive ``top_k_index`` with every
     zero-expert slot remapped to a real expert index with weight 0 (LongcatFlashMoE.forward); ``source="router"``
-    records the router's own indices instead (zero experts as indices ≥ n_routed_experts).  ``with_weights``:
-    entries become ``(indices, weights)`` pairs.
+    records the router's own indices instead (zero experts as indices ≥ n_routed_experts).  JetMoE (both sources):
+    its router's expert-sorted hand-off turned back into ``[N, k]``.  Doge (``source="experts"`` only): the expert
+    ids ``DogeCDMoE.forward`` looks up in ``down_embed`` (its weights are not handed to a module: ``with_weights``
+    is refused).  ZAYA: a skip choice reaches the experts as expert 0 with weight 0.  ``with_weights``: entries
+    become ``(indices, weights)`` pairs.
     """
     if source not in ("experts", "router"):
         raise ValueError(f"captured_choices: source must be 'experts' or 'router', not {source!r}")
@@ -815,8 +960,22 @@ def captured_choices(model: torch.nn.Module, source: str = "experts",
         entry = (indices, weights.detach().reshape(indices.shape).clone()) if with_weights else indices
         captured.setdefault(index, []).append(entry)
 
+    if model_type == "doge" and (source == "router" or with_weights):
+        raise ValueError("captured_choices: Doge's choice is made inside DogeCDMoE.forward; only its expert ids "
+                         "(source='experts', no weights) can be captured")
     for index, (block, router) in router_modules(model).items():
-        if model_type == "llama4_text":
+        if model_type == "jetmoe":
+            def sorted_hook(module, args, output, index=index):
+                _, indices, weights = jetmoe_choice(output, int(module.top_k))
+                record(index, indices, weights)
+
+            handles.append(router.register_forward_hook(sorted_hook))
+        elif model_type == "doge":  # DogeCDMoE.forward: down_embed(indices)
+            def embed_hook(module, args, index=index):
+                record(index, args[0], args[0])
+
+            handles.append(block.down_embed.register_forward_pre_hook(embed_hook))
+        elif model_type == "llama4_text":
             def dense_hook(module, args, output, index=index):
                 record(index, *_dense_to_choice(output[0]))
 
@@ -856,7 +1015,9 @@ def causal_lm_adds_balance_loss(model_type: str) -> bool:
 
     It does so when ``output_router_logits`` is on (and adds it to the loss when labels are given), with
     ``(outputs.router_logits, num_experts, num_experts_per_tok, attention_mask)``.  The DeepSeek-V3-style,
-    Llama 4, Aria, AFMoE, LongCat, Kolibri, Inkling2, HY-V3/V4 and Ergo causal LMs add no balance loss.
+    Llama 4, Aria, AFMoE, LongCat, Kolibri, Inkling, Inkling2, HY-V3/V4, Ergo and Gemma 4 causal LMs add no balance
+    loss.  JetMoE adds ``aux_loss_coef ×`` the same function over the logits of *every* ``JetMoeTopKGating`` — the
+    attention mixture's too, in call order — so it is not in this set (its test pools them itself).
     """
     return _canonical(model_type) in _ADDS_BALANCE_LOSS
 

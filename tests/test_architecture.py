@@ -101,9 +101,10 @@ def test_model_patches_never_imports_moepatch():
 
 
 GENERIC_NAMES = {"layers", "mlp", "gate", "router", "experts", "hidden_size", "num_experts", "top_k", "hidden_dim",
-                 "router_aux_loss_coef", "output_router_logits", "weight"}
+                 "router_aux_loss_coef", "output_router_logits", "weight", "aux_loss_coef"}
 """Names that are moepatch's own vocabulary (MoEModel fields, transformers' shared config keys, any ``nn.Linear``'s
-``weight``), not one family's."""
+``weight``, the ``aux_loss_coef`` training option, which JetMoE's config also names its coefficient), not one
+family's."""
 
 STORAGE_NAMES = {"ParallelExperts", "LinearGLUExperts", "batch_index", "row_tokens", "weight_gate", "weight_up",
                  "weight_down", "w_gate", "gate_network", "calculator", "gate_up_proj", "output_experts", "w1", "w2",

@@ -66,6 +66,9 @@ class RoutedProjection:
     """Module paths a target entry may name to reach this projection (the family's own attribute names)."""
     owner: nn.Module | None = None
     """The mixture that computes the rows' token indices, where the storage module does not know them."""
+    top_k: int | None = None
+    """Experts each token is routed to, where the storage must find the routed rows itself (experts that run every
+    expert on every token, the router's choice only scaling their inputs); ``None`` elsewhere."""
 
 
 def shape_of(parameter: torch.Tensor) -> tuple[int, ...]:
@@ -97,9 +100,15 @@ class ExpertStorage:
             dims = self.widths(layer.experts)
             base = names[id(layer.experts)]
             for projection, (in_dims, out_dims) in (dims or {}).items():
+                aliases = self.projection_aliases(layer.experts, projection)
                 found.append(RoutedProjection(f"{base}.{projection}", layer.experts, projection, in_dims, out_dims,
-                                              tuple(f"{base}.{alias}" for alias in self.aliases[projection])))
+                                              tuple(f"{base}.{alias}" for alias in aliases)))
         return found
+
+    def projection_aliases(self, experts: nn.Module, projection: str) -> tuple[str, ...]:
+        """The attribute names (relative to ``experts``) under which targets may name ``projection``: the class's
+        :attr:`aliases` unless the layout of this module stores the projection under other names."""
+        return self.aliases[projection]
 
     def problem(self, projection: RoutedProjection) -> str | None:
         """Why deltas cannot run inside this projection's computation, or ``None``."""
@@ -126,8 +135,9 @@ class ExpertStorage:
 
     def peft_parameter(self, module: nn.Module, projection: str) -> tuple[str, int, int] | None:
         """Where peft's ``target_parameters`` (``ParamWrapper``) reaches ``projection``: the name of the 3-D
-        ``[E, out, in]`` parameter of ``module`` and the ``(first, total)`` rows of its out axis that belong to the
-        projection; ``None`` when peft has no layout for this storage."""
+        ``[E, out, in]`` parameter of ``module`` (``[E, in, out]`` where the module says ``is_transposed``, which peft
+        reads) and the ``(first, total)`` entries of its out axis that belong to the projection; ``None`` when peft
+        has no layout for this storage."""
         return None
 
     @staticmethod

@@ -1,9 +1,12 @@
 """MoLM / ModuleFormer's experts: ``ParallelExperts`` modules (``weight [E, in, out]``) called with expert-grouped
 rows and ``expert_size``; the mixture (``MoE``) computing the grouping keeps each row's token as ``batch_index``.
+JetMoE's ``JetMoeParallelExperts`` are the same modules with ``weight [E, out, in]`` (its mixtures keep no token
+index: the deltas then get none).
 
 Each ``ParallelExperts`` module is one linear projection, so a forward hook adds the per-expert deltas to its
 output (a pre-hook scales its input instead).  In the MLP mixture ``experts`` is the input projection (gate and up
-in one) and ``output_experts`` the output projection; the attention mixture's ``q_proj`` experts are adapted too.
+in one) and ``output_experts`` the output projection (JetMoE: ``input_linear`` / ``output_linear``); the attention
+mixture's experts are adapted too.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from model_patches.expert_storage.base import module_names
 from model_patches.expert_storage.base import shape_of
 from model_patches.structure import MoEModel
 
-STORAGE_CLASS = "ParallelExperts"
-_MLP_ALIASES = {"experts": ("gate_proj", "up_proj", "gate_up_proj"), "output_experts": ("down_proj",)}
+STORAGE_CLASSES = {"ParallelExperts": "in_out", "JetMoeParallelExperts": "out_in"}
+"""Classes of one-projection expert modules and the layout of their ``weight``: ``[E, in, out]`` or ``[E, out, in]``."""
+_INPUT_ALIASES = ("gate_proj", "up_proj", "gate_up_proj")
+_MLP_ALIASES = {"experts": _INPUT_ALIASES, "output_experts": ("down_proj",), "input_linear": _INPUT_ALIASES,
+                "output_linear": ("down_proj",)}
 
 
 class ParallelExpertModules(ExpertStorage):
@@ -39,16 +45,18 @@ class ParallelExpertModules(ExpertStorage):
         mlp_blocks = {id(layer.block) for layer in moe.layers}
         found = []
         for module in moe.inner.modules():
-            if type(module).__name__ != STORAGE_CLASS:
+            layout = STORAGE_CLASSES.get(type(module).__name__)
+            if layout is None:
                 continue
             path = names[id(module)]
             parent_path, _, child = path.rpartition(".")
             parent = moe.inner.get_submodule(parent_path)
-            experts, fan_in, fan_out = shape_of(module.weight)  # [E, in, out]
+            experts, first, second = shape_of(module.weight)
+            fan_in, fan_out = (first, second) if layout == "in_out" else (second, first)
             aliases: tuple[str, ...] = (path, parent_path)
             if id(parent) in mlp_blocks:
                 aliases += tuple(f"{parent_path}.{alias}" for alias in _MLP_ALIASES.get(child, ()))
-            projection = "down_proj" if child == "output_experts" else "gate_up_proj"
+            projection = "down_proj" if child in ("output_experts", "output_linear") else "gate_up_proj"
             found.append(RoutedProjection(path, module, projection, (fan_in,) * experts, (fan_out,) * experts,
                                           aliases, owner=parent))
         return found
@@ -67,6 +75,8 @@ class ParallelExpertModules(ExpertStorage):
 
 
     def expert_weight(self, module: nn.Module, projection: str, expert: int) -> torch.Tensor:
+        if STORAGE_CLASSES[type(module).__name__] == "out_in":
+            return module.weight[expert]
         return module.weight[expert].T  # weight [E, in, out]
 
 

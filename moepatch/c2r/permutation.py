@@ -43,10 +43,12 @@ from moepatch.config import CONFIG_KEY
 
 PERMUTATION_FILE = "expert_permutation.json"
 
-Layout = Literal["rows", "stacked_rows", "flat", "list"]
-"""How a tensor carries the expert axis: ``"rows"`` ``[E, ...]``; ``"stacked_rows"`` ``[E·R, ...]`` (blocks of ``R``
-rows); ``"flat"`` ``E`` entries in any shape with one axis of size ``E`` (a selection bias ``[E]`` or ``[1, E]``);
-``"list"`` a ``ParameterList`` of ``E`` entries."""
+Layout = Literal["rows", "leading_rows", "stacked_rows", "flat", "list"]
+"""How a tensor carries the expert axis: ``"rows"`` ``[E, ...]``; ``"leading_rows"`` ``[E + S, ...]``, the routed
+experts' rows first and those of the ``S`` shared experts the router also scores after them, in place (Inkling's
+router weight, :attr:`~model_patches.spec.RoutingRule.shared_logits`); ``"stacked_rows"`` ``[E·R, ...]`` (blocks of
+``R`` rows); ``"flat"`` ``E`` entries in any shape with one axis of size ``E`` (a selection bias ``[E]`` or
+``[1, E]``); ``"list"`` a ``ParameterList`` of ``E`` entries."""
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,15 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
     bias = _selection_bias(model, index)
     found: list[ExpertTensor] = []
     router_parameters = dict(layer.router.named_parameters())
+    shared = router_settings(spec.routing, layer.router, layer.block, top_k=model.top_k).shared_logits
     for name in spec.router_expert_parameters or tuple(router_parameters):
         if name not in router_parameters:
             raise ValueError(f"layer {index}: router has no parameter {name!r}")
         if bias is not None and router_parameters[name] is bias.tensor:
             continue  # a selection bias kept as a parameter (ERNIE's [1, E]): permuted below, by its own layout
-        found.append(ExpertTensor(f"{spec.router_attr}.{name}", router_parameters[name], "rows"))
+        parameter = router_parameters[name]
+        layout = "leading_rows" if shared and parameter.dim() and parameter.shape[0] == num_experts + shared else "rows"
+        found.append(ExpertTensor(f"{spec.router_attr}.{name}", parameter, layout))
     stacked = spec.expert_storage == "stacked_rows"  # expert tensors stack each expert's rows: [E·R, ...]
     for path in spec.expert_modules or (spec.experts_attr,):
         module = attribute_path(layer.block, path)
@@ -171,6 +176,8 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
         rows = entry.tensor.shape[0] if entry.tensor.dim() else 0
         if entry.layout == "stacked_rows":
             fits, want = rows > 0 and rows % num_experts == 0, f"[E·R = {num_experts}·R, ...]"
+        elif entry.layout == "leading_rows":
+            fits, want = rows == num_experts + shared, f"[E + S = {num_experts} + {shared}, ...]"
         else:
             fits, want = rows == num_experts, f"[E={num_experts}, ...]"
         if not fits:
@@ -262,7 +269,9 @@ def permute_experts(model: MoEModel, permutations: Mapping[int, Sequence[int]]) 
                         tensor[new] = old_entries[old]
                     continue
                 order = torch.tensor(permutation, device=tensor.device)
-                if entry.layout == "flat":  # [E] or [1, E]: the E entries in memory order
+                if entry.layout == "leading_rows":  # [E + S, ...]: the shared experts' rows stay where they are
+                    tensor[: len(permutation)].copy_(tensor[: len(permutation)][order])
+                elif entry.layout == "flat":  # [E] or [1, E]: the E entries in memory order
                     tensor.copy_(tensor.reshape(-1)[order].reshape(tensor.shape))
                 else:  # [E, ...], or [E·R, ...] stacked rows: move each expert's block of R rows
                     per_expert = tensor.view(len(permutation), -1, *tensor.shape[1:])
@@ -290,10 +299,18 @@ def write_permuted_checkpoint(
 
     Also writes ``expert_permutation.json`` (``{layer: permutation}``, new id → old id) next to the weights.
     """
-    source, output = Path(source), Path(output)
+    source, final = Path(source), Path(output)
     from moepatch.loading.pretrained import from_pretrained
+    from moepatch.staged_output import staged_folder
 
     model = from_pretrained(source, patch=False)  # moepatch's or transformers' classes, never the folder's code
+    with staged_folder(final) as output:  # the renumbered checkpoint appears whole, or not at all
+        _write_permuted(model, source, permutations, output)
+    return final
+
+
+def _write_permuted(model: Any, source: Path, permutations: Mapping[int, Sequence[int]], output: Path) -> None:
+    """Renumber ``model`` (loaded from ``source``) and save it with its tokenizer and permutation to ``output``."""
     moe = describe(model)
     check_permutable(moe)
     permute_experts(moe, permutations)
@@ -330,4 +347,3 @@ def write_permuted_checkpoint(
     (output / PERMUTATION_FILE).write_text(
         json.dumps({str(layer): list(p) for layer, p in permutations.items()}, indent=1)
     )
-    return output

@@ -59,7 +59,13 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=fraction, default=0.05)
     parser.add_argument("--arch-lr", type=positive_float, default=3e-3, help="GSVs' AdamW learning rate")
     parser.add_argument("--arch-betas", nargs=2, type=fraction, default=[0.5, 0.999], metavar=("BETA1", "BETA2"))
-    parser.add_argument("--arch-weight-decay", type=non_negative_float, default=1e-3)
+    parser.add_argument("--arch-weight-decay", type=non_negative_float, default=0.0,
+                        help="GSVs' AdamW weight decay (default 0: the official trainer never reads its 1e-3)")
+    parser.add_argument("--bilevel", choices=("official", "darts"), default="official",
+                        help="GSV gradient: the official trainer's (default) or the textbook second-order DARTS step")
+    parser.add_argument("--stage-one-balance", choices=("mola_training", "mola3_training"), default="mola_training",
+                        help="balance loss of ArMoLA/mola_training.py (LLaMA-2, no factor N; default, the script the "
+                             "official README runs) or of mola3_training.py (LLaMA-3, times N)")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--output", type=output_folder,
                         help="folder for expert.json / rank.json (default: <model>/guilomo)")
@@ -71,7 +77,8 @@ def search_recipe(args: argparse.Namespace) -> SearchRecipe:
 
     return SearchRecipe(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                         schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, arch_lr=args.arch_lr,
-                        arch_betas=tuple(args.arch_betas), arch_weight_decay=args.arch_weight_decay)
+                        arch_betas=tuple(args.arch_betas), arch_weight_decay=args.arch_weight_decay,
+                        bilevel=args.bilevel)
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
@@ -93,7 +100,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     if args.data and args.examples is not None:
         raise UsageError("--examples", "only applies to the embedded data; with --data every record is used")
     block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k, args.lora_dropout,
-                          args.routed_experts)
+                          args.routed_experts, args.stage_one_balance)
     narrowest = check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
     if args.max_rank > narrowest:
         raise UsageError("--max-rank", f"{args.max_rank} exceeds the narrowest adapted projection ({narrowest} "
@@ -130,6 +137,15 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     trace = result["loss_trace"]
     print(f"loss {trace[0]:.3f} -> {trace[-1]:.3f}; experts per module: min {min(counts)}, mean "
           f"{sum(counts) / len(counts):.2f}, max {max(counts)}; ranks: mean {sum(ranks) / len(ranks):.2f}")
-    print(f"wrote {expert_file} and {rank_file}; use them with "
-          '{"lora_experts": {"method": "mola", "num_experts": "expert.json", "r": "rank.json", ...}}')
+    from moepatch.validation import is_inside
+
+    def as_config_names_it(file: Path) -> str:  # config.json's fields look relative names up beside it
+        return str(file.resolve().relative_to(checkpoint.resolve()) if is_inside(file, checkpoint)
+                   else file.resolve())
+
+    print(f"wrote {expert_file} and {rank_file}; GuiLoMo's stage 2 uses them from {checkpoint / 'config.json'} with "
+          f'{{"lora_experts": {{"method": "mola", "num_experts": "{as_config_names_it(Path(expert_file))}", '
+          f'"r": "{as_config_names_it(Path(rank_file))}", "top_k": 2, "scaling": "last_expert_rank", '
+          '"balance_loss": {"coef": 0.001, "reduction": "sum"}, ...}} '
+          "(moepatch.lora_experts.guilomo.stage_two_config)")
     return 0

@@ -53,9 +53,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         rule = spec.routing
         weights = {"scores": "the chosen unbiased scores", "softmax_of_chosen": "softmax over the chosen logits",
-                   "sigmoid_of_chosen": "sigmoid of the chosen logits"}[rule.weights_from]
+                   "sigmoid_of_chosen": "sigmoid of the chosen logits",
+                   "logsigmoid_softmax_of_chosen": "sigmoid of the chosen logits normalised with the shared experts' "
+                                                   "in the log domain"}[rule.weights_from]
         routing = (f"top-k of the {rule.selects_on}; weights: {weights}, renormalised: {renorm}"
-                   + (f", × {rule.scaling}" if rule.scaling else "") + f"; weights dtype: {rule.weights_dtype}")
+                   + (f", × {rule.scaling}" if rule.scaling else "")
+                   + (f", × learned {rule.weights_scale}" if rule.weights_scale else "")
+                   + (f", × {rule.expert_scale}[chosen expert]" if rule.expert_scale else "")
+                   + f"; weights dtype: {rule.weights_dtype}"
+                   + ("; router input: " + " × ".join((f"{rule.input_norm}(hidden)" if rule.input_norm else "hidden",
+                                                        *rule.input_scales))
+                      if rule.input_norm or rule.input_scales else "")
+                   + ("; handed to the experts sorted by expert" if rule.expert_sorted else ""))
     hashed = f"; hashed layers {list(moe.hashed_layers)}" if moe.hashed_layers else ""
     print(f"experts:    {moe.num_experts} routed, top-{moe.top_k}; routing: {routing}{hashed}")
     print(f"shared:     {', '.join(spec.shared_expert_attrs) or 'none'}")
@@ -74,6 +83,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     print(f"  {line}")
         except ValueError as error:
             problems.append(str(error))
+    from moepatch.cli.common import weights_problem
+
+    weights_check = weights_problem(Path(args.path), model)
+    print(f"weights:    {weights_check or 'the safetensors headers fit the config (no tensor read)'}")
+    if weights_check is not None:
+        problems.append(weights_check)
     for note in notes:
         print(f"  warning: {note}")
     for problem in problems:
@@ -81,6 +96,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not problems:
         print("  config: OK" + (" (no feature enabled)" if settings is None or settings.is_empty else ""))
         return 0
+    if weights_check is not None and len(problems) == 1:
+        print(f"moepatch inspect: error: {weights_check}", file=sys.stderr)
+        return 1
     print(f"moepatch inspect: error: {Path(args.path) / 'config.json'}: {len(problems)} problem(s) in the moepatch "
-          "config (listed above)", file=sys.stderr)
+          "config or the weights (listed above)", file=sys.stderr)
     return 1

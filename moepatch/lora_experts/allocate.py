@@ -5,7 +5,8 @@ rank each needs; this module gathers the instruction examples it learns from (fi
 encodes them with the checkpoint's tokenizer, builds the search model from the checkpoint and runs the search.
 The result is written with :func:`moepatch.lora_experts.guilomo.write_allocation` (``expert.json`` /
 ``rank.json``), the files a ``{"lora_experts": {"method": "mola", "num_experts": "expert.json", "r": "rank.json"}}``
-block reads.
+block reads (:func:`moepatch.lora_experts.guilomo.stage_two_config`: GuiLoMo's own stage 2, its per-module balance
+loss included).
 """
 
 from __future__ import annotations

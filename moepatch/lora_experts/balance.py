@@ -8,10 +8,12 @@ counts padding.  ``balance_loss.reduction`` says which rows form one term and ho
   projections of the layer are pooled (their logits concatenated along the token axis, with their top-k choices) into
   one term with the layer's expert count N; the terms are summed over layers.  Routers of routed-expert sets belong
   to their decoder layer too.  Without padding this is exactly MoLA's value.  A layer whose routers do not all have
-  the same expert count and top-k (a GuiLoMo allocation) cannot be concatenated: its term is the sum of one term per
-  router, as GuiLoMo's stage-2 loss (Zhang et al., 2025) computes every module.  A router outside the decoder layers
-  is a term of its own.
-* ``"sum"`` / ``"mean"``: one term per router (per adapted module, per routed expert), summed or averaged.
+  the same expert count and top-k cannot be concatenated: its term is the sum of one term per router.  A router
+  outside the decoder layers is a term of its own.
+* ``"sum"`` / ``"mean"``: one term per router (per adapted module, per routed expert), summed or averaged.  ``"sum"``
+  is GuiLoMo's stage-2 loss (Zhang et al., 2025, ``MoLA_con``): every module its own term with its own N, also where
+  a layer's routers share (N, k) — which ``"layer"`` would pool into one term instead (common after GuiLoMo's
+  ``max(2, ·)`` clipping of the searched counts), so GuiLoMo's stage-2 recipe and importer use ``"sum"``.
 
 The optional z-loss is the mean squared log-sum-exp of the router logits, one term per router (averaged for
 ``"mean"``, summed otherwise).  A forward hook on the causal LM adds ``coef · balance + z_coef · z`` to
@@ -63,7 +65,7 @@ def pooled_balance_loss(rows: Sequence[RouterRows]) -> torch.Tensor:
 
 def layer_balance_loss(rows: Sequence[RouterRows]) -> torch.Tensor:
     """The term of one decoder layer: its routers pooled when they share expert count and top-k, else the sum of one
-    term per router (GuiLoMo's stage-2 loss for modules with their own expert counts)."""
+    term per router."""
     shapes = {(r.logits.shape[-1], r.indices.shape[-1]) for r in rows}
     if len(shapes) == 1:
         return pooled_balance_loss(rows)

@@ -27,8 +27,14 @@ ROUTER_INITS = ("normal_0.02", "kaiming")
 REDUCTIONS = ("layer", "sum", "mean")
 SCALINGS = ("per_expert", "last_expert_rank")
 ROUTER_INPUTS = ("scaled", "hidden")  # MoV: the tensor being scaled (its code) or the projection's input (figure)
+FFN_SCALED = ("gate_activation", "down_input")
+"""MoV on a gated feed-forward block: ``"gate_activation"`` scales ``act(gate x)`` before the product with ``up x``
+and routes on it (the official flaxformer fork's ``intermediate_conv`` on ``act(wi_0 x)``); ``"down_input"`` scales
+the down projection's input ``act(gate x)·(up x)`` and routes on that product (moepatch's earlier default)."""
 DEFAULT_TARGETS = {
-    "molora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    # MoLoRA: the official fork adapts q, k, v, o, wi_0 (the gated branch, before the activation) and wo — not wi_1
+    # (up).  On a feed-forward block with no gate projection, up_proj is its wi and is adapted too (see inject.py).
+    "molora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
     "mola": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "mov": ("k_proj", "v_proj", "down_proj"),
 }
@@ -67,6 +73,7 @@ class LoraExpertsConfig:
     top_k: Any = None  # None (dense soft merge) | int | list per layer
     renormalize: bool = True  # top-k weights renormalised over the k (MoLA); False: masked softmax (MoV's code)
     router_input: str = "scaled"  # MoV: "scaled" (the tensor being scaled, MoV's code) | "hidden" (projection input)
+    ffn_scaled: str = "gate_activation"  # MoV on gated FFN blocks: see FFN_SCALED
     per_head: bool = False  # MoV on keys / values: vectors [heads, E, head_dim], a router per head (MoVAttention)
     alpha: float = 16.0
     scaling: str = "per_expert"  # α / r_e per expert | "last_expert_rank": GuiLoMo stage 2's α / r_last for all
@@ -86,8 +93,8 @@ class LoraExpertsConfig:
             problems.add(path, f"expected an object with a 'method', got {data!r}")
             return None
         warn_unknown(data, {"method", "target_modules", "routed_experts", "num_experts", "r", "top_k", "renormalize",
-                             "router_input", "per_head", "alpha", "scaling", "dropout", "router_init", "balance_loss",
-                             "z_loss_coef", "train_base", "weights"}, path)
+                             "router_input", "ffn_scaled", "per_head", "alpha", "scaling", "dropout", "router_init",
+                             "balance_loss", "z_loss_coef", "train_base", "weights"}, path)
         method = data.get("method")
         if method not in METHODS:
             problems.add(f"{path}.method", f"expected one of {METHODS}, got {method!r}")
@@ -160,18 +167,23 @@ class LoraExpertsConfig:
         return result
 
     def _parse_routing(self, data: dict[str, Any], path: str, problems: Any) -> None:
-        """``renormalize`` (top-k only), and MoV's ``router_input`` and ``per_head``."""
+        """``renormalize`` (top-k only), and MoV's ``router_input``, ``ffn_scaled`` and ``per_head``."""
         self.renormalize = data.get("renormalize", True)
         if not isinstance(self.renormalize, bool):
             problems.add(f"{path}.renormalize", f"expected true or false, got {self.renormalize!r}")
         elif "renormalize" in data and self.top_k is None:
             problems.add(f"{path}.renormalize", "only top-k routing is renormalised: set top_k")
-        for name in ("router_input", "per_head"):
+        for name in ("router_input", "ffn_scaled", "per_head"):
             if name in data and self.method != "mov":
                 problems.add(f"{path}.{name}", "only MoV (method 'mov') has this choice")
         self.router_input = data.get("router_input", "scaled")
         if self.router_input not in ROUTER_INPUTS:
             problems.add(f"{path}.router_input", f"expected one of {ROUTER_INPUTS}, got {self.router_input!r}")
+        # A saved checkpoint's block always names ffn_scaled (to_dict writes it); one with trained weights but no
+        # ffn_scaled was trained before the choice existed, on the down projection's input: keep what it learned.
+        self.ffn_scaled = data.get("ffn_scaled", "down_input" if data.get("weights") else "gate_activation")
+        if self.ffn_scaled not in FFN_SCALED:
+            problems.add(f"{path}.ffn_scaled", f"expected one of {FFN_SCALED}, got {self.ffn_scaled!r}")
         self.per_head = data.get("per_head", self.method == "mov")
         if not isinstance(self.per_head, bool):
             problems.add(f"{path}.per_head", f"expected true or false, got {self.per_head!r}")
@@ -192,7 +204,7 @@ class LoraExpertsConfig:
         if self.scaling != "per_expert":
             data["scaling"] = self.scaling
         if self.method == "mov":
-            data |= {"router_input": self.router_input, "per_head": self.per_head}
+            data |= {"router_input": self.router_input, "ffn_scaled": self.ffn_scaled, "per_head": self.per_head}
         if self.balance_loss is not None:
             data["balance_loss"] = self.balance_loss.to_dict()
         if self.weights is not None:

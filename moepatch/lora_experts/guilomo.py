@@ -13,14 +13,17 @@ Every adapted projection carries ``N_max`` LoRA experts of rank ``r_max`` (A and
 As in the official code, the straight-through function is applied to ``g = sigmoid(v)``, so the gradient reaching
 ``v`` is the above times ``σ'(v) = g (1 − g)`` (autograd through the sigmoid).
 
-The GSVs are architecture parameters of a DARTS-style bilevel optimisation (second order, finite differences):
-batches come in (train, valid) pairs; a real AdamW step on the train batch gives ``w'``; ``∇α L_val(w')`` minus
-``η · (∇α L_train(w + ε d) − ∇α L_train(w − ε d)) / 2ε`` (``d = ∇w L_val(w')``, ``ε = 0.01 / ‖d‖``, η the weight
-learning rate) is the GSVs' gradient, applied by their own AdamW (3e-3, β = (0.5, 0.999), wd 1e-3); the weights are
-restored and take an ordinary step on the train batch.  The recipe (:class:`SearchRecipe`) defaults to the official
-stage 1 (Zhang et al., 2025: the HF Trainer with its defaults under ``ArMoLA/mola3_training.py``).  The result is
+The GSVs are architecture parameters of a DARTS-style bilevel optimisation: batches come in (train, valid) pairs; a
+real AdamW step on the train batch gives ``w'``; the GSVs' gradient (:func:`architecture_gradient`, two forms, see
+:data:`BILEVEL_MODES`) is applied by their own AdamW (3e-3, β = (0.5, 0.999), no weight decay); the weights are
+restored and take an ordinary step on the train batch.  The default is what the official trainer computes (Zhang et
+al., 2025, ``ArMoLA/src/mola_trainer_hacked.py``), the textbook second-order DARTS step (Liu et al., 2019) is the
+other choice.  The recipe (:class:`SearchRecipe`) defaults to the official stage 1: the HF Trainer with its defaults
+under ``ArMoLA/mola_training.py``, the LLaMA-2 script that the official README and ``run_train.sh`` run (its
+``mola3_training.py`` twin for LLaMA-3 differs only in the balance loss: see :func:`search_config`).  The result is
 exported as GuiLoMo's ``expert.json`` (``max(2, argmax + 1)`` experts per module) and ``rank.json`` (``argmax + 1``
-per module and expert, all ``N_max`` experts), which ``"num_experts": "expert.json", "r": "rank.json"`` reads back.
+per module and expert, all ``N_max`` experts), which ``"num_experts": "expert.json", "r": "rank.json"`` reads back
+(:func:`stage_two_config` is the official stage-2 block).
 Each routed expert of a routed projection is searched with its own GSVs and written under its own key,
 ``<experts module>.<e>.<projection>`` (the transformers-4 per-expert module name).
 """
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moepatch.lora_experts.config import DEFAULT_TARGETS
 from moepatch.lora_experts.config import routed_expert_path
 from moepatch.lora_experts.layers import LoraExperts
 
@@ -122,14 +126,80 @@ def _grads(loss: torch.Tensor, parameters: list[nn.Parameter]) -> list[torch.Ten
     return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
 
 
+BILEVEL_MODES = ("official", "darts")
+"""The GSVs' gradient (``d``: a weight-gradient direction, ``R = 0.01 / ‖d‖``, η the weights' learning rate):
+
+* ``"official"`` — what GuiLoMo's trainer computes (``architect_step``): it never clears gradients between the virtual
+  step's train backward and the validation backward (the ``zero_grad`` there is commented out) nor, for the GSVs,
+  inside its Hessian-vector product (its ``zero_grad`` reaches the weights' optimizer only), so
+  ``g = ∇α L_train(w) + ∇α L_val(w') + η · ∇α L_train(w − R d) / 2R`` with ``d = ∇w L_train(w) + ∇w L_val(w')``
+  (``R = 0.01`` when ``d = 0``): the finite difference collapses to its ``w⁻`` term (the ``w⁺`` pass cancels and is
+  skipped).  Its weights' optimizer keeps the virtual step's moment update: the trainer saves
+  ``optimizer.state_dict()`` — references to the state tensors, which the step updates in place — and loads it back,
+  which restores nothing but a still empty (first-step) state; the same calls are made here.  And its real step clips
+  ``model.parameters()``: the GSVs' gradients (the one just applied plus the real step's) count in the clipping norm
+  (:func:`search` does the same).
+* ``"darts"`` — the textbook second-order step: ``g = ∇α L_val(w') − η · (∇α L_train(w + R d) − ∇α L_train(w − R d))
+  / 2R`` with ``d = ∇w L_val(w')``, the weights' optimizer state restored exactly.
+"""
+
+
 def architecture_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights: list[nn.Parameter],
-                          arch: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The second-order DARTS gradient of the architecture parameters (GuiLoMo's ``architect_step``).
+                          arch: list[nn.Parameter], optimizer: torch.optim.Optimizer, mode: str = "official"
+                          ) -> list[torch.Tensor]:
+    """The GSVs' gradient of one (train, valid) pair (GuiLoMo's ``architect_step``), ``mode`` one of
+    :data:`BILEVEL_MODES`.
 
     ``loss_fn(batch)`` returns the scalar loss.  One real ``optimizer`` step on ``train_batch`` gives ``w'``; the
-    gradient is ``∇α L_val(w') − η·(∇α L_train(w⁺) − ∇α L_train(w⁻)) / 2ε`` with ``w± = w ± ε·∇w L_val(w')`` and
-    ``ε = 0.01 / ‖∇w L_val(w')‖``.  Weights and optimizer state are restored afterwards.
+    weights are restored afterwards (and the optimizer state as ``mode`` says).
     """
+    if mode not in BILEVEL_MODES:
+        raise ValueError(f"bilevel: expected one of {BILEVEL_MODES}, got {mode!r}")
+    if mode == "official":
+        return _official_gradient(loss_fn, train_batch, valid_batch, weights, arch, optimizer)
+    return _darts_gradient(loss_fn, train_batch, valid_batch, weights, arch, optimizer)
+
+
+def _restore(weights: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for w, value in zip(weights, values):
+            w.copy_(value)
+
+
+def _shifted(weights: list[nn.Parameter], direction: list[torch.Tensor], alpha: float) -> None:
+    with torch.no_grad():
+        for w, d in zip(weights, direction):
+            w.add_(d, alpha=alpha)
+
+
+def _official_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights: list[nn.Parameter],
+                       arch: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    before = optimizer.state_dict()  # what the official trainer saves (and loads back at the end)
+    saved = [w.detach().clone() for w in weights]
+    eta = optimizer.param_groups[0]["lr"]
+    count = len(weights)
+    optimizer.zero_grad(set_to_none=True)
+    raw = torch.autograd.grad(loss_fn(train_batch), weights + arch, allow_unused=True)
+    for w, g in zip(weights, raw[:count]):
+        w.grad = g  # a weight the loss does not reach keeps no gradient: AdamW leaves it (and its state) alone
+    optimizer.step()  # w'
+    optimizer.zero_grad(set_to_none=True)
+    train = [torch.zeros_like(p) if g is None else g for p, g in zip(weights + arch, raw)]
+    valid = _grads(loss_fn(valid_batch), weights + arch)  # accumulated onto the train gradients, as the trainer does
+    direction = [t + v for t, v in zip(train[:count], valid[:count])]
+    direct = [t + v for t, v in zip(train[count:], valid[count:])]
+    _restore(weights, saved)
+    norm = float(torch.sqrt(sum((d.float() * d.float()).sum() for d in direction)))
+    radius = 0.01 / norm if norm > 0 else 0.01
+    _shifted(weights, direction, -radius)
+    minus = _grads(loss_fn(train_batch), arch)
+    _restore(weights, saved)
+    optimizer.load_state_dict(before)
+    return [g + eta * m / (2 * radius) for g, m in zip(direct, minus)]
+
+
+def _darts_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights: list[nn.Parameter],
+                    arch: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     saved = [w.detach().clone() for w in weights]
     saved_state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}
                    for p, state in optimizer.state.items()}
@@ -138,28 +208,19 @@ def architecture_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weig
     loss_fn(train_batch).backward(inputs=weights)
     optimizer.step()  # w' (a real step, as GuiLoMo does)
     optimizer.zero_grad(set_to_none=True)
-    valid_loss = loss_fn(valid_batch)
-    grads = _grads(valid_loss, weights + arch)
+    grads = _grads(loss_fn(valid_batch), weights + arch)
     d_weights, d_arch = grads[: len(weights)], grads[len(weights) :]
-    with torch.no_grad():
-        for w, value in zip(weights, saved):
-            w.copy_(value)
+    _restore(weights, saved)
     norm = torch.sqrt(sum((d * d).sum() for d in d_weights))
     epsilon = 0.01 / float(norm) if float(norm) > 0 else 0.0
     if epsilon == 0.0:
         implicit = [torch.zeros_like(a) for a in arch]
     else:
-        with torch.no_grad():
-            for w, d in zip(weights, d_weights):
-                w.add_(d, alpha=epsilon)
+        _shifted(weights, d_weights, epsilon)
         plus = _grads(loss_fn(train_batch), arch)
-        with torch.no_grad():
-            for w, d in zip(weights, d_weights):
-                w.sub_(d, alpha=2 * epsilon)
+        _shifted(weights, d_weights, -2 * epsilon)
         minus = _grads(loss_fn(train_batch), arch)
-        with torch.no_grad():
-            for w, value in zip(weights, saved):
-                w.copy_(value)
+        _restore(weights, saved)
         implicit = [(p - m) / (2 * epsilon) for p, m in zip(plus, minus)]
     optimizer.state.clear()
     for p in weights:
@@ -188,13 +249,16 @@ SCHEDULES = ("linear", "constant")
 
 @dataclass(frozen=True)
 class SearchRecipe:
-    """Stage-1 optimisation; the defaults are the official recipe (``ArMoLA/mola3_training.py`` on the HF Trainer).
+    """Stage-1 optimisation; the defaults are the official recipe (``ArMoLA/mola_training.py`` on GuiLoMo's HF
+    Trainer).
 
     The weights: AdamW (lr 3e-4, weight decay 0 — ``TrainingArguments``' default, the script sets none), the Trainer's
     default linear schedule with the script's 100 warm-up steps (one step = one train/valid pair), gradients clipped
-    to norm 1.0 (``max_grad_norm``; 0 disables).  The GSVs: AdamW 3e-3, β = (0.5, 0.999), weight decay 1e-3 — the
-    value the script passes (``TrainingArguments_arch(arch_weight_decay=1e-3)``); 0 gives the reading that the
-    decay is negligible on the GSVs' scale.
+    to norm 1.0 (``max_grad_norm``; 0 disables).  The GSVs: AdamW 3e-3, β = (0.5, 0.999), weight decay 0 — the script
+    passes ``TrainingArguments_arch(arch_weight_decay=1e-3)`` but the trainer never reads it: its GSV optimizer takes
+    the *weights'* ``weight_decay`` (0), so ``arch_weight_decay=1e-3`` is a deliberate departure.  ``bilevel``: the
+    GSVs' gradient, one of :data:`BILEVEL_MODES` (``"official"``: the trainer's; ``"darts"``: the textbook step).
+    Values are checked on creation (``ValueError`` naming the field).
     """
 
     lr: float = 3e-4
@@ -204,7 +268,28 @@ class SearchRecipe:
     max_grad_norm: float = 1.0
     arch_lr: float = 3e-3
     arch_betas: tuple[float, float] = (0.5, 0.999)
-    arch_weight_decay: float = 1e-3
+    arch_weight_decay: float = 0.0
+    bilevel: str = "official"
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "arch_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"SearchRecipe.{name}: expected a finite number > 0, got {value!r}")
+        for name in ("weight_decay", "max_grad_norm", "arch_weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"SearchRecipe.{name}: expected a finite number >= 0, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"SearchRecipe.warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"SearchRecipe.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        betas = self.arch_betas
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"SearchRecipe.arch_betas: expected two numbers in [0, 1), got {betas!r}")
+        if self.bilevel not in BILEVEL_MODES:
+            raise ValueError(f"SearchRecipe.bilevel: expected one of {BILEVEL_MODES}, got {self.bilevel!r}")
 
 
 def build_optimizers(weights: list[nn.Parameter], arch: list[nn.Parameter], recipe: SearchRecipe, steps: int
@@ -240,21 +325,25 @@ def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
+    # official: the trainer clips model.parameters(), so the GSVs' gradients (the one just applied, plus this step's
+    # train gradient on top) count in the norm the weights' gradients are clipped by
+    clipped = weights + arch if recipe.bilevel == "official" else weights
     trace = []
     for train_batch, valid_batch in tqdm(schedule, desc="GuiLoMo search", disable=not progress):
-        gradient = architecture_gradient(loss_fn, train_batch, valid_batch, weights, arch, weight_optimizer)
+        gradient = architecture_gradient(loss_fn, train_batch, valid_batch, weights, arch, weight_optimizer,
+                                         recipe.bilevel)
         for parameter, grad in zip(arch, gradient):
             parameter.grad = grad
         arch_optimizer.step()
-        arch_optimizer.zero_grad(set_to_none=True)
         weight_optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(train_batch)
-        loss.backward(inputs=weights)
+        loss.backward(inputs=clipped)
         if recipe.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(weights, recipe.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(clipped, recipe.max_grad_norm)
         weight_optimizer.step()
         scheduler.step()
         weight_optimizer.zero_grad(set_to_none=True)
+        arch_optimizer.zero_grad(set_to_none=True)
         trace.append(loss.item())
     return {**export_allocation(model), "loss_trace": trace}
 
@@ -278,24 +367,56 @@ def export_allocation(model: nn.Module) -> dict[str, dict[str, int]]:
 
 def write_allocation(allocation: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
     """``expert.json`` and ``rank.json`` (indent 4, as GuiLoMo's ``save_rankandexp_num.py``)."""
+    return write_allocation_files(allocation["expert"], allocation["rank"], folder)
+
+
+def write_allocation_files(experts: dict[str, Any], ranks: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    """Write the pair ``expert.json`` / ``rank.json`` as a pair: both are staged beside their targets and moved into
+    place only once both are written, so a failure leaves the earlier pair as it was (never a new expert.json
+    beside an old rank.json)."""
+    from moepatch.staged_output import staged_file
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     expert, rank = folder / "expert.json", folder / "rank.json"
-    expert.write_text(json.dumps(allocation["expert"], indent=4))
-    rank.write_text(json.dumps(allocation["rank"], indent=4))
+    with staged_file(expert) as expert_scratch, staged_file(rank) as rank_scratch:
+        expert_scratch.write_text(json.dumps(experts, indent=4), encoding="utf-8")
+        rank_scratch.write_text(json.dumps(ranks, indent=4), encoding="utf-8")
     return expert, rank
 
 
+STAGE_ONE_BALANCES = ("mola_training", "mola3_training")
+"""The official stage-1 balance loss, per decoder layer (the layer's routers pooled), summed over layers, coefficient
+1e-3: ``"mola_training"`` — ``ArMoLA/mola_training.py`` (LLaMA-2 modeling, the script the README and ``run_train.sh``
+run) leaves the Switch factor N out; ``"mola3_training"`` — ``ArMoLA/mola3_training.py`` (LLaMA-3 modeling) keeps it."""
+
+
 def search_config(targets: list[str], max_experts: int, max_rank: int, top_k: int = 2, dropout: float = 0.05,
-                  routed_experts: bool = False) -> dict[str, Any]:
+                  routed_experts: bool = False, balance: str = "mola_training") -> dict[str, Any]:
     """The lora_experts block that builds the stage-1 model (swapped for SearchLoraExperts by ``to_search_layers``):
-    LoRA dropout 0.05 and the balance loss of the official stage 1 — per layer, pooled, summed over layers, with
-    coefficient 1e-3 but **without** the factor N (the official stage-1 loss leaves it out), i.e. moepatch's
-    ``"layer"`` value times ``1e-3 / N_max``.  ``routed_experts``: broad target names reach the routed experts too
-    (one GSV set per routed expert)."""
+    LoRA dropout 0.05 and the balance loss of the official stage 1 (``balance``, one of :data:`STAGE_ONE_BALANCES`):
+    moepatch's ``"layer"`` reduction (``N · Σ f P`` per layer, summed) with coefficient ``1e-3 / N_max`` — no factor
+    N, ``ArMoLA/mola_training.py`` — or ``1e-3`` — with N, ``ArMoLA/mola3_training.py``.  ``routed_experts``: broad
+    target names reach the routed experts too (one GSV set per routed expert)."""
+    if balance not in STAGE_ONE_BALANCES:
+        raise ValueError(f"balance: expected one of {STAGE_ONE_BALANCES}, got {balance!r}")
+    coef = 1e-3 / max_experts if balance == "mola_training" else 1e-3
     return {"method": "mola", "target_modules": targets, "routed_experts": routed_experts, "num_experts": max_experts,
-            "r": max_rank, "top_k": top_k, "dropout": dropout,
-            "balance_loss": {"coef": 1e-3 / max_experts, "reduction": "layer"}}
+            "r": max_rank, "top_k": top_k, "dropout": dropout, "balance_loss": {"coef": coef, "reduction": "layer"}}
+
+
+def stage_two_config(experts: Any = "expert.json", ranks: Any = "rank.json", *, top_k: Any = 2,
+                     targets: list[str] | None = None, alpha: float = 16.0, dropout: float = 0.05,
+                     routed_experts: bool = False) -> dict[str, Any]:
+    """The lora_experts block of GuiLoMo's stage 2 (``MoLA_con``) on the stage-1 files: MoLA layers with the searched
+    expert counts and ranks, kaiming routers, dropout 0.05, every expert of a module scaled by ``α / r_last``
+    (``"scaling": "last_expert_rank"``, as its layer does) and its balance loss (``--obalance True`` in the README):
+    **one term per module**, each with that module's own N, summed, coefficient 1e-3 — moepatch's ``"sum"``
+    reduction, not MoLA's per-layer ``"layer"`` (which pools a layer's routers whenever they share (N, k), common
+    after the ``max(2, ·)`` clipping)."""
+    return {"method": "mola", "target_modules": list(targets or DEFAULT_TARGETS["mola"]),
+            "routed_experts": routed_experts, "num_experts": experts, "r": ranks, "top_k": top_k, "alpha": alpha,
+            "dropout": dropout, "router_init": "kaiming", "scaling": "last_expert_rank",
+            "balance_loss": {"coef": 1e-3, "reduction": "sum"}}
 
 
 def to_search_layers(model: nn.Module, max_rank: int) -> int:

@@ -87,18 +87,30 @@ def _targets(target_modules: str | Sequence[str]) -> list[str]:
     return list(target_modules)
 
 
+BALANCE_COEF = 1e-3
+"""``router_aux_loss_coef`` of both official models (hard-coded)."""
+
+
 def _block(num_experts: Any, r: Any, top_k: IntSpec, lora_alpha: float, lora_dropout: float,
-           target_modules: str | Sequence[str]) -> dict[str, Any]:
-    return {"method": "mola", "target_modules": _targets(target_modules), "num_experts": num_experts, "r": r,
-            "top_k": _int_spec(top_k, "top_k"), "alpha": float(lora_alpha), "dropout": float(lora_dropout),
-            "router_init": "kaiming"}
+           target_modules: str | Sequence[str], obalance: bool, reduction: str) -> dict[str, Any]:
+    if not isinstance(obalance, bool):
+        raise ValueError(f"obalance: expected true or false, got {obalance!r}")
+    block = {"method": "mola", "target_modules": _targets(target_modules), "num_experts": num_experts, "r": r,
+             "top_k": _int_spec(top_k, "top_k"), "alpha": float(lora_alpha), "dropout": float(lora_dropout),
+             "router_init": "kaiming"}
+    if obalance:
+        block["balance_loss"] = {"coef": BALANCE_COEF, "reduction": reduction}
+    return block
 
 
 def mola_block(*, number_experts: IntSpec, lora_r: IntSpec, top_k: IntSpec, lora_alpha: float = 16.0,
-               lora_dropout: float = 0.05, target_modules: str | Sequence[str] = MOLA_TARGETS) -> dict[str, Any]:
+               lora_dropout: float = 0.05, target_modules: str | Sequence[str] = MOLA_TARGETS,
+               obalance: bool = False) -> dict[str, Any]:
     """The ``lora_experts`` block of a MoLA run, from its training flags (``--number_experts``, ``--lora_r``,
-    ``--top_k``: comma lists per layer; ``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``), which
-    MoLA keeps nowhere in its checkpoint.
+    ``--top_k``: comma lists per layer; ``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``,
+    ``--obalance``: False in ``mola_training.py``, True in ``mola_training_instruction.py``), which MoLA keeps
+    nowhere in its checkpoint.  ``obalance`` adds MoLA's balance loss: per decoder layer, its routers pooled, summed
+    over layers (``"reduction": "layer"``), coefficient 1e-3.
 
     Example:
         ```python
@@ -106,14 +118,17 @@ def mola_block(*, number_experts: IntSpec, lora_r: IntSpec, top_k: IntSpec, lora
         ```
     """
     return _block(_int_spec(number_experts, "number_experts"), _int_spec(lora_r, "lora_r"), top_k, lora_alpha,
-                  lora_dropout, target_modules)
+                  lora_dropout, target_modules, obalance, "layer")
 
 
 def guilomo_block(*, experts: dict[str, int] | str | Path, ranks: dict[str, int] | str | Path, top_k: IntSpec,
                   lora_alpha: float = 16.0, lora_dropout: float = 0.05,
-                  target_modules: str | Sequence[str] = MOLA_TARGETS) -> dict[str, Any]:
+                  target_modules: str | Sequence[str] = MOLA_TARGETS, obalance: bool = True) -> dict[str, Any]:
     """The ``lora_experts`` block of a GuiLoMo stage-2 run: its ``expert.json`` / ``rank.json`` (dicts or files)
-    and the stage-2 flags (``--top_k`` per layer, ``--lora_alpha``, ``--lora_dropout``, targets).
+    and the stage-2 flags (``--top_k`` per layer, ``--lora_alpha``, ``--lora_dropout``, targets, ``--obalance``:
+    True in the official README).  Its balance loss is the official stage 2's (``MoLA_con``): one term per module,
+    each with that module's own expert count N, summed (``"reduction": "sum"``), coefficient 1e-3 — MoLA's
+    per-layer ``"layer"`` would pool a layer's routers whenever they share (N, k).
 
     Example:
         ```python
@@ -121,7 +136,7 @@ def guilomo_block(*, experts: dict[str, int] | str | Path, ranks: dict[str, int]
         ```
     """
     return _block(_json_dict(experts, "experts"), _json_dict(ranks, "ranks"), top_k, lora_alpha, lora_dropout,
-                  target_modules)
+                  target_modules, obalance, "sum")
 
 
 def _json_dict(value: dict[str, int] | str | Path, name: str) -> dict[str, int]:
@@ -250,9 +265,6 @@ def write_guilomo_allocation(checkpoint: str | Path, folder: str | Path) -> tupl
         ```
     """
     experts, ranks = guilomo_allocation(checkpoint)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    expert_file, rank_file = folder / "expert.json", folder / "rank.json"
-    expert_file.write_text(json.dumps(experts, indent=4), encoding="utf-8")
-    rank_file.write_text(json.dumps(ranks, indent=4), encoding="utf-8")
-    return expert_file, rank_file
+    from moepatch.lora_experts.guilomo import write_allocation_files
+
+    return write_allocation_files(experts, ranks, folder)

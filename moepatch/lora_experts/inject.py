@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from torch import nn
 
 from model_patches.expert_storage import RoutedProjection
 from model_patches.expert_storage import storage_of
+from model_patches.spec import FFN_ACTIVATIONS
+from model_patches.spec import FFN_GATE_PROJECTIONS
 from model_patches.spec import FFN_OUTPUT_PROJECTIONS
 from model_patches.spec import KEY_VALUE_PROJECTIONS
 from model_patches.structure import MoEModel
@@ -45,6 +48,8 @@ from moepatch.undo import UndoLog
 
 ATTRIBUTE = "lora_experts"
 MOV_INPUT_SCALED = FFN_OUTPUT_PROJECTIONS  # MoV scales the FFN intermediate: the input of these projections
+GATE_PROJECTIONS = FFN_GATE_PROJECTIONS
+ACTIVATIONS = FFN_ACTIVATIONS
 
 
 @dataclass
@@ -76,6 +81,11 @@ class LoraTarget:
     """MoV per head (keys / values): the heads of the output; ``None``: one mixture over the whole width."""
     group: str = ""
     """Where it sits, for the parameter report: one of :data:`GROUPS`."""
+    activation: nn.Module | None = None
+    """MoV on a gated block's down projection (``ffn_scaled: "gate_activation"``): the block's activation module,
+    whose output ``act(gate x)`` the vectors scale (and the router reads) before the product with ``up x``, as the
+    official fork's ``intermediate_conv``; the set still hangs on the down projection (``placement`` ``"input"``:
+    for a fixed mixture both scale the same product, so merging folds it into the down projection's columns)."""
 
 
 GROUPS = ("attention and other", "dense MLPs", "shared experts", "routers", "routed experts")
@@ -145,6 +155,20 @@ def _routed_allocation(num_experts: Any, ranks_spec: Any, target: LoraTarget, st
 # --- end of per-routed-expert allocation ---
 
 
+def gate_and_activation(block: nn.Module | None) -> tuple[str | None, nn.Module | None]:
+    """(name of the gate projection, activation module) of a feed-forward block; ``(None, None)``: not gated (its
+    first projection, ``up_proj`` on LLaMA-style names, then feeds the activation alone)."""
+    gate = next((name for name in GATE_PROJECTIONS if isinstance(getattr(block, name, None), nn.Module)), None)
+    if gate is None:
+        return None, None
+    return gate, next((module for name in ACTIVATIONS
+                       if isinstance(module := getattr(block, name, None), nn.Module)), None)
+
+
+def _parent(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path.rsplit(".", 1)[0]) if "." in path else root
+
+
 def _matched(entries: list[str], aliases: tuple[str, ...]) -> list[str]:
     return [entry for entry in entries if any(_matches(entry, alias) for alias in aliases)]
 
@@ -173,8 +197,11 @@ def _routed_hits(entries: list[str], candidate: RoutedProjection, storage_path: 
 def _group_prefixes(moe: MoEModel, names: dict[int, str]) -> list[tuple[str, str]]:
     """``(path prefix, group)`` of the MoE blocks (shared experts) and of the dense layers' MLP blocks."""
     prefixes = [(names[id(layer.block)], "shared experts") for layer in moe.layers if id(layer.block) in names]
+    if not moe.family.block_attr:  # the decoder layer is the block (Gemma 4): only its shared experts are
+        shared = moe.family.shared_expert_attrs
+        prefixes = [(f"{prefix}.{name}", group) for prefix, group in prefixes for name in shared]
     for index in moe.dense_layers:
-        block = getattr(decoder_layers(moe)[index], moe.family.block_attr, None)
+        block = moe.family.block_of(decoder_layers(moe)[index])
         if isinstance(block, nn.Module) and id(block) in names:
             prefixes.append((names[id(block)], "dense MLPs"))
     return prefixes
@@ -235,6 +262,10 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
     broad: dict[str, tuple[str, str]] = {}  # entry → (a routed path it reached by a broad name only, an explicit
     # entry for it): left out unless routed_experts
     entries = config.target_modules
+    # MoLoRA's defaults: the official fork adapts wi_0 (gate) and wo (down), not wi_1 (up); a block with no gate
+    # projection has up_proj as its only wi, adapted too
+    ungated_up = config.method == "molora" and config.default_targets
+    activations: set[int] = set()
     if config.routed_experts and not routed:
         experts = type(moe.layers[0].experts).__name__
         problems.append(f"{where}.routed_experts: true, but {experts} stores its experts in a layout moepatch's "
@@ -271,6 +302,15 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
         if top_k is not None and top_k > experts:
             problems.append(f"{where}.top_k: {top_k} exceeds the {experts} experts of {path}")
             return
+        activation = None
+        if config.method == "mov" and placement == "input" and kind == "linear" and config.ffn_scaled != "down_input":
+            gate, activation = gate_and_activation(_parent(root, path))
+            if gate is not None and (activation is None or id(activation) in activations):
+                problems.append(f"{where}.ffn_scaled: {path}'s block is gated ({gate}) but has no activation module "
+                                f"of its own to scale act({gate} x) at; set ffn_scaled to 'down_input'")
+                return
+            if activation is not None:
+                activations.add(id(activation))
         heads = None
         if config.method == "mov" and config.per_head and placement == "output" and name in KEY_VALUE_PROJECTIONS:
             heads = key_value_heads(moe, out_dims[0])
@@ -280,11 +320,13 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
                 return
         targets.append(LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, experts,
                                   ranks, top_k, candidate, heads=heads,
-                                  group=_group_of(path, kind, id(module) in routers, prefixes)))
+                                  group=_group_of(path, kind, id(module) in routers, prefixes), activation=activation))
 
     for candidate in routed:
         storage_path = names[id(candidate.module)]
-        hits, left_out = _routed_hits(entries, candidate, storage_path, config.routed_experts)
+        gated = any(other.module is candidate.module and other.projection in GATE_PROJECTIONS for other in routed)
+        extra = ["up_proj"] if ungated_up and candidate.projection == "up_proj" and not gated else []
+        hits, left_out = _routed_hits(entries + extra, candidate, storage_path, config.routed_experts)
         for entry in left_out:
             broad.setdefault(entry, (candidate.path, _explicit_example(entry, candidate, storage_path)))
         if not hits:
@@ -300,6 +342,8 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
             list(candidate.out_dims), candidate)
     for path, module in root.named_modules():
         hits = [entry for entry in entries if _matches(entry, path)]
+        if not hits and ungated_up and _matches("up_proj", path):
+            hits = [] if gate_and_activation(_parent(root, path))[0] else ["up_proj"]
         if not hits or isinstance(module, (LoraExperts, VectorExperts)) or id(module) in routed_modules:
             continue
         if id(module) in routers and path not in entries:
@@ -377,8 +421,12 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
             undo.add_module(target.module, ATTRIBUTE, expert_set)
             hook = (_scale_input if target.placement == "input" else
                     _scale_output if config.method == "mov" else _add_delta)
-            handle = (target.module.register_forward_pre_hook(hook) if target.placement == "input" else
-                      target.module.register_forward_hook(hook))
+            if target.activation is not None:  # MoV on a gated block: act(gate x) scaled before the product with up x
+                handle = target.activation.register_forward_hook(partial(_scale_activation, target.module))
+            elif target.placement == "input":
+                handle = target.module.register_forward_pre_hook(hook)
+            else:
+                handle = target.module.register_forward_hook(hook)
             undo.add_hook(handle)
             created.append(expert_set)
             continue
@@ -421,6 +469,11 @@ def _scale_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tor
 
 def _scale_input(module: nn.Module, inputs: tuple) -> tuple:
     return (module.lora_experts(inputs[0]), *inputs[1:])
+
+
+def _scale_activation(owner: nn.Module, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The activation's output ``act(gate x)`` scaled by the vectors hanging on the down projection ``owner``."""
+    return owner.lora_experts(output)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,9 +12,13 @@ type never changes.  Each is called as a module so DeepSpeed ZeRO-3 gathers its 
   whole mixture is two matrix products and ``ΔW`` is never formed; the top-k (MoLA) runs only the chosen experts on
   their own tokens, as two grouped matrix products (≈ k/N of the dense FLOPs).  Dropout draws one mask per expert
   (per token and chosen expert in the top-k), as MoLA's ``B_e(A_e(dropout(x)))``.
-* :class:`VectorExperts` (MoV): ``t ← t ⊙ Σ_e p_e · v_e`` on a projection's output (keys, values) or input
-  (``down_proj``); on keys and values per head (MoV's ``MoVAttention``: vectors ``[heads, E, head_dim]`` and one
-  ``head_dim → E`` router shared by the heads).  The vectors are stored as ``v_e = 1 + δ_e`` with ``δ`` initialised
+* :class:`VectorExperts` (MoV): ``t ← t ⊙ Σ_e p_e · v_e`` on a projection's output (keys, values), on a gated
+  feed-forward block's ``act(gate x)`` before its product with ``up x`` (the official fork's ``intermediate_conv``
+  on ``act(wi_0 x)``, the router reading that tensor; a hook on the block's activation module) or on the down
+  projection's input (a non-gated block's ``act(wi x)``, routed experts, or ``ffn_scaled: "down_input"``: the product
+  ``act(gate x)·(up x)``, which the same mixture scales identically but the router then reads the product); on keys
+  and values per head (MoV's ``MoVAttention``: vectors ``[heads, E, head_dim]`` and one ``head_dim → E`` router
+  shared by the heads).  The vectors are stored as ``v_e = 1 + δ_e`` with ``δ`` initialised
   to zero, computed as ``t + t ⊙ (Σ_e p_e δ_e)``: the same function (the p's sum to one), but a fresh model is
   *bit*-identical to the base (``Σ_e p_e · 1`` is not exactly one in floating point).  Under a top-k mask without
   renormalisation the p's sum to ``m < 1`` and the code's ``t ⊙ Σ_e p_e v_e`` is ``t ⊙ (m + Σ_e p_e δ_e)``, computed

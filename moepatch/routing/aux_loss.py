@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from model_patches.structure import MoELayer
 from model_patches.structure import MoEModel
+from model_patches.structure import extra_routers
 from moepatch.routing.attention_mask import AttentionMaskReader
 from moepatch.routing.tap import tap_routing
 from moepatch.undo import UndoLog
@@ -119,6 +121,15 @@ def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[
     return flat
 
 
+def _pooled_routers(model: MoEModel) -> list[MoELayer]:
+    """The routers transformers pools into the balance loss: every MoE layer's, and every extra router of the same
+    class (transformers records ``router_logits`` by router class: JetMoE's attention-mixture gates are
+    ``JetMoeTopKGating`` too).  An extra router is never re-routed, so its actual choice is its own."""
+    recorded = {type(layer.router) for layer in model.layers}
+    extra = [MoELayer(-1, "", None, router, None) for router in extra_routers(model) if type(router) in recorded]
+    return list(model.layers) + extra
+
+
 def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
     """Wrap the causal LM's ``forward`` (instance only) so its balance loss uses the chosen experts.
 
@@ -149,7 +160,7 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
         def capture(scores: torch.Tensor, indices: torch.Tensor) -> None:
             captured.append((scores, indices))
 
-        handles = [handle for layer in model.layers for handle in tap_routing(model, layer, capture)]
+        handles = [handle for layer in _pooled_routers(model) for handle in tap_routing(model, layer, capture)]
         try:
             outputs = original(**arguments, return_dict=True)
         finally:

@@ -502,7 +502,10 @@ def _callback_class() -> type:
             return control
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            if self.updater.active:
+            # A step the loss scaler skipped (fp16 inf / NaN gradients: accelerate's ``step_was_skipped``, DeepSpeed's
+            # overflow) moved no weight: the biases wait too, and its loads count towards the next step — as with
+            # :meth:`BiasUpdater.attach`, whose post-step hook such a step never runs.
+            if self.updater.active and not getattr(kwargs.get("optimizer"), "step_was_skipped", False):
                 self.updater.step()
             return control
 

@@ -2,7 +2,8 @@
 reader (routing statistics, the balance loss on the actual choice).
 
 Most families hand ``(logits, weights, indices)`` from the router module to the experts
-(:class:`~model_patches.spec.RouterOutput` says where each sits): one forward hook on the router reads both.  Where
+(:class:`~model_patches.spec.RouterOutput` says where each sits, or gives the family's own reader of another
+hand-off): one forward hook on the router reads both.  Where
 the router returns only its logits and the sparse block chooses (:class:`~model_patches.spec.BlockSelection`, DBRX),
 the router's output is the scores and the choice is read from the experts module's call arguments, so a reader
 always sees the experts that really received the tokens, after any routing override.
@@ -38,6 +39,9 @@ def tap_routing(model: MoEModel, layer: MoELayer, reader: RoutingReader) -> list
         top_k = model.top_k
 
         def read_router(module: nn.Module, args: tuple, output: Any) -> None:
+            if layout.reader is not None:  # the family decodes its own hand-off (JetMoE, ZAYA, Doge)
+                reader(*layout.reader(output, top_k, model.num_experts))
+                return
             if layout.indices is None:  # a dense [N, E] weight matrix (Llama 4): the choice is its k largest entries
                 chosen = torch.topk(output[layout.weights].detach(), top_k, dim=-1).indices
             else:

@@ -71,8 +71,22 @@ FURTHER_TYPES: tuple[str, ...] = (
 )
 """Further types whose router computation differs from every anchor's (a cast, where the bias lives, an epsilon, the
 score function, where the scaling factor is applied, ...) and that build in about a second on a CPU."""
-ROUTER_KIND_TYPES: tuple[str, ...] = ANCHOR_TYPES + FURTHER_TYPES
+LAYOUT_TYPES: tuple[str, ...] = (
+    "deepseek_v32", "glm_moe_dsa", "bailing_hybrid", "kolibri1_1", "granitemoehybrid", "qwen4_exp_text", "qwen4_exp",
+    "gemma4",
+)
+"""Types whose router computes like an anchor's or a further type's, but whose default config, shrunk, has no MoE layer
+that runs: every layer dense at a tiny depth (``first_k_dense_replace`` / ``mlp_only_layers`` defaults of 2–3), only
+linear-attention or Mamba layers (transformers needs one attention layer's cache to build the masks), required
+sparse-attention indexer sizes left unset, or a multimodal wrapper whose text config has no MoE block by default
+(:data:`TEXT_TYPE_OF`)."""
+ROUTER_KIND_TYPES: tuple[str, ...] = ANCHOR_TYPES + FURTHER_TYPES + LAYOUT_TYPES
 """Every model type :func:`tiny_kind_model` builds."""
+TEXT_TYPE_OF: dict[str, str] = {"gemma4": "gemma4_text", "qwen4_exp": "qwen4_exp_text"}
+"""Multimodal wrapper types → the text type whose tiny config becomes their ``text_config``: the wrapper's MoE is its
+text decoder's, so one text config (sizes, routing settings) serves both.  ``AutoModelForCausalLM`` builds Qwen4-Exp's
+text model alone from the wrapper config, and Gemma 4's ``*ForConditionalGeneration`` around it (vision and audio
+towers left out)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,19 @@ RANDOMISED: dict[str, tuple[Randomised, ...]] = {
     ),
     "deepseek_v2": (),
     "doge": (),
+    "deepseek_v32": (_selection_bias(_GATE_BIAS, 0.1, "router buffer, added to the sigmoid scores"),),
+    "glm_moe_dsa": (_selection_bias(_GATE_BIAS, 0.1, "router buffer, added to the sigmoid scores"),),
+    "bailing_hybrid": (_selection_bias(_GATE_BIAS, 0.1, "router buffer, added to the sigmoid scores"),),
+    "kolibri1_1": (_selection_bias(_GATE_BIAS, 0.6, "router buffer added to the raw *logits*, not to sigmoid scores"),),
+    "granitemoehybrid": (),
+    "qwen4_exp_text": (),
+    "qwen4_exp": (),
+    "gemma4": (
+        Randomised("model.language_model.layers.*.router.per_expert_scale", "positive", 0.5,
+                   "per-expert multiplier of the routing weights, nn.Parameter initialised to 1"),
+        Randomised("model.language_model.layers.*.router.scale", "positive", 0.5,
+                   "per-channel scale of the router's normalised input, nn.Parameter initialised to 1"),
+    ),
 }
 """Per model type: the tensors :func:`tiny_kind_model` overwrites with random values (empty: the router has no
 selection bias, zero-initialised part or neutral scale)."""
@@ -241,6 +268,31 @@ KIND_NOTES: dict[str, str] = {
                    "routed_scaling_factor=2.5; layer 0 dense",
     "doge": "H: product keys (router_gate → 2 × √E key scores, top-√E per half, top-k of the pair sums, softmax, "
             "renormalised iff norm_topk_prob=True); experts are embedding rows; 16 experts = 4 × 4 keys",
+    "deepseek_v32": "E: the deepseek_v3 router (n_group=4, topk_group=2, norm_topk_prob=True, "
+                    "routed_scaling_factor=2.5); layer 0 dense (mlp_layer_types; the default first_k_dense_replace=3 "
+                    "leaves no MoE layer at a tiny depth), MLA with the DSA indexer (index_n_heads=2, "
+                    "index_head_dim=16), one shared expert",
+    "glm_moe_dsa": "E: the deepseek_v3 router, as deepseek_v32 (n_group=4, topk_group=2, norm_topk_prob=True, "
+                   "routed_scaling_factor=2.5); layer 0 dense (mlp_layer_types), MLA with the DSA indexer, one shared "
+                   "expert",
+    "bailing_hybrid": "E: the deepseek_v3 router under kimi_linear's config names (num_expert_group=4, topk_group=2, "
+                      "moe_renormalize=True, num_experts_per_token=2, routed_scaling_factor=2.5); layer 0 dense "
+                      "(mlp_layer_types) with KDA linear attention, layer 1 MoE with MLA (layer_types: the default "
+                      "puts full attention on every 6th layer only), one shared expert",
+    "kolibri1_1": "D′: the kolibri1 router (bias added to the fp32 logits, sigmoid of the gathered unbiased logits, "
+                  "norm_topk_prob=True); layer 0 dense (mlp_only_layers=[0]; the default [0, 1] leaves no MoE layer at "
+                  "a tiny depth), sliding attention then indexed attention, head_dim=16 (the config requires a "
+                  "multiple of 16), one shared expert",
+    "granitemoehybrid": "C: the granitemoe router (top-k of the fp32 logits → softmax over the k, cast to the hidden "
+                        "dtype); every layer MoE beside a shared MLP, layer 0 Mamba-2, layer 1 attention (the default "
+                        "layer_types is Mamba only, which transformers cannot build masks for)",
+    "qwen4_exp_text": "A: fp32 softmax → top-k, renormalised iff norm_topk_prob=True (no epsilon), cast to the logits' "
+                      "dtype; every layer MoE with a sigmoid-gated shared expert and hyper-connections (hc_count=4); "
+                      "layer 0 Gated-DeltaNet, layer 1 indexed attention (QSA indexer sizes, which default to None)",
+    "qwen4_exp": "A: the multimodal config around qwen4_exp_text's (TEXT_TYPE_OF); AutoModelForCausalLM builds the "
+                 "text model alone from it, so the model is qwen4_exp_text's",
+    "gemma4": "A′: Gemma4ForConditionalGeneration around gemma4_text's config (TEXT_TYPE_OF; no vision or audio "
+              "tower): the layers are model.language_model's and route as gemma4_text's",
 }
 """Per model type: router kind (A–H as in the router-kinds table; primes mark a variant) and what the config sets."""
 
@@ -337,6 +389,43 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 """Tiny sizes and routing settings per model type, given to the config class's constructor."""
 
+_DSA = dict(index_head_dim=16, index_n_heads=2)
+"""DeepSeek sparse attention indexer sizes (the head dimension holds the rotary part, 8)."""
+_SIZES.update({
+    "deepseek_v32": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=_E,
+                         num_experts_per_tok=_K, n_shared_experts=1, **_GROUPS,
+                         routed_scaling_factor=TINY_KIND_SCALING, norm_topk_prob=True,
+                         mlp_layer_types=_DENSE_THEN_SPARSE, **_DSA, **_MLA),
+    "glm_moe_dsa": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=_E,
+                        num_experts_per_tok=_K, n_shared_experts=1, **_GROUPS, routed_scaling_factor=TINY_KIND_SCALING,
+                        norm_topk_prob=True, mlp_layer_types=_DENSE_THEN_SPARSE, **_DSA, **_MLA),
+    "bailing_hybrid": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, head_dim=8,
+                           num_experts=_E, num_experts_per_token=_K, num_shared_experts=1,
+                           num_expert_group=TINY_KIND_GROUPS, topk_group=TINY_KIND_TOPK_GROUP, moe_renormalize=True,
+                           routed_scaling_factor=TINY_KIND_SCALING, mlp_layer_types=_DENSE_THEN_SPARSE,
+                           layer_types=["linear_attention", "full_attention"], **{**_MLA, "q_lora_rank": None}),
+    "kolibri1_1": dict(num_hidden_layers=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                       mlp_only_intermediate_size=48, head_dim=16, num_experts=_E, num_experts_per_tok=_K,
+                       norm_topk_prob=True, mlp_only_layers=[0], sliding_window=64, index_num_heads=2,
+                       layer_types=["sliding_attention", "indexed_attention"]),
+    "granitemoehybrid": dict(num_hidden_layers=2, intermediate_size=16, shared_intermediate_size=16,
+                             num_local_experts=_E, num_experts_per_tok=_K,
+                             layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_state=8,
+                             mamba_chunk_size=8),
+    "qwen4_exp_text": dict(num_hidden_layers=2, head_dim=8, moe_intermediate_size=16,
+                           shared_expert_intermediate_size=16, num_experts=_E, num_experts_per_tok=_K,
+                           norm_topk_prob=True, layer_types=["linear_attention", "indexed_attention"],
+                           linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                           linear_num_value_heads=4, hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1,
+                           indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2),
+    "qwen4_exp": dict(),
+    "gemma4": dict(vision_config=None, audio_config=None),
+})
+"""The :data:`LAYOUT_TYPES` (a multimodal wrapper's entry holds its own fields; its text config is its text type's)."""
+_WRAPPER_FIELDS = ("initializer_range", "tie_word_embeddings")
+"""Common fields a multimodal wrapper's config keeps at its own level too: Gemma 4 initialises every weight with the
+wrapper's ``initializer_range`` and ties the LM head by the wrapper's ``tie_word_embeddings``."""
+
 _VOCAB_FIELDS: dict[str, tuple[str, ...]] = {"inkling2_text": ("unpadded_vocab_size",)}
 """Fields besides ``vocab_size`` that follow the vocabulary (Inkling2's LM head is ``unpadded_vocab_size`` wide)."""
 
@@ -363,9 +452,15 @@ def tiny_kind_config(model_type: str, **overrides: Any) -> PretrainedConfig:
 
     ``overrides`` replace any field and go to the constructor, so derived fields (``layer_types``, ...) follow them.
     The vocabulary is the tiny tokenizer's unless ``vocab_size`` is given, so that one tokenizer drives every model.
+    A multimodal wrapper (:data:`TEXT_TYPE_OF`) gets its text type's tiny config as ``text_config``, ``overrides``
+    going to that text config (the decoder the features patch).
     """
     if model_type not in _SIZES:
         raise ValueError(f"tiny_kind_config: unknown model type {model_type!r}; choose from {ROUTER_KIND_TYPES}")
+    if model_type in TEXT_TYPE_OF:
+        text = tiny_kind_config(TEXT_TYPE_OF[model_type], **overrides)
+        wrapper = {field: getattr(text, field) for field in _WRAPPER_FIELDS}
+        return CONFIG_MAPPING[model_type](text_config=text, **wrapper, **_SIZES[model_type])
     if "vocab_size" not in overrides:
         overrides = {"vocab_size": TINY_VOCAB_SIZE, **overrides}
     vocab = {field: overrides["vocab_size"] for field in _VOCAB_FIELDS.get(model_type, ())}

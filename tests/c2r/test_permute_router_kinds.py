@@ -126,6 +126,32 @@ def test_permuted_router_kinds_compute_the_same_function(kind: str, batch: dict[
     torch.testing.assert_close(permuted_logits, logits, atol=1e-5, rtol=1e-5)
 
 
+def test_inkling_renumbering_moves_the_routed_rows_and_keeps_the_shared_experts_rows(batch: dict[str, torch.Tensor]
+                                                                                     ) -> None:
+    """InklingTopkRouter's weight scores its E routed experts, then its shared experts (one more row here): a
+    renumbering moves the first E rows with the experts and the selection bias, leaves the shared experts' rows and the
+    learned global_scale where they are, and the permuted model computes the same function."""
+    original, permuted = build("inkling_text"), build("inkling_text")
+    moe = describe(permuted)
+    permutations = renumbering(permuted, seed=7)
+    before = {layer.index: (layer.router.weight.detach().clone(), layer.router.global_scale.detach().clone())
+              for layer in moe.layers}
+    permute_experts(moe, permutations)
+    for layer in moe.layers:
+        order = torch.tensor(permutations[layer.index])
+        weight, global_scale = before[layer.index]
+        assert weight.shape[0] == moe.num_experts + 1
+        assert torch.equal(layer.router.weight[: moe.num_experts], weight[: moe.num_experts][order])
+        assert torch.equal(layer.router.weight[moe.num_experts:], weight[moe.num_experts:])
+        assert torch.equal(layer.router.global_scale, global_scale)
+
+    logits, chosen = run(original, batch)
+    permuted_logits, permuted_chosen = run(permuted, batch)
+    real = batch["attention_mask"].reshape(-1).bool()
+    assert same_choices(chosen, permuted_chosen, permutations, real)
+    torch.testing.assert_close(permuted_logits, logits, atol=1e-5, rtol=1e-5)
+
+
 def test_a_renumbering_across_routing_groups_is_refused_and_would_change_the_routing(
     tmp_path, batch: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,15 +250,16 @@ def test_place_plans_within_routing_groups_and_writes_a_permuted_copy(tmp_path, 
 
 
 def test_place_refuses_to_permute_a_router_whose_rule_is_unknown(tmp_path, capsys) -> None:
-    """Refused after loading, before profiling, naming the flag and the router; nothing is written."""
+    """Refused after loading, before profiling, naming the flag and the router; nothing is written.  (Inkling2 with
+    a SiLU ``scoring_func``: a score function none of the probe's candidate rules has.)"""
     source = tmp_path / "src"
-    tiny_kind_model("inkling_text", seed=0).save_pretrained(source)
+    tiny_kind_model("inkling2_text", seed=0, scoring_func="silu").save_pretrained(source)
     tiny.tiny_tokenizer().save_pretrained(source)
     status = cli.main(["place", str(source), "--ep-size", "2", "--write-permuted", str(tmp_path / "dst")])
     error = capsys.readouterr().err
     assert status == 1 and "Traceback" not in error
     assert "--write-permuted" in error and "expert permutation: needs the exact routing rule" in error
-    assert "InklingTopkRouter" in error and "profiling" not in error
+    assert "Inkling2TopKRouter" in error and "profiling" not in error
     assert not (tmp_path / "dst").exists()
 
     assert cli.main(["place", str(source), "--ep-size", "2", "--max-tokens", "32"]) == 0  # the report alone: a note

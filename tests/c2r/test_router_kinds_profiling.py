@@ -17,15 +17,16 @@ from moepatch.c2r.profiling import corpus_batches
 from moepatch.c2r.profiling import profile_coactivation
 from moepatch.cli import main as cli
 from moepatch.testing import tiny
+from moepatch.testing import tiny_kinds
 
 
-def _slow_count(model: torch.nn.Module, batches: list[dict]) -> dict[int, list[list[int]]]:
+def _slow_count(model: torch.nn.Module, batches: list[dict], num_experts: int = 8,
+                source: str = "router") -> dict[int, list[list[int]]]:
     """Per real token, per ordered pair of the experts its router chose, +1."""
-    num_experts = 8
     counts = {layer: [[0] * num_experts for _ in range(num_experts)] for layer in router_modules(model)}
     with torch.no_grad():
         for batch in batches:
-            with captured_choices(model, source="router") as chosen:
+            with captured_choices(model, source=source) as chosen:
                 model(**batch)
             keep = batch["attention_mask"].reshape(-1).tolist()
             for layer in counts:
@@ -36,8 +37,9 @@ def _slow_count(model: torch.nn.Module, batches: list[dict]) -> dict[int, list[l
     return counts
 
 
-@pytest.mark.parametrize("family", tiny.KIND_FAMILIES)
+@pytest.mark.parametrize("family", [*tiny.KIND_FAMILIES, "inkling_text"])
 def test_profile_counts_each_kinds_own_choice(family):
+    """Inkling too: its router returns a fourth output (the shared experts' weights) after the choice."""
     model = tiny.tiny_model(family)
     batches = list(corpus_batches(tiny.tiny_tokenizer(), list(tiny.CORPUS), batch_size=5, seed=3))
     profile = profile_coactivation(model, batches, progress=False)
@@ -47,7 +49,21 @@ def test_profile_counts_each_kinds_own_choice(family):
         assert profile.matrices[slot].tolist() == slow[layer]
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize(("model_type", "num_experts"), [("gemma4_text", 8), ("jetmoe", 8), ("zaya", 8), ("doge", 16)])
+def test_profile_counts_the_choice_of_routers_beyond_a_linear_top_k(model_type, num_experts):
+    """Gemma 4's router beside the layer's MLP, JetMoE's expert-sorted hand-off, ZAYA's router MLP and Doge's product
+    keys: the co-activation counts are the experts each model's experts really received (its tiny ZAYA never picks
+    the skip class: its balancing bias is −1)."""
+    model = tiny_kinds.tiny_kind_model(model_type)
+    batches = list(corpus_batches(tiny.tiny_tokenizer(), list(tiny.CORPUS), batch_size=5, seed=3))
+    profile = profile_coactivation(model, batches, progress=False)
+    slow = _slow_count(model, batches, num_experts, source="experts")
+    assert profile.layers == sorted(slow)
+    for slot, layer in enumerate(profile.layers):
+        assert profile.matrices[slot].tolist() == slow[layer]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "inkling_text"])
 def test_profiled_fields_drive_the_reloaded_checkpoint(family, tmp_path):
     """profile → top_t / collaborative_list in config.json → from_pretrained routes each token inside its first
     expert's allowed set (group limit, bias and all)."""

@@ -84,7 +84,8 @@ def test_gsv_masks_and_gradients_equal_the_official_functions_on_sigmoid(ours, o
 
 
 def test_architecture_gradient_is_the_second_order_darts_formula():
-    """Against the formula evaluated by hand on a toy problem (SGD step, so w' is known in closed form)."""
+    """``mode="darts"`` against the formula evaluated by hand on a toy problem (SGD step, so w' is known in closed
+    form); the official trainer's form is tested in test_official_fidelity.py."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(5))
     a = torch.nn.Parameter(torch.randn(5))
@@ -97,7 +98,7 @@ def test_architecture_gradient_is_the_second_order_darts_formula():
 
     optimizer = torch.optim.SGD([w], lr=0.1)
     w0 = w.detach().clone()
-    got = architecture_gradient(loss, train, valid, [w], [a], optimizer)[0]
+    got = architecture_gradient(loss, train, valid, [w], [a], optimizer, mode="darts")[0]
     assert torch.equal(w.detach(), w0)  # weights restored
     # by hand
     w_var = w0.clone().requires_grad_(True)
@@ -123,6 +124,8 @@ def test_allocate_writes_official_files_that_drive_stage_two(tmp_path):
                            "--target-modules", "q_proj", "v_proj", "down_proj", "experts.down_proj"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the printed hint names the files as config.json's fields find them (relative names: beside config.json)
+    assert '"num_experts": "guilomo/expert.json", "r": "guilomo/rank.json"' in done.stdout
     experts = json.loads((checkpoint / "guilomo" / "expert.json").read_text())
     ranks = json.loads((checkpoint / "guilomo" / "rank.json").read_text())
     assert "model.layers.0.self_attn.q_proj" in experts and "model.layers.0.mlp.experts.5.down_proj" in experts

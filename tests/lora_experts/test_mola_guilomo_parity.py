@@ -211,15 +211,16 @@ def test_stage_one_recipe_defaults_are_the_official_ones_and_flags_override(tmp_
     defaults = search_recipe(parser.parse_args(["allocate", str(checkpoint)]))
     assert defaults == SearchRecipe() == SearchRecipe(lr=3e-4, weight_decay=0.0, warmup_steps=100, schedule="linear",
                                                       max_grad_norm=1.0, arch_lr=3e-3, arch_betas=(0.5, 0.999),
-                                                      arch_weight_decay=1e-3)
+                                                      arch_weight_decay=0.0, bilevel="official")
     assert parser.parse_args(["allocate", str(checkpoint)]).lora_dropout == 0.05
     block = search_config(["q_proj"], 8, 8)
     assert block["dropout"] == 0.05 and block["balance_loss"] == {"coef": 1e-3 / 8, "reduction": "layer"}
     override = search_recipe(parser.parse_args([
         "allocate", str(checkpoint), "--weight-decay", "0.01", "--warmup-steps", "0", "--lr-schedule", "constant",
-        "--max-grad-norm", "0", "--arch-betas", "0.9", "0.99", "--arch-weight-decay", "0", "--lr", "1e-3"]))
+        "--max-grad-norm", "0", "--arch-betas", "0.9", "0.99", "--arch-weight-decay", "1e-3", "--lr", "1e-3",
+        "--bilevel", "darts"]))
     assert override == SearchRecipe(lr=1e-3, weight_decay=0.01, warmup_steps=0, schedule="constant", max_grad_norm=0.0,
-                                    arch_lr=3e-3, arch_betas=(0.9, 0.99), arch_weight_decay=0.0)
+                                    arch_lr=3e-3, arch_betas=(0.9, 0.99), arch_weight_decay=1e-3, bilevel="darts")
 
 
 @pytest.mark.parametrize("recipe", [SearchRecipe(), SearchRecipe(warmup_steps=3, schedule="constant", lr=1e-2)])

@@ -53,9 +53,9 @@ def test_an_implementation_switched_after_attaching_is_named(batch):
 
 
 @pytest.mark.parametrize(("attribute", "value", "message"), [
-    ("is_transposed", True, "transposed layout"),
-    ("is_concatenated", False, "interleaved gate/up layout"),
-    ("has_bias", True, "biased or gate-less"),
+    ("is_transposed", True, r"down_proj \(8, 32, 16\) does not fit gate_up_proj"),  # flags the tensors contradict
+    ("has_bias", True, "has no gate_up_proj_bias"),
+    ("_is_expert_parallel", True, "expert parallelism is not supported"),
 ])
 def test_fused_layouts_it_cannot_run_are_refused_by_name(attribute, value, message):
     model = tiny.tiny_model("qwen3_moe")
@@ -96,3 +96,51 @@ def test_row_stacked_experts_are_reached_by_their_own_names(batch):
     assert torch.equal(logits_of(model, batch), reference)
     handle.remove()
     assert DELTAS_ATTRIBUTE not in experts.__dict__ and "forward" not in experts.__dict__
+
+
+class _LinearDelta:
+    """A fixed ``ΔW`` on every routed expert, as a :class:`RoutedDeltas` (``rows @ ΔWᵀ``)."""
+
+    placement = "output"
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self.delta = delta
+
+    def grouped(self, rows, expert_ids=None, ends=None, tokens=None, only=None):
+        return rows @ self.delta.T
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_post_expert_norm_layout_runs_the_norm_after_the_deltas(implementation):
+    """``has_post_expert_norm`` (MuseSpark's experts): a zero delta is bit-identical and a delta ``ΔW`` on
+    ``down_proj`` equals the unpatched experts with ``W + ΔW``, the norm applied after both."""
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+    from model_patches.expert_storage import FusedExperts
+    from moepatch.undo import UndoLog
+
+    config = MuseSparkTextConfig(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16, num_local_experts=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config._experts_implementation = implementation
+    experts = MuseSparkExperts(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    hidden, index = torch.randn(7, 32, generator=generator), torch.randint(0, 4, (7, 2), generator=generator)
+    weights = torch.rand(7, 2, generator=generator)
+    with torch.no_grad():
+        reference = experts(hidden, index, weights)
+    delta = torch.randn(32, 16, generator=generator) * 0.3
+    log = UndoLog()
+    FusedExperts().attach(experts, {"down_proj": _LinearDelta(torch.zeros_like(delta))}, [], log)
+    with torch.no_grad():
+        assert torch.equal(experts(hidden, index, weights), reference)
+        experts.__dict__[DELTAS_ATTRIBUTE] = {"down_proj": _LinearDelta(delta)}
+        patched = experts(hidden, index, weights)
+        log.undo()  # the class's own implementation again
+        assert DELTAS_ATTRIBUTE not in experts.__dict__ and experts.config is config
+        experts.down_proj.add_(delta)
+        folded = experts(hidden, index, weights)
+    torch.testing.assert_close(patched, folded, atol=1e-5, rtol=1e-5)

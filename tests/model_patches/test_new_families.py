@@ -262,7 +262,8 @@ def test_dbrx_lora_on_routed_experts_equals_an_independent_glu(batch):
     the block output equals a per-token computation from the published DBRX expert formula."""
     model = tiny.tiny_model("dbrx")
     handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2,
-                                                     "routed_experts": True}})
+                                                     "routed_experts": True,
+                                                     "target_modules": ["gate_proj", "up_proj", "down_proj"]}})
     assert sorted(handle.lora_targets) == [f"transformer.blocks.{i}.ffn.experts.{p}" for i in range(2)
                                            for p in ("down_proj", "gate_proj", "up_proj")]
     torch.manual_seed(1)

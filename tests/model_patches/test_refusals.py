@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import moepatch
 from model_patches.routing_rule import probe_rule
@@ -15,35 +16,41 @@ from model_patches.spec import RoutingRule
 from model_patches.structure import describe
 from moepatch.errors import UnsupportedModelError
 from moepatch.testing import tiny
+from moepatch.testing import tiny_kinds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from family_survey import tiny_instance  # noqa: E402  (the survey's shrunk config defaults)
 
-REFUSED = {
-    "jetmoe": ("experts at `model.layers.0.mlp.input_linear` but no router module",),
-    "zaya": ("ZayaRouter",),
-}
-"""Model types still refused (no `experts` beside a `gate` / `router` with an [E, H] weight) and the phrases their
-refusal must contain."""
+FORMERLY_REFUSED = ("jetmoe", "zaya")
+"""Types refused before their family files (JetMoE's expert-sorted hand-off, ZAYA's router MLP): their shrunk default
+configs now resolve to their own family."""
 
 
-@pytest.mark.parametrize("model_type", sorted(REFUSED))
-def test_refused_model_types_name_their_reason(model_type):
-    model = tiny_instance(model_type)
-    with pytest.raises(UnsupportedModelError) as refusal:
-        describe(model)
-    message = str(refusal.value)
-    for phrase in REFUSED[model_type]:
-        assert pytest.importorskip("re").search(phrase, message), (phrase, message)
+@pytest.mark.parametrize("model_type", FORMERLY_REFUSED)
+def test_formerly_refused_types_resolve_with_their_default_configs(model_type):
+    moe = describe(tiny_instance(model_type))
+    assert moe.family.name == model_type and moe.layers
 
 
-def test_a_router_the_probe_cannot_run_keeps_the_structure_and_refuses_the_rule():
-    """Inkling scores its shared experts with the routed ones and returns four tensors: no rule is found, the
-    structure serves freezing and statistics, and C2R refuses naming the router."""
-    model = tiny_instance("inkling_text")
+@pytest.mark.parametrize(("model_type", "dense", "phrase"), [
+    ("doge", {"is_moe": False}, r"doge: no sparse MoE block \(DogeCDMoE\) in any layer"),
+    ("gemma4_text", {"enable_moe_block": False},
+     r"gemma4_text: no sparse MoE block \(Gemma4TextDecoderLayer\) in any layer"),
+])
+def test_a_dense_configuration_of_an_moe_type_is_refused_by_name(model_type, dense, phrase):
+    """Doge without ``is_moe`` and Gemma 4 without ``enable_moe_block`` build no router: refused, naming the block
+    class looked for (a Gemma 4 decoder layer is the block only when it holds a router)."""
+    with pytest.raises(UnsupportedModelError, match=phrase):
+        describe(AutoModelForCausalLM.from_config(tiny_kinds.tiny_kind_config(model_type, **dense)))
+
+
+def test_a_router_the_probe_cannot_match_keeps_the_structure_and_refuses_the_rule():
+    """Inkling2 configured with a SiLU ``scoring_func`` scores experts by a function no candidate rule has: no rule is
+    found, the structure serves freezing and statistics, and C2R refuses naming the router."""
+    model = tiny_kinds.tiny_kind_model("inkling2_text", scoring_func="silu")
     moe = describe(model)
-    assert moe.routing_problem is not None and "InklingTopkRouter" in moe.routing_problem
-    with pytest.raises(ValueError, match="c2r.top_t: needs the exact routing rule .*InklingTopkRouter"):
+    assert moe.routing_problem is not None and "Inkling2TopKRouter" in moe.routing_problem
+    with pytest.raises(ValueError, match="c2r.top_t: needs the exact routing rule .*Inkling2TopKRouter"):
         moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": [None] * moe.num_layers}})
     handle = moepatch.apply(model, {"freeze_gate": "router", "routing_stats": True})
     assert handle.frozen_parameters and handle.recorder is not None

@@ -23,15 +23,15 @@ from moepatch.testing import tiny
 EXPECTED_FAMILY = {"qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "qwen3_moe": "generic_topk", "olmoe": "generic_topk",
                    "llama_moe": "llama_moe", "moduleformer": "moduleformer"}
 NEW_FAMILY_FILES = set(tiny.NEW_FAMILIES)  # each named after its model_type, tested in test_new_families.py
-ROUTER_KIND_FAMILY_FILES = {"deepseek_v3", "deepseek_v4", "ergo", "ernie4_5_moe", "gpt_oss", "granitemoe", "kolibri1",
-                            "llama4", "minimax_m2", "phimoe"}
+ROUTER_KIND_FAMILY_FILES = {"deepseek_v3", "deepseek_v4", "doge", "ergo", "ernie4_5_moe", "gemma4_text", "gpt_oss",
+                            "granitemoe", "inkling", "jetmoe", "kolibri1", "llama4", "minimax_m2", "phimoe", "zaya"}
 """The router kinds' anchor families, tested in test_router_kinds.py on tiny_kinds models."""
 
 
 def test_every_family_module_is_registered_and_tested():
     families = registry.families()
     infrastructure = {"diagnosis", "errors", "expert_storage", "registry", "routing_rule", "spec", "structure",
-                      "vllm_lora", "sparsemixer"}
+                      "vllm_lora", "sparsemixer", "expert_sorted"}
     modules = {name for name in dir(model_patches) if isinstance(getattr(model_patches, name), types.ModuleType)}
     modules -= infrastructure
     original = {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}

@@ -6,7 +6,8 @@ random and non-zero, whose group limits keep 2 of 4 groups and whose scaling fac
 One type of each kind (the spec's letters): softmax + selection bias (B: ERNIE 4.5), top-k of logits then softmax
 over the k (C: gpt-oss, GraniteMoE, Aria), sigmoid + selection bias (D: MiniMax-M2, Laguna, HY-V3, AfMoE), the same
 with a group limit (E: DeepSeek-V3, GLM-4.5, Kimi-Linear), top-k then sigmoid into a dense matrix (F: Llama 4),
-sparsemixer (G: PhiMoE, structure only), and DeepSeek-V2's group-limited greedy softmax.
+sparsemixer (G: PhiMoE, structure only), DeepSeek-V2's group-limited greedy softmax, and Inkling's sigmoid + selection
+bias whose weights share one log-domain normalisation with the shared experts its router also scores.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from helpers import model_state
 from router_oracles import captured_choices
 from router_oracles import causal_lm_adds_balance_loss
 from router_oracles import first_choice
+from router_oracles import jetmoe_choice
 from router_oracles import oracle_balance_loss
 from router_oracles import oracle_c2r
 from router_oracles import oracle_route
+from router_oracles import oracle_shared_weights
 from router_oracles import router_modules
 from router_oracles import router_parameter_names
 from router_oracles import selection_bias_names
@@ -48,13 +51,24 @@ EXACT_KINDS = {
     "kimi_linear": "deepseek_v3",  # E (its own config fields)
     "kolibri1": "kolibri1",  # D, the bias added to the logits, sigmoid of the chosen logits
     "ergo": "ergo",  # D, logits from its own float32-output linear
+    "kolibri1_1": "kolibri1",  # D, the kolibri1 router; a dense first layer, indexed attention
+    "granitemoehybrid": "granitemoe",  # C, Mamba-2 and attention layers
+    "deepseek_v32": "generic_topk",  # E, probed; MLA with the DSA indexer
+    "glm_moe_dsa": "generic_topk",  # E, probed
+    "bailing_hybrid": "generic_topk",  # E, probed under kimi_linear's config names; KDA linear attention
+    "inkling_text": "inkling",  # D, the shared experts scored too: one log-domain normalisation, a fourth output
     "llama4_text": "llama4",  # F
     "phimoe": "phimoe",  # G: sparsemixer (eval exact; training below)
+    "gemma4_text": "gemma4_text",  # R: normalised, scaled router input; × per_expert_scale; the layer is the block
+    "jetmoe": "jetmoe",  # C, handed to the experts sorted by expert; the attention is a mixture too
 }
 """Model type → the family moepatch must resolve it to, with an exact routing rule."""
-STRUCTURE_ONLY: dict[str, str] = {}
-"""Types whose structure is accepted and whose routing rule is refused, with a phrase of the reason (none among the
-oracle's types; DeepSeek-V4's hashed layers are in test_refusals.py)."""
+STRUCTURE_ONLY: dict[str, str] = {
+    "zaya": "ZayaRouter scores E experts + 1 skip class with an MLP",
+    "doge": "DogeCDMoE routes by product keys",
+}
+"""Types whose structure is accepted and whose routing rule is refused, with a phrase of the reason (DeepSeek-V4's
+hashed layers are in test_refusals.py)."""
 ALL_TYPES = {**EXACT_KINDS, **STRUCTURE_ONLY}
 
 
@@ -153,6 +167,36 @@ def test_executor_equals_the_published_router_bit_for_bit(kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_inkling_executor_returns_the_routers_four_outputs_bit_for_bit(dtype):
+    """InklingTopkRouter returns (routed logits, weights, indices, shared experts' weights): the executor returns the
+    same four tensors (values, dtypes, shapes, the routed logits' strides), also under bfloat16 autocast, which the
+    router switches off; the shared experts' weights equal the oracle's, normalised with the chosen experts."""
+    model = _model("inkling_text", dtype)
+    moe = describe(model)
+    hidden = _hidden(model, dtype=dtype)
+    routers = router_modules(model)
+    with torch.no_grad():
+        original = {index: router(hidden) for index, (_, router) in routers.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = {index: router(hidden) for index, (_, router) in routers.items()}
+        for index, (block, router) in routers.items():
+            assert len(original[index]) == 4
+            assert torch.equal(original[index][3], oracle_shared_weights("inkling_text", block, router, hidden))
+        undo = UndoLog()
+        override_selection(moe, lambda layer: vanilla_selector(moe.family.routing), None, undo)
+        patched = {index: router(hidden) for index, (_, router) in routers.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            patched_autocast = {index: router(hidden) for index, (_, router) in routers.items()}
+        undo.undo()
+    for got, want in ((patched, original), (patched_autocast, autocast)):
+        for index in routers:
+            assert len(got[index]) == 4
+            for mine, theirs in zip(got[index], want[index]):
+                assert mine.dtype == theirs.dtype and mine.stride() == theirs.stride(), index
+                assert torch.equal(mine, theirs), index
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_c2r_with_every_collaborator_allowed_is_bit_identical(kind, dtype):
     if dtype == torch.float16 and kind in ("llama4_text",):
         pytest.skip("the tiny Llama 4 overflows in float16 before its router")
@@ -181,6 +225,10 @@ def _check_c2r(kind: str, model: torch.nn.Module, listed: list, top_t: int) -> l
             want = oracle_c2r(kind, block, router, hidden, allowed, exact=True)
             if not _same_choice(got, want):
                 problems.append(f"layer {index}: choice or weights differ from the oracle")
+            if kind == "inkling_text":  # the shared experts' weights, normalised with the experts C2R chose
+                shared = oracle_shared_weights(kind, block, router, hidden, indices=got[0])
+                if not torch.equal(router(hidden)[3], shared):
+                    problems.append(f"layer {index}: the shared experts' weights differ from the oracle")
             firsts = first_choice(kind, block, router, hidden)
             for token in range(hidden.shape[0]):
                 chosen = set(got[0][token].tolist())
@@ -246,11 +294,15 @@ def _broken_selection_bias(rule):
     return dataclasses.replace(rule, selection_bias=None)
 
 
+@pytest.mark.parametrize("kind", ["deepseek_v3", "inkling_text"])
 @pytest.mark.parametrize("breakage", ["ignore the selection bias", "weights from the masked scores",
                                       "choose outside the allowed set"])
-def test_the_c2r_check_catches_broken_implementations(breakage, monkeypatch):
-    """Each broken variant of the executor / selector, installed in place of the real one, fails the check above."""
-    kind = "deepseek_v3"
+def test_the_c2r_check_catches_broken_implementations(kind, breakage, monkeypatch):
+    """Each broken variant of the executor / selector, installed in place of the real one, fails the check above.
+
+    Masked scores: DeepSeek-V3's weights from the group-masked scores (0 outside the kept groups, where C2R may
+    choose); Inkling's from its logits masked to the chosen experts over the whole row, which drops the shared
+    experts (outside every allowed set) out of the normalisation."""
     model = _model(kind)
     listed = _full_list(model, seed=3)
     if breakage == "ignore the selection bias":
@@ -260,9 +312,13 @@ def test_the_c2r_check_catches_broken_implementations(breakage, monkeypatch):
     elif breakage == "weights from the masked scores":
         original_weights = routing_rule.expert_weights
 
-        def masked_weights(rule, settings, logits, scores, indices, input_dtype):
-            masked = scores.masked_fill(~routing_rule.group_mask(settings, scores), 0.0)
-            return original_weights(rule, settings, logits, masked, indices, input_dtype)
+        def masked_weights(rule, settings, logits, scores, indices, input_dtype, **kwargs):
+            if kind == "inkling_text":
+                chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, True)
+                logits = logits.masked_fill(~chosen, float("-inf"))
+            else:
+                scores = scores.masked_fill(~routing_rule.group_mask(settings, scores), 0.0)
+            return original_weights(rule, settings, logits, scores, indices, input_dtype, **kwargs)
 
         monkeypatch.setattr(routing_rule, "expert_weights", masked_weights)
     else:
@@ -303,13 +359,25 @@ def test_freezing_freezes_exactly_the_routers_and_statistics_count_the_experts_c
     assert all(p.requires_grad or n in selection_bias_names(model) for n, p in model.named_parameters())
 
 
+TRAINABLE = {"doge": {"norm_topk_prob": False}}
+"""Settings under which the unpatched model trains: DogeCDMoE renormalises its softmax output in place
+(``routing_weights /= ...``), which autograd refuses, whenever ``norm_topk_prob`` is set."""
+ATTENTION_TARGET = {"jetmoe": "kv_proj"}
+"""An attention projection per type where it is not ``o_proj`` (JetMoE's query and output projections are experts of
+its attention mixture; its keys and values come from one ``kv_proj``)."""
+
+
 @pytest.mark.parametrize("model_type", sorted(ALL_TYPES))
 def test_lora_experts_on_attention_are_bit_identical_fresh_and_train(model_type):
-    model = _model(model_type)
+    if model_type in TRAINABLE:  # the published model cannot run a backward pass with the tiny config's setting
+        model = tiny_kinds.tiny_kind_model(model_type, **TRAINABLE[model_type])
+    else:
+        model = _model(model_type)
     batch = _batch(model)
     reference, before = logits_of(model, batch), model_state(model)
+    target = ATTENTION_TARGET.get(model_type, "o_proj")
     handle = moepatch.apply(model, {"lora_experts": {"method": "molora", "num_experts": 2, "r": 2,
-                                                     "target_modules": ["o_proj"]}})
+                                                     "target_modules": [target]}})
     assert handle.lora_targets
     assert torch.equal(logits_of(model, batch), reference)
     model.train()
@@ -320,9 +388,11 @@ def test_lora_experts_on_attention_are_bit_identical_fresh_and_train(model_type)
     assert model_state(model) == before
 
 
-ROUTED_LORA_REFUSED = {"gpt_oss": "biased or gate-less fused experts", "llama4_text": "has no _apply_gate",
-                       "aria_text": "the transposed layout", "ergo": "ErgoExperts stores its experts in a layout"}
-"""Experts layouts LoRA experts on the routed experts do not take, with a phrase of the refusal."""
+ROUTED_LORA_REFUSED = {"doge": "Embedding stores its experts in a layout"}
+"""Experts layouts LoRA experts on the routed experts do not take, with a phrase of the refusal (gpt-oss, Aria,
+Llama 4 and Ergo are checked against their published formulas in tests/lora_experts/test_routed_layouts.py)."""
+ROUTED_DOWN_PROJ = {"jetmoe": ".mlp.output_linear"}
+"""Where ``down_proj`` of the routed experts is, where it is not under ``.experts.``."""
 
 
 @pytest.mark.parametrize("model_type", sorted(ALL_TYPES))
@@ -338,7 +408,7 @@ def test_lora_experts_on_the_routed_experts_or_a_refusal_by_name(model_type):
         assert model_state(model) == before
         return
     handle = moepatch.apply(model, config)
-    assert any(".experts." in target for target in handle.lora_targets)
+    assert any(ROUTED_DOWN_PROJ.get(model_type, ".experts.") in target for target in handle.lora_targets)
     assert torch.equal(logits_of(model, batch), reference)
     handle.remove()
     assert model_state(model) == before
@@ -363,6 +433,60 @@ def test_balance_loss_counts_the_c2r_choice(model_type):
     want = oracle_balance_loss([logits_by_layer[i] for i in layers], [seen[i][0] for i in layers], moe.num_experts,
                                moe.top_k, batch["attention_mask"])
     torch.testing.assert_close(output.aux_loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_jetmoe_balance_loss_pools_every_gate_and_counts_the_c2r_choice():
+    """JetMoE adds ``aux_loss_coef ×`` transformers' balance loss over the logits of every ``JetMoeTopKGating``, the
+    attention mixture's included, in call order: under C2R moepatch pools the same gates and counts the experts C2R
+    chose in the MLP mixtures (the attention's gates are never re-routed)."""
+    model = _model("jetmoe")
+    model.config.output_router_logits = True
+    batch = _batch(model)
+    moe = describe(model)
+    reference = model(**batch, labels=batch["input_ids"]).aux_loss
+    moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": _full_list(model, seed=5)}})
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    gates = [module for module in model.modules() if type(module).__name__ == "JetMoeTopKGating"]
+    assert len(gates) == 2 * len(moe.layers)
+    hooks = [gate.register_forward_hook(lambda m, a, out: calls.append(jetmoe_choice(out, int(m.top_k))[:2]))
+             for gate in gates]
+    with torch.no_grad():
+        output = model(**batch, labels=batch["input_ids"])
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == len(gates)
+    want = oracle_balance_loss([logits for logits, _ in calls], [chosen for _, chosen in calls], moe.num_experts,
+                               moe.top_k, batch["attention_mask"])
+    torch.testing.assert_close(output.aux_loss.double(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(output.aux_loss, reference)  # C2R changed the MLP choice, and the loss follows it
+
+
+def test_zaya_statistics_count_a_skip_as_no_expert():
+    """A ZAYA token that chooses the skip class reaches the experts as expert 0 with weight 0: the statistics count it
+    as no expert (every token is still counted once), the experts' own counts exclude it, and the probability sums
+    cover the E experts of the E + 1 classes."""
+    model = _model("zaya")
+    batch = _batch(model)
+    for _, router in router_modules(model).values():
+        with torch.no_grad():
+            router.balancing_biases[-1] = 0.2  # the skip class now wins some tokens
+    num_experts = describe(model).num_experts
+    handle = moepatch.apply(model, {"routing_stats": True})
+    keep = batch["attention_mask"].reshape(-1).bool()
+    with captured_choices(model, with_weights=True) as seen:
+        logits_of(model, batch)
+    recorder = handle.recorder
+    skipped_somewhere = False
+    for slot, index in enumerate(recorder.layers):
+        indices, weights = seen[index][0]
+        skipped = ((indices == 0) & (weights == 0))[keep]
+        skipped_somewhere |= bool(skipped.any())
+        real = indices[keep][~skipped]
+        assert torch.equal(recorder.counts[slot], torch.bincount(real, minlength=num_experts))
+        assert int(recorder.tokens[slot]) == int(keep.sum())
+        assert float(recorder.prob_sums[slot].sum()) < int(keep.sum())  # the skip class holds the rest
+    assert skipped_somewhere
+    handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

@@ -223,6 +223,65 @@ def test_frozen_routers_with_a_plain_optimizer_loop():
     counter.close()
 
 
+def test_a_step_the_loss_scaler_skips_moves_no_bias():
+    """fp16 training: a step whose gradients overflow is skipped by the GradScaler (no weight moves); the biases
+    must not move either, with the plain-loop hook and with the Trainer callback (accelerate's optimizer reports
+    ``step_was_skipped``), and that step's loads count towards the next one."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from moepatch.routing.bias_update import BiasUpdateCallback
+
+    Accelerator(cpu=True)  # accelerate's optimizer wrapper needs its state, as the Trainer sets it up
+
+    model = tiny_kind_model("deepseek_v3").train()
+    before = biases(model, "deepseek_v3")
+    handle = moepatch.apply(model, {"freeze_gate": "router", "bias_update": {"rate": RATE}})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    counter = ExpertLoads(model)
+    for route in ("hook", "callback"):
+        optimizer = torch.optim.SGD(trainable, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu")
+        if route == "hook":
+            hook = handle.bias_updater.attach(optimizer)
+            stepper = optimizer
+        else:
+            stepper = AcceleratedOptimizer(optimizer, device_placement=False, scaler=scaler)
+            callback = BiasUpdateCallback(handle.bias_updater)
+        start = biases(model, "deepseek_v3")
+        batch = padded_batch(TEXTS[:4])
+        with counter.counting():
+            loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        scaler.scale(loss).backward()
+        trainable[0].grad.view(-1)[0] = float("inf")  # an fp16 overflow
+        if route == "hook":
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            stepper.step()  # accelerate steps and updates the scaler itself
+            assert stepper.step_was_skipped
+            callback.on_step_end(None, None, None, optimizer=stepper)
+        optimizer.zero_grad()
+        assert all(torch.equal(read_bias(model, "deepseek_v3", i), start[i]) for i in start), route
+        skipped_loads = counter.take()
+        batch = padded_batch(TEXTS[4:])
+        with counter.counting():
+            loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        optimizer.step()  # an applied step (no scaler): the update sees both batches' loads
+        if route == "callback":
+            callback.on_step_end(None, None, None, optimizer=optimizer)
+        else:
+            hook.remove()
+        loads = counter.take()
+        summed = {i: skipped_loads[i] + loads[i] for i in loads}
+        for i in start:
+            assert torch.equal(read_bias(model, "deepseek_v3", i), expected_bias(start[i], summed[i])), (route, i)
+    assert before.keys() == start.keys()
+    handle.remove()
+    counter.close()
+
+
 def test_loads_follow_the_c2r_choice():
     model_type = "deepseek_v3"
     model = tiny_kind_model(model_type).train()
