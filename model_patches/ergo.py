@@ -5,7 +5,9 @@ from its own ``linear`` (``ErgoLinearWithFP32Output``: operands rounded to the a
 float32 with autocast off — a bf16 GEMM with float32 output on CUDA at inference), so the rule calls that module;
 scores = sigmoid; the selection adds the buffer ``e_score_correction_bias``; ``topk(sorted=False)``; weights = the
 chosen *unbiased* scores over their sum + 1e-20, × ``moe_routed_scaling_factor``, rounded to the activations' dtype
-and returned in float32.  Experts ``mlp.experts`` fused; ``mlp.shared_experts`` on every token.
+and returned in float32.  Experts ``mlp.experts`` fused; ``mlp.shared_experts`` on every token.  Each expert's output
+is RMS-normalised with its own learned scale (``mlp.experts.post_expert_norm.weight [E, H]``, indexed by the chosen
+expert) before the weighted sum: a per-expert tensor that a renumbering of the experts moves with them.
 """
 
 from model_patches.registry import register
@@ -25,6 +27,7 @@ ERGO = register(
         num_experts_attr="linear.out_features",
         router_weight_attr="linear.weight",
         shared_expert_attrs=("shared_experts",),
+        expert_modules=("experts", "experts.post_expert_norm"),  # post_expert_norm.weight [E, H]: one row per expert
         gate_substring_note="router mlp.gate.linear.weight (its e_score_correction_bias is a buffer); fused experts",
     )
 )

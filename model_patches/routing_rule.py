@@ -12,6 +12,7 @@ is accepted only when the executor reproduces the router's own ``forward`` bit f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable
@@ -33,7 +34,9 @@ ExpertSelector = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 groups masked); where the rule has a group limit the executor also passes ``ungrouped=`` (the same vector before the
 group mask) and ``kept=`` (the ``[N, E]`` mask of the kept groups) so that a constrained selector can look outside
 the kept groups.  ``values`` must be ``selection``
-gathered at ``indices``; the executor computes the weights from the unmasked scores afterwards.
+gathered at ``indices``; the executor computes the weights from the unmasked scores afterwards.  Where the rule has a
+:attr:`~model_patches.spec.RoutingRule.skip_class` (ZAYA), ``selection`` is ``[N, E + 1]``, its last column the skip
+class, which a selector may choose like an expert.
 """
 
 
@@ -161,6 +164,8 @@ def selection_scores(
     """Step 3 before the top-k: ``(selection, ungrouped, kept)`` — what the family's top-k runs over (bias added,
     dropped groups masked) and, where there is a group limit, the same before the mask and the ``[N, E]`` mask of
     the kept groups (``None`` otherwise)."""
+    if rule.selection_dtype == "float32":  # ZAYA: probs.detach().to(float32) + bias (the top-k takes no gradient)
+        scores = scores.detach().float()
     selection = scores if bias is None else scores + bias.reshape(-1)
     if settings.group_limit is None:
         return selection, None, None
@@ -241,35 +246,44 @@ def decide(
     else:
         _, indices = selector(selection, settings.top_k, ungrouped=ungrouped, kept=kept)
     scale = {} if weights_scale is None else {"weights_scale": weights_scale}
-    return expert_weights(rule, settings, logits, scores, indices, input_dtype, **scale), indices
+    weights = expert_weights(rule, settings, logits, scores, indices, input_dtype, **scale)
+    if rule.skip_class:  # ZAYA: a chosen skip class (the last index) reaches the experts as expert 0 with weight 0
+        skipped = indices == logits.shape[-1] - 1
+        weights, indices = weights.masked_fill(skipped, 0), indices.masked_fill(skipped, 0)
+    return weights, indices
 
 
 def execute(
     rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden_states: torch.Tensor, *,
-    selector: ExpertSelector | None = None, bias: torch.Tensor | None = None,
+    selector: ExpertSelector | None = None, bias: torch.Tensor | None = None, call_args: tuple[Any, ...] = (),
+    call_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The router's forward by ``rule``: ``(logits, weights, indices)``, ``(dense weights, logits)`` (Llama 4), JetMoE's
-    expert-sorted hand-off (:attr:`~model_patches.spec.RoutingRule.expert_sorted`), or
-    ``(routed logits [N, E], weights [N, k], indices, shared weights [N, S])`` (Inkling's shared experts).
+    expert-sorted hand-off (:attr:`~model_patches.spec.RoutingRule.expert_sorted`),
+    ``(routed logits [N, E], weights [N, k], indices, shared weights [N, S])`` (Inkling's shared experts), or
+    ``(logits [N, E + 1], weights, indices, state for the next layer)`` (ZAYA's
+    :attr:`~model_patches.spec.RoutingRule.logits_function`).
 
     ``bias`` is the selection bias (read by the caller from :attr:`RoutingRule.selection_bias` or the forward's
-    argument); ``selector=None`` is the family's own top-k.
+    argument); ``selector=None`` is the family's own top-k.  ``call_args`` / ``call_kwargs`` are the router call's
+    further arguments, which only a :attr:`~model_patches.spec.RoutingRule.logits_function` reads (ZAYA's
+    ``router_states``).
     """
-    weight = read_attribute(router, None, settings.weight_attr)
     training = bool(getattr(router, "training", False))
     if training and settings.input_jitter > 0:  # in place on the caller's tensor, as the family's router does
         hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - settings.input_jitter,
                                                                   1.0 + settings.input_jitter)
-    hidden = hidden_states.reshape(-1, weight.shape[-1])
     score_module = read_attribute(router, None, rule.score_module) if rule.score == "module" else None
     scale = read_attribute(router, None, rule.weights_scale) if rule.weights_scale else None
-    if rule.no_autocast:
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            logits = router_logits(rule, settings, router, hidden)
-            weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
-                                      bias=bias, training=training, score_module=score_module, weights_scale=scale)
-    else:
-        logits = router_logits(rule, settings, router, hidden)
+    carried: tuple[Any, ...] = ()
+    with (torch.autocast(device_type=hidden_states.device.type, enabled=False) if rule.no_autocast
+          else contextlib.nullcontext()):
+        if rule.logits_function is not None:  # ZAYA: the family's logit step, which also hands a state on
+            logits, state = rule.logits_function(router, hidden_states, *call_args, **(call_kwargs or {}))
+            logits, carried = logits.reshape(-1, logits.shape[-1]), (state,)
+        else:
+            weight = read_attribute(router, None, settings.weight_attr)
+            logits = router_logits(rule, settings, router, hidden_states.reshape(-1, weight.shape[-1]))
         weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
                                   bias=bias, training=training, score_module=score_module, weights_scale=scale)
     if rule.expert_scale is not None:  # Gemma 4: × per_expert_scale[top_k_index], after every other weight step
@@ -284,7 +298,7 @@ def execute(
     if shared:  # the last S columns weight the shared experts (contiguous copies, as the router makes them)
         return (logits[..., :-shared], weights[..., :settings.top_k].contiguous(), indices,
                 weights[..., -shared:].contiguous())
-    return logits, weights, indices
+    return (logits, weights, indices, *carried)
 
 
 def selection_bias_of(rule: RoutingRule, router: nn.Module, block: nn.Module | None) -> torch.Tensor | None:
@@ -419,8 +433,6 @@ def _underflow_rows(weight: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 def _maybe_autocast(hidden: torch.Tensor, enabled: bool) -> Any:
-    import contextlib
-
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=hidden.device.type, dtype=torch.bfloat16)

@@ -86,10 +86,12 @@ class RoutingRule:
     In order (each step exactly as the family computes it, so that the executor is bit-identical to the router):
 
     1. **logits** = ``F.linear(hidden, W, b)``: inputs cast per :attr:`logits_dtype`, the linear bias at
-       :attr:`logit_bias` (gpt-oss), the result cast per :attr:`logits_cast`, soft-capped per :attr:`softcap`;
+       :attr:`logit_bias` (gpt-oss), the result cast per :attr:`logits_cast`, soft-capped per :attr:`softcap` (or the
+       family's own :attr:`logits_module` / :attr:`logits_function`);
     2. **scores** = :attr:`score` of the logits over all ``E`` experts (softmax, sigmoid, or the logits themselves)
-       in :attr:`score_dtype`;
-    3. **selection**: the selection score = scores + the selection bias at :attr:`selection_bias` (DeepSeek-V3's
+       in :attr:`score_dtype` (over ``E + 1`` classes with a :attr:`skip_class`);
+    3. **selection**: the selection score = scores (in :attr:`selection_dtype`) + the selection bias at
+       :attr:`selection_bias` (DeepSeek-V3's
        ``e_score_correction_bias``); the :attr:`group_limit` masks the experts of dropped groups; ``torch.topk`` over
        what is left (:attr:`sorted_topk`) picks ``k`` experts — the one step a feature may replace
        (:mod:`moepatch.routing.seam`);
@@ -97,7 +99,7 @@ class RoutingRule:
        :attr:`renormalize` (with :attr:`renormalize_epsilon` / :attr:`renormalize_min`), multiplied by the
        :attr:`scaling` factor (and a learned :attr:`weights_scale`), cast to :attr:`weights_dtype`; Llama 4 hands its
        experts a dense ``[N, E]`` matrix (:attr:`dense_weights`); Inkling also weights the shared experts it scores
-       (:attr:`shared_logits`).
+       (:attr:`shared_logits`); a chosen :attr:`skip_class` becomes expert 0 with weight 0.
     """
 
     # 1. logits
@@ -116,6 +118,13 @@ class RoutingRule:
     logits_module: str | None = None
     """Router-relative path of a module that computes the logits itself (Ergo's ``ErgoLinearWithFP32Output``, with its
     own casts, autocast and CUDA paths): called as the router calls it, the other logit fields unused."""
+    logits_function: Callable[..., tuple[Any, Any]] | None = None
+    """A family function that computes the logits from the router call's own arguments where the logit step is no
+    map of the token's own hidden state, ``logits_function(router, hidden_states, *args, **kwargs) -> (logits [...,
+    C], carried)``: ZAYA's router MLP over its down-projection plus the router state the previous layer's router
+    hands on (``router_states``).  ``carried`` (the state for the next layer's router) is returned as the router's
+    last output, after the indices; the logits are flattened to ``[N, C]`` for the steps below.  The other logit
+    fields are unused."""
     logit_bias: str | None = None
     """Router-relative path of a bias the router's linear adds to its logits (gpt-oss ``bias``): part of the
     logits, so also of every score."""
@@ -137,6 +146,10 @@ class RoutingRule:
     ``weights_from="softmax_of_chosen"`` (Cohere2-MoE: float32; gpt-oss: the logits' dtype)."""
 
     # 3. selection
+    selection_dtype: Literal["scores", "float32"] = "scores"
+    """The dtype the scores are in when the selection bias is added: their own, or float32 (ZAYA's
+    ``probs.detach().to(torch.float32) + balancing_biases``: a float32 selection from bfloat16 probabilities, also
+    where the model and its bias buffer were cast to bfloat16)."""
     selection_bias: str | None = None
     """Path of the selection bias added to the scores before the top-k only (router attribute, ``"^name"`` on the
     block: DeepSeek-V3 ``e_score_correction_bias``, ERNIE ``moe_statics.e_score_correction_bias``, MiniMax-M2
@@ -153,6 +166,12 @@ class RoutingRule:
     input_jitter: str | None = None
     """Path of a training-time multiplicative input noise the router applies to its input in place (PhiMoE's
     ``input_jitter_noise``), reproduced with the same draw."""
+    skip_class: bool = False
+    """The router scores one *skip class* after its ``E`` experts (ZAYA, whose ``C = E + 1`` classes share the
+    softmax, the selection bias and the top-k): a token that chooses it (index ``E``) reaches the experts as expert 0
+    with weight 0.  The skip class is no expert: C2R never masks it (it is in every allowed set, so a token may still
+    skip), statistics count it as no expert, and a renumbering of the experts leaves its logit row and bias entry in
+    place."""
     sorted_topk: bool = True
     """Whether the family's ``torch.topk`` sorts (DeepSeek-V2 / V3 pass ``sorted=False``): the vanilla selector
     makes the same call, so the patched router is bit-identical, order included."""
@@ -209,6 +228,11 @@ class RoutingRule:
         if self.shared_logits is not None and self.weights_from != "logsigmoid_softmax_of_chosen":
             raise ValueError("RoutingRule.shared_logits: the shared experts' weights come only from "
                              "weights_from='logsigmoid_softmax_of_chosen' (their logits join its normalisation)")
+        if self.skip_class and (self.weights_from != "scores" or self.group_limit is not None or self.dense_weights
+                                or self.expert_sorted or self.shared_logits is not None
+                                or self.selection != "topk"):
+            raise ValueError("RoutingRule.skip_class: a skip class is scored, chosen and weighted like an expert "
+                             "(weights_from='scores', one top-k, no group limit, shared logits or other hand-off)")
 
     def renormalizes(self, router: nn.Module, block: nn.Module | None = None) -> bool:
         """Whether ``router`` (inside sparse block ``block``) renormalises its top-k weights."""
@@ -397,7 +421,7 @@ class FamilySpec:
 
     routing_problem: str | None = None
     """Set by a structural fallback whose probe found no exact rule, or declared by a family whose router the rule
-    cannot express (ZAYA's router MLP, Doge's product keys): the structure is usable, the rule is not."""
+    cannot express (Doge's product keys): the structure is usable, the rule is not."""
     hashed_routers: tuple[str, ...] = ()
     """Router class names (matched through the MRO) that choose by a fixed hash of the token id, not by a learned
     score (DeepSeek-V4's first ``hash_moe`` layers): statistics count them; C2R, freezing, the bias update and expert

@@ -56,9 +56,10 @@ class MoEModel:
     """The decoder layers (dense and MoE); ``None``: the decoder's ``layers_attr`` list (:func:`decoder_layers`)."""
     routing_problem: str | None = None
     """Why the family's :class:`~model_patches.spec.RoutingRule` does not describe these routers (a setting it does not
-    cover, a probe that found no exact rule, a hashed or MLP router), or ``None``.  Features that only need *where*
-    the routers and experts are (freezing, statistics, LoRA experts, task experts, data mixing, loading) work either
-    way; those that re-run the rule (C2R, the balance loss on the actual choice, the bias update) refuse with it."""
+    cover, a probe that found no exact rule, a hashed or product-key router), or ``None``.  Features that only need
+    *where* the routers and experts are (freezing, statistics, LoRA experts, task experts, data mixing, loading) work
+    either way; those that re-run the rule (C2R, the balance loss on the actual choice, the bias update) refuse with
+    it."""
 
     def require_routing_rule(self, field: str) -> None:
         """``ValueError`` naming ``field`` when the routing rule is not known exactly (:attr:`routing_problem`)."""

@@ -655,7 +655,7 @@ DESCRIBED_RULE_FIELDS = frozenset({
     "selection_bias_argument", "group_limit", "selection", "jitter", "input_jitter", "sorted_topk", "weights_from",
     "renormalize", "renormalize_with", "renormalize_epsilon", "renormalize_min", "scaling", "weights_dtype",
     "no_autocast", "dense_weights", "score_module", "logits_module", "shared_logits", "weights_scale",
-    "input_norm", "input_scales", "expert_scale", "expert_sorted",
+    "input_norm", "input_scales", "expert_scale", "expert_sorted", "logits_function", "selection_dtype", "skip_class",
 })
 """:class:`~model_patches.spec.RoutingRule` fields :func:`router_kind` knows (numerics such as dtypes and epsilons
 change no kind); a field added later shows up in the words with its value until it is described here."""
@@ -665,7 +665,7 @@ def router_kind(moe: Any) -> tuple[str, str]:
     """``(letter, words)`` of the model's routing rule; the letter follows the router-kinds table (A softmax →
     top-k, B softmax + selection bias, C top-k of logits → softmax over the k, D sigmoid + selection bias, E D with a
     group limit, F top-k of logits → sigmoid into a dense matrix, G sparsemixer), ``—`` where none fits, ``?`` when
-    moepatch does not know the rule (hashed or MLP routers, a probe that found no exact rule)."""
+    moepatch does not know the rule (hashed routers, product keys, a probe that found no exact rule)."""
     import dataclasses
 
     from model_patches.routing_rule import router_settings
@@ -731,6 +731,11 @@ def router_kind(moe: Any) -> tuple[str, str]:
                                                   *rule.input_scales))
     if rule.expert_sorted:
         words += "; handed to the experts sorted by expert"
+    if rule.skip_class:
+        words += ("; a skip class scored after the experts (chosen: expert 0 with weight 0; C2R never masks it)")
+    if rule.logits_function is not None:
+        function = rule.logits_function
+        words += f"; logits by `{function.__module__}.{function.__name__}`, which hands a state to the next layer"
     for item in dataclasses.fields(rule):
         value = getattr(rule, item.name)
         if item.name not in DESCRIBED_RULE_FIELDS and value != item.default:

@@ -37,6 +37,16 @@ weights experts is written out per type in :data:`_RULES`, each entry naming the
   sigmoid of the k chosen logits, renormalised iff ``norm_topk_prob`` (no epsilon), no scaling.  (Kolibri and Ergo
   compute the logits with ``torch.mm(..., out_dtype=float32)`` on CUDA with bf16 inputs and grad off; the exact
   oracles follow that branch too.)
+* ``"S"`` ZAYA (``ZayaRouter.forward``): the router's input ``[B, S, H]`` through ``down_proj`` (with bias), plus —
+  from layer 1 on — the previous layer's router state × ``router_states_scale``, then the router MLP (``ZayaRMSNorm``
+  → ``fc1`` → GELU → ``fc2`` → GELU → ``out_proj``) scoring ``E`` experts and one skip class (index ``E``); softmax
+  over the ``E + 1`` classes in the logits' dtype; top-k of the float32 probabilities + ``balancing_biases``
+  (``E + 1`` entries); weights = the gathered probabilities, 0 for the skip class.  The router hands a chosen skip
+  class to its experts as expert 0 with weight 0; the oracles keep it as index ``E`` (weight 0) and
+  :func:`router_output` maps the router's (expert 0, weight exactly 0) pairs back to ``E``.  Layers ≥ 1 get the state
+  :func:`zaya_router_states` (the same in the oracles and :func:`router_output`).  C2R: the skip class is no expert,
+  never masked; the allowed set is that of the token's first *expert* (its first choice, or the best expert where
+  the skip class ranks first).
 
 Every oracle takes one MoE layer's ``(block, router)`` pair as :func:`router_modules` returns it and the hidden
 states the router receives (``[N, H]``; any leading shape is flattened).  ``exact=True`` follows the file's dtypes
@@ -51,9 +61,8 @@ an [N, k] batch and a differently shaped one differently (vectorised vs scalar p
 Indices are returned in the order of the oracle's own ``torch.topk`` call (which follows the file's call); compare
 chosen experts as sets per token: sort both the indices and the weights by index before comparing.
 
-ZAYA and Doge are in :data:`_LAYOUTS` only (where their routers and experts are, what their routers choose as the
-experts receive it): their rules (a router MLP with state carried between layers and a skip class; product keys) have
-no oracle here.
+Doge is in :data:`_LAYOUTS` only (where its routers and experts are, what its routers choose as the experts receive
+it): its rule (product keys) has no oracle here.
 
 Two families scale the *experts' output* instead of the routing weights (Laguna, MiniMax-M3-VL): their routers'
 weights carry no scaling factor, and :func:`expert_output_scale` gives the block's factor.
@@ -90,6 +99,7 @@ __all__ = [
     "router_parameter_names",
     "router_top_k",
     "selection_bias_names",
+    "zaya_router_states",
 ]
 
 
@@ -274,6 +284,9 @@ _RULES: dict[str, _Rule] = {
     # ErgoLinearWithFP32Output (W.to(h.dtype), fp32 accumulation); w / (sum + 1e-20) * rsf; .to(h.dtype).float()
     "ergo": _Rule("D", "ErgoTopkRouter", "ergo", renorm="always", eps=1e-20, scale="routed_scaling_factor",
                   topk_sorted=False, cast="hidden_then_float"),
+    # down_proj (+ state × router_states_scale) → RMSNorm → fc1 / fc2 GELU → out_proj over E + 1 classes; softmax;
+    # topk(probs.to(float32) + balancing_biases); gather(probs); a skip choice → expert 0, weight 0
+    "zaya": _Rule("S", "ZayaRouter", "zaya"),
     # softmax(fp32) + moe_statics bias; topk; w / clamp(sum, min=norm_min); w.to(h.dtype)
     "ernie4_5_moe": _Rule("B", "Ernie4_5_MoeTopKRouter", "fp32", renorm="clamp", cast="hidden"),
     # softmax over E + zero experts; topk(sorted=False) of scores + bias; w * routed_scaling_factor
@@ -310,8 +323,6 @@ COVERED_TYPES: tuple[str, ...] = tuple(sorted(KIND))
 
 SKIPPED_TYPES: dict[str, str] = {
     "granitemoe_shared": "no such model type: transformers calls it granitemoeshared (covered)",
-    "zaya": "router MLP over E experts + a skip class, with a state carried from layer to layer (kind H): layout "
-            "only",
     "doge": "product keys: expert (i, j) scored by key i + key j of router_gate, chosen inside DogeCDMoE.forward "
             "(kind H): layout only",
     "deepseek_v4": "hash routing in some layers (kind H)",
@@ -457,7 +468,9 @@ def _selection_bias(model_type: str, block: torch.nn.Module, router: torch.nn.Mo
 
 
 def num_router_experts(model_type: str, router: torch.nn.Module) -> int:
-    """Experts the router scores (LongCat: routed + zero experts)."""
+    """Experts the router scores (LongCat: routed + zero experts; ZAYA: experts + the skip class)."""
+    if _canonical(model_type) == "zaya":  # out_proj of the router MLP scores the classes (down_proj comes first)
+        return int(router.router_mlp.out_proj.weight.shape[0])
     return int(_router_weight(model_type, router).shape[0])
 
 
@@ -502,9 +515,46 @@ def _torch_at_least(major: int, minor: int) -> bool:
     return version >= (major, minor)
 
 
+def zaya_router_states(router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The state a ZAYA router from layer 1 on receives in these oracles and in :func:`router_output`:
+    ``[1, N, router_hidden_size]`` standard-normal numbers, a fixed function of the token count ``N`` (``hidden`` is
+    [N, H]), in the hidden states' dtype; ``None`` for layer 0, whose router adds no state (``use_eda`` off)."""
+    if not router.use_eda:
+        return None
+    generator = torch.Generator().manual_seed(hidden.shape[0])
+    state = torch.randn(1, hidden.shape[0], router.router_hidden_size, generator=generator)
+    return state.to(hidden.device, hidden.dtype)
+
+
+def _zaya_logits(router: torch.nn.Module, hidden: torch.Tensor, exact: bool) -> torch.Tensor:
+    """ZayaRouter's logits [N, E + 1] (``hidden`` is [N, H]; the router runs on the block's [1, N, H]):
+    ``down_proj`` (+ state × ``router_states_scale`` where ``use_eda``), then ZayaRouterMLP — ZayaRMSNorm (float32
+    variance, ``weight * normed.to(input dtype)``), ``fc1`` → GELU, ``fc2`` → GELU, ``out_proj`` without bias.
+    ``exact=False``: the same in float64."""
+    def tensor(value: torch.Tensor) -> torch.Tensor:
+        return value.detach() if exact else value.detach().double()
+
+    mlp = router.router_mlp
+    states = hidden[None] if exact else hidden[None].double()  # [1, N, H]
+    state = zaya_router_states(router, hidden)
+    states = F.linear(states, tensor(router.down_proj.weight), tensor(router.down_proj.bias))
+    if router.use_eda and state is not None:
+        states = states + tensor(state) * tensor(router.router_states_scale)
+    input_dtype = states.dtype
+    normed = states.to(torch.float32) if exact else states
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + mlp.norm.variance_epsilon)
+    states = tensor(mlp.norm.weight) * normed.to(input_dtype)
+    states = F.gelu(F.linear(states, tensor(mlp.fc1.weight), tensor(mlp.fc1.bias)))
+    states = F.gelu(F.linear(states, tensor(mlp.fc2.weight), tensor(mlp.fc2.bias)))
+    logits = F.linear(states, tensor(mlp.out_proj.weight))
+    return logits.reshape(-1, logits.shape[-1])
+
+
 def _exact_logits(model_type: str, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The router logits in the file's dtypes (``hidden`` is [N, H])."""
     rule = _RULES[_canonical(model_type)]
+    if rule.logits == "zaya":
+        return _zaya_logits(router, hidden, exact=True)
     weight = _router_weight(model_type, router)
     if rule.logits == "gemma4":  # Gemma4TextRouter.forward, its Gemma4RMSNorm(with_scale=False) written out
         normed = hidden.float()
@@ -549,6 +599,8 @@ def _exact_logits(model_type: str, router: torch.nn.Module, hidden: torch.Tensor
 def _float64_logits(model_type: str, router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The same logits in float64 from the same parameters (no intermediate rounding)."""
     rule = _RULES[_canonical(model_type)]
+    if rule.logits == "zaya":
+        return _zaya_logits(router, hidden, exact=False)
     weight = _router_weight(model_type, router).double()
     bias = router.bias.detach().double() if rule.logits == "input_with_bias" else None
     hidden = hidden.double()
@@ -619,6 +671,9 @@ def _score(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hid
             selection = scores + bias.to(scores.dtype)
         else:
             selection = scores + bias
+    elif rule.kind == "S":  # ZAYA: softmax (logits' dtype); probs.detach().to(float32) + balancing_biases
+        scores = torch.softmax(logits, dim=-1)
+        selection = (scores.to(torch.float32) if exact else scores) + bias
     elif rule.kind == "R":  # Gemma 4: softmax(expert_scores, dim=-1, dtype=float32)
         scores = F.softmax(logits, dim=-1, dtype=torch.float32) if exact else F.softmax(logits, dim=-1)
         selection = scores
@@ -701,6 +756,9 @@ def _weights(model_type: str, router: torch.nn.Module, scored: _Scores, indices:
         weights = weights * (scale if exact else scale.double())[indices]
     elif rule.kind == "K":  # router_logits.gather(idx).sigmoid(); / sum iff norm_topk_prob
         weights = _renormalise(rule, router, scored.logits.gather(1, indices).sigmoid())
+    elif rule.kind == "S":  # gather(probs); the skip class (the last index) weighs 0
+        weights = scored.scores.gather(1, indices)
+        weights = weights.masked_fill(indices == scored.logits.shape[-1] - 1, 0)
     elif rule.kind == "I":  # the k routed weights of _inkling_weights (the shared experts' follow)
         weights = _inkling_weights(router, scored, indices)[..., : indices.shape[-1]]
     else:  # pragma: no cover
@@ -805,13 +863,17 @@ def _allowed_row(allowed_lists: Mapping[int, Sequence[int]] | Sequence[Sequence[
 def first_choice(model_type: str, block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
                  exact: bool = True) -> torch.Tensor:
     """``[N]`` int64: each token's first expert in the C2R sense — the best selection score (bias included) among
-    the experts the family itself would choose (after the group limit; PhiMoE: the sparsemixer's first pick)."""
+    the experts the family itself would choose (after the group limit; PhiMoE: the sparsemixer's first pick; ZAYA:
+    the best of the ``E`` experts, the skip class left out, which is the family's first choice unless the skip class
+    ranks first)."""
     model_type = _canonical(model_type)
     rule = _RULES[model_type]
     scored = _score(model_type, block, router, hidden, exact)
     selection = scored.selection
     if rule.kind == "G":
         return selection.max(dim=-1)[1].to(torch.int64)
+    if rule.kind == "S":
+        return selection[:, :-1].max(dim=-1)[1].to(torch.int64)
     if rule.kind == "E":
         selection = selection.masked_fill(~_group_mask(router, selection), float("-inf"))
     return selection.max(dim=-1)[1].to(torch.int64)
@@ -823,9 +885,11 @@ def oracle_c2r(model_type: str, block: torch.nn.Module, router: torch.nn.Module,
     """Collaboration-constrained routing ``(indices [N, k] int64, weights [N, k])``, one token at a time.
 
     1. e1 = the family's own first choice: the best selection score (bias included) among the experts the family
-       itself chooses (group-limited routers: after the group limit; PhiMoE: the sparsemixer's first expert).
+       itself chooses (group-limited routers: after the group limit; PhiMoE: the sparsemixer's first expert).  ZAYA:
+       the family's first choice among its ``E + 1`` classes stays chosen; e1 is that class when it is an expert,
+       else (the skip class ranks first) the best expert.
     2. allowed = {e1} ∪ ``allowed_lists[e1][:top_t]`` (``top_t=None``: the whole list; a [E, E] bool tensor: its
-       row e1, ``top_t`` unused).
+       row e1, ``top_t`` unused).  ZAYA: and the skip class, in every allowed set (it is no expert).
     3. chosen = the k best allowed experts by the selection score (``torch.topk`` of the score with the others
        masked to -inf).  Group-limited routers: within the family's kept groups if at least k allowed experts lie
        there; otherwise every allowed expert in the kept groups plus the best allowed experts outside them (C2R then
@@ -841,7 +905,8 @@ def oracle_c2r(model_type: str, block: torch.nn.Module, router: torch.nn.Module,
     model_type = _canonical(model_type)
     rule = _RULES[model_type]
     scored = _score(model_type, block, router, hidden, exact)
-    num_tokens, num_experts = scored.selection.shape
+    num_tokens, num_classes = scored.selection.shape
+    num_experts = num_classes - 1 if rule.kind == "S" else num_classes  # ZAYA's last class is the skip class
     top_k = router_top_k(model_type, router)
     all_indices = []
     for token in range(num_tokens):
@@ -850,12 +915,16 @@ def oracle_c2r(model_type: str, block: torch.nn.Module, router: torch.nn.Module,
         if rule.kind == "E":
             kept = _group_mask(router, selection)[0]
         else:
-            kept = torch.ones(num_experts, dtype=torch.bool, device=device)
+            kept = torch.ones(num_classes, dtype=torch.bool, device=device)
         if rule.kind == "G":  # sparsemixer: the first expert is the max of the logits
             first = int(selection.max(dim=-1)[1][0])
         else:  # the best of the family's own choice (topk sorts best first)
             first = int(torch.topk(selection.masked_fill(~kept, float("-inf")), top_k, dim=-1)[1][0, 0])
+        if first >= num_experts:  # ZAYA: the skip class ranks first; the allowed set is the best expert's
+            first = int(selection[:, :num_experts].max(dim=-1)[1][0])
         allowed = _allowed_row(allowed_lists, first, top_t, num_experts).to(device)
+        if rule.kind == "S":  # the skip class is in every allowed set
+            allowed = torch.cat([allowed, torch.ones(1, dtype=torch.bool, device=device)])
         if int(allowed.sum()) < top_k:
             raise ValueError(f"router_oracles: token {token}: only {int(allowed.sum())} experts allowed for "
                              f"expert {first}, fewer than k={top_k}")
@@ -901,7 +970,8 @@ def router_output(model_type: str, block: torch.nn.Module, router: torch.nn.Modu
 
     MiniMax-M2 / HY-V3 pass the block's bias buffer, AFMoE its ``expert_bias`` (and a [1, N, H] input); Llama 4's
     dense matrix becomes its nonzero entries (indices ascending); Inkling's fourth output (the shared experts'
-    weights) is left out.
+    weights) is left out; ZAYA gets a [1, N, H] input and :func:`zaya_router_states`, its fourth output (the state
+    for the next layer) is left out and a chosen skip class (expert 0 with weight exactly 0) becomes index ``E``.
     """
     model_type = _canonical(model_type)
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -914,6 +984,9 @@ def router_output(model_type: str, block: torch.nn.Module, router: torch.nn.Modu
         indices, weights = _dense_to_choice(dense)
     elif model_type == "inkling_text":  # a fourth output: the shared experts' weights
         logits, weights, indices, _ = router(hidden)
+    elif model_type == "zaya":  # [1, N, H] and a state as the block passes them; the fourth output is the next state
+        logits, weights, indices, _ = router(hidden[None], router_states=zaya_router_states(router, hidden))
+        indices = indices.masked_fill((indices == 0) & (weights == 0), int(router.num_experts))  # the skip class
     elif model_type == "jetmoe":  # (index_sorted_experts, batch_index, batch_gates, expert_size, logits)
         logits, indices, weights = jetmoe_choice(router(hidden), int(router.top_k))
     else:

@@ -6,9 +6,12 @@ layer is old expert ``permutation[n]``.  Routing is equivariant under renaming w
 routing moves with the experts — the router rows, a per-expert linear bias of the logits, and the selection bias the
 family's :class:`~model_patches.spec.RoutingRule` names (a buffer, or a parameter of another shape such as ``[1, E]``,
 on the router or on the sparse block: it is not a router *parameter*, so it is taken from the rule, never guessed
-from names) — and C2R lists are renumbered.  Then the permuted model chooses the same experts under the renaming and
-computes the same logits up to float32 rounding (tested).  Not bit for bit: a float32 softmax sums the experts in id
-order, so renamed experts get weights that differ by one ulp, and eager experts also accumulate outputs in id order.
+from names), and every tensor of the expert modules the family declares (Ergo's per-expert ``post_expert_norm``
+too) — and C2R lists are renumbered; rows and entries of classes the router scores that are no routed experts
+(Inkling's shared experts, ZAYA's skip class) stay where they are.  Then the permuted model chooses the same experts
+under the renaming and computes the same logits up to float32 rounding (tested).  Not bit for bit: a float32 softmax
+sums the experts in id order, so renamed experts get weights that differ by one ulp, and eager experts also accumulate
+outputs in id order.
 
 Two renamings are refused, naming the layer and the field, before anything changes:
 
@@ -45,10 +48,11 @@ PERMUTATION_FILE = "expert_permutation.json"
 
 Layout = Literal["rows", "leading_rows", "stacked_rows", "flat", "list"]
 """How a tensor carries the expert axis: ``"rows"`` ``[E, ...]``; ``"leading_rows"`` ``[E + S, ...]``, the routed
-experts' rows first and those of the ``S`` shared experts the router also scores after them, in place (Inkling's
-router weight, :attr:`~model_patches.spec.RoutingRule.shared_logits`); ``"stacked_rows"`` ``[E·R, ...]`` (blocks of
-``R`` rows); ``"flat"`` ``E`` entries in any shape with one axis of size ``E`` (a selection bias ``[E]`` or
-``[1, E]``); ``"list"`` a ``ParameterList`` of ``E`` entries."""
+experts' rows first and, in place after them, those of the ``S`` classes the router also scores that are no routed
+experts (Inkling's shared experts, :attr:`~model_patches.spec.RoutingRule.shared_logits`; ZAYA's skip class,
+:attr:`~model_patches.spec.RoutingRule.skip_class`, in its router's ``out_proj`` weight and its ``[E + 1]`` selection
+bias); ``"stacked_rows"`` ``[E·R, ...]`` (blocks of ``R`` rows); ``"flat"`` ``E`` entries in any shape with one axis
+of size ``E`` (a selection bias ``[E]`` or ``[1, E]``); ``"list"`` a ``ParameterList`` of ``E`` entries."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,10 @@ def routing_groups(model: MoEModel) -> dict[int, RoutingGroups]:
 
 def _selection_bias(model: MoEModel, index: int) -> ExpertTensor | None:
     """The selection bias the rule names for layer ``index`` (``None`` when the rule has none); its ``E`` entries
-    must lie along one axis (``[E]``, ``[1, E]``)."""
-    path = model.family.routing.selection_bias
+    must lie along one axis (``[E]``, ``[1, E]``), or be the first of ``E + 1`` (``[E + 1]``, the skip class last:
+    ZAYA's ``balancing_biases``)."""
+    rule = model.family.routing
+    path = rule.selection_bias
     if path is None:
         return None
     layer, name = model.layer(index), _block_relative(model, path)
@@ -123,6 +129,11 @@ def _selection_bias(model: MoEModel, index: int) -> ExpertTensor | None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"layer {index}: the routing rule's selection bias {name} is not a tensor of this model; "
                          "cannot permute it with the experts")
+    if rule.skip_class:  # the skip class's entry stays last
+        if tuple(tensor.shape) != (model.num_experts + 1,):
+            raise ValueError(f"layer {index}: selection bias {name} has shape {tuple(tensor.shape)}, not [E + 1 = "
+                             f"{model.num_experts} + 1] (the experts' entries, then the skip class's); cannot permute")
+        return ExpertTensor(name, tensor, "leading_rows")
     if tensor.numel() != model.num_experts or max(tensor.shape, default=0) != model.num_experts:
         raise ValueError(f"layer {index}: selection bias {name} has shape {tuple(tensor.shape)}, not "
                          f"E={model.num_experts} entries along one axis; cannot permute")
@@ -147,7 +158,9 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
     bias = _selection_bias(model, index)
     found: list[ExpertTensor] = []
     router_parameters = dict(layer.router.named_parameters())
+    # rows the router scores after the routed experts' that stay in place: Inkling's shared experts, ZAYA's skip class
     shared = router_settings(spec.routing, layer.router, layer.block, top_k=model.top_k).shared_logits
+    shared += int(spec.routing.skip_class)
     for name in spec.router_expert_parameters or tuple(router_parameters):
         if name not in router_parameters:
             raise ValueError(f"layer {index}: router has no parameter {name!r}")
@@ -157,11 +170,14 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
         layout = "leading_rows" if shared and parameter.dim() and parameter.shape[0] == num_experts + shared else "rows"
         found.append(ExpertTensor(f"{spec.router_attr}.{name}", parameter, layout))
     stacked = spec.expert_storage == "stacked_rows"  # expert tensors stack each expert's rows: [E·R, ...]
-    for path in spec.expert_modules or (spec.experts_attr,):
+    paths = spec.expert_modules or (spec.experts_attr,)
+    for path in paths:
         module = attribute_path(layer.block, path)
         if not isinstance(module, nn.Module):
             raise ValueError(f"layer {index}: no expert module {path!r}")
         for name, child in module.named_children():
+            if f"{path}.{name}" in paths:  # declared itself (Ergo's per-expert post_expert_norm): read as such
+                continue
             if isinstance(child, nn.ParameterList) and len(child) == num_experts:
                 found.append(ExpertTensor(f"{path}.{name}", child, "list"))
             elif any(True for _ in child.parameters()):
@@ -176,6 +192,8 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
         rows = entry.tensor.shape[0] if entry.tensor.dim() else 0
         if entry.layout == "stacked_rows":
             fits, want = rows > 0 and rows % num_experts == 0, f"[E·R = {num_experts}·R, ...]"
+        elif entry.layout == "leading_rows" and entry is bias:
+            fits, want = rows == num_experts + 1, f"[E + 1 = {num_experts} + 1]"
         elif entry.layout == "leading_rows":
             fits, want = rows == num_experts + shared, f"[E + S = {num_experts} + {shared}, ...]"
         else:
@@ -269,7 +287,7 @@ def permute_experts(model: MoEModel, permutations: Mapping[int, Sequence[int]]) 
                         tensor[new] = old_entries[old]
                     continue
                 order = torch.tensor(permutation, device=tensor.device)
-                if entry.layout == "leading_rows":  # [E + S, ...]: the shared experts' rows stay where they are
+                if entry.layout == "leading_rows":  # [E + S, ...]: the shared / skip classes' rows stay in place
                     tensor[: len(permutation)].copy_(tensor[: len(permutation)][order])
                 elif entry.layout == "flat":  # [E] or [1, E]: the E entries in memory order
                     tensor.copy_(tensor.reshape(-1)[order].reshape(tensor.shape))

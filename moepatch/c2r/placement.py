@@ -771,14 +771,17 @@ def placement_report(
         or ``None``).
 
     Raises:
-        ValueError: if ``matrices`` is not ``[L, E, E]``, a layer is out of range or has no co-activation mass, or an
-            ``indices`` entry does not have ``top_k`` columns.
+        ValueError: if ``matrices`` is not ``[L, E, E]``, ``top_k < 2`` (nothing co-activates), a layer is out of
+            range or has no co-activation mass, or an ``indices`` entry does not have ``top_k`` columns.
     """
     stack = _as_numpy(matrices)
     if stack.ndim != 3 or stack.shape[1] != stack.shape[2]:
         raise ValueError(f"expected [L, E, E] co-activation matrices, got shape {tuple(stack.shape)}")
     num_layers, num_experts = stack.shape[0], stack.shape[1]
     _check_ep_size(num_experts, ep_size)
+    if top_k < 2:  # e.g. ZAYA (top-1): no pair of experts ever serves one token, whatever the placement
+        raise ValueError(f"the model routes each token to {top_k} expert: no two experts are ever chosen together, "
+                         "so every placement sends each token to one device; nothing to place")
     selected = list(range(num_layers)) if layers is None else [int(layer) for layer in layers]
     for layer in selected:
         if not 0 <= layer < num_layers:

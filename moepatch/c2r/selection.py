@@ -18,6 +18,9 @@ family keeps its own weight semantics (Qwen2-MoE: global softmax probabilities, 
 * the load-balancing loss counts the experts actually chosen (:mod:`moepatch.routing.aux_loss`).
 
 ``top_t = E - 1`` reproduces vanilla top-k exactly, ties included (tested bit for bit in float32, bf16 and fp16).
+
+A router that also scores a skip class (ZAYA) chooses it like an expert, but it is no expert: C2R never masks it, and
+the allowed set is that of the token's first expert (see :func:`_masked_topk`).
 """
 
 from __future__ import annotations
@@ -88,8 +91,14 @@ def _masked_topk(
     is then put first, before the first ``m - 1`` chosen (all equal to it), so the selection always holds ``top1``
     and its collaborators only.  Among equal scores the order is ``topk``'s: ``top1`` need not be column 0.
 
+    Columns after the ``E`` experts (ZAYA's skip class, :attr:`~model_patches.spec.RoutingRule.skip_class`) are no
+    experts: they are never masked, and where one of them is ``top1`` the allowed row is that of the token's first
+    *expert*, the best of the first ``E`` columns (its ``argmax``), so every chosen expert is still in one expert's
+    allowed set.
+
     Args:
-        scores (`torch.Tensor` of shape `[N, E]`): what the family's top-k runs over (probabilities or logits).
+        scores (`torch.Tensor` of shape `[N, E]` or `[N, E + X]`): what the family's top-k runs over (probabilities
+            or logits), with ``X`` non-expert classes last.
         m (`int`): columns returned.
         allowed (`torch.Tensor` of shape `[E, E]`, bool): :func:`allowed_table` of the layer.
         selected (`int`): leading columns that form the selection and must hold ``top1`` (``m`` or ``m - 1``).
@@ -105,9 +114,17 @@ def _masked_topk(
         top1 = scores.argmax(dim=-1, keepdim=True)  # [N, 1]
     if restricted is None:
         restricted = ~allowed.all(dim=-1)  # [E]
-    masked = scores.masked_fill(~allowed[top1.squeeze(1)], float("-inf"))  # [N, E], expert-index order
+    num_experts = allowed.shape[0]
+    extra = scores.shape[-1] - num_experts
+    if extra:  # classes after the experts (ZAYA's skip class) are no experts: allowed everywhere, never masked
+        anchor = torch.where(top1 < num_experts, top1, scores[:, :num_experts].argmax(dim=-1, keepdim=True))
+        row = allowed[anchor.squeeze(1)]  # [N, E]
+        row = torch.cat([row, row.new_ones(row.shape[0], extra)], dim=1)  # [N, E + extra]
+    else:
+        anchor, row = top1, allowed[top1.squeeze(1)]  # [N, 1], [N, E]
+    masked = scores.masked_fill(~row, float("-inf"))  # expert-index order
     _, indices = torch.topk(masked, m, dim=-1, sorted=sorted)  # [N, m]: the family's call, the family's tie order
-    lost = (indices[:, :selected] != top1).all(dim=-1, keepdim=True) & restricted[top1]  # [N, 1]
+    lost = (indices[:, :selected] != top1).all(dim=-1, keepdim=True) & restricted[anchor]  # [N, 1]
     indices = torch.where(lost, torch.cat([top1, indices[:, :-1]], dim=1), indices)  # [N, m]
     return scores.gather(1, indices), indices
 
@@ -121,7 +138,8 @@ def constrained_topk(
     Args:
         probs (`torch.Tensor` of shape `[N, E]`): what the family's top-k runs over — probabilities (Qwen, Mixtral),
             sigmoid scores plus the selection bias (DeepSeek-V3), logits (gpt-oss, Llama 4) — with the experts of
-            groups the group limit dropped already masked.
+            groups the group limit dropped already masked; ``[N, E + 1]`` with ZAYA's skip class last, which is
+            never masked (see :func:`_masked_topk`; no group limit then).
         k (`int`): experts per token.
         allowed (`torch.Tensor` of shape `[E, E]`, bool): :func:`allowed_table` of the layer.
         sorted (`bool`, *optional*, defaults to `True`): the family's ``torch.topk(sorted=...)``.

@@ -64,7 +64,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                    + ("; router input: " + " × ".join((f"{rule.input_norm}(hidden)" if rule.input_norm else "hidden",
                                                         *rule.input_scales))
                       if rule.input_norm or rule.input_scales else "")
-                   + ("; handed to the experts sorted by expert" if rule.expert_sorted else ""))
+                   + ("; handed to the experts sorted by expert" if rule.expert_sorted else "")
+                   + ("; a skip class scored after the experts (chosen: expert 0 with weight 0)" if rule.skip_class
+                      else "")
+                   + (f"; logits by {rule.logits_function.__module__}.{rule.logits_function.__name__}"
+                      if rule.logits_function is not None else ""))
     hashed = f"; hashed layers {list(moe.hashed_layers)}" if moe.hashed_layers else ""
     print(f"experts:    {moe.num_experts} routed, top-{moe.top_k}; routing: {routing}{hashed}")
     print(f"shared:     {', '.join(spec.shared_expert_attrs) or 'none'}")

@@ -219,6 +219,13 @@ def plan_bias_targets(structure: MoEModel, layers: list[int] | None, field_path:
             f"to the scores for the top-k only): its router chooses the top-k of its {rule.selects_on}; the "
             "aux-loss-free bias update (DeepSeek-V3, §2.1.2) moves such a bias, so there is nothing to update"
         )
+    if rule.skip_class:
+        raise ValueError(
+            f"{field_path}: {router_class} ({structure.family.name}) adds its selection bias `{rule.selection_bias}` "
+            f"to {structure.num_experts} experts and a skip class, which chooses no expert and so has no load to "
+            "balance: the aux-loss-free bias update (one entry per expert, moved by that expert's load) does not "
+            "say how to move the skip class's entry, and moepatch does not guess"
+        )
     indices = resolve_layer_indices(structure, layers, f"{field_path}.layers")
     hashed = [index for index in indices if index in structure.hashed_layers]
     if layers is None:  # every MoE layer with a learned choice

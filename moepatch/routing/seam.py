@@ -56,9 +56,10 @@ def routed_forward(
     """A replacement ``forward`` for one router instance: the family's rule run by
     :func:`model_patches.routing_rule.execute` with ``selector`` choosing.
 
-    Keeps the router's call signature: ``(hidden_states)``, or ``(hidden_states, selection_bias)`` where the block
-    passes the bias (:attr:`RoutingRule.selection_bias_argument`).  The logit weight and the selection bias are read at
-    call time (they follow ``.to()`` and a bias update).
+    Keeps the router's call signature: ``(hidden_states)``, ``(hidden_states, selection_bias)`` where the block
+    passes the bias (:attr:`RoutingRule.selection_bias_argument`), or ``(hidden_states, router_states=...)`` where the
+    family's :attr:`RoutingRule.logits_function` reads further arguments (ZAYA's router state, handed from layer to
+    layer).  The logit weight and the selection bias are read at call time (they follow ``.to()`` and a bias update).
     """
 
     def forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
@@ -67,7 +68,8 @@ def routed_forward(
             bias = args[position - 1]
         else:
             bias = selection_bias_of(rule, self, block)
-        return execute(rule, settings, self, hidden_states, selector=selector, bias=bias)
+        return execute(rule, settings, self, hidden_states, selector=selector, bias=bias, call_args=args,
+                       call_kwargs=kwargs)
 
     return types.MethodType(forward, router)
 

@@ -230,9 +230,9 @@ KIND_NOTES: dict[str, str] = {
              "route_scale=2.5; layer 0 dense (num_dense_layers=1), one shared expert",
     "deepseek_v4": "H + D: layer 0 hash-routed (gate.tid2eid[input_ids]), layer 1 learned: sqrtsoftplus scores + "
                    "e_score_correction_bias, always renormalised (+1e-20) × routed_scaling_factor=2.5; shared expert",
-    "zaya": "H: router MLP (down_proj → RMSNorm → fc1/fc2 GELU → out_proj, plus the previous layer's router state) "
-            "over 8 experts + 1 skip class, softmax + balancing_biases, gathered unbiased probabilities, skip masked "
-            "to weight 0; top-1 (the config refuses any other k)",
+    "zaya": "B′: router MLP (down_proj → RMSNorm → fc1/fc2 GELU → out_proj, plus the previous layer's router state) "
+            "over 8 experts + 1 skip class, softmax + balancing_biases (float32), gathered unbiased probabilities, "
+            "skip masked to expert 0 with weight 0; top-1 (the config refuses any other k)",
     "jetmoe": "C: top-k of the fp32 logits → softmax over the k; the MLP (mlp.router) and the attention (mixture of "
               "attention heads, self_attention.experts.router) are both routed",
     "laguna": "D: fp32 sigmoid + gate.e_score_correction_bias (nn.Parameter), always renormalised (no epsilon); "

@@ -152,6 +152,88 @@ def test_inkling_renumbering_moves_the_routed_rows_and_keeps_the_shared_experts_
     torch.testing.assert_close(permuted_logits, logits, atol=1e-5, rtol=1e-5)
 
 
+def test_ergo_renumbering_moves_each_experts_output_norm(batch: dict[str, torch.Tensor]) -> None:
+    """ErgoExperts RMS-normalises each expert's output with that expert's row of ``post_expert_norm.weight [E, H]``:
+    a renumbering moves those rows with the experts (and the router rows and selection bias), and the permuted model
+    computes the same function."""
+    original, permuted = build("ergo"), build("ergo")
+    moe = describe(permuted)
+    with torch.no_grad():  # rows that differ, so that a norm left in the old order would show in the logits
+        for layer in moe.layers:
+            layer.experts.post_expert_norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+            original.model.layers[layer.index].mlp.experts.post_expert_norm.weight.copy_(
+                layer.experts.post_expert_norm.weight)
+    permutations = renumbering(permuted, seed=7)
+    before = {layer.index: layer.experts.post_expert_norm.weight.detach().clone() for layer in moe.layers}
+    permute_experts(moe, permutations)
+    for layer in moe.layers:
+        order = torch.tensor(permutations[layer.index])
+        assert torch.equal(layer.experts.post_expert_norm.weight, before[layer.index][order])
+
+    logits, chosen = run(original, batch)
+    permuted_logits, permuted_chosen = run(permuted, batch)
+    real = batch["attention_mask"].reshape(-1).bool()
+    assert same_choices(chosen, permuted_chosen, permutations, real)
+    torch.testing.assert_close(permuted_logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def _zaya(top_k: int = 2, skip_bias: float = 0.13) -> torch.nn.Module:
+    """The tiny ZAYA choosing ``top_k`` classes (its published config refuses any k but 1), its skip class at
+    ``skip_bias`` (−1 at init, which never lets it win) so that some tokens skip."""
+    model = build("zaya")
+    model.config.num_experts_per_tok = top_k
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = top_k
+        with torch.no_grad():
+            layer.mlp.gate.balancing_biases[-1] = skip_bias
+    return model
+
+
+def test_zaya_renumbering_moves_the_expert_classes_and_keeps_the_skip_class(batch: dict[str, torch.Tensor]) -> None:
+    """ZayaRouter's ``out_proj`` scores E experts, then the skip class; ``balancing_biases`` has E + 1 entries the
+    same way: a renumbering moves the experts' rows and entries, leaves the skip class's and the rest of the router
+    MLP (and the router state it hands on) as they are, and the permuted model computes the same function, its skips
+    included."""
+    original, permuted = _zaya(), _zaya()
+    moe = describe(permuted)
+    permutations = renumbering(permuted, seed=7)
+    router_state = {name: tensor.detach().clone() for name, tensor in permuted.state_dict().items() if ".gate." in name}
+    permute_experts(moe, permutations)
+    num_experts = moe.num_experts
+    for layer in moe.layers:
+        order = torch.tensor(permutations[layer.index])
+        prefix = f"{layer.name}.gate."
+        for name, tensor in layer.router.state_dict().items():
+            old = router_state[prefix + name]
+            if name in ("router_mlp.out_proj.weight", "balancing_biases"):
+                assert old.shape[0] == num_experts + 1
+                assert torch.equal(tensor[:num_experts], old[:num_experts][order]), name
+                assert torch.equal(tensor[num_experts:], old[num_experts:]), name
+            else:
+                assert torch.equal(tensor, old), name
+
+    def classes(model: torch.nn.Module) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits, and per layer the classes chosen (a skip, handed over as expert 0 with weight 0, as index E)."""
+        found: dict[int, torch.Tensor] = {}
+        handles = [layer.router.register_forward_hook(
+            lambda module, args, output, index=layer.index: found.__setitem__(
+                index, output[2].masked_fill((output[2] == 0) & (output[1] == 0), num_experts)))
+            for layer in describe(model).layers]
+        with torch.no_grad():
+            logits = model(**batch).logits
+        for handle in handles:
+            handle.remove()
+        return logits, found
+
+    logits, chosen = classes(original)
+    permuted_logits, permuted_chosen = classes(permuted)
+    real = batch["attention_mask"].reshape(-1).bool()
+    assert any(bool((chosen[index][real] == num_experts).any()) for index in chosen)  # some tokens skip
+    skip_stays = {index: [*permutation, num_experts] for index, permutation in permutations.items()}
+    assert same_choices(chosen, permuted_chosen, skip_stays, real)
+    torch.testing.assert_close(permuted_logits, logits, atol=1e-5, rtol=1e-5)
+
+
 def test_a_renumbering_across_routing_groups_is_refused_and_would_change_the_routing(
     tmp_path, batch: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,6 +32,18 @@ def test_formerly_refused_types_resolve_with_their_default_configs(model_type):
     assert moe.family.name == model_type and moe.layers
 
 
+def test_zaya_selection_bias_over_a_skip_class_is_not_updated():
+    """ZAYA's rule is exact (C2R and placement take it), but its ``balancing_biases`` holds an entry for the skip
+    class too, which has no load: the bias update refuses by name and changes nothing."""
+    model = tiny_kinds.tiny_kind_model("zaya")
+    assert describe(model).routing_problem is None
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"bias_update: ZayaRouter \(zaya\) adds its selection bias `balancing_biases` "
+                                         r"to 8 experts and a skip class"):
+        moepatch.apply(model, {"bias_update": {"rate": 0.01}})
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
 @pytest.mark.parametrize(("model_type", "dense", "phrase"), [
     ("doge", {"is_moe": False}, r"doge: no sparse MoE block \(DogeCDMoE\) in any layer"),
     ("gemma4_text", {"enable_moe_block": False},

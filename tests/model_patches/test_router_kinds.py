@@ -6,8 +6,9 @@ random and non-zero, whose group limits keep 2 of 4 groups and whose scaling fac
 One type of each kind (the spec's letters): softmax + selection bias (B: ERNIE 4.5), top-k of logits then softmax
 over the k (C: gpt-oss, GraniteMoE, Aria), sigmoid + selection bias (D: MiniMax-M2, Laguna, HY-V3, AfMoE), the same
 with a group limit (E: DeepSeek-V3, GLM-4.5, Kimi-Linear), top-k then sigmoid into a dense matrix (F: Llama 4),
-sparsemixer (G: PhiMoE, structure only), DeepSeek-V2's group-limited greedy softmax, and Inkling's sigmoid + selection
-bias whose weights share one log-domain normalisation with the shared experts its router also scores.
+sparsemixer (G: PhiMoE, structure only), DeepSeek-V2's group-limited greedy softmax, Inkling's sigmoid + selection
+bias whose weights share one log-domain normalisation with the shared experts its router also scores, and ZAYA's
+router MLP (with a state carried from layer to layer) over its experts and a skip class, softmax + selection bias.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from router_oracles import oracle_shared_weights
 from router_oracles import router_modules
 from router_oracles import router_parameter_names
 from router_oracles import selection_bias_names
+from router_oracles import zaya_router_states
 
 import moepatch
 from model_patches import routing_rule
@@ -61,15 +63,24 @@ EXACT_KINDS = {
     "phimoe": "phimoe",  # G: sparsemixer (eval exact; training below)
     "gemma4_text": "gemma4_text",  # R: normalised, scaled router input; × per_expert_scale; the layer is the block
     "jetmoe": "jetmoe",  # C, handed to the experts sorted by expert; the attention is a mixture too
+    "zaya": "zaya",  # S: router MLP + carried state, softmax over E experts + 1 skip class + bias, a fourth output
 }
 """Model type → the family moepatch must resolve it to, with an exact routing rule."""
 STRUCTURE_ONLY: dict[str, str] = {
-    "zaya": "ZayaRouter scores E experts + 1 skip class with an MLP",
     "doge": "DogeCDMoE routes by product keys",
 }
 """Types whose structure is accepted and whose routing rule is refused, with a phrase of the reason (DeepSeek-V4's
 hashed layers are in test_refusals.py)."""
 ALL_TYPES = {**EXACT_KINDS, **STRUCTURE_ONLY}
+
+
+ZAYA_TOP_K = 2
+"""The tiny ZAYA's routers choose 2 classes here (3 in the test of the experts after a skip): the published config
+refuses any ``k`` but 1 (where C2R keeps the first choice and changes nothing), ``ZayaRouter`` and ``ZayaExperts``
+compute any ``k``."""
+ZAYA_SKIP_BIAS = 0.13
+"""The tiny ZAYA's ``balancing_biases`` entry of the skip class (−1 at init, which never lets it win): at this value
+the skip class ranks first for some tokens and second for others, in each layer."""
 
 
 def _model(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -78,7 +89,18 @@ def _model(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
                                 routed_scaling_factor=2.5)
     else:
         model = tiny_kinds.tiny_kind_model(model_type)
+    if model_type == "zaya":
+        _route_zaya(model, ZAYA_TOP_K)
     return model.to(dtype)
+
+
+def _route_zaya(model: torch.nn.Module, top_k: int) -> None:
+    """Let the tiny ZAYA choose ``top_k`` classes, the skip class at :data:`ZAYA_SKIP_BIAS`."""
+    model.config.num_experts_per_tok = top_k
+    for _, router in router_modules(model).values():
+        router.top_k = top_k
+        with torch.no_grad():
+            router.balancing_biases[-1] = ZAYA_SKIP_BIAS
 
 
 def _hidden(model: torch.nn.Module, tokens: int = 53, dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -197,6 +219,52 @@ def test_inkling_executor_returns_the_routers_four_outputs_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_zaya_executor_returns_the_routers_four_outputs_bit_for_bit(dtype):
+    """ZayaRouter returns (logits over E experts + the skip class, weights, indices, the state for the next layer's
+    router): under the family's own top-k and under C2R with every collaborator allowed the patched routers return
+    the same four tensors (values, dtypes, strides), from a state carried in (layers ≥ 1) as from none; some tokens
+    choose the skip class."""
+    model = _model("zaya", dtype)
+    moe = describe(model)
+    hidden = _hidden(model, dtype=dtype)[None]
+    routers = router_modules(model)
+    states = {index: zaya_router_states(router, hidden[0]) for index, (_, router) in routers.items()}
+
+    def outputs() -> dict[int, tuple[torch.Tensor, ...]]:
+        with torch.no_grad():
+            return {index: router(hidden, router_states=states[index]) for index, (_, router) in routers.items()}
+
+    original = outputs()
+    assert any(bool(((out[2] == 0) & (out[1] == 0)).any()) for out in original.values())  # skips
+    assert any(states[index] is not None for index in routers)
+    undo = UndoLog()
+    override_selection(moe, lambda layer: vanilla_selector(moe.family.routing), None, undo)
+    patched = outputs()
+    undo.undo()
+    handle = moepatch.apply(model, {"c2r": {"top_t": moe.num_experts - 1, "collaborative_list": _full_list(model)}})
+    constrained = outputs()
+    handle.remove()
+    for got in (patched, constrained):
+        for index in routers:
+            assert len(got[index]) == 4
+            for mine, theirs in zip(got[index], original[index]):
+                assert mine.dtype == theirs.dtype and mine.stride() == theirs.stride(), index
+                assert torch.equal(mine, theirs), index
+
+
+def test_published_top_1_zaya_keeps_its_routing_under_any_list():
+    """The published ZAYA config routes top-1: C2R keeps each token's first choice, so even the shortest lists
+    (``top_t = 1``) leave the logits bit-identical."""
+    model = tiny_kinds.tiny_kind_model("zaya")
+    assert describe(model).top_k == 1
+    batch = _batch(model)
+    reference = logits_of(model, batch)
+    handle = moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": _full_list(model, seed=3)}})
+    assert handle.c2r_routers
+    assert torch.equal(logits_of(model, batch), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_c2r_with_every_collaborator_allowed_is_bit_identical(kind, dtype):
     if dtype == torch.float16 and kind in ("llama4_text",):
         pytest.skip("the tiny Llama 4 overflows in float16 before its router")
@@ -236,7 +304,8 @@ def _check_c2r(kind: str, model: torch.nn.Module, listed: list, top_t: int) -> l
                 if e1 not in chosen:
                     problems.append(f"layer {index} token {token}: the first choice {e1} was dropped")
                     break
-                if not chosen <= set(allowed[e1].nonzero().flatten().tolist()):
+                experts = {e for e in chosen if e < moe.num_experts}  # ZAYA's skip class (index E) is no expert
+                if not experts <= set(allowed[e1].nonzero().flatten().tolist()):
                     problems.append(f"layer {index} token {token}: {sorted(chosen)} leaves the allowed set of {e1}")
                     break
     return problems
@@ -253,6 +322,30 @@ def test_c2r_chooses_inside_the_allowed_set_by_the_family_rule(kind, top_t):
     moepatch.apply(model, {"c2r": {"top_t": top_t, "collaborative_list": listed}})
     assert not torch.equal(logits_of(model, batch), reference)
     assert _check_c2r(kind, model, listed, top_t) == []
+
+
+def test_zaya_c2r_after_a_skip_chooses_among_the_first_experts_collaborators():
+    """ZAYA at k = 3: where the skip class ranks first, the token keeps it, its first expert is the best expert and
+    the third class is the best of that expert's allowed classes (the skip class being one), not the second-best
+    expert overall: the oracle's C2R, which the patched routers equal, differs from the family's own choice there."""
+    model = tiny_kinds.tiny_kind_model("zaya")
+    _route_zaya(model, 3)
+    listed = _full_list(model, seed=3)
+    moepatch.apply(model, {"c2r": {"top_t": 2, "collaborative_list": listed}})
+    assert _check_c2r("zaya", model, listed, 2) == []
+    hidden = _hidden(model, tokens=97, seed=4)
+    moe = describe(model)
+    changed_after_a_skip = 0
+    with torch.no_grad():
+        for index, (block, router) in router_modules(model).items():
+            allowed = _allowed_rows(listed, index, 2, moe.num_experts)
+            c2r, _ = oracle_c2r("zaya", block, router, hidden, allowed, exact=True)
+            vanilla, _ = oracle_route("zaya", block, router, hidden, exact=True)
+            skip_first = vanilla[:, 0] == moe.num_experts
+            assert bool((c2r[skip_first] == moe.num_experts).any(dim=-1).all())  # the skip class is kept
+            differs = (c2r.sort(dim=-1).values != vanilla.sort(dim=-1).values).any(dim=-1)
+            changed_after_a_skip += int((differs & skip_first).sum())
+    assert changed_after_a_skip > 0
 
 
 def test_sparsemixer_in_training_equals_phimoe_under_the_same_seed_and_c2r_restricts_the_sampling():
@@ -294,7 +387,7 @@ def _broken_selection_bias(rule):
     return dataclasses.replace(rule, selection_bias=None)
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3", "inkling_text"])
+@pytest.mark.parametrize("kind", ["deepseek_v3", "inkling_text", "zaya"])
 @pytest.mark.parametrize("breakage", ["ignore the selection bias", "weights from the masked scores",
                                       "choose outside the allowed set"])
 def test_the_c2r_check_catches_broken_implementations(kind, breakage, monkeypatch):
@@ -302,7 +395,8 @@ def test_the_c2r_check_catches_broken_implementations(kind, breakage, monkeypatc
 
     Masked scores: DeepSeek-V3's weights from the group-masked scores (0 outside the kept groups, where C2R may
     choose); Inkling's from its logits masked to the chosen experts over the whole row, which drops the shared
-    experts (outside every allowed set) out of the normalisation."""
+    experts (outside every allowed set) out of the normalisation; ZAYA's from its probabilities masked to the chosen
+    classes and renormalised (a softmax over the masked logits)."""
     model = _model(kind)
     listed = _full_list(model, seed=3)
     if breakage == "ignore the selection bias":
@@ -316,6 +410,10 @@ def test_the_c2r_check_catches_broken_implementations(kind, breakage, monkeypatc
             if kind == "inkling_text":
                 chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, True)
                 logits = logits.masked_fill(~chosen, float("-inf"))
+            elif kind == "zaya":
+                chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+                scores = scores.masked_fill(~chosen, 0.0)
+                scores = scores / scores.sum(dim=-1, keepdim=True)
             else:
                 scores = scores.masked_fill(~routing_rule.group_mask(settings, scores), 0.0)
             return original_weights(rule, settings, logits, scores, indices, input_dtype, **kwargs)
@@ -326,7 +424,8 @@ def test_the_c2r_check_catches_broken_implementations(kind, breakage, monkeypatc
 
         def leaky(probs, k, allowed, **kwargs):
             values, indices = original_topk(probs, k, allowed, **kwargs)
-            outside = (~allowed[indices[:, 0]]).float().argmax(dim=-1)  # an expert the first choice does not allow
+            first = indices[:, 0].clamp_max(allowed.shape[0] - 1)  # ZAYA's skip class (index E): an expert's row
+            outside = (~allowed[first]).float().argmax(dim=-1)  # an expert the first choice does not allow
             indices = torch.cat([indices[:, :1], outside[:, None]], dim=1)
             return probs.gather(1, indices), indices
 
@@ -348,11 +447,16 @@ def test_freezing_freezes_exactly_the_routers_and_statistics_count_the_experts_c
         set(handle.frozen_parameters) | {n for n in selection_bias_names(model)
                                          if n in dict(model.named_parameters())})
     keep = batch["attention_mask"].reshape(-1).bool()
-    with captured_choices(model) as seen:
+    skips = model_type == "zaya"  # a chosen skip class reaches the experts as expert 0 with weight 0: no expert
+    with captured_choices(model, with_weights=skips) as seen:
         logits_of(model, batch)
     counts = handle.recorder.counts
     for slot, index in enumerate(handle.recorder.layers):
-        chosen = seen[index][0][keep]
+        chosen = seen[index][0]
+        if skips:
+            indices, weights = chosen
+            chosen = indices.masked_fill((indices == 0) & (weights == 0), moe.num_experts)
+        chosen = chosen[keep]
         want = torch.bincount(chosen.reshape(-1), minlength=moe.num_experts)[: moe.num_experts]
         assert torch.equal(counts[slot].cpu(), want), index
     handle.remove()
