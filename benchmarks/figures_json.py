@@ -85,8 +85,11 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_summary(path: Path | None, benchmark: str, args: argparse.Namespace, figures: list[Figure]) -> None:
+def write_summary(path: Path | None, benchmark: str, args: argparse.Namespace, figures: list[Figure], *,
+                  note: str = "") -> None:
     """Write ``figures`` (and the arguments they were measured with) to ``path``; nothing when ``path`` is None.
+    ``note`` says why there are no figures when a benchmark cannot run here (e.g. it needs more GPUs); the runner
+    shows it in place of its figures.
 
     Written to a temporary file in the same folder and renamed, so a reader never sees half a file (a benchmark
     killed by its timeout leaves no file rather than a truncated one).
@@ -105,6 +108,8 @@ def write_summary(path: Path | None, benchmark: str, args: argparse.Namespace, f
         "arguments": arguments,
         "figures": [asdict(figure) for figure in figures],
     }
+    if note:
+        payload["note"] = note
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

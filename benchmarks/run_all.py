@@ -104,6 +104,14 @@ BENCHMARKS = (
     ),
     Benchmark("placement", "bench_placement.py", full=(), quick=("--synthetic-layers", "4"), timeout_s=90,
               quick_timeout_s=120, on_device=False),
+    # Expert parallelism, per pair vs dedup dispatch, vanilla / C2R / placement: torchrun on 2 and 4 processes (gloo
+    # on the CPU; NCCL with one GPU each, so on a machine with 1 GPU it writes a note instead of figures).
+    Benchmark(
+        "expert_parallel", "bench_expert_parallel.py",
+        full=("--processes", "2", "4", "--layers", "2", "--batch-size", "4", "--seq", "512", "--steps", "3"),
+        quick=("--quick",),
+        timeout_s=180, quick_timeout_s=240,
+    ),
     # The tiny model is left out on a GPU: there every variant is kernel-launch bound and the ratios say nothing.
     Benchmark(
         "lora_experts", "bench_lora_experts.py",
@@ -301,7 +309,7 @@ def read_figures(outcome: Outcome, json_path: Path) -> None:
         outcome.files["figures"] = str(json_path)
         outcome.status = "ok"
         if not outcome.figures:
-            outcome.reason = "ran, but reported no figures"
+            outcome.reason = str(payload.get("note") or "ran, but reported no figures")
     except (OSError, ValueError, KeyError, TypeError) as error:
         outcome.status = "failed"
         outcome.reason = f"exit 0 but no readable {json_path.name}: {error}"

@@ -72,6 +72,7 @@ from moepatch.config import MoePatchConfig  # noqa: E402
 from moepatch.config import write_config  # noqa: E402
 from moepatch.errors import MoePatchWarning  # noqa: E402
 from moepatch.errors import UnsupportedModelError  # noqa: E402
+from moepatch.expert_parallel import register as _register_expert_parallel  # noqa: E402
 from moepatch.feature import register_features  # noqa: E402
 from moepatch.loading.install import install  # noqa: E402
 from moepatch.loading.install import uninstall  # noqa: E402
@@ -96,6 +97,9 @@ register_features(FREEZE_GATE, ROUTING_STATS, C2R, LORA_EXPERTS, BIAS_UPDATE)
 # AutoConfig / AutoModelForCausalLM know model_types "llama_moe" and "moduleformer" once moepatch is imported
 _register_llama_moe()
 _register_moduleformer()
+
+# DistributedConfig(ep_implementation="moepatch_dedup") selects moepatch's deduplicating expert-parallel dispatch
+_register_expert_parallel()
 
 __all__ = [
     "MoELayer",

@@ -312,10 +312,14 @@ def write_permuted_checkpoint(
     source: str | Path,
     permutations: Mapping[int, Sequence[int]],
     output: str | Path,
+    *,
+    ep_size: int | None = None,
 ) -> Path:
     """Load ``source``, renumber its experts and C2R lists, and save the result (with tokenizer) to ``output``.
 
-    Also writes ``expert_permutation.json`` (``{layer: permutation}``, new id → old id) next to the weights.
+    Also writes ``expert_permutation.json`` (``{layer: permutation}``, new id → old id) next to the weights, and,
+    with ``ep_size`` (the expert-parallel size the renumbering places groups for), ``expert_placement.json``, which
+    :func:`moepatch.expert_parallel.check_placement` reads to refuse loading the copy under another EP size.
     """
     source, final = Path(source), Path(output)
     from moepatch.loading.pretrained import from_pretrained
@@ -324,6 +328,10 @@ def write_permuted_checkpoint(
     model = from_pretrained(source, patch=False)  # moepatch's or transformers' classes, never the folder's code
     with staged_folder(final) as output:  # the renumbered checkpoint appears whole, or not at all
         _write_permuted(model, source, permutations, output)
+        if ep_size is not None:
+            from moepatch.expert_parallel.placement import write_placement_record
+
+            write_placement_record(output, ep_size, permutations)
     return final
 
 

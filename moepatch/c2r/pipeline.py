@@ -201,12 +201,33 @@ def _profile_loaded(model: torch.nn.Module, tokenizer: Any, documents: list[str]
     return profiles
 
 
+def dispatch_row(model: torch.nn.Module) -> dict[str, Any]:
+    """What one dispatched row of ``model`` weighs: the hidden size (the width of the hidden states the experts
+    receive) times the element size of the dtype it runs in as loaded (the checkpoint's ``dtype``: transformers
+    loads ``dtype="auto"``), for :func:`place_profiles`'s ``row``."""
+    dtype = model.dtype
+    hidden = int(model.config.get_text_config().hidden_size)
+    element = torch.empty((), dtype=dtype).element_size()
+    return {"hidden_size": hidden, "dtype": str(dtype).removeprefix("torch."), "element_size": element,
+            "row_bytes": hidden * element, "dtype_source": "the checkpoint's dtype as loaded"}
+
+
 def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *, seed: int = 0,
-                   routing_groups: Mapping[int, int] | None = None) -> dict[str, dict[str, Any]]:
+                   routing_groups: Mapping[int, int] | None = None, row: Mapping[str, Any] | None = None
+                   ) -> dict[str, dict[str, Any]]:
     """Placement reports over ``ep_size`` devices from profiles with kept choices (copies per token counted
     exactly), with absolute decoder-layer indices in the per-layer rows.  ``routing_groups`` (absolute layer →
-    ``G``, see :func:`moepatch.c2r.permutation.routing_groups`) keeps those layers' plans inside routing groups."""
+    ``G``, see :func:`moepatch.c2r.permutation.routing_groups`) keeps those layers' plans inside routing groups.
+
+    Each layer row also gets a ``"dispatch"`` entry (:func:`moepatch.c2r.traffic.dispatch_columns`): remote rows per
+    token of the per-pair and the dedup dispatch for the contiguous and the planned placement, predicted with
+    :func:`moepatch.c2r.traffic.predict_dispatch` from every profiled token's experts (a token's source rank taken as
+    uniform over the ranks), and bytes when ``row`` (:func:`dispatch_row`) gives the row size; the report's
+    ``"dispatch"`` says how."""
+    from moepatch.c2r.placement import contiguous_placement
     from moepatch.c2r.placement import placement_report
+    from moepatch.c2r.traffic import dispatch_columns
+    from moepatch.c2r.traffic import predict_dispatch
 
     routing_groups = dict(routing_groups or {})
     reports: dict[str, dict[str, Any]] = {}
@@ -217,8 +238,15 @@ def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *,
             routing_groups={slot: routing_groups[layer] for slot, layer in enumerate(profile.layers)
                             if layer in routing_groups},
         )
-        for row in report["layers"]:  # positions → absolute decoder-layer indices
-            row["layer"] = profile.layers[row["layer"]]
+        contiguous = contiguous_placement(report["num_experts"], ep_size)
+        row_bytes = None if row is None else row["row_bytes"]
+        for entry in report["layers"]:  # positions → absolute decoder-layer indices
+            choices = profile.choices[profile.layers[entry["layer"]]]
+            entry["dispatch"] = dispatch_columns(
+                predict_dispatch(choices, contiguous), predict_dispatch(choices, entry["groups"]),
+                top_k=profile.top_k, ep_size=ep_size, row_bytes=row_bytes)
+            entry["layer"] = profile.layers[entry["layer"]]
+        report["dispatch"] = {"source_rank": "uniform", **(dict(row) if row is not None else {"row_bytes": None})}
         reports[routing] = report
     return reports
 
@@ -272,7 +300,7 @@ def place_checkpoint(
         raise CommandError(f"{checkpoint}: {error}") from None
     profiles = _profile_loaded(model, tokenizer, documents, batch_size=batch_size, max_length=max_length,
                                max_tokens=max_tokens, seed=seed, progress=progress)
-    reports = place_profiles(profiles, ep_size, seed=seed, routing_groups=groups)
+    reports = place_profiles(profiles, ep_size, seed=seed, routing_groups=groups, row=dispatch_row(model))
     if notes:
         for report in reports.values():
             report["notes"] = list(notes)
@@ -288,6 +316,7 @@ def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: 
         CommandError: a matrix does not fit a placement, naming ``source`` and the matrix.
     """
     from moepatch.c2r.placement import placement_report
+    from moepatch.c2r.traffic import add_dispatch_from_copies
 
     reports: dict[str, dict[str, Any]] = {}
     for name, stack in matrices.items():
@@ -295,15 +324,17 @@ def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: 
             reports[name] = placement_report(stack, ep_size, top_k=top_k, seed=seed)
         except ValueError as error:
             raise CommandError(f"{source}, matrix {name!r}: {error}") from None
+        add_dispatch_from_copies(reports[name])  # rows only; dedup rows only where copies are exact (top-2)
     return reports
 
 
 def write_planned_checkpoint(source: Path, reports: Mapping[str, Mapping[str, Any]], target: Path) -> Path:
     """Write a copy of ``source`` whose experts are renumbered so contiguous sharding hosts the planned groups
-    together (the C2R report's plan when there is one, else the vanilla one)."""
+    together (the C2R report's plan when there is one, else the vanilla one), recording the EP size it was planned
+    for (``expert_placement.json``, see :func:`moepatch.expert_parallel.check_placement`)."""
     from moepatch.c2r.permutation import write_permuted_checkpoint
     from moepatch.c2r.placement import expert_permutation
 
     chosen = reports.get("c2r") or reports["vanilla"]
     permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
-    return write_permuted_checkpoint(source, permutations, target)
+    return write_permuted_checkpoint(source, permutations, target, ep_size=chosen["ep_size"])

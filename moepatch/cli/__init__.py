@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     experts = sub.add_parser("experts", help="task experts (MELD): fit-router, route, merge, serve-check, export-vllm")
     add_experts_arguments(experts, CommandParser)
 
-    place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token report")
+    place = sub.add_parser("place", help="C2R expert placement for expert parallelism: copies per token and "
+                                         "predicted dispatch bytes")
     place.add_argument("source", type=place_source,
                        help="a matrix file (JSON / safetensors / official .pkl) or a checkpoint folder")
     place.add_argument("--ep-size", type=positive_int, required=True,
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--top-k", type=positive_int,
                        help="experts per token of a matrix file's model, when the file does not record it")
     place.add_argument("--write-permuted", metavar="DIR", type=output_folder,
-                       help="write a checkpoint whose experts are renumbered so contiguous sharding = planned groups")
+                       help="write a checkpoint whose experts are renumbered so contiguous sharding = planned groups "
+                            "(for --ep-size ranks only: recorded in expert_placement.json)")
     place.add_argument("--data", nargs="+", type=existing_file,
                        help="corpus for profiling a checkpoint (default: embedded)")
     place.add_argument("--text-field", type=non_empty_text, help="jsonl field holding the text (default 'text')")

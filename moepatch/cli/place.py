@@ -1,6 +1,7 @@
-"""``moepatch place SOURCE --ep-size D``: C2R expert placement for expert parallelism (copies per token), from a
-checkpoint folder (profiled, copies counted exactly) or a saved matrix file.  The work is
-:mod:`moepatch.c2r.pipeline`'s; this module checks the arguments against the source and prints the report."""
+"""``moepatch place SOURCE --ep-size D``: C2R expert placement for expert parallelism (copies per token, and the
+bytes per token the per-pair and the dedup dispatch would send, :mod:`moepatch.c2r.traffic`), from a checkpoint
+folder (profiled, copies counted exactly) or a saved matrix file.  The work is :mod:`moepatch.c2r.pipeline`'s; this
+module checks the arguments against the source and prints the report."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ def check_permuted_target(source: Path, target: Path) -> None:
         raise UsageError("--write-permuted", f"{target} is the source checkpoint; give a new folder")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UsageError("--write-permuted", f"{target} already exists and is not an empty folder; give a new folder")
+
+
+def check_renumbered_for(source: Path, ep_size: int) -> None:
+    """A SOURCE renumbered by ``--write-permuted`` for another EP size is refused (its contiguous shards are planned
+    groups for that size only; see :mod:`moepatch.expert_parallel.placement`)."""
+    from moepatch.expert_parallel.placement import placement_mismatch
+
+    try:
+        problem = placement_mismatch(source, ep_size)
+    except ValueError as error:  # a malformed record, named by file and field
+        raise CommandError(str(error)) from None
+    if problem is not None:
+        raise UsageError("--ep-size", problem)
 
 
 def matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: int | None) -> int:
@@ -76,6 +90,7 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
     check_checkpoint_folder(source, "source")
     _, moe = checked_block(source, args.trust_remote_code)  # checks before anything is loaded or profiled
     check_ep_size(moe.num_experts, args.ep_size)
+    check_renumbered_for(source, args.ep_size)
     if args.top_k is not None and args.top_k != moe.top_k:
         raise UsageError("--top-k", f"{args.top_k} contradicts the checkpoint's top-{moe.top_k} routing; drop "
                                     "--top-k (a checkpoint's routed tokens are counted exactly)")
@@ -127,6 +142,7 @@ def cmd_place(args: argparse.Namespace) -> int:
     """Report the placement (text, or ``--json`` on stdout alone) and optionally write the permuted checkpoint."""
     from moepatch.c2r.pipeline import write_planned_checkpoint
     from moepatch.c2r.placement import format_report
+    from moepatch.c2r.traffic import format_dispatch
 
     source = Path(args.source)
     notes: list[str] = []
@@ -151,6 +167,9 @@ def cmd_place(args: argparse.Namespace) -> int:
         if before is not None and after is not None:
             print(f"copies per token: contiguous {before:.4f} -> planned {after:.4f} "
                   f"({(before - after) / before * 100:.1f}% less all-to-all volume)")
+        dispatch = format_dispatch(report)
+        if dispatch:
+            print("\n" + dispatch)
         print()
     if "permuted_checkpoint" in result:
         print(f"permuted checkpoint (contiguous sharding = planned groups): {result['permuted_checkpoint']}")

@@ -51,17 +51,27 @@ def from_pretrained(
         patch (`bool`, *optional*, defaults to `True`): apply the config.json's moepatch block / official C2R fields.
         strict (`bool`, *optional*, defaults to `True`): passed to :func:`moepatch.apply`.
         kwargs: passed to the model class's ``from_pretrained`` (``dtype``, ``device_map``, ...); ``config`` may be
-            given; ``trust_remote_code`` is ignored (no code from the folder is ever run).
+            given; ``trust_remote_code`` is ignored (no code from the folder is ever run). With a
+            ``distributed_config`` whose ``ep_size`` is above 1, a checkpoint renumbered for another EP size is
+            refused first (:func:`moepatch.expert_parallel.check_placement`).
 
     Returns:
         The model; ``moepatch.get_handle(model)`` returns its patch handle.
+
+    Raises:
+        ValueError: the checkpoint's experts were renumbered for another expert-parallel size.
     """
     from transformers import AutoModelForCausalLM
 
+    from moepatch.expert_parallel.placement import check_placement
+    from moepatch.expert_parallel.placement import distributed_ep_size
     from moepatch.patch import apply
 
     for name in _NOT_FOR_LOCAL_CLASSES:
         kwargs.pop(name, None)
+    ep_size = distributed_ep_size(kwargs.get("distributed_config"))
+    if ep_size > 1:
+        check_placement(path, ep_size)  # before anything is loaded
     config = kwargs.pop("config", None)
     if config is None:
         config = load_config(path)

@@ -1,0 +1,53 @@
+"""moepatch under transformers' expert parallelism: the deduplicating dispatch ``"moepatch_dedup"``.
+
+``import moepatch`` calls :func:`register`, so ``DistributedConfig(..., ep_implementation="moepatch_dedup")`` selects
+:class:`~moepatch.expert_parallel.dispatch.DedupAllToAllEP` with no further step; calling :func:`register` again is
+harmless (for code that imports only this sub-package, or re-registers after a test replaced the entry).
+
+:func:`check_placement` refuses a checkpoint renumbered by ``moepatch place --write-permuted`` for another EP size
+(:mod:`moepatch.expert_parallel.placement`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moepatch.expert_parallel.placement import PLACEMENT_FILE
+from moepatch.expert_parallel.placement import check_placement
+
+IMPLEMENTATION_NAME = "moepatch_dedup"
+"""The ``ep_implementation`` name that selects the dedup dispatch."""
+
+_DISPATCH_NAMES = ("DedupAllToAllEP", "DispatchTraffic", "dedup_dispatches", "model_traffic", "reset_traffic")
+
+
+def register() -> bool:
+    """Register :class:`~moepatch.expert_parallel.dispatch.DedupAllToAllEP` in transformers'
+    ``EPImplementationInterface`` as ``"moepatch_dedup"``. Returns False (and registers nothing) where this torch build
+    has no ``torch.distributed``, since expert parallelism cannot run there anyway.
+
+    Cheap at import: transformers' ``expert_parallel`` module is already loaded by ``transformers.modeling_utils``,
+    so this only adds the small dispatch module.
+    """
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        return False
+    from transformers.distributed.expert_parallel import EPImplementationInterface
+
+    from moepatch.expert_parallel.dispatch import DedupAllToAllEP
+
+    EPImplementationInterface.register(IMPLEMENTATION_NAME, DedupAllToAllEP)
+    return True
+
+
+def __getattr__(name: str) -> Any:
+    """The dispatch's public names, imported on first use (this package imports where torch.distributed is absent)."""
+    if name in _DISPATCH_NAMES:
+        from moepatch.expert_parallel import dispatch
+
+        return getattr(dispatch, name)
+    raise AttributeError(f"module 'moepatch.expert_parallel' has no attribute {name!r}")
+
+
+__all__ = ["IMPLEMENTATION_NAME", "PLACEMENT_FILE", "check_placement", "register", *_DISPATCH_NAMES]
