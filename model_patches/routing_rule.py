@@ -230,12 +230,17 @@ def decide(
     """Steps 2–4 from the logits: ``(weights, indices [N, k])`` (weights ``[N, k]``, ``[N, E]`` when dense, ``[N, k +
     S]`` with shared experts, whose ``S`` logits close ``logits`` and take no part in the selection).
 
-    A sparsemixer rule asks the selector only which experts a first pick allows (its ``allowed_for`` attribute, set
-    by constrained selectors such as C2R's); the vanilla selector has none."""
+    A sparsemixer or product-key rule asks the selector only which experts a first pick allows (its ``allowed_for``
+    attribute, set by constrained selectors such as C2R's) and chooses in its own order; the vanilla selector has
+    none.  A product-key rule's ``logits`` are the block's ``[2, N, √E]`` view of its key scores."""
     if rule.selection == "sparsemixer":
         from model_patches.sparsemixer import sparsemixer
 
         return sparsemixer(logits, settings.jitter, training, getattr(selector, "allowed_for", None))
+    if rule.selection == "product_keys":
+        from model_patches.product_keys import product_key_choice
+
+        return product_key_choice(logits, settings.top_k, settings.renormalize, getattr(selector, "allowed_for", None))
     scores = scores_of(rule, logits) if score_module is None else score_module(logits)
     # scored over all E + S logits, then sliced, as Inkling does (an elementwise kernel may round another shape apart)
     routed = scores[..., :-settings.shared_logits] if settings.shared_logits else scores

@@ -51,9 +51,8 @@ class RouterOutput:
     reader: Callable[[Any, int, int], tuple[Any, Any]] | None = None
     """The family's own reading of the router module's output, ``reader(output, top_k, num_experts) -> (scores,
     chosen [N, k])``, where the choice is not a tensor at a position: JetMoE's expert-sorted hand-off (rebuilt from
-    ``index_sorted_experts`` and ``expert_size``), ZAYA's skip class, Doge's product keys (the choice recomputed from
-    the key scores as the block computes it).  ``scores`` are then read per :attr:`scores_are`; the positions above
-    are unused."""
+    ``index_sorted_experts`` and ``expert_size``), ZAYA's skip class.  ``scores`` are then read per
+    :attr:`scores_are`; the positions above are unused."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,9 +157,14 @@ class RoutingRule:
     """Position (after the hidden states) of the bias when the block passes it to the router's ``forward``
     (MiniMax-M2's ``gate(hidden, self.e_score_correction_bias)``): the patched forward takes it from there."""
     group_limit: GroupLimit | None = None
-    selection: Literal["topk", "sparsemixer"] = "topk"
+    selection: Literal["topk", "sparsemixer", "product_keys"] = "topk"
     """``"topk"``: one ``torch.topk`` over the selection scores; ``"sparsemixer"``: PhiMoE's two thresholded picks
-    (:mod:`model_patches.sparsemixer`, sampled in training), whose weights are its multipliers."""
+    (:mod:`model_patches.sparsemixer`, sampled in training), whose weights are its multipliers; ``"product_keys"``:
+    Doge's product-key retrieval (:mod:`model_patches.product_keys`): the "logits" are the block's ``[2, N, √E]``
+    view of ``2·√E`` key scores, expert ``i·√E + j`` scores key ``i`` + key ``j``, the top-k of those pair sums is
+    taken in the order of the sorted keys and weighted by a softmax over the k sums (renormalised per
+    :attr:`renormalize`).  The two non-top-k selections ask a constrained selector only which experts a first choice
+    allows (its ``allowed_for``) and choose themselves, in their own order."""
     jitter: str | None = None
     """Path of sparsemixer's relative threshold ``jitter_eps`` (PhiMoE's ``router_jitter_noise``)."""
     input_jitter: str | None = None
@@ -255,6 +259,8 @@ class RoutingRule:
                 "module": f"scores of the router's `{self.score_module}`"}[self.score]
         if self.selection == "sparsemixer":
             return "logits, by sparsemixer (two thresholded picks)"
+        if self.selection == "product_keys":
+            return "product-key pair sums (expert i·√E + j scores key i + key j of 2·√E key scores)"
         if self.selection_bias:
             what += " + selection bias"
         if self.group_limit is not None:
@@ -272,35 +278,71 @@ class RouterRequirement:
 
     attribute: str
     """Path from the router (``"^name"``: from the sparse block), as for :attr:`FamilySpec.top_k_attr`."""
-    allowed: tuple[object, ...]
+    allowed: tuple[object, ...] = ()
     """The accepted values (compared with ``==``)."""
     reason: str
     """Why another value is refused; ``{value}`` is replaced by the value found."""
+    holds: Callable[[Any], bool] | None = None
+    """A test the value must pass instead of :attr:`allowed`, where the accepted values are no short list (Doge's
+    expert count must be a square: its product keys reach ``⌊√E⌋²`` experts only)."""
 
     def problem(self, router: nn.Module, block: nn.Module | None) -> str | None:
         """The refusal text for this router, or ``None`` when the setting is allowed."""
         value = read_attribute(router, block, self.attribute)
-        if any(value == allowed for allowed in self.allowed):
+        if self.holds is not None:
+            if self.holds(value):
+                return None
+        elif any(value == allowed for allowed in self.allowed):
             return None
         return f"{self.attribute.lstrip('^')}={value!r}: {self.reason.format(value=value)}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class BlockSelection:
-    """Where a family chooses its experts when its router returns only the logits (DBRX).
+    """Where a family chooses its experts when its router returns only the logits (DBRX, Doge).
 
     ``DbrxRouter`` returns ``router_logits [N, E]``; the sparse block's method ``route_tokens_to_experts(logits) ->
     (weights [N, k], indices [N, k])`` chooses, and the block hands the choice to its experts module as call
     arguments ``experts(hidden, top_k_index, top_k_weights)``.  A routing override replaces :attr:`method` on the
     block instance; routing statistics read the router's output (the scores) and the experts' call (the choice).
+
+    ``DogeCDMoE`` chooses inline, inside its own ``forward``, and has no such method: the family then gives a
+    :attr:`forward` (the block's own, call for call, with the inline selection moved into :attr:`method`), which a
+    routing override binds on the block instance together with the method; undoing the override restores the
+    class's forward.  Its "experts module" is the ``down_embed`` embedding, whose input is the chosen ids.
     """
 
     method: str
-    """Name of the block's selection method ``(router_logits [N, E]) -> (weights [N, k], indices [N, k])``."""
+    """Name of the block's selection method ``(router_logits) -> (weights [N, k], indices [N, k])``."""
     indices_argument: tuple[int, str]
     """``(position, keyword)`` of the chosen experts ``[N, k]`` in the experts module's call."""
-    weights_argument: tuple[int, str]
-    """``(position, keyword)`` of the expert weights ``[N, k]`` in the experts module's call."""
+    weights_argument: tuple[int, str] | None = None
+    """``(position, keyword)`` of the expert weights ``[N, k]`` in the experts module's call; ``None`` where the block
+    applies them itself (Doge multiplies its experts' activations by them)."""
+    forward: Callable[..., Any] | None = None
+    """The family's replacement of the block's ``forward`` where the block has no :attr:`method` (Doge): the
+    published forward call for call, except that it chooses through ``self.<method>(router_logits)``."""
+    forward_problem: Callable[[nn.Module], str | None] | None = None
+    """Why :attr:`forward` cannot stand in for this block instance's own (another forward than the one it
+    reproduces: another transformers version, remote code, an instance override), or ``None``; checked before any
+    change."""
+    scores: Callable[[Any, int], Any] | None = None
+    """``scores(router_output, num_experts) -> [N, E]`` per-expert scores where the router's output is not them
+    (Doge's ``[B, S, 2·√E]`` key scores: each expert's pair sum), read per :attr:`RouterOutput.scores_are`;
+    ``None``: the router's output is the ``[N, E]`` logits."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceLoss:
+    """A causal LM's own balance loss where it is not transformers' usual ``load_balancing_loss_func`` over ``[N, E]``
+    router logits (Doge's product-key loss), so that the loss on the experts actually chosen (C2R) keeps the family's
+    formula and, with the family's own choice, its value bit for bit."""
+
+    router_logits: Callable[[Any], Any]
+    """The router module's output → the ``router_logits`` entry the causal LM records for one layer."""
+    loss: Callable[..., Any]
+    """``loss(router_logits per layer, chosen [N, k] per layer, num_experts, top_k, attention_mask) -> scalar``: the
+    family's formula with the given choices in place of the ones it recomputes."""
 
 
 _MISSING = object()
@@ -391,6 +433,9 @@ class FamilySpec:
     aux_loss_coef_attr: str | None = "router_aux_loss_coef"
     """Attribute of the causal-LM model holding the load-balancing coefficient, when the family's causal LM adds
     transformers' ``load_balancing_loss_func`` (vanilla top-k recomputed from ``router_logits``) to its loss."""
+    balance_loss: BalanceLoss | None = None
+    """The causal LM's own balance-loss formula where it is not transformers' usual one (Doge); ``None``: the usual
+    one (:func:`moepatch.routing.aux_loss.load_balancing_loss`)."""
     shared_expert_attrs: tuple[str, ...] = ()
     """Block attributes of always-on shared experts and their gates (never routed, never counted)."""
     expert_storage: Literal["fused", "parameter_list", "parallel", "stacked_rows", "scaled_dense"] = "fused"
@@ -421,7 +466,11 @@ class FamilySpec:
 
     routing_problem: str | None = None
     """Set by a structural fallback whose probe found no exact rule, or declared by a family whose router the rule
-    cannot express (Doge's product keys): the structure is usable, the rule is not."""
+    cannot express: the structure is usable, the rule is not."""
+    renumbering_problem: str | None = None
+    """Why this family's experts cannot be renumbered (expert placement), where the routing rule is exact but the
+    experts are not addressed by per-expert router rows (Doge's product keys); ``None``: the spec's per-expert
+    tensors say what moves."""
     hashed_routers: tuple[str, ...] = ()
     """Router class names (matched through the MRO) that choose by a fixed hash of the token id, not by a learned
     score (DeepSeek-V4's first ``hash_moe`` layers): statistics count them; C2R, freezing, the bias update and expert

@@ -56,7 +56,7 @@ class MoEModel:
     """The decoder layers (dense and MoE); ``None``: the decoder's ``layers_attr`` list (:func:`decoder_layers`)."""
     routing_problem: str | None = None
     """Why the family's :class:`~model_patches.spec.RoutingRule` does not describe these routers (a setting it does not
-    cover, a probe that found no exact rule, a hashed or product-key router), or ``None``.  Features that only need
+    cover, a probe that found no exact rule, every router hashed), or ``None``.  Features that only need
     *where* the routers and experts are (freezing, statistics, LoRA experts, task experts, data mixing, loading) work
     either way; those that re-run the rule (C2R, the balance loss on the actual choice, the bias update) refuse with
     it."""
@@ -66,6 +66,15 @@ class MoEModel:
         if self.routing_problem is not None:
             raise ValueError(f"{field}: needs the exact routing rule of the model's routers, and moepatch does not "
                              f"have it for {type(self.inner).__name__} ({self.family.name}): {self.routing_problem}")
+
+    def require_renumbering(self, field: str) -> None:
+        """``ValueError`` naming ``field`` when the experts cannot be renumbered: the routing rule is not known exactly,
+        or the family says why its experts are not addressed by per-expert rows
+        (:attr:`~model_patches.spec.FamilySpec.renumbering_problem`: Doge's product keys)."""
+        self.require_routing_rule(field)
+        if self.family.renumbering_problem is not None:
+            raise ValueError(f"{field}: {type(self.inner).__name__} ({self.family.name}): "
+                             f"{self.family.renumbering_problem}")
 
     @property
     def moe_layer_indices(self) -> list[int]:

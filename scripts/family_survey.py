@@ -566,8 +566,9 @@ def _balance_loss(subject: Subject, c2r: Cell) -> Cell:
         return Cell(NOT_APPLICABLE, "transformers' own forward with output_router_logits fails: "
                     + _message(error, subject.width))
     rule, first = subject.moe.family.routing, subject.moe.layers[0]
+    # eval sparsemixer = top-2; product keys: Doge's causal LM recomputes the block's own product-key choice
     comparable = (rule.selection_bias is None and rule.active_group_limit(first.router, first.block) is None
-                  and getattr(rule, "selection", "topk") in ("topk", "sparsemixer"))  # eval sparsemixer = top-2
+                  and getattr(rule, "selection", "topk") in ("topk", "sparsemixer", "product_keys"))
     return _apply(subject, _c2r_block(subject.moe), False,
                   lambda s, handle: _same_loss(vanilla if comparable else None, aux_loss(), comparable))
 
@@ -664,8 +665,8 @@ change no kind); a field added later shows up in the words with its value until 
 def router_kind(moe: Any) -> tuple[str, str]:
     """``(letter, words)`` of the model's routing rule; the letter follows the router-kinds table (A softmax →
     top-k, B softmax + selection bias, C top-k of logits → softmax over the k, D sigmoid + selection bias, E D with a
-    group limit, F top-k of logits → sigmoid into a dense matrix, G sparsemixer), ``—`` where none fits, ``?`` when
-    moepatch does not know the rule (hashed routers, product keys, a probe that found no exact rule)."""
+    group limit, F top-k of logits → sigmoid into a dense matrix, G sparsemixer, H product keys), ``—`` where none
+    fits, ``?`` when moepatch does not know the rule (hashed routers only, a probe that found no exact rule)."""
     import dataclasses
 
     from model_patches.routing_rule import router_settings
@@ -681,6 +682,8 @@ def router_kind(moe: Any) -> tuple[str, str]:
     biased = rule.selection_bias is not None
     if selection == "sparsemixer":
         letter = "G"
+    elif selection == "product_keys":
+        letter = "H"
     elif selection != "topk":
         letter = "—"
     elif rule.dense_weights:
@@ -703,7 +706,11 @@ def router_kind(moe: Any) -> tuple[str, str]:
     if rule.logit_bias:
         selects = selects.replace("logits", "logits (+ linear bias)", 1)
     unbiased = "unbiased " if biased else ""
-    if selection != "topk":
+    if selection == "product_keys":
+        renormalised = ", renormalised" if moe.renormalize else ""
+        words = (f"top-{moe.top_k} of the {selects}, in the sorted keys' order (the block's view pairs two tokens' "
+                 f"key scores per row); weights: softmax over the k pair sums{renormalised}")
+    elif selection != "topk":
         words = f"{selection} over the {selects}; weights: {selection}'s own"
     else:
         weights = {

@@ -61,8 +61,13 @@ an [N, k] batch and a differently shaped one differently (vectorised vs scalar p
 Indices are returned in the order of the oracle's own ``torch.topk`` call (which follows the file's call); compare
 chosen experts as sets per token: sort both the indices and the weights by index before comparing.
 
-Doge is in :data:`_LAYOUTS` only (where its routers and experts are, what its routers choose as the experts receive
-it): its rule (product keys) has no oracle here.
+* ``"H"`` Doge's product keys (``DogeCDMoE.forward``, no router module of its own choosing): ``router_gate`` scores
+  ``2K`` keys (``K = ⌊√E⌋``); the block views them as ``[2, N, K]``, which pairs the key scores of two tokens in each
+  row (:func:`_doge_key_rows` writes out which); both rows sorted, expert ``i·K + j`` scored by ``x_i + y_j`` in the
+  sorted keys' layout, top-k of those pair sums, softmax over the k, renormalised iff ``norm_topk_prob``.  The
+  router's "output" (:func:`router_output`) is what the block hands on: the ids its ``down_embed`` looks up and the
+  weights it multiplies the experts' activations by.  C2R: the first expert is the file's own first choice, the
+  others the best allowed by the file's own ordering (its top-k over the pair sums, the others at -inf).
 
 Two families scale the *experts' output* instead of the routing weights (Laguna, MiniMax-M3-VL): their routers'
 weights carry no scaling factor, and :func:`expert_output_scale` gives the block's factor.
@@ -78,6 +83,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "COVERED_TYPES",
@@ -91,6 +97,8 @@ __all__ = [
     "oracle_balance_loss",
     "oracle_c2r",
     "oracle_dense_scores",
+    "oracle_doge_balance_loss",
+    "oracle_doge_expert_scores",
     "oracle_logits",
     "oracle_route",
     "oracle_shared_weights",
@@ -316,6 +324,7 @@ _RULES: dict[str, _Rule] = {
 
 KIND: dict[str, str] = {model_type: rule.kind for model_type, rule in _RULES.items()}
 KIND.update({alias: KIND[target] for alias, target in _ALIASES.items()})
+KIND["doge"] = "H"  # product keys, chosen inside DogeCDMoE.forward: its own functions below (_doge_*), no _Rule
 """model_type → router kind letter (see the module docstring)."""
 
 COVERED_TYPES: tuple[str, ...] = tuple(sorted(KIND))
@@ -323,8 +332,6 @@ COVERED_TYPES: tuple[str, ...] = tuple(sorted(KIND))
 
 SKIPPED_TYPES: dict[str, str] = {
     "granitemoe_shared": "no such model type: transformers calls it granitemoeshared (covered)",
-    "doge": "product keys: expert (i, j) scored by key i + key j of router_gate, chosen inside DogeCDMoE.forward "
-            "(kind H): layout only",
     "deepseek_v4": "hash routing in some layers (kind H)",
     "axk2": "AXK2TopkRouter masks the dropped groups to 0.0 (not -inf) and skips the group limit when n_group is "
             "None; not covered",
@@ -823,6 +830,8 @@ def oracle_route(model_type: str, block: torch.nn.Module, router: torch.nn.Modul
     the eval sparsemixer (2 experts).  LongCat: indices ≥ n_routed_experts are zero experts.  Laguna /
     MiniMax-M3-VL: the router's weights (the block scales the experts' output, :func:`expert_output_scale`).
     """
+    if _canonical(model_type) == "doge":
+        return _doge_route(block, router, hidden, exact)
     scored = _score(model_type, block, router, hidden, exact)
     indices = _family_choice(model_type, router, scored)
     return indices, _weights(model_type, router, scored, indices)
@@ -867,6 +876,9 @@ def first_choice(model_type: str, block: torch.nn.Module, router: torch.nn.Modul
     the best of the ``E`` experts, the skip class left out, which is the family's first choice unless the skip class
     ranks first)."""
     model_type = _canonical(model_type)
+    if model_type == "doge":  # column 0 of the file's own top-k of the pair sums
+        pairs = _doge_pairs(block, router, hidden, exact)
+        return pairs.experts.gather(1, _doge_first_positions(pairs)[:, None])[:, 0]
     rule = _RULES[model_type]
     scored = _score(model_type, block, router, hidden, exact)
     selection = scored.selection
@@ -903,6 +915,8 @@ def oracle_c2r(model_type: str, block: torch.nn.Module, router: torch.nn.Module,
     before comparing.  Raises ValueError where fewer than k experts are allowed.
     """
     model_type = _canonical(model_type)
+    if model_type == "doge":
+        return _doge_c2r(block, router, hidden, allowed_lists, top_t, exact)
     rule = _RULES[model_type]
     scored = _score(model_type, block, router, hidden, exact)
     num_tokens, num_classes = scored.selection.shape
@@ -950,6 +964,182 @@ def oracle_c2r(model_type: str, block: torch.nn.Module, router: torch.nn.Module,
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Doge: product keys (kind H), chosen inside DogeCDMoE.forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _doge_key_rows(router: torch.nn.Module, hidden: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two rows of key scores each token is routed by, ``(x [N, K], y [N, K])``.
+
+    DogeCDMoE.forward: ``router_logits = self.router_gate(hidden_states).view(2, bsz * seq_len, -1)``.  The
+    ``[B, S, 2K]`` key scores are viewed as ``[2, N, K]``: the view splits the flat memory into ``2N`` chunks of ``K``
+    scores, chunk ``c`` being token ``c // 2``'s first (``c`` even) or second (``c`` odd) ``K`` key scores; the view's
+    first half is chunks ``0 .. N-1``, its second ``N .. 2N-1``.  Row ``n``, whose experts the block applies to token
+    ``n``, is therefore ``x = chunk n``, ``y = chunk N + n``: the keys of tokens ``n // 2`` and ``(N + n) // 2``.
+    Written out here by that index arithmetic, not by the view.  ``hidden`` is the block's input flattened to
+    ``[N, H]`` (one sequence of the batch after the other); the router runs on ``[1, N, H]`` as the block runs it.
+    """
+    hidden = _flat(hidden)
+    weight = router.weight.detach()
+    keys = F.linear(hidden[None], weight) if exact else F.linear(hidden[None].double(), weight.double())
+    keys = keys[0]  # [N, 2K]
+    num_tokens, num_keys = keys.shape[0], keys.shape[1] // 2
+    halves = keys.reshape(num_tokens, 2, num_keys)  # [N, 2, K]: each token's first and second K key scores
+    first_chunk = torch.arange(num_tokens, device=keys.device)
+    second_chunk = first_chunk + num_tokens
+    return halves[first_chunk // 2, first_chunk % 2], halves[second_chunk // 2, second_chunk % 2]
+
+
+@dataclass
+class _DogePairs:
+    """Every row's ``K²`` pair sums in the file's layout, and the expert each position stands for."""
+
+    scores: torch.Tensor  # [N, K²]: position a·K + b = (a-th best x key) + (b-th best y key)
+    experts: torch.Tensor  # [N, K²]: (id of that x key)·K + (id of that y key)
+    top_k: int
+    renormalise: bool
+
+
+def _doge_pairs(block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor, exact: bool) -> _DogePairs:
+    """DogeCDMoE.forward: ``router_logits.topk(self.num_keys, dim=-1)`` sorts each row of both halves (called here on
+    the stacked ``[2, N, K]`` rows, as the file calls it on its view); ``all_scores`` = x-values[a] + y-values[b] and
+    ``all_indices`` = x-ids[a]·K + y-ids[b], flattened to ``[N, K²]`` with ``a`` major."""
+    x, y = _doge_key_rows(router, hidden, exact)
+    num_tokens, num_keys = x.shape
+    if num_keys != int(block.num_keys):
+        raise ValueError(f"router_oracles: router_gate scores {2 * num_keys} keys, the block expects 2 × "
+                         f"{int(block.num_keys)}")
+    values, ids = torch.stack((x, y)).topk(num_keys, dim=-1)
+    scores = (values[0][:, :, None] + values[1][:, None, :]).reshape(num_tokens, -1)
+    experts = (ids[0][:, :, None] * num_keys + ids[1][:, None, :]).reshape(num_tokens, -1)
+    return _DogePairs(scores, experts.to(torch.int64), int(block.top_k), bool(block.norm_topk_prob))
+
+
+def oracle_doge_expert_scores(block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+                              exact: bool = False) -> torch.Tensor:
+    """``[N, E]``: every expert's pair sum ``x_i + y_j`` at id ``i·K + j`` (row ``n`` from :func:`_doge_key_rows`);
+    ``-inf`` for ids from ``K²`` on, which no pair reaches."""
+    x, y = _doge_key_rows(router, hidden, exact)
+    pairs = (x[:, :, None] + y[:, None, :]).reshape(x.shape[0], -1)
+    scores = pairs.new_full((x.shape[0], int(block.num_experts)), float("-inf"))
+    scores[:, : pairs.shape[1]] = pairs
+    return scores
+
+
+def _doge_weights(pairs: _DogePairs, positions: torch.Tensor) -> torch.Tensor:
+    """``F.softmax(scores, dim=-1)`` over the chosen positions' pair sums, then ``/=`` its sum iff norm_topk_prob."""
+    weights = F.softmax(pairs.scores.gather(1, positions), dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True) if pairs.renormalise else weights
+
+
+def _doge_route(block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+                exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DogeCDMoE.forward's choice: ``all_scores.topk(self.top_k, dim=-1)`` positions, their expert ids, weights."""
+    pairs = _doge_pairs(block, router, hidden, exact)
+    positions = pairs.scores.topk(pairs.top_k, dim=-1)[1]
+    return pairs.experts.gather(1, positions), _doge_weights(pairs, positions)
+
+
+def _doge_first_positions(pairs: _DogePairs) -> torch.Tensor:
+    """``[N]``: the position of each row's first choice (column 0 of the file's top-k call), one row at a time."""
+    return torch.stack([torch.topk(pairs.scores[row:row + 1], pairs.top_k, dim=-1)[1][0, 0]
+                        for row in range(pairs.scores.shape[0])])
+
+
+def _doge_c2r(block: torch.nn.Module, router: torch.nn.Module, hidden: torch.Tensor,
+              allowed_lists: Mapping[int, Sequence[int]] | Sequence[Sequence[int]] | torch.Tensor,
+              top_t: int | None, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """C2R on Doge's product keys, one token at a time (see :func:`oracle_c2r`): the first expert is the file's own
+    first choice; the others the best allowed ones by the file's own ordering — its ``topk`` over the row's pair sums
+    with the positions of experts the first one does not allow at -inf (the first put first, the last dropped, where
+    more than k allowed positions tie with it and the call leaves it out); weights by the file's rule from the
+    unmasked pair sums."""
+    pairs = _doge_pairs(block, router, hidden, exact)
+    num_experts, top_k = int(block.num_experts), pairs.top_k
+    chosen = []
+    for token, first_position in enumerate(_doge_first_positions(pairs).tolist()):
+        row = pairs.scores[token:token + 1]  # [1, K²]
+        first = int(pairs.experts[token, first_position])
+        allowed = _allowed_row(allowed_lists, first, top_t, num_experts).to(row.device)[pairs.experts[token]]
+        if int(allowed.sum()) < top_k:
+            raise ValueError(f"router_oracles: token {token}: only {int(allowed.sum())} experts allowed for expert "
+                             f"{first}, fewer than k={top_k}")
+        positions = torch.topk(row.masked_fill(~allowed, float("-inf")), top_k, dim=-1)[1][0]
+        if first_position not in positions.tolist():
+            positions = torch.cat((positions.new_tensor([first_position]), positions[:-1]))
+        chosen.append(positions)
+    positions = torch.stack(chosen)
+    # the weights on the whole batch, as the file computes them (a [1, k] row may round otherwise)
+    return pairs.experts.gather(1, positions), _doge_weights(pairs, positions)
+
+
+class _ProductsWith(TorchFunctionMode):
+    """Records the right operand of the first product ``left * right`` whose left operand is ``lefts[0]``."""
+
+    def __init__(self, lefts: list[torch.Tensor], seen: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.lefts, self.seen = lefts, seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (getattr(func, "__name__", "") in ("mul", "__mul__") and "weights" not in self.seen and self.lefts
+                and len(args) == 2 and args[0] is self.lefts[0]):
+            self.seen["weights"] = args[1]
+        return func(*args, **(kwargs or {}))
+
+
+def _doge_block_output(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """Runs the block (whatever forward the instance has) on ``[1, N, H]``: ``(router_logits it returns, the expert
+    ids [N, k] its ``down_embed`` looks up, the weights [N, k] it multiplies the experts' activations by)``.
+
+    DogeCDMoE.forward: ``down_embed = self.down_embed(indices)`` (a forward pre-hook reads ``indices``);
+    ``experts_weights = self.act_fn(experts_weights) * routing_weights`` (the block's first ``act_fn`` call; a
+    torch-function mode reads the right operand of the product with its output)."""
+    seen: dict[str, torch.Tensor] = {}
+    activations: list[torch.Tensor] = []
+    handles = [block.down_embed.register_forward_pre_hook(lambda module, args: seen.setdefault("indices", args[0])),
+               block.act_fn.register_forward_hook(lambda module, args, output: activations.append(output))]
+    try:
+        with _ProductsWith(activations, seen):
+            _, logits = block(_flat(hidden)[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "weights" not in seen:
+        raise AssertionError("router_oracles: DogeCDMoE no longer multiplies act_fn(...) by the routing weights")
+    return logits, seen["indices"].detach().clone(), seen["weights"].detach().clone()
+
+
+def oracle_doge_balance_loss(router_logits_per_layer: Sequence[torch.Tensor], chosen_per_layer: Sequence[torch.Tensor],
+                             num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DogeForCausalLM's balance loss (``modeling_doge.load_balancing_loss_func``) in float64, counting the ACTUAL
+    chosen experts.
+
+    ``router_logits_per_layer``: what the causal LM records per layer, the blocks' ``[2, N, K]`` views (row ``n``:
+    ``x = [0, n]``, ``y = [1, n]``).  Per row, every expert ``i·K + j`` has probability softmax over all ``K²`` pairs
+    of ``x_i + y_j``; ``f_e`` = the chosen slots of expert ``e`` over all kept ``N·k`` slots of all layers (the file
+    divides by the number of choices, not of tokens); ``P_e`` = the mean probability over the kept rows of all
+    layers; loss = ``E · Σ_e f_e · P_e``.
+    """
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    probability = torch.zeros(num_experts, dtype=torch.float64)
+    rows = torch.zeros((), dtype=torch.float64)
+    for view, chosen in zip(router_logits_per_layer, chosen_per_layer, strict=True):
+        view = view.detach().to("cpu", torch.float64)
+        num_rows, num_keys = view.shape[1], view.shape[2]
+        pairs = (view[0][:, :, None] + view[1][:, None, :]).reshape(num_rows, num_keys * num_keys)  # by expert id
+        chosen = chosen.detach().reshape(num_rows, -1).to("cpu", torch.int64)
+        if chosen.shape[1] != top_k:
+            raise ValueError(f"oracle_doge_balance_loss: {chosen.shape[1]} chosen experts per token, top_k={top_k}")
+        keep = (torch.ones(num_rows, dtype=torch.float64) if attention_mask is None
+                else attention_mask.detach().reshape(-1).to("cpu", torch.float64))
+        counts.index_add_(0, chosen.reshape(-1), keep.repeat_interleave(top_k))
+        probability[: num_keys * num_keys] += (torch.softmax(pairs, dim=-1) * keep[:, None]).sum(dim=0)
+        rows += keep.sum()
+    return num_experts * ((counts / (rows * top_k)) * (probability / rows)).sum()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The router's own output, and what the experts receive
 # --------------------------------------------------------------------------------------------------------------
 
@@ -972,9 +1162,14 @@ def router_output(model_type: str, block: torch.nn.Module, router: torch.nn.Modu
     dense matrix becomes its nonzero entries (indices ascending); Inkling's fourth output (the shared experts'
     weights) is left out; ZAYA gets a [1, N, H] input and :func:`zaya_router_states`, its fourth output (the state
     for the next layer) is left out and a chosen skip class (expert 0 with weight exactly 0) becomes index ``E``.
+    Doge: the block itself runs on ``[1, N, H]`` (its router only scores keys): its ``[2, N, K]`` router logits, the
+    ids its ``down_embed`` looks up and the weights it multiplies the experts' activations by
+    (:func:`_doge_block_output`).
     """
     model_type = _canonical(model_type)
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if model_type == "doge":  # the block chooses inside its forward: run it, read what its experts get
+        return _doge_block_output(block, hidden)
     if model_type in ("minimax_m2", "hy_v3"):
         logits, weights, indices = router(hidden, block.e_score_correction_bias)
     elif model_type == "afmoe":

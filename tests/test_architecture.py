@@ -101,10 +101,11 @@ def test_model_patches_never_imports_moepatch():
 
 
 GENERIC_NAMES = {"layers", "mlp", "gate", "router", "experts", "hidden_size", "num_experts", "top_k", "hidden_dim",
-                 "router_aux_loss_coef", "output_router_logits", "weight", "aux_loss_coef"}
+                 "router_aux_loss_coef", "output_router_logits", "weight", "aux_loss_coef", "input"}
 """Names that are moepatch's own vocabulary (MoEModel fields, transformers' shared config keys, any ``nn.Linear``'s
-``weight``, the ``aux_loss_coef`` training option, which JetMoE's config also names its coefficient), not one
-family's."""
+``weight``, the ``aux_loss_coef`` training option, which JetMoE's config also names its coefficient; ``input``, the
+argument of torch's own ``nn.Embedding`` / ``nn.Linear`` forward, where Doge's block hands its experts their ids),
+not one family's."""
 
 STORAGE_NAMES = {"ParallelExperts", "LinearGLUExperts", "batch_index", "row_tokens", "weight_gate", "weight_up",
                  "weight_down", "w_gate", "gate_network", "calculator", "gate_up_proj", "output_experts", "w1", "w2",
@@ -136,7 +137,8 @@ def _block_selection_names(spec) -> tuple[str, ...]:
     selection = spec.selection_in_block
     if selection is None:
         return ()
-    return (selection.method, selection.indices_argument[1], selection.weights_argument[1])
+    weights = () if selection.weights_argument is None else (selection.weights_argument[1],)
+    return (selection.method, selection.indices_argument[1], *weights)
 
 
 def _feature_modules() -> dict[str, Path]:

@@ -97,7 +97,7 @@ def routing_groups(model: MoEModel) -> dict[int, RoutingGroups]:
     Raises:
         ValueError: the routing rule is not known (:attr:`MoEModel.routing_problem`): a limit cannot be ruled out.
     """
-    model.require_routing_rule("expert placement within routing groups")
+    model.require_renumbering("expert placement within routing groups")
     rule = model.family.routing
     found: dict[int, RoutingGroups] = {}
     for layer in model.layers:
@@ -235,7 +235,7 @@ def check_permutable(model: MoEModel, *, structure_only: bool = False) -> None:
                          "does not do")
     if structure_only and model.routing_problem is not None:
         return
-    model.require_routing_rule("expert permutation")
+    model.require_renumbering("expert permutation")
     for index in model.moe_layer_indices:
         _expert_tensors(model, index)
 

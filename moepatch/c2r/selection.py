@@ -369,7 +369,7 @@ def _selector_for(layer: MoELayer, model: MoEModel, top_t: int) -> Callable[...,
 
         return select_plus_one
 
-    def allowed_for(first: torch.Tensor) -> torch.Tensor:  # rules with sequential picks (sparsemixer) ask this
+    def allowed_for(first: torch.Tensor) -> torch.Tensor:  # rules that choose themselves (sparsemixer, product keys)
         return getattr(router, ALLOWED_BUFFER)[first]
 
     allowed = getattr(router, ALLOWED_BUFFER)

@@ -9,7 +9,8 @@ with ``output_router_logits=False`` (so transformers computes no loss term and r
 collect each layer's ``(router_logits, top_k_index)`` (:func:`~moepatch.routing.tap.tap_routing`), and the same
 Switch-Transformer formula is evaluated with the real choices; ``loss``, ``aux_loss`` and ``router_logits`` of the
 output are filled exactly where transformers puts them. With vanilla routing the result equals transformers' value
-(tested).
+(tested).  A family whose causal LM has its own formula (:attr:`~model_patches.spec.FamilySpec.balance_loss`: Doge's
+product-key loss, normalised per choice) keeps it, fed the real choices.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
     scores_are = model.family.router_output.scores_are
     if coef_attr is None or not hasattr(causal_lm, coef_attr) or scores_are not in ("logits", "sigmoid_logits"):
         return False
+    own = model.family.balance_loss
     original = causal_lm.forward
     signature = inspect.signature(original)
     read_mask = AttentionMaskReader(original)
@@ -160,7 +162,8 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
         def capture(scores: torch.Tensor, indices: torch.Tensor) -> None:
             captured.append((scores, indices))
 
-        handles = [handle for layer in _pooled_routers(model) for handle in tap_routing(model, layer, capture)]
+        handles = [handle for layer in _pooled_routers(model)
+                   for handle in tap_routing(model, layer, capture, raw=own is not None)]
         try:
             outputs = original(**arguments, return_dict=True)
         finally:
@@ -168,8 +171,12 @@ def install_actual_choice_aux_loss(model: MoEModel, undo: UndoLog) -> bool:
                 handle.remove()
         if not captured:
             return outputs if return_dict is not False else outputs.to_tuple()
-        logits = tuple(c[0] for c in captured)
-        aux = load_balancing_loss(logits, [c[1] for c in captured], model.num_experts, attention_mask)
+        if own is not None:  # the family's own formula over the router logits it records (Doge's product keys)
+            logits = tuple(own.router_logits(c[0]) for c in captured)
+            aux = own.loss(logits, [c[1] for c in captured], model.num_experts, model.top_k, attention_mask)
+        else:
+            logits = tuple(c[0] for c in captured)
+            aux = load_balancing_loss(logits, [c[1] for c in captured], model.num_experts, attention_mask)
         loss = outputs.get("loss")
         if loss is not None:
             loss = loss + getattr(self, coef_attr) * aux.to(loss.device)

@@ -78,7 +78,8 @@ def block_selection(
     block: nn.Module, rule: RoutingRule, settings: RouterSettings, selector: ExpertSelector
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """A replacement for the sparse block's own selection method (:class:`~model_patches.spec.BlockSelection`):
-    ``(router_logits [N, E]) -> (weights [N, k], indices [N, k])`` by the family's rule, with ``selector`` choosing."""
+    ``(router_logits [N, E]) -> (weights [N, k], indices [N, k])`` by the family's rule, with ``selector`` choosing
+    (a product-key rule's ``router_logits`` are the block's ``[2, N, √E]`` view of its key scores)."""
 
     def choose(self: nn.Module, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return decide(rule, settings, router_logits, input_dtype=router_logits.dtype, selector=selector)
@@ -98,7 +99,9 @@ def override_selection(
 ) -> list[str]:
     """Replace the selection step of the routers of ``layers`` (absolute indices; ``None`` = all MoE layers).
 
-    Only the router instances are touched (their ``forward``, or the family's ``selection_method``); the change is
+    Only the router instances are touched (their ``forward``, or the family's ``selection_method``) or, where the
+    block chooses, the block instance (its selection method, and its ``forward`` where the family's
+    :attr:`~model_patches.spec.BlockSelection.forward` moves an inline selection into that method); the change is
     recorded in ``undo``.
     Returns the qualified names of the patched routers.
     """
@@ -109,8 +112,11 @@ def override_selection(
     for layer in chosen:
         router = layer.router
         if spec.selection_in_block is not None:  # the block chooses from the router's logits: replace its method
+            selection = spec.selection_in_block
             method = block_selection(layer.block, spec.routing, layer_settings(model, layer), selector_for(layer))
-            undo.set_attribute(layer.block, spec.selection_in_block.method, method)
+            if selection.forward is not None:  # the block chooses inline: the family's forward calls the method
+                undo.set_attribute(layer.block, "forward", types.MethodType(selection.forward, layer.block))
+            undo.set_attribute(layer.block, selection.method, method)
             patched.append(f"{layer.name}.{spec.router_attr}")
             continue
         if spec.selection_method is not None:  # the router has its own selection seam: replace just that
@@ -139,9 +145,11 @@ def selection_seam_problem(spec: FamilySpec, router: nn.Module, block: nn.Module
     """Why a routing override cannot reach the selection step of ``router`` (in sparse block ``block``), or ``None``
     (checked before any change)."""
     if spec.selection_in_block is not None:
-        method = spec.selection_in_block.method
-        if block is None or not callable(getattr(block, method, None)):
-            return f"{type(block).__name__} has no `{method}` selection step"
+        selection = spec.selection_in_block
+        if block is not None and selection.forward is not None:  # the family's forward brings the step along
+            return None if selection.forward_problem is None else selection.forward_problem(block)
+        if block is None or not callable(getattr(block, selection.method, None)):
+            return f"{type(block).__name__} has no `{selection.method}` selection step"
         return None
     if spec.selection_method is None or callable(getattr(router, spec.selection_method, None)):
         return None

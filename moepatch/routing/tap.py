@@ -5,7 +5,8 @@ Most families hand ``(logits, weights, indices)`` from the router module to the 
 (:class:`~model_patches.spec.RouterOutput` says where each sits, or gives the family's own reader of another
 hand-off): one forward hook on the router reads both.  Where
 the router returns only its logits and the sparse block chooses (:class:`~model_patches.spec.BlockSelection`, DBRX),
-the router's output is the scores and the choice is read from the experts module's call arguments, so a reader
+the router's output is the scores (or the family turns it into them: Doge's pair sums of its key scores) and the
+choice is read from the experts module's call arguments (Doge: the ids its ``down_embed`` looks up), so a reader
 always sees the experts that really received the tokens, after any routing override.
 """
 
@@ -31,22 +32,27 @@ def _argument(args: tuple, kwargs: dict, where: tuple[int, str]) -> Any:
     return kwargs[keyword] if keyword in kwargs else args[position]
 
 
-def tap_routing(model: MoEModel, layer: MoELayer, reader: RoutingReader) -> list[RemovableHandle]:
-    """Call ``reader`` with each routing decision of ``layer``; returns the hook handles (remove them to stop)."""
+def tap_routing(
+    model: MoEModel, layer: MoELayer, reader: RoutingReader, *, raw: bool = False
+) -> list[RemovableHandle]:
+    """Call ``reader`` with each routing decision of ``layer``; returns the hook handles (remove them to stop).
+
+    ``raw``: hand the reader the router module's output as it returned it, in place of the ``[N, E]`` scores (a
+    family's own balance loss reads its router outputs: Doge's key scores); the choice is read as always."""
     selection = model.family.selection_in_block
     if selection is None:
         layout = model.family.router_output
         top_k = model.top_k
 
         def read_router(module: nn.Module, args: tuple, output: Any) -> None:
-            if layout.reader is not None:  # the family decodes its own hand-off (JetMoE, ZAYA, Doge)
-                reader(*layout.reader(output, top_k, model.num_experts))
-                return
-            if layout.indices is None:  # a dense [N, E] weight matrix (Llama 4): the choice is its k largest entries
+            if layout.reader is not None:  # the family decodes its own hand-off (JetMoE, ZAYA)
+                scores, chosen = layout.reader(output, top_k, model.num_experts)
+            elif layout.indices is None:  # a dense [N, E] weight matrix (Llama 4): the choice is its k largest entries
                 chosen = torch.topk(output[layout.weights].detach(), top_k, dim=-1).indices
+                scores = output[layout.scores]
             else:
-                chosen = output[layout.indices]
-            reader(output[layout.scores], chosen)
+                scores, chosen = output[layout.scores], output[layout.indices]
+            reader(output if raw else scores, chosen)
 
         return [layer.router.register_forward_hook(read_router)]
 
@@ -57,7 +63,10 @@ def tap_routing(model: MoEModel, layer: MoELayer, reader: RoutingReader) -> list
 
     def read_choice(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if pending:
-            reader(pending.pop(), _argument(args, kwargs, selection.indices_argument))
+            output = pending.pop()
+            if selection.scores is not None and not raw:  # the router scores something else than the experts
+                output = selection.scores(output, model.num_experts)
+            reader(output, _argument(args, kwargs, selection.indices_argument))
 
     return [layer.router.register_forward_hook(keep_logits),
             layer.experts.register_forward_pre_hook(read_choice, with_kwargs=True)]

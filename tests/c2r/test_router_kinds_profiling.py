@@ -84,3 +84,45 @@ def test_profiled_fields_drive_the_reloaded_checkpoint(family, tmp_path):
         allowed = {e: {e, *listed[e][:2]} for e in range(8)}
         for experts in chosen[layer][0].tolist():
             assert any(set(experts) <= allowed[e] and e in experts for e in experts), experts
+
+
+def test_doge_profile_under_c2r_counts_the_constrained_choice():
+    """Doge's product keys under C2R: the co-activation counts are the experts its blocks really looked up (the C2R
+    choice, read by the test's own hook on ``down_embed``), and every co-activated pair lies in its first expert's
+    allowed set."""
+    model = tiny_kinds.tiny_kind_model("doge")
+    listed = tiny.random_collaborative_list(len(model.model.layers), 16, seed=4)
+    moepatch.apply(model, {"c2r": {"top_t": 2, "collaborative_list": listed}})
+    batches = list(corpus_batches(tiny.tiny_tokenizer(), list(tiny.CORPUS), batch_size=5, seed=3))
+    profile = profile_coactivation(model, batches, progress=False)
+    slow = _slow_count(model, batches, 16, source="experts")
+    assert profile.layers == sorted(slow)
+    for slot, layer in enumerate(profile.layers):
+        assert profile.matrices[slot].tolist() == slow[layer]
+        allowed = {e: {e, *listed[layer][e][:2]} for e in range(16)}
+        pairs = [(i, j) for i in range(16) for j in range(16) if i != j and slow[layer][i][j]]
+        assert pairs and all(j in allowed[i] or i in allowed[j] for i, j in pairs)
+
+
+def test_profiled_fields_drive_the_reloaded_doge_checkpoint(tmp_path):
+    """profile → top_t / collaborative_list in config.json → from_pretrained routes every Doge token inside its first
+    expert's allowed set (product keys chosen inside the block, read where ``down_embed`` looks the experts up)."""
+    checkpoint = tmp_path / "ckpt"
+    tiny_kinds.tiny_kind_model("doge").save_pretrained(checkpoint)
+    tiny.tiny_tokenizer().save_pretrained(checkpoint)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(tiny.CORPUS))
+    assert cli(["profile", str(checkpoint), "--data", str(corpus), "--top-t", "2", "--seed", "1",
+                "--min-tokens", "100"]) == 0
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["top_t"] == 2
+    model = moepatch.from_pretrained(checkpoint).eval()
+    handle = moepatch.get_handle(model)
+    assert handle.c2r_routers and handle.config.c2r.top_t == 2
+    with captured_choices(model) as chosen, torch.no_grad():
+        model(**tiny.demo_batch())
+    for layer in router_modules(model):
+        listed = config["collaborative_list"][layer]
+        allowed = {e: {e, *listed[e][:2]} for e in range(16)}
+        for experts in chosen[layer][0].tolist():
+            assert any(set(experts) <= allowed[e] and e in experts for e in experts), experts

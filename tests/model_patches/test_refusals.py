@@ -150,3 +150,33 @@ def test_survey_refuses_bad_arguments_before_building_anything(argv, message, ca
     captured = capsys.readouterr()
     assert stopped.value.code == 2 and re.search(message, captured.err) and "Traceback" not in captured.err
     assert captured.out == ""  # no table started
+
+
+def test_doge_with_a_non_square_expert_count_keeps_the_structure_and_refuses_the_rule():
+    """Doge's product keys reach only ⌊√E⌋² experts: with E = 15 the rule is refused by name (C2R could find fewer
+    than k reachable experts in an allowed set), the structure still serves statistics and freezing."""
+    model = tiny_kinds.tiny_kind_model("doge", num_experts=15)
+    moe = describe(model)
+    assert moe.routing_problem is not None and "num_experts=15: the product keys reach only" in moe.routing_problem
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"c2r.top_t: needs the exact routing rule .*a square expert count"):
+        moepatch.apply(model, {"c2r": {"top_t": 3, "collaborative_list": [None] * moe.num_layers}})
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    handle = moepatch.apply(model, {"freeze_gate": "router", "routing_stats": True})
+    assert handle.frozen_parameters and handle.recorder is not None
+
+
+def test_doge_renumbering_is_refused_naming_the_product_keys():
+    """Doge's rule is exact, but its experts are key pairs: renumbering them is refused with that reason."""
+    moe = describe(tiny_kinds.tiny_kind_model("doge"))
+    assert moe.routing_problem is None
+    with pytest.raises(ValueError, match=r"expert permutation: DogeForCausalLM \(doge\): DogeCDMoE addresses its "
+                                         r"experts by product keys"):
+        moe.require_renumbering("expert permutation")
+
+
+def test_doge_placement_is_refused_naming_the_product_keys():
+    from moepatch.c2r.permutation import check_permutable
+
+    with pytest.raises(ValueError, match="DogeCDMoE addresses its experts by product keys"):
+        check_permutable(describe(tiny_kinds.tiny_kind_model("doge")))

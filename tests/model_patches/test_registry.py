@@ -31,7 +31,7 @@ ROUTER_KIND_FAMILY_FILES = {"deepseek_v3", "deepseek_v4", "doge", "ergo", "ernie
 def test_every_family_module_is_registered_and_tested():
     families = registry.families()
     infrastructure = {"diagnosis", "errors", "expert_storage", "registry", "routing_rule", "spec", "structure",
-                      "vllm_lora", "sparsemixer", "expert_sorted"}
+                      "vllm_lora", "sparsemixer", "expert_sorted", "product_keys"}
     modules = {name for name in dir(model_patches) if isinstance(getattr(model_patches, name), types.ModuleType)}
     modules -= infrastructure
     original = {"qwen2_moe", "mixtral", "generic_topk", "llama_moe", "moduleformer"}

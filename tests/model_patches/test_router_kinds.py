@@ -7,8 +7,10 @@ One type of each kind (the spec's letters): softmax + selection bias (B: ERNIE 4
 over the k (C: gpt-oss, GraniteMoE, Aria), sigmoid + selection bias (D: MiniMax-M2, Laguna, HY-V3, AfMoE), the same
 with a group limit (E: DeepSeek-V3, GLM-4.5, Kimi-Linear), top-k then sigmoid into a dense matrix (F: Llama 4),
 sparsemixer (G: PhiMoE, structure only), DeepSeek-V2's group-limited greedy softmax, Inkling's sigmoid + selection
-bias whose weights share one log-domain normalisation with the shared experts its router also scores, and ZAYA's
-router MLP (with a state carried from layer to layer) over its experts and a skip class, softmax + selection bias.
+bias whose weights share one log-domain normalisation with the shared experts its router also scores, ZAYA's
+router MLP (with a state carried from layer to layer) over its experts and a skip class, softmax + selection bias, and
+Doge's product keys (H: the block chooses inside its own forward, over pair sums of key scores its view takes from two
+tokens per row).
 """
 
 from __future__ import annotations
@@ -64,11 +66,10 @@ EXACT_KINDS = {
     "gemma4_text": "gemma4_text",  # R: normalised, scaled router input; × per_expert_scale; the layer is the block
     "jetmoe": "jetmoe",  # C, handed to the experts sorted by expert; the attention is a mixture too
     "zaya": "zaya",  # S: router MLP + carried state, softmax over E experts + 1 skip class + bias, a fourth output
+    "doge": "doge",  # H: product keys chosen inside the block's forward, whose view mixes two tokens' keys per row
 }
 """Model type → the family moepatch must resolve it to, with an exact routing rule."""
-STRUCTURE_ONLY: dict[str, str] = {
-    "doge": "DogeCDMoE routes by product keys",
-}
+STRUCTURE_ONLY: dict[str, str] = {}
 """Types whose structure is accepted and whose routing rule is refused, with a phrase of the reason (DeepSeek-V4's
 hashed layers are in test_refusals.py)."""
 ALL_TYPES = {**EXACT_KINDS, **STRUCTURE_ONLY}
@@ -432,6 +433,183 @@ def test_the_c2r_check_catches_broken_implementations(kind, breakage, monkeypatc
         monkeypatch.setattr(c2r_selection, "constrained_topk", leaky)
     moepatch.apply(model, {"c2r": {"top_t": 3, "collaborative_list": listed}})
     assert _check_c2r(kind, model, listed, 3) != []
+
+
+def _doge_breakage(breakage: str):
+    """A broken ``product_key_choice`` (the block's selection step under C2R), written from the published lines."""
+    import torch.nn.functional as F
+
+    from model_patches import product_keys
+
+    published = product_keys.product_key_choice
+
+    def broken(router_logits, top_k, renormalize, allowed_for=None):
+        if breakage == "choose outside the allowed set":  # the family's own choice, whatever the list says
+            return published(router_logits, top_k, renormalize)
+        if breakage == "the view fixed per token":  # each token scored by its own two halves of key scores
+            fixed = router_logits.reshape(-1, 2, router_logits.shape[-1]).transpose(0, 1)
+            return published(fixed, top_k, renormalize, allowed_for)
+        if breakage == "the second choice's allowed set":  # the list of the family's second choice, not its first
+            _, vanilla = published(router_logits, top_k, renormalize)
+            return published(router_logits, top_k, renormalize, lambda first: allowed_for(vanilla[:, 1]))
+        # weights from the masked scores: a softmax over every allowed pair, read at the chosen ones
+        all_scores, all_indices = product_keys.pair_scores(router_logits)
+        weights, indices = published(router_logits, top_k, renormalize, allowed_for)
+        first = indices[:, 0]
+        masked = all_scores.masked_fill(~allowed_for(first).gather(-1, all_indices), float("-inf"))
+        dense = torch.zeros_like(all_scores).scatter(-1, all_indices, F.softmax(masked, dim=-1))
+        weights = dense.gather(-1, indices)
+        return (weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights), indices
+
+    return broken
+
+
+@pytest.mark.parametrize("breakage", ["choose outside the allowed set", "weights from the masked scores",
+                                      "the view fixed per token", "the second choice's allowed set"])
+def test_the_c2r_check_catches_broken_doge_product_key_implementations(breakage, monkeypatch):
+    """Doge's selection step, broken in each way a product-key C2R can go wrong (the list ignored, the weights
+    normalised over every allowed pair instead of the k chosen, the token-mixing view "fixed", the allowed set of the
+    wrong expert) fails the check against the oracle; the real one passes it (test above)."""
+    from model_patches import product_keys
+
+    model = _model("doge")
+    listed = _full_list(model, seed=3)
+    monkeypatch.setattr(product_keys, "product_key_choice", _doge_breakage(breakage))
+    moepatch.apply(model, {"c2r": {"top_t": 3, "collaborative_list": listed}})
+    assert _check_c2r("doge", model, listed, 3) != []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_doge_product_keys_keep_the_first_choice_among_ties(dtype):
+    """Key scores that tie everywhere (every pair sum equal): the full list is the family's own choice bit for bit,
+    and a short list keeps each row's first choice and chooses inside its allowed set."""
+    from model_patches.product_keys import product_key_choice
+
+    generator = torch.Generator().manual_seed(0)
+    num_keys, rows, top_k = 4, 12, 3
+    logits = torch.randint(0, 2, (2, rows, num_keys), generator=generator).to(dtype)  # many equal keys
+    logits[:, :4] = 1.0  # four rows where every pair sum ties
+    vanilla = product_key_choice(logits, top_k, True)
+    everyone = product_key_choice(logits, top_k, True, lambda first: torch.ones(rows, 16, dtype=torch.bool))
+    assert torch.equal(vanilla[0], everyone[0]) and torch.equal(vanilla[1], everyone[1])
+    allowed = torch.zeros(16, 16, dtype=torch.bool)
+    for expert in range(16):
+        allowed[expert, [expert, (expert + 5) % 16, (expert + 9) % 16, (expert + 13) % 16]] = True
+    weights, indices = product_key_choice(logits, top_k, True, lambda first: allowed[first])
+    for row in range(rows):
+        first = int(vanilla[1][row, 0])
+        assert first in indices[row].tolist()
+        assert all(allowed[first, expert] for expert in indices[row].tolist())
+    assert torch.isfinite(weights).all()
+
+
+def test_doge_forward_is_replaced_only_over_the_published_one():
+    """C2R binds moepatch's forward (and its selection method) on every DogeCDMoE whose forward is transformers
+    5.25's, compared bytecode for bytecode; undo restores the class's forward."""
+    from model_patches import doge
+
+    model = _model("doge")
+    moe = describe(model)
+    before = model_state(model)
+    assert all(doge.forward_problem(layer.block) is None for layer in moe.layers)
+    handle = moepatch.apply(model, {"c2r": {"top_t": 3, "collaborative_list": _full_list(model)}})
+    assert all(layer.block.__dict__["forward"].__func__ is doge.routed_forward for layer in moe.layers)
+    assert all(callable(layer.block.__dict__[doge.SELECTION_METHOD]) for layer in moe.layers)
+    handle.remove()
+    assert model_state(model) == before
+
+
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_doge_another_forward_is_refused_by_name(where, monkeypatch):
+    """A DogeCDMoE whose forward is other code than transformers 5.25's (another version or remote code: the class;
+    another library's wrapper: the instance) is refused by name, nothing changed: moepatch's forward would run another
+    computation or drop the wrapper."""
+    from model_patches import doge
+
+    model = _model("doge")
+    block = describe(model).layers[0].block
+
+    def other(self, hidden_states, **kwargs):  # computes the same, but is not the published code
+        return doge.published_forward(self, hidden_states, **kwargs)
+
+    if where == "instance":
+        monkeypatch.setattr(block, "forward", other.__get__(block), raising=False)
+        phrase = "DogeCDMoE.forward is already replaced on the instance"
+    else:
+        monkeypatch.setattr(type(block), "forward", other)
+        phrase = "DogeCDMoE.forward of this transformers is not the one moepatch reproduces"
+    before = model_state(model)
+    with pytest.raises(ValueError, match=phrase):
+        moepatch.apply(model, {"c2r": {"top_t": 3, "collaborative_list": _full_list(model)}})
+    assert model_state(model) == before
+
+
+def test_doge_balance_loss_keeps_its_formula_and_counts_the_c2r_choice():
+    """DogeForCausalLM adds its own product-key balance loss (``modeling_doge.load_balancing_loss_func``: per-choice
+    counts, the softmax over each row's pair sums).  With every collaborator allowed moepatch's loss, total loss and
+    recorded router logits equal transformers' own bit for bit; under C2R the loss equals the oracle's over the
+    experts the blocks really looked up, and differs from transformers' recomputed vanilla value."""
+    from router_oracles import oracle_doge_balance_loss
+
+    model = _model("doge")
+    model.config.output_router_logits = True
+    batch = _batch(model)
+    moe = describe(model)
+    labels = batch["input_ids"]
+    with torch.no_grad():
+        reference = model(**batch, labels=labels)
+    handle = moepatch.apply(model, {"c2r": {"top_t": moe.num_experts - 1, "collaborative_list": _full_list(model)}})
+    with torch.no_grad():
+        same = model(**batch, labels=labels)
+    assert torch.equal(same.aux_loss, reference.aux_loss) and torch.equal(same.loss, reference.loss)
+    assert len(same.router_logits) == len(reference.router_logits)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(same.router_logits, reference.router_logits))
+    handle.remove()
+    moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": _full_list(model, seed=5)}})
+    views: dict[int, torch.Tensor] = {}
+    hooks = [block.register_forward_hook(lambda m, a, out, i=i: views.__setitem__(i, out[1]))
+             for i, (block, _) in router_modules(model).items()]
+    with captured_choices(model) as seen, torch.no_grad():
+        output = model(**batch, labels=labels)
+    for hook in hooks:
+        hook.remove()
+    layers = sorted(seen)
+    want = oracle_doge_balance_loss([views[i] for i in layers], [seen[i][0] for i in layers], moe.num_experts,
+                                    moe.top_k, batch["attention_mask"])
+    torch.testing.assert_close(output.aux_loss.double(), want, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(output.aux_loss, reference.aux_loss)
+
+
+def test_doge_statistics_read_the_c2r_choice_and_the_pair_sums():
+    """Under C2R Doge's statistics count the experts its blocks really looked up (not the product-key top-k the key
+    scores alone give) and sum each expert's softmax over its row's pair sums (the oracle's, in float64)."""
+    from router_oracles import oracle_doge_expert_scores
+
+    model = _model("doge")
+    moe = describe(model)
+    batch = _batch(model)
+    handle = moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": _full_list(model, seed=5)},
+                                    "routing_stats": True})
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
+             for i, (block, _) in router_modules(model).items()]
+    with captured_choices(model) as seen:
+        logits_of(model, batch)
+    for hook in hooks:
+        hook.remove()
+    keep = batch["attention_mask"].reshape(-1).bool()
+    routers = router_modules(model)
+    changed = 0
+    for slot, index in enumerate(handle.recorder.layers):
+        chosen = seen[index][0]
+        vanilla, _ = oracle_route("doge", *routers[index], inputs[index], exact=True)
+        changed += int((chosen.sort(dim=-1).values != vanilla.sort(dim=-1).values).any(dim=-1).sum())
+        want = torch.bincount(chosen[keep].reshape(-1), minlength=moe.num_experts)
+        assert torch.equal(handle.recorder.counts[slot], want), index
+        scores = oracle_doge_expert_scores(*routers[index], inputs[index])  # float64, by expert id
+        sums = torch.softmax(scores, dim=-1)[keep].sum(dim=0)
+        torch.testing.assert_close(handle.recorder.prob_sums[slot].double(), sums, rtol=1e-5, atol=1e-6)
+    assert changed > 0
 
 
 # ------------------------------------------------------------------------ router-independent features on every kind
