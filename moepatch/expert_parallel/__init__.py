@@ -14,6 +14,7 @@ from typing import Any
 
 from moepatch.expert_parallel.placement import PLACEMENT_FILE
 from moepatch.expert_parallel.placement import check_placement
+from moepatch.expert_parallel.training import replicate_added_parameters
 
 IMPLEMENTATION_NAME = "moepatch_dedup"
 """The ``ep_implementation`` name that selects the dedup dispatch."""
@@ -50,4 +51,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moepatch.expert_parallel' has no attribute {name!r}")
 
 
-__all__ = ["IMPLEMENTATION_NAME", "PLACEMENT_FILE", "check_placement", "register", *_DISPATCH_NAMES]
+__all__ = ["IMPLEMENTATION_NAME", "PLACEMENT_FILE", "check_placement", "register", "replicate_added_parameters",
+           *_DISPATCH_NAMES]

@@ -549,3 +549,12 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
         return result
 
     undo.set_attribute(model, "save_pretrained", save_pretrained)
+    gather = getattr(model, "gather_sharded_state_dict_for_save", None)
+    if gather is not None and getattr(model, "is_distributed_loading_by_transformers", False):
+        # loaded with DistributedConfig and a data-parallel size > 1: transformers gathers the full state dict
+        # from the model itself after applying _keys_to_ignore_on_save, so the experts would come back into the
+        # model's safetensors (and load as unexpected keys); drop them from what it gathered
+        def gather_without_experts(*args: Any, **kwargs: Any) -> dict:
+            return {key: value for key, value in gather(*args, **kwargs).items() if key not in keys}
+
+        undo.set_attribute(model, "gather_sharded_state_dict_for_save", gather_without_experts)

@@ -91,6 +91,18 @@ class ModelArguments:
     gate_noise: bool | None = field(default=None, metadata={"help": "Gate noise in training (LLaMA-MoE)."})
     balance_loss: bool | None = field(default=None, metadata={"help": "Add the family's balance loss to the loss."})
     aux_loss_coef: float | None = field(default=None, metadata={"help": "Coefficient of the balance loss (>= 0)."})
+    ep_size: int | None = field(
+        default=None,
+        metadata={"help": "Expert parallelism over this many processes (launch with torchrun --nproc_per_node "
+                          "EP_SIZE): each rank holds num_experts / EP_SIZE routed experts and the same batch "
+                          "(transformers' DistributedConfig(tp_size=EP_SIZE, ep_size=EP_SIZE, tp_plan={}))."},
+    )
+    ep_implementation: str = field(
+        default="auto",
+        metadata={"help": "How tokens reach the experts under --ep_size: 'moepatch_dedup' (one row per token and "
+                          "destination rank), 'all_to_all' (transformers: one row per token and expert), 'auto' "
+                          "(transformers' choice)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
@@ -103,6 +115,57 @@ class ModelArguments:
         coef = self.aux_loss_coef
         if coef is not None and not (_is_number(coef) and math.isfinite(coef) and coef >= 0):
             raise UsageError("--aux_loss_coef", f"expected a finite number >= 0, got {coef!r}")
+        if self.ep_size is not None and not (_is_int(self.ep_size) and self.ep_size >= 1):
+            raise UsageError("--ep_size", f"expected an integer >= 1, got {self.ep_size!r}")
+        if self.ep_implementation not in EP_IMPLEMENTATIONS:
+            raise UsageError("--ep_implementation",
+                             f"expected one of {', '.join(EP_IMPLEMENTATIONS)}, got {self.ep_implementation!r}")
+        if self.ep_size is None and self.ep_implementation != "auto":
+            raise UsageError("--ep_implementation", "only takes effect with --ep_size")
+
+
+EP_IMPLEMENTATIONS = ("auto", "moepatch_dedup", "all_to_all")
+"""``--ep_implementation`` choices: transformers' dispatches that train, and moepatch's (``all_reduce`` is
+inference-only, so it is not offered for fine-tuning)."""
+
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_parallel_config(model_args: ModelArguments, config: Any) -> Any:
+    """The ``DistributedConfig`` ``--ep_size`` asks for (``None`` without it), checked before any weight is read.
+
+    Why here and not in ``from_pretrained``: transformers only finds an unfit EP size while sharding (a rank count
+    that does not divide the experts) or not at all (a launch with another number of processes hangs or shards
+    wrongly), after the data is read; the run refuses both by name first.
+
+    The layout is expert parallelism over data-parallel ranks (``tp_size=1, fsdp_size = ep_size``: each rank trains
+    on its own batches, FSDP2 shards the dense weights and averages their gradients, the experts are split over the
+    ranks and tokens travel to them). Not ``tp_size = ep_size`` (every rank the same batch): the Trainer hands that
+    layout to accelerate as a ``ParallelismConfig``, which accelerate refuses on CPU processes. The launch must have
+    exactly ``ep_size`` processes.
+
+    Raises:
+        UsageError: naming ``--ep_size``.
+    """
+    if model_args.ep_size is None:
+        return None
+    import os
+
+    from transformers import DistributedConfig
+
+    size = model_args.ep_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != size:
+        raise UsageError("--ep_size", f"{size} but this launch has {world} process(es): launch with torchrun "
+                                      f"--nproc_per_node {size} (every process holds num_experts / {size} experts)")
+    experts = next((getattr(config, name) for name in _EXPERT_COUNT_FIELDS
+                    if isinstance(getattr(config, name, None), int)), None)
+    if experts is None:
+        raise UsageError("--ep_size", f"the {config.model_type} config names no routed-expert count "
+                                      f"({', '.join(_EXPERT_COUNT_FIELDS)}): cannot shard its experts")
+    if experts % size:
+        raise UsageError("--ep_size", f"{size} does not divide the model's {experts} routed experts")
+    return DistributedConfig(tp_size=1, fsdp_size=size, ep_size=size, ep_implementation=model_args.ep_implementation)
 
 
 @dataclass
@@ -544,9 +607,12 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
         raise UsageError("--output_dir", f"{output} holds the checkpoint folder {checkpoint} (--model_name_or_path): "
                                          "the run's files would be written around (and checkpoints next to) the "
                                          "model being fine-tuned; choose another folder")
+    expert_parallel_config(model_args, config)
     check_model_structure(model_args, config,
                           probe_layers=list(sampling_args.probe_layers) if data_args.dynamic_sampling else None)
     names = source_names(data_args)
+    if expert_args is not None and expert_args.task_experts and model_args.ep_size is not None:
+        raise UsageError("--ep_size", "task experts (--task_experts) are not supported under expert parallelism yet")
     if expert_args is not None:
         _check_task_expert_inputs(expert_args, data_args, names, training_args.resume_from_checkpoint, sampling_args)
         block = getattr(config, "moepatch", None)
@@ -847,6 +913,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     _init_deepspeed_comm(training_args)
     output_dir = Path(training_args.output_dir)
     config = prepare_config(model_args)
+    distributed = expert_parallel_config(model_args, config)
     tokenizer = load_tokenizer(model_args.model_name_or_path)  # before anything is written
     prompt_format = data_args.prompt_format
     if prompt_format == "auto":
@@ -883,7 +950,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
         initial = (read_initial_weights(data_args.initial_weights, names, positive=data_args.dynamic_sampling)
                    if data_args.initial_weights else None)
 
-        model = load_for_command(model_args.model_name_or_path, config=config, dtype=torch.float32)
+        extra = {} if distributed is None else {"distributed_config": distributed}
+        model = load_for_command(model_args.model_name_or_path, config=config, dtype=torch.float32, **extra)
+        if distributed is not None:
+            from moepatch.expert_parallel.training import replicate_added_parameters
+
+            replicate_added_parameters(model)
         model.config.use_cache = False
         task_experts = expert_args is not None and expert_args.task_experts
         if task_experts:  # peft can reach what is asked: checked before anything is written

@@ -297,6 +297,12 @@ class RoutingRecorder:
         """Sum the statistics over the ranks of ``group`` when ``torch.distributed`` is initialised.
 
         Every rank must call it (it is a collective).  Without an initialised process group it does nothing.
+
+        Under expert parallelism (``from_pretrained(distributed_config=DistributedConfig(..., ep_size=N))``) each
+        rank's recorder counts the tokens its router saw, exactly as one process would count them.  With
+        ``tp_size=1`` (each rank its own batch) the default group gives the global totals; with ``tp_size > 1`` the
+        ranks of a tensor-parallel group route the same batch, so the default group counts it ``tp_size`` times:
+        pass a group holding one rank per batch for token totals.
         """
         import torch.distributed as dist
 
