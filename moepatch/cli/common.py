@@ -4,6 +4,7 @@ checkpoint is reported in one line before any weight is loaded or any file is wr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,10 @@ def check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: s
 def weights_problem(folder: Path, model: torch.nn.Module) -> str | None:
     """What is wrong with a checkpoint's weights as the config describes the model, from the safetensors headers
     alone (cheap: no tensor is read): missing, truncated or unreadable files, a sharded index naming files that are
-    not there, tensors whose shape differs from the model's, or weights that share few names with it (another
-    model's).  ``None`` when they fit; pickled ``.bin`` weights are not opened (never unpickled) and not checked."""
+    not there, tensors whose shape differs from the model's, or a total number of values that differs from the
+    model's (another model's, or an incomplete one; transformers' checkpoint conversions rename and fuse tensors but
+    never change that total).  ``None`` when they fit; pickled ``.bin`` weights are not opened (never unpickled)
+    and not checked."""
     from moepatch.validation import read_json_object
     from moepatch.validation import safetensors_shapes
 
@@ -135,10 +138,13 @@ def weights_problem(folder: Path, model: torch.nn.Module) -> str | None:
         name, found, shape = wrong[0]
         return (f"{files[0] if len(files) == 1 else folder}: {name} has shape {list(found)}, but config.json "
                 f"describes {list(shape)} ({len(wrong)} tensor(s) differ): the weights are not this config's model")
-    shared = len(set(expected) & set(stored))
-    if shared < len(expected) / 2:  # renamed expert tensors (transformers' conversions) keep far more than half
-        return (f"{folder}: the weights share {shared} of the {len(expected)} tensor names the config's "
-                f"{type(model).__name__} has: they are another model's")
+    unique = {id(tensor): tensor for tensor in model.state_dict(keep_vars=True).values()}  # tied weights once
+    expected_values = sum(tensor.numel() for tensor in unique.values())
+    stored_values = sum(math.prod(shape) for shape in stored.values())
+    if stored_values != expected_values:  # transformers' conversions rename and fuse tensors, never add values
+        return (f"{files[0] if len(files) == 1 else folder}: the weights hold {stored_values:,} values, but the "
+                f"{type(model).__name__} that config.json describes holds {expected_values:,}: they are not this "
+                "config's model (or are incomplete)")
     return None
 
 

@@ -167,6 +167,17 @@ def _run_inputs(manifest: Any) -> dict[str, Path]:
     return inputs
 
 
+def _is_routes_file(path: Path) -> bool:
+    """Whether ``path`` is an earlier ``experts route`` output (every line a JSON object with a 'tasks' list), the
+    only existing file ``--routes`` may replace."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return all(isinstance(record := json.loads(line), dict) and isinstance(record.get("tasks"), list)
+                   for line in lines)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
 def _print_report(report: dict[str, Any]) -> None:
     from moepatch.report import format_table
 
@@ -270,7 +281,12 @@ def cmd_route(args: argparse.Namespace) -> int:
     check_output_folder(routes_path.parent, "--routes")
     if routes_path.is_dir():
         raise UsageError("--routes", f"{routes_path} is a folder; give the jsonl file to write")
-    refuse_output_in_inputs(routes_path, "--routes", {"--input": args.input, **_run_inputs(manifest)})
+    refuse_output_in_inputs(routes_path, "--routes", {"--input": args.input, **_run_inputs(manifest),
+                                                      "the experts' base (manifest.json 'base')": manifest.base})
+    if routes_path.is_file() and not _is_routes_file(routes_path):
+        raise UsageError("--routes", f"{routes_path} exists and is not a routes file written by `experts route` "
+                                     "(one JSON object with 'tasks' per line): it would be overwritten; choose "
+                                     "another path")
     from moepatch.task_experts.fitting import make_encoder
 
     signatures = make_encoder(manifest, router.encoder).encode([request.text for request in requests])

@@ -9,6 +9,15 @@ from pathlib import Path
 
 def cmd_install(args: argparse.Namespace) -> int:
     """Write moepatch's loader and the ``auto_map`` entries into the checkpoint."""
+    from moepatch.cli.common import skeleton
+    from moepatch.cli.common import weights_problem
+    from moepatch.errors import CommandError
+    from moepatch.loading.install import check_installable
+
+    check_installable(Path(args.path))  # the folder and its moepatch block, as install itself checks them first
+    problem = weights_problem(Path(args.path), skeleton(args.path, False)[1])
+    if problem is not None:  # the headers alone: a truncated file or another model's weights, before any write
+        raise CommandError(problem)
     from moepatch.loading.install import install
 
     loader = install(args.path)

@@ -611,6 +611,7 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     check_model_structure(model_args, config,
                           probe_layers=list(sampling_args.probe_layers) if data_args.dynamic_sampling else None)
     names = source_names(data_args)
+    _check_synthetic_target(data_args, output, training_args.seed)
     if expert_args is not None and expert_args.task_experts and model_args.ep_size is not None:
         raise UsageError("--ep_size", "task experts (--task_experts) are not supported under expert parallelism yet")
     if expert_args is not None:
@@ -665,6 +666,29 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
                                          "rounds would be appended to it. Choose a new folder, remove it, or pass "
                                          "--resume_from_checkpoint")
     return names
+
+
+def _check_synthetic_target(data_args: DataArguments, output: Path, seed: int) -> None:
+    """``--synthetic_data`` copies its sources to ``<output_dir>/data``: files already there that this run would not
+    write byte for byte (a user's data, another seed's) are refused instead of overwritten.  The same command run
+    again (finishing a killed run) writes the same files, so it passes."""
+    if not (data_args.synthetic_data and not (data_args.data_dir or data_args.train_files)):
+        return
+    target = output / "data"
+    if not target.exists():
+        return
+    import tempfile
+
+    from moepatch.testing.synthetic import write_synthetic_sources
+
+    with tempfile.TemporaryDirectory(prefix="moepatch_synthetic_check_") as scratch:
+        write_synthetic_sources(scratch, seed=seed)
+        for existing in sorted(path for path in target.rglob("*") if path.is_file()):
+            fresh = Path(scratch) / existing.relative_to(target)
+            if not fresh.is_file() or fresh.read_bytes() != existing.read_bytes():
+                raise UsageError("--output_dir", f"{existing} exists and is not what --synthetic_data writes there "
+                                                 "(it would be overwritten): choose another --output_dir, or move "
+                                                 f"{target} away")
 
 
 def _check_earlier_experts(expert_args: Any, output: Path, checkpoint: Path) -> None:

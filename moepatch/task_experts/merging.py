@@ -258,9 +258,9 @@ def combinations_from_routes(path: Path, weights: Sequence[float] | None,
             raise ValueError(f"{where}: a task appears twice in {tasks}")
         routed = record.get("weights")
         if routed is not None and (not isinstance(routed, list) or len(routed) != len(tasks)
-                                   or not all(is_finite_number(w) and w >= 0 for w in routed)):
-            raise ValueError(f"{where}: 'weights' must be {len(tasks)} finite numbers >= 0 (one per task), got "
-                             f"{routed!r}")
+                                   or not all(is_finite_number(w) and w >= 0 for w in routed) or not any(routed)):
+            raise ValueError(f"{where}: 'weights' must be {len(tasks)} finite numbers >= 0, not all zero (one per "
+                             f"task), got {routed!r}")
         unknown = [task for task in tasks if known is not None and task not in known]
         if unknown:
             raise ValueError(f"{where}: unknown task(s) {unknown}; the experts are {list(known or [])}")

@@ -30,6 +30,7 @@ from moepatch.task_experts.manifest import ROUTER_FOLDER
 from moepatch.task_experts.manifest import ROUTER_WEIGHTS
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import read_manifest
+from moepatch.validation import is_finite_number
 from moepatch.validation import safetensors_shapes
 
 HEAD_TENSORS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -143,6 +144,10 @@ def check_merges(folder: Path, tasks: list[str]) -> list[dict[str, Any]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(
                 entry.get("tasks"), list):
             raise ValueError(f"{where}: expected an object with 'name' and 'tasks'")
+        weights = entry.get("weights", [])
+        if not isinstance(weights, list) or not all(is_finite_number(w) for w in weights) or (
+                weights and len(weights) != len(entry["tasks"])):
+            raise ValueError(f"{where}: weights: expected one finite number per task, got {weights!r}")
         unknown = [task for task in entry["tasks"] if task not in tasks]
         if unknown:
             raise ValueError(f"{where}: merges task(s) {unknown} that are not experts of the run {tasks}")

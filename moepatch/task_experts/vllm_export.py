@@ -143,12 +143,18 @@ def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int 
 def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> list[dict[str, Any]]:
     """Each routed request with the adapter serving it; a combination without an exported adapter is an error."""
     from moepatch.mixing.instruction_data import read_jsonl_located
+    from moepatch.validation import is_finite_number
 
     lines, missing = [], set()
     for where, record in read_jsonl_located(routes):
         tasks = record.get("tasks")
         if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) for task in tasks):
             raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
+        routed = record.get("weights")
+        if routed is not None and (not isinstance(routed, list) or len(routed) != len(tasks)
+                                   or not all(is_finite_number(w) and w >= 0 for w in routed) or not any(routed)):
+            raise ValueError(f"{where}: 'weights' must be {len(tasks)} finite numbers >= 0, not all zero (one per "
+                             f"task), got {routed!r}")
         key = combination_key(tasks, [1.0] * len(tasks))
         if key not in by_combination:
             missing.add("+".join(key))

@@ -286,6 +286,8 @@ CASES: list[tuple[str, int, str]] = [
     ("install {dense}", 2, "cannot patch LlamaForCausalLM"),
     ("install {badblock}", 1, "moepatch.freeze_gate"),
     ("install {noweights}", 2, "holds no weights"),
+    ("install {truncated}", 1, "model.safetensors: not a complete safetensors file"),
+    ("install {foreign}", 1, "they are not this config's model"),
     ("install {top9}", 2, "top-9 of 8"),
     ("install {badautomap}", 1, "auto_map"),
     ("install {junkbackup}", 1, "config.json.moepatch-orig"),
@@ -299,7 +301,7 @@ CASES: list[tuple[str, int, str]] = [
     ("profile {ck} --data {small} --text-field body", 2, "--text-field: only applies to .jsonl / .json --data"),
     ("inspect {noweights}", 1, "no weights (no *.safetensors)"),
     ("inspect {truncated}", 1, "model.safetensors: not a complete safetensors file"),
-    ("inspect {foreign}", 1, "they are another model's"),
+    ("inspect {foreign}", 1, "they are not this config's model"),
     ("uninstall {root}/missing", 2, "no checkpoint folder"),
     ("uninstall {ck}", 1, "was not prepared by `moepatch install`"),
 ]

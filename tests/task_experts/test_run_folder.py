@@ -79,6 +79,13 @@ def _unlink(relative: str) -> Callable[[Path], None]:
     return lambda run: (run / relative).unlink()
 
 
+def _edit_merge_weights(run: Path) -> None:
+    path = run / "experts" / "merged" / "merges.json"
+    entries = json.loads(path.read_text())
+    entries[0]["weights"] = [float("nan"), 0.5]
+    path.write_text(json.dumps(entries))
+
+
 def _nothing(run: Path) -> None:
     return None
 
@@ -123,6 +130,10 @@ CASES = [
      "--routes: {run}/requests.jsonl is the command's input (--input)"),
     ("routes over the manifest", _nothing, ROUTE + " --routes {run}/experts/manifest.json", 2,
      "--routes: {run}/experts/manifest.json is the command's input (output (manifest))"),
+    ("routes over the run's tokenizer", _nothing, ROUTE + " --routes {run}/experts/tokenizer.json", 2,
+     "tokenizer.json exists and is not a routes file"),
+    ("merges.json with a NaN weight", _edit_merge_weights, MERGE, 1,
+     "merges.json: [0]: weights: expected one finite number per task"),
     ("routes inside an expert", _nothing, ROUTE + " --routes {run}/experts/chat/routes.jsonl", 2,
      "lies inside the command's input"),
     # weights that give nothing or nonsense
@@ -227,7 +238,7 @@ def test_merges_add_to_the_earlier_ones_and_record_the_runs_base(run):
 def test_routes_land_whole(run, monkeypatch, capsys):
     """Routing that fails while writing leaves the earlier routes file as it was."""
     routes = run / "experts" / "routes.jsonl"
-    routes.write_text("earlier routes\n")
+    routes.write_text('{"tasks": ["chat"], "weights": [1.0]}\n')  # an earlier route output
     import moepatch.task_experts.router as router_module
 
     def broken_route(self, *args, **kwargs):
@@ -236,7 +247,7 @@ def test_routes_land_whole(run, monkeypatch, capsys):
     monkeypatch.setattr(router_module.TaskRouter, "route", broken_route)
     assert cli(["experts", "route", str(run), "--input", str(run / "requests.jsonl")]) == 1
     capsys.readouterr()
-    assert routes.read_text() == "earlier routes\n"
+    assert routes.read_text() == '{"tasks": ["chat"], "weights": [1.0]}\n'
 
 
 @pytest.mark.slow

@@ -120,6 +120,19 @@ def test_routed_experts_without_a_peft_layout_are_refused(tmp_path, capsys):
     assert not (output / "experts").exists()
 
 
+def test_synthetic_data_never_overwrites_a_users_data_folder(base_checkpoint, tmp_path, capsys):
+    """``--synthetic_data`` writes OUT/data: a file there it would not write byte for byte is refused, untouched."""
+    output = tmp_path / "out"
+    mine = output / "data" / "train" / "chat.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text('{"conversations": []}\n')
+    code, err = _run(capsys, *finetune_argv(base_checkpoint, output, "--max_steps", "1"))
+    assert code == 2, err
+    assert "chat.jsonl exists and is not what --synthetic_data writes there" in err
+    assert mine.read_text() == '{"conversations": []}\n'
+    assert sorted(output.rglob("*")) == [mine.parent.parent, mine.parent, mine]
+
+
 def test_bias_update_is_refused_for_task_experts(tmp_path, capsys):
     """The bias update moves the base's selection biases, which a LoRA expert does not save."""
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "dsv3", "deepseek_v3", moepatch={"bias_update": {"rate": 1e-3}})
