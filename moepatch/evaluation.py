@@ -209,6 +209,13 @@ def run_lm_eval(argv: list[str]) -> int:
 
     from moepatch.errors import UsageError
 
+    pretrained, output = _model_args(argv).get("pretrained"), _output_path(argv)
+    if pretrained and output is not None:
+        from moepatch.validation import is_inside
+
+        if is_inside(output, pretrained):
+            raise UsageError("--output_path", f"{output} is or lies inside the checkpoint folder {pretrained} "
+                                              "(model_args pretrained=): lm-eval's results would be written into it")
     stats = _model_args(argv).get("routing_stats")
     if stats is not None and _output_path(argv) is None:
         try:

@@ -106,6 +106,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--max-rank", f"{args.max_rank} exceeds the narrowest adapted projection ({narrowest} "
                                        "features): a LoRA rank cannot usefully exceed min(in, out)")
     output = Path(args.output) if args.output else checkpoint / "guilomo"
+    if output.resolve() == checkpoint.resolve():
+        raise UsageError("--output", f"{output} is the checkpoint folder: expert.json and rank.json would lie beside "
+                                     "its weights; give a folder of their own (default CHECKPOINT/guilomo)")
     check_output_folder(output, "--output")
     if args.data:
         records = file_records(args.data)

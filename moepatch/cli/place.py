@@ -26,8 +26,9 @@ PLACE_PROFILING_DEFAULTS: dict[str, Any] = {"data": None, "text_field": "text", 
 
 def check_permuted_target(source: Path, target: Path) -> None:
     """``--write-permuted DIR`` must be a new or empty folder, not the source."""
-    if target.resolve() == source.resolve():
-        raise UsageError("--write-permuted", f"{target} is the source checkpoint; give a new folder")
+    from moepatch.staged_output import refuse_output_in_inputs
+
+    refuse_output_in_inputs(target, "--write-permuted", {"SOURCE": source})  # the source, inside it, or around it
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UsageError("--write-permuted", f"{target} already exists and is not an empty folder; give a new folder")
 

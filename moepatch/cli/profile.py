@@ -58,6 +58,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise CommandError(f"{checkpoint / 'config.json'} is not writable; the C2R fields go there (or pass "
                            "--no-write-config)")
     output = check_output_folder(args.output, "--output") if args.output else checkpoint / "c2r_profile"
+    if output.resolve() == checkpoint.resolve():
+        raise UsageError("--output", f"{output} is the checkpoint folder: the matrices and heatmap would lie beside "
+                                     "its weights; give a folder of their own (default CHECKPOINT/c2r_profile)")
     if not args.output:
         check_output_folder(output, "--output")
     documents = read_corpus(args.data, args.text_field or "text") if args.data else embedded_corpus()

@@ -610,6 +610,11 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     expert_parallel_config(model_args, config)
     check_model_structure(model_args, config,
                           probe_layers=list(sampling_args.probe_layers) if data_args.dynamic_sampling else None)
+    for flag, entry in [("--data_dir", data_args.data_dir)] + [("--train_files", e.partition("=")[2])
+                                                                for e in data_args.train_files or []]:
+        if entry and Path(entry).is_dir() and is_inside(output, entry):  # the run's files among the sources
+            raise UsageError("--output_dir", f"{output} is {'' if is_inside(entry, output) else 'inside '}the data "
+                                             f"folder {entry} ({flag}); choose a folder outside it")
     names = source_names(data_args)
     _check_synthetic_target(data_args, output, training_args.seed)
     if expert_args is not None and expert_args.task_experts and model_args.ep_size is not None:
