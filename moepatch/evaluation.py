@@ -56,7 +56,14 @@ def load_patched(pretrained: str, moepatch_config: str | None = None) -> torch.n
     config = load_config(pretrained)
     if moepatch_config:
         write_config(config, _moepatch_block(moepatch_config))
-    return moepatch.from_pretrained(pretrained, config=config)
+    try:
+        return moepatch.from_pretrained(pretrained, config=config)
+    except Exception as error:  # safetensors' own error for a truncated or corrupt file names no file
+        if "safetensor" not in type(error).__name__.lower():
+            raise
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"moepatch model_args: pretrained={pretrained}: its *.safetensors weights cannot be read "
+                         f"({text})") from None
 
 
 @register_model("moepatch")

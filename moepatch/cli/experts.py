@@ -30,6 +30,11 @@ from moepatch.errors import CommandError
 from moepatch.errors import UsageError
 from moepatch.task_experts.manifest import ROUTER_FOLDER
 
+FIT_DEFAULTS: dict[str, object] = {"positives": "scored", "positive_margin": 0.05, "encoder_epochs": 10.0,
+                                   "encoder_lr": 1e-5, "encoder_temperature": 0.02, "encoder_batch_size": 16}
+"""fit-router's options of the encoder fine-tune and the scored positives (MELD's values): one given with another
+value where it does not apply is refused, not ignored."""
+
 
 def _finite(text: str) -> float:
     try:
@@ -63,15 +68,18 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
     fit.add_argument("--finetune-encoder", action="store_true",
                      help="retrieval: MELD's contrastive fine-tune of the encoder (InfoNCE, one hard negative per "
                           "positive, in-batch negatives); saved in the router folder")
-    fit.add_argument("--positives", choices=("scored", "own"), default="scored",
+    fit.add_argument("--positives", choices=("scored", "own"), default=FIT_DEFAULTS["positives"],
                      help="the fine-tune's positives: scored = experts that answer the request well (MELD, runs "
                           "every expert on every fitting request), own = the request's own task")
-    fit.add_argument("--encoder-epochs", type=positive_float, default=10.0, help="fine-tune epochs (MELD: 10)")
-    fit.add_argument("--encoder-lr", type=positive_float, default=1e-5, help="fine-tune learning rate (MELD: 1e-5)")
-    fit.add_argument("--encoder-temperature", type=positive_float, default=0.02,
+    fit.add_argument("--encoder-epochs", type=positive_float, default=FIT_DEFAULTS["encoder_epochs"],
+                     help="fine-tune epochs (MELD: 10)")
+    fit.add_argument("--encoder-lr", type=positive_float, default=FIT_DEFAULTS["encoder_lr"],
+                     help="fine-tune learning rate (MELD: 1e-5)")
+    fit.add_argument("--encoder-temperature", type=positive_float, default=FIT_DEFAULTS["encoder_temperature"],
                      help="InfoNCE temperature of the fine-tune (MELD: 0.02)")
-    fit.add_argument("--encoder-batch-size", type=positive_int, default=16, help="fine-tune batch (MELD: 16)")
-    fit.add_argument("--positive-margin", type=fraction, default=0.05,
+    fit.add_argument("--encoder-batch-size", type=positive_int, default=FIT_DEFAULTS["encoder_batch_size"],
+                     help="fine-tune batch (MELD: 16)")
+    fit.add_argument("--positive-margin", type=fraction, default=FIT_DEFAULTS["positive_margin"],
                      help="contrastive: experts within this relative answer loss of the best one are positives")
     fit.add_argument("--features", nargs="+", choices=("hidden", "load"), default=["hidden", "load"],
                      help="base-model signature: mean-pooled final hidden state and/or per-layer expert loads")
@@ -224,6 +232,14 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
                                                   "module is used")
     elif args.encoder_pooling is not None:
         raise UsageError("--encoder-pooling", "only with --encoder (a transformers encoder folder)")
+    scored = args.head == "contrastive" or (args.finetune_encoder and args.positives == "scored")
+    applies = {"positives": args.finetune_encoder, "positive_margin": scored}
+    for name, default in FIT_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, name) != default and not applies.get(name, args.finetune_encoder):
+            raise UsageError(flag, "only applies to " + ("the contrastive head or --finetune-encoder with scored "
+                                                         "positives" if name == "positive_margin"
+                                                         else "--finetune-encoder") + "; it would be ignored")
     descriptions = {}
     if args.descriptions is not None:
         try:
@@ -243,6 +259,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
         _, report = fit_router(manifest, data, settings)
     except ValueError as error:
         flag, _, message = str(error).partition(": ")
+        flag = "--data" if flag == "--data_dir" else flag  # the data reader's finetune flag, here --data
         if flag.startswith("--") or flag == "output":
             raise UsageError(flag, message) from None
         raise

@@ -101,6 +101,9 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
             check_permutable(moe, structure_only=True)
         except ValueError as error:
             raise CommandError(f"--write-permuted: {error}") from None
+    if args.text_field is not None and not any(Path(path).suffix in (".jsonl", ".json") for path in args.data or ()):
+        raise UsageError("--text-field", "only applies to .jsonl / .json --data (a .txt file's lines are the "
+                                         "documents; without --data the embedded corpus is used)")
     options = {name: default if getattr(args, name) is None else getattr(args, name)
                for name, default in PLACE_PROFILING_DEFAULTS.items()}
     documents = read_corpus(options["data"], options["text_field"]) if options["data"] else embedded_corpus()

@@ -714,28 +714,41 @@ def _check_earlier_experts(expert_args: Any, output: Path, checkpoint: Path) -> 
                                              "folder")
 
 
+def _changed_fields(arguments: Any) -> list[str]:
+    """The fields of an arguments dataclass whose value differs from the field's default (lists and tuples equal)."""
+    changed = []
+    for option in dataclasses.fields(arguments):
+        if option.default_factory is not dataclasses.MISSING:
+            default = option.default_factory()
+        elif option.default is not dataclasses.MISSING:
+            default = option.default
+        else:
+            continue
+        value = getattr(arguments, option.name)
+        as_list = (lambda item: list(item) if isinstance(item, (list, tuple)) else item)  # noqa: E731
+        if as_list(value) != as_list(default):
+            changed.append(option.name)
+    return changed
+
+
 def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names: list[str], resume: Any,
                               sampling_args: Any = None) -> None:
     """``--task_experts`` trains one adapter per source: no mixture, no resume, no dynamic-mixing option (each would
     be silently ignored); its own flags checked."""
     if not expert_args.task_experts:
-        given = [flag for flag, value in (("--tasks", expert_args.tasks),
-                                          ("--expert_routed_experts", expert_args.expert_routed_experts)) if value]
+        given = [f"--{name}" for name in _changed_fields(expert_args) if name != "task_experts"]
         if given:
             raise UsageError(given[0], "only applies with --task_experts true")
         return
+    if data_args.probe_size != DataArguments.probe_size:
+        raise UsageError("--probe_size", "the probe split is dynamic mixing's, which --task_experts does not run; it "
+                                         "would be ignored")
     if data_args.initial_weights:
         raise UsageError("--initial_weights", "--task_experts trains one expert per source, not a weighted mixture")
-    if sampling_args is not None:
-        for option in dataclasses.fields(sampling_args):
-            default = (option.default_factory() if option.default_factory is not dataclasses.MISSING
-                       else option.default)
-            value = getattr(sampling_args, option.name)
-            if option.default is not dataclasses.MISSING or option.default_factory is not dataclasses.MISSING:
-                if (list(value) if isinstance(value, tuple) else value) != (
-                        list(default) if isinstance(default, tuple) else default):
-                    raise UsageError(f"--{option.name}", "a dynamic-mixing option; --task_experts trains one expert "
-                                                         "per source and runs no mixing, so it would be ignored")
+    changed = _changed_fields(sampling_args) if sampling_args is not None else []
+    if changed:
+        raise UsageError(f"--{changed[0]}", "a dynamic-mixing option; --task_experts trains one expert per source and "
+                                            "runs no mixing, so it would be ignored")
     if resume:
         raise UsageError("--resume_from_checkpoint", "not supported with --task_experts (each task's run is short: "
                                                      "train the missing tasks with --tasks)")

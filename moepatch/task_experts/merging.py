@@ -95,8 +95,12 @@ def check_request(manifest: ExpertManifest, request: MergeRequest, max_lora_rank
                          f"tasks {request.tasks}")
     if not all(isinstance(w, (int, float)) and w == w and abs(w) != float("inf") for w in request.weights):
         raise ValueError(f"--weights: expected finite numbers, got {request.weights}")
-    if not any(request.weights):
-        raise ValueError(f"--weights: all zero ({request.weights}): the merged adapter would change nothing")
+    if max(abs(w) for w in request.weights) < 1e-6:
+        raise ValueError(f"--weights: all zero or below 1e-6 in magnitude ({request.weights}): the merged adapter "
+                         "would change nothing")
+    if max(abs(w) for w in request.weights) > 1e6:
+        raise ValueError(f"--weights: {request.weights} has a weight above 1e6 in magnitude: the merged factors "
+                         "would overflow float32")
     if request.method not in METHODS:
         raise ValueError(f"--method: expected one of {METHODS}, got {request.method!r}")
     if request.rank is not None and request.method != "svd":

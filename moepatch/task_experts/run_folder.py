@@ -33,6 +33,8 @@ from moepatch.task_experts.manifest import read_manifest
 from moepatch.validation import is_finite_number
 from moepatch.validation import safetensors_shapes
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+"""The JSON files of the tokenizer a run saves beside its manifest."""
 HEAD_TENSORS: dict[str, dict[str, tuple[str, ...]]] = {
     "centroid": {"centroids": ("tasks", "width")},
     "retrieval": {"descriptions": ("tasks", "width")},
@@ -168,6 +170,9 @@ def read_run(path: str | Path, *, router: bool = True) -> ExpertManifest:
     (module docstring); ``router=False`` leaves the fitted router out (``fit-router`` replaces it).  ``ValueError``
     naming the file and field of the first problem."""
     manifest = read_manifest(path)
+    for name in TOKENIZER_FILES:  # the experts' tokenizer, which every command that runs the base loads
+        if (manifest.folder / name).is_file():
+            read_json_file(manifest.folder / name)
     for task in manifest.tasks:
         check_expert(manifest, task)
     if router and (manifest.folder / ROUTER_FOLDER).is_dir():

@@ -92,6 +92,7 @@ def test_the_script_refuses_with_status_2_and_no_traceback(base_checkpoint, tmp_
     (("--expert_dropout", "1.5"), r"--expert_dropout: expected a number in \[0, 1\)"),
     (("--initial_weights", "w.json"), r"--initial_weights: --task_experts trains one expert per source"),
     (("--update_every", "5"), r"--update_every: a dynamic-mixing option; --task_experts .* would be ignored"),
+    (("--probe_size", "10"), r"--probe_size: the probe split is dynamic mixing's"),
 ])
 def test_bad_task_expert_arguments_are_refused_before_anything_is_written(base_checkpoint, tmp_path, capsys, extra,
                                                                          message):
@@ -104,11 +105,12 @@ def test_bad_task_expert_arguments_are_refused_before_anything_is_written(base_c
     assert not output.exists() or not any(output.iterdir())
 
 
-def test_task_flags_need_task_experts(base_checkpoint, tmp_path, capsys):
-    argv = [a for a in finetune_argv(base_checkpoint, tmp_path / "out", "--tasks", "code", "--max_steps", "1")
+@pytest.mark.parametrize("flag", [("--tasks", "code"), ("--expert_r", "8"), ("--expert_alpha", "8")])
+def test_task_flags_need_task_experts(base_checkpoint, tmp_path, capsys, flag):
+    argv = [a for a in finetune_argv(base_checkpoint, tmp_path / "out", *flag, "--max_steps", "1")
             if a not in ("--task_experts", "true")]
     code, err = _run(capsys, *argv)
-    assert code == 2 and "--tasks: only applies with --task_experts true" in err
+    assert code == 2 and f"{flag[0]}: only applies with --task_experts true" in err
 
 
 def test_routed_experts_without_a_peft_layout_are_refused(tmp_path, capsys):
