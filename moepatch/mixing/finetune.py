@@ -521,15 +521,15 @@ def _read_json(path_text: str, flag: str, expected: str) -> Any:
         raise UsageError(flag, f"{path}: no such file (expected {expected})")
     if path.is_dir():
         raise UsageError(flag, f"{path} is a folder (expected a JSON file: {expected})")
-    try:
+    try:  # the file exists but its content is broken: a malformed file (exit 1), named with the flag
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(flag, f"{path} cannot be read ({error})") from error
+        raise CommandError(f"{path} ({flag}) cannot be read ({error})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise UsageError(flag, f"{path} is not JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
-                               f"expected {expected}") from error
+        raise CommandError(f"{path} ({flag}) is not JSON ({error.msg} at line {error.lineno}, column "
+                           f"{error.colno}); expected {expected}") from None
 
 
 def read_initial_weights(path: str, names: Sequence[str], *, positive: bool = False) -> list[float]:
