@@ -216,7 +216,12 @@ def run_lm_eval(argv: list[str]) -> int:
 
     from moepatch.errors import UsageError
 
-    pretrained, output = _model_args(argv).get("pretrained"), _output_path(argv)
+    model_args = _model_args(argv)
+    for key, kind in (("pretrained", "folder"), ("task_experts", "folder"), ("moepatch_config", "file")):
+        value = model_args.get(key)
+        if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
+            raise UsageError("--model_args", f"{key}={value}: no such {kind}")
+    pretrained, output = model_args.get("pretrained"), _output_path(argv)
     if pretrained and output is not None:
         from moepatch.validation import is_inside
 

@@ -388,6 +388,11 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
         raise CommandError(f"{error} (--input)") from None
     if args.top_k > len(manifest.tasks):
         raise UsageError("--top-k", f"{args.top_k} is more than the {len(manifest.tasks)} experts")
+    unknown = sorted({request.task for request in requests if request.task and request.task not in manifest.tasks})
+    if unknown:
+        raise CommandError(f"{args.input} (--input): task(s) {unknown} are not among the experts {manifest.tasks}")
+    if args.compare > len(requests):
+        raise UsageError("--compare", f"{args.compare} is more than the {len(requests)} requests in --input")
     serving = TaskExpertModel.from_experts(args.output)
     texts = [request.text for request in requests]
     adapters = [serving.adapter_for(tasks) for tasks in serving.route(texts, args.top_k)]

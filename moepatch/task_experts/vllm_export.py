@@ -117,8 +117,9 @@ def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int 
                 for problem in _problems(adapter, adapter_config(adapter.source), manifest.model_type, max_lora_rank)]
     if problems:
         raise ValueError("output: cannot serve these adapters with vLLM (nothing written):\n  " + "\n  ".join(problems))
-    if max_loras is not None and max_loras < 1:
-        raise ValueError(f"--max-loras: expected an integer >= 1, got {max_loras}")
+    if max_loras is not None and not 1 <= max_loras <= len(adapters):
+        raise ValueError(f"--max-loras: expected 1 .. {len(adapters)} (the adapters exported), got {max_loras}")
+    _check_earlier_export(manifest.folder / VLLM_FOLDER)
     by_combination = {combination_key(a.tasks, [1.0] * len(a.tasks)): a.name for a in adapters
                       if "~" not in a.name}  # the single experts and the equal-weight cat merges serve routes
     route_lines = _route_lines(routes, by_combination) if routes is not None else None
@@ -138,6 +139,22 @@ def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int 
         if route_lines is not None:
             (folder / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in route_lines))
     return final / VLLM_FILE
+
+
+def _check_earlier_export(folder: Path) -> None:
+    """The export replaces ``vllm/`` as a whole: refused when it holds anything an earlier export did not write (a
+    user's file would be deleted)."""
+    if not folder.exists():
+        return
+    written = {VLLM_FILE, "requests.jsonl"}
+    try:
+        written |= {entry["lora_name"] for entry in json.loads((folder / VLLM_FILE).read_text())["lora_requests"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no readable earlier vllm.json: only its own file names are known
+    foreign = sorted(path.name for path in folder.iterdir() if path.name not in written)
+    if foreign:
+        raise ValueError(f"output: {folder} holds {foreign}, which no earlier export wrote; the export replaces the "
+                         "folder as a whole: move them away first")
 
 
 def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> list[dict[str, Any]]:

@@ -99,6 +99,9 @@ def test_eval_refuses_unknown_model_args_and_statistics_with_nowhere_to_go(base_
     assert cli(["eval", "--model", "moepatch", "--model_args", f"pretrained={base_checkpoint}", "--tasks", "te_math",
                 "--output_path", str(base_checkpoint / "results")]) == 2
     assert "is or lies inside the checkpoint folder" in capsys.readouterr().err
+    assert cli(["eval", "--model", "moepatch", "--model_args", f"pretrained={base_checkpoint / 'nope'}", "--tasks",
+                "te_math"]) == 2
+    assert "--model_args: pretrained=" in capsys.readouterr().err
 
 
 def test_eval_with_task_experts_on_mixtral(tmp_path):

@@ -86,6 +86,11 @@ def _edit_merge_weights(run: Path) -> None:
     path.write_text(json.dumps(entries))
 
 
+def _user_file_in_vllm(run: Path) -> None:
+    (run / "experts" / "vllm").mkdir()
+    (run / "experts" / "vllm" / "notes.txt").write_text("mine")
+
+
 def _nothing(run: Path) -> None:
     return None
 
@@ -145,6 +150,13 @@ CASES = [
      "--positive-margin: only applies to the contrastive head"),
     ("fit-router --data naming the experts folder", _nothing, "experts fit-router {run} --data {run}/experts", 2,
      "--data: "),
+    ("more loras per batch than adapters", _nothing, "experts export-vllm {run} --max-lora-rank 64 --max-loras 100",
+     2, "--max-loras: expected 1 .. "),
+    ("a user's file inside vllm/", _user_file_in_vllm, "experts export-vllm {run} --max-lora-rank 64", 2,
+     "holds ['notes.txt'], which no earlier export wrote"),
+    ("serve-check comparing more requests than given", _nothing, "experts serve-check {run} --input "
+                                                                 "{run}/requests.jsonl --compare 50", 2,
+     "--compare: 50 is more than the 4 requests"),
     # weights that give nothing or nonsense
     ("all-zero weights", _nothing, MERGE + " --weights 0 0", 2, "--weights: all zero"),
     ("vanishing weights", _nothing, MERGE + " --weights 1e-300 1e-300", 2, "--weights: all zero or below 1e-6"),
