@@ -74,12 +74,9 @@ class MoePatchLM(HFLM):
                  top_k: int | str = 2, routing_stats: bool | str = False, **kwargs: Any) -> None:
         from transformers import AutoTokenizer
 
-        known = set(inspect.signature(HFLM.__init__).parameters) - {"self", "args", "kwargs"}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:  # HFLM would swallow them: a typo of task_experts= would evaluate the base model
-            raise ValueError(f"moepatch model_args: unknown argument(s) {unknown}; moepatch takes pretrained, "
-                             "moepatch_config, task_experts, top_k, routing_stats, and lm-eval's HF model the "
-                             f"arguments of HFLM ({', '.join(sorted(known)[:8])}, ...)")
+        problem = unknown_model_args(kwargs)
+        if problem is not None:  # HFLM would swallow them: a typo of task_experts= would evaluate the base model
+            raise ValueError(f"moepatch model_args: {problem}")
         self.routing_stats = _flag(routing_stats)
         try:
             self.top_k = int(top_k)
@@ -195,6 +192,19 @@ def _output_path(argv: list[str]) -> Path | None:
     return None
 
 
+MOEPATCH_MODEL_ARGS = ("pretrained", "moepatch_config", "task_experts", "top_k", "routing_stats")
+
+
+def unknown_model_args(names: Any) -> str | None:
+    """Why ``names`` (model_args keys, beside moepatch's own) are not all arguments of lm-eval's HF model, or None."""
+    known = set(inspect.signature(HFLM.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(names) - known - set(MOEPATCH_MODEL_ARGS))
+    if not unknown:
+        return None
+    return (f"unknown argument(s) {unknown}; moepatch takes {', '.join(MOEPATCH_MODEL_ARGS)}, and lm-eval's HF "
+            f"model the arguments of HFLM ({', '.join(sorted(known)[:8])}, ...)")
+
+
 def _model_args(argv: list[str]) -> dict[str, str]:
     """``--model_args key=value,...`` of an lm-eval command line (empty when absent)."""
     text = ""
@@ -217,6 +227,9 @@ def run_lm_eval(argv: list[str]) -> int:
     from moepatch.errors import UsageError
 
     model_args = _model_args(argv)
+    problem = unknown_model_args(model_args)
+    if problem is not None:
+        raise UsageError("--model_args", problem)
     for key, kind in (("pretrained", "folder"), ("task_experts", "folder"), ("moepatch_config", "file")):
         value = model_args.get(key)
         if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):

@@ -17,8 +17,12 @@ from moepatch.errors import UsageError
 
 def first_line(error: BaseException) -> str:
     """An exception's first line, or its type's name when it has no message (third-party errors can be long)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:  # "Validation error for field 'x':" says what only on line two
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def skeleton(path: str | Path, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]:

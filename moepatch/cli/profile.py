@@ -35,7 +35,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.text_field is not None and not any(Path(path).suffix in (".jsonl", ".json") for path in args.data or ()):
         raise UsageError("--text-field", "only applies to .jsonl / .json --data (a .txt file's lines are the "
                                          "documents; without --data the embedded corpus is used)")
-    _, moe = checked_block(checkpoint, args.trust_remote_code)  # every check before anything is loaded
+    config, moe = checked_block(checkpoint, args.trust_remote_code)  # every check before anything is loaded
+    if args.as_configured:
+        from moepatch.c2r.pipeline import has_c2r_fields
+
+        if not has_c2r_fields(config):
+            raise UsageError("--as-configured", f"{checkpoint / 'config.json'} routes without C2R (no top_t / "
+                                                "collaborative_list, no moepatch c2r block): profiling as configured "
+                                                "is profiling vanilla routing; drop --as-configured")
     num_experts, top_k, moe_layers = moe.num_experts, moe.top_k, moe.moe_layer_indices
     if top_k < 2:
         raise CommandError(f"{checkpoint}: the model routes each token to {top_k} expert; co-activation (and C2R) "

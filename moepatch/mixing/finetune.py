@@ -542,27 +542,28 @@ def read_initial_weights(path: str, names: Sequence[str], *, positive: bool = Fa
             weights in log space).
 
     Raises:
-        UsageError: naming ``--initial_weights``: a missing file, not JSON, not an object, names that do not match
+        UsageError: naming ``--initial_weights``: a missing file.  CommandError, naming the file and the flag: not
+            JSON, not an object, names that do not match
             the sources, a weight that is not a finite number >= 0 (> 0 with ``positive``), or all weights zero.
     """
     flag, expected = "--initial_weights", f"an object mapping each source {list(names)} to its weight"
     given = _read_json(path, flag, expected)
     if not isinstance(given, dict):
-        raise UsageError(flag, f"{path}: expected {expected}, got {type(given).__name__}")
+        raise CommandError(f"{path} ({flag}): expected {expected}, got {type(given).__name__}")
     missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
     if missing or extra:
         parts = ([f"no weight for {missing}"] if missing else []) + ([f"{extra} name no source"] if extra else [])
-        raise UsageError(flag, f"{path}: {'; '.join(parts)} (sources: {list(names)})")
+        raise CommandError(f"{path} ({flag}): {'; '.join(parts)} (sources: {list(names)})")
     bad = {name: given[name] for name in names
            if not (_is_number(given[name]) and math.isfinite(given[name]) and given[name] >= 0)}
     if bad:
-        raise UsageError(flag, f"{path}: every weight must be a finite number >= 0, got {bad}")
+        raise CommandError(f"{path} ({flag}): every weight must be a finite number >= 0, got {bad}")
     if positive and any(given[name] == 0 for name in names):
         zero = [name for name in names if given[name] == 0]
-        raise UsageError(flag, f"{path}: dynamic mixing needs every weight > 0 (it updates them in log space); "
+        raise CommandError(f"{path} ({flag}): dynamic mixing needs every weight > 0 (it updates them in log space); "
                                f"{zero} are 0 (or pass --dynamic_sampling false)")
     if not sum(given[name] for name in names) > 0:
-        raise UsageError(flag, f"{path}: the weights sum to 0; at least one source needs a positive weight")
+        raise CommandError(f"{path} ({flag}): the weights sum to 0; at least one source needs a positive weight")
     return [float(given[name]) for name in names]
 
 
@@ -615,6 +616,9 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
         if entry and Path(entry).is_dir() and is_inside(output, entry):  # the run's files among the sources
             raise UsageError("--output_dir", f"{output} is {'' if is_inside(entry, output) else 'inside '}the data "
                                              f"folder {entry} ({flag}); choose a folder outside it")
+        if entry and is_inside(entry, output) and not is_inside(output, entry):  # the sources among the run's files
+            raise UsageError("--output_dir", f"{output} holds the data {entry} ({flag}): the run would write its "
+                                             "checkpoints and data beside its own sources; choose a folder outside")
     names = source_names(data_args)
     _check_synthetic_target(data_args, output, training_args.seed)
     if expert_args is not None and expert_args.task_experts and model_args.ep_size is not None:

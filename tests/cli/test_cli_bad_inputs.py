@@ -299,6 +299,7 @@ CASES: list[tuple[str, int, str]] = [
     ("inspect {badhidden}", 1, "config.json"),
     ("inspect {familymix}", 2, "moepatch.family"),
     ("place {ck} --ep-size 2 --text-field body", 2, "--text-field: only applies to .jsonl / .json --data"),
+    ("profile {ck} --as-configured --no-write-config", 2, "--as-configured: "),
     ("profile {ck} --output {ck}", 2, "is the checkpoint folder: the matrices"),
     ("allocate {ck} --output {ck}", 2, "is the checkpoint folder: expert.json"),
     ("place {ck} --ep-size 2 --write-permuted {ck}/perm", 2, "lies inside the command's input"),

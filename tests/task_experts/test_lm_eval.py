@@ -91,7 +91,7 @@ def test_eval_refuses_unknown_model_args_and_statistics_with_nowhere_to_go(base_
     """A typo of ``task_experts=`` is named (HFLM would swallow it and evaluate the base); ``routing_stats=true``
     without ``--output_path`` is refused before lm-eval runs."""
     done = _run_eval(tmp_path, f"pretrained={base_checkpoint},task_expert={tmp_path}")
-    assert done.returncode == 1
+    assert done.returncode == 2  # a bad argument, refused before lm-eval runs
     assert "unknown argument(s) ['task_expert']" in done.stderr and "Traceback" not in done.stderr
     assert cli(["eval", "--model", "moepatch", "--model_args", f"pretrained={base_checkpoint},routing_stats=true",
                 "--tasks", "te_math"]) == 2
