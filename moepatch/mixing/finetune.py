@@ -744,9 +744,6 @@ def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names:
         if given:
             raise UsageError(given[0], "only applies with --task_experts true")
         return
-    if data_args.probe_size != DataArguments.probe_size:
-        raise UsageError("--probe_size", "the probe split is dynamic mixing's, which --task_experts does not run; it "
-                                         "would be ignored")
     if data_args.initial_weights:
         raise UsageError("--initial_weights", "--task_experts trains one expert per source, not a weighted mixture")
     changed = _changed_fields(sampling_args) if sampling_args is not None else []

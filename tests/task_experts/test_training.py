@@ -92,7 +92,6 @@ def test_the_script_refuses_with_status_2_and_no_traceback(base_checkpoint, tmp_
     (("--expert_dropout", "1.5"), r"--expert_dropout: expected a number in \[0, 1\)"),
     (("--initial_weights", "w.json"), r"--initial_weights: --task_experts trains one expert per source"),
     (("--update_every", "5"), r"--update_every: a dynamic-mixing option; --task_experts .* would be ignored"),
-    (("--probe_size", "10"), r"--probe_size: the probe split is dynamic mixing's"),
 ])
 def test_bad_task_expert_arguments_are_refused_before_anything_is_written(base_checkpoint, tmp_path, capsys, extra,
                                                                          message):
