@@ -701,6 +701,27 @@ def copies_per_token_from_pairs(matrix: ArrayLike, groups: Sequence[Sequence[int
     return float(2.0 - intra / tokens)
 
 
+def device_of_choices(indices: ArrayLike, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """``[N, k]``: the group (device) holding each of the experts ``indices`` chose, after checking both.
+
+    Raises:
+        ValueError: if ``indices`` is not a non-empty 2-D integer array, holds ids outside ``range(E)``, or the
+            groups are not a partition (``E`` is taken from the groups).
+    """
+    values = _as_numpy(indices)
+    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
+        raise ValueError(f"expected non-empty [N, k] expert indices, got shape {tuple(values.shape)}")
+    if values.dtype == np.bool_ or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"expert indices must be integers, got dtype {values.dtype}")
+    num_experts = sum(len(group) for group in groups)
+    members = _check_partition(groups, num_experts)
+    if values.min() < 0 or values.max() >= num_experts:
+        raise ValueError(
+            f"expert indices must lie in range(0, {num_experts}), got values from {values.min()} to {values.max()}"
+        )
+    return _group_ids(members, num_experts)[values]
+
+
 def copies_per_token_from_indices(indices: ArrayLike, groups: Sequence[Sequence[int]]) -> float:
     """Exact mean number of distinct devices per token from routed expert indices (any ``k``).
 
@@ -715,18 +736,7 @@ def copies_per_token_from_indices(indices: ArrayLike, groups: Sequence[Sequence[
         ValueError: if ``indices`` is not a non-empty 2-D integer array, holds ids outside ``range(E)``, or the
             groups are not a partition.
     """
-    values = _as_numpy(indices)
-    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
-        raise ValueError(f"expected non-empty [N, k] expert indices, got shape {tuple(values.shape)}")
-    if values.dtype == np.bool_ or not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"expert indices must be integers, got dtype {values.dtype}")
-    num_experts = sum(len(group) for group in groups)
-    members = _check_partition(groups, num_experts)
-    if values.min() < 0 or values.max() >= num_experts:
-        raise ValueError(
-            f"expert indices must lie in range(0, {num_experts}), got values from {values.min()} to {values.max()}"
-        )
-    devices = np.sort(_group_ids(members, num_experts)[values], axis=1)
+    devices = np.sort(device_of_choices(indices, groups), axis=1)
     distinct = 1 + (np.diff(devices, axis=1) != 0).sum(axis=1)
     return float(distinct.mean())
 

@@ -36,8 +36,7 @@ import numpy as np
 
 from moepatch.c2r.placement import ArrayLike
 from moepatch.c2r.placement import _as_numpy
-from moepatch.c2r.placement import _check_partition
-from moepatch.c2r.placement import _group_ids
+from moepatch.c2r.placement import device_of_choices
 
 COPIES_SOURCES = {"indices": "counted from each profiled token's experts",
                   "pairs": "exact from top-2 pair counts (one pair per token)",
@@ -104,19 +103,9 @@ def predict_dispatch(
         ValueError: malformed indices (not a non-empty ``[N, k]`` integer array, ids outside ``range(E)``), groups
             that are not a partition, or source ranks not ``[N]`` in ``range(D)``.
     """
-    values = _as_numpy(indices)
-    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
-        raise ValueError(f"expected non-empty [N, k] expert indices, got shape {tuple(values.shape)}")
-    if values.dtype == np.bool_ or not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"expert indices must be integers, got dtype {values.dtype}")
-    num_experts = sum(len(group) for group in groups)
-    members = _check_partition(groups, num_experts)
-    ep_size = len(members)
-    if values.min() < 0 or values.max() >= num_experts:
-        raise ValueError(f"expert indices must lie in range(0, {num_experts}), got values from {values.min()} to "
-                         f"{values.max()}")
-    tokens, top_k = values.shape
-    rank_of = _group_ids(members, num_experts)[values]  # [N, k]
+    rank_of = device_of_choices(indices, groups)  # [N, k]; checks the indices and the partition
+    ep_size = len(groups)
+    tokens, top_k = rank_of.shape
     present = np.zeros((tokens, ep_size), dtype=bool)
     np.put_along_axis(present, rank_of, True, axis=1)
     copies = int(present.sum())

@@ -245,26 +245,34 @@ def combination_key(tasks: Sequence[str], weights: Sequence[float]) -> tuple[str
     return tuple(sorted(tasks)) if len(set(weights)) == 1 else tuple(tasks)
 
 
+def route_tasks(where: str, record: Any) -> list[str]:
+    """The chosen tasks of one line of a ``route`` output, its ``weights`` (when present) checked with them:
+    ``ValueError`` naming ``where`` (file:line)."""
+    from moepatch.validation import is_finite_number
+
+    tasks = record.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks) or not tasks:
+        raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
+    routed = record.get("weights")
+    if routed is not None and (not isinstance(routed, list) or len(routed) != len(tasks)
+                               or not all(is_finite_number(w) and w >= 0 for w in routed) or not any(routed)):
+        raise ValueError(f"{where}: 'weights' must be {len(tasks)} finite numbers >= 0, not all zero (one per "
+                         f"task), got {routed!r}")
+    return tasks
+
+
 def combinations_from_routes(path: Path, weights: Sequence[float] | None,
                              known: Sequence[str] | None = None) -> list[MergeRequest]:
     """One ``cat`` request per distinct task combination in a ``route`` output (jsonl with ``"tasks"`` per line,
     best first), as MELD merged every pair its router produced; ``weights`` by rank (the top task's first) or equal
     ``1/k`` — then a pair is one adapter whatever its order."""
     from moepatch.mixing.instruction_data import read_jsonl_located
-    from moepatch.validation import is_finite_number
 
     seen: dict[tuple[str, ...], MergeRequest] = {}
     for where, record in read_jsonl_located(path):
-        tasks = record.get("tasks")
-        if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks) or not tasks:
-            raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
+        tasks = route_tasks(where, record)
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"{where}: a task appears twice in {tasks}")
-        routed = record.get("weights")
-        if routed is not None and (not isinstance(routed, list) or len(routed) != len(tasks)
-                                   or not all(is_finite_number(w) and w >= 0 for w in routed) or not any(routed)):
-            raise ValueError(f"{where}: 'weights' must be {len(tasks)} finite numbers >= 0, not all zero (one per "
-                             f"task), got {routed!r}")
         unknown = [task for task in tasks if known is not None and task not in known]
         if unknown:
             raise ValueError(f"{where}: unknown task(s) {unknown}; the experts are {list(known or [])}")

@@ -31,6 +31,7 @@ from moepatch.task_experts.manifest import MERGED_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.merging import combination_key
 from moepatch.task_experts.merging import read_merges
+from moepatch.task_experts.merging import route_tasks
 
 VLLM_FOLDER = "vllm"
 VLLM_FILE = "vllm.json"
@@ -160,18 +161,10 @@ def _check_earlier_export(folder: Path) -> None:
 def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> list[dict[str, Any]]:
     """Each routed request with the adapter serving it; a combination without an exported adapter is an error."""
     from moepatch.mixing.instruction_data import read_jsonl_located
-    from moepatch.validation import is_finite_number
 
     lines, missing = [], set()
     for where, record in read_jsonl_located(routes):
-        tasks = record.get("tasks")
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) for task in tasks):
-            raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
-        routed = record.get("weights")
-        if routed is not None and (not isinstance(routed, list) or len(routed) != len(tasks)
-                                   or not all(is_finite_number(w) and w >= 0 for w in routed) or not any(routed)):
-            raise ValueError(f"{where}: 'weights' must be {len(tasks)} finite numbers >= 0, not all zero (one per "
-                             f"task), got {routed!r}")
+        tasks = route_tasks(where, record)
         key = combination_key(tasks, [1.0] * len(tasks))
         if key not in by_combination:
             missing.add("+".join(key))
