@@ -41,6 +41,7 @@ from model_patches.spec import read_attribute
 from model_patches.structure import MoEModel
 from model_patches.structure import attribute_path
 from model_patches.structure import describe
+from moepatch.c2r.config import C2RConfig
 from moepatch.c2r.placement import group_crossings
 from moepatch.config import CONFIG_KEY
 
@@ -314,20 +315,30 @@ def write_permuted_checkpoint(
     output: str | Path,
     *,
     ep_size: int | None = None,
+    c2r_within_groups: bool = False,
 ) -> Path:
     """Load ``source``, renumber its experts and C2R lists, and save the result (with tokenizer) to ``output``.
 
     Also writes ``expert_permutation.json`` (``{layer: permutation}``, new id → old id) next to the weights, and,
     with ``ep_size`` (the expert-parallel size the renumbering places groups for), ``expert_placement.json``, which
     :func:`moepatch.expert_parallel.check_placement` reads to refuse loading the copy under another EP size.
+
+    ``c2r_within_groups`` (needs ``ep_size``) also sets the copy's C2R to the placement's groups
+    (:func:`set_group_c2r`): every token's experts then sit on its top-1 expert's device.
+
+    Raises:
+        ValueError: ``c2r_within_groups`` without ``ep_size``, or group lists this model's routing cannot take.
     """
+    if c2r_within_groups and ep_size is None:
+        raise ValueError("c2r_within_groups needs the ep_size the groups are placed for")
     source, final = Path(source), Path(output)
     from moepatch.loading.pretrained import from_pretrained
     from moepatch.staged_output import staged_folder
 
     model = from_pretrained(source, patch=False)  # moepatch's or transformers' classes, never the folder's code
     with staged_folder(final) as output:  # the renumbered checkpoint appears whole, or not at all
-        _write_permuted(model, source, permutations, output)
+        _write_permuted(model, source, permutations, output,
+                        group_c2r_ep_size=ep_size if c2r_within_groups else None)
         if ep_size is not None:
             from moepatch.expert_parallel.placement import write_placement_record
 
@@ -335,10 +346,14 @@ def write_permuted_checkpoint(
     return final
 
 
-def _write_permuted(model: Any, source: Path, permutations: Mapping[int, Sequence[int]], output: Path) -> None:
-    """Renumber ``model`` (loaded from ``source``) and save it with its tokenizer and permutation to ``output``."""
+def _write_permuted(model: Any, source: Path, permutations: Mapping[int, Sequence[int]], output: Path, *,
+                    group_c2r_ep_size: int | None = None) -> None:
+    """Renumber ``model`` (loaded from ``source``) and save it with its tokenizer and permutation to ``output``
+    (with C2R within the groups of ``group_c2r_ep_size`` devices when given)."""
     moe = describe(model)
     check_permutable(moe)
+    if group_c2r_ep_size is not None:
+        group_c2r = group_c2r_config(moe, group_c2r_ep_size, sorted(permutations))  # refused before anything changes
     permute_experts(moe, permutations)
     config = model.config
     for name in moe.family.per_expert_config:
@@ -365,6 +380,8 @@ def _write_permuted(model: Any, source: Path, permutations: Mapping[int, Sequenc
             )
             c2r["path"] = "c2r_list.json"
         setattr(config, CONFIG_KEY, {**block, "c2r": c2r})
+    if group_c2r_ep_size is not None:
+        set_group_c2r(config, group_c2r)
     model.save_pretrained(output)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                  "tokenizer.model", "chat_template.jinja"):
@@ -373,3 +390,45 @@ def _write_permuted(model: Any, source: Path, permutations: Mapping[int, Sequenc
     (output / PERMUTATION_FILE).write_text(
         json.dumps({str(layer): list(p) for layer, p in permutations.items()}, indent=1)
     )
+
+
+def group_c2r_config(moe: MoEModel, ep_size: int, layers: Sequence[int]) -> C2RConfig:
+    """C2R within the placement's groups for ``layers`` (renumbered: contiguous groups of ``E / ep_size``), checked
+    against ``moe``'s routing: ``top_t = E / D - 1`` and :func:`moepatch.c2r.placement.contiguous_group_lists` on
+    those layers, vanilla (``null``) on the others.
+
+    Raises:
+        ValueError: the groups cannot hold a token's k experts, or the routing refuses the lists (a group limit that
+            the lists would starve, an unknown rule), naming why.
+    """
+    from moepatch.c2r.placement import contiguous_group_lists
+    from moepatch.c2r.selection import plan_c2r
+
+    size = moe.num_experts // ep_size
+    if size < moe.top_k:
+        raise ValueError(f"a group of {size} experts per device cannot hold a token's {moe.top_k} experts: C2R within "
+                         f"groups needs at least top_k = {moe.top_k} experts per device (a smaller EP size)")
+    lists = contiguous_group_lists(moe.num_experts, ep_size)
+    chosen = set(layers)
+    config = C2RConfig(top_t=size - 1, collaborative_list=[lists if index in chosen else None
+                                                           for index in range(moe.num_layers)])
+    plan_c2r(moe, config)
+    return config
+
+
+def set_group_c2r(config: Any, group_c2r: C2RConfig) -> None:
+    """Write ``group_c2r`` into a model config in place of its C2R: the official top-level fields where the checkpoint
+    uses them, the moepatch block's ``c2r`` entry where it has one (a ``path`` is replaced), the block's entry when
+    there is neither."""
+    official = getattr(config, "collaborative_list", None) is not None or getattr(config, "top_t", None) is not None
+    if official:
+        config.top_t = group_c2r.top_t
+        config.collaborative_list = group_c2r.collaborative_list
+    block = getattr(config, CONFIG_KEY, None)
+    block = dict(block) if isinstance(block, dict) else {}
+    if official and not isinstance(block.get("c2r"), dict):
+        return
+    previous = block.get("c2r") if isinstance(block.get("c2r"), dict) else {}
+    entry = {key: value for key, value in previous.items() if key not in ("path", "collaborative_list", "top_t")}
+    block["c2r"] = {**entry, "top_t": group_c2r.top_t, "collaborative_list": group_c2r.collaborative_list}
+    setattr(config, CONFIG_KEY, block)

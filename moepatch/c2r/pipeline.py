@@ -328,13 +328,30 @@ def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: 
     return reports
 
 
-def write_planned_checkpoint(source: Path, reports: Mapping[str, Mapping[str, Any]], target: Path) -> Path:
+def write_planned_checkpoint(source: Path, reports: Mapping[str, Mapping[str, Any]], target: Path, *,
+                             c2r_within_groups: bool = False) -> Path:
     """Write a copy of ``source`` whose experts are renumbered so contiguous sharding hosts the planned groups
     together (the C2R report's plan when there is one, else the vanilla one), recording the EP size it was planned
-    for (``expert_placement.json``, see :func:`moepatch.expert_parallel.check_placement`)."""
+    for (``expert_placement.json``, see :func:`moepatch.expert_parallel.check_placement`).  ``c2r_within_groups``
+    routes the copy with C2R within groups planned on the vanilla profile instead (see
+    :func:`moepatch.c2r.placement.contiguous_group_lists`): the lists replace the checkpoint's C2R, so the groups that
+    keep most vanilla expert sets together change the fewest choices."""
     from moepatch.c2r.permutation import write_permuted_checkpoint
     from moepatch.c2r.placement import expert_permutation
 
-    chosen = reports.get("c2r") or reports["vanilla"]
+    chosen = reports["vanilla"] if c2r_within_groups else reports.get("c2r") or reports["vanilla"]
     permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
-    return write_permuted_checkpoint(source, permutations, target, ep_size=chosen["ep_size"])
+    return write_permuted_checkpoint(source, permutations, target, ep_size=chosen["ep_size"],
+                                     c2r_within_groups=c2r_within_groups)
+
+
+def group_c2r_dispatch(num_experts: int, top_k: int, ep_size: int) -> dict[str, Any]:
+    """What C2R within the placement's groups sends per token and layer, exact with a uniform source rank: one copy
+    (every expert of a token on its top-1's device), ``(D-1)/D`` remote rows for the deduplicating dispatch against
+    ``k (D-1)/D`` for the per-pair one, whatever the routing."""
+    from fractions import Fraction
+
+    remote = Fraction(ep_size - 1, ep_size)
+    return {"top_t": num_experts // ep_size - 1, "copies_per_token": 1.0,
+            "dedup_rows_remote_per_token": float(remote), "pair_rows_remote_per_token": float(top_k * remote),
+            "dedup_vs_pair": float(Fraction(1, top_k))}

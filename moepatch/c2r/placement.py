@@ -963,3 +963,31 @@ def inverse_permutation(perm: Sequence[int]) -> list[int]:
     for position, value in enumerate(values):
         inverse[value] = position
     return inverse
+
+
+def contiguous_group_lists(num_experts: int, ep_size: int) -> list[list[int]]:
+    """One layer's ``[E][E]`` C2R collaborative list that keeps every token on its top-1 expert's device.
+
+    For a renumbered checkpoint (device ``d`` holds the contiguous ids ``d·s .. (d+1)·s - 1``, ``s = E / D``), expert
+    ``e``'s list starts with the other ``s - 1`` experts of its device, then every other expert, then ``e`` itself (the
+    official format: a full ranking, self last).  With ``top_t = s - 1`` the k-1 experts C2R adds to the top-1 are
+    chosen among its device-mates, so every token's experts sit on one device: one copy per token, the physical floor
+    of the deduplicating dispatch.  Among the first ``s - 1`` entries the router's scores choose (their order does not
+    matter); beyond them nothing is read.  This is C2R restricted to the placement's groups — the "collaboration
+    pruning" to one device of Occult, the C2R authors' follow-up EP design — a moepatch switch, not the paper's list
+    (whose ``top_t`` comes from the profile).
+
+    Raises:
+        ValueError: if ``ep_size`` does not divide ``num_experts`` or a group would hold a single expert.
+    """
+    size = _check_ep_size(num_experts, ep_size)
+    if size < 2:
+        raise ValueError(f"{ep_size} devices for {num_experts} experts leave one expert per device: C2R within groups "
+                         "needs at least two experts per device")
+    lists = []
+    for expert in range(num_experts):
+        start = expert // size * size
+        mates = [other for other in range(start, start + size) if other != expert]
+        others = [other for other in range(num_experts) if not start <= other < start + size]
+        lists.append(mates + others + [expert])
+    return lists

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--write-permuted", metavar="DIR", type=output_folder,
                        help="write a checkpoint whose experts are renumbered so contiguous sharding = planned groups "
                             "(for --ep-size ranks only: recorded in expert_placement.json)")
+    place.add_argument("--c2r-within-groups", action="store_true",
+                       help="with --write-permuted: route the copy with C2R within the planned groups (top_t = "
+                            "E/ep_size - 1, each expert's device-mates first), so every token's experts sit on one "
+                            "device; moepatch's switch, not the paper's profiled list")
     place.add_argument("--data", nargs="+", type=existing_file,
                        help="corpus for profiling a checkpoint (default: embedded)")
     place.add_argument("--text-field", type=non_empty_text, help="jsonl field holding the text (default 'text')")

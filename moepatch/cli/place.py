@@ -46,6 +46,19 @@ def check_renumbered_for(source: Path, ep_size: int) -> None:
         raise UsageError("--ep-size", problem)
 
 
+def check_group_c2r(moe: Any, args: argparse.Namespace) -> None:
+    """``--c2r-within-groups`` writes C2R lists into the ``--write-permuted`` copy: it needs that copy, groups that
+    hold a token's k experts, and a routing rule that takes the lists (checked on the skeleton, before profiling)."""
+    from moepatch.c2r.permutation import group_c2r_config
+
+    if not args.write_permuted:
+        raise UsageError("--c2r-within-groups", "sets the C2R lists of the renumbered copy: give --write-permuted DIR")
+    try:
+        group_c2r_config(moe, args.ep_size, [layer.index for layer in moe.layers])
+    except ValueError as error:
+        raise UsageError("--c2r-within-groups", str(error)) from None
+
+
 def matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: int | None) -> int:
     """The matrices' experts per token: recorded in the file, implied by its diagonal, or ``--top-k``; never guessed."""
     from moepatch.c2r.matrices import inferred_top_k
@@ -101,6 +114,8 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
             check_permutable(moe, structure_only=True)
         except ValueError as error:
             raise CommandError(f"--write-permuted: {error}") from None
+    if args.c2r_within_groups:
+        check_group_c2r(moe, args)
     if args.text_field is not None and not any(Path(path).suffix in (".jsonl", ".json") for path in args.data or ()):
         raise UsageError("--text-field", "only applies to .jsonl / .json --data (a .txt file's lines are the "
                                          "documents; without --data the embedded corpus is used)")
@@ -120,8 +135,9 @@ def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str])
     from moepatch.c2r.matrices import load_matrices
     from moepatch.c2r.pipeline import place_matrices
 
-    if args.write_permuted:
-        raise UsageError("--write-permuted", "needs a checkpoint folder as SOURCE, not a matrix file")
+    for flag in ("write_permuted", "c2r_within_groups"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')}", "needs a checkpoint folder as SOURCE, not a matrix file")
     for name in PLACE_PROFILING_DEFAULTS:
         if getattr(args, name) is not None:
             raise UsageError(f"--{name.replace('_', '-')}", "only applies when SOURCE is a checkpoint folder "
@@ -144,6 +160,7 @@ def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str])
 
 def cmd_place(args: argparse.Namespace) -> int:
     """Report the placement (text, or ``--json`` on stdout alone) and optionally write the permuted checkpoint."""
+    from moepatch.c2r.pipeline import group_c2r_dispatch
     from moepatch.c2r.pipeline import write_planned_checkpoint
     from moepatch.c2r.placement import format_report
     from moepatch.c2r.traffic import format_dispatch
@@ -157,8 +174,12 @@ def cmd_place(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"source": str(source), "ep_size": args.ep_size, "reports": reports}
     if notes:
         result["notes"] = notes
+    if args.c2r_within_groups:
+        first = next(iter(reports.values()))
+        result["c2r_within_groups"] = group_c2r_dispatch(first["num_experts"], first["top_k"], args.ep_size)
     if args.write_permuted:
-        result["permuted_checkpoint"] = str(write_planned_checkpoint(source, reports, args.write_permuted))
+        result["permuted_checkpoint"] = str(write_planned_checkpoint(
+            source, reports, args.write_permuted, c2r_within_groups=args.c2r_within_groups))
     if args.json:
         print(json.dumps(result, indent=1), file=getattr(args, "json_stream", sys.stdout))
         return 0
@@ -175,6 +196,12 @@ def cmd_place(args: argparse.Namespace) -> int:
         if dispatch:
             print("\n" + dispatch)
         print()
+    if "c2r_within_groups" in result:
+        group = result["c2r_within_groups"]
+        dedup, pair = group["dedup_rows_remote_per_token"], group["pair_rows_remote_per_token"]
+        print(f"C2R within the planned groups (written to the copy: top_t = {group['top_t']}, each expert's list its "
+              f"device-mates first): 1 copy per token, remote rows per token and layer {dedup:.4f} (dedup) vs "
+              f"{pair:.4f} (per pair, any routing) = {group['dedup_vs_pair']:.3f}x, exact with a uniform source rank")
     if "permuted_checkpoint" in result:
         print(f"permuted checkpoint (contiguous sharding = planned groups): {result['permuted_checkpoint']}")
     return 0

@@ -42,3 +42,7 @@ def test_quick_run_on_two_processes_reports_exact_bytes(tmp_path: Path) -> None:
     assert best["setting"] == "llama EP2" and best["goal_max"] is None and 0 < best["value"] < 1
     # dedup never sends more rows than per pair on the same routing
     assert figures["dedup + vanilla bytes / per pair + vanilla"]["value"] <= 1
+    # C2R within the planned groups: one copy per token, fewer bytes than the published lists + placement
+    grouped = figures["dedup + c2r in groups bytes / per pair + vanilla"]["value"]
+    assert 0 < grouped < best["value"]
+    assert "C2R in groups keeps the vanilla expert pair of" in done.stdout
