@@ -62,6 +62,8 @@ class CheckpointProfile:
     """The run routed under the checkpoint's C2R (``as_configured`` and C2R fields present)."""
     c2r_switched_off: bool
     """The checkpoint has C2R fields, and they were switched off for the run (the default)."""
+    row: dict[str, Any] | None = None
+    """What one dispatched row weighs (:func:`dispatch_row`), for a placement report of the same run."""
 
 
 @dataclass
@@ -86,12 +88,14 @@ def profile_checkpoint(
     max_length: int = 512,
     max_tokens: int | None = None,
     seed: int = 0,
+    keep_choices: bool = False,
 ) -> CheckpointProfile:
     """Load ``checkpoint`` and count expert co-activations over ``documents`` (seeded order, padding excluded).
 
     The checkpoint's own moepatch block is applied with C2R switched off: C2R's method profiles the unmodified
     routing.  ``as_configured=True`` profiles the routing the checkpoint is configured with, C2R included.  The
     folder's own code never runs, and a checkpoint missing a weight is refused (random weights profile nothing).
+    ``keep_choices`` keeps every token's experts too, for :func:`place_profiles` on the same run.
 
     Raises:
         CommandError: the weights cannot be read or some are missing.
@@ -108,7 +112,7 @@ def profile_checkpoint(
     handle = apply(model, overrides)
     batches = corpus_batches(tokenizer, documents, batch_size=batch_size, max_length=max_length, seed=seed)
     try:
-        profile = profile_coactivation(model, batches, max_tokens=max_tokens)
+        profile = profile_coactivation(model, batches, max_tokens=max_tokens, keep_choices=keep_choices)
     finally:
         handle.remove()
     return CheckpointProfile(
@@ -116,6 +120,7 @@ def profile_checkpoint(
         moe=handle.moe_model,
         routed_under_c2r=bool(handle.c2r_routers),
         c2r_switched_off=not as_configured and has_c2r_fields(model.config),
+        row=dispatch_row(model),
     )
 
 
@@ -126,10 +131,12 @@ def save_profile_results(
     top_t: int,
     plot_positions: list[int],
     config_checkpoint: Path | None = None,
+    placement: Mapping[str, Any] | None = None,
 ) -> ProfileOutputs:
     """Write ``output/coactivation.safetensors``, a heatmap of the MoE layers at ``plot_positions`` (positions
     among the MoE layers, negative from the end) and, into ``config_checkpoint/config.json`` when given, the
-    official ``top_t`` / ``collaborative_list`` fields.
+    official ``top_t`` / ``collaborative_list`` fields; ``placement`` (a report of :func:`place_profiles`) goes to
+    ``output/placement.json``.
 
     The fields are planned on the profiled model first, so nothing is written from a ranking C2R would refuse.
 
@@ -157,6 +164,10 @@ def save_profile_results(
             plot_coactivation(profile, plot_layers, staging / "coactivation.png")
         except ImportError:
             heatmap = None
+        if placement is not None:
+            import json
+
+            (staging / "placement.json").write_text(json.dumps(placement, indent=1))
         config = write_c2r_fields(config_checkpoint, top_t, ranking) if config_checkpoint is not None else None
     return ProfileOutputs(matrices=output / "coactivation.safetensors", heatmap=heatmap, config=config, top_t=top_t)
 

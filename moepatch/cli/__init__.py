@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--as-configured", action="store_true",
                          help="profile the routing the checkpoint is configured with (C2R included); by default C2R "
                               "is switched off for the pass, as C2R's method profiles the unmodified model")
+    profile.add_argument("--ep-size", type=positive_int,
+                         help="also report the expert placement over this many expert-parallel ranks from the same "
+                              "run (copies per token, predicted dispatch bytes; placement.json in --output)")
     profile.add_argument("--trust-remote-code", action="store_true")
     profile.set_defaults(func=cmd_profile)
     allocate = sub.add_parser("allocate", help="GuiLoMo search: per-module expert counts and per-expert ranks")

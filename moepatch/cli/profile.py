@@ -36,6 +36,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise UsageError("--text-field", "only applies to .jsonl / .json --data (a .txt file's lines are the "
                                          "documents; without --data the embedded corpus is used)")
     config, moe = checked_block(checkpoint, args.trust_remote_code)  # every check before anything is loaded
+    if args.ep_size is not None:
+        from moepatch.cli.common import check_ep_size
+        from moepatch.cli.place import check_renumbered_for
+
+        check_ep_size(moe.num_experts, args.ep_size)
+        check_renumbered_for(checkpoint, args.ep_size)
     if args.as_configured:
         from moepatch.c2r.pipeline import has_c2r_fields
 
@@ -75,7 +81,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     run = profile_checkpoint(checkpoint, tokenizer, documents, as_configured=args.as_configured,
                              batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
-                             seed=args.seed)
+                             seed=args.seed, keep_choices=args.ep_size is not None)
     profile = run.profile
     routing = "C2R (as configured)" if run.routed_under_c2r else "vanilla"
     note = (" (the checkpoint's C2R was switched off for profiling; --as-configured profiles it as it routes)"
@@ -87,10 +93,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
                            f"to write C2R fields (--min-tokens; default 64 per expert: 64·E/k); give more --data, or "
                            f"--no-write-config to keep only the matrices; nothing was written")
     top_t = args.top_t if args.top_t is not None else default_top_t(num_experts, top_k)
+    placement = None
+    if args.ep_size is not None:  # the placement for the EP size that will be used, from this same run
+        from moepatch.c2r.permutation import routing_groups
+        from moepatch.c2r.pipeline import place_profiles
+        from moepatch.c2r.placement import format_report
+        from moepatch.c2r.traffic import format_dispatch
+
+        groups = {index: limit.groups for index, limit in routing_groups(run.moe).items()}
+        placement = place_profiles({"profiled": profile}, args.ep_size, seed=args.seed, routing_groups=groups,
+                                   row=run.row)["profiled"]
+        print(f"\n== expert placement over {args.ep_size} devices ({routing} routing, this run) ==")
+        print(format_report(placement))
+        print("\n" + format_dispatch(placement) + "\n")
     written = save_profile_results(run, output, top_t=top_t, plot_positions=args.plot_layers,
-                                   config_checkpoint=checkpoint if args.write_config else None)
+                                   config_checkpoint=checkpoint if args.write_config else None, placement=placement)
     print(f"matrices: {written.matrices}")
     print(f"heatmap:  {written.heatmap if written.heatmap is not None else 'skipped (pip install matplotlib)'}")
+    if placement is not None:
+        print(f"placement: {output / 'placement.json'} (`moepatch place {checkpoint} --ep-size {args.ep_size} "
+              "--write-permuted DIR` writes the renumbered copy)")
     if written.config is not None:
         print(f"config:   wrote top_t={top_t} and collaborative_list [{profile.num_layers}][{profile.num_experts}]"
               f"[{profile.num_experts}] into {written.config}")
