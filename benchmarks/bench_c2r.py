@@ -32,8 +32,8 @@ from figures_json import write_summary
 
 import moepatch
 from model_patches.structure import describe
-from moepatch.c2r.profiling import profile_coactivation
 from moepatch.testing import tiny
+from moepatch.tools.c2r.profiling import profile_coactivation
 
 PROFILING_GOAL = 1.10
 """Profiling pass / plain forward over the same batches."""

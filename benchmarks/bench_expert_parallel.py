@@ -12,10 +12,10 @@ per rank, with ``--device cuda``). Side by side in one run, for each of
   (:class:`moepatch.expert_parallel.DispatchTraffic`);
 
 and each of **vanilla** routing, **C2R**, **C2R + placement** (the checkpoint renumbered by moepatch's planner
-for that EP size, :func:`moepatch.c2r.pipeline.write_planned_checkpoint` / ``write_permuted_checkpoint``, loaded under
-EP with ``ep_size = N`` so that each rank's contiguous shard is one planned group) and **C2R in groups** (moepatch's
-switch ``place --write-permuted DIR --c2r-within-groups``: the renumbered copy routed with C2R whose lists are the
-planned groups, ``top_t = E/N - 1``, so a token's experts all sit on its top-1 expert's rank), it prints the
+for that EP size, :func:`moepatch.tools.c2r.pipeline.write_planned_checkpoint` / ``write_permuted_checkpoint``, loaded
+under EP with ``ep_size = N`` so that each rank's contiguous shard is one planned group) and **C2R in groups**
+(moepatch's switch ``place --write-permuted DIR --c2r-within-groups``: the renumbered copy routed with C2R whose lists
+are the planned groups, ``top_t = E/N - 1``, so a token's experts all sit on its top-1 expert's rank), it prints the
 hidden-state bytes
 sent between ranks in one forward (dispatch + combine; exact, from the counters), the ratio to per-pair + vanilla, the
 copies a rank sends to itself (not traffic) apart, and the step time (forward + backward).
@@ -42,7 +42,7 @@ matters for the bytes):
 
 The benchmark's own model layers map onto real layers spread over the depth (``--layers``); for ``llama`` it also
 prints the exact expectation over all 32 real layers from the counts (copies per token are exact for top-2 pairs; a
-token's source rank uniform over the ranks, as :mod:`moepatch.c2r.traffic` predicts).
+token's source rank uniform over the ranks, as :mod:`moepatch.tools.c2r.traffic` predicts).
 
 The goal it checks: C2R + placement + dedup moves <= 0.6x the bytes between ranks of per pair + vanilla at EP 4 on
 real routing (``llama``); it says whether that is met with the published lists (``top_t`` 5) and with C2R in groups,
@@ -150,12 +150,12 @@ def build_qwen(args: argparse.Namespace, root: Path, widths: int) -> dict[str, A
     by moepatch's plan on its profiled C2R routing."""
     import torch
 
-    from moepatch.c2r.pipeline import dispatch_row
-    from moepatch.c2r.pipeline import place_profiles
-    from moepatch.c2r.pipeline import write_planned_checkpoint
-    from moepatch.c2r.profiling import profile_coactivation
     from moepatch.patch import patched
     from moepatch.testing import tiny
+    from moepatch.tools.c2r.pipeline import dispatch_row
+    from moepatch.tools.c2r.pipeline import place_profiles
+    from moepatch.tools.c2r.pipeline import write_planned_checkpoint
+    from moepatch.tools.c2r.profiling import profile_coactivation
 
     official = json.loads(QWEN_CONFIG.read_text())
     real = spread(args.layers, CASES["qwen"]["real_layers"])
@@ -190,10 +190,10 @@ def build_llama(args: argparse.Namespace, root: Path, widths: int) -> dict[str, 
     """The LLaMA-MoE-sized checkpoint, the real counts of its layers, and per EP size a copy renumbered by moepatch's
     plan on the ``topt_5`` (C2R) counts."""
     from moepatch.c2r import matrices as collaboration_io
-    from moepatch.c2r.permutation import write_permuted_checkpoint
-    from moepatch.c2r.placement import expert_permutation
-    from moepatch.c2r.placement import plan_placement
     from moepatch.testing import tiny
+    from moepatch.tools.c2r.permutation import write_permuted_checkpoint
+    from moepatch.tools.c2r.placement import expert_permutation
+    from moepatch.tools.c2r.placement import plan_placement
 
     counts = {name: tensor.numpy() for name, tensor in collaboration_io.load_matrices(LLAMA_MATRICES).items()}
     real = spread(args.layers, CASES["llama"]["real_layers"])

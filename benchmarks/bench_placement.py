@@ -6,9 +6,10 @@ T = 5 (``topt_5``), and prints for 2 and 4 devices the mean over layers of the c
 token is sent to under per-device de-duplicated dispatch) for:
 
 * the contiguous placement (experts ``0..E/D-1`` on device 0, ...);
-* :func:`moepatch.c2r.placement.plan_placement` (exact search for 8 experts), with its planning time for all layers;
+* :func:`moepatch.tools.c2r.placement.plan_placement` (exact search for 8 experts), with its planning time for all
+layers;
 * the heuristic alone (``exhaustive_limit=0``), with its planning time;
-* the exhaustive optimum (:func:`moepatch.c2r.placement.exhaustive_placement`).
+* the exhaustive optimum (:func:`moepatch.tools.c2r.placement.exhaustive_placement`).
 
 Part 2 times the heuristic on synthetic Qwen-sized layers (E = 60, top-4) and E = 64 (top-8 style fine-grained
 MoE) for 24 layers.  Each layer's matrix is profiled from sampled routing with latent structure, so there is a

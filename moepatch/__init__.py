@@ -19,17 +19,23 @@ _check_versions()
 
 MOVED_MODULES = {
     "moepatch.tiny": "moepatch.testing.tiny",
-    "moepatch.synthetic": "moepatch.testing.synthetic",
+    "moepatch.synthetic": "moepatch.data.synthetic",
+    "moepatch.testing.synthetic": "moepatch.data.synthetic",
     "moepatch.sampling": "moepatch.mixing.update_rule",
     "moepatch.mixture": "moepatch.mixing.sampler",
-    "moepatch.data": "moepatch.mixing.instruction_data",
+    "moepatch.mixing.instruction_data": "moepatch.data.instruction",
     "moepatch.dynamic_sampling": "moepatch.mixing.callback",
     "moepatch.finetune": "moepatch.mixing.finetune",
     "moepatch.recorder": "moepatch.routing.recorder",
     "moepatch.freeze": "moepatch.routing.freeze",
-    "moepatch.profiling": "moepatch.c2r.profiling",
-    "moepatch.placement": "moepatch.c2r.placement",
-    "moepatch.plots": "moepatch.report",
+    "moepatch.profiling": "moepatch.tools.c2r.profiling",
+    "moepatch.placement": "moepatch.tools.c2r.placement",
+    "moepatch.plots": "moepatch.tools.report",
+    "moepatch.report": "moepatch.tools.report",
+    **{f"moepatch.c2r.{name}": f"moepatch.tools.c2r.{name}"
+       for name in ("profiling", "matrices", "placement", "traffic", "permutation", "pipeline")},
+    **{f"moepatch.lora_experts.{name}": f"moepatch.tools.lora_experts.{name}"
+       for name in ("allocate", "guilomo", "importers", "export")},
 }
 """Import paths of earlier releases → where the module lives now.  ``import moepatch.sampling`` (and attribute
 access ``moepatch.sampling``) gives the very module object at its new path, imported on first use."""

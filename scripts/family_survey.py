@@ -602,14 +602,14 @@ def _placement(subject: Subject) -> Cell:
     where the router has a binding group limit), renumber a copy's experts by it as ``place --write-permuted`` does,
     and check that the copy's logits are the original's."""
     from model_patches import describe
-    from moepatch.c2r.permutation import check_permutable
-    from moepatch.c2r.permutation import permute_experts
-    from moepatch.c2r.permutation import routing_groups
-    from moepatch.c2r.pipeline import place_profiles
-    from moepatch.c2r.placement import expert_permutation
-    from moepatch.c2r.profiling import profile_coactivation
     from moepatch.errors import CommandError
     from moepatch.errors import UnsupportedModelError
+    from moepatch.tools.c2r.permutation import check_permutable
+    from moepatch.tools.c2r.permutation import permute_experts
+    from moepatch.tools.c2r.permutation import routing_groups
+    from moepatch.tools.c2r.pipeline import place_profiles
+    from moepatch.tools.c2r.placement import expert_permutation
+    from moepatch.tools.c2r.profiling import profile_coactivation
 
     if subject.reference is None:
         return Cell(NOT_APPLICABLE, NOT_RUN)

@@ -1,7 +1,7 @@
 """``moepatch place SOURCE --ep-size D``: C2R expert placement for expert parallelism (copies per token, and the
-bytes per token the per-pair and the dedup dispatch would send, :mod:`moepatch.c2r.traffic`), from a checkpoint
-folder (profiled, copies counted exactly) or a saved matrix file.  The work is :mod:`moepatch.c2r.pipeline`'s; this
-module checks the arguments against the source and prints the report."""
+bytes per token the per-pair and the dedup dispatch would send, :mod:`moepatch.tools.c2r.traffic`), from a checkpoint
+folder (profiled, copies counted exactly) or a saved matrix file.  The work is :mod:`moepatch.tools.c2r.pipeline`'s;
+this module checks the arguments against the source and prints the report."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def check_renumbered_for(source: Path, ep_size: int) -> None:
 def check_group_c2r(moe: Any, args: argparse.Namespace) -> None:
     """``--c2r-within-groups`` writes C2R lists into the ``--write-permuted`` copy: it needs that copy, groups that
     hold a token's k experts, and a routing rule that takes the lists (checked on the skeleton, before profiling)."""
-    from moepatch.c2r.permutation import group_c2r_config
+    from moepatch.tools.c2r.permutation import group_c2r_config
 
     if not args.write_permuted:
         raise UsageError("--c2r-within-groups", "sets the C2R lists of the renumbered copy: give --write-permuted DIR")
@@ -61,8 +61,8 @@ def check_group_c2r(moe: Any, args: argparse.Namespace) -> None:
 
 def matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: int | None) -> int:
     """The matrices' experts per token: recorded in the file, implied by its diagonal, or ``--top-k``; never guessed."""
-    from moepatch.c2r.matrices import inferred_top_k
-    from moepatch.c2r.matrices import recorded_top_k
+    from moepatch.tools.c2r.matrices import inferred_top_k
+    from moepatch.tools.c2r.matrices import recorded_top_k
 
     known: dict[str, int] = {}
     recorded = recorded_top_k(source)
@@ -95,10 +95,10 @@ def matrix_file_top_k(source: Path, matrices: dict[str, torch.Tensor], given: in
 def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Check the options against the checkpoint's skeleton, then profile it and report (vanilla, and C2R when the
     checkpoint has C2R fields)."""
-    from moepatch.c2r.permutation import check_permutable
-    from moepatch.c2r.pipeline import embedded_corpus
-    from moepatch.c2r.pipeline import place_checkpoint
-    from moepatch.c2r.profiling import read_corpus
+    from moepatch.data.corpus import embedded_corpus
+    from moepatch.tools.c2r.permutation import check_permutable
+    from moepatch.tools.c2r.pipeline import place_checkpoint
+    from moepatch.tools.c2r.profiling import read_corpus
     from moepatch.validation import check_checkpoint_folder
 
     check_checkpoint_folder(source, "source")
@@ -132,8 +132,8 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
 def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str]) -> dict[str, dict[str, Any]]:
     """Refuse the options that only apply to a checkpoint, then report from the file's matrices (``notes``
     receives what cannot be computed exactly)."""
-    from moepatch.c2r.matrices import load_matrices
-    from moepatch.c2r.pipeline import place_matrices
+    from moepatch.tools.c2r.matrices import load_matrices
+    from moepatch.tools.c2r.pipeline import place_matrices
 
     for flag in ("write_permuted", "c2r_within_groups"):
         if getattr(args, flag):
@@ -160,10 +160,10 @@ def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str])
 
 def cmd_place(args: argparse.Namespace) -> int:
     """Report the placement (text, or ``--json`` on stdout alone) and optionally write the permuted checkpoint."""
-    from moepatch.c2r.pipeline import group_c2r_dispatch
-    from moepatch.c2r.pipeline import write_planned_checkpoint
-    from moepatch.c2r.placement import format_report
-    from moepatch.c2r.traffic import format_dispatch
+    from moepatch.tools.c2r.pipeline import group_c2r_dispatch
+    from moepatch.tools.c2r.pipeline import write_planned_checkpoint
+    from moepatch.tools.c2r.placement import format_report
+    from moepatch.tools.c2r.traffic import format_dispatch
 
     source = Path(args.source)
     notes: list[str] = []

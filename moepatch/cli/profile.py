@@ -1,6 +1,6 @@
 """``moepatch profile CHECKPOINT``: C2R co-activation matrices and the official ``top_t`` / ``collaborative_list``
-fields (:mod:`moepatch.c2r.pipeline` does the work).  Every argument is checked against the checkpoint's weightless
-skeleton first, so a wrong one fails before the model is loaded or anything is written."""
+fields (:mod:`moepatch.tools.c2r.pipeline` does the work).  Every argument is checked against the checkpoint's
+weightless skeleton first, so a wrong one fails before the model is loaded or anything is written."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from moepatch.errors import UsageError
 def cmd_profile(args: argparse.Namespace) -> int:
     """Check the arguments, profile the checkpoint, write matrices, heatmap and (unless ``--no-write-config``) the
     C2R fields into its config.json."""
-    from moepatch.c2r.pipeline import default_min_tokens
-    from moepatch.c2r.pipeline import embedded_corpus
-    from moepatch.c2r.pipeline import profile_checkpoint
-    from moepatch.c2r.pipeline import save_profile_results
-    from moepatch.c2r.profiling import default_top_t
-    from moepatch.c2r.profiling import read_corpus
+    from moepatch.data.corpus import embedded_corpus
     from moepatch.loading.install import BACKUP_NAME
+    from moepatch.tools.c2r.pipeline import default_min_tokens
+    from moepatch.tools.c2r.pipeline import profile_checkpoint
+    from moepatch.tools.c2r.pipeline import save_profile_results
+    from moepatch.tools.c2r.profiling import default_top_t
+    from moepatch.tools.c2r.profiling import read_corpus
     from moepatch.validation import check_output_folder
 
     checkpoint = Path(args.model_path)
@@ -43,7 +43,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         check_ep_size(moe.num_experts, args.ep_size)
         check_renumbered_for(checkpoint, args.ep_size)
     if args.as_configured:
-        from moepatch.c2r.pipeline import has_c2r_fields
+        from moepatch.tools.c2r.pipeline import has_c2r_fields
 
         if not has_c2r_fields(config):
             raise UsageError("--as-configured", f"{checkpoint / 'config.json'} routes without C2R (no top_t / "
@@ -95,10 +95,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     top_t = args.top_t if args.top_t is not None else default_top_t(num_experts, top_k)
     placement = None
     if args.ep_size is not None:  # the placement for the EP size that will be used, from this same run
-        from moepatch.c2r.permutation import routing_groups
-        from moepatch.c2r.pipeline import place_profiles
-        from moepatch.c2r.placement import format_report
-        from moepatch.c2r.traffic import format_dispatch
+        from moepatch.tools.c2r.permutation import routing_groups
+        from moepatch.tools.c2r.pipeline import place_profiles
+        from moepatch.tools.c2r.placement import format_report
+        from moepatch.tools.c2r.traffic import format_dispatch
 
         groups = {index: limit.groups for index, limit in routing_groups(run.moe).items()}
         placement = place_profiles({"profiled": profile}, args.ep_size, seed=args.seed, routing_groups=groups,

@@ -22,7 +22,7 @@ PLACEMENT_FILE = "expert_placement.json"
 "num_experts": E, "experts_per_rank": E / D, "layers": [renumbered decoder layers]}``."""
 
 PERMUTATION_FILE = "expert_permutation.json"
-"""The renumbering itself (``moepatch.c2r.permutation.PERMUTATION_FILE``)."""
+"""The renumbering itself (``moepatch.tools.c2r.permutation.PERMUTATION_FILE``)."""
 
 
 def _positive_int(value: Any) -> bool:
@@ -100,7 +100,7 @@ def check_placement(path: str | Path, ep_size: int) -> dict[str, Any] | None:
     Returns:
         The checked :data:`PLACEMENT_FILE` record when the folder has one (its ``ep_size`` equals ``ep_size``: each
         rank's contiguous shard is one planned group), else ``None`` (not renumbered for an EP size: a renumbering
-        written without one, by :func:`moepatch.c2r.permutation.write_permuted_checkpoint` without ``ep_size``,
+        written without one, by :func:`moepatch.tools.c2r.permutation.write_permuted_checkpoint` without ``ep_size``,
         cannot be checked and loads as it is).
 
     Raises:

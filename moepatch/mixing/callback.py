@@ -189,7 +189,7 @@ class DynamicSamplingCallback(TrainerCallback):
         return control
 
     def _plot(self, rounds_path: Path) -> None:
-        from moepatch.report import plot_sampling_rounds
+        from moepatch.tools.report import plot_sampling_rounds
 
         try:
             import matplotlib  # noqa: F401

@@ -266,7 +266,7 @@ def combinations_from_routes(path: Path, weights: Sequence[float] | None,
     """One ``cat`` request per distinct task combination in a ``route`` output (jsonl with ``"tasks"`` per line,
     best first), as MELD merged every pair its router produced; ``weights`` by rank (the top task's first) or equal
     ``1/k`` — then a pair is one adapter whatever its order."""
-    from moepatch.mixing.instruction_data import read_jsonl_located
+    from moepatch.data.instruction import read_jsonl_located
 
     seen: dict[tuple[str, ...], MergeRequest] = {}
     for where, record in read_jsonl_located(path):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moepatch.mixing.instruction_data import read_jsonl_located
-from moepatch.mixing.instruction_data import to_messages
+from moepatch.data.instruction import read_jsonl_located
+from moepatch.data.instruction import to_messages
 
 
 @dataclass

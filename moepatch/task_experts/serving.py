@@ -237,9 +237,9 @@ class TaskExpertModel:
                       ) -> list[float]:
         """Per record (a conversation / instruction record), the mean next-token loss of its answer tokens under its
         adapter — mixed batches, answers only (the tokenisation finetune trains on)."""
-        from moepatch.mixing.instruction_data import IGNORE_INDEX
-        from moepatch.mixing.instruction_data import encode_messages
-        from moepatch.mixing.instruction_data import to_messages
+        from moepatch.data.instruction import IGNORE_INDEX
+        from moepatch.data.instruction import encode_messages
+        from moepatch.data.instruction import to_messages
 
         prompt_format = "chat_template" if getattr(self.tokenizer, "chat_template", None) else "vicuna"
         encoded = [encode_messages(self.tokenizer, to_messages(record), prompt_format=prompt_format)

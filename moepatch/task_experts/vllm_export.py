@@ -160,7 +160,7 @@ def _check_earlier_export(folder: Path) -> None:
 
 def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> list[dict[str, Any]]:
     """Each routed request with the adapter serving it; a combination without an exported adapter is an error."""
-    from moepatch.mixing.instruction_data import read_jsonl_located
+    from moepatch.data.instruction import read_jsonl_located
 
     lines, missing = [], set()
     for where, record in read_jsonl_located(routes):

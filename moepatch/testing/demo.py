@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moepatch.errors import CommandError
-from moepatch.report import format_table
+from moepatch.tools.report import format_table
 
 DEMO_BLOCK: dict[str, Any] = {"freeze_gate": "router", "routing_stats": {"layers": None}}
 """The moepatch block written into the demo checkpoint's config.json (everything the first load applies)."""
@@ -77,14 +77,14 @@ def run_demo(
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
-    from moepatch.c2r.placement import placement_report
-    from moepatch.c2r.profiling import corpus_batches
-    from moepatch.c2r.profiling import profile_coactivation
-    from moepatch.c2r.profiling import write_c2r_fields
     from moepatch.patch import PatchHandle
     from moepatch.patch import apply
     from moepatch.routing.recorder import RoutingRecorder
     from moepatch.testing import tiny
+    from moepatch.tools.c2r.placement import placement_report
+    from moepatch.tools.c2r.profiling import corpus_batches
+    from moepatch.tools.c2r.profiling import profile_coactivation
+    from moepatch.tools.c2r.profiling import write_c2r_fields
 
     output = Path(output or tempfile.mkdtemp(prefix="moepatch-demo-"))
     output.mkdir(parents=True, exist_ok=True)
@@ -145,8 +145,8 @@ def run_demo(
         rows.append([name, f"{contiguous:.3f}", f"{planned:.3f}", f"{(contiguous - planned) / contiguous * 100:.1f}%"])
     _log_lines(log, format_table(["routing", "contiguous", "planned", "saved"], rows))
     try:
-        from moepatch.report import plot_coactivation
-        from moepatch.report import plot_routing_counts
+        from moepatch.tools.report import plot_coactivation
+        from moepatch.tools.report import plot_routing_counts
 
         plot_routing_counts(after, output / "routing_counts.c2r.png")
         plot_routing_counts(before, output / "routing_counts.vanilla.png")

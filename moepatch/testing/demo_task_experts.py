@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moepatch.errors import CommandError
-from moepatch.report import format_table
+from moepatch.tools.report import format_table
 
 TASK_EXPERTS_FOLDER = "task_experts"
 TASKS = ("chat", "code", "letters", "math")
@@ -17,6 +17,7 @@ TASKS = ("chat", "code", "letters", "math")
 def task_experts_demo(checkpoint: Path, output: Path, *, steps: int, seed: int = 0, held_out: int = 8,
                       log: Callable[[str], None] = print, step: str = "[8/8]") -> dict[str, dict[str, float]]:
     """Train, route, merge, compare; returns the per-task loss table (``{task: {base, own, routed}}``)."""
+    from moepatch.data.synthetic import synthetic_records
     from moepatch.mixing.finetune import main as finetune
     from moepatch.task_experts.fitting import RouterSettings
     from moepatch.task_experts.fitting import fit_router
@@ -25,7 +26,6 @@ def task_experts_demo(checkpoint: Path, output: Path, *, steps: int, seed: int =
     from moepatch.task_experts.router import routing_report
     from moepatch.task_experts.serving import BASE_ADAPTER
     from moepatch.task_experts.serving import TaskExpertModel
-    from moepatch.testing.synthetic import synthetic_records
 
     log(f"{step} task experts (MELD): one LoRA per embedded task ({steps} steps each, r 16, alpha 32), the default "
         "router (the base's own signatures), routed top-2 cat merges")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import moepatch
-from moepatch.c2r.placement import contiguous_group_lists
 from moepatch.cli import main
 from moepatch.testing import tiny
+from moepatch.tools.c2r.placement import contiguous_group_lists
 
 
 @pytest.fixture(scope="module")

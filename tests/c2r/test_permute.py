@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM
 
 import moepatch
 from model_patches.structure import describe
-from moepatch.c2r.permutation import permute_experts
-from moepatch.c2r.permutation import renumber_collaborative_list
-from moepatch.c2r.permutation import write_permuted_checkpoint
 from moepatch.testing import tiny
 from moepatch.testing.tiny import random_collaborative_list as random_list
+from moepatch.tools.c2r.permutation import permute_experts
+from moepatch.tools.c2r.permutation import renumber_collaborative_list
+from moepatch.tools.c2r.permutation import write_permuted_checkpoint
 
 
 def _loaded(path):

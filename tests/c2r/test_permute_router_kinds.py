@@ -21,11 +21,11 @@ from model_patches.routing_rule import selection_bias_of
 from model_patches.structure import describe
 from moepatch import cli
 from moepatch.c2r import permutation
-from moepatch.c2r.permutation import permute_experts
-from moepatch.c2r.permutation import routing_groups
-from moepatch.c2r.permutation import write_permuted_checkpoint
 from moepatch.testing import tiny
 from moepatch.testing.tiny_kinds import tiny_kind_model
+from moepatch.tools.c2r.permutation import permute_experts
+from moepatch.tools.c2r.permutation import routing_groups
+from moepatch.tools.c2r.permutation import write_permuted_checkpoint
 
 KINDS = ("deepseek_v3", "minimax_m2", "ernie4_5_moe", "gpt_oss", "mixtral")
 """Groups + router buffer bias, block buffer bias, [1, E] parameter bias, linear logit bias, softmax → top-k."""

@@ -15,12 +15,12 @@ from routing_reference import moe_routers
 from transformers import AutoModelForCausalLM
 
 import moepatch
-from moepatch.c2r.profiling import CoactivationProfile
-from moepatch.c2r.profiling import collaborative_ranking
-from moepatch.c2r.profiling import corpus_batches
-from moepatch.c2r.profiling import profile_coactivation
-from moepatch.c2r.profiling import read_corpus
 from moepatch.testing import tiny
+from moepatch.tools.c2r.profiling import CoactivationProfile
+from moepatch.tools.c2r.profiling import collaborative_ranking
+from moepatch.tools.c2r.profiling import corpus_batches
+from moepatch.tools.c2r.profiling import profile_coactivation
+from moepatch.tools.c2r.profiling import read_corpus
 
 
 def _slow_count(model, batches):

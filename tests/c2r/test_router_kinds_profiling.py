@@ -13,11 +13,11 @@ from router_oracles import captured_choices
 from router_oracles import router_modules
 
 import moepatch
-from moepatch.c2r.profiling import corpus_batches
-from moepatch.c2r.profiling import profile_coactivation
 from moepatch.cli import main as cli
 from moepatch.testing import tiny
 from moepatch.testing import tiny_kinds
+from moepatch.tools.c2r.profiling import corpus_batches
+from moepatch.tools.c2r.profiling import profile_coactivation
 
 
 def _slow_count(model: torch.nn.Module, batches: list[dict], num_experts: int = 8,

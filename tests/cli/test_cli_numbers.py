@@ -17,10 +17,10 @@ from family_facts import moe_routers
 from family_facts import selection_probabilities
 
 from moepatch import cli
-from moepatch.c2r.profiling import CoactivationProfile
-from moepatch.c2r.profiling import corpus_batches
-from moepatch.c2r.profiling import profile_coactivation
 from moepatch.testing import tiny
+from moepatch.tools.c2r.profiling import CoactivationProfile
+from moepatch.tools.c2r.profiling import corpus_batches
+from moepatch.tools.c2r.profiling import profile_coactivation
 
 EP_SIZE = 2
 

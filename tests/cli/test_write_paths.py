@@ -29,7 +29,7 @@ def checkpoint(tmp_path) -> Path:
 def test_profile_failing_at_the_config_write_leaves_outputs_and_config_as_they_were(checkpoint, monkeypatch, capsys):
     assert cli.main(["profile", str(checkpoint), "--no-write-config"]) == 0  # an earlier profile's outputs
     before = _tree(checkpoint.parent)
-    import moepatch.c2r.profiling as profiling
+    import moepatch.tools.c2r.profiling as profiling
 
     def failing(*args, **kwargs):
         raise DISK_FULL
@@ -41,7 +41,7 @@ def test_profile_failing_at_the_config_write_leaves_outputs_and_config_as_they_w
 
 
 def test_place_failing_after_saving_the_weights_leaves_no_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
-    import moepatch.c2r.permutation as permutation
+    import moepatch.tools.c2r.permutation as permutation
 
     real_copy = permutation.shutil.copy2
 

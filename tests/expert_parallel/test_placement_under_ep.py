@@ -1,9 +1,9 @@
 """C2R placement reaches transformers' expert parallelism.
 
 ``moepatch place --ep-size N`` predicts the bytes per token of the per-pair dispatch (transformers' ``all_to_all``) and
-of the dedup dispatch (``moepatch_dedup``) with :func:`moepatch.c2r.traffic.predict_dispatch`; ``--write-permuted``
-renumbers the experts so that, loaded with ``ep_size = N``, each rank's contiguous shard is one planned group, and
-records ``N`` (``expert_placement.json``), so another EP size is refused by name before loading.
+of the dedup dispatch (``moepatch_dedup``) with :func:`moepatch.tools.c2r.traffic.predict_dispatch`;
+``--write-permuted`` renumbers the experts so that, loaded with ``ep_size = N``, each rank's contiguous shard is one
+planned group, and records ``N`` (``expert_placement.json``), so another EP size is refused by name before loading.
 
 The multi-process test loads the renumbered copy under torchrun with the dedup dispatch and checks that three counts
 of one batch agree exactly: the bytes the dispatch counted, an independent count from the routing the recorder saw,
@@ -25,13 +25,13 @@ import torch
 from helpers import torchrun_command
 
 from moepatch import cli
-from moepatch.c2r.placement import contiguous_placement
-from moepatch.c2r.placement import inverse_permutation
-from moepatch.c2r.traffic import chunk_source_ranks
-from moepatch.c2r.traffic import predict_dispatch
 from moepatch.expert_parallel import PLACEMENT_FILE
 from moepatch.expert_parallel import check_placement
 from moepatch.testing import tiny
+from moepatch.tools.c2r.placement import contiguous_placement
+from moepatch.tools.c2r.placement import inverse_permutation
+from moepatch.tools.c2r.traffic import chunk_source_ranks
+from moepatch.tools.c2r.traffic import predict_dispatch
 
 WORKER = Path(__file__).with_name("placement_worker.py")
 EP_SIZE = 2

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import moepatch
-from moepatch.lora_experts.guilomo import architecture_gradient
-from moepatch.lora_experts.guilomo import expert_prefix_mask
-from moepatch.lora_experts.guilomo import pairs
-from moepatch.lora_experts.guilomo import rank_prefix_mask
 from moepatch.testing import tiny
+from moepatch.tools.lora_experts.guilomo import architecture_gradient
+from moepatch.tools.lora_experts.guilomo import expert_prefix_mask
+from moepatch.tools.lora_experts.guilomo import pairs
+from moepatch.tools.lora_experts.guilomo import rank_prefix_mask
 
 
 class _OfficialExpertSTE(torch.autograd.Function):

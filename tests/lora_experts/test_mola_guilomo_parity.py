@@ -11,16 +11,16 @@ import torch
 import moepatch
 from moepatch.cli import build_parser
 from moepatch.cli.allocate import search_recipe
-from moepatch.lora_experts.guilomo import SearchLoraExperts
-from moepatch.lora_experts.guilomo import SearchRecipe
-from moepatch.lora_experts.guilomo import build_optimizers
-from moepatch.lora_experts.guilomo import export_allocation
-from moepatch.lora_experts.guilomo import search_config
-from moepatch.lora_experts.guilomo import to_search_layers
-from moepatch.lora_experts.guilomo import write_allocation
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.routed import RoutedExpertSets
 from moepatch.testing import tiny
+from moepatch.tools.lora_experts.guilomo import SearchLoraExperts
+from moepatch.tools.lora_experts.guilomo import SearchRecipe
+from moepatch.tools.lora_experts.guilomo import build_optimizers
+from moepatch.tools.lora_experts.guilomo import export_allocation
+from moepatch.tools.lora_experts.guilomo import search_config
+from moepatch.tools.lora_experts.guilomo import to_search_layers
+from moepatch.tools.lora_experts.guilomo import write_allocation
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 

@@ -17,17 +17,17 @@ import moepatch
 from moepatch.cli import build_parser
 from moepatch.cli.allocate import search_recipe
 from moepatch.lora_experts.config import LoraExpertsConfig
-from moepatch.lora_experts.guilomo import SearchRecipe
-from moepatch.lora_experts.guilomo import architecture_gradient
-from moepatch.lora_experts.guilomo import build_optimizers
-from moepatch.lora_experts.guilomo import search
-from moepatch.lora_experts.guilomo import search_config
-from moepatch.lora_experts.guilomo import stage_two_config
-from moepatch.lora_experts.importers import guilomo_block
-from moepatch.lora_experts.importers import mola_block
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
 from moepatch.testing import tiny
+from moepatch.tools.lora_experts.guilomo import SearchRecipe
+from moepatch.tools.lora_experts.guilomo import architecture_gradient
+from moepatch.tools.lora_experts.guilomo import build_optimizers
+from moepatch.tools.lora_experts.guilomo import search
+from moepatch.tools.lora_experts.guilomo import search_config
+from moepatch.tools.lora_experts.guilomo import stage_two_config
+from moepatch.tools.lora_experts.importers import guilomo_block
+from moepatch.tools.lora_experts.importers import mola_block
 from moepatch.validation import Problems
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")

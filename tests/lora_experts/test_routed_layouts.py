@@ -328,7 +328,7 @@ def test_peft_export_where_peft_has_the_layout(tmp_path, model_type):
     gate / up and Llama 4's unflagged transposed tensors are refused, naming the storage."""
     from peft import PeftModel
 
-    from moepatch.lora_experts.export import export_peft
+    from moepatch.tools.lora_experts.export import export_peft
 
     model = _model(model_type)
     base = copy.deepcopy(model)

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from moepatch.mixing.instruction_data import IGNORE_INDEX
-from moepatch.mixing.instruction_data import encode_messages
-from moepatch.mixing.instruction_data import load_source
-from moepatch.mixing.instruction_data import read_jsonl
-from moepatch.mixing.instruction_data import to_messages
+from moepatch.data.instruction import IGNORE_INDEX
+from moepatch.data.instruction import encode_messages
+from moepatch.data.instruction import load_source
+from moepatch.data.instruction import read_jsonl
+from moepatch.data.instruction import to_messages
 from moepatch.testing import tiny
 
 FASTCHAT = {"system_prompt": "Be brief.", "conversations": [

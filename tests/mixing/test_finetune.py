@@ -12,13 +12,13 @@ from helpers import ROUTED_NEW_FAMILIES
 from safetensors.torch import load_file
 
 import moepatch
+from moepatch.data.synthetic import synthetic_records
+from moepatch.data.synthetic import write_synthetic_sources
 from moepatch.mixing.finetune import main
 from moepatch.mixing.finetune import parse_arguments
 from moepatch.mixing.finetune import rounds_table
 from moepatch.mixing.finetune import source_paths
 from moepatch.testing import tiny
-from moepatch.testing.synthetic import synthetic_records
-from moepatch.testing.synthetic import write_synthetic_sources
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTERS = [f"model.layers.{i}.mlp.gate.weight" for i in (0, 2, 3)]  # tiny Qwen2-MoE: layer 1 is dense
@@ -207,7 +207,8 @@ def test_resume_restores_lora_experts_exactly(checkpoint, tmp_path, dynamic):
     if dynamic == "true":
         block["moepatch"]["lora_experts"]["dropout"] = 0.0
     (tmp_path / "lora.json").write_text(json.dumps(block))
-    extra = ("--synthetic_data", "--max_steps", "4", "--update_every", "2", "--dynamic_sampling", dynamic,
+    extra = ("--synthetic_data", "--max_steps", "4", "--dynamic_sampling", dynamic,
+             *(("--update_every", "2") if dynamic == "true" else ()),  # refused without dynamic mixing (ignored)
              "--moepatch_config", str(tmp_path / "lora.json"),
              "--save_strategy", "steps", "--save_steps", "2")
     full, resumed = tmp_path / "full", tmp_path / "resumed"

@@ -313,7 +313,7 @@ def test_dbrx_lora_on_routed_experts_equals_an_independent_glu(batch):
 
 def test_dbrx_permuted_experts_compute_the_same_logits(batch):
     """Renumbering DBRX's experts moves blocks of ffn_hidden_size rows of w1 / v1 / w2 with the router rows."""
-    from moepatch.c2r.permutation import permute_experts
+    from moepatch.tools.c2r.permutation import permute_experts
 
     model = tiny.tiny_model("dbrx")
     reference = logits_of(model, batch)

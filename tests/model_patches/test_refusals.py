@@ -176,7 +176,7 @@ def test_doge_renumbering_is_refused_naming_the_product_keys():
 
 
 def test_doge_placement_is_refused_naming_the_product_keys():
-    from moepatch.c2r.permutation import check_permutable
+    from moepatch.tools.c2r.permutation import check_permutable
 
     with pytest.raises(ValueError, match="DogeCDMoE addresses its experts by product keys"):
         check_permutable(describe(tiny_kinds.tiny_kind_model("doge")))

@@ -11,7 +11,7 @@ import pytest
 from conftest import copy_run
 
 from moepatch.cli import main as cli
-from moepatch.testing.synthetic import synthetic_records
+from moepatch.data.synthetic import synthetic_records
 
 pytest.importorskip("lm_eval")
 

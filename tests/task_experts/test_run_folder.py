@@ -19,8 +19,8 @@ from conftest import copy_run
 from conftest import finetune_argv
 
 from moepatch.cli import main as cli
+from moepatch.data.synthetic import synthetic_records
 from moepatch.task_experts import merging
-from moepatch.testing.synthetic import synthetic_records
 
 REPO = Path(__file__).resolve().parents[2]
 

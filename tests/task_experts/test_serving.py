@@ -12,9 +12,9 @@ import torch
 from conftest import copy_run
 
 from moepatch.cli import main as cli
+from moepatch.data.synthetic import synthetic_records
 from moepatch.task_experts.serving import TaskExpertModel
 from moepatch.task_experts.vllm_export import VLLM_MAX_LORA_RANKS
-from moepatch.testing.synthetic import synthetic_records
 
 
 @pytest.fixture(scope="module")

@@ -180,7 +180,7 @@ def test_recipe_run_end_to_end_with_flag_overrides(base_checkpoint, tmp_path):
 
 
 def test_an_empty_task_is_named_and_nothing_is_written(base_checkpoint, tmp_path, capsys):
-    from moepatch.testing.synthetic import synthetic_records
+    from moepatch.data.synthetic import synthetic_records
 
     data = tmp_path / "data" / "train"
     data.mkdir(parents=True)
@@ -211,7 +211,7 @@ def test_retraining_some_tasks_keeps_the_others_and_drops_the_stale_router(base_
 
 
 def test_a_source_without_a_dev_file_trains_on_all_its_records(base_checkpoint, tmp_path):
-    from moepatch.testing.synthetic import synthetic_records
+    from moepatch.data.synthetic import synthetic_records
 
     data = tmp_path / "data" / "train"
     data.mkdir(parents=True)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from model_patches.structure import MoEModel
-from moepatch.c2r.profiling import CoactivationProfile
 from moepatch.errors import CommandError
+from moepatch.tools.c2r.profiling import CoactivationProfile
 
 MIN_CHOICES_PER_EXPERT = 64
 """Fewest top-k choices per expert, on average, that C2R fields are written from (see :func:`default_min_tokens`)."""
@@ -35,11 +35,6 @@ def default_min_tokens(num_experts: int, top_k: int) -> int:
     return math.ceil(MIN_CHOICES_PER_EXPERT * num_experts / top_k)
 
 
-def embedded_corpus() -> list[str]:
-    """The corpus used when none is given: the tiny models' embedded documents and demo texts."""
-    from moepatch.testing import tiny
-
-    return list(tiny.CORPUS + tiny.DEMO_TEXTS)
 
 
 def has_c2r_fields(config: Any) -> bool:
@@ -100,11 +95,11 @@ def profile_checkpoint(
     Raises:
         CommandError: the weights cannot be read or some are missing.
     """
-    from moepatch.c2r.profiling import corpus_batches
-    from moepatch.c2r.profiling import profile_coactivation
     from moepatch.config import CONFIG_KEY
     from moepatch.loading.pretrained import load_for_command
     from moepatch.patch import apply
+    from moepatch.tools.c2r.profiling import corpus_batches
+    from moepatch.tools.c2r.profiling import profile_coactivation
 
     model = load_for_command(checkpoint, patch=False)
     block = getattr(model.config, CONFIG_KEY, None)
@@ -144,8 +139,8 @@ def save_profile_results(
         ValueError: ``top_t`` or the ranking do not fit the model.
     """
     from moepatch.c2r.config import C2RConfig
-    from moepatch.c2r.profiling import write_c2r_fields
     from moepatch.c2r.selection import plan_c2r
+    from moepatch.tools.c2r.profiling import write_c2r_fields
 
     profile = run.profile
     ranking = profile.collaborative_list()
@@ -159,7 +154,7 @@ def save_profile_results(
     with staged_folder(output, start_from_existing=True) as staging:  # all of it lands, or none of it
         profile.save(staging / "coactivation.safetensors")
         try:
-            from moepatch.report import plot_coactivation
+            from moepatch.tools.report import plot_coactivation
 
             plot_coactivation(profile, plot_layers, staging / "coactivation.png")
         except ImportError:
@@ -197,9 +192,9 @@ def _profile_loaded(model: torch.nn.Module, tokenizer: Any, documents: list[str]
                     max_length: int, max_tokens: int | None, seed: int, progress: bool
                     ) -> dict[str, CoactivationProfile]:
     """:func:`profile_for_placement` on an already loaded model."""
-    from moepatch.c2r.profiling import corpus_batches
-    from moepatch.c2r.profiling import profile_coactivation
     from moepatch.patch import patched
+    from moepatch.tools.c2r.profiling import corpus_batches
+    from moepatch.tools.c2r.profiling import profile_coactivation
 
     profiles = {}
     for routing, config in (("vanilla", {"c2r": False}), ("c2r", None)):
@@ -228,17 +223,17 @@ def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *,
                    ) -> dict[str, dict[str, Any]]:
     """Placement reports over ``ep_size`` devices from profiles with kept choices (copies per token counted
     exactly), with absolute decoder-layer indices in the per-layer rows.  ``routing_groups`` (absolute layer →
-    ``G``, see :func:`moepatch.c2r.permutation.routing_groups`) keeps those layers' plans inside routing groups.
+    ``G``, see :func:`moepatch.tools.c2r.permutation.routing_groups`) keeps those layers' plans inside routing groups.
 
-    Each layer row also gets a ``"dispatch"`` entry (:func:`moepatch.c2r.traffic.dispatch_columns`): remote rows per
-    token of the per-pair and the dedup dispatch for the contiguous and the planned placement, predicted with
-    :func:`moepatch.c2r.traffic.predict_dispatch` from every profiled token's experts (a token's source rank taken as
-    uniform over the ranks), and bytes when ``row`` (:func:`dispatch_row`) gives the row size; the report's
+    Each layer row also gets a ``"dispatch"`` entry (:func:`moepatch.tools.c2r.traffic.dispatch_columns`): remote rows
+    per token of the per-pair and the dedup dispatch for the contiguous and the planned placement, predicted with
+    :func:`moepatch.tools.c2r.traffic.predict_dispatch` from every profiled token's experts (a token's source rank
+    taken as uniform over the ranks), and bytes when ``row`` (:func:`dispatch_row`) gives the row size; the report's
     ``"dispatch"`` says how."""
-    from moepatch.c2r.placement import contiguous_placement
-    from moepatch.c2r.placement import placement_report
-    from moepatch.c2r.traffic import dispatch_columns
-    from moepatch.c2r.traffic import predict_dispatch
+    from moepatch.tools.c2r.placement import contiguous_placement
+    from moepatch.tools.c2r.placement import placement_report
+    from moepatch.tools.c2r.traffic import dispatch_columns
+    from moepatch.tools.c2r.traffic import predict_dispatch
 
     routing_groups = dict(routing_groups or {})
     reports: dict[str, dict[str, Any]] = {}
@@ -288,9 +283,9 @@ def place_checkpoint(
             malformed.
     """
     from model_patches.structure import describe
-    from moepatch.c2r.permutation import check_permutable
-    from moepatch.c2r.permutation import routing_groups
     from moepatch.loading.pretrained import load_for_command
+    from moepatch.tools.c2r.permutation import check_permutable
+    from moepatch.tools.c2r.permutation import routing_groups
 
     model = load_for_command(checkpoint, patch=False)  # never runs the folder's own code; no weight missing
     moe = describe(model)
@@ -320,14 +315,15 @@ def place_checkpoint(
 
 def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: int, *, top_k: int, seed: int = 0
                    ) -> dict[str, dict[str, Any]]:
-    """Placement reports from saved co-activation matrices (by name, as :func:`moepatch.c2r.matrices.load_matrices`
+    """Placement reports from saved co-activation matrices (by name, as
+    :func:`moepatch.tools.c2r.matrices.load_matrices`
     returns them) of a top-``top_k`` model.
 
     Raises:
         CommandError: a matrix does not fit a placement, naming ``source`` and the matrix.
     """
-    from moepatch.c2r.placement import placement_report
-    from moepatch.c2r.traffic import add_dispatch_from_copies
+    from moepatch.tools.c2r.placement import placement_report
+    from moepatch.tools.c2r.traffic import add_dispatch_from_copies
 
     reports: dict[str, dict[str, Any]] = {}
     for name, stack in matrices.items():
@@ -345,10 +341,10 @@ def write_planned_checkpoint(source: Path, reports: Mapping[str, Mapping[str, An
     together (the C2R report's plan when there is one, else the vanilla one), recording the EP size it was planned
     for (``expert_placement.json``, see :func:`moepatch.expert_parallel.check_placement`).  ``c2r_within_groups``
     routes the copy with C2R within groups planned on the vanilla profile instead (see
-    :func:`moepatch.c2r.placement.contiguous_group_lists`): the lists replace the checkpoint's C2R, so the groups that
-    keep most vanilla expert sets together change the fewest choices."""
-    from moepatch.c2r.permutation import write_permuted_checkpoint
-    from moepatch.c2r.placement import expert_permutation
+    :func:`moepatch.tools.c2r.placement.contiguous_group_lists`): the lists replace the checkpoint's C2R, so the groups
+    that keep most vanilla expert sets together change the fewest choices."""
+    from moepatch.tools.c2r.permutation import write_permuted_checkpoint
+    from moepatch.tools.c2r.placement import expert_permutation
 
     chosen = reports["vanilla"] if c2r_within_groups else reports.get("c2r") or reports["vanilla"]
     permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}

@@ -1,11 +1,11 @@
 """GuiLoMo stage 1 on a checkpoint folder, end to end: what ``moepatch allocate`` runs.
 
-The search (:mod:`moepatch.lora_experts.guilomo`) learns, per adapted projection, how many LoRA experts and which
+The search (:mod:`moepatch.tools.lora_experts.guilomo`) learns, per adapted projection, how many LoRA experts and which
 rank each needs; this module gathers the instruction examples it learns from (files or the embedded four tasks),
 encodes them with the checkpoint's tokenizer, builds the search model from the checkpoint and runs the search.
-The result is written with :func:`moepatch.lora_experts.guilomo.write_allocation` (``expert.json`` /
+The result is written with :func:`moepatch.tools.lora_experts.guilomo.write_allocation` (``expert.json`` /
 ``rank.json``), the files a ``{"lora_experts": {"method": "mola", "num_experts": "expert.json", "r": "rank.json"}}``
-block reads (:func:`moepatch.lora_experts.guilomo.stage_two_config`: GuiLoMo's own stage 2, its per-module balance
+block reads (:func:`moepatch.tools.lora_experts.guilomo.stage_two_config`: GuiLoMo's own stage 2, its per-module balance
 loss included).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 if TYPE_CHECKING:
-    from moepatch.lora_experts.guilomo import SearchRecipe
+    from moepatch.tools.lora_experts.guilomo import SearchRecipe
 
 DEFAULT_EMBEDDED_EXAMPLES = 64
 """Embedded examples used when no data file is given, split evenly over the four tasks."""
@@ -35,7 +35,7 @@ Record = tuple[str, dict[str, Any]]
 
 def file_records(paths: Sequence[str | Path]) -> list[Record]:
     """Every record of the jsonl instruction files, in order, each named by file and position."""
-    from moepatch.mixing.instruction_data import read_jsonl
+    from moepatch.data.instruction import read_jsonl
 
     return [(f"{path}, record {i + 1}", record) for path in paths for i, record in enumerate(read_jsonl(path))]
 
@@ -43,8 +43,8 @@ def file_records(paths: Sequence[str | Path]) -> list[Record]:
 def embedded_records(total: int = DEFAULT_EMBEDDED_EXAMPLES, seed: int = 0) -> list[Record]:
     """``total`` synthetic records split evenly over the four embedded tasks (the first tasks by name get the
     remainder)."""
-    from moepatch.testing.synthetic import TASKS
-    from moepatch.testing.synthetic import synthetic_records
+    from moepatch.data.synthetic import TASKS
+    from moepatch.data.synthetic import synthetic_records
 
     names = sorted(TASKS)
     counts = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
@@ -54,7 +54,7 @@ def embedded_records(total: int = DEFAULT_EMBEDDED_EXAMPLES, seed: int = 0) -> l
 
 def conversations_of(records: Sequence[Record]) -> list[list[dict[str, str]]]:
     """The records as chat messages; a malformed record fails here, naming where it came from."""
-    from moepatch.mixing.instruction_data import to_messages
+    from moepatch.data.instruction import to_messages
 
     return [to_messages(record, where) for where, record in records]
 
@@ -63,7 +63,7 @@ def encode_examples(tokenizer: Any, conversations: Sequence[list[dict[str, str]]
                     seed: int = 0) -> list[dict[str, list[int]]]:
     """Shuffle (seeded) and encode the conversations for training: the tokenizer's chat template when it has one,
     else the Vicuna format; only answer tokens carry labels.  Gives the tokenizer a pad token when it has none."""
-    from moepatch.mixing.instruction_data import encode_messages
+    from moepatch.data.instruction import encode_messages
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -91,9 +91,9 @@ def search_checkpoint(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the GuiLoMo search on ``checkpoint`` with the LoRA experts of ``block`` (see
-    :func:`moepatch.lora_experts.guilomo.search_config`) over ``examples`` (consecutive batches form the train /
+    :func:`moepatch.tools.lora_experts.guilomo.search_config`) over ``examples`` (consecutive batches form the train /
     valid pairs of the bilevel search) with the optimisation ``recipe`` (default: the official one, see
-    :class:`moepatch.lora_experts.guilomo.SearchRecipe`).
+    :class:`moepatch.tools.lora_experts.guilomo.SearchRecipe`).
 
     ``log`` receives one line describing the search before it starts (it can take a while).
 
@@ -110,11 +110,11 @@ def search_checkpoint(
     from moepatch.config import MoePatchConfig
     from moepatch.loading.pretrained import load_for_command
     from moepatch.lora_experts.balance import install_balance_hook
-    from moepatch.lora_experts.guilomo import SearchLoraExperts
-    from moepatch.lora_experts.guilomo import SearchRecipe
-    from moepatch.lora_experts.guilomo import search
-    from moepatch.lora_experts.guilomo import to_search_layers
     from moepatch.patch import apply
+    from moepatch.tools.lora_experts.guilomo import SearchLoraExperts
+    from moepatch.tools.lora_experts.guilomo import SearchRecipe
+    from moepatch.tools.lora_experts.guilomo import search
+    from moepatch.tools.lora_experts.guilomo import to_search_layers
 
     torch.manual_seed(seed)
     model = load_for_command(checkpoint, patch=False)

@@ -265,6 +265,6 @@ def write_guilomo_allocation(checkpoint: str | Path, folder: str | Path) -> tupl
         ```
     """
     experts, ranks = guilomo_allocation(checkpoint)
-    from moepatch.lora_experts.guilomo import write_allocation_files
+    from moepatch.tools.lora_experts.guilomo import write_allocation_files
 
     return write_allocation_files(experts, ranks, folder)

@@ -16,7 +16,7 @@ the dispatch counts in :class:`~moepatch.expert_parallel.dispatch.DispatchTraffi
 token's source rank is taken as uniform over the ``D`` ranks and the figures are the exact expectation under that
 assumption: ``remote = rows × (D - 1) / D`` (per pair ``k (D - 1) / D`` per token, for any placement; dedup
 ``copies (D - 1) / D``). Copies per token themselves always come from each token's expert set (exact), never from
-pair counts of a ``k > 2`` model (see :func:`moepatch.c2r.placement.copies_per_token_from_pairs`).
+pair counts of a ``k > 2`` model (see :func:`moepatch.tools.c2r.placement.copies_per_token_from_pairs`).
 
 Each row carries ``hidden × element size`` bytes of hidden state; the combine step sends one row back per row out,
 so the return traffic equals the dispatch traffic. The dedup dispatch also sends, per row, the token's ``k`` local
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from moepatch.c2r.placement import ArrayLike
-from moepatch.c2r.placement import _as_numpy
-from moepatch.c2r.placement import device_of_choices
+from moepatch.tools.c2r.placement import ArrayLike
+from moepatch.tools.c2r.placement import _as_numpy
+from moepatch.tools.c2r.placement import device_of_choices
 
 COPIES_SOURCES = {"indices": "counted from each profiled token's experts",
                   "pairs": "exact from top-2 pair counts (one pair per token)",

@@ -1,9 +1,9 @@
 """Renumber experts so that contiguous expert-parallel sharding gets a planned placement's locality.
 
 Expert-parallel engines shard experts contiguously (experts ``0 .. E/D-1`` on device 0, ...).  To give such an
-engine the groups of :func:`moepatch.c2r.placement.plan_placement`, the experts are renumbered: new expert ``n`` of a
-layer is old expert ``permutation[n]``.  Routing is equivariant under renaming when *every* per-expert tensor of the
-routing moves with the experts — the router rows, a per-expert linear bias of the logits, and the selection bias the
+engine the groups of :func:`moepatch.tools.c2r.placement.plan_placement`, the experts are renumbered: new expert ``n``
+of a layer is old expert ``permutation[n]``.  Routing is equivariant under renaming when *every* per-expert tensor of
+the routing moves with the experts — the router rows, a per-expert linear bias of the logits, and the selection bias the
 family's :class:`~model_patches.spec.RoutingRule` names (a buffer, or a parameter of another shape such as ``[1, E]``,
 on the router or on the sparse block: it is not a router *parameter*, so it is taken from the rule, never guessed
 from names), and every tensor of the expert modules the family declares (Ergo's per-expert ``post_expert_norm``
@@ -42,8 +42,8 @@ from model_patches.structure import MoEModel
 from model_patches.structure import attribute_path
 from model_patches.structure import describe
 from moepatch.c2r.config import C2RConfig
-from moepatch.c2r.placement import group_crossings
 from moepatch.config import CONFIG_KEY
+from moepatch.tools.c2r.placement import group_crossings
 
 PERMUTATION_FILE = "expert_permutation.json"
 
@@ -394,15 +394,15 @@ def _write_permuted(model: Any, source: Path, permutations: Mapping[int, Sequenc
 
 def group_c2r_config(moe: MoEModel, ep_size: int, layers: Sequence[int]) -> C2RConfig:
     """C2R within the placement's groups for ``layers`` (renumbered: contiguous groups of ``E / ep_size``), checked
-    against ``moe``'s routing: ``top_t = E / D - 1`` and :func:`moepatch.c2r.placement.contiguous_group_lists` on
+    against ``moe``'s routing: ``top_t = E / D - 1`` and :func:`moepatch.tools.c2r.placement.contiguous_group_lists` on
     those layers, vanilla (``null``) on the others.
 
     Raises:
         ValueError: the groups cannot hold a token's k experts, or the routing refuses the lists (a group limit that
             the lists would starve, an unknown rule), naming why.
     """
-    from moepatch.c2r.placement import contiguous_group_lists
     from moepatch.c2r.selection import plan_c2r
+    from moepatch.tools.c2r.placement import contiguous_group_lists
 
     size = moe.num_experts // ep_size
     if size < moe.top_k:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moepatch.c2r.profiling import CoactivationProfile
 from moepatch.routing.recorder import RoutingRecorder
+from moepatch.tools.c2r.profiling import CoactivationProfile
 
 
 def format_table(headers: list[str], rows: list[list[Any]], *, rule: bool = True) -> list[str]:
