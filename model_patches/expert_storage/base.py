@@ -69,6 +69,9 @@ class RoutedProjection:
     top_k: int | None = None
     """Experts each token is routed to, where the storage must find the routed rows itself (experts that run every
     expert on every token, the router's choice only scaling their inputs); ``None`` elsewhere."""
+    held: range | None = None
+    """Under expert parallelism (transformers' ``DistributedConfig(ep_size=N)``): the global ids of the routed experts
+    this process holds (``in_dims`` / ``out_dims`` still list every expert of the model); ``None``: all of them."""
 
 
 def shape_of(parameter: torch.Tensor) -> tuple[int, ...]:
@@ -102,8 +105,14 @@ class ExpertStorage:
             for projection, (in_dims, out_dims) in (dims or {}).items():
                 aliases = self.projection_aliases(layer.experts, projection)
                 found.append(RoutedProjection(f"{base}.{projection}", layer.experts, projection, in_dims, out_dims,
-                                              tuple(f"{base}.{alias}" for alias in aliases)))
+                                              tuple(f"{base}.{alias}" for alias in aliases),
+                                              held=self.held_experts(layer.experts)))
         return found
+
+    def held_experts(self, experts: nn.Module) -> range | None:
+        """The global ids of the routed experts ``experts`` holds when expert parallelism split them over processes,
+        ``None`` when it holds them all (or its ids cannot be told: :meth:`problem` then refuses it)."""
+        return None
 
     def projection_aliases(self, experts: nn.Module, projection: str) -> tuple[str, ...]:
         """The attribute names (relative to ``experts``) under which targets may name ``projection``: the class's

@@ -22,6 +22,12 @@ each expert's deltas between them — on the gate / up columns where the layout 
 exactly zero leave the output bit-identical.  A class whose own ``forward`` wraps the dispatch (Ergo repeats every
 token once per route and norms each route before the weighted sum) hands the implementation more rows than tokens;
 the adapter records the rows of the module's own call so that each route's row keeps its token's index.
+
+Under transformers' expert parallelism (``DistributedConfig(ep_size=N)``) the weights are ``DTensor`` shards of whole
+experts and ``num_experts`` is the per-process count: :meth:`FusedExperts.held_experts` reads which global ids this
+process holds (its ``ep`` mesh coordinate), each projection lists them (``RoutedProjection.held``) so features create
+deltas for those experts only, and the implementation, which the EP dispatch calls with local ids, zeroes the routes
+to other processes' experts (the sentinel id ``num_experts``) as transformers' own ``grouped_mm`` does.
 """
 
 from __future__ import annotations
@@ -135,8 +141,13 @@ class FusedExperts(ExpertStorage):
             return (f"{name}: its forward does not go through transformers' experts interface "
                     "(use_experts_implementation), where moepatch runs the deltas")
         if getattr(experts, "_is_expert_parallel", False):
-            return (f"{name}: expert parallelism is not supported (the module holds only this rank's experts and "
-                    "receives other ranks' routes as sentinel ids)")
+            if self.held_experts(experts) is None:
+                return (f"{name}: split by expert parallelism, but which experts this process holds cannot be read "
+                        "(its down_proj is no DTensor sharding the experts over an 'ep' mesh dimension)")
+            if wraps_dispatch(experts):
+                return (f"{name}: under expert parallelism its own forward, which repeats each token once per route "
+                        "around the experts dispatch, runs on rows received from other processes: the routed "
+                        "deltas cannot tell those rows' tokens apart (not supported)")
         problem = self.shape_problem(experts, layout)
         if problem is not None:
             return problem
@@ -146,6 +157,23 @@ class FusedExperts(ExpertStorage):
             return (f"experts implementation {implementation!r}: deltas on routed experts run with 'grouped_mm' "
                     "or 'eager' (set config._experts_implementation)")
         return None
+
+    def held_experts(self, experts: nn.Module) -> range | None:
+        """Under transformers' expert parallelism (``MoEParamShard`` set ``_is_expert_parallel`` and made
+        ``num_experts`` the per-process count): the contiguous range of global ids of this process's experts — its
+        coordinate on the ``ep`` mesh dimension of the sharded weights times that count, the ids
+        ``EPImplementation`` sends it (``expert_id // num_local_experts``)."""
+        if not getattr(experts, "_is_expert_parallel", False):
+            return None
+        rank = _expert_parallel_rank(getattr(experts, "down_proj", None))
+        local = getattr(experts, "num_experts", None)
+        if rank is None or not isinstance(local, int):
+            return None
+        mesh = experts.down_proj.device_mesh
+        size = mesh.size(mesh.mesh_dim_names.index("ep")) if "ep" in (mesh.mesh_dim_names or ()) else mesh.size()
+        if shape_of(experts.down_proj)[0] != local * size:
+            return None
+        return range(rank * local, (rank + 1) * local)
 
     @staticmethod
     def shape_problem(experts: nn.Module, layout: FusedLayout) -> str | None:
@@ -203,6 +231,18 @@ class FusedExperts(ExpertStorage):
         if not layout.gated:
             return "up_proj", 0, total
         return "gate_up_proj", (0 if projection == "gate_proj" else total // 2), total
+
+
+def _expert_parallel_rank(weight: object) -> int | None:
+    """This process's coordinate on the expert-parallel dimension of ``weight``'s device mesh (``"ep"``, or the only
+    dimension of a one-dimensional mesh), ``None`` for a tensor that is no DTensor."""
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None:
+        return None
+    names = mesh.mesh_dim_names or ()
+    if "ep" in names:
+        return mesh.get_local_rank("ep")
+    return mesh.get_local_rank() if mesh.ndim == 1 else None
 
 
 def _dispatching_forward_code() -> object:
@@ -307,6 +347,14 @@ def _grouped(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Te
     histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
     tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    sentinel = None
+    if getattr(self, "_is_expert_parallel", False):
+        # as transformers' grouped_mm under EP: routes to other processes' experts carry the id num_experts (and
+        # weight 0); sorted last and left out of the counts, they are rows no grouped product writes, so they are
+        # zeroed going in (their gradient too) and coming out of each stage, and clamped to index the deltas' stacks
+        sentinel = (expert_ids_g >= self.num_experts).unsqueeze(-1)
+        expert_ids_g = expert_ids_g.clamp(max=self.num_experts - 1)
+        rows = rows.masked_fill(sentinel, 0.0)
     groups = {"expert_ids": expert_ids_g, "ends": offsets, "tokens": tokens}  # tensors only: no host sync
 
     weight = getattr(self, layout.input_name)
@@ -315,13 +363,19 @@ def _grouped(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Te
     delta = input_delta(deltas, rows, groups, layout, projected.shape[-1])
     if delta is not None:
         projected = projected + delta.to(projected.dtype)
+    if sentinel is not None:
+        projected = projected.masked_fill(sentinel, 0.0)
     projected = _activate(self, layout, projected)
     if "down_proj" in deltas and deltas["down_proj"].placement == "input":
         projected = deltas["down_proj"].grouped(projected, **groups)
+        if sentinel is not None:
+            projected = projected.masked_fill(sentinel, 0.0)
     bias = self.down_proj_bias[expert_ids_g] if layout.biased else None
     out = _grouped_linear(projected, self.down_proj, offsets, bias=bias, is_transposed=layout.transposed)
     if "down_proj" in deltas and deltas["down_proj"].placement == "output":
         out = out + deltas["down_proj"].grouped(projected, **groups).to(out.dtype)
+    if sentinel is not None:
+        out = out.masked_fill(sentinel, 0.0)
     if layout.post_norm:
         out = self.post_expert_norm(out)
     weighted = out * sample_weights_g.unsqueeze(-1)

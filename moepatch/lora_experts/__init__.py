@@ -31,15 +31,27 @@ from moepatch.lora_experts.merge import merge_into_base
 
 def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIGHTS_NAME) -> Path:
     """Write only the LoRA-expert tensors to ``folder/filename`` (an adapter-only file to ship beside a base
-    checkpoint); ``model.save_pretrained`` of a patched model writes the same file by itself."""
+    checkpoint); ``model.save_pretrained`` of a patched model writes the same file by itself.  Under expert
+    parallelism every process calls it: the routed experts' sets of all processes are gathered and process 0
+    writes the file."""
+    from moepatch.lora_experts.inject import expert_sharded
+    from moepatch.lora_experts.inject import full_lora_state_dict
     from moepatch.lora_experts.inject import write_expert_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = lora_state_dict(model)
+    tensors = full_lora_state_dict(model)
     if not tensors:
         raise ValueError("save_lora_experts: the model carries no LoRA experts (apply a lora_experts config first)")
-    return write_expert_file(tensors, folder / filename)
+    if not expert_sharded(model):
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_expert_file(tensors, folder / filename)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_expert_file(tensors, folder / filename)
+    dist.barrier()  # every process returns once the file is there
+    return folder / filename
 
 
 __all__ = ["ExpertRouter", "LoraExperts", "LoraExpertsConfig", "VectorExperts", "WEIGHTS_NAME", "export_peft",

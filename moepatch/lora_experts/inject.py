@@ -17,6 +17,7 @@ which runs each routed expert's set on exactly that expert's rows.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -334,6 +335,15 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
         if config.method == "mov" and candidate.projection != "down_proj" and candidate.path not in entries:
             continue  # MoV scales the FFN intermediate only: input-side projections reached by a broad name are skipped
         problem = storage.problem(candidate)
+        if problem is None and candidate.held is None and getattr(candidate.module, "_is_expert_parallel", False):
+            problem = (f"{type(candidate.module).__name__} is split by expert parallelism, which moepatch's "
+                       f"'{storage.kind}' expert storage does not read (only fused experts are supported)")
+        if problem is None and candidate.held is not None and (config.balance_loss is not None
+                                                                or config.z_loss_coef):
+            problem = ("under expert parallelism a process's routed experts receive rows of every process's batch, "
+                       "whose padding it does not know, and a layer's balance term would need every process's "
+                       "routers: the balance loss and z-loss are not supported on routed experts there (set "
+                       "balance_loss to false and z_loss_coef to 0, or adapt only the other projections)")
         if problem is not None:
             problems.append(f"{where}.target_modules: {hits[0]!r} reaches {candidate.path}: {problem}")
             continue
@@ -430,11 +440,13 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
             undo.add_hook(handle)
             created.append(expert_set)
             continue
-        sets = [_expert_set(config, target, fan_in, fan_out, allocation)
-                for fan_in, fan_out, allocation in zip(target.in_dims, target.out_dims, target.allocation)]
+        held = target.routed.held  # under expert parallelism: this process's routed experts only
+        experts = range(len(target.in_dims)) if held is None else held
+        sets = [_expert_set(config, target, target.in_dims[e], target.out_dims[e], target.allocation[e])
+                for e in experts]
         created.extend(sets)
         entry = grouped.setdefault(id(target.module), (target.module, {}, []))
-        entry[1][target.projection] = RoutedExpertSets(sets, target.placement).to(device)
+        entry[1][target.projection] = RoutedExpertSets(sets, target.placement, held, len(target.in_dims)).to(device)
         entry[2].append(target.routed)
     storage = storage_of(moe)
     for module, per_projection, projections in grouped.values():
@@ -482,9 +494,57 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value for key, value in model.state_dict().items() if marker in key}
 
 
+def held_elsewhere(model: nn.Module) -> Callable[[str], bool]:
+    """Under expert parallelism: whether a LoRA-expert key of the whole model (a saved file's) names a set of a routed
+    expert another process holds — ``<projection>.sets.<e>.…`` with ``e`` outside this process's ``held`` range."""
+    sharded = {f"{name}.sets.": module for name, module in model.named_modules()
+               if isinstance(module, RoutedExpertSets) and module.held is not None}
+
+    def elsewhere(key: str) -> bool:
+        for prefix, module in sharded.items():
+            if key.startswith(prefix):
+                expert = key[len(prefix):].split(".", 1)[0]
+                return expert.isdigit() and int(expert) < module.total and int(expert) not in module.held
+        return False
+
+    return elsewhere
+
+
+def expert_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` carries routed-expert sets split over processes by expert parallelism."""
+    return any(isinstance(module, RoutedExpertSets) and module.held is not None for module in model.modules())
+
+
+def gather_expert_shards(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every process's LoRA-expert ``tensors`` (each its own routed experts' sets, the rest equal) in one dict, on
+    the CPU: a collective, every process of the default group calls it (as ``save_pretrained`` of a model loaded
+    with a ``DistributedConfig`` already requires)."""
+    import torch.distributed as dist
+
+    local = {key: value.detach().cpu() for key, value in tensors.items()}
+    shards: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, local)
+    merged: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        for key, value in (shard or {}).items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def full_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`lora_state_dict` of the whole model: under expert parallelism every process's routed-expert sets,
+    gathered (a collective then; see :func:`gather_expert_shards`), what a single-process model loads."""
+    tensors = lora_state_dict(model)
+    return gather_expert_shards(tensors) if expert_sharded(model) else tensors
+
+
 def load_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy saved LoRA-expert tensors in; every key and shape must match (named in the error otherwise)."""
+    """Copy saved LoRA-expert tensors in; every key and shape must match (named in the error otherwise).  Under
+    expert parallelism each process takes its own routed experts' sets from a whole model's tensors (the keys of
+    the sets other processes hold are expected, and skipped)."""
     own = lora_state_dict(model)
+    elsewhere = held_elsewhere(model)
+    weights = {key: value for key, value in weights.items() if key in own or not elsewhere(key)}
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     wrong = [key for key in own if key in weights and tuple(own[key].shape) != tuple(weights[key].shape)]
     if missing or unexpected or wrong:
@@ -526,6 +586,9 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
     experts split per expert), which would scramble the experts' keys; so ``save_pretrained`` (also the Trainer's,
     checkpoints included) skips them and writes ``lora_experts.safetensors`` beside the weights, with the config
     block pointing at it.  A ``state_dict`` passed to ``save_pretrained`` (DeepSpeed ZeRO-3 gathers one) is used.
+    Under expert parallelism the file holds every process's routed-expert sets (gathered: call ``save_pretrained``
+    on every process, as transformers requires for a model loaded with a ``DistributedConfig``), so it loads into a
+    single-process model, and into an EP model of any size (each process takes its own).
     """
     from moepatch.feature import CONFIG_KEY
     from moepatch.lora_experts.config import WEIGHTS_NAME
@@ -539,13 +602,21 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
         state_dict = kwargs.get("state_dict")
         source = state_dict if state_dict is not None else lora_state_dict(model)
         tensors = {key: value for key, value in source.items() if key in keys}
+        if expert_sharded(model):  # every process's routed experts' sets in the one file (collective)
+            tensors = gather_expert_shards(tensors)
         block = dict(getattr(model.config, CONFIG_KEY, None) or {})
         if "lora_experts" in block and tensors:
             block["lora_experts"] = {**block["lora_experts"], "weights": WEIGHTS_NAME}
             setattr(model.config, CONFIG_KEY, block)
         result = original(save_directory, *args, **kwargs)
-        if tensors and kwargs.get("is_main_process", True):
+        main = kwargs.get("is_main_process", True)
+        writes = getattr(model, "should_save_on_this_rank", None)  # transformers: rank 0 only when distributed
+        if tensors and (writes(main) if writes is not None else main):
             write_expert_file(tensors, Path(save_directory) / WEIGHTS_NAME)
+        if expert_sharded(model):  # every process returns once the file is there, as from transformers' own save
+            import torch.distributed as dist
+
+            dist.barrier()
         return result
 
     undo.set_attribute(model, "save_pretrained", save_pretrained)

@@ -70,6 +70,11 @@ def expert_set_sites(handle: PatchHandle) -> list[ExpertSetSite]:
             sites.append(ExpertSetSite(target, attached, None))
             continue
         routed = attached if one_per_module else attached[target.projection]
+        if routed.held is not None:
+            raise ValueError(f"lora_experts: {target.path} holds only the routed experts {routed.held.start}.."
+                             f"{routed.held.stop - 1} of this process (expert parallelism): save the LoRA experts "
+                             "(save_pretrained gathers every process's) and merge or export them on a single-process "
+                             "model")
         sites.extend(ExpertSetSite(target, expert_set, e) for e, expert_set in enumerate(routed.sets))
     return sites
 

@@ -21,9 +21,16 @@ pass over all tokens.  :class:`RoutedExpertSets` is the feature's side (the
 
 The stacked routers leave each set's router holding what the balance loss reads: ``last_logits`` /
 ``last_indices`` / ``last_tokens`` of all grouped rows and ``last_rows``, the mask of the rows that were its own.
+
+Under transformers' expert parallelism a process holds only some routed experts (``held``, contiguous global ids) and
+its experts' computation sees local ids ``0 .. len(held) - 1``: it gets only those experts' sets, registered under
+their global ids (:class:`HeldExpertSets`), so each parameter keeps the single-process model's name and the names of
+all processes together are exactly the single-process model's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -44,12 +51,45 @@ def _set_shape(expert_set: nn.Module) -> tuple:
     return (*common, tuple(expert_set.delta.shape))
 
 
-class RoutedExpertSets(nn.Module):
-    """One expert set per routed expert of a projection; runs them grouped by routed expert or one at a time."""
+class HeldExpertSets(nn.Module):
+    """The sets of the routed experts ``held`` (contiguous global ids) of one process under expert parallelism:
+    registered under their global ids (``sets.5.lora_A.0`` as in the single-process model), indexed and iterated
+    by local id as the experts' computation numbers them (``[0]`` is expert ``held.start``'s)."""
 
-    def __init__(self, sets: list[nn.Module], placement: str) -> None:
+    def __init__(self, sets: list[nn.Module], held: range) -> None:
         super().__init__()
-        self.sets = nn.ModuleList(sets)
+        if len(sets) != len(held) or held.step != 1:
+            raise ValueError(f"{len(sets)} sets for the routed experts {held}")
+        self.held = held
+        for expert, expert_set in zip(held, sets):
+            self.add_module(str(expert), expert_set)
+
+    def __getitem__(self, local: int) -> nn.Module:
+        return self._modules[str(self.held[local])]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+class RoutedExpertSets(nn.Module):
+    """One expert set per routed expert of a projection; runs them grouped by routed expert or one at a time.
+
+    ``held``/``total``: under expert parallelism, the global ids of the routed experts this process holds (``sets``
+    are theirs, in order) out of ``total``; ``None``: ``sets`` are every routed expert's."""
+
+    def __init__(self, sets: list[nn.Module], placement: str, held: range | None = None,
+                 total: int | None = None) -> None:
+        super().__init__()
+        if held is not None and held == range(len(sets)) and total in (None, len(sets)):
+            held = None  # one process holds them all: the plain layout
+        self.held = held
+        """The global ids of this process's routed experts under expert parallelism, ``None``: all."""
+        self.total = len(sets) if total is None else total
+        """Routed experts of the projection in the whole model (over every process)."""
+        self.sets = nn.ModuleList(sets) if held is None else HeldExpertSets(sets, held)
         self.placement = placement  # "output": a LoRA delta; "input": MoV scaling of the projection's input
         self._z3_leaf = True  # DeepSpeed ZeRO-3: gather every set's parameters when this module runs (stacked)
         shapes = {_set_shape(expert_set) for expert_set in sets}
@@ -153,4 +193,8 @@ class RoutedExpertSets(nn.Module):
         pieces = []
         for expert, (start, end) in enumerate(zip(bounds, bounds[1:])):
             pieces.append(self._one(rows[start:end], None if tokens is None else tokens[start:end], expert))
+        tail = rows[bounds[-1]:]  # under expert parallelism: routes to other processes' experts, sorted last
+        if tail.shape[0]:
+            pieces.append(tail if self.placement == "input" else tail.new_zeros(tail.shape[0],
+                                                                                self.sets[0].out_features))
         return torch.cat(pieces, dim=0)

@@ -4,10 +4,11 @@ against the single-process model with the same block.
 Usage: ``features_worker.py CHECKPOINT OUTPUT LAYOUT[,LAYOUT...] IMPLEMENTATION[,IMPLEMENTATION...]``
 
 LAYOUT ``shared`` (``tp_size = ep_size = N``, ``tp_plan={}``: every rank holds the same batch) or ``separate``
-(``tp_size=1, fsdp_size = ep_size = N``: each rank its own batch), as in ``ep_worker.py``. IMPLEMENTATION is an
-``ep_implementation`` (``"moepatch_dedup"``, ``"all_to_all"``). One EP model and one reference per layout and
-implementation; each feature is applied with :func:`moepatch.apply`, measured and removed again, so the launch pays
-the start-up once for every feature.
+(``tp_size=1, fsdp_size = ep_size = N``: each rank its own batch), as in ``ep_worker.py``, or ``replicated``
+(``tp_size=1, fsdp_size=N, ep_size=N/2``: each rank its own batch, two copies of every expert, ``efsdp_size`` 2;
+only ``routed_lora`` runs there). IMPLEMENTATION is an ``ep_implementation`` (``"moepatch_dedup"``,
+``"all_to_all"``). One EP model and one reference per layout and implementation; each feature is applied with
+:func:`moepatch.apply`, measured and removed again, so the launch pays the start-up once for every feature.
 
 Per feature the rank writes figures the test asserts on (``rank{r}.json``):
 
@@ -19,13 +20,22 @@ Per feature the rank writes figures the test asserts on (``rank{r}.json``):
 - ``balance_loss``: C2R (top_t 2) with ``output_router_logits``: the aux loss and the loss, both models;
 - ``lora``: MoLoRA experts on attention: fresh logits against the unpatched EP model (bit identical expected),
   then with the adapter weights made non-zero (copied from the reference, so both hold the same adapters) the max
-  abs difference of logits and of every adapter weight's gradient, and the smallest reference gradient norm.
+  abs difference of logits and of every adapter weight's gradient, and the smallest reference gradient norm;
+- ``routed_lora``: MoLoRA experts on the routed experts' gate / up / down projections: which routed experts' sets
+  this rank holds, fresh logits, then with the reference's non-zero weights the logits, loss, input-embedding
+  gradients and every set's gradient (the reference's summed over the batches of the rank's EP group, whose tokens
+  reach its experts) under the experts' ``grouped_mm`` and ``eager`` implementations; after
+  ``replicate_added_parameters`` the gradients (the mean over every batch); the ``lora_experts.safetensors`` that
+  ``save_pretrained`` (dedup cases; ``save_lora_experts`` otherwise) writes (every expert's sets, equal to the
+  reference's) loaded back into a fresh EP patch (this rank's shard) and into the single-process model, and after
+  ``save_pretrained`` the whole saved checkpoint through ``moepatch.from_pretrained``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import torch
@@ -37,7 +47,11 @@ import moepatch
 from moepatch.testing import tiny
 
 TEXTS = list(tiny.DEMO_TEXTS) + list(tiny.CORPUS[:4])
+LAYOUTS = {"shared": lambda world: (world, 1, world), "separate": lambda world: (1, world, world),
+           "replicated": lambda world: (1, world, world // 2)}
+"""Layout → (tp_size, fsdp_size = the number of batches, ep_size) on ``world`` ranks."""
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ROUTED = ["mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -178,6 +192,124 @@ def check_lora(model: torch.nn.Module, reference: torch.nn.Module, batch: dict) 
         ref_handle.remove()
 
 
+def _set_experts_implementation(model: torch.nn.Module, implementation: str) -> None:
+    """The base experts implementation the routed deltas run with (``eager`` loop or ``grouped_mm``)."""
+    from model_patches.expert_storage.fused import BASE_CONFIG
+
+    for module in model.modules():
+        if BASE_CONFIG in module.__dict__:
+            module.__dict__[BASE_CONFIG]._experts_implementation_internal = implementation
+
+
+def _grad(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """The gradient, zeros where autograd never reached the parameter."""
+    return torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+
+
+def _forward_backward(model: torch.nn.Module, reference: torch.nn.Module, batches: list[dict], own: int) -> dict:
+    """One training forward and backward of this rank's batch on ``model`` (from the reference's input embeddings,
+    which need gradients); its logits, loss and the embeddings' gradient."""
+    batch = batches[own]
+    with torch.no_grad():
+        embeds = reference.get_input_embeddings()(batch["input_ids"])
+    embeds.requires_grad_(True)
+    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()
+    return {"logits": out.logits.detach(), "loss": out.loss.detach(), "input_grad": embeds.grad}
+
+
+def check_routed_lora(model: torch.nn.Module, reference: torch.nn.Module, batches: list[dict], own: int,
+                      group_batches: list[int], save_dir: str, whole_checkpoint: bool) -> dict:
+    """MoLoRA on the routed experts under EP: each rank holds its experts' sets; with the reference's weights the
+    forward and backward equal the single-process model's, each set's gradient the sum over ``group_batches`` (the
+    batches of the rank's EP group, whose tokens reach its experts); the saved file holds every expert's sets
+    (``whole_checkpoint``: written by ``save_pretrained`` and reloaded whole, else by ``save_lora_experts``)."""
+    from safetensors.torch import load_file
+
+    from moepatch.expert_parallel.training import replicate_added_parameters
+    from moepatch.lora_experts import save_lora_experts
+    from moepatch.lora_experts.inject import load_lora_weights
+
+    block = {"lora_experts": {"method": "molora", "num_experts": 3, "r": 4, "target_modules": ROUTED}}
+    batch = batches[own]
+    plain = logits(model, batch)
+    handle, ref_handle = moepatch.apply(model, block), moepatch.apply(reference, block)
+    results: dict = {}
+    try:
+        ours, theirs = lora_weights(model), lora_weights(reference)
+        held = sorted({int(re.search(r"\.sets\.(\d+)\.", name).group(1)) for name in ours})
+        results.update(held=held, count=len(ours), total=len(theirs), names_known=set(ours) <= set(theirs),
+                       fresh=max_diff(logits(model, batch), plain))
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, parameter in theirs.items():  # B starts at zero: make every set matter, equal on all ranks
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+                if name in ours:
+                    ours[name].copy_(parameter)
+        adapted = logits(reference, batch)
+        results["adapted_logits"] = max_diff(logits(model, batch), adapted)
+
+        model.train()
+        reference.train()
+        expected = None
+        summed = {name: torch.zeros_like(p) for name, p in theirs.items()}  # over the EP group's batches
+        mean = {name: torch.zeros_like(p) for name, p in theirs.items()}  # over all batches
+        for index in range(len(batches)):
+            reference.zero_grad(set_to_none=True)
+            result = _forward_backward(reference, reference, batches, index)
+            expected = result if index == own else expected
+            for name, parameter in theirs.items():
+                summed[name] += parameter.grad if index in group_batches else 0
+                mean[name] += parameter.grad / len(batches)
+        for implementation in ("grouped_mm", "eager"):
+            _set_experts_implementation(model, implementation)
+            model.zero_grad(set_to_none=True)
+            got = _forward_backward(model, reference, batches, own)
+            results[implementation] = {
+                "logits": max_diff(got["logits"], expected["logits"]), "loss": max_diff(got["loss"], expected["loss"]),
+                "input_grad": max_diff(got["input_grad"], expected["input_grad"]),
+                "grads": max(max_diff(_grad(p), summed[n]) for n, p in ours.items()),
+                "no_grad": sum(p.grad is None for p in ours.values())}  # eager: experts no row reached
+        _set_experts_implementation(model, "grouped_mm")
+        results["nonzero_grads"] = sum(bool(summed[n].abs().max() > 0) for n in ours)  # experts some token reached
+        results["grad_norm"] = float(torch.stack([summed[n].norm() for n in ours]).norm())
+
+        model.zero_grad(set_to_none=True)
+        results["replicated_count"] = replicate_added_parameters(model)
+        _forward_backward(model, reference, batches, own)
+        results["replicated_grads"] = max(max_diff(p.grad, mean[n]) for n, p in ours.items())
+        model.eval()
+        reference.eval()
+
+        if whole_checkpoint:  # every rank: the LoRA experts of all ranks gathered, rank 0 writes them
+            model.save_pretrained(save_dir)
+        else:  # the adapter-only file, gathered the same way
+            save_lora_experts(model, save_dir)
+        saved = load_file(os.path.join(save_dir, "lora_experts.safetensors"))
+        results["saved_keys"] = sorted(saved) == sorted(theirs)
+        results["saved_values"] = max(max_diff(saved[n], p) for n, p in theirs.items())
+        handle.remove()
+        handle = moepatch.apply(model, block)  # fresh sets again; then the file's: this rank's shard
+        load_lora_weights(model, saved)
+        results["loaded_ep"] = max(max_diff(p, theirs[n]) for n, p in lora_weights(model).items())
+        results["loaded_ep_logits"] = max_diff(logits(model, batch), adapted)
+        ref_handle.remove()
+        ref_handle = moepatch.apply(reference, block)
+        load_lora_weights(reference, saved)  # the whole file into the single-process model
+        results["loaded_single_logits"] = max_diff(logits(reference, batch), adapted)
+        if whole_checkpoint:
+            reloaded = moepatch.from_pretrained(save_dir).eval()  # the saved checkpoint, its block naming the file
+            results["reloaded_logits"] = max_diff(logits(reloaded, batch), adapted)
+        return results
+    finally:
+        model.eval()
+        reference.eval()
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        handle.remove()
+        ref_handle.remove()
+
+
 def check_data_parallel_lora(model: torch.nn.Module, reference: torch.nn.Module, batches: list[dict],
                              own: int) -> dict:
     """The fine-tune script's adapter handling in the ``separate`` layout (each rank its own batch):
@@ -217,21 +349,28 @@ def check_data_parallel_lora(model: torch.nn.Module, reference: torch.nn.Module,
         ref_handle.remove()
 
 
-def run(checkpoint: str, layout: str, implementation: str, rank: int, world: int) -> dict:
-    """Every feature on one layout and implementation."""
-    tp_size = world if layout == "shared" else 1
-    num_batches = world // tp_size
-    config = DistributedConfig(tp_size=tp_size, fsdp_size=num_batches, ep_size=world, tp_plan={},
+def run(checkpoint: str, layout: str, implementation: str, rank: int, world: int, output_dir: str) -> dict:
+    """Every feature on one layout and implementation (``replicated``: the routed experts' LoRA only)."""
+    tp_size, num_batches, ep_size = LAYOUTS[layout](world)
+    config = DistributedConfig(tp_size=tp_size, fsdp_size=num_batches, ep_size=ep_size, tp_plan={},
                                ep_implementation=implementation)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, distributed_config=config).eval()
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     batches = [batch_of(index, num_batches) for index in range(num_batches)]
     own = rank // tp_size
     batch = batches[own]
+    # the batches whose tokens reach this rank's experts: those of the ranks of its EP group
+    ep_group = dist.get_process_group_ranks(model._mesh_manager.get_mesh("ep").get_group())
+    routed = {"routed_lora": check_routed_lora(model, reference, batches, own, sorted({r // tp_size for r in ep_group}),
+                                               os.path.join(output_dir, f"saved-{layout}-{implementation}"),
+                                               whole_checkpoint=implementation == "moepatch_dedup")}
+    if layout == "replicated":
+        return routed
     extra = {} if num_batches == 1 else {"data_parallel_lora": check_data_parallel_lora(model, reference, batches,
                                                                                          own)}
     return {
         **extra,
+        **routed,
         "plain_logits": max_diff(logits(model, batch), logits(reference, batch)),
         "stats": check_stats(model, reference, batches, own, tp_size),
         "c2r_top_t_1": check_c2r(model, reference, batch, 1),
@@ -244,7 +383,7 @@ def run(checkpoint: str, layout: str, implementation: str, rank: int, world: int
 
 def main(checkpoint: str, output_dir: str, layouts: list[str], implementations: list[str]) -> None:
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    result = {f"{layout}/{name}": run(checkpoint, layout, name, rank, world)
+    result = {f"{layout}/{name}": run(checkpoint, layout, name, rank, world, output_dir)
               for layout in layouts for name in implementations}
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)

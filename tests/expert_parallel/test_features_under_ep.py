@@ -4,11 +4,14 @@
 dispatch ``"moepatch_dedup"`` or ``"all_to_all"``, applies each feature with :func:`moepatch.apply` next to the
 single-process model with the same block, and writes the figures asserted here: frozen routers, routing statistics
 per rank and all-reduced, C2R logits (``top_t`` 1 and E-1), C2R's balance loss on the actual choice, MoLoRA experts
-on attention (fresh and trained a step). Two launches: 2 ranks in both layouts (``shared``: tp = ep = 2, one batch;
-``separate``: tp = 1, fsdp = ep = 2, a batch per rank) with both dispatches, and 4 ranks (``separate``, dedup).
+on attention (fresh and trained a step) and on the routed experts (sharded like the experts; forward, backward,
+gradient reduction, the saved file). Two launches: 2 ranks in both layouts (``shared``: tp = ep = 2, one batch;
+``separate``: tp = 1, fsdp = ep = 2, a batch per rank) with both dispatches, and 4 ranks (``separate``, dedup, and
+``replicated``: fsdp = 4, ep = 2, two copies of every expert, for the routed experts' LoRA only).
 
-Then ``scripts/finetune.py --ep_size 2`` under torchrun trains frozen routers + MoLoRA experts on attention to the
-end, and ``--ep_size`` values that cannot work are refused before anything loads.
+Then ``scripts/finetune.py --ep_size 2`` under torchrun trains frozen routers + MoLoRA experts on attention and on
+the routed experts' down projections to the end (the saved file gathers every rank's routed sets), and ``--ep_size``
+values that cannot work are refused before anything loads.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from moepatch.testing import tiny
 WORKER = Path(__file__).with_name("features_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 RUNS = {"2 ranks": (2, ("shared", "separate"), ("moepatch_dedup", "all_to_all")),
-        "4 ranks": (4, ("separate",), ("moepatch_dedup",))}
+        "4 ranks": (4, ("separate", "replicated"), ("moepatch_dedup",))}
 """Each run is one torchrun launch: processes, layouts, dispatches."""
 ROUTERS = {f"model.layers.{i}.mlp.gate.weight" for i in (0, 2, 3)}  # tiny Qwen2-MoE: layer 1 is dense
 
@@ -62,12 +65,14 @@ def runs(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return results
 
 
-def cases(runs: dict[str, list[dict]]):
-    """(where, figures of one rank, one layout and dispatch)."""
+def cases(runs: dict[str, list[dict]], feature: str = "freeze"):
+    """(where, figures of one rank, one layout and dispatch) of the cases that ran ``feature`` (the ``replicated``
+    layout runs only ``routed_lora``)."""
     for run, ranks in runs.items():
         for rank, result in enumerate(ranks):
             for case, figures in result.items():
-                yield f"{run}, rank {rank}, {case}", figures
+                if feature in figures:
+                    yield f"{run}, rank {rank}, {case}", figures
 
 
 @pytest.mark.slow
@@ -108,6 +113,43 @@ def test_lora_experts_on_attention_fresh_and_trained(runs: dict[str, list[dict]]
 
 
 @pytest.mark.slow
+def test_lora_experts_on_routed_experts_sharded_like_the_experts(runs: dict[str, list[dict]]) -> None:
+    """MoLoRA on the routed experts' gate / up / down: each rank creates only its experts' sets (under the
+    single-process names), the forward and backward equal the single-process model's under both dispatches and both
+    experts implementations, gradients reduce over the copies of each expert only, and the saved file holds every
+    expert's sets and loads into the EP model (each rank its shard) and into the single-process model."""
+    checked = 0
+    for run, ranks in runs.items():
+        held_by_case: dict[str, list[list[int]]] = {}
+        for rank, result in enumerate(ranks):
+            for case, figures in result.items():
+                where, lora = f"{run}, rank {rank}, {case}", figures["routed_lora"]
+                held_by_case.setdefault(case, []).append(lora["held"])
+                # 3 MoE layers x gate, up, down x 8 routed experts x (3 A + 3 B + router) in the whole model
+                assert lora["total"] == 504 and lora["names_known"], (where, lora)
+                assert lora["count"] == 504 // 8 * len(lora["held"]), (where, lora)
+                assert lora["fresh"] == 0.0, (where, lora)  # fresh sets (B = 0) change nothing, bit for bit
+                assert lora["adapted_logits"] <= 1e-5, (where, lora)
+                for implementation in ("grouped_mm", "eager"):
+                    figures = lora[implementation]
+                    assert figures["logits"] <= 1e-5 and figures["loss"] <= 1e-6, (where, implementation, figures)
+                    assert figures["input_grad"] <= 1e-6 and figures["grads"] <= 1e-6, (where, implementation, figures)
+                assert lora["nonzero_grads"] >= lora["count"] // 2 and lora["grad_norm"] > 1e-2, (where, lora)
+                assert lora["replicated_count"] == lora["count"], (where, lora)  # only the routed sets were added
+                assert lora["replicated_grads"] <= 1e-6, (where, lora)  # the mean over every batch, not over ranks
+                assert lora["saved_keys"] and lora["saved_values"] == 0.0, (where, lora)
+                assert lora["loaded_ep"] == 0.0 and lora["loaded_ep_logits"] <= 1e-5, (where, lora)
+                assert lora["loaded_single_logits"] == 0.0, (where, lora)
+                if case.endswith("moepatch_dedup"):  # saved by save_pretrained: the whole checkpoint reloads
+                    assert lora["reloaded_logits"] <= 1e-5, (where, lora)
+                checked += 1
+        for case, held in held_by_case.items():
+            copies = 2 if case.startswith("replicated") else 1
+            assert sorted(e for experts in held for e in experts) == sorted(list(range(8)) * copies), (run, case, held)
+    assert checked == 2 * 4 + 4 * 2  # 2 ranks x (2 layouts x 2 dispatches), 4 ranks x 2 layouts
+
+
+@pytest.mark.slow
 def test_finetune_keeps_added_adapters_data_parallel(runs: dict[str, list[dict]]) -> None:
     """Each rank its own batch: adapters start as rank 0's and their gradients are the ranks' average."""
     checked = 0
@@ -124,7 +166,8 @@ def test_finetune_keeps_added_adapters_data_parallel(runs: dict[str, list[dict]]
 def test_finetune_script_under_torchrun_with_expert_parallelism(checkpoint: Path, tmp_path: Path) -> None:
     block = tmp_path / "block.json"
     block.write_text(json.dumps({"freeze_gate": "router", "lora_experts": {
-        "method": "molora", "num_experts": 3, "r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}))
+        "method": "molora", "num_experts": 3, "r": 4,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.experts.down_proj"]}}))
     output = tmp_path / "run"
     command = torchrun_command(
         str(REPO / "scripts" / "finetune.py"), "--model_name_or_path", str(checkpoint), "--output_dir", str(output),
@@ -142,6 +185,9 @@ def test_finetune_script_under_torchrun_with_expert_parallelism(checkpoint: Path
     assert all(torch.equal(base[key], trained[key]) for key in base)  # every expert gathered back, base frozen
     experts = load_file(str(output / "lora_experts.safetensors"))
     assert any(value.abs().sum() > 0 for key, value in experts.items() if "lora_B" in key)  # the adapters trained
+    routed = {key: value for key, value in experts.items() if ".experts.lora_experts.down_proj.sets." in key}
+    assert {key.split(".sets.")[1].split(".")[0] for key in routed} == {str(e) for e in range(8)}  # 4 per rank
+    assert any(value.abs().sum() > 0 for key, value in routed.items() if "lora_B" in key)  # trained, gathered
     assert moepatch.get_handle(moepatch.from_pretrained(output)).lora_targets
 
 
@@ -169,11 +215,88 @@ def test_ep_arguments_are_checked_when_parsed() -> None:
     assert config is None
 
 
-def test_task_experts_under_ep_are_refused_before_loading(checkpoint: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from moepatch.mixing.finetune import main
+ROUTED_BLOCK = {"lora_experts": {"method": "molora", "num_experts": 3, "r": 4, "target_modules": [
+    "mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]}}
 
-    argv = ["--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "out"), "--use_cpu",
-            "--report_to", "none", "--synthetic_data", "--task_experts", "true", "--max_steps", "1", "--ep_size", "1"]
-    assert main(argv) == 2
-    assert "--ep_size" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+def _split_by_expert_parallelism(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                                 held: range = range(4, 8)) -> None:
+    """Mark every experts module as transformers' EP does and make this process hold ``held`` (planning and
+    installing only: the modules keep every expert, so nothing runs forward)."""
+    from model_patches.expert_storage.fused import FusedExperts
+
+    for layer in moepatch.describe(model).layers:
+        layer.experts._is_expert_parallel = True
+    monkeypatch.setattr(FusedExperts, "held_experts", lambda self, experts: held)
+
+
+def test_routed_lora_under_ep_creates_this_process_sets_and_loads_its_shard(monkeypatch: pytest.MonkeyPatch
+                                                                            ) -> None:
+    from moepatch.lora_experts import lora_state_dict
+    from moepatch.lora_experts import merge_into_base
+    from moepatch.lora_experts.inject import load_lora_weights
+
+    whole = tiny.tiny_model("qwen2_moe")
+    moepatch.apply(whole, ROUTED_BLOCK)
+    generator = torch.Generator().manual_seed(3)
+    saved = {key: torch.randn(value.shape, generator=generator) for key, value in lora_state_dict(whole).items()}
+
+    model = tiny.tiny_model("qwen2_moe")
+    _split_by_expert_parallelism(model, monkeypatch)
+    moepatch.apply(model, ROUTED_BLOCK)
+    own = lora_state_dict(model)
+    assert set(own) < set(saved) and len(own) == len(saved) // 2  # the single-process names of experts 4..7 only
+    assert {int(key.split(".sets.")[1].split(".")[0]) for key in own} == {4, 5, 6, 7}
+    sets = model.model.layers[0].mlp.experts.lora_experts["down_proj"]
+    assert len(sets.sets) == 4 and sets.held == range(4, 8) and sets.total == 8
+    assert sets.sets[0] is sets.sets.get_submodule("4")  # local id 0 is routed expert 4
+
+    load_lora_weights(model, saved)  # the whole model's file: this process takes its shard
+    assert all(torch.equal(value, saved[key]) for key, value in lora_state_dict(model).items())
+    with pytest.raises(ValueError, match="missing"):
+        load_lora_weights(model, {key: value for key, value in saved.items() if ".sets.5." not in key})
+    with pytest.raises(ValueError, match="unexpected"):
+        load_lora_weights(model, {**saved, "model.layers.0.mlp.experts.lora_experts.down_proj.sets.8.x": saved[
+            next(iter(own))]})
+    with pytest.raises(ValueError, match="merge or export them on a single-process model"):
+        merge_into_base(model)
+
+
+@pytest.mark.parametrize(("family", "block", "message"), [
+    ("qwen2_moe", {"lora_experts": {**ROUTED_BLOCK["lora_experts"], "method": "mola", "top_k": 2,
+                                    "balance_loss": True}}, "balance loss and z-loss are not supported"),
+    ("qwen2_moe", {"lora_experts": {**ROUTED_BLOCK["lora_experts"], "z_loss_coef": 1e-3}},
+     "balance loss and z-loss are not supported"),
+    ("llama_moe", {"lora_experts": {"method": "molora", "routed_experts": True, "target_modules": ["down_proj"]}},
+     "'parameter_list' expert storage does not read"),
+])
+def test_routed_lora_under_ep_refuses_what_cannot_run_by_name(family: str, block: dict, message: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny.tiny_model(family)
+    _split_by_expert_parallelism(model, monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        moepatch.apply(model, block)
+
+
+@pytest.mark.parametrize("ranks", [[4, 4], [2, 6]])  # stacked sets, and sets of different shapes (GuiLoMo)
+def test_routed_sets_keep_other_processes_routes_out_of_their_rows(ranks: list[int]) -> None:
+    """Rows routed to other processes' experts (sorted last, outside the row counts: the experts' computation zeroes
+    them before and after) keep their place in the result; every other row gets its own expert's delta."""
+    from moepatch.lora_experts.layers import LoraExperts
+    from moepatch.lora_experts.routed import RoutedExpertSets
+
+    torch.manual_seed(0)
+    sets = [LoraExperts(8, 6, [4, 4] if e == 0 else ranks, top_k=None) for e in range(2)]
+    for expert_set in sets:
+        for b in expert_set.lora_B:
+            torch.nn.init.normal_(b)
+    routed = RoutedExpertSets(sets, "output", held=range(2, 4), total=4)
+    assert routed.stackable == (ranks == [4, 4])
+    rows, expert_ids = torch.randn(7, 8), torch.tensor([0, 0, 0, 1, 1, 1, 1])  # the last two: sentinels, clamped
+    rows[5:] = 0.0
+    delta = routed(rows, expert_ids, torch.tensor([3, 5], dtype=torch.int32))
+    assert delta.shape == (7, 6)
+    assert torch.allclose(delta[:3], sets[0](rows[:3]), atol=1e-5)
+    assert torch.allclose(delta[3:5], sets[1](rows[3:5]), atol=1e-5)
+    if not routed.stackable:
+        assert not delta[5:].any()

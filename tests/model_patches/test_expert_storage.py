@@ -55,7 +55,7 @@ def test_an_implementation_switched_after_attaching_is_named(batch):
 @pytest.mark.parametrize(("attribute", "value", "message"), [
     ("is_transposed", True, r"down_proj \(8, 32, 16\) does not fit gate_up_proj"),  # flags the tensors contradict
     ("has_bias", True, "has no gate_up_proj_bias"),
-    ("_is_expert_parallel", True, "expert parallelism is not supported"),
+    ("_is_expert_parallel", True, "split by expert parallelism, but which experts this process holds cannot be"),
 ])
 def test_fused_layouts_it_cannot_run_are_refused_by_name(attribute, value, message):
     model = tiny.tiny_model("qwen3_moe")
