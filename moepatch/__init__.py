@@ -35,7 +35,7 @@ MOVED_MODULES = {
     **{f"moepatch.c2r.{name}": f"moepatch.tools.c2r.{name}"
        for name in ("profiling", "matrices", "placement", "traffic", "permutation", "pipeline")},
     **{f"moepatch.lora_experts.{name}": f"moepatch.tools.lora_experts.{name}"
-       for name in ("allocate", "guilomo", "importers", "export")},
+       for name in ("allocate", "guilomo", "importers", "export", "merge")},
 }
 """Import paths of earlier releases → where the module lives now.  ``import moepatch.sampling`` (and attribute
 access ``moepatch.sampling``) gives the very module object at its new path, imported on first use."""

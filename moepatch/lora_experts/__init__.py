@@ -8,25 +8,19 @@ and adds the balance loss in training.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
-from moepatch.lora_experts.export import export_peft
-from moepatch.lora_experts.importers import guilomo_allocation
-from moepatch.lora_experts.importers import guilomo_block
-from moepatch.lora_experts.importers import import_guilomo
-from moepatch.lora_experts.importers import import_mola
-from moepatch.lora_experts.importers import mola_block
-from moepatch.lora_experts.importers import read_adapter_weights
-from moepatch.lora_experts.importers import write_guilomo_allocation
 from moepatch.lora_experts.inject import lora_state_dict
 from moepatch.lora_experts.layers import ExpertRouter
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
-from moepatch.lora_experts.merge import merge_into_base
 
 
 def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIGHTS_NAME) -> Path:
@@ -54,6 +48,24 @@ def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIG
     return folder / filename
 
 
-__all__ = ["ExpertRouter", "LoraExperts", "LoraExpertsConfig", "VectorExperts", "WEIGHTS_NAME", "export_peft",
-           "guilomo_allocation", "guilomo_block", "import_guilomo", "import_mola", "lora_state_dict", "merge_into_base",
-           "mola_block", "read_adapter_weights", "save_lora_experts", "write_guilomo_allocation"]
+MOVED_TO_TOOLS = {
+    "export_peft": "moepatch.tools.lora_experts.export",
+    "merge_into_base": "moepatch.tools.lora_experts.merge",
+    **{name: "moepatch.tools.lora_experts.importers"
+       for name in ("guilomo_allocation", "guilomo_block", "import_guilomo", "import_mola", "mola_block",
+                    "read_adapter_weights", "write_guilomo_allocation")},
+}
+"""Offline tools earlier releases exported here; they live in :mod:`moepatch.tools.lora_experts` (above the patch-time
+code, see ``docs/architecture.md``).  The old names still resolve, with a ``DeprecationWarning``."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in MOVED_TO_TOOLS:
+        warnings.warn(f"moepatch.lora_experts.{name} moved to moepatch.tools.lora_experts.{name}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(MOVED_TO_TOOLS[name]), name)
+    raise AttributeError(f"module 'moepatch.lora_experts' has no attribute {name!r}")
+
+
+__all__ = ["ExpertRouter", "LoraExperts", "LoraExpertsConfig", "VectorExperts", "WEIGHTS_NAME", "lora_state_dict",
+           "save_lora_experts"]

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import moepatch
-from moepatch.lora_experts import export_peft
-from moepatch.lora_experts import guilomo_allocation
-from moepatch.lora_experts import import_guilomo
-from moepatch.lora_experts import import_mola
-from moepatch.lora_experts import merge_into_base
-from moepatch.lora_experts import write_guilomo_allocation
 from moepatch.testing import tiny
+from moepatch.tools.lora_experts import export_peft
+from moepatch.tools.lora_experts import guilomo_allocation
+from moepatch.tools.lora_experts import import_guilomo
+from moepatch.tools.lora_experts import import_mola
+from moepatch.tools.lora_experts import merge_into_base
+from moepatch.tools.lora_experts import write_guilomo_allocation
 from tests.helpers import logits_of
 from tests.helpers import model_state
 

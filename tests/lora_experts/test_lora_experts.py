@@ -248,8 +248,8 @@ def test_save_and_load_round_trip(tmp_path, family):
 def test_saved_files_and_merge_refusal(tmp_path):
     from safetensors.torch import load_file
 
-    from moepatch.lora_experts import merge_into_base
     from moepatch.lora_experts import save_lora_experts
+    from moepatch.tools.lora_experts import merge_into_base
 
     model = tiny.tiny_model("mixtral", moepatch={"lora_experts": METHODS["molora"]})
     moepatch.apply(model)

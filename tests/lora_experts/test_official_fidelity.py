@@ -145,7 +145,7 @@ def test_mov_gate_activation_merges_like_down_input():
     batch = tiny.demo_batch()
     with torch.no_grad():
         patched = model(**batch).logits
-    moepatch.lora_experts.merge_into_base(model)
+    moepatch.tools.lora_experts.merge_into_base(model)
     assert not any(isinstance(m, VectorExperts) for m in model.modules())
     assert not model.model.layers[1].mlp.act_fn._forward_hooks
     with torch.no_grad():

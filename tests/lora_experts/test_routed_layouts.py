@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from helpers import model_state
 
 import moepatch
-from moepatch.lora_experts.merge import merge_into_base
 from moepatch.lora_experts.routed import RoutedExpertSets
 from moepatch.testing import tiny_kinds
+from moepatch.tools.lora_experts.merge import merge_into_base
 
 TYPES = ("gpt_oss", "aria_text", "llama4_text", "ergo", "nemotron_h")
 GATED = {"gpt_oss", "aria_text", "llama4_text"}

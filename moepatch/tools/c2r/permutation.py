@@ -228,7 +228,7 @@ def check_permutable(model: MoEModel, *, structure_only: bool = False) -> None:
     if isinstance(block, dict) and block.get("lora_experts") not in (None, False):
         raise ValueError(f"{CONFIG_KEY}.lora_experts: the checkpoint carries LoRA experts, which a permuted copy would "
                          "not renumber (their weights are per routed expert); merge them into the base "
-                         "(moepatch.lora_experts.merge_into_base) or permute the checkpoint without them")
+                         "(moepatch.tools.lora_experts.merge_into_base) or permute the checkpoint without them")
     if model.hashed_layers:
         router = type(model.layer(model.hashed_layers[0]).router).__name__
         raise ValueError(f"expert permutation: layers {list(model.hashed_layers)} route by a fixed hash of the token "

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from model_patches.expert_storage import storage_of
-from moepatch.lora_experts.merge import FEATURE
-from moepatch.lora_experts.merge import ExpertSetSite
-from moepatch.lora_experts.merge import expert_set_sites
-from moepatch.lora_experts.merge import lora_handle
+from moepatch.tools.lora_experts.merge import FEATURE
+from moepatch.tools.lora_experts.merge import ExpertSetSite
+from moepatch.tools.lora_experts.merge import expert_set_sites
+from moepatch.tools.lora_experts.merge import lora_handle
 
 PEFT_PREFIX = "base_model.model."
 """Where peft's saved keys start (the adapter's name, ``default``, is left out of saved keys)."""
