@@ -26,6 +26,8 @@ from typing import Any
 from typing import ClassVar
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from model_patches.structure import MoEModel
     from moepatch.undo import UndoLog
     from moepatch.validation import Problems
@@ -111,6 +113,20 @@ class Feature:
         """How messages name this feature's block entry (``moepatch.c2r``)."""
         return f"{CONFIG_KEY}.{self.name}"
 
+    # -- checkpoint state: what the feature added to the model and keeps in its own files beside the weights --------
+    def state_keys(self, model: nn.Module) -> set[str]:
+        """Keys of ``model.state_dict()`` the feature added (kept in its own files, not in the model's weights)."""
+        return set()
+
+    def save_state(self, model: nn.Module, folder: Path) -> list[Path]:
+        """Write the feature's checkpoint files into ``folder``; the files written (none by default)."""
+        return []
+
+    def load_state(self, model: nn.Module, folder: Path) -> list[Path]:
+        """Restore what :meth:`save_state` wrote into ``folder``; the files read.  ``ValueError`` naming the file when
+        the model carries the feature's state and ``folder`` lacks it."""
+        return []
+
 
 _FEATURES: dict[str, Feature] = {}
 
@@ -139,3 +155,18 @@ def registered_features() -> tuple[Feature, ...]:
 def feature_named(name: str) -> Feature | None:
     """The feature registered under ``name``, or ``None``."""
     return _FEATURES.get(name)
+
+
+def feature_state_keys(model: nn.Module) -> set[str]:
+    """Every ``state_dict`` key some feature added to ``model`` (the rest are the model's own weights)."""
+    return set().union(*(feature.state_keys(model) for feature in registered_features()))
+
+
+def save_feature_states(model: nn.Module, folder: str | Path) -> list[Path]:
+    """Every feature's checkpoint files for ``model``, written into ``folder`` (a trainer never names them)."""
+    return [path for feature in registered_features() for path in feature.save_state(model, Path(folder))]
+
+
+def load_feature_states(model: nn.Module, folder: str | Path) -> list[Path]:
+    """Restore every feature's state of ``model`` from a checkpoint ``folder``; the files read."""
+    return [path for feature in registered_features() for path in feature.load_state(model, Path(folder))]

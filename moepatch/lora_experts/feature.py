@@ -15,12 +15,15 @@ from model_patches.structure import MoEModel
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
+from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.inject import GROUPS
 from moepatch.lora_experts.inject import LoraTarget
 from moepatch.lora_experts.inject import base_parameter_count
 from moepatch.lora_experts.inject import expert_parameter_count
 from moepatch.lora_experts.inject import install_lora_experts
+from moepatch.lora_experts.inject import load_lora_weights
+from moepatch.lora_experts.inject import lora_state_dict
 from moepatch.lora_experts.inject import plan_lora_experts
 from moepatch.lora_experts.inject import read_saved_lora_weights
 from moepatch.validation import Problems
@@ -105,6 +108,28 @@ class LoraExpertLayers(Feature):
     def describe(self, planned: Planned) -> str:
         plan: LoraExpertsPlan = planned.detail
         return "\n".join(describe_targets(planned.config, plan.targets, plan.model_parameters))
+
+    def state_keys(self, model: torch.nn.Module) -> set[str]:
+        return set(lora_state_dict(model))
+
+    def save_state(self, model: torch.nn.Module, folder: Path) -> list[Path]:
+        """``lora_experts.safetensors`` (every process's routed-expert sets gathered under expert parallelism)."""
+        if not self.state_keys(model):
+            return []
+        from moepatch.lora_experts import save_lora_experts
+
+        return [save_lora_experts(model, folder)]
+
+    def load_state(self, model: torch.nn.Module, folder: Path) -> list[Path]:
+        if not self.state_keys(model):
+            return []
+        from safetensors.torch import load_file
+
+        file = folder / WEIGHTS_NAME
+        if not file.is_file():
+            raise ValueError(f"{file} missing: the model carries LoRA experts, and their weights are kept there")
+        load_lora_weights(model, load_file(str(file)))
+        return [file]
 
 
 LORA_EXPERTS = LoraExpertLayers()

@@ -224,32 +224,29 @@ class ResumingTrainer(Trainer):
 
     transformers 5.24's Trainer restores a checkpoint with a raw ``load_state_dict``, but MoE checkpoints are saved
     in the per-expert layout (``experts.{e}.gate_proj.weight``) that only ``from_pretrained`` fuses back into
-    ``experts.gate_up_proj``: without a reload the experts silently keep their pre-resume weights.  LoRA experts live
-    in ``lora_experts.safetensors`` beside the weights (``moepatch.lora_experts``) and are restored from there.
+    ``experts.gate_up_proj``: without a reload the experts silently keep their pre-resume weights.  What a feature
+    added (LoRA experts' weights, for one) lives in its own files beside the weights, and each feature restores its
+    own through the :class:`~moepatch.feature.Feature` interface (:func:`~moepatch.feature.load_feature_states`).
     """
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from moepatch.feature import feature_state_keys
+        from moepatch.feature import load_feature_states
         from moepatch.loading.pretrained import from_pretrained
-        from moepatch.lora_experts import WEIGHTS_NAME
-        from moepatch.lora_experts.inject import load_lora_weights
-        from moepatch.lora_experts.inject import lora_state_dict
 
         target = model if model is not None else self.model
         reloaded = from_pretrained(resume_from_checkpoint, patch=False)
-        expert_keys = set(lora_state_dict(target))
+        added = feature_state_keys(target)
         missing, unexpected = target.load_state_dict(reloaded.state_dict(), strict=False)
-        missing = [key for key in missing if key not in expert_keys]
+        missing = [key for key in missing if key not in added]
         if missing or unexpected:
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} does not match the model "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        if expert_keys:
-            from safetensors.torch import load_file
-
-            file = Path(resume_from_checkpoint) / WEIGHTS_NAME
-            if not file.is_file():
-                raise ValueError(f"resume_from_checkpoint: {file} missing; the model carries LoRA experts")
-            load_lora_weights(target, load_file(str(file)))
+        try:
+            load_feature_states(target, resume_from_checkpoint)
+        except ValueError as error:
+            raise ValueError(f"resume_from_checkpoint: {error}") from None
 
 
 class MixtureTrainer(ResumingTrainer):
