@@ -8,10 +8,13 @@ status 1, each with one or two lines that name the argument or file and say what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
 
 from model_patches.errors import UnsupportedModelError
 
@@ -44,6 +47,24 @@ def debug_requested(argv: list[str] | None = None) -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+@contextlib.contextmanager
+def short_warnings(prog: str) -> Iterator[None]:
+    """Print a :class:`MoePatchWarning` as ``PROG: warning: message`` — one line, like the command's errors —
+    instead of Python's ``file:line: MoePatchWarning: ...`` and the source line; other warnings are untouched."""
+    original = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):  # warnings.formatwarning's signature
+        if issubclass(category, MoePatchWarning):
+            return f"{prog}: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
     """Run a command's ``body`` and turn every failure into an exit status and a short message on stderr.
 
@@ -57,7 +78,8 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
         a model moepatch cannot patch), 1 for any other failure, 130 on Ctrl-C.
     """
     try:
-        return body()
+        with short_warnings(prog):
+            return body()
     except SystemExit:  # argparse has already printed its usage message
         raise
     except KeyboardInterrupt:
@@ -84,4 +106,4 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
 
 
 __all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "MoePatchWarning", "UnsupportedModelError",
-           "UsageError", "debug_requested", "run_guarded"]
+           "UsageError", "debug_requested", "run_guarded", "short_warnings"]

@@ -55,7 +55,7 @@ def load_patched(pretrained: str, moepatch_config: str | None = None) -> torch.n
         raise ValueError(f"moepatch model_args: pretrained={pretrained!r} is not a checkpoint folder")
     config = load_config(pretrained)
     if moepatch_config:
-        write_config(config, _moepatch_block(moepatch_config))
+        write_config(config, _moepatch_block(moepatch_config, MOEPATCH_CONFIG_ARG))
     try:
         return moepatch.from_pretrained(pretrained, config=config)
     except Exception as error:  # safetensors' own error for a truncated or corrupt file names no file
@@ -193,6 +193,8 @@ def _output_path(argv: list[str]) -> Path | None:
 
 
 MOEPATCH_MODEL_ARGS = ("pretrained", "moepatch_config", "task_experts", "top_k", "routing_stats")
+MOEPATCH_CONFIG_ARG = "--model_args moepatch_config"
+"""How a message names the ``moepatch_config=`` file of ``--model_args``."""
 
 
 def unknown_model_args(names: Any) -> str | None:
@@ -234,6 +236,10 @@ def run_lm_eval(argv: list[str]) -> int:
         value = model_args.get(key)
         if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
             raise UsageError("--model_args", f"{key}={value}: no such {kind}")
+    if model_args.get("moepatch_config"):  # its block is checked before lm-eval runs, named as given
+        from moepatch.mixing.finetune import _moepatch_block
+
+        _moepatch_block(model_args["moepatch_config"], MOEPATCH_CONFIG_ARG)
     pretrained, output = model_args.get("pretrained"), _output_path(argv)
     if pretrained and output is not None:
         from moepatch.validation import is_inside

@@ -15,6 +15,7 @@ import sys
 from moepatch.cli.allocate import add_allocate_arguments
 from moepatch.cli.allocate import cmd_allocate
 from moepatch.cli.arguments import CommandParser
+from moepatch.cli.arguments import DistinctValues
 from moepatch.cli.arguments import check_repeated_options
 from moepatch.cli.arguments import checkpoint_config
 from moepatch.cli.arguments import checkpoint_folder
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="C2R profiling: co-activation matrices and the official config fields")
     profile.add_argument("model_path", type=checkpoint_folder,
                          help="checkpoint folder (its config.json receives top_t and collaborative_list)")
-    profile.add_argument("--data", nargs="+", type=existing_file,
+    profile.add_argument("--data", nargs="+", type=existing_file, action=DistinctValues,
                          help="plain-text (one document per line) or .jsonl files; default: the embedded demo corpus")
     profile.add_argument("--text-field", type=non_empty_text,
                          help="jsonl / json field holding the text (default 'text'; not for .txt data)")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--max-length", type=positive_int, default=512, help="tokens per document (truncation)")
     profile.add_argument("--output", type=output_folder,
                          help="folder for matrices and plots (default MODEL_PATH/c2r_profile)")
-    profile.add_argument("--plot-layers", type=int, nargs="+", default=[0, -1],
+    profile.add_argument("--plot-layers", type=int, nargs="+", default=[0, -1], action=DistinctValues,
                          help="positions among the MoE layers to draw (default first and last)")
     profile.add_argument("--no-write-config", dest="write_config", action="store_false",
                          help="do not write top_t / collaborative_list into config.json")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --write-permuted: route the copy with C2R within the planned groups (top_t = "
                             "E/ep_size - 1, each expert's device-mates first), so every token's experts sit on one "
                             "device; moepatch's switch, not the paper's profiled list")
-    place.add_argument("--data", nargs="+", type=existing_file,
+    place.add_argument("--data", nargs="+", type=existing_file, action=DistinctValues,
                        help="corpus for profiling a checkpoint (default: embedded)")
     place.add_argument("--text-field", type=non_empty_text, help="jsonl field holding the text (default 'text')")
     place.add_argument("--max-tokens", type=positive_int)
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     place.set_defaults(func=cmd_place)
     install = sub.add_parser("install", help="make a checkpoint load already patched via trust_remote_code")
     install.add_argument("path", type=checkpoint_folder, help="checkpoint folder")
+    install.add_argument("--replace-auto-map", action="store_true",
+                         help="replace config.json's auto_map entries of the folder's own code (refused otherwise; "
+                              "uninstall puts them back)")
     install.set_defaults(func=cmd_install)
     uninstall = sub.add_parser("uninstall", help="undo `moepatch install` (restores config.json byte for byte)")
     uninstall.add_argument("path", type=checkpoint_config, help="checkpoint folder")

@@ -1,14 +1,17 @@
 """``moepatch allocate CHECKPOINT``: GuiLoMo stage 1, per-module expert counts and per-expert ranks written as
-``expert.json`` / ``rank.json`` (:mod:`moepatch.lora_experts.allocate` does the work).  The LoRA experts block is
+``expert.json`` / ``rank.json`` (:mod:`moepatch.tools.lora_experts.allocate` does the work).  The LoRA experts block is
 planned on the checkpoint's weightless skeleton first, so a wrong target or rank fails before anything is loaded."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import NoReturn
 
+from moepatch.cli.arguments import DistinctValues
 from moepatch.cli.arguments import checkpoint_folder
 from moepatch.cli.arguments import existing_file
 from moepatch.cli.arguments import fraction
@@ -25,20 +28,24 @@ from moepatch.errors import CommandError
 from moepatch.errors import UsageError
 
 if TYPE_CHECKING:
-    from moepatch.lora_experts.guilomo import SearchRecipe
+    from moepatch.tools.lora_experts.guilomo import SearchRecipe
+
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""``--target-modules`` when not given: attention and dense / shared-expert MLP projections (LLaMA names)."""
 
 
 def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's arguments; the optimisation defaults are GuiLoMo's official stage 1 (see
-    :class:`moepatch.lora_experts.guilomo.SearchRecipe`), each overridable."""
+    :class:`moepatch.tools.lora_experts.guilomo.SearchRecipe`), each overridable."""
     parser.add_argument("model_path", type=checkpoint_folder, help="checkpoint folder")
-    parser.add_argument("--data", nargs="+", type=existing_file,
+    parser.add_argument("--data", nargs="+", type=existing_file, action=DistinctValues,
                         help="jsonl instruction files (default: the embedded four tasks)")
     parser.add_argument("--max-experts", type=positive_int, default=8)
     parser.add_argument("--max-rank", type=positive_int, default=8)
     parser.add_argument("--top-k", type=positive_int, default=2)
-    parser.add_argument("--target-modules", nargs="+", type=non_empty_text,
-                        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    parser.add_argument("--target-modules", nargs="+", type=non_empty_text, action=DistinctValues,
+                        help=f"projection names to adapt (default: {' '.join(DEFAULT_TARGETS)})")
     parser.add_argument("--routed-experts", action="store_true",
                         help="let the target names reach the routed experts too (one allocation per routed expert); "
                              "by default they adapt attention, dense and shared projections only")
@@ -73,7 +80,7 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def search_recipe(args: argparse.Namespace) -> SearchRecipe:
     """The optimisation recipe the arguments ask for."""
-    from moepatch.lora_experts.guilomo import SearchRecipe
+    from moepatch.tools.lora_experts.guilomo import SearchRecipe
 
     return SearchRecipe(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                         schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, arch_lr=args.arch_lr,
@@ -81,17 +88,37 @@ def search_recipe(args: argparse.Namespace) -> SearchRecipe:
                         bilevel=args.bilevel)
 
 
+def _refuse_default_targets(error: UsageError, planned: Callable[[list[str]], object]) -> NoReturn:
+    """The default ``--target-modules`` do not fit this model (a name reaching only its routed experts, or naming
+    nothing): say so — the user did not pass the flag — and which of the defaults would do."""
+    fitting = []
+    for name in DEFAULT_TARGETS:
+        try:
+            planned([name])
+            fitting.append(name)
+        except UsageError:
+            pass
+    unfit = " ".join(name for name in DEFAULT_TARGETS if name not in fitting)
+    reason = next((line.strip().removeprefix("moepatch.lora_experts.target_modules: ")
+                   for line in str(error).splitlines()[1:] if line.strip()), str(error).partition(": ")[2])
+    advice = (f"pass --target-modules {' '.join(fitting)}" if fitting else
+              "pass --target-modules with this model's projection names")
+    raise UsageError("--target-modules", f"not given, and its defaults ({' '.join(DEFAULT_TARGETS)}) include "
+                                         f"{unfit or 'names'} that do not fit this model ({reason}): {advice}, or "
+                                         "add --routed-experts to adapt the routed experts too") from None
+
+
 def cmd_allocate(args: argparse.Namespace) -> int:
     """GuiLoMo stage 1 on a checkpoint: learn expert counts and ranks, write expert.json / rank.json."""
-    from moepatch.lora_experts.allocate import DEFAULT_EMBEDDED_EXAMPLES
-    from moepatch.lora_experts.allocate import conversations_of
-    from moepatch.lora_experts.allocate import embedded_records
-    from moepatch.lora_experts.allocate import encode_examples
-    from moepatch.lora_experts.allocate import file_records
-    from moepatch.lora_experts.allocate import search_checkpoint
-    from moepatch.lora_experts.allocate import with_answers
-    from moepatch.lora_experts.guilomo import search_config
-    from moepatch.lora_experts.guilomo import write_allocation
+    from moepatch.tools.lora_experts.allocate import DEFAULT_EMBEDDED_EXAMPLES
+    from moepatch.tools.lora_experts.allocate import conversations_of
+    from moepatch.tools.lora_experts.allocate import embedded_records
+    from moepatch.tools.lora_experts.allocate import encode_examples
+    from moepatch.tools.lora_experts.allocate import file_records
+    from moepatch.tools.lora_experts.allocate import search_checkpoint
+    from moepatch.tools.lora_experts.allocate import with_answers
+    from moepatch.tools.lora_experts.guilomo import search_config
+    from moepatch.tools.lora_experts.guilomo import write_allocation
     from moepatch.validation import check_output_folder
 
     checkpoint = Path(args.model_path)
@@ -99,9 +126,18 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--top-k", f"{args.top_k} is more than --max-experts {args.max_experts}")
     if args.data and args.examples is not None:
         raise UsageError("--examples", "only applies to the embedded data; with --data every record is used")
-    block = search_config(args.target_modules, args.max_experts, args.max_rank, args.top_k, args.lora_dropout,
-                          args.routed_experts, args.stage_one_balance)
-    narrowest = check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
+
+    def planned(targets: list[str]) -> tuple[dict, int]:
+        block = search_config(targets, args.max_experts, args.max_rank, args.top_k, args.lora_dropout,
+                              args.routed_experts, args.stage_one_balance)
+        return block, check_block_on_skeleton(checkpoint, {"lora_experts": block}, "--target-modules")
+
+    try:
+        block, narrowest = planned(list(args.target_modules or DEFAULT_TARGETS))
+    except UsageError as error:
+        if args.target_modules is not None:
+            raise
+        _refuse_default_targets(error, planned)
     if args.max_rank > narrowest:
         raise UsageError("--max-rank", f"{args.max_rank} exceeds the narrowest adapted projection ({narrowest} "
                                        "features): a LoRA rank cannot usefully exceed min(in, out)")
@@ -150,5 +186,5 @@ def cmd_allocate(args: argparse.Namespace) -> int:
           f'{{"lora_experts": {{"method": "mola", "num_experts": "{as_config_names_it(Path(expert_file))}", '
           f'"r": "{as_config_names_it(Path(rank_file))}", "top_k": 2, "scaling": "last_expert_rank", '
           '"balance_loss": {"coef": 0.001, "reduction": "sum"}, ...}} '
-          "(moepatch.lora_experts.guilomo.stage_two_config)")
+          "(moepatch.tools.lora_experts.guilomo.stage_two_config)")
     return 0

@@ -141,15 +141,37 @@ def place_source(text: str) -> Path:
 
 
 
+class DistinctValues(argparse.Action):
+    """A list option (``nargs="+"``) whose values must differ: a value given twice (``--target-modules q_proj
+    q_proj``, the same ``--data`` file twice) is a slip that would count it twice or be silently merged, so it is
+    refused, naming the option.  Paths are compared resolved."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        seen: dict[object, object] = {}
+        for value in values if isinstance(values, list) else [values]:
+            key = value.resolve() if isinstance(value, Path) else value
+            if key in seen:
+                shown = str(value) if value == seen[key] else f"{seen[key]} and {value}"
+                raise argparse.ArgumentError(self, f"{shown} given twice; list each value once")
+            seen[key] = value
+        setattr(namespace, self.dest, values)
+
+
+REPEATABLE_OPTIONS = frozenset({"--group"})
+"""Options meant to be given several times (``action="append"``: ``fit-router --group a=x,y --group b=z``)."""
+
+
 def repeated_option(argv: list[str]) -> str | None:
-    """The first option given twice (argparse silently keeps the last value, so a typo'd re-run is refused)."""
+    """The first option given twice (argparse silently keeps the last value, so a typo'd re-run is refused); the
+    :data:`REPEATABLE_OPTIONS` are collected by argparse and checked by their command."""
     seen: set[str] = set()
     for token in argv:
         if token == "--":
             break
         if token.startswith("--"):
             name = token.partition("=")[0]
-            if name in seen:
+            if name in seen and name not in REPEATABLE_OPTIONS:
                 return name
             seen.add(name)
     return None

@@ -67,8 +67,9 @@ def structure(path: Path, trust_remote_code: bool = False) -> MoEModel:
 
 
 def checked_block(checkpoint: Path, trust_remote_code: bool = False) -> tuple[Any, MoEModel]:
-    """The checkpoint's structure, with its own moepatch block and C2R fields planned on the skeleton: a broken
-    block is reported naming config.json before any weight is loaded.  Returns ``(config, moe)``."""
+    """The checkpoint's structure, with its own moepatch block and C2R fields planned on the skeleton, and its
+    weights checked from their headers (:func:`weights_problem`): a broken block or truncated / foreign weights are
+    reported naming config.json or the file before any weight is loaded.  Returns ``(config, moe)``."""
     from model_patches.structure import describe
     from moepatch.config import MoePatchConfig
     from moepatch.patch import plan_patch
@@ -83,23 +84,36 @@ def checked_block(checkpoint: Path, trust_remote_code: bool = False) -> tuple[An
         plan_patch(moe, settings)
     except ValueError as error:
         raise CommandError(f"{checkpoint / 'config.json'}: {error}") from None
+    _check_weights(checkpoint, model)
     return config, moe
 
 
+def _check_weights(checkpoint: Path, model: torch.nn.Module) -> None:
+    """:func:`weights_problem` as a :class:`CommandError` (exit 1, naming the file): found from the headers, before
+    transformers' load would print its report of missing and unexpected keys."""
+    problem = weights_problem(Path(checkpoint), model)
+    if problem is not None:
+        raise CommandError(problem)
+
+
 def check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: str) -> int:
-    """Plan a moepatch block on the weightless skeleton: a bad block fails before any weight is loaded.
+    """Plan a moepatch block on the weightless skeleton: a bad block (or truncated / foreign weights) fails before
+    any weight is loaded.
 
     Returns the narrowest ``min(in, out)`` width of the projections the block's LoRA experts adapt (0 without
     any), the most rank a LoRA expert can use there.
     """
+    from model_patches.structure import describe
     from moepatch.config import MoePatchConfig
     from moepatch.patch import plan_patch
 
-    moe = structure(checkpoint)
+    model = skeleton(checkpoint, False)[1]
+    moe = describe(model, verify=False)
     try:
         plan = plan_patch(moe, MoePatchConfig.from_dict(block))
     except ValueError as error:
         raise UsageError(argument, str(error)) from None
+    _check_weights(checkpoint, model)
     lora = plan["lora_experts"]
     widths = [min(min(t.in_dims), min(t.out_dims)) for t in (lora.targets if lora is not None else ())
               if getattr(t, "in_dims", None) and getattr(t, "out_dims", None)]
@@ -125,6 +139,8 @@ def weights_problem(folder: Path, model: torch.nn.Module) -> str | None:
         if not isinstance(weight_map, dict) or not weight_map:
             return f"{index}: no weight_map"
         files = sorted({folder / str(name) for name in weight_map.values()})
+    elif (folder / "model.safetensors").is_file():  # what transformers loads; lora_experts.safetensors & co. beside it
+        files = [folder / "model.safetensors"]     # are not the model's weights
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:

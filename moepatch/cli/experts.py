@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moepatch.cli.arguments import DistinctValues
 from moepatch.cli.arguments import existing_file
 from moepatch.cli.arguments import fraction
 from moepatch.cli.arguments import non_empty_text
@@ -82,6 +83,7 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
     fit.add_argument("--positive-margin", type=fraction, default=FIT_DEFAULTS["positive_margin"],
                      help="contrastive: experts within this relative answer loss of the best one are positives")
     fit.add_argument("--features", nargs="+", choices=("hidden", "load"), default=["hidden", "load"],
+                     action=DistinctValues,
                      help="base-model signature: mean-pooled final hidden state and/or per-layer expert loads")
     fit.add_argument("--encoder", help="a local embedding model instead of the base model: a sentence-transformers "
                                        "folder, or a transformers encoder folder (bge / bge-m3) embedded as "
@@ -115,6 +117,8 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
     merge.add_argument("--max-lora-rank", type=positive_int,
                        help="refuse merges of a larger rank (vLLM's max_lora_rank)")
     merge.add_argument("--name", type=non_empty_text, help="the merged adapter's name (default: tasks joined by +)")
+    merge.add_argument("--replace", action="store_true",
+                       help="with --name: replace a merged adapter of that name (refused otherwise)")
     serve = sub.add_parser("serve-check", help="mixed-adapter batches: equal to one request at a time, and their "
                                                "throughput vs one adapter at a time")
     serve.add_argument("output", help="the task-experts output folder (with a fitted router)")
@@ -136,8 +140,13 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
 
 
 def check_experts_arguments(args: argparse.Namespace) -> None:
+    if args.experts_command == "fit-router":
+        _check_groups(args.group)
     if args.experts_command != "merge":
         return
+    if args.replace and args.name is None:
+        raise UsageError("--replace", "only with --name (a merge without one is named by its tasks, weights and "
+                                      "method: merging it again writes the same adapter)")
     if args.from_routes is not None:
         for flag, value in (("--tasks", args.tasks), ("--name", args.name), ("--rank", args.rank)):
             if value is not None:
@@ -146,6 +155,22 @@ def check_experts_arguments(args: argparse.Namespace) -> None:
             raise UsageError("--method", "--from-routes merges with cat (exact); merge one combination with svd")
     elif not args.tasks:
         raise UsageError("--tasks", "required (two tasks or more), or --from-routes")
+
+
+def _check_groups(groups: list[tuple[str, list[str]]]) -> None:
+    """``--group``: one flag per group, each task in one group once (a later group would silently take it)."""
+    group_of: dict[str, str] = {}
+    names: set[str] = set()
+    for name, members in groups:
+        if name in names:
+            raise UsageError("--group", f"group {name!r} given twice; list all its tasks in one --group "
+                                        f"{name}=task,task,...")
+        names.add(name)
+        for task in members:
+            if task in group_of:
+                where = "twice in group" if group_of[task] == name else f"in groups {group_of[task]!r} and"
+                raise UsageError("--group", f"task {task!r} is {where} {name!r}; a task belongs to one group, once")
+            group_of[task] = name
 
 
 def _manifest(output: str, *, router: bool = True) -> Any:
@@ -187,7 +212,7 @@ def _is_routes_file(path: Path) -> bool:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    from moepatch.report import format_table
+    from moepatch.tools.report import format_table
 
     tasks = sorted(report["confusion"])
     if report["exclude"] == "none":
@@ -290,6 +315,16 @@ def cmd_route(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.input} (--input): task(s) {unknown} are not among the router's {router.tasks}")
     if args.exclude != "none" and len(known) != len(requests):
         raise UsageError("--exclude", "needs every request's own 'task' in --input")
+    if args.exclude != "none":  # the fewest tasks the exclusion leaves any request: --top-k must fit in them
+        left = {task: len(router.tasks) - len(router.excluded(task, args.exclude)) for task in {r.task for r in known}}
+        task = min(left, key=lambda name: (left[name], name), default=None)
+        if task is not None and left[task] == 0:
+            raise UsageError("--exclude", f"{args.exclude} leaves no task for requests of {task!r} (its group holds "
+                                          "every task of the router)")
+        if task is not None and args.top_k > left[task]:
+            raise UsageError("--top-k", f"{args.top_k} is more than the {left[task]} task(s) --exclude {args.exclude} "
+                                        f"leaves for requests of {task!r} (of the router's {len(router.tasks)}); give "
+                                        f"--top-k {left[task]} or less")
     routes_path = Path(args.routes) if args.routes else manifest.folder / "routes.jsonl"
     from moepatch.staged_output import refuse_output_in_inputs
     from moepatch.staged_output import staged_file
@@ -347,6 +382,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         except ValueError as error:
             flag, _, message = str(error).partition(": ")
             raise UsageError(flag if flag.startswith("--") else "--tasks", message) from None
+    if args.name is not None and not args.replace:
+        from moepatch.task_experts.merging import read_merges
+
+        existing = manifest.folder / MERGED_FOLDER / args.name
+        if existing.exists() or any(entry.get("name") == args.name
+                                    for entry in read_merges(manifest.folder / MERGED_FOLDER)):
+            raise UsageError("--name", f"a merged adapter {args.name!r} already exists ({existing}); choose another "
+                                       "name, or pass --replace to replace it")
     tasks = list(dict.fromkeys(task for request in requests for task in request.tasks))
     from moepatch.task_experts.manifest import base_model
 
@@ -373,10 +416,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_serve_check(args: argparse.Namespace) -> int:
     import torch
 
-    from moepatch.report import format_table
     from moepatch.task_experts.requests import read_requests
     from moepatch.task_experts.serving import TaskExpertModel
     from moepatch.task_experts.serving import throughput
+    from moepatch.tools.report import format_table
 
     manifest = _manifest(args.output)
     if not (manifest.folder / ROUTER_FOLDER / "router.json").is_file():

@@ -20,7 +20,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         raise CommandError(problem)
     from moepatch.loading.install import install
 
-    loader = install(args.path)
+    loader = install(args.path, replace_auto_map=args.replace_auto_map)
     print(f"installed: {loader} and auto_map entries in {Path(args.path) / 'config.json'}")
     print("AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True) now returns the patched model; "
           "`moepatch uninstall PATH` restores the folder")

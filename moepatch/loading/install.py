@@ -71,12 +71,22 @@ def _check_writable(folder: Path, names: tuple[str, ...]) -> None:
             raise ValueError(f"{folder / name} is not writable")
 
 
-def install(path: str | Path) -> Path:
+def install(path: str | Path, *, replace_auto_map: bool = False) -> Path:
     """Write the loader and the ``auto_map`` entries into ``path`` (idempotent); return the loader file.
 
     ``uninstall`` restores config.json as it was before the first ``install``: edit config.json after uninstalling.
     Everything is checked (the folder, its weights, its moepatch config, an ``auto_map`` that can take the entries,
     a readable backup, write permission) before anything is written.
+
+    Args:
+        path (`str` or `Path`): the checkpoint folder.
+        replace_auto_map (`bool`, *optional*, defaults to `False`): replace ``auto_map`` entries of the folder's
+            own code (``AutoConfig`` / ``AutoModelForCausalLM`` pointing at its ``.py`` files, as published
+            LLaMA-MoE folders have); refused otherwise.  ``uninstall`` puts them back.
+
+    Raises:
+        ValueError: naming config.json and the entries, for an ``auto_map`` of other code without
+            ``replace_auto_map``; and for every other check above.
     """
     from moepatch.validation import has_weights
 
@@ -93,6 +103,14 @@ def install(path: str | Path) -> Path:
     if original_auto_map is not None and not isinstance(original_auto_map, dict):
         raise ValueError(f"{config_file}: auto_map must be an object {{\"AutoModelForCausalLM\": ...}}, got "
                          f"{type(original_auto_map).__name__}")
+    current_auto_map = current.get("auto_map") if isinstance(current.get("auto_map"), dict) else {}
+    foreign = {key: value for key, value in current_auto_map.items()
+               if key in LOADER_AUTO_MAP and value != LOADER_AUTO_MAP[key]}
+    if foreign and not replace_auto_map:
+        shown = ", ".join(f"auto_map.{key} = {value!r}" for key, value in foreign.items())
+        raise ValueError(f"{config_file}: {shown}: the folder's own code, which install would replace with "
+                         "moepatch's loader (uninstall puts it back); pass --replace-auto-map (replace_auto_map=True) "
+                         "to do so")
     _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
     from moepatch.staged_output import staged_file
     from moepatch.staged_output import write_text_atomically

@@ -328,7 +328,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
     types = (ModelArguments, DataArguments, DynamicSamplingArguments, TrainingArguments, TaskExpertArguments)
     known = {f.name for kind in types for f in dataclasses.fields(kind) if f.init}
     parser = _make_parser(types)
-    _refuse_repeated_flags(argv, parser)  # the user's own command line; a recipe's value may be overridden once
+    given = _refuse_repeated_flags(argv, parser)  # the user's own command line; a recipe's value may be overridden
     argv = _expand_recipe(argv, known)
     namespace, unknown = parser.parse_known_args(argv)  # argparse's own checks, nothing built yet
     if unknown:
@@ -347,13 +347,24 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
     _check_training_arguments(parsed[3])
     if parsed[4].task_experts:  # one expert per source: no mixture to re-weight
         parsed[1].dynamic_sampling = False
+    elif not parsed[1].dynamic_sampling:  # a recipe's dynamic-mixing values are defaults; the user's own flags are not
+        flag = next((flag for dest, flag in given.items() if dest in _DYNAMIC_ONLY), None)
+        if flag is not None:
+            raise UsageError(flag, "only applies with dynamic mixing, and this run has --dynamic_sampling false: it "
+                                   "would be ignored; drop it or turn dynamic mixing on")
     return tuple(parsed[:5])  # type: ignore[return-value]
 
 
-def _refuse_repeated_flags(argv: Sequence[str], parser: Any) -> None:
+_DYNAMIC_ONLY = ("update_every", "eta", "c", "distance", "criterion", "probe_layers", "probe_batch_size", "plot")
+"""Options of :class:`~moepatch.mixing.callback.DynamicSamplingArguments` that only the probe rounds read
+(``sampling_seed`` also seeds a static mixture's draws and the probe subsets)."""
+
+
+def _refuse_repeated_flags(argv: Sequence[str], parser: Any) -> dict[str, str]:
     """A flag given twice on the command line (``--max_steps 5 ... --max_steps 1``): argparse silently keeps the
     last, which is rarely what was meant.  Spellings of one argument count as the same flag (``--max-steps``,
-    ``--no_plot`` / ``--plot``, an abbreviation argparse accepts)."""
+    ``--no_plot`` / ``--plot``, an abbreviation argparse accepts).  Returns ``{dest: flag as given}`` of the flags on
+    the command line, in order."""
     options = parser._option_string_actions  # option string -> action (argparse's own table)
     seen: dict[str, str] = {}
     for token in argv:
@@ -373,6 +384,7 @@ def _refuse_repeated_flags(argv: Sequence[str], parser: Any) -> None:
             raise UsageError(flag, f"given twice{'' if same else f' (as {earlier} and {flag})'}; give it once "
                                    "(argparse would silently keep the last value)")
         seen[action.dest] = flag
+    return seen
 
 
 def _check_training_arguments(training_args: Any) -> None:
@@ -400,6 +412,8 @@ def _check_training_arguments(training_args: Any) -> None:
          "a number in [0, 1]"),
         ("--dataloader_num_workers", training_args.dataloader_num_workers, lambda v: _is_int(v) and v >= 0,
          "an integer >= 0"),
+        ("--max_steps", training_args.max_steps, lambda v: _is_int(v) and (v >= 1 or v == -1),
+         "an integer >= 1, or -1 (the default: train --num_train_epochs)"),  # the Trainer runs epochs for 0
     ]
     if str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) == "steps":
         checks.append(("--save_steps", training_args.save_steps, lambda v: finite(v) and v > 0,
@@ -575,7 +589,7 @@ def _mixture_run(data_args: DataArguments) -> bool:
 def source_names(data_args: DataArguments) -> list[str]:
     """The sources a run trains on, in order (the synthetic tasks for ``--synthetic_data``); checks their paths."""
     if data_args.synthetic_data and not (data_args.data_dir or data_args.train_files):
-        from moepatch.testing.synthetic import TASKS
+        from moepatch.data.synthetic import TASKS
 
         return sorted(TASKS)
     return list(source_paths(data_args))
@@ -621,8 +635,13 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
                                              "checkpoints and data beside its own sources; choose a folder outside")
     names = source_names(data_args)
     _check_synthetic_target(data_args, output, training_args.seed)
-    if expert_args is not None and expert_args.task_experts and model_args.ep_size is not None:
-        raise UsageError("--ep_size", "task experts (--task_experts) are not supported under expert parallelism yet")
+    if expert_args is not None and expert_args.task_experts and expert_args.expert_routed_experts \
+            and model_args.ep_size is not None:
+        raise UsageError("--expert_routed_experts", "peft's LoRA on the fused routed experts (target_parameters) "
+                                                    "does not run under expert parallelism (--ep_size): it adds a "
+                                                    "LoRA delta of every expert to each rank's shard of the experts (a "
+                                                    "DTensor), which torch refuses (mixed Tensor and DTensor); under "
+                                                    "--ep_size adapt the linear projections only")
     if expert_args is not None:
         _check_task_expert_inputs(expert_args, data_args, names, training_args.resume_from_checkpoint, sampling_args)
         block = getattr(config, "moepatch", None)
@@ -636,14 +655,12 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     if dynamic and len(names) < 2:
         raise UsageError("--dynamic_sampling", f"dynamic mixing re-weights several sources; found one ({names[0]!r}). "
                                                "Give more sources, or pass --dynamic_sampling false to train on it")
+    notes = []  # warned once every check has passed: a refused run prints its error alone
     if dynamic and len(names) == 2:
-        warnings.warn(
+        notes.append(
             f"dynamic mixing with two sources ({names[0]!r}, {names[1]!r}): the weights cannot move apart — both "
             "sources are at the same distance from each other, so every update only smooths the weights towards "
-            "uniform (c).  Use three or more sources, or --dynamic_sampling false with --initial_weights.",
-            MoePatchWarning,
-            stacklevel=2,
-        )
+            "uniform (c).  Use three or more sources, or --dynamic_sampling false with --initial_weights.")
     if mixture and training_args.max_steps <= 0:
         reason = "dynamic mixing" if dynamic else "a weighted mixture (--initial_weights)"
         raise UsageError("--max_steps", f"{reason} draws an endless stream; give the number of optimizer steps "
@@ -652,12 +669,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
         raise UsageError("--num_train_epochs", f"expected > 0 (or --max_steps > 0), got "
                                                f"{training_args.num_train_epochs}")
     if dynamic and training_args.max_steps < sampling_args.update_every:
-        warnings.warn(
-            f"--update_every {sampling_args.update_every} > --max_steps {training_args.max_steps}: no probe round "
-            "will run, so the sources keep their initial weights",
-            MoePatchWarning,
-            stacklevel=2,
-        )
+        notes.append(f"--update_every {sampling_args.update_every} > --max_steps {training_args.max_steps}: no probe "
+                     "round will run, so the sources keep their initial weights")
     if data_args.initial_weights:
         read_initial_weights(data_args.initial_weights, names, positive=dynamic)
     if not 0 <= training_args.seed < 2**32:
@@ -674,6 +687,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
         raise UsageError("--output_dir", f"{output} already holds a dynamic-mixing run ({ROUNDS_FILE}); this run's "
                                          "rounds would be appended to it. Choose a new folder, remove it, or pass "
                                          "--resume_from_checkpoint")
+    for note in notes:
+        warnings.warn(note, MoePatchWarning, stacklevel=2)
     return names
 
 
@@ -688,7 +703,7 @@ def _check_synthetic_target(data_args: DataArguments, output: Path, seed: int) -
         return
     import tempfile
 
-    from moepatch.testing.synthetic import write_synthetic_sources
+    from moepatch.data.synthetic import write_synthetic_sources
 
     with tempfile.TemporaryDirectory(prefix="moepatch_synthetic_check_") as scratch:
         write_synthetic_sources(scratch, seed=seed)
@@ -753,6 +768,10 @@ def _check_task_expert_inputs(expert_args: Any, data_args: DataArguments, names:
     if resume:
         raise UsageError("--resume_from_checkpoint", "not supported with --task_experts (each task's run is short: "
                                                      "train the missing tasks with --tasks)")
+    targets = list(expert_args.expert_target_modules or ())
+    repeated = sorted({name for name in targets if targets.count(name) > 1})
+    if repeated:
+        raise UsageError("--expert_target_modules", f"{repeated} given twice; list each name once")
     try:
         expert_args.check(names)
     except ValueError as error:
@@ -769,22 +788,22 @@ def _check_checkpoint_folder(path_text: str) -> Path:
     return check_checkpoint_folder(path_text, "--model_name_or_path")
 
 
-def _moepatch_block(path: str) -> Any:
-    """``--moepatch_config``: the block, validated (a whole config.json-like file or just the block)."""
+def _moepatch_block(path: str, flag: str = "--moepatch_config") -> Any:
+    """``--moepatch_config``: the block, validated (a whole config.json-like file or just the block); errors name
+    ``flag`` (``moepatch eval`` passes ``--model_args moepatch_config``) and the file."""
     from moepatch.config import CONFIG_KEY
     from moepatch.config import MoePatchConfig
 
     expected = "a moepatch block (see configs/moepatch/)"
-    block = _read_json(path, "--moepatch_config", expected)
+    block = _read_json(path, flag, expected)
     if isinstance(block, dict):
         block = block.get(CONFIG_KEY, block)
     if not isinstance(block, dict):
-        raise UsageError("--moepatch_config", f"{path}: expected a JSON object holding {expected}, got "
-                                              f"{type(block).__name__}")
+        raise UsageError(flag, f"{path}: expected a JSON object holding {expected}, got {type(block).__name__}")
     try:
         return MoePatchConfig.from_dict(block)
     except ValueError as error:
-        raise UsageError("--moepatch_config", f"{path}: {error}") from error
+        raise UsageError(flag, f"{path}: {error}") from error
 
 
 def prepare_config(model_args: ModelArguments) -> Any:
@@ -837,7 +856,8 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
     Raises:
         UnsupportedModelError: naming ``--model_name_or_path`` (exit status 2).
         UsageError: the block of ``--moepatch_config`` or ``--freeze_gate`` does not fit; a bad ``--probe_layers``.
-        CommandError: the checkpoint's own config.json (its moepatch block, official C2R fields) does not fit.
+        CommandError: the checkpoint's own config.json (its moepatch block, official C2R fields) does not fit; its
+            weights are truncated or another model's (from the safetensors headers).
     """
     from model_patches.structure import describe
     from model_patches.structure import resolve_layer_indices
@@ -896,6 +916,11 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
             resolve_layer_indices(moe, probe_layers, "probe_layers")
         except ValueError as error:
             raise UsageError("--probe_layers", str(error)) from None
+    from moepatch.cli.common import weights_problem
+
+    problem = weights_problem(folder, skeleton)  # the headers alone: truncated or foreign weights, before the load
+    if problem is not None:
+        raise CommandError(problem)
     return moe
 
 
@@ -941,13 +966,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
 
     from model_patches.structure import describe
     from model_patches.structure import resolve_layer_indices
+    from moepatch.data.instruction import load_source
     from moepatch.loading.pretrained import load_for_command
     from moepatch.mixing.callback import ROUNDS_FILE
     from moepatch.mixing.callback import DynamicSamplingCallback
     from moepatch.mixing.callback import MixtureTrainer
     from moepatch.mixing.callback import ResumingTrainer
     from moepatch.mixing.callback import sampling_horizon
-    from moepatch.mixing.instruction_data import load_source
     from moepatch.mixing.sampler import DynamicMixtureSampler
     from moepatch.mixing.sampler import MixtureDataset
     from moepatch.routing.bias_update import bias_update_callbacks
@@ -967,7 +992,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     with tempfile.TemporaryDirectory(prefix="moepatch_synthetic_") as scratch:
         synthetic = bool(data_args.synthetic_data and not (data_args.data_dir or data_args.train_files))
         if synthetic:  # every process generates the same sources (seeded); <output_dir>/data is written later
-            from moepatch.testing.synthetic import write_synthetic_sources
+            from moepatch.data.synthetic import write_synthetic_sources
 
             write_synthetic_sources(scratch, seed=training_args.seed)
             data_args = dataclasses.replace(data_args, data_dir=scratch, synthetic_data=False)
@@ -1100,6 +1125,7 @@ def _train_task_experts(model: Any, tokenizer: Any, sources: list[Any], collator
         write_text_atomically(output_dir / "moepatch_finetune_summary.json", json.dumps(summary, indent=1))
         manifest.complete = True  # recorded last: every expert, the tokenizer and the summary are on disk
         manifest.write()
+    _barrier()  # under torchrun every rank returns once rank 0 has written the whole run folder
     return summary
 
 
@@ -1151,11 +1177,11 @@ def _finetune(argv: Sequence[str] | None) -> int:
     if training_args.process_index == 0:
         header, rows = rounds_table(summary["rounds"])
         if rows:
-            from moepatch.report import format_table
+            from moepatch.tools.report import format_table
 
             print("\n".join(format_table(header, rows, rule=False)))
         if summary.get("task_experts"):
-            from moepatch.report import format_table
+            from moepatch.tools.report import format_table
 
             rows = [[e["task"], str(e["examples"]), f"{e['train_loss']:.4f}", e["path"]]
                     for e in summary["task_experts"]]

@@ -174,11 +174,19 @@ def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     import moepatch
+    from moepatch.cli.common import weights_problem
+    from moepatch.errors import CommandError
+    from moepatch.loading.pretrained import load_config
+    from moepatch.loading.skeleton import weightless_model
 
     if not Path(manifest.base).is_dir():
         raise ValueError(f"output: the experts' base {manifest.base} (manifest.json 'base') is not a folder here")
-    model = moepatch.from_pretrained(manifest.base)
-    manifest.check_base(model.config, manifest.base)
+    config = load_config(manifest.base)
+    manifest.check_base(config, manifest.base)  # from config.json and the weights' headers, before the load
+    problem = weights_problem(Path(manifest.base), weightless_model(config))
+    if problem is not None:  # truncated or foreign weights would load as random values
+        raise CommandError(f"the experts' base (manifest.json 'base'): {problem}")
+    model = moepatch.from_pretrained(manifest.base, config=config)
     tokenizer = AutoTokenizer.from_pretrained(str(manifest.folder))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

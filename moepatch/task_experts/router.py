@@ -119,13 +119,25 @@ POOLINGS = ("cls", "mean")
 
 def encoder_folder_problem(folder: str | Path) -> str | None:
     """Why ``folder`` cannot be an ``--encoder`` (``None`` when it can): it must hold a sentence-transformers model
-    (``modules.json``) or a transformers encoder (``config.json``, e.g. a bge / bge-m3 download)."""
+    (``modules.json``) or a transformers encoder (``config.json``, e.g. a bge / bge-m3 download) — not a causal LM,
+    whose [CLS] (first-token) or mean-pooled hidden states are no sentence embedding."""
     path = Path(folder)
     if not path.is_dir():
         return f"{folder} is not a folder holding a sentence-transformers or transformers encoder"
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         return (f"{folder} holds neither a sentence-transformers model (modules.json) nor a transformers encoder "
                 "(config.json)")
+    if not (path / "modules.json").is_file():  # a sentence-transformers folder brings its own (e.g. last-token) pooling
+        try:
+            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            architectures = []  # a broken config.json is reported when the encoder loads
+        causal = [name for name in architectures if isinstance(name, str)
+                  and name.endswith(("ForCausalLM", "LMHeadModel"))]
+        if causal:
+            return (f"{folder} holds a causal language model ({causal[0]}), not an embedding encoder: its "
+                    "[CLS] / mean-pooled hidden states are no sentence embedding; give a sentence-transformers "
+                    "folder or a bge-style encoder")
     return None
 
 
@@ -152,6 +164,10 @@ class SentenceTransformerEncoder:
         problem = encoder_folder_problem(folder)
         if problem is not None:
             raise ValueError(f"--encoder: {problem}")
+        from moepatch.validation import safetensors_shapes
+
+        for weights in sorted(Path(folder).rglob("*.safetensors")):  # a truncated file is named, not a SafetensorError
+            safetensors_shapes(weights)
         if pooling not in POOLINGS:
             raise ValueError(f"--encoder-pooling: expected one of {POOLINGS}, got {pooling!r}")
         self.folder, self.batch_size = str(folder), batch_size

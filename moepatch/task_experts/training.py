@@ -6,6 +6,11 @@ task wraps it in a fresh peft LoRA, trains on that task's examples with the HF T
 starts from the same base.  LoRA reaches attention, dense and shared projections by name (MELD's "all linear":
 q, k, v, o, gate, up, down) — never a router — and, with ``routed_experts``, the fused routed experts through peft's
 ``target_parameters`` (one LoRA per routed expert).
+
+Under ``torchrun`` (data parallelism, or transformers' expert parallelism with ``scripts/finetune.py --ep_size``)
+every rank runs every step of every task, since each forward of an expert-parallel model is a collective; the
+adapter is gathered on every rank (peft's own save gathers the whole model's sharded weights, a collective that
+rank 0 alone would wait in forever) and rank 0 alone writes the run folder, each expert through a staged folder.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from moepatch.staged_output import staged_folder
 from moepatch.task_experts.adapter_files import quiet_peft
 from moepatch.task_experts.manifest import EXPERTS_FOLDER
 from moepatch.task_experts.manifest import TASK_NAME
@@ -148,7 +154,7 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
                        training_args: Any, args: TaskExpertArguments, base: str, modules: list[str] | None = None,
                        parameters: list[str] | None = None, train_on: dict[str, list[Any]] | None = None
                        ) -> ExpertManifest:
-    """Train the experts of ``tasks`` (``sources``: :class:`moepatch.mixing.instruction_data.DataSource`) one after
+    """Train the experts of ``tasks`` (``sources``: :class:`moepatch.data.instruction.DataSource`) one after
     another and write the manifest, still marked incomplete (the caller marks it complete after its last file);
     returns it.  ``modules``: the linear projections (default
     :func:`linear_targets` of ``args.expert_target_modules``); ``parameters``: peft ``target_parameters`` (routed
@@ -161,10 +167,12 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
     by_name = {source.name: source for source in sources}
     if parameters is None:
         parameters = routed_target_parameters(model) if args.expert_routed_experts else []
+    writer = training_args.process_index == 0  # the one process that writes the run folder
     manifest = ExpertManifest(base, model.config.model_type, model.config.hidden_size, [], output, complete=False)
-    _earlier_experts(output, manifest, tasks)  # other tasks' experts of an earlier run into this folder stay
+    _earlier_experts(output, manifest, tasks, remove_stale=writer)  # other tasks' experts of an earlier run stay
     manifest.planned = sorted({expert.task for expert in manifest.experts} | set(tasks))
-    if training_args.process_index == 0:
+    _barrier()  # every rank read the earlier manifest before rank 0 replaces it
+    if writer:
         manifest.write()  # incomplete from the start: a run killed from here on is named as unfinished
     train_on = train_on or {}
     if modules is None:
@@ -182,26 +190,84 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
         examples = train_on.get(task, source.train)
         logger.info("task expert %r: %d examples", task, len(examples))
         trainer = Trainer(model=peft_model, args=task_args, train_dataset=examples, data_collator=collator)
+        _replicate_adapter(peft_model, Trainer)
         result = trainer.train()
-        if trainer.is_world_process_zero():
-            peft_model.save_pretrained(str(folder))
+        state = adapter_state(peft_model)  # on every rank: gathering a sharded adapter is a collective
+        loss = _mean_over_ranks(result.training_loss)  # each rank's batches; also: every rank is done training
+        if writer:
+            with staged_folder(folder) as scratch:
+                peft_model.save_pretrained(str(scratch), state_dict=state)
         model = peft_model.unload()  # the base modules back, without the LoRA: the next task starts from the base
-        manifest.experts.append(TaskExpert(task, task, args.expert_r, args.expert_alpha, names, parameters,
-                                           result.training_loss, len(examples)))
-        if trainer.is_world_process_zero():
+        manifest.experts.append(TaskExpert(task, task, args.expert_r, args.expert_alpha, names, parameters, loss,
+                                           len(examples)))
+        if writer:
             manifest.experts.sort(key=lambda expert: expert.task)
             manifest.write()  # after each task: a run stopped half-way keeps what it finished
             shutil.rmtree(output.parent / "task_runs" / task, ignore_errors=True)  # nothing saved there
     runs = output.parent / "task_runs"
-    if runs.is_dir() and not any(runs.iterdir()):
+    if writer and runs.is_dir() and not any(runs.iterdir()):
         runs.rmdir()
     return manifest
 
 
-def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str]) -> list[TaskExpert]:
+def adapter_state(peft_model: nn.Module) -> dict[str, Any]:
+    """The LoRA tensors of ``peft_model`` (its state-dict keys), whole, for ``save_pretrained(state_dict=...)``.
+
+    On a model loaded under transformers' expert parallelism peft's own ``save_pretrained`` gathers every sharded
+    weight of the *whole* model (``DTensor.full_tensor``, a collective) before picking the adapter's: called on rank
+    0 alone it waits forever for the others, and called everywhere it gathers every routed expert on every rank.
+    Here only the adapter's own tensors are gathered, on every rank (call it on all of them), so rank 0 then saves
+    without any collective.  Without a process group it is just the adapter's tensors."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for key, tensor in peft_model.state_dict().items():
+        if "lora_" in key:  # peft's LoRA tensors (lora_A / lora_B / lora_embedding_* / lora_magnitude_vector)
+            state[key] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+    return state
+
+
+def _replicate_adapter(peft_model: nn.Module, trainer_class: type) -> None:
+    """A transformers whose Trainer does not keep adapters added to a distributed-loaded model data-parallel
+    (``_sync_replicated_trainable_parameters``, transformers >= 5.2x) gets moepatch's own: equal start, gradients
+    averaged over the ranks."""
+    from moepatch.compat import distributed_ready
+
+    if (distributed_ready() and getattr(peft_model.config, "distributed_config", None) is not None
+            and not hasattr(trainer_class, "_sync_replicated_trainable_parameters")):
+        from moepatch.expert_parallel.training import replicate_added_parameters
+
+        replicate_added_parameters(peft_model)
+
+
+def _mean_over_ranks(value: float) -> float:
+    """``value`` averaged over the processes (the Trainer's ``training_loss`` is partly this rank's own batches)."""
+    from moepatch.compat import distributed_ready
+
+    if not distributed_ready():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item() / dist.get_world_size())
+
+
+def _barrier() -> None:
+    from moepatch.compat import distributed_ready
+
+    if distributed_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str], *,
+                     remove_stale: bool = True) -> list[TaskExpert]:
     """Experts an earlier run wrote into ``output`` for other tasks (kept in ``manifest``), when they were trained on
     the same base; the router, merges and vLLM export of the earlier run are removed (they no longer describe the
-    experts)."""
+    experts) by the process that writes (``remove_stale``)."""
     from moepatch.task_experts.manifest import MANIFEST_NAME
     from moepatch.task_experts.manifest import read_manifest
 
@@ -213,7 +279,7 @@ def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str
                          "folder")
     kept = [expert for expert in earlier.experts if expert.task not in tasks]
     manifest.experts.extend(kept)
-    stale = [output / name for name in ("router", "merged", "vllm") if (output / name).exists()]
+    stale = [output / name for name in ("router", "merged", "vllm") if remove_stale and (output / name).exists()]
     for folder in stale:
         shutil.rmtree(folder)
     if stale:

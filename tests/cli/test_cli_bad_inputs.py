@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM
 from transformers import LlamaConfig
 
 from moepatch import cli
-from moepatch.c2r.profiling import CoactivationProfile
 from moepatch.loading.install import install
 from moepatch.testing import tiny
+from moepatch.tools.c2r.profiling import CoactivationProfile
 
 
 class RunsCode:
@@ -76,6 +76,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         return edit
 
     mixtral = tiny.save_tiny_checkpoint(root / "mixtral", "mixtral")
+    made["mixtral"] = mixtral
     variant("broken", lambda f: (f / "config.json").write_text("{not json"))
     variant("noweights", lambda f: (f / "model.safetensors").unlink())
     variant("foreign", lambda f: shutil.copy(mixtral / "model.safetensors", f / "model.safetensors"))
@@ -88,6 +89,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     variant("badhidden", edit_config(hidden_size="abc"))
     variant("familymix", edit_config(moepatch={"family": "mixtral"}))
     variant("badautomap", edit_config(auto_map="oops"))
+    variant("ownautomap", edit_config(auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}))
+    variant("blocktype", edit_config(moepatch={"routing_stats": {"layers": "last"}}))
     variant("junkbackup", lambda f: (f / "config.json.moepatch-orig").write_text("junk"))
     variant("edited", lambda f: install(f))
     edit_config(top_t=3)(made["edited"])
@@ -135,6 +138,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["badtypes"].write_text(json.dumps({"instruction": None, "output": 3}) + "\n")
     made["evil"] = root / "evil.pkl"
     made["evil"].write_bytes(pickle.dumps(RunsCode()))
+    made["blockjson"] = root / "block.json"
+    made["blockjson"].write_text(json.dumps({"moepatch": {"routing_stats": {"layers": "last"}}}))
     return made
 
 
@@ -200,8 +205,8 @@ CASES: list[tuple[str, int, str]] = [
     ("profile {ck} --no-write-config --top-t 3", 2, "--top-t"),
     ("profile {ck} --no-write-config --min-tokens 5", 2, "--min-tokens"),
     ("profile {noweights}", 2, "holds no weights"),
-    ("profile {foreign}", 1, "lacks"),
-    ("profile {truncated}", 1, "cannot load the checkpoint's weights"),
+    ("profile {foreign}", 1, "model.safetensors: the weights hold"),  # from the headers, before the load
+    ("profile {truncated}", 1, "model.safetensors: not a complete safetensors file"),
     ("profile {notok}", 1, "no usable tokenizer"),
     ("profile {top1}", 1, "at least 2 experts per token"),
     ("profile {top9}", 2, "top-9 of 8"),
@@ -243,7 +248,7 @@ CASES: list[tuple[str, int, str]] = [
     ("place {zeros} --ep-size 2 --top-k 2", 1, "matrix 'base'"),
     ("place {latin1} --ep-size 2 --top-k 2", 1, "latin1.json"),
     ("place {ck} --ep-size 2 --write-permuted {file}/sub", 2, "--write-permuted"),
-    ("place {foreign} --ep-size 2", 1, "lacks"),
+    ("place {foreign} --ep-size 2", 1, "they are not this config's model"),
     # allocate
     ("allocate", 2, "model_path"),
     ("allocate {root}/missing", 2, "no checkpoint folder"),
@@ -296,7 +301,8 @@ CASES: list[tuple[str, int, str]] = [
     ("uninstall --force {otherbackup}", 1, "describes another model than"),
     ("inspect {long}", 2, "File name too long"),
     ("inspect {top9}", 2, "top-9 of 8"),
-    ("inspect {badhidden}", 1, "config.json"),
+    ("inspect {badhidden}", 1, "config.json: cannot build a config for model_type='qwen2_moe': Validation error for "
+                               "field 'hidden_size': TypeError: Field 'hidden_size' expected int"),
     ("inspect {familymix}", 2, "moepatch.family"),
     ("place {ck} --ep-size 2 --text-field body", 2, "--text-field: only applies to .jsonl / .json --data"),
     ("profile {ck} --as-configured --no-write-config", 2, "--as-configured: "),
@@ -309,6 +315,24 @@ CASES: list[tuple[str, int, str]] = [
     ("inspect {foreign}", 1, "they are not this config's model"),
     ("uninstall {root}/missing", 2, "no checkpoint folder"),
     ("uninstall {ck}", 1, "was not prepared by `moepatch install`"),
+    # issue #21, round two: the rest of the hunt
+    ("inspect {blocktype}", 1, "moepatch.routing_stats.layers: expected a list of layer indices"),
+    ("profile {badhidden}", 1, "Validation error for field 'hidden_size': TypeError"),
+    ("allocate {foreign}", 1, "they are not this config's model"),
+    ("allocate {mixtral}", 2, "--target-modules: not given, and its defaults"),
+    ("allocate {ck} --target-modules q_proj q_proj", 2, "--target-modules: q_proj given twice"),
+    ("profile {ck} --data {small} {small}", 2, "--data: "),
+    ("profile {ck} --plot-layers 0 0", 2, "--plot-layers: 0 given twice"),
+    ("install {ownautomap}", 1, "auto_map.AutoModelForCausalLM = 'modeling_custom.CustomForCausalLM'"),
+    ("eval --model moepatch --model_args pretrained={ck},moepatch_config={blockjson} --tasks x", 2,
+     "--model_args moepatch_config: "),
+    ("eval --model moepatch --model_args pretrained={ck},moepatch_config={notjson} --tasks x", 1,
+     "matrix.json (--model_args moepatch_config) is not JSON"),
+    ("experts fit-router {root}/missing --group g=a --group g=b", 2, "--group: group 'g' given twice"),
+    ("experts fit-router {root}/missing --group g=a,b --group h=b", 2, "--group: task 'b' is in groups 'g' and 'h'"),
+    ("experts fit-router {root}/missing --group g=a,a", 2, "--group: task 'a' is twice in group 'g'"),
+    ("experts fit-router {root}/missing --features hidden hidden", 2, "--features: hidden given twice"),
+    ("experts merge {root}/missing --tasks a b --replace", 2, "--replace: only with --name"),
 ]
 
 

@@ -112,7 +112,7 @@ def test_folder_with_its_own_remote_code_loads_without_running_it(tmp_path, batc
     assert torch.equal(logits_of(model, batch), logits_of(reference, batch))
     assert getattr(model.config, "auto_map", None) == config["auto_map"]  # the folder's own entries are kept
 
-    moepatch.install(folder)
+    moepatch.install(folder, replace_auto_map=True)  # its own auto_map entries: explicit
     result = _run_tool(folder, tmp_path, batch)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["patched"]
@@ -213,7 +213,7 @@ def test_published_llama_moe_folder_loads_patched_every_way(tmp_path, batch):
     auto = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)  # moepatch imported: native class
     assert moepatch.get_handle(auto) is not None and torch.equal(logits_of(auto.eval(), batch), reference)
 
-    moepatch.install(folder)
+    moepatch.install(folder, replace_auto_map=True)  # its own auto_map entries: explicit
     result = _run_tool(folder, tmp_path, batch)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from moepatch.data.synthetic import synthetic_records
 from moepatch.errors import MoePatchWarning
 from moepatch.mixing.finetune import _split_debug
 from moepatch.mixing.finetune import check_inputs
 from moepatch.mixing.finetune import main
 from moepatch.mixing.finetune import parse_arguments
 from moepatch.testing import tiny
-from moepatch.testing.synthetic import synthetic_records
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("chat", "code", "math")
@@ -107,10 +107,13 @@ def _save_dense_checkpoint(path: Path) -> None:
 
 def _argv(world: Path, out: Path, drop: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> list[str]:
     """The valid base command without ``drop`` and without the flags ``extra`` gives (a flag given twice is itself
-    refused; a row that wants a repeat gives it twice in ``extra``)."""
+    refused; a row that wants a repeat gives it twice in ``extra``).  Without dynamic mixing the base leaves out
+    ``--update_every`` (refused there: it would be ignored)."""
     base = {"--model_name_or_path": str(world / "ckpt"), "--data_dir": str(world / "data"), "--output_dir": str(out),
             "--max_steps": "4", "--update_every": "2", "--probe_size": "2", "--max_length": "96",
             "--report_to": "none"}
+    if "--no_dynamic_sampling" in extra or ("--dynamic_sampling", "false") in zip(extra, extra[1:]):
+        drop = (*drop, "--update_every")
     argv = [token for flag, value in base.items() if flag not in drop and flag not in extra
             for token in (flag, value)]
     return [*argv, "--use_cpu", *(token.format(world=world, out=out) for token in extra)]
@@ -204,6 +207,19 @@ CASES = [
      ["--dynamic_sampling", "found one ('chat')"]),
     ("dynamic_without_max_steps", ("--max_steps",), (), USAGE, ["--max_steps", "got -1"]),
     ("dynamic_max_steps_zero", (), ("--max_steps", "0"), USAGE, ["--max_steps", "got 0"]),
+    # a dynamic-mixing option without dynamic mixing would be ignored (a recipe's values are defaults: not refused)
+    ("update_every_without_dynamic_sampling", (), ("--no_dynamic_sampling", "--update_every", "3"), USAGE,
+     ["--update_every", "only applies with dynamic mixing", "--dynamic_sampling false"]),
+    ("no_plot_without_dynamic_sampling", (), ("--dynamic_sampling", "false", "--no_plot"), USAGE,
+     ["--no_plot", "only applies with dynamic mixing"]),
+    # --max_steps 0 would train --num_train_epochs instead (the Trainer's reading of any value <= 0)
+    ("task_experts_max_steps_zero", ("--data_dir",), ("--synthetic_data", "--task_experts", "true", "--max_steps",
+                                                      "0"), USAGE, ["--max_steps", ">= 1, or -1", "got 0"]),
+    ("static_max_steps_negative", (), ("--dynamic_sampling", "false", "--max_steps", "-5"), USAGE,
+     ["--max_steps", "got -5"]),
+    ("expert_target_modules_twice", ("--data_dir", "--update_every"),
+     ("--synthetic_data", "--task_experts", "true", "--expert_target_modules", "q_proj", "q_proj"), USAGE,
+     ["--expert_target_modules", "['q_proj'] given twice"]),
     # model options
     ("model_missing", ("--model_name_or_path",), (), USAGE, ["--model_name_or_path", "required"]),
     ("model_path_missing", ("--model_name_or_path",), ("--model_name_or_path", "{world}/no_ckpt"), USAGE,
@@ -324,6 +340,11 @@ CASES = [
     ("list_flag_given_twice", ("--data_dir",), ("--train_files", "a={world}/data/train/chat.jsonl",
                                                 "--train_files", "b={world}/data/train/code.jsonl"), USAGE,
      ["--train_files", "given twice"]),
+    # a check that would warn (two sources, no probe round) never prints before a later check's error
+    ("two_sources_then_a_bad_seed", ("--data_dir",), ("--data_dir", "{world}/two", "--seed", "-1"), USAGE,
+     ["--seed", "got -1"]),
+    ("no_probe_round_then_a_missing_file", (), ("--update_every", "10", "--initial_weights", "{world}/gone.json"),
+     USAGE, ["--initial_weights", "gone.json"]),
 ]
 
 
@@ -360,6 +381,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, world, tmp_path, capsy
     for fragment in fragments:
         assert fragment in stderr, (fragment, stderr)
     assert "Traceback" not in stdout + stderr
+    assert "finetune: warning" not in stderr and "MoePatchWarning" not in stderr  # the error alone
     assert _snapshot(world, tmp_path) == before  # nothing written, nothing touched
     assert not out.exists()
 
@@ -379,12 +401,13 @@ def test_probe_layers_checked_after_the_load_too_write_nothing(world, tmp_path, 
     assert _snapshot(world, tmp_path) == before and not out.exists()
 
 
-@pytest.mark.parametrize("damage, message", [("truncated", "cannot load the checkpoint's weights"),
-                                             ("lacks_a_key", "the checkpoint lacks 1 weight(s)")])
-def test_unloadable_weights_are_named_and_nothing_is_written(damage, message, world, tmp_path, capsys):
-    """The one failure that needs the load itself: truncated weights, or weights without a key the model needs
-    (which would otherwise be trained from random values) — refused naming the folder, before anything is written
-    (<output_dir>/data of --synthetic_data included)."""
+@pytest.mark.parametrize("damage, message", [("truncated", "model.safetensors: not a complete safetensors file"),
+                                             ("lacks_a_key", "model.safetensors: the weights hold")])
+def test_unloadable_weights_are_named_and_nothing_is_written(damage, message, world, tmp_path, capsys, monkeypatch):
+    """Truncated weights, or weights without a key the model needs (which would otherwise be trained from random
+    values): found from the safetensors headers before the model is loaded (transformers would print its load
+    report first), refused naming the file, before anything is written (<output_dir>/data of --synthetic_data
+    included)."""
     from safetensors.torch import load_file
     from safetensors.torch import save_file
 
@@ -399,10 +422,11 @@ def test_unloadable_weights_are_named_and_nothing_is_written(damage, message, wo
         save_file(tensors, str(weights), metadata={"format": "pt"})
     out = tmp_path / "out"
     before = _snapshot(world, tmp_path)
+    attempts = _no_model_load(monkeypatch)
     code, stdout, stderr = _run_main(_argv(world, out, ("--model_name_or_path", "--data_dir"),
                                            ("--model_name_or_path", str(checkpoint), "--synthetic_data")), capsys)
-    assert code == FAILURE and f"finetune: error: {checkpoint}: {message}" in stderr, stderr
-    assert "Traceback" not in stdout + stderr
+    assert code == FAILURE and f"finetune: error: {checkpoint}/{message}" in stderr, stderr
+    assert not attempts and "LOAD REPORT" not in stdout + stderr and "Traceback" not in stdout + stderr
     assert _snapshot(world, tmp_path) == before and not out.exists()
 
 
@@ -443,9 +467,19 @@ def test_a_recipe_value_overridden_once_is_not_a_repeat(world, tmp_path):
     assert (args[2].update_every, args[3].max_steps) == (2, 4)  # the command line wins, once
 
 
+def test_a_recipes_dynamic_option_is_a_default_that_dynamic_sampling_false_leaves_alone(world, tmp_path):
+    """--dynamic_sampling false on the command line over a dynamic recipe: the recipe's update_every is a default,
+    not the user's flag, so it is not refused (the user's own --update_every is: see the table)."""
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"dynamic_sampling": True, "update_every": 5}))
+    args = parse_arguments(["--recipe", str(recipe), *_argv(world, tmp_path / "out", extra=("--dynamic_sampling",
+                                                                                              "false"))])
+    assert not args[1].dynamic_sampling and args[2].update_every == 5
+
+
 def test_truncation_drops_unlabelled_examples_and_trains_on_the_rest(world, tmp_path, capsys, monkeypatch, caplog):
     """A source whose long examples lose every label to --max_length keeps its short ones (logged, counted)."""
-    import moepatch.data
+    import moepatch.data.instruction
 
     data = tmp_path / "data"
     short = [{"instruction": "Hi", "output": "Hello there."}] * 6
@@ -454,8 +488,9 @@ def test_truncation_drops_unlabelled_examples_and_trains_on_the_rest(world, tmp_
         _jsonl(data / "train" / f"{name}.jsonl", short + long if name == "chat" else short)
         _jsonl(data / "dev" / f"{name}.jsonl", long[:2])  # probes are only routed: kept whatever their labels
     loaded = []
-    original = moepatch.data.load_source
-    monkeypatch.setattr(moepatch.data, "load_source", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    original = moepatch.data.instruction.load_source
+    monkeypatch.setattr(moepatch.data.instruction, "load_source",
+                        lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
     attempts = _no_model_load(monkeypatch)
     with caplog.at_level("WARNING", logger="moepatch.data"):
         code, _, stderr = _run_main(_argv(world, tmp_path / "out", ("--data_dir",), ("--data_dir", str(data))), capsys)
@@ -496,7 +531,6 @@ def test_probe_size_subsets_the_dev_files_in_a_run(world, tmp_path, monkeypatch,
     """Through the finetune engine: dev/<name>.jsonl of 4 examples, --probe_size 2 → 2 probe examples per source,
     the same ones on every run; the whole train file is trained on.  The model load is stubbed to stop the run."""
     import moepatch.data
-
     import moepatch.loading.pretrained
     from moepatch.errors import CommandError
 
@@ -509,8 +543,8 @@ def test_probe_size_subsets_the_dev_files_in_a_run(world, tmp_path, monkeypatch,
     def stop(*args, **kwargs):
         raise CommandError("stopped before the model load")
 
-    original = moepatch.data.load_source
-    monkeypatch.setattr(moepatch.data, "load_source", recording_load_source)
+    original = moepatch.data.instruction.load_source
+    monkeypatch.setattr(moepatch.data.instruction, "load_source", recording_load_source)
     monkeypatch.setattr(moepatch.loading.pretrained, "from_pretrained", stop)
     for _ in range(2):
         code, _, stderr = _run_main(_argv(world, tmp_path / "out"), capsys)
@@ -540,6 +574,18 @@ def test_script_bad_argument_exits_2_without_traceback(world, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "finetune: error: --update_every: expected an integer >= 1" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+    assert not out.exists()
+
+
+def test_script_prints_moepatch_warnings_in_one_line_of_its_own(world, tmp_path):
+    """A warning from the checks (two sources) is printed as ``finetune: warning: ...`` — not Python's
+    ``file:line: MoePatchWarning`` with the source line — and a later error still ends the run alone."""
+    out = tmp_path / "out"
+    done = _script(*_argv(world, out, ("--data_dir",), ("--data_dir", str(world / "two"), "--max_length", "2")))
+    assert done.returncode == 2, done.stderr
+    assert "finetune: warning: dynamic mixing with two sources" in done.stderr
+    assert "MoePatchWarning" not in done.stderr and "warnings.warn" not in done.stderr
+    assert "finetune: error: --max_length" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
 
 

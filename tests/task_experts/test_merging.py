@@ -123,6 +123,20 @@ def test_bad_merges_are_refused_and_nothing_is_written(run, capsys, argv, messag
     assert _merged_folder_is_untouched(run)
 
 
+def test_a_named_merge_is_not_replaced_without_replace(run, capsys):
+    """--name of an existing merged adapter: refused (it would be silently replaced) unless --replace."""
+    merged = run / "experts" / "merged" / "mine"
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "code", "--name", "mine"]) == 0
+    first = (merged / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "math", "--name", "mine"]) == 2
+    assert "--name: a merged adapter 'mine' already exists" in capsys.readouterr().err
+    assert (merged / "adapter_model.safetensors").read_bytes() == first
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "math", "--name", "mine", "--replace"]) == 0
+    entries = json.loads((run / "experts" / "merged" / "merges.json").read_text())
+    assert [entry["tasks"] for entry in entries if entry["name"] == "mine"] == [["chat", "math"]]
+
+
 def test_from_routes_names_the_bad_line(run, capsys):
     routes = run / "routes.jsonl"
     routes.write_text(json.dumps({"tasks": ["chat", "code"]}) + "\n" + json.dumps({"tasks": ["chat", "nope"]}) + "\n")

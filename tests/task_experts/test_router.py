@@ -14,10 +14,10 @@ from conftest import copy_run
 from safetensors.torch import load_file
 
 from moepatch.cli import main as cli
+from moepatch.data.synthetic import synthetic_records
 from moepatch.task_experts.router import BaseModelEncoder
 from moepatch.task_experts.router import TaskRouter
 from moepatch.task_experts.router import expert_positives
-from moepatch.testing.synthetic import synthetic_records
 
 
 @pytest.fixture()
@@ -268,12 +268,27 @@ def test_melds_training_groups_pair_each_positive_with_a_negative():
     (["fit-router", "{run}", "--encoder", "{run}/nowhere"], 2, r"--encoder: .*is not a folder"),
     (["fit-router", "{run}", "--group", "g=chat,nope"], 2, r"--group: unknown task 'nope'"),
     (["route", "{run}", "--input", "{requests}"], 2, r"no fitted router"),
+    (["fit-router", "{run}", "--encoder", "{base}"], 2,
+     r"--encoder: .* holds a causal language model \(Qwen2MoeForCausalLM\), not an embedding encoder"),
+    (["fit-router", "{run}", "--encoder", "{truncated}"], 1,
+     r"error: .*truncated/model\.safetensors: not a complete safetensors file"),
 ])
-def test_bad_router_arguments_name_the_argument(run, tmp_path, capsys, argv, code, message):
+def test_bad_router_arguments_name_the_argument(run, base_checkpoint, tmp_path, capsys, argv, code, message):
     requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
     descriptions = tmp_path / "descriptions.json"
     descriptions.write_text(json.dumps(DESCRIPTIONS))
-    argv = [arg.format(run=run, requests=requests, descriptions=descriptions) for arg in argv]
+    truncated = tmp_path / "truncated"  # a bge-style encoder folder whose weights were cut short
+    if "{truncated}" in argv:
+        pytest.importorskip("sentence_transformers")
+        from transformers import BertConfig
+        from transformers import BertModel
+
+        BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32)).save_pretrained(truncated)
+        weights = truncated / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    argv = [arg.format(run=run, requests=requests, descriptions=descriptions, base=base_checkpoint,
+                       truncated=truncated) for arg in argv]
     assert cli(["experts", *argv]) == code
     assert re.search(message, capsys.readouterr().err)
     assert not (run / "experts" / "router").exists()
@@ -289,6 +304,27 @@ def test_route_refuses_unknown_tasks_and_too_large_k(run, tmp_path, capsys):
     assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "5"]) == 2
     assert "--top-k: 5 is more than the router's 4 tasks" in capsys.readouterr().err
     assert not (run / "experts" / "routes.jsonl").exists()
+
+
+def test_groups_fit_and_cross_task_top_k_is_bounded_by_the_tasks_left(run, tmp_path, capsys):
+    """--group once per group (repeatable); --exclude cross-task leaves a request only the other groups' tasks, so a
+    larger --top-k is refused (it would silently route to fewer) and a fitting one routes outside the group."""
+    assert cli(["experts", "fit-router", str(run), "--features", "hidden", "--group", "words=chat,letters",
+                "--group", "numbers=code,math"]) == 0
+    assert TaskRouter.load(run / "experts" / "router").groups == {"chat": "words", "letters": "words",
+                                                                  "code": "numbers", "math": "numbers"}
+    requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
+    capsys.readouterr()
+    assert cli(["experts", "route", str(run), "--input", str(requests), "--exclude", "cross-task",
+                "--top-k", "3"]) == 2
+    assert "--top-k: 3 is more than the 2 task(s) --exclude cross-task leaves" in capsys.readouterr().err
+    assert not (run / "experts" / "routes.jsonl").exists()
+    assert cli(["experts", "route", str(run), "--input", str(requests), "--exclude", "cross-task",
+                "--top-k", "2"]) == 0
+    groups = {"chat": "words", "letters": "words", "code": "numbers", "math": "numbers"}
+    for line in (run / "experts" / "routes.jsonl").read_text().splitlines():
+        route = json.loads(line)
+        assert len(route["tasks"]) == 2 and all(groups[t] != groups[route["task"]] for t in route["tasks"])
 
 
 def test_melds_positives_are_the_near_best_experts():
