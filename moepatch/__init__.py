@@ -32,6 +32,8 @@ MOVED_MODULES = {
     "moepatch.placement": "moepatch.tools.c2r.placement",
     "moepatch.plots": "moepatch.tools.report",
     "moepatch.report": "moepatch.tools.report",
+    "moepatch.testing.demo": "moepatch.demo.run",
+    "moepatch.testing.demo_task_experts": "moepatch.demo.task_experts",
     **{f"moepatch.c2r.{name}": f"moepatch.tools.c2r.{name}"
        for name in ("profiling", "matrices", "placement", "traffic", "permutation", "pipeline")},
     **{f"moepatch.lora_experts.{name}": f"moepatch.tools.lora_experts.{name}"

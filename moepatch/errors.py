@@ -35,6 +35,22 @@ class UsageError(ValueError):
         super().__init__(f"{argument}: {message}")
 
 
+class FieldError(ValueError):
+    """A value the library was given is wrong, named by its field (``data_dir``, ``train_files``, a config key path):
+    library code raises it without knowing how a user spelled the value; the command or training layer that does
+    maps the field to its flag (:meth:`as_usage_error`), so no message is parsed back."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+    def as_usage_error(self, flags: dict[str, str]) -> UsageError:
+        """The same problem as a :class:`UsageError` naming the flag ``flags`` gives for the field (the field itself
+        when absent)."""
+        return UsageError(flags.get(self.field, self.field), self.message)
+
+
 class CommandError(RuntimeError):
     """A command could not do its work for a reason the user can act on (exit status 1): a missing or malformed
     file, a failed check, a figure that cannot be computed exactly."""
@@ -105,5 +121,5 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
         return EXIT_FAILURE
 
 
-__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "MoePatchWarning", "UnsupportedModelError",
-           "UsageError", "debug_requested", "run_guarded", "short_warnings"]
+__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError", "MoePatchWarning",
+           "UnsupportedModelError", "UsageError", "debug_requested", "run_guarded", "short_warnings"]

@@ -179,3 +179,114 @@ def test_no_feature_module_names_a_family():
         if hits:
             offenders[name] = hits
     assert offenders == {}
+
+
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("families", ("model_patches",)),
+    ("base", ("moepatch._version", "moepatch.compat", "moepatch.errors", "moepatch.validation", "moepatch.undo",
+              "moepatch.staged_output")),
+    ("data", ("moepatch.data",)),
+    ("patch", ("moepatch.feature", "moepatch.config", "moepatch.patch", "moepatch.routing", "moepatch.c2r",
+               "moepatch.lora_experts", "moepatch.expert_parallel")),
+    ("loading", ("moepatch.loading", "moepatch.models")),
+    ("api", ("moepatch",)),
+    ("tools", ("moepatch.tools", "moepatch.mixing", "moepatch.task_experts", "moepatch.evaluation")),
+    ("training", ("moepatch.training",)),
+    ("entry points", ("moepatch.cli", "moepatch.demo", "moepatch.testing")),
+)
+"""The layer contract, lowest first: a module imports only from its own layer and the layers below it.
+
+* **families** — what each model family looks like (``model_patches``, which never imports moepatch);
+* **base** — errors, validation, version checks, the undo log, staged writes: no model knowledge;
+* **data** — the shared data every tool reads: instruction data, synthetic tasks, the embedded corpus, sources;
+* **patch** — what runs when a model is patched: the ``Feature`` interface, config, ``apply``, routing, C2R's
+  constrained selection, LoRA-expert layers and injection, the expert-parallel dispatch;
+* **loading** — patched ``from_pretrained``, ``install``, and the families moepatch implements (LLaMA-MoE, MoLM);
+* **api** — the ``moepatch`` package itself (the public names and the feature registry);
+* **tools** — what runs a model end to end: profile / place pipelines, permuted checkpoints, allocation search,
+  importers / merge / export, dynamic data mixing, task-expert workflows, evaluation, plots;
+* **training** — the fine-tuning runner and its run modes;
+* **entry points** — the ``moepatch`` command, the demo, and the tiny-model fixtures for tests.
+"""
+
+
+def layer_of(module: str) -> int:
+    """The index in :data:`LAYERS` of the longest prefix that names ``module``'s package (or module)."""
+    best, found = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), index
+    assert found is not None, f"{module} belongs to no layer of LAYERS: add its package there"
+    return found
+
+
+def against_the_layers(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower layer to a higher one, as ``"a (layer) -> b (layer)"``."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        mine = layer_of(module)
+        for target in sorted(targets):
+            theirs = layer_of(target)
+            if theirs > mine:
+                found.append(f"{module} ({LAYERS[mine][0]}) -> {target} ({LAYERS[theirs][0]})")
+    return found
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Package → the other packages its modules import (a package = the module's parent, or a top-level module)."""
+
+    def package(module: str) -> str:
+        parts = module.split(".")
+        path = _modules()[module]
+        return module if path.name == "__init__.py" or len(parts) <= 2 else ".".join(parts[:2])
+
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        source = package(module)
+        packages.setdefault(source, set())
+        for target in targets:
+            if package(target) != source:
+                packages[source].add(package(target))
+    for targets in list(packages.values()):
+        for target in targets:
+            packages.setdefault(target, set())
+    return packages
+
+
+def test_imports_follow_the_layers():
+    assert against_the_layers(import_graph()) == []
+
+
+def test_no_package_imports_another_in_a_circle():
+    """Not only modules: no two packages reach each other (``moepatch.c2r`` ↔ ``moepatch.loading`` would count)."""
+    graph = package_graph(import_graph())
+    graph.pop("moepatch", None)  # every submodule's import runs moepatch/__init__ first: it is the api layer's
+    for targets in graph.values():
+        targets.discard("moepatch")
+    assert cycles(graph) == []
+
+
+def test_the_layer_check_fails_on_an_import_against_the_direction():
+    """The check itself: one added import from the patch layer up to the command line is reported by name."""
+    graph = {module: set(targets) for module, targets in import_graph().items()}
+    graph["moepatch.patch"].add("moepatch.cli")
+    assert against_the_layers(graph) == ["moepatch.patch (patch) -> moepatch.cli (entry points)"]
+
+
+def test_no_module_imports_through_an_earlier_path():
+    """``moepatch.MOVED_MODULES`` keeps users' earlier import paths working; the package itself imports each module
+    where it lives, so the layer check above sees every import for what it is."""
+    import moepatch
+
+    earlier = set(moepatch.MOVED_MODULES)
+    offenders = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+                if isinstance(node, ast.ImportFrom) and node.module else [])
+            hits = sorted(set(names) & earlier)
+            if hits:
+                offenders.setdefault(name, []).extend(hits)
+    assert offenders == {}

@@ -1,4 +1,4 @@
-"""``moepatch demo``: every feature on a tiny checkpoint (:func:`moepatch.testing.demo.run_demo` does the work)."""
+"""``moepatch demo``: every feature on a tiny checkpoint (:func:`moepatch.demo.run.run_demo` does the work)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from moepatch.errors import UsageError
 def check_demo_arguments(args: argparse.Namespace) -> None:
     """The demo's tiny models have 8 experts, top-2: ``--top-t`` and ``--ep-size`` must fit them, and ``--output``
     must not hold a ``finetune`` folder the demo did not write (the demo replaces its own)."""
+    from moepatch.demo.run import FINETUNE_FOLDER
+    from moepatch.demo.run import is_demo_finetune
+    from moepatch.demo.task_experts import TASK_EXPERTS_FOLDER
     from moepatch.testing import tiny
-    from moepatch.testing.demo import FINETUNE_FOLDER
-    from moepatch.testing.demo import is_demo_finetune
-    from moepatch.testing.demo_task_experts import TASK_EXPERTS_FOLDER
 
     num_experts, top_k = tiny.TINY_NUM_EXPERTS, tiny.TINY_TOP_K
     if not max(top_k - 1, 1) <= args.top_t <= num_experts - 1:
@@ -41,7 +41,7 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo; it narrates each step on stdout as it goes."""
-    from moepatch.testing.demo import run_demo
+    from moepatch.demo.run import run_demo
 
     run_demo(args.output, args.family, seed=args.seed, top_t=args.top_t, ep_size=args.ep_size,
              finetune_steps=args.finetune_steps, expert_steps=args.expert_steps)

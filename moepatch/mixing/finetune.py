@@ -44,6 +44,7 @@ from typing import Any
 
 from moepatch.compat import distributed_ready
 from moepatch.errors import CommandError
+from moepatch.errors import FieldError
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
 from moepatch.errors import debug_requested
@@ -216,8 +217,13 @@ class DataArguments:
         if not (self.data_dir or self.train_files or self.synthetic_data):
             raise UsageError("--data_dir", "no training data given: pass --data_dir DIR, --train_files name=path ... "
                                            "or --synthetic_data")
-        _named_paths(self.train_files, "--train_files")
-        _named_paths(self.probe_files, "--probe_files")
+        from moepatch.data.sources import named_paths
+
+        for field_name in ("train_files", "probe_files"):
+            try:
+                named_paths(getattr(self, field_name), field_name)
+            except FieldError as error:
+                raise error.as_usage_error(SOURCE_FLAGS) from None
         if not (_is_int(self.probe_size) and self.probe_size >= 1):
             raise UsageError("--probe_size", f"expected an integer >= 1 (probe examples per source), got "
                                              f"{self.probe_size!r}")
@@ -466,66 +472,24 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     return tuple(parsed)
 
 
-def _named_paths(entries: Sequence[str] | None, flag: str) -> dict[str, Path]:
-    result: dict[str, Path] = {}
-    for entry in entries or ():
-        name, sep, path = entry.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(flag, f"expected name=path, got {entry!r}")
-        if name in result:
-            raise UsageError(flag, f"source {name!r} given twice")
-        result[name] = Path(path)
-    return result
-
-
-def _check_data_path(path: Path, flag: str, name: str, *, folder_ok: bool = True) -> None:
-    if not path.exists():
-        raise UsageError(flag, f"source {name!r}: {path}: no such file")
-    if path.is_dir():
-        if not folder_ok:
-            raise UsageError(flag, f"source {name!r}: {path} is a folder; expected a jsonl file")
-        if not any(path.glob("*.jsonl")):
-            raise UsageError(flag, f"source {name!r}: folder {path} has no *.jsonl file")
+SOURCE_FLAGS = {"data_dir": "--data_dir", "train_files": "--train_files", "probe_files": "--probe_files"}
+"""How this script spells the fields of :func:`moepatch.data.sources.discover_sources`."""
 
 
 def source_paths(data_args: DataArguments) -> dict[str, tuple[Path, Path | None]]:
-    """``{name: (train, probe or None)}`` in sorted name order (the official order of matrices and weights).
+    """``{name: (train, probe or None)}`` in sorted name order (the official order of matrices and weights), from
+    :func:`moepatch.data.sources.discover_sources`.
 
     Raises:
         UsageError: naming the argument: a malformed or repeated ``name=path``, a probe file of no source, a missing
             file or folder, a data folder without ``train/`` or without any source.
     """
-    train = _named_paths(data_args.train_files, "--train_files")
-    probe = _named_paths(data_args.probe_files, "--probe_files")
-    origin = dict.fromkeys(train, "--train_files")
-    dev_origin = dict.fromkeys(probe, "--probe_files")
-    if data_args.data_dir:
-        root = Path(data_args.data_dir)
-        if not root.is_dir():
-            raise UsageError("--data_dir", f"{root}: no such folder" if not root.exists() else
-                             f"{root} is a file; expected a folder with train/<name>.jsonl")
-        if not (root / "train").is_dir():
-            raise UsageError("--data_dir", f"{root} has no train/ folder (expected train/<name>.jsonl or "
-                                           "train/<name>/*.jsonl, and optionally dev/<name>.jsonl)")
-        for entry in sorted((root / "train").iterdir()):
-            name = entry.stem if entry.suffix == ".jsonl" else entry.name
-            if entry.is_dir() or entry.suffix == ".jsonl":
-                if name not in train:
-                    train[name], origin[name] = entry, "--data_dir"
-                dev = root / "dev" / f"{name}.jsonl"
-                if dev.is_file() and name not in probe:
-                    probe[name], dev_origin[name] = dev, "--data_dir"
-        if not train:
-            raise UsageError("--data_dir", f"{root / 'train'} holds no source (no <name>.jsonl file or <name>/ "
-                                           "folder)")
-    unknown = sorted(set(probe) - set(train))
-    if unknown:
-        raise UsageError("--probe_files", f"{unknown} name no training source (sources: {sorted(train)})")
-    for name, path in train.items():
-        _check_data_path(path, origin[name], name)
-    for name, path in probe.items():
-        _check_data_path(path, dev_origin[name], name)
-    return {name: (train[name], probe.get(name)) for name in sorted(train)}
+    from moepatch.data.sources import discover_sources
+
+    try:
+        return discover_sources(data_args.data_dir, data_args.train_files, data_args.probe_files)
+    except FieldError as error:
+        raise error.as_usage_error(SOURCE_FLAGS) from None
 
 
 def _read_json(path_text: str, flag: str, expected: str) -> Any:
@@ -916,7 +880,7 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
             resolve_layer_indices(moe, probe_layers, "probe_layers")
         except ValueError as error:
             raise UsageError("--probe_layers", str(error)) from None
-    from moepatch.cli.common import weights_problem
+    from moepatch.loading.skeleton import weights_problem
 
     problem = weights_problem(folder, skeleton)  # the headers alone: truncated or foreign weights, before the load
     if problem is not None:

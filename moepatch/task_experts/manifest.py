@@ -174,10 +174,10 @@ def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     import moepatch
-    from moepatch.cli.common import weights_problem
     from moepatch.errors import CommandError
     from moepatch.loading.pretrained import load_config
     from moepatch.loading.skeleton import weightless_model
+    from moepatch.loading.skeleton import weights_problem
 
     if not Path(manifest.base).is_dir():
         raise ValueError(f"output: the experts' base {manifest.base} (manifest.json 'base') is not a folder here")

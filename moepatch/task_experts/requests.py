@@ -55,10 +55,13 @@ def task_requests(data: str | Path, tasks: list[str] | None = None) -> tuple[dic
     """Per task, the requests of a multi-source data folder (the dynamic-mixing layout: ``dev/<task>.jsonl`` preferred
     — the router learns from examples the experts did not train on — else ``train/<task>.jsonl``, or
     ``<task>.jsonl`` / ``<task>/`` directly), and the tasks that had no dev file."""
-    from moepatch.mixing.finetune import DataArguments
-    from moepatch.mixing.finetune import source_paths
+    from moepatch.data.sources import discover_sources
+    from moepatch.errors import FieldError
 
-    paths = source_paths(DataArguments(data_dir=str(data)))
+    try:
+        paths = discover_sources(data)
+    except FieldError as error:
+        raise error.as_usage_error({"data_dir": "--data"}) from None
     if tasks is not None:
         missing = [task for task in tasks if task not in paths]
         if missing:

@@ -233,8 +233,8 @@ def _split_by_expert_parallelism(model: torch.nn.Module, monkeypatch: pytest.Mon
 def test_routed_lora_under_ep_creates_this_process_sets_and_loads_its_shard(monkeypatch: pytest.MonkeyPatch
                                                                             ) -> None:
     from moepatch.lora_experts import lora_state_dict
-    from moepatch.tools.lora_experts import merge_into_base
     from moepatch.lora_experts.inject import load_lora_weights
+    from moepatch.tools.lora_experts import merge_into_base
 
     whole = tiny.tiny_model("qwen2_moe")
     moepatch.apply(whole, ROUTED_BLOCK)

@@ -160,8 +160,8 @@ def run_demo(
     if finetune_steps > 0:
         finetune_demo_checkpoint(checkpoint, output / FINETUNE_FOLDER, steps=finetune_steps, seed=seed, log=log)
     if expert_steps > 0:
-        from moepatch.testing.demo_task_experts import TASK_EXPERTS_FOLDER
-        from moepatch.testing.demo_task_experts import task_experts_demo
+        from moepatch.demo.task_experts import TASK_EXPERTS_FOLDER
+        from moepatch.demo.task_experts import task_experts_demo
 
         task_experts_demo(checkpoint, output / TASK_EXPERTS_FOLDER, steps=expert_steps, seed=seed, log=log)
     return output
