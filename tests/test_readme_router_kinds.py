@@ -1,6 +1,6 @@
-"""The README's router-kind table says what the survey finds: every model type it names has that kind in
-docs/router-kinds.md (itself checked against a fresh survey by test_family_survey.py) and the outcome it claims for
-freezing / statistics, C2R and the bias update."""
+"""The router-kind table of docs/families.md (the README links it) says what the survey finds: every model type it
+names has that kind in docs/router-kinds.md (itself checked against a fresh survey by test_family_survey.py) and the
+outcome it claims for freezing / statistics, C2R and the bias update."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _readme_rows() -> list[list[str]]:
-    text = (REPO / "README.md").read_text()
+def _kind_rows() -> list[list[str]]:
+    text = (REPO / "docs" / "families.md").read_text()
     start = text.index("| kind | model types (examples) |")
     table = text[start:text.index("\n\n", start)].splitlines()[2:]
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table]
@@ -33,7 +33,7 @@ def _survey_rows() -> dict[str, dict[str, str]]:
 def test_every_type_the_readme_names_has_its_kind_and_outcomes_in_the_survey():
     survey = _survey_rows()
     checked = 0
-    for kind, types, structure, c2r, bias in _readme_rows():
+    for kind, types, structure, c2r, bias in _kind_rows():
         letter = kind.split(" ")[0] if not kind.startswith("D + H") else "D + H"
         for model_type in re.findall(r"`([a-z0-9_]+)`", types):
             row = survey[model_type]
