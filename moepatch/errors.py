@@ -81,6 +81,14 @@ def short_warnings(prog: str) -> Iterator[None]:
         warnings.formatwarning = original
 
 
+def os_error_text(error: OSError) -> str:
+    """An ``OSError`` as a user reads it: ``FILE: reason`` (``No space left on device``), without Python's
+    ``[Errno 28]`` prefix or the exception's type."""
+    reason = error.strerror or str(error) or type(error).__name__
+    names = [os.fspath(name) for name in (error.filename, getattr(error, "filename2", None)) if name is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
     """Run a command's ``body`` and turn every failure into an exit status and a short message on stderr.
 
@@ -108,10 +116,15 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (CommandError, ValueError, FileNotFoundError, json.JSONDecodeError) as error:
+    except (CommandError, ValueError, json.JSONDecodeError) as error:
         if debug:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as error:  # a file the command reads or writes: its name and the reason in words, no [Errno N]
+        if debug:
+            raise
+        print(f"{prog}: error: {os_error_text(error)}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as error:  # an unexpected failure: still no traceback, but say how to get one
         if debug:
@@ -122,4 +135,4 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
 
 
 __all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError", "MoePatchWarning",
-           "UnsupportedModelError", "UsageError", "debug_requested", "run_guarded", "short_warnings"]
+           "UnsupportedModelError", "UsageError", "debug_requested", "os_error_text", "run_guarded", "short_warnings"]

@@ -141,13 +141,14 @@ class MoePatchLM(HFLM):
             return [None] * len(requests)
         contexts = [request.args[0] for request in requests]
         unique = list(dict.fromkeys(contexts))
-        routes = dict(zip(unique, self.serving.route(unique, self.top_k)))
+        routes = dict(zip(unique, self.serving.route(unique, self.top_k), strict=True))
         return [self.serving.adapter_for(routes[context]) for context in contexts]
 
     def _grouped(self, method: Callable[..., list[Any]], requests: list[Any], **kwargs: Any) -> list[Any]:
         """Run ``method`` (the parent's) on the requests of each (adapter, lm-eval task) group, in request order."""
         adapters = self._adapters_of(requests)
-        keys = [(adapter, getattr(request, "task_name", None)) for adapter, request in zip(adapters, requests)]
+        keys = [(adapter, getattr(request, "task_name", None))
+                for adapter, request in zip(adapters, requests, strict=True)]
         results: list[Any] = [None] * len(requests)
         for key in dict.fromkeys(keys):
             rows = [i for i, k in enumerate(keys) if k == key]
@@ -156,7 +157,7 @@ class MoePatchLM(HFLM):
                 uses = self.adapter_uses.setdefault(task or "unknown", {})
                 uses[adapter] = uses.get(adapter, 0) + len(rows)
             with self._adapter(adapter), self._recording(task):
-                for row, result in zip(rows, method([requests[i] for i in rows], **kwargs)):
+                for row, result in zip(rows, method([requests[i] for i in rows], **kwargs), strict=True):
                     results[row] = result
         return results
 
@@ -183,13 +184,25 @@ class MoePatchLM(HFLM):
                         "attention mask, so padding in batches > 1 counts too)"}
 
 
-def _output_path(argv: list[str]) -> Path | None:
+def _option_value(argv: list[str], option: str, short: str | None = None) -> str | None:
+    """The value of ``option`` (or its ``short`` spelling) on an lm-eval command line; ``None`` when absent."""
     for index, token in enumerate(argv):
-        if token in ("--output_path", "-o") and index + 1 < len(argv):
-            return Path(argv[index + 1])
-        if token.startswith("--output_path="):
-            return Path(token.split("=", 1)[1])
+        if token in (option, short) and index + 1 < len(argv):
+            return argv[index + 1]
+        if token.startswith(f"{option}="):
+            return token.split("=", 1)[1]
     return None
+
+
+def _output_path(argv: list[str]) -> Path | None:
+    value = _option_value(argv, "--output_path", "-o")
+    return Path(value) if value is not None else None
+
+
+def _results_folder(output: Path) -> Path:
+    """The folder lm-eval writes its results into (beside a ``.json`` ``--output_path``, else inside it), where
+    :data:`STATS_FILE` goes too."""
+    return output.parent if output.suffix == ".json" else output
 
 
 MOEPATCH_MODEL_ARGS = ("pretrained", "moepatch_config", "task_experts", "top_k", "routing_stats")
@@ -219,6 +232,30 @@ def _model_args(argv: list[str]) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
+def _check_task_experts(folder: str) -> None:
+    """``task_experts=`` names a finished run with a fitted router, every file of it readable
+    (:func:`moepatch.task_experts.run_folder.read_run`): an unfinished or corrupt run is named (exit 1) before
+    lm-eval loads its tasks and the model."""
+    from moepatch.errors import CommandError
+    from moepatch.errors import UsageError
+    from moepatch.task_experts.manifest import ROUTER_CONFIG
+    from moepatch.task_experts.manifest import ROUTER_FOLDER
+    from moepatch.task_experts.manifest import manifest_folder
+    from moepatch.task_experts.run_folder import read_run
+
+    try:
+        manifest_folder(folder)
+    except ValueError as error:
+        raise UsageError("--model_args", f"task_experts={folder}: {error}") from None
+    try:
+        manifest = read_run(folder)
+    except ValueError as error:
+        raise CommandError(f"{error} (--model_args task_experts)") from None
+    if not (manifest.folder / ROUTER_FOLDER / ROUTER_CONFIG).is_file():
+        raise UsageError("--model_args", f"task_experts={folder}: no fitted router in {manifest.folder / ROUTER_FOLDER}"
+                                         "; run `moepatch experts fit-router` first (each request is routed)")
+
+
 def run_lm_eval(argv: list[str]) -> int:
     """lm-eval's CLI on ``argv`` with the ``moepatch`` model registered; then the routing statistics, if asked.
 
@@ -236,17 +273,22 @@ def run_lm_eval(argv: list[str]) -> int:
         value = model_args.get(key)
         if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
             raise UsageError("--model_args", f"{key}={value}: no such {kind}")
+    if model_args.get("task_experts"):  # the whole run folder checked before lm-eval runs, its files named
+        _check_task_experts(model_args["task_experts"])
     if model_args.get("moepatch_config"):  # its block is checked before lm-eval runs, named as given
         from moepatch.mixing.finetune import _moepatch_block
 
         _moepatch_block(model_args["moepatch_config"], MOEPATCH_CONFIG_ARG)
-    pretrained, output = model_args.get("pretrained"), _output_path(argv)
-    if pretrained and output is not None:
-        from moepatch.validation import is_inside
+    output = _output_path(argv)
+    if output is not None:  # checked before lm-eval runs: a results folder that fails only after the evaluation
+        from moepatch.staged_output import check_writable_target
+        from moepatch.staged_output import refuse_output_in_inputs
 
-        if is_inside(output, pretrained):
-            raise UsageError("--output_path", f"{output} is or lies inside the checkpoint folder {pretrained} "
-                                              "(model_args pretrained=): lm-eval's results would be written into it")
+        inputs = {f"--model_args {key}": model_args.get(key) or None
+                  for key in ("pretrained", "task_experts", "moepatch_config")}
+        inputs["--include_path"] = _option_value(argv, "--include_path")
+        refuse_output_in_inputs(output, "--output_path", inputs)
+        check_writable_target(_results_folder(output), "--output_path")
     stats = _model_args(argv).get("routing_stats")
     if stats is not None and _output_path(argv) is None:
         try:
@@ -271,8 +313,7 @@ def run_lm_eval(argv: list[str]) -> int:
         if output is None:
             print(json.dumps(report["adapters"]))
         else:
-            folder = output.parent if output.suffix == ".json" else output
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = _results_folder(output)
             from moepatch.staged_output import write_text_atomically
 
             write_text_atomically(folder / STATS_FILE, json.dumps(report, indent=1) + "\n")

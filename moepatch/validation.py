@@ -16,6 +16,7 @@ from typing import Any
 
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
+from moepatch.staged_output import check_writable_target
 
 
 class Problems:
@@ -62,33 +63,16 @@ def is_finite_number(value: Any) -> bool:
 
 def check_output_folder(path: str | os.PathLike[str], argument: str) -> Path:
     """A folder a command will write into: existing and writable, or creatable (its nearest existing ancestor is a
-    writable folder).  Checked before any work, so a command never fails at its last step for want of a folder.
+    writable folder that accepts new files: tried, so ``/proc`` or ``/sys`` are refused too).  Checked before any
+    work, so a command never fails at its last step for want of a folder
+    (:func:`moepatch.staged_output.check_writable_target`).
 
     Raises:
-        UsageError: naming ``argument``: an empty path, a file, a path under a file, or a folder without write
-            permission.
+        UsageError: naming ``argument``: an empty path, a file, a path under a file, or a folder where no file can
+            be created.
     """
-    text = os.fspath(path)
-    if not text.strip():
-        raise UsageError(argument, "expected a folder, got an empty path")
-    target = Path(text)
-    try:
-        if target.exists():
-            if not target.is_dir():
-                raise UsageError(argument, f"{target} is a file; expected a folder to write into")
-            if not os.access(target, os.W_OK | os.X_OK):
-                raise UsageError(argument, f"{target} is not writable")
-            return target
-        ancestor = target.absolute().parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise UsageError(argument, f"{target} lies under the file {ancestor}; expected a folder to write into")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise UsageError(argument, f"{target} cannot be created: {ancestor} is not writable")
-    except OSError as error:  # a name too long, a folder that cannot be searched
-        raise UsageError(argument, f"{text[:80]}{'…' if len(text) > 80 else ''}: {error.strerror or error}") from None
-    return target
+
+    return check_writable_target(path, argument, folder=True)
 
 
 def check_checkpoint_folder(path: str | os.PathLike[str], argument: str, *, weights: bool = True) -> Path:

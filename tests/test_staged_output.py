@@ -91,3 +91,58 @@ def test_separate_outputs_and_links_to_inputs(tmp_path):
     refuse_output_in_inputs(tmp_path / "routes.jsonl", "--routes", {"--input": tmp_path / "in.jsonl", "x": None})
     with pytest.raises(UsageError, match="is the command's input"):  # a link to the input is the input
         refuse_output_in_inputs(tmp_path / "link.jsonl", "--routes", {"--input": tmp_path / "in.jsonl"})
+
+
+def test_one_check_for_every_command_lists_blame_and_default_outputs_inside_an_input(tmp_path):
+    """Several files per flag; an output a command always writes inside an input (``CHECKPOINT/c2r_profile``) is
+    allowed where the command says so, yet never the input or a folder around it; a folder the command always
+    writes (``router/``) names the input's flag instead."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    with pytest.raises(UsageError, match=r"^--output: .* holds the command's input .*a\.txt \(--data\)"):
+        refuse_output_in_inputs(tmp_path, "--output", {"--data": [tmp_path.parent / "b.txt", tmp_path / "a.txt"]})
+    refuse_output_in_inputs(tmp_path / "ck" / "c2r_profile", "--output", {"model_path": tmp_path / "ck"},
+                            output_may_lie_inside={"model_path"})
+    for output in (tmp_path / "ck", tmp_path):
+        with pytest.raises(UsageError, match="^--output: "):
+            refuse_output_in_inputs(output, "--output", {"model_path": tmp_path / "ck"},
+                                    output_may_lie_inside={"model_path"})
+    (tmp_path / "router" / "encoder").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"^--encoder: .*encoder lies inside .*router, which the command replaces"):
+        refuse_output_in_inputs(tmp_path / "router", "output", {"--encoder": tmp_path / "router" / "encoder"},
+                                blame_input=True)
+
+
+def test_a_target_that_takes_no_file_is_refused_and_the_check_changes_nothing(tmp_path):
+    from moepatch.staged_output import check_writable_target
+
+    stamp = (tmp_path.stat().st_mtime_ns, sorted(tmp_path.iterdir()))
+    assert check_writable_target(tmp_path / "new" / "out", "--output") == tmp_path / "new" / "out"
+    assert (tmp_path.stat().st_mtime_ns, sorted(tmp_path.iterdir())) == stamp  # probed, then put back
+    (tmp_path / "file").write_text("x")
+    for path, folder, message in ((tmp_path / "file", True, "is a file"), (tmp_path, False, "is a folder"),
+                                  (tmp_path / "file" / "sub", True, "lies under the file"),
+                                  ("", True, "empty path")):
+        with pytest.raises(UsageError, match=f"^--out: .*{message}"):
+            check_writable_target(path, "--out", folder=folder)
+    for place in ("/proc", "/sys"):
+        if Path(place).is_dir():
+            with pytest.raises(UsageError, match=f"^--out: {place}/x cannot be written: {place} does not accept"):
+                check_writable_target(f"{place}/x", "--out")
+
+
+def test_a_failing_write_names_the_target_in_words(tmp_path):
+    """A full disk (or any OSError) while a staged write is written: a CommandError naming the target and the
+    reason — no ``[Errno 28]``, no temporary name — and the target untouched."""
+    from moepatch.errors import CommandError
+
+    target = tmp_path / "routes.jsonl"
+    target.write_text("earlier\n")
+    with pytest.raises(CommandError) as caught, staged_file(target) as scratch:
+        scratch.write_text("half")
+        raise OSError(28, "No space left on device", str(scratch))
+    assert str(caught.value) == f"{target}: could not be written (No space left on device); it was left as it was"
+    with pytest.raises(CommandError, match=r"merged: could not be written \(Permission denied: /elsewhere/x\)"), \
+            staged_folder(tmp_path / "merged"):
+        raise PermissionError(13, "Permission denied", "/elsewhere/x")
+    assert _tree(tmp_path) == {"routes.jsonl": b"earlier\n"}

@@ -110,6 +110,7 @@ def _refuse_default_targets(error: UsageError, planned: Callable[[list[str]], ob
 
 def cmd_allocate(args: argparse.Namespace) -> int:
     """GuiLoMo stage 1 on a checkpoint: learn expert counts and ranks, write expert.json / rank.json."""
+    from moepatch.staged_output import refuse_output_in_inputs
     from moepatch.tools.lora_experts.allocate import DEFAULT_EMBEDDED_EXAMPLES
     from moepatch.tools.lora_experts.allocate import conversations_of
     from moepatch.tools.lora_experts.allocate import embedded_records
@@ -142,9 +143,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--max-rank", f"{args.max_rank} exceeds the narrowest adapted projection ({narrowest} "
                                        "features): a LoRA rank cannot usefully exceed min(in, out)")
     output = Path(args.output) if args.output else checkpoint / "guilomo"
-    if output.resolve() == checkpoint.resolve():
-        raise UsageError("--output", f"{output} is the checkpoint folder: expert.json and rank.json would lie beside "
-                                     "its weights; give a folder of their own (default CHECKPOINT/guilomo)")
+    refuse_output_in_inputs(output, "--output", {"model_path": checkpoint, "--data": args.data},
+                            output_may_lie_inside={"model_path"})  # CHECKPOINT/guilomo by default
     check_output_folder(output, "--output")
     if args.data:
         records = file_records(args.data)

@@ -82,9 +82,9 @@ def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -
                      help="fine-tune batch (MELD: 16)")
     fit.add_argument("--positive-margin", type=fraction, default=FIT_DEFAULTS["positive_margin"],
                      help="contrastive: experts within this relative answer loss of the best one are positives")
-    fit.add_argument("--features", nargs="+", choices=("hidden", "load"), default=["hidden", "load"],
-                     action=DistinctValues,
-                     help="base-model signature: mean-pooled final hidden state and/or per-layer expert loads")
+    fit.add_argument("--features", nargs="+", choices=("hidden", "load"), action=DistinctValues,
+                     help="base-model signature: mean-pooled final hidden state and/or per-layer expert loads "
+                          "(default both; not with --encoder, which embeds the requests itself)")
     fit.add_argument("--encoder", help="a local embedding model instead of the base model: a sentence-transformers "
                                        "folder, or a transformers encoder folder (bge / bge-m3) embedded as "
                                        "FlagEmbedding does")
@@ -151,6 +151,11 @@ def check_experts_arguments(args: argparse.Namespace) -> None:
         for flag, value in (("--tasks", args.tasks), ("--name", args.name), ("--rank", args.rank)):
             if value is not None:
                 raise UsageError(flag, "not with --from-routes (every combination in the routes is merged)")
+        if args.weights is not None:
+            raise UsageError("--weights", "not with --from-routes: a route line carries its own weights (per request), "
+                                          "and --from-routes merges each task combination with equal weights, as "
+                                          "MELD merged its pairs; merge one combination with --tasks ... --weights "
+                                          "...")
         if args.method != "cat":
             raise UsageError("--method", "--from-routes merges with cat (exact); merge one combination with svd")
     elif not args.tasks:
@@ -257,6 +262,16 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
                                                   "module is used")
     elif args.encoder_pooling is not None:
         raise UsageError("--encoder-pooling", "only with --encoder (a transformers encoder folder)")
+    if args.encoder is not None and args.features is not None:
+        raise UsageError("--features", "only applies to the base model's signatures; --encoder embeds the requests "
+                                       "itself, so it would be ignored: drop --features or --encoder")
+    router_folder = manifest.folder / ROUTER_FOLDER  # replaced as a whole: no input may lie inside it
+    from moepatch.staged_output import check_writable_target
+    from moepatch.staged_output import refuse_output_in_inputs
+
+    refuse_output_in_inputs(router_folder, "output", {"--data": args.data, "--descriptions": args.descriptions,
+                                                      "--encoder": args.encoder}, blame_input=True)
+    check_writable_target(router_folder, "output")
     scored = args.head == "contrastive" or (args.finetune_encoder and args.positives == "scored")
     applies = {"positives": args.finetune_encoder, "positive_margin": scored}
     for name, default in FIT_DEFAULTS.items():
@@ -277,7 +292,8 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
 
     tuning = EncoderTuning(args.encoder_epochs, args.encoder_lr, args.encoder_temperature, args.encoder_batch_size,
                            args.seed)
-    settings = RouterSettings(args.head, list(args.features), args.encoder, args.encoder_pooling or "cls", args.holdout,
+    features = list(args.features or ("hidden", "load"))
+    settings = RouterSettings(args.head, features, args.encoder, args.encoder_pooling or "cls", args.holdout,
                               args.max_examples, args.max_length, args.batch_size, groups, args.seed,
                               args.positive_margin, descriptions, args.finetune_encoder, args.positives, tuning)
     try:
@@ -326,13 +342,11 @@ def cmd_route(args: argparse.Namespace) -> int:
                                         f"leaves for requests of {task!r} (of the router's {len(router.tasks)}); give "
                                         f"--top-k {left[task]} or less")
     routes_path = Path(args.routes) if args.routes else manifest.folder / "routes.jsonl"
+    from moepatch.staged_output import check_writable_target
     from moepatch.staged_output import refuse_output_in_inputs
     from moepatch.staged_output import staged_file
-    from moepatch.validation import check_output_folder
 
-    check_output_folder(routes_path.parent, "--routes")
-    if routes_path.is_dir():
-        raise UsageError("--routes", f"{routes_path} is a folder; give the jsonl file to write")
+    check_writable_target(routes_path, "--routes", folder=False)  # a folder, under a file, /proc: before routing
     refuse_output_in_inputs(routes_path, "--routes", {"--input": args.input, **_run_inputs(manifest),
                                                       "the experts' base (manifest.json 'base')": manifest.base})
     if routes_path.is_file() and not _is_routes_file(routes_path):
@@ -341,11 +355,16 @@ def cmd_route(args: argparse.Namespace) -> int:
                                      "another path")
     from moepatch.task_experts.fitting import make_encoder
 
-    signatures = make_encoder(manifest, router.encoder).encode([request.text for request in requests])
+    encoder = make_encoder(manifest, router.encoder)
+    try:
+        router.check_encoder(encoder)  # router.safetensors fits the encoder's signatures: before routing them all
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    signatures = encoder.encode([request.text for request in requests])
     own = [request.task for request in requests]
     choices = router.route(signatures, args.top_k, own_tasks=own, exclude=args.exclude)
     with staged_file(routes_path) as scratch, scratch.open("w") as stream:
-        for request, choice in zip(requests, choices):
+        for request, choice in zip(requests, choices, strict=True):
             stream.write(json.dumps({"where": request.where, "text": request.text, "tasks": choice.tasks,
                                      "weights": choice.weights, **({"task": request.task} if request.task else {})})
                          + "\n")
@@ -367,7 +386,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     manifest = _manifest(args.output)
     if args.from_routes is not None:
         try:
-            requests = combinations_from_routes(args.from_routes, args.weights, manifest.tasks)
+            requests = combinations_from_routes(args.from_routes, None, manifest.tasks)
         except ValueError as error:
             flag, _, message = str(error).partition(": ")
             if flag.startswith("--"):
@@ -391,14 +410,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise UsageError("--name", f"a merged adapter {args.name!r} already exists ({existing}); choose another "
                                        "name, or pass --replace to replace it")
     tasks = list(dict.fromkeys(task for request in requests for task in request.tasks))
+    output = manifest.folder / MERGED_FOLDER
+    from moepatch.staged_output import check_writable_target
+    from moepatch.staged_output import refuse_output_in_inputs
+    from moepatch.staged_output import staged_folder
     from moepatch.task_experts.manifest import base_model
 
+    refuse_output_in_inputs(output, "output", {"--from-routes": args.from_routes}, blame_input=True)
+    check_writable_target(output, "output")  # before the base is loaded
     try:
         model, _ = base_model(manifest)
-    except ValueError as error:
-        raise UsageError("output", str(error).partition(": ")[2]) from None
-    output = manifest.folder / MERGED_FOLDER
-    from moepatch.staged_output import staged_folder
+    except ValueError as error:  # the manifest's base: missing, or not the model the experts were trained on
+        raise CommandError(str(error)) from None
 
     peft_model = load_experts(model, manifest, tasks)
     results = []
@@ -442,10 +465,11 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
     checked = min(args.compare, len(texts))
     mixed = serving.generate_with(texts[:checked], adapters[:checked], args.max_new_tokens)
     alone = [serving.generate_with([text], [adapter], args.max_new_tokens)[0]
-             for text, adapter in zip(texts[:checked], adapters[:checked])]
+             for text, adapter in zip(texts[:checked], adapters[:checked], strict=True)]
     mixed_logits = serving.logits(texts[:checked], adapters[:checked])
-    alone_logits = torch.cat([serving.logits([t], [a]) for t, a in zip(texts[:checked], adapters[:checked])])
-    same = sum(a == b for a, b in zip(mixed, alone))
+    alone_logits = torch.cat([serving.logits([t], [a])
+                              for t, a in zip(texts[:checked], adapters[:checked], strict=True)])
+    same = sum(a == b for a, b in zip(mixed, alone, strict=True))
     difference = (mixed_logits - alone_logits).abs().max().item()
     print(f"{'mixed batches' if serving.mixed_batches else 'one batch per adapter (target_parameters adapters)'}: "
           f"{same}/{checked} requests generate the same greedy tokens as alone; max next-token logit difference "
@@ -467,6 +491,12 @@ def cmd_export_vllm(args: argparse.Namespace) -> int:
     from moepatch.task_experts.vllm_export import export_vllm
 
     manifest = _manifest(args.output)
+    from moepatch.staged_output import check_writable_target
+    from moepatch.staged_output import refuse_output_in_inputs
+    from moepatch.task_experts.vllm_export import VLLM_FOLDER
+
+    refuse_output_in_inputs(manifest.folder / VLLM_FOLDER, "output", {"--routes": args.routes}, blame_input=True)
+    check_writable_target(manifest.folder / VLLM_FOLDER, "output")
     try:
         path = export_vllm(manifest, args.max_lora_rank, max_loras=args.max_loras,
                            include_experts=args.include_experts, routes=args.routes)

@@ -29,8 +29,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            settings: MoePatchConfig | None = MoePatchConfig.from_dict(raw)
-            settings.adopt_outside_block(config)
+            parsed = MoePatchConfig.from_dict(raw)
+            parsed.adopt_outside_block(config)
+            settings: MoePatchConfig | None = parsed
         except ValueError as error:
             settings = None
             problems.append(str(error))

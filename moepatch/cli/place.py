@@ -24,11 +24,12 @@ PLACE_PROFILING_DEFAULTS: dict[str, Any] = {"data": None, "text_field": "text", 
 """Options of ``place`` that only apply to a checkpoint SOURCE (it is profiled), with their defaults."""
 
 
-def check_permuted_target(source: Path, target: Path) -> None:
-    """``--write-permuted DIR`` must be a new or empty folder, not the source."""
+def check_permuted_target(source: Path, target: Path, data: list[Path] | None = None) -> None:
+    """``--write-permuted DIR`` must be a new or empty folder, not the source nor the ``--data`` files."""
     from moepatch.staged_output import refuse_output_in_inputs
 
-    refuse_output_in_inputs(target, "--write-permuted", {"SOURCE": source})  # the source, inside it, or around it
+    # the source, inside it, or around it; the same for the profiling data
+    refuse_output_in_inputs(target, "--write-permuted", {"SOURCE": source, "--data": data})
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UsageError("--write-permuted", f"{target} already exists and is not an empty folder; give a new folder")
 
@@ -109,7 +110,7 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
         raise UsageError("--top-k", f"{args.top_k} contradicts the checkpoint's top-{moe.top_k} routing; drop "
                                     "--top-k (a checkpoint's routed tokens are counted exactly)")
     if args.write_permuted:
-        check_permuted_target(source, Path(args.write_permuted))
+        check_permuted_target(source, Path(args.write_permuted), args.data)
         try:  # what the skeleton shows; the loaded model's rule is checked again before profiling
             check_permutable(moe, structure_only=True)
         except ValueError as error:

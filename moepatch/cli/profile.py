@@ -19,6 +19,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     C2R fields into its config.json."""
     from moepatch.data.corpus import embedded_corpus
     from moepatch.loading.install import BACKUP_NAME
+    from moepatch.staged_output import refuse_output_in_inputs
     from moepatch.tools.c2r.pipeline import default_min_tokens
     from moepatch.tools.c2r.pipeline import profile_checkpoint
     from moepatch.tools.c2r.pipeline import save_profile_results
@@ -67,15 +68,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.write_config and (checkpoint / BACKUP_NAME).exists():
         raise CommandError(f"{checkpoint}: moepatch's loader is installed there, and `moepatch uninstall` would undo "
                            "the written fields; run `moepatch uninstall` first (or pass --no-write-config)")
-    if args.write_config and not os.access(checkpoint / "config.json", os.W_OK):
-        raise CommandError(f"{checkpoint / 'config.json'} is not writable; the C2R fields go there (or pass "
-                           "--no-write-config)")
-    output = check_output_folder(args.output, "--output") if args.output else checkpoint / "c2r_profile"
-    if output.resolve() == checkpoint.resolve():
-        raise UsageError("--output", f"{output} is the checkpoint folder: the matrices and heatmap would lie beside "
-                                     "its weights; give a folder of their own (default CHECKPOINT/c2r_profile)")
-    if not args.output:
-        check_output_folder(output, "--output")
+    if args.write_config:  # config.json is replaced by a copy written beside it: the folder must take new files
+        from moepatch.staged_output import check_writable_target
+
+        try:
+            if not os.access(checkpoint / "config.json", os.W_OK):
+                raise UsageError("model_path", "config.json is not writable")
+            check_writable_target(checkpoint / "config.json", "model_path", folder=False)
+        except UsageError as error:
+            raise CommandError(f"{checkpoint / 'config.json'} cannot be written ({str(error).partition(': ')[2]}); "
+                               "the C2R fields go there (or pass --no-write-config)") from None
+    output = Path(args.output) if args.output else checkpoint / "c2r_profile"
+    # the checkpoint (whose config.json receives the fields) and the data are neither the output nor inside it: a
+    # staged output folder holding the checkpoint would swap its old copy back over the written fields
+    refuse_output_in_inputs(output, "--output", {"model_path": checkpoint, "--data": args.data},
+                            output_may_lie_inside={"model_path"})
+    check_output_folder(output, "--output")
     documents = read_corpus(args.data, args.text_field or "text") if args.data else embedded_corpus()
     tokenizer = load_tokenizer(checkpoint, args.trust_remote_code)
 

@@ -262,11 +262,11 @@ def _split_debug(argv: Sequence[str]) -> tuple[bool, list[str]]:
     return debug, kept
 
 
-def _expand_recipe(argv: list[str], known: set[str]) -> list[str]:
-    """``argv`` with ``--recipe FILE``'s settings put first (so the command line wins)."""
+def _recipe_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``(FILE of --recipe FILE, argv without it)``; ``(None, argv)`` without ``--recipe``."""
     positions = [i for i, token in enumerate(argv) if token == "--recipe" or token.startswith("--recipe=")]
     if not positions:
-        return argv
+        return None, argv
     if len(positions) > 1:
         raise UsageError("--recipe", "given more than once; one recipe per run (override its settings with flags)")
     at = positions[0]
@@ -278,15 +278,23 @@ def _expand_recipe(argv: list[str], known: set[str]) -> list[str]:
         raise UsageError("--recipe", "expected a JSON file after --recipe (see configs/)")
     if not value:
         raise UsageError("--recipe", "expected a JSON file, got an empty path")
+    return value, rest
+
+
+def _expand_recipe(argv: list[str], known: set[str]) -> list[str]:
+    """``argv`` with ``--recipe FILE``'s settings put first (so the command line wins)."""
+    value, rest = _recipe_file(argv)
+    if value is None:
+        return argv
     recipe = _read_json(value, "--recipe", "a JSON object of argument: value settings")
-    if not isinstance(recipe, dict):
-        raise UsageError("--recipe", f"{value}: expected a JSON object of argument: value settings, got "
-                                     f"{type(recipe).__name__}")
+    if not isinstance(recipe, dict):  # the file's content is wrong: exit 1, the file and the flag named
+        raise CommandError(f"{value} (--recipe): expected a JSON object of argument: value settings, got "
+                           f"{type(recipe).__name__}")
     unknown = sorted(key for key in recipe if not key.startswith("_") and key not in known)
     if unknown:
-        raise UsageError("--recipe", f"{value}: unknown key{'s' if len(unknown) > 1 else ''} "
-                                     f"{', '.join(map(repr, unknown))} (not arguments of finetune or transformers' "
-                                     "TrainingArguments; keys starting with '_' are comments)")
+        raise CommandError(f"{value} (--recipe): unknown key{'s' if len(unknown) > 1 else ''} "
+                           f"{', '.join(map(repr, unknown))} (not arguments of finetune or transformers' "
+                           "TrainingArguments; keys starting with '_' are comments)")
     return _recipe_argv(recipe) + rest
 
 
@@ -327,6 +335,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
     from transformers import TrainingArguments
 
     from moepatch.mixing.callback import DynamicSamplingArguments
+    from moepatch.staged_output import refuse_output_in_inputs
     from moepatch.task_experts.training import TaskExpertArguments
     from moepatch.validation import check_output_folder
 
@@ -335,6 +344,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
     known = {f.name for kind in types for f in dataclasses.fields(kind) if f.init}
     parser = _make_parser(types)
     given = _refuse_repeated_flags(argv, parser)  # the user's own command line; a recipe's value may be overridden
+    recipe = _recipe_file(argv)[0]
     argv = _expand_recipe(argv, known)
     namespace, unknown = parser.parse_known_args(argv)  # argparse's own checks, nothing built yet
     if unknown:
@@ -344,6 +354,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
     if getattr(namespace, "output_dir", None) is None:
         raise UsageError("--output_dir", "required: the folder the fine-tuned model is saved to")
     check_output_folder(namespace.output_dir, "--output_dir")  # empty, a file, under a file, not writable
+    refuse_output_in_inputs(namespace.output_dir, "--output_dir", {"--recipe": recipe})  # the other inputs: below
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except UsageError:
@@ -574,29 +585,23 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     """
     from moepatch.mixing.callback import ROUNDS_FILE
     from moepatch.mixing.callback import STATE_FILE
-    from moepatch.validation import is_inside
+    from moepatch.staged_output import refuse_output_in_inputs
 
     config = prepare_config(model_args)
     checkpoint, output = Path(model_args.model_name_or_path), Path(training_args.output_dir)
-    if is_inside(output, checkpoint):
-        raise UsageError("--output_dir", f"{output} is {'' if is_inside(checkpoint, output) else 'inside '}the "
-                                         f"checkpoint folder {checkpoint} (--model_name_or_path): saving there would "
-                                         "overwrite the model being fine-tuned; choose another folder")
-    if is_inside(checkpoint, output):
-        raise UsageError("--output_dir", f"{output} holds the checkpoint folder {checkpoint} (--model_name_or_path): "
-                                         "the run's files would be written around (and checkpoints next to) the "
-                                         "model being fine-tuned; choose another folder")
+    # the model being fine-tuned, its sources and the files naming its settings: never the output, inside it or
+    # around it (--resume_from_checkpoint is not an input here: it lies inside the output by design)
+    def paths(entries: list[str] | None) -> list[str]:  # name=path entries
+        return [entry.partition("=")[2] for entry in entries or [] if entry.partition("=")[2]]
+
+    refuse_output_in_inputs(output, "--output_dir", {
+        "--model_name_or_path": checkpoint, "--data_dir": data_args.data_dir or None,
+        "--train_files": paths(data_args.train_files), "--probe_files": paths(data_args.probe_files),
+        "--moepatch_config": model_args.moepatch_config or None,
+        "--initial_weights": data_args.initial_weights or None})
     expert_parallel_config(model_args, config)
     check_model_structure(model_args, config,
                           probe_layers=list(sampling_args.probe_layers) if data_args.dynamic_sampling else None)
-    for flag, entry in [("--data_dir", data_args.data_dir)] + [("--train_files", e.partition("=")[2])
-                                                                for e in data_args.train_files or []]:
-        if entry and Path(entry).is_dir() and is_inside(output, entry):  # the run's files among the sources
-            raise UsageError("--output_dir", f"{output} is {'' if is_inside(entry, output) else 'inside '}the data "
-                                             f"folder {entry} ({flag}); choose a folder outside it")
-        if entry and is_inside(entry, output) and not is_inside(output, entry):  # the sources among the run's files
-            raise UsageError("--output_dir", f"{output} holds the data {entry} ({flag}): the run would write its "
-                                             "checkpoints and data beside its own sources; choose a folder outside")
     names = source_names(data_args)
     _check_synthetic_target(data_args, output, training_args.seed)
     if expert_args is not None and expert_args.task_experts and expert_args.expert_routed_experts \
@@ -762,20 +767,21 @@ def _moepatch_block(path: str, flag: str = "--moepatch_config") -> Any:
     block = _read_json(path, flag, expected)
     if isinstance(block, dict):
         block = block.get(CONFIG_KEY, block)
-    if not isinstance(block, dict):
-        raise UsageError(flag, f"{path}: expected a JSON object holding {expected}, got {type(block).__name__}")
+    if not isinstance(block, dict):  # a malformed file (exit 1), named with the flag, like --initial_weights
+        raise CommandError(f"{path} ({flag}): expected a JSON object holding {expected}, got {type(block).__name__}")
     try:
         return MoePatchConfig.from_dict(block)
     except ValueError as error:
-        raise UsageError(flag, f"{path}: {error}") from error
+        raise CommandError(f"{path} ({flag}): {error}") from None
 
 
 def prepare_config(model_args: ModelArguments) -> Any:
     """The checkpoint's config with every override validated and applied (nothing is loaded yet).
 
     Raises:
-        UsageError: naming the argument: no checkpoint folder or config.json, an unreadable config, an invalid
-            ``--moepatch_config``, a training option the family has no switch for.
+        UsageError: naming the argument: no checkpoint folder or config.json, an unreadable config, no
+            ``--moepatch_config`` file, a training option the family has no switch for.
+        CommandError: naming the file and ``--moepatch_config``: its content is not JSON or not a valid block.
     """
     from moepatch.config import CONFIG_KEY
     from moepatch.config import MoePatchConfig
@@ -819,9 +825,10 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
 
     Raises:
         UnsupportedModelError: naming ``--model_name_or_path`` (exit status 2).
-        UsageError: the block of ``--moepatch_config`` or ``--freeze_gate`` does not fit; a bad ``--probe_layers``.
-        CommandError: the checkpoint's own config.json (its moepatch block, official C2R fields) does not fit; its
-            weights are truncated or another model's (from the safetensors headers).
+        UsageError: ``--freeze_gate`` does not fit; a bad ``--probe_layers``.
+        CommandError: the checkpoint's own config.json (its moepatch block, official C2R fields) or the block of
+            ``--moepatch_config`` (a file's content: named with the flag) does not fit; its weights are truncated or
+            another model's (from the safetensors headers).
     """
     from model_patches.structure import describe
     from model_patches.structure import resolve_layer_indices
@@ -839,8 +846,8 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
         text = str(error)
         if model_args.freeze_gate is not None and "freeze_gate" in text:
             return UsageError("--freeze_gate", text)
-        if block_file and not official_c2r:  # the file's block replaced the checkpoint's
-            return UsageError("--moepatch_config", f"{block_file}: {text}")
+        if block_file and not official_c2r:  # the file's block replaced the checkpoint's: its content misfits
+            return CommandError(f"{block_file} (--moepatch_config): {text}")
         return CommandError(f"{config_file}: {text}")
 
     try:
@@ -947,12 +954,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     config = prepare_config(model_args)
     distributed = expert_parallel_config(model_args, config)
     tokenizer = load_tokenizer(model_args.model_name_or_path)  # before anything is written
-    prompt_format = data_args.prompt_format
-    if prompt_format == "auto":
-        prompt_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna"
-    elif prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
-        raise UsageError("--prompt_format", f"'chat_template' but the tokenizer of {model_args.model_name_or_path} "
-                                            "has no chat template; use 'vicuna' or 'auto'")
+    prompt_format = _prompt_format(data_args.prompt_format, tokenizer, model_args.model_name_or_path)
     with tempfile.TemporaryDirectory(prefix="moepatch_synthetic_") as scratch:
         synthetic = bool(data_args.synthetic_data and not (data_args.data_dir or data_args.train_files))
         if synthetic:  # every process generates the same sources (seeded); <output_dir>/data is written later
@@ -991,29 +993,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
         model.config.use_cache = False
         task_experts = expert_args is not None and expert_args.task_experts
         if task_experts:  # peft can reach what is asked: checked before anything is written
-            from moepatch.task_experts.training import linear_targets
-            from moepatch.task_experts.training import peft_remapped
-            from moepatch.task_experts.training import routed_target_parameters
-
-            try:
-                expert_modules = linear_targets(model, expert_args.expert_target_modules)
-                expert_parameters = routed_target_parameters(model) if expert_args.expert_routed_experts else []
-            except ValueError as error:
-                flag, _, message = str(error).partition(": ")
-                raise UsageError(flag, message) from None
-            remapped = peft_remapped(model, expert_modules)
-            if remapped:
-                names = sorted({path.rsplit(".", 1)[-1] for path in remapped})
-                kept = [path for path in expert_modules if path not in remapped]
-                if not kept:
-                    raise UsageError("--expert_target_modules", f"peft turns {names} of this {config.model_type} "
-                                                                "model into its routed experts (target_parameters): "
-                                                                "nothing left to adapt; name attention projections")
-                logger.warning("task experts: leaving out %d %s projections (%s...): peft rewrites these names on %s "
-                               "into target_parameters of the routed experts (its transformers-4 adapter conversion), "
-                               "so their LoRA would not load back; use --expert_routed_experts for the experts",
-                               len(remapped), "/".join(names), remapped[0], config.model_type)
-                expert_modules = kept
+            expert_modules, expert_parameters = _task_expert_targets(model, expert_args, config.model_type)
         if data_args.dynamic_sampling:
             try:  # checked on the skeleton already (check_inputs); the loaded model is what the rounds record
                 resolve_layer_indices(describe(model), list(sampling_args.probe_layers), "probe_layers")
@@ -1066,6 +1046,46 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     if trainer.is_world_process_zero():
         write_text_atomically(output_dir / "moepatch_finetune_summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _prompt_format(asked: str, tokenizer: Any, model_path: str) -> str:
+    """``--prompt_format`` resolved against the tokenizer: ``auto`` is its chat template when it has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if asked == "auto":
+        return "chat_template" if has_template else "vicuna"
+    if asked == "chat_template" and not has_template:
+        raise UsageError("--prompt_format", f"'chat_template' but the tokenizer of {model_path} has no chat template; "
+                                            "use 'vicuna' or 'auto'")
+    return asked
+
+
+def _task_expert_targets(model: Any, expert_args: Any, model_type: str) -> tuple[list[str], list[str]]:
+    """The linear modules and routed-expert parameters the task experts' peft LoRA adapts; projections peft would
+    rename into routed experts' target_parameters are left out (warned), and none left is refused."""
+    from moepatch.task_experts.training import linear_targets
+    from moepatch.task_experts.training import peft_remapped
+    from moepatch.task_experts.training import routed_target_parameters
+
+    try:
+        expert_modules = linear_targets(model, expert_args.expert_target_modules)
+        expert_parameters = routed_target_parameters(model) if expert_args.expert_routed_experts else []
+    except ValueError as error:
+        flag, _, message = str(error).partition(": ")
+        raise UsageError(flag, message) from None
+    remapped = peft_remapped(model, expert_modules)
+    if remapped:
+        names = sorted({path.rsplit(".", 1)[-1] for path in remapped})
+        kept = [path for path in expert_modules if path not in remapped]
+        if not kept:
+            raise UsageError("--expert_target_modules", f"peft turns {names} of this {model_type} model into its "
+                                                        "routed experts (target_parameters): nothing left to adapt; "
+                                                        "name attention projections")
+        logger.warning("task experts: leaving out %d %s projections (%s...): peft rewrites these names on %s into "
+                       "target_parameters of the routed experts (its transformers-4 adapter conversion), so their "
+                       "LoRA would not load back; use --expert_routed_experts for the experts",
+                       len(remapped), "/".join(names), remapped[0], model_type)
+        expert_modules = kept
+    return expert_modules, expert_parameters
 
 
 def _train_task_experts(model: Any, tokenizer: Any, sources: list[Any], collator: Any, model_args: ModelArguments,

@@ -52,7 +52,7 @@ def contrastive_rows(queries: Sequence[str], positives: torch.Tensor, descriptio
         raise ValueError(f"positives: expected [{len(queries)}, {len(descriptions)}], got {list(positives.shape)}")
     chooser = random.Random(seed)
     rows = []
-    for query, row in zip(queries, positives.tolist()):
+    for query, row in zip(queries, positives.tolist(), strict=True):
         negatives = [i for i, positive in enumerate(row) if not positive]
         if not negatives:
             continue

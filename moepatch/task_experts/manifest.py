@@ -91,7 +91,7 @@ class ExpertManifest:
         if (model_type, hidden) != (self.model_type, self.hidden_size):
             raise ValueError(f"{where}: a {model_type} model with hidden size {hidden}, but the experts in "
                              f"{self.folder} were trained on {self.base} ({self.model_type}, hidden size "
-                             f"{self.hidden_size})")
+                             f"{self.hidden_size}: {MANIFEST_NAME} 'model_type' / 'hidden_size')")
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base, "model_type": self.model_type, "hidden_size": self.hidden_size,
@@ -180,7 +180,8 @@ def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:
     from moepatch.loading.skeleton import weights_problem
 
     if not Path(manifest.base).is_dir():
-        raise ValueError(f"output: the experts' base {manifest.base} (manifest.json 'base') is not a folder here")
+        raise ValueError(f"{manifest.folder / MANIFEST_NAME}: base: {manifest.base} is not a folder here (the "
+                         "checkpoint the experts were trained on)")
     config = load_config(manifest.base)
     manifest.check_base(config, manifest.base)  # from config.json and the weights' headers, before the load
     problem = weights_problem(Path(manifest.base), weightless_model(config))

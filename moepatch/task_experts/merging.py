@@ -166,7 +166,7 @@ def relative_errors(expected: dict[str, torch.Tensor], merged: dict[str, torch.T
 def expected_deltas(manifest: ExpertManifest, request: MergeRequest) -> dict[str, torch.Tensor]:
     """``Σ wᵢ·sᵢ·BᵢAᵢ`` per module from the experts' files (float64)."""
     total: dict[str, torch.Tensor] = {}
-    for task, weight in zip(request.tasks, request.weights):
+    for task, weight in zip(request.tasks, request.weights, strict=True):
         for module, delta in adapter_deltas(manifest.expert_path(task)).items():
             total[module] = total[module] + weight * delta if module in total else weight * delta
     return total

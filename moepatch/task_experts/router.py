@@ -41,6 +41,8 @@ from moepatch.task_experts.manifest import ROUTER_CONFIG
 from moepatch.task_experts.manifest import ROUTER_WEIGHTS
 
 HEADS = ("centroid", "linear", "contrastive", "retrieval")
+WIDTH_TENSORS = {"centroid": "centroids", "retrieval": "descriptions", "contrastive": "mean", "linear": "mean"}
+"""The tensor of each head whose last dimension is the width of the signatures it scores."""
 EXCLUSIONS = ("none", "cross-dataset", "cross-task")
 FEATURES = ("hidden", "load")
 
@@ -224,6 +226,26 @@ class TaskRouter:
         self.tasks, self.head, self.tensors, self.encoder = list(tasks), head, tensors, encoder
         self.temperature = temperature
         self.groups = dict(groups or {})
+        self.weights_path: Path | None = None  # the router.safetensors it was loaded from (named in errors)
+
+    @property
+    def width(self) -> int:
+        """The width of the signatures the head scores."""
+        return int(self.tensors[WIDTH_TENSORS[self.head]].shape[-1])
+
+    def check_width(self, width: int) -> None:
+        """``ValueError`` naming ``router.safetensors`` and the tensor when the encoder's signatures are ``width``
+        wide and the head's are not (a router fitted on another encoder, base or ``--features``): found before any
+        request is scored, instead of a matrix-shape error that names no file."""
+        if width != self.width:
+            where = self.weights_path if self.weights_path is not None else ROUTER_WEIGHTS
+            raise ValueError(f"{where}: {WIDTH_TENSORS[self.head]}: signatures of width {self.width}, but the encoder "
+                             f"{ROUTER_CONFIG} names ({self.encoder}) gives signatures of width {width}: the router "
+                             "was fitted on another encoder or base; fit it again (`moepatch experts fit-router`)")
+
+    def check_encoder(self, encoder: RequestEncoder) -> None:
+        """:meth:`check_width` on the width ``encoder`` gives (one short text encoded)."""
+        self.check_width(int(encoder.encode(["width of the request signatures"]).shape[-1]))
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -306,7 +328,7 @@ class TaskRouter:
         scores = self.scores(signatures)
         own_tasks = list(own_tasks) if own_tasks is not None else [None] * len(scores)
         choices = []
-        for row, own in zip(scores, own_tasks):
+        for row, own in zip(scores, own_tasks, strict=True):
             row = row.clone()
             left_out = self.excluded(own, exclude)
             row[left_out] = float("-inf")
@@ -339,8 +361,10 @@ class TaskRouter:
         for key in ("tasks", "head", "encoder"):
             if key not in config:
                 raise ValueError(f"{config_path}: missing {key!r}")
-        return cls(config["tasks"], config["head"], load_file(str(weights_path)), config["encoder"],
-                   float(config.get("temperature", 0.05)), config.get("groups"))
+        router = cls(config["tasks"], config["head"], load_file(str(weights_path)), config["encoder"],
+                     float(config.get("temperature", 0.05)), config.get("groups"))
+        router.weights_path = weights_path
+        return router
 
 
 def _fit_contrastive(signatures: torch.Tensor, positives: torch.Tensor, steps: int, lr: float, weight_decay: float,
@@ -381,15 +405,15 @@ def routing_report(router: TaskRouter, signatures: torch.Tensor, labels: Sequenc
     choices = router.route(signatures, top_k, own_tasks=labels, exclude=exclude)
     report: dict[str, Any] = {"requests": len(labels), "top_k": top_k, "exclude": exclude}
     confusion: dict[str, dict[str, int]] = {task: {} for task in sorted(set(labels))}
-    for label, choice in zip(labels, choices):
+    for label, choice in zip(labels, choices, strict=True):
         confusion[label][choice.tasks[0]] = confusion[label].get(choice.tasks[0], 0) + 1
     report["confusion"] = confusion
     if exclude == "none":
-        report["accuracy"] = sum(c.tasks[0] == label for c, label in zip(choices, labels)) / len(labels)
-        report["top_k_recall"] = sum(label in c.tasks for c, label in zip(choices, labels)) / len(labels)
+        report["accuracy"] = sum(c.tasks[0] == label for c, label in zip(choices, labels, strict=True)) / len(labels)
+        report["top_k_recall"] = sum(label in c.tasks for c, label in zip(choices, labels, strict=True)) / len(labels)
         report["per_task_accuracy"] = {task: row.get(task, 0) / sum(row.values()) for task, row in confusion.items()}
     elif exclude == "cross-dataset" and router.groups:  # without groups every other task is another group
         group = router.groups.get
         report["same_group_accuracy"] = sum(group(c.tasks[0], c.tasks[0]) == group(label, label)
-                                            for c, label in zip(choices, labels)) / len(labels)
+                                            for c, label in zip(choices, labels, strict=True)) / len(labels)
     return report

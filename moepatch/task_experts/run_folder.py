@@ -121,7 +121,7 @@ def check_router(folder: Path, tasks: list[str]) -> dict[str, Any]:
             raise ValueError(f"{weights_path}: no {key!r} tensor, which a {head!r} router ({config_path}) holds")
         if len(shapes[key]) != len(dims):
             raise ValueError(f"{weights_path}: {key}: shape {list(shapes[key])}, expected {len(dims)} dimension(s)")
-        for size, dim in zip(shapes[key], dims):
+        for size, dim in zip(shapes[key], dims, strict=True):
             if sizes.setdefault(dim, size) != size:
                 detail = f"{sizes[dim]} tasks in {config_path}" if dim == "tasks" else f"{sizes[dim]} elsewhere"
                 raise ValueError(f"{weights_path}: {key}: shape {list(shapes[key])} does not fit the {dim} size "

@@ -135,6 +135,8 @@ class TaskExpertModel:
                 encoder = BaseModelEncoder(model.get_base_model(), tokenizer,
                                            features=router.encoder["features"],
                                            max_length=router.encoder["max_length"])
+            with model.disable_adapter():
+                router.check_encoder(encoder)  # router.safetensors against the signatures, named, before routing
         return cls(model, tokenizer, manifest, router, encoder)
 
     # ------------------------------------------------------------------ adapters
@@ -201,7 +203,7 @@ class TaskExpertModel:
         for adapter in dict.fromkeys(adapters):
             rows = [i for i, name in enumerate(adapters) if name == adapter]
             with self._only(adapter):
-                for row, value in zip(rows, run([texts[i] for i in rows], [])):
+                for row, value in zip(rows, run([texts[i] for i in rows], []), strict=True):
                     result[row] = value
         return result
 
@@ -253,7 +255,9 @@ class TaskExpertModel:
             mask = torch.tensor([[1] * len(item["input_ids"]) + [0] * (width - len(item["input_ids"]))
                                  for item in chunk])
             labels = torch.tensor([item["labels"] + [IGNORE_INDEX] * (width - len(item["labels"])) for item in chunk])
-            def run(rows: Sequence[int], adapter_names: list[str]) -> list[torch.Tensor]:
+
+            def run(rows: Sequence[int], adapter_names: list[str], ids: torch.Tensor = ids,
+                    mask: torch.Tensor = mask) -> list[torch.Tensor]:  # this chunk's batch, bound now
                 extra = {"adapter_names": adapter_names} if adapter_names else {}
                 index = torch.tensor(list(rows))
                 return list(self.model(input_ids=ids[index].to(self.model.device),
@@ -272,7 +276,7 @@ class TaskExpertModel:
         adapters = [self.adapter_for(tasks) for tasks in routes]
         tokens = self.generate_with(texts, adapters, max_new_tokens)
         return [Generation(self.tokenizer.decode(ids, skip_special_tokens=True), adapter, tasks, ids)
-                for ids, adapter, tasks in zip(tokens, adapters, routes)]
+                for ids, adapter, tasks in zip(tokens, adapters, routes, strict=True)]
 
 
 def throughput(serving: TaskExpertModel, texts: Sequence[str], adapters: Sequence[str], batch_size: int,
@@ -290,7 +294,7 @@ def throughput(serving: TaskExpertModel, texts: Sequence[str], adapters: Sequenc
     mixed = [(texts[i:i + batch_size], adapters[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
     grouped = []
     for adapter in dict.fromkeys(adapters):
-        rows = [text for text, name in zip(texts, adapters) if name == adapter]
+        rows = [text for text, name in zip(texts, adapters, strict=True) if name == adapter]
         grouped += [(rows[i:i + batch_size], [adapter] * len(rows[i:i + batch_size]))
                     for i in range(0, len(rows), batch_size)]
     timed(mixed[:1])  # warm-up

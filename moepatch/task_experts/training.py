@@ -15,6 +15,7 @@ rank 0 alone would wait in forever) and rank 0 alone writes the run folder, each
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -30,6 +31,7 @@ from torch import nn
 from moepatch.staged_output import staged_folder
 from moepatch.task_experts.adapter_files import quiet_peft
 from moepatch.task_experts.manifest import EXPERTS_FOLDER
+from moepatch.task_experts.manifest import MANIFEST_NAME
 from moepatch.task_experts.manifest import TASK_NAME
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import TaskExpert
@@ -156,28 +158,64 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
                        ) -> ExpertManifest:
     """Train the experts of ``tasks`` (``sources``: :class:`moepatch.data.instruction.DataSource`) one after
     another and write the manifest, still marked incomplete (the caller marks it complete after its last file);
-    returns it.  ``modules``: the linear projections (default
+    returns it.
+
+    A first run into ``OUT/experts`` writes as it goes: the manifest (incomplete) first, then each expert and the
+    manifest after it, so a run killed half-way keeps what it finished and is named as unfinished.  A run into a
+    folder that already holds a run (retraining some tasks, or finishing a killed run) changes nothing of it until
+    every expert is trained: each new expert waits in a staged folder beside its target; then the manifest is
+    written (incomplete), the earlier router, merges and vLLM export — which no longer describe the experts — are
+    removed, and the new experts move into place.  A re-run that fails (or is interrupted) while training leaves
+    the folder exactly as it was.
+
+    ``modules``: the linear projections (default
     :func:`linear_targets` of ``args.expert_target_modules``); ``parameters``: peft ``target_parameters`` (routed
     experts; default: :func:`routed_target_parameters` when ``args.expert_routed_experts``); ``train_on``: the
     examples of a task where they are not its source's ``train`` split."""
-    from peft import get_peft_model
-    from transformers import Trainer
-
     output = Path(training_args.output_dir) / EXPERTS_FOLDER
     by_name = {source.name: source for source in sources}
     if parameters is None:
         parameters = routed_target_parameters(model) if args.expert_routed_experts else []
     writer = training_args.process_index == 0  # the one process that writes the run folder
     manifest = ExpertManifest(base, model.config.model_type, model.config.hidden_size, [], output, complete=False)
-    _earlier_experts(output, manifest, tasks, remove_stale=writer)  # other tasks' experts of an earlier run stay
+    rerun = (output / MANIFEST_NAME).is_file()  # an earlier run's folder: untouched until every expert is trained
+    _earlier_experts(output, manifest, tasks)  # other tasks' experts of an earlier run stay
     manifest.planned = sorted({expert.task for expert in manifest.experts} | set(tasks))
     _barrier()  # every rank read the earlier manifest before rank 0 replaces it
-    if writer:
+    if writer and not rerun:
         manifest.write()  # incomplete from the start: a run killed from here on is named as unfinished
     train_on = train_on or {}
     if modules is None:
         modules = linear_targets(model, args.expert_target_modules)
     names = sorted({path.rsplit(".", 1)[-1] for path in modules})
+    runs = output.parent / "task_runs"  # the Trainer's own output_dir of each task (nothing is saved there)
+    runs_existed = runs.exists()
+    try:
+        with contextlib.ExitStack() as staged:  # a re-run's experts, moved into place when the block ends well
+            model = _train_each(model, by_name, tasks, collator, training_args, args, modules, parameters, train_on,
+                                manifest, names, staged if rerun else None, writer)
+            if writer and rerun:
+                manifest.write()  # incomplete, listing the new experts: from here a kill is named as unfinished
+                _remove_stale(output, tasks)
+    finally:
+        if writer:
+            for task in tasks:
+                shutil.rmtree(runs / task, ignore_errors=True)
+            if runs.is_dir() and not any(runs.iterdir()) and not runs_existed:
+                runs.rmdir()
+    return manifest
+
+
+def _train_each(model: nn.Module, by_name: dict[str, Any], tasks: Sequence[str], collator: Any, training_args: Any,
+                args: TaskExpertArguments, modules: list[str], parameters: list[str], train_on: dict[str, list[Any]],
+                manifest: ExpertManifest, names: list[str], staged: contextlib.ExitStack | None,
+                writer: bool) -> nn.Module:
+    """Train and save each task's expert (see :func:`train_task_experts`); ``staged``: a re-run, whose experts wait
+    in staged folders entered on it (and whose manifest is written once, at the end).  Returns the base model."""
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    output = manifest.folder
     for task in tasks:
         source = by_name[task]
         try:
@@ -194,20 +232,19 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
         result = trainer.train()
         state = adapter_state(peft_model)  # on every rank: gathering a sharded adapter is a collective
         loss = _mean_over_ranks(result.training_loss)  # each rank's batches; also: every rank is done training
-        if writer:
+        if writer and staged is not None:  # a re-run: moved into place once every expert is trained
+            peft_model.save_pretrained(str(staged.enter_context(staged_folder(folder))), state_dict=state)
+        elif writer:
             with staged_folder(folder) as scratch:
                 peft_model.save_pretrained(str(scratch), state_dict=state)
         model = peft_model.unload()  # the base modules back, without the LoRA: the next task starts from the base
         manifest.experts.append(TaskExpert(task, task, args.expert_r, args.expert_alpha, names, parameters, loss,
                                            len(examples)))
-        if writer:
-            manifest.experts.sort(key=lambda expert: expert.task)
+        manifest.experts.sort(key=lambda expert: expert.task)
+        if writer and staged is None:
             manifest.write()  # after each task: a run stopped half-way keeps what it finished
             shutil.rmtree(output.parent / "task_runs" / task, ignore_errors=True)  # nothing saved there
-    runs = output.parent / "task_runs"
-    if writer and runs.is_dir() and not any(runs.iterdir()):
-        runs.rmdir()
-    return manifest
+    return model
 
 
 def adapter_state(peft_model: nn.Module) -> dict[str, Any]:
@@ -263,12 +300,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str], *,
-                     remove_stale: bool = True) -> list[TaskExpert]:
+def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str]) -> list[TaskExpert]:
     """Experts an earlier run wrote into ``output`` for other tasks (kept in ``manifest``), when they were trained on
-    the same base; the router, merges and vLLM export of the earlier run are removed (they no longer describe the
-    experts) by the process that writes (``remove_stale``)."""
-    from moepatch.task_experts.manifest import MANIFEST_NAME
+    the same base.  Nothing is removed here: the earlier router, merges and vLLM export go only once the new experts
+    are trained (:func:`_remove_stale`)."""
     from moepatch.task_experts.manifest import read_manifest
 
     if not (output / MANIFEST_NAME).is_file():
@@ -279,10 +314,15 @@ def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str
                          "folder")
     kept = [expert for expert in earlier.experts if expert.task not in tasks]
     manifest.experts.extend(kept)
-    stale = [output / name for name in ("router", "merged", "vllm") if remove_stale and (output / name).exists()]
+    return kept
+
+
+def _remove_stale(output: Path, tasks: Sequence[str]) -> None:
+    """The router, merges and vLLM export of an earlier run in ``output``: they no longer describe the retrained
+    experts ``tasks``.  Called once the new experts are trained and the manifest names the run as unfinished."""
+    stale = [output / name for name in ("router", "merged", "vllm") if (output / name).exists()]
     for folder in stale:
         shutil.rmtree(folder)
     if stale:
         logger.warning("task experts: removed %s of the earlier run (retrained experts %s); fit the router and "
                        "merge again", ", ".join(folder.name for folder in stale), list(tasks))
-    return kept

@@ -59,7 +59,8 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
         raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
     configs = [model.peft_config[adapter] for adapter in adapters]
     parameters = [tuple(sorted(getattr(config, "target_parameters", None) or ())) for config in configs]
-    rslora = [adapter for adapter, config in zip(adapters, configs) if getattr(config, "use_rslora", False)]
+    rslora = [adapter for adapter, config in zip(adapters, configs, strict=True)
+              if getattr(config, "use_rslora", False)]
     if rslora:  # peft's cat / svd fold each scaling into A but give the merged adapter scaling √r, not 1
         raise ValueError(f"the adapters {rslora} use rsLoRA: peft's merge would be off by the merged scaling √r")
     if len(set(parameters)) > 1:
@@ -79,7 +80,7 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
             model.add_weighted_adapter(list(adapters), list(weights), adapter_name=adapter_name,
                                        combination_type=combination_type, svd_rank=svd_rank)
         finally:
-            for config, value in zip(configs, original):
+            for config, value in zip(configs, original, strict=True):
                 config.target_parameters = value
         if any(parameters):
             merged_config = model.peft_config[adapter_name]
@@ -98,10 +99,11 @@ def _narrowest_linear(model: torch.nn.Module, adapters: Sequence[str]) -> tuple[
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.layer import ParamWrapper
 
-    found = None
+    found: tuple[str, tuple[int, int]] | None = None
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper) and any(
                 adapter in module.lora_A for adapter in adapters):
+            assert module.out_features is not None and module.in_features is not None  # lora_A/B were built from them
             shape = (module.out_features, module.in_features)
             if found is None or min(shape) < min(found[1]):
                 found = (name, shape)
@@ -117,7 +119,7 @@ def merge_fused(wrapper: Any, adapters: Sequence[str], weights: Sequence[float],
     wrapper.update_layer(adapter_name, rank, config.lora_alpha, config=config)
     scaling = wrapper.scaling[adapter_name]
     a_parts, b_parts = [], []
-    for adapter, weight in zip(adapters, weights):
+    for adapter, weight in zip(adapters, weights, strict=True):
         a = wrapper.lora_A[adapter].weight.double()
         b = wrapper.lora_B[adapter].weight.double()
         r = wrapper.r[adapter]

@@ -9,6 +9,7 @@ entry point — and a few run as real subprocesses below.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -140,6 +141,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["evil"].write_bytes(pickle.dumps(RunsCode()))
     made["blockjson"] = root / "block.json"
     made["blockjson"].write_text(json.dumps({"moepatch": {"routing_stats": {"layers": "last"}}}))
+    made["okblock"] = root / "okblock.json"
+    made["okblock"].write_text(json.dumps({"moepatch": {"routing_stats": True}}))
     return made
 
 
@@ -306,8 +309,8 @@ CASES: list[tuple[str, int, str]] = [
     ("inspect {familymix}", 2, "moepatch.family"),
     ("place {ck} --ep-size 2 --text-field body", 2, "--text-field: only applies to .jsonl / .json --data"),
     ("profile {ck} --as-configured --no-write-config", 2, "--as-configured: "),
-    ("profile {ck} --output {ck}", 2, "is the checkpoint folder: the matrices"),
-    ("allocate {ck} --output {ck}", 2, "is the checkpoint folder: expert.json"),
+    ("profile {ck} --output {ck}", 2, "--output: {ck} is the command's input (model_path)"),
+    ("allocate {ck} --output {ck}", 2, "--output: {ck} is the command's input (model_path)"),
     ("place {ck} --ep-size 2 --write-permuted {ck}/perm", 2, "lies inside the command's input"),
     ("profile {ck} --data {small} --text-field body", 2, "--text-field: only applies to .jsonl / .json --data"),
     ("inspect {noweights}", 1, "no weights (no *.safetensors)"),
@@ -324,8 +327,8 @@ CASES: list[tuple[str, int, str]] = [
     ("profile {ck} --data {small} {small}", 2, "--data: "),
     ("profile {ck} --plot-layers 0 0", 2, "--plot-layers: 0 given twice"),
     ("install {ownautomap}", 1, "auto_map.AutoModelForCausalLM = 'modeling_custom.CustomForCausalLM'"),
-    ("eval --model moepatch --model_args pretrained={ck},moepatch_config={blockjson} --tasks x", 2,
-     "--model_args moepatch_config: "),
+    ("eval --model moepatch --model_args pretrained={ck},moepatch_config={blockjson} --tasks x", 1,
+     "block.json (--model_args moepatch_config): invalid moepatch config"),  # the file's content: exit 1
     ("eval --model moepatch --model_args pretrained={ck},moepatch_config={notjson} --tasks x", 1,
      "matrix.json (--model_args moepatch_config) is not JSON"),
     ("experts fit-router {root}/missing --group g=a --group g=b", 2, "--group: group 'g' given twice"),
@@ -333,13 +336,42 @@ CASES: list[tuple[str, int, str]] = [
     ("experts fit-router {root}/missing --group g=a,a", 2, "--group: task 'a' is twice in group 'g'"),
     ("experts fit-router {root}/missing --features hidden hidden", 2, "--features: hidden given twice"),
     ("experts merge {root}/missing --tasks a b --replace", 2, "--replace: only with --name"),
+    # issue #21, round three: an output that holds or lies inside an input, outputs that cannot be written (checked
+    # before any work, never a raw [Errno N]), a combination that would silently drop one flag
+    ("profile {ck} --output {root}", 2, "--output: {root} holds the command's input {ck} (model_path)"),
+    ("profile {ck} --data {small} --output {root}", 2, "--output: {root} holds the command's input"),
+    ("profile {ck} --output /proc/moepatch-profile", 2, "--output: /proc/moepatch-profile cannot be written"),
+    ("profile {ck} --output /sys/moepatch-profile", 2, "--output: /sys/moepatch-profile cannot be written"),
+    ("allocate {ck} --output {root}", 2, "--output: {root} holds the command's input {ck} (model_path)"),
+    ("allocate {ck} --output /proc/x", 2, "--output: /proc/x cannot be written"),
+    ("allocate {ck} --output /sys/x", 2, "--output: /sys/x cannot be written"),
+    ("place {ck} --ep-size 2 --write-permuted /proc/perm", 2, "--write-permuted: /proc/perm cannot be written"),
+    ("place {ck} --ep-size 2 --data {nonempty}/keep.txt --write-permuted {nonempty}", 2,
+     "--write-permuted: {nonempty} holds the command's input {nonempty}/keep.txt (--data)"),
+    ("demo --output /proc/demo", 2, "--output: /proc/demo cannot be written"),
+    ("demo --output /sys/demo", 2, "--output: /sys/demo cannot be written"),
+    ("eval --model moepatch --model_args pretrained={ck} --tasks x --output_path /sys/x", 2,
+     "--output_path: /sys/x cannot be written"),
+    ("eval --model moepatch --model_args pretrained={ck} --tasks x --output_path /proc/x/results.json", 2,
+     "--output_path: /proc/x cannot be written"),
+    ("eval --model moepatch --model_args pretrained={ck} --tasks x --output_path {ck}/results", 2,
+     "--output_path: {ck}/results lies inside the command's input {ck} (--model_args pretrained)"),
+    ("eval --model moepatch --model_args pretrained={ck} --tasks x --output_path {root}", 2,
+     "--output_path: {root} holds the command's input {ck} (--model_args pretrained)"),
+    ("eval --model moepatch --model_args pretrained={ck},moepatch_config={okblock} --tasks x --output_path "
+     "{okblock}", 2, "--output_path: {okblock} is the command's input (--model_args moepatch_config)"),
+    ("eval --model moepatch --model_args pretrained={ck},task_experts={root}/nonempty --tasks x", 2,
+     "--model_args: task_experts={root}/nonempty: "),
+    ("experts merge {root}/missing --from-routes {small} --weights 1 1", 2,
+     "--weights: not with --from-routes: a route line carries its own weights"),
 ]
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` with its size and modification time (what a command could have written)."""
-    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in root.rglob("*") if path.is_file()}
+def _tree(root: Path) -> dict[str, tuple[str, int] | None]:
+    """Every entry under ``root`` (hidden ones included: a staging folder left behind is a change too): a file's
+    bytes (as a digest) and modification time, a folder's presence."""
+    return {str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+            if path.is_file() else None for path in root.rglob("*")}
 
 
 def _argv(template: str, files: dict[str, Path]) -> list[str]:
@@ -366,8 +398,8 @@ def test_bad_input_fails_clearly_and_writes_nothing(files, capsys, monkeypatch, 
     output = capsys.readouterr()
     text = output.out + output.err
     assert code == status, text
-    assert named in text, text
-    assert "Traceback" not in text
+    assert named.format(**{name: str(path) for name, path in files.items()}) in text, text
+    assert "Traceback" not in text and "Errno" not in text and "OSError" not in text
     assert _tree(files["root"]) == before, "a failed command wrote or changed files"
     assert not (files["root"] / "PWNED").exists()
 

@@ -134,6 +134,7 @@ def test_install_validates_before_touching_the_folder(tmp_path):
 def test_install_and_uninstall_failing_at_any_write_leave_the_folder_as_it_was(tmp_path, monkeypatch, failing):
     """Each of install's three writes (the loader, the backup, config.json last) and uninstall's restore fails in
     turn: the folder is byte for byte what it was before the command."""
+    import moepatch.loading.install as install_module
     import moepatch.staged_output as staged
 
     folder = tiny.save_tiny_checkpoint(tmp_path / "ck", "qwen2_moe")
@@ -147,7 +148,8 @@ def test_install_and_uninstall_failing_at_any_write_leave_the_folder_as_it_was(t
 
     before = _snapshot(folder)
     with monkeypatch.context() as patched:
-        patched.setattr(staged, "staged_file", failing_staged_file)
+        for module in (staged, install_module):  # install's own staged writes and write_text_atomically's
+            patched.setattr(module, "staged_file", failing_staged_file)
         with pytest.raises(OSError, match="No space left"):
             moepatch.install(folder)
     assert _snapshot(folder) == before
@@ -155,7 +157,8 @@ def test_install_and_uninstall_failing_at_any_write_leave_the_folder_as_it_was(t
     installed = _snapshot(folder)
     if failing == "config":
         with monkeypatch.context() as patched:
-            patched.setattr(staged, "staged_file", failing_staged_file)
+            for module in (staged, install_module):
+                patched.setattr(module, "staged_file", failing_staged_file)
             with pytest.raises(OSError, match="No space left"):
                 moepatch.uninstall(folder)
         assert _snapshot(folder) == installed

@@ -69,6 +69,11 @@ def world(tmp_path_factory) -> Path:
     _jsonl(root / "small" / "train" / "chat.jsonl", synthetic_records("chat", 3))
     for name in ("code", "math"):
         _jsonl(root / "small" / "train" / f"{name}.jsonl", synthetic_records(name, 12))
+    for folder, name, content in (("blockdir", "block.json", {"moepatch": {"routing_stats": True}}),
+                                  ("recipedir", "recipe.json", {"update_every": 2}),
+                                  ("weightsdir", "w.json", {"chat": 1, "code": 1, "math": 1})):
+        (root / folder).mkdir()
+        (root / folder / name).write_text(json.dumps(content))
     (root / "used_output" / "sampling_info").mkdir(parents=True)
     (root / "used_output" / "sampling_info" / "rounds.jsonl").write_text('{"step": 2}\n')
     # broken checkpoints: copies of ckpt with a file removed or config.json edited
@@ -112,22 +117,25 @@ def _argv(world: Path, out: Path, drop: tuple[str, ...] = (), extra: tuple[str, 
     base = {"--model_name_or_path": str(world / "ckpt"), "--data_dir": str(world / "data"), "--output_dir": str(out),
             "--max_steps": "4", "--update_every": "2", "--probe_size": "2", "--max_length": "96",
             "--report_to": "none"}
-    if "--no_dynamic_sampling" in extra or ("--dynamic_sampling", "false") in zip(extra, extra[1:]):
+    neighbours = zip(extra, extra[1:], strict=False)
+    if "--no_dynamic_sampling" in extra or ("--dynamic_sampling", "false") in neighbours:
         drop = (*drop, "--update_every")
     argv = [token for flag, value in base.items() if flag not in drop and flag not in extra
             for token in (flag, value)]
     return [*argv, "--use_cpu", *(token.format(world=world, out=out) for token in extra)]
 
 
-def _snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under ``roots`` with its size and modification time."""
+def _snapshot(*roots: Path) -> dict[str, tuple[str | None, int]]:
+    """Every file and folder under ``roots``: a file's bytes (as a digest), and the modification time of both."""
+    import hashlib
+
     result = {}
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             for name in dirnames + filenames:
                 path = Path(dirpath) / name
-                stat = path.stat()
-                result[str(path)] = (stat.st_size if path.is_file() else -1, stat.st_mtime_ns)
+                digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+                result[str(path)] = (digest, path.stat().st_mtime_ns)
     return result
 
 
@@ -234,15 +242,17 @@ CASES = [
      ["--moepatch_config", "gone.json", "no such file"]),
     ("moepatch_config_not_json", (), ("--moepatch_config", "{world}/notjson.json"), FAILURE,
      ["--moepatch_config", "not JSON", "line 2"]),
-    ("moepatch_config_not_object", (), ("--moepatch_config", "{world}/list.json"), USAGE,
-     ["--moepatch_config", "got list"]),
-    ("moepatch_config_invalid_block", (), ("--moepatch_config", "{world}/block_invalid.json"), USAGE,
-     ["--moepatch_config", "routing_stats.layers"]),
+    # a file whose content is wrong: exit 1 naming the file and its flag (as --initial_weights)
+    ("moepatch_config_not_object", (), ("--moepatch_config", "{world}/list.json"), FAILURE,
+     ["list.json (--moepatch_config)", "got list"]),
+    ("moepatch_config_invalid_block", (), ("--moepatch_config", "{world}/block_invalid.json"), FAILURE,
+     ["block_invalid.json (--moepatch_config)", "routing_stats.layers"]),
     # recipe
     ("recipe_missing", (), ("--recipe", "{world}/gone.json"), USAGE, ["--recipe", "gone.json", "no such file"]),
     ("recipe_not_json", (), ("--recipe", "{world}/notjson.json"), FAILURE, ["--recipe", "not JSON"]),
-    ("recipe_not_object", (), ("--recipe", "{world}/list.json"), USAGE, ["--recipe", "got list"]),
-    ("recipe_unknown_key", (), ("--recipe", "{world}/recipe_unknown.json"), USAGE, ["--recipe", "'updte_every'"]),
+    ("recipe_not_object", (), ("--recipe", "{world}/list.json"), FAILURE, ["list.json (--recipe)", "got list"]),
+    ("recipe_unknown_key", (), ("--recipe", "{world}/recipe_unknown.json"), FAILURE,
+     ["recipe_unknown.json (--recipe)", "'updte_every'"]),
     ("recipe_without_value", (), ("--recipe",), USAGE, ["--recipe", "expected a JSON file"]),
     # the Trainer's own arguments and the command line itself
     ("output_dir_missing", ("--output_dir",), (), USAGE, ["--output_dir", "required"]),
@@ -273,20 +283,42 @@ CASES = [
      ["badturn/train/chat.jsonl:3", "conversations[1]", "a string 'value'"]),
     # the output folder: never the checkpoint (it would be overwritten), always a folder that can be written
     ("output_dir_is_the_checkpoint", ("--output_dir",), ("--output_dir", "{world}/ckpt"), USAGE,
-     ["--output_dir", "is the checkpoint folder", "overwrite"]),
+     ["--output_dir", "ckpt is the command's input (--model_name_or_path)", "would replace it"]),
     ("output_dir_is_the_checkpoint_synthetic", ("--output_dir", "--data_dir"),
-     ("--output_dir", "{world}/ckpt", "--synthetic_data"), USAGE, ["--output_dir", "is the checkpoint folder"]),
+     ("--output_dir", "{world}/ckpt", "--synthetic_data"), USAGE,
+     ["--output_dir", "is the command's input (--model_name_or_path)"]),
     ("output_dir_inside_the_checkpoint", ("--output_dir",), ("--output_dir", "{world}/ckpt/run"), USAGE,
-     ["--output_dir", "is inside the checkpoint folder"]),
+     ["--output_dir", "lies inside the command's input", "(--model_name_or_path)"]),
     ("output_dir_holds_the_checkpoint", ("--output_dir",), ("--output_dir", "{world}"), USAGE,
-     ["--output_dir", "holds the checkpoint folder"]),
+     ["--output_dir", "holds the command's input", "ckpt (--model_name_or_path)"]),
     ("output_dir_is_the_data", ("--output_dir",), ("--output_dir", "{world}/data"), USAGE,
-     ["--output_dir", "is the data folder", "(--data_dir)"]),
+     ["--output_dir", "is the command's input (--data_dir)"]),
     ("output_dir_inside_the_data", ("--output_dir",), ("--output_dir", "{world}/data/run"), USAGE,
-     ["--output_dir", "is inside the data folder"]),
+     ["--output_dir", "lies inside the command's input", "(--data_dir)"]),
     ("output_dir_holds_the_data", ("--output_dir", "--data_dir"),
      ("--output_dir", "{world}/one", "--train_files", "chat={world}/one/train/chat.jsonl",
-      "code={world}/two/train/code.jsonl"), USAGE, ["--output_dir", "holds the data", "(--train_files)"]),
+      "code={world}/two/train/code.jsonl"), USAGE, ["--output_dir", "holds the command's input", "(--train_files)"]),
+    # issue #21, round three: every input of the run, one check (moepatch.staged_output.refuse_output_in_inputs)
+    ("output_dir_holds_the_probe_files", ("--output_dir",),
+     ("--output_dir", "{world}/two", "--probe_files", "chat={world}/two/train/chat.jsonl"), USAGE,
+     ["--output_dir", "holds the command's input", "(--probe_files)"]),
+    ("output_dir_holds_the_moepatch_config", ("--output_dir",),
+     ("--output_dir", "{world}/blockdir", "--moepatch_config", "{world}/blockdir/block.json"), USAGE,
+     ["--output_dir", "holds the command's input", "(--moepatch_config)"]),
+    ("output_dir_holds_the_recipe", ("--output_dir",),
+     ("--output_dir", "{world}/recipedir", "--recipe", "{world}/recipedir/recipe.json"), USAGE,
+     ["--output_dir", "holds the command's input", "(--recipe)"]),
+    ("output_dir_is_the_recipe", ("--output_dir",),
+     ("--output_dir", "{world}/recipedir/recipe.json", "--recipe", "{world}/recipedir/recipe.json"), USAGE,
+     ["--output_dir", "is a file"]),
+    ("output_dir_holds_the_initial_weights", ("--output_dir",),
+     ("--output_dir", "{world}/weightsdir", "--initial_weights", "{world}/weightsdir/w.json"), USAGE,
+     ["--output_dir", "holds the command's input", "(--initial_weights)"]),
+    # an output folder nothing can be written into: refused naming the flag (exit 2), never a raw PermissionError
+    ("output_dir_in_sys", ("--output_dir",), ("--output_dir", "/sys/moepatch-run"), USAGE,
+     ["--output_dir: /sys/moepatch-run cannot be written"]),
+    ("output_dir_in_proc", ("--output_dir",), ("--output_dir", "/proc/moepatch-run"), USAGE,
+     ["--output_dir: /proc/moepatch-run cannot be written"]),
     ("output_dir_under_a_file", ("--output_dir",), ("--output_dir", "{world}/file.txt/run"), USAGE,
      ["--output_dir", "under the file"]),
     ("output_dir_empty", ("--output_dir",), ("--output_dir", ""), USAGE, ["--output_dir", "empty path"]),
@@ -301,8 +333,8 @@ CASES = [
      ["--model_name_or_path", "cannot patch LlamaForCausalLM"]),
     ("top_k_above_num_experts", ("--model_name_or_path",), ("--model_name_or_path", "{world}/topk9"), USAGE,
      ["--model_name_or_path", "top-9", "8 experts"]),
-    ("moepatch_config_misfits_the_model", (), ("--moepatch_config", "{world}/block_c2r.json"), USAGE,
-     ["--moepatch_config", "block_c2r.json", "collaborative_list", "4 decoder layers"]),
+    ("moepatch_config_misfits_the_model", (), ("--moepatch_config", "{world}/block_c2r.json"), FAILURE,
+     ["block_c2r.json (--moepatch_config)", "collaborative_list", "4 decoder layers"]),
     ("checkpoint_block_misfits_the_model", ("--model_name_or_path",), ("--model_name_or_path", "{world}/ownblock"),
      FAILURE, ["ownblock/config.json", "collaborative_list", "4 decoder layers"]),
     ("probe_layers_out_of_range", (), ("--probe_layers", "99"), USAGE, ["--probe_layers", "layer 99 does not exist"]),
@@ -380,7 +412,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, world, tmp_path, capsy
     assert "finetune: error:" in stderr
     for fragment in fragments:
         assert fragment in stderr, (fragment, stderr)
-    assert "Traceback" not in stdout + stderr
+    assert "Traceback" not in stdout + stderr and "Errno" not in stderr and "PermissionError" not in stderr
     assert "finetune: warning" not in stderr and "MoePatchWarning" not in stderr  # the error alone
     assert _snapshot(world, tmp_path) == before  # nothing written, nothing touched
     assert not out.exists()

@@ -47,7 +47,7 @@ def test_task_experts_train_merge_serve_and_reload_with_peft(family, tmp_path):
     adapters = ["code", "math", "code+math", "__base__"]
     mixed = serving.generate_with(TEXTS, adapters, max_new_tokens=4)
     assert mixed == [serving.generate_with([text], [name], max_new_tokens=4)[0]
-                     for text, name in zip(TEXTS, adapters)]
+                     for text, name in zip(TEXTS, adapters, strict=True)]
     # peft alone, on the unpatched base, loads each adapter to the same function (nothing renamed on the way)
     batch = serving.tokenizer(TEXTS[:1], return_tensors="pt")
     for name, folder in (("code", manifest.expert_path("code")),
@@ -68,7 +68,7 @@ def test_routed_experts_are_adapted_when_asked_served_by_adapter_group_and_merge
     adapters = ["code", "math", "code", "__base__"]
     grouped = serving.generate_with(TEXTS, adapters, max_new_tokens=3)
     assert grouped == [serving.generate_with([text], [name], max_new_tokens=3)[0]
-                       for text, name in zip(TEXTS, adapters)]
+                       for text, name in zip(TEXTS, adapters, strict=True)]
     # the fused experts merge too (peft refuses them; moepatch merges them in peft's layout): the merge with
     # weights 1, 1 is the two experts active together, as peft computes it
     assert cli(["experts", "merge", str(output), "--tasks", "code", "math", "--weights", "1", "1",

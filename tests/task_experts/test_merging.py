@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -95,9 +96,15 @@ def test_from_routes_merges_every_combination_once(run):
     assert names == ["chat+code", "letters+math"]  # equal weights: a pair is one adapter in either order
 
 
-def _merged_folder_is_untouched(run: Path) -> bool:
-    merged = run / "experts" / "merged"
-    return not merged.exists() or not any(merged.iterdir())
+def _tree(root: Path) -> dict[str, str | None]:
+    """Every entry under ``root``, hidden ones included: a file's bytes (as a digest), a folder's presence."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
+
+
+def _merged_folder_is_untouched(run: Path, before: dict[str, str | None]) -> bool:
+    """The run exactly as it was — no merged/ appeared (not even an empty one), no staging folder left beside it."""
+    return _tree(run) == before and not (run / "experts" / "merged").exists()
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -118,20 +125,22 @@ def _merged_folder_is_untouched(run: Path) -> bool:
     (["--weights", "1", "1"], r"--tasks: required"),
 ])
 def test_bad_merges_are_refused_and_nothing_is_written(run, capsys, argv, message):
+    before = _tree(run)
     assert cli(["experts", "merge", str(run), *argv]) == 2
-    assert re.search(message, capsys.readouterr().err)
-    assert _merged_folder_is_untouched(run)
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert _merged_folder_is_untouched(run, before)
 
 
 def test_a_named_merge_is_not_replaced_without_replace(run, capsys):
     """--name of an existing merged adapter: refused (it would be silently replaced) unless --replace."""
-    merged = run / "experts" / "merged" / "mine"
     assert cli(["experts", "merge", str(run), "--tasks", "chat", "code", "--name", "mine"]) == 0
-    first = (merged / "adapter_model.safetensors").read_bytes()
     capsys.readouterr()
+    before = _tree(run)
     assert cli(["experts", "merge", str(run), "--tasks", "chat", "math", "--name", "mine"]) == 2
-    assert "--name: a merged adapter 'mine' already exists" in capsys.readouterr().err
-    assert (merged / "adapter_model.safetensors").read_bytes() == first
+    err = capsys.readouterr().err
+    assert "--name: a merged adapter 'mine' already exists" in err and "Traceback" not in err
+    assert _tree(run) == before
     assert cli(["experts", "merge", str(run), "--tasks", "chat", "math", "--name", "mine", "--replace"]) == 0
     entries = json.loads((run / "experts" / "merged" / "merges.json").read_text())
     assert [entry["tasks"] for entry in entries if entry["name"] == "mine"] == [["chat", "math"]]
@@ -140,23 +149,32 @@ def test_a_named_merge_is_not_replaced_without_replace(run, capsys):
 def test_from_routes_names_the_bad_line(run, capsys):
     routes = run / "routes.jsonl"
     routes.write_text(json.dumps({"tasks": ["chat", "code"]}) + "\n" + json.dumps({"tasks": ["chat", "nope"]}) + "\n")
+    before = _tree(run)
     assert cli(["experts", "merge", str(run), "--from-routes", str(routes)]) == 1  # a malformed file: exit 1
-    assert re.search(r"routes\.jsonl:2: unknown task\(s\) \['nope'\].*\(--from-routes\)", capsys.readouterr().err)
-    assert _merged_folder_is_untouched(run)
+    err = capsys.readouterr().err
+    assert re.search(r"routes\.jsonl:2: unknown task\(s\) \['nope'\].*\(--from-routes\)", err)
+    assert "Traceback" not in err
+    assert _merged_folder_is_untouched(run, before)
 
 
 def test_missing_expert_and_mismatched_base_are_named(run, capsys):
     manifest_path = run / "experts" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     shutil.rmtree(run / "experts" / "code")
+    before = _tree(run)
     assert cli(["experts", "merge", str(run), "--tasks", "chat", "code"]) == 1  # a file of the run is missing
     assert "the expert of task 'code' is missing" in capsys.readouterr().err
+    assert _merged_folder_is_untouched(run, before)
     manifest["experts"] = [e for e in manifest["experts"] if e["task"] != "code"]
     manifest["hidden_size"] = 64
     manifest_path.write_text(json.dumps(manifest))
-    assert cli(["experts", "merge", str(run), "--tasks", "chat", "math"]) == 2  # the folder names an unusable run
-    assert "hidden size 32, but the experts" in capsys.readouterr().err
-    assert _merged_folder_is_untouched(run)
+    before = _tree(run)
+    # the manifest disagrees with its base: a run-file fault like any other (exit 1), manifest.json named
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "math"]) == 1
+    err = capsys.readouterr().err
+    assert "hidden size 32, but the experts" in err and "manifest.json 'model_type' / 'hidden_size'" in err, err
+    assert "Traceback" not in err
+    assert _merged_folder_is_untouched(run, before)
 
 
 def test_experts_with_and_without_routed_experts_are_not_merged(run, capsys):
@@ -164,5 +182,8 @@ def test_experts_with_and_without_routed_experts_are_not_merged(run, capsys):
     manifest = json.loads(manifest_path.read_text())
     manifest["experts"][0]["target_parameters"] = ["mlp.experts.gate_up_proj"]
     manifest_path.write_text(json.dumps(manifest))
+    before = _tree(run)
     assert cli(["experts", "merge", str(run), "--tasks", "chat", "code"]) == 2
-    assert "the experts adapt different fused routed-expert parameters" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the experts adapt different fused routed-expert parameters" in err and "Traceback" not in err
+    assert _merged_folder_is_untouched(run, before)

@@ -75,7 +75,7 @@ def test_base_model_signature_equals_an_independent_computation(base_checkpoint)
     for text in texts:  # one request at a time: no padding to mask
         batch = tokenizer([text], return_tensors="pt")
         captured = []
-        handles = [layer.mlp.gate.register_forward_hook(lambda m, a, out: captured.append(out[2]))
+        handles = [layer.mlp.gate.register_forward_hook(lambda m, a, out, captured=captured: captured.append(out[2]))
                    for layer in model.model.layers if hasattr(layer.mlp, "gate")]
         with torch.no_grad():
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1][0].mean(0)
@@ -96,14 +96,14 @@ def test_centroid_head_and_exclusions_against_hand_computation():
     query = torch.randn(4, 5)
     torch.testing.assert_close(router.scores(query), F.normalize(query, dim=-1) @ centroids.T)
     plain = router.route(query, top_k=2)
-    for row, choice in zip(router.scores(query), plain):
+    for row, choice in zip(router.scores(query), plain, strict=True):
         values, indices = row.topk(2)
         assert choice.tasks == [["a", "b", "c"][i] for i in indices]
         torch.testing.assert_close(torch.tensor(choice.weights), torch.softmax(values / 0.05, dim=0))
     own = ["a", "b", "c", "a"]
-    for choice, task in zip(router.route(query, 2, own_tasks=own, exclude="cross-dataset"), own):
+    for choice, task in zip(router.route(query, 2, own_tasks=own, exclude="cross-dataset"), own, strict=True):
         assert task not in choice.tasks
-    for choice, task in zip(router.route(query, 1, own_tasks=own, exclude="cross-task"), own):
+    for choice, task in zip(router.route(query, 1, own_tasks=own, exclude="cross-task"), own, strict=True):
         assert choice.tasks == (["c"] if task in ("a", "b") else choice.tasks) and task not in choice.tasks
     with pytest.raises(ValueError, match=r"--exclude cross-task: no task left"):
         TaskRouter.fit(signatures[:8], ["a", "b"] * 4, encoder={}, groups={"a": "g", "b": "g"}).route(
@@ -272,6 +272,9 @@ def test_melds_training_groups_pair_each_positive_with_a_negative():
      r"--encoder: .* holds a causal language model \(Qwen2MoeForCausalLM\), not an embedding encoder"),
     (["fit-router", "{run}", "--encoder", "{truncated}"], 1,
      r"error: .*truncated/model\.safetensors: not a complete safetensors file"),
+    (["fit-router", "{run}", "--encoder", "{truncated}", "--features", "hidden"], 2,
+     r"--features: only applies to the base model's signatures; --encoder embeds the requests itself"),
+    (["fit-router", "{run}", "--encoder", "{truncated}", "--features", "hidden", "load"], 2, r"--features: "),
 ])
 def test_bad_router_arguments_name_the_argument(run, base_checkpoint, tmp_path, capsys, argv, code, message):
     requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
@@ -289,20 +292,36 @@ def test_bad_router_arguments_name_the_argument(run, base_checkpoint, tmp_path, 
         weights.write_bytes(weights.read_bytes()[:-100])
     argv = [arg.format(run=run, requests=requests, descriptions=descriptions, base=base_checkpoint,
                        truncated=truncated) for arg in argv]
+    before = _tree(run), _tree(tmp_path)
     assert cli(["experts", *argv]) == code
-    assert re.search(message, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert (_tree(run), _tree(tmp_path)) == before, "a refused command wrote or changed files"
     assert not (run / "experts" / "router").exists()
+
+
+def _tree(root: Path) -> dict[str, str | None]:
+    """Every entry under ``root``, hidden ones included: a file's bytes (as a digest), a folder's presence."""
+    import hashlib
+
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
 
 
 def test_route_refuses_unknown_tasks_and_too_large_k(run, tmp_path, capsys):
     assert cli(["experts", "fit-router", str(run), "--features", "hidden"]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "hello", "task": "poetry"}) + "\n")
-    assert cli(["experts", "route", str(run), "--input", str(bad)]) == 1  # the file's content: exit 1, named
-    assert "task(s) ['poetry'] are not among the router's" in capsys.readouterr().err
     requests = _fresh_requests(tmp_path / "requests.jsonl", per_task=1)
+    capsys.readouterr()
+    before = _tree(run), _tree(tmp_path)
+    assert cli(["experts", "route", str(run), "--input", str(bad)]) == 1  # the file's content: exit 1, named
+    err = capsys.readouterr().err
+    assert "task(s) ['poetry'] are not among the router's" in err and "Traceback" not in err
     assert cli(["experts", "route", str(run), "--input", str(requests), "--top-k", "5"]) == 2
-    assert "--top-k: 5 is more than the router's 4 tasks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--top-k: 5 is more than the router's 4 tasks" in err and "Traceback" not in err
+    assert (_tree(run), _tree(tmp_path)) == before
     assert not (run / "experts" / "routes.jsonl").exists()
 
 

@@ -4,6 +4,7 @@ is named as unfinished."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +26,17 @@ from moepatch.task_experts import merging
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in sorted(root.rglob("*")) if path.is_file()}
+def _tree(root: Path) -> dict[str, tuple[str, int] | None]:
+    """Every entry under ``root`` (hidden ones included: a staging folder left behind is a change too): a file's
+    bytes (as a digest) and modification time, a folder's presence."""
+    return {str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+            if path.is_file() else None for path in sorted(root.rglob("*"))}
+
+
+def _contents(root: Path) -> dict[str, str | None]:
+    """Every entry under ``root`` by its bytes alone (a re-run may rewrite identical data files)."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
 
 
 def _requests(path: Path) -> Path:
@@ -95,8 +104,38 @@ def _nothing(run: Path) -> None:
     return None
 
 
+def _router_tensors(**replace) -> Callable[[Path], None]:
+    """router.safetensors with some tensors replaced (shapes that agree with each other but not with the run)."""
+    def edit(run: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+        from safetensors.torch import save_file
+
+        path = run / "experts" / "router" / "router.safetensors"
+        tensors = load_file(str(path))
+        tensors.update({key: torch.randn(*shape) for key, shape in replace.items()})
+        save_file(tensors, str(path))
+    return edit
+
+
+def _base_elsewhere(run: Path) -> None:
+    """The manifest names a base that is not there (the experts' configs name none, as peft allows)."""
+    _edit_json("experts/manifest.json", base="/nowhere/base")(run)
+    for task in ("chat", "code", "letters", "math"):
+        _edit_json(f"experts/{task}/adapter_config.json", base_model_name_or_path=None)(run)
+
+
+def _fake_encoder(relative: str) -> Callable[[Path], None]:
+    """A folder that passes as a sentence-transformers model (modules.json) for the argument checks."""
+    def edit(run: Path) -> None:
+        (run / relative).mkdir(parents=True)
+        (run / relative / "modules.json").write_text("[]")
+    return edit
+
+
 ROUTE = "experts route {run} --input {run}/requests.jsonl"
 MERGE = "experts merge {run} --tasks chat math"
+EVAL = "eval --model moepatch --model_args pretrained={base},task_experts={run} --tasks te_none"
 CASES = [
     # a broken file inside the run: exit 1, the file named, before any model is loaded
     ("expert weights truncated", _truncate("experts/code/adapter_model.safetensors"), MERGE.replace("math", "code"),
@@ -164,19 +203,77 @@ CASES = [
     ("NaN route weights", _write("routes.jsonl", json.dumps({"tasks": ["chat", "code"], "weights": [float("nan"),
                                                                                                       0.5]}) + "\n"),
      "experts merge {run} --from-routes {run}/routes.jsonl", 1, "routes.jsonl:1: 'weights' must be 2 finite numbers"),
+    # issue #21, round three
+    # the router's tensors against its head, the run and the encoder's signatures: exit 1, the file and field named
+    ("router head of other tensors", _edit_json("experts/router/router.json", head="linear"), ROUTE, 1,
+     "router/router.safetensors: no 'weight' tensor, which a 'linear' router"),
+    ("router tensors of other tasks", _router_tensors(centroids=(3, 8)), ROUTE, 1,
+     "router/router.safetensors: centroids: shape [3, 8] does not fit the tasks size (4 tasks in"),
+    ("router width not the signatures'", _router_tensors(centroids=(4, 10)), ROUTE, 1,
+     "router/router.safetensors: centroids: signatures of width 10, but the encoder router.json names"),
+    ("serve-check with a router of another width", _router_tensors(centroids=(4, 10)),
+     "experts serve-check {run} --input {run}/requests.jsonl --compare 2", 1,
+     "router/router.safetensors: centroids: signatures of width 10"),
+    # a file given to a command that is not JSON: exit 1, the file (and line) named
+    ("route --input not JSON", _write("bad.jsonl", "{not json\n"), "experts route {run} --input {run}/bad.jsonl", 1,
+     "bad.jsonl:1"),
+    ("serve-check --input not JSON", _write("bad.jsonl", "{not json\n"),
+     "experts serve-check {run} --input {run}/bad.jsonl", 1, "bad.jsonl:1"),
+    ("export-vllm --routes not JSON", _write("bad.jsonl", "[1, 2\n"),
+     "experts export-vllm {run} --max-lora-rank 64 --routes {run}/bad.jsonl", 1, "bad.jsonl:1"),
+    # the run's manifest against its base: a run-file fault like every other one (exit 1), manifest.json named
+    ("manifest base not a folder", _base_elsewhere, MERGE, 1,
+     "manifest.json: base: /nowhere/base is not a folder here"),
+    ("manifest hidden size not the base's", _edit_json("experts/manifest.json", hidden_size=64), MERGE, 1,
+     "hidden size 32, but the experts in"),
+    # eval checks the whole run before lm-eval runs
+    ("eval on an unfinished run", _edit_json("experts/manifest.json", complete=False, planned=["chat", "poems"]),
+     EVAL, 1, "did not finish (complete: false"),
+    ("eval on a run with truncated expert weights", _truncate("experts/math/adapter_model.safetensors"), EVAL, 1,
+     "math/adapter_model.safetensors: not a complete safetensors file"),
+    ("eval on a run with a corrupt router", _write("experts/router/router.json", "{"), EVAL, 1,
+     "router/router.json: not JSON"),
+    ("eval on a run without a router", lambda run: shutil.rmtree(run / "experts" / "router"), EVAL, 2,
+     "--model_args: task_experts={run}: no fitted router"),
+    # an option that would be ignored, a combination that would drop one flag's values
+    ("fit-router --features with --encoder", _fake_encoder("encoder"),
+     "experts fit-router {run} --encoder {run}/encoder --features hidden", 2,
+     "--features: only applies to the base model's signatures; --encoder embeds the requests itself"),
+    ("merge --weights with --from-routes", _write("routes.jsonl", json.dumps({"tasks": ["chat", "code"]}) + "\n"),
+     "experts merge {run} --from-routes {run}/routes.jsonl --weights 0.7 0.3", 2,
+     "--weights: not with --from-routes: a route line carries its own weights"),
+    # an input inside the folder a command replaces as a whole: exit 2, the input's flag named
+    ("fit-router --encoder inside the router folder", _fake_encoder("experts/router/encoder"),
+     "experts fit-router {run} --encoder {run}/experts/router/encoder", 2,
+     "--encoder: {run}/experts/router/encoder lies inside {run}/experts/router, which the command replaces"),
+    ("fit-router --data holding the router folder", _nothing, "experts fit-router {run} --data {run}", 2,
+     "--data: {run} holds {run}/experts/router, which the command writes"),
+    ("merge --from-routes inside merged/", _write("experts/merged/routes.jsonl",
+                                                  json.dumps({"tasks": ["chat", "code"]}) + "\n"),
+     "experts merge {run} --from-routes {run}/experts/merged/routes.jsonl", 2,
+     "--from-routes: {run}/experts/merged/routes.jsonl lies inside {run}/experts/merged"),
+    ("export-vllm --routes inside vllm/", lambda run: (run / "experts" / "vllm").mkdir() or (
+        run / "experts" / "vllm" / "routes.jsonl").write_text(json.dumps({"tasks": ["chat"]}) + "\n"),
+     "experts export-vllm {run} --max-lora-rank 64 --routes {run}/experts/vllm/routes.jsonl", 2,
+     "--routes: {run}/experts/vllm/routes.jsonl lies inside {run}/experts/vllm"),
+    # an output that cannot be written: refused before routing, never [Errno 2] after it
+    ("routes into /proc", _nothing, ROUTE + " --routes /proc/moepatch-routes.jsonl", 2,
+     "--routes: /proc/moepatch-routes.jsonl cannot be written"),
+    ("routes onto a folder", _nothing, ROUTE + " --routes {run}/experts", 2, "--routes: {run}/experts is a folder"),
 ]
 
 
 @pytest.mark.parametrize(("case", "damage", "command", "status", "named"), CASES, ids=[case[0] for case in CASES])
 def test_a_bad_run_or_argument_is_named_and_nothing_changes(run, capsys, case, damage, command, status, named):
+    base = json.loads((run / "experts" / "manifest.json").read_text())["base"]
     damage(run)
     before = _tree(run)
-    code = cli(command.format(run=run).split())
+    code = cli(command.format(run=run, base=base).split())
     text = capsys.readouterr()
     message = text.out + text.err
     assert code == status, message
     assert named.format(run=run) in message, message
-    assert "Traceback" not in message
+    assert "Traceback" not in message and "Errno" not in message and "RuntimeError" not in message
     assert _tree(run) == before, "a failed command wrote or changed files"
 
 
@@ -241,6 +338,73 @@ def test_a_router_fit_or_vllm_export_failing_at_its_last_write_leaves_the_earlie
     assert "No space left on device" in capsys.readouterr().err
     assert _tree(folder) == before
     assert not [path.name for path in experts.iterdir() if path.name.startswith(".")]
+
+
+def test_a_failing_merge_without_earlier_merges_leaves_no_merged_folder(run, monkeypatch, capsys):
+    """No merged/ before, a merge that fails half-way: still no merged/ (not an empty one), nothing hidden left."""
+    shutil.rmtree(run / "experts" / "merged")
+    before = _tree(run)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("merge failed on purpose")
+
+    monkeypatch.setattr(merging, "merge_loaded", failing)
+    assert cli(["experts", "merge", str(run), "--tasks", "chat", "code"]) == 1
+    assert "merge failed on purpose" in capsys.readouterr().err
+    assert _tree(run) == before
+    assert not (run / "experts" / "merged").exists()
+
+
+def test_routes_written_onto_a_full_disk_are_named_in_words(run, monkeypatch, capsys):
+    """The disk fills up while the routes are written: the routes file named with the reason (no ``[Errno 28]``,
+    no temporary name), the earlier routes file as it was."""
+    routes = run / "experts" / "routes.jsonl"
+    routes.write_text('{"tasks": ["chat"], "weights": [1.0]}\n')
+    before = _tree(run)
+    import moepatch.cli.experts as experts_command
+
+    real_dumps = json.dumps
+
+    def full_disk(value, *args, **kwargs):
+        if isinstance(value, dict) and "where" in value:  # a line of the routes file
+            raise OSError(28, "No space left on device")
+        return real_dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(experts_command.json, "dumps", full_disk)
+    assert cli(["experts", "route", str(run), "--input", str(run / "requests.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert f"{routes}: could not be written (No space left on device)" in err, err
+    assert "Errno" not in err and "OSError" not in err and ".writing-" not in err
+    assert _tree(run) == before
+
+
+def test_a_failing_rerun_into_a_finished_run_leaves_it_exactly_as_it_was(run, base_checkpoint, monkeypatch, capsys):
+    """``--task_experts`` again into a finished run (with its router and a merge), training failing after its first
+    task: the earlier experts, manifest (still complete), router and merges are byte for byte what they were —
+    the new expert waited in a staged folder and the stale router / merges were to go only after every expert."""
+    from transformers import Trainer
+
+    from moepatch.mixing.finetune import main as finetune
+
+    run_folder = run / "experts"
+    assert (run_folder / "router").is_dir() and (run_folder / "merged").is_dir()
+    before = _contents(run)
+    real_train = Trainer.train
+    calls = []
+
+    def train_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("training failed on purpose")
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", train_then_fail)
+    code = finetune(finetune_argv(base_checkpoint, run, "--max_steps", "1", "--tasks", "chat", "code"))
+    err = capsys.readouterr().err
+    assert code == 1 and "training failed on purpose" in err and len(calls) == 2, err
+    assert _contents(run) == before
+    assert json.loads((run_folder / "manifest.json").read_text())["complete"] is True
+    assert cli(["experts", "export-vllm", str(run), "--max-lora-rank", "64"]) == 0  # the run still reads whole
 
 
 def test_merges_add_to_the_earlier_ones_and_record_the_runs_base(run):

@@ -37,9 +37,9 @@ def test_mixed_adapter_batch_equals_each_request_alone(served):
     adapters = ["chat", "code", "chat+code", "__base__", "letters", "math", "chat+code", "math"]
     assert serving.mixed_batches
     mixed = serving.generate_with(texts, adapters, max_new_tokens=6)
-    for text, adapter, tokens in zip(texts, adapters, mixed):
+    for text, adapter, tokens in zip(texts, adapters, mixed, strict=True):
         assert serving.generate_with([text], [adapter], max_new_tokens=6)[0] == tokens  # greedy, identical
-    alone = torch.cat([serving.logits([text], [adapter]) for text, adapter in zip(texts, adapters)])
+    alone = torch.cat([serving.logits([text], [adapter]) for text, adapter in zip(texts, adapters, strict=True)])
     torch.testing.assert_close(serving.logits(texts, adapters), alone, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(alone[0], serving.logits([texts[0]], ["__base__"])[0], atol=1e-4)  # adapters count
 
@@ -128,10 +128,29 @@ def _requests_file(served: Path) -> Path:
 ])
 def test_export_vllm_refusals_write_nothing(served, capsys, argv, message):
     shutil.rmtree(served / "experts" / "vllm", ignore_errors=True)
+    before = _tree(served)
     assert cli(["experts", "export-vllm", str(served), *argv]) == 2
-    assert re.search(message, capsys.readouterr().err)
-    assert not (served / "experts" / "vllm").exists()
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert _tree(served) == before and not (served / "experts" / "vllm").exists()
     assert 48 not in VLLM_MAX_LORA_RANKS
+
+
+def _tree(root: Path) -> dict[str, str | None]:
+    """Every entry under ``root``, hidden ones included: a file's bytes (as a digest), a folder's presence."""
+    import hashlib
+
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
+
+
+def _refused(argv: list[str], copy: Path, capsys, message: str) -> None:
+    """``argv`` exits 2 naming ``message``, without a traceback, and leaves ``copy`` as it was."""
+    before = _tree(copy)
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert _tree(copy) == before
 
 
 def test_export_vllm_refuses_routed_expert_adapters_and_unknown_architectures(served, tmp_path, capsys):
@@ -140,17 +159,15 @@ def test_export_vllm_refuses_routed_expert_adapters_and_unknown_architectures(se
     config_path = copy / "experts" / "math" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "target_parameters": ["mlp.experts.down_proj"]}))
-    assert cli(["experts", "export-vllm", str(copy), "--max-lora-rank", "64"]) == 2
-    assert "math: target_parameters ['mlp.experts.down_proj'] (fused routed experts)" in capsys.readouterr().err
+    argv = ["experts", "export-vllm", str(copy), "--max-lora-rank", "64"]
+    _refused(argv, copy, capsys, "math: target_parameters ['mlp.experts.down_proj'] (fused routed experts)")
     config_path.write_text(json.dumps(config))
     manifest_path = copy / "experts" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     # the same adapters on a Mixtral base: vLLM's Mixtral has no dense MLP, so the shared-expert LoRA is refused
     manifest_path.write_text(json.dumps({**manifest, "model_type": "mixtral"}))
-    assert cli(["experts", "export-vllm", str(copy), "--max-lora-rank", "64"]) == 2
-    assert ("chat: down_proj: not a LoRA layer of vLLM's implementation; vLLM's MixtralForCausalLM takes LoRA on "
-            "['k_proj', 'o_proj', 'q_proj', 'v_proj']") in capsys.readouterr().err
+    _refused(argv, copy, capsys, "chat: down_proj: not a LoRA layer of vLLM's implementation; vLLM's "
+                                 "MixtralForCausalLM takes LoRA on ['k_proj', 'o_proj', 'q_proj', 'v_proj']")
     manifest_path.write_text(json.dumps({**manifest, "model_type": "llama_moe"}))
-    assert cli(["experts", "export-vllm", str(copy), "--max-lora-rank", "64"]) == 2
-    assert "vLLM has no LoRA implementation for it" in capsys.readouterr().err
+    _refused(argv, copy, capsys, "vLLM has no LoRA implementation for it")
     assert not (copy / "experts" / "vllm").exists()
