@@ -352,7 +352,7 @@ class ForcedRouting:
 
         self.handles = []
         routers = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts")]
-        for router, chosen in zip(routers, indices):
+        for router, chosen in zip(routers, indices, strict=True):
             chosen = torch.as_tensor(chosen, dtype=torch.long)
 
             def hook(module, inputs, output, chosen=chosen):
@@ -450,9 +450,9 @@ def worker(plan_path: str, output: str) -> None:
             new_id = {checkpoint: [{old: new for new, old in enumerate(order)} for order in orders[str(world)]]
                       for checkpoint, orders in case["orders"].items()}
             forced["c2r+placement"] = [[[mapping[int(e)] for e in pair] for pair in layer]
-                                       for layer, mapping in zip(forced["c2r"], new_id["permuted"])]
+                                       for layer, mapping in zip(forced["c2r"], new_id["permuted"], strict=True)]
             forced["c2r in groups"] = [[[mapping[int(e)] for e in pair] for pair in layer]  # top-1: real vanilla
-                                       for layer, mapping in zip(forced["vanilla"], new_id["grouped"])]
+                                       for layer, mapping in zip(forced["vanilla"], new_id["grouped"], strict=True)]
         for dispatch, implementation in DISPATCHES.items():
             for checkpoint, configs in CHECKPOINTS.items():
                 path = case["original"] if checkpoint == "original" else case[checkpoint][str(world)]

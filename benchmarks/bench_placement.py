@@ -46,7 +46,8 @@ LABELS = {"base_collaboration": "base (vanilla)", "topt_5_collaboration": "topt_
 def mean_copies(matrices: np.ndarray, placements: list[list[list[int]]]) -> float:
     """Mean over layers of the top-2 copies per token of one placement per layer."""
     return float(
-        np.mean([placement.copies_per_token_from_pairs(matrix, groups) for matrix, groups in zip(matrices, placements)])
+        np.mean([placement.copies_per_token_from_pairs(matrix, groups)
+                 for matrix, groups in zip(matrices, placements, strict=True)])
     )
 
 

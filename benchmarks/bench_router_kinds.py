@@ -298,7 +298,7 @@ def bias_update_times(
         model.eval()
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for layer, bias in zip(structure.layers, biases):
+            for layer, bias in zip(structure.layers, biases, strict=True):
                 layer.router.e_score_correction_bias.copy_(bias)
     times[".step()"] = update_steps[warmup:]
     return times

@@ -357,7 +357,7 @@ def render_table(outcomes: list[Outcome]) -> str:
 
     def line(row: tuple[str, ...]) -> str:
         cells = [cell.rjust(width) if column in right else cell.ljust(width)
-                 for column, (cell, width) in enumerate(zip(row, widths))]
+                 for column, (cell, width) in enumerate(zip(row[:-1], widths, strict=True))]  # the last: unpadded
         return ("  ".join(cells) + "  " + row[-1]).rstrip()
 
     rule = "-" * len(line(header))

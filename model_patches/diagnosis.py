@@ -92,9 +92,10 @@ def _probe(block: nn.Module, router: nn.Module, weight: torch.Tensor) -> list[st
         weights = dense.gather(1, indices)
     else:
         k = indices.shape[1]
-        weights = next((t for t in rows if t.is_floating_point() and t.shape[1] == k), None)
-        if weights is None:
+        found = next((t for t in rows if t.is_floating_point() and t.shape[1] == k), None)
+        if found is None:
             return ["router returns expert indices without their weights"]
+        weights = found
     return _classify(router, hidden, weight, indices.long(), weights.double())
 
 
@@ -119,13 +120,13 @@ def _classify(
     probs = torch.softmax(logits, dim=-1)
     sigmoid = torch.sigmoid(logits)
     renormalised = probs / probs.gather(1, indices).sum(dim=-1, keepdim=True)
-    if ratio_is_constant(probs) is not None:
-        scale = ratio_is_constant(probs)
+    scale = ratio_is_constant(probs)
+    if scale is not None:
         if abs(scale - 1) > tolerance:
             return [f"router multiplies the top-k weights by {scale:g} (a routed scaling factor)"]
         return [_declaration_gap(router, renormalises=False)]
-    if ratio_is_constant(renormalised) is not None:
-        scale = ratio_is_constant(renormalised)
+    scale = ratio_is_constant(renormalised)
+    if scale is not None:
         if abs(scale - 1) > tolerance:
             return [f"router renormalises the top-k weights and multiplies them by {scale:g} (a routed scaling factor)"]
         return [_declaration_gap(router, renormalises=True)]

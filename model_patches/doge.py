@@ -24,9 +24,10 @@ silently replaced.  Statistics and the balance loss read the real choice where t
 from __future__ import annotations
 
 import math
-import types
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ def published_forward(
     experts_states = torch.matmul(experts_weights.view(bsz * seq_len, 1, -1), up_embed).view(bsz, seq_len, -1)
     hidden_states = self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
     hidden_states = hidden_states + experts_states
-    return hidden_states, router_logits
+    return hidden_states, router_logits  # type: ignore[return-value]  # verbatim: annotated Tensor upstream
 
 
 published_forward.__doc__ = """``DogeCDMoE.forward`` of transformers 5.25, verbatim (comments included; docstring added
@@ -92,7 +93,19 @@ after the definition so that the code object is the published one's): the refere
 a block's forward with, bytecode for bytecode.  Never called."""
 
 
-def routed_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+class _DogeCDMoE(Protocol):
+    """What :func:`routed_forward` calls on the ``DogeCDMoE`` block it is bound to (besides the selection method)."""
+
+    router_gate: Callable[[torch.Tensor], torch.Tensor]
+    down_embed: Callable[[torch.Tensor], torch.Tensor]
+    up_embed: Callable[[torch.Tensor], torch.Tensor]
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    gate_proj: Callable[[torch.Tensor], torch.Tensor]
+    up_proj: Callable[[torch.Tensor], torch.Tensor]
+    down_proj: Callable[[torch.Tensor], torch.Tensor]
+
+
+def routed_forward(self: _DogeCDMoE, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`published_forward` call for call, with its inline selection (from the key scores' ``topk`` to the
     renormalisation) replaced by ``self.route_tokens_to_experts(router_logits)``, which the routing override binds:
     :func:`~model_patches.product_keys.product_key_choice`, the same lines with the override's allowed sets."""
@@ -118,7 +131,7 @@ _CODE_FLAGS = 0xFFFF
 bits record ``__future__`` imports of the defining module."""
 
 
-def _same_code(function: Any, reference: types.FunctionType) -> bool:
+def _same_code(function: Any, reference: Callable[..., Any]) -> bool:
     """Whether ``function`` runs the same bytecode as ``reference`` (names, constants and arguments too): comments,
     layout and line numbers aside, the same computation."""
     code, want = getattr(function, "__code__", None), reference.__code__
@@ -159,8 +172,8 @@ def balance_loss(
     num_keys = math.floor(math.sqrt(num_experts))
     compute_dtype = gate_logits[0].dtype
     compute_device = gate_logits[0].device
-    all_expert_indices = []
-    all_routing_weights = []
+    layer_expert_indices = []
+    layer_routing_weights = []
 
     for layer_gate_logits, expert_indices in zip(gate_logits, chosen, strict=True):
         layer_gate_logits = layer_gate_logits.to(compute_device)
@@ -176,10 +189,10 @@ def balance_loss(
 
         routing_weights = torch.zeros_like(all_scores).scatter(-1, all_indices, F.softmax(all_scores, dim=-1))
 
-        all_expert_indices.append(expert_indices)
-        all_routing_weights.append(routing_weights)
-    all_expert_indices = torch.cat(all_expert_indices, dim=0)
-    all_routing_weights = torch.cat(all_routing_weights, dim=0)
+        layer_expert_indices.append(expert_indices)
+        layer_routing_weights.append(routing_weights)
+    all_expert_indices = torch.cat(layer_expert_indices, dim=0)
+    all_routing_weights = torch.cat(layer_routing_weights, dim=0)
 
     if attention_mask is None:
         all_expert_indices = all_expert_indices.view(-1)

@@ -22,6 +22,9 @@ import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Any
+from typing import Literal
+from typing import SupportsInt
+from typing import cast
 
 import torch
 from torch import nn
@@ -100,10 +103,10 @@ def candidate_rules(router: nn.Module, block: nn.Module, *, num_experts: int) ->
     """The rule fields a probe tries for ``router``: ``(logit stage, decision stage)``, each a list of field dicts."""
     bias = read_attribute(router, None, "bias")
     logit_bias = "bias" if isinstance(bias, torch.Tensor) and bias.shape == (num_experts,) else None
-    logit_stage = [dict(logits_dtype=dtype, logits_cast=cast, logit_bias=logit_bias, no_autocast=no_autocast,
+    logit_stage = [dict(logits_dtype=dtype, logits_cast=logits_cast, logit_bias=logit_bias, no_autocast=no_autocast,
                         softcap="router_logit_softcapping" if hasattr(router, "router_logit_softcapping") else None)
                    for no_autocast in (False, True) for dtype in ("input", "float32", "weight")
-                   for cast in ("none", "float32")]
+                   for logits_cast in ("none", "float32")]
     selection_bias = _tensor_path(router, block, SELECTION_BIAS_PATHS, num_experts)
     groups = next((pair for pair in GROUP_ATTRS if isinstance(getattr(router, pair[0], None), int)
                    and isinstance(getattr(router, pair[1], None), int)), None)
@@ -128,7 +131,7 @@ def candidate_rules(router: nn.Module, block: nn.Module, *, num_experts: int) ->
 
 
 def _product(**choices: tuple) -> list[dict]:
-    return [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+    return [dict(zip(choices, values, strict=True)) for values in itertools.product(*choices.values())]
 
 
 def _caller(router: nn.Module, rule: RoutingRule) -> tuple[bool, Any]:
@@ -138,6 +141,7 @@ def _caller(router: nn.Module, rule: RoutingRule) -> tuple[bool, Any]:
 
     def call(router_copy: nn.Module, block_copy: Any, hidden: torch.Tensor) -> Any:
         if bias_argument:
+            assert rule.selection_bias is not None  # the bias the block passes is the rule's selection bias
             bias = read_attribute(router_copy, block_copy, rule.selection_bias)
             return type(router_copy).forward(router_copy, hidden, bias)
         return type(router_copy).forward(router_copy, hidden)
@@ -197,6 +201,7 @@ class GenericTopKRouterSpec(FamilySpec):
         router = getattr(block, parts.router_attr)
         num_experts_attr = _first_int(router, block, NUM_EXPERTS_PATHS) or f"{parts.weight_attr}.shape.0"
         weight = read_attribute(router, block, parts.weight_attr)
+        assert isinstance(weight, torch.Tensor)  # _parts_of found the block by this 2-D weight
         rows = int(weight.shape[0]) if weight.numel() else None
         matching = next((path for path in NUM_EXPERTS_PATHS if read_attribute(router, block, path) == rows), None)
         if rows is not None and matching is not None:
@@ -206,8 +211,9 @@ class GenericTopKRouterSpec(FamilySpec):
         top_k_attr = _first_int(router, block, TOP_K_PATHS)
         if top_k_attr is None:
             return f"router {type(router).__name__} has no integer top-k attribute ({', '.join(TOP_K_PATHS)})"
-        num_experts = int(read_attribute(router, block, num_experts_attr))
-        top_k = int(read_attribute(router, block, top_k_attr))
+        # integers (or values equal to the weight's row count) where the paths were chosen above
+        num_experts = int(cast(SupportsInt, read_attribute(router, block, num_experts_attr)))
+        top_k = int(cast(SupportsInt, read_attribute(router, block, top_k_attr)))
         rule, problem = RoutingRule(), None
         if verify:
             probed, why = probe_router_rule(router, block, top_k=top_k, num_experts=num_experts,
@@ -218,7 +224,7 @@ class GenericTopKRouterSpec(FamilySpec):
                 rule = probed
         else:
             problem = "the routing rule was not probed (structure-only view)"
-        scores_are = "sigmoid_logits" if rule.score == "sigmoid" else "logits"
+        scores_are: Literal["sigmoid_logits", "logits"] = "sigmoid_logits" if rule.score == "sigmoid" else "logits"
         shared = tuple(name for name in SHARED_NAMES if isinstance(getattr(block, name, None), nn.Module))
         return dataclasses.replace(
             self,

@@ -18,11 +18,18 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from typing import Literal
+from typing import SupportsFloat
+from typing import SupportsInt
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_patches import expert_sorted  # modules, their functions looked up at call time (tests swap them)
+from model_patches import product_keys
+from model_patches import sparsemixer
 from model_patches.spec import GroupLimit
 from model_patches.spec import RoutingRule
 from model_patches.spec import read_attribute
@@ -48,6 +55,22 @@ def select_topk(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, to
 def select_topk_unsorted(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Vanilla top-k as DeepSeek-V2 / V3 call it (``sorted=False``): same experts, the router's own order."""
     return torch.topk(probs, k, dim=-1, sorted=False)
+
+
+_TensorFunction = Callable[[torch.Tensor], torch.Tensor]
+"""A module or function a rule names by path and calls on a tensor (Gemma 4's input norm, Ergo's logit linear,
+DeepSeek-V4's score function)."""
+
+
+def _tensor_at(router: nn.Module | _WeightHolder, path: str) -> torch.Tensor:
+    """The tensor at router-relative ``path``, which the rule names as one (the logit weight, a bias, a learned
+    scale); not checked here: a rule that does not fit its router fails where the value is used."""
+    return cast(torch.Tensor, read_attribute(router, None, path))
+
+
+def _function_at(router: nn.Module | _WeightHolder, path: str) -> _TensorFunction:
+    """The module (or function) at router-relative ``path``, which the rule names as one; not checked here."""
+    return cast(_TensorFunction, read_attribute(router, None, path))
 
 
 def vanilla_selector(rule: RoutingRule) -> ExpertSelector:
@@ -78,15 +101,16 @@ def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | Non
                     weight_attr: str = "weight") -> RouterSettings:
     """Read the values ``rule`` names from ``router`` (and its sparse ``block``)."""
 
+    # the rule's paths name numbers (ints, floats, 0-d tensors); float() / int() fail on anything else
     def number(path: str | None) -> float | None:
         value = None if path is None else read_attribute(router, block, path)
-        return None if value is None else float(value)
+        return None if value is None else float(cast(SupportsFloat, value))
 
     limit = rule.active_group_limit(router, block)
     groups = kept = None
     if limit is not None:
-        groups = int(read_attribute(router, block, limit.groups))
-        kept = int(read_attribute(router, block, limit.kept_groups))
+        groups = int(cast(SupportsInt, read_attribute(router, block, limit.groups)))
+        kept = int(cast(SupportsInt, read_attribute(router, block, limit.kept_groups)))
     softcap = number(rule.softcap)
     return RouterSettings(
         top_k=top_k,
@@ -104,16 +128,17 @@ def router_settings(rule: RoutingRule, router: nn.Module, block: nn.Module | Non
     )
 
 
-def router_logits(rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def router_logits(rule: RoutingRule, settings: RouterSettings, router: nn.Module | _WeightHolder,
+                  hidden: torch.Tensor) -> torch.Tensor:
     """Step 1 of the rule: the router's logits ``[N, E]`` from the flattened hidden states ``[N, H]``."""
     if rule.input_norm is not None:  # Gemma 4: the router normalises and scales its input before the linear
-        hidden = read_attribute(router, None, rule.input_norm)(hidden)
-    for path in rule.input_scales:
-        hidden = hidden * read_attribute(router, None, path)
+        hidden = _function_at(router, rule.input_norm)(hidden)
+    for path in rule.input_scales:  # a learned [H] vector or a number (Gemma 4's H^-0.5)
+        hidden = hidden * cast("torch.Tensor | float", read_attribute(router, None, path))
     if rule.logits_module is not None:
-        return read_attribute(router, None, rule.logits_module)(hidden)
-    weight = read_attribute(router, None, settings.weight_attr)
-    bias = read_attribute(router, None, rule.logit_bias) if rule.logit_bias else None
+        return _function_at(router, rule.logits_module)(hidden)
+    weight = _tensor_at(router, settings.weight_attr)
+    bias = _tensor_at(router, rule.logit_bias) if rule.logit_bias else None
     float32_weight = weight.dtype == torch.float32
     if (rule.logits_dtype == "float32_mm_out" and hidden.is_cuda and hidden.dtype == weight.dtype
             and not torch.is_grad_enabled()):
@@ -145,14 +170,16 @@ def scores_of(rule: RoutingRule, logits: torch.Tensor) -> torch.Tensor:
 
 def group_mask(settings: RouterSettings, selection: torch.Tensor) -> torch.Tensor:
     """The ``[N, E]`` boolean mask of the experts in each token's kept groups (the family's own computation)."""
-    limit = settings.group_limit
-    groups, per_group = settings.groups, selection.shape[-1] // settings.groups
+    limit, groups, kept_groups = settings.group_limit, settings.groups, settings.kept_groups
+    # router_settings reads both counts wherever the limit applies
+    assert limit is not None and groups is not None and kept_groups is not None
+    per_group = selection.shape[-1] // groups
     grouped = selection.view(-1, groups, per_group)
     if limit.score == "max":
         group_scores = grouped.max(dim=-1).values
     else:
         group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=settings.kept_groups, dim=-1, sorted=False)[1]
+    group_idx = torch.topk(group_scores, k=kept_groups, dim=-1, sorted=False)[1]
     kept = torch.zeros_like(group_scores)
     kept.scatter_(1, group_idx, 1)
     return kept.unsqueeze(-1).expand(-1, groups, per_group).reshape(-1, selection.shape[-1]).bool()
@@ -234,13 +261,10 @@ def decide(
     attribute, set by constrained selectors such as C2R's) and chooses in its own order; the vanilla selector has
     none.  A product-key rule's ``logits`` are the block's ``[2, N, √E]`` view of its key scores."""
     if rule.selection == "sparsemixer":
-        from model_patches.sparsemixer import sparsemixer
-
-        return sparsemixer(logits, settings.jitter, training, getattr(selector, "allowed_for", None))
+        return sparsemixer.sparsemixer(logits, settings.jitter, training, getattr(selector, "allowed_for", None))
     if rule.selection == "product_keys":
-        from model_patches.product_keys import product_key_choice
-
-        return product_key_choice(logits, settings.top_k, settings.renormalize, getattr(selector, "allowed_for", None))
+        return product_keys.product_key_choice(logits, settings.top_k, settings.renormalize,
+                                               getattr(selector, "allowed_for", None))
     scores = scores_of(rule, logits) if score_module is None else score_module(logits)
     # scored over all E + S logits, then sliced, as Inkling does (an elementwise kernel may round another shape apart)
     routed = scores[..., :-settings.shared_logits] if settings.shared_logits else scores
@@ -259,10 +283,10 @@ def decide(
 
 
 def execute(
-    rule: RoutingRule, settings: RouterSettings, router: nn.Module, hidden_states: torch.Tensor, *,
+    rule: RoutingRule, settings: RouterSettings, router: nn.Module | _WeightHolder, hidden_states: torch.Tensor, *,
     selector: ExpertSelector | None = None, bias: torch.Tensor | None = None, call_args: tuple[Any, ...] = (),
     call_kwargs: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[Any, ...]:
     """The router's forward by ``rule``: ``(logits, weights, indices)``, ``(dense weights, logits)`` (Llama 4), JetMoE's
     expert-sorted hand-off (:attr:`~model_patches.spec.RoutingRule.expert_sorted`),
     ``(routed logits [N, E], weights [N, k], indices, shared weights [N, S])`` (Inkling's shared experts), or
@@ -272,14 +296,18 @@ def execute(
     ``bias`` is the selection bias (read by the caller from :attr:`RoutingRule.selection_bias` or the forward's
     argument); ``selector=None`` is the family's own top-k.  ``call_args`` / ``call_kwargs`` are the router call's
     further arguments, which only a :attr:`~model_patches.spec.RoutingRule.logits_function` reads (ZAYA's
-    ``router_states``).
+    ``router_states``).  The outputs are tensors but for JetMoE's ``expert_size`` (a list of ints) and ZAYA's state
+    (whatever its :attr:`~model_patches.spec.RoutingRule.logits_function` hands on).
     """
     training = bool(getattr(router, "training", False))
     if training and settings.input_jitter > 0:  # in place on the caller's tensor, as the family's router does
         hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - settings.input_jitter,
                                                                   1.0 + settings.input_jitter)
-    score_module = read_attribute(router, None, rule.score_module) if rule.score == "module" else None
-    scale = read_attribute(router, None, rule.weights_scale) if rule.weights_scale else None
+    score_module = None
+    if rule.score == "module":
+        assert rule.score_module is not None  # a "module" score names its module
+        score_module = _function_at(router, rule.score_module)
+    scale = _tensor_at(router, rule.weights_scale) if rule.weights_scale else None
     carried: tuple[Any, ...] = ()
     with (torch.autocast(device_type=hidden_states.device.type, enabled=False) if rule.no_autocast
           else contextlib.nullcontext()):
@@ -287,16 +315,14 @@ def execute(
             logits, state = rule.logits_function(router, hidden_states, *call_args, **(call_kwargs or {}))
             logits, carried = logits.reshape(-1, logits.shape[-1]), (state,)
         else:
-            weight = read_attribute(router, None, settings.weight_attr)
+            weight = _tensor_at(router, settings.weight_attr)
             logits = router_logits(rule, settings, router, hidden_states.reshape(-1, weight.shape[-1]))
         weights, indices = decide(rule, settings, logits, input_dtype=hidden_states.dtype, selector=selector,
                                   bias=bias, training=training, score_module=score_module, weights_scale=scale)
     if rule.expert_scale is not None:  # Gemma 4: × per_expert_scale[top_k_index], after every other weight step
-        weights = weights * read_attribute(router, None, rule.expert_scale)[indices]
+        weights = weights * _tensor_at(router, rule.expert_scale)[indices]
     if rule.expert_sorted:  # JetMoE: the choice handed over as expert-sorted rows
-        from model_patches.expert_sorted import pack
-
-        return pack(logits, weights, indices)
+        return expert_sorted.pack(logits, weights, indices)
     if rule.dense_weights:
         return weights, logits
     shared = settings.shared_logits
@@ -321,18 +347,19 @@ def route(
     *,
     top_k: int,
     renormalize: bool,
-    weights_dtype: str,
+    weights_dtype: Literal["logits", "float32", "input", "input_float32"],
     selector: ExpertSelector = select_topk,
-    logits_dtype: str = "input",
-    softmax_dtype: str = "float32",
+    logits_dtype: Literal["input", "float32", "float32_if_weight_is", "weight", "float32_mm_out"] = "input",
+    softmax_dtype: Literal["float32", "logits"] = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softmax → top-k routing from a bare ``[E, H]`` weight (the transformers 5 top-k router contract): the
     executor with a kind-A rule.  Returns ``(router_logits [N, E], top_k_weights [N, k], top_k_index [N, k])``."""
     rule = RoutingRule(renormalize=renormalize, weights_dtype=weights_dtype, logits_dtype=logits_dtype,
                        score_dtype=softmax_dtype)
     holder = _WeightHolder(weight)
-    return execute(rule, RouterSettings(top_k=top_k, renormalize=renormalize), holder, hidden_states,
-                   selector=selector)
+    logits, weights, indices = execute(rule, RouterSettings(top_k=top_k, renormalize=renormalize), holder,
+                                       hidden_states, selector=selector)
+    return logits, weights, indices
 
 
 class _WeightHolder:
@@ -463,7 +490,8 @@ def _bias_decides(router: nn.Module, block: Any, candidates: list[RoutingRule],
     return router_copy, block_copy
 
 
-def _probe_copies(router: nn.Module, block: nn.Module | None) -> dict[torch.dtype, tuple[nn.Module, nn.Module | None]]:
+def _probe_copies(router: nn.Module, block: nn.Module | None
+                  ) -> dict[torch.dtype, tuple[nn.Module, _TensorsOf | None]]:
     """Detached copies of the router (and the block's own tensors) in each probe dtype; the model is never touched."""
     found = {}
     own = next((t.dtype for t in router.parameters() if t.is_floating_point()), torch.float32)
@@ -508,7 +536,8 @@ def _compare(rule: RoutingRule, router: nn.Module, block: Any, hidden: torch.Ten
         if len(output) < len(expected):
             return f"router does not return the rule's {len(expected)} outputs"
         got = output[:len(expected)]
-    for name, mine, theirs in zip(("logits", "weights", "indices", "shared weights"), expected, got):
+    # fewer outputs than names for most rules: zip stops at the shortest
+    for name, mine, theirs in zip(("logits", "weights", "indices", "shared weights"), expected, got, strict=False):
         if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
             return f"router's {name} have another shape or dtype than the rule's"
         if not _same(mine, theirs):
@@ -535,7 +564,7 @@ def _logits_equal(rule: RoutingRule, router: nn.Module, block: Any, hidden: torc
     theirs = output[1] if rule.dense_weights else output[0]
     try:
         settings = router_settings(rule, router, block, top_k=top_k, weight_attr=weight_attr)
-        weight = read_attribute(router, None, weight_attr)
+        weight = _tensor_at(router, weight_attr)
         with torch.no_grad(), _maybe_autocast(hidden, autocast and not rule.no_autocast):
             mine = router_logits(rule, settings, router, hidden.reshape(-1, weight.shape[-1]))
     except Exception:  # a candidate that does not fit this router's attributes

@@ -348,9 +348,10 @@ class BalanceLoss:
 _MISSING = object()
 
 
-def read_attribute(router: nn.Module, block: nn.Module | None, path: str) -> object:
+def read_attribute(router: object, block: object, path: str) -> object:
     """The value at dotted ``path`` from ``router``, or from ``block`` when ``path`` starts with ``^``; ``None`` when a
-    step is missing (families keep E, k and routing switches on the router or, like DBRX, on the block)."""
+    step is missing (families keep E, k and routing switches on the router or, like DBRX, on the block).  ``router``
+    and ``block`` are modules, or what a probe reads in their place (copies of a block's own tensors)."""
     value: object = router
     if path.startswith("^"):
         value, path = block, path[1:]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+from typing import cast
 
 import torch
 from torch import nn
@@ -172,12 +174,18 @@ def attribute_path(module: object, path: str) -> object:
     return module
 
 
+class _Wrapper(Protocol):
+    """A PEFT-style wrapper around a transformers model."""
+
+    def get_base_model(self) -> nn.Module: ...
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """Peel PEFT-style wrappers (``get_base_model``) and return the transformers model."""
     seen = set()
     while hasattr(model, "get_base_model") and id(model) not in seen:
         seen.add(id(model))
-        inner = model.get_base_model()
+        inner = cast(_Wrapper, model).get_base_model()
         if inner is model:
             break
         model = inner
@@ -200,12 +208,12 @@ def find_layer_list(model: nn.Module, layers_attr: str) -> tuple[nn.Module, nn.M
     candidates = (base, model, getattr(model, "model", None))  # Llama4ForCausalLM: base_model is itself
     for candidate in candidates:
         layers = getattr(candidate, layers_attr, None)
-        if isinstance(layers, nn.ModuleList):
+        if candidate is not None and isinstance(layers, nn.ModuleList):
             return candidate, layers
     for candidate in candidates:
         for name in TEXT_DECODER_ATTRS:
             layers = getattr(getattr(candidate, name, None), layers_attr, None)
-            if isinstance(layers, nn.ModuleList):
+            if candidate is not None and isinstance(layers, nn.ModuleList):
                 return candidate, layers
     return None
 
@@ -238,7 +246,8 @@ def _group_capacity_problem(spec: FamilySpec, layer: MoELayer, top_k: int) -> st
     groups = read_attribute(layer.router, layer.block, limit.groups)
     kept = read_attribute(layer.router, layer.block, limit.kept_groups)
     experts = read_attribute(layer.router, layer.block, spec.num_experts_attr)
-    if not all(isinstance(v, int) for v in (groups, kept, experts)) or groups < 1 or experts % groups:
+    if (not (isinstance(groups, int) and isinstance(kept, int) and isinstance(experts, int)) or groups < 1
+            or experts % groups):
         return f"group limit {limit.groups}={groups!r} does not split the {experts!r} experts into equal groups"
     if kept * (experts // groups) < top_k:
         return (f"group limit keeps {kept} of {groups} groups of {experts // groups} experts, fewer than top-{top_k}: "
@@ -275,9 +284,10 @@ def _try_family(model: nn.Module, root: nn.Module, spec: FamilySpec, verify: boo
 
     first = moe_layers[0]
     num_experts, top_k = router_int(first, spec.num_experts_attr), router_int(first, spec.top_k_attr)
-    for value in (num_experts, top_k):
-        if isinstance(value, str):
-            return value
+    if isinstance(num_experts, str):
+        return num_experts
+    if isinstance(top_k, str):
+        return top_k
     if num_experts < 1 or not 1 <= top_k <= num_experts:
         return (f"layer {first.index}: router chooses top-{top_k} of {num_experts} experts; expected "
                 f"1 <= top-k <= experts (check the config's expert count and experts per token)")

@@ -29,10 +29,11 @@ bias over ``E + 1`` classes, which the aux-loss-free bias update (one entry per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+from typing import Protocol
 
 import torch
-from torch import nn
 
 from model_patches.registry import register
 from model_patches.spec import FamilySpec
@@ -40,7 +41,16 @@ from model_patches.spec import RouterOutput
 from model_patches.spec import RoutingRule
 
 
-def router_logits(router: nn.Module, hidden_states: torch.Tensor,
+class _ZayaRouter(Protocol):
+    """What :func:`router_logits` reads from a ``ZayaRouter``."""
+
+    down_proj: Callable[[torch.Tensor], torch.Tensor]
+    router_mlp: Callable[[torch.Tensor], torch.Tensor]
+    use_eda: bool
+    router_states_scale: torch.Tensor
+
+
+def router_logits(router: _ZayaRouter, hidden_states: torch.Tensor,
                   router_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``ZayaRouter``'s logit step as its ``forward`` computes it: ``(logits [B, S, E + 1], state for the next layer's
     router)``, from the block's ``[B, S, H]`` hidden states and the previous layer's state (``None`` in layer 0)."""

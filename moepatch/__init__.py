@@ -11,6 +11,8 @@ import importlib as _importlib
 import importlib.abc as _importlib_abc
 import importlib.util as _importlib_util
 import sys as _sys
+from collections.abc import Sequence as _Sequence
+from importlib.machinery import ModuleSpec as _ModuleSpec
 from types import ModuleType as _ModuleType
 
 from moepatch.compat import check_versions as _check_versions
@@ -46,13 +48,14 @@ access ``moepatch.sampling``) gives the very module object at its new path, impo
 class _MovedModuleFinder(_importlib_abc.MetaPathFinder, _importlib_abc.Loader):
     """Resolves an earlier import path of :data:`MOVED_MODULES` to the module object at its new path."""
 
-    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
-        if name not in MOVED_MODULES:
+    def find_spec(self, fullname: str, path: _Sequence[str] | None = None, target: _ModuleType | None = None
+                  ) -> _ModuleSpec | None:
+        if fullname not in MOVED_MODULES:
             return None
-        return _importlib_util.spec_from_loader(name, self)
+        return _importlib_util.spec_from_loader(fullname, self)
 
-    def create_module(self, spec: object) -> _ModuleType:
-        module = _importlib.import_module(MOVED_MODULES[spec.name])  # type: ignore[attr-defined]
+    def create_module(self, spec: _ModuleSpec) -> _ModuleType:
+        module = _importlib.import_module(MOVED_MODULES[spec.name])
         self._own_spec = module.__spec__
         return module
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from model_patches import registry
+from moepatch._version import __version__
 from moepatch.feature import CONFIG_KEY
 from moepatch.feature import feature_named
 from moepatch.feature import registered_features
@@ -90,8 +92,6 @@ class MoePatchConfig:
             if not isinstance(family, str):
                 problems.add(f"{path}.family", f"expected a family name, got {family!r}")
             else:
-                from model_patches import registry
-
                 try:
                     registry.get_family(family)
                     result.family = family
@@ -146,7 +146,6 @@ class MoePatchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON block, stamped with this moepatch version; ``from_dict(to_dict())`` round-trips."""
-        from moepatch._version import __version__
 
         data: dict[str, Any] = {}
         if self.family is not None:

@@ -28,6 +28,7 @@ from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UnsupportedModelError
+from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
 from moepatch.feature import feature_named
@@ -35,6 +36,14 @@ from moepatch.feature import registered_features
 from moepatch.undo import UndoLog
 
 logger = logging.getLogger("moepatch")
+
+
+def _registered(name: str) -> Feature:
+    """The feature registered under ``name`` (a plan names only registered features)."""
+    feature = feature_named(name)
+    if feature is None:
+        raise KeyError(f"no moepatch feature {name!r}")
+    return feature
 
 _HANDLE_ATTRIBUTE = "_moepatch_handle"
 
@@ -70,6 +79,13 @@ class PatchHandle:
                 part = self.installed.get(feature.name)
                 return part.attributes[name] if part is not None else copy.copy(feature.handle_attributes[name])
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def require_moe_model(self) -> MoEModel:
+        """:attr:`moe_model`; ``ValueError`` for the empty handle of an unsupported model (``strict=False``)."""
+        if self.moe_model is None:
+            raise ValueError(f"moepatch: {type(self.model).__name__} is not a supported MoE model; this handle "
+                             "patched nothing (strict=False)")
+        return self.moe_model
 
     @property
     def active(self) -> bool:
@@ -117,7 +133,7 @@ class PatchPlan:
 
     def describe(self) -> list[str]:
         """Each planned feature's description (``moepatch inspect``, the apply log)."""
-        return [feature_named(name).describe(planned) for name, planned in self.planned.items()]
+        return [_registered(name).describe(planned) for name, planned in self.planned.items()]
 
 
 def checkpoint_folder(model: nn.Module) -> Path | None:
@@ -208,7 +224,7 @@ def apply(
     if config is not None:
         undo.set_attribute(model.config, CONFIG_KEY, cfg.to_dict())
     for name, planned in plan.planned.items():
-        handle.installed[name] = feature_named(name).install(moe_model, planned, undo)
+        handle.installed[name] = _registered(name).install(moe_model, planned, undo)
     undo.set_attribute(model, _HANDLE_ATTRIBUTE, handle)
     logger.info(
         "moepatch: %s (%s), %d MoE layers; %s",

@@ -20,7 +20,7 @@ class UndoLog:
     """Records changes and undoes them last-first."""
 
     def __init__(self) -> None:
-        self._steps: list[Callable[[], None]] = []
+        self._steps: list[Callable[[], object]] = []  # what a step returns is ignored
 
     def __len__(self) -> int:
         return len(self._steps)

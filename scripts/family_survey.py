@@ -667,8 +667,6 @@ def router_kind(moe: Any) -> tuple[str, str]:
     top-k, B softmax + selection bias, C top-k of logits → softmax over the k, D sigmoid + selection bias, E D with a
     group limit, F top-k of logits → sigmoid into a dense matrix, G sparsemixer, H product keys), ``—`` where none
     fits, ``?`` when moepatch does not know the rule (hashed routers only, a probe that found no exact rule)."""
-    import dataclasses
-
     from model_patches.routing_rule import router_settings
 
     if moe.routing_problem is not None:
@@ -678,6 +676,13 @@ def router_kind(moe: Any) -> tuple[str, str]:
     limit = rule.active_group_limit(first.router, first.block)
     settings = router_settings(rule, first.router, first.block, top_k=moe.top_k,
                                weight_attr=moe.family.router_weight_attr)
+    letter = _kind_letter(rule, limit is not None, bool(moe.hashed_layers))
+    words = _selection_words(moe, rule, settings, limit is not None) + _rule_extras(rule, settings)
+    return letter, words
+
+
+def _kind_letter(rule: Any, group_limited: bool, hashed: bool) -> str:
+    """The router-kinds table's letter of ``rule`` (see :func:`router_kind`)."""
     selection = getattr(rule, "selection", "topk")
     biased = rule.selection_bias is not None
     if selection == "sparsemixer":
@@ -698,35 +703,47 @@ def router_kind(moe: Any) -> tuple[str, str]:
         letter = "D"
     else:
         letter = "—"
-    if limit is not None:
+    if group_limited:
         letter = "E" if letter == "D" else ("—" if letter == "—" else f"{letter} + group limit")
-    if moe.hashed_layers:
+    if hashed:
         letter = f"{letter} + H"
-    selects = rule.selects_on if limit is not None else rule.selects_on.replace(" within the kept groups", "")
+    return letter
+
+
+def _selection_words(moe: Any, rule: Any, settings: Any, group_limited: bool) -> str:
+    """What the rule selects on and how it weighs the chosen experts."""
+    selection = getattr(rule, "selection", "topk")
+    unbiased = "unbiased " if rule.selection_bias is not None else ""
+    selects = rule.selects_on if group_limited else rule.selects_on.replace(" within the kept groups", "")
     if rule.logit_bias:
         selects = selects.replace("logits", "logits (+ linear bias)", 1)
-    unbiased = "unbiased " if biased else ""
     if selection == "product_keys":
         renormalised = ", renormalised" if moe.renormalize else ""
-        words = (f"top-{moe.top_k} of the {selects}, in the sorted keys' order (the block's view pairs two tokens' "
-                 f"key scores per row); weights: softmax over the k pair sums{renormalised}")
-    elif selection != "topk":
-        words = f"{selection} over the {selects}; weights: {selection}'s own"
-    else:
-        weights = {
-            "scores": {"softmax": f"chosen {unbiased}probabilities", "sigmoid": f"chosen {unbiased}sigmoid scores",
-                       "logits": "chosen logits", "module": f"chosen {unbiased}scores"}[rule.score],
-            "softmax_of_chosen": "softmax over the k chosen logits",
-            "sigmoid_of_chosen": ("sigmoid of the k chosen logits in a dense [T, E] matrix" if rule.dense_weights
-                                  else f"sigmoid of the k chosen {unbiased}logits"),
-            "logsigmoid_softmax_of_chosen": (f"sigmoid of the k chosen {unbiased}logits"
-                                             + (f" and the shared experts' logits (S={settings.shared_logits})"
-                                                if settings.shared_logits else "")
-                                             + ", normalised in the log domain"),
-        }[rule.weights_from]
-        if moe.renormalize and rule.weights_from in ("scores", "sigmoid_of_chosen") and not rule.dense_weights:
-            weights += ", renormalised"
-        words = f"top-{moe.top_k} of {selects}; weights: {weights}"
+        return (f"top-{moe.top_k} of the {selects}, in the sorted keys' order (the block's view pairs two tokens' "
+                f"key scores per row); weights: softmax over the k pair sums{renormalised}")
+    if selection != "topk":
+        return f"{selection} over the {selects}; weights: {selection}'s own"
+    weights = {
+        "scores": {"softmax": f"chosen {unbiased}probabilities", "sigmoid": f"chosen {unbiased}sigmoid scores",
+                   "logits": "chosen logits", "module": f"chosen {unbiased}scores"}[rule.score],
+        "softmax_of_chosen": "softmax over the k chosen logits",
+        "sigmoid_of_chosen": ("sigmoid of the k chosen logits in a dense [T, E] matrix" if rule.dense_weights
+                              else f"sigmoid of the k chosen {unbiased}logits"),
+        "logsigmoid_softmax_of_chosen": (f"sigmoid of the k chosen {unbiased}logits"
+                                         + (f" and the shared experts' logits (S={settings.shared_logits})"
+                                            if settings.shared_logits else "")
+                                         + ", normalised in the log domain"),
+    }[rule.weights_from]
+    if moe.renormalize and rule.weights_from in ("scores", "sigmoid_of_chosen") and not rule.dense_weights:
+        weights += ", renormalised"
+    return f"top-{moe.top_k} of {selects}; weights: {weights}"
+
+
+def _rule_extras(rule: Any, settings: Any) -> str:
+    """The rule's scalings, router-input transforms and hand-off details, and any field not described yet."""
+    import dataclasses
+
+    words = ""
     if settings.scaling is not None:
         words += f" × {rule.scaling.lstrip('^')} ({settings.scaling:g})"
     if rule.weights_scale:
@@ -747,7 +764,7 @@ def router_kind(moe: Any) -> tuple[str, str]:
         value = getattr(rule, item.name)
         if item.name not in DESCRIBED_RULE_FIELDS and value != item.default:
             words += f"; {item.name}={value!r}"
-    return letter, words
+    return words
 
 
 # ------------------------------------------------------------------------------------------------ the survey
@@ -951,7 +968,8 @@ def parse(text: str) -> dict[str, dict[str, str]]:
             continue
         if columns is not None and line.startswith("| ") and not line.startswith("|---"):
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            parsed.setdefault(cells[0], {}).update(zip(columns, cells))
+            # strict=False: a row of an edited file may lack cells; the keys it lacks then show as differences
+            parsed.setdefault(cells[0], {}).update(zip(columns, cells, strict=False))
             continue
         match = REASON_LINE.match(line)
         if match:
@@ -975,7 +993,8 @@ def first_difference(expected: str, found: str, types: list[str] | None = None) 
         extra = [model_type for model_type in old if model_type not in fresh]
         if extra:
             return f"{extra[0]}: in the file but not a surveyed type"
-        for number, (want, have) in enumerate(zip(expected.splitlines(), found.splitlines()), start=1):
+        # strict=False: the shorter document's end is a difference too, reported after the loop
+        for number, (want, have) in enumerate(zip(expected.splitlines(), found.splitlines(), strict=False), start=1):
             if want != have:
                 return f"line {number}: the file has {have!r}, the survey gives {want!r}"
         if len(expected.splitlines()) != len(found.splitlines()):

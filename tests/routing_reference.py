@@ -49,7 +49,7 @@ def independent_switch_loss(router_logits, chosen, num_experts, mask):
     keep = mask.reshape(-1).double()
     fraction = torch.zeros(num_experts, dtype=torch.float64)
     probability = torch.zeros(num_experts, dtype=torch.float64)
-    for logits, indices in zip(router_logits, chosen):
+    for logits, indices in zip(router_logits, chosen, strict=True):
         probs = torch.softmax(logits.detach().double(), dim=-1)
         for slot in range(indices.shape[1]):
             fraction += torch.zeros(num_experts, dtype=torch.float64).index_add_(0, indices[:, slot], keep)

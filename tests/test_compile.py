@@ -200,7 +200,7 @@ def _reference_set(expert_set: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     if hasattr(expert_set, "delta"):
         return x.double() * (probs @ (1 + expert_set.delta.double()))
     out = torch.zeros(x.shape[0], expert_set.out_features, dtype=torch.float64)
-    for n, (a, b) in enumerate(zip(expert_set.lora_A, expert_set.lora_B)):
+    for n, (a, b) in enumerate(zip(expert_set.lora_A, expert_set.lora_B, strict=True)):
         out += probs[:, n : n + 1] * (expert_set.scaling[n] * (x.double() @ a.double().T @ b.double().T))
     return out
 

@@ -69,7 +69,7 @@ def test_zero3_two_ranks_update_log_and_checkpoint(runs):
     assert [r["step"] for r in rounds] == [2, 4, 6] and all(r["world_size"] == 2 for r in rounds)
     assert rounds[0]["old_weights"] == pytest.approx([0.25] * 4)
     assert rounds[0]["new_weights"] != pytest.approx([0.25] * 4, abs=1e-4)  # weights move after the first round
-    for earlier, later in zip(rounds, rounds[1:]):
+    for earlier, later in zip(rounds, rounds[1:], strict=False):  # neighbours
         assert later["old_weights"] == earlier["new_weights"]
     # every rank holds the same sampler: same schedule, same draws
     rank0 = json.loads((full / "sampling_info" / "sampler.rank0.json").read_text())
@@ -97,7 +97,7 @@ def test_zero3_resume_after_round_one_continues_exactly(runs):
     _, full, resumed, _ = runs
     expected, got = _rounds(full)[1:], _rounds(resumed)
     assert [r["step"] for r in got] == [4, 6]
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         assert b["old_weights"] == pytest.approx(a["old_weights"], abs=1e-12)
         assert b["new_weights"] == pytest.approx(a["new_weights"], abs=1e-9)
         assert b["realised_counts"] == a["realised_counts"]  # the same examples were drawn

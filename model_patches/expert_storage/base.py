@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 from typing import Protocol
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -38,6 +39,15 @@ class RoutedDeltas(Protocol):
         row count per expert, both tensors (no host sync) — or all of expert ``only``; ``tokens``: each row's token
         index (or ``None``)."""
         ...
+
+
+class RowGroups(TypedDict, total=False):
+    """How the rows handed to :meth:`RoutedDeltas.grouped` are grouped: its keyword arguments, as one dict."""
+
+    expert_ids: torch.Tensor
+    ends: torch.Tensor
+    tokens: torch.Tensor | None
+    only: int
 
 
 class ChangeLog(Protocol):

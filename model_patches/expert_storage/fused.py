@@ -33,9 +33,13 @@ to other processes' experts (the sentinel id ``num_experts``) as transformers' o
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
+from typing import Protocol
+from typing import TypeGuard
+from typing import cast
 
 import torch
 from torch import nn
@@ -47,6 +51,7 @@ from model_patches.expert_storage.base import ChangeLog
 from model_patches.expert_storage.base import ExpertStorage
 from model_patches.expert_storage.base import RoutedDeltas
 from model_patches.expert_storage.base import RoutedProjection
+from model_patches.expert_storage.base import RowGroups
 from model_patches.expert_storage.base import deltas_of
 from model_patches.expert_storage.base import shape_of
 
@@ -78,6 +83,20 @@ class FusedLayout:
     def input_name(self) -> str:
         """The input projection's tensor: ``gate_up_proj``, or ``up_proj`` for gate-less experts."""
         return "gate_up_proj" if self.gated else "up_proj"
+
+
+class _FusedExperts(Protocol):
+    """What moepatch reads from a fused experts module besides its layout flags and its input projection (named by
+    the layout, read by name): a typed view of the module, nothing is checked at run time (:meth:`FusedExperts.problem`
+    checks what an adapted module must have)."""
+
+    num_experts: int
+    down_proj: torch.Tensor
+    down_proj_bias: torch.Tensor
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    post_expert_norm: Callable[[torch.Tensor], torch.Tensor]
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor: ...
 
 
 def flagged_layout(experts: nn.Module) -> FusedLayout:
@@ -113,7 +132,7 @@ class FusedExperts(ExpertStorage):
     def widths(self, experts: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None:
         layout = self.layout(experts)
         weight, down = getattr(experts, layout.input_name, None), getattr(experts, "down_proj", None)
-        if not all(isinstance(t, torch.Tensor) and len(shape_of(t)) == 3 for t in (weight, down)):  # ZeRO-3: full
+        if not (_is_fused_tensor(weight) and _is_fused_tensor(down)):
             return None
         num, fan_in, width = dims(weight, layout.transposed)
         _, _, fan_out = dims(down, layout.transposed)
@@ -165,13 +184,14 @@ class FusedExperts(ExpertStorage):
         ``EPImplementation`` sends it (``expert_id // num_local_experts``)."""
         if not getattr(experts, "_is_expert_parallel", False):
             return None
-        rank = _expert_parallel_rank(getattr(experts, "down_proj", None))
+        down = getattr(experts, "down_proj", None)
+        rank, mesh = _expert_parallel_rank(down), _device_mesh(down)
         local = getattr(experts, "num_experts", None)
-        if rank is None or not isinstance(local, int):
+        if rank is None or mesh is None or not isinstance(local, int):  # a rank comes with a mesh
             return None
-        mesh = experts.down_proj.device_mesh
-        size = mesh.size(mesh.mesh_dim_names.index("ep")) if "ep" in (mesh.mesh_dim_names or ()) else mesh.size()
-        if shape_of(experts.down_proj)[0] != local * size:
+        names = mesh.mesh_dim_names
+        size = mesh.size(names.index("ep")) if names is not None and "ep" in names else mesh.size()
+        if shape_of(cast(_FusedExperts, experts).down_proj)[0] != local * size:
             return None
         return range(rank * local, (rank + 1) * local)
 
@@ -179,7 +199,7 @@ class FusedExperts(ExpertStorage):
     def shape_problem(experts: nn.Module, layout: FusedLayout) -> str | None:
         """Why the tensors of ``experts`` do not fit ``layout`` (input, down projection and biases), or ``None``."""
         name = type(experts).__name__
-        weight, down = getattr(experts, layout.input_name), experts.down_proj
+        weight, down = getattr(experts, layout.input_name), cast(_FusedExperts, experts).down_proj
         num, _, width = dims(weight, layout.transposed)
         inner = width // 2 if layout.gated else width
         if (layout.gated and width % 2) or dims(down, layout.transposed)[:2] != (num, inner):
@@ -226,17 +246,38 @@ class FusedExperts(ExpertStorage):
             return None  # peft's LoRA B covers a contiguous range of the out axis; interleaved gate / up are not
         out_axis = 2 if layout.transposed else 1  # peft reads the module's is_transposed as this class does
         if projection == "down_proj":
-            return "down_proj", 0, shape_of(module.down_proj)[out_axis]
+            return "down_proj", 0, shape_of(cast(_FusedExperts, module).down_proj)[out_axis]
         total = shape_of(getattr(module, layout.input_name))[out_axis]
         if not layout.gated:
             return "up_proj", 0, total
         return "gate_up_proj", (0 if projection == "gate_proj" else total // 2), total
 
 
+def _is_fused_tensor(value: object) -> TypeGuard[torch.Tensor]:
+    """A tensor of 3 dimensions: ``[E, out, in]`` or ``[E, in, out]`` (the full shape under ZeRO-3)."""
+    return isinstance(value, torch.Tensor) and len(shape_of(value)) == 3
+
+
+class _DeviceMesh(Protocol):
+    """What moepatch reads from the device mesh of a ``DTensor`` (``torch.distributed.DeviceMesh``)."""
+
+    ndim: int
+    mesh_dim_names: tuple[str, ...] | None
+
+    def size(self, mesh_dim: int | None = None) -> int: ...
+
+    def get_local_rank(self, mesh_dim: int | str | None = None) -> int: ...
+
+
+def _device_mesh(weight: object) -> _DeviceMesh | None:
+    """The device mesh of ``weight`` when it is a ``DTensor`` (read by name, as any sharded tensor may carry one)."""
+    return getattr(weight, "device_mesh", None)
+
+
 def _expert_parallel_rank(weight: object) -> int | None:
     """This process's coordinate on the expert-parallel dimension of ``weight``'s device mesh (``"ep"``, or the only
     dimension of a one-dimensional mesh), ``None`` for a tensor that is no DTensor."""
-    mesh = getattr(weight, "device_mesh", None)
+    mesh = _device_mesh(weight)
     if mesh is None:
         return None
     names = mesh.mesh_dim_names or ()
@@ -304,7 +345,7 @@ def routed_deltas_experts_forward(self: nn.Module, hidden_states: torch.Tensor, 
 ExpertsInterface.register(IMPLEMENTATION, routed_deltas_experts_forward)
 
 
-def input_delta(deltas: Mapping[str, RoutedDeltas], rows: torch.Tensor, groups: dict[str, object],
+def input_delta(deltas: Mapping[str, RoutedDeltas], rows: torch.Tensor, groups: RowGroups,
                 layout: FusedLayout, width: int) -> torch.Tensor | None:
     """The deltas of the input projection's ``width`` output columns: gate and up halves (zeros for a half without
     deltas), concatenated or interleaved as the layout stores them, or the gate-less ``up_proj``'s; ``groups``: the
@@ -328,13 +369,15 @@ def input_delta(deltas: Mapping[str, RoutedDeltas], rows: torch.Tensor, groups: 
 
 def _activate(self: nn.Module, layout: FusedLayout, projected: torch.Tensor) -> torch.Tensor:
     """The experts' own gating (``_apply_gate``: act(gate) · up unless the class says else) or activation."""
-    return self._apply_gate(projected) if layout.gated else self.act_fn(projected)
+    experts = cast(_FusedExperts, self)
+    return experts._apply_gate(projected) if layout.gated else experts.act_fn(projected)
 
 
 def _grouped(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
              top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' ``grouped_mm`` experts computation with the deltas in between."""
     deltas = deltas_of(self)
+    experts = cast(_FusedExperts, self)
     layout = flagged_layout(self)
     device = hidden_states.device
     num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
@@ -345,17 +388,17 @@ def _grouped(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Te
     tokens = _tokens(self, perm // num_top_k, num_tokens)
     sample_weights_g = sample_weights[perm]
     histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
-    tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
+    tokens_per_expert = torch.histc(histc_input, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
     sentinel = None
     if getattr(self, "_is_expert_parallel", False):
         # as transformers' grouped_mm under EP: routes to other processes' experts carry the id num_experts (and
         # weight 0); sorted last and left out of the counts, they are rows no grouped product writes, so they are
         # zeroed going in (their gradient too) and coming out of each stage, and clamped to index the deltas' stacks
-        sentinel = (expert_ids_g >= self.num_experts).unsqueeze(-1)
-        expert_ids_g = expert_ids_g.clamp(max=self.num_experts - 1)
+        sentinel = (expert_ids_g >= experts.num_experts).unsqueeze(-1)
+        expert_ids_g = expert_ids_g.clamp(max=experts.num_experts - 1)
         rows = rows.masked_fill(sentinel, 0.0)
-    groups = {"expert_ids": expert_ids_g, "ends": offsets, "tokens": tokens}  # tensors only: no host sync
+    groups: RowGroups = {"expert_ids": expert_ids_g, "ends": offsets, "tokens": tokens}  # tensors only: no host sync
 
     weight = getattr(self, layout.input_name)
     bias = getattr(self, f"{layout.input_name}_bias")[expert_ids_g] if layout.biased else None
@@ -370,14 +413,14 @@ def _grouped(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Te
         projected = deltas["down_proj"].grouped(projected, **groups)
         if sentinel is not None:
             projected = projected.masked_fill(sentinel, 0.0)
-    bias = self.down_proj_bias[expert_ids_g] if layout.biased else None
-    out = _grouped_linear(projected, self.down_proj, offsets, bias=bias, is_transposed=layout.transposed)
+    bias = experts.down_proj_bias[expert_ids_g] if layout.biased else None
+    out = _grouped_linear(projected, experts.down_proj, offsets, bias=bias, is_transposed=layout.transposed)
     if "down_proj" in deltas and deltas["down_proj"].placement == "output":
         out = out + deltas["down_proj"].grouped(projected, **groups).to(out.dtype)
     if sentinel is not None:
         out = out.masked_fill(sentinel, 0.0)
     if layout.post_norm:
-        out = self.post_expert_norm(out)
+        out = experts.post_expert_norm(out)
     weighted = out * sample_weights_g.unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.size(0), device=device)
@@ -396,19 +439,20 @@ def _eager(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tens
            top_k_weights: torch.Tensor) -> torch.Tensor:
     """The classes' ``eager`` experts loop with the deltas in between."""
     deltas = deltas_of(self)
+    experts = cast(_FusedExperts, self)
     layout = flagged_layout(self)
     weight = getattr(self, layout.input_name)
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
-        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=experts.num_experts + 1).permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
     for hit in expert_hit:
         expert = int(hit[0])
-        if expert == self.num_experts:
+        if expert == experts.num_experts:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         rows = hidden_states[token_idx]
-        groups = {"tokens": _tokens(self, token_idx, hidden_states.shape[0]), "only": expert}
+        groups: RowGroups = {"tokens": _tokens(self, token_idx, hidden_states.shape[0]), "only": expert}
         bias = getattr(self, f"{layout.input_name}_bias")[expert] if layout.biased else None
         projected = _linear(rows, weight[expert], bias, layout.transposed)
         delta = input_delta(deltas, rows, groups, layout, projected.shape[-1])
@@ -417,12 +461,12 @@ def _eager(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tens
         current = _activate(self, layout, projected)
         if "down_proj" in deltas and deltas["down_proj"].placement == "input":
             current = deltas["down_proj"].grouped(current, **groups)
-        bias = self.down_proj_bias[expert] if layout.biased else None
-        out = _linear(current, self.down_proj[expert], bias, layout.transposed)
+        bias = experts.down_proj_bias[expert] if layout.biased else None
+        out = _linear(current, experts.down_proj[expert], bias, layout.transposed)
         if "down_proj" in deltas and deltas["down_proj"].placement == "output":
             out = out + deltas["down_proj"].grouped(current, **groups).to(out.dtype)
         if layout.post_norm:
-            out = self.post_expert_norm(out)
+            out = experts.post_expert_norm(out)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final

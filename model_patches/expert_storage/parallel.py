@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 from typing import ClassVar
+from typing import Protocol
+from typing import cast
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from model_patches.expert_storage.base import ChangeLog
 from model_patches.expert_storage.base import ExpertStorage
 from model_patches.expert_storage.base import RoutedDeltas
 from model_patches.expert_storage.base import RoutedProjection
+from model_patches.expert_storage.base import RowGroups
 from model_patches.expert_storage.base import deltas_of
 from model_patches.expert_storage.base import module_names
 from model_patches.expert_storage.base import shape_of
@@ -32,6 +35,12 @@ STORAGE_CLASSES = {"ParallelExperts": "in_out", "JetMoeParallelExperts": "out_in
 _INPUT_ALIASES = ("gate_proj", "up_proj", "gate_up_proj")
 _MLP_ALIASES = {"experts": _INPUT_ALIASES, "output_experts": ("down_proj",), "input_linear": _INPUT_ALIASES,
                 "output_linear": ("down_proj",)}
+
+
+class _ParallelExperts(Protocol):
+    """What the adapter reads from a ``ParallelExperts`` module (a typed view; nothing is checked at run time)."""
+
+    weight: torch.Tensor
 
 
 class ParallelExpertModules(ExpertStorage):
@@ -51,7 +60,7 @@ class ParallelExpertModules(ExpertStorage):
             path = names[id(module)]
             parent_path, _, child = path.rpartition(".")
             parent = moe.inner.get_submodule(parent_path)
-            experts, first, second = shape_of(module.weight)
+            experts, first, second = shape_of(cast(_ParallelExperts, module).weight)
             fan_in, fan_out = (first, second) if layout == "in_out" else (second, first)
             aliases: tuple[str, ...] = (path, parent_path)
             if id(parent) in mlp_blocks:
@@ -75,9 +84,10 @@ class ParallelExpertModules(ExpertStorage):
 
 
     def expert_weight(self, module: nn.Module, projection: str, expert: int) -> torch.Tensor:
+        weight = cast(_ParallelExperts, module).weight
         if STORAGE_CLASSES[type(module).__name__] == "out_in":
-            return module.weight[expert]
-        return module.weight[expert].T  # weight [E, in, out]
+            return weight[expert]
+        return weight[expert].T  # weight [E, in, out]
 
 
 def _row_tokens(owner: nn.Module | None, rows: int) -> torch.Tensor | None:
@@ -86,24 +96,25 @@ def _row_tokens(owner: nn.Module | None, rows: int) -> torch.Tensor | None:
     return tokens if isinstance(tokens, torch.Tensor) and tokens.shape[0] == rows else None
 
 
-def _groups(inputs: torch.Tensor, expert_size: object) -> dict[str, torch.Tensor]:
-    """Each row's expert and the cumulative row counts, as tensors, from the mixture's per-expert row counts."""
+def _groups(inputs: torch.Tensor, expert_size: object, tokens: torch.Tensor | None) -> RowGroups:
+    """Each row's expert and the cumulative row counts, as tensors, from the mixture's per-expert row counts; each
+    row's token, ``tokens``."""
     counts = torch.as_tensor(expert_size, device=inputs.device).to(torch.int64)
     expert_ids = torch.repeat_interleave(torch.arange(counts.shape[0], device=inputs.device), counts,
                                          output_size=inputs.shape[0])  # output_size: no host sync
-    return {"expert_ids": expert_ids, "ends": counts.cumsum(0).to(torch.int32)}
+    return {"expert_ids": expert_ids, "ends": counts.cumsum(0).to(torch.int32), "tokens": tokens}
 
 
 def _add_output(module: nn.Module, args: tuple, output: torch.Tensor, owner: nn.Module | None, projection: str
                 ) -> torch.Tensor:
     inputs, expert_size = args[0], args[1]
     tokens = _row_tokens(owner, inputs.shape[0])
-    delta = deltas_of(module)[projection].grouped(inputs, **_groups(inputs, expert_size), tokens=tokens)
+    delta = deltas_of(module)[projection].grouped(inputs, **_groups(inputs, expert_size, tokens))
     return output + delta.to(output.dtype)
 
 
 def _scale_input(module: nn.Module, args: tuple, owner: nn.Module | None, projection: str) -> tuple:
     inputs, expert_size = args[0], args[1]
     tokens = _row_tokens(owner, inputs.shape[0])
-    return (deltas_of(module)[projection].grouped(inputs, **_groups(inputs, expert_size), tokens=tokens),
+    return (deltas_of(module)[projection].grouped(inputs, **_groups(inputs, expert_size, tokens)),
             expert_size, *args[2:])

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import ClassVar
+from typing import Protocol
+from typing import cast
 
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ from torch import nn
 from model_patches.expert_storage.base import ChangeLog
 from model_patches.expert_storage.base import RoutedDeltas
 from model_patches.expert_storage.base import RoutedProjection
+from model_patches.expert_storage.base import RowGroups
 from model_patches.expert_storage.base import deltas_of
 from model_patches.expert_storage.base import shape_of
 from model_patches.expert_storage.fused import FusedExperts
@@ -36,6 +40,15 @@ from model_patches.structure import MoEModel
 TOP_K = "_routed_deltas_top_k"
 """Attribute of an adapted experts module: how many of each token's rows the router sent (the model's top-k)."""
 LAYOUT = FusedLayout(gated=True, transposed=True, concatenated=True)
+
+
+class _Llama4Experts(Protocol):
+    """What the adapter reads from ``Llama4TextExperts`` (a typed view of the module; nothing is checked at run
+    time)."""
+
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 class ScaledDenseExperts(FusedExperts):
@@ -56,7 +69,8 @@ class ScaledDenseExperts(FusedExperts):
         for attribute in ("gate_up_proj", "down_proj", "act_fn"):
             if not hasattr(experts, attribute):
                 return f"{type(experts).__name__} has no {attribute}"
-        if projection.top_k is None or not 1 <= projection.top_k <= shape_of(experts.gate_up_proj)[0]:
+        llama4 = cast(_Llama4Experts, experts)
+        if projection.top_k is None or not 1 <= projection.top_k <= shape_of(llama4.gate_up_proj)[0]:
             return f"{type(experts).__name__}: the model's top-k ({projection.top_k}) does not fit its experts"
         return self.shape_problem(experts, LAYOUT)
 
@@ -70,7 +84,7 @@ class ScaledDenseExperts(FusedExperts):
         return None  # peft reads [E, in, out] only from a module flagged is_transposed, which this one is not
 
 
-def _sent_rows(hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _sent_rows(hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, RowGroups]:
     """The rows the router sent (``hidden``: ``[E, T, H]``, each token scaled per expert): their indices into the
     ``[E·T]`` rows, sorted by expert, and their grouping as :meth:`RoutedDeltas.grouped` takes it (each row's expert,
     cumulative row counts per expert, each row's token)."""
@@ -89,26 +103,30 @@ def _sent_rows(hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, dict[str
 def scaled_dense_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """``Llama4TextExperts.forward`` (transformers 5.25) with each expert's deltas on the rows the router sent it."""
     deltas = deltas_of(self)
-    num_experts, hidden_size = self.gate_up_proj.shape[0], self.gate_up_proj.shape[1]
+    llama4 = cast(_Llama4Experts, self)
+    num_experts, hidden_size = llama4.gate_up_proj.shape[0], llama4.gate_up_proj.shape[1]
     hidden_states = hidden_states.view(num_experts, -1, hidden_size)
     index, groups = _sent_rows(hidden_states, self.__dict__[TOP_K])
-    gate_up = torch.bmm(hidden_states, self.gate_up_proj)
+    gate_up = torch.bmm(hidden_states, llama4.gate_up_proj)
     rows = hidden_states.reshape(-1, hidden_size)[index]
     width = gate_up.shape[-1]
     delta = input_delta(deltas, rows, groups, LAYOUT, width)
     if delta is not None:
         gate_up = gate_up.reshape(-1, width).index_add(0, index, delta.to(gate_up.dtype)).view(num_experts, -1, width)
     gate, up = gate_up.chunk(2, dim=-1)
-    intermediate = up * self.act_fn(gate)
+    intermediate = up * llama4.act_fn(gate)
     down = deltas.get("down_proj")
     inner = intermediate.shape[-1]
-    sent = intermediate.reshape(-1, inner)[index] if down is not None else None
-    if down is not None and down.placement == "input":
-        scaled = down.grouped(sent, **groups)
-        intermediate = intermediate.reshape(-1, inner).index_copy(0, index, scaled.to(intermediate.dtype))
-        intermediate, sent = intermediate.view(num_experts, -1, inner), scaled
-    next_states = torch.bmm(intermediate, self.down_proj)
+    sent = None
+    if down is not None:
+        sent = intermediate.reshape(-1, inner)[index]
+        if down.placement == "input":
+            scaled = down.grouped(sent, **groups)
+            intermediate = intermediate.reshape(-1, inner).index_copy(0, index, scaled.to(intermediate.dtype))
+            intermediate, sent = intermediate.view(num_experts, -1, inner), scaled
+    next_states = torch.bmm(intermediate, llama4.down_proj)
     next_states = next_states.view(-1, hidden_size)
     if down is not None and down.placement == "output":
+        assert sent is not None  # the rows were gathered above: there are down_proj deltas
         next_states = next_states.index_add(0, index, down.grouped(sent, **groups).to(next_states.dtype))
     return next_states

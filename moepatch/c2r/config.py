@@ -55,7 +55,7 @@ class C2RConfig:
             return None
         warn_unknown(data, {"top_t", "collaborative_list", "path", "aux_loss"}, path)
         known_problems = len(problems.messages)
-        top_t = data.get("top_t")
+        top_t: Any = data.get("top_t")  # a JSON value, checked below
         if not is_int(top_t):
             problems.add(f"{path}.top_t", f"expected an integer, got {top_t!r}")
         listed, file = data.get("collaborative_list"), data.get("path")
@@ -76,7 +76,8 @@ class C2RConfig:
     def from_official(cls, config: Any) -> C2RConfig | None:
         """The official top-level ``top_t`` / ``collaborative_list`` fields of a config, or ``None`` if absent."""
         read = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-        top_t, listed = read("top_t"), read("collaborative_list")
+        top_t: Any = read("top_t")  # the config's value, checked below
+        listed = read("collaborative_list")
         if top_t is None and listed is None:
             return None
         problems = Problems()

@@ -241,12 +241,13 @@ class C2RPlan:
     aux_loss: str = "actual"
 
 
-def _load_list_file(config: C2RConfig, base_dir: Path | None) -> list:
+def _load_list_file(config: C2RConfig, file: str, base_dir: Path | None) -> list:
+    """The list in ``file`` (``config.path``): a bare list, or a dict's ``collaborative_list`` (a config.json)."""
     where = f"{config.field_prefix}path"
-    data = read_json_beside(config.path, base_dir, where)
+    data = read_json_beside(file, base_dir, where)
     listed = data.get("collaborative_list") if isinstance(data, dict) else data
     if not isinstance(listed, list):
-        raise ValueError(f"{where}: {config.path} holds no 'collaborative_list' list")
+        raise ValueError(f"{where}: {file} holds no 'collaborative_list' list")
     return listed
 
 
@@ -338,22 +339,27 @@ def plan_c2r(model: MoEModel, config: C2RConfig, base_dir: Path | None = None) -
             raise ValueError(f"{prefix}top_t: cannot constrain the router of layer {layer.index}: {problem}; load the "
                              "checkpoint with moepatch.from_pretrained to get moepatch's implementation")
     width = max(config.top_t, 2) if kind == "logits_top_k_plus_one" and config.top_t == 1 else config.top_t
-    listed = config.collaborative_list if config.path is None else _load_list_file(config, base_dir)
     name = f"{prefix}collaborative_list"
+    if config.path is not None:
+        listed = _load_list_file(config, config.path, base_dir)
+    elif config.collaborative_list is not None:
+        listed = config.collaborative_list
+    else:  # parse refuses this: exactly one of the two is given
+        raise ValueError(f"{name}: give the list, or a path to a file holding it")
     if len(listed) != model.num_layers:
         raise ValueError(f"{name}: has {len(listed)} layer entries but the model has {model.num_layers} decoder "
                          f"layers (the list is indexed by absolute layer; give dense layers any entry or null)")
     plan = C2RPlan(top_t=config.top_t, aux_loss=config.aux_loss)
-    for layer in model.moe_layer_indices:
-        entry = listed[layer]
-        if layer in model.hashed_layers and entry is not None:
-            raise ValueError(f"{name}[{layer}]: layer {layer}'s router ({type(model.layer(layer).router).__name__}) "
+    for index in model.moe_layer_indices:
+        entry = listed[index]
+        if index in model.hashed_layers and entry is not None:
+            raise ValueError(f"{name}[{index}]: layer {index}'s router ({type(model.layer(index).router).__name__}) "
                              "chooses by a fixed hash of the token id: there is no learned choice for C2R to "
                              "constrain; give null for this layer")
         if entry is None:
-            plan.vanilla_layers.append(layer)
+            plan.vanilla_layers.append(index)
         else:
-            plan.tables[layer] = _layer_table(entry, layer, model.num_experts, config.top_t, name, width)
+            plan.tables[index] = _layer_table(entry, index, model.num_experts, config.top_t, name, width)
     return plan
 
 
@@ -373,24 +379,29 @@ def _selector_for(layer: MoELayer, model: MoEModel, top_t: int) -> Callable[...,
         return getattr(router, ALLOWED_BUFFER)[first]
 
     allowed = getattr(router, ALLOWED_BUFFER)
+    select: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     if bool(allowed.all()):  # every row allows every expert (top_t = E - 1): the family's own selection, exactly
         vanilla = vanilla_selector(model.family.routing)
 
-        def select(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def select_vanilla(probs: torch.Tensor, k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
             return vanilla(probs, k)
+
+        select = select_vanilla
     else:
         settings = layer_settings(model, layer)
-        may_starve = settings.group_limit is not None and group_limit_can_starve(
-            allowed, settings.groups, settings.kept_groups, model.top_k)
+        groups, kept_groups = settings.groups, settings.kept_groups  # both set where a group limit is
+        may_starve = (settings.group_limit is not None and groups is not None and kept_groups is not None
+                      and group_limit_can_starve(allowed, groups, kept_groups, model.top_k))
         sorted_topk = model.family.routing.sorted_topk
 
-        def select(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None,
-                   kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        def select_constrained(probs: torch.Tensor, k: int, ungrouped: torch.Tensor | None = None,
+                               kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             return constrained_topk(probs, k, getattr(router, ALLOWED_BUFFER), sorted=sorted_topk,
                                     ungrouped=ungrouped if may_starve else None, kept=kept,
                                     restricted=getattr(router, RESTRICTED_BUFFER))
 
-    select.allowed_for = allowed_for  # type: ignore[attr-defined]
+        select = select_constrained
+    select.__dict__["allowed_for"] = allowed_for  # a function attribute the routing rules read (getattr)
     return select
 
 

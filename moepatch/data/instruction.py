@@ -95,7 +95,8 @@ def to_messages(record: dict[str, Any], where: str = "record") -> list[dict[str,
         if system:
             messages.append({"role": "system", "content": system})
         for position, turn in enumerate(turns):
-            role = _FASTCHAT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+            speaker = turn.get("from") if isinstance(turn, dict) else None
+            role = _FASTCHAT_ROLES.get(speaker) if isinstance(speaker, str) else None  # (a list is unhashable)
             if role is None or not isinstance(turn.get("value"), str):
                 raise ValueError(f"{where}: conversations[{position}] needs 'from' in {sorted(_FASTCHAT_ROLES)} and "
                                  f"a string 'value', got {_shown(turn)}")
@@ -222,9 +223,9 @@ def load_source(
         if probe_size >= len(records):
             raise ValueError(f"probe_size: {probe_size} probe examples leave no training data in {name!r} "
                              f"({len(records)} records in {train_path}); lower it or give a probe (dev) file")
-        chosen = set(random.Random(seed).sample(range(len(records)), probe_size))
-        probe_records = [r for i, r in enumerate(records) if i in chosen]
-        records = [r for i, r in enumerate(records) if i not in chosen]
+        held_out = set(random.Random(seed).sample(range(len(records)), probe_size))
+        probe_records = [r for i, r in enumerate(records) if i in held_out]
+        records = [r for i, r in enumerate(records) if i not in held_out]
         logger.info("source %r: probe set of %d examples held out of the %d train records in %s (seed %d)", name,
                     len(probe_records), len(records) + len(probe_records), train_path, seed)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moepatch.expert_parallel import dispatch
+from moepatch.expert_parallel.dispatch import DedupAllToAllEP
 from moepatch.expert_parallel.placement import PLACEMENT_FILE
 from moepatch.expert_parallel.placement import check_placement
 from moepatch.expert_parallel.training import replicate_added_parameters
@@ -36,7 +38,6 @@ def register() -> bool:
         return False
     from transformers.distributed.expert_parallel import EPImplementationInterface
 
-    from moepatch.expert_parallel.dispatch import DedupAllToAllEP
 
     EPImplementationInterface.register(IMPLEMENTATION_NAME, DedupAllToAllEP)
     return True
@@ -45,8 +46,6 @@ def register() -> bool:
 def __getattr__(name: str) -> Any:
     """The dispatch's public names, imported on first use (this package imports where torch.distributed is absent)."""
     if name in _DISPATCH_NAMES:
-        from moepatch.expert_parallel import dispatch
-
         return getattr(dispatch, name)
     raise AttributeError(f"module 'moepatch.expert_parallel' has no attribute {name!r}")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -166,7 +167,8 @@ class DedupAllToAllEP(EPImplementation):
         # Shard(0) -> Replicate is one all-gather of the row slices, uneven or empty ones too.
         hidden_dim = output.size(-1)
         output = DTensor.from_local(
-            output.contiguous(), self.tp_mesh, [Shard(0)], shape=(num_tokens, hidden_dim), stride=(hidden_dim, 1)
+            output.contiguous(), self.tp_mesh, [Shard(0)], shape=torch.Size((num_tokens, hidden_dim)),
+            stride=(hidden_dim, 1)
         )
         return output.full_tensor()
 
@@ -176,7 +178,7 @@ class DedupAllToAllEP(EPImplementation):
         """Dispatch this rank's tokens (one row per destination rank), run the local experts on what arrives, bring
         the combined rows back and sum them per token."""
         ep_group, ep_size, ep_rank = self.ep_mesh.get_group(), self.ep_mesh.size(), self.ep_mesh.get_local_rank()
-        num_local = self.num_local_experts
+        num_local = cast(int, self.num_local_experts)  # transformers' experts.num_experts (via Module.__getattr__)
         device = hidden_states.device
         num_tokens, hidden_dim = hidden_states.shape
         num_top_k = expert_ids.size(-1)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+from typing import cast
 
+import torch
 from torch import nn
+
+from moepatch.lora_experts.routed import RoutedExpertSets
 
 
 def expert_sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of the routed-expert LoRA sets split over processes by expert parallelism (each process holds
     its own experts' sets: :class:`~moepatch.lora_experts.routed.RoutedExpertSets` with ``held`` set)."""
-    from moepatch.lora_experts.routed import RoutedExpertSets
 
     return [parameter for module in model.modules() if isinstance(module, RoutedExpertSets)
             and module.held is not None for parameter in module.parameters()]
@@ -40,8 +44,9 @@ def replicate_added_parameters(model: nn.Module) -> int:
     world = dist.get_world_size()
 
     def average(parameter: nn.Parameter) -> None:
-        dist.all_reduce(parameter.grad)
-        parameter.grad.div_(world)
+        grad = cast(torch.Tensor, parameter.grad)  # a post-accumulate-grad hook: the gradient is there
+        dist.all_reduce(grad)
+        grad.div_(world)
 
     added = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
     sharded = {id(p) for p in expert_sharded_parameters(model)}
@@ -66,10 +71,12 @@ def _expert_gradient_hook(model: nn.Module, parameters: list[nn.Parameter]
 
     config = getattr(model.config, "distributed_config", None)
     batches = getattr(config, "dp_size", 1) or 1
-    copies = (getattr(config, "efsdp_size", 1) or 1) * (getattr(config, "dp_replicate_size", 1) or 1)
+    replicas = getattr(config, "dp_replicate_size", 1) or 1
+    copies = (getattr(config, "efsdp_size", 1) or 1) * replicas
     group = None
     if copies > 1:
-        mesh = model._mesh_manager.get_mesh(("dp_replicate", "efsdp") if config.dp_replicate_size > 1 else "efsdp")
+        mesh_manager: Any = model._mesh_manager  # transformers' (a model loaded with a DistributedConfig)
+        mesh = mesh_manager.get_mesh(("dp_replicate", "efsdp") if replicas > 1 else "efsdp")
         group = (mesh if mesh.ndim == 1 else mesh._flatten()).get_group()
         for parameter in parameters:
             dist.broadcast(parameter.data, group=group, group_src=0)
@@ -77,9 +84,10 @@ def _expert_gradient_hook(model: nn.Module, parameters: list[nn.Parameter]
         return None
 
     def reduce(parameter: nn.Parameter) -> None:
+        grad = cast(torch.Tensor, parameter.grad)  # a post-accumulate-grad hook: the gradient is there
         if group is not None:
-            dist.all_reduce(parameter.grad, group=group)
+            dist.all_reduce(grad, group=group)
         if batches > 1:
-            parameter.grad.div_(batches)
+            grad.div_(batches)
 
     return reduce

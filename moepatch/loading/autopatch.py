@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from moepatch.loading.pretrained import drop_loader_auto_map
+from moepatch.patch import apply
+
 
 class AppliesMoePatchOnLoad:
     """Mixin for moepatch-native ``*ForCausalLM`` classes (put it first in the bases)."""
@@ -21,9 +24,6 @@ class AppliesMoePatchOnLoad:
 
     @classmethod
     def from_pretrained(cls, *args: Any, moepatch_apply: bool = True, **kwargs: Any) -> Any:
-        from moepatch.loading.pretrained import drop_loader_auto_map
-        from moepatch.patch import apply
-
         loaded = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
         drop_loader_auto_map(model.config)

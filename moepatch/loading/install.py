@@ -17,8 +17,18 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from model_patches.structure import describe
+from moepatch._version import __version__
+from moepatch.config import MoePatchConfig
 from moepatch.loading.pretrained import LOADER_MODULE
+from moepatch.loading.pretrained import load_config
+from moepatch.loading.skeleton import weightless_model
+from moepatch.patch import plan_patch
+from moepatch.staged_output import staged_file
+from moepatch.staged_output import write_text_atomically
+from moepatch.validation import has_weights
 from moepatch.validation import read_json_object
 
 BACKUP_NAME = "config.json.moepatch-orig"
@@ -30,8 +40,6 @@ LOADER_AUTO_MAP = {
 
 
 def _loader_source() -> str:
-    from moepatch._version import __version__
-
     template = resources.files("moepatch.loading.templates").joinpath("moepatch_loader.py").read_text(encoding="utf-8")
     marker = 'REQUIRED_MOEPATCH = "0.0.0"  # replaced by `moepatch install`'
     if marker not in template:
@@ -46,11 +54,6 @@ def check_installable(path: str | Path) -> None:
         ValueError: no config.json, the model family is not supported, or the moepatch config is invalid.
     """
 
-    from model_patches.structure import describe
-    from moepatch.config import MoePatchConfig
-    from moepatch.loading.pretrained import load_config
-    from moepatch.loading.skeleton import weightless_model
-    from moepatch.patch import plan_patch
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -58,6 +61,12 @@ def check_installable(path: str | Path) -> None:
     config = load_config(folder)
     moe = describe(weightless_model(config), verify=False)  # UnsupportedModelError (a ValueError) names the families
     plan_patch(moe, MoePatchConfig.from_model(config))
+
+
+def _auto_map(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's ``auto_map`` object (``{}`` when it has none, or not an object)."""
+    auto_map = config.get("auto_map")
+    return auto_map if isinstance(auto_map, dict) else {}
 
 
 def _check_writable(folder: Path, names: tuple[str, ...]) -> None:
@@ -88,7 +97,6 @@ def install(path: str | Path, *, replace_auto_map: bool = False) -> Path:
         ValueError: naming config.json and the entries, for an ``auto_map`` of other code without
             ``replace_auto_map``; and for every other check above.
     """
-    from moepatch.validation import has_weights
 
     folder = Path(path)
     check_installable(folder)
@@ -103,7 +111,7 @@ def install(path: str | Path, *, replace_auto_map: bool = False) -> Path:
     if original_auto_map is not None and not isinstance(original_auto_map, dict):
         raise ValueError(f"{config_file}: auto_map must be an object {{\"AutoModelForCausalLM\": ...}}, got "
                          f"{type(original_auto_map).__name__}")
-    current_auto_map = current.get("auto_map") if isinstance(current.get("auto_map"), dict) else {}
+    current_auto_map = _auto_map(current)
     foreign = {key: value for key, value in current_auto_map.items()
                if key in LOADER_AUTO_MAP and value != LOADER_AUTO_MAP[key]}
     if foreign and not replace_auto_map:
@@ -112,8 +120,6 @@ def install(path: str | Path, *, replace_auto_map: bool = False) -> Path:
                          "moepatch's loader (uninstall puts it back); pass --replace-auto-map (replace_auto_map=True) "
                          "to do so")
     _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
-    from moepatch.staged_output import staged_file
-    from moepatch.staged_output import write_text_atomically
 
     installed = {**current, "auto_map": {**(original_auto_map or {}), **LOADER_AUTO_MAP}}
     loader = folder / LOADER_FILE
@@ -150,7 +156,7 @@ def uninstall(path: str | Path, *, force: bool = False) -> None:
     original = read_json_object(backup)
     if not force:
         current = read_json_object(folder / "config.json")
-        original_auto_map = original.get("auto_map") if isinstance(original.get("auto_map"), dict) else {}
+        original_auto_map = _auto_map(original)
         if current != {**original, "auto_map": {**original_auto_map, **LOADER_AUTO_MAP}}:
             changed = sorted(key for key in set(current) | set(original) if key != "auto_map"
                              and current.get(key) != original.get(key))
@@ -166,7 +172,6 @@ def uninstall(path: str | Path, *, force: bool = False) -> None:
                              f"{original.get(key)!r} in the backup, {current.get(key)!r} now): restoring it would "
                              "leave a config that does not fit the weights, even with --force; nothing changed")
     _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
-    from moepatch.staged_output import staged_file
 
     with staged_file(folder / "config.json") as scratch:  # restored in one move: never half a config
         scratch.write_bytes(backup.read_bytes())

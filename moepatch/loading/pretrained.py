@@ -11,8 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from typing import cast
 
 from torch import nn
+
+from moepatch.errors import CommandError
+from moepatch.errors import UnsupportedModelError
+from moepatch.errors import UsageError
+from moepatch.expert_parallel.placement import check_placement
+from moepatch.expert_parallel.placement import distributed_ep_size
+from moepatch.patch import apply
 
 LOADER_MODULE = "moepatch_loader"
 
@@ -62,10 +70,8 @@ def from_pretrained(
         ValueError: the checkpoint's experts were renumbered for another expert-parallel size.
     """
     from transformers import AutoModelForCausalLM
+    from transformers import PreTrainedModel
 
-    from moepatch.expert_parallel.placement import check_placement
-    from moepatch.expert_parallel.placement import distributed_ep_size
-    from moepatch.patch import apply
 
     for name in _NOT_FOR_LOCAL_CLASSES:
         kwargs.pop(name, None)
@@ -81,7 +87,8 @@ def from_pretrained(
             f"moepatch.from_pretrained: no causal-LM class for model_type {config.model_type!r} "
             f"({type(config).__name__}); supported by transformers or registered by moepatch"
         )
-    model_class = mapping[type(config)]
+    # a class: transformers types every lazy auto mapping's values as the tokenizer mapping's (slow, fast) pair
+    model_class = cast("type[PreTrainedModel]", mapping[type(config)])
     if getattr(model_class, "applies_moepatch_on_load", False):  # moepatch's own classes apply on load
         kwargs["moepatch_apply"] = False
     loaded = model_class.from_pretrained(path, *model_args, config=config, **kwargs)
@@ -102,9 +109,6 @@ def load_for_command(path: str | Path, *, patch: bool = True, **kwargs: Any) -> 
     Raises:
         CommandError: the weights cannot be read (truncated or foreign files) or some are missing.
     """
-    from moepatch.errors import CommandError
-    from moepatch.errors import UnsupportedModelError
-    from moepatch.errors import UsageError
 
     try:
         loaded = from_pretrained(path, patch=patch, output_loading_info=True, **kwargs)

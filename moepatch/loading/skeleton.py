@@ -8,9 +8,13 @@ import copy
 import math
 from pathlib import Path
 from typing import Any
+from typing import cast
 
 import torch
 from torch import nn
+
+from moepatch.validation import read_json_object
+from moepatch.validation import safetensors_shapes
 
 
 def causal_lm_class(config: Any) -> type[nn.Module] | None:
@@ -18,7 +22,9 @@ def causal_lm_class(config: Any) -> type[nn.Module] | None:
     from transformers import AutoModelForCausalLM
 
     mapping = AutoModelForCausalLM._model_mapping
-    return mapping[type(config)] if type(config) in mapping else None
+    # transformers types every lazy auto mapping's values as the tokenizer mapping's (slow, fast) pair of classes;
+    # the causal-LM mapping holds one class
+    return cast("type[nn.Module]", mapping[type(config)]) if type(config) in mapping else None
 
 
 def weightless_model(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
@@ -51,8 +57,6 @@ def weights_problem(folder: Path, model: torch.nn.Module) -> str | None:
     model's (another model's, or an incomplete one; transformers' checkpoint conversions rename and fuse tensors but
     never change that total).  ``None`` when they fit; pickled ``.bin`` weights are not opened (never unpickled)
     and not checked."""
-    from moepatch.validation import read_json_object
-    from moepatch.validation import safetensors_shapes
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():

@@ -17,7 +17,10 @@ from torch import nn
 
 from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
+from moepatch.lora_experts.inject import expert_sharded
+from moepatch.lora_experts.inject import full_lora_state_dict
 from moepatch.lora_experts.inject import lora_state_dict
+from moepatch.lora_experts.inject import write_expert_file
 from moepatch.lora_experts.layers import ExpertRouter
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
@@ -28,9 +31,6 @@ def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIG
     checkpoint); ``model.save_pretrained`` of a patched model writes the same file by itself.  Under expert
     parallelism every process calls it: the routed experts' sets of all processes are gathered and process 0
     writes the file."""
-    from moepatch.lora_experts.inject import expert_sharded
-    from moepatch.lora_experts.inject import full_lora_state_dict
-    from moepatch.lora_experts.inject import write_expert_file
 
     folder = Path(folder)
     tensors = full_lora_state_dict(model)

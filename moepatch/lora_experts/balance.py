@@ -56,17 +56,24 @@ def router_balance_loss(logits: torch.Tensor, indices: torch.Tensor, mask: torch
     return pooled_balance_loss([RouterRows(logits, indices, mask)])
 
 
+def _choices(rows: RouterRows) -> torch.Tensor:
+    """The top-k choices ``[T, k]`` of a router that has them (a dense router has no balance term)."""
+    if rows.indices is None:
+        raise ValueError("balance loss: a dense router (no top-k choices) has no balance term")
+    return rows.indices
+
+
 def pooled_balance_loss(rows: Sequence[RouterRows]) -> torch.Tensor:
     """One Switch term over the rows of several routers with the same expert count and top-k, pooled (MoLA's
     concatenation of a layer's router logits)."""
-    return switch_balance_loss([r.logits.float() for r in rows], [r.indices for r in rows], rows[0].logits.shape[-1],
-                               [r.mask for r in rows], per_choice=True)
+    return switch_balance_loss([r.logits.float() for r in rows], [_choices(r) for r in rows],
+                               rows[0].logits.shape[-1], [r.mask for r in rows], per_choice=True)
 
 
 def layer_balance_loss(rows: Sequence[RouterRows]) -> torch.Tensor:
     """The term of one decoder layer: its routers pooled when they share expert count and top-k, else the sum of one
     term per router."""
-    shapes = {(r.logits.shape[-1], r.indices.shape[-1]) for r in rows}
+    shapes = {(r.logits.shape[-1], _choices(r).shape[-1]) for r in rows}
     if len(shapes) == 1:
         return pooled_balance_loss(rows)
     return torch.stack([pooled_balance_loss([r]) for r in rows]).sum()
@@ -78,7 +85,7 @@ def balance_loss(rows: Sequence[RouterRows], layers: Sequence[int | None], reduc
         terms = torch.stack([pooled_balance_loss([r]) for r in rows])
         return terms.sum() if reduction == "sum" else terms.mean()
     groups: dict[Any, list[RouterRows]] = {}
-    for index, (row, layer) in enumerate(zip(rows, layers)):
+    for index, (row, layer) in enumerate(zip(rows, layers, strict=True)):
         groups.setdefault(("router", index) if layer is None else layer, []).append(row)
     return torch.stack([layer_balance_loss(group) for group in groups.values()]).sum()
 

@@ -100,47 +100,77 @@ class LoraExpertsConfig:
             problems.add(f"{path}.method", f"expected one of {METHODS}, got {method!r}")
             return None
         result = cls(method=method)
-        result.default_targets = "target_modules" not in data
-        targets = data.get("target_modules", list(DEFAULT_TARGETS[method]))
+        result._parse_targets(data, path, problems)
+        result._parse_sizes(data, path, problems)
+        result._parse_routing(data, path, problems)
+        result._parse_numbers(data, path, problems)
+        result._parse_init(data, path, problems)
+        result._parse_balance(data, path, problems)
+        train_base = data.get("train_base", False)
+        if not isinstance(train_base, bool):
+            problems.add(f"{path}.train_base", f"expected true or false, got {train_base!r}")
+        result.train_base = bool(train_base)
+        weights = data.get("weights")
+        if weights is not None and not isinstance(weights, str):
+            problems.add(f"{path}.weights", f"expected a file name, got {weights!r}")
+        result.weights = weights
+        return result
+
+    def _parse_targets(self, data: dict[str, Any], path: str, problems: Any) -> None:
+        """``target_modules`` (the method's defaults when not given) and ``routed_experts``."""
+        self.default_targets = "target_modules" not in data
+        targets = data.get("target_modules", list(DEFAULT_TARGETS[self.method]))
         if isinstance(targets, str):
             targets = [targets]
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             problems.add(f"{path}.target_modules", f"expected a non-empty list of module names, got {targets!r}")
         else:
-            result.target_modules = list(targets)
+            self.target_modules = list(targets)
         routed = data.get("routed_experts", False)
         if not isinstance(routed, bool):
             problems.add(f"{path}.routed_experts", f"expected true or false, got {routed!r}")
-        result.routed_experts = routed is True
-        result.num_experts = data.get("num_experts", DEFAULT_EXPERTS[method])
-        _check_spec(result.num_experts, f"{path}.num_experts", problems, minimum=1, per_expert=False)
-        result.r = data.get("r", 8 if method != "molora" else 4)
+        self.routed_experts = routed is True
+
+    def _parse_sizes(self, data: dict[str, Any], path: str, problems: Any) -> None:
+        """``num_experts``, ``r`` (not MoV's) and ``top_k`` (MoLA's is required), with the method's defaults."""
+        method = self.method
+        self.num_experts = data.get("num_experts", DEFAULT_EXPERTS[method])
+        _check_spec(self.num_experts, f"{path}.num_experts", problems, minimum=1, per_expert=False)
+        self.r = data.get("r", 8 if method != "molora" else 4)
         if method != "mov":
-            _check_spec(result.r, f"{path}.r", problems, minimum=1, per_expert=True)
+            _check_spec(self.r, f"{path}.r", problems, minimum=1, per_expert=True)
         elif "r" in data:
             problems.add(f"{path}.r", "MoV experts are (IA)³ vectors: they have no rank")
-        result.top_k = data.get("top_k", 2 if method == "mola" else None)
-        if result.top_k is not None:
-            _check_spec(result.top_k, f"{path}.top_k", problems, minimum=1, per_expert=False, allow_dict=False)
-        if method == "mola" and result.top_k is None:
+        self.top_k = data.get("top_k", 2 if method == "mola" else None)
+        if self.top_k is not None:
+            _check_spec(self.top_k, f"{path}.top_k", problems, minimum=1, per_expert=False, allow_dict=False)
+        if method == "mola" and self.top_k is None:
             problems.add(f"{path}.top_k", "MoLA routes top-k: give an int or a list per layer")
-        result._parse_routing(data, path, problems)
-        for name, default in (("alpha", 16.0), ("dropout", DEFAULT_DROPOUT[method]), ("z_loss_coef", 0.0)):
+
+    def _parse_numbers(self, data: dict[str, Any], path: str, problems: Any) -> None:
+        """``alpha``, ``dropout`` (a probability below 1) and ``z_loss_coef``: finite numbers >= 0."""
+        for name, default in (("alpha", 16.0), ("dropout", DEFAULT_DROPOUT[self.method]), ("z_loss_coef", 0.0)):
             value = data.get(name, default)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 problems.add(f"{path}.{name}", f"expected a finite number >= 0, got {value!r}")
             else:
-                setattr(result, name, float(value))
-        if not result.dropout < 1:
-            problems.add(f"{path}.dropout", f"expected a probability below 1, got {result.dropout}")
-        result.scaling = data.get("scaling", "per_expert")
-        if result.scaling not in SCALINGS:
-            problems.add(f"{path}.scaling", f"expected one of {SCALINGS}, got {result.scaling!r}")
-        elif method == "mov" and "scaling" in data:
+                setattr(self, name, float(value))
+        if not self.dropout < 1:
+            problems.add(f"{path}.dropout", f"expected a probability below 1, got {self.dropout}")
+
+    def _parse_init(self, data: dict[str, Any], path: str, problems: Any) -> None:
+        """``scaling`` (LoRA only) and ``router_init``, with the method's defaults."""
+        self.scaling = data.get("scaling", "per_expert")
+        if self.scaling not in SCALINGS:
+            problems.add(f"{path}.scaling", f"expected one of {SCALINGS}, got {self.scaling!r}")
+        elif self.method == "mov" and "scaling" in data:
             problems.add(f"{path}.scaling", "MoV experts are (IA)³ vectors: they have no LoRA scaling")
-        result.router_init = data.get("router_init", "kaiming" if method == "mola" else "normal_0.02")
-        if result.router_init not in ROUTER_INITS:
-            problems.add(f"{path}.router_init", f"expected one of {ROUTER_INITS}, got {result.router_init!r}")
+        self.router_init = data.get("router_init", "kaiming" if self.method == "mola" else "normal_0.02")
+        if self.router_init not in ROUTER_INITS:
+            problems.add(f"{path}.router_init", f"expected one of {ROUTER_INITS}, got {self.router_init!r}")
+
+    def _parse_balance(self, data: dict[str, Any], path: str, problems: Any) -> None:
+        """``balance_loss``: true (the defaults), false / absent, or ``{coef, reduction}``; top-k routing only."""
         balance = data.get("balance_loss")
         if balance is True:
             balance = {}
@@ -151,20 +181,11 @@ class LoraExpertsConfig:
             elif reduction not in REDUCTIONS:
                 problems.add(f"{path}.balance_loss.reduction", f"expected one of {REDUCTIONS}, got {reduction!r}")
             else:
-                result.balance_loss = BalanceLossConfig(float(coef), reduction)
-            if result.top_k is None:
+                self.balance_loss = BalanceLossConfig(float(coef), reduction)
+            if self.top_k is None:
                 problems.add(f"{path}.balance_loss", "a dense soft merge has no expert load to balance: set top_k")
         elif balance not in (None, False):
             problems.add(f"{path}.balance_loss", f"expected true, false or {{coef, reduction}}, got {balance!r}")
-        train_base = data.get("train_base", False)
-        if not isinstance(train_base, bool):
-            problems.add(f"{path}.train_base", f"expected true or false, got {train_base!r}")
-        result.train_base = bool(train_base)
-        weights = data.get("weights")
-        if weights is not None and not isinstance(weights, str):
-            problems.add(f"{path}.weights", f"expected a file name, got {weights!r}")
-        result.weights = weights
-        return result
 
     def _parse_routing(self, data: dict[str, Any], path: str, problems: Any) -> None:
         """``renormalize`` (top-k only), and MoV's ``router_input``, ``ffn_scaled`` and ``per_head``."""

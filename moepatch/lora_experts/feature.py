@@ -15,6 +15,7 @@ from model_patches.structure import MoEModel
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
+from moepatch.lora_experts import save_lora_experts
 from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.inject import GROUPS
@@ -116,7 +117,6 @@ class LoraExpertLayers(Feature):
         """``lora_experts.safetensors`` (every process's routed-expert sets gathered under expert parallelism)."""
         if not self.state_keys(model):
             return []
-        from moepatch.lora_experts import save_lora_experts
 
         return [save_lora_experts(model, folder)]
 

@@ -64,7 +64,7 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
         `torch.Tensor` of shape `[S, out]`: torch's grouped GEMM where it runs (:func:`kernel_runs`), else
         :func:`_blockwise`; neither synchronises with the host.
     """
-    if kernel_runs(rows, weight):
+    if _KERNEL is not None and kernel_runs(rows, weight):  # kernel_runs is False without it: narrows for mypy
         return _KERNEL(rows, weight, offs=ends)
     return _blockwise(rows, weight, groups)
 
@@ -74,7 +74,7 @@ def exact_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.T
     each group's rows on its own matrix, with exactly those FLOPs — torch's grouped GEMM where it runs
     (:func:`kernel_runs`), else transformers' ``grouped_mm_fallback`` operator (a loop over the groups after one host
     read of ``ends``; a custom operator, so ``torch.compile`` keeps it in the graph)."""
-    if kernel_runs(rows, weight):
+    if _KERNEL is not None and kernel_runs(rows, weight):
         return _KERNEL(rows, weight, offs=ends)
     import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from typing import Literal
+from typing import cast
 
 import torch
 from torch import nn
@@ -38,7 +40,11 @@ from model_patches.structure import identity_projections
 from model_patches.structure import key_value_heads
 from model_patches.structure import layer_indexer
 from model_patches.structure import router_modules
+from moepatch.feature import CONFIG_KEY
+from moepatch.lora_experts.balance import AUX_ATTRIBUTE
+from moepatch.lora_experts.balance import install_balance_hook
 from moepatch.lora_experts.config import PER_EXPERT_RANK
+from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.config import read_spec_file
 from moepatch.lora_experts.config import routed_expert_path
@@ -88,6 +94,12 @@ class LoraTarget:
     official fork's ``intermediate_conv``; the set still hangs on the down projection (``placement`` ``"input"``:
     for a fixed mixture both scale the same product, so merging folds it into the down projection's columns)."""
 
+    def require_routed(self) -> RoutedProjection:
+        """:attr:`routed` of a routed experts' projection; ``ValueError`` for an ``nn.Linear`` (or identity) one."""
+        if self.routed is None:
+            raise ValueError(f"{self.path}: not a routed experts' projection")
+        return self.routed
+
 
 GROUPS = ("attention and other", "dense MLPs", "shared experts", "routers", "routed experts")
 """Target groups of the parameter report, told apart by the model's structure (never by family names)."""
@@ -117,6 +129,14 @@ def _per_target(value: Any, path: str, layer: int | None, num_layers: int, where
     raise ValueError(f"{where}: expected an integer, a list per layer or a dict per module, got {value!r}")
 
 
+def _count(value: Any, path: str, layer: int | None, num_layers: int, where: str) -> int:
+    """:func:`_per_target` of a value every target must have (an expert count, a rank)."""
+    count = _per_target(value, path, layer, num_layers, where)
+    if count is None:
+        raise ValueError(f"{where}: no value for module {path!r}")
+    return count
+
+
 def _ranks(value: Any, path: str, layer: int | None, num_layers: int, experts: int, where: str) -> list[int]:
     if isinstance(value, dict) and any(PER_EXPERT_RANK.match(key) for key in value):
         ranks = []
@@ -126,7 +146,7 @@ def _ranks(value: Any, path: str, layer: int | None, num_layers: int, experts: i
                 raise ValueError(f"{where}: no rank for {key!r} (module {path!r} has {experts} experts)")
             ranks.append(int(value[key]))
         return ranks
-    rank = _per_target(value, path, layer, num_layers, where)
+    rank = _count(value, path, layer, num_layers, where)
     return [int(rank)] * experts
 
 
@@ -144,8 +164,8 @@ def _routed_allocation(num_experts: Any, ranks_spec: Any, target: LoraTarget, st
     for expert in range(len(target.in_dims)):
         expert_path = routed_expert_path(storage_path or target.path.rsplit(".", 1)[0],
                                          None if storage_path else target.projection, expert)
-        count = _per_target(num_experts, _routed_key(num_experts, target.path, expert_path, ""), target.layer,
-                            num_layers, f"{where}.num_experts")
+        count = _count(num_experts, _routed_key(num_experts, target.path, expert_path, ""), target.layer,
+                       num_layers, f"{where}.num_experts")
         ranks = ([] if ranks_spec is None else
                  _ranks(ranks_spec, _routed_key(ranks_spec, target.path, expert_path, ".expertlora_E_vector_0"),
                         target.layer, num_layers, count, f"{where}.r"))
@@ -226,7 +246,7 @@ def expert_parameter_count(config: LoraExpertsConfig, target: LoraTarget) -> int
     """
     sets = target.allocation or [(target.num_experts, target.ranks)] * len(target.in_dims)
     total = 0
-    for fan_in, fan_out, (experts, ranks) in zip(target.in_dims, target.out_dims, sets):
+    for fan_in, fan_out, (experts, ranks) in zip(target.in_dims, target.out_dims, sets, strict=True):
         if config.method == "mov":
             output = target.placement == "output"
             width = fan_out if output else fan_in
@@ -243,149 +263,212 @@ def base_parameter_count(model: nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters() if marker not in name)
 
 
-def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path | None, where: str
-                      ) -> list[LoraTarget]:
-    """Every adapted projection with its expert count, ranks and top-k; ``ValueError`` listing every problem."""
-    num_experts = read_spec_file(config.num_experts, base_dir, f"{where}.num_experts")
-    ranks_spec = read_spec_file(config.r, base_dir, f"{where}.r") if config.method != "mov" else None
-    routers = {id(router) for router in router_modules(moe)}
-    identities = identity_projections(moe)
-    layer_of = layer_indexer(moe)
-    root = moe.inner
-    names = {id(module): path for path, module in root.named_modules()}
-    storage = storage_of(moe)
-    routed = storage.projections(moe)
-    routed_modules = {id(candidate.module) for candidate in routed}
-    prefixes = _group_prefixes(moe, names)
-    problems: list[str] = []
-    targets: list[LoraTarget] = []
-    matched_entries: set[str] = set()
-    broad: dict[str, tuple[str, str]] = {}  # entry → (a routed path it reached by a broad name only, an explicit
-    # entry for it): left out unless routed_experts
-    entries = config.target_modules
-    # MoLoRA's defaults: the official fork adapts wi_0 (gate) and wo (down), not wi_1 (up); a block with no gate
-    # projection has up_proj as its only wi, adapted too
-    ungated_up = config.method == "molora" and config.default_targets
-    activations: set[int] = set()
-    if config.routed_experts and not routed:
-        experts = type(moe.layers[0].experts).__name__
-        problems.append(f"{where}.routed_experts: true, but {experts} stores its experts in a layout moepatch's "
-                        f"'{storage.kind}' expert storage does not read (no per-expert gate / up / down projections "
-                        "it can find); set routed_experts to false to adapt the other projections")
+class _Planner:
+    """One :func:`plan_lora_experts` run: the model's structure read once, and what the plan has found so far (the
+    targets, every problem, the entries that matched)."""
 
-    def add(path: str, module: nn.Module, kind: str, projection: str | None, in_dims: list[int],
+    def __init__(self, moe: MoEModel, config: LoraExpertsConfig, base_dir: Path | None, where: str) -> None:
+        self.moe, self.config, self.where = moe, config, where
+        self.num_experts = read_spec_file(config.num_experts, base_dir, f"{where}.num_experts")
+        self.ranks_spec = read_spec_file(config.r, base_dir, f"{where}.r") if config.method != "mov" else None
+        self.routers = {id(router) for router in router_modules(moe)}
+        self.identities = identity_projections(moe)
+        self.layer_of = layer_indexer(moe)
+        self.root = moe.inner
+        self.names = {id(module): path for path, module in self.root.named_modules()}
+        self.storage = storage_of(moe)
+        self.routed = self.storage.projections(moe)
+        self.routed_modules = {id(candidate.module) for candidate in self.routed}
+        self.prefixes = _group_prefixes(moe, self.names)
+        self.problems: list[str] = []
+        self.targets: list[LoraTarget] = []
+        self.matched_entries: set[str] = set()
+        self.broad: dict[str, tuple[str, str]] = {}  # entry → (a routed path it reached by a broad name only, an
+        # explicit entry for it): left out unless routed_experts
+        self.entries = config.target_modules
+        # MoLoRA's defaults: the official fork adapts wi_0 (gate) and wo (down), not wi_1 (up); a block with no gate
+        # projection has up_proj as its only wi, adapted too
+        self.ungated_up = config.method == "molora" and config.default_targets
+        self.activations: set[int] = set()
+
+    def check_routed_layout(self) -> None:
+        """``routed_experts: true`` on experts the storage cannot read."""
+        if self.config.routed_experts and not self.routed:
+            experts = type(self.moe.layers[0].experts).__name__
+            self.problems.append(
+                f"{self.where}.routed_experts: true, but {experts} stores its experts in a layout moepatch's "
+                f"'{self.storage.kind}' expert storage does not read (no per-expert gate / up / down projections "
+                "it can find); set routed_experts to false to adapt the other projections")
+
+    def add(self, path: str, module: nn.Module, kind: str, projection: str | None, in_dims: list[int],
             out_dims: list[int], candidate: RoutedProjection | None = None) -> None:
-        layer = layer_of(path)
+        """One matched projection as a target, or its problem."""
+        config, where = self.config, self.where
+        layer = self.layer_of(path)
         name = projection or path.rsplit(".", 1)[-1]
         placement = "input" if config.method == "mov" and name in MOV_INPUT_SCALED else "output"
         if config.method == "mov" and kind not in ("linear", "identity") and placement != "input":
-            problems.append(f"{where}.target_modules: MoV scales keys, values and the FFN intermediate; {path} is "
-                            "a routed expert's input-side projection (use down_proj)")
+            self.problems.append(f"{where}.target_modules: MoV scales keys, values and the FFN intermediate; {path} "
+                                 "is a routed expert's input-side projection (use down_proj)")
             return
         try:
-            top_k = _per_target(config.top_k, path, layer, moe.num_layers, f"{where}.top_k")
+            top_k = _per_target(config.top_k, path, layer, self.moe.num_layers, f"{where}.top_k")
             if candidate is not None:
-                target = LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, 0, [],
-                                    top_k, candidate, group=_group_of(path, kind, False, prefixes))
-                storage_path = path if storage.one_projection_per_module else None
-                target.allocation = _routed_allocation(num_experts, ranks_spec, target, storage_path,
-                                                       moe.num_layers, where)
-                target.num_experts = max(count for count, _ in target.allocation)
-                target.ranks = [rank for _, ranks in target.allocation for rank in ranks]
-                targets.append(target)
+                self._add_routed(LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, 0, [],
+                                            top_k, candidate, group=_group_of(path, kind, False, self.prefixes)))
                 return
-            experts = _per_target(num_experts, path, layer, moe.num_layers, f"{where}.num_experts")
-            ranks = ([] if ranks_spec is None else
-                     _ranks(ranks_spec, path, layer, moe.num_layers, experts, f"{where}.r"))
+            experts = _count(self.num_experts, path, layer, self.moe.num_layers, f"{where}.num_experts")
+            ranks = ([] if self.ranks_spec is None else
+                     _ranks(self.ranks_spec, path, layer, self.moe.num_layers, experts, f"{where}.r"))
         except ValueError as error:
-            problems.append(str(error))
+            self.problems.append(str(error))
             return
         if top_k is not None and top_k > experts:
-            problems.append(f"{where}.top_k: {top_k} exceeds the {experts} experts of {path}")
+            self.problems.append(f"{where}.top_k: {top_k} exceeds the {experts} experts of {path}")
             return
-        activation = None
-        if config.method == "mov" and placement == "input" and kind == "linear" and config.ffn_scaled != "down_input":
-            gate, activation = gate_and_activation(_parent(root, path))
-            if gate is not None and (activation is None or id(activation) in activations):
-                problems.append(f"{where}.ffn_scaled: {path}'s block is gated ({gate}) but has no activation module "
-                                f"of its own to scale act({gate} x) at; set ffn_scaled to 'down_input'")
-                return
-            if activation is not None:
-                activations.add(id(activation))
-        heads = None
-        if config.method == "mov" and config.per_head and placement == "output" and name in KEY_VALUE_PROJECTIONS:
-            heads = key_value_heads(moe, out_dims[0])
-            if heads is None:
-                problems.append(f"{where}.per_head: {path} ({out_dims[0]} wide) is not a whole number of the "
-                                "model config's key/value heads; set per_head: false")
-                return
-        targets.append(LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, experts,
-                                  ranks, top_k, candidate, heads=heads,
-                                  group=_group_of(path, kind, id(module) in routers, prefixes), activation=activation))
+        activation = self._mov_activation(path, kind, placement)
+        if activation is False:
+            return
+        heads = self._mov_heads(path, name, placement, out_dims)
+        if heads is False:
+            return
+        self.targets.append(LoraTarget(path, module, kind, projection, layer, placement, in_dims, out_dims, experts,
+                                       ranks, top_k, candidate, heads=heads,
+                                       group=_group_of(path, kind, id(module) in self.routers, self.prefixes),
+                                       activation=activation))
 
-    for candidate in routed:
-        storage_path = names[id(candidate.module)]
-        gated = any(other.module is candidate.module and other.projection in GATE_PROJECTIONS for other in routed)
-        extra = ["up_proj"] if ungated_up and candidate.projection == "up_proj" and not gated else []
-        hits, left_out = _routed_hits(entries + extra, candidate, storage_path, config.routed_experts)
-        for entry in left_out:
-            broad.setdefault(entry, (candidate.path, _explicit_example(entry, candidate, storage_path)))
-        if not hits:
-            continue
-        if config.method == "mov" and candidate.projection != "down_proj" and candidate.path not in entries:
-            continue  # MoV scales the FFN intermediate only: input-side projections reached by a broad name are skipped
-        problem = storage.problem(candidate)
+    def _add_routed(self, target: LoraTarget) -> None:
+        """A routed experts' projection, allocated per routed expert (``ValueError`` on a bad allocation)."""
+        storage_path = target.path if self.storage.one_projection_per_module else None
+        target.allocation = _routed_allocation(self.num_experts, self.ranks_spec, target, storage_path,
+                                               self.moe.num_layers, self.where)
+        target.num_experts = max(count for count, _ in target.allocation)
+        target.ranks = [rank for _, ranks in target.allocation for rank in ranks]
+        self.targets.append(target)
+
+    def _mov_activation(self, path: str, kind: str, placement: str) -> nn.Module | None | Literal[False]:
+        """MoV on a gated block's down projection (``ffn_scaled: "gate_activation"``): the block's activation module
+        (``None``: not such a target; ``False``: a problem, recorded)."""
+        config = self.config
+        if not (config.method == "mov" and placement == "input" and kind == "linear"
+                and config.ffn_scaled != "down_input"):
+            return None
+        gate, activation = gate_and_activation(_parent(self.root, path))
+        if gate is not None and (activation is None or id(activation) in self.activations):
+            self.problems.append(f"{self.where}.ffn_scaled: {path}'s block is gated ({gate}) but has no activation "
+                                 f"module of its own to scale act({gate} x) at; set ffn_scaled to 'down_input'")
+            return False
+        if activation is not None:
+            self.activations.add(id(activation))
+        return activation
+
+    def _mov_heads(self, path: str, name: str, placement: str, out_dims: list[int]) -> int | None | Literal[False]:
+        """MoV per head on keys / values: the heads of the output (``None``: one mixture over the whole width;
+        ``False``: a problem, recorded)."""
+        config = self.config
+        if not (config.method == "mov" and config.per_head and placement == "output"
+                and name in KEY_VALUE_PROJECTIONS):
+            return None
+        heads = key_value_heads(self.moe, out_dims[0])
+        if heads is None:
+            self.problems.append(f"{self.where}.per_head: {path} ({out_dims[0]} wide) is not a whole number of the "
+                                 "model config's key/value heads; set per_head: false")
+            return False
+        return heads
+
+    def add_routed_projections(self) -> None:
+        """The routed experts' projections the entries reach (broad names only with ``routed_experts``)."""
+        config = self.config
+        for candidate in self.routed:
+            storage_path = self.names[id(candidate.module)]
+            gated = any(other.module is candidate.module and other.projection in GATE_PROJECTIONS
+                        for other in self.routed)
+            extra = ["up_proj"] if self.ungated_up and candidate.projection == "up_proj" and not gated else []
+            hits, left_out = _routed_hits(self.entries + extra, candidate, storage_path, config.routed_experts)
+            for entry in left_out:
+                self.broad.setdefault(entry, (candidate.path, _explicit_example(entry, candidate, storage_path)))
+            if not hits:
+                continue
+            if config.method == "mov" and candidate.projection != "down_proj" and candidate.path not in self.entries:
+                continue  # MoV scales the FFN intermediate only: input-side projections reached by a broad name
+            problem = self._routed_problem(candidate)
+            if problem is not None:
+                self.problems.append(f"{self.where}.target_modules: {hits[0]!r} reaches {candidate.path}: {problem}")
+                continue
+            self.matched_entries.update(hits)
+            self.add(candidate.path, candidate.module, self.storage.kind, candidate.projection,
+                     list(candidate.in_dims), list(candidate.out_dims), candidate)
+
+    def _routed_problem(self, candidate: RoutedProjection) -> str | None:
+        """Why the routed experts' projection ``candidate`` cannot be adapted (``None``: it can)."""
+        problem = self.storage.problem(candidate)
         if problem is None and candidate.held is None and getattr(candidate.module, "_is_expert_parallel", False):
             problem = (f"{type(candidate.module).__name__} is split by expert parallelism, which moepatch's "
-                       f"'{storage.kind}' expert storage does not read (only fused experts are supported)")
-        if problem is None and candidate.held is not None and (config.balance_loss is not None
-                                                                or config.z_loss_coef):
+                       f"'{self.storage.kind}' expert storage does not read (only fused experts are supported)")
+        if problem is None and candidate.held is not None and (self.config.balance_loss is not None
+                                                                or self.config.z_loss_coef):
             problem = ("under expert parallelism a process's routed experts receive rows of every process's batch, "
                        "whose padding it does not know, and a layer's balance term would need every process's "
                        "routers: the balance loss and z-loss are not supported on routed experts there (set "
                        "balance_loss to false and z_loss_coef to 0, or adapt only the other projections)")
-        if problem is not None:
-            problems.append(f"{where}.target_modules: {hits[0]!r} reaches {candidate.path}: {problem}")
-            continue
-        matched_entries.update(hits)
-        add(candidate.path, candidate.module, storage.kind, candidate.projection, list(candidate.in_dims),
-            list(candidate.out_dims), candidate)
-    for path, module in root.named_modules():
-        hits = [entry for entry in entries if _matches(entry, path)]
-        if not hits and ungated_up and _matches("up_proj", path):
-            hits = [] if gate_and_activation(_parent(root, path))[0] else ["up_proj"]
-        if not hits or isinstance(module, (LoraExperts, VectorExperts)) or id(module) in routed_modules:
-            continue
-        if id(module) in routers and path not in entries:
-            continue  # a router: only adapted when named by its full path
-        if id(module) in identities and config.method == "mov":
-            width = getattr(root.config, "hidden_size", None)  # keys / values that are the hidden states themselves
-            if width:
-                matched_entries.update(hits)
-                add(path, module, "identity", None, [width], [width])
-            continue
-        if not isinstance(module, nn.Linear):
-            if any(names[id(target.module)].startswith(path + ".") for target in targets if target.routed):
-                matched_entries.update(hits)  # a mixture module (e.g. an attention projection made of experts)
-            continue
-        matched_entries.update(hits)
-        add(path, module, "linear", None, [module.in_features], [module.out_features])
-    for entry in [] if config.default_targets else entries:
-        if entry in matched_entries or any(repr(entry) in problem for problem in problems):
-            continue
-        if entry in broad:
-            problems.append(f"{where}.target_modules: {entry!r} reaches only routed experts ({broad[entry][0]}, "
-                            f"...), which broad names leave out: set {where}.routed_experts to true or name the "
-                            f"experts' module ({broad[entry][1]!r})")
-        else:
-            problems.append(f"{where}.target_modules: {entry!r} matches no projection of {type(root).__name__} "
-                            "(routers are only matched by full path)")
-    if not targets and not problems:
-        problems.append(f"{where}.target_modules: nothing to adapt" + (
-            f"; {sorted(broad)} reach only routed experts: set {where}.routed_experts to true" if broad else ""))
-    if problems:
-        raise ValueError("invalid moepatch config:\n  " + "\n  ".join(problems))
-    return targets
+        return problem
+
+    def add_modules(self) -> None:
+        """The other modules the entries match: ``nn.Linear`` projections, and MoV's identity keys / values."""
+        root = self.root
+        for path, module in root.named_modules():
+            hits = [entry for entry in self.entries if _matches(entry, path)]
+            if not hits and self.ungated_up and _matches("up_proj", path):
+                hits = [] if gate_and_activation(_parent(root, path))[0] else ["up_proj"]
+            if not hits or isinstance(module, (LoraExperts, VectorExperts)) or id(module) in self.routed_modules:
+                continue
+            if id(module) in self.routers and path not in self.entries:
+                continue  # a router: only adapted when named by its full path
+            if id(module) in self.identities and self.config.method == "mov":
+                width = getattr(root.config, "hidden_size", None)  # keys / values that are the hidden states
+                if width:
+                    self.matched_entries.update(hits)
+                    self.add(path, module, "identity", None, [width], [width])
+                continue
+            if not isinstance(module, nn.Linear):
+                if any(self.names[id(target.module)].startswith(path + ".") for target in self.targets
+                       if target.routed):
+                    self.matched_entries.update(hits)  # a mixture module (e.g. an attention projection of experts)
+                continue
+            self.matched_entries.update(hits)
+            self.add(path, module, "linear", None, [module.in_features], [module.out_features])
+
+    def check_entries(self) -> None:
+        """Every entry given must have matched (or be named in a problem already); something must be adapted."""
+        where = self.where
+        for entry in [] if self.config.default_targets else self.entries:
+            if entry in self.matched_entries or any(repr(entry) in problem for problem in self.problems):
+                continue
+            if entry in self.broad:
+                self.problems.append(
+                    f"{where}.target_modules: {entry!r} reaches only routed experts ({self.broad[entry][0]}, "
+                    f"...), which broad names leave out: set {where}.routed_experts to true or name the "
+                    f"experts' module ({self.broad[entry][1]!r})")
+            else:
+                self.problems.append(f"{where}.target_modules: {entry!r} matches no projection of "
+                                     f"{type(self.root).__name__} (routers are only matched by full path)")
+        if not self.targets and not self.problems:
+            self.problems.append(f"{where}.target_modules: nothing to adapt" + (
+                f"; {sorted(self.broad)} reach only routed experts: set {where}.routed_experts to true"
+                if self.broad else ""))
+
+
+def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path | None, where: str
+                      ) -> list[LoraTarget]:
+    """Every adapted projection with its expert count, ranks and top-k; ``ValueError`` listing every problem."""
+    plan = _Planner(moe, config, base_dir, where)
+    plan.check_routed_layout()
+    plan.add_routed_projections()
+    plan.add_modules()
+    plan.check_entries()
+    if plan.problems:
+        raise ValueError("invalid moepatch config:\n  " + "\n  ".join(plan.problems))
+    return plan.targets
 
 
 def _explicit_example(entry: str, candidate: RoutedProjection, storage_path: str) -> str:
@@ -398,7 +481,7 @@ def _explicit_example(entry: str, candidate: RoutedProjection, storage_path: str
 
 
 def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int, out_features: int,
-                allocation: tuple[int, list[int]] | None = None) -> nn.Module:
+                allocation: tuple[int, list[int]] | None = None) -> LoraExperts | VectorExperts:
     """The expert set of ``target`` (``allocation``: one routed expert's (count, ranks), default the target's)."""
     experts, ranks = allocation or (target.num_experts, target.ranks)
     if config.method == "mov":
@@ -413,7 +496,7 @@ def _expert_set(config: LoraExpertsConfig, target: LoraTarget, in_features: int,
 
 
 def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraExpertsConfig, undo: UndoLog,
-                         weights: dict[str, torch.Tensor] | None = None) -> list[nn.Module]:
+                         weights: dict[str, torch.Tensor] | None = None) -> list[LoraExperts | VectorExperts]:
     """Attach the expert sets and their hooks / forwards; freeze the base unless ``train_base``; load ``weights``;
     route saving through :func:`install_saving` and add the balance-loss hook.  Returns every expert set created.
     """
@@ -421,7 +504,7 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
         for parameter in moe.inner.parameters():
             if parameter.requires_grad:
                 undo.set_requires_grad(parameter, False)
-    created: list[nn.Module] = []
+    created: list[LoraExperts | VectorExperts] = []
     grouped: dict[int, tuple[nn.Module, dict[str, RoutedExpertSets], list[RoutedProjection]]] = {}
     reference = next(moe.inner.parameters()).device
     for target in targets:
@@ -429,25 +512,25 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
         if target.storage in ("linear", "identity"):
             expert_set = _expert_set(config, target, target.in_dims[0], target.out_dims[0]).to(device)
             undo.add_module(target.module, ATTRIBUTE, expert_set)
-            hook = (_scale_input if target.placement == "input" else
-                    _scale_output if config.method == "mov" else _add_delta)
             if target.activation is not None:  # MoV on a gated block: act(gate x) scaled before the product with up x
                 handle = target.activation.register_forward_hook(partial(_scale_activation, target.module))
             elif target.placement == "input":
-                handle = target.module.register_forward_pre_hook(hook)
+                handle = target.module.register_forward_pre_hook(_scale_input)
             else:
-                handle = target.module.register_forward_hook(hook)
+                handle = target.module.register_forward_hook(_scale_output if config.method == "mov" else _add_delta)
             undo.add_hook(handle)
             created.append(expert_set)
             continue
-        held = target.routed.held  # under expert parallelism: this process's routed experts only
+        routed, allocation = target.routed, target.allocation
+        if routed is None or allocation is None:  # the plan gives every routed experts' target both
+            raise ValueError(f"{target.path}: a routed experts' target without its projection and allocation")
+        held = routed.held  # under expert parallelism: this process's routed experts only
         experts = range(len(target.in_dims)) if held is None else held
-        sets = [_expert_set(config, target, target.in_dims[e], target.out_dims[e], target.allocation[e])
-                for e in experts]
+        sets = [_expert_set(config, target, target.in_dims[e], target.out_dims[e], allocation[e]) for e in experts]
         created.extend(sets)
         entry = grouped.setdefault(id(target.module), (target.module, {}, []))
-        entry[1][target.projection] = RoutedExpertSets(sets, target.placement, held, len(target.in_dims)).to(device)
-        entry[2].append(target.routed)
+        entry[1][routed.projection] = RoutedExpertSets(sets, target.placement, held, len(target.in_dims)).to(device)
+        entry[2].append(routed)
     storage = storage_of(moe)
     for module, per_projection, projections in grouped.values():
         if storage.one_projection_per_module:  # the module is the projection: its sets hang on it directly
@@ -461,8 +544,6 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
     if weights is not None:
         load_lora_weights(moe.inner, weights)
     install_saving(moe.inner, undo)
-    from moepatch.lora_experts.balance import AUX_ATTRIBUTE
-    from moepatch.lora_experts.balance import install_balance_hook
 
     undo.add_callback(lambda: moe.inner.__dict__.pop(AUX_ATTRIBUTE, None))  # the hook's last values go too
     if config.balance_loss is not None or config.z_loss_coef:  # nothing to add otherwise: no hook, no work
@@ -471,21 +552,26 @@ def install_lora_experts(moe: MoEModel, targets: list[LoraTarget], config: LoraE
     return created
 
 
+def _experts_on(module: nn.Module) -> nn.Module:
+    """The expert set attached to ``module`` (``<projection>.lora_experts``)."""
+    return cast(nn.Module, module.lora_experts)
+
+
 def _add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output + module.lora_experts(inputs[0])
+    return output + _experts_on(module)(inputs[0])
 
 
 def _scale_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return module.lora_experts(output, inputs[0])
+    return _experts_on(module)(output, inputs[0])
 
 
 def _scale_input(module: nn.Module, inputs: tuple) -> tuple:
-    return (module.lora_experts(inputs[0]), *inputs[1:])
+    return (_experts_on(module)(inputs[0]), *inputs[1:])
 
 
 def _scale_activation(owner: nn.Module, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """The activation's output ``act(gate x)`` scaled by the vectors hanging on the down projection ``owner``."""
-    return owner.lora_experts(output)
+    return _experts_on(owner)(output)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -504,7 +590,8 @@ def held_elsewhere(model: nn.Module) -> Callable[[str], bool]:
         for prefix, module in sharded.items():
             if key.startswith(prefix):
                 expert = key[len(prefix):].split(".", 1)[0]
-                return expert.isdigit() and int(expert) < module.total and int(expert) not in module.held
+                held = module.held if module.held is not None else range(module.total)  # sharded: never None
+                return expert.isdigit() and int(expert) < module.total and int(expert) not in held
         return False
 
     return elsewhere
@@ -590,13 +677,11 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
     on every process, as transformers requires for a model loaded with a ``DistributedConfig``), so it loads into a
     single-process model, and into an EP model of any size (each process takes its own).
     """
-    from moepatch.feature import CONFIG_KEY
-    from moepatch.lora_experts.config import WEIGHTS_NAME
 
     keys = set(lora_state_dict(model))
     ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | keys
     undo.set_attribute(model, "_keys_to_ignore_on_save", ignored)
-    original = model.save_pretrained
+    original = cast(Callable[..., Any], model.save_pretrained)  # Module.__getattr__ types it Tensor | Module
 
     def save_pretrained(save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
         state_dict = kwargs.get("state_dict")

@@ -59,6 +59,9 @@ class ExpertRouter(nn.Module):
         self.last_logits: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
         self.last_tokens: torch.Tensor | None = None
+        self.last_rows: torch.Tensor | None = None
+        """Routed-expert sets (:mod:`~moepatch.lora_experts.routed`): the mask of the grouped rows that were this
+        router's own (``None``: every row)."""
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float())
@@ -70,6 +73,8 @@ class ExpertRouter(nn.Module):
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices, weights)`` ``[..., k]`` of the top-k experts (``top_k`` must be set): the probabilities
         renormalised over the k, or left as they are (``renormalize=False``).  Keeps logits and choices."""
+        if self.top_k is None:
+            raise ValueError("ExpertRouter.select: the router has no top_k (dense softmax: use mixing_weights)")
         probs = logits.softmax(dim=-1)
         values, indices = probs.topk(self.top_k, dim=-1)
         self.last_logits, self.last_indices = logits, indices
@@ -92,6 +97,10 @@ class ExpertRouter(nn.Module):
 
 class LoraExperts(nn.Module):
     """N LoRA experts ``A_e [r_e, in]``, ``B_e [out, r_e]`` of one projection and their router."""
+
+    _expert_of_column: torch.Tensor
+    _expert_scale: torch.Tensor
+    _column_scale: torch.Tensor
 
     def __init__(
         self,
@@ -242,28 +251,30 @@ class VectorExperts(nn.Module):
 
     def forward(self, t: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` scaled; ``hidden``: the projection's input, read by the router when it routes on it."""
-        if self.routes_hidden and hidden is None:
-            raise ValueError("VectorExperts: the router reads the projection's input (router_input 'hidden'); "
-                             "pass it as `hidden`")
-        source = hidden if self.routes_hidden else t
+        source = t
+        if self.routes_hidden:
+            if hidden is None:
+                raise ValueError("VectorExperts: the router reads the projection's input (router_input 'hidden'); "
+                                 "pass it as `hidden`")
+            source = hidden
         if self.heads is None:
             weights = self.router(source)  # [..., E]
             scale = weights @ self.delta.to(weights.dtype)  # Σ_e p_e δ_e
         else:
-            weights = self._head_weights(t, source)  # [..., heads, E]
+            weights = self._head_weights(t, source, self.heads)  # [..., heads, E]
             scale = torch.einsum("...he,hed->...hd", weights, self.delta.to(weights.dtype))
         if self.router.top_k is not None and not self.router.renormalize:  # Σ_e p_e = m < 1: t ⊙ (m + Σ_e p_e δ_e)
             return t * (scale + weights.sum(dim=-1, keepdim=True)).reshape(t.shape).to(t.dtype)
         return t + t * scale.reshape(t.shape).to(t.dtype)
 
-    def _head_weights(self, t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def _head_weights(self, t: torch.Tensor, source: torch.Tensor, heads: int) -> torch.Tensor:
         """Mixing weights ``[..., heads, E]``: per head from the head's slice of ``t``, or the token's, repeated."""
         if self.routes_hidden:
             weights = self.router(source)
-            return weights.unsqueeze(-2).expand(*weights.shape[:-1], self.heads, self.num_experts)
-        weights = self.router(t.unflatten(-1, (self.heads, self.head_dim)))
+            return weights.unsqueeze(-2).expand(*weights.shape[:-1], heads, self.num_experts)
+        weights = self.router(t.unflatten(-1, (heads, self.head_dim)))
         tokens = weights.shape[:-2].numel()  # the balance loss reads heads × tokens rows: name each row's token
-        self.router.last_tokens = torch.arange(tokens, device=t.device).repeat_interleave(self.heads)
+        self.router.last_tokens = torch.arange(tokens, device=t.device).repeat_interleave(heads)
         return weights
 
     def extra_repr(self) -> str:

@@ -31,21 +31,29 @@ all processes together are exactly the single-process model's.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import TypeAlias
+from typing import cast
 
 import torch
 from torch import nn
 
 from moepatch.lora_experts.grouped import grouped_matmul
+from moepatch.lora_experts.layers import LoraExperts
+from moepatch.lora_experts.layers import VectorExperts
+
+ExpertSet: TypeAlias = LoraExperts | VectorExperts
+"""One routed expert's set: LoRA experts or (IA)³ vector experts."""
 
 
-def _set_shape(expert_set: nn.Module) -> tuple:
+def _set_shape(expert_set: ExpertSet) -> tuple:
     """What must be equal across sets to stack them (``()``: a set that cannot be stacked)."""
     router = expert_set.router
     if getattr(expert_set, "heads", None) is not None or getattr(expert_set, "routes_hidden", False):
         return ()
     common = (type(expert_set), router.num_experts, router.top_k, getattr(router, "renormalize", True),
               tuple(router.weight.shape))
-    if hasattr(expert_set, "lora_A"):
+    if isinstance(expert_set, LoraExperts):
         return (*common, tuple(expert_set.ranks), expert_set.in_features, expert_set.out_features,
                 tuple(expert_set.scaling))
     return (*common, tuple(expert_set.delta.shape))
@@ -56,19 +64,19 @@ class HeldExpertSets(nn.Module):
     registered under their global ids (``sets.5.lora_A.0`` as in the single-process model), indexed and iterated
     by local id as the experts' computation numbers them (``[0]`` is expert ``held.start``'s)."""
 
-    def __init__(self, sets: list[nn.Module], held: range) -> None:
+    def __init__(self, sets: Sequence[ExpertSet], held: range) -> None:
         super().__init__()
         if len(sets) != len(held) or held.step != 1:
             raise ValueError(f"{len(sets)} sets for the routed experts {held}")
         self.held = held
-        for expert, expert_set in zip(held, sets):
+        for expert, expert_set in zip(held, sets, strict=True):
             self.add_module(str(expert), expert_set)
 
-    def __getitem__(self, local: int) -> nn.Module:
-        return self._modules[str(self.held[local])]
+    def __getitem__(self, local: int) -> ExpertSet:
+        return cast(ExpertSet, self._modules[str(self.held[local])])
 
-    def __iter__(self) -> Iterator[nn.Module]:
-        return iter(self._modules.values())
+    def __iter__(self) -> Iterator[ExpertSet]:
+        return iter(cast("dict[str, ExpertSet]", self._modules).values())
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -80,7 +88,10 @@ class RoutedExpertSets(nn.Module):
     ``held``/``total``: under expert parallelism, the global ids of the routed experts this process holds (``sets``
     are theirs, in order) out of ``total``; ``None``: ``sets`` are every routed expert's."""
 
-    def __init__(self, sets: list[nn.Module], placement: str, held: range | None = None,
+    _expert_of_column: torch.Tensor
+    _column_scale: torch.Tensor
+
+    def __init__(self, sets: Sequence[ExpertSet], placement: str, held: range | None = None,
                  total: int | None = None) -> None:
         super().__init__()
         if held is not None and held == range(len(sets)) and total in (None, len(sets)):
@@ -89,13 +100,13 @@ class RoutedExpertSets(nn.Module):
         """The global ids of this process's routed experts under expert parallelism, ``None``: all."""
         self.total = len(sets) if total is None else total
         """Routed experts of the projection in the whole model (over every process)."""
-        self.sets = nn.ModuleList(sets) if held is None else HeldExpertSets(sets, held)
+        self.sets: nn.ModuleList | HeldExpertSets = nn.ModuleList(sets) if held is None else HeldExpertSets(sets, held)
         self.placement = placement  # "output": a LoRA delta; "input": MoV scaling of the projection's input
         self._z3_leaf = True  # DeepSpeed ZeRO-3: gather every set's parameters when this module runs (stacked)
         shapes = {_set_shape(expert_set) for expert_set in sets}
         self.stackable = len(shapes) == 1 and () not in shapes
         first = sets[0]
-        if self.stackable and hasattr(first, "lora_A"):  # per rank column: its LoRA expert and α / r_n
+        if self.stackable and isinstance(first, LoraExperts):  # per rank column: its LoRA expert and α / r_n
             expert_of_column = torch.repeat_interleave(torch.arange(len(first.ranks)), torch.tensor(first.ranks))
             self.register_buffer("_expert_of_column", expert_of_column, persistent=False)
             scale = torch.tensor(first.scaling, dtype=torch.float32)[expert_of_column]
@@ -121,17 +132,30 @@ class RoutedExpertSets(nn.Module):
         """
         if only is not None:
             return self._one(rows, tokens, only)
+        if ends is None:
+            raise ValueError("RoutedExpertSets: `ends` is required unless `only` names the expert")
         if not self.stackable:
             return self._one_after_another(rows, ends, tokens)
+        if expert_ids is None:
+            raise ValueError("RoutedExpertSets: `expert_ids` is required unless `only` names the expert")
         logits = grouped_matmul(rows.float(), self._stack("router.weight").float().transpose(1, 2), ends, expert_ids)
         weights = self._mixing_weights(logits, expert_ids, tokens)  # [S, N] float32
-        if hasattr(self.sets[0], "lora_A"):
+        first = self._set(0)
+        if isinstance(first, LoraExperts):
             return self._lora_delta(rows, weights, expert_ids, ends)
         scale = grouped_matmul(weights, self._stack("delta").to(weights.dtype), ends, expert_ids)  # Σ_n p_n δ_n
-        router = self.sets[0].router
+        router = first.router
         if router.top_k is not None and not getattr(router, "renormalize", True):  # Σ p = m < 1: t ⊙ (m + Σ p δ)
             return rows * (scale + weights.sum(dim=-1, keepdim=True)).to(rows.dtype)
         return rows + rows * scale.to(rows.dtype)
+
+    def _set(self, index: int) -> ExpertSet:
+        """The set of (local) routed expert ``index``."""
+        return cast(ExpertSet, self.sets[index])
+
+    def _all_sets(self) -> list[ExpertSet]:
+        """Every set, in (local) routed expert order."""
+        return [cast(ExpertSet, expert_set) for expert_set in self.sets]
 
     def _stack(self, name: str) -> torch.Tensor:
         """``[E, ...]``: parameter ``name`` of every set."""
@@ -142,7 +166,7 @@ class RoutedExpertSets(nn.Module):
                         ) -> torch.Tensor:
         """The sets' mixing weights ``[S, N]`` from their logits — softmax, or the top-k (renormalised unless the
         routers say otherwise) — and what each router keeps for the balance loss."""
-        router = self.sets[0].router
+        router = self._set(0).router
         probs = logits.softmax(dim=-1)
         indices = None
         weights = probs
@@ -152,7 +176,7 @@ class RoutedExpertSets(nn.Module):
                 values = values / values.sum(dim=-1, keepdim=True)
             weights = torch.zeros_like(probs).scatter(-1, indices, values)
         own = expert_ids.unsqueeze(0) == torch.arange(len(self.sets), device=expert_ids.device).unsqueeze(1)
-        for expert_set, rows in zip(self.sets, own):  # attribute writes only: no tensor work per expert
+        for expert_set, rows in zip(self._all_sets(), own, strict=True):  # attribute writes only: no tensor work
             expert_set.router.last_logits, expert_set.router.last_indices = logits, indices
             expert_set.router.last_tokens, expert_set.router.last_rows = tokens, rows
         return weights
@@ -161,10 +185,11 @@ class RoutedExpertSets(nn.Module):
                     ) -> torch.Tensor:
         """``Σ_n w_n·(α/r_n)·B_n A_n dropout(x)`` of each row's own set: the sets' A's ``[E, in, Σr]`` and B's
         ``[E, Σr, out]`` (each set's experts concatenated along the rank axis, as in a single set)."""
-        first = self.sets[0]
-        count, rank = len(self.sets), sum(first.ranks)
-        a = torch.cat([a for expert_set in self.sets for a in expert_set.lora_A])  # [E·Σr, in]
-        b = torch.cat([b for expert_set in self.sets for b in expert_set.lora_B], dim=1)  # [out, E·Σr]
+        lora_sets = cast("list[LoraExperts]", self._all_sets())  # stackable LoRA sets: all LoraExperts
+        first = lora_sets[0]
+        count, rank = len(lora_sets), sum(first.ranks)
+        a = torch.cat([a for expert_set in lora_sets for a in expert_set.lora_A])  # [E·Σr, in]
+        b = torch.cat([b for expert_set in lora_sets for b in expert_set.lora_B], dim=1)  # [out, E·Σr]
         a = a.view(count, rank, first.in_features).transpose(1, 2)
         b = b.view(first.out_features, count, rank).permute(1, 2, 0)
         column_weights = self._per_column(weights) * self._column_scale  # [S, Σr]
@@ -174,16 +199,16 @@ class RoutedExpertSets(nn.Module):
     def _per_column(self, weights: torch.Tensor) -> torch.Tensor:
         """``[S, N]`` → ``[S, Σr]``: each LoRA expert's weight over its rank columns (an expand for equal ranks,
         whose backward is a sum, where a gather's is a scatter-add)."""
-        ranks = self.sets[0].ranks
+        ranks = cast(LoraExperts, self._set(0)).ranks
         if len(set(ranks)) == 1:
             return weights.unsqueeze(-1).expand(*weights.shape, ranks[0]).reshape(weights.shape[0], -1)
         return weights[:, self._expert_of_column]
 
     def _one(self, rows: torch.Tensor, tokens: torch.Tensor | None, expert: int) -> torch.Tensor:
         """The set of routed expert ``expert`` on its rows (its router keeps their tokens)."""
-        router = self.sets[expert].router
-        router.last_tokens, router.last_rows = tokens, None
-        return self.sets[expert](rows)
+        expert_set = self._set(expert)
+        expert_set.router.last_tokens, expert_set.router.last_rows = tokens, None
+        return expert_set(rows)
 
     def _one_after_another(self, rows: torch.Tensor, ends: torch.Tensor, tokens: torch.Tensor | None
                            ) -> torch.Tensor:
@@ -191,10 +216,10 @@ class RoutedExpertSets(nn.Module):
         one host sync reads the row counts."""
         bounds = [0, *ends.tolist()]
         pieces = []
-        for expert, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        for expert, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):  # pairs of neighbours
             pieces.append(self._one(rows[start:end], None if tokens is None else tokens[start:end], expert))
         tail = rows[bounds[-1]:]  # under expert parallelism: routes to other processes' experts, sorted last
         if tail.shape[0]:
-            pieces.append(tail if self.placement == "input" else tail.new_zeros(tail.shape[0],
-                                                                                self.sets[0].out_features))
+            pieces.append(tail if self.placement == "input" else tail.new_zeros(
+                tail.shape[0], cast(LoraExperts, self._set(0)).out_features))
         return torch.cat(pieces, dim=0)

@@ -27,6 +27,9 @@ from transformers import TrainerCallback
 
 from moepatch.compat import distributed_ready
 from moepatch.errors import UsageError
+from moepatch.feature import feature_state_keys
+from moepatch.feature import load_feature_states
+from moepatch.loading.pretrained import from_pretrained
 from moepatch.mixing.sampler import DynamicMixtureSampler
 from moepatch.mixing.sampler import MixtureDataset
 from moepatch.mixing.update_rule import CRITERIA
@@ -36,6 +39,7 @@ from moepatch.mixing.update_rule import update_weights
 from moepatch.routing.recorder import RoutingRecorder
 from moepatch.routing.recorder import collective_device
 from moepatch.staged_output import write_text_atomically
+from moepatch.tools.report import plot_sampling_rounds
 
 logger = logging.getLogger("moepatch.dynamic_sampling")  # the name of earlier releases: logging configs keep working
 STATE_FILE = "dynamic_sampling.json"
@@ -189,8 +193,6 @@ class DynamicSamplingCallback(TrainerCallback):
         return control
 
     def _plot(self, rounds_path: Path) -> None:
-        from moepatch.tools.report import plot_sampling_rounds
-
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -231,11 +233,10 @@ class ResumingTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from moepatch.feature import feature_state_keys
-        from moepatch.feature import load_feature_states
-        from moepatch.loading.pretrained import from_pretrained
 
         target = model if model is not None else self.model
+        if target is None:
+            raise ValueError(f"resume_from_checkpoint: no model to restore {resume_from_checkpoint} into")
         reloaded = from_pretrained(resume_from_checkpoint, patch=False)
         added = feature_state_keys(target)
         missing, unexpected = target.load_state_dict(reloaded.state_dict(), strict=False)

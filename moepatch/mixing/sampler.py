@@ -132,7 +132,8 @@ class DynamicMixtureSampler(Sampler[int]):
         draws = np.arange(start, start + count)
         result = np.empty(count, dtype=np.int64)
         bounds = [segment_start for segment_start, _ in self.schedule[1:]] + [np.iinfo(np.int64).max]
-        for (segment_start, weights), end in zip(self.schedule, bounds):  # one vectorised pass per schedule segment
+        # one vectorised pass per schedule segment
+        for (segment_start, weights), end in zip(self.schedule, bounds, strict=True):
             inside = (draws >= segment_start) & (draws < end)
             if inside.any():
                 cumulative = np.cumsum(weights)

@@ -21,6 +21,7 @@ import inspect
 import types
 from collections.abc import Sequence
 from typing import Any
+from typing import cast
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def switch_balance_loss(
     total_rows: torch.Tensor | float = 0.0
     masks = list(row_masks) if row_masks is not None else [None] * len(router_logits)
     choices = selected_experts[0].shape[-1]
-    for logits, chosen, mask in zip(router_logits, selected_experts, masks):
+    for logits, chosen, mask in zip(router_logits, selected_experts, masks, strict=True):
         routing_weights = torch.nn.functional.softmax(logits.to(device), dim=-1)  # [R, E]
         chosen = chosen.to(device)  # [R, k]
         if mask is None:
@@ -122,12 +123,18 @@ def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[
     return flat
 
 
+def _router_only(router: nn.Module) -> MoELayer:
+    """An extra router as a layer of its own: no block, no experts (``None``: only its router is read)."""
+    none = cast(nn.Module, None)  # MoELayer types a real layer's block and experts
+    return MoELayer(-1, "", none, router, none)
+
+
 def _pooled_routers(model: MoEModel) -> list[MoELayer]:
     """The routers transformers pools into the balance loss: every MoE layer's, and every extra router of the same
     class (transformers records ``router_logits`` by router class: JetMoE's attention-mixture gates are
     ``JetMoeTopKGating`` too).  An extra router is never re-routed, so its actual choice is its own."""
     recorded = {type(layer.router) for layer in model.layers}
-    extra = [MoELayer(-1, "", None, router, None) for router in extra_routers(model) if type(router) in recorded]
+    extra = [_router_only(router) for router in extra_routers(model) if type(router) in recorded]
     return list(model.layers) + extra
 
 

@@ -90,6 +90,7 @@ from moepatch.errors import MoePatchWarning
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
+from moepatch.patch import get_handle
 from moepatch.routing.recorder import RoutingRecorder
 from moepatch.validation import Problems
 from moepatch.validation import is_finite_number
@@ -137,7 +138,7 @@ class BiasUpdateConfig:
             return None
         warn_unknown(data, {f.name for f in fields(cls)}, path)
         good = True
-        rate = data.get("rate")
+        rate: Any = data.get("rate")  # a JSON value, checked below
         if "rate" not in data:
             problems.add(f"{path}.rate", "missing; the bias step per update, a positive number such as 0.001")
             good = False
@@ -362,7 +363,10 @@ class BiasUpdater:
         towards the next step.
         """
         self._require_active()
-        hook = optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.step())
+        def after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            self.step()
+
+        hook = optimizer.register_step_post_hook(after_step)
         self._optimizer_hooks.append(hook)
         return hook
 
@@ -404,7 +408,7 @@ class BiasUpdater:
             if self._initial is None:
                 self._initial = [tensor.detach().clone() for tensor in tensors]
             absorbed = []
-            for target, tensor, sign in zip(self.targets, tensors, signs):
+            for target, tensor, sign in zip(self.targets, tensors, signs, strict=True):
                 delta = sign.to(device=tensor.device, dtype=tensor.dtype).reshape(tensor.shape) * self.rate
                 before = tensor.detach().clone()
                 tensor.add_(delta)
@@ -426,7 +430,8 @@ class BiasUpdater:
         """Absolute layer → a CPU copy of its selection bias as it is now (gathered under ZeRO-3: a collective)."""
         tensors = [target.tensor() for target in self.targets]
         with _gathered(tensors, modify=False):
-            return {target.layer: tensor.detach().cpu().clone() for target, tensor in zip(self.targets, tensors)}
+            return {target.layer: tensor.detach().cpu().clone()
+                    for target, tensor in zip(self.targets, tensors, strict=True)}
 
     def restore_biases(self) -> None:
         """Put back the values the biases had before this updater's first update (also after :meth:`remove`).
@@ -437,7 +442,7 @@ class BiasUpdater:
             return
         tensors = [target.tensor() for target in self.targets]
         with _gathered(tensors, modify=True), torch.no_grad():
-            for tensor, initial in zip(tensors, self._initial):
+            for tensor, initial in zip(tensors, self._initial, strict=True):
                 tensor.copy_(initial.to(device=tensor.device, dtype=tensor.dtype))
 
     def __repr__(self) -> str:
@@ -529,7 +534,6 @@ def __getattr__(name: str) -> Any:
 
 def bias_update_callbacks(model: nn.Module) -> list[Any]:
     """``[BiasUpdateCallback(...)]`` when ``model`` is patched with ``bias_update``, else ``[]`` (for Trainers)."""
-    from moepatch.patch import get_handle
 
     handle = get_handle(model)
     updater = handle.bias_updater if handle is not None else None

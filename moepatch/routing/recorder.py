@@ -27,6 +27,7 @@ from model_patches.structure import MoEModel
 from model_patches.structure import describe
 from model_patches.structure import device_of
 from model_patches.structure import resolve_layer_indices
+from moepatch._version import __version__
 from moepatch.compat import current_backward_task_id
 from moepatch.compat import distributed_ready
 from moepatch.errors import MoePatchWarning
@@ -240,7 +241,7 @@ class RoutingRecorder:
                 self._add(self._co, slots, torch.bmm(hard.transpose(1, 2), kept_hard))  # [P, E+1, E+1]
             if self._choices is not None:
                 kept = indices if keep is None else indices[:, keep.bool()]
-                for slot, chosen in zip(slots, kept.cpu()):
+                for slot, chosen in zip(slots, kept.cpu(), strict=True):
                     self._choices[slot].append(chosen)
 
     def _add(self, accumulator: torch.Tensor, slots: list[int], values: torch.Tensor) -> None:
@@ -281,7 +282,7 @@ class RoutingRecorder:
             raise ValueError("RoutingRecorder(keep_choices=True) is needed to keep the chosen experts")
         return {
             layer: torch.cat(kept) if kept else torch.zeros(0, self.top_k, dtype=torch.int64)
-            for layer, kept in zip(self.layers, self._choices)
+            for layer, kept in zip(self.layers, self._choices, strict=True)
         }
 
     def reset(self) -> None:
@@ -318,7 +319,6 @@ class RoutingRecorder:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable statistics."""
-        from moepatch._version import __version__
 
         data = {
             "moepatch_version": __version__,

@@ -22,6 +22,8 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import ClassVar
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -135,7 +137,19 @@ def override_selection(
     return patched
 
 
-def seam_donor(spec: FamilySpec) -> type:
+class SeamDonor(Protocol):
+    """A family's ``seam_donor`` class: moepatch's router whose ``forward`` has the selection seam, the helpers that
+    forward calls (copied onto a router lacking them) and the check that a router can take that forward."""
+
+    SEAM_HELPERS: ClassVar[tuple[str, ...]]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    @classmethod
+    def seam_problem(cls, router: nn.Module) -> str | None: ...
+
+
+def seam_donor(spec: FamilySpec) -> type[SeamDonor]:
     """The family's ``seam_donor`` class (imported on demand)."""
     module_name, _, class_name = (spec.seam_donor or "").partition(":")
     return getattr(importlib.import_module(module_name), class_name)

@@ -33,6 +33,8 @@ from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 from moepatch.data.corpus import CORPUS  # the tiny tokenizer is trained on it
 from moepatch.data.corpus import DEMO_TEXTS
+from moepatch.models.llama_moe import tiny_llama_moe_config
+from moepatch.models.moduleformer import tiny_moduleformer_config
 from moepatch.testing import tiny_kinds
 
 TINY_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "llama_moe", "moduleformer")
@@ -112,12 +114,8 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
         **_new_family_configs(),
     }
     if family == "llama_moe":
-        from moepatch.models.llama_moe import tiny_llama_moe_config
-
         return tiny_llama_moe_config(**{"vocab_size": vocab_size, **overrides})
     if family == "moduleformer":
-        from moepatch.models.moduleformer import tiny_moduleformer_config
-
         return tiny_moduleformer_config(**{"vocab_size": vocab_size, **overrides})
     if family not in per_family:
         if family in tiny_kinds.ROUTER_KIND_TYPES:

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -457,14 +458,16 @@ def tiny_kind_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     """
     if model_type not in _SIZES:
         raise ValueError(f"tiny_kind_config: unknown model type {model_type!r}; choose from {ROUTER_KIND_TYPES}")
+    # each config class takes its own fields (text_config, ...): PreTrainedConfig's signature does not list them
+    config_class: Callable[..., PretrainedConfig] = CONFIG_MAPPING[model_type]
     if model_type in TEXT_TYPE_OF:
         text = tiny_kind_config(TEXT_TYPE_OF[model_type], **overrides)
         wrapper = {field: getattr(text, field) for field in _WRAPPER_FIELDS}
-        return CONFIG_MAPPING[model_type](text_config=text, **wrapper, **_SIZES[model_type])
+        return config_class(text_config=text, **wrapper, **_SIZES[model_type])
     if "vocab_size" not in overrides:
         overrides = {"vocab_size": TINY_VOCAB_SIZE, **overrides}
     vocab = {field: overrides["vocab_size"] for field in _VOCAB_FIELDS.get(model_type, ())}
-    return CONFIG_MAPPING[model_type](**{**common_config_fields(overrides["vocab_size"]), **_SIZES[model_type], **vocab,
+    return config_class(**{**common_config_fields(overrides["vocab_size"]), **_SIZES[model_type], **vocab,
                                          **overrides})
 
 

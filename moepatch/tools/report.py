@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 from moepatch.routing.recorder import RoutingRecorder
 from moepatch.tools.c2r.profiling import CoactivationProfile
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def format_table(headers: list[str], rows: list[list[Any]], *, rule: bool = True) -> list[str]:
@@ -16,13 +20,13 @@ def format_table(headers: list[str], rows: list[list[Any]], *, rule: bool = True
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
         if n == 0 and rule:
             lines.append("  ".join("-" * width for width in widths))
     return lines
 
 
-def _save(figure: object, path: str | Path, dpi: int) -> Path:
+def _save(figure: Figure, path: str | Path, dpi: int) -> Path:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
@@ -59,7 +63,7 @@ def plot_coactivation(profile: CoactivationProfile, layers: list[int], path: str
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False)
-    for axis, layer in zip(axes[0], layers):
+    for axis, layer in zip(axes[0], layers, strict=True):
         matrix = profile.matrices[profile.layers.index(layer)].double().clone()
         matrix.fill_diagonal_(float("nan"))  # the diagonal counts single experts, not pairs
         image = axis.imshow(matrix.numpy(), cmap="magma")

@@ -269,7 +269,7 @@ def test_aux_loss_equals_transformers_under_vanilla_equivalent_routing(family, b
     assert "forward" in model.__dict__
     assert torch.equal(got.aux_loss, want.aux_loss) and torch.equal(got.loss, want.loss)
     assert len(got.router_logits) == len(want.router_logits)
-    assert all(torch.equal(a, b) for a, b in zip(got.router_logits, want.router_logits))
+    assert all(torch.equal(a, b) for a, b in zip(got.router_logits, want.router_logits, strict=True))
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)

@@ -134,7 +134,7 @@ def _check_official_rule(scores: torch.Tensor, indices: torch.Tensor, values: to
     Returns (tokens tied at the cut, tokens with more than ``k`` allowed experts tied at the maximum)."""
     boundary = crowded = 0
     m = indices.shape[1]
-    for row, got, got_values in zip(scores.tolist(), indices.tolist(), values.tolist()):
+    for row, got, got_values in zip(scores.tolist(), indices.tolist(), values.tolist(), strict=True):
         first = row.index(max(row))
         others = ranking[first][:top_t]
         best = sorted((row[e] for e in others), reverse=True)

@@ -69,7 +69,7 @@ def test_copy_routes_every_token_within_its_top1_group(checkpoint: Path, tmp_pat
     indices, logits = _choices_and_logits(model)
     assert indices
     k = model.config.num_experts_per_tok
-    for chosen, scores in zip(indices, logits):
+    for chosen, scores in zip(indices, logits, strict=True):
         probs = torch.softmax(scores.float(), dim=-1)
         top1 = probs.argmax(dim=-1, keepdim=True)
         experts = torch.arange(probs.size(-1))

@@ -249,7 +249,7 @@ def test_report_matches_published_analysis(real_matrices: dict[str, np.ndarray],
     # top-2: a token costs 1 copy if both experts share a device, else 2.
     assert report["mean_contiguous_copies_per_token"] == pytest.approx(2 - contiguous_fraction, abs=6e-4)
     assert report["mean_planned_copies_per_token"] == pytest.approx(2 - best_fraction, abs=6e-4)
-    for row, matrix in zip(report["layers"], real_matrices[name]):
+    for row, matrix in zip(report["layers"], real_matrices[name], strict=True):
         tokens = matrix[np.triu_indices(8, k=1)].sum()
         assert tokens == 204_800
         same_device = sum(matrix[i, j] for group in row["groups"] for i, j in itertools.combinations(group, 2))
@@ -369,7 +369,7 @@ def test_report_is_json_serialisable_and_consistent() -> None:
     report = placement.placement_report(torch.from_numpy(matrices), 2)
     assert json.loads(json.dumps(report)) == report
     assert report["ep_size"] == 2 and report["num_experts"] == 8 and len(report["layers"]) == 3
-    for row, indices in zip(report["layers"], layers_indices):
+    for row, indices in zip(report["layers"], layers_indices, strict=True):
         placement.validate_placement(row["groups"], 8, 2)
         assert row["copies_source"] == "pairs"
         assert row["contiguous_copies_per_token"] == pytest.approx(brute_copies(indices, [[0, 1, 2, 3], [4, 5, 6, 7]]))

@@ -79,7 +79,7 @@ def test_profiled_fields_drive_the_reloaded_checkpoint(family, tmp_path):
     batch = tiny.demo_batch()
     with captured_choices(model, source="router") as chosen, torch.no_grad():
         model(**batch)
-    for layer, (_, router) in router_modules(model).items():
+    for layer in router_modules(model):
         listed = config["collaborative_list"][layer]
         allowed = {e: {e, *listed[e][:2]} for e in range(8)}
         for experts in chosen[layer][0].tolist():

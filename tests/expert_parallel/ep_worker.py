@@ -153,7 +153,7 @@ def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, wor
         # parameters' gradients averaged over the batches, as FSDP averages them (dp_size = number of batches)
         references = []
         for index, batch in enumerate(batches):
-            controls["reference"].owner = lambda n, b=index: owner_of_tokens(routing, n, b, tp_size)
+            controls["reference"].owner = lambda n, b=index, r=routing: owner_of_tokens(r, n, b, tp_size)
             controls["reference"].recorded.clear()
             references.append((step(reference, batch), list(controls["reference"].recorded)))
         expected, reference_routing = dict(references[own][0]), references[own][1]
@@ -165,7 +165,7 @@ def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, wor
         got_by_name = {}
         for name, model in models.items():
             control = controls[name]
-            control.owner = lambda n: owner_of_tokens(routing, n, own, tp_size)
+            control.owner = lambda n, r=routing: owner_of_tokens(r, n, own, tp_size)
             with torch.no_grad():  # inference: no autograd through the exchanges
                 inference_logits = model(**batches[own]).logits
             control.recorded.clear()
@@ -174,7 +174,7 @@ def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, wor
             got = step(model, batches[own])
             got_by_name[name] = got
             same_routing = len(control.recorded) == len(reference_routing) and all(
-                torch.equal(a, b) for a, b in zip(control.recorded, reference_routing))
+                torch.equal(a, b) for a, b in zip(control.recorded, reference_routing, strict=True))
             case[name] = {"vs_reference": max_diffs(got, expected), "same_routing_as_reference": same_routing,
                           "inference_logits": float((inference_logits - expected["logits"]).abs().max())}
         case["dedup_vs_all_to_all"] = max_diffs(got_by_name["moepatch_dedup"], got_by_name["all_to_all"])

@@ -130,7 +130,7 @@ def test_dedup_bytes_equal_an_independent_count_from_the_routing(runs: dict[str,
         returned_remote = pair_rows = dedup_rows = 0
         for rank, case in enumerate(per_rank):
             assert len(case["traffic"]) == len(case["routing"]) == num_layers, where
-            for traffic, routing_of_layer in zip(case["traffic"], case["routing"]):
+            for traffic, routing_of_layer in zip(case["traffic"], case["routing"], strict=True):
                 top_k = len(routing_of_layer[0])
                 expected = independent_traffic(routing_of_layer, rank, tp_size, num_local)
                 assert traffic["calls"] == 1, (where, traffic)

@@ -181,7 +181,7 @@ def test_top_k_equals_the_dense_formula_with_zero_weights(renormalize, ranks, wi
     x2 = x.detach().clone().requires_grad_()
     dense.mix(x2, _top_k_weights(_probs(x2, dense.router.weight), 2, renormalize).float()).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
-    for mine, reference in zip(layer.lora_B, dense.lora_B):
+    for mine, reference in zip(layer.lora_B, dense.lora_B, strict=True):
         torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-5)
 
 

@@ -494,7 +494,7 @@ def test_official_architecture_gradient_equals_the_trainers_on_a_toy_model():
     trainer.training_step(official, train, valid)
     got = architecture_gradient(lambda batch: ours(**batch).loss, train, valid, weights, arch, optimizer)
     torch.testing.assert_close(got[0], trainer.captured_dalpha["router_expert_vector"], atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(w.detach(), s) for w, s in zip(weights, start))
+    assert all(torch.equal(w.detach(), s) for w, s in zip(weights, start, strict=True))
     for mine, theirs in ((ours.w, official.w), (ours.u, official.u)):
         for key in ("step", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(optimizer.state[mine][key], trainer.optimizer.state[theirs][key])

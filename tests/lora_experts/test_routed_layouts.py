@@ -242,7 +242,7 @@ def test_trained_model_equals_the_model_with_the_deltas_folded_by_hand(model_typ
     moepatch.apply(model, _lora(_projections(model_type)))
     _randomise(model)
     with torch.no_grad():
-        for experts, target in zip(_experts(model), _experts(folded)):
+        for experts, target in zip(_experts(model), _experts(folded), strict=True):
             deltas = {p: _deltas(experts, p) for p in _projections(model_type)}
             weights = _weights_with_deltas(model_type, experts, deltas)
             for name, parameter in target.named_parameters(recurse=False):
@@ -279,9 +279,9 @@ def test_sets_see_exactly_the_tokens_the_router_sent_and_gradient_reaches_them(m
         handle.remove()
     for index in chosen:
         pairs = []
-        for rows, expert_ids, _, tokens, only in seen[index]:
+        for _rows, expert_ids, _, tokens, only in seen[index]:
             experts_of_rows = torch.full_like(tokens, only) if only is not None else expert_ids
-            pairs += list(zip(experts_of_rows.tolist(), tokens.tolist()))
+            pairs += list(zip(experts_of_rows.tolist(), tokens.tolist(), strict=True))
         expected = [(e, t) for t, e in chosen[index].nonzero().tolist()]
         assert sorted(pairs) == sorted(expected), index
     assert model.lora_experts_aux["balance_loss"] > 0

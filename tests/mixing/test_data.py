@@ -22,7 +22,8 @@ CHATML = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endf
 
 
 def _trained_text(tokenizer, encoded) -> str:
-    return tokenizer.decode([t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX])
+    pairs = zip(encoded["input_ids"], encoded["labels"], strict=True)
+    return tokenizer.decode([t for t, label in pairs if label != IGNORE_INDEX])
 
 
 def test_record_formats():

@@ -83,7 +83,7 @@ def test_resume_after_round_one_matches_an_uninterrupted_run(tmp_path):
     resumed, resumed_sampler = _run(tmp_path / "stopped", max_steps=6,
                                     resume=str(tmp_path / "stopped" / "checkpoint-2"))
     assert [r["step"] for r in resumed] == [2, 4, 6]
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert b["new_weights"] == pytest.approx(a["new_weights"], abs=1e-9)
     assert resumed_sampler.schedule == straight_sampler.schedule
     assert (resumed_sampler.sources_of(0, 200) == straight_sampler.sources_of(0, 200)).all()  # same example sequence
@@ -94,7 +94,7 @@ def test_resume_from_an_earlier_checkpoint_records_each_round_once(tmp_path):
     straight, _ = _run(tmp_path / "run", max_steps=6)
     resumed, _ = _run(tmp_path / "run", max_steps=6, resume=str(tmp_path / "run" / "checkpoint-2"))
     assert [r["step"] for r in resumed] == [2, 4, 6]
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert b["new_weights"] == pytest.approx(a["new_weights"], abs=1e-9)
 
 

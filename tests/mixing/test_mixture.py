@@ -21,7 +21,7 @@ def _dataset() -> MixtureDataset:
 
 def _chi_square(observed, probabilities) -> float:
     total = sum(observed)
-    return sum((o - total * p) ** 2 / (total * p) for o, p in zip(observed, probabilities))
+    return sum((o - total * p) ** 2 / (total * p) for o, p in zip(observed, probabilities, strict=True))
 
 
 def test_draws_follow_the_weights():

@@ -28,7 +28,7 @@ def _by_hand(weights, loads, eta, c, distance, criterion):
     delta = [reduce(row) for row in pair]
     if distance == "cos":
         delta = [1 - d for d in delta]
-    logits = [math.log(w / sum(weights)) + eta * d for w, d in zip(weights, delta)]
+    logits = [math.log(w / sum(weights)) + eta * d for w, d in zip(weights, delta, strict=True)]
     exp = [math.exp(v) for v in logits]
     alpha = [v / sum(exp) for v in exp]
     mixed = [(1 - c) * a + c / n for a in alpha]

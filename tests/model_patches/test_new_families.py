@@ -116,8 +116,8 @@ def test_vanilla_selection_override_is_bit_identical(new_family, batch, dtype):
     replaced = "route_tokens_to_experts" if blocks_choose else "forward"
     owners = [layer.block if blocks_choose else layer.router for layer in moe.layers]
     assert all(replaced in owner.__dict__ for owner in owners)
-    for layer, original in zip(moe.layers, originals):
-        for got, want in zip(routing(layer), original):
+    for layer, original in zip(moe.layers, originals, strict=True):
+        for got, want in zip(routing(layer), original, strict=True):
             assert got.dtype == want.dtype and torch.equal(got, want)
     assert torch.equal(logits_of(model, batch), reference)
     undo.undo()
@@ -292,7 +292,7 @@ def test_dbrx_lora_on_routed_experts_equals_an_independent_glu(batch):
         inner = model.config.ffn_config.ffn_hidden_size
         w1, v1, w2 = (getattr(ffn.experts.mlp, name).double().view(experts, inner, -1) for name in ("w1", "v1", "w2"))
 
-        def delta(projection: str, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        def delta(projection: str, expert: int, rows: torch.Tensor, sets: torch.nn.Module = sets) -> torch.Tensor:
             with torch.no_grad():
                 return sets[projection].sets[expert](rows.float()).double()
 

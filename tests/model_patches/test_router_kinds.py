@@ -214,7 +214,7 @@ def test_inkling_executor_returns_the_routers_four_outputs_bit_for_bit(dtype):
     for got, want in ((patched, original), (patched_autocast, autocast)):
         for index in routers:
             assert len(got[index]) == 4
-            for mine, theirs in zip(got[index], want[index]):
+            for mine, theirs in zip(got[index], want[index], strict=True):
                 assert mine.dtype == theirs.dtype and mine.stride() == theirs.stride(), index
                 assert torch.equal(mine, theirs), index
 
@@ -248,7 +248,7 @@ def test_zaya_executor_returns_the_routers_four_outputs_bit_for_bit(dtype):
     for got in (patched, constrained):
         for index in routers:
             assert len(got[index]) == 4
-            for mine, theirs in zip(got[index], original[index]):
+            for mine, theirs in zip(got[index], original[index], strict=True):
                 assert mine.dtype == theirs.dtype and mine.stride() == theirs.stride(), index
                 assert torch.equal(mine, theirs), index
 
@@ -563,7 +563,8 @@ def test_doge_balance_loss_keeps_its_formula_and_counts_the_c2r_choice():
         same = model(**batch, labels=labels)
     assert torch.equal(same.aux_loss, reference.aux_loss) and torch.equal(same.loss, reference.loss)
     assert len(same.router_logits) == len(reference.router_logits)
-    assert all(torch.equal(mine, theirs) for mine, theirs in zip(same.router_logits, reference.router_logits))
+    assert all(torch.equal(mine, theirs)
+               for mine, theirs in zip(same.router_logits, reference.router_logits, strict=True))
     handle.remove()
     moepatch.apply(model, {"c2r": {"top_t": 1, "collaborative_list": _full_list(model, seed=5)}})
     views: dict[int, torch.Tensor] = {}

@@ -276,7 +276,7 @@ def test_gate_matches_reference_and_hook_sees_triple(tiny_model: ModuleFormerFor
     torch.testing.assert_close(gates, gates_ref, rtol=1e-6, atol=1e-7)
     assert torch.equal(gates, probs.gather(1, idx))  # raw probabilities: no renorm, no scale
     assert (gates.sum(-1) < 1).all()
-    assert len(seen) == 1 and all(a is b for a, b in zip(seen[0], (idx, gates, probs)))
+    assert len(seen) == 1 and all(a is b for a, b in zip(seen[0], (idx, gates, probs), strict=True))
 
 
 def test_mlp_moe_matches_per_token_loop(tiny_model: ModuleFormerForCausalLM) -> None:
@@ -508,7 +508,7 @@ def test_gradient_checkpointing_backward_matches_plain(reentrant: bool) -> None:
     for model in (plain, ckpt):
         model(ids, labels=ids).loss.backward()
     assert len(calls) == 2  # the block really was recomputed in the backward
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         assert q.grad is not None and torch.isfinite(q.grad).all(), name
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
     assert ckpt.transformer.h[0].mlpf.gate.w_gate[0].weight.grad.abs().sum() > 0

@@ -347,7 +347,7 @@ def test_trainer_callback_moves_biases_by_rate_times_sign_each_step(tmp_path):
     counter.active = False
 
     assert len(records) == 4 and handle.bias_updater.steps == 3
-    for (_, old), (loads, new) in zip(records, records[1:]):
+    for (_, old), (loads, new) in zip(records, records[1:], strict=False):  # neighbours
         assert sorted(loads) == sorted(old)
         for layer in old:
             assert int(loads[layer].sum()) > 0

@@ -23,7 +23,7 @@ def _check_against_reference(model, recorder, captured, keep_masks):
     for slot, layer in enumerate(recorder.layers):
         counts = torch.zeros(recorder.num_experts, dtype=torch.int64)
         sums = torch.zeros(recorder.num_experts, dtype=torch.float64)
-        for hidden, keep in zip(captured[layer], keep_masks):
+        for hidden, keep in zip(captured[layer], keep_masks, strict=True):
             c, s = reference_counts(model, routers[layer], hidden, top_k, keep)
             counts, sums = counts + c, sums + s
         assert torch.equal(recorder.counts[slot], counts), f"layer {layer}"

@@ -32,11 +32,11 @@ def test_vanilla_selection_is_bit_identical_to_the_family_router(family, batch, 
     assert patched == [f"{layer.name}.gate" for layer in moe.layers]
     seam = "select_experts" if family in ("moduleformer", "llama_moe") else "forward"  # gates with their own seam
     assert all(seam in layer.router.__dict__ for layer in moe.layers)
-    for layer, original in zip(moe.layers, originals):
+    for layer, original in zip(moe.layers, originals, strict=True):
         got_all = layer.router(hidden)
         if isinstance(got_all, dict):  # LLaMA-MoE's gate returns the published dict
             got_all, original = list(got_all.values()), list(original.values())
-        for got, want in zip(got_all, original):
+        for got, want in zip(got_all, original, strict=True):
             assert got.dtype == want.dtype and torch.equal(got, want)
     assert torch.equal(logits_of(model, batch), reference_logits)
 

@@ -33,6 +33,6 @@ def test_tokenizer_is_offline_and_pads():
 
 def test_seed_determinism_and_unknown_family():
     a, b = tiny.tiny_model("mixtral", seed=1), tiny.tiny_model("mixtral", seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     with pytest.raises(ValueError, match="unknown family"):
         tiny.tiny_config("no_such_moe")

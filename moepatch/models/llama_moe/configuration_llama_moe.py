@@ -96,10 +96,11 @@ class LlamaMoEConfig(PretrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.num_attention_heads % self.num_key_value_heads != 0:
+        kv_heads = self.num_key_value_heads if self.num_key_value_heads is not None else self.num_attention_heads
+        if self.num_attention_heads % kv_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads})"
+                f"({kv_heads})"
             )
         if not 1 <= self.num_selects <= self.num_experts:
             raise ValueError(f"num_selects ({self.num_selects}) must lie in [1, num_experts={self.num_experts}]")
@@ -124,7 +125,7 @@ class LlamaMoEConfig(PretrainedConfig):
         factors = self.score_scale_factor
         if isinstance(factors, (list, tuple)) and len(factors) != self.num_hidden_layers:
             raise ValueError(
-                f"score_scale_factor is a list of {len(self.score_scale_factor)} values, expected one per layer "
+                f"score_scale_factor is a list of {len(factors)} values, expected one per layer "
                 f"({self.num_hidden_layers})"
             )
         scaling = self.rope_scaling_request()
@@ -135,12 +136,13 @@ class LlamaMoEConfig(PretrainedConfig):
             if not isinstance(factor, float) or factor <= 1.0:
                 raise ValueError(f"rope scaling factor must be a float > 1, got {factor!r}")
 
-    def rope_scaling_request(self) -> tuple[str, float] | None:
+    def rope_scaling_request(self) -> tuple[str, Any] | None:
         """The RoPE scaling the model must apply, as ``(kind, factor)``, or ``None`` for plain RoPE.
 
         transformers 5 standardises ``rope_parameters`` (alias ``rope_scaling``) into a dict even when the file says
         ``null``; a dict whose ``rope_type`` is ``"default"`` is *not* a scaling request (the published code treated
         any non-``None`` value as one and crashed). Legacy ``{"type": ..., "factor": ...}`` dicts are understood too.
+        The factor is the file's value (construction refuses one that is not a float > 1).
         """
         params = self.rope_parameters
         if not params:

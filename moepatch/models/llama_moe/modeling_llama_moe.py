@@ -28,6 +28,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ class BaseMoEModelOutputWithPast(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    balance_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | float | None = None  # summed over layers (0.0 with no layer)
     num_dropped_tokens: tuple[torch.Tensor, ...] | None = None
     gate_load: tuple[torch.Tensor, ...] | None = None
     gate_importance: tuple[torch.Tensor, ...] | None = None
@@ -96,7 +97,7 @@ class MoECausalLMOutputWithPast(CausalLMOutputWithPast):
     ``gate_importance`` (``[E]`` each) and ``num_dropped_tokens`` (``tensor(-1.0)`` per layer)."""
 
     num_dropped_tokens: tuple[torch.Tensor, ...] | None = None
-    balance_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | float | None = None
     gate_load: tuple[torch.Tensor, ...] | None = None
     gate_importance: tuple[torch.Tensor, ...] | None = None
 
@@ -153,6 +154,8 @@ class LlamaRotaryEmbedding(nn.Module):
     config's :meth:`~LlamaMoEConfig.rope_scaling_request` (``None``, ``("linear", f)`` or ``("dynamic", f)``).
     """
 
+    inv_freq: torch.Tensor
+
     def __init__(
         self,
         dim: int,
@@ -165,6 +168,8 @@ class LlamaRotaryEmbedding(nn.Module):
         self.dim = dim
         self.max_position_embeddings = max_position_embeddings
         self.base = float(base)
+        self.scaling_type: str | None
+        self.scaling_factor: float
         self.scaling_type, self.scaling_factor = scaling if scaling is not None else (None, 1.0)
         self.register_buffer("inv_freq", rope_inv_freq(dim, self.base, device=device), persistent=True)
 
@@ -183,7 +188,7 @@ class LlamaRotaryEmbedding(nn.Module):
         return self.base, length, 1.0
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.LongTensor, seq_len: int
+        self, x: torch.Tensor, position_ids: torch.Tensor, seq_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(cos, sin)`` gathered at ``position_ids`` (``[B, 1, T, dim]``, in ``x.dtype``)."""
         base, length, position_scale = self.table_spec(seq_len)
@@ -233,7 +238,8 @@ class LlamaAttention(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
-        self.num_key_value_heads = config.num_key_value_heads
+        kv_heads = config.num_key_value_heads  # the config sets it (num_attention_heads by default) on construction
+        self.num_key_value_heads: int = kv_heads if kv_heads is not None else self.num_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.max_position_embeddings = config.max_position_embeddings
         self.pretraining_tp = config.pretraining_tp
@@ -259,7 +265,7 @@ class LlamaAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,7 +302,7 @@ class LlamaAttention(nn.Module):
         if self.pretraining_tp > 1:
             parts = attn_output.split(self.hidden_size // self.pretraining_tp, dim=2)
             o_slices = self.o_proj.weight.split(self.hidden_size // self.pretraining_tp, dim=1)
-            attn_output = sum(F.linear(parts[i], o_slices[i]) for i in range(self.pretraining_tp))
+            attn_output = cast(torch.Tensor, sum(F.linear(parts[i], o_slices[i]) for i in range(self.pretraining_tp)))
         else:
             attn_output = self.o_proj(attn_output)
         return attn_output, (attn_weights if output_attentions else None)
@@ -521,6 +527,10 @@ class LinearGLUExperts(nn.Module):
     ``W_down · (act(W_gate · x) ⊙ (W_up · x))``.
     """
 
+    row_tokens: tuple[torch.Tensor, ...]
+    """Set by the calculator before each run: the token of every row of each expert (read by moepatch's LoRA
+    experts on the routed experts, to leave padding out of their loss)."""
+
     def __init__(
         self,
         in_features: int,
@@ -534,7 +544,7 @@ class LinearGLUExperts(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.out_features = out_features
@@ -686,6 +696,10 @@ class BaseMoELayer(nn.Module):
 
     gate: TopKBalancedNoisyGate
     calculator: UniversalCalculator
+    input_size: int
+    output_size: int
+    num_experts: int
+    num_selects: int
 
     def __init__(self) -> None:
         super().__init__()
@@ -868,7 +882,7 @@ class LlamaMoEDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
         use_cache: bool = False,
@@ -887,7 +901,7 @@ class LlamaMoEDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         mlp_outs: MoEMlpOutput = self.mlp(hidden_states)
-        hidden_states = residual + mlp_outs.hidden_states
+        hidden_states = residual + cast(torch.Tensor, mlp_outs.hidden_states)  # ModelOutput fields are Optional
         return (
             hidden_states,
             mlp_outs.balance_loss,
@@ -930,16 +944,16 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([LlamaMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.embed_tokens = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -948,7 +962,7 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -1032,7 +1046,7 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
     # --- published runtime setters (update the config too, so save_pretrained keeps them) -----------------------------
 
     def _moe_layers(self) -> list[LinearGLUMoELayer]:
-        return [layer.mlp for layer in self.layers]
+        return [cast(LlamaMoEDecoderLayer, layer).mlp for layer in self.layers]
 
     def _set_on_every_layer(self, layer_setter: str, value: Any, config_key: str) -> None:
         """Call ``mlp.<layer_setter>(value)`` on every MoE layer and keep ``config.<config_key>`` in sync."""
@@ -1066,7 +1080,7 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
         if layer_index is None:
             self._set_on_every_layer("set_calculator_score_scale_factor", score_scale_factor, "score_scale_factor")
             return
-        self.layers[layer_index].mlp.set_calculator_score_scale_factor(score_scale_factor)
+        self._moe_layers()[layer_index].set_calculator_score_scale_factor(score_scale_factor)
         factors = [self.config.layer_score_scale_factor(i) for i in range(self.config.num_hidden_layers)]
         factors[layer_index] = score_scale_factor
         self.config.score_scale_factor = factors
@@ -1102,10 +1116,10 @@ class LlamaMoEForCausalLM(AppliesMoePatchOnLoad, LlamaMoEPreTrainedModel, Genera
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -1147,7 +1161,7 @@ class LlamaMoEForCausalLM(AppliesMoePatchOnLoad, LlamaMoEPreTrainedModel, Genera
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state  # [B, T, H]
+        hidden_states = cast(torch.Tensor, outputs.last_hidden_state)  # [B, T, H] (ModelOutput fields are Optional)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:, :]
         elif isinstance(logits_to_keep, torch.Tensor):

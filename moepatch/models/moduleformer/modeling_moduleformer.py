@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -307,7 +308,14 @@ class MoE(nn.Module):
             self.top_k, probs, self.top_k_gates, top_k_indices
         )
         self.expert_size = expert_size.tolist()
-        return self.gate.loss
+        return cast(torch.Tensor, self.gate.loss)  # the gate's call above set it
+
+    def _routing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """``(batch_gates, batch_index, index_sorted_experts, expert_size)`` of the last :meth:`compute_gate`."""
+        if (self.batch_gates is None or self.batch_index is None or self.index_sorted_experts is None
+                or self.expert_size is None):
+            raise RuntimeError("MoE: no routing yet (reduce follows a map; compute_gate routes)")
+        return self.batch_gates, self.batch_index, self.index_sorted_experts, self.expert_size
 
     def forward(
         self,
@@ -320,15 +328,16 @@ class MoE(nn.Module):
         bsz, length, emb_size = x.size()
         x = x.reshape(-1, emb_size)  # [N, C] token-major
         loss = self.compute_gate(x, skip_mask)
-        expert_inputs = x[self.batch_index]  # [N*k, C] grouped by expert
-        h = self.experts(expert_inputs, self.expert_size)  # [N*k, head]
+        batch_gates, batch_index, _, expert_size = self._routing()
+        expert_inputs = x[batch_index]  # [N*k, C] grouped by expert
+        h = self.experts(expert_inputs, expert_size)  # [N*k, head]
         if self.activation is not None:
             h = self.activation(h)  # [N*k, head]
-        expert_outputs = self.output_experts(h, self.expert_size)  # [N*k, C]
+        expert_outputs = self.output_experts(h, expert_size)  # [N*k, C]
         if multiply_by_gates:
-            expert_outputs = expert_outputs * self.batch_gates[:, None]  # [N*k, C]
+            expert_outputs = expert_outputs * batch_gates[:, None]  # [N*k, C]
         zeros = torch.zeros(bsz * length, self.input_size, dtype=expert_outputs.dtype, device=expert_outputs.device)
-        y = zeros.index_add(0, self.batch_index, expert_outputs)  # [N, C] sum over the k slots
+        y = zeros.index_add(0, batch_index, expert_outputs)  # [N, C] sum over the k slots
         return y.view(bsz, length, self.input_size), loss
 
     def map(
@@ -341,24 +350,26 @@ class MoE(nn.Module):
         bsz, length, emb_size = x.size()
         x = x.reshape(-1, emb_size)  # [N, C]
         loss = self.compute_gate(x, skip_mask)
-        expert_inputs = x[self.batch_index]  # [N*k, C] grouped by expert
-        expert_outputs = self.experts(expert_inputs, self.expert_size)  # [N*k, head]
+        _, batch_index, index_sorted_experts, expert_size = self._routing()
+        expert_inputs = x[batch_index]  # [N*k, C] grouped by expert
+        expert_outputs = self.experts(expert_inputs, expert_size)  # [N*k, head]
         zeros = torch.zeros(
             bsz * length * self.top_k, self.head_size, dtype=expert_outputs.dtype, device=expert_outputs.device
         )
-        y = zeros.index_add(0, self.index_sorted_experts, expert_outputs)  # [N*k, head] back to (t, s) order
+        y = zeros.index_add(0, index_sorted_experts, expert_outputs)  # [N*k, head] back to (t, s) order
         return y.view(bsz, length, self.top_k, -1), loss
 
     def reduce(self, x: torch.Tensor, multiply_by_gates: bool = True) -> torch.Tensor:
         """Project back and mix with the gates of the last :meth:`map`: ``[B, T, k, head]`` → ``[B, T, input_size]``."""
         bsz, length, k, emb_size = x.size()
         x = x.reshape(-1, emb_size)  # [N*k, head] in (t, s) order
-        expert_inputs = x[self.index_sorted_experts]  # [N*k, head] grouped by expert
-        expert_outputs = self.output_experts(expert_inputs, self.expert_size)  # [N*k, C]
+        batch_gates, batch_index, index_sorted_experts, expert_size = self._routing()
+        expert_inputs = x[index_sorted_experts]  # [N*k, head] grouped by expert
+        expert_outputs = self.output_experts(expert_inputs, expert_size)  # [N*k, C]
         if multiply_by_gates:
-            expert_outputs = expert_outputs * self.batch_gates[:, None]  # [N*k, C]
+            expert_outputs = expert_outputs * batch_gates[:, None]  # [N*k, C]
         zeros = torch.zeros(bsz * length, self.input_size, dtype=expert_outputs.dtype, device=expert_outputs.device)
-        y = zeros.index_add(0, self.batch_index, expert_outputs)  # [N, C]
+        y = zeros.index_add(0, batch_index, expert_outputs)  # [N, C]
         return y.view(bsz, length, self.input_size)
 
 
@@ -413,6 +424,9 @@ class ModuleFormerAttention(nn.Module):
     checkpoints) but, as published, never read: the forward rebuilds both for the actual key length, so attention
     is full-causal over the input and the whole, never-truncated cache.
     """
+
+    mask: torch.Tensor
+    cum_weight: torch.Tensor
 
     def __init__(self, config: ModuleFormerConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -574,7 +588,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         super().__init__(config)
         self.embed_dim = config.n_embd
         self.vocab_size = config.vocab_size
-        self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
+        self.wte: nn.Module = nn.Embedding(config.vocab_size, self.embed_dim)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([ModuleFormerBlock(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(self.embed_dim)
@@ -582,10 +596,10 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Module:
         return self.wte
 
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+    def set_input_embeddings(self, new_embeddings: nn.Module) -> None:
         self.wte = new_embeddings
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -685,7 +699,7 @@ class ModuleFormerForCausalLM(AppliesMoePatchOnLoad, ModuleFormerPreTrainedModel
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
+        hidden_states = cast(torch.Tensor, outputs.last_hidden_state)  # ModelOutput fields are Optional
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep)).to(torch.float32)
 
         loss = None

@@ -42,7 +42,12 @@ from model_patches.structure import MoEModel
 from model_patches.structure import attribute_path
 from model_patches.structure import describe
 from moepatch.c2r.config import C2RConfig
+from moepatch.c2r.selection import plan_c2r
 from moepatch.config import CONFIG_KEY
+from moepatch.expert_parallel.placement import write_placement_record
+from moepatch.loading.pretrained import from_pretrained
+from moepatch.staged_output import staged_folder
+from moepatch.tools.c2r.placement import contiguous_group_lists
 from moepatch.tools.c2r.placement import group_crossings
 
 PERMUTATION_FILE = "expert_permutation.json"
@@ -168,7 +173,8 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
         if bias is not None and router_parameters[name] is bias.tensor:
             continue  # a selection bias kept as a parameter (ERNIE's [1, E]): permuted below, by its own layout
         parameter = router_parameters[name]
-        layout = "leading_rows" if shared and parameter.dim() and parameter.shape[0] == num_experts + shared else "rows"
+        layout: Layout = ("leading_rows" if shared and parameter.dim() and parameter.shape[0] == num_experts + shared
+                          else "rows")
         found.append(ExpertTensor(f"{spec.router_attr}.{name}", parameter, layout))
     stacked = spec.expert_storage == "stacked_rows"  # expert tensors stack each expert's rows: [E·R, ...]
     paths = spec.expert_modules or (spec.experts_attr,)
@@ -188,9 +194,10 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
     if bias is not None:
         found.append(bias)
     for entry in found:
-        if entry.layout in ("list", "flat"):
+        tensor = entry.tensor
+        if entry.layout in ("list", "flat") or isinstance(tensor, nn.ParameterList):  # a ParameterList: "list"
             continue
-        rows = entry.tensor.shape[0] if entry.tensor.dim() else 0
+        rows = tensor.shape[0] if tensor.dim() else 0
         if entry.layout == "stacked_rows":
             fits, want = rows > 0 and rows % num_experts == 0, f"[E·R = {num_experts}·R, ...]"
         elif entry.layout == "leading_rows" and entry is bias:
@@ -205,7 +212,7 @@ def _expert_tensors(model: MoEModel, index: int) -> list[ExpertTensor]:
                 extra = (f" (the router scores {num_experts} outputs but the experts hold {rows}: the other "
                          f"{num_experts - rows} are computation-free experts such as LongCat-Flash's zero experts, "
                          "which the model's own code maps by index)")
-            raise ValueError(f"layer {index}: {entry.name} has shape {tuple(entry.tensor.shape)}, not {want}{extra}; "
+            raise ValueError(f"layer {index}: {entry.name} has shape {tuple(tensor.shape)}, not {want}{extra}; "
                              "cannot permute")
     undeclared = _undeclared(model, index, {id(entry.tensor) for entry in found})
     if undeclared:
@@ -332,16 +339,12 @@ def write_permuted_checkpoint(
     if c2r_within_groups and ep_size is None:
         raise ValueError("c2r_within_groups needs the ep_size the groups are placed for")
     source, final = Path(source), Path(output)
-    from moepatch.loading.pretrained import from_pretrained
-    from moepatch.staged_output import staged_folder
 
     model = from_pretrained(source, patch=False)  # moepatch's or transformers' classes, never the folder's code
     with staged_folder(final) as output:  # the renumbered checkpoint appears whole, or not at all
         _write_permuted(model, source, permutations, output,
                         group_c2r_ep_size=ep_size if c2r_within_groups else None)
         if ep_size is not None:
-            from moepatch.expert_parallel.placement import write_placement_record
-
             write_placement_record(output, ep_size, permutations)
     return final
 
@@ -374,6 +377,8 @@ def _write_permuted(model: Any, source: Path, permutations: Mapping[int, Sequenc
             list_path = Path(c2r["path"]) if Path(c2r["path"]).is_absolute() else source / c2r["path"]
             listed = json.loads(list_path.read_text())
             listed = listed.get("collaborative_list") if isinstance(listed, dict) else listed
+            if not isinstance(listed, list):
+                raise ValueError(f"{list_path}: holds no 'collaborative_list' list")
             output.mkdir(parents=True, exist_ok=True)
             (output / "c2r_list.json").write_text(
                 json.dumps({"collaborative_list": renumber_collaborative_list(listed, permutations)})
@@ -401,8 +406,6 @@ def group_c2r_config(moe: MoEModel, ep_size: int, layers: Sequence[int]) -> C2RC
         ValueError: the groups cannot hold a token's k experts, or the routing refuses the lists (a group limit that
             the lists would starve, an unknown rule), naming why.
     """
-    from moepatch.c2r.selection import plan_c2r
-    from moepatch.tools.c2r.placement import contiguous_group_lists
 
     size = moe.num_experts // ep_size
     if size < moe.top_k:
@@ -428,7 +431,9 @@ def set_group_c2r(config: Any, group_c2r: C2RConfig) -> None:
     block = dict(block) if isinstance(block, dict) else {}
     if official and not isinstance(block.get("c2r"), dict):
         return
-    previous = block.get("c2r") if isinstance(block.get("c2r"), dict) else {}
+    previous = block.get("c2r")
+    if not isinstance(previous, dict):
+        previous = {}
     entry = {key: value for key, value in previous.items() if key not in ("path", "collaborative_list", "top_t")}
     block["c2r"] = {**entry, "top_t": group_c2r.top_t, "collaborative_list": group_c2r.collaborative_list}
     setattr(config, CONFIG_KEY, block)

@@ -18,13 +18,40 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 import torch
 
 from model_patches.structure import MoEModel
+from model_patches.structure import describe
+from moepatch.c2r.config import C2RConfig
+from moepatch.c2r.selection import plan_c2r
+from moepatch.config import CONFIG_KEY
+from moepatch.config import MoePatchConfig
 from moepatch.errors import CommandError
+from moepatch.loading.pretrained import load_for_command
+from moepatch.patch import apply
+from moepatch.patch import patched
+from moepatch.staged_output import staged_folder
+from moepatch.tools.c2r.permutation import check_permutable
+from moepatch.tools.c2r.permutation import routing_groups
+from moepatch.tools.c2r.permutation import write_permuted_checkpoint
+from moepatch.tools.c2r.placement import contiguous_placement
+from moepatch.tools.c2r.placement import expert_permutation
+from moepatch.tools.c2r.placement import placement_report
 from moepatch.tools.c2r.profiling import CoactivationProfile
+from moepatch.tools.c2r.profiling import corpus_batches
+from moepatch.tools.c2r.profiling import profile_coactivation
+from moepatch.tools.c2r.profiling import write_c2r_fields
+from moepatch.tools.c2r.traffic import add_dispatch_from_copies
+from moepatch.tools.c2r.traffic import dispatch_columns
+from moepatch.tools.c2r.traffic import predict_dispatch
+from moepatch.tools.report import plot_coactivation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MIN_CHOICES_PER_EXPERT = 64
 """Fewest top-k choices per expert, on average, that C2R fields are written from (see :func:`default_min_tokens`)."""
@@ -40,7 +67,6 @@ def default_min_tokens(num_experts: int, top_k: int) -> int:
 def has_c2r_fields(config: Any) -> bool:
     """The checkpoint routes under C2R when applied (official top-level fields or a ``c2r`` entry, not switched
     off)."""
-    from moepatch.config import MoePatchConfig
 
     return MoePatchConfig.from_model(config).c2r is not None
 
@@ -95,11 +121,6 @@ def profile_checkpoint(
     Raises:
         CommandError: the weights cannot be read or some are missing.
     """
-    from moepatch.config import CONFIG_KEY
-    from moepatch.loading.pretrained import load_for_command
-    from moepatch.patch import apply
-    from moepatch.tools.c2r.profiling import corpus_batches
-    from moepatch.tools.c2r.profiling import profile_coactivation
 
     model = load_for_command(checkpoint, patch=False)
     block = getattr(model.config, CONFIG_KEY, None)
@@ -112,7 +133,7 @@ def profile_checkpoint(
         handle.remove()
     return CheckpointProfile(
         profile=profile,
-        moe=handle.moe_model,
+        moe=handle.require_moe_model(),
         routed_under_c2r=bool(handle.c2r_routers),
         c2r_switched_off=not as_configured and has_c2r_fields(model.config),
         row=dispatch_row(model),
@@ -138,24 +159,18 @@ def save_profile_results(
     Raises:
         ValueError: ``top_t`` or the ranking do not fit the model.
     """
-    from moepatch.c2r.config import C2RConfig
-    from moepatch.c2r.selection import plan_c2r
-    from moepatch.tools.c2r.profiling import write_c2r_fields
 
     profile = run.profile
     ranking = profile.collaborative_list()
     for layer in run.moe.hashed_layers:  # a hashed router has no learned choice to constrain: C2R leaves it alone
         ranking[layer] = None
     plan_c2r(run.moe, C2RConfig(top_t=top_t, collaborative_list=ranking, source="official"))  # validate
-    from moepatch.staged_output import staged_folder
 
     plot_layers = [profile.layers[i] for i in plot_positions]
     heatmap: Path | None = output / "coactivation.png"
     with staged_folder(output, start_from_existing=True) as staging:  # all of it lands, or none of it
         profile.save(staging / "coactivation.safetensors")
         try:
-            from moepatch.tools.report import plot_coactivation
-
             plot_coactivation(profile, plot_layers, staging / "coactivation.png")
         except ImportError:
             heatmap = None
@@ -181,7 +196,6 @@ def profile_for_placement(
 ) -> dict[str, CoactivationProfile]:
     """Profile ``checkpoint`` under vanilla routing and, when it has C2R fields, under C2R, keeping every token's
     chosen experts.  Returns ``{"vanilla": …, "c2r": …}`` (``"c2r"`` only with C2R fields)."""
-    from moepatch.loading.pretrained import load_for_command
 
     model = load_for_command(checkpoint, patch=False)  # never runs the folder's own code; no weight missing
     return _profile_loaded(model, tokenizer, documents, batch_size=batch_size, max_length=max_length,
@@ -192,9 +206,6 @@ def _profile_loaded(model: torch.nn.Module, tokenizer: Any, documents: list[str]
                     max_length: int, max_tokens: int | None, seed: int, progress: bool
                     ) -> dict[str, CoactivationProfile]:
     """:func:`profile_for_placement` on an already loaded model."""
-    from moepatch.patch import patched
-    from moepatch.tools.c2r.profiling import corpus_batches
-    from moepatch.tools.c2r.profiling import profile_coactivation
 
     profiles = {}
     for routing, config in (("vanilla", {"c2r": False}), ("c2r", None)):
@@ -211,8 +222,9 @@ def dispatch_row(model: torch.nn.Module) -> dict[str, Any]:
     """What one dispatched row of ``model`` weighs: the hidden size (the width of the hidden states the experts
     receive) times the element size of the dtype it runs in as loaded (the checkpoint's ``dtype``: transformers
     loads ``dtype="auto"``), for :func:`place_profiles`'s ``row``."""
-    dtype = model.dtype
-    hidden = int(model.config.get_text_config().hidden_size)
+    loaded = cast("PreTrainedModel", model)  # a transformers model, as load_for_command returns it
+    dtype = loaded.dtype
+    hidden = int(loaded.config.get_text_config().hidden_size)
     element = torch.empty((), dtype=dtype).element_size()
     return {"hidden_size": hidden, "dtype": str(dtype).removeprefix("torch."), "element_size": element,
             "row_bytes": hidden * element, "dtype_source": "the checkpoint's dtype as loaded"}
@@ -230,24 +242,23 @@ def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *,
     :func:`moepatch.tools.c2r.traffic.predict_dispatch` from every profiled token's experts (a token's source rank
     taken as uniform over the ranks), and bytes when ``row`` (:func:`dispatch_row`) gives the row size; the report's
     ``"dispatch"`` says how."""
-    from moepatch.tools.c2r.placement import contiguous_placement
-    from moepatch.tools.c2r.placement import placement_report
-    from moepatch.tools.c2r.traffic import dispatch_columns
-    from moepatch.tools.c2r.traffic import predict_dispatch
 
     routing_groups = dict(routing_groups or {})
     reports: dict[str, dict[str, Any]] = {}
     for routing, profile in profiles.items():
+        kept = profile.choices
+        if kept is None:
+            raise ValueError(f"place_profiles: the {routing!r} profile kept no choices (profile with keep_choices)")
         report = placement_report(
             profile.matrices, ep_size, top_k=profile.top_k, seed=seed,
-            indices={slot: profile.choices[layer] for slot, layer in enumerate(profile.layers)},
+            indices={slot: kept[layer] for slot, layer in enumerate(profile.layers)},
             routing_groups={slot: routing_groups[layer] for slot, layer in enumerate(profile.layers)
                             if layer in routing_groups},
         )
         contiguous = contiguous_placement(report["num_experts"], ep_size)
         row_bytes = None if row is None else row["row_bytes"]
         for entry in report["layers"]:  # positions → absolute decoder-layer indices
-            choices = profile.choices[profile.layers[entry["layer"]]]
+            choices = kept[profile.layers[entry["layer"]]]
             entry["dispatch"] = dispatch_columns(
                 predict_dispatch(choices, contiguous), predict_dispatch(choices, entry["groups"]),
                 top_k=profile.top_k, ep_size=ep_size, row_bytes=row_bytes)
@@ -282,10 +293,6 @@ def place_checkpoint(
         CommandError: ``permuted_for`` is given and the experts cannot be renumbered, or the group limit is
             malformed.
     """
-    from model_patches.structure import describe
-    from moepatch.loading.pretrained import load_for_command
-    from moepatch.tools.c2r.permutation import check_permutable
-    from moepatch.tools.c2r.permutation import routing_groups
 
     model = load_for_command(checkpoint, patch=False)  # never runs the folder's own code; no weight missing
     moe = describe(model)
@@ -322,8 +329,6 @@ def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: 
     Raises:
         CommandError: a matrix does not fit a placement, naming ``source`` and the matrix.
     """
-    from moepatch.tools.c2r.placement import placement_report
-    from moepatch.tools.c2r.traffic import add_dispatch_from_copies
 
     reports: dict[str, dict[str, Any]] = {}
     for name, stack in matrices.items():
@@ -340,13 +345,12 @@ def write_planned_checkpoint(source: Path, reports: Mapping[str, Mapping[str, An
     """Write a copy of ``source`` whose experts are renumbered so contiguous sharding hosts the planned groups
     together (the C2R report's plan when there is one, else the vanilla one), recording the EP size it was planned
     for (``expert_placement.json``, see :func:`moepatch.expert_parallel.check_placement`).  ``c2r_within_groups``
-    routes the copy with C2R within groups planned on the vanilla profile instead (see
+    routes the copy with C2R within groups planned on the vanilla profile instead, where there is one (see
     :func:`moepatch.tools.c2r.placement.contiguous_group_lists`): the lists replace the checkpoint's C2R, so the groups
     that keep most vanilla expert sets together change the fewest choices."""
-    from moepatch.tools.c2r.permutation import write_permuted_checkpoint
-    from moepatch.tools.c2r.placement import expert_permutation
 
-    chosen = reports["vanilla"] if c2r_within_groups else reports.get("c2r") or reports["vanilla"]
+    first, second = ("vanilla", "c2r") if c2r_within_groups else ("c2r", "vanilla")
+    chosen = reports.get(first) or reports[second]
     permutations = {row["layer"]: expert_permutation(row["groups"]) for row in chosen["layers"]}
     return write_permuted_checkpoint(source, permutations, target, ep_size=chosen["ep_size"],
                                      c2r_within_groups=c2r_within_groups)

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moepatch.routing.recorder import RoutingRecorder
+from moepatch.staged_output import write_text_atomically
 
 MATRIX_KEY = "coactivation"
 
@@ -217,7 +218,6 @@ def write_c2r_fields(checkpoint: str | Path, top_t: int, collaborative_list: lis
     config = json.loads(path.read_text())
     config["top_t"] = top_t
     config["collaborative_list"] = collaborative_list
-    from moepatch.staged_output import write_text_atomically
 
     write_text_atomically(path, json.dumps(config, indent=2) + "\n")  # a failure leaves config.json as it was
     return path

@@ -109,6 +109,8 @@ def predict_dispatch(
     present = np.zeros((tokens, ep_size), dtype=bool)
     np.put_along_axis(present, rank_of, True, axis=1)
     copies = int(present.sum())
+    pair_local: Number
+    dedup_local: Number
     if source_ranks is None:
         share = Fraction(1, ep_size)
         pair_local, dedup_local = tokens * top_k * share, copies * share
@@ -222,7 +224,7 @@ def format_dispatch(report: Mapping[str, Any]) -> str:
     for row in report["layers"]:
         entry = row["dispatch"]
         cells = []
-        for (name, rows_key, bytes_key), width in zip(columns, (9, 10, 9)):
+        for (name, rows_key, bytes_key), width in zip(columns, (9, 10, 9), strict=True):
             cells += [cell(entry[rows_key], width, 4), cell(entry[bytes_key], 9, 0)]
             value = entry[bytes_key if row_bytes else rows_key]
             totals[name] = None if value is None or totals[name] is None else totals[name] + value

@@ -20,6 +20,21 @@ from typing import Any
 
 import torch
 
+from model_patches.structure import layer_indexer
+from moepatch.config import MoePatchConfig
+from moepatch.data.instruction import encode_messages
+from moepatch.data.instruction import read_jsonl
+from moepatch.data.instruction import to_messages
+from moepatch.data.synthetic import TASKS
+from moepatch.data.synthetic import synthetic_records
+from moepatch.loading.pretrained import load_for_command
+from moepatch.lora_experts.balance import install_balance_hook
+from moepatch.patch import apply
+from moepatch.tools.lora_experts.guilomo import SearchLoraExperts
+from moepatch.tools.lora_experts.guilomo import SearchRecipe
+from moepatch.tools.lora_experts.guilomo import search
+from moepatch.tools.lora_experts.guilomo import to_search_layers
+
 if TYPE_CHECKING:
     from moepatch.tools.lora_experts.guilomo import SearchRecipe
 
@@ -35,7 +50,6 @@ Record = tuple[str, dict[str, Any]]
 
 def file_records(paths: Sequence[str | Path]) -> list[Record]:
     """Every record of the jsonl instruction files, in order, each named by file and position."""
-    from moepatch.data.instruction import read_jsonl
 
     return [(f"{path}, record {i + 1}", record) for path in paths for i, record in enumerate(read_jsonl(path))]
 
@@ -43,18 +57,15 @@ def file_records(paths: Sequence[str | Path]) -> list[Record]:
 def embedded_records(total: int = DEFAULT_EMBEDDED_EXAMPLES, seed: int = 0) -> list[Record]:
     """``total`` synthetic records split evenly over the four embedded tasks (the first tasks by name get the
     remainder)."""
-    from moepatch.data.synthetic import TASKS
-    from moepatch.data.synthetic import synthetic_records
 
     names = sorted(TASKS)
     counts = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
-    return [(f"embedded {name} record {i + 1}", record) for name, count in zip(names, counts)
+    return [(f"embedded {name} record {i + 1}", record) for name, count in zip(names, counts, strict=True)
             for i, record in enumerate(synthetic_records(name, count, seed))]
 
 
 def conversations_of(records: Sequence[Record]) -> list[list[dict[str, str]]]:
     """The records as chat messages; a malformed record fails here, naming where it came from."""
-    from moepatch.data.instruction import to_messages
 
     return [to_messages(record, where) for where, record in records]
 
@@ -63,7 +74,6 @@ def encode_examples(tokenizer: Any, conversations: Sequence[list[dict[str, str]]
                     seed: int = 0) -> list[dict[str, list[int]]]:
     """Shuffle (seeded) and encode the conversations for training: the tokenizer's chat template when it has one,
     else the Vicuna format; only answer tokens carry labels.  Gives the tokenizer a pad token when it has none."""
-    from moepatch.data.instruction import encode_messages
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -106,15 +116,6 @@ def search_checkpoint(
     """
     from transformers import DataCollatorForSeq2Seq
 
-    from model_patches.structure import layer_indexer
-    from moepatch.config import MoePatchConfig
-    from moepatch.loading.pretrained import load_for_command
-    from moepatch.lora_experts.balance import install_balance_hook
-    from moepatch.patch import apply
-    from moepatch.tools.lora_experts.guilomo import SearchLoraExperts
-    from moepatch.tools.lora_experts.guilomo import SearchRecipe
-    from moepatch.tools.lora_experts.guilomo import search
-    from moepatch.tools.lora_experts.guilomo import to_search_layers
 
     torch.manual_seed(seed)
     model = load_for_command(checkpoint, patch=False)
@@ -122,7 +123,7 @@ def search_checkpoint(
     replaced = to_search_layers(model, block["r"])
     routers = [m.router for m in model.modules() if isinstance(m, SearchLoraExperts)]
     install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts,
-                         layer_indexer(handle.moe_model))
+                         layer_indexer(handle.require_moe_model()))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORED_LABEL, return_tensors="pt")
     batches = [collator(list(examples[i : i + batch_size])) for i in range(0, len(examples), batch_size)]
     if log is not None:

@@ -22,11 +22,13 @@ from collections import Counter
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from model_patches.expert_storage import storage_of
+from moepatch.lora_experts.layers import LoraExperts
 from moepatch.tools.lora_experts.merge import FEATURE
 from moepatch.tools.lora_experts.merge import ExpertSetSite
 from moepatch.tools.lora_experts.merge import expert_set_sites
@@ -77,8 +79,15 @@ def export_problem(site: ExpertSetSite, method: str, has_layout: bool) -> str | 
     return None
 
 
+def _lora_set(site: ExpertSetSite) -> LoraExperts:
+    """The LoRA experts of ``site`` (:func:`export_problem` refuses MoV's vector experts first)."""
+    if not isinstance(site.expert_set, LoraExperts):
+        raise ValueError(f"{site.target.path}: MoV experts are (IA)³ scales, not LoRA pairs")
+    return site.expert_set
+
+
 def _linear_target(site: ExpertSetSite, alpha: float) -> PeftTarget:
-    expert_set = site.expert_set
+    expert_set = _lora_set(site)
     return PeftTarget(site.target.path, expert_set.lora_A[0].detach(), expert_set.lora_B[0].detach(),
                       expert_set.ranks[0], alpha, False, site.target.path)
 
@@ -86,19 +95,18 @@ def _linear_target(site: ExpertSetSite, alpha: float) -> PeftTarget:
 def _parameter_target(shared: _SharedParameter, alpha: float) -> PeftTarget:
     """Stack the projections of one parameter into peft's per-expert block layout (see the module docstring)."""
     parts = sorted(shared.parts.items())
-    ranks = [sites[0].expert_set.ranks[0] for _, sites in parts]
+    ranks = [_lora_set(sites[0]).ranks[0] for _, sites in parts]
     rank = sum(ranks)
     scale = alpha / ranks[0]
     num_experts = len(parts[0][1])
     a_blocks, b_blocks = [], []
     for expert in range(num_experts):
-        a_rows, b = [], None
+        expert_sets = [_lora_set(sites[expert]) for _, sites in parts]  # this routed expert's, one per projection
+        b = expert_sets[0].lora_B[0].detach().float().new_zeros(shared.out_rows, rank)
+        a_rows = []
         column = 0
-        for (first_row, sites), own_rank in zip(parts, ranks):
-            expert_set = sites[expert].expert_set
+        for (first_row, _), own_rank, expert_set in zip(parts, ranks, expert_sets, strict=True):
             lora_a, lora_b = expert_set.lora_A[0].detach().float(), expert_set.lora_B[0].detach().float()
-            if b is None:
-                b = lora_b.new_zeros(shared.out_rows, rank)
             a_rows.append(lora_a)
             factor = expert_set.scaling[0] / scale  # exactly 1 unless the projections' ranks differ
             b[first_row : first_row + lora_b.shape[0], column : column + own_rank] = lora_b * factor
@@ -115,10 +123,11 @@ def peft_targets(model: nn.Module) -> tuple[list[PeftTarget], float]:
     naming every expert set peft cannot express."""
     handle = lora_handle(model)
     config = handle.config.features[FEATURE]
-    storage = storage_of(handle.moe_model)
-    names = {id(module): path for path, module in handle.moe_model.inner.named_modules()}
+    moe = handle.require_moe_model()
+    storage = storage_of(moe)
+    names = {id(module): path for path, module in moe.inner.named_modules()}
     sites = expert_set_sites(handle)
-    layouts = {id(site): storage.peft_parameter(site.target.module, site.target.projection)
+    layouts = {id(site): storage.peft_parameter(site.target.module, site.target.require_routed().projection)
                for site in sites if site.routed_expert is not None}
     problems = list(dict.fromkeys(  # one line per projection, not per routed expert
         problem for site in sites
@@ -131,7 +140,10 @@ def peft_targets(model: nn.Module) -> tuple[list[PeftTarget], float]:
     for site in sites:
         if site.routed_expert is None:
             continue
-        parameter, first_row, out_rows = layouts[id(site)]
+        layout = layouts[id(site)]
+        if layout is None:  # export_problem refused it above
+            raise ValueError(f"{site.target.path}: peft's target_parameters has no layout for these routed experts")
+        parameter, first_row, out_rows = layout
         module = site.target.module
         entry = shared.setdefault((id(module), parameter), _SharedParameter(names[id(module)], parameter, out_rows))
         entry.parts.setdefault(first_row, []).append(site)
@@ -139,7 +151,7 @@ def peft_targets(model: nn.Module) -> tuple[list[PeftTarget], float]:
     for entry in shared.values():
         by_module.setdefault(entry.module_path, []).append(_parameter_target(entry, config.alpha))
     for module_path, members in by_module.items():
-        _nest(handle.moe_model.inner.get_submodule(module_path), module_path, members)
+        _nest(moe.inner.get_submodule(module_path), module_path, members)
         targets.extend(members)
     dropout = config.dropout if not by_module else 0.0  # peft's ParamWrapper refuses dropout (inference: no effect)
     return targets, dropout
@@ -154,7 +166,10 @@ def _nest(module: nn.Module, module_path: str, members: list[PeftTarget]) -> Non
         target.state_prefix = module_path + ".base_layer" * (len(members) - 1 - index)
 
 
-def _most_common(values: list) -> object:
+_T = TypeVar("_T")
+
+
+def _most_common(values: list[_T]) -> _T:
     return Counter(values).most_common(1)[0][0]
 
 
@@ -200,11 +215,13 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
     rank = _most_common([t.rank for t in targets])
     alpha = _most_common([t.alpha for t in targets])
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; α is any number (α/r scaling)
+        lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=[t.key for t in linear], target_parameters=[t.key for t in parameters] or None,
         rank_pattern={re.escape(t.key): t.rank for t in targets if t.rank != rank},
         alpha_pattern={re.escape(t.key): t.alpha for t in targets if t.alpha != alpha},
-        base_model_name_or_path=getattr(getattr(handle.moe_model.inner, "config", None), "_name_or_path", None),
+        base_model_name_or_path=getattr(getattr(handle.require_moe_model().inner, "config", None), "_name_or_path",
+                                        None),
     )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

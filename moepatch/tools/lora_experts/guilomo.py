@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from torch import nn
 from moepatch.lora_experts.config import DEFAULT_TARGETS
 from moepatch.lora_experts.config import routed_expert_path
 from moepatch.lora_experts.layers import LoraExperts
+from moepatch.staged_output import staged_file
 
 ARCH_MARKERS = ("router_expert_vector", "expertlora_E_vector")
 _SET_PATH = re.compile(r"^(?P<owner>.+)\.lora_experts(?:\.(?P<projection>[a-z_]+))?(?:\.sets\.(?P<expert>\d+))?$")
@@ -114,7 +116,8 @@ class SearchLoraExperts(LoraExperts):
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, architecture parameters) among the trainable parameters."""
-    weights, arch = [], []
+    weights: list[nn.Parameter] = []
+    arch: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (arch if any(marker in name for marker in ARCH_MARKERS) else weights).append(parameter)
@@ -123,7 +126,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def _grads(loss: torch.Tensor, parameters: list[nn.Parameter]) -> list[torch.Tensor]:
     grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads, strict=True)]
 
 
 BILEVEL_MODES = ("official", "darts")
@@ -162,13 +165,13 @@ def architecture_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weig
 
 def _restore(weights: list[nn.Parameter], values: list[torch.Tensor]) -> None:
     with torch.no_grad():
-        for w, value in zip(weights, values):
+        for w, value in zip(weights, values, strict=True):
             w.copy_(value)
 
 
 def _shifted(weights: list[nn.Parameter], direction: list[torch.Tensor], alpha: float) -> None:
     with torch.no_grad():
-        for w, d in zip(weights, direction):
+        for w, d in zip(weights, direction, strict=True):
             w.add_(d, alpha=alpha)
 
 
@@ -180,22 +183,22 @@ def _official_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights
     count = len(weights)
     optimizer.zero_grad(set_to_none=True)
     raw = torch.autograd.grad(loss_fn(train_batch), weights + arch, allow_unused=True)
-    for w, g in zip(weights, raw[:count]):
+    for w, g in zip(weights, raw[:count], strict=True):
         w.grad = g  # a weight the loss does not reach keeps no gradient: AdamW leaves it (and its state) alone
     optimizer.step()  # w'
     optimizer.zero_grad(set_to_none=True)
-    train = [torch.zeros_like(p) if g is None else g for p, g in zip(weights + arch, raw)]
+    train = [torch.zeros_like(p) if g is None else g for p, g in zip(weights + arch, raw, strict=True)]
     valid = _grads(loss_fn(valid_batch), weights + arch)  # accumulated onto the train gradients, as the trainer does
-    direction = [t + v for t, v in zip(train[:count], valid[:count])]
-    direct = [t + v for t, v in zip(train[count:], valid[count:])]
+    direction = [t + v for t, v in zip(train[:count], valid[:count], strict=True)]
+    direct = [t + v for t, v in zip(train[count:], valid[count:], strict=True)]
     _restore(weights, saved)
-    norm = float(torch.sqrt(sum((d.float() * d.float()).sum() for d in direction)))
+    norm = float(torch.sqrt(cast(torch.Tensor, sum((d.float() * d.float()).sum() for d in direction))))
     radius = 0.01 / norm if norm > 0 else 0.01
     _shifted(weights, direction, -radius)
     minus = _grads(loss_fn(train_batch), arch)
     _restore(weights, saved)
     optimizer.load_state_dict(before)
-    return [g + eta * m / (2 * radius) for g, m in zip(direct, minus)]
+    return [g + eta * m / (2 * radius) for g, m in zip(direct, minus, strict=True)]
 
 
 def _darts_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights: list[nn.Parameter],
@@ -211,7 +214,7 @@ def _darts_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights: l
     grads = _grads(loss_fn(valid_batch), weights + arch)
     d_weights, d_arch = grads[: len(weights)], grads[len(weights) :]
     _restore(weights, saved)
-    norm = torch.sqrt(sum((d * d).sum() for d in d_weights))
+    norm = torch.sqrt(cast(torch.Tensor, sum((d * d).sum() for d in d_weights)))
     epsilon = 0.01 / float(norm) if float(norm) > 0 else 0.0
     if epsilon == 0.0:
         implicit = [torch.zeros_like(a) for a in arch]
@@ -221,12 +224,12 @@ def _darts_gradient(loss_fn: Any, train_batch: Any, valid_batch: Any, weights: l
         _shifted(weights, d_weights, -2 * epsilon)
         minus = _grads(loss_fn(train_batch), arch)
         _restore(weights, saved)
-        implicit = [(p - m) / (2 * epsilon) for p, m in zip(plus, minus)]
+        implicit = [(p - m) / (2 * epsilon) for p, m in zip(plus, minus, strict=True)]
     optimizer.state.clear()
     for p in weights:
         if id(p) in saved_state:
             optimizer.state[p] = saved_state[id(p)]
-    return [da - eta * hv for da, hv in zip(d_arch, implicit)]
+    return [da - eta * hv for da, hv in zip(d_arch, implicit, strict=True)]
 
 
 def pairs(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
@@ -332,7 +335,7 @@ def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: 
     for train_batch, valid_batch in tqdm(schedule, desc="GuiLoMo search", disable=not progress):
         gradient = architecture_gradient(loss_fn, train_batch, valid_batch, weights, arch, weight_optimizer,
                                          recipe.bilevel)
-        for parameter, grad in zip(arch, gradient):
+        for parameter, grad in zip(arch, gradient, strict=True):
             parameter.grad = grad
         arch_optimizer.step()
         weight_optimizer.zero_grad(set_to_none=True)
@@ -356,6 +359,8 @@ def export_allocation(model: nn.Module) -> dict[str, dict[str, int]]:
         if not isinstance(module, SearchLoraExperts):
             continue
         match = _SET_PATH.match(path)
+        if match is None:  # every expert set hangs at <projection>.lora_experts (<storage>.sets.<e> when routed)
+            raise ValueError(f"guilomo: {path} is not where an expert set is attached")
         owner = match["owner"]
         if match["expert"] is not None:  # a routed expert's set: its own allocation, under its per-expert name
             owner = routed_expert_path(owner, match["projection"], int(match["expert"]))
@@ -374,7 +379,6 @@ def write_allocation_files(experts: dict[str, Any], ranks: dict[str, Any], folde
     """Write the pair ``expert.json`` / ``rank.json`` as a pair: both are staged beside their targets and moved into
     place only once both are written, so a failure leaves the earlier pair as it was (never a new expert.json
     beside an old rank.json)."""
-    from moepatch.staged_output import staged_file
 
     folder = Path(folder)
     expert, rank = folder / "expert.json", folder / "rank.json"

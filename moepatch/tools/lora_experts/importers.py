@@ -29,8 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from moepatch.config import MoePatchConfig
 from moepatch.lora_experts.inject import ATTRIBUTE
 from moepatch.lora_experts.inject import load_lora_weights
+from moepatch.patch import apply
+from moepatch.tools.lora_experts.guilomo import write_allocation_files
 
 if TYPE_CHECKING:
     from moepatch.patch import PatchHandle
@@ -183,8 +186,8 @@ def _rescale_to_own_ranks(converted: dict[str, torch.Tensor]) -> None:
     ranks: dict[str, dict[int, int]] = {}
     for key, value in converted.items():
         if marker in key:
-            module, _, expert = key.rpartition(marker)
-            ranks.setdefault(module, {})[int(expert)] = value.shape[0]
+            module, _, index = key.rpartition(marker)
+            ranks.setdefault(module, {})[int(index)] = value.shape[0]
     for module, per_expert in ranks.items():
         last = per_expert[max(per_expert)]
         for expert, rank in per_expert.items():
@@ -196,14 +199,12 @@ def import_official(model: nn.Module, checkpoint: str | Path, block: dict[str, A
                     shared_rank_scaling: bool = False) -> PatchHandle:
     """``moepatch.apply`` ``block`` (beside the model's other moepatch settings) and load the official weights;
     on any mismatch (keys, shapes) the patch is removed again and the error names the keys."""
-    from moepatch.config import MoePatchConfig
-    from moepatch.patch import apply
 
     weights = official_to_moepatch(read_adapter_weights(checkpoint), shared_rank_scaling=shared_rank_scaling)
     config = MoePatchConfig.from_model(model).to_dict() | {"lora_experts": block}
     handle = apply(model, config)
     try:
-        load_lora_weights(handle.moe_model.inner, weights)
+        load_lora_weights(handle.require_moe_model().inner, weights)
     except ValueError:
         handle.remove()
         raise
@@ -265,6 +266,5 @@ def write_guilomo_allocation(checkpoint: str | Path, folder: str | Path) -> tupl
         ```
     """
     experts, ranks = guilomo_allocation(checkpoint)
-    from moepatch.tools.lora_experts.guilomo import write_allocation_files
 
     return write_allocation_files(experts, ranks, folder)

@@ -15,18 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
+from typing import cast
 
 import torch
 from torch import nn
 
 from model_patches.expert_storage import storage_of
 from model_patches.structure import MoEModel
+from moepatch.config import MoePatchConfig
+from moepatch.config import write_config
 from moepatch.lora_experts.inject import ATTRIBUTE
 from moepatch.lora_experts.inject import LoraTarget
 from moepatch.lora_experts.inject import plan_lora_experts
 from moepatch.lora_experts.layers import LoraExperts
 from moepatch.lora_experts.layers import VectorExperts
+from moepatch.lora_experts.routed import RoutedExpertSets
+from moepatch.patch import apply
+from moepatch.patch import checkpoint_folder
+from moepatch.patch import get_handle
 
 if TYPE_CHECKING:
     from moepatch.patch import PatchHandle
@@ -39,14 +47,13 @@ class ExpertSetSite:
     """One expert set of an adapted projection: ``routed_expert`` is ``None`` for an ``nn.Linear`` (or identity)."""
 
     target: LoraTarget
-    expert_set: nn.Module
+    expert_set: LoraExperts | VectorExperts
     routed_expert: int | None
 
 
 def lora_handle(model: nn.Module) -> PatchHandle:
     """The active patch handle that installed LoRA experts on ``model`` (or on a module inside it, e.g. a PEFT
     wrapper's base model); ``ValueError`` when the model carries none."""
-    from moepatch.patch import get_handle
 
     for module in model.modules():
         handle = get_handle(module)
@@ -57,25 +64,25 @@ def lora_handle(model: nn.Module) -> PatchHandle:
 
 def expert_set_sites(handle: PatchHandle) -> list[ExpertSetSite]:
     """Every installed expert set with the projection it adapts (re-planned from the handle's config)."""
-    from moepatch.patch import checkpoint_folder
 
-    moe: MoEModel = handle.moe_model
+    moe: MoEModel = handle.require_moe_model()
     config = handle.config.features[FEATURE]
     targets = plan_lora_experts(moe, config, checkpoint_folder(moe.inner), f"moepatch.{FEATURE}")
     one_per_module = storage_of(moe).one_projection_per_module
     sites = []
     for target in targets:
-        attached = getattr(target.module, ATTRIBUTE)
+        attached = getattr(target.module, ATTRIBUTE)  # an expert set, RoutedExpertSets or a ModuleDict of them
         if target.storage in ("linear", "identity"):
             sites.append(ExpertSetSite(target, attached, None))
             continue
-        routed = attached if one_per_module else attached[target.projection]
+        routed = cast(RoutedExpertSets, attached if one_per_module else attached[target.projection])
         if routed.held is not None:
             raise ValueError(f"lora_experts: {target.path} holds only the routed experts {routed.held.start}.."
                              f"{routed.held.stop - 1} of this process (expert parallelism): save the LoRA experts "
                              "(save_pretrained gathers every process's) and merge or export them on a single-process "
                              "model")
-        sites.extend(ExpertSetSite(target, expert_set, e) for e, expert_set in enumerate(routed.sets))
+        sites.extend(ExpertSetSite(target, cast("LoraExperts | VectorExperts", expert_set), e)
+                     for e, expert_set in enumerate(routed.sets))
     return sites
 
 
@@ -117,17 +124,18 @@ def plan_folds(handle: PatchHandle) -> list[Callable[[], None]]:
     if problems:
         raise ValueError("lora_experts: these expert sets cannot be merged into the base weights (nothing changed):\n  "
                          + "\n  ".join(problems))
-    storage = storage_of(handle.moe_model)
+    storage = storage_of(handle.require_moe_model())
     folds: list[Callable[[], None]] = []
     with torch.no_grad():
         for site in sites:
             target = site.target
             if site.routed_expert is None:
-                folds.append(_linear_fold(site, target.module))
+                folds.append(_linear_fold(site, cast(nn.Linear, target.module)))  # "linear" storage: an nn.Linear
                 continue
-            weight = storage.expert_weight(target.module, target.projection, site.routed_expert)
-            delta = weight_delta(site, weight)
-            folds.append(lambda t=target, e=site.routed_expert, d=delta: storage.fold(t.module, t.projection, e, d))
+            projection = target.require_routed().projection
+            weight = storage.expert_weight(target.module, projection, site.routed_expert)
+            folds.append(partial(storage.fold, target.module, projection, site.routed_expert,
+                                 weight_delta(site, weight)))
     return folds
 
 
@@ -176,9 +184,6 @@ def merge_into_base(model: nn.Module) -> PatchHandle | None:
         model.save_pretrained("merged")
         ```
     """
-    from moepatch.config import MoePatchConfig
-    from moepatch.config import write_config
-    from moepatch.patch import apply
 
     handle = lora_handle(model)
     folds = plan_folds(handle)
