@@ -130,22 +130,27 @@ def max_diffs(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -
 
 
 def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, world: int) -> dict:
-    """Every routing of one layout: both implementations against the single-process model (see the module doc)."""
+    """Every routing of one layout: both implementations against the single-process model (see the module doc).
+    ``LAYOUT:bfloat16`` runs the layout with every model in bfloat16 (the natural routing only)."""
+    layout, _, dtype_name = layout.partition(":")
+    dtype = getattr(torch, dtype_name or "float32")
+    if dtype != torch.float32:
+        routings = ["natural"]
     sizes = layout_sizes(layout, world)
     tp_size, num_batches = sizes["tp_size"], sizes["fsdp_size"]
     models = {
         name: AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=torch.float32,
+            checkpoint, dtype=dtype,
             distributed_config=DistributedConfig(**sizes, tp_plan={}, ep_implementation=name))
         for name in IMPLEMENTATIONS
     }
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     controls = {name: RoutingControl(model, world) for name, model in {**models, "reference": reference}.items()}
     batches = [batch_of(index, num_batches) for index in range(num_batches)]
     own = rank // tp_size  # the batch this rank's TP group holds
     dispatch_layers = [name for name, _ in dedup_dispatches(models["moepatch_dedup"])]
 
-    result: dict = {"tp_size": tp_size, "dispatch_layers": dispatch_layers, "cases": {},
+    result: dict = {"tp_size": tp_size, "dispatch_layers": dispatch_layers, "cases": {}, "dtype": str(dtype),
                     "hidden_size": reference.config.hidden_size,
                     "num_local_experts": reference.config.num_experts // world}
     for routing in routings:
@@ -178,6 +183,10 @@ def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, wor
             case[name] = {"vs_reference": max_diffs(got, expected), "same_routing_as_reference": same_routing,
                           "inference_logits": float((inference_logits - expected["logits"]).abs().max())}
         case["dedup_vs_all_to_all"] = max_diffs(got_by_name["moepatch_dedup"], got_by_name["all_to_all"])
+        case["reference_max"] = {kind: max(float(v.abs().max()) for n, v in expected.items() if n in names)
+                                 for kind, names in (("logits", ["logits"]), ("embeddings", ["embeddings"]),
+                                                     ("experts", [n for n in expected if ".experts." in n]),
+                                                     ("gate", [n for n in expected if n.endswith(".gate")]))}
         case["reference_norms"] = {
             "logits": float(expected["logits"].norm()), "embeddings": float(expected["embeddings"].norm()),
             "gate": min(float(v.norm()) for n, v in expected.items() if n.endswith(".gate")),
