@@ -92,8 +92,10 @@ class MoePatchLM(HFLM):
                 raise ValueError("moepatch model_args: task_experts load the base their manifest names; "
                                  "moepatch_config does not apply to them")
             self.serving = TaskExpertModel.from_experts(task_experts)
-            if not 1 <= self.top_k <= len(self.serving.router.tasks):
-                raise ValueError(f"moepatch model_args: top_k: expected 1..{len(self.serving.router.tasks)} (the "
+            router = self.serving.router
+            assert router is not None  # from_experts (with_router=True) loads it or raises
+            if not 1 <= self.top_k <= len(router.tasks):
+                raise ValueError(f"moepatch model_args: top_k: expected 1..{len(router.tasks)} (the "
                                  f"router's tasks), got {self.top_k}")
             if Path(self.serving.manifest.base).resolve() != Path(pretrained).resolve():
                 raise ValueError(f"moepatch model_args: the task experts in {task_experts} were trained on "

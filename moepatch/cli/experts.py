@@ -55,7 +55,7 @@ def _group(text: str) -> tuple[str, list[str]]:
     return name, members
 
 
-def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type) -> None:
+def add_experts_arguments(parser: argparse.ArgumentParser, parser_class: type[argparse.ArgumentParser]) -> None:
     sub = parser.add_subparsers(dest="experts_command", required=True, parser_class=parser_class)
     fit = sub.add_parser("fit-router", help="fit the request router on each task's dev examples")
     fit.add_argument("output", help="the finetune --task_experts output folder (or its experts/ folder)")
@@ -325,14 +325,14 @@ def cmd_route(args: argparse.Namespace) -> int:
         requests = read_requests(args.input)
     except ValueError as error:
         raise CommandError(f"{error} (--input)") from None
-    known = [request for request in requests if request.task is not None]
-    unknown = sorted({r.task for r in known if r.task not in router.tasks})
+    known = [request.task for request in requests if request.task is not None]  # the given tasks, in order
+    unknown = sorted({task for task in known if task not in router.tasks})
     if unknown:
         raise CommandError(f"{args.input} (--input): task(s) {unknown} are not among the router's {router.tasks}")
     if args.exclude != "none" and len(known) != len(requests):
         raise UsageError("--exclude", "needs every request's own 'task' in --input")
     if args.exclude != "none":  # the fewest tasks the exclusion leaves any request: --top-k must fit in them
-        left = {task: len(router.tasks) - len(router.excluded(task, args.exclude)) for task in {r.task for r in known}}
+        left = {task: len(router.tasks) - len(router.excluded(task, args.exclude)) for task in set(known)}
         task = min(left, key=lambda name: (left[name], name), default=None)
         if task is not None and left[task] == 0:
             raise UsageError("--exclude", f"{args.exclude} leaves no task for requests of {task!r} (its group holds "
@@ -369,8 +369,8 @@ def cmd_route(args: argparse.Namespace) -> int:
                                      "weights": choice.weights, **({"task": request.task} if request.task else {})})
                          + "\n")
     print(f"routed {len(requests)} requests (top-{args.top_k}, exclude {args.exclude}) -> {routes_path}")
-    if known and len(known) == len(requests):
-        _print_report(routing_report(router, signatures, own, args.top_k, args.exclude))
+    if known and len(known) == len(requests):  # every request's own task: ``known`` is ``own``
+        _print_report(routing_report(router, signatures, known, args.top_k, args.exclude))
     return 0
 
 

@@ -98,6 +98,7 @@ def run_demo(
 
     model, handle = load()
     moe = handle.moe_model
+    assert moe is not None  # None only for an unsupported model under strict=False; apply() here is strict
     log(f"[2/8] loaded with AutoModelForCausalLM and applied: family {moe.family.name}, MoE layers "
         f"{moe.moe_layer_indices}, {moe.num_experts} experts, top-{moe.top_k}; froze "
         f"{len(handle.frozen_parameters)} router parameters")
@@ -189,7 +190,9 @@ def finetune_demo_checkpoint(
     if status:
         raise CommandError(f"step 7 (fine-tune) failed with status {status}; see the message above")
     base, tuned = from_pretrained(checkpoint), from_pretrained(output)
-    frozen = set(get_handle(tuned).frozen_parameters)
+    tuned_handle = get_handle(tuned)
+    assert tuned_handle is not None  # from_pretrained patches the checkpoint from its config.json
+    frozen = set(tuned_handle.frozen_parameters)
     before, after = dict(base.named_parameters()), dict(tuned.named_parameters())
     kept = sum(torch.equal(before[name], after[name]) for name in frozen)
     others = sum(not torch.equal(before[name], after[name]) for name in before if name not in frozen)

@@ -40,21 +40,24 @@ def task_experts_demo(checkpoint: Path, output: Path, *, steps: int, seed: int =
         raise CommandError(f"{step} (task experts) failed with status {status}; see the message above")
     manifest = read_manifest(output)
     _, fit = fit_router(manifest, output / "data", RouterSettings(seed=seed), log=lambda line: None)
+    assert fit is not None  # the default settings hold out part of each task's dev examples
     log(f"router:     fitted on the tasks' dev examples; held-out routing accuracy {fit['accuracy']:.3f}")
 
     records = {task: synthetic_records(task, held_out, seed=seed + 1000) for task in TASKS}  # never trained on
     serving = TaskExpertModel.from_experts(output)
+    router = serving.router
+    assert router is not None  # from_experts loads the router just fitted
     texts = [request_text(record, task) for task in TASKS for record in records[task]]
     labels = [task for task in TASKS for _ in records[task]]
     with serving.model.disable_adapter():  # signatures of the base itself
         signatures = serving.encoder.encode(texts)
-    report = routing_report(serving.router, signatures, labels, top_k=2)
+    report = routing_report(router, signatures, labels, top_k=2)
     rows = [[task, str(sum(report["confusion"][task].values())), f"{report['per_task_accuracy'][task]:.3f}"]
             + [str(report["confusion"][task].get(other, 0)) for other in TASKS] for task in TASKS]
     log(f"routing of {len(texts)} new requests (top-1 = own task; top-2 recall {report['top_k_recall']:.3f})")
     for line in format_table(["task", "requests", "accuracy", *[f"->{t}" for t in TASKS]], rows):
         log(line)
-    routes = [choice.tasks for choice in serving.router.route(signatures, 2)]
+    routes = [choice.tasks for choice in router.route(signatures, 2)]
     merged = [serving.adapter_for(tasks) for tasks in routes]
     flat = [record for task in TASKS for record in records[task]]
     losses = {"base": serving.answer_losses(flat, [BASE_ADAPTER] * len(flat)),

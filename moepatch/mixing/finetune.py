@@ -40,7 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 from moepatch.compat import distributed_ready
 from moepatch.errors import CommandError
@@ -50,6 +52,10 @@ from moepatch.errors import UsageError
 from moepatch.errors import debug_requested
 from moepatch.errors import run_guarded
 from moepatch.staged_output import write_text_atomically
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.hf_argparser import DataClassType
 
 logger = logging.getLogger("moepatch.finetune")  # the name of earlier releases: logging configs keep working
 
@@ -123,6 +129,12 @@ class ModelArguments:
                              f"expected one of {', '.join(EP_IMPLEMENTATIONS)}, got {self.ep_implementation!r}")
         if self.ep_size is None and self.ep_implementation != "auto":
             raise UsageError("--ep_implementation", "only takes effect with --ep_size")
+
+    @property
+    def checkpoint(self) -> str:
+        """``model_name_or_path``, which ``__post_init__`` requires (``None`` is only its parser default)."""
+        assert self.model_name_or_path, "ModelArguments.__post_init__ refuses a missing --model_name_or_path"
+        return self.model_name_or_path
 
 
 EP_IMPLEMENTATIONS = ("auto", "moepatch_dedup", "all_to_all")
@@ -309,7 +321,7 @@ def _make_parser(types: tuple[type, ...]) -> Any:
                 raise UsageError(match.group(1).split("/")[0], match.group(2))
             raise UsageError("arguments", message)
 
-    return _Parser(types, description=_DESCRIPTION)
+    return _Parser(cast("tuple[DataClassType, ...]", types), description=_DESCRIPTION)
 
 
 def _blamed_argument(error: BaseException, argv: Sequence[str]) -> str:
@@ -369,7 +381,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
         if flag is not None:
             raise UsageError(flag, "only applies with dynamic mixing, and this run has --dynamic_sampling false: it "
                                    "would be ignored; drop it or turn dynamic mixing on")
-    return tuple(parsed[:5])  # type: ignore[return-value]
+    return tuple(parsed[:5])
 
 
 _DYNAMIC_ONLY = ("update_every", "eta", "c", "distance", "criterion", "probe_layers", "probe_batch_size", "plot")
@@ -588,7 +600,7 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
     from moepatch.staged_output import refuse_output_in_inputs
 
     config = prepare_config(model_args)
-    checkpoint, output = Path(model_args.model_name_or_path), Path(training_args.output_dir)
+    checkpoint, output = Path(model_args.checkpoint), Path(training_args.output_dir)
     # the model being fine-tuned, its sources and the files naming its settings: never the output, inside it or
     # around it (--resume_from_checkpoint is not an input here: it lies inside the output by design)
     def paths(entries: list[str] | None) -> list[str]:  # name=path entries
@@ -789,7 +801,7 @@ def prepare_config(model_args: ModelArguments) -> Any:
     from moepatch.loading.pretrained import load_config
     from moepatch.routing.training_options import apply_training_options
 
-    folder = _check_checkpoint_folder(model_args.model_name_or_path)
+    folder = _check_checkpoint_folder(model_args.checkpoint)
     block = _moepatch_block(model_args.moepatch_config) if model_args.moepatch_config else None
     try:
         config = load_config(str(folder))
@@ -838,7 +850,7 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
     from moepatch.loading.skeleton import weightless_model
     from moepatch.patch import plan_patch
 
-    folder = Path(model_args.model_name_or_path)
+    folder = Path(model_args.checkpoint)
     config_file = folder / "config.json"
     block_file = model_args.moepatch_config
 
@@ -953,8 +965,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
     output_dir = Path(training_args.output_dir)
     config = prepare_config(model_args)
     distributed = expert_parallel_config(model_args, config)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)  # before anything is written
-    prompt_format = _prompt_format(data_args.prompt_format, tokenizer, model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.checkpoint)  # before anything is written
+    prompt_format = _prompt_format(data_args.prompt_format, tokenizer, model_args.checkpoint)
     with tempfile.TemporaryDirectory(prefix="moepatch_synthetic_") as scratch:
         synthetic = bool(data_args.synthetic_data and not (data_args.data_dir or data_args.train_files))
         if synthetic:  # every process generates the same sources (seeded); <output_dir>/data is written later
@@ -985,7 +997,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
                    if data_args.initial_weights else None)
 
         extra = {} if distributed is None else {"distributed_config": distributed}
-        model = load_for_command(model_args.model_name_or_path, config=config, dtype=torch.float32, **extra)
+        # a transformers causal LM (load_for_command is annotated with its base class)
+        model = cast("PreTrainedModel", load_for_command(model_args.checkpoint, config=config, dtype=torch.float32,
+                                                          **extra))
         if distributed is not None:
             from moepatch.expert_parallel.training import replicate_added_parameters
 
@@ -1020,8 +1034,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, sampling_args: Any
         if data_args.dynamic_sampling:
             callbacks.append(DynamicSamplingCallback(sampler, names, [s.probe for s in sources], collator,
                                                      sampling_args))
-        trainer = MixtureTrainer(model=model, args=training_args, train_dataset=MixtureDataset([s.train for s in
-                                 sources]), data_collator=collator, callbacks=callbacks, mixture_sampler=sampler)
+        trainer: ResumingTrainer = MixtureTrainer(
+            model=model, args=training_args, train_dataset=MixtureDataset([s.train for s in sources]),
+            data_collator=collator, callbacks=callbacks, mixture_sampler=sampler)
     else:
         train = [example for source in sources for example in source.train]
         trainer = ResumingTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator,
@@ -1100,7 +1115,7 @@ def _train_task_experts(model: Any, tokenizer: Any, sources: list[Any], collator
     tasks = expert_args.check([source.name for source in sources])
     train_on = {source.name: source.train + source.probe for source in sources if source.name in without_dev}
     manifest = train_task_experts(model, sources, tasks, collator, training_args, expert_args,
-                                  str(Path(model_args.model_name_or_path).resolve()), modules, parameters, train_on)
+                                  str(Path(model_args.checkpoint).resolve()), modules, parameters, train_on)
     if training_args.process_index == 0:
         tokenizer.save_pretrained(str(output_dir / "experts"))
     summary = {"sources": [source.name for source in sources], "prompt_format": prompt_format,

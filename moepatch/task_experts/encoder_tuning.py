@@ -19,6 +19,7 @@ folder.
 
 from __future__ import annotations
 
+import importlib
 import random
 import tempfile
 from collections.abc import Sequence
@@ -64,11 +65,11 @@ def contrastive_rows(queries: Sequence[str], positives: torch.Tensor, descriptio
 
 
 def _loss_class() -> Any:
-    try:  # the losses' home since sentence-transformers 6
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    try:  # the losses' home since sentence-transformers 6 (by name: one of the two is always missing)
+        losses = importlib.import_module("sentence_transformers.sentence_transformer.losses")
     except ImportError:
-        from sentence_transformers.losses import MultipleNegativesRankingLoss
-    return MultipleNegativesRankingLoss
+        losses = importlib.import_module("sentence_transformers.losses")
+    return losses.MultipleNegativesRankingLoss
 
 
 def finetune_encoder(model: Any, rows: Sequence[dict[str, str]], settings: EncoderTuning, output: Path) -> float:

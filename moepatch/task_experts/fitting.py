@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import torch
@@ -19,6 +21,9 @@ from moepatch.task_experts.encoder_tuning import EncoderTuning
 from moepatch.task_experts.manifest import ROUTER_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import base_model
+
+if TYPE_CHECKING:
+    from moepatch.task_experts.requests import Request
 
 HOLDOUT_REPORT = "holdout_report.json"
 TUNED_ENCODER = "encoder"
@@ -97,6 +102,14 @@ def check_settings(manifest: ExpertManifest, settings: RouterSettings) -> None:
         raise ValueError(f"--positives: expected 'scored' or 'own', got {settings.positives!r}")
 
 
+def _tasks_of(requests: Sequence[Request]) -> list[str]:
+    """The task of each of ``requests`` (:class:`~moepatch.task_experts.requests.Request` of a data folder, whose
+    task :func:`~moepatch.task_experts.requests.task_requests` always names)."""
+    tasks = [request.task for request in requests if request.task is not None]
+    assert len(tasks) == len(requests), "task_requests names every request's task"
+    return tasks
+
+
 def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
                log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any] | None]:
     """Fit and save ``<experts>/router/``; returns the router and the held-out report (``None`` without a
@@ -141,14 +154,14 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
             encoder.folder = TUNED_ENCODER  # router.json names it relative to the router folder
             encoder.pooling = None  # saved as a sentence-transformers folder: pooling is in its modules
         signatures = encoder.encode([request.text for request in fit + held])
-        router = TaskRouter.fit(signatures[:len(fit)], [request.task for request in fit], head=settings.head,
+        router = TaskRouter.fit(signatures[:len(fit)], _tasks_of(fit), head=settings.head,
                                 encoder=encoder.describe(), groups=settings.groups, seed=settings.seed,
                                 positives=positives if settings.head == "contrastive" else None,
                                 descriptions=encoder.encode(texts) if settings.head == "retrieval" else None)
         router.save(staging)
         report = None
         if held:
-            report = routing_report(router, signatures[len(fit):], [request.task for request in held],
+            report = routing_report(router, signatures[len(fit):], _tasks_of(held),
                                     min(2, len(router.tasks)))
             (staging / HOLDOUT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     log(f"router ({settings.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "

@@ -24,6 +24,7 @@ head's tensors) + ``router.json`` (tasks, encoder, head); loading never unpickle
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from collections.abc import Sequence
@@ -159,10 +160,10 @@ class SentenceTransformerEncoder:
         except ImportError as error:
             raise ValueError("--encoder: sentence-transformers is not installed (pip install "
                              "'moepatch[router]')") from error
-        try:  # the modules' home since sentence-transformers 6; `models` before
-            from sentence_transformers.sentence_transformer import modules as models
+        try:  # the modules' home since sentence-transformers 6; `models` before (by name: one is always missing)
+            models = importlib.import_module("sentence_transformers.sentence_transformer.modules")
         except ImportError:
-            from sentence_transformers import models
+            models = importlib.import_module("sentence_transformers.models")
         problem = encoder_folder_problem(folder)
         if problem is not None:
             raise ValueError(f"--encoder: {problem}")

@@ -26,6 +26,7 @@ from moepatch.task_experts.manifest import MERGED_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.merging import combination_key
 from moepatch.task_experts.merging import read_merges
+from moepatch.task_experts.router import RequestEncoder
 from moepatch.task_experts.router import TaskRouter
 from moepatch.task_experts.weighted_adapters import add_weighted_adapter
 
@@ -57,7 +58,7 @@ def spread_adapter_names(model: Any) -> int:
     if not getattr(base, "_moepatch_records_tokens", False):
         base._moepatch_tokens_per_row = None
 
-        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        def record(module: Any, args: tuple, kwargs: dict) -> None:  # ``base``, which carries the count
             inputs = kwargs.get("input_ids")
             if inputs is None:
                 inputs = kwargs.get("inputs_embeds")
@@ -71,7 +72,8 @@ def spread_adapter_names(model: Any) -> int:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or getattr(module, "_moepatch_spreads_names", False):
             continue
-        original = module.forward
+        layer: Any = module  # an nn.Module; peft types LoraLayer as a bare mixin (no forward), the marker is ours
+        original = layer.forward
 
         def forward(x: torch.Tensor, *args: Any, _original: Any = original, _name: str = name,
                     **kwargs: Any) -> torch.Tensor:
@@ -85,8 +87,8 @@ def spread_adapter_names(model: Any) -> int:
                 kwargs["adapter_names"] = [adapter for adapter in names for _ in range(tokens)]
             return _original(x, *args, **kwargs)
 
-        module.forward = forward
-        module._moepatch_spreads_names = True
+        layer.forward = forward
+        layer._moepatch_spreads_names = True
         changed += 1
     return changed
 
@@ -123,7 +125,8 @@ class TaskExpertModel:
             for entry in read_merges(merged):
                 model.load_adapter(str(merged / entry["path"]), adapter_name=entry["name"])
         model.eval()
-        router = encoder = None
+        router: TaskRouter | None = None
+        encoder: RequestEncoder | None = None
         if with_router:
             router = TaskRouter.load(manifest.folder / "router")
             if router.encoder["kind"] != "base_model":

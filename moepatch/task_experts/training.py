@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 from torch import nn
@@ -35,6 +36,9 @@ from moepatch.task_experts.manifest import MANIFEST_NAME
 from moepatch.task_experts.manifest import TASK_NAME
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import TaskExpert
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger("moepatch.task_experts")
 MELD_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -124,7 +128,7 @@ def linear_targets(model: nn.Module, names: Sequence[str]) -> list[str]:
     return found
 
 
-def peft_remapped(model: nn.Module, modules: Sequence[str]) -> list[str]:
+def peft_remapped(model: PreTrainedModel, modules: Sequence[str]) -> list[str]:
     """The ``modules`` peft would not keep as ``target_modules`` on this model.
 
     peft (≥ 0.18, transformers 5) rewrites every target ending in ``gate_proj`` / ``up_proj`` / ``down_proj`` into
@@ -147,12 +151,13 @@ def peft_remapped(model: nn.Module, modules: Sequence[str]) -> list[str]:
 def lora_config(args: TaskExpertArguments, target_modules: list[str], target_parameters: list[str]) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=args.expert_r, lora_alpha=args.expert_alpha, lora_dropout=args.expert_dropout,
-                      target_modules=target_modules, target_parameters=target_parameters or None,
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=args.expert_r,
+                      lora_alpha=args.expert_alpha,  # type: ignore[arg-type]  # peft annotates int; any α > 0 (α/r)
+                      lora_dropout=args.expert_dropout, target_modules=target_modules,
+                      target_parameters=target_parameters or None, bias="none", task_type="CAUSAL_LM")
 
 
-def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence[str], collator: Any,
+def train_task_experts(model: PreTrainedModel, sources: Sequence[Any], tasks: Sequence[str], collator: Any,
                        training_args: Any, args: TaskExpertArguments, base: str, modules: list[str] | None = None,
                        parameters: list[str] | None = None, train_on: dict[str, list[Any]] | None = None
                        ) -> ExpertManifest:
@@ -192,8 +197,8 @@ def train_task_experts(model: nn.Module, sources: Sequence[Any], tasks: Sequence
     runs_existed = runs.exists()
     try:
         with contextlib.ExitStack() as staged:  # a re-run's experts, moved into place when the block ends well
-            model = _train_each(model, by_name, tasks, collator, training_args, args, modules, parameters, train_on,
-                                manifest, names, staged if rerun else None, writer)
+            _train_each(model, by_name, tasks, collator, training_args, args, modules, parameters, train_on, manifest,
+                        names, staged if rerun else None, writer)
             if writer and rerun:
                 manifest.write()  # incomplete, listing the new experts: from here a kill is named as unfinished
                 _remove_stale(output, tasks)

@@ -25,6 +25,7 @@ from transformers import MixtralConfig
 from transformers import OlmoeConfig
 from transformers import PretrainedConfig
 from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase
 from transformers import PreTrainedTokenizerFast
 from transformers import Qwen2MoeConfig
 from transformers import Qwen3MoeConfig
@@ -208,7 +209,7 @@ def random_collaborative_list(num_layers: int, num_experts: int, seed: int = 0) 
     return result
 
 
-def demo_batch(tokenizer: PreTrainedTokenizerFast | None = None, texts: tuple[str, ...] = DEMO_TEXTS) -> dict:
+def demo_batch(tokenizer: PreTrainedTokenizerBase | None = None, texts: tuple[str, ...] = DEMO_TEXTS) -> dict:
     """A right-padded batch of :data:`DEMO_TEXTS` (``input_ids``, ``attention_mask``), with real padding."""
     tokenizer = tokenizer or tiny_tokenizer()
     return dict(tokenizer(list(texts), return_tensors="pt", padding=True))
