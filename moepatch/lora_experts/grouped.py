@@ -65,8 +65,18 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
         :func:`_blockwise`; neither synchronises with the host.
     """
     if _KERNEL is not None and kernel_runs(rows, weight):  # kernel_runs is False without it: narrows for mypy
-        return _KERNEL(rows, weight, offs=ends)
+        return _outside_groups_zeroed(_KERNEL(rows, weight, offs=ends), ends)
     return _blockwise(rows, weight, groups)
+
+
+def _outside_groups_zeroed(out: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``out`` with the rows after the last group set to 0: the kernel never writes them, and under expert
+    parallelism the rows of other processes' experts sit there (uninitialised memory can hold NaN, which a later
+    softmax's backward would spread into every gradient even where the forward masks the rows out)."""
+    if ends.numel() == 0:
+        return torch.zeros_like(out)
+    outside = torch.arange(out.shape[0], device=out.device) >= ends[-1]
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 def exact_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -75,7 +85,7 @@ def exact_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.T
     (:func:`kernel_runs`), else transformers' ``grouped_mm_fallback`` operator (a loop over the groups after one host
     read of ``ends``; a custom operator, so ``torch.compile`` keeps it in the graph)."""
     if _KERNEL is not None and kernel_runs(rows, weight):
-        return _KERNEL(rows, weight, offs=ends)
+        return _outside_groups_zeroed(_KERNEL(rows, weight, offs=ends), ends)
     import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
 
     return torch.ops.transformers.grouped_mm_fallback(rows, weight.to(rows.dtype), offs=ends)
