@@ -37,6 +37,7 @@ import json
 import os
 import re
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,15 @@ LAYOUTS = {"shared": lambda world: (world, 1, world), "separate": lambda world: 
 """Layout → (tp_size, fsdp_size = the number of batches, ep_size) on ``world`` ranks."""
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ROUTED = ["mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
+
+
+def _restore(model: torch.nn.Module, reference: torch.nn.Module, *handles: Any) -> None:
+    """Back to eval mode without gradients, the patches removed: what every training check leaves behind."""
+    for each in (model, reference):
+        each.eval()
+        each.zero_grad(set_to_none=True)
+    for handle in handles:
+        handle.remove()
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -184,12 +194,7 @@ def check_lora(model: torch.nn.Module, reference: torch.nn.Module, batch: dict) 
                 "loss": abs(float(out.loss.detach()) - float(ref_out.loss.detach())), "grads": max(grads.values()),
                 "min_grad_norm": min(float(p.grad.norm()) for p in theirs.values())}
     finally:
-        model.eval()
-        reference.eval()
-        model.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        handle.remove()
-        ref_handle.remove()
+        _restore(model, reference, handle, ref_handle)
 
 
 def _set_experts_implementation(model: torch.nn.Module, implementation: str) -> None:
@@ -302,12 +307,7 @@ def check_routed_lora(model: torch.nn.Module, reference: torch.nn.Module, batche
             results["reloaded_logits"] = max_diff(logits(reloaded, batch), adapted)
         return results
     finally:
-        model.eval()
-        reference.eval()
-        model.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        handle.remove()
-        ref_handle.remove()
+        _restore(model, reference, handle, ref_handle)
 
 
 def check_data_parallel_lora(model: torch.nn.Module, reference: torch.nn.Module, batches: list[dict],
@@ -341,12 +341,7 @@ def check_data_parallel_lora(model: torch.nn.Module, reference: torch.nn.Module,
         return {"count": count, "grads": max(max_diff(p.grad, expected[n]) for n, p in ours.items()),
                 "min_grad_norm": min(float(g.norm()) for g in expected.values())}
     finally:
-        model.eval()
-        reference.eval()
-        model.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        handle.remove()
-        ref_handle.remove()
+        _restore(model, reference, handle, ref_handle)
 
 
 def run(checkpoint: str, layout: str, implementation: str, rank: int, world: int, output_dir: str) -> dict:
