@@ -65,18 +65,23 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
         :func:`_blockwise`; neither synchronises with the host.
     """
     if _KERNEL is not None and kernel_runs(rows, weight):  # kernel_runs is False without it: narrows for mypy
-        return _outside_groups_zeroed(_KERNEL(rows, weight, offs=ends), ends)
+        return _kernel_outside_groups_zeroed(rows, weight, ends)
     return _blockwise(rows, weight, groups)
 
 
-def _outside_groups_zeroed(out: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """``out`` with the rows after the last group set to 0: the kernel never writes them, and under expert
-    parallelism the rows of other processes' experts sit there (uninitialised memory can hold NaN, which a later
-    softmax's backward would spread into every gradient even where the forward masks the rows out)."""
+def _kernel_outside_groups_zeroed(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM with the rows after the last group set to 0, going out and in the gradient coming back.
+
+    The kernel writes neither those rows of its output nor, in its backward, of the rows' gradient; under expert
+    parallelism other processes' experts' rows sit there, and uninitialised memory can hold NaN or inf, which reaches
+    every gradient through any later op that mixes rows (a softmax's backward, a sum) even where the forward masks
+    the rows out.  Masking the input makes autograd zero its gradient there (``masked_fill``'s backward replaces the
+    values, where a product with 0 would keep a NaN).
+    """
     if ends.numel() == 0:
-        return torch.zeros_like(out)
-    outside = torch.arange(out.shape[0], device=out.device) >= ends[-1]
-    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return rows.new_zeros(rows.shape[0], weight.shape[-1])
+    outside = (torch.arange(rows.shape[0], device=rows.device) >= ends[-1]).unsqueeze(-1)
+    return _KERNEL(rows.masked_fill(outside, 0.0), weight, offs=ends).masked_fill(outside, 0.0)
 
 
 def exact_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -85,7 +90,7 @@ def exact_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.T
     (:func:`kernel_runs`), else transformers' ``grouped_mm_fallback`` operator (a loop over the groups after one host
     read of ``ends``; a custom operator, so ``torch.compile`` keeps it in the graph)."""
     if _KERNEL is not None and kernel_runs(rows, weight):
-        return _outside_groups_zeroed(_KERNEL(rows, weight, offs=ends), ends)
+        return _kernel_outside_groups_zeroed(rows, weight, ends)
     import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
 
     return torch.ops.transformers.grouped_mm_fallback(rows, weight.to(rows.dtype), offs=ends)
