@@ -7,11 +7,13 @@ from pathlib import Path
 
 from moepatch.cli.common import check_ep_size
 from moepatch.errors import UsageError
+from moepatch.staged_output import check_writable_target
 
 
 def check_demo_arguments(args: argparse.Namespace) -> None:
     """The demo's tiny models have 8 experts, top-2: ``--top-t`` and ``--ep-size`` must fit them, and ``--output``
-    must not hold a ``finetune`` folder the demo did not write (the demo replaces its own)."""
+    must be writable, outside any checkpoint, and not hold a ``finetune`` folder the demo did not write (the demo
+    replaces its own)."""
     from moepatch.demo.run import FINETUNE_FOLDER
     from moepatch.demo.run import is_demo_finetune
     from moepatch.demo.task_experts import TASK_EXPERTS_FOLDER
@@ -23,6 +25,7 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
                                     f"experts (top-{top_k}), got {args.top_t}")
     check_ep_size(num_experts, args.ep_size)
     if args.output:
+        check_writable_target(args.output, "--output")  # the staged copy is written beside it: before any step
         target = Path(args.output).expanduser().absolute()
         for folder in (target, *target.parents):
             if (folder / "config.json").is_file() and not is_demo_finetune(folder):

@@ -14,11 +14,29 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from typing import NamedTuple
 
 import torch
+from transformers import AutoModelForCausalLM
+from transformers import AutoTokenizer
 
+from moepatch.demo.task_experts import TASK_EXPERTS_FOLDER
+from moepatch.demo.task_experts import task_experts_demo
 from moepatch.errors import CommandError
+from moepatch.loading.pretrained import from_pretrained
+from moepatch.patch import PatchHandle
+from moepatch.patch import apply
+from moepatch.patch import get_handle
+from moepatch.routing.recorder import RoutingRecorder
+from moepatch.staged_output import staged_folder
+from moepatch.testing import tiny
+from moepatch.tools.c2r.placement import placement_report
+from moepatch.tools.c2r.profiling import corpus_batches
+from moepatch.tools.c2r.profiling import profile_coactivation
+from moepatch.tools.c2r.profiling import write_c2r_fields
 from moepatch.tools.report import format_table
+from moepatch.tools.report import plot_coactivation
+from moepatch.tools.report import plot_routing_counts
 
 DEMO_BLOCK: dict[str, Any] = {"freeze_gate": "router", "routing_stats": {"layers": None}}
 """The moepatch block written into the demo checkpoint's config.json (everything the first load applies)."""
@@ -62,7 +80,9 @@ def run_demo(
     Args:
         output (`Path`, *optional*): folder for everything the demo writes; `None`: a fresh temporary folder.
             An earlier demo's ``finetune`` subfolder there is replaced (callers check it is one, see
-            :func:`is_demo_finetune`).
+            :func:`is_demo_finetune`); other files in it are kept.  The demo writes into a staged copy beside it
+            (:func:`~moepatch.staged_output.staged_folder`) that replaces it only when every step succeeded, so a
+            failing or interrupted demo leaves ``output`` exactly as it was.
         family (`str`): tiny model family (:data:`moepatch.testing.tiny.DEMO_FAMILIES`).
         seed (`int`): seed of the checkpoint's weights, the corpus order, the placement search and the fine-tune.
         top_t (`int`): C2R ``top_t`` written after profiling (the tiny models have 8 experts, top-2: 1 .. 7).
@@ -74,19 +94,53 @@ def run_demo(
     Returns:
         `Path`: the output folder.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers import AutoTokenizer
+    settings = _DemoSettings(family, seed, top_t, ep_size, finetune_steps, expert_steps)
+    if output is None:
+        fresh = Path(tempfile.mkdtemp(prefix="moepatch-demo-"))
+        _run_steps(fresh, settings, log)
+        return fresh
+    final = Path(output).expanduser().absolute()
+    with staged_folder(final, start_from_existing=True) as scratch:
+        _run_steps(scratch, settings, lambda line: log(line.replace(str(scratch), str(final))))
+        repoint_paths(scratch, final)
+    return final
 
-    from moepatch.patch import PatchHandle
-    from moepatch.patch import apply
-    from moepatch.routing.recorder import RoutingRecorder
-    from moepatch.testing import tiny
-    from moepatch.tools.c2r.placement import placement_report
-    from moepatch.tools.c2r.profiling import corpus_batches
-    from moepatch.tools.c2r.profiling import profile_coactivation
-    from moepatch.tools.c2r.profiling import write_c2r_fields
 
-    output = Path(output or tempfile.mkdtemp(prefix="moepatch-demo-"))
+class _DemoSettings(NamedTuple):
+    family: str
+    seed: int
+    top_t: int
+    ep_size: int
+    finetune_steps: int
+    expert_steps: int
+
+
+def repoint_paths(folder: Path, final: Path) -> None:
+    """Rewrite ``folder``'s own path as ``final`` in the files written inside it: adapter configs, manifests and
+    model cards record the absolute path of the checkpoint they were trained from, and the demo's checkpoint sits in
+    the staged copy until the swap (the fine-tune's ``training_args.bin``, a pickle this run just wrote, records its
+    output folder and is re-saved)."""
+    old, new = str(folder), str(final)
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in _TEXT_SUFFIXES and path.is_file():
+            text = path.read_text()
+            if old in text:
+                path.write_text(text.replace(old, new))
+        elif path.name == "training_args.bin":
+            arguments = torch.load(path, weights_only=False)  # written by this run's own fine-tune moments ago
+            for name, value in vars(arguments).items():
+                if isinstance(value, str) and old in value:
+                    setattr(arguments, name, value.replace(old, new))
+            torch.save(arguments, path)
+
+
+_TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".csv", ".yaml")
+
+
+def _run_steps(output: Path, settings: _DemoSettings, log: Callable[[str], None]) -> None:
+    """The demo's steps, writing into ``output`` (a folder nobody else reads until they succeeded)."""
+    family, seed, top_t, ep_size, finetune_steps, expert_steps = settings
+
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = tiny.save_tiny_checkpoint(output / "checkpoint", family, seed=seed, moepatch=DEMO_BLOCK)
     log(f"[1/8] built a tiny {family} checkpoint with config.json['moepatch'] = {json.dumps(DEMO_BLOCK)}")
@@ -146,9 +200,6 @@ def run_demo(
         rows.append([name, f"{contiguous:.3f}", f"{planned:.3f}", f"{(contiguous - planned) / contiguous * 100:.1f}%"])
     _log_lines(log, format_table(["routing", "contiguous", "planned", "saved"], rows))
     try:
-        from moepatch.tools.report import plot_coactivation
-        from moepatch.tools.report import plot_routing_counts
-
         plot_routing_counts(after, output / "routing_counts.c2r.png")
         plot_routing_counts(before, output / "routing_counts.vanilla.png")
         plot_coactivation(vanilla_profile, [vanilla_profile.layers[0], vanilla_profile.layers[-1]],
@@ -161,11 +212,7 @@ def run_demo(
     if finetune_steps > 0:
         finetune_demo_checkpoint(checkpoint, output / FINETUNE_FOLDER, steps=finetune_steps, seed=seed, log=log)
     if expert_steps > 0:
-        from moepatch.demo.task_experts import TASK_EXPERTS_FOLDER
-        from moepatch.demo.task_experts import task_experts_demo
-
         task_experts_demo(checkpoint, output / TASK_EXPERTS_FOLDER, steps=expert_steps, seed=seed, log=log)
-    return output
 
 
 def finetune_demo_checkpoint(
@@ -173,9 +220,7 @@ def finetune_demo_checkpoint(
 ) -> None:
     """Step 7: fine-tune the C2R checkpoint on the embedded four-task data with dynamic mixing and frozen routers,
     then check the routers came out bit-identical.  ``output`` is replaced when it exists (an earlier demo's)."""
-    from moepatch.loading.pretrained import from_pretrained
     from moepatch.mixing.finetune import main as finetune
-    from moepatch.patch import get_handle
 
     every = max(1, steps // 4)
     log(f"[7/8] fine-tune {steps} steps on the embedded four-task data (chat, code, letters, math) "

@@ -7,7 +7,15 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from moepatch.data.synthetic import synthetic_records
 from moepatch.errors import CommandError
+from moepatch.task_experts.fitting import RouterSettings
+from moepatch.task_experts.fitting import fit_router
+from moepatch.task_experts.manifest import read_manifest
+from moepatch.task_experts.requests import request_text
+from moepatch.task_experts.router import routing_report
+from moepatch.task_experts.serving import BASE_ADAPTER
+from moepatch.task_experts.serving import TaskExpertModel
 from moepatch.tools.report import format_table
 
 TASK_EXPERTS_FOLDER = "task_experts"
@@ -17,15 +25,7 @@ TASKS = ("chat", "code", "letters", "math")
 def task_experts_demo(checkpoint: Path, output: Path, *, steps: int, seed: int = 0, held_out: int = 8,
                       log: Callable[[str], None] = print, step: str = "[8/8]") -> dict[str, dict[str, float]]:
     """Train, route, merge, compare; returns the per-task loss table (``{task: {base, own, routed}}``)."""
-    from moepatch.data.synthetic import synthetic_records
     from moepatch.mixing.finetune import main as finetune
-    from moepatch.task_experts.fitting import RouterSettings
-    from moepatch.task_experts.fitting import fit_router
-    from moepatch.task_experts.manifest import read_manifest
-    from moepatch.task_experts.requests import request_text
-    from moepatch.task_experts.router import routing_report
-    from moepatch.task_experts.serving import BASE_ADAPTER
-    from moepatch.task_experts.serving import TaskExpertModel
 
     log(f"{step} task experts (MELD): one LoRA per embedded task ({steps} steps each, r 16, alpha 32), the default "
         "router (the base's own signatures), routed top-2 cat merges")

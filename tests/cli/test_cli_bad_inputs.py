@@ -174,6 +174,7 @@ CASES: list[tuple[str, int, str]] = [
     ("demo --output {nonempty_demo}", 2, "--output"),
     ("demo --output ''", 2, "--output"),
     ("demo --output {file}/sub", 2, "--output"),
+    ("demo --output /proc/moepatch-demo", 2, "cannot be written"),
     ("demo --seed 99999999999999999999", 2, "--seed"),
     ("demo --family mixtral --family olmoe", 2, "--family"),
     # profile

@@ -1,0 +1,61 @@
+"""The demo writes into a staged copy of ``--output``: a failure at any step leaves the folder exactly as it was,
+and a success leaves no trace of the staged copy's path in what it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moepatch.demo import run as demo
+from moepatch.errors import CommandError
+from moepatch.staged_output import STAGING_MARK
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder`` (and the entries beside it) with its bytes; folders as ``None``."""
+    entries: dict[str, bytes | None] = {}
+    for path in sorted(folder.parent.rglob("*")):
+        entries[str(path.relative_to(folder.parent))] = path.read_bytes() if path.is_file() else None
+    return entries
+
+
+def _fail_at_task_experts(checkpoint: Path, output: Path, **kwargs: object) -> None:
+    output.mkdir(parents=True)
+    (output / "half-written.json").write_text("{}")
+    raise CommandError("step 8 failed on purpose")
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failing_demo_leaves_the_output_exactly_as_it_was(earlier: bool, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    output = tmp_path / "demo"
+    if earlier:  # an earlier demo's outputs, and a file of the user's
+        demo.run_demo(output, finetune_steps=0, expert_steps=0, log=lambda line: None)
+        (output / "notes.txt").write_text("mine")
+    before = _tree(output)
+    monkeypatch.setattr(demo, "task_experts_demo", _fail_at_task_experts)
+    lines: list[str] = []
+    with pytest.raises(CommandError, match="failed on purpose"):
+        demo.run_demo(output, finetune_steps=2, expert_steps=2, log=lines.append)
+    assert any(line.startswith("[7/8]") for line in lines)  # it failed after writing a fine-tune
+    assert _tree(output) == before
+
+
+def test_a_finished_demo_names_only_its_final_folder(tmp_path: Path) -> None:
+    output = tmp_path / "demo"
+    lines: list[str] = []
+    assert demo.run_demo(output, finetune_steps=2, expert_steps=2, log=lines.append) == output
+    assert not any(STAGING_MARK in line for line in lines) and any(str(output) in line for line in lines)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demo"]  # no staged copy left beside it
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert STAGING_MARK.encode() not in path.read_bytes(), path
+    manifest = json.loads((output / "task_experts" / "experts" / "manifest.json").read_text())
+    expert = output / "task_experts" / "experts" / manifest["experts"][0]["path"]
+    base = json.loads((expert / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == output / "checkpoint" and (Path(base) / "config.json").is_file()
+    arguments = torch.load(output / "finetune" / "training_args.bin", weights_only=False)  # written by this test
+    assert Path(arguments.output_dir) == output / "finetune"
