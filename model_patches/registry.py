@@ -9,6 +9,7 @@ model's structure and probes its routers before accepting it.
 
 from __future__ import annotations
 
+from model_patches.errors import UnknownFamilyError
 from model_patches.spec import FamilySpec
 
 _FAMILIES: dict[str, FamilySpec] = {}
@@ -35,9 +36,10 @@ def families() -> dict[str, FamilySpec]:
 
 
 def get_family(name: str) -> FamilySpec:
-    """The family called ``name``; ``ValueError`` naming the field ``moepatch.family`` otherwise."""
+    """The family called ``name``; :class:`~model_patches.errors.UnknownFamilyError` (a ``ValueError`` naming the
+    field ``moepatch.family``) otherwise."""
     if name not in _FAMILIES:
-        raise ValueError(f"moepatch.family: unknown family {name!r}; known families: {sorted(_FAMILIES)}")
+        raise UnknownFamilyError(name, sorted(_FAMILIES))
     return _FAMILIES[name]
 
 

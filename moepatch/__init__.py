@@ -27,7 +27,8 @@ MOVED_MODULES = {
     "moepatch.mixture": "moepatch.mixing.sampler",
     "moepatch.mixing.instruction_data": "moepatch.data.instruction",
     "moepatch.dynamic_sampling": "moepatch.mixing.callback",
-    "moepatch.finetune": "moepatch.mixing.finetune",
+    "moepatch.finetune": "moepatch.training.runner",
+    "moepatch.mixing.finetune": "moepatch.training.runner",
     "moepatch.recorder": "moepatch.routing.recorder",
     "moepatch.freeze": "moepatch.routing.freeze",
     "moepatch.profiling": "moepatch.tools.c2r.profiling",
@@ -80,6 +81,7 @@ from model_patches.structure import describe  # noqa: E402
 from moepatch._version import __version__  # noqa: E402
 from moepatch.c2r.feature import C2R  # noqa: E402
 from moepatch.config import MoePatchConfig  # noqa: E402
+from moepatch.config import config_schema  # noqa: E402
 from moepatch.config import write_config  # noqa: E402
 from moepatch.errors import MoePatchWarning  # noqa: E402
 from moepatch.errors import UnsupportedModelError  # noqa: E402
@@ -123,6 +125,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "apply",
+    "config_schema",
     "describe",
     "from_pretrained",
     "get_handle",

@@ -15,18 +15,56 @@ from __future__ import annotations
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
+from typing import Generic
+from typing import TypeVar
+from typing import overload
 
 from model_patches import registry
+from model_patches.errors import UnknownFamilyError
 from moepatch._version import __version__
+from moepatch.c2r.config import C2RConfig
 from moepatch.feature import CONFIG_KEY
 from moepatch.feature import feature_named
 from moepatch.feature import registered_features
+from moepatch.lora_experts.config import LoraExpertsConfig
+from moepatch.routing.bias_update_config import BiasUpdateConfig
+from moepatch.routing.freeze import FreezeRule
+from moepatch.routing.statistics import RoutingStatsConfig
+from moepatch.schema import ConfigEntry
+from moepatch.schema import Schema
+from moepatch.schema import describe
 from moepatch.validation import Problems
 from moepatch.validation import warn_unknown
 
-__all__ = ["CONFIG_KEY", "MoePatchConfig", "write_config"]
+__all__ = ["CONFIG_KEY", "MoePatchConfig", "config_schema", "write_config"]
 
 _BLOCK_FIELDS = ("family", "moepatch_version")
+
+FeatureConfigT = TypeVar("FeatureConfigT")
+
+
+class FeatureConfig(Generic[FeatureConfigT]):
+    """A typed attribute of :class:`MoePatchConfig` for one built-in feature: ``config.c2r`` reads (and assigning it
+    writes) ``config.features["c2r"]``, ``None`` when the feature is off — as every registered feature is reachable by
+    ``__getattr__``, but with its config type known to type checkers."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, config: None, owner: type) -> FeatureConfig[FeatureConfigT]: ...
+
+    @overload
+    def __get__(self, config: MoePatchConfig, owner: type) -> FeatureConfigT | None: ...
+
+    def __get__(self, config: MoePatchConfig | None, owner: type) -> Any:
+        return self if config is None else config.features.get(self.name)
+
+    def __set__(self, config: MoePatchConfig, value: FeatureConfigT | None) -> None:
+        if value is None:
+            config.features.pop(self.name, None)
+        else:
+            config.features[self.name] = value
 
 
 @dataclass
@@ -35,19 +73,28 @@ class MoePatchConfig:
 
     Two fields belong to the block itself (``family``, ``moepatch_version``); every other key is a registered
     feature (:mod:`moepatch.feature`), read as an attribute: ``config.c2r``, ``config.freeze_gate`` (``None`` when
-    the feature is off).
+    the feature is off).  The built-in features' attributes are typed (:class:`FeatureConfig`); a feature registered
+    elsewhere is reached the same way, untyped.
     """
 
     family: str | None = field(
-        default=None, metadata={"help": "Force a model family by name instead of choosing it from model_type."}
+        default=None,
+        metadata=describe("family name | null", "Force a model family by name instead of choosing it from model_type."),
     )
     moepatch_version: str | None = field(
-        default=None, metadata={"help": "Version of moepatch that wrote this block (stamped by to_dict)."}
+        default=None,
+        metadata=describe("version string", "Version of moepatch that wrote this block (stamped by to_dict)."),
     )
     features: dict[str, Any] = field(default_factory=dict)
     """Parsed config of each enabled feature, by feature name."""
     switched_off: set[str] = field(default_factory=set)
     """Features the block switched off explicitly (``"c2r": false``), so settings outside the block are ignored."""
+
+    freeze_gate = FeatureConfig[FreezeRule]()
+    routing_stats = FeatureConfig[RoutingStatsConfig]()
+    c2r = FeatureConfig[C2RConfig]()
+    lora_experts = FeatureConfig[LoraExpertsConfig]()
+    bias_update = FeatureConfig[BiasUpdateConfig]()
 
     def __getattr__(self, name: str) -> Any:
         if name != "features" and feature_named(name) is not None:
@@ -55,7 +102,7 @@ class MoePatchConfig:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if feature_named(name) is not None:
+        if feature_named(name) is not None and not isinstance(getattr(type(self), name, None), FeatureConfig):
             if value is None:
                 self.features.pop(name, None)
             else:
@@ -95,8 +142,8 @@ class MoePatchConfig:
                 try:
                     registry.get_family(family)
                     result.family = family
-                except ValueError as error:
-                    problems.add(f"{path}.family", str(error).split(": ", 1)[1])
+                except UnknownFamilyError as error:
+                    problems.add(f"{path}.family", error.reason)
 
         for feature in registered_features():
             value = data.get(feature.name)
@@ -163,6 +210,17 @@ class MoePatchConfig:
     def same_features(self, other: MoePatchConfig) -> bool:
         """Equal apart from the version stamp (what idempotent ``apply`` compares), outside-block settings too."""
         return self.to_dict() == other.to_dict() and self.features == other.features
+
+
+def config_schema() -> tuple[ConfigEntry, ...]:
+    """What the ``"moepatch"`` block accepts: each registered feature's entry (its forms, and its fields with type,
+    default, per-method defaults and help), then the block's own ``family`` and ``moepatch_version``.
+
+    The fields are read from the declarations the parsers check against (:mod:`moepatch.schema`), so this is what
+    ``moepatch inspect --help-config`` prints and what docs/configuration.md is generated from.
+    """
+    own = [ConfigEntry(item.name, item.kind, item.help) for item in Schema.of(MoePatchConfig).fields]
+    return (*(feature.config_entry() for feature in registered_features()), *own)
 
 
 def write_config(model_or_config: Any, config: MoePatchConfig | dict[str, Any]) -> None:

@@ -32,23 +32,64 @@ class UsageError(ValueError):
 
     def __init__(self, argument: str, message: str) -> None:
         self.argument = argument
+        self.message = message
         super().__init__(f"{argument}: {message}")
+
+
+Naming = Callable[[str], str]
+"""How a message names a field: the field itself in the library, the user's flag once a command maps it."""
+
+Wording = Callable[[Naming], str]
+"""A message that names other fields (``lambda name: f"more than {name('max_lora_rank')} {limit}"``): written
+once, worded by whoever knows how the user spelled those fields."""
+
+
+def _field_itself(field: str) -> str:
+    return field
+
+
+def _fixed(text: str) -> Wording:
+    """The wording of a message that names no other field."""
+    return lambda _name: text
 
 
 class FieldError(ValueError):
     """A value the library was given is wrong, named by its field (``data_dir``, ``train_files``, a config key path):
     library code raises it without knowing how a user spelled the value; the command or training layer that does
-    maps the field to its flag (:meth:`as_usage_error`), so no message is parsed back."""
+    maps the field to its flag (:meth:`as_usage_error`), so no message is parsed back.
 
-    def __init__(self, field: str, message: str) -> None:
+    ``message`` is text, or a :data:`Wording` when it names other fields too (``only with head retrieval`` reads
+    ``only with --head retrieval`` on the command line): each one is then worded by the same mapping."""
+
+    def __init__(self, field: str, message: str | Wording) -> None:
         self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
+        self._wording: Wording = message if callable(message) else _fixed(message)
+        self.message = self._wording(_field_itself)
+        super().__init__(f"{field}: {self.message}")
+
+    def worded(self, flags: dict[str, str]) -> str:
+        """The message with every field it names spelled as ``flags`` gives it (the field itself when absent)."""
+        return self._wording(lambda field: flags.get(field, field))
 
     def as_usage_error(self, flags: dict[str, str]) -> UsageError:
         """The same problem as a :class:`UsageError` naming the flag ``flags`` gives for the field (the field itself
         when absent)."""
-        return UsageError(flags.get(self.field, self.field), self.message)
+        return UsageError(flags.get(self.field, self.field), self.worded(flags))
+
+    def as_command_error(self, flags: dict[str, str]) -> CommandError:
+        """The same problem as a :class:`CommandError` (exit status 1: the value is well formed, what it names is
+        not — a corpus with no document), worded like :meth:`as_usage_error`."""
+        return CommandError(f"{flags.get(self.field, self.field)}: {self.worded(flags)}")
+
+
+class FieldProblems(FieldError):
+    """Several wrong values of one request, all reported at once (a user fixes them in one go): ``problems`` lists
+    ``(field, message)``; the first field is the one a command names, the message lists every problem."""
+
+    def __init__(self, heading: str, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__(problems[0][0], " ".join(f"{field}: {message}" for field, message in problems))
+        self.args = (f"{heading}:\n  " + "\n  ".join(f"{field}: {message}" for field, message in problems),)
 
 
 class CommandError(RuntimeError):
@@ -134,5 +175,6 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
         return EXIT_FAILURE
 
 
-__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError", "MoePatchWarning",
-           "UnsupportedModelError", "UsageError", "debug_requested", "os_error_text", "run_guarded", "short_warnings"]
+__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError", "MoePatchWarning", "Naming",
+           "UnsupportedModelError", "UsageError", "Wording", "debug_requested", "os_error_text", "run_guarded",
+           "short_warnings"]

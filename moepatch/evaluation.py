@@ -1,7 +1,7 @@
 """lm-eval model ``moepatch``: a checkpoint loaded patched, optionally routing each request to its task experts.
 
-``moepatch eval <lm-eval arguments>`` registers the model and runs lm-eval's own command line (lm-eval has no plugin
-discovery, so a registration must be imported before its CLI parses ``--model``)::
+``moepatch eval <lm-eval arguments>`` (:mod:`moepatch.cli.evaluate`) registers the model by importing this module and
+runs lm-eval's own command line::
 
     moepatch eval --model moepatch --model_args pretrained=./ckpt,task_experts=./run,routing_stats=true \\
         --tasks my_task --include_path ./tasks --device cpu --output_path ./results
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import sys
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +26,22 @@ from typing import Any
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from transformers import AutoTokenizer
+
+import moepatch
+from moepatch.config import write_config
+from moepatch.loading.block_file import read_moepatch_block
+from moepatch.loading.pretrained import load_config
+from moepatch.routing.recorder import RoutingRecorder
+from moepatch.task_experts.serving import TaskExpertModel
 
 STATS_FILE = "moepatch_routing_stats.json"
 LAST_MODEL: list[MoePatchLM] = []
 """The model lm-eval's CLI built in this process (``moepatch eval`` writes its statistics after the run)."""
 
 
-def _flag(value: Any) -> bool:
+def switch_value(value: Any) -> bool:
+    """A true / false model argument as lm-eval passes it (text from ``--model_args``, or a bool from Python)."""
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "1", "yes"):
@@ -46,16 +53,11 @@ def _flag(value: Any) -> bool:
 
 def load_patched(pretrained: str, moepatch_config: str | None = None) -> torch.nn.Module:
     """The checkpoint loaded with its moepatch block applied, or with ``moepatch_config``'s block instead."""
-    import moepatch
-    from moepatch.config import write_config
-    from moepatch.loading.pretrained import load_config
-    from moepatch.mixing.finetune import _moepatch_block
-
     if not Path(pretrained).is_dir():
         raise ValueError(f"moepatch model_args: pretrained={pretrained!r} is not a checkpoint folder")
     config = load_config(pretrained)
     if moepatch_config:
-        write_config(config, _moepatch_block(moepatch_config, MOEPATCH_CONFIG_ARG))
+        write_config(config, read_moepatch_block(moepatch_config, MOEPATCH_CONFIG_ARG))
     try:
         return moepatch.from_pretrained(pretrained, config=config)
     except Exception as error:  # safetensors' own error for a truncated or corrupt file names no file
@@ -72,12 +74,10 @@ class MoePatchLM(HFLM):
 
     def __init__(self, pretrained: str, moepatch_config: str | None = None, task_experts: str | None = None,
                  top_k: int | str = 2, routing_stats: bool | str = False, **kwargs: Any) -> None:
-        from transformers import AutoTokenizer
-
         problem = unknown_model_args(kwargs)
         if problem is not None:  # HFLM would swallow them: a typo of task_experts= would evaluate the base model
             raise ValueError(f"moepatch model_args: {problem}")
-        self.routing_stats = _flag(routing_stats)
+        self.routing_stats = switch_value(routing_stats)
         try:
             self.top_k = int(top_k)
         except ValueError:
@@ -86,8 +86,6 @@ class MoePatchLM(HFLM):
             raise ValueError(f"moepatch model_args: pretrained={pretrained!r} is not a checkpoint folder")
         self.serving = None
         if task_experts:
-            from moepatch.task_experts.serving import TaskExpertModel
-
             if moepatch_config:
                 raise ValueError("moepatch model_args: task_experts load the base their manifest names; "
                                  "moepatch_config does not apply to them")
@@ -128,8 +126,6 @@ class MoePatchLM(HFLM):
         if not self.routing_stats:
             yield
             return
-        from moepatch.routing.recorder import RoutingRecorder
-
         recorder = RoutingRecorder(self.model)
         with recorder:
             yield
@@ -186,30 +182,9 @@ class MoePatchLM(HFLM):
                         "attention mask, so padding in batches > 1 counts too)"}
 
 
-def _option_value(argv: list[str], option: str, short: str | None = None) -> str | None:
-    """The value of ``option`` (or its ``short`` spelling) on an lm-eval command line; ``None`` when absent."""
-    for index, token in enumerate(argv):
-        if token in (option, short) and index + 1 < len(argv):
-            return argv[index + 1]
-        if token.startswith(f"{option}="):
-            return token.split("=", 1)[1]
-    return None
-
-
-def _output_path(argv: list[str]) -> Path | None:
-    value = _option_value(argv, "--output_path", "-o")
-    return Path(value) if value is not None else None
-
-
-def _results_folder(output: Path) -> Path:
-    """The folder lm-eval writes its results into (beside a ``.json`` ``--output_path``, else inside it), where
-    :data:`STATS_FILE` goes too."""
-    return output.parent if output.suffix == ".json" else output
-
-
 MOEPATCH_MODEL_ARGS = ("pretrained", "moepatch_config", "task_experts", "top_k", "routing_stats")
-MOEPATCH_CONFIG_ARG = "--model_args moepatch_config"
-"""How a message names the ``moepatch_config=`` file of ``--model_args``."""
+MOEPATCH_CONFIG_ARG = "model_args moepatch_config"
+"""How a message names the ``moepatch_config=`` file of the model's arguments."""
 
 
 def unknown_model_args(names: Any) -> str | None:
@@ -220,104 +195,3 @@ def unknown_model_args(names: Any) -> str | None:
         return None
     return (f"unknown argument(s) {unknown}; moepatch takes {', '.join(MOEPATCH_MODEL_ARGS)}, and lm-eval's HF "
             f"model the arguments of HFLM ({', '.join(sorted(known)[:8])}, ...)")
-
-
-def _model_args(argv: list[str]) -> dict[str, str]:
-    """``--model_args key=value,...`` of an lm-eval command line (empty when absent)."""
-    text = ""
-    for index, token in enumerate(argv):
-        if token == "--model_args" and index + 1 < len(argv):
-            text = argv[index + 1]
-        elif token.startswith("--model_args="):
-            text = token.split("=", 1)[1]
-    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def _check_task_experts(folder: str) -> None:
-    """``task_experts=`` names a finished run with a fitted router, every file of it readable
-    (:func:`moepatch.task_experts.run_folder.read_run`): an unfinished or corrupt run is named (exit 1) before
-    lm-eval loads its tasks and the model."""
-    from moepatch.errors import CommandError
-    from moepatch.errors import UsageError
-    from moepatch.task_experts.manifest import ROUTER_CONFIG
-    from moepatch.task_experts.manifest import ROUTER_FOLDER
-    from moepatch.task_experts.manifest import manifest_folder
-    from moepatch.task_experts.run_folder import read_run
-
-    try:
-        manifest_folder(folder)
-    except ValueError as error:
-        raise UsageError("--model_args", f"task_experts={folder}: {error}") from None
-    try:
-        manifest = read_run(folder)
-    except ValueError as error:
-        raise CommandError(f"{error} (--model_args task_experts)") from None
-    if not (manifest.folder / ROUTER_FOLDER / ROUTER_CONFIG).is_file():
-        raise UsageError("--model_args", f"task_experts={folder}: no fitted router in {manifest.folder / ROUTER_FOLDER}"
-                                         "; run `moepatch experts fit-router` first (each request is routed)")
-
-
-def run_lm_eval(argv: list[str]) -> int:
-    """lm-eval's CLI on ``argv`` with the ``moepatch`` model registered; then the routing statistics, if asked.
-
-    ``routing_stats=true`` without ``--output_path`` is refused before anything runs: the statistics would be
-    computed and written nowhere."""
-    from lm_eval.__main__ import cli_evaluate
-
-    from moepatch.errors import UsageError
-
-    model_args = _model_args(argv)
-    problem = unknown_model_args(model_args)
-    if problem is not None:
-        raise UsageError("--model_args", problem)
-    for key, kind in (("pretrained", "folder"), ("task_experts", "folder"), ("moepatch_config", "file")):
-        value = model_args.get(key)
-        if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
-            raise UsageError("--model_args", f"{key}={value}: no such {kind}")
-    if model_args.get("task_experts"):  # the whole run folder checked before lm-eval runs, its files named
-        _check_task_experts(model_args["task_experts"])
-    if model_args.get("moepatch_config"):  # its block is checked before lm-eval runs, named as given
-        from moepatch.mixing.finetune import _moepatch_block
-
-        _moepatch_block(model_args["moepatch_config"], MOEPATCH_CONFIG_ARG)
-    output = _output_path(argv)
-    if output is not None:  # checked before lm-eval runs: a results folder that fails only after the evaluation
-        from moepatch.staged_output import check_writable_target
-        from moepatch.staged_output import refuse_output_in_inputs
-
-        inputs = {f"--model_args {key}": model_args.get(key) or None
-                  for key in ("pretrained", "task_experts", "moepatch_config")}
-        inputs["--include_path"] = _option_value(argv, "--include_path")
-        refuse_output_in_inputs(output, "--output_path", inputs)
-        check_writable_target(_results_folder(output), "--output_path")
-    stats = _model_args(argv).get("routing_stats")
-    if stats is not None and _output_path(argv) is None:
-        try:
-            wanted = _flag(stats)
-        except ValueError as error:
-            raise UsageError("--model_args", str(error)) from None
-        if wanted:
-            raise UsageError("--output_path", "routing_stats=true writes moepatch_routing_stats.json beside "
-                                              "lm-eval's results: give --output_path")
-
-    LAST_MODEL.clear()
-    saved = sys.argv
-    sys.argv = ["lm-eval", *argv]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
-    model = LAST_MODEL[0] if LAST_MODEL else None
-    if model is not None and (model.routing_stats or model.serving is not None):
-        report = model.routing_report()
-        output = _output_path(argv)
-        if output is None:
-            print(json.dumps(report["adapters"]))
-        else:
-            folder = _results_folder(output)
-            from moepatch.staged_output import write_text_atomically
-
-            write_text_atomically(folder / STATS_FILE, json.dumps(report, indent=1) + "\n")
-            print(f"moepatch: routing statistics per lm-eval task -> {folder / STATS_FILE}")
-    return 0

@@ -15,6 +15,9 @@ The life of a feature in one :func:`moepatch.apply`:
 3. :meth:`Feature.install` makes the changes, each through the handle's :class:`~moepatch.undo.UndoLog`, and
    returns its part of the handle (:class:`Installed`);
 4. :meth:`Feature.describe` says in one line (more for ``inspect``) what the plan does.
+
+:meth:`Feature.config_entry` describes what the feature's block entry accepts (its fields are declared once, on the
+config dataclass: :mod:`moepatch.schema`), for ``moepatch inspect --help-config`` and docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import ClassVar
 
+from moepatch.schema import ConfigEntry
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -34,6 +39,19 @@ if TYPE_CHECKING:
 
 CONFIG_KEY = "moepatch"
 """The top-level config.json key holding moepatch's block (transformers 5 carries undeclared top-level keys)."""
+
+HANDLE_ATTRIBUTE = "_moepatch_handle"
+"""The model attribute holding its active :class:`~moepatch.patch.PatchHandle`."""
+
+
+def active_handle(model: nn.Module) -> Any | None:
+    """The active :class:`~moepatch.patch.PatchHandle` of ``model`` or ``None`` (:func:`moepatch.get_handle`, typed).
+
+    Here, below :mod:`moepatch.patch`, so that a feature's own helpers (``bias_update_callbacks``) reach their handle
+    without importing the module that imports every feature's config type.
+    """
+    handle = model.__dict__.get(HANDLE_ATTRIBUTE)
+    return handle if handle is not None and handle.active else None
 
 
 @dataclass
@@ -81,6 +99,14 @@ class Feature:
     def to_dict(self, config: Any) -> Any:
         """The JSON value written back to the block; ``parse(to_dict(c))`` gives ``c`` again."""
         raise NotImplementedError
+
+    def config_entry(self) -> ConfigEntry:
+        """What the block entry accepts: its forms and declared fields (``moepatch inspect --help-config``).
+
+        The default says only what the class docstring says; features with fields return their schema's fields.
+        """
+        summary = (type(self).__doc__ or "").strip().splitlines()
+        return ConfigEntry(self.name, forms="see its page", help=summary[0] if summary else "")
 
     def enabled(self, config: Any) -> bool:
         """Whether ``config`` changes anything (a parsed config can still say "off", e.g. ``enabled: false``)."""

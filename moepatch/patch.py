@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 from torch import nn
@@ -28,12 +29,23 @@ from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UnsupportedModelError
+from moepatch.feature import HANDLE_ATTRIBUTE
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
+from moepatch.feature import active_handle
 from moepatch.feature import feature_named
 from moepatch.feature import registered_features
 from moepatch.undo import UndoLog
+
+if TYPE_CHECKING:
+    from moepatch.c2r.config import C2RConfig
+    from moepatch.lora_experts.config import LoraExpertsConfig
+    from moepatch.routing.bias_update import BiasUpdater
+    from moepatch.routing.bias_update_config import BiasUpdateConfig
+    from moepatch.routing.freeze import FreezeRule
+    from moepatch.routing.recorder import RoutingRecorder
+    from moepatch.routing.statistics import RoutingStatsConfig
 
 logger = logging.getLogger("moepatch")
 
@@ -45,7 +57,6 @@ def _registered(name: str) -> Feature:
         raise KeyError(f"no moepatch feature {name!r}")
     return feature
 
-_HANDLE_ATTRIBUTE = "_moepatch_handle"
 
 
 class PatchHandle:
@@ -60,7 +71,10 @@ class PatchHandle:
 
     Each feature's part is also readable as attributes: ``frozen_parameters`` (``freeze_gate``), ``recorder``
     (the :class:`~moepatch.routing.recorder.RoutingRecorder` of ``routing_stats``), ``c2r_routers`` (``c2r``),
-    ``lora_targets`` (``lora_experts``); a feature that is off gives its empty value (``[]`` / ``None``).
+    ``lora_targets`` (``lora_experts``), ``bias_updater`` (``bias_update``); a feature that is off gives its empty
+    value (``[]`` / ``None``).  ``handle.c2r``, ``handle.lora_experts``, ... are the features' configs in force
+    (``handle.config.c2r``; ``None``: off).  The built-in features' attributes are typed properties; a feature
+    registered elsewhere is reached the same way, untyped (``__getattr__``).
     """
 
     def __init__(self, model: nn.Module, config: MoePatchConfig, moe_model: MoEModel | None) -> None:
@@ -79,6 +93,58 @@ class PatchHandle:
                 part = self.installed.get(feature.name)
                 return part.attributes[name] if part is not None else copy.copy(feature.handle_attributes[name])
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # -- the built-in features' parts, typed (each is what __getattr__ gives for any registered feature) -----------
+    @property
+    def recorder(self) -> RoutingRecorder | None:
+        """The :class:`~moepatch.routing.recorder.RoutingRecorder` ``routing_stats`` keeps (``None``: off)."""
+        return self.__getattr__("recorder")
+
+    @property
+    def frozen_parameters(self) -> list[str]:
+        """Qualified names of the parameters ``freeze_gate`` froze (``[]``: off)."""
+        return self.__getattr__("frozen_parameters")
+
+    @property
+    def c2r_routers(self) -> list[str]:
+        """The routers ``c2r`` constrains (``[]``: off)."""
+        return self.__getattr__("c2r_routers")
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """The modules ``lora_experts`` adapted (``[]``: off)."""
+        return self.__getattr__("lora_targets")
+
+    @property
+    def bias_updater(self) -> BiasUpdater | None:
+        """The updater ``bias_update`` runs after every optimizer step (``None``: off)."""
+        return self.__getattr__("bias_updater")
+
+    # -- the built-in features' configs in force ------------------------------------------------------------------
+    @property
+    def freeze_gate(self) -> FreezeRule | None:
+        """``freeze_gate``'s rule in force."""
+        return self.config.freeze_gate
+
+    @property
+    def routing_stats(self) -> RoutingStatsConfig | None:
+        """``routing_stats``' config in force."""
+        return self.config.routing_stats
+
+    @property
+    def c2r(self) -> C2RConfig | None:
+        """``c2r``'s config in force (also one adopted from the official top-level fields)."""
+        return self.config.c2r
+
+    @property
+    def lora_experts(self) -> LoraExpertsConfig | None:
+        """``lora_experts``' config in force."""
+        return self.config.lora_experts
+
+    @property
+    def bias_update(self) -> BiasUpdateConfig | None:
+        """``bias_update``'s config in force."""
+        return self.config.bias_update
 
     def require_moe_model(self) -> MoEModel:
         """:attr:`moe_model`; ``ValueError`` for the empty handle of an unsupported model (``strict=False``)."""
@@ -155,8 +221,7 @@ def plan_patch(moe_model: MoEModel, config: MoePatchConfig) -> PatchPlan:
 
 def get_handle(model: nn.Module) -> PatchHandle | None:
     """The active handle of ``model``, or ``None`` if moepatch has not patched it."""
-    handle = model.__dict__.get(_HANDLE_ATTRIBUTE)
-    return handle if handle is not None and handle.active else None
+    return active_handle(model)
 
 
 def _resolve_config(model: nn.Module, config: MoePatchConfig | dict[str, Any] | None) -> MoePatchConfig:
@@ -225,7 +290,7 @@ def apply(
         undo.set_attribute(model.config, CONFIG_KEY, cfg.to_dict())
     for name, planned in plan.planned.items():
         handle.installed[name] = _registered(name).install(moe_model, planned, undo)
-    undo.set_attribute(model, _HANDLE_ATTRIBUTE, handle)
+    undo.set_attribute(model, HANDLE_ATTRIBUTE, handle)
     logger.info(
         "moepatch: %s (%s), %d MoE layers; %s",
         type(model).__name__,

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from moepatch.errors import CommandError
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
 from moepatch.staged_output import check_writable_target
@@ -35,14 +36,18 @@ class Problems:
             raise ValueError("invalid moepatch config: " + "; ".join(self.messages))
 
 
-def warn_unknown(data: dict[str, Any], known: set[str], path: str) -> None:
-    """Warn (and ignore) each key of ``data`` that is not in ``known``: forward compatibility with newer versions."""
+def warn_unknown(data: dict[str, Any], known: set[str], path: str, *, stacklevel: int = 4) -> None:
+    """Warn (and ignore) each key of ``data`` that is not in ``known``: forward compatibility with newer versions.
+
+    ``stacklevel`` points the warning at the code that read the block (``MoePatchConfig.from_dict``), through the
+    parsers between.
+    """
     for key in data:
         if key not in known:
             warnings.warn(
                 f"{path}.{key}: unknown key, ignored (written by a newer moepatch? upgrade to use it)",
                 MoePatchWarning,
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
 
 
@@ -139,6 +144,28 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def read_json_argument(path_text: str, flag: str, expected: str) -> Any:
+    """The JSON value of the file a command-line argument names (a recipe, ``--initial_weights``, a moepatch block).
+
+    A missing file or a folder is the argument's fault (:class:`UsageError` naming ``flag``); a file that exists but
+    cannot be read or is not JSON is a malformed input (:class:`CommandError`, exit 1), named with the flag.
+    """
+    path = Path(path_text)
+    if not path.exists():
+        raise UsageError(flag, f"{path}: no such file (expected {expected})")
+    if path.is_dir():
+        raise UsageError(flag, f"{path} is a folder (expected a JSON file: {expected})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CommandError(f"{path} ({flag}) cannot be read ({error})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CommandError(f"{path} ({flag}) is not JSON ({error.msg} at line {error.lineno}, column "
+                           f"{error.colno}); expected {expected}") from None
 
 
 def safetensors_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:

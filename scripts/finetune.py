@@ -13,7 +13,7 @@ line.  ``--debug`` (or ``MOEPATCH_DEBUG=1``) shows the traceback instead.
 
 import sys
 
-from moepatch.mixing.finetune import main
+from moepatch.training import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -183,8 +183,8 @@ def test_no_feature_module_names_a_family():
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("families", ("model_patches",)),
-    ("base", ("moepatch._version", "moepatch.compat", "moepatch.errors", "moepatch.validation", "moepatch.undo",
-              "moepatch.staged_output")),
+    ("base", ("moepatch._version", "moepatch.compat", "moepatch.errors", "moepatch.validation", "moepatch.schema",
+              "moepatch.undo", "moepatch.staged_output")),
     ("data", ("moepatch.data",)),
     ("patch", ("moepatch.feature", "moepatch.config", "moepatch.patch", "moepatch.routing", "moepatch.c2r",
                "moepatch.lora_experts", "moepatch.expert_parallel")),
@@ -197,7 +197,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 """The layer contract, lowest first: a module imports only from its own layer and the layers below it.
 
 * **families** — what each model family looks like (``model_patches``, which never imports moepatch);
-* **base** — errors, validation, version checks, the undo log, staged writes: no model knowledge;
+* **base** — errors, validation, the declarative config schema, version checks, the undo log, staged writes: no model
+  knowledge;
 * **data** — the shared data every tool reads: instruction data, synthetic tasks, the embedded corpus, sources;
 * **patch** — what runs when a model is patched: the ``Feature`` interface, config, ``apply``, routing, C2R's
   constrained selection, LoRA-expert layers and injection, the expert-parallel dispatch;

@@ -1,6 +1,7 @@
 """README.md and docs/ stay true: the README is a front door, every relative link resolves, every code block marked
 runnable runs as written, the architecture page names every package of the layer contract, the config table names
-every registered feature, and the families page lists every registered family.
+every registered feature, the configuration page is generated from the declared fields, and the families page lists
+every registered family.
 
 A block is runnable when the line right before its fence is ``<!-- runnable -->``.  It runs in a fresh folder that
 holds ``./ckpt`` (a tiny Qwen2-MoE checkpoint, as the pages say to make one) and a ``scripts`` link to the
@@ -174,6 +175,25 @@ def test_the_config_table_lists_every_registered_feature_with_its_page():
     assert set(table) - features - BLOCK_FIELDS == set(), "README.md's config table names fields the block lacks"
     for name in features:
         assert re.search(r"\]\(docs/[a-z0-9-]+\.md(#[a-z0-9_-]+)?\)", table[name]), f"{name}: no link to its page"
+
+
+def test_the_configuration_page_is_generated_from_the_declared_fields():
+    """docs/configuration.md is what ``python scripts/config_docs.py`` writes from the features' declared fields, so
+    every field the parsers accept is on the page, with the defaults they apply."""
+    import importlib.util
+
+    import moepatch
+
+    spec = importlib.util.spec_from_file_location("config_docs", REPO / "scripts" / "config_docs.py")
+    assert spec is not None and spec.loader is not None
+    config_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_docs)
+    page = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    assert page == config_docs.configuration_page(), "docs/configuration.md is stale: run python scripts/config_docs.py"
+    for entry in moepatch.config_schema():
+        assert f"## `{entry.name}`" in page, entry.name
+        for item in entry.fields:
+            assert f"| `{item.name}` |" in page, f"{entry.name}.{item.name}"
 
 
 def test_the_families_page_lists_every_registered_family_and_its_model_types():

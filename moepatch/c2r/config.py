@@ -7,11 +7,22 @@ from dataclasses import field
 from typing import Any
 
 from moepatch.feature import CONFIG_KEY
+from moepatch.schema import Schema
+from moepatch.schema import describe
+from moepatch.schema import integer
+from moepatch.schema import optional_text
 from moepatch.validation import Problems
 from moepatch.validation import is_int
-from moepatch.validation import warn_unknown
 
 C2R_AUX_LOSS_MODES = ("actual", "vanilla")
+
+
+def _ranking_list(value: Any, path: str, problems: Problems) -> Any:
+    """A ``[layers][E][E]`` list, or ``null`` (then ``path`` names the file holding it); checked against the model in
+    :func:`moepatch.c2r.plan_c2r`."""
+    if value is not None and not isinstance(value, list):
+        problems.add(path, f"expected a [layers][E][E] list, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -25,21 +36,24 @@ class C2RConfig:
     :func:`moepatch.c2r.plan_c2r`.
     """
 
-    top_t: int = field(metadata={"help": "T: how many of the top-1 expert's collaborators are eligible (k-1..E-1)."})
+    top_t: int = field(metadata=describe("integer", "T: how many of the top-1 expert's collaborators are eligible "
+                                                    "(k-1..E-1).", check=integer))
     collaborative_list: list | None = field(
         default=None,
-        metadata={"help": "[num_hidden_layers][E][E] rankings (most collaborative first, self last); null per layer "
-                          "keeps that layer's vanilla routing."},
-    )
+        metadata=describe("[layers][E][E] list | null", "Rankings (most collaborative first, self last); null per "
+                                                        "layer keeps that layer's vanilla routing.",
+                          check=_ranking_list))
     path: str | None = field(
-        default=None, metadata={"help": "JSON file with a 'collaborative_list' (e.g. an official config.json)."}
-    )
+        default=None,
+        metadata=describe("file path | null", "JSON file with a 'collaborative_list' (e.g. an official config.json).",
+                          check=optional_text("a file path")))
     aux_loss: str = field(
         default="actual",
-        metadata={"help": "'actual': the load-balancing loss counts the experts C2R chose; 'vanilla': transformers' "
-                          "recomputed vanilla top-k (the official code's behaviour)."},
-    )
+        metadata=describe("string", "'actual': the load-balancing loss counts the experts C2R chose; 'vanilla': "
+                                    "transformers' recomputed vanilla top-k (the official code's behaviour).",
+                          choices=C2R_AUX_LOSS_MODES))
     source: str = field(default="moepatch", metadata={"help": "'moepatch' block or 'official' top-level fields."})
+    """Where the config was read (not a key of the block: the official fields stay where they are)."""
 
     @property
     def field_prefix(self) -> str:
@@ -48,29 +62,19 @@ class C2RConfig:
 
     @classmethod
     def parse(cls, data: Any, path: str, problems: Problems) -> C2RConfig | None:
+        """The config from the block value (``None``: off); every bad field goes to ``problems``."""
         if data is None:
             return None
         if not isinstance(data, dict):
             problems.add(path, f"expected an object with top_t and collaborative_list (or path), got {data!r}")
             return None
-        warn_unknown(data, {"top_t", "collaborative_list", "path", "aux_loss"}, path)
         known_problems = len(problems.messages)
-        top_t: Any = data.get("top_t")  # a JSON value, checked below
-        if not is_int(top_t):
-            problems.add(f"{path}.top_t", f"expected an integer, got {top_t!r}")
-        listed, file = data.get("collaborative_list"), data.get("path")
-        if (listed is None) == (file is None):
+        values = C2R_SCHEMA.parse(data, path, problems)
+        if (data.get("collaborative_list") is None) == (data.get("path") is None):
             problems.add(path, "give exactly one of collaborative_list and path")
-        if listed is not None and not isinstance(listed, list):
-            problems.add(f"{path}.collaborative_list", f"expected a [layers][E][E] list, got {type(listed).__name__}")
-        if file is not None and not isinstance(file, str):
-            problems.add(f"{path}.path", f"expected a file path, got {file!r}")
-        aux_loss = data.get("aux_loss", "actual")
-        if aux_loss not in C2R_AUX_LOSS_MODES:
-            problems.add(f"{path}.aux_loss", f"expected one of {C2R_AUX_LOSS_MODES}, got {aux_loss!r}")
-        if len(problems.messages) > known_problems:
+        if values is None or len(problems.messages) > known_problems:
             return None
-        return cls(top_t=top_t, collaborative_list=listed, path=file, aux_loss=aux_loss)
+        return cls(**values)
 
     @classmethod
     def from_official(cls, config: Any) -> C2RConfig | None:
@@ -99,3 +103,7 @@ class C2RConfig:
             data["collaborative_list"] = self.collaborative_list
         data["aux_loss"] = self.aux_loss
         return data
+
+
+C2R_SCHEMA = Schema.of(C2RConfig)
+"""The ``c2r`` entry's fields (``source`` is no key of the block)."""

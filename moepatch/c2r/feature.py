@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from model_patches.structure import MoEModel
+from moepatch.c2r.config import C2R_SCHEMA
 from moepatch.c2r.config import C2RConfig
 from moepatch.c2r.selection import install_c2r
 from moepatch.c2r.selection import plan_c2r
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
+from moepatch.schema import ConfigEntry
 from moepatch.validation import Problems
 
 if TYPE_CHECKING:
@@ -33,6 +35,12 @@ class CollaborationConstrainedRouting(Feature):
 
     def to_dict(self, config: C2RConfig) -> dict[str, Any]:
         return config.to_dict()
+
+    def config_entry(self) -> ConfigEntry:
+        return ConfigEntry(self.name, '{"top_t": T, "collaborative_list": [...] | "path": file, "aux_loss": ...} | '
+                                      'false (also ignores the official top-level top_t / collaborative_list)',
+                           "Collaboration-constrained routing: the top-1 expert is free, the other k-1 come from its "
+                           "top_t collaborators.", C2R_SCHEMA.fields)
 
     def adopt(self, model_config: Any) -> C2RConfig | None:
         return C2RConfig.from_official(model_config)

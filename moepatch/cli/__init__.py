@@ -30,7 +30,7 @@ from moepatch.cli.demo import check_demo_arguments
 from moepatch.cli.demo import cmd_demo
 from moepatch.cli.env import cmd_env
 from moepatch.cli.experts import add_experts_arguments
-from moepatch.cli.inspect import cmd_inspect
+from moepatch.cli.inspect import add_inspect_arguments
 from moepatch.cli.install import cmd_install
 from moepatch.cli.install import cmd_uninstall
 from moepatch.cli.place import cmd_place
@@ -52,10 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="moepatch", description=__doc__.splitlines()[0],
                            epilog="Every command accepts --debug (or MOEPATCH_DEBUG=1) to show a traceback on failure.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
-    inspect = sub.add_parser("inspect", help="describe a checkpoint's MoE structure and check its moepatch config")
-    inspect.add_argument("path", type=checkpoint_config, help="a checkpoint folder with config.json")
-    inspect.add_argument("--trust-remote-code", action="store_true")
-    inspect.set_defaults(func=cmd_inspect)
+    add_inspect_arguments(sub.add_parser("inspect", help="describe a checkpoint's MoE structure and check its moepatch "
+                                                         "config (--help-config: every field of the block)"))
     demo = sub.add_parser("demo", help="build a tiny model, apply a config, run a batch, print routing statistics")
     demo.add_argument("--family", default="qwen2_moe", choices=DEMO_FAMILIES, help="tiny model family")
     demo.add_argument("--output", type=output_folder,
@@ -159,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_eval() -> int:
             try:
-                from moepatch.evaluation import run_lm_eval
+                from moepatch.cli.evaluate import run_lm_eval
             except ImportError as error:
                 raise CommandError(f"lm-eval is not installed ({error}); pip install 'moepatch[eval]'") from None
             return run_lm_eval(rest)

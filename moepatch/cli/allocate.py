@@ -25,6 +25,7 @@ from moepatch.cli.arguments import seed
 from moepatch.cli.common import check_block_on_skeleton
 from moepatch.cli.common import load_tokenizer
 from moepatch.errors import CommandError
+from moepatch.errors import FieldProblems
 from moepatch.errors import UsageError
 
 if TYPE_CHECKING:
@@ -99,8 +100,9 @@ def _refuse_default_targets(error: UsageError, planned: Callable[[list[str]], ob
         except UsageError:
             pass
     unfit = " ".join(name for name in DEFAULT_TARGETS if name not in fitting)
-    reason = next((line.strip().removeprefix("moepatch.lora_experts.target_modules: ")
-                   for line in str(error).splitlines()[1:] if line.strip()), str(error).partition(": ")[2])
+    problems = error.__cause__.problems if isinstance(error.__cause__, FieldProblems) else []
+    reason = next((message for field, message in problems if field == "moepatch.lora_experts.target_modules"),
+                  error.message)
     advice = (f"pass --target-modules {' '.join(fitting)}" if fitting else
               "pass --target-modules with this model's projection names")
     raise UsageError("--target-modules", f"not given, and its defaults ({' '.join(DEFAULT_TARGETS)}) include "

@@ -86,7 +86,7 @@ def _as_type_error(check: Callable[[], Checked]) -> Checked:
     try:
         return check()
     except UsageError as error:
-        raise argparse.ArgumentTypeError(str(error).partition(": ")[2]) from None
+        raise argparse.ArgumentTypeError(error.message) from None
 
 
 def checkpoint_config(text: str) -> Path:

@@ -11,8 +11,23 @@ import torch
 
 from model_patches.structure import MoEModel
 from moepatch.errors import CommandError
+from moepatch.errors import FieldError
 from moepatch.errors import UsageError
 from moepatch.loading.skeleton import weights_problem
+
+CORPUS_FLAGS = {"paths": "--data"}
+"""The flag of :func:`~moepatch.tools.c2r.profiling.read_corpus`'s ``paths`` in ``profile`` and ``place``."""
+
+
+def read_corpus_files(paths: list[str], text_field: str) -> list[str]:
+    """The documents of ``--data``; a missing file or a corpus without a document is a failed check naming
+    ``--data`` (exit 1: the flag was given well formed, what it names holds nothing to profile)."""
+    from moepatch.tools.c2r.profiling import read_corpus
+
+    try:
+        return read_corpus(paths, text_field)
+    except FieldError as error:
+        raise error.as_command_error(CORPUS_FLAGS) from None
 
 
 def first_line(error: BaseException) -> str:
@@ -53,7 +68,7 @@ def skeleton(path: str | Path, trust_remote_code: bool) -> tuple[Any, torch.nn.M
         model = weightless_model(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise UnsupportedModelError(f"{config_file}: {type(config).__name__} is not a causal LM "
-                                    f"({str(error).splitlines()[0]})") from None
+                                    f"({first_line(error)})") from None
     except Exception as error:  # fields that pass the config class but not the model's constructor
         raise CommandError(f"{config_file}: cannot build the model it describes: {first_line(error)}") from None
     return config, model
@@ -111,8 +126,8 @@ def check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: s
     moe = describe(model, verify=False)
     try:
         plan = plan_patch(moe, MoePatchConfig.from_dict(block))
-    except ValueError as error:
-        raise UsageError(argument, str(error)) from None
+    except ValueError as error:  # chained: a caller may read the FieldProblems' fields
+        raise UsageError(argument, str(error)) from error
     _check_weights(checkpoint, model)
     lora = plan["lora_experts"]
     widths = [min(min(t.in_dims), min(t.out_dims)) for t in (lora.targets if lora is not None else ())

@@ -28,6 +28,7 @@ from moepatch.cli.arguments import positive_float
 from moepatch.cli.arguments import positive_int
 from moepatch.cli.arguments import seed
 from moepatch.errors import CommandError
+from moepatch.errors import FieldError
 from moepatch.errors import UsageError
 from moepatch.task_experts.manifest import ROUTER_FOLDER
 
@@ -35,6 +36,18 @@ FIT_DEFAULTS: dict[str, object] = {"positives": "scored", "positive_margin": 0.0
                                    "encoder_lr": 1e-5, "encoder_temperature": 0.02, "encoder_batch_size": 16}
 """fit-router's options of the encoder fine-tune and the scored positives (MELD's values): one given with another
 value where it does not apply is refused, not ignored."""
+
+FIT_ROUTER_FLAGS = {"data": "--data", "groups": "--group", "head": "--head", "encoder": "--encoder",
+                    "pooling": "--encoder-pooling", "descriptions": "--descriptions",
+                    "finetune_encoder": "--finetune-encoder", "positives": "--positives", "holdout": "--holdout"}
+"""fit-router's flag for each field :func:`~moepatch.task_experts.fitting.fit_router` names in its errors."""
+MERGE_FLAGS = {"tasks": "--tasks", "weights": "--weights", "method": "--method", "rank": "--rank", "name": "--name",
+               "max_lora_rank": "--max-lora-rank"}
+"""merge's flag for each field of a :class:`~moepatch.task_experts.merging.MergeRequest` (and the rank limit)."""
+EXPORT_VLLM_FLAGS = {"max_lora_rank": "--max-lora-rank", "max_loras": "--max-loras", "routes": "--routes",
+                     "include_experts": "--no-experts"}
+"""export-vllm's flag for each argument of :func:`~moepatch.task_experts.vllm_export.export_vllm` (``output``, the
+run, is the positional argument's own name)."""
 
 
 def _finite(text: str) -> float:
@@ -298,12 +311,8 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
                               args.positive_margin, descriptions, args.finetune_encoder, args.positives, tuning)
     try:
         _, report = fit_router(manifest, data, settings)
-    except ValueError as error:
-        flag, _, message = str(error).partition(": ")
-        flag = "--data" if flag == "--data_dir" else flag  # the data reader's finetune flag, here --data
-        if flag.startswith("--") or flag == "output":
-            raise UsageError(flag, message) from None
-        raise
+    except FieldError as error:
+        raise error.as_usage_error(FIT_ROUTER_FLAGS) from None
     if report is not None:
         _print_report(report)
     return 0
@@ -387,10 +396,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.from_routes is not None:
         try:
             requests = combinations_from_routes(args.from_routes, None, manifest.tasks)
-        except ValueError as error:
-            flag, _, message = str(error).partition(": ")
-            if flag.startswith("--"):
-                raise UsageError(flag, message) from None
+        except FieldError as error:
+            raise error.as_usage_error(MERGE_FLAGS) from None
+        except ValueError as error:  # a malformed routes file, named with its line
             raise CommandError(f"{error} (--from-routes)") from None
     else:
         weights = args.weights if args.weights is not None else [1.0 / len(args.tasks)] * len(args.tasks)
@@ -398,9 +406,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for request in requests:  # every merge checked before the base is loaded
         try:
             check_request(manifest, request, args.max_lora_rank)
-        except ValueError as error:
-            flag, _, message = str(error).partition(": ")
-            raise UsageError(flag if flag.startswith("--") else "--tasks", message) from None
+        except FieldError as error:
+            raise error.as_usage_error(MERGE_FLAGS) from None
+        except ValueError as error:  # an expert's adapter config that cannot be read: the tasks named it
+            raise UsageError("--tasks", str(error)) from None
     if args.name is not None and not args.replace:
         from moepatch.task_experts.merging import read_merges
 
@@ -500,11 +509,10 @@ def cmd_export_vllm(args: argparse.Namespace) -> int:
     try:
         path = export_vllm(manifest, args.max_lora_rank, max_loras=args.max_loras,
                            include_experts=args.include_experts, routes=args.routes)
-    except ValueError as error:
-        flag, _, message = str(error).partition(": ")
-        if flag.startswith("--") or flag == "output":
-            raise UsageError(flag, message) from None
-        raise CommandError(str(error)) from None  # a malformed file, named first in the message
+    except FieldError as error:
+        raise error.as_usage_error(EXPORT_VLLM_FLAGS) from None
+    except ValueError as error:  # a malformed file, named first in the message
+        raise CommandError(str(error)) from None
     data = json.loads(path.read_text())
     print(f"wrote {len(data['lora_requests'])} adapters and {path} for vLLM ({data['architecture']})")
     print("EngineArgs(" + ", ".join(f"{key}={value!r}" for key, value in data["engine_args"].items()) + ")")

@@ -1,5 +1,6 @@
 """``moepatch inspect PATH``: a checkpoint's MoE structure and its moepatch block, checked on a weightless skeleton
-(no weight is loaded, so it works on checkpoints of any size)."""
+(no weight is loaded, so it works on checkpoints of any size); ``moepatch inspect --help-config``: every field the
+block accepts, with its type, default and help (read from the declarations the parser checks against)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,42 @@ import sys
 import warnings
 from pathlib import Path
 
+from moepatch.cli.arguments import checkpoint_config
 from moepatch.cli.common import skeleton
+from moepatch.errors import UsageError
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    """``PATH`` (a checkpoint folder), or ``--help-config`` alone."""
+    parser.add_argument("path", nargs="?", type=checkpoint_config, help="a checkpoint folder with config.json")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--help-config", action="store_true",
+                        help="print every field of the moepatch block (type, default, help) and exit")
+    parser.set_defaults(func=cmd_inspect, check=check_inspect_arguments)
+
+
+def check_inspect_arguments(args: argparse.Namespace) -> None:
+    """A checkpoint to inspect, unless the schema is asked for."""
+    if args.path is None and not args.help_config:
+        raise UsageError("path", "required: a checkpoint folder with config.json (or --help-config)")
+
+
+def print_config_schema() -> int:
+    """``--help-config``: each block entry, then each of its fields with type, default (per method) and help."""
+    from moepatch.config import CONFIG_KEY
+    from moepatch.config import config_schema
+    from moepatch.schema import format_entries
+
+    print(f'The "{CONFIG_KEY}" block of config.json: each key, the values it takes, and its fields.\n')
+    print(format_entries(config_schema()), end="")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the structure moepatch sees and the plan its block makes; status 1 lists the block's problems, 2 a
-    model moepatch cannot patch."""
+    model moepatch cannot patch.  ``--help-config`` prints the block's schema instead."""
+    if getattr(args, "help_config", False):
+        return print_config_schema()
     from model_patches.structure import describe
     from moepatch.config import CONFIG_KEY
     from moepatch.config import MoePatchConfig

@@ -16,6 +16,7 @@ import torch
 from moepatch.cli.common import check_ep_size
 from moepatch.cli.common import checked_block
 from moepatch.cli.common import load_tokenizer
+from moepatch.cli.common import read_corpus_files
 from moepatch.errors import CommandError
 from moepatch.errors import UsageError
 
@@ -99,7 +100,6 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
     from moepatch.data.corpus import embedded_corpus
     from moepatch.tools.c2r.permutation import check_permutable
     from moepatch.tools.c2r.pipeline import place_checkpoint
-    from moepatch.tools.c2r.profiling import read_corpus
     from moepatch.validation import check_checkpoint_folder
 
     check_checkpoint_folder(source, "source")
@@ -122,7 +122,8 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
                                          "documents; without --data the embedded corpus is used)")
     options = {name: default if getattr(args, name) is None else getattr(args, name)
                for name, default in PLACE_PROFILING_DEFAULTS.items()}
-    documents = read_corpus(options["data"], options["text_field"]) if options["data"] else embedded_corpus()
+    documents = (read_corpus_files(options["data"], options["text_field"]) if options["data"]
+                 else embedded_corpus())
     tokenizer = load_tokenizer(source, args.trust_remote_code)
     return place_checkpoint(source, tokenizer, documents, args.ep_size, batch_size=options["batch_size"],
                             max_length=options["max_length"], max_tokens=options["max_tokens"], seed=args.seed,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from moepatch.cli.common import checked_block
 from moepatch.cli.common import load_tokenizer
+from moepatch.cli.common import read_corpus_files
 from moepatch.errors import CommandError
 from moepatch.errors import UsageError
 
@@ -24,7 +25,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from moepatch.tools.c2r.pipeline import profile_checkpoint
     from moepatch.tools.c2r.pipeline import save_profile_results
     from moepatch.tools.c2r.profiling import default_top_t
-    from moepatch.tools.c2r.profiling import read_corpus
     from moepatch.validation import check_output_folder
 
     checkpoint = Path(args.model_path)
@@ -76,7 +76,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 raise UsageError("model_path", "config.json is not writable")
             check_writable_target(checkpoint / "config.json", "model_path", folder=False)
         except UsageError as error:
-            raise CommandError(f"{checkpoint / 'config.json'} cannot be written ({str(error).partition(': ')[2]}); "
+            raise CommandError(f"{checkpoint / 'config.json'} cannot be written ({error.message}); "
                                "the C2R fields go there (or pass --no-write-config)") from None
     output = Path(args.output) if args.output else checkpoint / "c2r_profile"
     # the checkpoint (whose config.json receives the fields) and the data are neither the output nor inside it: a
@@ -84,7 +84,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     refuse_output_in_inputs(output, "--output", {"model_path": checkpoint, "--data": args.data},
                             output_may_lie_inside={"model_path"})
     check_output_folder(output, "--output")
-    documents = read_corpus(args.data, args.text_field or "text") if args.data else embedded_corpus()
+    documents = read_corpus_files(args.data, args.text_field or "text") if args.data else embedded_corpus()
     tokenizer = load_tokenizer(checkpoint, args.trust_remote_code)
 
     run = profile_checkpoint(checkpoint, tokenizer, documents, as_configured=args.as_configured,

@@ -37,6 +37,7 @@ from moepatch.tools.c2r.profiling import write_c2r_fields
 from moepatch.tools.report import format_table
 from moepatch.tools.report import plot_coactivation
 from moepatch.tools.report import plot_routing_counts
+from moepatch.training import main as finetune
 
 DEMO_BLOCK: dict[str, Any] = {"freeze_gate": "router", "routing_stats": {"layers": None}}
 """The moepatch block written into the demo checkpoint's config.json (everything the first load applies)."""
@@ -162,6 +163,7 @@ def _run_steps(output: Path, settings: _DemoSettings, log: Callable[[str], None]
     with RoutingRecorder(model, keep_choices=True) as choices_before, torch.no_grad():
         model(**batch)
     before = handle.recorder
+    assert before is not None  # the demo block switches routing_stats on
     log(f"[3/8] vanilla routing on a batch of {batch['input_ids'].shape[0]} texts "
         f"({int(batch['attention_mask'].sum())} tokens, {padding} padding tokens excluded): share of top-k choices "
         "per expert (%), mean router probability (%)")
@@ -181,6 +183,7 @@ def _run_steps(output: Path, settings: _DemoSettings, log: Callable[[str], None]
     with RoutingRecorder(model, keep_choices=True) as choices_after, torch.no_grad():
         model(**batch)
     after = handle.recorder
+    assert after is not None
     same = [
         (torch.sort(choices_before.choices[layer], dim=1).values == torch.sort(choices_after.choices[layer], dim=1)
          .values).all(dim=1).double().mean().item() * 100
@@ -220,8 +223,6 @@ def finetune_demo_checkpoint(
 ) -> None:
     """Step 7: fine-tune the C2R checkpoint on the embedded four-task data with dynamic mixing and frozen routers,
     then check the routers came out bit-identical.  ``output`` is replaced when it exists (an earlier demo's)."""
-    from moepatch.mixing.finetune import main as finetune
-
     every = max(1, steps // 4)
     log(f"[7/8] fine-tune {steps} steps on the embedded four-task data (chat, code, letters, math) "
         f"with dynamic mixing (probe round every {every} steps, last MoE layer), C2R routing and frozen routers")

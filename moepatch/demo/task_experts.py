@@ -17,6 +17,7 @@ from moepatch.task_experts.router import routing_report
 from moepatch.task_experts.serving import BASE_ADAPTER
 from moepatch.task_experts.serving import TaskExpertModel
 from moepatch.tools.report import format_table
+from moepatch.training import main as finetune
 
 TASK_EXPERTS_FOLDER = "task_experts"
 TASKS = ("chat", "code", "letters", "math")
@@ -25,8 +26,6 @@ TASKS = ("chat", "code", "letters", "math")
 def task_experts_demo(checkpoint: Path, output: Path, *, steps: int, seed: int = 0, held_out: int = 8,
                       log: Callable[[str], None] = print, step: str = "[8/8]") -> dict[str, dict[str, float]]:
     """Train, route, merge, compare; returns the per-task loss table (``{task: {base, own, routed}}``)."""
-    from moepatch.mixing.finetune import main as finetune
-
     log(f"{step} task experts (MELD): one LoRA per embedded task ({steps} steps each, r 16, alpha 32), the default "
         "router (the base's own signatures), routed top-2 cat merges")
     if output.exists():

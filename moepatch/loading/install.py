@@ -117,8 +117,8 @@ def install(path: str | Path, *, replace_auto_map: bool = False) -> Path:
     if foreign and not replace_auto_map:
         shown = ", ".join(f"auto_map.{key} = {value!r}" for key, value in foreign.items())
         raise ValueError(f"{config_file}: {shown}: the folder's own code, which install would replace with "
-                         "moepatch's loader (uninstall puts it back); pass --replace-auto-map (replace_auto_map=True) "
-                         "to do so")
+                         "moepatch's loader (uninstall puts it back); run `moepatch install --replace-auto-map` "
+                         "(replace_auto_map=True) to do so")
     _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
 
     installed = {**current, "auto_map": {**(original_auto_map or {}), **LOADER_AUTO_MAP}}
@@ -162,7 +162,7 @@ def uninstall(path: str | Path, *, force: bool = False) -> None:
                              and current.get(key) != original.get(key))
             raise ValueError(f"{folder / 'config.json'} was edited since `moepatch install` (fields {changed}); "
                              "uninstall restores the file as it was before install and would lose those edits: "
-                             "copy them, or pass --force")
+                             "copy them, or run `moepatch uninstall --force` (force=True)")
     else:  # edits are given up, but never for a backup that describes another model than the weights'
         current = read_json_object(folder / "config.json")
         differs = [key for key in SHAPE_FIELDS if key in current and current.get(key) != original.get(key)]
@@ -170,7 +170,7 @@ def uninstall(path: str | Path, *, force: bool = False) -> None:
             key = differs[0]
             raise ValueError(f"{backup} describes another model than {folder / 'config.json'} ({key}: "
                              f"{original.get(key)!r} in the backup, {current.get(key)!r} now): restoring it would "
-                             "leave a config that does not fit the weights, even with --force; nothing changed")
+                             "leave a config that does not fit the weights, even with force; nothing changed")
     _check_writable(folder, ("config.json", BACKUP_NAME, LOADER_FILE))
 
     with staged_file(folder / "config.json") as scratch:  # restored in one move: never half a config

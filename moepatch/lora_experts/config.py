@@ -9,20 +9,25 @@ allocated per routed expert, keyed ``<experts module>.<e>.<projection>`` (see :f
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from moepatch.schema import Check
+from moepatch.schema import Schema
+from moepatch.schema import boolean
+from moepatch.schema import describe
+from moepatch.schema import non_negative_number
+from moepatch.schema import optional_text
+from moepatch.schema import probability
+from moepatch.validation import Problems
 from moepatch.validation import read_json_beside
-from moepatch.validation import warn_unknown
 
 WEIGHTS_NAME = "lora_experts.safetensors"
 """The file beside a checkpoint that holds its trained LoRA experts (``save_pretrained`` writes it)."""
 
-METHODS = ("molora", "mov", "mola")
 ROUTER_INITS = ("normal_0.02", "kaiming")
 REDUCTIONS = ("layer", "sum", "mean")
 SCALINGS = ("per_expert", "last_expert_rank")
@@ -31,16 +36,26 @@ FFN_SCALED = ("gate_activation", "down_input")
 """MoV on a gated feed-forward block: ``"gate_activation"`` scales ``act(gate x)`` before the product with ``up x``
 and routes on it (the official flaxformer fork's ``intermediate_conv`` on ``act(wi_0 x)``); ``"down_input"`` scales
 the down projection's input ``act(gate x)·(up x)`` and routes on that product (moepatch's earlier default)."""
-DEFAULT_TARGETS = {
-    # MoLoRA: the official fork adapts q, k, v, o, wi_0 (the gated branch, before the activation) and wo — not wi_1
-    # (up).  On a feed-forward block with no gate projection, up_proj is its wi and is adapted too (see inject.py).
-    "molora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
-    "mola": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mov": ("k_proj", "v_proj", "down_proj"),
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # MoLoRA (configs/molora.gin): the official fork adapts q, k, v, o, wi_0 (the gated branch, before the
+    # activation) and wo — not wi_1 (up).  On a feed-forward block with no gate projection, up_proj is its wi and is
+    # adapted too (see inject.py).
+    "molora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+               "num_experts": 10, "r": 4},
+    # MoV (configs/mov.gin and its code): (IA)³ vectors on keys, values and the feed-forward output, per head.
+    "mov": {"target_modules": ["k_proj", "v_proj", "down_proj"], "num_experts": 30, "per_head": True},
+    # MoLA's training flags (--lora_dropout 0.05, top-2, Kaiming routers); GuiLoMo's stage 2 runs as "mola" with its
+    # expert.json / rank.json allocations (moepatch.tools.lora_experts.importers.guilomo_block).
+    "mola": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             "num_experts": 8, "top_k": 2, "dropout": 0.05, "router_init": "kaiming"},
 }
-DEFAULT_EXPERTS = {"molora": 10, "mola": 8, "mov": 30}  # MoV: configs/mov.gin; MoLoRA: configs/molora.gin
-DEFAULT_DROPOUT = {"molora": 0.0, "mola": 0.05, "mov": 0.0}  # MoLA: --lora_dropout 0.05
+"""The one table of per-method defaults; a field not named for a method takes its declared default."""
+METHODS = tuple(METHOD_DEFAULTS)
+DEFAULT_TARGETS = {method: tuple(values["target_modules"]) for method, values in METHOD_DEFAULTS.items()}
 PER_EXPERT_RANK = re.compile(r"^(?P<module>.+)\.expertlora_E_vector_(?P<expert>\d+)$")
+NOT_MOV = tuple(method for method in METHODS if method != "mov")
+MOV_ONLY = "only MoV (method 'mov') has this choice"
+VECTORS_HAVE_NO = "MoV experts are (IA)³ vectors: they have no "
 
 
 def routed_expert_path(experts_path: str, projection: str | None, expert: int) -> str:
@@ -50,164 +65,161 @@ def routed_expert_path(experts_path: str, projection: str | None, expert: int) -
     return f"{experts_path}.{expert}" if projection is None else f"{experts_path}.{expert}.{projection}"
 
 
+def _size_spec(*, per_expert: bool, allow_dict: bool = True, optional: bool = False) -> Check:
+    """The shape-level check of a count / rank spec (an int, a list per layer, a dict per module, a JSON file)."""
+
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        if not (optional and value is None):
+            _check_spec(value, path, problems, minimum=1, per_expert=per_expert, allow_dict=allow_dict)
+        return value
+
+    return check
+
+
+def _module_names(value: Any, path: str, problems: Problems) -> Any:
+    """A non-empty list of module names (one name alone is a list of one)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) and name for name in names):
+        problems.add(path, f"expected a non-empty list of module names, got {names!r}")
+        return names
+    return list(names)
+
+
+def _balance_loss(value: Any, path: str, problems: Problems) -> BalanceLossConfig | None:
+    """``true`` (the defaults), ``false`` / ``null`` (off), or ``{coef, reduction}``."""
+    if value is True:
+        value = {}
+    if isinstance(value, dict):
+        before = len(problems.messages)
+        values = BALANCE_LOSS_SCHEMA.parse(value, path, problems) or {}
+        return BalanceLossConfig(**values) if len(problems.messages) == before else None
+    if value not in (None, False):  # 0 == False: a 0 switches it off as well
+        problems.add(path, f"expected true, false or {{coef, reduction}}, got {value!r}")
+    return None
+
+
 @dataclass
 class BalanceLossConfig:
     """Switch-style load balancing of the LoRA-expert routers (top-k modes only), padding excluded."""
 
-    coef: float = 1e-3
-    reduction: str = "layer"  # "layer": MoLA's per-layer pooled term, summed; "sum" / "mean": one term per router
+    coef: float = field(default=1e-3, metadata=describe("number >= 0", "Coefficient of the balance loss.",
+                                                        check=non_negative_number))
+    reduction: str = field(
+        default="layer",
+        metadata=describe("string", "'layer': MoLA's per-layer pooled term, summed; 'sum' / 'mean': one term per "
+                                    "router.", choices=REDUCTIONS))
 
     def to_dict(self) -> dict[str, Any]:
         return {"coef": self.coef, "reduction": self.reduction}
 
 
+BALANCE_LOSS_SCHEMA = Schema.of(BalanceLossConfig, unknown_keys="ignore")
+
+
 @dataclass
 class LoraExpertsConfig:
-    """The validated ``lora_experts`` block (values still unresolved against a model: see ``plan``)."""
+    """The validated ``lora_experts`` block (values still unresolved against a model: see ``plan``).
 
-    method: str
-    target_modules: list[str] = field(default_factory=list)
-    routed_experts: bool = False  # broad names (gate_proj, re:.*_proj) reach routed experts too; see inject.py
-    num_experts: Any = None  # int | list per layer | {module: n} | str (JSON file)
-    r: Any = 8  # int | list per layer | {module: r} | {module.expertlora_E_vector_i: r} | str
-    top_k: Any = None  # None (dense soft merge) | int | list per layer
-    renormalize: bool = True  # top-k weights renormalised over the k (MoLA); False: masked softmax (MoV's code)
-    router_input: str = "scaled"  # MoV: "scaled" (the tensor being scaled, MoV's code) | "hidden" (projection input)
-    ffn_scaled: str = "gate_activation"  # MoV on gated FFN blocks: see FFN_SCALED
-    per_head: bool = False  # MoV on keys / values: vectors [heads, E, head_dim], a router per head (MoVAttention)
-    alpha: float = 16.0
-    scaling: str = "per_expert"  # α / r_e per expert | "last_expert_rank": GuiLoMo stage 2's α / r_last for all
-    dropout: float = 0.0
-    router_init: str = "normal_0.02"
-    balance_loss: BalanceLossConfig | None = None
-    z_loss_coef: float = 0.0
-    train_base: bool = False
-    weights: str | None = None  # safetensors file (beside the checkpoint) holding the trained LoRA experts
+    The fields are declared in the order they are checked; per-method defaults live in :data:`METHOD_DEFAULTS`.
+    """
+
+    method: str = field(metadata=describe("string", "Which mixture of LoRA experts: MoLoRA, MoV ((IA)³ vectors) or "
+                                                    "MoLA (GuiLoMo allocations run as 'mola').", choices=METHODS))
+    target_modules: list[str] = field(
+        default_factory=list,
+        metadata=describe("list of module names (or one name)",
+                          "Projections to adapt: short names, dotted suffixes, full paths or 're:' + a pattern; not "
+                          "given: the method's defaults, entries a family lacks skipped.", check=_module_names))
+    routed_experts: bool = field(
+        default=False,
+        metadata=describe("bool", "Broad names (gate_proj, re:.*_proj) reach the routed experts too (see inject.py).",
+                          check=boolean))
+    num_experts: Any = field(
+        default=None,
+        metadata=describe("int | list per layer | {module: n} | JSON file", "LoRA experts per adapted module.",
+                          check=_size_spec(per_expert=False)))
+    r: Any = field(
+        default=8,
+        metadata=describe("int | list per layer | {module: r} | {module.expertlora_E_vector_i: r} | JSON file",
+                          "LoRA rank of each expert (per expert with GuiLoMo's rank.json keys).",
+                          check=_size_spec(per_expert=True), methods=NOT_MOV, other_methods=VECTORS_HAVE_NO + "rank"))
+    top_k: Any = field(
+        default=None,
+        metadata=describe("null | int | list per layer", "Experts mixed per token; null: a dense soft merge of all.",
+                          check=_size_spec(per_expert=False, allow_dict=False, optional=True)))
+    renormalize: bool = field(
+        default=True,
+        metadata=describe("bool", "Top-k weights renormalised over the k (MoLA); false: a masked softmax (MoV's code).",
+                          check=boolean))
+    router_input: str = field(
+        default="scaled",
+        metadata=describe("string", "MoV: route on the tensor being scaled ('scaled', its code) or the projection's "
+                                    "input ('hidden', its figure).", choices=ROUTER_INPUTS, methods=("mov",),
+                          other_methods=MOV_ONLY))
+    ffn_scaled: str = field(
+        default="gate_activation",
+        metadata=describe("string", "MoV on gated feed-forward blocks: 'gate_activation' scales act(gate x) before the "
+                                    "product with up x (the official fork); 'down_input' the down projection's input. "
+                                    "A block with trained weights but no ffn_scaled keeps 'down_input'.",
+                          choices=FFN_SCALED, methods=("mov",), other_methods=MOV_ONLY))
+    per_head: bool = field(
+        default=False,
+        metadata=describe("bool", "MoV on keys / values: vectors [heads, E, head_dim], a router per head.",
+                          check=boolean, methods=("mov",), other_methods=MOV_ONLY))
+    alpha: float = field(default=16.0, metadata=describe("number >= 0", "LoRA alpha (scaling alpha / r).",
+                                                         check=non_negative_number))
+    dropout: float = field(default=0.0, metadata=describe("number in [0, 1)", "Dropout on the experts' input.",
+                                                          check=probability))
+    z_loss_coef: float = field(default=0.0, metadata=describe("number >= 0", "Router z-loss coefficient.",
+                                                              check=non_negative_number))
+    scaling: str = field(
+        default="per_expert",
+        metadata=describe("string", "'per_expert': alpha / r_e per expert; 'last_expert_rank': GuiLoMo stage 2's "
+                                    "alpha / r_last for all.", choices=SCALINGS, methods=NOT_MOV,
+                          other_methods=VECTORS_HAVE_NO + "LoRA scaling"))
+    router_init: str = field(default="normal_0.02", metadata=describe("string", "Initialisation of the routers.",
+                                                                      choices=ROUTER_INITS))
+    balance_loss: BalanceLossConfig | None = field(
+        default=None,
+        metadata=describe("true | false | {coef, reduction}", "Switch-style balance loss of the routers (top-k only).",
+                          check=_balance_loss, nested=BalanceLossConfig))
+    train_base: bool = field(default=False, metadata=describe("bool", "Leave the base model's weights trainable.",
+                                                              check=boolean))
+    weights: str | None = field(
+        default=None,
+        metadata=describe("file name | null", "Safetensors file (beside the checkpoint) with the trained experts.",
+                          check=optional_text("a file name")))
     default_targets: bool = False  # target_modules not given: entries a family lacks are skipped, not refused
 
     @classmethod
-    def parse(cls, data: Any, path: str, problems: Any) -> LoraExpertsConfig | None:
+    def parse(cls, data: Any, path: str, problems: Problems) -> LoraExpertsConfig | None:
+        """The config from the block value (``None`` / ``false``: off); every bad field goes to ``problems``."""
         if data is None or data is False:
             return None
         if not isinstance(data, dict):
             problems.add(path, f"expected an object with a 'method', got {data!r}")
             return None
-        warn_unknown(data, {"method", "target_modules", "routed_experts", "num_experts", "r", "top_k", "renormalize",
-                             "router_input", "ffn_scaled", "per_head", "alpha", "scaling", "dropout", "router_init",
-                             "balance_loss", "z_loss_coef", "train_base", "weights"}, path)
-        method = data.get("method")
-        if method not in METHODS:
-            problems.add(f"{path}.method", f"expected one of {METHODS}, got {method!r}")
+        values = LORA_EXPERTS_SCHEMA.parse(data, path, problems)
+        if values is None:  # no valid method: none of its defaults is known
             return None
-        result = cls(method=method)
-        result._parse_targets(data, path, problems)
-        result._parse_sizes(data, path, problems)
-        result._parse_routing(data, path, problems)
-        result._parse_numbers(data, path, problems)
-        result._parse_init(data, path, problems)
-        result._parse_balance(data, path, problems)
-        train_base = data.get("train_base", False)
-        if not isinstance(train_base, bool):
-            problems.add(f"{path}.train_base", f"expected true or false, got {train_base!r}")
-        result.train_base = bool(train_base)
-        weights = data.get("weights")
-        if weights is not None and not isinstance(weights, str):
-            problems.add(f"{path}.weights", f"expected a file name, got {weights!r}")
-        result.weights = weights
-        return result
+        config = cls(**values, default_targets="target_modules" not in data)
+        if "ffn_scaled" not in data and data.get("weights"):
+            # A saved checkpoint's block always names ffn_scaled (to_dict writes it); one with trained weights but no
+            # ffn_scaled was trained before the choice existed, on the down projection's input: keep what it learned.
+            config.ffn_scaled = "down_input"
+        config._check_top_k_use(data, path, problems)
+        return config
 
-    def _parse_targets(self, data: dict[str, Any], path: str, problems: Any) -> None:
-        """``target_modules`` (the method's defaults when not given) and ``routed_experts``."""
-        self.default_targets = "target_modules" not in data
-        targets = data.get("target_modules", list(DEFAULT_TARGETS[self.method]))
-        if isinstance(targets, str):
-            targets = [targets]
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-            problems.add(f"{path}.target_modules", f"expected a non-empty list of module names, got {targets!r}")
-        else:
-            self.target_modules = list(targets)
-        routed = data.get("routed_experts", False)
-        if not isinstance(routed, bool):
-            problems.add(f"{path}.routed_experts", f"expected true or false, got {routed!r}")
-        self.routed_experts = routed is True
-
-    def _parse_sizes(self, data: dict[str, Any], path: str, problems: Any) -> None:
-        """``num_experts``, ``r`` (not MoV's) and ``top_k`` (MoLA's is required), with the method's defaults."""
-        method = self.method
-        self.num_experts = data.get("num_experts", DEFAULT_EXPERTS[method])
-        _check_spec(self.num_experts, f"{path}.num_experts", problems, minimum=1, per_expert=False)
-        self.r = data.get("r", 8 if method != "molora" else 4)
-        if method != "mov":
-            _check_spec(self.r, f"{path}.r", problems, minimum=1, per_expert=True)
-        elif "r" in data:
-            problems.add(f"{path}.r", "MoV experts are (IA)³ vectors: they have no rank")
-        self.top_k = data.get("top_k", 2 if method == "mola" else None)
+    def _check_top_k_use(self, data: dict[str, Any], path: str, problems: Problems) -> None:
+        """What needs top-k routing (MoLA, ``renormalize``, ``balance_loss``) when ``top_k`` is null."""
         if self.top_k is not None:
-            _check_spec(self.top_k, f"{path}.top_k", problems, minimum=1, per_expert=False, allow_dict=False)
-        if method == "mola" and self.top_k is None:
+            return
+        if self.method == "mola":
             problems.add(f"{path}.top_k", "MoLA routes top-k: give an int or a list per layer")
-
-    def _parse_numbers(self, data: dict[str, Any], path: str, problems: Any) -> None:
-        """``alpha``, ``dropout`` (a probability below 1) and ``z_loss_coef``: finite numbers >= 0."""
-        for name, default in (("alpha", 16.0), ("dropout", DEFAULT_DROPOUT[self.method]), ("z_loss_coef", 0.0)):
-            value = data.get(name, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                problems.add(f"{path}.{name}", f"expected a finite number >= 0, got {value!r}")
-            else:
-                setattr(self, name, float(value))
-        if not self.dropout < 1:
-            problems.add(f"{path}.dropout", f"expected a probability below 1, got {self.dropout}")
-
-    def _parse_init(self, data: dict[str, Any], path: str, problems: Any) -> None:
-        """``scaling`` (LoRA only) and ``router_init``, with the method's defaults."""
-        self.scaling = data.get("scaling", "per_expert")
-        if self.scaling not in SCALINGS:
-            problems.add(f"{path}.scaling", f"expected one of {SCALINGS}, got {self.scaling!r}")
-        elif self.method == "mov" and "scaling" in data:
-            problems.add(f"{path}.scaling", "MoV experts are (IA)³ vectors: they have no LoRA scaling")
-        self.router_init = data.get("router_init", "kaiming" if self.method == "mola" else "normal_0.02")
-        if self.router_init not in ROUTER_INITS:
-            problems.add(f"{path}.router_init", f"expected one of {ROUTER_INITS}, got {self.router_init!r}")
-
-    def _parse_balance(self, data: dict[str, Any], path: str, problems: Any) -> None:
-        """``balance_loss``: true (the defaults), false / absent, or ``{coef, reduction}``; top-k routing only."""
-        balance = data.get("balance_loss")
-        if balance is True:
-            balance = {}
-        if isinstance(balance, dict):
-            coef, reduction = balance.get("coef", 1e-3), balance.get("reduction", "layer")
-            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-                problems.add(f"{path}.balance_loss.coef", f"expected a finite number >= 0, got {coef!r}")
-            elif reduction not in REDUCTIONS:
-                problems.add(f"{path}.balance_loss.reduction", f"expected one of {REDUCTIONS}, got {reduction!r}")
-            else:
-                self.balance_loss = BalanceLossConfig(float(coef), reduction)
-            if self.top_k is None:
-                problems.add(f"{path}.balance_loss", "a dense soft merge has no expert load to balance: set top_k")
-        elif balance not in (None, False):
-            problems.add(f"{path}.balance_loss", f"expected true, false or {{coef, reduction}}, got {balance!r}")
-
-    def _parse_routing(self, data: dict[str, Any], path: str, problems: Any) -> None:
-        """``renormalize`` (top-k only), and MoV's ``router_input``, ``ffn_scaled`` and ``per_head``."""
-        self.renormalize = data.get("renormalize", True)
-        if not isinstance(self.renormalize, bool):
-            problems.add(f"{path}.renormalize", f"expected true or false, got {self.renormalize!r}")
-        elif "renormalize" in data and self.top_k is None:
+        if "renormalize" in data and isinstance(self.renormalize, bool):
             problems.add(f"{path}.renormalize", "only top-k routing is renormalised: set top_k")
-        for name in ("router_input", "ffn_scaled", "per_head"):
-            if name in data and self.method != "mov":
-                problems.add(f"{path}.{name}", "only MoV (method 'mov') has this choice")
-        self.router_input = data.get("router_input", "scaled")
-        if self.router_input not in ROUTER_INPUTS:
-            problems.add(f"{path}.router_input", f"expected one of {ROUTER_INPUTS}, got {self.router_input!r}")
-        # A saved checkpoint's block always names ffn_scaled (to_dict writes it); one with trained weights but no
-        # ffn_scaled was trained before the choice existed, on the down projection's input: keep what it learned.
-        self.ffn_scaled = data.get("ffn_scaled", "down_input" if data.get("weights") else "gate_activation")
-        if self.ffn_scaled not in FFN_SCALED:
-            problems.add(f"{path}.ffn_scaled", f"expected one of {FFN_SCALED}, got {self.ffn_scaled!r}")
-        self.per_head = data.get("per_head", self.method == "mov")
-        if not isinstance(self.per_head, bool):
-            problems.add(f"{path}.per_head", f"expected true or false, got {self.per_head!r}")
+        if data.get("balance_loss") is True or isinstance(data.get("balance_loss"), dict):
+            problems.add(f"{path}.balance_loss", "a dense soft merge has no expert load to balance: set top_k")
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"method": self.method}
@@ -233,7 +245,11 @@ class LoraExpertsConfig:
         return data
 
 
-def _check_spec(value: Any, path: str, problems: Any, *, minimum: int, per_expert: bool, allow_dict: bool = True
+LORA_EXPERTS_SCHEMA = Schema.of(LoraExpertsConfig, selector="method", by_method=METHOD_DEFAULTS)
+"""The ``lora_experts`` fields, with each method's defaults."""
+
+
+def _check_spec(value: Any, path: str, problems: Problems, *, minimum: int, per_expert: bool, allow_dict: bool = True
                 ) -> None:
     """Shape-level checks of an int / list / dict / file spec (values against the model come later)."""
     if isinstance(value, str):

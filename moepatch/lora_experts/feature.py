@@ -16,6 +16,7 @@ from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
 from moepatch.lora_experts import save_lora_experts
+from moepatch.lora_experts.config import LORA_EXPERTS_SCHEMA
 from moepatch.lora_experts.config import WEIGHTS_NAME
 from moepatch.lora_experts.config import LoraExpertsConfig
 from moepatch.lora_experts.inject import GROUPS
@@ -27,6 +28,7 @@ from moepatch.lora_experts.inject import load_lora_weights
 from moepatch.lora_experts.inject import lora_state_dict
 from moepatch.lora_experts.inject import plan_lora_experts
 from moepatch.lora_experts.inject import read_saved_lora_weights
+from moepatch.schema import ConfigEntry
 from moepatch.validation import Problems
 
 if TYPE_CHECKING:
@@ -94,6 +96,11 @@ class LoraExpertLayers(Feature):
 
     def to_dict(self, config: LoraExpertsConfig) -> dict[str, Any]:
         return config.to_dict()
+
+    def config_entry(self) -> ConfigEntry:
+        return ConfigEntry(self.name, '{"method": "molora" | "mov" | "mola", ...} | false',
+                           "LoRA-expert layers (MoLoRA, MoV, MoLA, GuiLoMo allocations); defaults follow the method.",
+                           LORA_EXPERTS_SCHEMA.fields)
 
     def plan(self, structure: MoEModel, config: LoraExpertsConfig, checkpoint: Path | None) -> Planned:
         targets = plan_lora_experts(structure, config, checkpoint, self.field_path())

@@ -40,6 +40,8 @@ from model_patches.structure import identity_projections
 from model_patches.structure import key_value_heads
 from model_patches.structure import layer_indexer
 from model_patches.structure import router_modules
+from moepatch.errors import FieldError
+from moepatch.errors import FieldProblems
 from moepatch.feature import CONFIG_KEY
 from moepatch.lora_experts.balance import AUX_ATTRIBUTE
 from moepatch.lora_experts.balance import install_balance_hook
@@ -118,22 +120,22 @@ def _per_target(value: Any, path: str, layer: int | None, num_layers: int, where
         return value
     if isinstance(value, list):
         if len(value) != num_layers:
-            raise ValueError(f"{where}: {len(value)} entries, the model has {num_layers} layers")
+            raise FieldError(where, f"{len(value)} entries, the model has {num_layers} layers")
         if layer is None:
-            raise ValueError(f"{where}: {path} belongs to no decoder layer; use a dict keyed by module path")
+            raise FieldError(where, f"{path} belongs to no decoder layer; use a dict keyed by module path")
         return value[layer]
     if isinstance(value, dict):
         if path not in value:
-            raise ValueError(f"{where}: no entry for module {path!r}")
+            raise FieldError(where, f"no entry for module {path!r}")
         return value[path]
-    raise ValueError(f"{where}: expected an integer, a list per layer or a dict per module, got {value!r}")
+    raise FieldError(where, f"expected an integer, a list per layer or a dict per module, got {value!r}")
 
 
 def _count(value: Any, path: str, layer: int | None, num_layers: int, where: str) -> int:
     """:func:`_per_target` of a value every target must have (an expert count, a rank)."""
     count = _per_target(value, path, layer, num_layers, where)
     if count is None:
-        raise ValueError(f"{where}: no value for module {path!r}")
+        raise FieldError(where, f"no value for module {path!r}")
     return count
 
 
@@ -143,7 +145,7 @@ def _ranks(value: Any, path: str, layer: int | None, num_layers: int, experts: i
         for expert in range(experts):
             key = f"{path}.expertlora_E_vector_{expert}"
             if key not in value:
-                raise ValueError(f"{where}: no rank for {key!r} (module {path!r} has {experts} experts)")
+                raise FieldError(where, f"no rank for {key!r} (module {path!r} has {experts} experts)")
             ranks.append(int(value[key]))
         return ranks
     rank = _count(value, path, layer, num_layers, where)
@@ -170,7 +172,7 @@ def _routed_allocation(num_experts: Any, ranks_spec: Any, target: LoraTarget, st
                  _ranks(ranks_spec, _routed_key(ranks_spec, target.path, expert_path, ".expertlora_E_vector_0"),
                         target.layer, num_layers, count, f"{where}.r"))
         if target.top_k is not None and target.top_k > count:
-            raise ValueError(f"{where}.top_k: {target.top_k} exceeds the {count} experts of {expert_path}")
+            raise FieldError(f"{where}.top_k", f"{target.top_k} exceeds the {count} experts of {expert_path}")
         allocation.append((count, ranks))
     return allocation
 # --- end of per-routed-expert allocation ---
@@ -280,7 +282,7 @@ class _Planner:
         self.routed = self.storage.projections(moe)
         self.routed_modules = {id(candidate.module) for candidate in self.routed}
         self.prefixes = _group_prefixes(moe, self.names)
-        self.problems: list[str] = []
+        self.problems: list[tuple[str, str]] = []  # (config path, message)
         self.targets: list[LoraTarget] = []
         self.matched_entries: set[str] = set()
         self.broad: dict[str, tuple[str, str]] = {}  # entry → (a routed path it reached by a broad name only, an
@@ -295,10 +297,10 @@ class _Planner:
         """``routed_experts: true`` on experts the storage cannot read."""
         if self.config.routed_experts and not self.routed:
             experts = type(self.moe.layers[0].experts).__name__
-            self.problems.append(
-                f"{self.where}.routed_experts: true, but {experts} stores its experts in a layout moepatch's "
+            self.problems.append((
+                f"{self.where}.routed_experts", f"true, but {experts} stores its experts in a layout moepatch's "
                 f"'{self.storage.kind}' expert storage does not read (no per-expert gate / up / down projections "
-                "it can find); set routed_experts to false to adapt the other projections")
+                "it can find); set routed_experts to false to adapt the other projections"))
 
     def add(self, path: str, module: nn.Module, kind: str, projection: str | None, in_dims: list[int],
             out_dims: list[int], candidate: RoutedProjection | None = None) -> None:
@@ -308,8 +310,8 @@ class _Planner:
         name = projection or path.rsplit(".", 1)[-1]
         placement = "input" if config.method == "mov" and name in MOV_INPUT_SCALED else "output"
         if config.method == "mov" and kind not in ("linear", "identity") and placement != "input":
-            self.problems.append(f"{where}.target_modules: MoV scales keys, values and the FFN intermediate; {path} "
-                                 "is a routed expert's input-side projection (use down_proj)")
+            self.problems.append((f"{where}.target_modules", "MoV scales keys, values and the FFN intermediate; "
+                                  f"{path} is a routed expert's input-side projection (use down_proj)"))
             return
         try:
             top_k = _per_target(config.top_k, path, layer, self.moe.num_layers, f"{where}.top_k")
@@ -320,11 +322,11 @@ class _Planner:
             experts = _count(self.num_experts, path, layer, self.moe.num_layers, f"{where}.num_experts")
             ranks = ([] if self.ranks_spec is None else
                      _ranks(self.ranks_spec, path, layer, self.moe.num_layers, experts, f"{where}.r"))
-        except ValueError as error:
-            self.problems.append(str(error))
+        except FieldError as error:
+            self.problems.append((error.field, error.message))
             return
         if top_k is not None and top_k > experts:
-            self.problems.append(f"{where}.top_k: {top_k} exceeds the {experts} experts of {path}")
+            self.problems.append((f"{where}.top_k", f"{top_k} exceeds the {experts} experts of {path}"))
             return
         activation = self._mov_activation(path, kind, placement)
         if activation is False:
@@ -355,8 +357,9 @@ class _Planner:
             return None
         gate, activation = gate_and_activation(_parent(self.root, path))
         if gate is not None and (activation is None or id(activation) in self.activations):
-            self.problems.append(f"{self.where}.ffn_scaled: {path}'s block is gated ({gate}) but has no activation "
-                                 f"module of its own to scale act({gate} x) at; set ffn_scaled to 'down_input'")
+            self.problems.append((f"{self.where}.ffn_scaled", f"{path}'s block is gated ({gate}) but has no "
+                                  f"activation module of its own to scale act({gate} x) at; set ffn_scaled to "
+                                  "'down_input'"))
             return False
         if activation is not None:
             self.activations.add(id(activation))
@@ -371,8 +374,8 @@ class _Planner:
             return None
         heads = key_value_heads(self.moe, out_dims[0])
         if heads is None:
-            self.problems.append(f"{self.where}.per_head: {path} ({out_dims[0]} wide) is not a whole number of the "
-                                 "model config's key/value heads; set per_head: false")
+            self.problems.append((f"{self.where}.per_head", f"{path} ({out_dims[0]} wide) is not a whole number of "
+                                  "the model config's key/value heads; set per_head: false"))
             return False
         return heads
 
@@ -393,7 +396,8 @@ class _Planner:
                 continue  # MoV scales the FFN intermediate only: input-side projections reached by a broad name
             problem = self._routed_problem(candidate)
             if problem is not None:
-                self.problems.append(f"{self.where}.target_modules: {hits[0]!r} reaches {candidate.path}: {problem}")
+                self.problems.append((f"{self.where}.target_modules", f"{hits[0]!r} reaches {candidate.path}: "
+                                      f"{problem}"))
                 continue
             self.matched_entries.update(hits)
             self.add(candidate.path, candidate.module, self.storage.kind, candidate.projection,
@@ -442,20 +446,20 @@ class _Planner:
         """Every entry given must have matched (or be named in a problem already); something must be adapted."""
         where = self.where
         for entry in [] if self.config.default_targets else self.entries:
-            if entry in self.matched_entries or any(repr(entry) in problem for problem in self.problems):
+            if entry in self.matched_entries or any(repr(entry) in problem for _, problem in self.problems):
                 continue
             if entry in self.broad:
-                self.problems.append(
-                    f"{where}.target_modules: {entry!r} reaches only routed experts ({self.broad[entry][0]}, "
+                self.problems.append((
+                    f"{where}.target_modules", f"{entry!r} reaches only routed experts ({self.broad[entry][0]}, "
                     f"...), which broad names leave out: set {where}.routed_experts to true or name the "
-                    f"experts' module ({self.broad[entry][1]!r})")
+                    f"experts' module ({self.broad[entry][1]!r})"))
             else:
-                self.problems.append(f"{where}.target_modules: {entry!r} matches no projection of "
-                                     f"{type(self.root).__name__} (routers are only matched by full path)")
+                self.problems.append((f"{where}.target_modules", f"{entry!r} matches no projection of "
+                                      f"{type(self.root).__name__} (routers are only matched by full path)"))
         if not self.targets and not self.problems:
-            self.problems.append(f"{where}.target_modules: nothing to adapt" + (
+            self.problems.append((f"{where}.target_modules", "nothing to adapt" + (
                 f"; {sorted(self.broad)} reach only routed experts: set {where}.routed_experts to true"
-                if self.broad else ""))
+                if self.broad else "")))
 
 
 def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path | None, where: str
@@ -467,7 +471,7 @@ def plan_lora_experts(moe: MoEModel, config: LoraExpertsConfig, base_dir: Path |
     plan.add_modules()
     plan.check_entries()
     if plan.problems:
-        raise ValueError("invalid moepatch config:\n  " + "\n  ".join(plan.problems))
+        raise FieldProblems("invalid moepatch config", plan.problems)
     return plan.targets
 
 

@@ -26,7 +26,7 @@ from transformers import Trainer
 from transformers import TrainerCallback
 
 from moepatch.compat import distributed_ready
-from moepatch.errors import UsageError
+from moepatch.errors import FieldError
 from moepatch.feature import feature_state_keys
 from moepatch.feature import load_feature_states
 from moepatch.loading.pretrained import from_pretrained
@@ -50,7 +50,8 @@ ROUNDS_FILE = Path("sampling_info") / "rounds.jsonl"
 class DynamicSamplingArguments:
     """Options of dynamic data mixing (Dynamic Data Mixing, Zhu et al., 2024; usable with ``HfArgumentParser``).
 
-    Every value is checked when the object is built: :class:`~moepatch.errors.UsageError` names the bad argument.
+    Every value is checked when the object is built: :class:`~moepatch.errors.FieldError` names the bad field
+    (``HfArgumentParser`` spells it ``--<field>``; the command maps it).
     """
 
     update_every: int = field(default=100, metadata={"help": "Optimizer steps between probe rounds (m; >= 1)."})
@@ -69,27 +70,27 @@ class DynamicSamplingArguments:
 
     def __post_init__(self) -> None:
         if not (_is_int(self.update_every) and self.update_every >= 1):
-            raise UsageError("--update_every", f"expected an integer >= 1 (optimizer steps between probe rounds), "
-                                               f"got {self.update_every!r}")
+            raise FieldError("update_every", f"expected an integer >= 1 (optimizer steps between probe rounds), "
+                                             f"got {self.update_every!r}")
         if not (_is_number(self.eta) and math.isfinite(self.eta) and self.eta >= 0):
-            raise UsageError("--eta", f"expected a finite step size >= 0, got {self.eta!r}")
+            raise FieldError("eta", f"expected a finite step size >= 0, got {self.eta!r}")
         if not (_is_number(self.c) and 0.0 <= self.c <= 1.0):
-            raise UsageError("--c", f"expected a smoothing value in [0, 1], got {self.c!r}")
+            raise FieldError("c", f"expected a smoothing value in [0, 1], got {self.c!r}")
         if self.distance not in DISTANCES:
-            raise UsageError("--distance", f"expected one of {', '.join(DISTANCES)}, got {self.distance!r}")
+            raise FieldError("distance", f"expected one of {', '.join(DISTANCES)}, got {self.distance!r}")
         if self.criterion not in CRITERIA:
-            raise UsageError("--criterion", f"expected one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+            raise FieldError("criterion", f"expected one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         layers = self.probe_layers
         if not isinstance(layers, (list, tuple)) or not layers:
-            raise UsageError("--probe_layers", f"expected at least one MoE layer index, got {layers!r}")
+            raise FieldError("probe_layers", f"expected at least one MoE layer index, got {layers!r}")
         if not all(_is_int(index) for index in layers):
-            raise UsageError("--probe_layers", f"expected integer layer indices, got {list(layers)!r}")
+            raise FieldError("probe_layers", f"expected integer layer indices, got {list(layers)!r}")
         if len(set(layers)) != len(layers):
-            raise UsageError("--probe_layers", f"a layer is listed twice: {list(layers)}")
+            raise FieldError("probe_layers", f"a layer is listed twice: {list(layers)}")
         if not (_is_int(self.probe_batch_size) and self.probe_batch_size >= 1):
-            raise UsageError("--probe_batch_size", f"expected an integer >= 1, got {self.probe_batch_size!r}")
+            raise FieldError("probe_batch_size", f"expected an integer >= 1, got {self.probe_batch_size!r}")
         if not _is_int(self.sampling_seed):
-            raise UsageError("--sampling_seed", f"expected an integer, got {self.sampling_seed!r}")
+            raise FieldError("sampling_seed", f"expected an integer, got {self.sampling_seed!r}")
 
 
 def _is_int(value: Any) -> bool:

@@ -72,8 +72,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from dataclasses import field
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -90,12 +88,12 @@ from moepatch.errors import MoePatchWarning
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
-from moepatch.patch import get_handle
+from moepatch.feature import active_handle
+from moepatch.routing.bias_update_config import BIAS_UPDATE_SCHEMA
+from moepatch.routing.bias_update_config import BiasUpdateConfig
 from moepatch.routing.recorder import RoutingRecorder
+from moepatch.schema import ConfigEntry
 from moepatch.validation import Problems
-from moepatch.validation import is_finite_number
-from moepatch.validation import is_int
-from moepatch.validation import warn_unknown
 
 if TYPE_CHECKING:
     from moepatch.undo import UndoLog
@@ -113,57 +111,6 @@ __all__ = [
     "bias_update_callbacks",
     "plan_bias_targets",
 ]
-
-
-# ---------------------------------------------------------------------------------------------- config
-@dataclass
-class BiasUpdateConfig:
-    """``"bias_update": {"rate": γ, "layers": [...] | null}``: aux-loss-free balancing of the selection biases."""
-
-    rate: float = field(metadata={"help": "γ of b_i ← b_i + γ·sign(mean_load − load_i), applied after every step."})
-    layers: list[int] | None = field(
-        default=None,
-        metadata={"help": "Decoder-layer indices whose biases move (negative counts from the last layer); "
-                          "null = every MoE layer."},
-    )
-
-    @classmethod
-    def parse(cls, data: Any, path: str, problems: Problems) -> BiasUpdateConfig | None:
-        """The config from the block value (``None`` / ``false``: off); every bad field goes to ``problems``."""
-        if data is None or data is False:
-            return None
-        if not isinstance(data, dict):
-            problems.add(path, f"expected an object such as {{\"rate\": 0.001}} or false, got "
-                               f"{type(data).__name__} {data!r}")
-            return None
-        warn_unknown(data, {f.name for f in fields(cls)}, path)
-        good = True
-        rate: Any = data.get("rate")  # a JSON value, checked below
-        if "rate" not in data:
-            problems.add(f"{path}.rate", "missing; the bias step per update, a positive number such as 0.001")
-            good = False
-        elif not is_finite_number(rate) or rate <= 0:
-            problems.add(f"{path}.rate", f"expected a positive, finite number, got {rate!r}")
-            good = False
-        layers = data.get("layers")
-        if layers is not None:
-            if not isinstance(layers, list):
-                problems.add(f"{path}.layers", f"expected a list of layer indices or null, got {layers!r}")
-                good = False
-            elif not layers:
-                problems.add(f"{path}.layers", "empty list (use null for every MoE layer)")
-                good = False
-            else:
-                for position, index in enumerate(layers):
-                    if not is_int(index):
-                        problems.add(f"{path}.layers[{position}]", f"expected an integer layer index, got {index!r}")
-                        good = False
-        if not good:
-            return None
-        return cls(rate=float(rate), layers=None if layers is None else list(layers))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rate": self.rate, "layers": None if self.layers is None else list(self.layers)}
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -464,6 +411,11 @@ class AuxLossFreeBalancing(Feature):
     def to_dict(self, config: BiasUpdateConfig) -> dict[str, Any]:
         return config.to_dict()
 
+    def config_entry(self) -> ConfigEntry:
+        return ConfigEntry(self.name, '{"rate": 0.001, "layers": [...] | null} | false',
+                           "Aux-loss-free balancing: move each router's selection bias after every optimizer step "
+                           "(DeepSeek-V3).", BIAS_UPDATE_SCHEMA.fields)
+
     def plan(self, structure: MoEModel, config: BiasUpdateConfig, checkpoint: Path | None) -> Planned:
         return Planned(config, plan_bias_targets(structure, config.layers, self.field_path()))
 
@@ -535,6 +487,6 @@ def __getattr__(name: str) -> Any:
 def bias_update_callbacks(model: nn.Module) -> list[Any]:
     """``[BiasUpdateCallback(...)]`` when ``model`` is patched with ``bias_update``, else ``[]`` (for Trainers)."""
 
-    handle = get_handle(model)
+    handle = active_handle(model)
     updater = handle.bias_updater if handle is not None else None
     return [_callback_class()(updater)] if updater is not None else []

@@ -42,6 +42,7 @@ from model_patches.structure import extra_routers
 from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
+from moepatch.schema import ConfigEntry
 from moepatch.undo import UndoLog
 from moepatch.validation import Problems
 
@@ -144,6 +145,11 @@ class FreezeGate(Feature):
 
     def to_dict(self, config: FreezeRule) -> str:
         return config.value
+
+    def config_entry(self) -> ConfigEntry:
+        return ConfigEntry(self.name, 'true (= "router") | "router" | "gate_substring" | false',
+                           "Freeze every top-k router's parameters ('router'), or every parameter whose name contains "
+                           "'gate' ('gate_substring', the Dynamic Data Mixing code's rule).")
 
     def plan(self, structure: MoEModel, config: FreezeRule, checkpoint: Path | None) -> Planned:
         chosen = FrozenParameters(parameters_to_freeze(structure, config.value))

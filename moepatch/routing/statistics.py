@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -16,9 +15,12 @@ from moepatch.feature import Feature
 from moepatch.feature import Installed
 from moepatch.feature import Planned
 from moepatch.routing.recorder import RoutingRecorder
+from moepatch.schema import ConfigEntry
+from moepatch.schema import Schema
+from moepatch.schema import boolean
+from moepatch.schema import describe
+from moepatch.schema import layer_indices
 from moepatch.validation import Problems
-from moepatch.validation import is_int
-from moepatch.validation import warn_unknown
 
 if TYPE_CHECKING:
     from moepatch.undo import UndoLog
@@ -28,16 +30,18 @@ if TYPE_CHECKING:
 class RoutingStatsConfig:
     """Record routing statistics (hard top-k counts and router probability sums per layer and expert)."""
 
-    enabled: bool = field(default=True, metadata={"help": "Record while the patch is applied."})
+    enabled: bool = field(default=True, metadata=describe("bool", "Record while the patch is applied.",
+                                                          check=boolean))
     layers: list[int] | None = field(
         default=None,
-        metadata={
-            "help": "Decoder-layer indices to record (negative counts from the last layer); null = every MoE layer."
-        },
-    )
+        metadata=describe("list of layer indices | null", "Decoder-layer indices to record (negative counts from the "
+                                                          "last layer); null = every MoE layer.",
+                          check=layer_indices(unique=True)))
 
     @classmethod
     def parse(cls, data: Any, path: str, problems: Problems) -> RoutingStatsConfig | None:
+        """The config from the block value (``None`` / ``false``: off, ``true``: the defaults); every bad field goes
+        to ``problems``."""
         if data is None or data is False:
             return None
         if data is True:
@@ -45,34 +49,14 @@ class RoutingStatsConfig:
         if not isinstance(data, dict):
             problems.add(path, f"expected an object, true or false, got {type(data).__name__} {data!r}")
             return None
-        warn_unknown(data, {f.name for f in fields(cls)}, path)
-        result = cls()
-        enabled = data.get("enabled", True)
-        if not isinstance(enabled, bool):
-            problems.add(f"{path}.enabled", f"expected true or false, got {enabled!r}")
-        else:
-            result.enabled = enabled
-        layers = data.get("layers")
-        if layers is not None:
-            if not isinstance(layers, list):
-                problems.add(f"{path}.layers", f"expected a list of layer indices or null, got {layers!r}")
-            elif not layers:
-                problems.add(f"{path}.layers", "empty list (use null for every MoE layer)")
-            else:
-                good = True
-                for position, index in enumerate(layers):
-                    if not is_int(index):
-                        problems.add(f"{path}.layers[{position}]", f"expected an integer layer index, got {index!r}")
-                        good = False
-                if good and len(set(layers)) != len(layers):
-                    duplicates = sorted({i for i in layers if layers.count(i) > 1})
-                    problems.add(f"{path}.layers", f"duplicate layer indices {duplicates}")
-                if good:
-                    result.layers = list(layers)
-        return result
+        return cls(**(ROUTING_STATS_SCHEMA.parse(data, path, problems) or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "layers": None if self.layers is None else list(self.layers)}
+
+
+ROUTING_STATS_SCHEMA = Schema.of(RoutingStatsConfig)
+"""The ``routing_stats`` entry's fields."""
 
 
 class RoutingStats(Feature):
@@ -87,6 +71,10 @@ class RoutingStats(Feature):
 
     def to_dict(self, config: RoutingStatsConfig) -> dict[str, Any]:
         return config.to_dict()
+
+    def config_entry(self) -> ConfigEntry:
+        return ConfigEntry(self.name, '{"enabled": bool, "layers": [...] | null} | true | false',
+                           "Record routing statistics while applied (handle.recorder).", ROUTING_STATS_SCHEMA.fields)
 
     def enabled(self, config: RoutingStatsConfig | None) -> bool:
         return config is not None and config.enabled

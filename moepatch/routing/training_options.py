@@ -16,6 +16,8 @@ from typing import Any
 
 from model_patches import registry
 from model_patches.spec import FamilySpec
+from moepatch.errors import FieldError
+from moepatch.errors import FieldProblems
 
 TRAINING_OPTIONS: dict[str, type] = {"gate_noise": bool, "balance_loss": bool, "aux_loss_coef": float}
 """Option name → value type."""
@@ -30,7 +32,7 @@ def family_of_config(config: Any, family: str | None = None) -> FamilySpec:
         return claimed
     fallbacks = registry.fallback_families()
     if not fallbacks:
-        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: no moepatch family")
+        raise FieldError("model_type", f"{getattr(config, 'model_type', None)!r}: no moepatch family")
     return fallbacks[0]
 
 
@@ -38,38 +40,41 @@ def training_overrides(config: Any, family: str | None = None, **options: Any) -
     """The config changes that realise ``options`` (``None`` values are left as the config has them).
 
     Raises:
-        ValueError: an unknown option, a wrong type, a negative or non-finite coefficient, an option the family has
-            no switch for, or a switch field missing from ``config``; one message lists every problem.
+        FieldProblems: an unknown option, a wrong type, a negative or non-finite coefficient, an option the family
+            has no switch for, or a switch field missing from ``config``; one message lists every problem, each
+            named by its option.
+        FieldError: ``model_type``: no family claims the config and none is a fallback.
     """
     spec = family_of_config(config, family)
     switches = dict(spec.training_switches)
-    problems, overrides = [], {}
+    problems: list[tuple[str, str]] = []
+    overrides = {}
     for name, value in options.items():
         if value is None:
             continue
         if name not in TRAINING_OPTIONS:
-            problems.append(f"{name}: unknown training option (known: {', '.join(TRAINING_OPTIONS)})")
+            problems.append((name, f"unknown training option (known: {', '.join(TRAINING_OPTIONS)})"))
             continue
         kind = TRAINING_OPTIONS[name]
         if kind is bool and not isinstance(value, bool):
-            problems.append(f"{name}: expected true or false, got {value!r}")
+            problems.append((name, f"expected true or false, got {value!r}"))
             continue
         if kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                problems.append(f"{name}: expected a finite number >= 0, got {value!r}")
+                problems.append((name, f"expected a finite number >= 0, got {value!r}"))
                 continue
             value = float(value)
         if name not in switches:
             offered = ", ".join(switches) or "none"
-            problems.append(f"{name}: family {spec.name!r} has no such switch (it offers: {offered})")
+            problems.append((name, f"family {spec.name!r} has no such switch (it offers: {offered})"))
             continue
         field = switches[name]
         if not _has_field(config, field):
-            problems.append(f"{name}: the {type(config).__name__} has no field {field!r} (family {spec.name!r})")
+            problems.append((name, f"the {type(config).__name__} has no field {field!r} (family {spec.name!r})"))
             continue
         overrides[field] = value
     if problems:
-        raise ValueError("training options:\n  " + "\n  ".join(problems))
+        raise FieldProblems("training options", problems)
     return overrides
 
 

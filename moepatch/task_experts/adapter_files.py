@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -112,8 +113,6 @@ def _is_fused(module: str, fused_modules: set[str]) -> bool:
 
 def module_shapes(folder: str | Path) -> dict[str, tuple[int, int]]:
     """``{module path: (out, in)}`` of the linear LoRA modules of an adapter (read from the safetensors header)."""
-    from safetensors import safe_open
-
     config = adapter_config(folder)
     fused_modules = {name.rsplit(".", 1)[0] for name in config.get("target_parameters") or []}
     shapes = {}

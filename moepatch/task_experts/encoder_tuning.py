@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from moepatch.errors import FieldError
+
 MELD_TEMPERATURE = 0.02
 """FlagEmbedding's ``--temperature`` in MELD's router and retrieval fine-tunes."""
 
@@ -80,10 +82,10 @@ def finetune_encoder(model: Any, rows: Sequence[dict[str, str]], settings: Encod
         from sentence_transformers import SentenceTransformerTrainer
         from sentence_transformers import SentenceTransformerTrainingArguments
     except ImportError as error:
-        raise ValueError(f"--finetune-encoder: needs sentence-transformers and datasets ({error}); pip install "
-                         "'moepatch[router]'") from error
+        raise FieldError("finetune_encoder", f"needs sentence-transformers and datasets ({error}); pip install "
+                                             "'moepatch[router]'") from error
     if not rows:
-        raise ValueError("--finetune-encoder: no training row (every request has every expert as a positive)")
+        raise FieldError("finetune_encoder", "no training row (every request has every expert as a positive)")
     loss = _loss_class()(model, scale=1.0 / settings.temperature)
     with tempfile.TemporaryDirectory(prefix="moepatch-encoder-") as scratch:
         arguments = SentenceTransformerTrainingArguments(

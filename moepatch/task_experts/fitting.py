@@ -1,7 +1,8 @@
 """Fit the request router of a task-experts run: requests of each task, an encoder, a head, a held-out report.
 
 Used by ``moepatch experts fit-router`` and the demo.  Every check (data folder, groups, encoder) raises a
-``ValueError`` starting with the flag it is about, before any model is loaded.
+:class:`~moepatch.errors.FieldError` naming the setting it is about (a :class:`RouterSettings` field, or ``data``),
+before any model is loaded; the command names its flags.
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING
 from typing import Any
 
 import torch
 
+from moepatch.errors import FieldError
+from moepatch.staged_output import staged_folder
+from moepatch.task_experts import router as routers
 from moepatch.task_experts.encoder_tuning import EncoderTuning
+from moepatch.task_experts.encoder_tuning import contrastive_rows
+from moepatch.task_experts.encoder_tuning import finetune_encoder
 from moepatch.task_experts.manifest import ROUTER_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import base_model
-
-if TYPE_CHECKING:
-    from moepatch.task_experts.requests import Request
+from moepatch.task_experts.requests import Request
+from moepatch.task_experts.requests import split_requests
+from moepatch.task_experts.requests import task_requests
+from moepatch.task_experts.serving import TaskExpertModel
 
 HOLDOUT_REPORT = "holdout_report.json"
 TUNED_ENCODER = "encoder"
@@ -51,27 +57,23 @@ class RouterSettings:
 
 def make_encoder(manifest: ExpertManifest, description: dict[str, Any], batch_size: int = 8) -> Any:
     """The encoder a router description names (``router.json``'s ``encoder``)."""
-    from moepatch.task_experts.router import BaseModelEncoder
-    from moepatch.task_experts.router import SentenceTransformerEncoder
-
     if description["kind"] == "sentence_transformers":
-        return SentenceTransformerEncoder.from_description(description, batch_size, manifest.folder / ROUTER_FOLDER)
+        return routers.SentenceTransformerEncoder.from_description(description, batch_size,
+                                                                   manifest.folder / ROUTER_FOLDER)
     model, tokenizer = base_model(manifest)
-    return BaseModelEncoder(model, tokenizer, features=description["features"],
-                            max_length=description["max_length"], batch_size=batch_size)
+    return routers.BaseModelEncoder(model, tokenizer, features=description["features"],
+                                    max_length=description["max_length"], batch_size=batch_size)
 
 
 def scored_positives(manifest: ExpertManifest, requests: list[Any], margin: float,
                      log: Callable[[str], None] = print) -> torch.Tensor:
     """MELD's router data: every expert answers every request (answer loss); the near-best are its positives."""
-    from moepatch.task_experts.router import expert_positives
-    from moepatch.task_experts.serving import TaskExpertModel
 
     serving = TaskExpertModel.from_experts(manifest.folder, with_router=False)
     tasks = sorted(manifest.tasks)
     records = [request.record for request in requests]
     losses = torch.tensor([serving.answer_losses(records, [task] * len(records)) for task in tasks]).T
-    positives = expert_positives(losses, margin)
+    positives = routers.expert_positives(losses, margin)
     own = sum(bool(positives[i, tasks.index(r.task)]) for i, r in enumerate(requests)) / len(requests)
     log(f"scored {len(tasks)} experts on {len(requests)} requests: {positives.sum(1).float().mean():.2f} positive "
         f"experts per request, the request's own task among them for {own:.1%}")
@@ -79,27 +81,28 @@ def scored_positives(manifest: ExpertManifest, requests: list[Any], margin: floa
 
 
 def check_settings(manifest: ExpertManifest, settings: RouterSettings) -> None:
-    """Every problem of ``settings`` as a ``ValueError`` naming the flag, before a model is loaded."""
+    """Every problem of ``settings`` as a :class:`~moepatch.errors.FieldError` naming the setting, before a model
+    is loaded."""
     for task in settings.groups:
         if task not in manifest.tasks:
-            raise ValueError(f"--group: unknown task {task!r}; the experts are {manifest.tasks}")
+            raise FieldError("groups", f"unknown task {task!r}; the experts are {manifest.tasks}")
     if settings.head == "retrieval" and not settings.encoder:
-        raise ValueError("--head: retrieval scores requests against expert descriptions with an embedding model: "
-                         "give --encoder DIR")
+        raise FieldError("head", lambda name: "retrieval scores requests against expert descriptions with an "
+                                              f"embedding model: give {name('encoder')} DIR")
     if settings.descriptions and settings.head != "retrieval":
-        raise ValueError("--descriptions: only the retrieval head uses expert descriptions")
+        raise FieldError("descriptions", "only the retrieval head uses expert descriptions")
     unknown = sorted(set(settings.descriptions) - set(manifest.tasks))
     if unknown:
-        raise ValueError(f"--descriptions: unknown task(s) {unknown}; the experts are {manifest.tasks}")
+        raise FieldError("descriptions", f"unknown task(s) {unknown}; the experts are {manifest.tasks}")
     empty = sorted(task for task, text in settings.descriptions.items()
                    if not isinstance(text, str) or not text.strip())
     if empty:
-        raise ValueError(f"--descriptions: task(s) {empty} have no description text")
+        raise FieldError("descriptions", f"task(s) {empty} have no description text")
     if settings.finetune_encoder and settings.head != "retrieval":
-        raise ValueError("--finetune-encoder: only with --head retrieval (MELD fine-tunes the encoder that scores "
-                         "requests against expert descriptions)")
+        raise FieldError("finetune_encoder", lambda name: f"only with {name('head')} retrieval (MELD fine-tunes the "
+                                                          "encoder that scores requests against expert descriptions)")
     if settings.positives not in ("scored", "own"):
-        raise ValueError(f"--positives: expected 'scored' or 'own', got {settings.positives!r}")
+        raise FieldError("positives", f"expected 'scored' or 'own', got {settings.positives!r}")
 
 
 def _tasks_of(requests: Sequence[Request]) -> list[str]:
@@ -114,13 +117,8 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
                log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any] | None]:
     """Fit and save ``<experts>/router/``; returns the router and the held-out report (``None`` without a
     held-out split).  The router folder is replaced as a whole, only once everything is written."""
-    from moepatch.task_experts.requests import split_requests
-    from moepatch.task_experts.requests import task_requests
-    from moepatch.task_experts.router import TaskRouter
-    from moepatch.task_experts.router import routing_report
-
     if not data.is_dir():
-        raise ValueError(f"--data: {data} is not a data folder")
+        raise FieldError("data", f"{data} is not a data folder")
     check_settings(manifest, settings)
     by_task, without_dev = task_requests(data, manifest.tasks)
     if without_dev:
@@ -137,13 +135,8 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
     texts = [settings.descriptions.get(task, task) for task in tasks]
     needs_scores = settings.head == "contrastive" or (settings.finetune_encoder and settings.positives == "scored")
     positives = scored_positives(manifest, fit, settings.positive_margin, log) if needs_scores else None
-    from moepatch.staged_output import staged_folder
-
     with staged_folder(folder) as staging:  # the earlier router stays whole until this fit has written everything
         if settings.finetune_encoder:
-            from moepatch.task_experts.encoder_tuning import contrastive_rows
-            from moepatch.task_experts.encoder_tuning import finetune_encoder
-
             if positives is None:  # each request's own task
                 positives = torch.tensor([[task == request.task for task in tasks] for request in fit])
             rows = contrastive_rows([request.text for request in fit], positives, texts, settings.seed)
@@ -154,15 +147,15 @@ def fit_router(manifest: ExpertManifest, data: Path, settings: RouterSettings,
             encoder.folder = TUNED_ENCODER  # router.json names it relative to the router folder
             encoder.pooling = None  # saved as a sentence-transformers folder: pooling is in its modules
         signatures = encoder.encode([request.text for request in fit + held])
-        router = TaskRouter.fit(signatures[:len(fit)], _tasks_of(fit), head=settings.head,
-                                encoder=encoder.describe(), groups=settings.groups, seed=settings.seed,
-                                positives=positives if settings.head == "contrastive" else None,
-                                descriptions=encoder.encode(texts) if settings.head == "retrieval" else None)
+        router = routers.TaskRouter.fit(signatures[:len(fit)], _tasks_of(fit), head=settings.head,
+                                        encoder=encoder.describe(), groups=settings.groups, seed=settings.seed,
+                                        positives=positives if settings.head == "contrastive" else None,
+                                        descriptions=encoder.encode(texts) if settings.head == "retrieval" else None)
         router.save(staging)
         report = None
         if held:
-            report = routing_report(router, signatures[len(fit):], _tasks_of(held),
-                                    min(2, len(router.tasks)))
+            report = routers.routing_report(router, signatures[len(fit):], _tasks_of(held),
+                                            min(2, len(router.tasks)))
             (staging / HOLDOUT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     log(f"router ({settings.head}, {description['kind']}) fitted on {len(fit)} requests of {len(by_task)} tasks, "
         f"saved to {folder}")

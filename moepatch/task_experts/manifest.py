@@ -16,6 +16,10 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from moepatch.errors import CommandError
+from moepatch.errors import FieldError
+from moepatch.staged_output import write_text_atomically
+
 MANIFEST_NAME = "manifest.json"
 EXPERTS_FOLDER = "experts"
 ROUTER_FOLDER = "router"
@@ -74,16 +78,17 @@ class ExpertManifest:
     def expert_path(self, task: str) -> Path:
         return self.folder / self.expert(task).path
 
-    def check_tasks(self, tasks: list[str], flag: str = "tasks") -> None:
-        """``ValueError`` naming ``flag`` for unknown or repeated tasks and for an empty list."""
+    def check_tasks(self, tasks: list[str], name: str = "tasks") -> None:
+        """:class:`~moepatch.errors.FieldError` on ``name`` (the caller's name for ``tasks``) for unknown or
+        repeated tasks and for an empty list."""
         if not tasks:
-            raise ValueError(f"{flag}: no task given")
+            raise FieldError(name, "no task given")
         unknown = [task for task in tasks if task not in self.tasks]
         if unknown:
-            raise ValueError(f"{flag}: unknown task(s) {unknown}; the experts are {self.tasks}")
+            raise FieldError(name, f"unknown task(s) {unknown}; the experts are {self.tasks}")
         repeated = sorted({task for task in tasks if tasks.count(task) > 1})
         if repeated:
-            raise ValueError(f"{flag}: task(s) {repeated} given more than once")
+            raise FieldError(name, f"task(s) {repeated} given more than once")
 
     def check_base(self, config: Any, where: str) -> None:
         """``ValueError`` when ``config`` (a model config) is not the kind of model the experts were trained on."""
@@ -100,8 +105,6 @@ class ExpertManifest:
 
     def write(self, folder: str | Path | None = None) -> Path:
         """Write ``manifest.json`` in one move (a reader never sees half a manifest)."""
-        from moepatch.staged_output import write_text_atomically
-
         folder = Path(folder) if folder is not None else self.folder
         return write_text_atomically(folder / MANIFEST_NAME, json.dumps(self.to_dict(), indent=1) + "\n")
 
@@ -115,7 +118,7 @@ def manifest_folder(path: str | Path) -> Path:
     if (path / EXPERTS_FOLDER / MANIFEST_NAME).is_file():
         return path / EXPERTS_FOLDER
     raise ValueError(f"{path}: no {MANIFEST_NAME} here or in {path / EXPERTS_FOLDER} (train task experts first: "
-                     "scripts/finetune.py --task_experts true)")
+                     "`scripts/finetune.py --task_experts true`)")
 
 
 def read_manifest(path: str | Path, *, check_files: bool = True, allow_incomplete: bool = False) -> ExpertManifest:
@@ -163,7 +166,8 @@ def read_manifest(path: str | Path, *, check_files: bool = True, allow_incomplet
         missing = [task for task in planned if task not in tasks]
         raise ValueError(f"{file}: the run that wrote it did not finish (complete: false; trained {tasks} of the "
                          f"planned {planned}{f', missing {missing}' if missing else ''}): it was killed or failed. "
-                         "Run scripts/finetune.py --task_experts true with the same --output_dir again to finish it")
+                         "Run `scripts/finetune.py --task_experts true --output_dir` with the same folder again to "
+                         "finish it")
     if not experts and not allow_incomplete:
         raise ValueError(f"{file}: no experts")
     return ExpertManifest(data["base"], data["model_type"], data["hidden_size"], experts, folder, complete, planned)
@@ -174,7 +178,6 @@ def base_model(manifest: ExpertManifest) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     import moepatch
-    from moepatch.errors import CommandError
     from moepatch.loading.pretrained import load_config
     from moepatch.loading.skeleton import weightless_model
     from moepatch.loading.skeleton import weights_problem

@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
+from moepatch.data.instruction import read_jsonl_located
+from moepatch.errors import FieldError
+from moepatch.errors import Naming
+from moepatch.staged_output import write_text_atomically
 from moepatch.task_experts.adapter_files import adapter_config
 from moepatch.task_experts.adapter_files import adapter_deltas
 from moepatch.task_experts.adapter_files import module_shapes
@@ -34,6 +39,7 @@ from moepatch.task_experts.adapter_files import quiet_peft
 from moepatch.task_experts.manifest import MERGES_FILE
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.weighted_adapters import add_weighted_adapter
+from moepatch.validation import is_finite_number
 
 METHODS = ("cat", "svd")
 MERGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -85,68 +91,76 @@ def merged_rank(ranks: Sequence[int], request: MergeRequest) -> int:
 
 
 def check_request(manifest: ExpertManifest, request: MergeRequest, max_lora_rank: int | None = None) -> int:
-    """Every problem of ``request`` as a ``ValueError`` naming the flag, before anything is loaded; returns the
-    merged rank."""
-    manifest.check_tasks(request.tasks, "--tasks")
+    """Every problem of ``request`` as a :class:`~moepatch.errors.FieldError` naming the request's field (``tasks``,
+    ``weights``, ``method``, ``rank``, ``name``) or ``max_lora_rank``, before anything is loaded; returns the merged
+    rank."""
+    manifest.check_tasks(request.tasks, "tasks")
     if len(request.tasks) < 2:
-        raise ValueError(f"--tasks: a merge needs two experts or more, got {request.tasks}")
+        raise FieldError("tasks", f"a merge needs two experts or more, got {request.tasks}")
     if len(request.weights) != len(request.tasks):
-        raise ValueError(f"--weights: {len(request.weights)} weight(s) {request.weights} for {len(request.tasks)} "
-                         f"tasks {request.tasks}")
+        raise FieldError("weights", f"{len(request.weights)} weight(s) {request.weights} for {len(request.tasks)} "
+                                    f"tasks {request.tasks}")
     if not all(isinstance(w, (int, float)) and w == w and abs(w) != float("inf") for w in request.weights):
-        raise ValueError(f"--weights: expected finite numbers, got {request.weights}")
+        raise FieldError("weights", f"expected finite numbers, got {request.weights}")
     if max(abs(w) for w in request.weights) < 1e-6:
-        raise ValueError(f"--weights: all zero or below 1e-6 in magnitude ({request.weights}): the merged adapter "
-                         "would change nothing")
+        raise FieldError("weights", f"all zero or below 1e-6 in magnitude ({request.weights}): the merged adapter "
+                                    "would change nothing")
     if max(abs(w) for w in request.weights) > 1e6:
-        raise ValueError(f"--weights: {request.weights} has a weight above 1e6 in magnitude: the merged factors "
-                         "would overflow float32")
+        raise FieldError("weights", f"{request.weights} has a weight above 1e6 in magnitude: the merged factors "
+                                    "would overflow float32")
     if request.method not in METHODS:
-        raise ValueError(f"--method: expected one of {METHODS}, got {request.method!r}")
+        raise FieldError("method", f"expected one of {METHODS}, got {request.method!r}")
     if request.rank is not None and request.method != "svd":
-        raise ValueError("--rank: only an svd merge has a chosen rank (cat's is the sum of the ranks)")
+        raise FieldError("rank", "only an svd merge has a chosen rank (cat's is the sum of the ranks)")
     if request.rank is not None and request.rank < 1:
-        raise ValueError(f"--rank: expected an integer >= 1, got {request.rank}")
+        raise FieldError("rank", f"expected an integer >= 1, got {request.rank}")
     experts = [manifest.expert(task) for task in request.tasks]
     fused = {tuple(sorted(expert.target_parameters or ())) for expert in experts}
     if len(fused) > 1:
-        raise ValueError(f"--tasks: the experts adapt different fused routed-expert parameters ({sorted(fused)}); "
-                         "only experts with the same target_parameters merge (peft loads them together only then)")
+        raise FieldError("tasks", f"the experts adapt different fused routed-expert parameters ({sorted(fused)}); "
+                                  "only experts with the same target_parameters merge (peft loads them together only "
+                                  "then)")
     targets = {tuple(sorted(expert.target_modules)) for expert in experts}
     if len(targets) > 1:
-        raise ValueError(f"--tasks: the experts adapt different modules ({sorted(targets)}); peft merges only "
-                         "adapters with the same target modules")
+        raise FieldError("tasks", f"the experts adapt different modules ({sorted(targets)}); peft merges only "
+                                  "adapters with the same target modules")
     if request.name is not None and (not MERGE_NAME.fullmatch(request.name) or request.name in manifest.tasks
                                      or request.name == "__base__"):
-        raise ValueError(f"--name: {request.name!r} must be letters, digits, '_', '-' (no '+', '~', '.', '/': those "
-                         "mark moepatch's own names) and not a task's name")
+        raise FieldError("name", f"{request.name!r} must be letters, digits, '_', '-' (no '+', '~', '.', '/': those "
+                                 "mark moepatch's own names) and not a task's name")
     configs = {task: adapter_config(manifest.expert_path(task)) for task in request.tasks}
     rslora = [task for task, config in configs.items() if config.get("use_rslora")]
     if rslora:
-        raise ValueError(f"--tasks: the experts of {rslora} use rsLoRA; peft's merge gives the merged adapter "
-                         "scaling √r (not 1) on top of the weighted factors, so its sum would be off by that factor")
+        raise FieldError("tasks", f"the experts of {rslora} use rsLoRA; peft's merge gives the merged adapter "
+                                  "scaling √r (not 1) on top of the weighted factors, so its sum would be off by that "
+                                  "factor")
     patterned = [task for task, config in configs.items() if config.get("target_parameters")
                  and (config.get("rank_pattern") or config.get("alpha_pattern"))]
     if patterned:
-        raise ValueError(f"--tasks: the experts of {patterned} combine target_parameters with rank_pattern / "
-                         "alpha_pattern, which this merge does not model")
+        raise FieldError("tasks", f"the experts of {patterned} combine target_parameters with rank_pattern / "
+                                  "alpha_pattern, which this merge does not model")
     if request.rank is not None and request.rank > sum(expert.rank for expert in experts):
-        raise ValueError(f"--rank: {request.rank} exceeds the sum of the experts' ranks "
-                         f"{sum(expert.rank for expert in experts)}: their weighted sum has no higher rank")
+        raise FieldError("rank", f"{request.rank} exceeds the sum of the experts' ranks "
+                                 f"{sum(expert.rank for expert in experts)}: their weighted sum has no higher rank")
     if request.rank is not None:
         shapes = {module: shape for task in request.tasks
                   for module, shape in module_shapes(manifest.expert_path(task)).items()}
         narrowest = min(shapes.items(), key=lambda item: min(item[1]), default=None)
         if narrowest is not None and request.rank > min(narrowest[1]):
-            raise ValueError(f"--rank: {request.rank} exceeds the smaller side of {narrowest[0]} "
-                             f"({narrowest[1][0]}×{narrowest[1][1]}): peft's svd merge cannot give it that rank")
+            raise FieldError("rank", f"{request.rank} exceeds the smaller side of {narrowest[0]} "
+                                     f"({narrowest[1][0]}×{narrowest[1][1]}): peft's svd merge cannot give it that "
+                                     "rank")
     rank = merged_rank([expert.rank for expert in experts], request)
     if max_lora_rank is not None and rank > max_lora_rank:
-        detail = (f"the sum of the ranks {[e.rank for e in experts]}" if request.method == "cat"
-                  else f"--rank {rank}")
-        raise ValueError(f"--max-lora-rank: the merged adapter {request.adapter_name()!r} has rank {rank} ({detail}),"
-                         f" more than --max-lora-rank {max_lora_rank}; merge fewer experts, use --method svd "
-                         "--rank R, or raise --max-lora-rank")
+        ranks, name, cat = [e.rank for e in experts], request.adapter_name(), request.method == "cat"
+
+        def too_large(field: Naming) -> str:
+            detail = f"the sum of the ranks {ranks}" if cat else f"{field('rank')} {rank}"
+            return (f"the merged adapter {name!r} has rank {rank} ({detail}), more than {field('max_lora_rank')} "
+                    f"{max_lora_rank}; merge fewer experts, use {field('method')} svd {field('rank')} R, or raise "
+                    f"{field('max_lora_rank')}")
+
+        raise FieldError("max_lora_rank", too_large)
     return rank
 
 
@@ -174,8 +188,6 @@ def expected_deltas(manifest: ExpertManifest, request: MergeRequest) -> dict[str
 
 def load_experts(base: torch.nn.Module, manifest: ExpertManifest, tasks: Sequence[str]) -> Any:
     """A ``PeftModel`` over ``base`` with the experts of ``tasks`` loaded under their task names."""
-    from peft import PeftModel
-
     manifest.check_base(base.config, "the base model")
     with quiet_peft():
         model = PeftModel.from_pretrained(base, str(manifest.expert_path(tasks[0])), adapter_name=tasks[0])
@@ -213,8 +225,6 @@ def merge_loaded(model: Any, manifest: ExpertManifest, request: MergeRequest, ou
 def _record_base(adapter: Path, base: str) -> None:
     """The merged adapter names the experts' base (the manifest's), whatever base an expert's own config named:
     peft copies the first expert's ``base_model_name_or_path``."""
-    from moepatch.staged_output import write_text_atomically
-
     path = adapter / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base
@@ -228,8 +238,6 @@ def write_merges(output: Path, results: Sequence[MergeResult]) -> Path:
     names = {result.name for result in results}
     entries = [entry for entry in entries if entry["name"] not in names]
     entries += [{key: value for key, value in asdict(result).items() if key != "module_errors"} for result in results]
-    from moepatch.staged_output import write_text_atomically
-
     write_text_atomically(path, json.dumps(entries, indent=1) + "\n")
     return path
 
@@ -248,8 +256,6 @@ def combination_key(tasks: Sequence[str], weights: Sequence[float]) -> tuple[str
 def route_tasks(where: str, record: Any) -> list[str]:
     """The chosen tasks of one line of a ``route`` output, its ``weights`` (when present) checked with them:
     ``ValueError`` naming ``where`` (file:line)."""
-    from moepatch.validation import is_finite_number
-
     tasks = record.get("tasks")
     if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks) or not tasks:
         raise ValueError(f"{where}: expected a non-empty 'tasks' list of names, got {tasks!r}")
@@ -266,8 +272,6 @@ def combinations_from_routes(path: Path, weights: Sequence[float] | None,
     """One ``cat`` request per distinct task combination in a ``route`` output (jsonl with ``"tasks"`` per line,
     best first), as MELD merged every pair its router produced; ``weights`` by rank (the top task's first) or equal
     ``1/k`` — then a pair is one adapter whatever its order."""
-    from moepatch.data.instruction import read_jsonl_located
-
     seen: dict[tuple[str, ...], MergeRequest] = {}
     for where, record in read_jsonl_located(path):
         tasks = route_tasks(where, record)
@@ -280,10 +284,11 @@ def combinations_from_routes(path: Path, weights: Sequence[float] | None,
             continue
         chosen = list(weights) if weights is not None else [1.0 / len(tasks)] * len(tasks)
         if len(chosen) != len(tasks):
-            raise ValueError(f"--weights: {len(chosen)} weight(s) for the {len(tasks)} tasks of {where}")
+            raise FieldError("weights", f"{len(chosen)} weight(s) for the {len(tasks)} tasks of {where}")
         key = combination_key(tasks, chosen)
         if key not in seen:
             seen[key] = MergeRequest(list(key) if key != tuple(tasks) else list(tasks), chosen)
     if not seen:
-        raise ValueError(f"{path}: no request with two or more tasks (route with --top-k 2 or more)")
+        raise ValueError(f"{path}: no request with two or more tasks (route with `moepatch experts route --top-k 2` "
+                         "or more)")
     return list(seen.values())

@@ -9,6 +9,8 @@ from typing import Any
 
 from moepatch.data.instruction import read_jsonl_located
 from moepatch.data.instruction import to_messages
+from moepatch.data.sources import discover_sources
+from moepatch.errors import FieldError
 
 
 @dataclass
@@ -54,18 +56,17 @@ def read_requests(path: str | Path, task_field: str = "task") -> list[Request]:
 def task_requests(data: str | Path, tasks: list[str] | None = None) -> tuple[dict[str, list[Request]], list[str]]:
     """Per task, the requests of a multi-source data folder (the dynamic-mixing layout: ``dev/<task>.jsonl`` preferred
     — the router learns from examples the experts did not train on — else ``train/<task>.jsonl``, or
-    ``<task>.jsonl`` / ``<task>/`` directly), and the tasks that had no dev file."""
-    from moepatch.data.sources import discover_sources
-    from moepatch.errors import FieldError
-
+    ``<task>.jsonl`` / ``<task>/`` directly), and the tasks that had no dev file.  A problem of the folder is a
+    :class:`~moepatch.errors.FieldError` on ``data``."""
     try:
         paths = discover_sources(data)
-    except FieldError as error:
-        raise error.as_usage_error({"data_dir": "--data"}) from None
+    except FieldError as error:  # the folder was given to discover_sources as its data_dir
+        raise FieldError("data", error.message) from None
     if tasks is not None:
         missing = [task for task in tasks if task not in paths]
         if missing:
-            raise ValueError(f"--data: {data} has no data for the experts' task(s) {missing} (it has {sorted(paths)})")
+            raise FieldError("data", f"{data} has no data for the experts' task(s) {missing} (it has "
+                                     f"{sorted(paths)})")
         paths = {task: paths[task] for task in tasks}
     result = {}
     for task, (train, dev) in paths.items():
@@ -73,7 +74,7 @@ def task_requests(data: str | Path, tasks: list[str] | None = None) -> tuple[dic
         for where, record in read_jsonl_located(dev or train):
             found.append(Request(request_text(record, where), task, where, record))
         if not found:
-            raise ValueError(f"--data: task {task!r} has no examples in {dev or train}")
+            raise FieldError("data", f"task {task!r} has no examples in {dev or train}")
         result[task] = found
     return result, [task for task, (_, dev) in paths.items() if dev is None]
 
@@ -90,7 +91,7 @@ def split_requests(by_task: dict[str, list[Request]], holdout: float, limit: int
         chosen = chosen[:limit] if limit else chosen
         count = 0 if holdout <= 0 else min(len(chosen) - 1, max(1, round(holdout * len(chosen))))
         if count < 1 and holdout > 0:
-            raise ValueError(f"--holdout: task {task!r} has {len(chosen)} example(s): too few to hold one out")
+            raise FieldError("holdout", f"task {task!r} has {len(chosen)} example(s): too few to hold one out")
         held += chosen[:count]
         fit += chosen[count:]
     return fit, held

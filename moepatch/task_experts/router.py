@@ -37,9 +37,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from moepatch.errors import FieldError
+from moepatch.routing.recorder import RoutingRecorder
 from moepatch.task_experts.manifest import ROUTER_CONFIG
 from moepatch.task_experts.manifest import ROUTER_WEIGHTS
+from moepatch.validation import safetensors_shapes
 
 HEADS = ("centroid", "linear", "contrastive", "retrieval")
 WIDTH_TENSORS = {"centroid": "centroids", "retrieval": "descriptions", "contrastive": "mean", "linear": "mean"}
@@ -70,10 +74,6 @@ class BaseModelEncoder:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        from moepatch.routing.recorder import RoutingRecorder
-
         was_training = self.model.training
         self.model.eval()
         recorder = RoutingRecorder(self.model, keep_choices=True) if "load" in self.features else None
@@ -158,21 +158,19 @@ class SentenceTransformerEncoder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as error:
-            raise ValueError("--encoder: sentence-transformers is not installed (pip install "
-                             "'moepatch[router]')") from error
+            raise FieldError("encoder", "sentence-transformers is not installed (pip install "
+                                        "'moepatch[router]')") from error
         try:  # the modules' home since sentence-transformers 6; `models` before (by name: one is always missing)
             models = importlib.import_module("sentence_transformers.sentence_transformer.modules")
         except ImportError:
             models = importlib.import_module("sentence_transformers.models")
         problem = encoder_folder_problem(folder)
         if problem is not None:
-            raise ValueError(f"--encoder: {problem}")
-        from moepatch.validation import safetensors_shapes
-
+            raise FieldError("encoder", problem)
         for weights in sorted(Path(folder).rglob("*.safetensors")):  # a truncated file is named, not a SafetensorError
             safetensors_shapes(weights)
         if pooling not in POOLINGS:
-            raise ValueError(f"--encoder-pooling: expected one of {POOLINGS}, got {pooling!r}")
+            raise FieldError("pooling", f"expected one of {POOLINGS}, got {pooling!r}")
         self.folder, self.batch_size = str(folder), batch_size
         self.pooling: str | None = None
         if (Path(folder) / "modules.json").is_file():
@@ -223,7 +221,7 @@ class TaskRouter:
     def __init__(self, tasks: Sequence[str], head: str, tensors: dict[str, torch.Tensor], encoder: dict[str, Any],
                  temperature: float = 0.05, groups: dict[str, str] | None = None) -> None:
         if head not in HEADS:
-            raise ValueError(f"--head: expected one of {HEADS}, got {head!r}")
+            raise FieldError("head", f"expected one of {HEADS}, got {head!r}")
         self.tasks, self.head, self.tensors, self.encoder = list(tasks), head, tensors, encoder
         self.temperature = temperature
         self.groups = dict(groups or {})
@@ -271,18 +269,18 @@ class TaskRouter:
                        0.05 if temperature is None else temperature, groups)
         if head == "retrieval":
             if descriptions is None or descriptions.shape != (len(tasks), signatures.shape[1]):
-                raise ValueError(f"--head retrieval: needs one description embedding per task ([{len(tasks)}, "
-                                 f"{signatures.shape[1]}])")
+                raise FieldError("descriptions", f"the retrieval head needs one description embedding per task "
+                                                 f"([{len(tasks)}, {signatures.shape[1]}])")
             return cls(tasks, head, {"descriptions": F.normalize(descriptions.float(), dim=-1)}, encoder,
                        0.02 if temperature is None else temperature, groups)
         if head == "contrastive":
             if positives is None or positives.shape != (len(signatures), len(tasks)) or not positives.any(1).all():
-                raise ValueError("--head contrastive: needs every request's positive experts ([requests, tasks], one "
-                                 "at least per request)")
+                raise FieldError("positives", "the contrastive head needs every request's positive experts "
+                                              "([requests, tasks], one at least per request)")
             return cls(tasks, head, _fit_contrastive(signatures, positives, steps, lr, weight_decay, seed), encoder,
                        0.05 if temperature is None else temperature, groups)
         if head != "linear":
-            raise ValueError(f"--head: expected one of {HEADS}, got {head!r}")
+            raise FieldError("head", f"expected one of {HEADS}, got {head!r}")
         mean, std = signatures.mean(0), signatures.std(0).clamp(min=1e-6)
         x = (signatures - mean) / std
         generator = torch.Generator().manual_seed(seed)
@@ -313,7 +311,7 @@ class TaskRouter:
     def excluded(self, own_task: str | None, exclude: str) -> list[int]:
         """Task indices left out for a request of ``own_task`` under MELD's evaluation variant ``exclude``."""
         if exclude not in EXCLUSIONS:
-            raise ValueError(f"--exclude: expected one of {EXCLUSIONS}, got {exclude!r}")
+            raise FieldError("exclude", f"expected one of {EXCLUSIONS}, got {exclude!r}")
         if exclude == "none" or own_task is None:
             return []
         if exclude == "cross-dataset":
@@ -325,7 +323,7 @@ class TaskRouter:
               exclude: str = "none") -> list[RouteChoice]:
         """The top-k tasks of each request and their weights (softmax over the kept scores, renormalised)."""
         if not 1 <= top_k <= len(self.tasks):
-            raise ValueError(f"--top-k: expected 1..{len(self.tasks)} (the router's tasks), got {top_k}")
+            raise FieldError("top_k", f"expected 1..{len(self.tasks)} (the router's tasks), got {top_k}")
         scores = self.scores(signatures)
         own_tasks = list(own_tasks) if own_tasks is not None else [None] * len(scores)
         choices = []
@@ -335,7 +333,7 @@ class TaskRouter:
             row[left_out] = float("-inf")
             k = min(top_k, len(self.tasks) - len(left_out))
             if k < 1:
-                raise ValueError(f"--exclude {exclude}: no task left for a request of {own!r}")
+                raise FieldError("exclude", f"{exclude}: no task left for a request of {own!r}")
             values, indices = row.topk(k)
             weights = torch.softmax(values / self.temperature, dim=-1)
             choices.append(RouteChoice([self.tasks[i] for i in indices.tolist()], weights.tolist(), values.tolist()))

@@ -20,14 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
+from moepatch.data.instruction import IGNORE_INDEX
+from moepatch.data.instruction import encode_messages
+from moepatch.data.instruction import to_messages
 from moepatch.task_experts.adapter_files import quiet_peft
 from moepatch.task_experts.manifest import MERGED_FOLDER
 from moepatch.task_experts.manifest import ExpertManifest
+from moepatch.task_experts.manifest import base_model
 from moepatch.task_experts.merging import combination_key
 from moepatch.task_experts.merging import read_merges
+from moepatch.task_experts.router import BaseModelEncoder
 from moepatch.task_experts.router import RequestEncoder
+from moepatch.task_experts.router import SentenceTransformerEncoder
 from moepatch.task_experts.router import TaskRouter
+from moepatch.task_experts.run_folder import read_run
 from moepatch.task_experts.weighted_adapters import add_weighted_adapter
 
 BASE_ADAPTER = "__base__"
@@ -52,8 +61,6 @@ def spread_adapter_names(model: Any) -> int:
     its input has exactly ``batch·T`` rows (row ``b·T + t`` belongs to request ``b``).  Any other row count (a
     layer that sees a subset of the tokens) is refused with the layer's name rather than guessed.  Returns the
     number of layers changed."""
-    from peft.tuners.lora import LoraLayer
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "_moepatch_records_tokens", False):
         base._moepatch_tokens_per_row = None
@@ -108,12 +115,6 @@ class TaskExpertModel:
     @classmethod
     def from_experts(cls, output: str | Path, *, with_router: bool = True) -> TaskExpertModel:
         """Load the base named in the manifest (patched), every expert and every saved merge, and the router."""
-        from peft import PeftModel
-
-        from moepatch.task_experts.manifest import base_model
-        from moepatch.task_experts.router import BaseModelEncoder
-        from moepatch.task_experts.run_folder import read_run
-
         manifest = read_run(output, router=with_router)
         base, tokenizer = base_model(manifest)
         with quiet_peft():
@@ -130,8 +131,6 @@ class TaskExpertModel:
         if with_router:
             router = TaskRouter.load(manifest.folder / "router")
             if router.encoder["kind"] != "base_model":
-                from moepatch.task_experts.router import SentenceTransformerEncoder
-
                 encoder = SentenceTransformerEncoder.from_description(router.encoder,
                                                                       router_folder=manifest.folder / "router")
             else:  # signatures come from the base itself: route() runs it with the adapters disabled
@@ -242,10 +241,6 @@ class TaskExpertModel:
                       ) -> list[float]:
         """Per record (a conversation / instruction record), the mean next-token loss of its answer tokens under its
         adapter — mixed batches, answers only (the tokenisation finetune trains on)."""
-        from moepatch.data.instruction import IGNORE_INDEX
-        from moepatch.data.instruction import encode_messages
-        from moepatch.data.instruction import to_messages
-
         prompt_format = "chat_template" if getattr(self.tokenizer, "chat_template", None) else "vicuna"
         encoded = [encode_messages(self.tokenizer, to_messages(record), prompt_format=prompt_format)
                    for record in records]

@@ -27,8 +27,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from peft import LoraConfig
+from peft import get_peft_model
 from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import Trainer
 
+from model_patches.expert_storage import storage_of
+from model_patches.structure import describe
+from model_patches.structure import router_modules
+from moepatch.compat import distributed_ready
+from moepatch.errors import FieldError
+from moepatch.expert_parallel.training import replicate_added_parameters
 from moepatch.staged_output import staged_folder
 from moepatch.task_experts.adapter_files import quiet_peft
 from moepatch.task_experts.manifest import EXPERTS_FOLDER
@@ -36,6 +48,7 @@ from moepatch.task_experts.manifest import MANIFEST_NAME
 from moepatch.task_experts.manifest import TASK_NAME
 from moepatch.task_experts.manifest import ExpertManifest
 from moepatch.task_experts.manifest import TaskExpert
+from moepatch.task_experts.manifest import read_manifest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -61,34 +74,33 @@ class TaskExpertArguments:
         "help": "Also adapt the fused routed experts (peft target_parameters, one LoRA per routed expert)."})
 
     def check(self, source_names: Sequence[str]) -> list[str]:
-        """The tasks to train, every flag checked (``ValueError`` naming it)."""
+        """The tasks to train, every field checked (:class:`~moepatch.errors.FieldError` naming it; a bad source
+        name is ``source_names``'s)."""
         if self.expert_r < 1:
-            raise ValueError(f"--expert_r: expected an integer >= 1, got {self.expert_r}")
+            raise FieldError("expert_r", f"expected an integer >= 1, got {self.expert_r}")
         if not (math.isfinite(self.expert_alpha) and self.expert_alpha > 0):
-            raise ValueError(f"--expert_alpha: expected a number > 0, got {self.expert_alpha}")
+            raise FieldError("expert_alpha", f"expected a number > 0, got {self.expert_alpha}")
         if not (math.isfinite(self.expert_dropout) and 0 <= self.expert_dropout < 1):
-            raise ValueError(f"--expert_dropout: expected a number in [0, 1), got {self.expert_dropout}")
+            raise FieldError("expert_dropout", f"expected a number in [0, 1), got {self.expert_dropout}")
         if not self.expert_target_modules or not all(name.strip() for name in self.expert_target_modules):
-            raise ValueError("--expert_target_modules: expected one or more projection names")
+            raise FieldError("expert_target_modules", "expected one or more projection names")
         bad = [name for name in source_names if not TASK_NAME.fullmatch(name)]
         if bad:
-            raise ValueError(f"--data_dir: source names {bad}: a task name is a folder and a peft adapter name "
-                             "(letters, digits, '_', '-'; no dot)")
+            raise FieldError("source_names", f"source names {bad}: a task name is a folder and a peft adapter name "
+                                             "(letters, digits, '_', '-'; no dot)")
         tasks = list(self.tasks) if self.tasks else list(source_names)
         unknown = [task for task in tasks if task not in source_names]
         if unknown:
-            raise ValueError(f"--tasks: unknown task(s) {unknown}; the data has {list(source_names)}")
+            raise FieldError("tasks", f"unknown task(s) {unknown}; the data has {list(source_names)}")
         if len(set(tasks)) != len(tasks):
-            raise ValueError(f"--tasks: a task is given twice in {tasks}")
+            raise FieldError("tasks", f"a task is given twice in {tasks}")
         return tasks
 
 
 def routed_target_parameters(model: nn.Module) -> list[str]:
     """peft ``target_parameters`` reaching the routed experts' fused tensors (``mlp.experts.gate_up_proj``...), from
-    the family's storage adapter; ``ValueError`` when peft has no layout for this family's experts."""
-    from model_patches.expert_storage import storage_of
-    from model_patches.structure import describe
-
+    the family's storage adapter; :class:`~moepatch.errors.FieldError` on ``expert_routed_experts`` when peft has
+    no layout for this family's experts."""
     moe = describe(model)
     storage = storage_of(moe)
     names = {id(module): path for path, module in model.named_modules()}
@@ -96,15 +108,16 @@ def routed_target_parameters(model: nn.Module) -> list[str]:
     for projection in storage.projections(moe):
         layout = storage.peft_parameter(projection.module, projection.projection)
         if layout is None:
-            raise ValueError(f"--expert_routed_experts: peft has no target_parameters layout for "
-                             f"{type(projection.module).__name__} routed experts ({storage.kind})")
+            raise FieldError("expert_routed_experts", f"peft has no target_parameters layout for "
+                                                      f"{type(projection.module).__name__} routed experts "
+                                                      f"({storage.kind})")
         path = names[id(projection.module)]
         suffix = ".".join(part for part in path.split(".") if not part.isdigit() and part not in ("model", "layers"))
         name = f"{suffix}.{layout[0]}"
         if name not in found:
             found.append(name)
     if not found:
-        raise ValueError("--expert_routed_experts: the model has no routed experts peft can reach")
+        raise FieldError("expert_routed_experts", "the model has no routed experts peft can reach")
     return found
 
 
@@ -114,17 +127,15 @@ def linear_targets(model: nn.Module, names: Sequence[str]) -> list[str]:
     Given to peft as paths, not names: a name alone would also reach modules peft refuses (MoLM's attention
     experts) and, on families whose routed experts were per-expert ``nn.Linear`` before transformers 5 fused them
     (Qwen3-MoE, OLMoE), peft turns ``gate_proj`` / ``up_proj`` / ``down_proj`` into ``target_parameters`` on the
-    routed experts — which moepatch adapts only when asked (``--expert_routed_experts``)."""
-    from model_patches.structure import describe
-    from model_patches.structure import router_modules
-
+    routed experts — which moepatch adapts only when asked (``expert_routed_experts``).  None found is a
+    :class:`~moepatch.errors.FieldError` on ``expert_target_modules``."""
     routers = {id(module) for module in router_modules(describe(model))}
     found = [path for path, module in model.named_modules()
              if isinstance(module, nn.Linear) and id(module) not in routers
              and any(path == name or path.endswith("." + name) for name in names)]
     if not found:
-        raise ValueError(f"--expert_target_modules: no nn.Linear projection of {type(model).__name__} is named "
-                         f"{list(names)}")
+        raise FieldError("expert_target_modules", f"no nn.Linear projection of {type(model).__name__} is named "
+                                                  f"{list(names)}")
     return found
 
 
@@ -137,7 +148,6 @@ def peft_remapped(model: PreTrainedModel, modules: Sequence[str]) -> list[str]:
     (DeepSeek-V2's first dense layers, HunYuan's shared expert), whose LoRA would then neither train as asked nor load
     back.  Asked of peft's own conversion, on a copy of the config."""
     try:
-        from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
         from peft.utils.transformers_weight_conversion import get_model_conversion_mapping
     except ImportError:  # a peft without the conversion keeps what it is given
@@ -149,8 +159,6 @@ def peft_remapped(model: PreTrainedModel, modules: Sequence[str]) -> list[str]:
 
 
 def lora_config(args: TaskExpertArguments, target_modules: list[str], target_parameters: list[str]) -> Any:
-    from peft import LoraConfig
-
     return LoraConfig(r=args.expert_r,
                       lora_alpha=args.expert_alpha,  # type: ignore[arg-type]  # peft annotates int; any α > 0 (α/r)
                       lora_dropout=args.expert_dropout, target_modules=target_modules,
@@ -217,9 +225,6 @@ def _train_each(model: nn.Module, by_name: dict[str, Any], tasks: Sequence[str],
                 writer: bool) -> nn.Module:
     """Train and save each task's expert (see :func:`train_task_experts`); ``staged``: a re-run, whose experts wait
     in staged folders entered on it (and whose manifest is written once, at the end).  Returns the base model."""
-    from peft import get_peft_model
-    from transformers import Trainer
-
     output = manifest.folder
     for task in tasks:
         source = by_name[task]
@@ -227,7 +232,7 @@ def _train_each(model: nn.Module, by_name: dict[str, Any], tasks: Sequence[str],
             with quiet_peft():
                 peft_model = get_peft_model(model, lora_config(args, modules, parameters))
         except ValueError as error:
-            raise ValueError(f"--expert_target_modules: {error}") from None
+            raise FieldError("expert_target_modules", str(error)) from None
         folder = output / task
         task_args = dataclasses.replace(training_args, output_dir=str(output.parent / "task_runs" / task))
         examples = train_on.get(task, source.train)
@@ -260,8 +265,6 @@ def adapter_state(peft_model: nn.Module) -> dict[str, Any]:
     0 alone it waits forever for the others, and called everywhere it gathers every routed expert on every rank.
     Here only the adapter's own tensors are gathered, on every rank (call it on all of them), so rank 0 then saves
     without any collective.  Without a process group it is just the adapter's tensors."""
-    from torch.distributed.tensor import DTensor
-
     state = {}
     for key, tensor in peft_model.state_dict().items():
         if "lora_" in key:  # peft's LoRA tensors (lora_A / lora_B / lora_embedding_* / lora_magnitude_vector)
@@ -273,35 +276,22 @@ def _replicate_adapter(peft_model: nn.Module, trainer_class: type) -> None:
     """A transformers whose Trainer does not keep adapters added to a distributed-loaded model data-parallel
     (``_sync_replicated_trainable_parameters``, transformers >= 5.2x) gets moepatch's own: equal start, gradients
     averaged over the ranks."""
-    from moepatch.compat import distributed_ready
-
     if (distributed_ready() and getattr(peft_model.config, "distributed_config", None) is not None
             and not hasattr(trainer_class, "_sync_replicated_trainable_parameters")):
-        from moepatch.expert_parallel.training import replicate_added_parameters
-
         replicate_added_parameters(peft_model)
 
 
 def _mean_over_ranks(value: float) -> float:
     """``value`` averaged over the processes (the Trainer's ``training_loss`` is partly this rank's own batches)."""
-    from moepatch.compat import distributed_ready
-
     if not distributed_ready():
         return value
-    import torch
-    import torch.distributed as dist
-
     total = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total.item() / dist.get_world_size())
 
 
 def _barrier() -> None:
-    from moepatch.compat import distributed_ready
-
     if distributed_ready():
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -309,14 +299,12 @@ def _earlier_experts(output: Path, manifest: ExpertManifest, tasks: Sequence[str
     """Experts an earlier run wrote into ``output`` for other tasks (kept in ``manifest``), when they were trained on
     the same base.  Nothing is removed here: the earlier router, merges and vLLM export go only once the new experts
     are trained (:func:`_remove_stale`)."""
-    from moepatch.task_experts.manifest import read_manifest
-
     if not (output / MANIFEST_NAME).is_file():
         return []
     earlier = read_manifest(output, check_files=False, allow_incomplete=True)
     if (earlier.base, earlier.model_type) != (manifest.base, manifest.model_type):
-        raise ValueError(f"--output_dir: {output} holds experts of another base ({earlier.base}); choose another "
-                         "folder")
+        raise FieldError("output_dir", f"{output} holds experts of another base ({earlier.base}); choose another "
+                                       "folder")
     kept = [expert for expert in earlier.experts if expert.task not in tasks]
     manifest.experts.extend(kept)
     return kept

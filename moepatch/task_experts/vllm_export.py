@@ -5,7 +5,7 @@ the ``EngineArgs`` fields to pass (``enable_lora``, ``max_loras``, ``max_lora_ra
 ``LoRARequest(name, id, path)`` entry per adapter, and — when ``route`` wrote routes — ``requests.jsonl`` naming each
 request's adapter.  vLLM itself needs a GPU and is not a dependency: the format is what is checked here.
 
-Refused, with the reason, before anything is written: a rank above ``--max-lora-rank`` (or a value vLLM does not
+Refused, with the reason, before anything is written: a rank above ``max_lora_rank`` (or a value vLLM does not
 accept), a base architecture vLLM has no LoRA implementation of, and modules vLLM does not load LoRA on for that
 architecture (:data:`model_patches.vllm_lora.VLLM_LORA_MODULES`, checked on the adapter's safetensors keys as vLLM
 does) — e.g. dense MLP names on Mixtral, ``kv_b_proj`` under DeepSeek's MLA, ``shared_expert_gate`` — and peft's
@@ -21,9 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from model_patches.vllm_lora import VLLM_ARCHITECTURES
 from model_patches.vllm_lora import VLLM_LORA_MODULES
 from model_patches.vllm_lora import VLLM_NOT_LOADED
+from moepatch.data.instruction import read_jsonl_located
+from moepatch.errors import FieldError
+from moepatch.errors import Naming
 from moepatch.staged_output import staged_folder
 from moepatch.task_experts.adapter_files import adapter_config
 from moepatch.task_experts.adapter_files import lora_keys
@@ -47,10 +52,12 @@ class ServedAdapter:
     tasks: list[str]
 
 
-def _problems(adapter: ServedAdapter, config: dict[str, Any], model_type: str, max_lora_rank: int) -> list[str]:
+def _problems(adapter: ServedAdapter, config: dict[str, Any], model_type: str, max_lora_rank: int,
+              spell: Naming) -> list[str]:
+    """Why vLLM would not serve ``adapter``; ``spell`` names the fields a problem names (``max_lora_rank``)."""
     problems = []
     if adapter.rank > max_lora_rank:
-        problems.append(f"{adapter.name}: rank {adapter.rank} > --max-lora-rank {max_lora_rank}")
+        problems.append(f"{adapter.name}: rank {adapter.rank} > {spell('max_lora_rank')} {max_lora_rank}")
     if config.get("target_parameters"):
         problems.append(f"{adapter.name}: target_parameters {config['target_parameters']} (fused routed experts): "
                         "vLLM's MoE LoRA reads one tensor per expert (experts.<e>.<projection>), not peft's "
@@ -77,8 +84,6 @@ def _problems(adapter: ServedAdapter, config: dict[str, Any], model_type: str, m
 def _adapted_modules(folder: Path) -> list[str]:
     """Module paths of the LoRA keys in ``folder``'s safetensors (what vLLM checks), else the config's
     ``target_modules``."""
-    from safetensors import safe_open
-
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         targets = adapter_config(folder).get("target_modules") or []
@@ -103,23 +108,30 @@ def export_vllm(manifest: ExpertManifest, max_lora_rank: int, *, max_loras: int 
     """Check, then write ``<experts>/vllm/`` (see the module docstring); returns ``vllm.json``'s path.
 
     Raises:
-        ValueError: naming the flag or adapter, before anything is written.
+        FieldError: naming the argument (``max_lora_rank``, ``max_loras``, ``routes``; ``output``: the run), before
+            anything is written.
+        ValueError: a malformed routes file, named first.
     """
     if max_lora_rank not in VLLM_MAX_LORA_RANKS:
-        raise ValueError(f"--max-lora-rank: vLLM accepts {list(VLLM_MAX_LORA_RANKS)}, got {max_lora_rank}")
+        raise FieldError("max_lora_rank", f"vLLM accepts {list(VLLM_MAX_LORA_RANKS)}, got {max_lora_rank}")
     architecture = VLLM_ARCHITECTURES.get(manifest.model_type)
     if architecture is None:
-        raise ValueError(f"output: the experts' base is a {manifest.model_type} model; vLLM has no LoRA "
-                         f"implementation for it (exported here: {sorted(VLLM_ARCHITECTURES)})")
+        raise FieldError("output", f"the experts' base is a {manifest.model_type} model; vLLM has no LoRA "
+                                   f"implementation for it (exported here: {sorted(VLLM_ARCHITECTURES)})")
     adapters = served_adapters(manifest, include_experts)
     if not adapters:
-        raise ValueError("output: nothing to serve (no merges and --no-experts)")
-    problems = [problem for adapter in adapters
-                for problem in _problems(adapter, adapter_config(adapter.source), manifest.model_type, max_lora_rank)]
-    if problems:
-        raise ValueError("output: cannot serve these adapters with vLLM (nothing written):\n  " + "\n  ".join(problems))
+        raise FieldError("output", lambda name: f"nothing to serve (no merges and {name('include_experts')})")
+    configs = [adapter_config(adapter.source) for adapter in adapters]
+
+    def problems(name: Naming) -> list[str]:
+        return [problem for adapter, config in zip(adapters, configs, strict=True)
+                for problem in _problems(adapter, config, manifest.model_type, max_lora_rank, name)]
+
+    if problems(lambda field: field):
+        raise FieldError("output", lambda name: "cannot serve these adapters with vLLM (nothing written):\n  "
+                                                + "\n  ".join(problems(name)))
     if max_loras is not None and not 1 <= max_loras <= len(adapters):
-        raise ValueError(f"--max-loras: expected 1 .. {len(adapters)} (the adapters exported), got {max_loras}")
+        raise FieldError("max_loras", f"expected 1 .. {len(adapters)} (the adapters exported), got {max_loras}")
     _check_earlier_export(manifest.folder / VLLM_FOLDER)
     by_combination = {combination_key(a.tasks, [1.0] * len(a.tasks)): a.name for a in adapters
                       if "~" not in a.name}  # the single experts and the equal-weight cat merges serve routes
@@ -154,14 +166,12 @@ def _check_earlier_export(folder: Path) -> None:
         pass  # no readable earlier vllm.json: only its own file names are known
     foreign = sorted(path.name for path in folder.iterdir() if path.name not in written)
     if foreign:
-        raise ValueError(f"output: {folder} holds {foreign}, which no earlier export wrote; the export replaces the "
-                         "folder as a whole: move them away first")
+        raise FieldError("output", f"{folder} holds {foreign}, which no earlier export wrote; the export replaces "
+                                   "the folder as a whole: move them away first")
 
 
 def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> list[dict[str, Any]]:
     """Each routed request with the adapter serving it; a combination without an exported adapter is an error."""
-    from moepatch.data.instruction import read_jsonl_located
-
     lines, missing = [], set()
     for where, record in read_jsonl_located(routes):
         tasks = route_tasks(where, record)
@@ -171,8 +181,8 @@ def _route_lines(routes: Path, by_combination: dict[tuple[str, ...], str]) -> li
             continue
         lines.append({"text": record.get("text"), "lora_name": by_combination[key], "tasks": tasks})
     if missing:
-        raise ValueError(f"--routes: no exported adapter for the combination(s) {sorted(missing)}: run "
-                         f"`moepatch experts merge OUT --from-routes {routes}` first")
+        raise FieldError("routes", f"no exported adapter for the combination(s) {sorted(missing)}: run "
+                                   f"`moepatch experts merge OUT --from-routes {routes}` first")
     return lines
 
 

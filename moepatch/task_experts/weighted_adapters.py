@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 
 
 def fused_wrappers(model: torch.nn.Module, adapters: Sequence[str]) -> list[Any]:
     """peft's ``ParamWrapper`` layers (LoRA on a parameter) that hold any of ``adapters``; ``ValueError`` when one
     holds only some of them (their ``target_parameters`` differ)."""
-    from peft.tuners.lora.layer import ParamWrapper
-
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, ParamWrapper):
@@ -96,9 +96,6 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
 def _narrowest_linear(model: torch.nn.Module, adapters: Sequence[str]) -> tuple[str, tuple[int, int]] | None:
     """The linear LoRA layer (not a fused parameter) holding ``adapters`` with the smallest side, and its
     ``(out, in)``."""
-    from peft.tuners.lora.layer import LoraLayer
-    from peft.tuners.lora.layer import ParamWrapper
-
     found: tuple[str, tuple[int, int]] | None = None
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper) and any(

@@ -103,8 +103,10 @@ def test_resume_from_an_earlier_checkpoint_records_each_round_once(tmp_path):
                                           ("criterion", "median"), ("probe_layers", []), ("probe_layers", [1, 1]),
                                           ("probe_batch_size", 0)])
 def test_options_are_checked_when_built(field, value):
-    """``update_every=0`` used to raise ZeroDivisionError at the first probe round; now refused when built."""
-    from moepatch.errors import UsageError
+    """``update_every=0`` used to raise ZeroDivisionError at the first probe round; now refused when built, named by
+    its field (scripts/finetune.py names the flag: tests/mixing/test_finetune_bad_inputs.py)."""
+    from moepatch.errors import FieldError
 
-    with pytest.raises(UsageError, match=f"^--{field}: "):
+    with pytest.raises(FieldError, match=f"^{field}: ") as error:
         DynamicSamplingArguments(**{field: value})
+    assert error.value.field == field

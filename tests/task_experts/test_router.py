@@ -105,7 +105,7 @@ def test_centroid_head_and_exclusions_against_hand_computation():
         assert task not in choice.tasks
     for choice, task in zip(router.route(query, 1, own_tasks=own, exclude="cross-task"), own, strict=True):
         assert choice.tasks == (["c"] if task in ("a", "b") else choice.tasks) and task not in choice.tasks
-    with pytest.raises(ValueError, match=r"--exclude cross-task: no task left"):
+    with pytest.raises(ValueError, match=r"exclude: cross-task: no task left"):
         TaskRouter.fit(signatures[:8], ["a", "b"] * 4, encoder={}, groups={"a": "g", "b": "g"}).route(
             query[:1], 1, own_tasks=["a"], exclude="cross-task")
 

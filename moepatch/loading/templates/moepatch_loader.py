@@ -23,7 +23,7 @@ def _moepatch():
     if found < needed:
         raise ImportError(
             f"This checkpoint needs moepatch >= {REQUIRED_MOEPATCH}, found {moepatch.__version__}: "
-            "pip install --upgrade moepatch"
+            "`pip install --upgrade moepatch`"
         )
     return moepatch
 

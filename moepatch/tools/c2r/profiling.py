@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moepatch.errors import FieldError
 from moepatch.routing.recorder import RoutingRecorder
 from moepatch.staged_output import write_text_atomically
 
@@ -104,12 +105,13 @@ def collaborative_ranking(matrices: torch.Tensor) -> torch.Tensor:
 
 def read_corpus(paths: Iterable[str | Path], text_field: str = "text") -> list[str]:
     """Documents from ``.jsonl`` files (field ``text_field``), ``.json`` lists (strings or objects with that field)
-    or plain text files (one document per non-empty line)."""
+    or plain text files (one document per non-empty line).  A missing file or no document at all is a
+    :class:`~moepatch.errors.FieldError` on ``paths``; a malformed file is a ``ValueError`` naming it."""
     documents: list[str] = []
     for path in paths:
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"--data: file {str(path)!r} not found")
+            raise FieldError("paths", f"file {str(path)!r} not found")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as error:
@@ -142,7 +144,7 @@ def read_corpus(paths: Iterable[str | Path], text_field: str = "text") -> list[s
         else:
             documents.extend(line for line in lines if line.strip())
     if not documents:
-        raise ValueError("--data: no documents found")
+        raise FieldError("paths", "no documents found")
     return documents
 
 

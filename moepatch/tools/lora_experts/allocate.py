@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from model_patches.structure import layer_indexer
-from moepatch.config import MoePatchConfig
 from moepatch.data.instruction import encode_messages
 from moepatch.data.instruction import read_jsonl
 from moepatch.data.instruction import to_messages
@@ -122,8 +121,10 @@ def search_checkpoint(
     handle = apply(model, {"lora_experts": block})
     replaced = to_search_layers(model, block["r"])
     routers = [m.router for m in model.modules() if isinstance(m, SearchLoraExperts)]
-    install_balance_hook(model, routers, MoePatchConfig.from_dict({"lora_experts": block}).lora_experts,
-                         layer_indexer(handle.require_moe_model()))
+    settings = handle.lora_experts
+    if settings is None:  # apply() above enabled the block's LoRA experts: only a block switched off gets here
+        raise ValueError(f"lora_experts: the allocation block enables no LoRA experts: {block!r}")
+    install_balance_hook(model, routers, settings, layer_indexer(handle.require_moe_model()))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORED_LABEL, return_tensors="pt")
     batches = [collator(list(examples[i : i + batch_size])) for i in range(0, len(examples), batch_size)]
     if log is not None:
