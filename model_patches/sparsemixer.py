@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from transformers.models.phimoe.modeling_phimoe import PhimoeMultiplier
 
 AllowedFor = Callable[[torch.Tensor], torch.Tensor]
 """``allowed_for(first [N]) -> [N, E]`` bool: the experts a token whose first expert is ``first`` may also use."""
@@ -36,7 +37,6 @@ def _gumbel_pick(gates: torch.Tensor) -> torch.Tensor:
 
 def _heun(scores: torch.Tensor, multiplier: torch.Tensor, selected: torch.Tensor, gates: torch.Tensor,
           uniform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    from transformers.models.phimoe.modeling_phimoe import PhimoeMultiplier
 
     max_scores, max_ind = gates.max(dim=-1, keepdim=True)
     mask_for_one = torch.logical_or(selected == max_ind, uniform(max_scores) > 0.75)

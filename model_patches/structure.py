@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version
 from typing import Protocol
 from typing import cast
 
@@ -370,8 +372,6 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
         diagnosis = diagnose(inner)
         if diagnosis is not None:
             reasons.insert(0, diagnosis)
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version
 
     try:
         __version__ = version("moepatch")

@@ -8,6 +8,7 @@ moepatch with it fails here, at import, with a message that says what to install
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import transformers
 from packaging.version import Version
 
@@ -46,6 +47,5 @@ def current_backward_task_id() -> int:
 
 def distributed_ready() -> bool:
     """True when a ``torch.distributed`` process group is up (the one check every collective moepatch runs makes)."""
-    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()

@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from moepatch.errors import CommandError
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
@@ -174,7 +176,6 @@ def safetensors_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...
     Raises:
         ValueError: naming the file when it is missing, truncated or not a safetensors file.
     """
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed
+from transformers.distributed.expert_parallel import EPImplementationInterface
+
 from moepatch.expert_parallel import dispatch
 from moepatch.expert_parallel.dispatch import DedupAllToAllEP
 from moepatch.expert_parallel.placement import PLACEMENT_FILE
@@ -32,11 +35,9 @@ def register() -> bool:
     Cheap at import: transformers' ``expert_parallel`` module is already loaded by ``transformers.modeling_utils``,
     so this only adds the small dispatch module.
     """
-    import torch.distributed
 
     if not torch.distributed.is_available():
         return False
-    from transformers.distributed.expert_parallel import EPImplementationInterface
 
 
     EPImplementationInterface.register(IMPLEMENTATION_NAME, DedupAllToAllEP)

@@ -7,7 +7,9 @@ from typing import Any
 from typing import cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moepatch.lora_experts.routed import RoutedExpertSets
 
@@ -38,8 +40,6 @@ def replicate_added_parameters(model: nn.Module) -> int:
     loaded; adapters created by ``apply`` are plain tensors drawn from each rank's own RNG stream, so without this
     the ranks would start from different adapters and each train its own on its own batches.
     """
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
 
     world = dist.get_world_size()
 
@@ -67,7 +67,6 @@ def _expert_gradient_hook(model: nn.Module, parameters: list[nn.Parameter]
                           ) -> Callable[[nn.Parameter], None] | None:
     """The gradient hook of expert-sharded parameters (``None``: a single batch, one copy, nothing to do); makes
     the copies of each expert's sets equal first (broadcast from the first process of their group)."""
-    import torch.distributed as dist
 
     config = getattr(model.config, "distributed_config", None)
     batches = getattr(config, "dp_size", 1) or 1

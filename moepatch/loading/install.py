@@ -15,6 +15,7 @@ config on load.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,6 @@ def _auto_map(config: dict[str, Any]) -> dict[str, Any]:
 
 def _check_writable(folder: Path, names: tuple[str, ...]) -> None:
     """Every change ``install`` / ``uninstall`` makes must be possible before the first one is made."""
-    import os
 
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{folder} is not writable")

@@ -14,6 +14,9 @@ from typing import Any
 from typing import cast
 
 from torch import nn
+from transformers import AutoConfig
+from transformers import AutoModelForCausalLM
+from transformers import PreTrainedModel
 
 from moepatch.errors import CommandError
 from moepatch.errors import UnsupportedModelError
@@ -29,7 +32,6 @@ _NOT_FOR_LOCAL_CLASSES = ("trust_remote_code", "code_revision", "adapter_kwargs"
 
 def load_config(path: str | Path, **kwargs: Any) -> Any:
     """The checkpoint's config via its ``model_type`` (transformers' or a moepatch family); ``auto_map`` ignored."""
-    from transformers import AutoConfig
 
     for name in _NOT_FOR_LOCAL_CLASSES:
         kwargs.pop(name, None)
@@ -69,8 +71,6 @@ def from_pretrained(
     Raises:
         ValueError: the checkpoint's experts were renumbered for another expert-parallel size.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers import PreTrainedModel
 
 
     for name in _NOT_FOR_LOCAL_CLASSES:

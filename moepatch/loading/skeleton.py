@@ -12,6 +12,7 @@ from typing import cast
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from moepatch.validation import read_json_object
 from moepatch.validation import safetensors_shapes
@@ -19,7 +20,6 @@ from moepatch.validation import safetensors_shapes
 
 def causal_lm_class(config: Any) -> type[nn.Module] | None:
     """The causal-LM class registered for the config's class (transformers' or one moepatch registers)."""
-    from transformers import AutoModelForCausalLM
 
     mapping = AutoModelForCausalLM._model_mapping
     # transformers types every lazy auto mapping's values as the tokenizer mapping's (slow, fast) pair of classes;
@@ -37,7 +37,6 @@ def weightless_model(config: Any, *, trust_remote_code: bool = False) -> nn.Modu
         ValueError: no causal-LM class is known for the config (the message names its model type).
         Exception: whatever the model's constructor raises for fields its config class accepted.
     """
-    from transformers import AutoModelForCausalLM
 
     remote = isinstance(getattr(config, "auto_map", None), dict) and "AutoModelForCausalLM" in config.auto_map
     with torch.device("meta"):

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from moepatch.lora_experts.config import WEIGHTS_NAME
@@ -39,7 +40,6 @@ def save_lora_experts(model: nn.Module, folder: str | Path, filename: str = WEIG
     if not expert_sharded(model):
         folder.mkdir(parents=True, exist_ok=True)
         return write_expert_file(tensors, folder / filename)
-    import torch.distributed as dist
 
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from model_patches.structure import MoEModel
 from moepatch.feature import Feature
@@ -130,7 +131,6 @@ class LoraExpertLayers(Feature):
     def load_state(self, model: torch.nn.Module, folder: Path) -> list[Path]:
         if not self.state_keys(model):
             return []
-        from safetensors.torch import load_file
 
         file = folder / WEIGHTS_NAME
         if not file.is_file():

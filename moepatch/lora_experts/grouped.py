@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
 
 _KERNEL = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 """torch's grouped GEMM (``None`` on a torch without it)."""
@@ -91,6 +92,4 @@ def exact_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, ends: torch.T
     read of ``ends``; a custom operator, so ``torch.compile`` keeps it in the graph)."""
     if _KERNEL is not None and kernel_runs(rows, weight):
         return _kernel_outside_groups_zeroed(rows, weight, ends)
-    import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
-
     return torch.ops.transformers.grouped_mm_fallback(rows, weight.to(rows.dtype), offs=ends)

@@ -26,6 +26,9 @@ from typing import Literal
 from typing import cast
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from safetensors.torch import save_file
 from torch import nn
 
 from model_patches.expert_storage import RoutedProjection
@@ -610,7 +613,6 @@ def gather_expert_shards(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """Every process's LoRA-expert ``tensors`` (each its own routed experts' sets, the rest equal) in one dict, on
     the CPU: a collective, every process of the default group calls it (as ``save_pretrained`` of a model loaded
     with a ``DistributedConfig`` already requires)."""
-    import torch.distributed as dist
 
     local = {key: value.detach().cpu() for key, value in tensors.items()}
     shards: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
@@ -652,7 +654,6 @@ def load_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Non
 
 def read_saved_lora_weights(folder: Path | None, config: LoraExpertsConfig) -> dict[str, torch.Tensor] | None:
     """The trained experts named by ``config.weights`` (a safetensors file beside the checkpoint), or ``None``."""
-    from safetensors.torch import load_file
 
     if folder is None or config.weights is None:
         return None
@@ -664,7 +665,6 @@ def read_saved_lora_weights(folder: Path | None, config: LoraExpertsConfig) -> d
 
 def write_expert_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     """Write LoRA-expert tensors (any device) to a safetensors file."""
-    from safetensors.torch import save_file
 
     save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(path))
     return path
@@ -703,7 +703,6 @@ def install_saving(model: nn.Module, undo: UndoLog) -> None:
         if tensors and (writes(main) if writes is not None else main):
             write_expert_file(tensors, Path(save_directory) / WEIGHTS_NAME)
         if expert_sharded(model):  # every process returns once the file is there, as from transformers' own save
-            import torch.distributed as dist
 
             dist.barrier()
         return result

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from moepatch.compat import distributed_ready
 from moepatch.errors import FieldError
@@ -271,7 +273,6 @@ class MixtureTrainer(ResumingTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Restore the sampler from the checkpoint first (every backend: DeepSpeed skips ``_load_from_checkpoint``)."""
         if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
 
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, str):
@@ -296,7 +297,6 @@ def consumed_draws(args: Any, global_step: int) -> int:
 
 
 def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
 
     if distributed_ready():
         return dist.get_rank(), dist.get_world_size()
@@ -305,7 +305,6 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _check_ranks_agree(weights: list[float]) -> None:
     """Raise unless every rank computed exactly rank 0's weights (they drive the same draws on every rank)."""
-    import torch.distributed as dist
 
     if _rank_and_world()[1] == 1:
         return

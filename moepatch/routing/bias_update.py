@@ -79,6 +79,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from transformers import TrainerCallback
 
 from model_patches.routing_rule import selection_bias_of
 from model_patches.spec import read_attribute
@@ -440,7 +441,6 @@ BIAS_UPDATE = AuxLossFreeBalancing()
 def _callback_class() -> type:
     """:class:`BiasUpdateCallback`, built on first use: importing the Trainer's callback module costs ``import
     moepatch`` time that only training needs."""
-    from transformers import TrainerCallback
 
     class BiasUpdateCallback(TrainerCallback):
         """HF Trainer callback running :meth:`BiasUpdater.step` after every optimizer step (``on_step_end``).

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from model_patches.structure import MoEModel
@@ -44,7 +45,6 @@ def _accumulator_dtype(device: torch.device) -> torch.dtype:
 
 def collective_device(group: Any = None) -> torch.device:
     """Where tensors for a ``torch.distributed`` collective must live: the current GPU under NCCL, else the CPU."""
-    import torch.distributed as dist
 
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -305,7 +305,6 @@ class RoutingRecorder:
         ranks of a tensor-parallel group route the same batch, so the default group counts it ``tp_size`` times:
         pass a group holding one rank per batch for token totals.
         """
-        import torch.distributed as dist
 
         if not distributed_ready():
             return self

@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import pre_tokenizers
+from tokenizers import trainers
 from transformers import AutoModelForCausalLM
+from transformers import DbrxConfig
+from transformers import DeepseekV2Config
+from transformers import HunYuanMoEV1Config
+from transformers import JambaConfig
+from transformers import MiniMaxConfig
 from transformers import MixtralConfig
 from transformers import OlmoeConfig
 from transformers import PretrainedConfig
@@ -28,6 +38,7 @@ from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 from transformers import PreTrainedTokenizerFast
 from transformers import Qwen2MoeConfig
+from transformers import Qwen3_5MoeTextConfig
 from transformers import Qwen3MoeConfig
 
 from moepatch.config import CONFIG_KEY
@@ -58,11 +69,6 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer
-    from tokenizers import decoders
-    from tokenizers import models
-    from tokenizers import pre_tokenizers
-    from tokenizers import trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,7 +85,6 @@ def _tokenizer_json(vocab_size: int) -> str:
 
 def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained offline on :data:`CORPUS` (pad ``<pad>``=0, bos ``<s>``, eos ``</s>``)."""
-    from tokenizers import Tokenizer
 
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
@@ -131,12 +136,6 @@ def tiny_config(family: str = "qwen2_moe", *, vocab_size: int | None = None, **o
 
 def _new_family_configs() -> dict[str, tuple[type[PretrainedConfig], dict[str, Any]]]:
     """Config classes and tiny sizes of :data:`NEW_FAMILIES` (imported here: they are only built on demand)."""
-    from transformers import DbrxConfig
-    from transformers import DeepseekV2Config
-    from transformers import HunYuanMoEV1Config
-    from transformers import JambaConfig
-    from transformers import MiniMaxConfig
-    from transformers import Qwen3_5MoeTextConfig
 
     # DBRX's attention (v5.24) reads attn_config.rope_theta, which DbrxAttentionConfig does not define, and fails
     # with clip_qkv=None (clamp without bounds): both are given here.  DeepSeek-V2's MLA needs as many KV as Q heads.

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
+import numpy as np
+
 from moepatch.routing.recorder import RoutingRecorder
 from moepatch.tools.c2r.profiling import CoactivationProfile
 
@@ -85,7 +87,6 @@ def plot_sampling_rounds(rounds: list[dict], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = rounds[-1]["sources"]
     steps = [0] + [record["step"] for record in rounds]

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers import AutoConfig
+from transformers import AutoModel
+from transformers import AutoModelForCausalLM
+
 from moepatch.models.llama_moe.configuration_llama_moe import LlamaMoEConfig
 from moepatch.models.llama_moe.modeling_llama_moe import BaseMoEModelOutputWithPast
 from moepatch.models.llama_moe.modeling_llama_moe import LinearGLUExperts
@@ -63,9 +67,6 @@ def register_llama_moe() -> None:
     Idempotent (``exist_ok=True``): safe to call from several entry points. After it, ``from_pretrained`` on a
     LLaMA-MoE checkpoint directory uses this implementation without ``trust_remote_code``.
     """
-    from transformers import AutoConfig
-    from transformers import AutoModel
-    from transformers import AutoModelForCausalLM
 
     AutoConfig.register(LlamaMoEConfig.model_type, LlamaMoEConfig, exist_ok=True)
     AutoModel.register(LlamaMoEConfig, LlamaMoEModel, exist_ok=True)

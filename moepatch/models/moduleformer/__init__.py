@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers import AutoConfig
+from transformers import AutoModel
+from transformers import AutoModelForCausalLM
+
 from moepatch.models.moduleformer.configuration_moduleformer import ModuleFormerConfig
 from moepatch.models.moduleformer.modeling_moduleformer import ModuleFormerAttention
 from moepatch.models.moduleformer.modeling_moduleformer import ModuleFormerBlock
@@ -111,9 +115,6 @@ def tiny_moduleformer_config(**overrides: Any) -> ModuleFormerConfig:
 
 def register_moduleformer() -> None:
     """Register the config and models with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` (idempotent)."""
-    from transformers import AutoConfig
-    from transformers import AutoModel
-    from transformers import AutoModelForCausalLM
 
     AutoConfig.register(ModuleFormerConfig.model_type, ModuleFormerConfig, exist_ok=True)
     AutoModel.register(ModuleFormerConfig, ModuleFormerModel, exist_ok=True)

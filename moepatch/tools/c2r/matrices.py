@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
@@ -310,7 +311,6 @@ def recorded_top_k(path: str | os.PathLike[str]) -> int | None:
     suffix = path.suffix.lower()
     value: Any = None
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as handle:

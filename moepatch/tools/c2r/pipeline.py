@@ -14,9 +14,11 @@ the functions here only load, compute and write.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -175,7 +177,6 @@ def save_profile_results(
         except ImportError:
             heatmap = None
         if placement is not None:
-            import json
 
             (staging / "placement.json").write_text(json.dumps(placement, indent=1))
         config = write_c2r_fields(config_checkpoint, top_t, ranking) if config_checkpoint is not None else None
@@ -360,7 +361,6 @@ def group_c2r_dispatch(num_experts: int, top_k: int, ep_size: int) -> dict[str, 
     """What C2R within the placement's groups sends per token and layer, exact with a uniform source rank: one copy
     (every expert of a token on its top-1's device), ``(D-1)/D`` remote rows for the deduplicating dispatch against
     ``k (D-1)/D`` for the per-pair one, whatever the routing."""
-    from fractions import Fraction
 
     remote = Fraction(ep_size - 1, ep_size)
     return {"top_t": num_experts // ep_size - 1, "copies_per_token": 1.0,

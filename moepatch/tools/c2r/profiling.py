@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,7 +59,6 @@ class CoactivationProfile:
 
     def save(self, path: str | Path) -> Path:
         """Write the matrices as safetensors (key ``coactivation``) with the run's facts as metadata."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         metadata = {
@@ -73,7 +74,6 @@ class CoactivationProfile:
     @classmethod
     def load(cls, path: str | Path) -> CoactivationProfile:
         """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 import torch
+from transformers import DataCollatorForSeq2Seq
 
 from model_patches.structure import layer_indexer
 from moepatch.data.instruction import encode_messages
@@ -113,7 +114,6 @@ def search_checkpoint(
     Raises:
         CommandError: the checkpoint's weights cannot be read or some are missing.
     """
-    from transformers import DataCollatorForSeq2Seq
 
 
     torch.manual_seed(seed)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 from torch import nn
 
 from model_patches.expert_storage import storage_of
@@ -202,12 +204,6 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
         peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), "adapter")
         ```
     """
-    try:
-        from peft import LoraConfig
-    except ImportError as error:  # an optional dependency
-        raise ImportError("export_peft needs peft >= 0.17: pip install 'moepatch[peft]'") from error
-    from safetensors.torch import save_file
-
     targets, dropout = peft_targets(model)
     handle = lora_handle(model)
     linear = [t for t in targets if not t.is_parameter]

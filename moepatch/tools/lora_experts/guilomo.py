@@ -42,6 +42,9 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
+from transformers import get_constant_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from moepatch.lora_experts.config import DEFAULT_TARGETS
 from moepatch.lora_experts.config import routed_expert_path
@@ -299,8 +302,6 @@ def build_optimizers(weights: list[nn.Parameter], arch: list[nn.Parameter], reci
                      ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """(weight AdamW, GSV AdamW, the weights' learning-rate schedule over ``steps`` steps) of ``recipe``, with
     transformers' own schedule functions (the Trainer's)."""
-    from transformers import get_constant_schedule_with_warmup
-    from transformers import get_linear_schedule_with_warmup
 
     weight_optimizer = torch.optim.AdamW(weights, lr=recipe.lr, weight_decay=recipe.weight_decay)
     arch_optimizer = torch.optim.AdamW(arch, lr=recipe.arch_lr, betas=recipe.arch_betas,
@@ -316,7 +317,6 @@ def search(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, epochs: 
            recipe: SearchRecipe = SearchRecipe(), progress: bool = True) -> dict[str, Any]:
     """Run the bilevel search on a model carrying :class:`SearchLoraExperts`; returns the export (see
     :func:`export_allocation`) and the loss trace."""
-    from tqdm import tqdm
 
     weights, arch = split_parameters(model)
     if not arch:

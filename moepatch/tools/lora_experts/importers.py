@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from moepatch.config import MoePatchConfig
@@ -66,7 +67,6 @@ def read_adapter_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
         tensors = load_file(str(path))
     else:
