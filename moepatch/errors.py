@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -86,10 +88,18 @@ class FieldProblems(FieldError):
     """Several wrong values of one request, all reported at once (a user fixes them in one go): ``problems`` lists
     ``(field, message)``; the first field is the one a command names, the message lists every problem."""
 
-    def __init__(self, heading: str, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__(problems[0][0], " ".join(f"{field}: {message}" for field, message in problems))
-        self.args = (f"{heading}:\n  " + "\n  ".join(f"{field}: {message}" for field, message in problems),)
+    def __init__(self, heading: str, problems: list[tuple[str, str]], *, one_line: bool = False) -> None:
+        self.problems = list(problems)
+        super().__init__(problems[0][0], "; ".join(message if index == 0 else f"{field}: {message}"
+                                                   for index, (field, message) in enumerate(problems)))
+        listed = [f"{field}: {message}" for field, message in problems]
+        self.args = (f"{heading}: " + "; ".join(listed) if one_line else f"{heading}:\n  " + "\n  ".join(listed),)
+
+    def worded(self, flags: dict[str, str]) -> str:
+        """The first problem's message (a command names its flag in front), then each other problem after its own
+        flag: ``expected true or false, got 'yes'; --aux_loss_coef: expected a finite number >= 0, got -1.0``."""
+        return "; ".join(message if index == 0 else f"{flags.get(field, field)}: {message}"
+                         for index, (field, message) in enumerate(self.problems))
 
 
 class CommandError(RuntimeError):
@@ -130,6 +140,28 @@ def os_error_text(error: OSError) -> str:
     return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler stopping the job) raised where the command is, like Ctrl-C, so
+    every staged write on the way out removes its temporary copy and leaves its target as it was."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
     """Run a command's ``body`` and turn every failure into an exit status and a short message on stderr.
 
@@ -140,18 +172,19 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
 
     Returns:
         `int`: 0 on success, 2 for a :class:`UsageError` or an :class:`UnsupportedModelError` (the arguments name
-        a model moepatch cannot patch), 1 for any other failure, 130 on Ctrl-C.
+        a model moepatch cannot patch), 1 for any other failure, 130 on Ctrl-C, 143 on SIGTERM.
     """
     try:
-        with short_warnings(prog):
+        with short_warnings(prog), sigterm_as_interrupt():
             return body()
     except SystemExit:  # argparse has already printed its usage message
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(error, Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except (UsageError, UnsupportedModelError) as error:  # the arguments name something moepatch cannot take
         if debug:
             raise
@@ -175,6 +208,6 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
         return EXIT_FAILURE
 
 
-__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError", "MoePatchWarning", "Naming",
-           "UnsupportedModelError", "UsageError", "Wording", "debug_requested", "os_error_text", "run_guarded",
-           "short_warnings"]
+__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError", "FieldProblems", "MoePatchWarning",
+           "Naming", "Terminated", "UnsupportedModelError", "UsageError", "Wording", "debug_requested", "os_error_text",
+           "run_guarded", "short_warnings", "sigterm_as_interrupt"]

@@ -17,6 +17,7 @@ from typing import Any
 from safetensors import safe_open
 
 from moepatch.errors import CommandError
+from moepatch.errors import FieldProblems
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UsageError
 from moepatch.staged_output import check_writable_target
@@ -27,15 +28,17 @@ class Problems:
 
     def __init__(self) -> None:
         self.messages: list[str] = []
+        self.fields: list[tuple[str, str]] = []
 
     def add(self, path: str, message: str) -> None:
         """Record ``message`` about the field at ``path`` (``moepatch.c2r.top_t``)."""
         self.messages.append(f"{path}: {message}")
+        self.fields.append((path, message))
 
     def raise_if_any(self) -> None:
-        """Raise one ``ValueError`` naming every recorded field."""
-        if self.messages:
-            raise ValueError("invalid moepatch config: " + "; ".join(self.messages))
+        """Raise one :class:`~moepatch.errors.FieldProblems` (a ``ValueError``) naming every recorded field."""
+        if self.fields:
+            raise FieldProblems("invalid moepatch config", self.fields, one_line=True)
 
 
 def warn_unknown(data: dict[str, Any], known: set[str], path: str, *, stacklevel: int = 4) -> None:

@@ -12,6 +12,7 @@ import torch
 from model_patches.structure import MoEModel
 from moepatch.errors import CommandError
 from moepatch.errors import FieldError
+from moepatch.errors import FieldProblems
 from moepatch.errors import UsageError
 from moepatch.loading.skeleton import weights_problem
 
@@ -126,7 +127,9 @@ def check_block_on_skeleton(checkpoint: Path, block: dict[str, Any], argument: s
     moe = describe(model, verify=False)
     try:
         plan = plan_patch(moe, MoePatchConfig.from_dict(block))
-    except ValueError as error:  # chained: a caller may read the FieldProblems' fields
+    except FieldProblems as error:  # the argument built the block: its problems, not the block's key paths
+        raise UsageError(argument, "; ".join(message for _, message in error.problems)) from error
+    except ValueError as error:  # chained: a caller may read the fields
         raise UsageError(argument, str(error)) from error
     _check_weights(checkpoint, model)
     lora = plan["lora_experts"]

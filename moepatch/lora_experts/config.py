@@ -77,11 +77,17 @@ def _size_spec(*, per_expert: bool, allow_dict: bool = True, optional: bool = Fa
 
 
 def _module_names(value: Any, path: str, problems: Problems) -> Any:
-    """A non-empty list of module names (one name alone is a list of one)."""
+    """A non-empty list of module names (one name alone is a list of one); a ``re:`` entry must compile."""
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not names or not all(isinstance(name, str) and name for name in names):
         problems.add(path, f"expected a non-empty list of module names, got {names!r}")
         return names
+    for position, name in enumerate(names):
+        if name.startswith("re:"):
+            try:
+                re.compile(name[3:])
+            except re.error as error:  # found here, not when the first path is matched against it
+                problems.add(f"{path}[{position}]", f"{name!r} is not a regular expression ({error})")
     return list(names)
 
 

@@ -259,6 +259,8 @@ CASES: list[tuple[str, int, str]] = [
     ("allocate {ck} --max-experts 0", 2, "--max-experts"),
     ("allocate {ck} --max-rank 0", 2, "--max-rank"),
     ("allocate {ck} --top-k 0", 2, "--top-k"),
+    ("allocate {ck} --target-modules 're:('", 2, "--target-modules: 're:(' is not a regular expression"),
+    ("allocate {ck} --target-modules nosuch_proj", 2, "--target-modules: 'nosuch_proj' matches no projection"),
     ("allocate {ck} --top-k 9", 2, "--top-k"),
     ("allocate {ck} --epochs 0", 2, "--epochs"),
     ("allocate {ck} --batch-size 0", 2, "--batch-size"),

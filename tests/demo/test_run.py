@@ -4,6 +4,11 @@ and a success leaves no trace of the staged copy's path in what it wrote."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +64,20 @@ def test_a_finished_demo_names_only_its_final_folder(tmp_path: Path) -> None:
     assert Path(base) == output / "checkpoint" and (Path(base) / "config.json").is_file()
     arguments = torch.load(output / "finetune" / "training_args.bin", weights_only=False)  # written by this test
     assert Path(arguments.output_dir) == output / "finetune"
+
+
+def test_a_terminated_demo_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``timeout`` / ``kill`` send SIGTERM: the command stops like on Ctrl-C, and the staged copy goes with it."""
+    output = tmp_path / "demo"
+    process = subprocess.Popen([sys.executable, "-m", "moepatch.cli", "demo", "--output", str(output),
+                                "--finetune-steps", "2", "--expert-steps", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(f".demo{STAGING_MARK}*/checkpoint/config.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "moepatch demo: terminated" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []

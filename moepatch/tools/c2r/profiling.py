@@ -144,7 +144,8 @@ def read_corpus(paths: Iterable[str | Path], text_field: str = "text") -> list[s
         else:
             documents.extend(line for line in lines if line.strip())
     if not documents:
-        raise FieldError("paths", "no documents found")
+        raise FieldError("paths", f"no documents found in {', '.join(str(path) for path in paths)} (empty, or only "
+                                  "blank documents)")
     return documents
 
 
