@@ -385,6 +385,15 @@ def describe(model: nn.Module, family: str | None = None, *, verify: bool = True
     )
 
 
+class LayerIndexError(ValueError):
+    """Every bad entry of one layer list as ``(field, message)`` pairs (``problems``), so a command can list and count
+    them one by one; the text joins them with ``; ``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{field}: {message}" for field, message in problems))
+
+
 def resolve_layer_indices(model: MoEModel, layers: list[int] | None, field: str) -> list[int]:
     """Turn user layer indices (negative = from the last decoder layer) into sorted absolute MoE-layer indices.
 
@@ -398,23 +407,24 @@ def resolve_layer_indices(model: MoEModel, layers: list[int] | None, field: str)
     if layers is None:
         return model.moe_layer_indices
     moe = set(model.moe_layer_indices)
-    resolved, problems = [], []
+    resolved: list[int] = []
+    problems: list[tuple[str, str]] = []
     for position, index in enumerate(layers):
         where = f"{field}[{position}]"
         if not isinstance(index, int) or isinstance(index, bool):
-            problems.append(f"{where}: expected an integer layer index, got {index!r}")
+            problems.append((where, f"expected an integer layer index, got {index!r}"))
             continue
         absolute = index + model.num_layers if index < 0 else index
         if not 0 <= absolute < model.num_layers:
             problems.append(
-                f"{where}: layer {index} does not exist (the model has {model.num_layers} decoder layers)"
+                (where, f"layer {index} does not exist (the model has {model.num_layers} decoder layers)")
             )
         elif absolute not in moe:
-            problems.append(f"{where}: layer {index} is a dense layer; MoE layers are {sorted(moe)}")
+            problems.append((where, f"layer {index} is a dense layer; MoE layers are {sorted(moe)}"))
         elif absolute in resolved:
-            problems.append(f"{where}: layer {index} is listed twice")
+            problems.append((where, f"layer {index} is listed twice"))
         else:
             resolved.append(absolute)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise LayerIndexError(problems)
     return sorted(resolved)

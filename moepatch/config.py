@@ -127,10 +127,29 @@ class MoePatchConfig:
             return cls()
         if isinstance(data, MoePatchConfig):
             return data.copy()  # resolving settings outside the block must not touch the caller's config
+        result, problems = cls._parse(data, path)
+        problems.raise_if_any()
+        return result
+
+    @classmethod
+    def parse_each(cls, data: Any, path: str = CONFIG_KEY) -> tuple[MoePatchConfig, list[str]]:
+        """The features that parsed, and every parse-time problem (``"path: message"``) instead of raising.
+
+        ``moepatch inspect`` / ``install`` list a block's problems in one go: the structure-dependent checks (layer
+        indices) of the features that did parse are planned too, so a bad layer is reported beside a bad rate.
+        """
+        if data is None or isinstance(data, MoePatchConfig):
+            return cls.from_dict(data, path), []
+        result, problems = cls._parse(data, path)
+        return result, list(problems.messages)
+
+    @classmethod
+    def _parse(cls, data: Any, path: str) -> tuple[MoePatchConfig, Problems]:
+        """:meth:`from_dict`'s work: the config of every feature that parsed, and the problems of the others."""
         problems = Problems()
         if not isinstance(data, dict):
             problems.add(path, f"expected an object (a JSON dict), got {type(data).__name__} {data!r}")
-            problems.raise_if_any()
+            return cls(), problems
         warn_unknown(data, {*_BLOCK_FIELDS, *(feature.name for feature in registered_features())}, path)
         result = cls()
 
@@ -150,8 +169,9 @@ class MoePatchConfig:
             if value is False and feature.remembers_off:
                 result.switched_off.add(feature.name)
                 continue
+            known_problems = len(problems.messages)
             parsed = feature.parse(value, f"{path}.{feature.name}", problems)
-            if parsed is not None:
+            if parsed is not None and len(problems.messages) == known_problems:  # a feature with problems is dropped
                 result.features[feature.name] = parsed
 
         version = data.get("moepatch_version")
@@ -159,8 +179,7 @@ class MoePatchConfig:
             problems.add(f"{path}.moepatch_version", f"expected a version string, got {version!r}")
         else:
             result.moepatch_version = version
-        problems.raise_if_any()
-        return result
+        return result, problems
 
     @classmethod
     def from_model(cls, model_or_config: Any) -> MoePatchConfig:

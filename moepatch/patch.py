@@ -208,14 +208,42 @@ def checkpoint_folder(model: nn.Module) -> Path | None:
     return Path(name) if name and Path(name).is_dir() else None
 
 
-def plan_patch(moe_model: MoEModel, config: MoePatchConfig) -> PatchPlan:
-    """Validate ``config`` against ``moe_model`` and return the plan; ``ValueError`` naming the field otherwise."""
-    plan = PatchPlan()
+def problem_lines(error: ValueError) -> list[str]:
+    """Each problem ``error`` reports, as ``field: message``: a :class:`~moepatch.errors.FieldProblems` (or a layer
+    list's :class:`~model_patches.structure.LayerIndexError`) carries its problems one by one, so a command lists and
+    counts them singly; any other error is one problem."""
+    listed = getattr(error, "problems", None)
+    if isinstance(listed, list) and listed and all(isinstance(item, tuple) and len(item) == 2 for item in listed):
+        return [f"{field}: {message}" for field, message in listed]
+    return [str(error)]
+
+
+def plan_each(moe_model: MoEModel, config: MoePatchConfig) -> tuple[PatchPlan, list[ValueError]]:
+    """Plan every enabled feature, keeping each failing feature's error instead of stopping at the first, so a
+    block's problems are all reported in one go; the plan holds the features that planned.  An
+    ``UnsupportedModelError`` (the model, not the block) is raised at once."""
+    plan, errors = PatchPlan(), []
     folder = checkpoint_folder(moe_model.inner)
     for feature in registered_features():
         settings = config.features.get(feature.name)
         if settings is not None:
-            plan.planned[feature.name] = feature.plan(moe_model, settings, folder)
+            try:
+                plan.planned[feature.name] = feature.plan(moe_model, settings, folder)
+            except UnsupportedModelError:
+                raise
+            except ValueError as error:
+                errors.append(error)
+    return plan, errors
+
+
+def plan_patch(moe_model: MoEModel, config: MoePatchConfig) -> PatchPlan:
+    """Validate ``config`` against ``moe_model`` and return the plan; ``ValueError`` naming the field otherwise
+    (the feature's own error when one feature fails, one naming every problem when several do)."""
+    plan, errors = plan_each(moe_model, config)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ValueError("; ".join(line for error in errors for line in problem_lines(error)))
     return plan
 
 

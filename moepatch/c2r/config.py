@@ -73,6 +73,10 @@ class C2RConfig:
         if (data.get("collaborative_list") is None) == (data.get("path") is None):
             problems.add(path, "give exactly one of collaborative_list and path")
         if values is None or len(problems.messages) > known_problems:
+            top_t: Any = data.get("top_t")  # checked below
+            if is_int(top_t) and top_t < 1:  # its range is checked when planned, which a broken entry never is
+                problems.add(f"{path}.top_t", f"top_t must be at least 1 (k-1..E-1, checked against the model), "
+                                              f"got {top_t}")
             return None
         return cls(**values)
 

@@ -50,25 +50,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from moepatch.config import CONFIG_KEY
     from moepatch.config import MoePatchConfig
     from moepatch.errors import UnsupportedModelError
-    from moepatch.patch import plan_patch
+    from moepatch.patch import plan_each
+    from moepatch.patch import problem_lines
 
     config, model = skeleton(args.path, args.trust_remote_code)
     raw = getattr(config, CONFIG_KEY, None)
     print(f"checkpoint: {args.path}")
     print(f"model:      {type(model).__name__} (model_type={config.model_type!r})")
-    problems: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # every parse-time problem, one by one; the features that did parse are still planned below, so a bad
+        # layer index is listed beside a bad rate (a user fixes the whole block in one go)
+        settings, problems = MoePatchConfig.parse_each(raw)
         try:
-            parsed = MoePatchConfig.from_dict(raw)
-            parsed.adopt_outside_block(config)
-            settings: MoePatchConfig | None = parsed
+            settings.adopt_outside_block(config)
         except ValueError as error:
-            settings = None
-            problems.append(str(error))
+            problems.extend(problem_lines(error))
     notes = [str(w.message) for w in caught]
     try:
-        moe = describe(model, family=settings.family if settings else None, verify=False)
+        moe = describe(model, family=settings.family, verify=False)
     except UnsupportedModelError as error:
         print(f"family:     unsupported\n  {error}")
         print(f"moepatch inspect: error: {type(model).__name__} is not a model moepatch can patch (see above)",
@@ -111,14 +111,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if isinstance(raw, dict) and isinstance(raw.get("c2r"), dict) and "collaborative_list" in raw["c2r"]:
         shown = {**raw, "c2r": {**raw["c2r"], "collaborative_list": "[...]"}}
     print(f"moepatch block ({CONFIG_KEY!r} in config.json): {json.dumps(shown) if raw is not None else 'absent'}")
-    if settings is not None:
-        try:
-            plan = plan_patch(moe, settings)
-            for description in plan.describe():
-                for line in description.splitlines():
-                    print(f"  {line}")
-        except ValueError as error:
-            problems.append(str(error))
+    try:
+        plan, errors = plan_each(moe, settings)  # each feature that parsed, its failures kept rather than raised
+        for description in plan.describe():
+            for line in description.splitlines():
+                print(f"  {line}")
+        problems.extend(line for error in errors for line in problem_lines(error))
+    except ValueError as error:  # an UnsupportedModelError while planning: still one problem of this checkpoint
+        problems.extend(problem_lines(error))
     from moepatch.cli.common import weights_problem
 
     weights_check = weights_problem(Path(args.path), model)
@@ -130,7 +130,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"  error: {problem}")
     if not problems:
-        print("  config: OK" + (" (no feature enabled)" if settings is None or settings.is_empty else ""))
+        print("  config: OK" + (" (no feature enabled)" if settings.is_empty else ""))
         return 0
     if weights_check is not None and len(problems) == 1:
         print(f"moepatch inspect: error: {weights_check}", file=sys.stderr)

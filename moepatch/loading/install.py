@@ -20,13 +20,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from model_patches.structure import MoEModel
 from model_patches.structure import describe
 from moepatch._version import __version__
+from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 from moepatch.loading.pretrained import LOADER_MODULE
 from moepatch.loading.pretrained import load_config
 from moepatch.loading.skeleton import weightless_model
-from moepatch.patch import plan_patch
+from moepatch.patch import plan_each
+from moepatch.patch import problem_lines
 from moepatch.staged_output import staged_file
 from moepatch.staged_output import write_text_atomically
 from moepatch.validation import has_weights
@@ -48,20 +51,44 @@ def _loader_source() -> str:
     return template.replace(marker, f'REQUIRED_MOEPATCH = "{__version__}"')
 
 
+def block_problems(moe: MoEModel, model_config: Any) -> list[str]:
+    """Every problem of the model config's moepatch block, each ``field: message``: the parse-time ones and those of
+    planning the features that parsed against ``moe`` (layer indices), so a user fixes them all in one go
+    (``moepatch install`` and ``moepatch inspect`` list the same)."""
+    data = model_config.get(CONFIG_KEY) if isinstance(model_config, dict) else getattr(model_config, CONFIG_KEY, None)
+    settings, problems = MoePatchConfig.parse_each(data)
+    try:
+        settings.adopt_outside_block(model_config)  # the official top-level C2R fields, as from_model reads them
+    except ValueError as error:
+        problems.extend(problem_lines(error))
+    _, errors = plan_each(moe, settings)  # an UnsupportedModelError (the model, not the block) propagates
+    return problems + [line for error in errors for line in problem_lines(error)]
+
+
+def block_problems_error(config_file: Path, problems: list[str]) -> ValueError:
+    """One error naming ``config_file`` (the file to edit) and listing every problem, counted."""
+    if len(problems) == 1:
+        return ValueError(f"{config_file}: invalid moepatch config: {problems[0]}")
+    return ValueError(f"{config_file}: {len(problems)} problems in the moepatch config:\n  " + "\n  ".join(problems))
+
+
 def check_installable(path: str | Path) -> None:
     """Validate the folder and its moepatch config without changing anything.
 
     Raises:
-        ValueError: no config.json, the model family is not supported, or the moepatch config is invalid.
+        ValueError: no config.json, the model family is not supported, or the moepatch config is invalid (naming
+            config.json and every problem of its block).
     """
 
-
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         raise ValueError(f"moepatch install: {folder} has no config.json")
     config = load_config(folder)
     moe = describe(weightless_model(config), verify=False)  # UnsupportedModelError (a ValueError) names the families
-    plan_patch(moe, MoePatchConfig.from_model(config))
+    problems = block_problems(moe, config)
+    if problems:
+        raise block_problems_error(config_file, problems)
 
 
 def _auto_map(config: dict[str, Any]) -> dict[str, Any]:

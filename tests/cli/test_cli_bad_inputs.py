@@ -92,6 +92,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     variant("badautomap", edit_config(auto_map="oops"))
     variant("ownautomap", edit_config(auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}))
     variant("blocktype", edit_config(moepatch={"routing_stats": {"layers": "last"}}))
+    variant("manyproblems", edit_config(moepatch={"routing_stats": {"layers": [99, 77]}, "bias_update": {"rate": -1},
+                                                  "c2r": {"top_t": 0, "collaborative_list": None}}))
+    variant("badfamily", edit_config(moepatch={"family": "nosuch"}))
     variant("junkbackup", lambda f: (f / "config.json.moepatch-orig").write_text("junk"))
     variant("edited", lambda f: install(f))
     edit_config(top_t=3)(made["edited"])
@@ -330,6 +333,12 @@ CASES: list[tuple[str, int, str]] = [
     ("profile {ck} --data {small} {small}", 2, "--data: "),
     ("profile {ck} --plot-layers 0 0", 2, "--plot-layers: 0 given twice"),
     ("install {ownautomap}", 1, "auto_map.AutoModelForCausalLM = 'modeling_custom.CustomForCausalLM'"),
+    # every problem of a block at once, naming config.json (parse-time and layer problems together)
+    ("install {manyproblems}", 1, "{manyproblems}/config.json: 5 problems in the moepatch config"),
+    ("install {manyproblems}", 1, "moepatch.routing_stats.layers[1]: layer 77 does not exist"),
+    ("install {badfamily}", 1, "{badfamily}/config.json: invalid moepatch config: moepatch.family: unknown family"),
+    ("inspect {manyproblems}", 1, "{manyproblems}/config.json: 5 problem(s)"),
+    ("inspect {manyproblems}", 1, "moepatch.c2r.top_t: top_t must be at least 1"),
     ("eval --model moepatch --model_args pretrained={ck},moepatch_config={blockjson} --tasks x", 1,
      "block.json (--model_args moepatch_config): invalid moepatch config"),  # the file's content: exit 1
     ("eval --model moepatch --model_args pretrained={ck},moepatch_config={notjson} --tasks x", 1,
@@ -367,6 +376,32 @@ CASES: list[tuple[str, int, str]] = [
      "--model_args: task_experts={root}/nonempty: "),
     ("experts merge {root}/missing --from-routes {small} --weights 1 1", 2,
      "--weights: not with --from-routes: a route line carries its own weights"),
+    # `moepatch eval`: model_args read as lm-eval reads them (space-separated, -a, --model_args=, JSON, several
+    # flags), every moepatch key's type checked before lm-eval starts (exit 2 naming the flag as typed and the key;
+    # --tasks arc_easy would need the network, so reaching lm-eval would exit 1)
+    ("eval run --model moepatch --model_args pretrained={ck} task_expert=x --tasks arc_easy", 2,
+     "--model_args: unknown argument(s) ['task_expert']"),
+    ("eval --model moepatch -a pretrained={ck},task_expert=x --tasks arc_easy", 2,
+     "-a: unknown argument(s) ['task_expert']"),
+    ("eval --model moepatch --model_args pretrained={ck},top_k=x --tasks arc_easy", 2,
+     "--model_args: top_k: expected an integer, got 'x'"),
+    ("eval --model moepatch --model_args=pretrained={ck},top_k=x --tasks arc_easy", 2,
+     "--model_args: top_k: expected an integer, got 'x'"),
+    ("eval --model moepatch -a pretrained={ck} top_k=0 --tasks arc_easy", 2,
+     "-a: top_k: expected an integer >= 1, got 0"),
+    ("eval --model moepatch --model_args pretrained={ck},routing_stats=maybe --tasks arc_easy --output_path x", 2,
+     "--model_args: routing_stats: expected true or false, got 'maybe'"),
+    ("eval --model moepatch --model_args pretrained={ck} -a routing_stats=maybe --tasks arc_easy", 2,
+     "-a: routing_stats: expected true or false, got 'maybe'"),
+    ("eval --model moepatch --model_args pretrained={ck} max_length=abc --tasks arc_easy", 2,
+     "--model_args: max_length: expected an integer, got 'abc'"),
+    ("eval --model moepatch --model_args '{{\"pretrained\": \"{ck}\", \"top_k\": \"y\"}}' --tasks arc_easy", 2,
+     "--model_args: top_k: expected an integer, got 'y'"),
+    ("eval --model moepatch -apretrained={root}/missing --tasks arc_easy", 2,
+     "-a: pretrained={root}/missing: no such folder"),
+    ("eval --model moepatch --model_args top_k=1 --tasks arc_easy", 2, "--model_args: pretrained: required"),
+    ("eval --model moepatch --model_args pretrained={ck},task_experts={root},moepatch_config={okblock} "
+     "--tasks arc_easy", 2, "--model_args: task_experts load the base their manifest names; moepatch_config"),
 ]
 
 

@@ -130,6 +130,68 @@ def test_install_validates_before_touching_the_folder(tmp_path):
         moepatch.uninstall(folder)
 
 
+BAD_BLOCK = {"routing_stats": {"layers": [99]}, "bias_update": {"rate": -1},
+             "lora_experts": {"method": "molora", "num_experts": 0, "r": -1},
+             "c2r": {"top_t": 0, "collaborative_list": None}}
+"""Parse-time problems in three features, a structure-dependent one (layer 99 of 4) in a fourth."""
+
+BAD_BLOCK_PROBLEMS = [
+    "moepatch.routing_stats.layers[0]: layer 99 does not exist (the model has 4 decoder layers)",
+    "moepatch.c2r: give exactly one of collaborative_list and path",
+    "moepatch.c2r.top_t: top_t must be at least 1",
+    "moepatch.lora_experts.num_experts: expected >= 1, got 0",
+    "moepatch.lora_experts.r: expected >= 1, got -1",
+    "moepatch.bias_update.rate: expected a positive, finite number, got -1",
+]
+
+
+def _with_block(folder: Path, block: dict) -> Path:
+    """``folder`` with ``block`` written as its moepatch block (as a user edits config.json: never validated)."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "moepatch": block}))
+    return folder
+
+
+def test_install_names_config_json_and_lists_every_problem_of_the_block(tmp_path, capsys):
+    """A user fixes the whole block in one go: install and inspect (the same check) name the file to edit and list
+    the parse-time problems beside the layer ones, each once and counted; nothing is written."""
+    from moepatch import cli
+
+    folder = _with_block(tiny.save_tiny_checkpoint(tmp_path / "bad", "qwen2_moe"), BAD_BLOCK)
+    before = _snapshot(folder)
+    with pytest.raises(ValueError) as raised:
+        moepatch.install(folder)
+    text = str(raised.value)
+    assert text.startswith(f"{folder / 'config.json'}: 6 problems in the moepatch config:\n")
+    assert all(text.count(problem) == 1 for problem in BAD_BLOCK_PROBLEMS), text
+    assert _snapshot(folder) == before
+
+    assert cli.main(["install", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"moepatch install: error: {folder / 'config.json'}: 6 problems" in err
+    assert all(problem in err for problem in BAD_BLOCK_PROBLEMS) and "Traceback" not in err
+    assert _snapshot(folder) == before
+
+    assert cli.main(["inspect", str(folder)]) == 1
+    output = capsys.readouterr()
+    assert [line for line in output.out.splitlines() if line.startswith("  error: ")] == \
+        [f"  error: {line}" for line in text.splitlines()[1:] for line in [line.strip()]]
+    assert f"{folder / 'config.json'}: 6 problem(s)" in output.err
+    assert _snapshot(folder) == before
+
+
+def test_install_names_config_json_for_one_bad_field(tmp_path, capsys):
+    """One problem (an unknown family) is named with its file too, exit 1 (a malformed file), nothing written."""
+    from moepatch import cli
+
+    folder = _with_block(tiny.save_tiny_checkpoint(tmp_path / "bad", "qwen2_moe"), {"family": "nosuch"})
+    before = _snapshot(folder)
+    assert cli.main(["install", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'config.json'}: invalid moepatch config: moepatch.family: unknown family 'nosuch'" in err
+    assert _snapshot(folder) == before
+
+
 @pytest.mark.parametrize("failing", ["loader", "backup", "config"])
 def test_install_and_uninstall_failing_at_any_write_leave_the_folder_as_it_was(tmp_path, monkeypatch, failing):
     """Each of install's three writes (the loader, the backup, config.json last) and uninstall's restore fails in

@@ -104,11 +104,46 @@ def test_eval_refuses_unknown_model_args_and_statistics_with_nowhere_to_go(base_
     assert "--model_args: pretrained=" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("form", "named"), [
+    (["run", "--model", "moepatch", "--model_args", "pretrained={ck}", "task_expert=x"],
+     "--model_args: unknown argument(s) ['task_expert']"),
+    (["--model", "moepatch", "-a", "pretrained={ck},top_k=x"], "-a: top_k: expected an integer, got 'x'"),
+    (["--model", "moepatch", "--model_args=pretrained={ck},routing_stats=maybe", "--output_path", "out"],
+     "--model_args: routing_stats: expected true or false, got 'maybe'"),
+    (["--model", "moepatch", "--model_args", '{{"pretrained": "{ck}", "top_k": 0}}'],
+     "--model_args: top_k: expected an integer >= 1, got 0"),
+], ids=["space-separated", "short-flag", "equals", "json"])
+def test_eval_refuses_bad_model_args_in_every_form_before_lm_eval_starts(base_checkpoint, tmp_path, form, named):
+    """Every form lm-eval takes ``--model_args`` in is checked: exit 2 naming the flag as typed and the key, and
+    lm-eval never starts (no task loading: ``arc_easy`` would need the network, no lm-eval log line)."""
+    argv = [token.format(ck=base_checkpoint) for token in form]
+    done = subprocess.run([sys.executable, "-m", "moepatch.cli", "eval", *argv, "--tasks", "arc_easy"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"moepatch eval: error: {named}" in done.stderr
+    assert "Traceback" not in done.stderr and "INFO" not in done.stderr and "Selected Tasks" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_model_runs_the_same_checks_when_lm_eval_builds_it(base_checkpoint):
+    """lm-eval called from Python builds the model without ``moepatch eval``'s pre-check: the same function refuses
+    the same values with the same words, before anything loads."""
+    from moepatch.evaluation import MoePatchLM
+
+    with pytest.raises(ValueError, match=r"^moepatch model_args: top_k: expected an integer, got 'x'$"):
+        MoePatchLM(pretrained=str(base_checkpoint), top_k="x")
+    with pytest.raises(ValueError, match=r"^moepatch model_args: routing_stats: expected true or false, got 'maybe'"):
+        MoePatchLM(pretrained=str(base_checkpoint), routing_stats="maybe")
+    with pytest.raises(ValueError, match=r"^moepatch model_args: pretrained=.*nope: no such folder"):
+        MoePatchLM(pretrained=str(base_checkpoint / "nope"))
+
+
 def test_eval_with_task_experts_on_mixtral(tmp_path):
     """The same command on another family: Mixtral experts of the two sources the lm-eval tasks come from."""
     from conftest import finetune_argv
-
     from moepatch.mixing.finetune import main
+
     from moepatch.testing import tiny
 
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "mixtral")
