@@ -138,7 +138,8 @@ class LoraExpertsConfig:
                           "given: the method's defaults, entries a family lacks skipped.", check=_module_names))
     routed_experts: bool = field(
         default=False,
-        metadata=describe("bool", "Broad names (gate_proj, re:.*_proj) reach the routed experts too (see inject.py).",
+        metadata=describe("bool", "Broad names (gate_proj, re:.*_proj) reach the routed experts too "
+                                  "(docs/lora-experts.md).",
                           check=boolean))
     num_experts: Any = field(
         default=None,
