@@ -18,6 +18,7 @@ from typing import Any
 from transformers import AutoTokenizer
 from transformers import TrainingArguments
 
+from model_patches.structure import LayerIndexError
 from model_patches.structure import MoEModel
 from model_patches.structure import describe
 from model_patches.structure import resolve_layer_indices
@@ -232,8 +233,8 @@ def check_model_structure(model_args: ModelArguments, config: Any, *, probe_laye
     if probe_layers is not None:
         try:
             resolve_layer_indices(moe, probe_layers, "probe_layers")
-        except ValueError as error:
-            raise UsageError("--probe_layers", str(error)) from None
+        except LayerIndexError as error:  # each bad entry's message names its value
+            raise UsageError("--probe_layers", "; ".join(message for _, message in error.problems)) from None
     problem = weights_problem(folder, skeleton)  # the headers alone: truncated or foreign weights, before the load
     if problem is not None:
         raise CommandError(problem)

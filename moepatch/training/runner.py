@@ -70,6 +70,7 @@ from moepatch.training.preflight import resolve_prompt_format
 from moepatch.training.sources import read_initial_weights
 from moepatch.training.sources import source_names
 from moepatch.training.sources import source_paths
+from moepatch.training.toolkit import spelled_as_typed
 from moepatch.training.toolkit import split_debug
 
 _split_debug = split_debug
@@ -200,7 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = split_debug(argv)[0] or debug_requested()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_guarded(PROG, lambda: finetune(argv), debug=debug)
+
+    def body() -> int:
+        try:
+            return finetune(argv)
+        except UsageError as error:
+            raise spelled_as_typed(error, argv) from error
+
+    return run_guarded(PROG, body, debug=debug)
 
 
 __all__ = ["DataArguments", "ModelArguments", "check_inputs", "check_model_structure", "expert_parallel_config",

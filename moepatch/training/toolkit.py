@@ -122,6 +122,17 @@ def make_parser(types: Sequence[type], description: str) -> UsageErrorParser:
     return UsageErrorParser(cast("tuple[DataClassType, ...]", tuple(types)), description=description)
 
 
+def spelled_as_typed(error: UsageError, argv: Sequence[str]) -> UsageError:
+    """``error`` naming its flag as the user typed it: HfArgumentParser accepts ``--gate-noise`` for
+    ``--gate_noise``, and the checks name the underscore spelling."""
+    flag = error.argument
+    typed = flag.replace("_", "-")
+    if not flag.startswith("--") or typed == flag:
+        return error
+    given = {token.partition("=")[0] for token in argv if token.startswith("--")}
+    return UsageError(typed, error.message) if typed in given and flag not in given else error
+
+
 def blamed_argument(error: BaseException, argv: Sequence[str]) -> str:
     """The argument a (transformers) error is about: a ``--flag`` it names, a given argument whose name or value it
     quotes; ``TrainingArguments`` when none can be told."""

@@ -339,6 +339,10 @@ CASES = [
      FAILURE, ["ownblock/config.json", "collaborative_list", "4 decoder layers"]),
     ("probe_layers_out_of_range", (), ("--probe_layers", "99"), USAGE, ["--probe_layers", "layer 99 does not exist"]),
     ("probe_layers_dense_layer", (), ("--probe_layers", "1"), USAGE, ["--probe_layers", "dense layer", "[0, 2, 3]"]),
+    ("probe_layers_hyphenated", (), ("--probe-layers", "99"), USAGE,  # named as typed, without a field path
+     ["finetune: error: --probe-layers: layer 99 does not exist"]),
+    ("gate_noise_hyphenated_without_a_switch", (), ("--gate-noise", "true"), USAGE,
+     ["finetune: error: --gate-noise: family 'qwen2_moe' has no such switch"]),
     # --max_length: examples left without a label token are dropped; a source left with none is refused
     ("max_length_cuts_every_label", (), ("--max_length", "2"), USAGE,
      ["--max_length", "no assistant (label) token", "'chat'", "data/train/chat.jsonl"]),
