@@ -40,6 +40,7 @@ from model_patches.structure import describe
 from model_patches.structure import router_modules
 from moepatch.compat import distributed_ready
 from moepatch.errors import FieldError
+from moepatch.errors import FieldProblems
 from moepatch.expert_parallel.training import replicate_added_parameters
 from moepatch.staged_output import staged_folder
 from moepatch.task_experts.adapter_files import quiet_peft
@@ -76,14 +77,19 @@ class TaskExpertArguments:
     def check(self, source_names: Sequence[str]) -> list[str]:
         """The tasks to train, every field checked (:class:`~moepatch.errors.FieldError` naming it; a bad source
         name is ``source_names``'s)."""
+        problems = []  # every bad value of the adapter at once
         if self.expert_r < 1:
-            raise FieldError("expert_r", f"expected an integer >= 1, got {self.expert_r}")
+            problems.append(("expert_r", f"expected an integer >= 1, got {self.expert_r}"))
         if not (math.isfinite(self.expert_alpha) and self.expert_alpha > 0):
-            raise FieldError("expert_alpha", f"expected a number > 0, got {self.expert_alpha}")
+            problems.append(("expert_alpha", f"expected a number > 0, got {self.expert_alpha}"))
         if not (math.isfinite(self.expert_dropout) and 0 <= self.expert_dropout < 1):
-            raise FieldError("expert_dropout", f"expected a number in [0, 1), got {self.expert_dropout}")
+            problems.append(("expert_dropout", f"expected a number in [0, 1), got {self.expert_dropout}"))
         if not self.expert_target_modules or not all(name.strip() for name in self.expert_target_modules):
-            raise FieldError("expert_target_modules", "expected one or more projection names")
+            problems.append(("expert_target_modules", "expected one or more projection names"))
+        if len(problems) == 1:
+            raise FieldError(*problems[0])
+        if problems:
+            raise FieldProblems("task expert arguments", problems)
         bad = [name for name in source_names if not TASK_NAME.fullmatch(name)]
         if bad:
             raise FieldError("source_names", f"source names {bad}: a task name is a folder and a peft adapter name "

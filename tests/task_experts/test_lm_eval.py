@@ -142,8 +142,8 @@ def test_the_model_runs_the_same_checks_when_lm_eval_builds_it(base_checkpoint):
 def test_eval_with_task_experts_on_mixtral(tmp_path):
     """The same command on another family: Mixtral experts of the two sources the lm-eval tasks come from."""
     from conftest import finetune_argv
-    from moepatch.mixing.finetune import main
 
+    from moepatch.mixing.finetune import main
     from moepatch.testing import tiny
 
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "mixtral")

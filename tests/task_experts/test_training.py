@@ -90,6 +90,9 @@ def test_the_script_refuses_with_status_2_and_no_traceback(base_checkpoint, tmp_
     (("--tasks", "code", "code"), r"--tasks: a task is given twice"),
     (("--expert_r", "0"), r"--expert_r: expected an integer >= 1"),
     (("--expert_dropout", "1.5"), r"--expert_dropout: expected a number in \[0, 1\)"),
+    (("--expert_r", "0", "--expert_alpha", "-1", "--expert_dropout", "2"),  # every bad value at once, each by its flag
+     r"--expert_r: expected an integer >= 1, got 0; --expert_alpha: expected a number > 0, got -1.0; "
+     r"--expert_dropout: expected a number in \[0, 1\), got 2.0"),
     (("--initial_weights", "w.json"), r"--initial_weights: --task_experts trains one expert per source"),
     (("--update_every", "5"), r"--update_every: a dynamic-mixing option; --task_experts .* would be ignored"),
 ])
