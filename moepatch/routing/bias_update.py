@@ -83,6 +83,7 @@ from transformers import TrainerCallback
 
 from model_patches.routing_rule import selection_bias_of
 from model_patches.spec import read_attribute
+from model_patches.structure import LayerIndexError
 from model_patches.structure import MoEModel
 from model_patches.structure import resolve_layer_indices
 from moepatch.errors import MoePatchWarning
@@ -203,8 +204,8 @@ def plan_bias_targets(structure: MoEModel, layers: list[int] | None, field_path:
                             "optimizer would move it as well; set requires_grad=False")
         else:
             targets.append(BiasTarget(index, name, layer.router, layer.block, rule.selection_bias))
-    if problems:
-        raise ValueError(f"{field_path}: " + "; ".join(problems))
+    if problems:  # one problem per layer, each counted by the commands that list them
+        raise LayerIndexError([(field_path, problem) for problem in problems])
     return targets
 
 

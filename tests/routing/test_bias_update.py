@@ -551,3 +551,22 @@ def _worker(output: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_every_unfit_layer_is_its_own_problem():
+    """Two layers' selection biases unfit in two ways: two problems, each naming its layer (``inspect`` lists and
+    counts them one by one)."""
+    from model_patches.structure import LayerIndexError
+    from moepatch.patch import problem_lines
+    from moepatch.routing.bias_update import plan_bias_targets
+
+    model = tiny_kind_model("deepseek_v3")  # MoE layers 1, 2
+    structure = moepatch.describe(model)
+    structure.layer(1).router.e_score_correction_bias = torch.zeros(TINY_KIND_NUM_EXPERTS, dtype=torch.int64)
+    structure.layer(2).router.e_score_correction_bias = torch.zeros(TINY_KIND_NUM_EXPERTS + 1)
+    with pytest.raises(LayerIndexError) as error:
+        plan_bias_targets(structure, None, "moepatch.bias_update")
+    lines = problem_lines(error.value)
+    assert len(lines) == 2 and "layer 1" in lines[0] and "dtype torch.int64" in lines[0]
+    assert "layer 2" in lines[1] and "shape" in lines[1]
+    assert all(line.startswith("moepatch.bias_update: layer ") for line in lines)
