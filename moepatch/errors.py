@@ -102,6 +102,11 @@ class FieldProblems(FieldError):
                          for index, (field, message) in enumerate(self.problems))
 
 
+class BlockMisfitError(ValueError):
+    """A checkpoint's moepatch block does not fit the model it was loaded with (``apply``'s own message), raised
+    where the load applies it, so a command can name the checkpoint's config.json without reading the message."""
+
+
 class CommandError(RuntimeError):
     """A command could not do its work for a reason the user can act on (exit status 1): a missing or malformed
     file, a failed check, a figure that cannot be computed exactly."""
@@ -162,6 +167,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message (third-party errors can be long)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:  # "Validation error for field 'x':" says what only on line two
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
+
+
 def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> int:
     """Run a command's ``body`` and turn every failure into an exit status and a short message on stderr.
 
@@ -208,6 +223,7 @@ def run_guarded(prog: str, body: Callable[[], int], *, debug: bool = False) -> i
         return EXIT_FAILURE
 
 
-__all__ = ["CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError", "FieldProblems", "MoePatchWarning",
-           "Naming", "Terminated", "UnsupportedModelError", "UsageError", "Wording", "debug_requested", "os_error_text",
-           "run_guarded", "short_warnings", "sigterm_as_interrupt"]
+__all__ = ["BlockMisfitError", "CommandError", "DEBUG_ENV", "EXIT_FAILURE", "EXIT_USAGE", "FieldError",
+           "FieldProblems", "MoePatchWarning", "Naming", "Terminated", "UnsupportedModelError", "UsageError",
+           "Wording", "debug_requested", "first_line", "os_error_text", "run_guarded", "short_warnings",
+           "sigterm_as_interrupt"]

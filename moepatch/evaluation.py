@@ -30,6 +30,7 @@ from transformers import AutoTokenizer
 
 import moepatch
 from moepatch.config import write_config
+from moepatch.errors import first_line
 from moepatch.loading.block_file import read_moepatch_block
 from moepatch.loading.pretrained import load_config
 from moepatch.routing.recorder import RoutingRecorder
@@ -109,7 +110,7 @@ def load_patched(pretrained: str, moepatch_config: str | None = None) -> torch.n
     except Exception as error:  # safetensors' own error for a truncated or corrupt file names no file
         if "safetensor" not in type(error).__name__.lower():
             raise
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = first_line(error)
         raise ValueError(f"moepatch model_args: pretrained={pretrained}: its *.safetensors weights cannot be read "
                          f"({text})") from None
 

@@ -21,7 +21,7 @@ FLAG_LAYERS = ("cli/", "training/", "demo/", "testing/")
 """Where flags belong: the commands, the fine-tuning runner (whose arguments are its flags) and the other entry
 points; everything else in moepatch is library code."""
 PARSED_MESSAGE = re.compile(r"(?:str\((?:error|exc|err|e)\)|\b(?:error|exc|err|e)\.message)"
-                            r"\.(?:partition|rpartition|split|splitlines)\(|re\.\w+\([^)]*str\((?:error|exc|err|e)\)")
+                            r"\.(?:partition|rpartition|split|splitlines|startswith|endswith)\(|re\.\w+\([^)]*str\((?:error|exc|err|e)\)")
 """Splitting an error's text (``str(error).partition(": ")``, ``error.message.splitlines()``) or searching it with
 a regular expression: reading a structured fact back out of a message."""
 

@@ -14,6 +14,7 @@ from moepatch.errors import CommandError
 from moepatch.errors import FieldError
 from moepatch.errors import FieldProblems
 from moepatch.errors import UsageError
+from moepatch.errors import first_line
 from moepatch.loading.skeleton import weights_problem
 
 CORPUS_FLAGS = {"paths": "--data"}
@@ -29,16 +30,6 @@ def read_corpus_files(paths: list[str], text_field: str) -> list[str]:
         return read_corpus(paths, text_field)
     except FieldError as error:
         raise error.as_command_error(CORPUS_FLAGS) from None
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first line, or its type's name when it has no message (third-party errors can be long)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if lines[0].endswith(":") and len(lines) > 1:  # "Validation error for field 'x':" says what only on line two
-        return f"{lines[0]} {lines[1]}"
-    return lines[0]
 
 
 def skeleton(path: str | Path, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]:

@@ -18,9 +18,11 @@ from transformers import AutoConfig
 from transformers import AutoModelForCausalLM
 from transformers import PreTrainedModel
 
+from moepatch.errors import BlockMisfitError
 from moepatch.errors import CommandError
 from moepatch.errors import UnsupportedModelError
 from moepatch.errors import UsageError
+from moepatch.errors import first_line
 from moepatch.expert_parallel.placement import check_placement
 from moepatch.expert_parallel.placement import distributed_ep_size
 from moepatch.patch import apply
@@ -70,6 +72,7 @@ def from_pretrained(
 
     Raises:
         ValueError: the checkpoint's experts were renumbered for another expert-parallel size.
+        BlockMisfitError: (a ``ValueError``, with ``apply``'s message) the block does not fit the model.
     """
 
 
@@ -95,7 +98,12 @@ def from_pretrained(
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
     drop_loader_auto_map(model.config)
     if patch:
-        apply(model, strict=strict)
+        try:
+            apply(model, strict=strict)
+        except UnsupportedModelError:
+            raise
+        except ValueError as error:  # the block does not fit: said as such, so a caller can name config.json
+            raise BlockMisfitError(str(error)) from error
     return loaded
 
 
@@ -115,9 +123,9 @@ def load_for_command(path: str | Path, *, patch: bool = True, **kwargs: Any) -> 
     except (CommandError, UsageError, UnsupportedModelError):
         raise
     except Exception as error:  # safetensors raises its own SafetensorError for a truncated file
-        if isinstance(error, ValueError) and str(error).startswith("invalid moepatch config"):
+        if isinstance(error, BlockMisfitError):
             raise ValueError(f"{Path(path) / 'config.json'}: {error}") from None
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise CommandError(f"{path}: cannot load the checkpoint's weights ({first})") from None
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     missing = sorted(info.get("missing_keys", ()) if isinstance(info, dict) else ())

@@ -42,6 +42,7 @@ from moepatch.routing.recorder import RoutingRecorder
 from moepatch.routing.recorder import collective_device
 from moepatch.staged_output import write_text_atomically
 from moepatch.tools.report import plot_sampling_rounds
+from moepatch.validation import is_int
 
 logger = logging.getLogger("moepatch.dynamic_sampling")  # the name of earlier releases: logging configs keep working
 STATE_FILE = "dynamic_sampling.json"
@@ -71,7 +72,7 @@ class DynamicSamplingArguments:
     plot: bool = field(default=True, metadata={"help": "Draw sampling_info/rounds.png after every round."})
 
     def __post_init__(self) -> None:
-        if not (_is_int(self.update_every) and self.update_every >= 1):
+        if not (is_int(self.update_every) and self.update_every >= 1):
             raise FieldError("update_every", f"expected an integer >= 1 (optimizer steps between probe rounds), "
                                              f"got {self.update_every!r}")
         if not (_is_number(self.eta) and math.isfinite(self.eta) and self.eta >= 0):
@@ -85,18 +86,14 @@ class DynamicSamplingArguments:
         layers = self.probe_layers
         if not isinstance(layers, (list, tuple)) or not layers:
             raise FieldError("probe_layers", f"expected at least one MoE layer index, got {layers!r}")
-        if not all(_is_int(index) for index in layers):
+        if not all(is_int(index) for index in layers):
             raise FieldError("probe_layers", f"expected integer layer indices, got {list(layers)!r}")
         if len(set(layers)) != len(layers):
             raise FieldError("probe_layers", f"a layer is listed twice: {list(layers)}")
-        if not (_is_int(self.probe_batch_size) and self.probe_batch_size >= 1):
+        if not (is_int(self.probe_batch_size) and self.probe_batch_size >= 1):
             raise FieldError("probe_batch_size", f"expected an integer >= 1, got {self.probe_batch_size!r}")
-        if not _is_int(self.sampling_seed):
+        if not is_int(self.sampling_seed):
             raise FieldError("sampling_seed", f"expected an integer, got {self.sampling_seed!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

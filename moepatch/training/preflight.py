@@ -31,6 +31,7 @@ from moepatch.errors import FieldError
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UnsupportedModelError
 from moepatch.errors import UsageError
+from moepatch.errors import first_line
 from moepatch.loading.block_file import read_moepatch_block
 from moepatch.loading.pretrained import load_config
 from moepatch.loading.skeleton import causal_lm_class
@@ -185,7 +186,7 @@ def _skeleton_structure(config: Any, settings: MoePatchConfig, folder: Path, mis
     try:
         skeleton = weightless_model(config)
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise CommandError(f"{config_file}: cannot build {model_class.__name__} from it ({first})") from None
     try:
         moe = describe(skeleton, family=settings.family, verify=False)
@@ -252,7 +253,7 @@ def load_tokenizer(path: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(path)
         encoded = tokenizer("moepatch checks its tokenizer", add_special_tokens=False)["input_ids"]
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise CommandError(f"{path}: no usable tokenizer ({first})") from None
     if not encoded:
         raise CommandError(f"{path}: no usable tokenizer (it encodes text to nothing: are tokenizer.json / "
