@@ -400,6 +400,8 @@ CASES: list[tuple[str, int, str]] = [
     ("eval --model moepatch -apretrained={root}/missing --tasks arc_easy", 2,
      "-a: pretrained={root}/missing: no such folder"),
     ("eval --model moepatch --model_args top_k=1 --tasks arc_easy", 2, "--model_args: pretrained: required"),
+    ("eval --model moepatch --model_args pretrained={ck},routing_stats=true --tasks arc_easy", 2,
+     "--output_path: routing_stats=true writes"),  # statistics asked for with nowhere to go
     ("eval --model moepatch --model_args pretrained={ck},task_experts={root},moepatch_config={okblock} "
      "--tasks arc_easy", 2, "--model_args: task_experts load the base their manifest names; moepatch_config"),
 ]
