@@ -44,6 +44,15 @@ The benchmark's own model layers map onto real layers spread over the depth (``-
 prints the exact expectation over all 32 real layers from the counts (copies per token are exact for top-2 pairs; a
 token's source rank uniform over the ranks, as :mod:`moepatch.tools.c2r.traffic` predicts).
 
+**Bytes check** (per case and EP size): for every routing, dispatch and MoE layer, the rows and hidden-state bytes
+each dispatch counted on every rank in the counted forward must equal an independent count from the expert ids that
+layer's dispatch received (each rank's ``torch.chunk`` slice of the batch, contiguous expert shards) and ``place``'s
+prediction (:func:`moepatch.tools.c2r.traffic.predict_dispatch` with those source ranks, on the original expert ids
+under the groups ``place`` planned; for the original checkpoint the contiguous ones). Each line says ``agree`` or
+``DIFFER`` (and, for the latter, which rank and figure); the run exits with status 1 when any line differs.
+``--raw-json PATH`` writes what the check reads (per-layer counters of every rank, the routing, the placements), and
+``--hidden-size`` shrinks the layer for a quick check (the pairs sampled for ``llama`` do not depend on it).
+
 The goal it checks: C2R + placement + dedup moves <= 0.6x the bytes between ranks of per pair + vanilla at EP 4 on
 real routing (``llama``); it says whether that is met with the published lists (``top_t`` 5) and with C2R in groups,
 and what every configuration reaches. Step times on a CPU
@@ -54,6 +63,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_expert_parallel.py --quick        # CPU, gloo, a few minutes at most
     python benchmarks/bench_expert_parallel.py --device cuda --dtype bfloat16   # NCCL, needs >= 2 GPUs
     python benchmarks/bench_expert_parallel.py --quick --json figures.json     # also the key figures (figures_json)
+    python benchmarks/bench_expert_parallel.py --quick --processes 4 --layers 2 --hidden-size 64   # the bytes check
 """
 
 from __future__ import annotations
@@ -87,11 +97,12 @@ GOAL_CONFIGS = {"c2r+placement": "C2R (published top_t 5) + placement", "c2r in 
 """The configurations the goal is checked for, and how the verdict names them."""
 GOAL_EP = 4
 CASES = {
-    "qwen": dict(label="Qwen1.5-MoE-sized layer (60 experts, top-4, hidden 2048; synthetic routing)", num_experts=60,
-                 top_k=4, hidden=2048, real_layers=24),
-    "llama": dict(label="LLaMA-MoE-v1-3.5B layer (8 experts, top-2, hidden 4096; real routing from the counts)",
+    "qwen": dict(label="Qwen1.5-MoE-sized layer (60 experts, top-4, hidden {hidden}; synthetic routing)",
+                 num_experts=60, top_k=4, hidden=2048, real_layers=24),
+    "llama": dict(label="LLaMA-MoE-v1-3.5B layer (8 experts, top-2, hidden {hidden}; real routing from the counts)",
                   num_experts=8, top_k=2, hidden=4096, real_layers=32),
 }
+"""``hidden`` is the real model's hidden size, the default of ``--hidden-size``."""
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -115,7 +126,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128, quick 64)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 3, quick 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--hidden-size", type=int, default=None,
+                        help="hidden size of both cases' layer (default the real model's: qwen 2048, llama 4096); the "
+                             "bytes scale with it; the llama pairs sampled from the counts do not depend on it, the "
+                             "routers' own choices (qwen, C2R in groups) do: a small one makes a quick check")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw-json", type=Path, default=None, metavar="PATH",
+                        help="also write what the bytes check reads: every rank's per-layer counters and the routing "
+                             "its dispatch saw, per case, EP size, routing and dispatch, and the cases' placements")
     add_json_argument(parser)
     args = parser.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -132,11 +150,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("layers", "batch_size", "seq", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.hidden_size is not None and args.hidden_size < 1:
+        parser.error(f"--hidden-size: expected a positive integer, got {args.hidden_size}")
     if args.warmup < 0:
         parser.error(f"--warmup: expected 0 or more, got {args.warmup}")
     if any(n < 2 for n in args.processes):
         parser.error(f"--processes: expert parallelism needs at least 2 processes, got {args.processes}")
     return args
+
+
+def hidden_size(args: argparse.Namespace, case: str) -> int:
+    """The layer's hidden size in this run: ``--hidden-size``, else the real model's."""
+    return args.hidden_size if args.hidden_size is not None else CASES[case]["hidden"]
 
 
 def spread(count: int, total: int) -> list[int]:
@@ -152,6 +177,7 @@ def build_qwen(args: argparse.Namespace, root: Path, widths: int) -> dict[str, A
 
     from moepatch.patch import patched
     from moepatch.testing import tiny
+    from moepatch.tools.c2r.permutation import PERMUTATION_FILE
     from moepatch.tools.c2r.pipeline import dispatch_row
     from moepatch.tools.c2r.pipeline import place_profiles
     from moepatch.tools.c2r.pipeline import write_planned_checkpoint
@@ -160,10 +186,10 @@ def build_qwen(args: argparse.Namespace, root: Path, widths: int) -> dict[str, A
     official = json.loads(QWEN_CONFIG.read_text())
     real = spread(args.layers, CASES["qwen"]["real_layers"])
     model = tiny.tiny_model(
-        "qwen2_moe", seed=args.seed, vocab_size=512, hidden_size=2048, num_hidden_layers=args.layers,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, intermediate_size=widths,
-        moe_intermediate_size=widths, shared_expert_intermediate_size=widths, num_experts=60, num_experts_per_tok=4,
-        norm_topk_prob=False, mlp_only_layers=[], initializer_range=0.02)
+        "qwen2_moe", seed=args.seed, vocab_size=512, hidden_size=hidden_size(args, "qwen"),
+        num_hidden_layers=args.layers, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+        intermediate_size=widths, moe_intermediate_size=widths, shared_expert_intermediate_size=widths,
+        num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, mlp_only_layers=[], initializer_range=0.02)
     model.config.top_t = official["top_t"]
     model.config.collaborative_list = [official["collaborative_list"][layer] for layer in real]
     original = root / "qwen"
@@ -173,17 +199,20 @@ def build_qwen(args: argparse.Namespace, root: Path, widths: int) -> dict[str, A
     with patched(model, None) as handle:
         assert handle.c2r_routers, "the official C2R fields did not apply"
         profile = profile_coactivation(model, batches, keep_choices=True, progress=False)
-    permuted, grouped, predictions = {}, {}, {}
+    copies: dict[str, dict[str, str]] = {"permuted": {}, "grouped": {}}
+    orders: dict[str, dict[str, list]] = {"permuted": {}, "grouped": {}}
+    predictions = {}
     for ep_size in args.processes:
         reports = place_profiles({"c2r": profile}, ep_size, seed=args.seed, row=dispatch_row(model))
-        target = root / f"qwen-ep{ep_size}"
-        write_planned_checkpoint(original, reports, target)
-        write_planned_checkpoint(original, reports, root / f"qwen-ep{ep_size}-groups", c2r_within_groups=True)
-        permuted[str(ep_size)] = str(target)
-        grouped[str(ep_size)] = str(root / f"qwen-ep{ep_size}-groups")
+        for checkpoint, suffix in (("permuted", ""), ("grouped", "-groups")):
+            target = root / f"qwen-ep{ep_size}{suffix}"
+            write_planned_checkpoint(original, reports, target, c2r_within_groups=checkpoint == "grouped")
+            copies[checkpoint][str(ep_size)] = str(target)
+            written = json.loads((target / PERMUTATION_FILE).read_text())  # new id -> original expert, per layer
+            orders[checkpoint][str(ep_size)] = [written[str(layer)] for layer in range(args.layers)]
         predictions[str(ep_size)] = reports["c2r"]
-    return {"name": "qwen", "original": str(original), "permuted": permuted, "grouped": grouped, "real_layers": real,
-            "place_reports": predictions}
+    return {"name": "qwen", "original": str(original), **copies, "real_layers": real, "place_reports": predictions,
+            "orders": orders}
 
 
 def build_llama(args: argparse.Namespace, root: Path, widths: int) -> dict[str, Any]:
@@ -198,10 +227,10 @@ def build_llama(args: argparse.Namespace, root: Path, widths: int) -> dict[str, 
     counts = {name: tensor.numpy() for name, tensor in collaboration_io.load_matrices(LLAMA_MATRICES).items()}
     real = spread(args.layers, CASES["llama"]["real_layers"])
     model = tiny.tiny_model(
-        "qwen2_moe", seed=args.seed, vocab_size=512, hidden_size=4096, num_hidden_layers=args.layers,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, intermediate_size=widths,
-        moe_intermediate_size=widths, shared_expert_intermediate_size=widths, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=False, mlp_only_layers=[], initializer_range=0.02)
+        "qwen2_moe", seed=args.seed, vocab_size=512, hidden_size=hidden_size(args, "llama"),
+        num_hidden_layers=args.layers, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+        intermediate_size=widths, moe_intermediate_size=widths, shared_expert_intermediate_size=widths,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[], initializer_range=0.02)
     original = root / "llama"
     model.save_pretrained(original)
     copies: dict[str, dict[str, str]] = {"permuted": {}, "grouped": {}}
@@ -320,6 +349,41 @@ def case_experts(case: dict) -> int:
     return CASES[case["name"]]["num_experts"]
 
 
+def layer_counters(model) -> list:
+    """Each MoE layer's counters on this rank (module order), whichever of the two dispatches the model runs."""
+    from moepatch.expert_parallel.dispatch import EXPERTS_ATTRIBUTE
+
+    found = []
+    for module in model.modules():
+        for attribute in (EXPERTS_ATTRIBUTE, COUNTING_ATTRIBUTE):
+            implementation = module.__dict__.get(attribute)
+            if implementation is not None:
+                found.append(implementation.traffic)
+    return found
+
+
+class DispatchedRouting:
+    """Forward pre-hooks on every experts module keeping, while :attr:`active`, the expert ids it was called with
+    (global ids of the whole batch: what the EP dispatch receives), one list per MoE layer."""
+
+    def __init__(self, model) -> None:
+        experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+        self.layers: list[list[list[int]]] = [[] for _ in experts]
+        self.active = False
+        """Off in the steps that are not counted, so the timed ones do not copy ids to the host."""
+        self.handles = []
+        for slot, module in enumerate(experts):
+            def keep(module, args, slot=slot):
+                if self.active:
+                    self.layers[slot] = args[1].detach().cpu().tolist()
+
+            self.handles.append(module.register_forward_pre_hook(keep))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def rank_traffic(model) -> dict[str, int]:
     """This rank's counters summed over the layers, whichever of the two dispatches the model runs."""
     from moepatch.expert_parallel import DispatchTraffic
@@ -398,15 +462,18 @@ def sample_pairs(counts: list[list[float]], tokens: int, seed: int):
     return pairs
 
 
-def measure(model, input_ids, warmup: int, steps: int, device) -> tuple[list[float], dict[str, int]]:
-    """``warmup`` + ``steps`` forward + backward steps (ranks aligned by a barrier); the timed steps' seconds and this
-    rank's counters of the last forward."""
+def measure(model, input_ids, warmup: int, steps: int, device) -> dict[str, Any]:
+    """``warmup`` + ``steps`` forward + backward steps (ranks aligned by a barrier): the timed steps' seconds
+    (``times``), this rank's counters of the last forward (``traffic``, and ``layers`` one per MoE layer) and the expert
+    ids each MoE layer's dispatch received in it (``routing``)."""
     import torch
     import torch.distributed as dist
 
     times = []
+    routing = DispatchedRouting(model)
     for step in range(warmup + steps):
-        if step == warmup + steps - 1:
+        routing.active = step == warmup + steps - 1  # the counted forward
+        if routing.active:
             reset_counters(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -420,7 +487,9 @@ def measure(model, input_ids, warmup: int, steps: int, device) -> tuple[list[flo
         if step >= warmup:
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
-    return times, rank_traffic(model)
+    routing.remove()
+    return {"times": times, "traffic": rank_traffic(model),
+            "layers": [traffic.to_dict() for traffic in layer_counters(model)], "routing": routing.layers}
 
 
 def worker(plan_path: str, output: str) -> None:
@@ -468,15 +537,15 @@ def worker(plan_path: str, output: str) -> None:
                         group_size = case_experts(case) // world if config == "c2r in groups" else None
                         hooks = ForcedRouting(model, forced[config], group_size)
                         try:
-                            times, traffic = measure(model, ids, plan["warmup"], plan["steps"], device)
+                            result = measure(model, ids, plan["warmup"], plan["steps"], device)
                         finally:
                             hooks.remove()
                     else:  # the router's own routing, vanilla or under the checkpoint's (official) C2R fields
                         with patched(model, {"c2r": False} if config == "vanilla" else None) as handle:
                             if config != "vanilla" and not handle.c2r_routers:
                                 raise RuntimeError(f"{path}: C2R did not apply")
-                            times, traffic = measure(model, ids, plan["warmup"], plan["steps"], device)
-                    measured[f"{config}|{dispatch}"] = {"times": times, "traffic": traffic}
+                            result = measure(model, ids, plan["warmup"], plan["steps"], device)
+                    measured[f"{config}|{dispatch}"] = result
                 del model
                 gc.collect()
         results["cases"][name] = measured
@@ -484,6 +553,155 @@ def worker(plan_path: str, output: str) -> None:
         json.dump(results, handle)
     dist.barrier()
     dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ the bytes check
+CHECKED = ("rows_remote", "rows_local", "bytes_remote", "pairs_remote", "pairs_local", "returned_rows_remote")
+"""What the bytes check compares, per rank and MoE layer: the rows the dispatch sends (per pair: one per (token,
+expert); dedup: one per (token, distinct rank)) to other ranks and to itself, the hidden-state bytes of the remote ones,
+the (token, expert) pairs whose expert is remote / local, and the rows it returns to the ranks they came from."""
+PREDICTED = CHECKED[:-1]
+"""What ``place``'s prediction gives per source rank (it does not split rows by destination)."""
+
+
+def dispatch_count(counters: dict[str, int]) -> dict[str, int]:
+    """One rank's and layer's counters (either dispatch's; the per-pair one counts a row per pair) as
+    :data:`CHECKED`."""
+    return {"rows_remote": counters["rows_remote"], "rows_local": counters["rows_local"],
+            "bytes_remote": counters["hidden_bytes_remote"], "pairs_remote": counters["pairs_remote"],
+            "pairs_local": counters["pairs_local"], "returned_rows_remote": counters["returned_rows_remote"]}
+
+
+def independent_count(routing: list[list[int]], ep_size: int, num_experts: int, row_bytes: int, per_pair: bool
+                      ) -> list[dict[str, int]]:
+    """:data:`CHECKED` for every rank, counted from the routing alone: rank ``r`` dispatches its ``torch.chunk`` slice
+    of the shared batch (what ``Replicate -> Shard(0)`` keeps), the experts sit in contiguous ranges of
+    ``num_experts / ep_size``, and a token sends one row per expert (per pair) or per distinct rank (dedup)."""
+    import torch
+
+    source = {}
+    for rank, part in enumerate(torch.arange(len(routing)).chunk(ep_size)):
+        source.update(dict.fromkeys(part.tolist(), rank))
+    per_rank = num_experts // ep_size
+    counts = [dict.fromkeys(CHECKED, 0) for _ in range(ep_size)]
+    for position, experts in enumerate(routing):
+        home = source[position]
+        ranks = [expert // per_rank for expert in experts]
+        here = counts[home]
+        here["pairs_local"] += ranks.count(home)
+        here["pairs_remote"] += len(ranks) - ranks.count(home)
+        rows = ranks if per_pair else sorted(set(ranks))  # one row per destination entry
+        for destination in rows:
+            if destination == home:
+                here["rows_local"] += 1
+            else:
+                here["rows_remote"] += 1
+                counts[destination]["returned_rows_remote"] += 1
+    for here in counts:
+        here["bytes_remote"] = here["rows_remote"] * row_bytes
+    return counts
+
+
+def place_prediction(routing: list[list[int]], order: list[int], ep_size: int, row_bytes: int, per_pair: bool
+                     ) -> list[dict[str, int]]:
+    """:data:`PREDICTED` for every rank from ``place``'s traffic model
+    (:func:`moepatch.tools.c2r.traffic.predict_dispatch`, each rank's tokens with that rank as their source) on the
+    original expert ids under the placement's groups: ``order`` is the renumbering the loaded checkpoint was written
+    with (new id ``n`` is the original expert ``order[n]``; the identity for the original checkpoint), so rank ``d``
+    holds the original experts ``order[d E/D : (d + 1) E/D]``, the group ``place`` planned for it."""
+    import numpy as np
+
+    from moepatch.tools.c2r.traffic import chunk_source_ranks
+    from moepatch.tools.c2r.traffic import predict_dispatch
+
+    original = np.asarray(order)[np.asarray(routing)]
+    per_rank = len(order) // ep_size
+    groups = [order[rank * per_rank:(rank + 1) * per_rank] for rank in range(ep_size)]
+    sources = chunk_source_ranks(len(routing), ep_size)
+    predicted = []
+    for rank in range(ep_size):
+        mine = sources == rank
+        if not mine.any():
+            predicted.append(dict.fromkeys(PREDICTED, 0))
+            continue
+        rows = predict_dispatch(original[mine], groups, source_ranks=np.full(int(mine.sum()), rank))
+        remote, local = ((rows.pair_rows_remote, rows.pair_rows_local) if per_pair
+                         else (rows.dedup_rows_remote, rows.dedup_rows_local))
+        predicted.append({"rows_remote": int(remote), "rows_local": int(local), "bytes_remote": int(remote) * row_bytes,
+                          "pairs_remote": int(rows.pair_rows_remote), "pairs_local": int(rows.pair_rows_local)})
+    return predicted
+
+
+def bytes_check(case: dict, ep_size: int, ranks: list[dict], hidden: int, dtype: str) -> list[dict[str, Any]]:
+    """Per (routing, dispatch, MoE layer): the dispatch's own counts on every rank against :func:`independent_count`
+    and :func:`place_prediction` of the routing it saw (one entry each, with the totals over the ranks and what
+    differs, rank by rank)."""
+    import torch
+
+    from moepatch.tools.c2r.traffic import row_size
+
+    name = case["name"]
+    num_experts = CASES[name]["num_experts"]
+    element_bytes = torch.finfo(getattr(torch, dtype)).bits // 8
+    place_row_bytes = row_size(hidden, getattr(torch, dtype), "this run")["row_bytes"]
+    checkpoint_of = {config: checkpoint for checkpoint, configs in CHECKPOINTS.items() for config in configs}
+    entries = []
+    for config in CONFIGS:
+        checkpoint = checkpoint_of[config]
+        for dispatch in DISPATCHES:
+            per_pair = dispatch == "per pair"
+            key = f"{config}|{dispatch}"
+            routings = [data["cases"][name][key]["routing"] for data in ranks]
+            for slot, routing in enumerate(routings[0]):
+                order = (list(range(num_experts)) if checkpoint == "original"
+                         else case["orders"][checkpoint][str(ep_size)][slot])
+                counted = [dispatch_count(data["cases"][name][key]["layers"][slot]) for data in ranks]
+                independent = independent_count(routing, ep_size, num_experts, hidden * element_bytes, per_pair)
+                predicted = place_prediction(routing, order, ep_size, place_row_bytes, per_pair)
+                differs = [f"rank {rank}'s dispatch saw other routing than rank 0's"
+                           for rank in range(1, ep_size) if routings[rank][slot] != routing]
+                for rank in range(ep_size):
+                    for field in CHECKED:
+                        values = [counted[rank][field], independent[rank][field]]
+                        if field in PREDICTED:
+                            values.append(predicted[rank][field])
+                        if len(set(values)) > 1:
+                            differs.append(f"rank {rank} {field}: dispatch {values[0]}, independent {values[1]}"
+                                           + (f", place {values[2]}" if len(values) > 2 else ""))
+                entries.append({
+                    "routing": config, "dispatch": dispatch, "layer": slot, "real_layer": case["real_layers"][slot],
+                    **{source: {field: sum(rank[field] for rank in counts) for field in fields}
+                       for source, counts, fields in (("dispatch_count", counted, CHECKED),
+                                                      ("independent", independent, CHECKED),
+                                                      ("predicted", predicted, PREDICTED))},
+                    "differs": differs})
+    return entries
+
+
+def print_bytes_check(entries: list[dict[str, Any]], ep_size: int) -> int:
+    """The bytes check as a table (one line per routing, dispatch and layer; totals over the ranks, every rank
+    compared); the number of lines that DIFFER."""
+    print(f"\nbytes check, EP {ep_size}: per MoE layer, the remote rows and bytes the dispatch counted (each rank) vs "
+          "an independent count from the routing it saw (each rank's torch.chunk slice of the batch, contiguous "
+          "expert shards) vs place's prediction (predict_dispatch with those source ranks, on the original expert "
+          "ids and place's groups); sums over the ranks shown, every rank and field (rows kept, pairs, rows returned) "
+          "compared")
+    header = (f"{'routing':<15}{'dispatch':<10}{'layer':<13}{'remote rows: dispatch':>22}{'independent':>12}"
+              f"{'place':>8}{'remote MB: dispatch':>21}{'independent':>12}{'place':>9}  verdict")
+    print(header)
+    print("-" * len(header))
+    differing = 0
+    for entry in entries:
+        counts = [entry[source] for source in ("dispatch_count", "independent", "predicted")]
+        verdict = "DIFFER" if entry["differs"] else "agree"
+        differing += bool(entry["differs"])
+        layer = f"{entry['layer']} (real {entry['real_layer']})"
+        print(f"{entry['routing']:<15}{entry['dispatch']:<10}{layer:<13}{counts[0]['rows_remote']:>22}"
+              f"{counts[1]['rows_remote']:>12}{counts[2]['rows_remote']:>8}{counts[0]['bytes_remote'] / 1e6:>21.4f}"
+              f"{counts[1]['bytes_remote'] / 1e6:>12.4f}{counts[2]['bytes_remote'] / 1e6:>9.4f}  {verdict}")
+        for problem in entry["differs"]:
+            print(f"    {problem}")
+    return differing
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -497,10 +715,12 @@ def summed(ranks: list[dict], case: str, key: str) -> dict[str, Any]:
     return {"traffic": traffic, "step_s": step}
 
 
-def report(args: argparse.Namespace, plan: dict, runs: dict[int, list[dict]]) -> list:
+def report(args: argparse.Namespace, plan: dict, runs: dict[int, list[dict]]) -> tuple[list, int]:
+    """Print the tables, the bytes checks and the goal; the key figures and how many bytes-check lines DIFFER."""
     from figures_json import Figure
 
     figures: list[Figure] = []
+    differing = 0
     tokens = args.batch_size * args.seq
     verdicts = []
     for case in plan["cases"]:
@@ -512,7 +732,9 @@ def report(args: argparse.Namespace, plan: dict, runs: dict[int, list[dict]]) ->
             base_bytes = base["hidden_bytes_remote"] + base["returned_bytes_remote"]
             base_step = rows["vanilla|per pair"]["step_s"]
             layers = base["calls"] // ep_size  # every rank calls every MoE layer once per forward
-            print(f"\n== {spec['label']}, EP {ep_size} ({spec['num_experts'] // ep_size} experts per rank), "
+            hidden = hidden_size(args, name)
+            print(f"\n== {spec['label'].format(hidden=hidden)}, EP {ep_size} "
+                  f"({spec['num_experts'] // ep_size} experts per rank), "
                   f"{layers} MoE layer(s) (real layers {case['real_layers']}), {tokens} tokens per forward, "
                   f"{args.dtype}, {args.device} ==")
             header = (f"{'routing':<15}{'dispatch':<10}{'remote MB/fwd':>14}{'vs per pair+vanilla':>21}"
@@ -569,6 +791,11 @@ def report(args: argparse.Namespace, plan: dict, runs: dict[int, list[dict]]) ->
                 pair = sum(r["dispatch"]["pair_rows_remote_per_token"] for r in layers_report)
                 print(f"`place` predicted on the profiling tokens (uniform source rank): dedup + C2R + placement "
                       f"{planned / pair:.3f}x per pair (of C2R routing; per pair is the same for every routing)")
+            entries = bytes_check(case, ep_size, ranks, hidden, args.dtype)
+            differs = print_bytes_check(entries, ep_size)
+            differing += differs
+            figures.append(Figure(setting, "bytes check: lines where dispatch, independent count and place differ",
+                                  differs, "lines", 0.0, f"of {len(entries)} (routing, dispatch, MoE layer) lines"))
             if goal is not None:
                 verdicts.append((ep_size, ratios))
     if "llama" in args.cases:
@@ -592,7 +819,9 @@ def report(args: argparse.Namespace, plan: dict, runs: dict[int, list[dict]]) ->
                 if config == "c2r in groups":
                     print("  C2R in groups (place --c2r-within-groups, top_t = E/4 - 1 = 1 here) sends one copy per "
                           "token by construction; its accuracy cost against the paper's top_t 5 is not measured here")
-    return figures
+    print(f"\nbytes check: {'every line agrees' if not differing else f'{differing} line(s) DIFFER'} (the dispatch's "
+          "own count = the independent count from the routing = place's prediction, per MoE layer, on every rank)")
+    return figures, differing
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -640,10 +869,14 @@ def main(argv: list[str] | None = None) -> int:
               f"EP sizes {args.processes}, tp_size = ep_size (every rank holds the batch and dispatches its slice); "
               "remote = hidden-state bytes sent to other ranks in one forward, dispatch + combine (backward mirrors "
               "it); copies = rows a rank sends itself; meta = ids/weights (dedup) or per-expert counts (per pair)")
-        figures = report(args, plan, runs)
+        figures, differing = report(args, plan, runs)
+        if args.raw_json is not None:
+            args.raw_json.write_text(json.dumps({"plan": plan, "runs": {str(n): ranks for n, ranks in runs.items()},
+                                                 "hidden_sizes": {case["name"]: hidden_size(args, case["name"])
+                                                                  for case in cases}}))
     print(f"\nwall {time.monotonic() - started:.0f} s")
     write_summary(args.json, "bench_expert_parallel", args, figures)
-    return 0
+    return 1 if differing else 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ from moepatch.cli.experts import add_experts_arguments
 from moepatch.cli.inspect import add_inspect_arguments
 from moepatch.cli.install import cmd_install
 from moepatch.cli.install import cmd_uninstall
+from moepatch.cli.place import DEFAULT_ROW_DTYPE
 from moepatch.cli.place import cmd_place
+from moepatch.cli.place import row_dtype
 from moepatch.cli.profile import cmd_profile
 from moepatch.errors import CommandError
 from moepatch.errors import debug_requested
@@ -111,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--seed", type=seed, default=0)
     place.add_argument("--top-k", type=positive_int,
                        help="experts per token of a matrix file's model, when the file does not record it")
+    place.add_argument("--hidden-size", type=positive_int,
+                       help="a matrix file's model hidden size: the dispatch figures then include bytes per token "
+                            "(a matrix file records no hidden size; a checkpoint's is read from it)")
+    place.add_argument("--dtype", type=row_dtype,
+                       help=f"with --hidden-size: the torch dtype the hidden states are dispatched in (default "
+                            f"{DEFAULT_ROW_DTYPE}, what MoE models are trained and served in; e.g. float32, float16, "
+                            "float8_e4m3fn for an FP8 dispatch)")
     place.add_argument("--write-permuted", metavar="DIR", type=output_folder,
                        help="write a checkpoint whose experts are renumbered so contiguous sharding = planned groups "
                             "(for --ep-size ranks only: recorded in expert_placement.json)")

@@ -23,6 +23,34 @@ from moepatch.errors import UsageError
 PLACE_PROFILING_DEFAULTS: dict[str, Any] = {"data": None, "text_field": "text", "max_tokens": None, "batch_size": 4,
                                             "max_length": 512}
 """Options of ``place`` that only apply to a checkpoint SOURCE (it is profiled), with their defaults."""
+DEFAULT_ROW_DTYPE = "bfloat16"
+"""``--dtype``'s default: the dtype large MoE models are usually trained and served in, so the hidden states an
+expert-parallel dispatch sends are in it too (``float32`` rows weigh twice as much; an FP8 dispatch half)."""
+
+
+def row_dtype(text: str) -> torch.dtype:
+    """``--dtype``: a torch floating dtype by its canonical name (``bfloat16``, ``float32``, ``float8_e4m3fn``, ...),
+    the element type of the hidden states a dispatch sends; integer dtypes and aliases (``half``) are refused."""
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or str(dtype) != f"torch.{text}":
+        raise argparse.ArgumentTypeError(f"expected a torch floating dtype name such as {DEFAULT_ROW_DTYPE}, float32, "
+                                         f"float16 or float8_e4m3fn, got {text!r}")
+    return dtype
+
+
+def given_row(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The row size ``--hidden-size`` / ``--dtype`` give for a matrix file (``None`` without ``--hidden-size``);
+    ``--dtype`` alone is refused, since it says nothing without a hidden size."""
+    from moepatch.tools.c2r.traffic import row_size
+
+    if args.hidden_size is None:
+        if args.dtype is not None:
+            raise UsageError("--dtype", "sets the element size of a row of --hidden-size elements; give "
+                                        "--hidden-size H too")
+        return None
+    dtype = args.dtype if args.dtype is not None else getattr(torch, DEFAULT_ROW_DTYPE)
+    given = f"given: --hidden-size {args.hidden_size} --dtype {str(dtype).removeprefix('torch.')}"
+    return row_size(args.hidden_size, dtype, given if args.dtype is not None else f"{given} (the default)")
 
 
 def check_permuted_target(source: Path, target: Path, data: list[Path] | None = None) -> None:
@@ -102,6 +130,10 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
     from moepatch.tools.c2r.pipeline import place_checkpoint
     from moepatch.validation import check_checkpoint_folder
 
+    for flag in ("hidden_size", "dtype"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')}", "only applies when SOURCE is a matrix file; a "
+                                                            "checkpoint's hidden size and dtype are read from it")
     check_checkpoint_folder(source, "source")
     _, moe = checked_block(source, args.trust_remote_code)  # checks before anything is loaded or profiled
     check_ep_size(moe.num_experts, args.ep_size)
@@ -133,7 +165,7 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
 
 def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str]) -> dict[str, dict[str, Any]]:
     """Refuse the options that only apply to a checkpoint, then report from the file's matrices (``notes``
-    receives what cannot be computed exactly)."""
+    receives what cannot be computed exactly); bytes with ``--hidden-size`` (and ``--dtype``), rows only without."""
     from moepatch.tools.c2r.matrices import load_matrices
     from moepatch.tools.c2r.pipeline import place_matrices
 
@@ -146,6 +178,7 @@ def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str])
                                                             "(it is profiled); a matrix file is used as it is")
     if args.trust_remote_code:
         raise UsageError("--trust-remote-code", "only applies when SOURCE is a checkpoint folder")
+    row = given_row(args)
     loaded = load_matrices(source)
     top_k = matrix_file_top_k(source, loaded, args.top_k)
     for stack in loaded.values():
@@ -157,7 +190,7 @@ def _place_matrix_file(source: Path, args: argparse.Namespace, notes: list[str])
             f"CHECKPOINT --ep-size {args.ep_size}` on the checkpoint instead: it routes tokens and counts the "
             "devices of each token exactly. The intra-group fractions below are exact."
         )
-    return place_matrices(source, loaded, args.ep_size, top_k=top_k, seed=args.seed)
+    return place_matrices(source, loaded, args.ep_size, top_k=top_k, seed=args.seed, row=row)
 
 
 def cmd_place(args: argparse.Namespace) -> int:

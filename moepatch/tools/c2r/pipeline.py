@@ -50,6 +50,7 @@ from moepatch.tools.c2r.profiling import write_c2r_fields
 from moepatch.tools.c2r.traffic import add_dispatch_from_copies
 from moepatch.tools.c2r.traffic import dispatch_columns
 from moepatch.tools.c2r.traffic import predict_dispatch
+from moepatch.tools.c2r.traffic import row_size
 from moepatch.tools.report import plot_coactivation
 
 if TYPE_CHECKING:
@@ -224,11 +225,7 @@ def dispatch_row(model: torch.nn.Module) -> dict[str, Any]:
     receive) times the element size of the dtype it runs in as loaded (the checkpoint's ``dtype``: transformers
     loads ``dtype="auto"``), for :func:`place_profiles`'s ``row``."""
     loaded = cast("PreTrainedModel", model)  # a transformers model, as load_for_command returns it
-    dtype = loaded.dtype
-    hidden = int(loaded.config.get_text_config().hidden_size)
-    element = torch.empty((), dtype=dtype).element_size()
-    return {"hidden_size": hidden, "dtype": str(dtype).removeprefix("torch."), "element_size": element,
-            "row_bytes": hidden * element, "dtype_source": "the checkpoint's dtype as loaded"}
+    return row_size(int(loaded.config.get_text_config().hidden_size), loaded.dtype, "the checkpoint's dtype as loaded")
 
 
 def place_profiles(profiles: Mapping[str, CoactivationProfile], ep_size: int, *, seed: int = 0,
@@ -321,11 +318,12 @@ def place_checkpoint(
     return reports
 
 
-def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: int, *, top_k: int, seed: int = 0
-                   ) -> dict[str, dict[str, Any]]:
+def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: int, *, top_k: int, seed: int = 0,
+                   row: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Placement reports from saved co-activation matrices (by name, as
     :func:`moepatch.tools.c2r.matrices.load_matrices`
-    returns them) of a top-``top_k`` model.
+    returns them) of a top-``top_k`` model; with ``row`` (:func:`moepatch.tools.c2r.traffic.row_size`: the file
+    records no hidden size or dtype, the user gives them) the dispatch figures include bytes.
 
     Raises:
         CommandError: a matrix does not fit a placement, naming ``source`` and the matrix.
@@ -337,7 +335,7 @@ def place_matrices(source: Path, matrices: Mapping[str, torch.Tensor], ep_size: 
             reports[name] = placement_report(stack, ep_size, top_k=top_k, seed=seed)
         except ValueError as error:
             raise CommandError(f"{source}, matrix {name!r}: {error}") from None
-        add_dispatch_from_copies(reports[name])  # rows only; dedup rows only where copies are exact (top-2)
+        add_dispatch_from_copies(reports[name], row)  # dedup rows only where copies are exact (top-2)
     return reports
 
 

@@ -33,6 +33,7 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
+import torch
 
 from moepatch.tools.c2r.placement import ArrayLike
 from moepatch.tools.c2r.placement import _as_numpy
@@ -169,18 +170,31 @@ def dispatch_from_copies(copies_per_token: float | None, ep_size: int) -> dict[s
             "dedup_rows_local_per_token": copies_per_token / ep_size}
 
 
-def add_dispatch_from_copies(report: dict[str, Any]) -> None:
-    """Add the ``"dispatch"`` entries (rows only: no hidden size or dtype is known) to a :func:`placement_report`
-    built from matrices, from its copies per token where they are exact (top-2 pair counts) and ``None`` where they
-    are not (``k > 2``)."""
+def row_size(hidden_size: int, dtype: torch.dtype, dtype_source: str) -> dict[str, Any]:
+    """What one dispatched row weighs: ``hidden_size`` elements of ``dtype`` (the hidden state the experts receive),
+    as a report's ``"dispatch"`` entry records it; ``dtype_source`` says where the figures came from."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return {"hidden_size": hidden_size, "dtype": str(dtype).removeprefix("torch."), "element_size": element,
+            "row_bytes": hidden_size * element, "dtype_source": dtype_source}
+
+
+def add_dispatch_from_copies(report: dict[str, Any], row: Mapping[str, Any] | None = None) -> None:
+    """Add the ``"dispatch"`` entries to a :func:`placement_report` built from matrices, from its copies per token
+    where they are exact (top-2 pair counts) and ``None`` where they are not (``k > 2``). A matrix file records no
+    hidden size or dtype, so bytes come only with ``row`` (:func:`row_size`, from ``place --hidden-size``); rows
+    otherwise."""
     ep_size, top_k = report["ep_size"], report["top_k"]
-    for row in report["layers"]:
-        entry = dispatch_columns(None, None, top_k=top_k, ep_size=ep_size, row_bytes=None)
+    row_bytes = None if row is None else int(row["row_bytes"])
+    for layer in report["layers"]:
+        entry = dispatch_columns(None, None, top_k=top_k, ep_size=ep_size, row_bytes=row_bytes)
         for name in ("contiguous", "planned"):
-            for key, value in dispatch_from_copies(row[f"{name}_copies_per_token"], ep_size).items():
+            for key, value in dispatch_from_copies(layer[f"{name}_copies_per_token"], ep_size).items():
                 entry[f"{name}_{key}"] = value
-        row["dispatch"] = entry
-    report["dispatch"] = {"source_rank": "uniform", "row_bytes": None}
+            remote = entry[f"{name}_dedup_rows_remote_per_token"]
+            entry[f"{name}_dedup_bytes_remote_per_token"] = (None if remote is None or row_bytes is None
+                                                             else remote * row_bytes)
+        layer["dispatch"] = entry
+    report["dispatch"] = {"source_rank": "uniform", **(dict(row) if row is not None else {"row_bytes": None})}
 
 
 def format_dispatch(report: Mapping[str, Any]) -> str:
@@ -203,7 +217,8 @@ def format_dispatch(report: Mapping[str, Any]) -> str:
         unit = (f"bytes: row = hidden {info['hidden_size']} x {info['dtype']} ({info['element_size']} B) = "
                 f"{row_bytes} B ({info['dtype_source']})")
     else:
-        unit = "bytes: not computed (a matrix file records no hidden size or dtype; run place on the checkpoint)"
+        unit = ("bytes: not computed (a matrix file records no hidden size or dtype; pass --hidden-size H and "
+                "--dtype, or run place on the checkpoint)")
     share = f"({ep_size}-1)/{ep_size}"
     copies = COPIES_SOURCES.get(report["layers"][0].get("copies_source"), "unknown")
     lines = [
