@@ -23,6 +23,7 @@ from model_patches import registry
 from model_patches.errors import UnknownFamilyError
 from moepatch._version import __version__
 from moepatch.c2r.config import C2RConfig
+from moepatch.expert_parallel.layout import ep_implementation_problem
 from moepatch.feature import CONFIG_KEY
 from moepatch.feature import feature_named
 from moepatch.feature import registered_features
@@ -38,7 +39,7 @@ from moepatch.validation import warn_unknown
 
 __all__ = ["CONFIG_KEY", "MoePatchConfig", "config_schema", "write_config"]
 
-_BLOCK_FIELDS = ("family", "moepatch_version")
+_BLOCK_FIELDS = ("family", "ep_implementation", "moepatch_version")
 
 FeatureConfigT = TypeVar("FeatureConfigT")
 
@@ -67,19 +68,45 @@ class FeatureConfig(Generic[FeatureConfigT]):
             config.features[self.name] = value
 
 
+def _check_ep_implementation(value: Any, path: str, problems: Problems) -> Any:
+    """``null``, or an ``ep_implementation`` name transformers' ``EPImplementationInterface`` knows (moepatch's
+    ``"moepatch_dedup"`` among them once moepatch is imported)."""
+    if value is not None:
+        problem = ep_implementation_problem(value)
+        if problem is not None:
+            problems.add(path, problem)
+    return value
+
+
 @dataclass
 class MoePatchConfig:
     """Everything moepatch does to a model, as read from ``config.json["moepatch"]``.
 
-    Two fields belong to the block itself (``family``, ``moepatch_version``); every other key is a registered
-    feature (:mod:`moepatch.feature`), read as an attribute: ``config.c2r``, ``config.freeze_gate`` (``None`` when
-    the feature is off).  The built-in features' attributes are typed (:class:`FeatureConfig`); a feature registered
-    elsewhere is reached the same way, untyped.
+    Three fields belong to the block itself (``family``, ``ep_implementation``, ``moepatch_version``); every other
+    key is a registered feature (:mod:`moepatch.feature`), read as an attribute: ``config.c2r``,
+    ``config.freeze_gate`` (``None`` when the feature is off).  The built-in features' attributes are typed
+    (:class:`FeatureConfig`); a feature registered elsewhere is reached the same way, untyped.
+
+    ``ep_implementation`` is a loading choice, not a feature: it patches no forward, so a block holding only it is
+    empty (:attr:`is_empty`) and ``apply`` changes nothing; the loaders read it (:func:`moepatch.from_pretrained`).
     """
 
     family: str | None = field(
         default=None,
         metadata=describe("family name | null", "Force a model family by name instead of choosing it from model_type."),
+    )
+    ep_implementation: str | None = field(
+        default=None,
+        metadata=describe(
+            "EP implementation name | null",
+            "How tokens reach the experts when the model is loaded under expert parallelism (ep_size > 1) by "
+            "moepatch.from_pretrained, a folder prepared by `moepatch install` or scripts/finetune.py: a name "
+            "transformers' EPImplementationInterface knows (\"moepatch_dedup\": one row per token and destination "
+            "rank; \"all_to_all\": one per token and expert). Used where the DistributedConfig's ep_implementation "
+            "is \"auto\", its default (finetune.py: --ep_implementation not given); any other name given there "
+            "wins. Patches nothing: without expert parallelism it has no effect.",
+            check=_check_ep_implementation,
+        ),
     )
     moepatch_version: str | None = field(
         default=None,
@@ -112,7 +139,9 @@ class MoePatchConfig:
 
     def copy(self) -> MoePatchConfig:
         """A copy whose feature table can change without touching this one."""
-        return MoePatchConfig(self.family, self.moepatch_version, dict(self.features), set(self.switched_off))
+        return MoePatchConfig(family=self.family, ep_implementation=self.ep_implementation,
+                              moepatch_version=self.moepatch_version, features=dict(self.features),
+                              switched_off=set(self.switched_off))
 
     def only(self, *names: str) -> MoePatchConfig:
         """A copy keeping just the named features (to plan one of them on its own)."""
@@ -174,6 +203,12 @@ class MoePatchConfig:
             if parsed is not None and len(problems.messages) == known_problems:  # a feature with problems is dropped
                 result.features[feature.name] = parsed
 
+        if "ep_implementation" in data:
+            known_problems = len(problems.messages)
+            chosen = _check_ep_implementation(data["ep_implementation"], f"{path}.ep_implementation", problems)
+            if len(problems.messages) == known_problems:
+                result.ep_implementation = chosen
+
         version = data.get("moepatch_version")
         if version is not None and not isinstance(version, str):
             problems.add(f"{path}.moepatch_version", f"expected a version string, got {version!r}")
@@ -216,6 +251,8 @@ class MoePatchConfig:
         data: dict[str, Any] = {}
         if self.family is not None:
             data["family"] = self.family
+        if self.ep_implementation is not None:
+            data["ep_implementation"] = self.ep_implementation
         for feature in registered_features():
             if feature.name in self.features:
                 value = self.features[feature.name]
@@ -233,7 +270,8 @@ class MoePatchConfig:
 
 def config_schema() -> tuple[ConfigEntry, ...]:
     """What the ``"moepatch"`` block accepts: each registered feature's entry (its forms, and its fields with type,
-    default, per-method defaults and help), then the block's own ``family`` and ``moepatch_version``.
+    default, per-method defaults and help), then the block's own ``family``, ``ep_implementation`` and
+    ``moepatch_version``.
 
     The fields are read from the declarations the parsers check against (:mod:`moepatch.schema`), so this is what
     ``moepatch inspect --help-config`` prints and what docs/configuration.md is generated from.

@@ -161,7 +161,7 @@ def register_feature(feature: Feature) -> Feature:
     """Add ``feature``; features are planned and installed in registration order, undone in reverse."""
     if feature.name in _FEATURES:
         raise ValueError(f"moepatch feature {feature.name!r} is already registered")
-    if feature.name in ("family", "moepatch_version"):
+    if feature.name in ("family", "ep_implementation", "moepatch_version"):
         raise ValueError(f"{feature.name!r} is a field of the moepatch block itself, not a feature name")
     _FEATURES[feature.name] = feature
     return feature

@@ -2,7 +2,8 @@
 
 Order of work, so that a failed ``apply`` never leaves a half-patched model:
 
-1. parse and validate the config (``ValueError`` naming each bad field);
+1. parse and validate the config (``ValueError`` naming each bad field); refuse a model sharded for expert
+   parallelism at another size than its checkpoint's experts were renumbered for (``expert_placement.json``);
 2. resolve the model's family (``UnsupportedModelError`` naming the class and the supported families);
 3. plan every feature against the model (layer indices, parameters to freeze) — still no change;
 4. only then change the model, recording each change in the handle's :class:`~moepatch.undo.UndoLog`.
@@ -29,6 +30,7 @@ from moepatch.config import CONFIG_KEY
 from moepatch.config import MoePatchConfig
 from moepatch.errors import MoePatchWarning
 from moepatch.errors import UnsupportedModelError
+from moepatch.expert_parallel.layout import check_loaded_placement
 from moepatch.feature import HANDLE_ATTRIBUTE
 from moepatch.feature import Feature
 from moepatch.feature import Installed
@@ -278,8 +280,9 @@ def apply(
         same handle; a different config replaces the previous patch (after the new one has been validated).
 
     Raises:
-        ValueError: a config field is invalid (the message names it, and the layer where relevant); the model is
-            left untouched.
+        ValueError: a config field is invalid (the message names it, and the layer where relevant); or the model
+            was sharded for expert parallelism at a size other than the one its checkpoint's experts were renumbered
+            for (naming ``expert_placement.json`` and both sizes). The model is left untouched.
         UnsupportedModelError: ``strict`` and the model is not supported.
 
     Example:
@@ -291,6 +294,8 @@ def apply(
         ```
     """
     cfg = _resolve_config(model, config)
+    # a copy renumbered for another EP size, loaded by plain from_pretrained (which does not read its record)
+    check_loaded_placement(model, checkpoint_folder(model))
     try:
         moe_model = describe(model, family=cfg.family)
     except UnsupportedModelError:

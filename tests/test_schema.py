@@ -166,7 +166,8 @@ def test_inspect_without_a_path_names_the_argument(capsys: pytest.CaptureFixture
 
 def test_config_schema_lists_the_features_then_the_block_s_own_fields():
     names = [entry.name for entry in moepatch.config_schema()]
-    assert names == [*(feature.name for feature in registered_features()), "family", "moepatch_version"]
+    own_fields = ["family", "ep_implementation", "moepatch_version"]
+    assert names == [*(feature.name for feature in registered_features()), *own_fields]
 
 
 def test_typed_feature_attributes_of_the_config():

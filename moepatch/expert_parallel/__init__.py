@@ -5,7 +5,10 @@
 harmless (for code that imports only this sub-package, or re-registers after a test replaced the entry).
 
 :func:`check_placement` refuses a checkpoint renumbered by ``moepatch place --write-permuted`` for another EP size
-(:mod:`moepatch.expert_parallel.placement`).
+(:mod:`moepatch.expert_parallel.placement`); :func:`check_expert_parallel_load` refuses, before anything is loaded,
+a layout that does not fit a checkpoint (renumbered for another EP size, an ``ep_size`` that does not divide its
+routed experts, an ``ep_implementation`` transformers does not know), and :func:`resolve_ep_implementation` applies
+the moepatch block's ``ep_implementation`` (:mod:`moepatch.expert_parallel.layout`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from transformers.distributed.expert_parallel import EPImplementationInterface
 
 from moepatch.expert_parallel import dispatch
 from moepatch.expert_parallel.dispatch import DedupAllToAllEP
+from moepatch.expert_parallel.layout import check_expert_parallel_load
+from moepatch.expert_parallel.layout import check_loaded_placement
+from moepatch.expert_parallel.layout import known_ep_implementations
+from moepatch.expert_parallel.layout import resolve_ep_implementation
 from moepatch.expert_parallel.placement import PLACEMENT_FILE
 from moepatch.expert_parallel.placement import check_placement
 from moepatch.expert_parallel.training import replicate_added_parameters
@@ -39,7 +46,6 @@ def register() -> bool:
     if not torch.distributed.is_available():
         return False
 
-
     EPImplementationInterface.register(IMPLEMENTATION_NAME, DedupAllToAllEP)
     return True
 
@@ -51,5 +57,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moepatch.expert_parallel' has no attribute {name!r}")
 
 
-__all__ = ["IMPLEMENTATION_NAME", "PLACEMENT_FILE", "check_placement", "register", "replicate_added_parameters",
-           *_DISPATCH_NAMES]
+__all__ = ["IMPLEMENTATION_NAME", "PLACEMENT_FILE", "check_expert_parallel_load", "check_loaded_placement",
+           "check_placement", "known_ep_implementations", "register", "replicate_added_parameters",
+           "resolve_ep_implementation", *_DISPATCH_NAMES]

@@ -18,12 +18,14 @@ from transformers import AutoConfig
 from transformers import AutoModelForCausalLM
 from transformers import PreTrainedModel
 
+from moepatch.config import MoePatchConfig
 from moepatch.errors import BlockMisfitError
 from moepatch.errors import CommandError
 from moepatch.errors import UnsupportedModelError
 from moepatch.errors import UsageError
 from moepatch.errors import first_line
-from moepatch.expert_parallel.placement import check_placement
+from moepatch.expert_parallel.layout import check_expert_parallel_load
+from moepatch.expert_parallel.layout import resolve_ep_implementation
 from moepatch.expert_parallel.placement import distributed_ep_size
 from moepatch.patch import apply
 
@@ -60,30 +62,38 @@ def from_pretrained(
 
     Args:
         path (`str` or `Path`): checkpoint folder (config.json and weights).
-        patch (`bool`, *optional*, defaults to `True`): apply the config.json's moepatch block / official C2R fields.
+        patch (`bool`, *optional*, defaults to `True`): apply the config.json's moepatch block / official C2R fields
+            (with ``False`` the block is not read at all, its ``ep_implementation`` included).
         strict (`bool`, *optional*, defaults to `True`): passed to :func:`moepatch.apply`.
         kwargs: passed to the model class's ``from_pretrained`` (``dtype``, ``device_map``, ...); ``config`` may be
-            given; ``trust_remote_code`` is ignored (no code from the folder is ever run). With a
-            ``distributed_config`` whose ``ep_size`` is above 1, a checkpoint renumbered for another EP size is
-            refused first (:func:`moepatch.expert_parallel.check_placement`).
+            given; ``trust_remote_code`` is ignored (no code from the folder is ever run). A ``distributed_config``
+            (a transformers ``DistributedConfig`` or a dict of its fields) is checked against the checkpoint before
+            anything is loaded (:func:`moepatch.expert_parallel.check_expert_parallel_load`); under expert
+            parallelism (``ep_size`` above 1) with its ``ep_implementation`` left at ``"auto"``, the block's
+            ``ep_implementation`` is used (on a copy of it); any other name the caller gives wins.
 
     Returns:
         The model; ``moepatch.get_handle(model)`` returns its patch handle.
 
     Raises:
-        ValueError: the checkpoint's experts were renumbered for another expert-parallel size.
-        BlockMisfitError: (a ``ValueError``, with ``apply``'s message) the block does not fit the model.
+        FieldError: (a ``ValueError``) the ``distributed_config`` does not fit the checkpoint, naming the field:
+            ``ep_implementation`` is a name transformers does not know, ``ep_size`` does not divide the routed
+            experts.
+        ValueError: the checkpoint's experts were renumbered for another expert-parallel size (naming
+            ``expert_placement.json``).
+        BlockMisfitError: (a ``ValueError``, with ``apply``'s message) the block does not fit the model (a block
+            that does not even parse is refused before loading when a ``distributed_config`` asks for EP).
     """
-
 
     for name in _NOT_FOR_LOCAL_CLASSES:
         kwargs.pop(name, None)
-    ep_size = distributed_ep_size(kwargs.get("distributed_config"))
-    if ep_size > 1:
-        check_placement(path, ep_size)  # before anything is loaded
     config = kwargs.pop("config", None)
     if config is None:
         config = load_config(path)
+    distributed_config = kwargs.get("distributed_config")
+    check_expert_parallel_load(path, config, distributed_config)  # before any weight or process group
+    if patch and distributed_ep_size(distributed_config) > 1:
+        kwargs["distributed_config"] = resolve_ep_implementation(distributed_config, _block_ep_implementation(config))
     mapping = AutoModelForCausalLM._model_mapping
     if type(config) not in mapping:
         raise ValueError(
@@ -107,6 +117,18 @@ def from_pretrained(
     return loaded
 
 
+def _block_ep_implementation(config: Any) -> str | None:
+    """The moepatch block's ``ep_implementation`` (``None``: the block names none).
+
+    Raises:
+        BlockMisfitError: the block does not parse (what ``apply`` would refuse after the load, said before it).
+    """
+    try:
+        return MoePatchConfig.from_model(config).ep_implementation
+    except ValueError as error:
+        raise BlockMisfitError(str(error)) from error
+
+
 def load_for_command(path: str | Path, *, patch: bool = True, **kwargs: Any) -> nn.Module:
     """:func:`from_pretrained` for commands: an unreadable or incomplete checkpoint is refused, naming the folder.
 
@@ -116,8 +138,12 @@ def load_for_command(path: str | Path, *, patch: bool = True, **kwargs: Any) -> 
 
     Raises:
         CommandError: the weights cannot be read (truncated or foreign files) or some are missing.
+        ValueError: a ``distributed_config`` that does not fit the checkpoint, as :func:`from_pretrained` says it.
     """
 
+    distributed_config = kwargs.get("distributed_config")
+    if distributed_config is not None:  # its refusals name their field (or expert_placement.json), not the weights
+        check_expert_parallel_load(path, kwargs.get("config") or load_config(path), distributed_config)
     try:
         loaded = from_pretrained(path, patch=patch, output_loading_info=True, **kwargs)
     except (CommandError, UsageError, UnsupportedModelError):

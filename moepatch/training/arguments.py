@@ -61,14 +61,17 @@ class ModelArguments:
     ep_size: int | None = field(
         default=None,
         metadata={"help": "Expert parallelism over this many processes (launch with torchrun --nproc_per_node "
-                          "EP_SIZE): each rank holds num_experts / EP_SIZE routed experts and the same batch "
-                          "(transformers' DistributedConfig(tp_size=EP_SIZE, ep_size=EP_SIZE, tp_plan={}))."},
+                          "EP_SIZE): each rank holds num_experts / EP_SIZE routed experts and trains on its own "
+                          "batches, FSDP2 sharding the dense weights (transformers' DistributedConfig(tp_size=1, "
+                          "fsdp_size=EP_SIZE, ep_size=EP_SIZE)). A checkpoint renumbered by `moepatch place "
+                          "--write-permuted` for another EP size (expert_placement.json) is refused."},
     )
     ep_implementation: str = field(
         default="auto",
         metadata={"help": "How tokens reach the experts under --ep_size: 'moepatch_dedup' (one row per token and "
                           "destination rank), 'all_to_all' (transformers: one row per token and expert), 'auto' "
-                          "(transformers' choice)."},
+                          "(the default: the ep_implementation of the checkpoint's moepatch block when it names "
+                          "one, else transformers' choice)."},
     )
 
     def __post_init__(self) -> None:

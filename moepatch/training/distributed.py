@@ -13,11 +13,15 @@ from transformers import DistributedConfig
 from transformers import TrainingArguments
 
 from moepatch.compat import distributed_ready
+from moepatch.config import CONFIG_KEY
 from moepatch.errors import UsageError
+from moepatch.expert_parallel.layout import AUTO_EP_IMPLEMENTATION
+from moepatch.expert_parallel.layout import EXPERT_COUNT_FIELDS
+from moepatch.expert_parallel.layout import ep_implementation_problem
+from moepatch.expert_parallel.layout import ep_size_problem
+from moepatch.expert_parallel.placement import placement_mismatch
+from moepatch.training.arguments import EP_IMPLEMENTATIONS
 from moepatch.training.arguments import ModelArguments
-
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-"""Config fields that hold a family's routed-expert count (the first one present is read)."""
 
 
 def expert_parallel_config(model_args: ModelArguments, config: Any) -> DistributedConfig | None:
@@ -25,7 +29,8 @@ def expert_parallel_config(model_args: ModelArguments, config: Any) -> Distribut
 
     Why here and not in ``from_pretrained``: transformers only finds an unfit EP size while sharding (a rank count
     that does not divide the experts) or not at all (a launch with another number of processes hangs or shards
-    wrongly), after the data is read; the run refuses both by name first.
+    wrongly; a checkpoint renumbered by ``moepatch place --write-permuted`` for another EP size loads with its
+    planned groups split over ranks), after the data is read; the run refuses each by name first.
 
     The layout is expert parallelism over data-parallel ranks (``tp_size=1, fsdp_size = ep_size``: each rank trains
     on its own batches, FSDP2 shards the dense weights and averages their gradients, the experts are split over the
@@ -33,24 +38,48 @@ def expert_parallel_config(model_args: ModelArguments, config: Any) -> Distribut
     layout to accelerate as a ``ParallelismConfig``, which accelerate refuses on CPU processes. The launch must have
     exactly ``ep_size`` processes.
 
+    The dispatch is ``--ep_implementation``; left at ``auto`` (not given), the ``ep_implementation`` of the moepatch
+    block in ``config`` (the checkpoint's config.json, or ``--moepatch_config``'s block) when it has one.
+
     Raises:
-        UsageError: naming ``--ep_size``.
+        UsageError: naming ``--ep_size`` (a world size or expert count it does not fit, or a checkpoint renumbered for
+            another EP size, with ``expert_placement.json``) or ``--ep_implementation`` (the block's dispatch
+            cannot train).
     """
     if model_args.ep_size is None:
         return None
     size = model_args.ep_size
+    try:  # the copy's own planned size says the most: checked first
+        problem = placement_mismatch(model_args.checkpoint, size)
+    except ValueError as error:  # a malformed record, named with its file
+        raise UsageError("--model_name_or_path", str(error)) from None
+    if problem is not None:
+        raise UsageError("--ep_size", problem)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != size:
         raise UsageError("--ep_size", f"{size} but this launch has {world} process(es): launch with torchrun "
                                       f"--nproc_per_node {size} (every process holds num_experts / {size} experts)")
-    experts = next((getattr(config, name) for name in EXPERT_COUNT_FIELDS
-                    if isinstance(getattr(config, name, None), int)), None)
-    if experts is None:
-        raise UsageError("--ep_size", f"the {config.model_type} config names no routed-expert count "
-                                      f"({', '.join(EXPERT_COUNT_FIELDS)}): cannot shard its experts")
-    if experts % size:
-        raise UsageError("--ep_size", f"{size} does not divide the model's {experts} routed experts")
-    return DistributedConfig(tp_size=1, fsdp_size=size, ep_size=size, ep_implementation=model_args.ep_implementation)
+    problem = ep_size_problem(config, size)
+    if problem is not None:
+        raise UsageError("--ep_size", problem)
+    implementation = model_args.ep_implementation
+    if implementation == AUTO_EP_IMPLEMENTATION:
+        chosen = _block_ep_implementation(config)
+        if chosen is not None and chosen not in EP_IMPLEMENTATIONS:
+            raise UsageError("--ep_implementation", f"not given, and the moepatch block's ep_implementation "
+                                                    f"{chosen!r} cannot train (expected one of "
+                                                    f"{', '.join(EP_IMPLEMENTATIONS)}): give --ep_implementation")
+        implementation = chosen or implementation
+    return DistributedConfig(tp_size=1, fsdp_size=size, ep_size=size, ep_implementation=implementation)
+
+
+def _block_ep_implementation(config: Any) -> str | None:
+    """The ``ep_implementation`` of the moepatch block in ``config``, read as written (``None``: none, or a value
+    transformers does not know, which :func:`~moepatch.training.preflight.check_model_structure` refuses with the
+    rest of the block, naming its file)."""
+    block = getattr(config, CONFIG_KEY, None)
+    value = block.get("ep_implementation") if isinstance(block, dict) else None
+    return value if isinstance(value, str) and ep_implementation_problem(value) is None else None
 
 
 def init_deepspeed_comm(training_args: TrainingArguments) -> None:

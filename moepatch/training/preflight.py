@@ -61,11 +61,13 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, sampling_
                  check_structure: StructureCheck | None = None) -> list[str]:
     """Check everything the arguments name before anything is loaded or written; return the source names.
 
-    The checkpoint folder and its config with every override (:func:`prepare_config`), the sources' files and
-    folders, ``--initial_weights`` against the sources, ``--resume_from_checkpoint``, the output folder, and the
-    combinations: dynamic mixing needs at least two sources and ``--max_steps`` (a weighted mixture is an infinite
-    stream).  Two sources only warn (:class:`~moepatch.errors.MoePatchWarning`): their routing distances cannot tell
-    them apart, so the update can only smooth the weights towards uniform.
+    The checkpoint folder and its config with every override (:func:`prepare_config`), the expert-parallel layout
+    ``--ep_size`` asks for (a checkpoint renumbered for another EP size, a launch or an expert count it does not fit:
+    :func:`~moepatch.training.distributed.expert_parallel_config`), the sources' files and folders,
+    ``--initial_weights`` against the sources, ``--resume_from_checkpoint``, the output folder, and the combinations:
+    dynamic mixing needs at least two sources and ``--max_steps`` (a weighted mixture is an infinite stream).  Two
+    sources only warn (:class:`~moepatch.errors.MoePatchWarning`): their routing distances cannot tell them apart, so
+    the update can only smooth the weights towards uniform.
 
     ``check_structure`` replaces :func:`check_model_structure` (the runner passes the one its module holds, so a
     test can replace it there).

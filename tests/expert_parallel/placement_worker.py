@@ -1,7 +1,7 @@
 """Run under torchrun (gloo, CPU): a checkpoint renumbered by ``moepatch place --ep-size N --write-permuted`` loaded
 under expert parallelism with ``ep_size = N`` and the dedup dispatch, next to the original checkpoint in one process.
 
-Usage: ``placement_worker.py ORIGINAL PERMUTED OUTPUT``
+Usage: ``placement_worker.py ORIGINAL PERMUTED OUTPUT [CHECKS]``
 
 Each rank loads PERMUTED with ``moepatch.from_pretrained(..., distributed_config=DistributedConfig(tp_size=N,
 ep_size=N, tp_plan={}, ep_implementation="moepatch_dedup"))`` (which checks ``expert_placement.json`` first and
@@ -9,6 +9,13 @@ applies the checkpoint's C2R fields) and ORIGINAL without expert parallelism, ru
 through both with a :class:`~moepatch.routing.recorder.RoutingRecorder` keeping every token's experts, and writes
 ``rank{r}.json``: this rank's local expert weights against the original's (per layer, which original experts they
 are), the routing of both models, the dispatch's traffic per layer and the group's total.
+
+With CHECKS (a folder holding ``misplaced``: a renumbered copy whose ``expert_placement.json`` records another EP
+size, and ``chosen``: a checkpoint prepared by ``moepatch install`` whose moepatch block names
+``"ep_implementation": "moepatch_dedup"``), each rank also records :func:`layout_checks`: what ``moepatch.apply``
+says of ``misplaced`` loaded by plain ``AutoModelForCausalLM.from_pretrained`` under this EP size, and which dispatch
+``chosen`` gets through ``moepatch.from_pretrained`` and through the installed loader with ``ep_implementation`` left
+at ``"auto"``, and with ``"all_to_all"`` given.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 from transformers import DistributedConfig
 
 import moepatch
@@ -53,7 +61,38 @@ def shard_sources(permuted: torch.nn.Module, original: torch.nn.Module) -> dict[
     return found
 
 
-def main(original_path: str, permuted_path: str, output_dir: str) -> None:
+def layout_checks(checks_dir: str, world: int) -> dict:
+    """``apply``'s refusal of a copy renumbered for another EP size that plain ``from_pretrained`` loaded, and the
+    dispatch each load of a checkpoint whose block chooses ``moepatch_dedup`` gets (dedup-dispatched experts modules,
+    and the ``ep_implementation`` the model was sharded with)."""
+    misplaced = AutoModelForCausalLM.from_pretrained(
+        os.path.join(checks_dir, "misplaced"), dtype=torch.float32,
+        distributed_config=DistributedConfig(tp_size=world, ep_size=world, tp_plan={}))
+    try:
+        moepatch.apply(misplaced)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    chosen = os.path.join(checks_dir, "chosen")
+
+    def dispatch(model: torch.nn.Module) -> dict:
+        return {"dedup_layers": len(list(dedup_dispatches(model))),
+                "ep_implementation": model.config.distributed_config.ep_implementation}
+
+    auto = DistributedConfig(tp_size=world, ep_size=world, tp_plan={})
+    given = DistributedConfig(tp_size=world, ep_size=world, tp_plan={}, ep_implementation="all_to_all")
+    return {
+        "apply_refusal": refusal,
+        "misplaced_patched": moepatch.get_handle(misplaced) is not None,
+        "by_moepatch": dispatch(moepatch.from_pretrained(chosen, dtype=torch.float32, distributed_config=auto)),
+        "by_installed_loader": dispatch(AutoModelForCausalLM.from_pretrained(
+            chosen, trust_remote_code=True, dtype=torch.float32, distributed_config=auto)),
+        "given": dispatch(moepatch.from_pretrained(chosen, dtype=torch.float32, distributed_config=given)),
+        "auto_left_as_given": auto.ep_implementation,
+    }
+
+
+def main(original_path: str, permuted_path: str, output_dir: str, checks_dir: str | None = None) -> None:
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     config = DistributedConfig(tp_size=world, ep_size=world, tp_plan={}, ep_implementation="moepatch_dedup")
     permuted = moepatch.from_pretrained(permuted_path, dtype=torch.float32, distributed_config=config).eval()
@@ -75,6 +114,8 @@ def main(original_path: str, permuted_path: str, output_dir: str) -> None:
         "traffic": [implementation.traffic.to_dict() for _, implementation in dedup_dispatches(permuted)],
         "group_traffic": model_traffic(permuted).all_reduce().to_dict(),
     }
+    if checks_dir is not None:
+        result["layout_checks"] = layout_checks(checks_dir, world)
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
     dist.barrier()
@@ -83,4 +124,4 @@ def main(original_path: str, permuted_path: str, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -24,6 +25,7 @@ import pytest
 import torch
 from helpers import torchrun_command
 
+import moepatch
 from moepatch import cli
 from moepatch.expert_parallel import PLACEMENT_FILE
 from moepatch.expert_parallel import check_placement
@@ -176,12 +178,44 @@ def independent_rows(routing: list[list[int]], ep_size: int, experts_per_rank: i
     return counts
 
 
+def layout_checks_folder(original: Path, permuted: Path, folder: Path) -> Path:
+    """The placement worker's CHECKS: ``misplaced``, the renumbered copy with its record rewritten for 4 ranks (the
+    worker loads it with 2), and ``chosen``, the original with ``"ep_implementation": "moepatch_dedup"`` in its
+    moepatch block, prepared by ``moepatch install``."""
+    shutil.copytree(permuted, folder / "misplaced")
+    record = json.loads((permuted / PLACEMENT_FILE).read_text())
+    record.update(ep_size=4, experts_per_rank=record["num_experts"] // 4)
+    (folder / "misplaced" / PLACEMENT_FILE).write_text(json.dumps(record))
+    chosen = Path(shutil.copytree(original, folder / "chosen"))
+    config = json.loads((chosen / "config.json").read_text())
+    config["moepatch"] = {"ep_implementation": "moepatch_dedup"}
+    (chosen / "config.json").write_text(json.dumps(config))
+    moepatch.install(chosen)
+    return folder
+
+
+def check_layout_results(found: dict, *, moe_layers: int) -> None:
+    """What one rank recorded for :func:`layout_checks_folder`: ``apply`` refused the copy loaded by plain
+    ``from_pretrained`` at another EP size (naming the record and both sizes) and patched nothing; the block's
+    dispatch reached transformers' engine through ``moepatch.from_pretrained`` and the installed loader where
+    ``"auto"`` was left, and a given ``"all_to_all"`` won."""
+    refusal = found["apply_refusal"]
+    assert refusal is not None and PLACEMENT_FILE in refusal, refusal
+    assert "each of 4 expert-parallel ranks" in refusal and f"with ep_size={EP_SIZE}" in refusal
+    assert not found["misplaced_patched"]
+    for load in ("by_moepatch", "by_installed_loader"):
+        assert found[load] == {"dedup_layers": moe_layers, "ep_implementation": "moepatch_dedup"}, load
+    assert found["given"] == {"dedup_layers": 0, "ep_implementation": "all_to_all"}
+    assert found["auto_left_as_given"] == "auto"  # the caller's DistributedConfig is not changed
+
+
 @pytest.mark.slow
 def test_the_renumbered_copy_places_groups_and_moves_the_predicted_bytes(placed: tuple[Path, Path, dict],
                                                                           tmp_path: Path) -> None:
     original, permuted, result = placed
+    checks = layout_checks_folder(original, permuted, tmp_path / "checks")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    run = subprocess.run(torchrun_command(str(WORKER), str(original), str(permuted), str(tmp_path),
+    run = subprocess.run(torchrun_command(str(WORKER), str(original), str(permuted), str(tmp_path), str(checks),
                                           processes=EP_SIZE), env=env, capture_output=True, text=True, timeout=400)
     assert all(f"rank {r} done" in run.stdout for r in range(EP_SIZE)), (run.stdout + run.stderr)[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(EP_SIZE)]
@@ -224,3 +258,56 @@ def test_the_renumbered_copy_places_groups_and_moves_the_predicted_bytes(placed:
     group = ranks[0]["group_traffic"]
     assert group["rows_remote"] == sum(sum(t["rows_remote"] for t in data["traffic"]) for data in ranks)
     assert all(data["group_traffic"] == group for data in ranks)
+    for data in ranks:
+        check_layout_results(data["layout_checks"], moe_layers=len(layers))
+
+
+def test_a_matrix_file_with_a_hidden_size_gives_bytes_per_token(tmp_path: Path, capsys) -> None:
+    ep_size, hidden, experts = 4, 48, 8
+    generator = np.random.default_rng(0)
+    popularity = generator.dirichlet(np.full(experts, 0.5))  # skewed, so the plan differs from the contiguous one
+    tokens = [[generator.choice(experts, size=2, replace=False, p=popularity) for _ in range(300)] for _ in range(2)]
+    counts = np.zeros((2, experts, experts))
+    for layer, pairs in enumerate(tokens):
+        for first, second in pairs:
+            counts[layer, first, second] += 1
+            counts[layer, second, first] += 1
+    path = tmp_path / "top2.json"
+    path.write_text(json.dumps({"top_k": 2, "matrices": {"m": counts.tolist()}}))
+
+    def remote_rows_per_token(pairs: list[np.ndarray], groups: list[list[int]]) -> float:
+        """Dedup remote rows per token from each token's experts: its distinct devices x (D - 1) / D."""
+        device = {expert: index for index, group in enumerate(groups) for expert in group}
+        return sum(len({device[int(e)] for e in pair}) for pair in pairs) / len(pairs) * (ep_size - 1) / ep_size
+
+    for dtype, extra in ((torch.float16, ["--dtype", "float16"]), (torch.bfloat16, [])):  # bfloat16: the default
+        assert cli.main(["place", str(path), "--ep-size", str(ep_size), "--hidden-size", str(hidden), "--json",
+                         *extra]) == 0
+        report = json.loads(capsys.readouterr().out)["reports"]["m"]
+        row_bytes = hidden * torch.finfo(dtype).bits // 8
+        assert report["dispatch"]["row_bytes"] == row_bytes
+        assert report["dispatch"]["dtype"] == str(dtype).removeprefix("torch.")
+        contiguous = [list(range(d * experts // ep_size, (d + 1) * experts // ep_size)) for d in range(ep_size)]
+        for row, pairs in zip(report["layers"], tokens, strict=True):
+            entry = row["dispatch"]
+            assert entry["pair_bytes_remote_per_token"] == pytest.approx(2 * (ep_size - 1) / ep_size * row_bytes)
+            for placement, groups in (("contiguous", contiguous), ("planned", row["groups"])):
+                assert entry[f"{placement}_dedup_bytes_remote_per_token"] == pytest.approx(
+                    remote_rows_per_token(pairs, groups) * row_bytes)
+    assert cli.main(["place", str(path), "--ep-size", str(ep_size), "--hidden-size", str(hidden)]) == 0
+    text = capsys.readouterr().out
+    assert f"row = hidden {hidden} x bfloat16" in text and "bytes: not computed" not in text
+
+    # refused by flag before the source is read: a file that is no matrix file, a folder that is no checkpoint
+    path.write_text("not a matrix file")
+    assert cli.main(["place", str(path), "--ep-size", str(ep_size), "--dtype", "float16"]) == 2
+    assert "--dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["place", str(path), "--ep-size", str(ep_size), "--hidden-size", "8", "--dtype", "int8"])
+    assert "argument --dtype" in capsys.readouterr().err
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_text("not weights")
+    assert cli.main(["place", str(folder), "--ep-size", str(ep_size), "--hidden-size", str(hidden)]) == 2
+    assert "--hidden-size" in capsys.readouterr().err
