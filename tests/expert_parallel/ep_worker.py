@@ -10,14 +10,18 @@ Usage: ``ep_worker.py CHECKPOINT OUTPUT LAYOUT[,LAYOUT...] ROUTING[,ROUTING...] 
   ``AllToAllEP`` docstring's layout).
 - ROUTING ``natural``: the router's own top-k; ``rank0``: each token's top-k among rank 0's experts only (every other
   rank receives nothing); ``local``: each token's top-k among the experts of the rank that dispatches it (nothing
-  leaves its rank). A forced routing is a forward hook on every router, the same on the reference model, keeping the
-  weights the router's softmax probabilities so gradients still reach the router weights.
+  leaves its rank); ``one_token`` (layouts whose TP ranks share a batch only): every batch is one token, which only
+  the first rank of its TP group dispatches, so the others send nothing at all, not even to themselves; it goes to
+  the last rank's experts (so the last rank, which sends nothing, receives and computes, and every other rank
+  receives nothing). A forced routing is a forward hook on every router, the same on the reference model, keeping
+  the weights the router's softmax probabilities so gradients still reach the router weights.
 
 Writes ``rank{r}.json``: per layout and routing, per implementation, the max abs differences to the reference
-(logits with and without gradients, inputs' embedding gradients, expert-weight and router-weight gradients, gathered),
-the dedup dispatch's traffic per layer in one forward, and the routing that forward took (per MoE layer, the
-``[tokens, k]`` global expert ids of this rank's batch) for the test's independent byte count. With
-UNEVEN_CHECKPOINT (a model whose expert count ``ep_size = N`` does not divide), first the error its EP load raises.
+(logits with and without gradients, inputs' embedding gradients, the gradient of the routing weights handed to each
+experts module, expert-weight and router-weight gradients, gathered), the dedup dispatch's traffic per layer in one
+forward, and the routing that forward took (per MoE layer, the ``[tokens, k]`` global expert ids of this rank's
+batch) for the test's independent byte count. With UNEVEN_CHECKPOINT (a model whose expert count ``ep_size = N`` does
+not divide), first the error its EP load raises.
 """
 
 from __future__ import annotations
@@ -48,20 +52,25 @@ def layout_sizes(layout: str, world: int) -> dict[str, int]:
     return dict(tp_size=tp_size, fsdp_size=world // tp_size, ep_size=world)
 
 
-def batch_of(index: int, num_batches: int) -> dict[str, torch.Tensor]:
-    """Batch ``index`` of ``num_batches`` (one per FSDP rank; the ranks of a TP group share one), with labels."""
+def batch_of(index: int, num_batches: int, routing: str = "natural") -> dict[str, torch.Tensor]:
+    """Batch ``index`` of ``num_batches`` (one per FSDP rank; the ranks of a TP group share one), with labels; for the
+    ``one_token`` routing the first token of one text, without labels (one token has no next one to predict)."""
+    if routing == "one_token":
+        return {key: value[:, :1] for key, value in tiny.demo_batch(texts=(TEXTS[index],)).items()}
     texts = tuple(TEXTS[:4]) if num_batches == 1 else tuple(TEXTS[index::num_batches])
     batch = tiny.demo_batch(texts=texts)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return {**batch, "labels": labels}
 
 
-def owner_of_tokens(routing: str, num_tokens: int, batch_index: int, tp_size: int) -> torch.Tensor | None:
+def owner_of_tokens(routing: str, num_tokens: int, batch_index: int, tp_size: int, world: int) -> torch.Tensor | None:
     """Per token, the rank whose experts a forced routing restricts it to (None: the router's own choice)."""
     if routing == "natural":
         return None
     if routing == "rank0":
         return torch.zeros(num_tokens, dtype=torch.long)
+    if routing == "one_token":
+        return torch.full((num_tokens,), world - 1)
     # local: the rank that dispatches the token, i.e. the rank of its TP group whose slice (Replicate -> Shard(0),
     # torch.chunk sizes) it falls in; TP groups are consecutive ranks, one per batch
     return batch_index * tp_size + torch.arange(num_tokens) // math.ceil(num_tokens / tp_size)
@@ -97,36 +106,54 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Forward + backward of ``batch``: logits, the inputs' embedding gradients, and the gathered gradients of the
-    expert weights and the routers (per MoE layer)."""
-    captured = {}
+    """Forward + backward of ``batch`` (its loss; without labels the summed log-partition of the logits): logits, the
+    inputs' embedding gradients, the gradients of the routing weights each experts module was handed (this rank's
+    whole batch, the tensor the dispatch slices and sends), and the gathered gradients of the expert weights and the
+    routers (per MoE layer)."""
+    captured: dict = {"weights": {}}
 
     def keep_embeddings(module, inputs, output):
         output.retain_grad()
         captured["embeddings"] = output
 
-    handle = model.get_input_embeddings().register_forward_hook(keep_embeddings)
+    def keep_weights(index: int) -> Callable:
+        def hook(module, inputs):
+            hidden_states, top_k_index, top_k_weights = inputs  # the experts' call: (hidden, ids, weights)
+            top_k_weights.retain_grad()
+            captured["weights"][index] = top_k_weights
+        return hook
+
+    moe = {index: layer.mlp for index, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    handles = [model.get_input_embeddings().register_forward_hook(keep_embeddings)]
+    handles += [mlp.experts.register_forward_pre_hook(keep_weights(index)) for index, mlp in moe.items()]
     try:
         output = model(**batch)
     finally:
-        handle.remove()
-    output.loss.backward()
+        for handle in handles:
+            handle.remove()
+    loss = output.loss if "labels" in batch else output.logits.float().logsumexp(dim=-1).sum()
+    loss.backward()
     grads = {"logits": output.logits.detach(), "embeddings": captured["embeddings"].grad.detach()}
-    for index, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "experts"):
-            for name in ("gate_up_proj", "down_proj"):
-                grads[f"{index}.experts.{name}"] = full(getattr(layer.mlp.experts, name).grad).detach()
-            grads[f"{index}.gate"] = full(layer.mlp.gate.weight.grad).detach()
+    for index, mlp in moe.items():
+        grads[f"{index}.routing_weights"] = full(captured["weights"][index].grad).detach()
+        for name in ("gate_up_proj", "down_proj"):
+            grads[f"{index}.experts.{name}"] = full(getattr(mlp.experts, name).grad).detach()
+        grads[f"{index}.gate"] = full(mlp.gate.weight.grad).detach()
     model.zero_grad(set_to_none=True)
     return grads
 
 
+def kinds_of(names: list[str]) -> dict[str, list[str]]:
+    """The compared tensors by kind: logits, embeddings, routing_weights, experts, gate."""
+    return {"logits": ["logits"], "embeddings": ["embeddings"],
+            "routing_weights": [n for n in names if n.endswith(".routing_weights")],
+            "experts": [n for n in names if ".experts." in n], "gate": [n for n in names if n.endswith(".gate")]}
+
+
 def max_diffs(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Max abs difference per compared tensor, and per kind (logits, embeddings, experts, gate)."""
+    """Max abs difference per kind of compared tensor (:func:`kinds_of`)."""
     diffs = {name: float((got[name] - expected[name]).abs().max()) for name in expected}
-    kinds = {"logits": ["logits"], "embeddings": ["embeddings"],
-             "experts": [n for n in diffs if ".experts." in n], "gate": [n for n in diffs if n.endswith(".gate")]}
-    return {kind: max(diffs[n] for n in names) for kind, names in kinds.items()}
+    return {kind: max(diffs[n] for n in names) for kind, names in kinds_of(list(diffs)).items()}
 
 
 def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, world: int) -> dict:
@@ -138,6 +165,8 @@ def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, wor
         routings = ["natural"]
     sizes = layout_sizes(layout, world)
     tp_size, num_batches = sizes["tp_size"], sizes["fsdp_size"]
+    if tp_size == 1:  # one token per batch leaves no rank empty-handed without TP ranks sharing the batch
+        routings = [routing for routing in routings if routing != "one_token"]
     models = {
         name: AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=dtype,
@@ -146,31 +175,32 @@ def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, wor
     }
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     controls = {name: RoutingControl(model, world) for name, model in {**models, "reference": reference}.items()}
-    batches = [batch_of(index, num_batches) for index in range(num_batches)]
     own = rank // tp_size  # the batch this rank's TP group holds
     dispatch_layers = [name for name, _ in dedup_dispatches(models["moepatch_dedup"])]
 
     result: dict = {"tp_size": tp_size, "dispatch_layers": dispatch_layers, "cases": {}, "dtype": str(dtype),
-                    "hidden_size": reference.config.hidden_size,
+                    "hidden_size": reference.config.hidden_size, "top_k": reference.config.num_experts_per_tok,
                     "num_local_experts": reference.config.num_experts // world}
     for routing in routings:
-        # reference, single process: this rank's batch for the logits and the inputs' embedding gradients; the
-        # parameters' gradients averaged over the batches, as FSDP averages them (dp_size = number of batches)
+        batches = [batch_of(index, num_batches, routing) for index in range(num_batches)]
+        # reference, single process: this rank's batch for the logits and the gradients of the inputs' embeddings
+        # and of the routing weights; the parameters' gradients averaged over the batches, as FSDP averages them
+        # (dp_size = number of batches)
         references = []
         for index, batch in enumerate(batches):
-            controls["reference"].owner = lambda n, b=index, r=routing: owner_of_tokens(r, n, b, tp_size)
+            controls["reference"].owner = lambda n, b=index, r=routing: owner_of_tokens(r, n, b, tp_size, world)
             controls["reference"].recorded.clear()
             references.append((step(reference, batch), list(controls["reference"].recorded)))
         expected, reference_routing = dict(references[own][0]), references[own][1]
         for name in expected:
-            if name not in ("logits", "embeddings"):
+            if name not in ("logits", "embeddings") and not name.endswith(".routing_weights"):
                 expected[name] = torch.stack([r[0][name] for r in references]).mean(dim=0)
 
         case: dict = {}
         got_by_name = {}
         for name, model in models.items():
             control = controls[name]
-            control.owner = lambda n, r=routing: owner_of_tokens(r, n, own, tp_size)
+            control.owner = lambda n, r=routing: owner_of_tokens(r, n, own, tp_size, world)
             with torch.no_grad():  # inference: no autograd through the exchanges
                 inference_logits = model(**batches[own]).logits
             control.recorded.clear()
@@ -183,14 +213,9 @@ def run_layout(checkpoint: str, layout: str, routings: list[str], rank: int, wor
             case[name] = {"vs_reference": max_diffs(got, expected), "same_routing_as_reference": same_routing,
                           "inference_logits": float((inference_logits - expected["logits"]).abs().max())}
         case["dedup_vs_all_to_all"] = max_diffs(got_by_name["moepatch_dedup"], got_by_name["all_to_all"])
-        case["reference_max"] = {kind: max(float(v.abs().max()) for n, v in expected.items() if n in names)
-                                 for kind, names in (("logits", ["logits"]), ("embeddings", ["embeddings"]),
-                                                     ("experts", [n for n in expected if ".experts." in n]),
-                                                     ("gate", [n for n in expected if n.endswith(".gate")]))}
-        case["reference_norms"] = {
-            "logits": float(expected["logits"].norm()), "embeddings": float(expected["embeddings"].norm()),
-            "gate": min(float(v.norm()) for n, v in expected.items() if n.endswith(".gate")),
-            "experts": min(float(v.norm()) for n, v in expected.items() if ".experts." in n)}
+        kinds = kinds_of(list(expected)).items()
+        case["reference_max"] = {kind: max(float(expected[n].abs().max()) for n in names) for kind, names in kinds}
+        case["reference_norms"] = {kind: min(float(expected[n].norm()) for n in names) for kind, names in kinds}
         # the forward of step() only: the traffic of one forward, and the routing that forward took
         case["traffic"] = [impl.traffic.to_dict() for _, impl in dedup_dispatches(models["moepatch_dedup"])]
         case["routing"] = [indices.tolist() for indices in controls["moepatch_dedup"].recorded]

@@ -18,6 +18,9 @@ Per feature the rank writes figures the test asserts on (``rank{r}.json``):
   ``recorder.all_reduce()`` the summed counts and the reference's counts of every batch summed;
 - ``c2r_top_t_<t>``: max abs logits difference to the single-process C2R model;
 - ``balance_loss``: C2R (top_t 2) with ``output_router_logits``: the aux loss and the loss, both models;
+- ``c2r_backward``: C2R (top_t 2) trained: for the language-model loss and for it plus the balance loss, the max
+  abs differences of the loss, the input embeddings' gradient and the routers' and experts' gradients to the
+  single-process model's, the reference's gradient norms, and how far the balance term moves the router gradients;
 - ``lora``: MoLoRA experts on attention: fresh logits against the unpatched EP model (bit identical expected),
   then with the adapter weights made non-zero (copied from the reference, so both hold the same adapters) the max
   abs difference of logits and of every adapter weight's gradient, and the smallest reference gradient norm;
@@ -156,6 +159,71 @@ def check_balance_loss(model: torch.nn.Module, reference: torch.nn.Module, batch
     finally:
         handle.remove()
         ref_handle.remove()
+
+
+def _grads_by_kind(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The gathered gradients of the routers and the routed experts' weights (zeros where none reached one)."""
+    kinds: dict[str, dict[str, torch.Tensor]] = {"router": {}, "experts": {}}
+    for name, parameter in model.named_parameters():
+        kind = "router" if name.endswith(".mlp.gate.weight") else "experts" if ".mlp.experts." in name else None
+        if kind is not None:
+            kinds[kind][name] = full(_grad(parameter))
+    return kinds
+
+
+def check_c2r_backward(model: torch.nn.Module, reference: torch.nn.Module, batches: list[dict], own: int) -> dict:
+    """C2R (top_t 2) in training, for two losses: the language-model loss (``"loss"``: C2R's backward through the
+    dispatch) and the loss with C2R's balance loss on the actual choice (``"balance"``: ``output_router_logits=True``,
+    the balance term weighted 1 (``router_aux_loss_coef``) so its gradient weighs as much as the language model's; it
+    reaches the routers directly and, through the hidden states the later routers read, the experts of the earlier
+    layers). Per loss the max abs difference to the single-process C2R model of the loss, of the input embeddings'
+    gradient (this rank's batch) and of the routers' and experts' gradients (gathered; the reference's averaged over
+    the batches, as FSDP averages them), and the reference's gradient norms (each kind's over every layer); and how far
+    the balance term moves the reference's router gradients (``balance_effect``).
+
+    The balance loss alone is not back-propagated: under FSDP2 (the ``separate`` layout) the router logits it reads
+    are no output of a sharded module, so no pre-backward hook gathers the router weight again and autograd finds it
+    freed (``setStorage ... storage of size 0``, with either dispatch); added to the language-model loss, as training
+    uses it, it runs."""
+    block = {"c2r": {"top_t": 2, "collaborative_list": tiny.random_collaborative_list(4, 8, seed=3)}}
+    handle, ref_handle = moepatch.apply(model, block), moepatch.apply(reference, block)
+    coefficients = model.router_aux_loss_coef, reference.router_aux_loss_coef
+    results: dict = {}
+    routers: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        model.train()
+        reference.train()
+        model.router_aux_loss_coef = reference.router_aux_loss_coef = 1.0
+        for target in ("loss", "balance"):
+            def backward(net: torch.nn.Module, index: int, balance: bool = target == "balance") -> dict:
+                batch = batches[index]
+                with torch.no_grad():
+                    embeds = reference.get_input_embeddings()(batch["input_ids"])
+                embeds.requires_grad_(True)
+                net.zero_grad(set_to_none=True)
+                out = net(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                          output_router_logits=balance)
+                out.loss.backward()
+                return {"value": out.loss.detach(), "input_grad": embeds.grad, **_grads_by_kind(net)}
+
+            per_batch = [backward(reference, index) for index in range(len(batches))]
+            got = backward(model, own)
+            want = per_batch[own]
+            figures = {"value": max_diff(got["value"], want["value"]),
+                       "input_grad": max_diff(got["input_grad"], want["input_grad"])}
+            norms = {"input_grad": float(want["input_grad"].norm())}
+            for kind in ("router", "experts"):
+                mean = {n: torch.stack([b[kind][n] for b in per_batch]).mean(dim=0) for n in want[kind]}
+                figures[kind] = max(max_diff(got[kind][n], mean[n]) for n in mean)
+                norms[kind] = float(torch.stack([g.norm() for g in mean.values()]).norm())
+                if kind == "router":
+                    routers[target] = mean
+            results[target] = {**figures, "reference_norms": norms}
+        results["balance_effect"] = max(max_diff(routers["balance"][n], routers["loss"][n]) for n in routers["loss"])
+        return results
+    finally:
+        model.router_aux_loss_coef, reference.router_aux_loss_coef = coefficients
+        _restore(model, reference, handle, ref_handle)
 
 
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -371,6 +439,7 @@ def run(checkpoint: str, layout: str, implementation: str, rank: int, world: int
         "c2r_top_t_1": check_c2r(model, reference, batch, 1),
         "c2r_top_t_7": check_c2r(model, reference, batch, 7),
         "balance_loss": check_balance_loss(model, reference, batch),
+        "c2r_backward": check_c2r_backward(model, reference, batches, own),
         "lora": check_lora(model, reference, batch),
         "freeze": check_freeze(model, reference, batch),  # last: its training step moves the EP model's weights
     }

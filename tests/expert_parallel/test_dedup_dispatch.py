@@ -2,13 +2,16 @@
 
 Under torchrun (gloo, CPU) a tiny Qwen2-MoE (8 experts, top-2) loads with transformers' expert parallelism and runs
 through both ``"moepatch_dedup"`` and transformers' ``"all_to_all"``; ``ep_worker.py`` compares logits and gradients
-(inputs' embeddings, expert weights, router weights) with the single-process model and records the dedup dispatch's
-traffic and the routing. Here the traffic is checked against a count made independently from that routing.
+(inputs' embeddings, the routing weights handed to the experts, expert weights, router weights) with the
+single-process model and records the dedup dispatch's traffic and the routing. Here the traffic is checked against a
+count made independently from that routing.
 
 Layouts: ``shared`` (tp = ep = 2, one batch the dispatch slices over the TP group), ``separate`` (tp = 1, fsdp = ep = 2,
-each rank its own batch), ``mixed`` on 4 ranks (tp = 2, fsdp = 2, ep = 4: pairs share a batch, 2 experts per rank).
-Routings: the router's own, all to rank 0's experts (the other ranks receive nothing), and all to the dispatching
-rank's own experts (nothing leaves a rank).
+each rank its own batch), ``mixed`` on 4 ranks (tp = 2, fsdp = 2, ep = 4: pairs share a batch, 2 experts per rank);
+each in float32, and in bfloat16 with the router's own routing.
+Routings: the router's own, all to rank 0's experts (the other ranks receive nothing), all to the dispatching rank's
+own experts (nothing leaves a rank), and (``shared``, ``mixed``) one token per batch, sent to the last rank's experts:
+the other ranks of a TP group dispatch nothing at all, and the last rank, sending nothing, receives and computes.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from moepatch.expert_parallel import DedupAllToAllEP
 from moepatch.testing import tiny
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-ROUTINGS = ("natural", "rank0", "local")
-RUNS = {"2 ranks": (2, ("shared", "separate", "separate:bfloat16")), "4 ranks": (4, ("mixed",))}
+ROUTINGS = ("natural", "rank0", "local", "one_token")
+RUNS = {"2 ranks": (2, ("shared", "separate", "shared:bfloat16", "separate:bfloat16")),
+        "4 ranks": (4, ("mixed", "mixed:bfloat16"))}
 """Each run is one torchrun launch: processes and the layouts it loads."""
+GRADIENTS = ("embeddings", "routing_weights", "experts", "gate")
+"""The gradients compared: the inputs' embeddings', the routing weights' handed to each experts module (the tensor the
+dispatch sends the weights of), the expert weights' and the router weights'."""
 FLOAT32_BYTES = 4
 ID_BYTES = 4  # the dispatch sends local expert ids as int32
 
@@ -113,12 +120,13 @@ def test_dedup_equals_all_to_all_and_the_single_process_model(runs: dict[str, li
                 assert figures["same_routing_as_reference"], where
                 assert figures["vs_reference"]["logits"] <= 1e-5, (where, rank, name, figures)
                 assert figures["inference_logits"] <= 1e-5, (where, rank, name, figures)
-                for kind in ("embeddings", "experts", "gate"):
+                for kind in GRADIENTS:
                     assert figures["vs_reference"][kind] <= 1e-6, (where, rank, name, kind, figures)
             assert case["dedup_vs_all_to_all"]["logits"] <= 1e-5, (where, rank, case["dedup_vs_all_to_all"])
-            for kind in ("embeddings", "experts", "gate"):
+            for kind in GRADIENTS:
                 assert case["dedup_vs_all_to_all"][kind] <= 1e-6, (where, rank, case["dedup_vs_all_to_all"])
-            # the gradients compared are real ones (not all zero), router weights' included
+            # the gradients compared are real ones (not all zero), the routing weights' and router weights' included
+            assert set(case["reference_norms"]) == {"logits", *GRADIENTS}, where
             assert min(case["reference_norms"].values()) > 1e-3, (where, case["reference_norms"])
 
 
@@ -160,7 +168,8 @@ def test_dedup_bytes_equal_an_independent_count_from_the_routing(runs: dict[str,
         for rank, case in enumerate(per_rank):
             assert len(case["traffic"]) == len(case["routing"]) == num_layers, where
             for traffic, routing_of_layer in zip(case["traffic"], case["routing"], strict=True):
-                top_k = len(routing_of_layer[0])
+                top_k = layouts[0]["top_k"]
+                assert {len(experts) for experts in routing_of_layer} == {top_k}, where
                 expected = independent_traffic(routing_of_layer, rank, tp_size, num_local)
                 assert traffic["calls"] == 1, (where, traffic)
                 assert {key: traffic[key] for key in expected} == expected, (where, rank)
@@ -176,6 +185,12 @@ def test_dedup_bytes_equal_an_independent_count_from_the_routing(runs: dict[str,
                     assert traffic["returned_rows_remote"] + traffic["returned_rows_local"] == 0  # received nothing
                 if routing == "local":
                     assert traffic["rows_remote"] == traffic["returned_rows_remote"] == 0
+                if routing == "one_token":  # one token per batch, dispatched by its TP group's first rank
+                    sent = traffic["rows_remote"] + traffic["rows_local"]
+                    assert (traffic["tokens"], sent) == ((1, 1) if rank % tp_size == 0 else (0, 0)), (where, rank)
+                    received = traffic["returned_rows_remote"] + traffic["returned_rows_local"]
+                    # to the last rank's experts: it receives every batch's token, sending none; no other receives
+                    assert received == (len(per_rank) // tp_size if rank == len(per_rank) - 1 else 0), (where, rank)
         assert returned_remote == dedup_rows, where  # one row back per row out, summed over the group
         # model_traffic sums a rank's layers, DispatchTraffic.all_reduce the group's ranks
         for case in per_rank:

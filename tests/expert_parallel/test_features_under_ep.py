@@ -3,15 +3,16 @@
 ``features_worker.py`` loads a tiny Qwen2-MoE (8 experts, top-2) with ``DistributedConfig(..., ep_size=N)`` and
 dispatch ``"moepatch_dedup"`` or ``"all_to_all"``, applies each feature with :func:`moepatch.apply` next to the
 single-process model with the same block, and writes the figures asserted here: frozen routers, routing statistics
-per rank and all-reduced, C2R logits (``top_t`` 1 and E-1), C2R's balance loss on the actual choice, MoLoRA experts
-on attention (fresh and trained a step) and on the routed experts (sharded like the experts; forward, backward,
-gradient reduction, the saved file). Two launches: 2 ranks in both layouts (``shared``: tp = ep = 2, one batch;
-``separate``: tp = 1, fsdp = ep = 2, a batch per rank) with both dispatches, and 4 ranks (``separate``, dedup, and
-``replicated``: fsdp = 4, ep = 2, two copies of every expert, for the routed experts' LoRA only).
+per rank and all-reduced, C2R logits (``top_t`` 1 and E-1), C2R's balance loss on the actual choice, C2R's backward
+and the balance loss's gradient (inputs, routers, experts), MoLoRA experts on attention (fresh and trained a step)
+and on the routed experts (sharded like the experts; forward, backward, gradient reduction, the saved file). Two
+launches: 2 ranks in both layouts (``shared``: tp = ep = 2, one batch; ``separate``: tp = 1, fsdp = ep = 2, a batch
+per rank) with both dispatches, and 4 ranks (``separate``, dedup, and ``replicated``: fsdp = 4, ep = 2, two copies
+of every expert, for the routed experts' LoRA only).
 
-Then ``scripts/finetune.py --ep_size 2`` under torchrun trains frozen routers + MoLoRA experts on attention and on
-the routed experts' down projections to the end (the saved file gathers every rank's routed sets), and ``--ep_size``
-values that cannot work are refused before anything loads.
+Then ``scripts/finetune.py --ep_size 4`` under torchrun (4 processes, 2 routed experts each) trains frozen routers +
+MoLoRA experts on attention and on the routed experts' down projections to the end (the saved file gathers every
+rank's routed sets), and ``--ep_size`` values that cannot work are refused before anything loads.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ RUNS = {"2 ranks": (2, ("shared", "separate"), ("moepatch_dedup", "all_to_all"))
         "4 ranks": (4, ("separate", "replicated"), ("moepatch_dedup",))}
 """Each run is one torchrun launch: processes, layouts, dispatches."""
 ROUTERS = {f"model.layers.{i}.mlp.gate.weight" for i in (0, 2, 3)}  # tiny Qwen2-MoE: layer 1 is dense
+FINETUNE_PROCESSES = 4
+"""Processes (= ``--ep_size``) of the fine-tune script's run: 2 of the tiny model's 8 routed experts per rank."""
 
 
 def _env() -> dict[str, str]:
@@ -100,6 +103,27 @@ def test_c2r_and_its_balance_loss_equal_the_single_process_model(runs: dict[str,
         balance = figures["balance_loss"]
         assert balance["aux_loss"] == pytest.approx(balance["expected_aux_loss"], abs=1e-6), where
         assert balance["loss"] == pytest.approx(balance["expected_loss"], abs=1e-5), where
+
+
+@pytest.mark.slow
+def test_c2r_backward_and_the_balance_loss_gradient_equal_the_single_process_model(
+        runs: dict[str, list[dict]]) -> None:
+    """C2R trained, with and without its balance loss (weighted 1): the loss and its gradients (through the dispatch;
+    the balance term's reach the routers, and the earlier layers' experts through the hidden states later routers
+    read) equal the single-process C2R model's: input embeddings of the rank's batch, routers and experts gathered."""
+    checked = 0
+    for where, figures in cases(runs, "c2r_backward"):
+        backward = figures["c2r_backward"]
+        for target in ("loss", "balance"):
+            got = backward[target]
+            assert got["value"] <= 1e-5, (where, target, got)
+            assert got["input_grad"] <= 1e-6, (where, target, got)
+            assert got["router"] <= 1e-6 and got["experts"] <= 1e-6, (where, target, got)
+            assert min(got["reference_norms"].values()) > 1e-3, (where, target, got)  # real gradients
+        # the balance term's gradient is part of what was compared: it moves the routers' far beyond the tolerance
+        assert backward["balance_effect"] > 1e-3, (where, backward)
+        checked += 1
+    assert checked == 2 * 2 * 2 + 4  # 2 ranks x 2 layouts x 2 dispatches, 4 ranks x the separate layout
 
 
 @pytest.mark.slow
@@ -171,23 +195,27 @@ def test_finetune_script_under_torchrun_with_expert_parallelism(checkpoint: Path
     output = tmp_path / "run"
     command = torchrun_command(
         str(REPO / "scripts" / "finetune.py"), "--model_name_or_path", str(checkpoint), "--output_dir", str(output),
-        "--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
+        "--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
         "--max_length", "64", "--seed", "0", "--save_strategy", "no", "--synthetic_data", "--max_steps", "2",
-        "--logging_steps", "1", "--moepatch_config", str(block), "--ep_size", "2",
-        "--ep_implementation", "moepatch_dedup")
+        "--logging_steps", "1", "--moepatch_config", str(block), "--ep_size", str(FINETUNE_PROCESSES),
+        "--ep_implementation", "moepatch_dedup", processes=FINETUNE_PROCESSES)
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=400)
     log = result.stdout + result.stderr
     assert "moepatch finetune: done, 2 steps" in result.stdout, log[-6000:]
     summary = json.loads((output / "moepatch_finetune_summary.json").read_text())
-    assert summary["global_step"] == 2 and summary["world_size"] == 2
+    assert summary["global_step"] == 2 and summary["world_size"] == FINETUNE_PROCESSES
     base, trained = load_file(str(checkpoint / "model.safetensors")), load_file(str(output / "model.safetensors"))
     assert base.keys() == trained.keys()  # the LoRA experts are kept out of the model's own file
     assert all(torch.equal(base[key], trained[key]) for key in base)  # every expert gathered back, base frozen
     experts = load_file(str(output / "lora_experts.safetensors"))
     assert any(value.abs().sum() > 0 for key, value in experts.items() if "lora_B" in key)  # the adapters trained
     routed = {key: value for key, value in experts.items() if ".experts.lora_experts.down_proj.sets." in key}
-    assert {key.split(".sets.")[1].split(".")[0] for key in routed} == {str(e) for e in range(8)}  # 4 per rank
-    assert any(value.abs().sum() > 0 for key, value in routed.items() if "lora_B" in key)  # trained, gathered
+    # every routed expert's set, each rank's 8 / FINETUNE_PROCESSES gathered into the one file
+    assert {key.split(".sets.")[1].split(".")[0] for key in routed} == {str(e) for e in range(8)}
+    # trained on every rank and gathered from every rank: each expert's sets moved in some layer
+    trained_experts = {key.split(".sets.")[1].split(".")[0] for key, value in routed.items()
+                       if "lora_B" in key and value.abs().sum() > 0}
+    assert trained_experts == {str(e) for e in range(8)}, trained_experts
     assert moepatch.get_handle(moepatch.from_pretrained(output)).lora_targets
 
 

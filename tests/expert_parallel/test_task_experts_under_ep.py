@@ -1,17 +1,18 @@
 """Task experts (``scripts/finetune.py --task_experts``) under transformers' expert parallelism, and the README's EP
 fine-tune recipe run as written.
 
-Two torchrun launches (2 gloo processes on CPU): the task-experts run and the README recipe.
+Two torchrun launches (gloo processes on CPU): the task-experts run on 4 processes (``--ep_size 4``: 2 of the tiny
+model's 8 routed experts per rank) and the README recipe as written (2 processes).
 
-What the task-experts run is compared with, and why: under ``--ep_size 2`` each rank trains on its own batches (data
+What the task-experts run is compared with, and why: under ``--ep_size N`` each rank trains on its own batches (data
 parallelism over the ranks; the routed experts are split between them) and the Trainer averages the adapters'
-gradients, so one optimizer step sees batches ``2s`` and ``2s + 1`` of the same seeded sampler.  A single process
-with ``--gradient_accumulation_steps 2`` and the same per-device batch size takes exactly those two batches (same
-padding, the loss normalised by the tokens of both), from the same LoRA initialisation (rank 0's, broadcast).  So each
-expert's adapter tensors and its recorded train loss must equal that run's up to float32 summation order — and they
-do to ~3e-8, with every ``lora_B`` moved well away from its zero start.  Both runs use SGD: Adam's first step is
-``lr · g / |g|`` per element, which turns float noise in a near-zero gradient component into a difference of up to
-``lr`` (seen: 4e-6 on values of 7e-3 with lr 5e-3), so it would hide what is compared.
+gradients, so one optimizer step sees batches ``Ns`` to ``Ns + N - 1`` of the same seeded sampler.  A single process
+with ``--gradient_accumulation_steps N`` and the same per-device batch size takes exactly those N batches (same
+padding, the loss normalised by the tokens of all of them), from the same LoRA initialisation (rank 0's, broadcast).
+So each expert's adapter tensors and its recorded train loss must equal that run's up to float32 summation order, with
+every ``lora_B`` moved well away from its zero start.  Both runs use SGD: Adam's first step is ``lr · g / |g|`` per
+element, which turns float noise in a near-zero gradient component into a difference of up to ``lr`` (seen: 4e-6 on
+values of 7e-3 with lr 5e-3), so it would hide what is compared.
 
 The deadlock this replaces: rank 0 alone called peft's ``save_pretrained``, which gathers every sharded weight of the
 whole model (``DTensor.full_tensor``, a collective) while rank 1 had gone on to the next task's Trainer (whose first
@@ -43,17 +44,21 @@ from moepatch.testing import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["chat", "code", "letters", "math"]
+EP_PROCESSES = 4
+"""Processes (= ``--ep_size``) of the task-experts run: each rank holds 2 of the tiny model's 8 routed experts."""
+EP_BATCH = 2
+"""Per-device batch of the task-experts run and of the single process it is compared with (8 examples a step)."""
 
 
 def _env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), *sys.path]), **extra)
 
 
-def _argv(checkpoint: Path, output: Path, *extra: str) -> list[str]:
+def _argv(checkpoint: Path, output: Path, *extra: str, batch_size: int = 4) -> list[str]:
     return ["--model_name_or_path", str(checkpoint), "--output_dir", str(output), "--use_cpu", "--report_to", "none",
-            "--per_device_train_batch_size", "4", "--optim", "sgd", "--learning_rate", "0.5", "--max_length", "64",
-            "--seed", "0", "--save_strategy", "no", "--synthetic_data", "--task_experts", "true", "--expert_r", "4",
-            "--max_steps", "2", *extra]
+            "--per_device_train_batch_size", str(batch_size), "--optim", "sgd", "--learning_rate", "0.5",
+            "--max_length", "64", "--seed", "0", "--save_strategy", "no", "--synthetic_data", "--task_experts", "true",
+            "--expert_r", "4", "--max_steps", "2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +70,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ep_run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """``--task_experts`` under ``torchrun --nproc_per_node 2 ... --ep_size 2``: (output folder, stdout)."""
+    """``--task_experts`` under ``torchrun --nproc_per_node 4 ... --ep_size 4``: (output folder, stdout)."""
     output = tmp_path_factory.mktemp("te-ep-run") / "out"
     command = torchrun_command(str(REPO / "scripts" / "finetune.py"),
-                               *_argv(checkpoint, output, "--ep_size", "2", "--ep_implementation", "moepatch_dedup"))
+                               *_argv(checkpoint, output, "--ep_size", str(EP_PROCESSES), "--ep_implementation",
+                                      "moepatch_dedup", batch_size=EP_BATCH), processes=EP_PROCESSES)
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=400)
     assert "moepatch finetune: done, 4 task experts" in result.stdout, (result.stdout + result.stderr)[-6000:]
     return output, result.stdout
@@ -76,9 +82,10 @@ def ep_run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 @pytest.fixture(scope="module")
 def single_run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same run in one process, two accumulated batches per step (the batches both ranks see together)."""
+    """The same run in one process, N accumulated batches per step (the batches the N ranks see together)."""
     output = tmp_path_factory.mktemp("te-ep-single") / "out"
-    assert finetune(_argv(checkpoint, output, "--gradient_accumulation_steps", "2")) == 0
+    assert finetune(_argv(checkpoint, output, "--gradient_accumulation_steps", str(EP_PROCESSES),
+                          batch_size=EP_BATCH)) == 0
     return output
 
 
