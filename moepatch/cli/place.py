@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,20 @@ expert-parallel dispatch sends are in it too (``float32`` rows weigh twice as mu
 
 def row_dtype(text: str) -> torch.dtype:
     """``--dtype``: a torch floating dtype by its canonical name (``bfloat16``, ``float32``, ``float8_e4m3fn``, ...),
-    the element type of the hidden states a dispatch sends; integer dtypes and aliases (``half``) are refused."""
+    the element type of the hidden states a dispatch sends; integer dtypes and aliases (``half``) are refused, and so
+    are packed dtypes (``float4_e2m1fn_x2``: two values in each one-byte element), whose row of H values is not
+    ``H × element_size()`` bytes."""
     dtype = getattr(torch, text, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or str(dtype) != f"torch.{text}":
         raise argparse.ArgumentTypeError(f"expected a torch floating dtype name such as {DEFAULT_ROW_DTYPE}, float32, "
                                          f"float16 or float8_e4m3fn, got {text!r}")
+    packed = re.search(r"_?x(\d+)$", text)
+    if packed or torch.finfo(dtype).bits != 8 * dtype.itemsize:
+        values = f"{packed.group(1)} values" if packed else "a fraction of a byte per value"
+        raise argparse.ArgumentTypeError(
+            f"{text} packs {values} into each {dtype.itemsize}-byte element, so a row of --hidden-size values is not "
+            f"--hidden-size x {dtype.itemsize} bytes; expected a dtype with one value per whole-byte element, such "
+            f"as {DEFAULT_ROW_DTYPE}, float32, float16 or float8_e4m3fn")
     return dtype
 
 
@@ -63,14 +73,15 @@ def check_permuted_target(source: Path, target: Path, data: list[Path] | None = 
         raise UsageError("--write-permuted", f"{target} already exists and is not an empty folder; give a new folder")
 
 
-def check_renumbered_for(source: Path, ep_size: int) -> None:
+def check_renumbered_for(source: Path, ep_size: int, moe: Any) -> None:
     """A SOURCE renumbered by ``--write-permuted`` for another EP size is refused (its contiguous shards are planned
-    groups for that size only; see :mod:`moepatch.expert_parallel.placement`)."""
+    groups for that size only; see :mod:`moepatch.expert_parallel.placement`), and so is a record that does not fit
+    the checkpoint's structure ``moe`` (its expert count, its MoE layers) or is malformed (exit status 1)."""
     from moepatch.expert_parallel.placement import placement_mismatch
 
     try:
-        problem = placement_mismatch(source, ep_size)
-    except ValueError as error:  # a malformed record, named by file and field
+        problem = placement_mismatch(source, ep_size, num_experts=moe.num_experts, layers=moe.moe_layer_indices)
+    except ValueError as error:  # a malformed record, or another checkpoint's: named by file and field
         raise CommandError(str(error)) from None
     if problem is not None:
         raise UsageError("--ep-size", problem)
@@ -137,7 +148,7 @@ def _place_checkpoint_source(source: Path, args: argparse.Namespace) -> dict[str
     check_checkpoint_folder(source, "source")
     _, moe = checked_block(source, args.trust_remote_code)  # checks before anything is loaded or profiled
     check_ep_size(moe.num_experts, args.ep_size)
-    check_renumbered_for(source, args.ep_size)
+    check_renumbered_for(source, args.ep_size, moe)
     if args.top_k is not None and args.top_k != moe.top_k:
         raise UsageError("--top-k", f"{args.top_k} contradicts the checkpoint's top-{moe.top_k} routing; drop "
                                     "--top-k (a checkpoint's routed tokens are counted exactly)")

@@ -42,7 +42,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         from moepatch.cli.place import check_renumbered_for
 
         check_ep_size(moe.num_experts, args.ep_size)
-        check_renumbered_for(checkpoint, args.ep_size)
+        check_renumbered_for(checkpoint, args.ep_size, moe)
     if args.as_configured:
         from moepatch.tools.c2r.pipeline import has_c2r_fields
 

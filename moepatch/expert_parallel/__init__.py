@@ -6,8 +6,9 @@ harmless (for code that imports only this sub-package, or re-registers after a t
 
 :func:`check_placement` refuses a checkpoint renumbered by ``moepatch place --write-permuted`` for another EP size
 (:mod:`moepatch.expert_parallel.placement`); :func:`check_expert_parallel_load` refuses, before anything is loaded,
-a layout that does not fit a checkpoint (renumbered for another EP size, an ``ep_size`` that does not divide its
-routed experts, an ``ep_implementation`` transformers does not know), and :func:`resolve_ep_implementation` applies
+a layout that does not fit a checkpoint (a ``distributed_config`` of the wrong type, renumbered for another EP size,
+an ``ep_size`` that does not divide its routed experts, a model without an EP plan, an ``ep_implementation``
+transformers does not know or whose layout condition is not met), and :func:`resolve_ep_implementation` applies
 the moepatch block's ``ep_implementation`` (:mod:`moepatch.expert_parallel.layout`).
 """
 

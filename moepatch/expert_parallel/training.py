@@ -39,8 +39,13 @@ def replicate_added_parameters(model: nn.Module) -> int:
     Why: ``from_pretrained(distributed_config=...)`` shards (and later reduces gradients of) only the weights it
     loaded; adapters created by ``apply`` are plain tensors drawn from each rank's own RNG stream, so without this
     the ranks would start from different adapters and each train its own on its own batches.
+
+    A no-op returning 0 where there is nothing to replicate over: ``torch.distributed`` is unavailable or not
+    initialised (a single-process run), or its world has one process.
     """
 
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
     world = dist.get_world_size()
 
     def average(parameter: nn.Parameter) -> None:

@@ -9,6 +9,7 @@ imported.  The loaded model is then patched with :func:`moepatch.apply` from its
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from typing import cast
@@ -24,6 +25,7 @@ from moepatch.errors import CommandError
 from moepatch.errors import UnsupportedModelError
 from moepatch.errors import UsageError
 from moepatch.errors import first_line
+from moepatch.expert_parallel.layout import check_chosen_ep_implementation
 from moepatch.expert_parallel.layout import check_expert_parallel_load
 from moepatch.expert_parallel.layout import resolve_ep_implementation
 from moepatch.expert_parallel.placement import distributed_ep_size
@@ -77,10 +79,12 @@ def from_pretrained(
 
     Raises:
         FieldError: (a ``ValueError``) the ``distributed_config`` does not fit the checkpoint, naming the field:
-            ``ep_implementation`` is a name transformers does not know, ``ep_size`` does not divide the routed
-            experts.
-        ValueError: the checkpoint's experts were renumbered for another expert-parallel size (naming
-            ``expert_placement.json``).
+            it is not a ``DistributedConfig`` or a dict, a size in it is not an integer >= 1
+            (``distributed_config.ep_size``), ``ep_implementation`` is a name transformers does not know or needs
+            another layout (``all_reduce``: ``ep_size == tp_size``; the block's choice too), ``ep_size`` does not
+            divide the routed experts or the model has no expert-parallel plan.
+        ValueError: the checkpoint's experts were renumbered for another expert-parallel size, or its
+            ``expert_placement.json`` is malformed or not this checkpoint's (naming the file).
         BlockMisfitError: (a ``ValueError``, with ``apply``'s message) the block does not fit the model (a block
             that does not even parse is refused before loading when a ``distributed_config`` asks for EP).
     """
@@ -92,8 +96,13 @@ def from_pretrained(
         config = load_config(path)
     distributed_config = kwargs.get("distributed_config")
     check_expert_parallel_load(path, config, distributed_config)  # before any weight or process group
+    if isinstance(distributed_config, Mapping) and not isinstance(distributed_config, dict):
+        distributed_config = kwargs["distributed_config"] = dict(distributed_config)  # transformers takes a dict
     if patch and distributed_ep_size(distributed_config) > 1:
-        kwargs["distributed_config"] = resolve_ep_implementation(distributed_config, _block_ep_implementation(config))
+        resolved = resolve_ep_implementation(distributed_config, _block_ep_implementation(config))
+        if resolved is not distributed_config:  # the block's choice: its layout condition checked too
+            check_chosen_ep_implementation(resolved, f"the moepatch block of {Path(path) / 'config.json'}")
+        kwargs["distributed_config"] = resolved
     mapping = AutoModelForCausalLM._model_mapping
     if type(config) not in mapping:
         raise ValueError(

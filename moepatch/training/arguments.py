@@ -60,11 +60,12 @@ class ModelArguments:
     aux_loss_coef: float | None = field(default=None, metadata={"help": "Coefficient of the balance loss (>= 0)."})
     ep_size: int | None = field(
         default=None,
-        metadata={"help": "Expert parallelism over this many processes (launch with torchrun --nproc_per_node "
-                          "EP_SIZE): each rank holds num_experts / EP_SIZE routed experts and trains on its own "
-                          "batches, FSDP2 sharding the dense weights (transformers' DistributedConfig(tp_size=1, "
-                          "fsdp_size=EP_SIZE, ep_size=EP_SIZE)). A checkpoint renumbered by `moepatch place "
-                          "--write-permuted` for another EP size (expert_placement.json) is refused."},
+        metadata={"help": "Expert parallelism over this many processes (>= 2; launch with torchrun "
+                          "--nproc_per_node EP_SIZE; not with --deepspeed): each rank holds num_experts / EP_SIZE "
+                          "routed experts and trains on its own batches, FSDP2 sharding the dense weights "
+                          "(transformers' DistributedConfig(tp_size=1, fsdp_size=EP_SIZE, ep_size=EP_SIZE)). A "
+                          "checkpoint renumbered by `moepatch place --write-permuted` for another EP size "
+                          "(expert_placement.json) is refused."},
     )
     ep_implementation: str = field(
         default="auto",
@@ -89,8 +90,9 @@ class ModelArguments:
 
     def _check_expert_parallelism(self) -> None:
         """``--ep_size`` and ``--ep_implementation``, which only means something with it."""
-        if self.ep_size is not None and not (is_int(self.ep_size) and self.ep_size >= 1):
-            raise UsageError("--ep_size", f"expected an integer >= 1, got {self.ep_size!r}")
+        if self.ep_size is not None and not (is_int(self.ep_size) and self.ep_size >= 2):
+            raise UsageError("--ep_size", f"expected an integer >= 2 (processes sharing the experts; 1 is no expert "
+                                          f"parallelism: leave --ep_size out), got {self.ep_size!r}")
         if self.ep_implementation not in EP_IMPLEMENTATIONS:
             raise UsageError("--ep_implementation",
                              f"expected one of {', '.join(EP_IMPLEMENTATIONS)}, got {self.ep_implementation!r}")

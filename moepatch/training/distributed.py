@@ -14,11 +14,14 @@ from transformers import TrainingArguments
 
 from moepatch.compat import distributed_ready
 from moepatch.config import CONFIG_KEY
+from moepatch.errors import CommandError
 from moepatch.errors import UsageError
 from moepatch.expert_parallel.layout import AUTO_EP_IMPLEMENTATION
 from moepatch.expert_parallel.layout import EXPERT_COUNT_FIELDS
 from moepatch.expert_parallel.layout import ep_implementation_problem
+from moepatch.expert_parallel.layout import ep_plan_problem
 from moepatch.expert_parallel.layout import ep_size_problem
+from moepatch.expert_parallel.placement import config_expert_facts
 from moepatch.expert_parallel.placement import placement_mismatch
 from moepatch.training.arguments import EP_IMPLEMENTATIONS
 from moepatch.training.arguments import ModelArguments
@@ -41,27 +44,37 @@ def expert_parallel_config(model_args: ModelArguments, config: Any) -> Distribut
     The dispatch is ``--ep_implementation``; left at ``auto`` (not given), the ``ep_implementation`` of the moepatch
     block in ``config`` (the checkpoint's config.json, or ``--moepatch_config``'s block) when it has one.
 
+    The checks run in this order: the checkpoint's ``expert_placement.json``, the model (``--ep_size`` divides its
+    routed experts; it has an expert-parallel plan), then the launch's world size.
+
     Raises:
-        UsageError: naming ``--ep_size`` (a world size or expert count it does not fit, or a checkpoint renumbered for
-            another EP size, with ``expert_placement.json``) or ``--ep_implementation`` (the block's dispatch
-            cannot train).
+        UsageError: naming ``--ep_size`` (a checkpoint renumbered for another EP size, with
+            ``expert_placement.json``; an expert count it does not divide; a model without an expert-parallel plan;
+            a world size it does not fit) or ``--ep_implementation`` (the block's dispatch cannot train).
+        CommandError: the checkpoint's ``expert_placement.json`` is malformed or not this checkpoint's (exit status
+            1, naming the file and the field).
     """
     if model_args.ep_size is None:
         return None
     size = model_args.ep_size
+    num_experts, layers = config_expert_facts(config)
     try:  # the copy's own planned size says the most: checked first
-        problem = placement_mismatch(model_args.checkpoint, size)
-    except ValueError as error:  # a malformed record, named with its file
-        raise UsageError("--model_name_or_path", str(error)) from None
+        problem = placement_mismatch(model_args.checkpoint, size, num_experts=num_experts, layers=layers)
+    except ValueError as error:  # a malformed record, or another checkpoint's: a file's content, named with it
+        raise CommandError(f"{error} (--model_name_or_path)") from None
     if problem is not None:
         raise UsageError("--ep_size", problem)
+    problem = ep_size_problem(config, size)  # what the model allows, before the launch is blamed
+    if problem is not None:
+        raise UsageError("--ep_size", problem)
+    layout = DistributedConfig(tp_size=1, fsdp_size=size, ep_size=size)
+    problem = ep_plan_problem(config, layout)
+    if problem is not None:
+        raise UsageError("--ep_size", f"{size}: {problem}; leave --ep_size out")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != size:
         raise UsageError("--ep_size", f"{size} but this launch has {world} process(es): launch with torchrun "
                                       f"--nproc_per_node {size} (every process holds num_experts / {size} experts)")
-    problem = ep_size_problem(config, size)
-    if problem is not None:
-        raise UsageError("--ep_size", problem)
     implementation = model_args.ep_implementation
     if implementation == AUTO_EP_IMPLEMENTATION:
         chosen = _block_ep_implementation(config)
@@ -70,7 +83,8 @@ def expert_parallel_config(model_args: ModelArguments, config: Any) -> Distribut
                                                     f"{chosen!r} cannot train (expected one of "
                                                     f"{', '.join(EP_IMPLEMENTATIONS)}): give --ep_implementation")
         implementation = chosen or implementation
-    return DistributedConfig(tp_size=1, fsdp_size=size, ep_size=size, ep_implementation=implementation)
+    layout.ep_implementation = implementation
+    return layout
 
 
 def _block_ep_implementation(config: Any) -> str | None:

@@ -3,7 +3,7 @@
 The generic work (recipes, ``--debug``, repeated flags, transformers' own errors and late failures) is
 :mod:`moepatch.training.toolkit`'s; this module applies it to :data:`~moepatch.training.arguments.ARGUMENT_TYPES`
 and adds the rules that tie the objects together (``--task_experts`` runs no mixture; a dynamic-mixing option given
-without dynamic mixing would be ignored).
+without dynamic mixing would be ignored; ``--ep_size`` does not run under ``--deepspeed``).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def parse(argv: Sequence[str] | None) -> tuple[Any, Any, Any, Any, Any]:
         raise UsageError(blamed_argument(error, tokens), str(error)) from error
     model_args, data_args, sampling_args, training_args, expert_args = parsed[:5]
     check_training_arguments(training_args)
+    if model_args.ep_size is not None and training_args.deepspeed:
+        raise UsageError("--ep_size", "not with --deepspeed: expert parallelism is transformers' own (its device mesh, "
+                                      "FSDP2 for the dense weights), which DeepSpeed's ZeRO cannot wrap; drop one "
+                                      "of --ep_size and --deepspeed")
     if expert_args.task_experts:  # one expert per source: no mixture to re-weight
         data_args.dynamic_sampling = False
     elif not data_args.dynamic_sampling:  # a recipe's dynamic-mixing values are defaults; the user's own flags are not

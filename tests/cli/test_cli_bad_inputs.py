@@ -97,6 +97,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     variant("badfamily", edit_config(moepatch={"family": "nosuch"}))
     variant("junkbackup", lambda f: (f / "config.json.moepatch-orig").write_text("junk"))
     variant("edited", lambda f: install(f))
+    for name, record in (("placed16", {"ep_size": 2, "num_experts": 16, "experts_per_rank": 8, "layers": [0, 2, 3]}),
+                         ("placed9", {"ep_size": 3, "num_experts": 9, "experts_per_rank": 3, "layers": [0, 2, 3]}),
+                         ("layersall", {"ep_size": 2, "num_experts": 8, "experts_per_rank": 4, "layers": "all"}),
+                         ("denselayer", {"ep_size": 2, "num_experts": 8, "experts_per_rank": 4, "layers": [0, 1]})):
+        variant(name, lambda f, record=record: (f / "expert_placement.json").write_text(json.dumps(record)))
+    variant("badplacement", lambda f: (f / "expert_placement.json").write_text("{not json"))
     edit_config(top_t=3)(made["edited"])
     variant("otherbackup", lambda f: install(f))  # the backup of another model's config put in its place
     backup = json.loads((made["otherbackup"] / "config.json.moepatch-orig").read_text())
@@ -409,6 +415,19 @@ CASES: list[tuple[str, int, str]] = [
      "--output_path: routing_stats=true writes"),  # statistics asked for with nowhere to go
     ("eval --model moepatch --model_args pretrained={ck},task_experts={root},moepatch_config={okblock} "
      "--tasks arc_easy", 2, "--model_args: task_experts load the base their manifest names; moepatch_config"),
+    # an expert_placement.json that is not this checkpoint's (a file's content: exit 1, naming it and the field) is
+    # refused before its figures are printed or profile writes config.json; a packed --dtype has no whole-byte rows
+    ("place {placed16} --ep-size 2", 1, "{placed16}/expert_placement.json: field 'num_experts' is 16, but the "
+                                        "checkpoint has 8 routed experts"),
+    ("profile {placed16} --ep-size 2", 1, "{placed16}/expert_placement.json: field 'num_experts' is 16"),
+    ("place {placed9} --ep-size 2", 1, "{placed9}/expert_placement.json: field 'num_experts' is 9"),
+    ("profile {placed9} --ep-size 4", 1, "{placed9}/expert_placement.json: field 'num_experts' is 9"),
+    ("place {layersall} --ep-size 2", 1, "{layersall}/expert_placement.json: field 'layers' must be"),
+    ("place {denselayer} --ep-size 2", 1, "(its MoE layers [0, 2, 3]), got [0, 1]"),
+    ("place {badplacement} --ep-size 2", 1, "{badplacement}/expert_placement.json: not a readable JSON file"),
+    ("profile {badplacement} --ep-size 2", 1, "{badplacement}/expert_placement.json: not a readable JSON file"),
+    ("place {m2} --ep-size 2 --hidden-size 64 --dtype float4_e2m1fn_x2", 2,
+     "--dtype: float4_e2m1fn_x2 packs 2 values into each 1-byte element"),
 ]
 
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -181,6 +182,78 @@ def test_a_copy_renumbered_for_another_ep_size_is_refused(unreadable: Path, tmp_
         load(placed, DistributedConfig(tp_size=2, ep_size=2, tp_plan={}))
 
 
+@LOADERS
+@pytest.mark.parametrize(("distributed_config", "field", "message"), [
+    ({"tp_size": 2, "ep_size": "abc", "tp_plan": {}}, "distributed_config.ep_size", "got 'abc'"),
+    ({"tp_size": 2, "ep_size": 2.5, "tp_plan": {}}, "distributed_config.ep_size", "got 2.5"),
+    ({"tp_size": 2, "ep_size": True, "tp_plan": {}}, "distributed_config.ep_size", "got True"),
+    ({"tp_size": "2", "ep_size": 2, "tp_plan": {}}, "distributed_config.tp_size", "got '2'"),
+    ({"fsdp_size": 0, "ep_size": 2}, "distributed_config.fsdp_size", "got 0"),
+    ("ep2", "distributed_config", "expected a transformers DistributedConfig or a dict of its fields, got str 'ep2'"),
+], ids=["ep_size str", "ep_size float", "ep_size bool", "tp_size str", "fsdp_size 0", "a string"])
+def test_a_distributed_config_of_the_wrong_type_is_refused_by_field(unreadable: Path, load, distributed_config,
+                                                                    field: str, message: str) -> None:
+    """Nothing is converted (``int("abc")`` failed, ``2.5`` was read as 2, ``True`` as 1): the field is named."""
+    with pytest.raises(FieldError, match=re.escape(message)) as error:
+        load(unreadable, distributed_config)
+    assert error.value.field == field and str(error.value).startswith(f"{field}: ")
+
+
+@LOADERS
+def test_all_reduce_is_refused_where_the_expert_group_does_not_share_a_batch(unreadable: Path, tmp_path: Path,
+                                                                             load) -> None:
+    """transformers' ``AllReduceEP`` (``needs_shared_batch``) runs only when the EP group is the TP group
+    (``ep_size == tp_size``); it refused ``tp_size=1, fsdp_size=2, ep_size=2`` only while installing the experts'
+    forward. Refused before loading, chosen by the caller or by the block (the caller left ``"auto"``)."""
+    from transformers.distributed.expert_parallel import AllReduceEP
+
+    from moepatch.expert_parallel.layout import ep_layout_problem
+
+    assert AllReduceEP.needs_shared_batch  # the condition mirrored
+    layout = {"tp_size": 1, "fsdp_size": 2, "ep_size": 2}
+    expected = (r"ep_implementation: 'all_reduce' needs every rank of the expert group to hold the same batch "
+                r"\(ep_size == tp_size\), got ep_size=2, tp_size=1")
+    with pytest.raises(FieldError, match=expected) as error:
+        load(unreadable, DistributedConfig(**layout, ep_implementation="all_reduce"))
+    assert error.value.field == "ep_implementation"
+    folder = Path(shutil.copytree(unreadable, tmp_path / "all_reduce_block"))
+    config = json.loads((folder / "config.json").read_text())
+    config["moepatch"] = {"ep_implementation": "all_reduce"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FieldError, match=rf"'all_reduce' needs .* \(chosen by the moepatch block of "
+                                         rf"{re.escape(str(folder / 'config.json'))}\)"):
+        load(folder, dict(layout))
+    shared = DistributedConfig(tp_size=2, ep_size=2, tp_plan={}, ep_implementation="all_reduce")
+    assert ep_layout_problem(shared, "all_reduce") is None  # the layout it is made for
+    assert ep_layout_problem(DistributedConfig(**layout), "all_to_all") is None
+
+
+@pytest.mark.parametrize("family", ["llama_moe", "moduleformer", "qwen2_moe"])
+def test_a_model_without_an_expert_parallel_plan_is_refused_before_loading(tmp_path: Path, family: str) -> None:
+    """Refused where transformers' own plan resolution (``_resolve_parallel_plans``, run during the load) finds no
+    ``ep_plan``, and only there: moepatch's LLaMA-MoE and ModuleFormer classes have none, Qwen2-MoE has one."""
+    from moepatch.expert_parallel.layout import ep_plan_problem
+
+    layout = DistributedConfig(tp_size=1, fsdp_size=2, ep_size=2)
+    model = tiny.tiny_model(family)
+    try:
+        model._resolve_parallel_plans(layout)
+        transformers_refuses = False
+    except ValueError as error:
+        transformers_refuses = "has no `ep_plan`" in str(error)
+    assert (ep_plan_problem(model.config, layout) is not None) == transformers_refuses
+    assert transformers_refuses == (family != "qwen2_moe")
+    if family != "llama_moe":
+        return
+    folder = tiny.save_tiny_checkpoint(tmp_path / "llama_moe", family)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a refusal after any weight was read would say so
+    with pytest.raises(FieldError, match=r"ep_size: 2: the 'llama_moe' model \(LlamaMoEForCausalLM\) has no "
+                                         r"expert-parallel plan") as error:
+        moepatch.from_pretrained(folder, distributed_config=DistributedConfig(tp_size=2, ep_size=2, tp_plan={}))
+    assert error.value.field == "ep_size"
+
+
 def test_a_block_that_does_not_parse_is_refused_before_an_ep_load(unreadable: Path, tmp_path: Path) -> None:
     """Under expert parallelism the block is read before loading (for its ``ep_implementation``): a bad block is
     ``apply``'s error, raised before the weights are read."""
@@ -223,3 +296,36 @@ def test_finetune_refuses_a_copy_for_another_ep_size_before_the_tokenizer_and_da
     assert status == 2, error
     assert "--ep_size: " in error and str(folder / PLACEMENT_FILE) in error and "each of 4 expert-parallel" in error
     assert not output.exists()
+
+
+def test_finetune_refuses_a_malformed_or_foreign_placement_record_as_a_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record that is not JSON, or was written for another checkpoint (16 experts in an 8-expert copy), is a
+    file whose content is wrong: exit 1 naming the file (and the field), before the launch's size is checked."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    folder = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe")
+    output = tmp_path / "out"
+    argv = ["--model_name_or_path", str(folder), "--output_dir", str(output), "--use_cpu", "--report_to", "none",
+            "--synthetic_data", "--max_steps", "1", "--ep_size", "2"]
+    for content, named in (("{not json", "not a readable JSON file"),
+                           (json.dumps({"ep_size": 2, "num_experts": 16, "experts_per_rank": 8, "layers": [0, 2, 3]}),
+                            "field 'num_experts' is 16, but the checkpoint has 8 routed experts")):
+        (folder / PLACEMENT_FILE).write_text(content)
+        status = finetune(argv)
+        error = capsys.readouterr().err
+        assert status == 1, error
+        assert f"{folder / PLACEMENT_FILE}: {named}" in error and "Traceback" not in error
+        assert not output.exists()
+
+
+def test_finetune_refuses_a_model_without_an_expert_parallel_plan_before_the_launch_size(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    folder = tiny.save_tiny_checkpoint(tmp_path / "llama_moe", "llama_moe")
+    output = tmp_path / "out"
+    status = finetune(["--model_name_or_path", str(folder), "--output_dir", str(output), "--use_cpu", "--report_to",
+                       "none", "--synthetic_data", "--max_steps", "1", "--ep_size", "2"])
+    error = capsys.readouterr().err
+    assert status == 2, error
+    assert "--ep_size: 2: the 'llama_moe' model (LlamaMoEForCausalLM) has no expert-parallel plan" in error
+    assert "leave --ep_size out" in error and "torchrun" not in error and not output.exists()

@@ -219,28 +219,80 @@ def test_finetune_script_under_torchrun_with_expert_parallelism(checkpoint: Path
     assert moepatch.get_handle(moepatch.from_pretrained(output)).lora_targets
 
 
-@pytest.mark.parametrize(("size", "world", "message"), [
-    (2, "1", "2 but this launch has 1 process"),
-    (3, "3", "3 does not divide the model's 8 routed experts"),
-])
-def test_an_unfit_ep_size_is_refused_by_name(size: int, world: str, message: str,
+@pytest.mark.parametrize(("size", "world", "family", "message"), [
+    (2, "1", "qwen2_moe", "2 but this launch has 1 process"),
+    (3, "3", "qwen2_moe", "3 does not divide the model's 8 routed experts"),
+    # what the model allows is said before the launch is blamed ("launch with torchrun --nproc_per_node 3")
+    (3, "1", "qwen2_moe", "3 does not divide the model's 8 routed experts"),
+    (2, "1", "llama_moe", "2: the 'llama_moe' model (LlamaMoEForCausalLM) has no expert-parallel plan"),
+    (2, "2", "llama_moe", "2: the 'llama_moe' model (LlamaMoEForCausalLM) has no expert-parallel plan"),
+], ids=["world 1", "3 of 8", "3 of 8 in world 1", "no plan in world 1", "no plan"])
+def test_an_unfit_ep_size_is_refused_by_name(size: int, world: str, family: str, message: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", world)
     arguments = ModelArguments(model_name_or_path="unused", ep_size=size)
     with pytest.raises(UsageError, match="--ep_size") as error:
-        expert_parallel_config(arguments, tiny.tiny_config("qwen2_moe"))
+        expert_parallel_config(arguments, tiny.tiny_config(family))
     assert message in str(error.value)
+    if "launch" not in message:
+        assert "torchrun" not in str(error.value)
 
 
 def test_ep_arguments_are_checked_when_parsed() -> None:
     with pytest.raises(UsageError, match="--ep_size"):
         ModelArguments(model_name_or_path="unused", ep_size=0)
+    with pytest.raises(UsageError, match=r"--ep_size: expected an integer >= 2 .*1 is no expert parallelism: leave "
+                                         r"--ep_size out\), got 1"):
+        ModelArguments(model_name_or_path="unused", ep_size=1)
     with pytest.raises(UsageError, match="--ep_implementation"):
         ModelArguments(model_name_or_path="unused", ep_size=2, ep_implementation="all_reduce")
     with pytest.raises(UsageError, match="--ep_implementation"):
         ModelArguments(model_name_or_path="unused", ep_implementation="moepatch_dedup")  # no --ep_size
     config = expert_parallel_config(ModelArguments(model_name_or_path="unused"), tiny.tiny_config("qwen2_moe"))
     assert config is None
+
+
+def test_ep_size_with_deepspeed_is_refused_when_parsed(tmp_path: Path) -> None:
+    """transformers' expert parallelism (its device mesh, FSDP2) cannot run inside DeepSpeed's ZeRO: it failed
+    only in the load, blaming the checkpoint's weights. Refused before the checkpoint is even read (its folder is
+    missing here), naming both flags. A process of its own: parsing ``--deepspeed`` ZeRO-3 sets transformers'
+    global DeepSpeed config, which would change how later tests build models."""
+    pytest.importorskip("deepspeed", reason="TrainingArguments reads --deepspeed with it")
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "finetune.py"), "--model_name_or_path", str(tmp_path / "missing"),
+         "--output_dir", str(output), "--use_cpu", "--report_to", "none", "--synthetic_data", "--max_steps", "1",
+         "--ep_size", "2", "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero3_cpu.json")],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--ep_size: not with --deepspeed" in result.stderr and "Traceback" not in result.stderr
+    assert not output.exists()
+
+
+def test_replicating_added_parameters_is_a_no_op_without_a_process_group() -> None:
+    """A single process (torch.distributed not initialised): nothing to replicate over, no hook registered, and a
+    step's gradients are those of the plain model (it called dist.get_world_size() and raised)."""
+    import torch.distributed as dist
+
+    from moepatch.expert_parallel import replicate_added_parameters
+
+    assert not dist.is_initialized()
+    batch = tiny.demo_batch()
+    models = []
+    for replicate in (True, False):
+        model = tiny.tiny_model("qwen2_moe", seed=0, moepatch=ROUTED_BLOCK)
+        torch.manual_seed(1)
+        moepatch.apply(model)
+        if replicate:
+            assert replicate_added_parameters(model) == 0
+        models.append(model)
+    for model in models:
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p._post_accumulate_grad_hooks is None for p in models[0].parameters())
+    for (name, first), (_, second) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        assert (first.grad is None) == (second.grad is None), name
+        if first.grad is not None:
+            assert torch.equal(first.grad, second.grad), name
 
 
 ROUTED_BLOCK = {"lora_experts": {"method": "molora", "num_experts": 3, "r": 4, "target_modules": [

@@ -154,12 +154,41 @@ def test_another_ep_size_is_refused_by_name_before_loading(placed: tuple[Path, P
 
 
 def test_a_malformed_placement_record_is_named(tmp_path: Path) -> None:
+    config = tiny.tiny_config("qwen2_moe")  # 8 routed experts, 4 decoder layers
     (tmp_path / PLACEMENT_FILE).write_text(json.dumps({"ep_size": 2, "num_experts": 8, "experts_per_rank": 3}))
     with pytest.raises(ValueError, match=r"expert_placement.json: ep_size 2 x experts_per_rank 3 is not num_experts"):
-        check_placement(tmp_path, 2)
+        check_placement(tmp_path, 2, config)
     (tmp_path / PLACEMENT_FILE).write_text(json.dumps({"ep_size": "2", "num_experts": 8, "experts_per_rank": 4}))
     with pytest.raises(ValueError, match=r"field 'ep_size' must be a positive integer"):
-        check_placement(tmp_path, 2)
+        check_placement(tmp_path, 2, config)
+
+
+@pytest.mark.parametrize(("record", "named"), [
+    ({"ep_size": 2, "num_experts": 16, "experts_per_rank": 8, "layers": [0, 2, 3]},
+     "field 'num_experts' is 16, but the checkpoint has 8 routed experts"),
+    ({"ep_size": 3, "num_experts": 9, "experts_per_rank": 3, "layers": [0, 2, 3]},
+     "field 'num_experts' is 9, but the checkpoint has 8 routed experts"),
+    ({"ep_size": 2, "num_experts": 8, "experts_per_rank": 4, "layers": "all"}, "field 'layers' must be"),
+    ({"ep_size": 2, "num_experts": 8, "experts_per_rank": 4}, "field 'layers' must be"),
+    ({"ep_size": 2, "num_experts": 8, "experts_per_rank": 4, "layers": []}, "field 'layers' must be"),
+    ({"ep_size": 2, "num_experts": 8, "experts_per_rank": 4, "layers": [0, 4]}, "(its decoder layers 0 .. 3), got"),
+    ({"ep_size": 2, "num_experts": 8, "experts_per_rank": 4, "layers": [0, 0]}, "field 'layers' must be"),
+    ({"ep_size": 2, "num_experts": 8, "experts_per_rank": 4, "layers": [True, 2]}, "field 'layers' must be"),
+], ids=["16 experts", "9 experts", "layers all", "no layers", "no layer", "layer 4 of 4", "twice", "a bool"])
+def test_a_record_that_is_not_this_checkpoints_is_refused_by_field(tmp_path: Path, record: dict, named: str) -> None:
+    """The record must fit the checkpoint: it gave false figures ("each of 2 ranks holds one planned group of 8
+    experts" of an 8-expert model) or advice ("Use ep_size=3", which does not divide 8). Read from the folder's own
+    config.json when no config is given; for the same EP size and for another one."""
+    folder = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe")
+    (folder / PLACEMENT_FILE).write_text(json.dumps(record))
+    for ep_size in (2, 4):
+        with pytest.raises(ValueError) as error:
+            check_placement(folder, ep_size)
+        assert str(error.value).startswith(f"{folder / PLACEMENT_FILE}: ") and named in str(error.value)
+        assert "planned group" not in str(error.value) and "Use ep_size" not in str(error.value)
+    (folder / PLACEMENT_FILE).write_text(json.dumps({**record, "num_experts": 8, "experts_per_rank": 4,
+                                                     "ep_size": 2, "layers": [0, 2, 3]}))
+    assert check_placement(folder, 2)["layers"] == [0, 2, 3]  # the record the renumbering writes: accepted
 
 
 # ----------------------------------------------------------------------------------------- under torchrun

@@ -172,11 +172,19 @@ def test_the_readme_ep_finetune_recipe_runs_as_written(tmp_path: Path) -> None:
 
 
 def test_task_experts_on_the_routed_experts_under_ep_are_refused_before_loading(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """peft's ``target_parameters`` LoRA adds a delta of every expert to a rank's DTensor shard (torch refuses the
-    mix): refused by name before anything loads or is written."""
+    mix): refused by name before anything loads or is written. The arguments are parsed in this single process, then
+    checked with ``WORLD_SIZE`` as torchrun sets it for ``--ep_size 2`` (its launch check passes; ``--ep_size 1``,
+    no expert parallelism, is refused when parsed)."""
+    from moepatch.errors import UsageError
+    from moepatch.training.parsing import parse
+    from moepatch.training.preflight import check_inputs
+
     checkpoint = tiny.save_tiny_checkpoint(tmp_path / "ckpt", "qwen2_moe")
     output = tmp_path / "out"
-    assert finetune(_argv(checkpoint, output, "--expert_routed_experts", "true", "--ep_size", "1")) == 2
-    error = capsys.readouterr().err
-    assert "--expert_routed_experts" in error and "--ep_size" in error and not output.exists()
+    parsed = parse(_argv(checkpoint, output, "--expert_routed_experts", "true", "--ep_size", "2"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"--expert_routed_experts: .* under expert parallelism \(--ep_size\)"):
+        check_inputs(*parsed)
+    assert not output.exists()
