@@ -13,12 +13,11 @@ from transformers import DistributedConfig
 from transformers import TrainingArguments
 
 from moepatch.compat import distributed_ready
-from moepatch.config import CONFIG_KEY
+from moepatch.config import MoePatchConfig
 from moepatch.errors import CommandError
 from moepatch.errors import UsageError
 from moepatch.expert_parallel.layout import AUTO_EP_IMPLEMENTATION
 from moepatch.expert_parallel.layout import EXPERT_COUNT_FIELDS
-from moepatch.expert_parallel.layout import ep_implementation_problem
 from moepatch.expert_parallel.layout import ep_plan_problem
 from moepatch.expert_parallel.layout import ep_size_problem
 from moepatch.expert_parallel.placement import config_expert_facts
@@ -88,12 +87,13 @@ def expert_parallel_config(model_args: ModelArguments, config: Any) -> Distribut
 
 
 def _block_ep_implementation(config: Any) -> str | None:
-    """The ``ep_implementation`` of the moepatch block in ``config``, read as written (``None``: none, or a value
-    transformers does not know, which :func:`~moepatch.training.preflight.check_model_structure` refuses with the
-    rest of the block, naming its file)."""
-    block = getattr(config, CONFIG_KEY, None)
-    value = block.get("ep_implementation") if isinstance(block, dict) else None
-    return value if isinstance(value, str) and ep_implementation_problem(value) is None else None
+    """The ``ep_implementation`` of the moepatch block in ``config``, as the block's own parser reads it (``None``:
+    none, or a block that does not parse, which :func:`~moepatch.training.preflight.check_model_structure` refuses
+    with its problems, naming its file)."""
+    try:
+        return MoePatchConfig.from_model(config).ep_implementation
+    except ValueError:
+        return None
 
 
 def init_deepspeed_comm(training_args: TrainingArguments) -> None:
